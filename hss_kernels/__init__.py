@@ -1,0 +1,37 @@
+"""hss_kernels: fast hierarchical semantic-segmentation losses.
+
+The public API: class trees (:class:`Tree`, :mod:`hss_kernels.trees`), the losses in functional and
+``nn.Module`` form, hierarchical decoding, and the backends that run them (``backend="auto"``,
+``"reference"``, ``"triton"``, ``"native"``).
+"""
+from . import trees
+from .backends import available_backends
+from .functional import (
+    decode,
+    hierarchical_softmax_loss,
+    labels_at_depth,
+    tree_bce_loss,
+    tree_min_loss,
+    tree_triplet_loss,
+)
+from .modules import HierarchicalSoftmaxLoss, TreeBCELoss, TreeMinLoss, TreeTripletLoss
+from .tree import Tree, TreeTables
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tree",
+    "TreeTables",
+    "trees",
+    "available_backends",
+    "hierarchical_softmax_loss",
+    "tree_min_loss",
+    "tree_bce_loss",
+    "tree_triplet_loss",
+    "decode",
+    "labels_at_depth",
+    "HierarchicalSoftmaxLoss",
+    "TreeMinLoss",
+    "TreeBCELoss",
+    "TreeTripletLoss",
+]

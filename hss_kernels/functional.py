@@ -1,0 +1,291 @@
+"""The public functional API: input checks, then dispatch to a backend (see :mod:`hss_kernels.backends`).
+
+Every loss takes logits ``(N, C, *S)`` (any number of spatial dims, usually ``(N, C, H, W)``; NCHW or
+channels_last) of dtype float16, bfloat16, float32 or float64, and an integer target ``(N, *S)`` of
+leaf label ids, ``ignore_index`` (255) marking pixels that count for nothing. Arithmetic is in float32
+(float64 for float64 inputs); the loss is returned in that dtype, the gradient in the logits' dtype.
+``reduction``: ``"mean"`` over non-ignored pixels (0 when all are ignored), ``"sum"``, or ``"none"``
+(one value per pixel, shape ``(N, *S)``, 0 at ignored pixels).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import reference
+from .backends import resolve
+from .tree import Tree
+
+__all__ = [
+    "hierarchical_softmax_loss",
+    "tree_min_loss",
+    "tree_bce_loss",
+    "tree_triplet_loss",
+    "decode",
+    "labels_at_depth",
+    "as_tree",
+]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def as_tree(tree: Union[Tree, str]) -> Tree:
+    """A :class:`Tree`, or the name of a shipped tree (``"vistas"``, ...) loaded with ``trees.load``."""
+    if isinstance(tree, Tree):
+        return tree
+    if isinstance(tree, str):
+        from . import trees
+        return trees.load(tree)
+    raise TypeError(f"tree must be a hss_kernels.Tree or the name of a shipped tree, got {type(tree).__name__}")
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def _check_logits(fn: str, logits, channels: int, what: str, other: str) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"{fn}: logits must have shape (N, C, *spatial), got {tuple(logits.shape)}")
+    if logits.shape[1] != channels:
+        raise ValueError(
+            f"{fn}: logits has {logits.shape[1]} channels but the tree has {channels} {what}; {other}")
+
+
+def _check_target(fn: str, logits, target, tree: Tree, ignore_index: int) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"{fn}: target must hold integer label ids (int64, int32, uint8, ...), got {target.dtype}")
+    expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{fn}: target must have shape {expected} (logits minus the channel dim), "
+                         f"got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"{fn}: target is on {target.device} but logits on {logits.device}")
+    if _is_compiling() or target.numel() == 0:
+        return
+    L = tree.num_leaves
+    bad = ((target < 0) | (target >= L)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"{fn}: target holds label {value}, outside [0, {L}) (the tree's leaves) and not "
+                         f"ignore_index={ignore_index}")
+
+
+def _check_options(fn: str, reduction: str, **nonneg) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for name, value in nonneg.items():
+        if not value >= 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {value}")
+
+
+def _to4d(logits: torch.Tensor, target: torch.Tensor):
+    """Views as (N, C, H, W) / (N, H, W), which is what every backend takes."""
+    s = logits.shape[2:]
+    if len(s) == 2:
+        return logits, target
+    if len(s) == 0:
+        return logits[:, :, None, None], target[:, None, None]
+    if len(s) == 1:
+        return logits[:, :, None, :], target[:, None, :]
+    return logits.reshape(*logits.shape[:2], -1, s[-1]), target.reshape(target.shape[0], -1, s[-1])
+
+
+def _run(op, backend, logits, target, reduction, **kw):
+    x, t = _to4d(logits, target)
+    out = resolve(op, backend, logits.device)(x, t, reduction=reduction, **kw)
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    return out
+
+
+def hierarchical_softmax_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Union[Tree, str],
+    level_weights: Optional[Sequence[float]] = None,
+    eps: float = 0.0,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Hierarchical softmax loss (Muller & Smith, VISAPP 2020).
+
+    Softmax over the leaf logits; a super-class's probability is the sum of its leaves'; the loss is
+    the sum over depths d = 1..D of ``level_weights[d-1]`` times the NLL at that depth, computed with a
+    stable log-sum-exp. A flat tree gives exactly ``F.cross_entropy``.
+
+    Args:
+        logits: leaf logits ``(N, L, *S)``, channel = leaf label id.
+        target: ``(N, *S)`` integer leaf labels in ``[0, L)`` or ``ignore_index``.
+        tree: a :class:`Tree` or a shipped tree's name.
+        level_weights: ``D`` weights (default all 1).
+        eps: 0 (exact, default) or the paper code's ``-log(P_d + eps)`` form (it used 1e-4).
+        ignore_index, reduction: as in ``torch.nn.CrossEntropyLoss`` (mean of all-ignored is 0).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
+
+    Raises:
+        TypeError / ValueError on a wrong dtype, shape, channel count or out-of-range label;
+        RuntimeError if the requested backend is not available.
+    """
+    fn = "hierarchical_softmax_loss"
+    tree = as_tree(tree)
+    _check_logits(fn, logits, tree.num_leaves, "leaves",
+                  f"it takes one logit per leaf ({tree.num_nodes} channels would be node logits, for tree_min_loss)")
+    _check_target(fn, logits, target, tree, ignore_index)
+    _check_options(fn, reduction, eps=eps)
+    if level_weights is not None and len(level_weights) != tree.depth:
+        raise ValueError(f"{fn}: level_weights needs {tree.depth} values (one per depth), got {len(level_weights)}")
+    return _run(fn, backend, logits, target, reduction, tree=tree, level_weights=level_weights, eps=eps,
+                ignore_index=ignore_index)
+
+
+def _node_loss(fn, logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, backend):
+    tree = as_tree(tree)
+    _check_logits(fn, logits, tree.num_nodes, "nodes",
+                  f"it takes one logit per node ({tree.num_leaves} channels would be leaf logits, "
+                  f"for hierarchical_softmax_loss)")
+    _check_target(fn, logits, target, tree, ignore_index)
+    _check_options(fn, reduction, gamma=gamma, eps=eps)
+    if normalize not in ("level", "node"):
+        raise ValueError(f"{fn}: normalize must be 'level' or 'node', got {normalize!r}")
+    return _run(fn, backend, logits, target, reduction, tree=tree, gamma=gamma, scale=scale, eps=eps,
+                normalize=normalize, ignore_index=ignore_index)
+
+
+def tree_min_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Union[Tree, str],
+    gamma: float = 2.0,
+    scale: float = 1.0,
+    eps: float = 0.0,
+    normalize: str = "level",
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Focal tree-min loss (Li et al., HSSN, CVPR 2022).
+
+    Per-node sigmoid scores: a node on the target's root-to-leaf path scores with the min over its
+    ancestors-or-self, any other node with the max over its descendants-or-self, with focal weight
+    ``gamma`` (0: the plain tree-min loss). Per pixel, ``scale * sum_d mean_{v at depth d} loss_v``
+    (``normalize="level"``, HSSN's) or ``scale * mean_v loss_v`` (``"node"``).
+
+    Args:
+        logits: node logits ``(N, V, *S)`` in node-channel order (leaves by label id, then internal
+            nodes deepest level first; see ``Tree``).
+        target: ``(N, *S)`` integer leaf labels in ``[0, L)`` or ``ignore_index``.
+        gamma: focal exponent >= 0. scale: HSSN's ``c`` (5 in its Cityscapes config). eps: added inside
+            each log (HSSN: 1e-8; default 0, exact).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
+    """
+    return _node_loss("tree_min_loss", logits, target, tree, gamma, scale, eps, normalize, ignore_index,
+                      reduction, backend)
+
+
+def tree_bce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Union[Tree, str],
+    gamma: float = 0.0,
+    scale: float = 1.0,
+    eps: float = 0.0,
+    normalize: str = "level",
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-label BCE baseline over every node: target ``[v on the label's path]``, optional focal
+    ``gamma``, normalised like :func:`tree_min_loss`. Same arguments."""
+    return _node_loss("tree_bce_loss", logits, target, tree, gamma, scale, eps, normalize, ignore_index,
+                      reduction, backend)
+
+
+def tree_triplet_loss(
+    embedding: torch.Tensor,
+    target: torch.Tensor,
+    tree: Union[Tree, str],
+    margin: float = 0.6,
+    max_triplets: int = 200,
+    sampling: str = "random",
+    generator: Optional[torch.Generator] = None,
+    ignore_index: int = 255,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """HSSN's tree-triplet loss on a pixel embedding ``(N, E, h, w)`` with leaf labels ``(N, H, W)``.
+
+    See :func:`hss_kernels.reference.tree_triplet_loss`. Only the reference implements it (its cost is
+    a few hundred triplets per class, not a pass over the data).
+    """
+    fn = "tree_triplet_loss"
+    tree = as_tree(tree)
+    if not isinstance(embedding, torch.Tensor) or embedding.dtype not in _FLOATS or embedding.dim() != 4:
+        raise TypeError(f"{fn}: embedding must be a float tensor (N, E, h, w), got "
+                        f"{getattr(embedding, 'dtype', type(embedding).__name__)} "
+                        f"{tuple(getattr(embedding, 'shape', ()))}")
+    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"{fn}: target must be an integer tensor (N, H, W)")
+    if target.dim() != 3 or target.shape[0] != embedding.shape[0]:
+        raise ValueError(f"{fn}: target must be (N, H, W) with N = {embedding.shape[0]}, got {tuple(target.shape)}")
+    L = tree.num_leaves
+    bad = ((target < 0) | (target >= L)) & (target != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: target holds label {int(target[bad][0])}, outside [0, {L}) and not "
+                         f"ignore_index={ignore_index}")
+    impl = resolve(fn, backend, embedding.device)
+    return impl(embedding, target, tree, margin=margin, max_triplets=max_triplets, sampling=sampling,
+                generator=generator, ignore_index=ignore_index, normalize=normalize)
+
+
+def decode(
+    logits: torch.Tensor,
+    tree: Union[Tree, str],
+    activation: str = "sigmoid",
+    score: str = "sum",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Leaf label (int64, ``(N, *S)``) of the best root-to-leaf path per pixel.
+
+    Node logits (``V`` channels): path score = sum (or mean, ``score="mean"``) over the path of
+    ``sigmoid`` (or the softmax over all nodes, ``activation="softmax"``). Leaf logits (``L``
+    channels): the argmax. Ties go to the lowest leaf id.
+    """
+    fn = "decode"
+    tree = as_tree(tree)
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: logits must be a float tensor, got {getattr(logits, 'dtype', type(logits).__name__)}")
+    if logits.dim() < 2 or logits.shape[1] not in (tree.num_nodes, tree.num_leaves):
+        raise ValueError(f"{fn}: logits must be (N, C, *S) with C = {tree.num_nodes} (nodes) or "
+                         f"{tree.num_leaves} (leaves), got {tuple(logits.shape)}")
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"{fn}: activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    if score not in ("sum", "mean"):
+        raise ValueError(f"{fn}: score must be 'sum' or 'mean', got {score!r}")
+    x, _ = _to4d(logits, logits[:, 0])
+    out = resolve(fn, backend, logits.device)(x, tree, activation=activation, score=score)
+    return out.reshape(logits.shape[0], *logits.shape[2:])
+
+
+def labels_at_depth(leaf_labels: torch.Tensor, tree: Union[Tree, str], depth: int, ignore_index: int = 255):
+    """Map leaf labels to class ids at ``depth`` (1..D); ``ignore_index`` stays. See ``Tree.class_names``."""
+    tree = as_tree(tree)
+    if not isinstance(leaf_labels, torch.Tensor) or leaf_labels.dtype.is_floating_point:
+        raise TypeError("labels_at_depth: leaf_labels must be an integer tensor")
+    L = tree.num_leaves
+    bad = ((leaf_labels < 0) | (leaf_labels >= L)) & (leaf_labels != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"labels_at_depth: label {int(leaf_labels[bad][0])} outside [0, {L}) and not "
+                         f"ignore_index={ignore_index}")
+    return reference.labels_at_depth(leaf_labels, tree, depth, ignore_index=ignore_index)

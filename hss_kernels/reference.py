@@ -1,0 +1,327 @@
+"""Pure-PyTorch reference of every loss and of decoding: the executable form of ``shared/MATH.md``.
+
+Plain, vectorised PyTorch whose gradients come from autograd. Every fast backend is tested against
+these functions. They never modify their inputs. Shapes: logits ``(N, C, *spatial)``, target
+``(N, *spatial)`` of leaf label ids, ``ignore_index`` marking pixels that count for nothing.
+
+Arithmetic runs in float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs; the
+loss comes back in that accumulation dtype (float32, or float64), the gradient in the input's dtype.
+
+These functions assume valid inputs (the public API in :mod:`hss_kernels.functional` checks them).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .tree import Tree
+
+__all__ = [
+    "hierarchical_softmax_loss",
+    "tree_min_loss",
+    "tree_bce_loss",
+    "tree_triplet_loss",
+    "decode",
+    "labels_at_depth",
+    "reduce_loss",
+    "level_weight_vector",
+    "node_weight_vector",
+    "tree_min_extrema",
+]
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _flatten(logits: torch.Tensor, target: torch.Tensor):
+    """(N, C, *S) → float (N, C, P) in the accumulation dtype; target → (N, P) int64."""
+    N, C = logits.shape[:2]
+    x = logits.to(_acc_dtype(logits)).reshape(N, C, -1)
+    y = target.reshape(N, -1).long()
+    return x, y
+
+
+def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, spatial_shape) -> torch.Tensor:
+    """Reduce a (N, P) per-pixel loss that is 0 at ignored pixels.
+
+    ``mean`` divides by the number of non-ignored pixels, and gives 0 (with zero gradient) when every
+    pixel is ignored; ``none`` returns shape ``(N, *spatial)``.
+    """
+    if reduction == "none":
+        return per_pixel.reshape(per_pixel.shape[0], *spatial_shape)
+    total = per_pixel.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / valid.sum().clamp(min=1).to(total.dtype)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def level_weight_vector(tree: Tree, level_weights, dtype, device) -> torch.Tensor:
+    """The per-depth weights w_1..w_D of the hierarchical softmax loss (default all ones)."""
+    if level_weights is None:
+        return torch.ones(tree.depth, dtype=dtype, device=device)
+    w = torch.as_tensor(level_weights, dtype=dtype, device=device).reshape(-1)
+    if w.numel() != tree.depth:
+        raise ValueError(f"level_weights needs one weight per depth: {tree.depth} values, got {w.numel()}")
+    return w
+
+
+def node_weight_vector(tree: Tree, scale: float, normalize: str, dtype, device) -> torch.Tensor:
+    """k_v of MATH.md §3: ``scale / |V_d|`` (``normalize="level"``) or ``scale / V`` (``"node"``)."""
+    if normalize == "level":
+        per_depth = [scale / n for n in tree.nodes_per_depth]
+        w = [per_depth[d - 1] for d in tree.depths]
+    elif normalize == "node":
+        w = [scale / tree.num_nodes] * tree.num_nodes
+    else:
+        raise ValueError(f"normalize must be 'level' or 'node', got {normalize!r}")
+    return torch.tensor(w, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- hierarchical softmax
+def hierarchical_softmax_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Tree,
+    level_weights: Optional[Sequence[float]] = None,
+    eps: float = 0.0,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Hierarchical softmax loss (Muller & Smith 2020), MATH.md §2.
+
+    ``logits``: leaf logits ``(N, L, *S)`` in label-id order. Per pixel with label y,
+    ``loss = sum_d w_d (lse - lse_d)`` where lse is the log-sum-exp over all leaves and lse_d over the
+    leaves of y's group at depth d. With ``eps > 0`` each level is ``-log(P_d + eps)`` with
+    ``P_d = exp(lse_d - lse)``, the paper code's form.
+    """
+    x, y = _flatten(logits, target)
+    valid = y != ignore_index
+    y = torch.where(valid, y, torch.zeros_like(y))
+    tabs = tree.tables(x.device)
+    groups = tabs.leaf_group.long()  # (D, L)
+    w = level_weight_vector(tree, level_weights, x.dtype, x.device)
+    lse = torch.logsumexp(x, dim=1)  # (N, P)
+    loss = torch.zeros_like(lse)
+    for d in range(tree.depth):
+        g = groups[d]
+        in_group = g[:, None, None] == g[y][None]  # (L, N, P): is leaf k in y's group at depth d
+        masked = torch.where(in_group.permute(1, 0, 2), x, torch.full_like(x, float("-inf")))
+        lse_d = torch.logsumexp(masked, dim=1)
+        if eps > 0:
+            level = -torch.log(torch.exp(lse_d - lse) + eps)
+        else:
+            level = lse - lse_d
+        loss = loss + w[d] * level
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return reduce_loss(loss, valid, reduction, target.shape[1:])
+
+
+# --------------------------------------------------------------------------- tree-min and BCE
+@torch.no_grad()
+def tree_min_extrema(x: torch.Tensor, tree: Tree):
+    """Argmin over ancestors-or-self and argmax over descendants-or-self of node logits x (N, V, P).
+
+    Returns int64 channel indices ``m`` and ``M`` of shape (N, V, P). Ties go to the node that comes
+    first in depth-first pre-order (the shallower ancestor; the node itself before its descendants).
+    """
+    V = tree.num_nodes
+    dev = x.device
+    m = torch.arange(V, device=dev).view(1, V, 1).expand_as(x).clone()
+    best = x.clone()
+    for d in range(2, tree.depth + 1):  # running min from the root down, level by level
+        nodes = torch.tensor([c for c in range(V) if tree.depths[c] == d], device=dev, dtype=torch.long)
+        if nodes.numel() == 0:
+            continue
+        par = torch.tensor([tree.parents[c] for c in nodes.tolist()], device=dev, dtype=torch.long)
+        take_parent = best[:, par] <= x[:, nodes]  # tie → the shallower node
+        best[:, nodes] = torch.where(take_parent, best[:, par], x[:, nodes])
+        m[:, nodes] = torch.where(take_parent, m[:, par], m[:, nodes])
+    M = torch.arange(V, device=dev).view(1, V, 1).expand_as(x).clone()
+    order = torch.tensor(tree.dfs_order, device=dev, dtype=torch.long)
+    x_dfs = x[:, order]  # desc-or-self of a node is a contiguous run in pre-order
+    for c in range(V):
+        size = tree.subtree_size[c]
+        if size > 1:
+            pos = tree.dfs_pos[c]
+            idx = x_dfs[:, pos:pos + size].argmax(dim=1)  # first maximum: earliest in pre-order
+            M[:, c] = order[pos + idx]
+    return m, M
+
+
+def _target_path(tree: Tree, y: torch.Tensor) -> torch.Tensor:
+    """(N, P) leaf labels → (N, V, P) bool: is node v on the target's root-to-leaf path."""
+    path = tree.tables(y.device).path.bool()  # (V, L)
+    return path[:, y].permute(1, 0, 2)
+
+
+def _node_losses(z: torch.Tensor, positive: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
+    """Focal binary losses of logits ``z``: ``-(1-s)^g log s`` where positive, ``-s^g log(1-s)`` elsewhere.
+
+    Written with logsigmoid so that nothing takes the log of 0 or computes 1 - 1.
+    """
+    zs = torch.where(positive, z, -z)  # the positive-class logit of each term
+    if eps > 0:
+        log_p = torch.log(torch.sigmoid(zs) + eps)
+    else:
+        log_p = F.logsigmoid(zs)
+    if gamma == 0:
+        return -log_p
+    return -torch.exp(gamma * F.logsigmoid(-zs)) * log_p
+
+
+def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, use_extrema):
+    x, y = _flatten(logits, target)
+    valid = y != ignore_index
+    y = torch.where(valid, y, torch.zeros_like(y))
+    on_path = _target_path(tree, y)
+    if use_extrema:
+        m, M = tree_min_extrema(x.detach(), tree)
+        z = torch.where(on_path, x.gather(1, m), x.gather(1, M))
+    else:
+        z = x
+    k = node_weight_vector(tree, scale, normalize, x.dtype, x.device)
+    loss = (_node_losses(z, on_path, gamma, eps) * k[None, :, None]).sum(dim=1)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return reduce_loss(loss, valid, reduction, target.shape[1:])
+
+
+def tree_min_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Tree,
+    gamma: float = 2.0,
+    scale: float = 1.0,
+    eps: float = 0.0,
+    normalize: str = "level",
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Focal tree-min loss (HSSN, Li et al. 2022), MATH.md §3.
+
+    ``logits``: node logits ``(N, V, *S)`` in node-channel order. A node on the target's path scores
+    ``q = min`` of the sigmoid over its ancestors-or-self and costs ``-(1-q)^gamma log q``; any other
+    node scores ``r = max`` over its descendants-or-self and costs ``-r^gamma log(1-r)``. A pixel's loss
+    is ``scale * sum_d mean_{v at depth d} loss_v`` (``normalize="level"``, HSSN) or
+    ``scale * mean_v loss_v`` (``"node"``). ``eps`` is added inside each log (HSSN uses 1e-8).
+    """
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True)
+
+
+def tree_bce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Tree,
+    gamma: float = 0.0,
+    scale: float = 1.0,
+    eps: float = 0.0,
+    normalize: str = "level",
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Multi-label BCE baseline over every node channel (MATH.md §4): target ``t_v = [v on y's path]``,
+    optionally focal (``gamma``), with the same normalisation choices as :func:`tree_min_loss`."""
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, False)
+
+
+# --------------------------------------------------------------------------- triplet
+def tree_triplet_loss(
+    embedding: torch.Tensor,
+    target: torch.Tensor,
+    tree: Tree,
+    margin: float = 0.6,
+    max_triplets: int = 200,
+    sampling: str = "random",
+    generator: Optional[torch.Generator] = None,
+    ignore_index: int = 255,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """HSSN's tree-triplet loss on a pixel embedding (MATH.md §4).
+
+    ``embedding``: ``(N, E, h, w)``; ``target``: ``(N, H, W)`` leaf labels, downsampled to ``h×w`` by
+    nearest neighbour. ``normalize`` L2-normalises the embedding over E first (HSSN feeds a normalised
+    one). For each leaf class c present: anchors are pixels of c, positives pixels of another leaf under
+    c's parent, negatives pixels of a leaf outside c's parent (ignored pixels are never used);
+    ``loss_c = mean relu((1 - <a,p>) - (1 - <a,n>) + margin)`` over ``k = min(max_triplets, #a, #p, #n)``
+    triplets, chosen at random (``sampling="random"``, from ``generator``) or as the first ``k`` in raster
+    order (``"first"``, HSSN's code). The loss is the mean over the classes that had triplets (0 if none).
+    """
+    if sampling not in ("random", "first"):
+        raise ValueError(f"sampling must be 'random' or 'first', got {sampling!r}")
+    N, E = embedding.shape[:2]
+    e = embedding.to(_acc_dtype(embedding))
+    if normalize:
+        e = F.normalize(e, p=2, dim=1)
+    lab = F.interpolate(target[:, None].to(torch.float64), size=embedding.shape[2:], mode="nearest")
+    lab = lab[:, 0].long().reshape(-1)
+    feats = e.permute(0, 2, 3, 1).reshape(-1, E)
+    L = tree.num_leaves
+    # leaves sharing the parent of each leaf (all leaves when the parent is the root)
+    parent_of = [tree.parents[c] for c in tree.leaf_channels]
+    valid = lab != ignore_index
+    losses = []
+    for c in torch.unique(lab[valid]).tolist():
+        sib = torch.tensor([parent_of[k] == parent_of[c] for k in range(L)], device=lab.device)
+        lab_safe = torch.where(valid, lab, torch.zeros_like(lab))
+        in_parent = sib[lab_safe] & valid
+        anchor = lab == c
+        pos = in_parent & ~anchor
+        neg = valid & ~in_parent
+        k = min(max_triplets, int(anchor.sum()), int(pos.sum()), int(neg.sum()))
+        if k == 0:
+            continue
+        picks = []
+        for mask in (anchor, pos, neg):
+            idx = mask.nonzero().squeeze(1)
+            if sampling == "random":
+                idx = idx[torch.randperm(idx.numel(), generator=generator, device="cpu")[:k].to(idx.device)]
+            else:
+                idx = idx[:k]
+            picks.append(feats[idx])
+        a, p, n = picks
+        d_ap = 1 - (a * p).sum(1)
+        d_an = 1 - (a * n).sum(1)
+        losses.append(F.relu(d_ap - d_an + margin).mean())
+    if not losses:
+        return (feats.sum() * 0).to(e.dtype)
+    return torch.stack(losses).mean()
+
+
+# --------------------------------------------------------------------------- decoding
+def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
+    """Leaf label of the best root-to-leaf path per pixel (MATH.md §4) → int64 ``(N, *S)``.
+
+    Node logits (``V`` channels): a path's score is the sum (``score="sum"``) or mean (``"mean"``) over
+    its nodes of ``sigmoid(x)`` (``activation="sigmoid"``) or of the softmax over all node channels
+    (``"softmax"``). Leaf logits (``L`` channels, ``L != V``): the argmax leaf. Ties go to the lowest
+    leaf id.
+    """
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    if score not in ("sum", "mean"):
+        raise ValueError(f"score must be 'sum' or 'mean', got {score!r}")
+    N, C = logits.shape[:2]
+    x = logits.detach().to(_acc_dtype(logits)).reshape(N, C, -1)
+    if C == tree.num_leaves and C != tree.num_nodes:
+        return x.argmax(dim=1).reshape(N, *logits.shape[2:])
+    a = torch.sigmoid(x) if activation == "sigmoid" else torch.softmax(x, dim=1)
+    path = tree.tables(x.device).path.to(x.dtype)  # (V, L)
+    if score == "mean":
+        path = path / path.sum(dim=0, keepdim=True)
+    s = torch.einsum("vl,nvp->nlp", path, a)
+    return s.argmax(dim=1).reshape(N, *logits.shape[2:])
+
+
+def labels_at_depth(leaf_labels: torch.Tensor, tree: Tree, depth: int, ignore_index: int = 255) -> torch.Tensor:
+    """Map leaf labels to class ids at ``depth`` (1..D; see ``Tree.class_names``); ``ignore_index``
+    stays ``ignore_index``. At depth D the classes are the leaf labels themselves."""
+    tree._check_depth(depth)
+    table = tree.tables(leaf_labels.device).leaf_group[depth - 1].long()
+    valid = leaf_labels != ignore_index
+    safe = torch.where(valid, leaf_labels, torch.zeros_like(leaf_labels)).long()
+    out = table[safe]
+    return torch.where(valid, out, torch.full_like(out, ignore_index)).to(leaf_labels.dtype)

@@ -1,0 +1,74 @@
+"""Build and install hss_kernels.
+
+    pip install --no-build-isolation -e .
+
+The C++ extension ``hss_kernels._C`` is built from ``csrc/*.cpp`` (CPU, OpenMP) when those sources
+exist, plus ``csrc/cuda/*.cu`` when the installed torch has CUDA and a toolkit is found (``CUDA_HOME``).
+Environment variables:
+
+* ``HSS_REQUIRE_CUDA=1``: a missing CUDA build is an error instead of a silent CPU-only build;
+* ``HSS_NO_EXTENSION=1``: skip the extension (pure Python; ``backend="native"`` is then unavailable).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources or os.environ.get("HSS_NO_EXTENSION") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if os.environ.get("HSS_REQUIRE_CUDA") == "1" and not use_cuda:
+        raise RuntimeError(
+            "HSS_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}, "
+            f"{len(cuda_sources)} .cu files")
+    openmp = ["-fopenmp"]
+    cxx = ["-O3"] + openmp
+    define = [("HSS_WITH_CUDA", "1")] if use_cuda else []
+    if use_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "hss_kernels._C", sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=openmp)
+    else:
+        ext = cpp_extension.CppExtension(
+            "hss_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="hss_kernels",
+    version="0.1.0",
+    description="Fast hierarchical semantic-segmentation losses (hierarchical softmax, focal tree-min) "
+                "with Triton, C++ and CUDA kernels",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hss_kernels", "hss_kernels.*", "benchmarks"]) + ["hss_kernels.tree_files"],
+    # The tree files live in the top-level trees/ folder and install as hss_kernels/tree_files.
+    package_dir={"hss_kernels.tree_files": "trees"},
+    package_data={"hss_kernels.tree_files": ["*.txt", "*.md"]},
+    install_requires=["torch>=2.11", "numpy", "pillow", "matplotlib", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": [
+        "hss-check=hss_kernels.check:main",
+        "hss-demo=hss_kernels.demo:main",
+    ]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
