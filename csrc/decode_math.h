@@ -1,0 +1,73 @@
+// Per-pixel hierarchical decoding (shared/MATH.md §4), shared by the CPU loop and the CUDA kernel so
+// that the CPU tests exercise the arithmetic the GPU runs.
+//
+// A leaf's path score is the sum of a(x_v) over the nodes v on its root-to-leaf path (root side first,
+// as the Triton kernel sums, so that leaves with equal activations on equal-length paths tie exactly),
+// divided by the path length for the mean score. The winner is the first leaf with the highest score:
+// ties go to the lowest leaf id.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define HSS_DECODE_HD __host__ __device__
+#else
+#define HSS_DECODE_HD
+#endif
+
+namespace hss {
+namespace decode_math {
+
+enum Activation : int64_t { kSigmoid = 0, kSoftmax = 1, kIdentity = 2 };
+enum Score : int64_t { kSum = 0, kMean = 1 };
+
+HSS_DECODE_HD inline float dexp(float v) { return expf(v); }
+HSS_DECODE_HD inline double dexp(double v) { return exp(v); }
+
+// x(c): the pixel's logit of channel c, already in the accumulation type A. path: (L, D) row-major
+// int32 node channels, -1 past a leaf's depth; an entry outside [0, C) also ends the path, so a bad
+// table can never read outside the pixel's channels.
+template <typename A, typename X>
+HSS_DECODE_HD inline int64_t decode_pixel(const X& x, int64_t C, int64_t L, int64_t D, const int32_t* path,
+                                          int64_t act, int64_t score) {
+  A m = A(0);
+  A z = A(1);
+  if (act == kSoftmax) {
+    m = x(0);
+    for (int64_t c = 1; c < C; ++c) {
+      const A v = x(c);
+      m = v > m ? v : m;
+    }
+    z = A(0);
+    for (int64_t c = 0; c < C; ++c) z += dexp(x(c) - m);
+  }
+  A best = A(0);
+  int64_t best_leaf = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    A s = A(0);
+    int64_t len = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const int32_t node = path[l * D + d];
+      if (node < 0 || node >= C) break;
+      const A v = x(node);
+      if (act == kSigmoid) {
+        s += A(1) / (A(1) + dexp(-v));
+      } else if (act == kSoftmax) {
+        s += dexp(v - m) / z;
+      } else {
+        s += v;
+      }
+      ++len;
+    }
+    if (score == kMean && len > 0) s = s / A(len);
+    if (l == 0 || s > best) {  // strict: an earlier (lower) leaf keeps a tie
+      best = s;
+      best_leaf = l;
+    }
+  }
+  return best_leaf;
+}
+
+}  // namespace decode_math
+}  // namespace hss
