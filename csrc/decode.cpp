@@ -53,8 +53,8 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n = q / HW, r = q % HW;
       const scalar_t* px = x + n * sn + (r / W) * sh + (r % W) * sw;
-      auto at_c = [px, sc](int64_t c) { return static_cast<A>(px[c * sc]); };
-      y[q] = decode_math::decode_pixel<A>(at_c, C, L, D, path, act, score);
+      const decode_math::StridedPixel<scalar_t, A> pixel{px, sc};
+      y[q] = decode_math::decode_pixel<A>(pixel, C, L, D, path, act, score);
     }
   });
 }

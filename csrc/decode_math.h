@@ -25,6 +25,15 @@ enum Score : int64_t { kSum = 0, kMean = 1 };
 HSS_DECODE_HD inline float dexp(float v) { return expf(v); }
 HSS_DECODE_HD inline double dexp(double v) { return exp(v); }
 
+// One pixel's channels at a stride, read as the accumulation type A (a functor rather than a lambda so
+// that the host-device decode_pixel can call it from both CPU and CUDA code).
+template <typename T, typename A>
+struct StridedPixel {
+  const T* p;
+  int64_t stride;
+  HSS_DECODE_HD A operator()(int64_t c) const { return static_cast<A>(p[c * stride]); }
+};
+
 // x(c): the pixel's logit of channel c, already in the accumulation type A. path: (L, D) row-major
 // int32 node channels, -1 past a leaf's depth; an entry outside [0, C) also ends the path, so a bad
 // table can never read outside the pixel's channels.
