@@ -61,7 +61,8 @@ HSS_DECODE_HD inline int64_t decode_pixel(const X& x, int64_t C, int64_t L, int6
       if (node < 0 || node >= C) break;
       const A v = x(node);
       if (act == kSigmoid) {
-        s += A(1) / (A(1) + dexp(-v));
+        const A e = dexp(v >= A(0) ? -v : v);  // exp(-|v|) never overflows
+        s += v >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
       } else if (act == kSoftmax) {
         s += dexp(v - m) / z;
       } else {

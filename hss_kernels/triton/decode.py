@@ -71,7 +71,8 @@ def _decode_kernel(
             xv = tl.load(x_ptr + node.to(tl.int64)[:, None] * s_c + pix[None, :], mask=on[:, None] & p_ok[None, :],
                          other=0.0).to(acc_t)
             if ACT == 0:
-                a = 1.0 / (1.0 + tl.exp(-xv))
+                e = tl.exp(-tl.abs(xv))  # never overflows
+                a = tl.where(xv >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
             elif ACT == 1:
                 a = tl.exp(xv - m[None, :]) / z[None, :]
             else:
