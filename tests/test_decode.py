@@ -229,6 +229,30 @@ def test_wide_tree_chunks(backend):
     assert bool((decode(leaf, tree) == 100).all())
 
 
+def test_triton_gpu_tiles_under_interpreter(monkeypatch):
+    """The GPU's smaller tiles (several leaf and channel chunks per tree) give the same labels."""
+    triton_decode()
+    import importlib
+
+    mod = importlib.import_module("hss_kernels.triton.decode")  # the module, not the function of that name
+
+    gpu_blocks = mod._blocks
+    monkeypatch.setattr(mod, "_blocks", lambda C, L, total, interpret: gpu_blocks(C, L, total, False))
+    assert mod._blocks(80, 66, 10, True)[1] < 66
+    for name in ("vistas", "vistas_v2"):
+        tree = trees.load(name)
+        for activation in ACTS:
+            x = random_logits(tree.num_nodes, (2, 5, 13))
+            assert_like_reference(mod.decode(x, tree, activation, "mean"), x, tree, activation, "mean")
+            x, lowest = sibling_ties(tree, x)
+            y = mod.decode(x, tree, activation, "sum")
+            assert torch.equal(lowest[y], y)
+            assert_like_reference(y, x, tree, activation, "sum")
+        x = torch.where(torch.rand(2, tree.num_nodes, 5, 13) < 0.7, 50.0, -800.0)
+        s = path_scores(x, tree, "softmax", "sum")
+        assert torch.equal(mod.decode(x, tree, "softmax", "sum"), s.argmax(dim=1).reshape(2, 5, 13))
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_bad_input(backend):
     decode = BACKENDS[backend]()

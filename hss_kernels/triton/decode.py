@@ -106,13 +106,17 @@ def _tables(tree: Tree, device, leaf_logits: bool):
 
 
 def _blocks(C: int, L: int, total: int, interpret: bool):
-    BLOCK_L = min(triton.next_power_of_2(L), 128)
-    BLOCK_C = min(triton.next_power_of_2(C), 128)
-    # The interpreter pays per program, a GPU per register: big tiles there, ~4K elements here.
-    budget = 1 << 17 if interpret else 4096
-    BLOCK_P = max(16, min(budget // BLOCK_L, 1024 if interpret else 128))
-    BLOCK_P = min(BLOCK_P, max(16, triton.next_power_of_2(total)))
-    return BLOCK_C, BLOCK_L, BLOCK_P
+    """Tile sizes and warps. On a GPU a (32 x 64) tile over 8 warps keeps every variant (float64 and the
+    softmax included) under 220 registers without spills on sm_90 (checked with ptxas); 128-leaf tiles
+    spill. The interpreter pays per program instead, so it gets tiles as large as NumPy likes."""
+    if interpret:
+        BLOCK_L = min(triton.next_power_of_2(L), 128)
+        BLOCK_C = min(triton.next_power_of_2(C), 128)
+        BLOCK_P = max(16, min((1 << 17) // BLOCK_L, 1024, triton.next_power_of_2(total)))
+        return BLOCK_C, BLOCK_L, BLOCK_P, 4
+    BLOCK_L = min(triton.next_power_of_2(L), 32)
+    BLOCK_C = min(triton.next_power_of_2(C), 32)
+    return BLOCK_C, BLOCK_L, 64, 8
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
@@ -148,7 +152,7 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
         return out
     path, plen = _tables(tree, logits.device, leaf_logits)
     interpret = logits.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BLOCK_C, BLOCK_L, BLOCK_P = _blocks(C, L, total, interpret)
+    BLOCK_C, BLOCK_L, BLOCK_P, num_warps = _blocks(C, L, total, interpret)
     grid = (triton.cdiv(total, BLOCK_P),)
     _decode_kernel[grid](
         logits, out, path, plen,
@@ -156,6 +160,6 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
         *logits.stride(),
         C=C, L=L, D=path.shape[1], ACT=_IDENTITY if leaf_logits else _ACT[activation], MEAN=score == "mean" and not leaf_logits,
         F64=logits.dtype == torch.float64,
-        BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P,
+        BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, num_warps=num_warps,
     )
     return out
