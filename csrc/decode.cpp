@@ -13,6 +13,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "decode.h"
 #include "decode_math.h"
 
@@ -37,24 +40,68 @@ void check_decode_args(const at::Tensor& logits, const at::Tensor& path_nodes, i
 
 namespace {
 
+// Pixels per tile of the CPU loop: the inner loops run over a tile's pixels, which the compiler vectorises.
+constexpr int64_t kTile = 64;
+
 template <typename scalar_t>
 void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int64_t act, int64_t score,
                      at::Tensor& out) {
   using A = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
-  const int64_t N = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
+  const int64_t C = logits.size(1), H = logits.size(2), W = logits.size(3);
   const int64_t sn = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
   const int64_t L = path_nodes.size(0), D = path_nodes.size(1);
   const scalar_t* x = logits.data_ptr<scalar_t>();
   const int32_t* path = path_nodes.data_ptr<int32_t>();
   int64_t* y = out.data_ptr<int64_t>();
   const int64_t HW = H * W;
-  // Pixels in raster order per thread: with NCHW, neighbouring pixels share every channel's cache lines.
-  at::parallel_for(0, N * HW, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = q / HW, r = q % HW;
-      const scalar_t* px = x + n * sn + (r / W) * sh + (r % W) * sw;
-      const decode_math::StridedPixel<scalar_t, A> pixel{px, sc};
-      y[q] = decode_math::decode_pixel<A>(pixel, C, L, D, path, act, score);
+  // Per tile: every channel's activations for the tile's pixels (one exp per node and pixel, however
+  // many leaves lie below the node), then the path sums leaf by leaf. The arithmetic per pixel is
+  // decode_math's, in the same order as the CUDA kernel's.
+  at::parallel_for(0, out.numel(), 4 * kTile, [&](int64_t begin, int64_t end) {
+    std::vector<A> a(C * kTile), s(kTile), best(kTile), m(kTile), z(kTile);
+    std::vector<int64_t> off(kTile), best_l(kTile);
+    for (int64_t q0 = begin; q0 < end; q0 += kTile) {
+      const int64_t np = std::min(kTile, end - q0);
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t q = q0 + p, n = q / HW, r = q % HW;
+        off[p] = n * sn + (r / W) * sh + (r % W) * sw;
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const decode_math::StridedPixel<scalar_t, A> pixel{x + off[p], sc};
+        decode_math::softmax_stats<A>(pixel, C, act, m[p], z[p]);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* xc = x + c * sc;
+        A* ac = a.data() + c * kTile;
+        // One loop per activation: no branch on `act` (or on the sign, see decode_math) per element.
+        if (act == decode_math::kSigmoid) {
+          for (int64_t p = 0; p < np; ++p) ac[p] = decode_math::sigmoid<A>(static_cast<A>(xc[off[p]]));
+        } else if (act == decode_math::kSoftmax) {
+          for (int64_t p = 0; p < np; ++p) ac[p] = decode_math::dexp(static_cast<A>(xc[off[p]]) - m[p]) / z[p];
+        } else {
+          for (int64_t p = 0; p < np; ++p) ac[p] = static_cast<A>(xc[off[p]]);
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        std::fill(s.begin(), s.begin() + np, A(0));
+        int64_t len = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const int32_t node = path[l * D + d];
+          if (node < 0 || node >= C) break;
+          const A* an = a.data() + node * kTile;
+          for (int64_t p = 0; p < np; ++p) s[p] += an[p];
+          ++len;
+        }
+        if (score == decode_math::kMean && len > 0)
+          for (int64_t p = 0; p < np; ++p) s[p] = s[p] / A(len);
+        for (int64_t p = 0; p < np; ++p) {
+          if (l == 0 || s[p] > best[p]) {  // strict: an earlier (lower) leaf keeps a tie
+            best[p] = s[p];
+            best_l[p] = l;
+          }
+        }
+      }
+      std::copy(best_l.begin(), best_l.begin() + np, y + q0);
     }
   });
 }

@@ -34,49 +34,81 @@ struct StridedPixel {
   HSS_DECODE_HD A operator()(int64_t c) const { return static_cast<A>(p[c * stride]); }
 };
 
-// x(c): the pixel's logit of channel c, already in the accumulation type A. path: (L, D) row-major
-// int32 node channels, -1 past a leaf's depth; an entry outside [0, C) also ends the path, so a bad
-// table can never read outside the pixel's channels.
+// Softmax statistics of one pixel: m = max_c x(c), z = sum_c exp(x(c) - m). For the other activations
+// m = 0 and z = 1 (unused).
 template <typename A, typename X>
-HSS_DECODE_HD inline int64_t decode_pixel(const X& x, int64_t C, int64_t L, int64_t D, const int32_t* path,
-                                          int64_t act, int64_t score) {
-  A m = A(0);
-  A z = A(1);
-  if (act == kSoftmax) {
-    m = x(0);
-    for (int64_t c = 1; c < C; ++c) {
-      const A v = x(c);
-      m = v > m ? v : m;
-    }
-    z = A(0);
-    for (int64_t c = 0; c < C; ++c) z += dexp(x(c) - m);
+HSS_DECODE_HD inline void softmax_stats(const X& x, int64_t C, int64_t act, A& m, A& z) {
+  m = A(0);
+  z = A(1);
+  if (act != kSoftmax) return;
+  m = x(0);
+  for (int64_t c = 1; c < C; ++c) {
+    const A v = x(c);
+    m = v > m ? v : m;
   }
+  z = A(0);
+  for (int64_t c = 0; c < C; ++c) z += dexp(x(c) - m);
+}
+
+// exp(-|v|) never overflows; the two cases are selects, not branches (the sign of a logit is random).
+template <typename A>
+HSS_DECODE_HD inline A sigmoid(A v) {
+  const bool pos = v >= A(0);
+  const A e = dexp(pos ? -v : v);
+  return (pos ? A(1) : e) / (A(1) + e);
+}
+
+// a(v): the node's activation, the value summed along paths.
+template <typename A>
+HSS_DECODE_HD inline A activate(A v, int64_t act, A m, A z) {
+  if (act == kSigmoid) return sigmoid<A>(v);
+  if (act == kSoftmax) return dexp(v - m) / z;
+  return v;
+}
+
+// The best leaf given a(node) for every node: path is (L, D) row-major int32 node channels, -1 past a
+// leaf's depth; an entry outside [0, C) also ends the path, so a bad table never reads outside the
+// pixel's channels.
+template <typename A, typename Act>
+HSS_DECODE_HD inline int64_t best_leaf(const Act& a, int64_t C, int64_t L, int64_t D, const int32_t* path,
+                                       int64_t score) {
   A best = A(0);
-  int64_t best_leaf = 0;
+  int64_t best_l = 0;
   for (int64_t l = 0; l < L; ++l) {
     A s = A(0);
     int64_t len = 0;
     for (int64_t d = 0; d < D; ++d) {
       const int32_t node = path[l * D + d];
       if (node < 0 || node >= C) break;
-      const A v = x(node);
-      if (act == kSigmoid) {
-        const A e = dexp(v >= A(0) ? -v : v);  // exp(-|v|) never overflows
-        s += v >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
-      } else if (act == kSoftmax) {
-        s += dexp(v - m) / z;
-      } else {
-        s += v;
-      }
+      s += a(node);
       ++len;
     }
     if (score == kMean && len > 0) s = s / A(len);
     if (l == 0 || s > best) {  // strict: an earlier (lower) leaf keeps a tie
       best = s;
-      best_leaf = l;
+      best_l = l;
     }
   }
-  return best_leaf;
+  return best_l;
+}
+
+// a(node) computed from the logit when asked (the GPU: no per-pixel array, re-reads hit the cache).
+template <typename A, typename X>
+struct Activated {
+  const X& x;
+  int64_t act;
+  A m, z;
+  HSS_DECODE_HD A operator()(int64_t c) const { return activate<A>(x(c), act, m, z); }
+};
+
+// One pixel: the leaf label of its best path.
+template <typename A, typename X>
+HSS_DECODE_HD inline int64_t decode_pixel(const X& x, int64_t C, int64_t L, int64_t D, const int32_t* path,
+                                          int64_t act, int64_t score) {
+  A m, z;
+  softmax_stats<A>(x, C, act, m, z);
+  const Activated<A, X> a{x, act, m, z};
+  return best_leaf<A>(a, C, L, D, path, score);
 }
 
 }  // namespace decode_math
