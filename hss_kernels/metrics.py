@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from .functional import as_tree
 from .tree import Tree
 
 __all__ = ["HierarchicalMetrics", "scores_from_confusion"]
@@ -64,7 +65,7 @@ class HierarchicalMetrics:
     """Per-depth confusion matrices and IoU scores of leaf-label predictions.
 
     Args:
-        tree: the class hierarchy. Depth ``d`` has ``tree.num_classes(d)`` classes; a leaf shallower
+        tree: the class hierarchy (a :class:`Tree` or a shipped tree's name). Depth ``d`` has ``tree.num_classes(d)`` classes; a leaf shallower
             than ``d`` counts as its own class there (see :meth:`Tree.class_names`).
         ignore_index: target value of pixels that count for nothing (default 255).
         device: where the matrices live; default: the device of the first :meth:`update`'s ``pred``.
@@ -74,10 +75,8 @@ class HierarchicalMetrics:
             the target class, columns by the predicted class.
     """
 
-    def __init__(self, tree: Tree, ignore_index: int = 255, device: Optional[Union[str, torch.device]] = None):
-        if not isinstance(tree, Tree):
-            raise TypeError(f"tree must be a hss_kernels.Tree, got {type(tree).__name__}")
-        self.tree = tree
+    def __init__(self, tree: Union[Tree, str], ignore_index: int = 255, device: Optional[Union[str, torch.device]] = None):
+        self.tree = as_tree(tree)
         self.ignore_index = int(ignore_index)
         self._device_fixed = device is not None
         self.device = torch.device(device) if device is not None else torch.device("cpu")

@@ -177,8 +177,49 @@ def test_bad_input():
     with pytest.raises(ValueError, match="depth"):
         m.confusion(3)
     with pytest.raises(TypeError):
-        HierarchicalMetrics("cityscapes")
+        HierarchicalMetrics(3)
+    assert HierarchicalMetrics("cityscapes").tree is tree  # a shipped tree by name
     assert all(int(x.sum()) == 0 for x in m.matrices)  # failed updates added nothing
+
+
+def test_all_reduce_in_a_process_group(tmp_path):
+    """A one-process gloo group: the collective runs and leaves the (only) process's counts as they are."""
+    import torch.distributed as dist
+
+    tree = trees.load("helen")
+    pred, target = random_maps(tree, (2, 5, 5))
+    m = HierarchicalMetrics(tree)
+    m.update(pred, target)
+    before = [x.clone() for x in m.matrices]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        m.all_reduce()
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.matrices))
+    assert all(x.shape == (tree.num_classes(d + 1),) * 2 for d, x in enumerate(m.matrices))
+
+
+def test_all_reduce_reassembles_the_matrices(monkeypatch):
+    """With a stand-in collective that sums two identical processes, every matrix doubles in place."""
+    import torch.distributed as dist
+
+    tree = trees.load("vistas")
+    pred, target = random_maps(tree, (1, 6, 6))
+    m = HierarchicalMetrics(tree)
+    m.update(pred, target)
+    before = [x.clone() for x in m.matrices]
+    calls = []
+
+    def fake_all_reduce(t, op=None):
+        calls.append(t.numel())
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    m.all_reduce()
+    assert calls == [sum(x.numel() for x in before)]  # one collective for all depths
+    assert all(torch.equal(a * 2, b) for a, b in zip(before, m.matrices))
 
 
 @pytest.mark.gpu

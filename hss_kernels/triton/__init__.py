@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
-from .decode import decode
+from .decode import decode as _decode  # keeps hss_kernels.triton.decode the module
 
-__all__ = ["OPS", "unavailable_reason", "decode"]
+__all__ = ["OPS", "unavailable_reason"]
 
-OPS = {"decode": decode}
+OPS = {"decode": _decode}
 
 
 def unavailable_reason(device) -> Optional[str]:
