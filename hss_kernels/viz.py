@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .functional import as_tree
 from .tree import Tree
 
 __all__ = ["palette", "colorize", "save_prediction_grid"]
@@ -69,15 +70,13 @@ def _palette_cached(tree: Tree) -> np.ndarray:
     return out
 
 
-def palette(tree: Tree) -> np.ndarray:
-    """RGB colour of every node: a read-only uint8 NumPy array ``(V, 3)`` indexed by node channel.
+def palette(tree: Union[Tree, str]) -> np.ndarray:
+    """RGB colour of every node (``tree``: a :class:`Tree` or a shipped tree's name): a read-only uint8 NumPy array ``(V, 3)`` indexed by node channel.
 
     Depth-1 nodes get evenly spaced hues; the children of a node get shades of its colour (hues within
     its band, lightness spread between dark and light). No node is black or white.
     """
-    if not isinstance(tree, Tree):
-        raise TypeError(f"palette: tree must be a hss_kernels.Tree, got {type(tree).__name__}")
-    return _palette_cached(tree)
+    return _palette_cached(as_tree(tree))
 
 
 def _as_numpy_labels(labels: ArrayLike, name: str) -> np.ndarray:
@@ -101,6 +100,7 @@ def colorize(labels: ArrayLike, tree: Tree, depth: Optional[int] = None, ignore_
     Raises:
         TypeError for non-integer labels, ValueError for a bad depth or label.
     """
+    tree = as_tree(tree)
     depth = tree.depth if depth is None else depth
     tree._check_depth(depth)
     lab = _as_numpy_labels(labels, "colorize: labels")
@@ -168,6 +168,7 @@ def save_prediction_grid(
     """
     from PIL import Image, ImageDraw
 
+    tree = as_tree(tree)
     p = _as_numpy_labels(preds, "save_prediction_grid: preds")
     t = _as_numpy_labels(targets, "save_prediction_grid: targets")
     if p.ndim != 3 or p.shape != t.shape:

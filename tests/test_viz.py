@@ -67,6 +67,9 @@ def test_colorize_uses_palette_at_each_depth():
         colorize(labels, tree, 5)
     with pytest.raises(TypeError):
         colorize(labels.float(), tree, 1)
+    with pytest.raises(TypeError):
+        palette(None)
+    assert np.array_equal(colorize(labels, "helen", 2), colorize(labels, tree, 2))  # trees by name
 
 
 @pytest.mark.parametrize("with_images,scale,header", [(True, 2, True), (False, 1, False)])
