@@ -30,6 +30,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 _LIGHT_LO, _LIGHT_HI = 0.28, 0.76
 # Saturation alternates with depth: a middle child has its parent's hue and could have its lightness.
 _SATURATION = (0.85, 0.6)
+# Height of the title band of save_prediction_grid (fits Pillow's default font).
+_HEADER = 14
 # Fraction of a parent's hue band its children share among themselves.
 _HUE_SPREAD = 0.6
 
@@ -215,7 +217,3 @@ def save_prediction_grid(
         grid = np.asarray(pic).copy()
     pic.save(path, format="PNG")
     return grid
-
-
-# Height of the title band of save_prediction_grid (fits Pillow's default font).
-_HEADER = 14
