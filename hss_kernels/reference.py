@@ -11,6 +11,7 @@ These functions assume valid inputs (the public API in :mod:`hss_kernels.functio
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -305,7 +306,8 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     if score not in ("sum", "mean"):
         raise ValueError(f"score must be 'sum' or 'mean', got {score!r}")
     N, C = logits.shape[:2]
-    x = logits.detach().to(_acc_dtype(logits)).reshape(N, C, -1)
+    # explicit pixel count: reshape cannot infer -1 when N == 0
+    x = logits.detach().to(_acc_dtype(logits)).reshape(N, C, math.prod(logits.shape[2:]))
     if C == tree.num_leaves and C != tree.num_nodes:
         return x.argmax(dim=1).reshape(N, *logits.shape[2:])
     a = torch.sigmoid(x) if activation == "sigmoid" else torch.softmax(x, dim=1)
