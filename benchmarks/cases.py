@@ -18,7 +18,7 @@ import hss_kernels
 from hss_kernels import Tree, trees
 
 __all__ = ["Config", "CONFIGS", "LossSpec", "LOSSES", "DEFAULT_LOSSES", "HSS_BACKENDS", "Case",
-           "make_inputs", "build_case", "random_tree", "hss_backends_for", "n_input_sets"]
+           "make_inputs", "build_case", "row_label", "random_tree", "hss_backends_for", "n_input_sets"]
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,18 @@ DEFAULT_LOSSES = ["hierarchical_softmax", "tree_min", "decode"]
 HSS_BACKENDS = ["reference", "reference+compile", "triton", "native"]
 
 
-def hss_backends_for(spec: LossSpec, device: torch.device, wanted: Sequence[str]) -> Dict[str, str]:
-    """Backends to time for ``spec`` on ``device``: name → why not (None when it runs).
+def hss_backends_for(spec: LossSpec, device: torch.device, named: Sequence[str] = ()) -> Dict[str, Optional[str]]:
+    """Backends to time for ``spec`` on ``device``: name → None when it runs, else why not.
 
+    ``named``: the backends the user asked for (empty: all of :data:`HSS_BACKENDS`).
     ``reference+compile`` runs wherever the reference does. On the CPU Triton runs only under its
     interpreter (``TRITON_INTERPRET=1``), which measures Python, not a kernel: it is skipped unless
-    asked for by name, and then its rows are labelled ``triton (interpreter)``.
+    named, and then its rows are labelled ``triton (interpreter)``.
     """
+    device = torch.device(device)
     present = set(hss_kernels.available_backends(device, spec.op))
-    status = {}
-    for b in wanted:
+    status: Dict[str, Optional[str]] = {}
+    for b in (list(named) or HSS_BACKENDS):
         if b == "reference+compile":
             status[b] = None if "reference" in present else "reference unavailable"
         elif b in present:
@@ -81,7 +83,20 @@ def hss_backends_for(spec: LossSpec, device: torch.device, wanted: Sequence[str]
         else:
             why = hss_kernels.backends.unavailable_reason(b, device, spec.op)
             status[b] = why or "not available"
+    if device.type == "cpu" and status.get("triton", "x") is None and "triton" not in named:
+        status["triton"] = ("Triton on the CPU runs only under its interpreter (Python, not a kernel); "
+                            "not timed unless --backend triton is given")
     return status
+
+
+def row_label(spec: LossSpec, backend: str, device) -> str:
+    """The row's printed name: the baseline's function for ``flat``; Triton on the CPU is marked
+    ``(interpreter)`` so that no one mistakes its times for a kernel's."""
+    if backend == "flat":
+        return spec.baseline
+    if torch.device(device).type == "cpu" and backend == "triton":
+        return "triton (interpreter)"
+    return backend
 
 
 def n_input_sets(set_bytes: int, cache: int, limit: int = 8) -> int:

@@ -160,14 +160,10 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
     out = {"name": cfg.name, "tree": cfg.tree, "leaves": tree.num_leaves, "nodes": tree.num_nodes,
            "depth": tree.depth, "batch": cfg.batch, "height": cfg.height, "width": cfg.width,
            "pixels": P, "dtype": args.dtype, "note": cfg.note, "rows": []}
-    wanted = args.backends_named or C.HSS_BACKENDS
     mem_requests = []
     for loss in args.losses:
         spec = C.LOSSES[loss]
-        status = C.hss_backends_for(spec, device, wanted)
-        if device.type == "cpu" and "triton" in status and status["triton"] is None and "triton" not in args.backends_named:
-            status["triton"] = ("Triton on the CPU runs only under its interpreter (Python, not a kernel); "
-                                "not timed unless --backend triton is given")
+        status = C.hss_backends_for(spec, device, args.backends_named)
         passes = [p for p in args.pass_list if spec.has_backward or p == "forward"]
         if not passes:
             continue
@@ -190,7 +186,7 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
         for backend in order:
             why = status.get(backend)
             interp = device.type == "cpu" and backend == "triton"
-            label = spec.baseline if backend == "flat" else backend + (" (interpreter)" if interp else "")
+            label = C.row_label(spec, backend, device)
             if why is not None:
                 for p in passes:
                     out["rows"].append(dict(_row_base(cfg.name, loss, backend, p, label), status="skipped",
@@ -293,7 +289,6 @@ def run_sweep(args, device, dtype, base_cfg) -> dict:
     sizes = args.sweep_sizes or ([128, 256, 512, 1024, 2048] if cuda else [32, 64, 128, 256])
     leaves = args.sweep_leaves or [8, 16, 32, 64, 128, 256]
     class_size = 512 if cuda else 64
-    wanted = args.backends_named or C.HSS_BACKENDS
     elem = torch.empty((), dtype=dtype).element_size()
     cache = M.cache_bytes(device)
     points = []
@@ -301,9 +296,7 @@ def run_sweep(args, device, dtype, base_cfg) -> dict:
     def one(kind, tree, tree_name, H, W):
         for loss in args.losses:
             spec = C.LOSSES[loss]
-            status = C.hss_backends_for(spec, device, wanted)
-            if device.type == "cpu" and "triton" not in args.backends_named:
-                status.pop("triton", None)
+            status = C.hss_backends_for(spec, device, args.backends_named)
             p = "forward+backward" if spec.has_backward else "forward"
             channels = tree.num_leaves if spec.channels == "leaves" else tree.num_nodes
             dense = "binary" in spec.baseline
@@ -318,7 +311,7 @@ def run_sweep(args, device, dtype, base_cfg) -> dict:
                 continue
             for backend in [b for b in C.HSS_BACKENDS if status.get(b, "x") is None] + ["flat"]:
                 pt = {"sweep": kind, "tree": tree_name, "loss": loss, "backend": backend,
-                      "label": spec.baseline if backend == "flat" else backend, "pass": p, "height": H,
+                      "label": C.row_label(spec, backend, device), "pass": p, "height": H,
                       "width": W, "pixels": H * W, "channels": channels}
                 try:
                     if backend == "reference+compile":
