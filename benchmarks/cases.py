@@ -223,15 +223,16 @@ def build_case(spec: LossSpec, tree: Tree, backend: str, pass_name: str, sets: L
     return Case(spec.key, backend, pass_name, setup, run, C, label_bytes, out_bytes)
 
 
-def check_value(spec: LossSpec, tree: Tree, backend: str, fn: Callable, s: dict) -> Optional[float]:
-    """How far a backend's forward output is from the reference's on one input set: the relative
-    difference of the loss, or for decode the fraction of pixels whose label differs. None for the
-    flat baseline (a different function)."""
-    if backend == "flat":
-        return None
+def forward_output(spec: LossSpec, tree: Tree, backend: str, s: dict, fn: Optional[Callable] = None):
+    """One forward call (no grad) on input set ``s``: the loss, or decode's labels."""
+    fn = fn or _call(spec, tree, backend)
     with torch.no_grad():
-        got = fn(s["x"], s["y"], s.get("t"))
-        ref = _call(spec, tree, "reference")(s["x"], s["y"], s.get("t"))
+        return fn(s["x"], s["y"], s.get("t"))
+
+
+def check_value(spec: LossSpec, got: torch.Tensor, ref: torch.Tensor) -> float:
+    """How far a backend's forward output ``got`` is from the reference's ``ref`` on the same inputs:
+    the relative difference of the loss, or for decode the fraction of pixels whose label differs."""
     if spec.key == "decode":
         return float((got != ref).float().mean())
     return float((got.double() - ref.double()).abs() / ref.double().abs().clamp(min=1e-30))

@@ -42,18 +42,20 @@ def markdown(doc: dict) -> str:
         end = m.get("load_average_end")
         lines.append(f"- load average (1/5/15 min) at start {', '.join(f'{x:.2f}' for x in m['load_average_start'])}"
                      + (f", at end {', '.join(f'{x:.2f}' for x in end)}" if end else ""))
-    lines.append(f"- **copy bandwidth measured in this run: {copy['GBps']:.1f} GB/s** ({copy['method']}; "
-                 f"best {copy['GBps_best']:.1f} GB/s)")
+    drift = (f"; {copy['GBps_start']:.1f} at the start, {copy['GBps_end']:.1f} at the end"
+             if "GBps_end" in copy else "")
+    lines.append(f"- **copy bandwidth measured in this run: {copy['GBps']:.1f} GB/s** ({copy['method']}{drift}; "
+                 f"fastest copy {copy['GBps_best']:.1f} GB/s)")
     lines.append(f"- command: `{m.get('command', '')}`")
     lines.append("")
-    lines.append("Times are medians with the interquartile range; MB = bytes the call must move by MATH.md §5 "
+    lines.append("Times are medians with the 25th–75th percentiles; MB = bytes the call must move by MATH.md §5 "
                  "(1e6); % copy = achieved GB/s over the copy bandwidth above; × ref and × flat = speed-up over "
                  "the reference and over the flat PyTorch baseline in the same pass; peak = extra memory at peak "
                  "(MiB); check = difference from the reference (relative, or the fraction of decoded labels).")
     for cfg in doc["configs"]:
         lines += ["", f"## {cfg['name']}: tree {cfg['tree']} ({cfg['leaves']} leaves / {cfg['nodes']} nodes, "
                       f"depth {cfg['depth']}), B={cfg['batch']}, {cfg['height']}×{cfg['width']}, {cfg['dtype']}", ""]
-        lines.append("| loss | backend | pass | median ms | IQR ms | MB moved | GB/s | % copy | × ref | × flat | "
+        lines.append("| loss | backend | pass | median ms | p25–p75 ms | MB moved | GB/s | % copy | × ref | × flat | "
                      "peak MiB | check |")
         lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         skipped = []
