@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=("on", "off"), default="on",
                    help="measure peak extra memory (CPU: one extra subprocess per configuration)")
     p.add_argument("--sweep", action="store_true",
-                   help="also time against resolution and against the number of classes")
+                   help="also time against resolution and against the number of classes (forward+backward; "
+                        "decode forward). reference+compile recompiles at every point: it joins the sweep only "
+                        "when named with --backend")
     p.add_argument("--sweep-sizes", help="comma-separated square sizes for --sweep (default 128..2048 on a GPU, "
                                          "32..256 on the CPU)")
     p.add_argument("--sweep-leaves", help="comma-separated leaf counts of the random trees for --sweep")
@@ -176,10 +178,13 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
             torch.manual_seed(args.seed)
             sets = C.make_inputs(spec, tree, cfg.batch, cfg.height, cfg.width, dtype, device, n_sets, dense)
         except Exception as exc:  # e.g. out of memory at a size too large for this device
+            failed = f"inputs: {type(exc).__name__}: {exc}".splitlines()[0]
+        else:
+            failed = None
+        if failed is not None:
             for b in list(status) + ["flat"]:
                 for p in passes:
-                    out["rows"].append(dict(_row_base(cfg.name, loss, b, p, b), status="error",
-                                            reason=f"inputs: {type(exc).__name__}: {exc}".splitlines()[0]))
+                    out["rows"].append(dict(_row_base(cfg.name, loss, b, p, b), status="error", reason=failed))
             M.collect()
             continue
         order = [b for b in C.HSS_BACKENDS if b in status] + ["flat"]
@@ -315,6 +320,8 @@ def run_sweep(args, device, dtype, base_cfg) -> dict:
         for loss in args.losses:
             spec = C.LOSSES[loss]
             status = C.hss_backends_for(spec, device, args.backends_named)
+            if not args.backends_named:  # one compilation per point: only when asked for by name
+                status["reference+compile"] = "not in the sweep unless named with --backend"
             p = "forward+backward" if spec.has_backward else "forward"
             channels = tree.num_leaves if spec.channels == "leaves" else tree.num_nodes
             dense = "binary" in spec.baseline
@@ -323,8 +330,10 @@ def run_sweep(args, device, dtype, base_cfg) -> dict:
                 torch.manual_seed(args.seed)
                 sets = C.make_inputs(spec, tree, 1, H, W, dtype, device, n_sets, dense)
             except Exception as exc:
+                sets = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if isinstance(sets, str):
                 points.append({"sweep": kind, "loss": loss, "status": "error", "height": H, "width": W,
-                               "reason": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+                               "reason": sets})
                 M.collect()
                 continue
             for backend in [b for b in C.HSS_BACKENDS if status.get(b, "x") is None] + ["flat"]:
@@ -343,6 +352,7 @@ def run_sweep(args, device, dtype, base_cfg) -> dict:
                               bytes=M.bytes_moved(p, H * W, channels, elem, case.label_bytes, case.out_bytes))
                 except Exception as exc:
                     pt.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+                if pt["status"] == "error":
                     M.collect()
                 points.append(pt)
                 if pt.get("status") == "ok":
