@@ -34,7 +34,7 @@ def markdown(doc: dict) -> str:
     lines.append(f"- date {m['date_utc']}, torch {m['torch']}, triton {m.get('triton')}, CUDA {m.get('cuda')}, "
                  f"Python {m['python']}, hss_kernels {m.get('hss_kernels')} (git {m.get('git_commit')})")
     if m["device_type"] == "cpu":
-        lines.append(f"- CPU: {m['cpu_count']} logical cores, torch uses {m['torch_threads']} threads")
+        lines.append(f"- CPU: {m['cpu_count']} logical cores; torch threads: {m['torch_threads']}")
     else:
         lines.append(f"- GPU: {m.get('sm_count')} SMs, {m.get('gpu_memory_bytes', 0) / 2**30:.0f} GiB, "
                      f"L2 {m.get('l2_bytes', 0) / 2**20:.0f} MiB, compute capability {m.get('capability')}")
@@ -69,13 +69,13 @@ def markdown(doc: dict) -> str:
                 f"{_f(None if r.get('copy_share') is None else 100 * r['copy_share'], '.1f')} | "
                 f"{_f(r.get('speedup_vs_reference'), '.2f')} | {_f(r.get('speedup_vs_flat'), '.2f')} | "
                 f"{_mib(r.get('peak_extra_bytes'))} | {_f(r.get('check'), '.1e', '—')} |")
-        seen = set()
-        notes = []
+        grouped = {}  # (label, status, reason) → losses, so that one missing backend is one line
         for r in skipped:
-            key = (r["loss"], r["label"], r.get("status"), r.get("reason"))
-            if key not in seen:
-                seen.add(key)
-                notes.append(f"- {r['loss']} / {r['label']}: {r.get('status')}: {r.get('reason')}")
+            losses = grouped.setdefault((r["label"], r.get("status"), r.get("reason")), [])
+            if r["loss"] not in losses:
+                losses.append(r["loss"])
+        notes = [f"- {label} ({', '.join(losses)}): {status}: {reason}"
+                 for (label, status, reason), losses in grouped.items()]
         if notes:
             lines += ["", "Not run:"] + notes
         if any(r.get("interpreter") for r in cfg["rows"] if r.get("status") == "ok"):

@@ -201,7 +201,7 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
             label = C.row_label(spec, backend, device)
             if why is not None:
                 for p in passes:
-                    out["rows"].append(dict(_row_base(cfg.name, loss, backend, p, label), status="skipped",
+                    out["rows"].append(dict(_row_base(cfg.name, loss, backend, p, backend), status="skipped",
                                             reason=why))
                 continue
             fn, check, check_note, failed = None, None, None, None
@@ -394,7 +394,7 @@ def run(args) -> dict:
 
     info = M.machine_info(device)
     prog = "python -m benchmarks" if sys.argv and sys.argv[0].endswith("__main__.py") else "hss-bench"
-    info["command"] = shlex.join([prog] + list(getattr(args, "argv", [])))
+    info["command"] = " ".join([prog, shlex.join(list(getattr(args, "argv", [])))]).strip()
     print(f"hss-bench on {info['device_name']}: measuring the copy bandwidth", file=sys.stderr, flush=True)
     copy = M.copy_bandwidth(device, None if args.copy_mib is None else args.copy_mib << 20)
     doc = {"meta": info, "copy_bandwidth": copy, "configs": [], "sweep": None,
