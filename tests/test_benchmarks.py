@@ -196,3 +196,35 @@ def test_bce_target_is_the_path_indicator():
         y = int(s["y"][n, h, w])
         assert torch.equal(s["t"][n, :, h, w], path[:, y].float())
     assert s["x"].abs().sum() > 0
+
+
+def test_new_backends_are_picked_up_from_the_registry(monkeypatch):
+    """A backend that appears in the registry gets rows with no change to the benchmarks: fake
+    `native` and `triton` modules that forward to the reference stand in for the real ones."""
+    import types
+
+    from hss_kernels import backends, reference
+
+    ops = {op: getattr(reference, op) for op in ("hierarchical_softmax_loss", "tree_min_loss", "decode")}
+    for name in ("native", "triton"):
+        fake = types.ModuleType(f"fake_{name}")
+        fake.OPS = ops
+        fake.unavailable_reason = lambda device: None
+        monkeypatch.setitem(backends._loaded, name, fake)
+        monkeypatch.delitem(backends._import_errors, name, raising=False)
+    from benchmarks.run import run
+    argv = ["--device", "cpu", "--config", "small", "--size", "4x6", "--reps", "1", "--warmup", "0",
+            "--loss", "decode,hierarchical_softmax", "--backend", "reference,native,triton", "--memory", "off",
+            "--copy-mib", "4", "--no-save"]
+    args = parse_args(argv)
+    args.argv = argv
+    rows = run(args)["configs"][0]["rows"]
+    for loss, passes in (("decode", ["forward"]), ("hierarchical_softmax", list(PASSES))):
+        for backend, label in (("native", "native"), ("triton", "triton (interpreter)")):
+            got = [r for r in rows if r["loss"] == loss and r["backend"] == backend]
+            assert [r["pass"] for r in got] == passes
+            for r in got:
+                assert r["status"] == "ok" and r["label"] == label
+                assert r["interpreter"] == (backend == "triton")
+                assert r["check"] == 0.0  # the fake computes exactly the reference
+                assert r["speedup_vs_reference"] is not None
