@@ -1,0 +1,205 @@
+"""Segmentation metrics at every depth of a class tree.
+
+:class:`HierarchicalMetrics` accumulates one confusion matrix per depth ``d = 1..D`` (rows: target class,
+columns: predicted class, classes numbered as in :meth:`Tree.class_names`) on the device of the label
+maps, in the ``update() / compute() / reset()`` style of torchmetrics::
+
+    metrics = HierarchicalMetrics(tree)
+    for image, target in loader:
+        pred = hss_kernels.decode(model(image), tree)
+        metrics.update(pred, target)
+    metrics.all_reduce()          # sums the matrices across processes (no-op when not distributed)
+    print(metrics)                # one row per depth: mIoU, pixel accuracy, mean accuracy, fwIoU
+    results = metrics.compute()   # {depth: {"iou": ..., "miou": ..., ...}}
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from .tree import Tree
+
+__all__ = ["HierarchicalMetrics", "scores_from_confusion"]
+
+
+def scores_from_confusion(matrix: torch.Tensor) -> Dict[str, Union[torch.Tensor, float]]:
+    """Scores of one ``(K, K)`` confusion matrix (rows: target, columns: prediction).
+
+    Returns ``iou`` (float64 ``(K,)``, NaN for classes absent from both target and prediction), ``miou``
+    (mean IoU over the classes present in the target or the prediction), ``pixel_accuracy``,
+    ``mean_accuracy`` (mean recall over the classes present in the target: a class seen only in the
+    prediction has no recall) and ``fw_iou`` (IoU weighted by each class's share of the target pixels).
+    Every float is NaN when the matrix is empty.
+    """
+    m = matrix.to(torch.float64)
+    tp = m.diagonal()
+    gt = m.sum(dim=1)
+    pr = m.sum(dim=0)
+    union = gt + pr - tp
+    total = gt.sum()
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    recall = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+
+    def mean(x: torch.Tensor) -> float:
+        # nanmean of nothing warns and gives NaN; keep the NaN, skip the warning.
+        return float(x.nanmean()) if bool((~x.isnan()).any()) else float("nan")
+
+    if total > 0:
+        pixel_accuracy = float(tp.sum() / total)
+        fw_iou = float((gt * iou.nan_to_num(0.0)).sum() / total)
+    else:
+        pixel_accuracy = fw_iou = float("nan")
+    return {
+        "iou": iou,
+        "miou": mean(iou),
+        "pixel_accuracy": pixel_accuracy,
+        "mean_accuracy": mean(recall),
+        "fw_iou": fw_iou,
+    }
+
+
+class HierarchicalMetrics:
+    """Per-depth confusion matrices and IoU scores of leaf-label predictions.
+
+    Args:
+        tree: the class hierarchy. Depth ``d`` has ``tree.num_classes(d)`` classes; a leaf shallower
+            than ``d`` counts as its own class there (see :meth:`Tree.class_names`).
+        ignore_index: target value of pixels that count for nothing (default 255).
+        device: where the matrices live; default: the device of the first :meth:`update`'s ``pred``.
+
+    Attributes:
+        matrices: list of ``D`` int64 tensors, ``matrices[d-1]`` of shape ``(K_d, K_d)``, rows indexed by
+            the target class, columns by the predicted class.
+    """
+
+    def __init__(self, tree: Tree, ignore_index: int = 255, device: Optional[Union[str, torch.device]] = None):
+        if not isinstance(tree, Tree):
+            raise TypeError(f"tree must be a hss_kernels.Tree, got {type(tree).__name__}")
+        self.tree = tree
+        self.ignore_index = int(ignore_index)
+        self._device_fixed = device is not None
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.matrices: List[torch.Tensor] = []
+        self.reset()
+
+    # ------------------------------------------------------------------ accumulation
+    def reset(self) -> None:
+        """Zero every matrix (keeps the device)."""
+        self.matrices = [
+            torch.zeros(k, k, dtype=torch.int64, device=self.device)
+            for k in (self.tree.num_classes(d) for d in range(1, self.tree.depth + 1))
+        ]
+        self._updated = False
+
+    def to(self, device) -> "HierarchicalMetrics":
+        """Move the matrices to ``device`` (later updates are moved there too)."""
+        self.device = torch.device(device)
+        self._device_fixed = True
+        self.matrices = [m.to(self.device) for m in self.matrices]
+        return self
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch. ``pred`` and ``target``: integer leaf-label tensors of the same shape (any shape,
+        e.g. ``(N, H, W)``); pixels whose target is ``ignore_index`` are skipped.
+
+        Raises TypeError for non-integer tensors, ValueError for different shapes, a ``pred`` outside
+        ``[0, L)`` or a ``target`` outside ``[0, L)`` that is not ``ignore_index``.
+        """
+        for name, t in (("pred", pred), ("target", target)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"HierarchicalMetrics.update: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"HierarchicalMetrics.update: {name} must hold integer leaf labels, got {t.dtype}")
+        if pred.shape != target.shape:
+            raise ValueError(f"HierarchicalMetrics.update: pred has shape {tuple(pred.shape)} but target "
+                             f"{tuple(target.shape)}; they must match")
+        if not self._device_fixed and not self._updated and pred.device != self.device:
+            self.device = pred.device
+            self.matrices = [m.to(self.device) for m in self.matrices]
+        self._updated = True
+        L = self.tree.num_leaves
+        p = pred.reshape(-1).to(self.device, torch.int64)
+        t = target.reshape(-1).to(self.device, torch.int64)
+        if p.numel() == 0:
+            return
+        bad = (p < 0) | (p >= L)
+        if bool(bad.any()):
+            raise ValueError(f"HierarchicalMetrics.update: pred holds label {int(p[bad][0])}, outside [0, {L}) "
+                             f"(the tree's leaves)")
+        valid = t != self.ignore_index
+        bad = ((t < 0) | (t >= L)) & valid
+        if bool(bad.any()):
+            raise ValueError(f"HierarchicalMetrics.update: target holds label {int(t[bad][0])}, outside [0, {L}) "
+                             f"and not ignore_index={self.ignore_index}")
+        p, t = p[valid], t[valid]
+        # One pass over the pixels builds the leaf confusion matrix; the coarser depths are sums of its
+        # blocks, so their cost does not grow with the image.
+        leaf = torch.bincount(t * L + p, minlength=L * L).reshape(L, L)
+        groups = self.tree.tables(self.device).leaf_group.long()  # (D, L)
+        for d, m in enumerate(self.matrices):
+            g = groups[d]
+            k = m.shape[0]
+            m += torch.zeros(k * k, dtype=torch.int64, device=self.device).index_add_(
+                0, (g[:, None] * k + g[None, :]).reshape(-1), leaf.reshape(-1)).reshape(k, k)
+
+    def all_reduce(self) -> None:
+        """Sum the matrices over all processes (``torch.distributed.all_reduce``, one call); a no-op unless
+        ``torch.distributed`` is initialised. Every process must call it (it is a collective)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        flat = torch.cat([m.reshape(-1) for m in self.matrices])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        out, start = [], 0
+        for m in self.matrices:
+            out.append(flat[start:start + m.numel()].reshape(m.shape))
+            start += m.numel()
+        self.matrices = out
+
+    # ------------------------------------------------------------------ results
+    def confusion(self, depth: int) -> torch.Tensor:
+        """The ``(K_d, K_d)`` int64 confusion matrix at ``depth`` (1..D): rows target, columns prediction."""
+        self.tree._check_depth(depth)
+        return self.matrices[depth - 1]
+
+    def compute(self) -> Dict[int, Dict[str, Union[torch.Tensor, float]]]:
+        """``{depth: {"iou", "miou", "pixel_accuracy", "mean_accuracy", "fw_iou"}}`` for depth 1..D.
+
+        ``iou`` is a float64 tensor (one value per class at that depth, NaN for a class absent from both
+        target and prediction, on the CPU); the others are Python floats (NaN before any pixel counted).
+        See :func:`scores_from_confusion`.
+        """
+        return {d: scores_from_confusion(m.cpu()) for d, m in enumerate(self.matrices, start=1)}
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"matrices": [m.clone() for m in self.matrices], "ignore_index": self.ignore_index}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        mats = state["matrices"]
+        if len(mats) != len(self.matrices) or any(a.shape != b.shape for a, b in zip(mats, self.matrices)):
+            raise ValueError("load_state_dict: the matrices do not fit this tree")
+        self.matrices = [m.to(self.device, torch.int64).clone() for m in mats]
+
+    def table(self) -> str:
+        """A plain-text table, one row per depth: classes, mIoU, pixel accuracy, mean accuracy, fwIoU (%)."""
+        res = self.compute()
+        head = ("depth", "classes", "mIoU %", "pixel acc %", "mean acc %", "fwIoU %")
+        rows = [head]
+        for d, r in res.items():
+            rows.append((str(d), str(self.tree.num_classes(d))) + tuple(
+                f"{100 * r[k]:.2f}" for k in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou")))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        pixels = int(self.matrices[0].sum()) if self.matrices else 0
+        return f"HierarchicalMetrics({self.tree!r}, {pixels} pixels)\n{self.table()}"
+
+    def __repr__(self) -> str:
+        return f"HierarchicalMetrics({self.tree!r}, ignore_index={self.ignore_index}, device={self.device})"

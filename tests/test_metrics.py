@@ -1,0 +1,193 @@
+"""HierarchicalMetrics against a direct NumPy computation, and its edge cases."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hss_kernels import Tree, labels_at_depth, trees
+from hss_kernels.metrics import HierarchicalMetrics
+
+IGNORE = 255
+TREES = ["cityscapes", "helen", "vistas"]
+
+
+def random_maps(tree, shape, ignore_frac=0.2, classes=None):
+    """Random leaf-label prediction and target; a fraction of the target ignored."""
+    L = tree.num_leaves
+    hi = L if classes is None else classes
+    pred = torch.randint(0, hi, shape)
+    target = torch.randint(0, hi, shape)
+    # A biased prediction (often right) so that IoUs are not all tiny.
+    right = torch.rand(shape) < 0.5
+    pred = torch.where(right, target, pred)
+    target = torch.where(torch.rand(shape) < ignore_frac, torch.full_like(target, IGNORE), target)
+    return pred, target
+
+
+def numpy_scores(tree, pred, target, depth):
+    """Per-class IoU etc. from explicit masks, one class at a time (no confusion matrix, no bincount)."""
+    group = np.array(tree.leaf_group[depth - 1])
+    K = tree.num_classes(depth)
+    p = pred.numpy().reshape(-1)
+    t = target.numpy().reshape(-1)
+    keep = t != IGNORE
+    p, t = group[p[keep]], group[t[keep]]
+    iou, acc, freq = [], [], []
+    for k in range(K):
+        inter = np.sum((p == k) & (t == k))
+        union = np.sum((p == k) | (t == k))
+        iou.append(inter / union if union else np.nan)
+        acc.append(inter / np.sum(t == k) if np.sum(t == k) else np.nan)
+        freq.append(np.sum(t == k) / len(t))
+    iou = np.array(iou)
+    return {
+        "iou": iou,
+        "miou": np.nanmean(iou),
+        "pixel_accuracy": np.mean(p == t),
+        "mean_accuracy": np.nanmean(np.array(acc)),
+        "fw_iou": np.nansum(np.array(freq) * iou),
+    }
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_against_numpy(name):
+    tree = trees.load(name)
+    # Few classes used at the leaves so that some are absent from both (NaN, left out of the means).
+    pred, target = random_maps(tree, (2, 13, 17), classes=max(2, tree.num_leaves - 3))
+    m = HierarchicalMetrics(tree)
+    m.update(pred, target)
+    res = m.compute()
+    assert sorted(res) == list(range(1, tree.depth + 1))
+    for d in range(1, tree.depth + 1):
+        want = numpy_scores(tree, pred, target, d)
+        got = res[d]
+        assert got["iou"].shape == (tree.num_classes(d),)
+        np.testing.assert_allclose(got["iou"].numpy(), want["iou"], rtol=1e-12, equal_nan=True)
+        for k in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou"):
+            assert isinstance(got[k], float)
+            assert math.isclose(got[k], want[k], rel_tol=1e-12), (d, k, got[k], want[k])
+        # the matrix itself: rows target, columns prediction, ignored pixels absent
+        keep = target != IGNORE
+        t = labels_at_depth(target, tree, d)[keep]
+        p = labels_at_depth(pred, tree, d)[keep]
+        cm = m.confusion(d)
+        assert cm.dtype == torch.int64 and int(cm.sum()) == int(keep.sum())
+        i, j = int(t[0]), int(p[0])
+        assert int(cm[i, j]) == int(((t == i) & (p == j)).sum())
+
+
+def test_leaf_depth_matches_leaf_labels():
+    tree = trees.load("vistas")
+    pred, target = random_maps(tree, (1, 9, 8), ignore_frac=0.0)
+    m = HierarchicalMetrics(tree)
+    m.update(pred, target)
+    direct = torch.zeros(tree.num_leaves, tree.num_leaves, dtype=torch.int64)
+    for t, p in zip(target.reshape(-1).tolist(), pred.reshape(-1).tolist()):
+        direct[t, p] += 1
+    assert torch.equal(m.confusion(tree.depth), direct)
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_perfect_prediction(name):
+    tree = trees.load(name)
+    _, target = random_maps(tree, (2, 8, 8))
+    pred = torch.where(target == IGNORE, torch.zeros_like(target), target)
+    m = HierarchicalMetrics(tree)
+    m.update(pred, target)
+    for d, r in m.compute().items():
+        assert r["miou"] == 1.0 and r["pixel_accuracy"] == 1.0 and r["mean_accuracy"] == 1.0 and r["fw_iou"] == 1.0
+        present = ~r["iou"].isnan()
+        assert bool(present.any()) and bool((r["iou"][present] == 1.0).all())
+
+
+def test_right_at_depth1_wrong_at_leaves():
+    tree = trees.load("cityscapes")
+    # Every target leaf predicted as a sibling under the same depth-1 node (a different leaf).
+    target = torch.tensor([[0, 2, 3, 5, 8, 11, 13]])  # road, building, wall, pole, vegetation, person, car
+    pred = torch.tensor([[1, 3, 4, 6, 9, 12, 14]])
+    m = HierarchicalMetrics(tree)
+    m.update(pred, target)
+    res = m.compute()
+    assert res[1]["miou"] == 1.0 and res[1]["pixel_accuracy"] == 1.0
+    assert res[2]["miou"] == 0.0 and res[2]["pixel_accuracy"] == 0.0 and res[2]["mean_accuracy"] == 0.0
+    assert "2" in m.table() and "100.00" in m.table() and "0.00" in m.table()
+
+
+def test_batches_accumulate_like_one_batch():
+    tree = trees.load("helen")
+    pred, target = random_maps(tree, (5, 7, 11))
+    whole = HierarchicalMetrics(tree)
+    whole.update(pred, target)
+    parts = HierarchicalMetrics(tree)
+    for i in range(5):
+        parts.update(pred[i], target[i])  # also: any shape, here (H, W)
+    for d in range(1, tree.depth + 1):
+        assert torch.equal(whole.confusion(d), parts.confusion(d))
+    a, b = whole.compute(), parts.compute()
+    for d in a:
+        assert a[d]["miou"] == b[d]["miou"]
+    parts.reset()
+    assert all(int(m.sum()) == 0 for m in parts.matrices)
+    parts.all_reduce()  # not distributed: a no-op
+    parts.update(pred.to(torch.uint8), target.to(torch.int32))  # other integer dtypes
+    assert torch.equal(parts.confusion(1), whole.confusion(1))
+
+
+def test_all_ignored_and_empty():
+    tree = trees.load("cityscapes")
+    m = HierarchicalMetrics(tree)
+    m.update(torch.zeros(2, 3, 3, dtype=torch.long), torch.full((2, 3, 3), IGNORE))
+    m.update(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    for r in m.compute().values():
+        assert math.isnan(r["miou"]) and math.isnan(r["pixel_accuracy"]) and bool(r["iou"].isnan().all())
+    assert "nan" in str(m)
+
+
+def test_custom_ignore_index_and_device():
+    tree = Tree.from_parents([-1, -1, 0, 0, 1, 1])  # leaves 2,3 under 0 and 4,5 under 1 → labels 0..3
+    m = HierarchicalMetrics(tree, ignore_index=-1, device="cpu")
+    m.update(torch.tensor([0, 1, 2, 3]), torch.tensor([0, -1, 3, 2]))
+    assert m.confusion(2).tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
+    assert m.confusion(1).tolist() == [[1, 0], [0, 2]]
+    state = m.state_dict()
+    m2 = HierarchicalMetrics(tree, ignore_index=-1)
+    m2.load_state_dict(state)
+    assert torch.equal(m2.confusion(1), m.confusion(1))
+
+
+def test_bad_input():
+    tree = trees.load("cityscapes")
+    m = HierarchicalMetrics(tree)
+    t = torch.zeros(1, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="pred holds label 19"):
+        m.update(torch.full_like(t, 19), t)
+    with pytest.raises(ValueError, match="pred holds label -1"):
+        m.update(torch.full_like(t, -1), t)
+    with pytest.raises(ValueError, match="pred holds label 255"):  # ignore_index is not a prediction
+        m.update(torch.full_like(t, 255), t)
+    with pytest.raises(ValueError, match="target holds label 30"):
+        m.update(t, torch.full_like(t, 30))
+    with pytest.raises(ValueError, match="shape"):
+        m.update(t, t[0])
+    with pytest.raises(TypeError, match="integer"):
+        m.update(t.float(), t)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        m.update(t.numpy(), t)
+    with pytest.raises(ValueError, match="depth"):
+        m.confusion(3)
+    with pytest.raises(TypeError):
+        HierarchicalMetrics("cityscapes")
+    assert all(int(x.sum()) == 0 for x in m.matrices)  # failed updates added nothing
+
+
+@pytest.mark.gpu
+def test_on_cuda_matches_cpu():
+    tree = trees.load("vistas")
+    pred, target = random_maps(tree, (2, 32, 32))
+    a, b = HierarchicalMetrics(tree), HierarchicalMetrics(tree)
+    a.update(pred, target)
+    b.update(pred.cuda(), target.cuda())
+    assert b.matrices[0].device.type == "cuda"
+    for d in range(1, tree.depth + 1):
+        assert torch.equal(a.confusion(d), b.confusion(d).cpu())
