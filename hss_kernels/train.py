@@ -58,14 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", default=None, help="folder of the real data set (see hss_kernels.data)")
     g.add_argument("--tree", default=None,
                    help="shipped tree name or tree file; default: the data set's tree (synthetic: cityscapes)")
-    g.add_argument("--size", type=int, nargs="+", default=[64], help="crop size H [W]")
+    g.add_argument("--size", type=int, nargs="+", default=[48], help="crop size H [W]")
     g.add_argument("--train-size", type=int, default=1024, help="synthetic: images per epoch (new ones every epoch)")
-    g.add_argument("--val-size", type=int, default=64, help="synthetic: validation images")
+    g.add_argument("--val-size", type=int, default=32, help="synthetic: validation images")
     g.add_argument("--noise", type=float, default=0.6, help="synthetic: pixel noise")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", default="unet", choices=["unet", "deeplabv3"])
     g.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution")
+    g.add_argument("--levels", type=int, default=3, help="U-Net resolutions")
     g.add_argument("--loss", default="hier-softmax", choices=LOSSES)
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "native"])
     g.add_argument("--gamma", type=float, default=None, help="focal gamma of tree-min / tree-bce (default 2 / 0)")
@@ -304,7 +305,7 @@ def train(args) -> dict:
     train_ds, val_ds = _datasets(args, tree)
     use_triplet = args.triplet_weight > 0
     model = build_model(args.model, tree, args.loss, embed_dim=args.embed_dim if use_triplet else 0,
-                        width=args.width).to(device)
+                        width=args.width, levels=args.levels).to(device)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -331,7 +332,7 @@ def train(args) -> dict:
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         cfg = ckpt.get("config", {})
-        for key in ("loss", "model", "width"):
+        for key in ("loss", "model", "width", "levels"):
             if key in cfg and cfg[key] != getattr(args, key):
                 raise SystemExit(f"hss-train: --resume {args.resume} was trained with --{key} {cfg[key]}, "
                                  f"not {getattr(args, key)}")
@@ -416,12 +417,12 @@ def train(args) -> dict:
             opt.step()
             sched.step()
             step += 1
-            run_loss += float(loss)
+            run_loss += float(loss.detach())
             run_n += 1
             seen += images.shape[0] * world
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{run_loss / run_n:.3f}", img_s=f"{rate:.1f}")
             evaluated = False
             if args.eval_every and (step % args.eval_every == 0 or step == total):
                 evaluate(epoch, _mean_over_processes(run_loss, run_n, device), rate)
