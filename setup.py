@@ -68,6 +68,7 @@ setup(
     entry_points={"console_scripts": [
         "hss-check=hss_kernels.check:main",
         "hss-demo=hss_kernels.demo:main",
+        "hss-train=hss_kernels.train:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -76,6 +76,8 @@ class SyntheticHierarchy(Dataset):
             ``spread * decay**(d-1)`` at depth ``d``: less than super-classes differ from each other).
         texture: amplitude of the stripe texture shared by the leaves of each depth-1 class.
         noise: standard deviation of the per-pixel Gaussian noise.
+        imbalance: leaf frequencies follow Zipf's law with this exponent (the leaves ranked in a seeded
+            random order), a long tail like real data sets'; 0 makes every leaf equally frequent.
         ignore_index: value of the pixels on cell boundaries (they are ignored, as annotators leave
             boundaries void in real data sets).
 
@@ -86,7 +88,8 @@ class SyntheticHierarchy(Dataset):
 
     def __init__(self, tree: Union[Tree, str], length: int = 512, size: Size = 64, seed: int = 0,
                  regions: Tuple[int, int] = (4, 10), spread: float = 1.0, decay: float = 0.35,
-                 texture: float = 0.35, noise: float = 0.6, ignore_index: int = 255, offset: int = 0):
+                 texture: float = 0.35, noise: float = 0.6, imbalance: float = 1.0, ignore_index: int = 255,
+                 offset: int = 0):
         self.tree = as_tree(tree)
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
@@ -110,6 +113,8 @@ class SyntheticHierarchy(Dataset):
                        rng.normal(0.0, 1.0, 3)) for a in tops}
         self.leaf_pattern = [pattern[a] for a in top]
         self.texture = float(texture)
+        zipf = 1.0 / np.arange(1, t.num_leaves + 1) ** float(imbalance)
+        self.leaf_prob = (zipf / zipf.sum())[rng.permutation(t.num_leaves)]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -133,7 +138,7 @@ class SyntheticHierarchy(Dataset):
         d2 = ((yy[None] - centres[:, 0, None, None]) ** 2 * aniso
               + (xx[None] - centres[:, 1, None, None]) ** 2 / aniso - weights[:, None, None])
         cell = d2.argmin(0)
-        leaf_of_cell = rng.integers(0, self.tree.num_leaves, k)
+        leaf_of_cell = rng.choice(self.tree.num_leaves, size=k, p=self.leaf_prob)
         target = leaf_of_cell[cell]
         image = self.leaf_colour[target].transpose(2, 0, 1).copy()  # (3, H, W)
         image += rng.normal(0.0, 0.05, (k, 3)).astype(np.float32)[cell].transpose(2, 0, 1)  # per-cell tint

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-size", type=int, default=1024, help="synthetic: images per epoch (new ones every epoch)")
     g.add_argument("--val-size", type=int, default=32, help="synthetic: validation images")
     g.add_argument("--noise", type=float, default=0.6, help="synthetic: pixel noise")
+    g.add_argument("--imbalance", type=float, default=1.0, help="synthetic: Zipf exponent of the leaf frequencies")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", default="unet", choices=["unet", "deeplabv3"])
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (CPU or GPU)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: every epoch)")
     g.add_argument("--out", default=None, help="folder for log.json, checkpoint.pt, curves.png, predictions.png")
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help="compare flat cross-entropy with the hierarchical losses on synthetic data (CPU, minutes)")
     g.add_argument("--demo-losses", default="ce,hier-softmax", help="losses the demo compares")
+    g.add_argument("--demo-jobs", type=int, default=0, help="demo: runs at a time (default: one per CPU)")
     g.add_argument("--demo-target", type=float, default=0.9,
                    help="demo: a depth's target mIoU is this fraction of the worst loss's best mIoU there")
     return p
@@ -264,10 +267,11 @@ def load_checkpoint(path) -> dict:
 def _datasets(args, tree):
     size = tuple(args.size) if len(args.size) == 2 else (args.size[0],) * 2
     if args.data == "synthetic":
-        train_ds = SyntheticHierarchy(tree, length=args.train_size, size=size, seed=args.seed, noise=args.noise)
+        train_ds = SyntheticHierarchy(tree, length=args.train_size, size=size, seed=args.seed, noise=args.noise,
+                                      imbalance=args.imbalance)
         # Same seed (same class colours), images far away from the training stream's.
         val_ds = SyntheticHierarchy(tree, length=args.val_size, size=size, seed=args.seed, noise=args.noise,
-                                    offset=2 ** 40)
+                                    imbalance=args.imbalance, offset=2 ** 40)
         return train_ds, val_ds
     return (build_dataset(args.data, args.data_root, True, size, tree, seed=args.seed),
             build_dataset(args.data, args.data_root, False, size, tree, seed=args.seed))
@@ -296,6 +300,8 @@ def train(args) -> dict:
     from .metrics import HierarchicalMetrics
 
     _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world, device = _setup_distributed(args.device)
     tree = _tree(args)
     out = Path(args.out) if args.out else None
@@ -385,7 +391,7 @@ def train(args) -> dict:
                 preds = torch.cat([s[1] for s in shown])[: args.num_predictions]
                 tgts = torch.cat([s[2] for s in shown])[: args.num_predictions]
                 save_prediction_grid(out / "predictions.png", tree, preds, tgts, images=val_ds.denormalize(imgs),
-                                     ignore_index=255)
+                                     ignore_index=255, scale=max(1, math.ceil(96 / imgs.shape[-2])))
         return record
 
     from tqdm import tqdm
@@ -449,37 +455,93 @@ def _first_reach(log: List[dict], depth: str, target: float) -> Optional[int]:
     return None
 
 
-def demo(args) -> dict:
-    """Train every loss of ``--demo-losses`` with the same model, seed, data and steps; print mIoU per
-    depth against steps and the steps each loss needs to reach a target mIoU at every depth."""
+# Options the demo sets for its runs unless the command line gives them.
+DEMO_DEFAULTS = {"--steps": "300", "--eval-every": "30", "--size": "32", "--val-size": "64", "--device": "cpu"}
+_DEMO_ONLY = {"--demo": 0, "--demo-losses": 1, "--demo-target": 1, "--demo-jobs": 1, "--out": 1, "--loss": 1,
+              "--quiet": 0, "--threads": 1}
+
+
+def _demo_argv(argv: List[str]) -> List[str]:
+    """The command line of one demo run: the user's options minus the demo's own, over the defaults."""
+    out, i = [], 0
+    while i < len(argv):
+        key = argv[i].split("=", 1)[0]
+        if key in _DEMO_ONLY:
+            i += 1 + (_DEMO_ONLY[key] if "=" not in argv[i] else 0)
+            continue
+        out.append(argv[i])
+        i += 1
+    given = {a.split("=", 1)[0] for a in out}
+    for key, value in DEMO_DEFAULTS.items():
+        if key not in given:
+            out += [key, value]
+    return out + ["--data", "synthetic"]
+
+
+def demo(args, argv: Optional[List[str]] = None) -> dict:
+    """Train every loss of ``--demo-losses`` with the same model, seed, data and steps (one process per
+    loss, ``--demo-jobs`` at a time, CPU threads shared out); print mIoU per depth against steps and the
+    steps each loss needs to reach a target mIoU at every depth."""
+    import subprocess
+    import tempfile
+
     losses = [s.strip() for s in args.demo_losses.split(",") if s.strip()]
     for name in losses:
         if name not in LOSSES:
             raise SystemExit(f"hss-train: --demo-losses: unknown loss {name!r}; choose from {LOSSES}")
-    base = copy.copy(args)
-    base.data = "synthetic"
-    if base.steps is None:
-        base.steps = 300
-    if not base.eval_every:
-        base.eval_every = 25
-    if base.device == "auto":
-        base.device = "cpu"
-    base.quiet = True
-    runs, times = {}, {}
-    for name in losses:
-        a = copy.copy(base)
-        a.loss = name
-        if base.out:
-            a.out = str(Path(base.out) / name)
-        print(f"[demo] training {name} for {a.steps} steps ...", flush=True)
-        t = time.perf_counter()
-        runs[name] = train(a)["log"]
-        times[name] = time.perf_counter() - t
-        print(f"[demo] {name}: {times[name]:.0f} s", flush=True)
+    run_argv = _demo_argv(list(sys.argv[1:] if argv is None else argv))
+    base = build_parser().parse_args(run_argv)
+    _check_args(base)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = max(1, min(len(losses), args.demo_jobs or cpus))
+    threads = args.threads or max(1, cpus // jobs)
+    tmp = None
+    if args.out:
+        root = Path(args.out)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="hss-demo-")
+        root = Path(tmp.name)
+    print(f"[demo] {', '.join(losses)}: {base.steps} steps each, {jobs} at a time, {threads} thread(s) each; "
+          f"outputs in {root}", flush=True)
+    env = dict(os.environ)
+    # The children must import this very package (a checkout run without installing included).
+    pkg_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    runs, times, pending, running = {}, {}, list(losses), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name = pending.pop(0)
+                cmd = [sys.executable, "-m", "hss_kernels.train"] + run_argv + [
+                    "--loss", name, "--out", str(root / name), "--quiet", "--threads", str(threads)]
+                logf = open(root / f"{name}.txt", "w")
+                running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf,
+                                 time.perf_counter())
+            time.sleep(0.2)
+            for name, (proc, logf, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                logf.close()
+                del running[name]
+                times[name] = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    tail = (root / f"{name}.txt").read_text()[-3000:]
+                    raise SystemExit(f"hss-train --demo: the {name} run failed (exit {proc.returncode}):\n{tail}")
+                runs[name] = json.loads((root / name / "log.json").read_text())
+                print(f"[demo] {name}: done in {times[name]:.0f} s", flush=True)
+    finally:
+        for proc, logf, _ in running.values():
+            proc.kill()
+            logf.close()
+        if tmp is not None:
+            tmp.cleanup()
     depths = sorted(runs[losses[0]][0]["metrics"], key=int)
     tree = _tree(base)
-    print(f"\nSynthetic data on tree {tree!r}; same U-Net, seed {base.seed}, {base.steps} steps of batch "
-          f"{base.batch_size}, {base.size[0]}px. Validation mIoU per depth (d1 = coarsest, d{depths[-1]} = leaves):")
+    print(f"\nSynthetic data on tree {tree!r} (leaf frequencies Zipf^{base.imbalance:g}, noise {base.noise:g}); "
+          f"same U-Net, seed {base.seed}, {base.steps} steps of batch {base.batch_size} at {base.size[0]}px.\n"
+          f"Validation mIoU per depth ({base.val_size} images; d1 = coarsest, d{depths[-1]} = leaves):")
     head = "step  " + "".join(f"| {n:<{7 * len(depths)}}" for n in losses)
     print(head)
     print("      " + "".join("| " + "".join(f"d{d:<6}" for d in depths) for _ in losses))
@@ -515,7 +577,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.demo:
-            demo(args)
+            demo(args, argv)
         else:
             train(args)
     finally:
