@@ -456,7 +456,8 @@ def _first_reach(log: List[dict], depth: str, target: float) -> Optional[int]:
 
 
 # Options the demo sets for its runs unless the command line gives them.
-DEMO_DEFAULTS = {"--steps": "300", "--eval-every": "30", "--size": "32", "--val-size": "64", "--device": "cpu"}
+DEMO_DEFAULTS = {"--steps": "300", "--eval-every": "30", "--size": "32", "--val-size": "64", "--device": "cpu",
+                 "--imbalance": "1.5"}
 _DEMO_ONLY = {"--demo": 0, "--demo-losses": 1, "--demo-target": 1, "--demo-jobs": 1, "--out": 1, "--loss": 1,
               "--quiet": 0, "--threads": 1}
 

@@ -142,3 +142,24 @@ def test_torchrun_two_processes_agree(tmp_path):
     assert ckpt["step"] == 3
     for d, v in json.loads(lines[0][1]).items():
         assert v == pytest.approx(miou[d], abs=1e-9)
+
+
+def test_trains_on_a_real_layout(tmp_path):
+    # A fabricated Helen folder: the real-data path of the script (loader, augmentation, ImageNet
+    # normalisation, denormalised images in predictions.png).
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "helen"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.randint(0, 255, (20, 18, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+        Image.fromarray(np.random.randint(0, 11, (20, 18), dtype=np.uint8)).save(root / "labels" / f"{i}.png")
+    (root / "train.txt").write_text("0\n1\n2\n3\n")
+    (root / "test.txt").write_text("1\n3\n")
+    res = T.train(T.build_parser().parse_args(
+        ["--data", "helen", "--data-root", str(root), "--loss", "tree-bce", "--steps", "2", "--batch-size", "2",
+         "--size", "16", "--out", str(tmp_path / "out"), "--width", "8", "--levels", "2", "--quiet"]))
+    assert res["step"] == 2 and set(res["metrics"]) == {"1", "2", "3", "4"}  # the helen tree: depth 4
+    assert (tmp_path / "out" / "predictions.png").is_file()
