@@ -7,8 +7,9 @@ the data set's tree, ``ignore_index`` (255) marking pixels that count for nothin
 * :class:`SyntheticHierarchy`: generated on the fly from any :class:`~hss_kernels.Tree`, seeded, any size.
   Images are Voronoi mosaics; each cell is one leaf class, painted with a colour that every node of the
   tree shifts a little from its parent's (the shift shrinks with depth), plus a stripe texture shared by
-  every leaf under the same depth-1 class, plus noise. Super-classes are therefore easy and leaves hard,
-  and what a pixel has in common with its siblings is real signal a hierarchical loss can use.
+  every leaf under the same depth-1 class, plus noise; leaf frequencies are long-tailed (Zipf), as in
+  real data sets. Super-classes are therefore easy and leaves hard, and what a pixel has in common with
+  its siblings is real signal a hierarchical loss can use.
 * :class:`SegmentationFolder` and the builders :func:`vistas`, :func:`cityscapes`,
   :func:`pascal_person_part`, :func:`helen` (also :func:`build_dataset` by name): the standard folder
   layouts of those data sets, mapping their label ids to the shipped trees' leaves.
@@ -19,7 +20,6 @@ on tensors and pad labels with ``ignore_index``.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -267,10 +267,12 @@ class SegmentationFolder(Dataset):
 
         path = self.labels[index]
         with Image.open(path) as im:
-            # Palette PNGs (Vistas, Pascal) store the class id as the palette index: keep it, do not convert.
-            raw = np.asarray(im if im.mode in ("P", "L", "I", "I;16") else im.convert("L")).astype(np.int64)
-        if raw.ndim != 2:
-            raise ValueError(f"{self.name}: {path} is not a single-channel label map (shape {raw.shape})")
+            # Palette PNGs (Vistas, Pascal) store the class id as the palette index: read the index, never
+            # the colour. A colour image is a visualisation (e.g. Cityscapes' *_color.png), not ids.
+            if im.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+                raise ValueError(f"{self.name}: {path} is a {im.mode} image, not a label map of class ids "
+                                 f"(single-channel or palette PNG)")
+            raw = np.asarray(im).astype(np.int64)
         bad = (raw < 0) | (raw >= len(self.lut))
         if not bad.any():
             mapped = self.lut[raw]

@@ -22,7 +22,6 @@ and the metrics' confusion matrices are summed over processes before they are re
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os

@@ -219,6 +219,14 @@ def test_label_id_outside_the_tree_is_an_error(tmp_path, case):
     assert "known ids" in str(err.value)
 
 
+def test_a_colour_label_image_is_refused(tmp_path):
+    root = tmp_path / "helen"
+    _image(root / "images" / "1.jpg")
+    _image(root / "labels" / "1.png")  # RGB, as a *_color.png visualisation would be
+    with pytest.raises(ValueError, match="RGB image, not a label map"):
+        D.helen(root)[0]
+
+
 def test_a_tree_that_does_not_fit_the_data_set_is_refused(tmp_path):
     root = tmp_path / "helen"
     _image(root / "images" / "1.jpg")
