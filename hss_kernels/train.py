@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help="compare flat cross-entropy with the hierarchical losses on synthetic data (CPU, minutes)")
     g.add_argument("--demo-losses", default="ce,hier-softmax", help="losses the demo compares")
+    g.add_argument("--demo-seeds", type=int, default=3, help="demo: seeds per loss (curves are averaged)")
     g.add_argument("--demo-jobs", type=int, default=0, help="demo: runs at a time (default: one per CPU)")
     g.add_argument("--demo-target", type=float, default=0.9,
                    help="demo: a depth's target mIoU is this fraction of the worst loss's best mIoU there")
@@ -457,7 +458,8 @@ def _first_reach(log: List[dict], depth: str, target: float) -> Optional[int]:
 # Options the demo sets for its runs unless the command line gives them.
 DEMO_DEFAULTS = {"--steps": "300", "--eval-every": "30", "--size": "32", "--val-size": "64", "--device": "cpu",
                  "--imbalance": "1.5"}
-_DEMO_ONLY = {"--demo": 0, "--demo-losses": 1, "--demo-target": 1, "--demo-jobs": 1, "--out": 1, "--loss": 1,
+_DEMO_ONLY = {"--demo": 0, "--demo-losses": 1, "--demo-seeds": 1, "--demo-target": 1, "--demo-jobs": 1,
+              "--seed": 1, "--out": 1, "--loss": 1,
               "--quiet": 0, "--threads": 1}
 
 
@@ -478,10 +480,22 @@ def _demo_argv(argv: List[str]) -> List[str]:
     return out + ["--data", "synthetic"]
 
 
+def _mean_log(logs: List[List[dict]]) -> List[dict]:
+    """Per-evaluation mean over runs of the per-depth mIoU (the runs evaluate at the same steps)."""
+    n = min(len(log) for log in logs)
+    out = []
+    for i in range(n):
+        depths = logs[0][i]["metrics"]
+        out.append({"step": logs[0][i]["step"], "metrics": {
+            d: {"miou": sum(log[i]["metrics"][d]["miou"] for log in logs) / len(logs)} for d in depths}})
+    return out
+
+
 def demo(args, argv: Optional[List[str]] = None) -> dict:
-    """Train every loss of ``--demo-losses`` with the same model, seed, data and steps (one process per
-    loss, ``--demo-jobs`` at a time, CPU threads shared out); print mIoU per depth against steps and the
-    steps each loss needs to reach a target mIoU at every depth."""
+    """Train every loss of ``--demo-losses`` with the same model, data and steps, for ``--demo-seeds``
+    seeds (one process per run, ``--demo-jobs`` at a time, CPU threads shared out); print the seeds'
+    mean validation mIoU per depth against steps, and the steps each loss needs to reach a target mIoU
+    at every depth (on the mean curves, and per seed)."""
     import subprocess
     import tempfile
 
@@ -489,11 +503,15 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
     for name in losses:
         if name not in LOSSES:
             raise SystemExit(f"hss-train: --demo-losses: unknown loss {name!r}; choose from {LOSSES}")
+    if args.demo_seeds < 1:
+        raise SystemExit("hss-train: --demo-seeds must be >= 1")
     run_argv = _demo_argv(list(sys.argv[1:] if argv is None else argv))
     base = build_parser().parse_args(run_argv)
     _check_args(base)
+    seeds = [args.seed + i for i in range(args.demo_seeds)]
+    jobs_todo = [(n, sd) for sd in seeds for n in losses]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = max(1, min(len(losses), args.demo_jobs or cpus))
+    jobs = max(1, min(len(jobs_todo), args.demo_jobs or cpus))
     threads = args.threads or max(1, cpus // jobs)
     tmp = None
     if args.out:
@@ -502,48 +520,54 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="hss-demo-")
         root = Path(tmp.name)
-    print(f"[demo] {', '.join(losses)}: {base.steps} steps each, {jobs} at a time, {threads} thread(s) each; "
-          f"outputs in {root}", flush=True)
+    print(f"[demo] {', '.join(losses)} x seeds {', '.join(map(str, seeds))}: {base.steps} steps each, {jobs} "
+          f"run(s) at a time, {threads} thread(s) each; outputs in {root}", flush=True)
     env = dict(os.environ)
     # The children must import this very package (a checkout run without installing included).
     pkg_parent = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    runs, times, pending, running = {}, {}, list(losses), {}
+    logs, times, running = {}, {}, {}
+    t_start = time.perf_counter()
     try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                name = pending.pop(0)
+        while jobs_todo or running:
+            while jobs_todo and len(running) < jobs:
+                name, sd = jobs_todo.pop(0)
+                tag = f"{name}-seed{sd}"
                 cmd = [sys.executable, "-m", "hss_kernels.train"] + run_argv + [
-                    "--loss", name, "--out", str(root / name), "--quiet", "--threads", str(threads)]
-                logf = open(root / f"{name}.txt", "w")
-                running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf,
-                                 time.perf_counter())
+                    "--loss", name, "--seed", str(sd), "--out", str(root / tag), "--quiet", "--threads", str(threads)]
+                logf = open(root / f"{tag}.txt", "w")
+                running[(name, sd)] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf,
+                                       time.perf_counter())
             time.sleep(0.2)
-            for name, (proc, logf, t0) in list(running.items()):
+            for (name, sd), (proc, logf, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 logf.close()
-                del running[name]
-                times[name] = time.perf_counter() - t0
+                del running[(name, sd)]
+                tag = f"{name}-seed{sd}"
+                times[(name, sd)] = time.perf_counter() - t0
                 if proc.returncode != 0:
-                    tail = (root / f"{name}.txt").read_text()[-3000:]
-                    raise SystemExit(f"hss-train --demo: the {name} run failed (exit {proc.returncode}):\n{tail}")
-                runs[name] = json.loads((root / name / "log.json").read_text())
-                print(f"[demo] {name}: done in {times[name]:.0f} s", flush=True)
+                    tail = (root / f"{tag}.txt").read_text()[-3000:]
+                    raise SystemExit(f"hss-train --demo: the {tag} run failed (exit {proc.returncode}):\n{tail}")
+                logs[(name, sd)] = json.loads((root / tag / "log.json").read_text())
+                print(f"[demo] {tag}: done in {times[(name, sd)]:.0f} s", flush=True)
     finally:
         for proc, logf, _ in running.values():
             proc.kill()
             logf.close()
         if tmp is not None:
             tmp.cleanup()
+    wall = time.perf_counter() - t_start
+    runs = {n: _mean_log([logs[(n, sd)] for sd in seeds]) for n in losses}
     depths = sorted(runs[losses[0]][0]["metrics"], key=int)
     tree = _tree(base)
     print(f"\nSynthetic data on tree {tree!r} (leaf frequencies Zipf^{base.imbalance:g}, noise {base.noise:g}); "
-          f"same U-Net, seed {base.seed}, {base.steps} steps of batch {base.batch_size} at {base.size[0]}px.\n"
-          f"Validation mIoU per depth ({base.val_size} images; d1 = coarsest, d{depths[-1]} = leaves):")
-    head = "step  " + "".join(f"| {n:<{7 * len(depths)}}" for n in losses)
-    print(head)
+          f"same U-Net, {base.steps} steps of batch {base.batch_size} at {base.size[0]}px, seeds {seeds}.\n"
+          f"Validation mIoU per depth, mean over the seeds ({base.val_size} images; d1 = coarsest, "
+          f"d{depths[-1]} = leaves):")
+    w = 7 * len(depths)
+    print("step  " + "".join(f"| {n:<{w}}" for n in losses))
     print("      " + "".join("| " + "".join(f"d{d:<6}" for d in depths) for _ in losses))
     for i, r in enumerate(runs[losses[0]]):
         row = f"{r['step']:<6}"
@@ -551,16 +575,27 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
             rec = runs[n][i] if i < len(runs[n]) else None
             row += "| " + "".join(f"{rec['metrics'][d]['miou']:<7.3f}" if rec else " " * 7 for d in depths)
         print(row)
-    # A target per depth that every loss reaches: a fraction of the worst loss's best mIoU at that depth.
-    targets = {d: args.demo_target * min(max(r["metrics"][d]["miou"] for r in runs[n]) for n in losses) for d in depths}
-    reach = {n: {d: _first_reach(runs[n], d, targets[d]) for d in depths} for n in losses}
-    print(f"\nSteps to reach the target mIoU ({args.demo_target:.0%} of the worst loss's best mIoU at that depth):")
-    print("loss          " + "".join(f"d{d} ({targets[d]:.3f})  " for d in depths) + "all depths")
+
+    def reach_table(curves: Dict[str, List[dict]]):
+        # A target per depth that every loss reaches: a fraction of the worst loss's best mIoU there.
+        targets = {d: args.demo_target * min(max(r["metrics"][d]["miou"] for r in curves[n]) for n in losses)
+                   for d in depths}
+        return targets, {n: {d: _first_reach(curves[n], d, targets[d]) for d in depths} for n in losses}
+
+    targets, reach = reach_table(runs)
+    print(f"\nSteps to reach the target mIoU on the mean curves ({args.demo_target:.0%} of the worst loss's best "
+          f"mean mIoU at that depth):")
+    cols = [f"d{d} ({targets[d]:.3f})  " for d in depths]
+    print("loss          " + "".join(cols) + "all depths")
     for n in losses:
         all_d = max(reach[n][d] for d in depths)
-        print(f"{n:<14}" + "".join(f"{reach[n][d]:<{len(f'd{d} ({targets[d]:.3f})  ')}}" for d in depths) + f"{all_d}")
-    print("\nFinal mIoU per depth: " + "; ".join(
+        print(f"{n:<14}" + "".join(f"{reach[n][d]:<{len(c)}}" for d, c in zip(depths, cols)) + f"{all_d}")
+    print("\nFinal mIoU per depth (mean over seeds): " + "; ".join(
         f"{n}: " + " ".join(f"d{d} {runs[n][-1]['metrics'][d]['miou']:.3f}" for d in depths) for n in losses))
+    per_seed = {sd: reach_table({n: logs[(n, sd)] for n in losses})[1] for sd in seeds}
+    if len(seeds) > 1:
+        print("Steps to reach every depth's target, seed by seed (targets set per seed the same way): " + "; ".join(
+            f"seed {sd}: " + ", ".join(f"{n} {max(per_seed[sd][n].values())}" for n in losses) for sd in seeds))
     if "ce" in losses:
         flat = max(reach["ce"][d] for d in depths)
         for n in losses:
@@ -568,9 +603,11 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
                 continue
             mine = max(reach[n][d] for d in depths)
             verdict = ("fewer steps than" if mine < flat else "as many steps as" if mine == flat else "MORE steps than")
-            print(f"{n} reached the target at every depth in {mine} steps: {verdict} flat cross-entropy ({flat}).")
-    print("Wall time: " + ", ".join(f"{n} {times[n]:.0f} s" for n in losses))
-    return {"runs": runs, "targets": targets, "reach": reach, "times": times}
+            wins = sum(max(per_seed[sd][n].values()) <= max(per_seed[sd]["ce"].values()) for sd in seeds)
+            print(f"{n} reached the target at every depth in {mine} steps: {verdict} flat cross-entropy ({flat}); "
+                  f"as fast or faster on {wins} of {len(seeds)} seed(s).")
+    print(f"Wall time: {wall:.0f} s for {len(logs)} runs ({jobs} at a time).")
+    return {"runs": runs, "logs": logs, "targets": targets, "reach": reach, "times": times}
 
 
 def main(argv=None) -> int:
