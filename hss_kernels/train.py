@@ -491,6 +491,23 @@ def _mean_log(logs: List[List[dict]]) -> List[dict]:
     return out
 
 
+def _save_comparison(path, runs: Dict[str, List[dict]], depths: List[str], title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], depths):
+        for n, log in runs.items():
+            ax.plot([r["step"] for r in log], [r["metrics"][d]["miou"] for r in log], "o-", label=n)
+        ax.set_title(f"depth {d}")
+        ax.set_xlabel("step"); ax.set_ylabel("validation mIoU"); ax.grid(alpha=0.3); ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def demo(args, argv: Optional[List[str]] = None) -> dict:
     """Train every loss of ``--demo-losses`` with the same model, data and steps, for ``--demo-seeds``
     seeds (one process per run, ``--demo-jobs`` at a time, CPU threads shared out); print the seeds'
@@ -620,6 +637,9 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
             print(f"{n} {verdict} (on the mean curves); seed by seed it matched flat cross-entropy's final mIoU at "
                   f"every depth as fast or faster on {wins} of {len(seeds)} seed(s).")
     print(f"Wall time: {wall:.0f} s for {len(logs)} runs ({jobs} at a time).")
+    if args.out:
+        _save_comparison(root / "comparison.png", runs, depths, f"mean over seeds {seeds}, {tree!r}")
+        print(f"Plot: {root / 'comparison.png'}")
     return {"runs": runs, "logs": logs, "targets": targets, "reach": reach, "every": every, "times": times}
 
 

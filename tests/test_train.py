@@ -113,10 +113,12 @@ def test_bad_arguments_are_refused():
         run("--tree", "no-such-tree", "--steps", 1)
 
 
-def test_demo_prints_the_comparison(capsys):
+def test_demo_prints_the_comparison(capsys, tmp_path):
     # The demo runs each loss in its own process (here both at once) with the options given here.
     assert T.main(["--demo", "--steps", "4", "--eval-every", "2", "--demo-jobs", "2", "--demo-seeds", "1",
-                   "--threads", "1"] + TINY) == 0
+                   "--threads", "1", "--out", str(tmp_path)] + TINY) == 0
+    for name in ("comparison.png", "ce-seed0/log.json", "hier-softmax-seed0/curves.png"):
+        assert (tmp_path / name).is_file(), name
     out = capsys.readouterr().out
     assert "Steps to reach flat cross-entropy's final mean mIoU at each depth" in out
     assert re.search(r"^hier-softmax (reached it in \d+ steps|did NOT reach)", out, re.M)
