@@ -69,6 +69,7 @@ setup(
         "hss-check=hss_kernels.check:main",
         "hss-demo=hss_kernels.demo:main",
         "hss-bench=benchmarks.run:main",
+        "hss-train=hss_kernels.train:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
