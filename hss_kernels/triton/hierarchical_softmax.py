@@ -178,13 +178,14 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
 def _hsm_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor, level_w: torch.Tensor,
              eps: float, ignore_index: int, reduction: str, single_pass: bool
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (loss, stats (D+1, P), count of non-ignored pixels, gradient if single_pass else empty)."""
+    """→ (loss, stats (D+1, P) (empty if single_pass), count of non-ignored pixels, gradient if single_pass else empty)."""
     N, L, H, W = logits.shape
     D = leaf_group.shape[0]
     acc = C.acc_dtype(logits.dtype)
     P = N * H * W
     dev = logits.device
-    stats = torch.empty((D + 1, P), dtype=acc, device=dev)
+    # The single pass needs no statistics: it returns an empty tensor in their place.
+    stats = torch.empty((0, P) if single_pass else (D + 1, P), dtype=acc, device=dev)
     grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
     kw = dict(stats=stats, compute_stats=True, write_stats=not single_pass)
     if single_pass:
@@ -210,7 +211,7 @@ def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_
     N, L, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
-    stats = logits.new_empty((leaf_group.shape[0] + 1, N * H * W), dtype=acc)
+    stats = logits.new_empty((0 if single_pass else leaf_group.shape[0] + 1, N * H * W), dtype=acc)
     count = logits.new_empty((), dtype=torch.int64)
     grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
     return loss, stats, count, grad

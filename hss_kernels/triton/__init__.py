@@ -1,0 +1,57 @@
+"""The Triton backend: fused loss kernels (forward, hand-written backward, optional single pass).
+
+Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set before
+this module is imported). Importing it needs Triton; the backend registry turns an ImportError into
+"unavailable" instead of an error.
+
+Public functions beyond the registry's ``OPS``: :func:`hierarchical_softmax_loss`,
+:func:`tree_min_loss` and :func:`tree_bce_loss` with an extra ``single_pass`` keyword (MATH.md §5).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
+
+from .hierarchical_softmax import hierarchical_softmax_loss
+from .tree_min import tree_bce_loss, tree_min_loss
+
+__all__ = ["OPS", "unavailable_reason", "hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss"]
+
+
+def _hsm(logits, target, tree, level_weights=None, eps=0.0, ignore_index=255, reduction="mean"):
+    return hierarchical_softmax_loss(logits, target, tree, level_weights=level_weights, eps=eps,
+                                     ignore_index=ignore_index, reduction=reduction)
+
+
+def _tree_min(logits, target, tree, gamma=2.0, scale=1.0, eps=0.0, normalize="level", ignore_index=255,
+              reduction="mean"):
+    return tree_min_loss(logits, target, tree, gamma=gamma, scale=scale, eps=eps, normalize=normalize,
+                         ignore_index=ignore_index, reduction=reduction)
+
+
+def _tree_bce(logits, target, tree, gamma=0.0, scale=1.0, eps=0.0, normalize="level", ignore_index=255,
+              reduction="mean"):
+    return tree_bce_loss(logits, target, tree, gamma=gamma, scale=scale, eps=eps, normalize=normalize,
+                         ignore_index=ignore_index, reduction=reduction)
+
+
+OPS = {
+    "hierarchical_softmax_loss": _hsm,
+    "tree_min_loss": _tree_min,
+    "tree_bce_loss": _tree_bce,
+}
+
+
+def unavailable_reason(device) -> Optional[str]:
+    """None if the Triton kernels run on ``device``: CUDA with a GPU, or the CPU under the interpreter."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return "Triton runs on CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before import)"
+    return f"Triton does not run on {device.type} tensors"
