@@ -69,11 +69,13 @@ def _tree_kernel(
     USE_EXTREMA: tl.constexpr, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr,
 ):
-    # Offsets of the packed int32 table (see _tables): pre-order → channel, channel → pre-order
-    # position, path_nodes (L, D), then per internal node: position, subtree size, channel, depth.
+    # Offsets of the packed int32 table (see _build_table): pre-order → channel, channel → pre-order
+    # position, subtree size per pre-order row, path_nodes (L, D), then per internal node: position,
+    # subtree size, channel, depth.
     OFF_POS: tl.constexpr = V
-    OFF_PATH: tl.constexpr = 2 * V
-    OFF_INT: tl.constexpr = 2 * V + L * D
+    OFF_SIZE: tl.constexpr = 2 * V
+    OFF_PATH: tl.constexpr = 3 * V
+    OFF_INT: tl.constexpr = 3 * V + L * D
 
     pid = tl.program_id(0)
     p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -106,7 +108,8 @@ def _tree_kernel(
     grad = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     if USE_EXTREMA:
         # Leaves off the path: M_v = v.
-        neg_leaf = (rmask & (chan < L))[:, None] & (~on_path)
+        is_leaf = tl.load(tab_ptr + OFF_SIZE + r, mask=rmask, other=0) == 1
+        neg_leaf = is_leaf[:, None] & (~on_path)
         f, df = _focal(-x, gamma, eps, FOCAL, HAS_EPS)
         loss += tl.sum(tl.where(neg_leaf, k_row[:, None] * f, 0.0), axis=0)
         grad = tl.where(neg_leaf, -k_row[:, None] * df, grad)
@@ -204,9 +207,9 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
 
 
 def _sizes(tab: torch.Tensor, V: int, L: int) -> Tuple[int, int, int]:
-    """(L, D, I) back from the packed table's length 2V + L·D + 4I (and I = V − L)."""
+    """(L, D, I) back from the packed table's length 3V + L·D + 4I (and I = V − L)."""
     I = V - L
-    D = (tab.shape[0] - 2 * V - 4 * I) // L
+    D = (tab.shape[0] - 3 * V - 4 * I) // L
     return L, D, I
 
 
@@ -297,12 +300,12 @@ _tree_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------------- public
 def _build_table(tree: Tree, device) -> torch.Tensor:
-    """Packed int32 table: pre-order channels, their inverse, path_nodes (L, D), and per internal node
-    (in pre-order) its position, subtree size, channel and depth."""
+    """Packed int32 table: pre-order channels, their inverse, subtree sizes in pre-order, path_nodes
+    (L, D), and per internal node (in pre-order) its position, subtree size, channel and depth."""
     t = tree.tables("cpu")
     internal = [c for c in tree.dfs_order if not tree.is_leaf(c)]
     per_int = [[tree.dfs_pos[c], tree.subtree_size[c], c, tree.depths[c]] for c in internal]
-    parts = [t.dfs_order, t.dfs_pos, t.path_nodes.reshape(-1),
+    parts = [t.dfs_order, t.dfs_pos, t.subtree_size[t.dfs_order.long()], t.path_nodes.reshape(-1),
              torch.tensor(per_int, dtype=torch.int32).reshape(-1)]
     return torch.cat(parts).to(device=device, dtype=torch.int32).contiguous()
 
