@@ -38,15 +38,19 @@ def tl_acc(dtype: torch.dtype):
 def block_sizes(channels: int, pixels: int) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, num_warps). All channels in one tile (padded to a power of two).
 
-    On a GPU a tile holds about 4096 values (a few dozen registers per thread). The interpreter costs
-    milliseconds per program whatever its size, so there a program takes up to 1024 pixels.
+    On a GPU: a 2048-value tile on 8 warps (8 values of a tile per thread). Compiled for sm_90 without
+    a GPU (ptxas resource usage), the backward kernels spill at 16 values per thread (128 x 16 or
+    256 x 16 tiles on 8 warps, 64 x 32 on 4) and fit at 8 (128 x 16 and 256 x 8 on 8 warps: at most
+    219 registers, no stack); 16 warps cap registers at 128 and spill too. Not yet tuned on a GPU.
+    The interpreter costs milliseconds per program whatever its size, so there a program takes up
+    to 1024 pixels.
     """
     block_c = triton.next_power_of_2(max(channels, 1))
     if interpreting():
         block_p = min(max(triton.next_power_of_2(max(pixels, 1)), 16), 1024)
         return block_c, block_p, 4
-    block_p = max(16, min(128, 4096 // block_c))
-    num_warps = 4 if block_c * block_p <= 4096 else 8
+    block_p = max(4, 2048 // block_c)
+    num_warps = 8 if block_c * block_p >= 2048 else 4
     return block_c, block_p, num_warps
 
 

@@ -128,7 +128,6 @@ def _hsm_kernel(
             s = tl.load(go_ptr).to(ACC) + zero
         else:
             s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
-        s = tl.where(valid, s, 0.0)
         prob = tl.exp(x - lse[None, :])
         if HAS_EPS:
             grad = prob * (A[None, :] - sel_f)

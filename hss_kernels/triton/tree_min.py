@@ -136,25 +136,25 @@ def _tree_kernel(
                 hit = (r[:, None] == m_row[None, :]) & act[None, :]
                 grad += tl.where(hit, (k_v * df)[None, :], 0.0)
 
-        # Internal nodes off the path: max over the subtree's run of rows.
-        x_max = tl.where(rmask[:, None], x, float("-inf"))
+        # Internal nodes off the path: max over the subtree's run of rows (padded rows never in one).
         for i in range(I):
             start = tl.load(tab_ptr + OFF_INT + 4 * i)
             size = tl.load(tab_ptr + OFF_INT + 4 * i + 1)
             v = tl.load(tab_ptr + OFF_INT + 4 * i + 2)
             depth = tl.load(tab_ptr + OFF_INT + 4 * i + 3)
+            # (loop-local names differ from the path loop's: Triton wants loop-carried types fixed)
             on_v = tl.load(tab_ptr + OFF_PATH + y * D + depth - 1, mask=pmask, other=-1) == v
             off = pmask & (~on_v)
             sub = (r >= start) & (r < start + size)
-            xs = tl.where(sub[:, None], x_max, float("-inf"))
+            xs = tl.where(sub[:, None], x, float("-inf"))
             mval = tl.max(xs, axis=0)
-            k_v = tl.load(k_ptr + v).to(ACC)
-            f, df = _focal(-mval, gamma, eps, FOCAL, HAS_EPS)
-            loss += tl.where(off, k_v * f, 0.0)
+            k_i = tl.load(k_ptr + v).to(ACC)
+            f_i, df_i = _focal(-mval, gamma, eps, FOCAL, HAS_EPS)
+            loss += tl.where(off, k_i * f_i, 0.0)
             if GRAD_MODE != 0:
                 a_row = tl.argmax(xs, axis=0)  # first maximum: earliest in pre-order
-                hit = (r[:, None] == a_row[None, :]) & off[None, :]
-                grad += tl.where(hit, (-k_v * df)[None, :], 0.0)
+                hit_i = (r[:, None] == a_row[None, :]) & off[None, :]
+                grad += tl.where(hit_i, (-k_i * df_i)[None, :], 0.0)
     else:
         z = tl.where(on_path, x, -x)
         f, df = _focal(z, gamma, eps, FOCAL, HAS_EPS)
@@ -173,7 +173,6 @@ def _tree_kernel(
             s = tl.load(go_ptr).to(ACC) + zero
         else:
             s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
-        s = tl.where(valid, s, 0.0)
         grad = tl.where(valid[None, :], grad * s[None, :], 0.0)
         g_off = (n * sgn + h * sgh + w * sgw)[None, :] + chan[:, None].to(tl.int64) * sgc
         tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
