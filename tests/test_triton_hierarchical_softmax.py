@@ -138,6 +138,17 @@ def test_single_pass_equals_two_pass(reduction, eps):
     torch.testing.assert_close(grad1, ref_grad, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_and_grad_equals_autograd(reduction):
+    tree = trees.load("vistas")
+    x, y = _inputs(tree, dtype=torch.bfloat16)
+    loss, grad = triton_mod.hierarchical_softmax_loss_and_grad(x, y, tree, reduction=reduction, eps=1e-4)
+    ref_loss, ref_grad, _ = loss_and_grad(api, x, y, tree, reduction=reduction, eps=1e-4,
+                                          grad_out=torch.ones((), dtype=torch.float32))
+    assert grad.dtype == x.dtype and not grad.requires_grad
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
 def test_single_pass_autograd_is_not_corrupted():
     # Two backward passes through one single-pass loss (retain_graph): the saved gradient is not written.
     tree = trees.load("cityscapes")

@@ -160,6 +160,18 @@ def test_single_pass_equals_two_pass(kind, reduction):
     torch.testing.assert_close(grad1, ref_grad, rtol=2e-5, atol=2e-7)
 
 
+@pytest.mark.parametrize("kind", ["tree_min", "tree_bce"])
+def test_loss_and_grad_equals_autograd(kind):
+    tree = trees.load("vistas")
+    x, y = _inputs(tree, dtype=torch.float16)
+    fn = getattr(triton_mod, kind + "_loss_and_grad")
+    loss, grad = fn(x, y, tree, gamma=1.0, reduction="mean")
+    ref_loss, ref_grad, _ = loss_and_grad(backend(kind), x, y, tree, gamma=1.0,
+                                          grad_out=torch.ones((), dtype=torch.float32))
+    assert grad.dtype == x.dtype and not grad.requires_grad
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
 def test_single_pass_autograd_is_not_corrupted():
     tree = trees.load("cityscapes")
     x, y = _inputs(tree)

@@ -5,7 +5,13 @@ this module is imported). Importing it needs Triton; the backend registry turns 
 "unavailable" instead of an error.
 
 Public functions beyond the registry's ``OPS``: :func:`hierarchical_softmax_loss`,
-:func:`tree_min_loss` and :func:`tree_bce_loss` with an extra ``single_pass`` keyword (MATH.md §5).
+:func:`tree_min_loss` and :func:`tree_bce_loss` with an extra ``single_pass`` keyword (MATH.md §5:
+the gradient is written during the forward, autograd intact), and ``*_and_grad`` versions that
+return ``(loss, gradient)`` outside autograd, the fewest bytes a training step can move.
+
+Custom ops (namespace ``hss_triton``, so that ``torch.compile(fullgraph=True)`` traces through):
+``hsm_fwd``/``hsm_bwd`` and ``tree_fwd``/``tree_bwd``; their bodies launch the kernels directly,
+so they also run eagerly under the interpreter.
 """
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ from typing import Optional
 import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
-from .hierarchical_softmax import hierarchical_softmax_loss
-from .tree_min import tree_bce_loss, tree_min_loss
+from .hierarchical_softmax import hierarchical_softmax_loss, hierarchical_softmax_loss_and_grad
+from .tree_min import tree_bce_loss, tree_bce_loss_and_grad, tree_min_loss, tree_min_loss_and_grad
 
-__all__ = ["OPS", "unavailable_reason", "hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss"]
+__all__ = ["OPS", "unavailable_reason", "hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss",
+           "hierarchical_softmax_loss_and_grad", "tree_min_loss_and_grad", "tree_bce_loss_and_grad"]
 
 
 def _hsm(logits, target, tree, level_weights=None, eps=0.0, ignore_index=255, reduction="mean"):

@@ -30,7 +30,7 @@ import triton.language as tl
 from ..tree import Tree
 from . import _common as C
 
-__all__ = ["hierarchical_softmax_loss"]
+__all__ = ["hierarchical_softmax_loss", "hierarchical_softmax_loss_and_grad"]
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
 
 
 # ----------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("hss_kernels::triton_hsm_fwd", mutates_args=())
+@torch.library.custom_op("hss_triton::hsm_fwd", mutates_args=())
 def _hsm_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor, level_w: torch.Tensor,
              eps: float, ignore_index: int, reduction: str, single_pass: bool
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +216,7 @@ def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_
     return loss, stats, count, grad
 
 
-@torch.library.custom_op("hss_kernels::triton_hsm_bwd", mutates_args=())
+@torch.library.custom_op("hss_triton::hsm_bwd", mutates_args=())
 def _hsm_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
              level_w: torch.Tensor, stats: torch.Tensor, count: torch.Tensor, eps: float, ignore_index: int,
              reduction: str) -> torch.Tensor:
@@ -275,6 +275,17 @@ def _tables(tree: Tree, level_weights, dtype, device):
     return leaf_group, level_w
 
 
+def _check_call(logits, target, reduction, single_pass):
+    if logits.dim() != 4 or target.dim() != 3:
+        raise ValueError(f"the Triton backend takes (N, L, H, W) logits and (N, H, W) targets, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    if reduction not in C.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {C.REDUCTIONS}, got {reduction!r}")
+    if single_pass and reduction == "none":
+        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
+                         "the incoming per-pixel gradient)")
+
+
 def hierarchical_softmax_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -293,20 +304,38 @@ def hierarchical_softmax_loss(
     in the logits' dtype and layout.
 
     ``single_pass=True`` (``mean``/``sum`` only) writes the gradient during the forward, reading the
-    logits once per step instead of twice; backward then only scales it by the incoming gradient.
+    logits once instead of twice; backward then scales the saved gradient by the incoming one (an
+    elementwise pass over the gradient: :func:`hierarchical_softmax_loss_and_grad` skips even that).
 
     Raises ValueError for a non-4-D input or ``single_pass`` with ``reduction="none"``.
     """
-    if logits.dim() != 4 or target.dim() != 3:
-        raise ValueError(f"the Triton backend takes (N, L, H, W) logits and (N, H, W) targets, got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
-    if reduction not in C.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {C.REDUCTIONS}, got {reduction!r}")
-    if single_pass and reduction == "none":
-        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
-                         "the incoming per-pixel gradient)")
+    _check_call(logits, target, reduction, single_pass)
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     loss, _, _, _ = _hsm_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index), reduction,
                              bool(single_pass))
     return loss
+
+
+def hierarchical_softmax_loss_and_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Tree,
+    level_weights: Optional[Sequence[float]] = None,
+    eps: float = 0.0,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (MATH.md §5).
+
+    The fewest bytes a training step can move: read the logits once, write the gradient once. Use it
+    as ``loss, g = ...(logits.detach(), ...)`` then ``logits.backward(g)``. ``reduction``: ``mean`` or
+    ``sum``. Same arguments, dtypes and errors as :func:`hierarchical_softmax_loss`.
+    """
+    _check_call(logits, target, reduction, True)
+    acc = C.acc_dtype(logits.dtype)
+    leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
+    with torch.no_grad():
+        loss, _, _, grad = _hsm_fwd(logits.detach(), target, leaf_group, level_w, float(eps), int(ignore_index),
+                                    reduction, True)
+    return loss, grad

@@ -28,7 +28,7 @@ from ..reference import node_weight_vector
 from ..tree import Tree
 from . import _common as C
 
-__all__ = ["tree_min_loss", "tree_bce_loss"]
+__all__ = ["tree_min_loss", "tree_bce_loss", "tree_min_loss_and_grad", "tree_bce_loss_and_grad"]
 
 
 @triton.jit
@@ -213,7 +213,7 @@ def _sizes(tab: torch.Tensor, V: int, L: int) -> Tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("hss_kernels::triton_tree_fwd", mutates_args=())
+@torch.library.custom_op("hss_triton::tree_fwd", mutates_args=())
 def _tree_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, num_leaves: int,
               gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool, single_pass: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,7 +252,7 @@ def _(logits, target, tab, k, num_leaves, gamma, eps, ignore_index, reduction, u
     return loss, count, grad
 
 
-@torch.library.custom_op("hss_kernels::triton_tree_bwd", mutates_args=())
+@torch.library.custom_op("hss_triton::tree_bwd", mutates_args=())
 def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
               k: torch.Tensor, count: torch.Tensor, num_leaves: int, gamma: float, eps: float, ignore_index: int,
               reduction: str, use_extrema: bool) -> torch.Tensor:
@@ -310,7 +310,7 @@ def _build_table(tree: Tree, device) -> torch.Tensor:
 
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
-               use_extrema):
+               use_extrema, with_grad=False):
     if logits.dim() != 4 or target.dim() != 3:
         raise ValueError(f"the Triton backend takes (N, V, H, W) logits and (N, H, W) targets, got "
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
@@ -324,6 +324,11 @@ def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index,
     tab = C.tree_cache(tree, ("tree_tab", str(dev)), lambda: _build_table(tree, dev))
     k = C.tree_cache(tree, ("k", float(scale), normalize, acc, str(dev)),
                      lambda: node_weight_vector(tree, float(scale), normalize, acc, dev))
+    if with_grad:
+        with torch.no_grad():
+            loss, _, grad = _tree_fwd(logits.detach(), target, tab, k, tree.num_leaves, float(gamma), float(eps),
+                                      int(ignore_index), reduction, use_extrema, True)
+        return loss, grad
     loss, _, _ = _tree_fwd(logits, target, tab, k, tree.num_leaves, float(gamma), float(eps), int(ignore_index),
                            reduction, use_extrema, bool(single_pass))
     return loss
@@ -337,7 +342,8 @@ def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
     ``logits``: ``(N, V, H, W)`` node logits, float16/bfloat16/float32/float64, any strides;
     ``target``: ``(N, H, W)`` integer leaf labels or ``ignore_index``. Loss in float32 (float64 for
     float64 logits), gradient in the logits' dtype. ``single_pass=True`` (``mean``/``sum`` only)
-    writes the gradient during the forward. Raises ValueError for a non-4-D input, an unknown
+    writes the gradient during the forward; backward scales it by the incoming gradient (one
+    elementwise pass; :func:`tree_min_loss_and_grad` skips it). Raises ValueError for a non-4-D input, an unknown
     ``normalize``/``reduction`` or ``single_pass`` with ``reduction="none"``.
     """
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
@@ -351,3 +357,20 @@ def tree_bce_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
     Same arguments, dtypes and errors as :func:`tree_min_loss`."""
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
                       False)
+
+
+def tree_min_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0,
+                           scale: float = 1.0, eps: float = 0.0, normalize: str = "level", ignore_index: int = 255,
+                           reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (MATH.md §5); then
+    ``logits.backward(grad)``. ``reduction``: ``mean`` or ``sum``. Arguments as :func:`tree_min_loss`."""
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True, True,
+                      with_grad=True)
+
+
+def tree_bce_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 0.0,
+                           scale: float = 1.0, eps: float = 0.0, normalize: str = "level", ignore_index: int = 255,
+                           reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Single-pass ``(loss, gradient)`` of :func:`tree_bce_loss`, as :func:`tree_min_loss_and_grad`."""
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True, False,
+                      with_grad=True)
