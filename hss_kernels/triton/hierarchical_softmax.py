@@ -268,10 +268,13 @@ def _tables(tree: Tree, level_weights, dtype, device):
     if level_weights is None:
         key = ("ones", tree.depth, dtype, str(device))
         level_w = C.tree_cache(tree, key, lambda: torch.ones(tree.depth, dtype=dtype, device=device))
-    else:
-        level_w = torch.as_tensor(level_weights, dtype=dtype, device=device).reshape(-1)
-        if level_w.numel() != tree.depth:
-            raise ValueError(f"level_weights needs {tree.depth} values (one per depth), got {level_w.numel()}")
+    elif isinstance(level_weights, torch.Tensor):
+        level_w = level_weights.detach().to(dtype=dtype, device=device).reshape(-1)
+    else:  # a list: cached, so that a training step makes no host-to-device copy
+        key = ("w", tuple(float(v) for v in level_weights), dtype, str(device))
+        level_w = C.tree_cache(tree, key, lambda: torch.tensor(key[1], dtype=dtype, device=device))
+    if level_w.numel() != tree.depth:
+        raise ValueError(f"level_weights needs {tree.depth} values (one per depth), got {level_w.numel()}")
     return leaf_group, level_w
 
 
