@@ -258,3 +258,10 @@ def test_gpu_more_than_2_31_elements():
                                           grad_out=go[:, tail].contiguous())
     torch.testing.assert_close(loss[:, tail], ref_loss)
     torch.testing.assert_close(x.grad[:, :, tail].float(), ref_grad.float(), rtol=1.6e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("parents", [[-1], [-1, 0, 1, 2], [2, 2, -1, 2, 3, 3]])
+def test_degenerate_trees(parents):
+    tree = hss_kernels.Tree.from_parents(parents)
+    x, y = _inputs(tree, dtype=torch.float64)
+    assert_matches(api, ref, x, y, tree, reduction="none")

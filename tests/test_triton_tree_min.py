@@ -276,3 +276,12 @@ def test_gpu_more_than_2_31_elements():
                                           grad_out=go[:, tail].contiguous())
     torch.testing.assert_close(loss[:, tail], ref_loss)
     torch.testing.assert_close(x.grad[:, :, tail].float(), ref_grad.float(), rtol=1.6e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("parents", [[-1], [-1] * 5, [-1, 0, 1, 2], [2, 2, -1, 2, 3, 3]])
+def test_degenerate_trees(parents):
+    # one leaf; flat (no internal node: the internal-node loop runs zero times); a chain; a root leaf
+    tree = hss_kernels.Tree.from_parents(parents)
+    x, y = _inputs(tree, dtype=torch.float64)
+    for kind in ("tree_min", "tree_bce"):
+        assert_matches(backend(kind), ref(kind), x, y, tree, reduction="none", gamma=2.0)
