@@ -14,8 +14,9 @@ Gradient, with p_j = e^{z_j − lse} and d_j the deepest level whose group holds
               A = Σ_d w_d P_d / (P_d + eps),  B_k = Σ_{d ≤ k} w_d / (P_d + eps)
 
 Modes of ``_hsm_kernel``:
-* forward: computes lse and lse_1..lse_D (one exp per element for each), writes them as the saved
-  statistics ``(D + 1, P)`` and the loss (per pixel, or per-program partial sums for the reduction);
+* forward: computes lse and lse_1..lse_D (one exp per element: the group sums reuse e^{z - max},
+  except in blocks where a group's sum underflows), writes them as the saved statistics
+  ``(D + 1, P)`` and the loss (per pixel, or per-program partial sums for the reduction);
 * backward: reads the logits and the statistics, writes the gradient (two exps per element);
 * single pass: the forward that also writes the gradient (MATH.md §5).
 """
@@ -45,7 +46,7 @@ def _hsm_kernel(
     L: tl.constexpr, D: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     HAS_EPS: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_STATS: tl.constexpr,
-    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr,
+    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -69,7 +70,8 @@ def _hsm_kernel(
 
     if COMPUTE_STATS:
         mx = tl.max(x, axis=0)
-        lse = mx + tl.log(tl.sum(tl.exp(x - mx[None, :]), axis=0))
+        e = tl.exp(x - mx[None, :])
+        lse = mx + tl.log(tl.sum(e, axis=0))
         if WRITE_STATS:
             tl.store(stats_ptr + p, lse, mask=pmask)
     else:
@@ -90,9 +92,16 @@ def _hsm_kernel(
         in_g = g_c[:, None] == g_y[None, :]
         w_d = tl.load(w_ptr + d).to(ACC)
         if COMPUTE_STATS:
-            xg = tl.where(in_g, x, float("-inf"))
-            mg = tl.max(xg, axis=0)  # finite: y is in its own group
-            lse_d = mg + tl.log(tl.sum(tl.exp(xg - mg[None, :]), axis=0))
+            # One exp per element serves every level: the group sums of e^{z - max}. Where a group
+            # sits so far below the pixel's max that its terms underflow (sum < TINY), redo that
+            # pixel with the group's own max; a whole block takes the branch or skips it.
+            s_d = tl.sum(tl.where(in_g, e, 0.0), axis=0)
+            lse_d = mx + tl.log(tl.maximum(s_d, TINY))
+            far = s_d < TINY
+            if tl.sum(far.to(tl.int32), axis=0) > 0:
+                xg = tl.where(in_g, x, float("-inf"))
+                mg = tl.max(xg, axis=0)  # finite: y is in its own group
+                lse_d = tl.where(far, mg + tl.log(tl.sum(tl.exp(xg - mg[None, :]), axis=0)), lse_d)
             if WRITE_STATS:
                 tl.store(stats_ptr + (d + 1) * P + p, lse_d, mask=pmask)
         else:
@@ -138,6 +147,11 @@ def _hsm_kernel(
         tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
 
 
+# A group sum of e^{z - max} below TINY may have lost terms to underflow (float32 normals end at 1e-38,
+# so terms 1e-18 below the largest one are still exact; float64 ends at 1e-308).
+_TINY = {torch.float32: 1e-20, torch.float64: 1e-200}
+
+
 def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, compute_stats, write_stats,
             loss_mode, loss=None, grad=None, grad_out=None, grad_mode=C.GRAD_NONE):
     """Runs ``_hsm_kernel`` once; returns (partials, counts) when ``loss_mode`` is LOSS_PARTIALS."""
@@ -167,7 +181,7 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
         float(eps), int(ignore_index),
         L=L, D=D, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
         HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats, WRITE_STATS=write_stats,
-        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, num_warps=warps,
+        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, TINY=_TINY[acc], num_warps=warps,
     )
     return partials, counts
 
