@@ -279,3 +279,16 @@ def test_degenerate_trees(parents):
     tree = hss_kernels.Tree.from_parents(parents)
     x, y = _inputs(tree, dtype=torch.float64)
     assert_matches(api, ref, x, y, tree, reduction="none")
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4)])
+def test_empty_batch(shape):
+    # (the reference cannot reshape 0 elements with -1; the result is 0 / empty by definition)
+    tree = trees.load("cityscapes")
+    x = torch.randn(shape[0], tree.num_leaves, *shape[1:], requires_grad=True)
+    y = torch.zeros(shape, dtype=torch.long)
+    for reduction in ("mean", "sum", "none"):
+        loss = api(x, y, tree, reduction=reduction)
+        assert loss.shape == (shape if reduction == "none" else ()) and (loss == 0).all()
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert g.shape == x.shape

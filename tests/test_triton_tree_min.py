@@ -287,3 +287,15 @@ def test_degenerate_trees(parents):
     x, y = _inputs(tree, dtype=torch.float64)
     for kind in ("tree_min", "tree_bce"):
         assert_matches(backend(kind), ref(kind), x, y, tree, reduction="none", gamma=2.0)
+
+
+@pytest.mark.parametrize("kind", ["tree_min", "tree_bce"])
+def test_empty_batch(kind):
+    tree = trees.load("cityscapes")
+    x = torch.randn(2, tree.num_nodes, 0, 5, requires_grad=True)
+    y = torch.zeros(2, 0, 5, dtype=torch.long)
+    for reduction in ("mean", "sum", "none"):
+        loss = backend(kind)(x, y, tree, reduction=reduction)
+        assert loss.shape == ((2, 0, 5) if reduction == "none" else ()) and (loss == 0).all()
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert g.shape == x.shape

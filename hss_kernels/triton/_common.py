@@ -41,7 +41,7 @@ def block_sizes(channels: int, pixels: int) -> Tuple[int, int, int]:
     On a GPU: a 2048-value tile on 8 warps (8 values of a tile per thread). Compiled for sm_90 without
     a GPU (ptxas resource usage), the backward kernels spill at 16 values per thread (128 x 16 or
     256 x 16 tiles on 8 warps, 64 x 32 on 4) and fit at 8 (128 x 16 and 256 x 8 on 8 warps: at most
-    219 registers, no stack); 16 warps cap registers at 128 and spill too. Not yet tuned on a GPU.
+    about 220 registers and a few bytes of stack); 16 warps cap registers at 128 and spill too. Not yet tuned on a GPU.
     The interpreter costs milliseconds per program whatever its size, so there a program takes up
     to 1024 pixels.
     """
