@@ -180,13 +180,18 @@ def test_gradcheck(eps):
                                         fast_mode=True)
 
 
-@pytest.mark.parametrize("case", ["mean", "none", "single_pass"])
+@pytest.mark.parametrize("case", ["mean", "none", "single_pass", "backward"])
 def test_opcheck(case):
     from hss_kernels.triton import hierarchical_softmax as hs
     tree = trees.load("pascal_person_part")
     x, y = _inputs(tree, shape=(2, 3, 5))
-    x.requires_grad_(True)
     leaf_group, level_w = hs._tables(tree, [1.0, 0.5, 2.0], torch.float32, x.device)
+    if case == "backward":
+        _, stats, count, _ = hs._hsm_fwd(x, y, leaf_group, level_w, 1e-4, 255, "none", False)
+        go = torch.randn(1, 3, 1).expand(2, 3, 5)
+        torch.library.opcheck(hs._hsm_bwd, (go, x, y, leaf_group, level_w, stats, count, 1e-4, 255, "none"))
+        return
+    x.requires_grad_(True)
     reduction = "none" if case == "none" else "mean"
     torch.library.opcheck(hs._hsm_fwd, (x, y, leaf_group, level_w, 0.0, 255, reduction, case == "single_pass"))
 

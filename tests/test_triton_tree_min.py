@@ -206,14 +206,19 @@ def test_gradcheck(kind, gamma):
                                         (x,), fast_mode=True)
 
 
-@pytest.mark.parametrize("case", ["min_mean", "bce_none", "min_single_pass"])
+@pytest.mark.parametrize("case", ["min_mean", "bce_none", "min_single_pass", "min_backward"])
 def test_opcheck(case):
     from hss_kernels.triton import tree_min as tm
     tree = trees.load("pascal_person_part")
     x, y = _inputs(tree, shape=(2, 3, 5))
-    x.requires_grad_(True)
     tab = tm._build_table(tree, x.device)
     k = reference.node_weight_vector(tree, 5.0, "level", torch.float32, x.device)
+    if case == "min_backward":
+        count = (y != 255).sum()
+        torch.library.opcheck(tm._tree_bwd, (torch.tensor(0.5), x, y, tab, k, count, tree.num_leaves, 2.0, 0.0, 255,
+                                             "mean", True))
+        return
+    x.requires_grad_(True)
     reduction = "none" if case == "bce_none" else "mean"
     torch.library.opcheck(tm._tree_fwd, (x, y, tab, k, tree.num_leaves, 2.0, 0.0, 255, reduction,
                                          case != "bce_none", case == "min_single_pass"))
