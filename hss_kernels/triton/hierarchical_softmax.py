@@ -51,6 +51,7 @@ def _hsm_kernel(
     pid = tl.program_id(0)
     p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     pmask = p < P
+    P64 = tl.zeros_like(p) + P  # (d + 1) * P in 64 bits: the statistics rows may pass 2^31 in all
     n = p // HW
     hw = p - n * HW
     h = hw // W
@@ -103,9 +104,9 @@ def _hsm_kernel(
                 mg = tl.max(xg, axis=0)  # finite: y is in its own group
                 lse_d = tl.where(far, mg + tl.log(tl.sum(tl.exp(xg - mg[None, :]), axis=0)), lse_d)
             if WRITE_STATS:
-                tl.store(stats_ptr + (d + 1) * P + p, lse_d, mask=pmask)
+                tl.store(stats_ptr + (d + 1) * P64 + p, lse_d, mask=pmask)
         else:
-            lse_d = tl.load(stats_ptr + (d + 1) * P + p, mask=pmask, other=0.0)
+            lse_d = tl.load(stats_ptr + (d + 1) * P64 + p, mask=pmask, other=0.0)
         if LOSS_MODE != 0:
             if HAS_EPS:
                 loss += -w_d * tl.log(tl.exp(lse_d - lse) + eps)
