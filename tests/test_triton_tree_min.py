@@ -215,12 +215,12 @@ def test_opcheck(case):
     k = reference.node_weight_vector(tree, 5.0, "level", torch.float32, x.device)
     if case == "min_backward":
         count = (y != 255).sum()
-        torch.library.opcheck(tm._tree_bwd, (torch.tensor(0.5), x, y, tab, k, count, tree.num_leaves, 2.0, 0.0, 255,
+        torch.library.opcheck(tm._tree_bwd, (torch.tensor(0.5), x, y, tab, k, count, tm.sizes_of(tree), 2.0, 0.0, 255,
                                              "mean", True))
         return
     x.requires_grad_(True)
     reduction = "none" if case == "bce_none" else "mean"
-    torch.library.opcheck(tm._tree_fwd, (x, y, tab, k, tree.num_leaves, 2.0, 0.0, 255, reduction,
+    torch.library.opcheck(tm._tree_fwd, (x, y, tab, k, tm.sizes_of(tree), 2.0, 0.0, 255, reduction,
                                          case != "bce_none", case == "min_single_pass"))
 
 
@@ -304,3 +304,30 @@ def test_empty_batch(kind):
         assert loss.shape == ((2, 0, 5) if reduction == "none" else ()) and (loss == 0).all()
         (g,) = torch.autograd.grad(loss.sum(), x)
         assert g.shape == x.shape
+
+
+# The segmented-scan variant of the negative side (tree_min.USE_SCAN). The interpreter's
+# associative_scan costs seconds per call, so these inputs are a handful of pixels.
+@pytest.mark.parametrize("name", ["vistas_v2", "helen", "pascal_person_part"])
+def test_scan_variant_matches_reference(name, monkeypatch):
+    from hss_kernels.triton import tree_min as tm
+    monkeypatch.setattr(tm, "USE_SCAN", True)
+    tree = trees.load(name)
+    x, y = _inputs(tree, shape=(1, 1, 5), dtype=torch.float64, ignore_frac=0.2)
+    assert_matches(backend("tree_min"), ref("tree_min"), x, y, tree, reduction="none", gamma=2.0, scale=5.0)
+    ties = torch.randint(-1, 2, x.shape).to(torch.float64)  # ties everywhere: first in pre-order wins
+    assert_matches(backend("tree_min"), ref("tree_min"), ties, y, tree, gamma=0.0, normalize="node")
+
+
+@pytest.mark.parametrize("parents", [[-1] * 4, [-1, 0, 1, 2], [2, 2, -1, 2, 3, 3, 4, -1, 7]])
+def test_scan_variant_on_odd_trees(parents, monkeypatch):
+    from hss_kernels.triton import tree_min as tm
+    monkeypatch.setattr(tm, "USE_SCAN", True)
+    tree = hss_kernels.Tree.from_parents(parents)
+    x, y = _inputs(tree, shape=(1, 2, 3), dtype=torch.float32)
+    assert_matches(backend("tree_min"), ref("tree_min"), x, y, tree, reduction="sum", gamma=1.0, eps=1e-3)
+    loss1, grad1 = tm.tree_min_loss_and_grad(x, y, tree, gamma=1.0)
+    monkeypatch.setattr(tm, "USE_SCAN", False)
+    loss2, grad2 = tm.tree_min_loss_and_grad(x, y, tree, gamma=1.0)
+    torch.testing.assert_close(loss1, loss2, rtol=0, atol=0)
+    torch.testing.assert_close(grad1, grad2, rtol=0, atol=0)

@@ -18,7 +18,7 @@ argmin/argmax tensor of size P·V).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -56,6 +56,19 @@ def _focal(z, gamma, eps, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr):
 
 
 @triton.jit
+def _seg_max(f1, v1, f2, v2):
+    """Segmented running max: a row with flag 1 starts a new segment."""
+    return f1 | f2, tl.where(f2 != 0, v2, tl.maximum(v1, v2))
+
+
+@triton.jit
+def _seg_argmax(f1, v1, i1, f2, v2, i2):
+    """Segmented running (max, argmax); ties keep the earlier row (earlier in pre-order)."""
+    take2 = (f2 != 0) | (v2 > v1)
+    return f1 | f2, tl.where(take2, v2, v1), tl.where(take2, i2, i1)
+
+
+@triton.jit
 def _tree_kernel(
     x_ptr, t_ptr, tab_ptr, k_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
     P, HW, W,
@@ -64,18 +77,21 @@ def _tree_kernel(
     sgn, sgc, sgh, sgw,
     son, soh, sow,
     gamma, eps, ignore_index,
-    V: tl.constexpr, L: tl.constexpr, D: tl.constexpr, I: tl.constexpr,
+    V: tl.constexpr, L: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, I: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr,
-    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr,
+    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, SCAN: tl.constexpr,
 ):
-    # Offsets of the packed int32 table (see _build_table): pre-order → channel, channel → pre-order
-    # position, subtree size per pre-order row, path_nodes (L, D), then per internal node: position,
-    # subtree size, channel, depth.
+    # Offsets of the packed int32 table (see _build_table), rows in pre-order: channel of each row,
+    # row of each channel, subtree size and depth of each row, path_nodes (L, D), and for each
+    # internal depth l = 1..DI the row of each row's depth-l internal ancestor-or-self (-1: none),
+    # then per internal node (in pre-order) its row, subtree size, channel and depth.
     OFF_POS: tl.constexpr = V
     OFF_SIZE: tl.constexpr = 2 * V
-    OFF_PATH: tl.constexpr = 3 * V
-    OFF_INT: tl.constexpr = 3 * V + L * D
+    OFF_DEPTH: tl.constexpr = 3 * V
+    OFF_PATH: tl.constexpr = 4 * V
+    OFF_ANC: tl.constexpr = 4 * V + L * D
+    OFF_INT: tl.constexpr = 4 * V + L * D + DI * V
 
     pid = tl.program_id(0)
     p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -107,16 +123,70 @@ def _tree_kernel(
     loss = zero
     grad = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     if USE_EXTREMA:
-        # Leaves off the path: M_v = v.
-        is_leaf = tl.load(tab_ptr + OFF_SIZE + r, mask=rmask, other=0) == 1
-        neg_leaf = is_leaf[:, None] & (~on_path)
-        f, df = _focal(-x, gamma, eps, FOCAL, HAS_EPS)
-        loss += tl.sum(tl.where(neg_leaf, k_row[:, None] * f, 0.0), axis=0)
-        grad = tl.where(neg_leaf, -k_row[:, None] * df, grad)
+        size = tl.load(tab_ptr + OFF_SIZE + r, mask=rmask, other=1)
+        if SCAN:
+            # Negative side. r_v's logit: x_v at a leaf; at an internal node of depth l the max
+            # over its subtree, a contiguous run of rows. The subtrees of one depth are disjoint, so
+            # one segmented scan down the rows per depth gives all their maxima at once (read at
+            # each run's last row).
+            depth = tl.load(tab_ptr + OFF_DEPTH + r, mask=rmask, other=0)
+            izero = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.int32)
+            rows = r[:, None] + izero
+            x_scan = tl.where(rmask[:, None], x, float("-inf"))
+            m_val = x
+            m_row = rows
+            for lvl in tl.static_range(1, DI + 1):
+                seg = ((depth <= lvl) | (~rmask)).to(tl.int32)[:, None] + izero
+                at_l = (depth == lvl) & (size > 1)
+                last = (tl.where(at_l, r + size - 1, r))[:, None] + izero
+                if GRAD_MODE != 0:
+                    _, run_v, run_i = tl.associative_scan((seg, x_scan, rows), 0, _seg_argmax)
+                    m_row = tl.where(at_l[:, None], tl.gather(run_i, last, 0), m_row)
+                else:
+                    _, run_v = tl.associative_scan((seg, x_scan), 0, _seg_max)
+                m_val = tl.where(at_l[:, None], tl.gather(run_v, last, 0), m_val)
+            neg = rmask[:, None] & (~on_path)
+            f, df = _focal(-m_val, gamma, eps, FOCAL, HAS_EPS)
+            loss += tl.sum(tl.where(neg, k_row[:, None] * f, 0.0), axis=0)
+            if GRAD_MODE != 0:
+                coef = tl.where(neg, -k_row[:, None] * df, 0.0)  # owed to row m_row
+                grad = tl.where((size == 1)[:, None], coef, grad)  # a leaf owes itself
+                for lvl in tl.static_range(1, DI + 1):
+                    # Row j receives from its depth-l internal ancestor a if a's argmax is j.
+                    anc = tl.load(tab_ptr + OFF_ANC + (lvl - 1) * V + r, mask=rmask, other=-1)
+                    has = anc >= 0
+                    src = tl.where(has, anc, r)[:, None] + izero
+                    hit = has[:, None] & (tl.gather(m_row, src, 0) == rows)
+                    grad += tl.where(hit, tl.gather(coef, src, 0), 0.0)
+        else:
+            # Negative side, one internal node at a time: a masked max over its run of rows (costs
+            # I passes over the tile, but only plain reductions: fast under the interpreter too).
+            neg_leaf = (size == 1)[:, None] & (~on_path)
+            f, df = _focal(-x, gamma, eps, FOCAL, HAS_EPS)
+            loss += tl.sum(tl.where(neg_leaf, k_row[:, None] * f, 0.0), axis=0)
+            grad = tl.where(neg_leaf, -k_row[:, None] * df, grad)
+            for i in range(I):
+                # (loop-local names differ from the path loop's: Triton wants loop-carried types fixed)
+                start = tl.load(tab_ptr + OFF_INT + 4 * i)
+                size_i = tl.load(tab_ptr + OFF_INT + 4 * i + 1)
+                v = tl.load(tab_ptr + OFF_INT + 4 * i + 2)
+                depth_i = tl.load(tab_ptr + OFF_INT + 4 * i + 3)
+                on_v = tl.load(tab_ptr + OFF_PATH + y * D + depth_i - 1, mask=pmask, other=-1) == v
+                off = pmask & (~on_v)
+                sub = (r >= start) & (r < start + size_i)
+                xs = tl.where(sub[:, None], x, float("-inf"))
+                mval = tl.max(xs, axis=0)
+                k_i = tl.load(k_ptr + v).to(ACC)
+                f_i, df_i = _focal(-mval, gamma, eps, FOCAL, HAS_EPS)
+                loss += tl.where(off, k_i * f_i, 0.0)
+                if GRAD_MODE != 0:
+                    a_row = tl.argmax(xs, axis=0)  # first maximum: earliest in pre-order
+                    hit_i = (r[:, None] == a_row[None, :]) & off[None, :]
+                    grad += tl.where(hit_i, (-k_i * df_i)[None, :], 0.0)
 
-        # The path: running min from the root, strict < so that ties stay with the shallower node.
+        # Positive side: running min from the root, strict < so that ties stay with the shallower node.
         cur = zero
-        m_row = tl.zeros([BLOCK_P], dtype=tl.int32)
+        min_row = tl.zeros([BLOCK_P], dtype=tl.int32)
         for d in tl.static_range(D):
             node = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
             act = pmask & (node >= 0)
@@ -128,33 +198,13 @@ def _tree_kernel(
             else:
                 take = act & (xv < cur)
             cur = tl.where(take, xv, cur)
-            m_row = tl.where(take, pos, m_row)
+            min_row = tl.where(take, pos, min_row)
             k_v = tl.load(k_ptr + node, mask=act, other=0.0).to(ACC)
-            f, df = _focal(cur, gamma, eps, FOCAL, HAS_EPS)
-            loss += tl.where(act, k_v * f, 0.0)
+            f_p, df_p = _focal(cur, gamma, eps, FOCAL, HAS_EPS)
+            loss += tl.where(act, k_v * f_p, 0.0)
             if GRAD_MODE != 0:
-                hit = (r[:, None] == m_row[None, :]) & act[None, :]
-                grad += tl.where(hit, (k_v * df)[None, :], 0.0)
-
-        # Internal nodes off the path: max over the subtree's run of rows (padded rows never in one).
-        for i in range(I):
-            start = tl.load(tab_ptr + OFF_INT + 4 * i)
-            size = tl.load(tab_ptr + OFF_INT + 4 * i + 1)
-            v = tl.load(tab_ptr + OFF_INT + 4 * i + 2)
-            depth = tl.load(tab_ptr + OFF_INT + 4 * i + 3)
-            # (loop-local names differ from the path loop's: Triton wants loop-carried types fixed)
-            on_v = tl.load(tab_ptr + OFF_PATH + y * D + depth - 1, mask=pmask, other=-1) == v
-            off = pmask & (~on_v)
-            sub = (r >= start) & (r < start + size)
-            xs = tl.where(sub[:, None], x, float("-inf"))
-            mval = tl.max(xs, axis=0)
-            k_i = tl.load(k_ptr + v).to(ACC)
-            f_i, df_i = _focal(-mval, gamma, eps, FOCAL, HAS_EPS)
-            loss += tl.where(off, k_i * f_i, 0.0)
-            if GRAD_MODE != 0:
-                a_row = tl.argmax(xs, axis=0)  # first maximum: earliest in pre-order
-                hit_i = (r[:, None] == a_row[None, :]) & off[None, :]
-                grad += tl.where(hit_i, (-k_i * df_i)[None, :], 0.0)
+                hit_p = (r[:, None] == min_row[None, :]) & act[None, :]
+                grad += tl.where(hit_p, (k_v * df_p)[None, :], 0.0)
     else:
         z = tl.where(on_path, x, -x)
         f, df = _focal(z, gamma, eps, FOCAL, HAS_EPS)
@@ -178,10 +228,20 @@ def _tree_kernel(
         tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
 
 
+# How the tree-min kernel finds the subtree maxima of the internal nodes. False: one masked max over
+# the tile per internal node (I passes). True: one segmented scan down the rows per internal depth
+# plus gathers (DI passes; fewer operations for big trees such as Vistas 2.0, I = 24 but DI = 2).
+# Both are tested against the reference under the interpreter, whose associative_scan is very slow
+# (seconds per call), so the tests run the scan on small inputs only. The scan has not been timed on
+# a GPU yet: the default stays on the loop until a benchmark says otherwise.
+USE_SCAN = False
+
+
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
+    scan = bool(USE_SCAN)
     N, V, H, W = logits.shape
-    L, D, I = sizes
+    L, D, DI, I = sizes
     P, HW, Wd = C.shape_args(logits)
     acc = C.acc_dtype(logits.dtype)
     block_c, block_p, warps = C.block_sizes(V, P)
@@ -198,30 +258,28 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         P, HW, Wd,
         *logits.stride(), *target.stride(), *gs, *gos,
         float(gamma), float(eps), int(ignore_index),
-        V=V, L=L, D=D, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+        V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
         USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
-        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, num_warps=warps,
+        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
     )
     return partials, counts
 
 
-def _sizes(tab: torch.Tensor, V: int, L: int) -> Tuple[int, int, int]:
-    """(L, D, I) back from the packed table's length 3V + L·D + 4I (and I = V − L)."""
-    I = V - L
-    D = (tab.shape[0] - 3 * V - 4 * I) // L
-    return L, D, I
+def sizes_of(tree: Tree) -> List[int]:
+    """[L, D, DI, I]: leaves, depth, depth of the deepest internal node (0: flat), internal nodes."""
+    internal = [tree.depths[c] for c in range(tree.num_nodes) if not tree.is_leaf(c)]
+    return [tree.num_leaves, tree.depth, max(internal, default=0), len(internal)]
 
 
 # ----------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("hss_triton::tree_fwd", mutates_args=())
-def _tree_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, num_leaves: int,
+def _tree_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, sizes: List[int],
               gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool, single_pass: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ (loss, count of non-ignored pixels, gradient if single_pass else empty)."""
     N, V, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
     dev = logits.device
-    sizes = _sizes(tab, V, num_leaves)
     grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
     kw = {}
     if single_pass:
@@ -243,7 +301,7 @@ def _tree_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: 
 
 
 @_tree_fwd.register_fake
-def _(logits, target, tab, k, num_leaves, gamma, eps, ignore_index, reduction, use_extrema, single_pass):
+def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass):
     N, V, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
@@ -254,7 +312,7 @@ def _(logits, target, tab, k, num_leaves, gamma, eps, ignore_index, reduction, u
 
 @torch.library.custom_op("hss_triton::tree_bwd", mutates_args=())
 def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
-              k: torch.Tensor, count: torch.Tensor, num_leaves: int, gamma: float, eps: float, ignore_index: int,
+              k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float, ignore_index: int,
               reduction: str, use_extrema: bool) -> torch.Tensor:
     acc = C.acc_dtype(logits.dtype)
     grad = torch.empty_like(logits)
@@ -263,19 +321,19 @@ def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
     else:
         go, mode = C.grad_scale(grad_out, count, reduction, acc), C.GRAD_SCALAR
     _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, loss_mode=C.LOSS_NONE, grad=grad,
-            grad_out=go, grad_mode=mode, sizes=_sizes(tab, logits.shape[1], num_leaves))
+            grad_out=go, grad_mode=mode, sizes=sizes)
     return grad
 
 
 @_tree_bwd.register_fake
-def _(grad_out, logits, target, tab, k, count, num_leaves, gamma, eps, ignore_index, reduction, use_extrema):
+def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema):
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, tab, k, num_leaves, gamma, eps, ignore_index, reduction, use_extrema, single_pass = inputs
+    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = inputs
     loss, count, grad = output
-    ctx.opts = (num_leaves, gamma, eps, ignore_index, reduction, use_extrema, single_pass)
+    ctx.opts = (sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass)
     if single_pass:
         ctx.save_for_backward(grad)
     else:
@@ -283,13 +341,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_count, g_grad):
-    num_leaves, gamma, eps, ignore_index, reduction, use_extrema, single_pass = ctx.opts
+    sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = ctx.opts
     if single_pass:
         (grad,) = ctx.saved_tensors
         dx = grad * g_loss.to(grad.dtype)  # a new tensor: the saved gradient is never written to
     else:
         logits, target, tab, k, count = ctx.saved_tensors
-        dx = _tree_bwd(g_loss, logits, target, tab, k, count, num_leaves, gamma, eps, ignore_index, reduction,
+        dx = _tree_bwd(g_loss, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction,
                        use_extrema)
     return (dx,) + (None,) * 10
 
@@ -299,14 +357,28 @@ _tree_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------------- public
 def _build_table(tree: Tree, device) -> torch.Tensor:
-    """Packed int32 table: pre-order channels, their inverse, subtree sizes in pre-order, path_nodes
-    (L, D), and per internal node (in pre-order) its position, subtree size, channel and depth."""
+    """Packed int32 table, rows in pre-order: channel, row of each channel, subtree size and depth per
+    row, path_nodes (L, D), and per internal depth l = 1..DI the row of each row's depth-l ancestor-or-
+    self if that node is internal, else -1; then per internal node its row, size, channel, depth."""
     t = tree.tables("cpu")
-    internal = [c for c in tree.dfs_order if not tree.is_leaf(c)]
+    V = tree.num_nodes
+    order = tree.dfs_order
+    DI = sizes_of(tree)[2]
+    anc = []
+    for lvl in range(1, DI + 1):
+        for c in order:
+            chain = tree.ancestors[c]  # root side first, c last
+            a = chain[lvl - 1] if len(chain) >= lvl else -1
+            anc.append(tree.dfs_pos[a] if a >= 0 and not tree.is_leaf(a) else -1)
+    parts = [t.dfs_order, t.dfs_pos, torch.tensor([tree.subtree_size[c] for c in order], dtype=torch.int32),
+             torch.tensor([tree.depths[c] for c in order], dtype=torch.int32), t.path_nodes.reshape(-1),
+             torch.tensor(anc, dtype=torch.int32).reshape(-1)]
+    internal = [c for c in order if not tree.is_leaf(c)]
     per_int = [[tree.dfs_pos[c], tree.subtree_size[c], c, tree.depths[c]] for c in internal]
-    parts = [t.dfs_order, t.dfs_pos, t.subtree_size[t.dfs_order.long()], t.path_nodes.reshape(-1),
-             torch.tensor(per_int, dtype=torch.int32).reshape(-1)]
-    return torch.cat(parts).to(device=device, dtype=torch.int32).contiguous()
+    parts.append(torch.tensor(per_int, dtype=torch.int32).reshape(-1))
+    out = torch.cat(parts).to(device=device, dtype=torch.int32).contiguous()
+    assert out.numel() == 4 * V + tree.num_leaves * tree.depth + DI * V + 4 * len(internal)
+    return out
 
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
@@ -326,10 +398,10 @@ def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index,
                      lambda: node_weight_vector(tree, float(scale), normalize, acc, dev))
     if with_grad:
         with torch.no_grad():
-            loss, _, grad = _tree_fwd(logits.detach(), target, tab, k, tree.num_leaves, float(gamma), float(eps),
+            loss, _, grad = _tree_fwd(logits.detach(), target, tab, k, sizes_of(tree), float(gamma), float(eps),
                                       int(ignore_index), reduction, use_extrema, True)
         return loss, grad
-    loss, _, _ = _tree_fwd(logits, target, tab, k, tree.num_leaves, float(gamma), float(eps), int(ignore_index),
+    loss, _, _ = _tree_fwd(logits, target, tab, k, sizes_of(tree), float(gamma), float(eps), int(ignore_index),
                            reduction, use_extrema, bool(single_pass))
     return loss
 
