@@ -12,7 +12,9 @@ and node weights k_v (``reference.node_weight_vector``):
 
     f'(z) = γ q σ(−z)^γ log(q + eps) − σ(−z)^{γ+1} q / (q + eps),  q = σ(z)
 
-The tile's rows are the channels in pre-order, so every subtree is a contiguous block of rows.
+The tile's rows are the channels in pre-order, so every subtree is a contiguous block of rows. The
+subtree maxima come from one masked max per internal node (default) or, with ``USE_SCAN``, from one
+segmented scan per internal depth (fewer operations on big trees; not yet timed on a GPU).
 Nothing is saved for the backward: it recomputes the extrema from the logits (one more read, no
 argmin/argmax tensor of size P·V).
 """
