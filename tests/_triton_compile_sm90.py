@@ -55,8 +55,9 @@ def main():
         bc, bp, warps = C.block_sizes(147, 1 << 20)
         ptrs = dict(x_ptr="*" + x, t_ptr="*i64", tab_ptr="*i32", k_ptr="*" + acc_s, loss_ptr="*" + acc_s,
                     part_ptr="*" + acc_s, cnt_ptr="*i32", g_ptr="*" + x, go_ptr="*" + acc_s)
-        for ue, focal, lm, gm, scan in ((True, True, 2, 0, False), (True, True, 0, 2, False), (True, False, 2, 1, False),
-                                        (False, True, 1, 1, False), (True, True, 2, 0, True), (True, False, 0, 2, True)):
+        for ue, focal, lm, gm, scan in ((True, True, 2, 0, False), (True, True, 0, 2, False),
+                                        (True, False, 2, 1, False), (False, True, 1, 1, False),
+                                        (True, True, 2, 0, True), (True, False, 0, 2, True)):
             consts = dict(V=147, L=123, D=3, DI=2, I=24, BLOCK_C=bc, BLOCK_P=bp, ACC=acc, USE_EXTREMA=ue, FOCAL=focal,
                           HAS_EPS=focal, LOSS_MODE=lm, GRAD_MODE=gm, SCAN=scan)
             if x != "bf16" or gm == 2:

@@ -59,5 +59,6 @@ def assert_matches(fn, ref, x, y, tree, grad_out=None, **kw):
     tol = TOL[x.dtype]
     torch.testing.assert_close(loss, ref_loss, **tol)
     scale = ref_grad.abs().max().to(torch.float64).item()
-    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=tol["rtol"],
+                               atol=tol["atol"] + tol["rtol"] * scale)
     return loss, grad

@@ -192,7 +192,8 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
 def _hsm_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor, level_w: torch.Tensor,
              eps: float, ignore_index: int, reduction: str, single_pass: bool
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (loss, stats (D+1, P) (empty if single_pass), count of non-ignored pixels, gradient if single_pass else empty)."""
+    """→ (loss, statistics (D+1, P) (empty if single_pass), count of non-ignored pixels,
+    gradient (empty unless single_pass))."""
     N, L, H, W = logits.shape
     D = leaf_group.shape[0]
     acc = C.acc_dtype(logits.dtype)
