@@ -329,5 +329,6 @@ def test_scan_variant_on_odd_trees(parents, monkeypatch):
     loss1, grad1 = tm.tree_min_loss_and_grad(x, y, tree, gamma=1.0)
     monkeypatch.setattr(tm, "USE_SCAN", False)
     loss2, grad2 = tm.tree_min_loss_and_grad(x, y, tree, gamma=1.0)
-    torch.testing.assert_close(loss1, loss2, rtol=0, atol=0)
-    torch.testing.assert_close(grad1, grad2, rtol=0, atol=0)
+    # same terms, summed in another order: equal up to float32 rounding
+    torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad1, grad2, rtol=1e-6, atol=1e-8)
