@@ -1,7 +1,17 @@
-"""The Triton backend (minimal stand-in: the Triton helper's branch holds the full one; merge keeps theirs
-plus the ``"decode"`` entry of ``OPS``).
+"""The Triton backend: fused loss kernels (forward, hand-written backward, optional single pass).
 
-Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
+Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set before
+this module is imported). Importing it needs Triton; the backend registry turns an ImportError into
+"unavailable" instead of an error.
+
+Public functions beyond the registry's ``OPS``: :func:`hierarchical_softmax_loss`,
+:func:`tree_min_loss` and :func:`tree_bce_loss` with an extra ``single_pass`` keyword (MATH.md §5:
+the gradient is written during the forward, autograd intact), and ``*_and_grad`` versions that
+return ``(loss, gradient)`` outside autograd, the fewest bytes a training step can move.
+
+Custom ops (namespace ``hss_triton``, so that ``torch.compile(fullgraph=True)`` traces through):
+``hsm_fwd``/``hsm_bwd`` and ``tree_fwd``/``tree_bwd``; their bodies launch the kernels directly,
+so they also run eagerly under the interpreter.
 """
 from __future__ import annotations
 
@@ -11,11 +21,37 @@ from typing import Optional
 import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
-from .decode import decode as _decode  # keeps hss_kernels.triton.decode the module
+from .decode import decode as _decode
+from .hierarchical_softmax import hierarchical_softmax_loss, hierarchical_softmax_loss_and_grad
+from .tree_min import tree_bce_loss, tree_bce_loss_and_grad, tree_min_loss, tree_min_loss_and_grad
 
-__all__ = ["OPS", "unavailable_reason"]
+__all__ = ["OPS", "unavailable_reason", "hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss",
+           "hierarchical_softmax_loss_and_grad", "tree_min_loss_and_grad", "tree_bce_loss_and_grad"]
 
-OPS = {"decode": _decode}
+
+def _hsm(logits, target, tree, level_weights=None, eps=0.0, ignore_index=255, reduction="mean"):
+    return hierarchical_softmax_loss(logits, target, tree, level_weights=level_weights, eps=eps,
+                                     ignore_index=ignore_index, reduction=reduction)
+
+
+def _tree_min(logits, target, tree, gamma=2.0, scale=1.0, eps=0.0, normalize="level", ignore_index=255,
+              reduction="mean"):
+    return tree_min_loss(logits, target, tree, gamma=gamma, scale=scale, eps=eps, normalize=normalize,
+                         ignore_index=ignore_index, reduction=reduction)
+
+
+def _tree_bce(logits, target, tree, gamma=0.0, scale=1.0, eps=0.0, normalize="level", ignore_index=255,
+              reduction="mean"):
+    return tree_bce_loss(logits, target, tree, gamma=gamma, scale=scale, eps=eps, normalize=normalize,
+                         ignore_index=ignore_index, reduction=reduction)
+
+
+OPS = {
+    "hierarchical_softmax_loss": _hsm,
+    "tree_min_loss": _tree_min,
+    "tree_bce_loss": _tree_bce,
+    "decode": _decode,
+}
 
 
 def unavailable_reason(device) -> Optional[str]:

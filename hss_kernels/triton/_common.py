@@ -1,0 +1,86 @@
+"""What the Triton kernels share: accumulation dtype, block sizes, reductions and per-tree tables.
+
+Kernels read logits as ``[channels, pixels]`` tiles straight from an ``(N, C, H, W)`` tensor through its
+four strides, so NCHW and channels_last need no copy. Pixels are numbered ``p = (n*H + h)*W + w`` over
+the whole batch; a program owns ``BLOCK_P`` consecutive pixels and all (padded) channels.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..tree import Tree
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# What the kernels do with the per-pixel loss / the gradient (constexpr switches).
+LOSS_NONE, LOSS_PER_PIXEL, LOSS_PARTIALS = 0, 1, 2
+GRAD_NONE, GRAD_SCALAR, GRAD_PER_PIXEL = 0, 1, 2
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (so that gradcheck means something); everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def block_sizes(channels: int, pixels: int) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps). All channels in one tile (padded to a power of two).
+
+    On a GPU: a 2048-value tile on 8 warps (8 values of a tile per thread). Compiled for sm_90 without
+    a GPU (ptxas resource usage), the backward kernels spill at 16 values per thread (128 x 16 or
+    256 x 16 tiles on 8 warps, 64 x 32 on 4) and fit at 8 (128 x 16 and 256 x 8 on 8 warps: at most
+    about 220 registers and a few bytes of stack); 16 warps cap registers at 128 and spill too. Not yet tuned on a GPU.
+    The interpreter costs milliseconds per program whatever its size, so there a program takes up
+    to 1024 pixels.
+    """
+    block_c = triton.next_power_of_2(max(channels, 1))
+    if interpreting():
+        block_p = min(max(triton.next_power_of_2(max(pixels, 1)), 16), 1024)
+        return block_c, block_p, 4
+    block_p = max(4, 2048 // block_c)
+    num_warps = 8 if block_c * block_p >= 2048 else 4
+    return block_c, block_p, num_warps
+
+
+def shape_args(x: torch.Tensor):
+    """P (pixels), HW and W of a 4-D tensor; HW and W never 0 (the kernels divide by them)."""
+    N, _, H, W = x.shape
+    return N * H * W, max(H * W, 1), max(W, 1)
+
+
+def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Fixed-order second stage of the batch reduction (no atomics: bitwise the same on every run)."""
+    total = partials.sum()
+    if reduction == "sum":
+        return total
+    return total / counts.sum().clamp(min=1).to(total.dtype)
+
+
+def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """The one-element factor d(loss)/d(per-pixel loss) for mean/sum, on the device (no host sync)."""
+    g = grad_out.reshape(1).to(dtype)
+    if reduction == "mean":
+        g = g / count.clamp(min=1).to(dtype)
+    return g
+
+
+def tree_cache(tree: Tree, key, build: Callable[[], object]):
+    """Per-tree cache of small device tensors (tables, weights), so a training step copies nothing."""
+    cache: Dict = tree.__dict__.setdefault("_hss_triton_cache", {})
+    value = cache.get(key)
+    if value is None:
+        value = build()
+        cache[key] = value
+    return value

@@ -1,0 +1,450 @@
+"""Focal tree-min loss (MATH.md §3) and the multi-label tree BCE (§4) in Triton: one kernel family.
+
+Per pixel with label y, node logits x, target path T(y), focal term f(z) = −σ(−z)^γ log(σ(z) + eps)
+and node weights k_v (``reference.node_weight_vector``):
+
+* tree-min (``USE_EXTREMA``): ℓ = Σ_{v ∈ T} k_v f(x_{m_v}) + Σ_{v ∉ T} k_v f(−x_{M_v}), where m_v is the
+  argmin over v's ancestors-or-self (a running min down the target path, ties to the shallower node)
+  and M_v the argmax over v's descendants-or-self (v itself for a leaf; for an internal node a max over
+  its contiguous run in depth-first pre-order, ties to the earliest). Only m_v / M_v get gradient:
+  ∂ℓ/∂x_{m_v} += k_v f'(x_{m_v}),  ∂ℓ/∂x_{M_v} −= k_v f'(−x_{M_v}).
+* BCE: the same with m_v = M_v = v, so the tree walk is compiled out (no extra cost).
+
+    f'(z) = γ q σ(−z)^γ log(q + eps) − σ(−z)^{γ+1} q / (q + eps),  q = σ(z)
+
+The tile's rows are the channels in pre-order, so every subtree is a contiguous block of rows. The
+subtree maxima come from one masked max per internal node (default) or, with ``USE_SCAN``, from one
+segmented scan per internal depth (fewer operations on big trees; not yet timed on a GPU).
+Nothing is saved for the backward: it recomputes the extrema from the logits (one more read, no
+argmin/argmax tensor of size P·V).
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import node_weight_vector
+from ..tree import Tree
+from . import _common as C
+
+__all__ = ["tree_min_loss", "tree_bce_loss", "tree_min_loss_and_grad", "tree_bce_loss_and_grad"]
+
+
+@triton.jit
+def _focal(z, gamma, eps, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr):
+    """(f(z), f'(z)) with f(z) = −σ(−z)^γ log(σ(z) + eps), from log-sigmoids (no log 0, no 1 − 1)."""
+    soft = tl.log(1.0 + tl.exp(-tl.abs(z)))
+    log_q = tl.minimum(z, 0.0) - soft  # log σ(z)
+    log_1mq = tl.minimum(-z, 0.0) - soft  # log σ(−z)
+    one_m_q = tl.exp(log_1mq)
+    if HAS_EPS:
+        q = tl.exp(log_q)
+        log_term = tl.log(q + eps)
+        ratio = q / (q + eps)
+    else:
+        log_term = log_q
+        ratio = 1.0
+    if FOCAL:
+        wgt = tl.exp(gamma * log_1mq)  # σ(−z)^γ
+        loss = -wgt * log_term
+        dz = gamma * tl.exp(log_q) * wgt * log_term - wgt * one_m_q * ratio
+    else:
+        loss = -log_term
+        dz = -one_m_q * ratio
+    return loss, dz
+
+
+@triton.jit
+def _seg_max(f1, v1, f2, v2):
+    """Segmented running max: a row with flag 1 starts a new segment."""
+    return f1 | f2, tl.where(f2 != 0, v2, tl.maximum(v1, v2))
+
+
+@triton.jit
+def _seg_argmax(f1, v1, i1, f2, v2, i2):
+    """Segmented running (max, argmax); ties keep the earlier row (earlier in pre-order)."""
+    take2 = (f2 != 0) | (v2 > v1)
+    return f1 | f2, tl.where(take2, v2, v1), tl.where(take2, i2, i1)
+
+
+@triton.jit
+def _tree_kernel(
+    x_ptr, t_ptr, tab_ptr, k_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
+    P, HW, W,
+    sxn, sxc, sxh, sxw,
+    stn, sth, stw,
+    sgn, sgc, sgh, sgw,
+    son, soh, sow,
+    gamma, eps, ignore_index,
+    V: tl.constexpr, L: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, I: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    USE_EXTREMA: tl.constexpr, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr,
+    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, SCAN: tl.constexpr,
+):
+    # Offsets of the packed int32 table (see _build_table), rows in pre-order: channel of each row,
+    # row of each channel, subtree size and depth of each row, path_nodes (L, D), and for each
+    # internal depth l = 1..DI the row of each row's depth-l internal ancestor-or-self (-1: none),
+    # then per internal node (in pre-order) its row, subtree size, channel and depth.
+    OFF_POS: tl.constexpr = V
+    OFF_SIZE: tl.constexpr = 2 * V
+    OFF_DEPTH: tl.constexpr = 3 * V
+    OFF_PATH: tl.constexpr = 4 * V
+    OFF_ANC: tl.constexpr = 4 * V + L * D
+    OFF_INT: tl.constexpr = 4 * V + L * D + DI * V
+
+    pid = tl.program_id(0)
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pmask = p < P
+    n = p // HW
+    hw = p - n * HW
+    h = hw // W
+    w = hw - h * W
+    r = tl.arange(0, BLOCK_C)  # tile row = pre-order position
+    rmask = r < V
+    mask2 = rmask[:, None] & pmask[None, :]
+    chan = tl.load(tab_ptr + r, mask=rmask, other=0)
+    k_row = tl.load(k_ptr + chan, mask=rmask, other=0.0).to(ACC)
+
+    y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
+    valid = pmask & (y != ignore_index)
+    y = tl.where(valid, y, 0)
+
+    pix_x = n * sxn + h * sxh + w * sxw
+    x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
+    x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
+
+    on_path = r[:, None] < 0  # all False
+    for d in tl.static_range(D):
+        node = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
+        on_path = on_path | (chan[:, None] == node[None, :])
+
+    zero = tl.zeros([BLOCK_P], dtype=ACC)
+    loss = zero
+    grad = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    if USE_EXTREMA:
+        size = tl.load(tab_ptr + OFF_SIZE + r, mask=rmask, other=1)
+        if SCAN:
+            # Negative side. r_v's logit: x_v at a leaf; at an internal node of depth l the max
+            # over its subtree, a contiguous run of rows. The subtrees of one depth are disjoint, so
+            # one segmented scan down the rows per depth gives all their maxima at once (read at
+            # each run's last row).
+            depth = tl.load(tab_ptr + OFF_DEPTH + r, mask=rmask, other=0)
+            izero = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.int32)
+            rows = r[:, None] + izero
+            x_scan = tl.where(rmask[:, None], x, float("-inf"))
+            m_val = x
+            m_row = rows
+            for lvl in tl.static_range(1, DI + 1):
+                seg = ((depth <= lvl) | (~rmask)).to(tl.int32)[:, None] + izero
+                at_l = (depth == lvl) & (size > 1)
+                last = (tl.where(at_l, r + size - 1, r))[:, None] + izero
+                if GRAD_MODE != 0:
+                    _, run_v, run_i = tl.associative_scan((seg, x_scan, rows), 0, _seg_argmax)
+                    m_row = tl.where(at_l[:, None], tl.gather(run_i, last, 0), m_row)
+                else:
+                    _, run_v = tl.associative_scan((seg, x_scan), 0, _seg_max)
+                m_val = tl.where(at_l[:, None], tl.gather(run_v, last, 0), m_val)
+            neg = rmask[:, None] & (~on_path)
+            f, df = _focal(-m_val, gamma, eps, FOCAL, HAS_EPS)
+            loss += tl.sum(tl.where(neg, k_row[:, None] * f, 0.0), axis=0)
+            if GRAD_MODE != 0:
+                coef = tl.where(neg, -k_row[:, None] * df, 0.0)  # owed to row m_row
+                grad = tl.where((size == 1)[:, None], coef, grad)  # a leaf owes itself
+                for lvl in tl.static_range(1, DI + 1):
+                    # Row j receives from its depth-l internal ancestor a if a's argmax is j.
+                    anc = tl.load(tab_ptr + OFF_ANC + (lvl - 1) * V + r, mask=rmask, other=-1)
+                    has = anc >= 0
+                    src = tl.where(has, anc, r)[:, None] + izero
+                    hit = has[:, None] & (tl.gather(m_row, src, 0) == rows)
+                    grad += tl.where(hit, tl.gather(coef, src, 0), 0.0)
+        else:
+            # Negative side, one internal node at a time: a masked max over its run of rows (costs
+            # I passes over the tile, but only plain reductions: fast under the interpreter too).
+            neg_leaf = (size == 1)[:, None] & (~on_path)
+            f, df = _focal(-x, gamma, eps, FOCAL, HAS_EPS)
+            loss += tl.sum(tl.where(neg_leaf, k_row[:, None] * f, 0.0), axis=0)
+            grad = tl.where(neg_leaf, -k_row[:, None] * df, grad)
+            for i in range(I):
+                # (loop-local names differ from the path loop's: Triton wants loop-carried types fixed)
+                start = tl.load(tab_ptr + OFF_INT + 4 * i)
+                size_i = tl.load(tab_ptr + OFF_INT + 4 * i + 1)
+                v = tl.load(tab_ptr + OFF_INT + 4 * i + 2)
+                depth_i = tl.load(tab_ptr + OFF_INT + 4 * i + 3)
+                on_v = tl.load(tab_ptr + OFF_PATH + y * D + depth_i - 1, mask=pmask, other=-1) == v
+                off = pmask & (~on_v)
+                sub = (r >= start) & (r < start + size_i)
+                xs = tl.where(sub[:, None], x, float("-inf"))
+                mval = tl.max(xs, axis=0)
+                k_i = tl.load(k_ptr + v).to(ACC)
+                f_i, df_i = _focal(-mval, gamma, eps, FOCAL, HAS_EPS)
+                loss += tl.where(off, k_i * f_i, 0.0)
+                if GRAD_MODE != 0:
+                    a_row = tl.argmax(xs, axis=0)  # first maximum: earliest in pre-order
+                    hit_i = (r[:, None] == a_row[None, :]) & off[None, :]
+                    grad += tl.where(hit_i, (-k_i * df_i)[None, :], 0.0)
+
+        # Positive side: running min from the root, strict < so that ties stay with the shallower node.
+        cur = zero
+        min_row = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for d in tl.static_range(D):
+            node = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
+            act = pmask & (node >= 0)
+            node = tl.where(act, node, 0)
+            xv = tl.load(x_ptr + pix_x + node.to(tl.int64) * sxc, mask=act, other=0.0).to(ACC)
+            pos = tl.load(tab_ptr + OFF_POS + node, mask=act, other=0)
+            if d == 0:
+                take = act
+            else:
+                take = act & (xv < cur)
+            cur = tl.where(take, xv, cur)
+            min_row = tl.where(take, pos, min_row)
+            k_v = tl.load(k_ptr + node, mask=act, other=0.0).to(ACC)
+            f_p, df_p = _focal(cur, gamma, eps, FOCAL, HAS_EPS)
+            loss += tl.where(act, k_v * f_p, 0.0)
+            if GRAD_MODE != 0:
+                hit_p = (r[:, None] == min_row[None, :]) & act[None, :]
+                grad += tl.where(hit_p, (k_v * df_p)[None, :], 0.0)
+    else:
+        z = tl.where(on_path, x, -x)
+        f, df = _focal(z, gamma, eps, FOCAL, HAS_EPS)
+        kf = tl.where(rmask[:, None], k_row[:, None], 0.0)
+        loss += tl.sum(kf * f, axis=0)
+        grad = tl.where(on_path, kf * df, -kf * df)
+
+    if LOSS_MODE == 1:
+        tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
+    if LOSS_MODE == 2:
+        tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+
+    if GRAD_MODE != 0:
+        if GRAD_MODE == 1:
+            s = tl.load(go_ptr).to(ACC) + zero
+        else:
+            s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
+        grad = tl.where(valid[None, :], grad * s[None, :], 0.0)
+        g_off = (n * sgn + h * sgh + w * sgw)[None, :] + chan[:, None].to(tl.int64) * sgc
+        tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
+
+
+# How the tree-min kernel finds the subtree maxima of the internal nodes. False: one masked max over
+# the tile per internal node (I passes). True: one segmented scan down the rows per internal depth
+# plus gathers (DI passes; fewer operations for big trees such as Vistas 2.0, I = 24 but DI = 2).
+# Both are tested against the reference under the interpreter, whose associative_scan is very slow
+# (seconds per call), so the tests run the scan on small inputs only. The scan has not been timed on
+# a GPU yet: the default stays on the loop until a benchmark says otherwise.
+USE_SCAN = False
+
+
+def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
+            grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
+    scan = bool(USE_SCAN)
+    N, V, H, W = logits.shape
+    L, D, DI, I = sizes
+    P, HW, Wd = C.shape_args(logits)
+    acc = C.acc_dtype(logits.dtype)
+    block_c, block_p, warps = C.block_sizes(V, P)
+    programs = max(triton.cdiv(P, block_p), 1)
+    dev = logits.device
+    partials = torch.empty(programs if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=dev)
+    counts = torch.empty_like(partials, dtype=torch.int32)
+    dummy = partials
+    gs = grad.stride() if grad is not None else (0, 0, 0, 0)
+    gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
+    _tree_kernel[(programs,)](
+        logits, target, tab, k, loss if loss is not None else dummy, partials, counts,
+        grad if grad is not None else dummy, grad_out if grad_out is not None else dummy,
+        P, HW, Wd,
+        *logits.stride(), *target.stride(), *gs, *gos,
+        float(gamma), float(eps), int(ignore_index),
+        V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+        USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
+        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
+    )
+    return partials, counts
+
+
+def sizes_of(tree: Tree) -> List[int]:
+    """[L, D, DI, I]: leaves, depth, depth of the deepest internal node (0: flat), internal nodes."""
+    internal = [tree.depths[c] for c in range(tree.num_nodes) if not tree.is_leaf(c)]
+    return [tree.num_leaves, tree.depth, max(internal, default=0), len(internal)]
+
+
+# ----------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("hss_triton::tree_fwd", mutates_args=())
+def _tree_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, sizes: List[int],
+              gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool, single_pass: bool
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (loss, count of non-ignored pixels, gradient if single_pass else empty)."""
+    N, V, H, W = logits.shape
+    acc = C.acc_dtype(logits.dtype)
+    dev = logits.device
+    grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
+    kw = {}
+    if single_pass:
+        count = (target != ignore_index).sum()
+        scale = C.grad_scale(torch.ones((), dtype=acc, device=dev), count, reduction, acc)
+        kw = dict(grad=grad, grad_out=scale, grad_mode=C.GRAD_SCALAR)
+    if reduction == "none":
+        loss = torch.empty((N, H, W), dtype=acc, device=dev)
+        _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, loss_mode=C.LOSS_PER_PIXEL,
+                loss=loss, sizes=sizes, **kw)
+        count = torch.zeros((), dtype=torch.int64, device=dev)
+    else:
+        partials, counts = _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema,
+                                   loss_mode=C.LOSS_PARTIALS, sizes=sizes, **kw)
+        loss = C.reduce_partials(partials, counts, reduction)
+        if not single_pass:
+            count = counts.sum(dtype=torch.int64)
+    return loss, count, grad
+
+
+@_tree_fwd.register_fake
+def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass):
+    N, V, H, W = logits.shape
+    acc = C.acc_dtype(logits.dtype)
+    loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
+    count = logits.new_empty((), dtype=torch.int64)
+    grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
+    return loss, count, grad
+
+
+@torch.library.custom_op("hss_triton::tree_bwd", mutates_args=())
+def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
+              k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float, ignore_index: int,
+              reduction: str, use_extrema: bool) -> torch.Tensor:
+    acc = C.acc_dtype(logits.dtype)
+    grad = torch.empty_like(logits)
+    if reduction == "none":
+        go, mode = grad_out, C.GRAD_PER_PIXEL  # any strides, a stride-0 expand included
+    else:
+        go, mode = C.grad_scale(grad_out, count, reduction, acc), C.GRAD_SCALAR
+    _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, loss_mode=C.LOSS_NONE, grad=grad,
+            grad_out=go, grad_mode=mode, sizes=sizes)
+    return grad
+
+
+@_tree_bwd.register_fake
+def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = inputs
+    loss, count, grad = output
+    ctx.opts = (sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass)
+    if single_pass:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(logits, target, tab, k, count)
+
+
+def _backward(ctx, g_loss, g_count, g_grad):
+    sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = ctx.opts
+    if single_pass:
+        (grad,) = ctx.saved_tensors
+        dx = grad * g_loss.to(grad.dtype)  # a new tensor: the saved gradient is never written to
+    else:
+        logits, target, tab, k, count = ctx.saved_tensors
+        dx = _tree_bwd(g_loss, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction,
+                       use_extrema)
+    return (dx,) + (None,) * 10
+
+
+_tree_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------- public
+def _build_table(tree: Tree, device) -> torch.Tensor:
+    """Packed int32 table, rows in pre-order: channel, row of each channel, subtree size and depth per
+    row, path_nodes (L, D), and per internal depth l = 1..DI the row of each row's depth-l ancestor-or-
+    self if that node is internal, else -1; then per internal node its row, size, channel, depth."""
+    t = tree.tables("cpu")
+    V = tree.num_nodes
+    order = tree.dfs_order
+    DI = sizes_of(tree)[2]
+    anc = []
+    for lvl in range(1, DI + 1):
+        for c in order:
+            chain = tree.ancestors[c]  # root side first, c last
+            a = chain[lvl - 1] if len(chain) >= lvl else -1
+            anc.append(tree.dfs_pos[a] if a >= 0 and not tree.is_leaf(a) else -1)
+    parts = [t.dfs_order, t.dfs_pos, torch.tensor([tree.subtree_size[c] for c in order], dtype=torch.int32),
+             torch.tensor([tree.depths[c] for c in order], dtype=torch.int32), t.path_nodes.reshape(-1),
+             torch.tensor(anc, dtype=torch.int32).reshape(-1)]
+    internal = [c for c in order if not tree.is_leaf(c)]
+    per_int = [[tree.dfs_pos[c], tree.subtree_size[c], c, tree.depths[c]] for c in internal]
+    parts.append(torch.tensor(per_int, dtype=torch.int32).reshape(-1))
+    out = torch.cat(parts).to(device=device, dtype=torch.int32).contiguous()
+    assert out.numel() == 4 * V + tree.num_leaves * tree.depth + DI * V + 4 * len(internal)
+    return out
+
+
+def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
+               use_extrema, with_grad=False):
+    if logits.dim() != 4 or target.dim() != 3:
+        raise ValueError(f"the Triton backend takes (N, V, H, W) logits and (N, H, W) targets, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    if reduction not in C.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {C.REDUCTIONS}, got {reduction!r}")
+    if single_pass and reduction == "none":
+        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
+                         "the incoming per-pixel gradient)")
+    dev = logits.device
+    acc = C.acc_dtype(logits.dtype)
+    tab = C.tree_cache(tree, ("tree_tab", str(dev)), lambda: _build_table(tree, dev))
+    k = C.tree_cache(tree, ("k", float(scale), normalize, acc, str(dev)),
+                     lambda: node_weight_vector(tree, float(scale), normalize, acc, dev))
+    if with_grad:
+        with torch.no_grad():
+            loss, _, grad = _tree_fwd(logits.detach(), target, tab, k, sizes_of(tree), float(gamma), float(eps),
+                                      int(ignore_index), reduction, use_extrema, True)
+        return loss, grad
+    loss, _, _ = _tree_fwd(logits, target, tab, k, sizes_of(tree), float(gamma), float(eps), int(ignore_index),
+                           reduction, use_extrema, bool(single_pass))
+    return loss
+
+
+def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0, scale: float = 1.0,
+                  eps: float = 0.0, normalize: str = "level", ignore_index: int = 255, reduction: str = "mean",
+                  single_pass: bool = False) -> torch.Tensor:
+    """Focal tree-min loss on the Triton backend (see ``hss_kernels.tree_min_loss``).
+
+    ``logits``: ``(N, V, H, W)`` node logits, float16/bfloat16/float32/float64, any strides;
+    ``target``: ``(N, H, W)`` integer leaf labels or ``ignore_index``. Loss in float32 (float64 for
+    float64 logits), gradient in the logits' dtype. ``single_pass=True`` (``mean``/``sum`` only)
+    writes the gradient during the forward; backward scales it by the incoming gradient (one
+    elementwise pass; :func:`tree_min_loss_and_grad` skips it). Raises ValueError for a non-4-D input, an unknown
+    ``normalize``/``reduction`` or ``single_pass`` with ``reduction="none"``.
+    """
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
+                      True)
+
+
+def tree_bce_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 0.0, scale: float = 1.0,
+                  eps: float = 0.0, normalize: str = "level", ignore_index: int = 255, reduction: str = "mean",
+                  single_pass: bool = False) -> torch.Tensor:
+    """Multi-label (focal) BCE over every node on the Triton backend (see ``hss_kernels.tree_bce_loss``).
+    Same arguments, dtypes and errors as :func:`tree_min_loss`."""
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
+                      False)
+
+
+def tree_min_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0,
+                           scale: float = 1.0, eps: float = 0.0, normalize: str = "level", ignore_index: int = 255,
+                           reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (MATH.md §5); then
+    ``logits.backward(grad)``. ``reduction``: ``mean`` or ``sum``. Arguments as :func:`tree_min_loss`."""
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True, True,
+                      with_grad=True)
+
+
+def tree_bce_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 0.0,
+                           scale: float = 1.0, eps: float = 0.0, normalize: str = "level", ignore_index: int = 255,
+                           reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Single-pass ``(loss, gradient)`` of :func:`tree_bce_loss`, as :func:`tree_min_loss_and_grad`."""
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True, False,
+                      with_grad=True)
