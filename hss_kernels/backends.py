@@ -48,6 +48,14 @@ def _module(name: str):
     return mod
 
 
+def load_all() -> None:
+    """Import every backend now (failures are recorded, not raised). The package calls this on import,
+    so that ``torch.compile(fullgraph=True)`` never has to trace a lazy import."""
+    for name in BACKENDS:
+        if name != "reference":
+            _module(name)
+
+
 def _ops(name: str) -> Dict[str, Callable]:
     if name == "reference":
         return {op: getattr(reference, op) for op in

@@ -12,6 +12,7 @@ These functions assume valid inputs (the public API in :mod:`hss_kernels.functio
 from __future__ import annotations
 
 import math
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -40,8 +41,9 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 def _flatten(logits: torch.Tensor, target: torch.Tensor):
     """(N, C, *S) → float (N, C, P) in the accumulation dtype; target → (N, P) int64."""
     N, C = logits.shape[:2]
-    x = logits.to(_acc_dtype(logits)).reshape(N, C, -1)
-    y = target.reshape(N, -1).long()
+    P = math.prod(logits.shape[2:])
+    x = logits.to(_acc_dtype(logits)).reshape(N, C, P)  # explicit P: -1 cannot be inferred when empty
+    y = target.reshape(N, P).long()
     return x, y
 
 

@@ -390,3 +390,15 @@ def test_labels_at_depth():
     assert reference.labels_at_depth(y, tree, 3).tolist() == [[0, 1, 2, 3, 255]]
     with pytest.raises(ValueError, match="depth"):
         reference.labels_at_depth(y, tree, 4)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 3), (2, 0, 3)])
+def test_empty_inputs(shape):
+    tree = trees.load("helen")
+    y = torch.zeros(shape, dtype=torch.long)
+    for name, C in [("hierarchical_softmax_loss", 11), ("tree_min_loss", 17), ("tree_bce_loss", 17)]:
+        x = torch.randn(shape[0], C, *shape[1:], requires_grad=True)
+        for reduction in ("mean", "sum"):
+            loss = getattr(reference, name)(x, y, tree, reduction=reduction)
+            assert loss.item() == 0
+        assert getattr(reference, name)(x, y, tree, reduction="none").shape == shape
