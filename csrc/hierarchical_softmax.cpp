@@ -43,14 +43,13 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
       const int64_t i = i0 + p;
       const int64_t y = tgt[gt.offset(i)];
       A l = A(0);
-      if (y != ignore_index) {
-        if (y < 0 || y >= L) {
-          bad[i0 / cpu::kBlock] = 1;
-        } else {
-          l = hsm_forward_pixel<A>(cpu::Column<A>{tile + p}, L, D, group, static_cast<int>(y), w, eps, st + i, P);
-          s += l;
-          ++c;
-        }
+      if (y != ignore_index && (y < 0 || y >= L)) bad[i0 / cpu::kBlock] = 1;
+      if (y == ignore_index || y < 0 || y >= L) {
+        for (int d = 0; d <= D; ++d) st[d * P + i] = A(0);  // defined outputs, never read
+      } else {
+        l = hsm_forward_pixel<A>(cpu::Column<A>{tile + p}, L, D, group, static_cast<int>(y), w, eps, st + i, P);
+        s += l;
+        ++c;
       }
       if (lp) lp[i] = l;
     }
@@ -67,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cpu(const at::Tensor
                                                                 const at::Tensor& level_weights, double eps,
                                                                 int64_t ignore_index, bool per_pixel) {
   const int64_t D = check_hsoftmax("hsoftmax_fwd", logits, target, leaf_group, level_weights);
-  auto [loss, count] = new_loss(logits, per_pixel);
+  at::Tensor loss, count;
+  std::tie(loss, count) = new_loss(logits, per_pixel);
   at::Tensor stats = at::empty({D + 1, logits.size(0), logits.size(2), logits.size(3)},
                                logits.options().dtype(acc_type(logits)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hsoftmax_fwd_cpu", [&] {

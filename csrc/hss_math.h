@@ -61,8 +61,10 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     const A z = x(j);
     m = hmax(m, z);
     HSS_UNROLL
-    for (int d = 0; d < kMaxDepth; ++d)
-      if (d < D && group[d * L + j] == gy[d]) gmax[d] = hmax(gmax[d], z);
+    for (int d = 0; d < kMaxDepth; ++d) {
+      if (d >= D) break;
+      if (group[d * L + j] == gy[d]) gmax[d] = hmax(gmax[d], z);
+    }
   }
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) own[d] = d < D && gmax[d] < m - A(kShareShift);
@@ -72,8 +74,10 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     const A e = hexp(z - m);
     s += e;
     HSS_UNROLL
-    for (int d = 0; d < kMaxDepth; ++d)
-      if (d < D && group[d * L + j] == gy[d]) gsum[d] += own[d] ? hexp(z - gmax[d]) : e;
+    for (int d = 0; d < kMaxDepth; ++d) {
+      if (d >= D) break;
+      if (group[d * L + j] == gy[d]) gsum[d] += own[d] ? hexp(z - gmax[d]) : e;
+    }
   }
   const A lse = m + hlog(s);
   stats[0] = lse;
@@ -131,8 +135,10 @@ HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, 
     const A p = hexp(z - lse);
     A r = a * p;
     HSS_UNROLL
-    for (int d = 0; d < kMaxDepth; ++d)
-      if (d < D && group[d * L + j] == gy[d]) r -= coef[d] * (own[d] ? hexp(z - base[d]) : p);
+    for (int d = 0; d < kMaxDepth; ++d) {
+      if (d >= D) break;
+      if (group[d * L + j] == gy[d]) r -= coef[d] * (own[d] ? hexp(z - base[d]) : p);
+    }
     out(j, r);
   }
 }

@@ -68,7 +68,8 @@ std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cpu(const at::Tensor& logits, c
                                                      int64_t L, int64_t D, double gamma, double eps,
                                                      int64_t ignore_index, bool per_pixel, bool extrema) {
   check_tree("tree_loss_fwd", logits, target, tree_index, node_weights, L, D);
-  auto [loss, count] = new_loss(logits, per_pixel);
+  at::Tensor loss, count;
+  std::tie(loss, count) = new_loss(logits, per_pixel);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_loss_fwd_cpu", [&] {
     tree_fwd_cpu_impl<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
                                 loss, per_pixel, count);

@@ -195,6 +195,12 @@ def _register() -> None:
 
     torch.library.register_autograd(lib + "tree_loss_fwd", tree_backward, setup_context=tree_setup)
 
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("the native backend's losses do not support double backward (use backend='reference')")
+
+    for op in ("hsoftmax_bwd", "tree_loss_bwd"):
+        torch.library.register_autograd(lib + op, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
 
 if _C is not None:
     _register()
