@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "hss_math.h"
@@ -33,6 +34,12 @@ struct Scratch {
   A& operator()(int c) const { return p[c]; }
 };
 
+inline bool unit_stride(const int64_t* offs, int64_t n) {
+  bool unit = true;
+  for (int64_t p = 1; p < n; ++p) unit &= offs[p] == offs[0] + p;
+  return unit;
+}
+
 // body(first_pixel, n, offsets, tile, scratch): offsets[p] is lane p's offset in x; scratch holds
 // `scratch_size` values of the thread. Blocks are numbered first_pixel / kBlock.
 template <typename T, typename A, typename Body>
@@ -47,11 +54,19 @@ void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t i0 = b * kBlock;
       const int64_t n = std::min(kBlock, P - i0);
-      for (int64_t p = 0; p < n; ++p) offs[p] = g.offset(i0 + p);
-      for (int64_t c = 0; c < C; ++c) {
-        const T* xc = x + c * sC;
-        A* tc = tile.data() + c * kBlock;
-        for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[p]]);
+      g.offsets(i0, n, offs);
+      if (unit_stride(offs, n)) {  // NCHW within a row block: contiguous, vectorisable copies
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xc = x + c * sC + offs[0];
+          A* tc = tile.data() + c * kBlock;
+          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[p]);
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xc = x + c * sC;
+          A* tc = tile.data() + c * kBlock;
+          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[p]]);
+        }
       }
       body(i0, n, offs, tile.data(), tile.data() + C * kBlock);
     }
@@ -61,11 +76,44 @@ void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64
 // Writes a (C, kBlock) tile of gradients to y (same strides as x) for the block's n lanes.
 template <typename T, typename A>
 inline void scatter(T* y, int64_t C, int64_t sC, const int64_t* offs, int64_t n, const A* tile) {
+  if (unit_stride(offs, n)) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* yc = y + c * sC + offs[0];
+      const A* tc = tile + c * kBlock;
+      for (int64_t p = 0; p < n; ++p) yc[p] = static_cast<T>(tc[p]);
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     T* yc = y + c * sC;
     const A* tc = tile + c * kBlock;
     for (int64_t p = 0; p < n; ++p) yc[offs[p]] = static_cast<T>(tc[p]);
   }
+}
+
+// The float lane loops are compiled twice, for AVX2 and for the baseline x86-64, and the loader
+// picks one per machine (GCC function multiversioning), so that one build runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HSS_LANES_TARGETS __attribute__((target_clones("avx2", "default")))
+#else
+#define HSS_LANES_TARGETS
+#endif
+
+// exp for the float lane loops: branch-free (clamp, Cephes' degree-6 polynomial on [-ln2/2, ln2/2],
+// exponent by integer shift), so that compilers vectorise the loops that call it; about 1 ulp. Inputs
+// below -87 give 2^-126 instead of a denormal or 0, which the sums here cannot notice.
+inline float vexp(float v) {
+  v = std::min(std::max(v, -87.0f), 88.0f);
+  // n = round(v / ln2) by the 1.5 * 2^23 trick: two adds, no branch or rounding instruction.
+  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+  const float r2 = r * r;
+  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                    1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
 // The fixed-order sum of per-block partials: the result does not depend on the number of threads.

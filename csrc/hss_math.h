@@ -40,6 +40,57 @@ template <typename A>
 HSS_HOST_DEVICE inline A neg_inf() { return -static_cast<A>(INFINITY); }
 
 // ------------------------------------------------------------------------------------------------
+// The loss of one pixel from its sums: s = sum_j exp(z_j - m) over all leaves, gsum[d] = the sum over
+// y's group at depth d shifted by shift[d]. Writes the stats (lse, lse_1..lse_D at stride ss).
+template <typename A>
+HSS_HOST_DEVICE inline A hsm_finish(A m, A s, const A* shift, const A* gsum, int D, const A* w, A eps, A* stats,
+                                    int64_t ss) {
+  const A lse = m + hlog(s);
+  stats[0] = lse;
+  A loss = A(0);
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) {
+    if (d >= D) break;
+    const A lse_d = shift[d] + hlog(gsum[d]);
+    stats[(d + 1) * ss] = lse_d;
+    const A level = eps > A(0) ? -hlog(hexp(lse_d - lse) + eps) : lse - lse_d;
+    loss += w[d] * level;
+  }
+  return loss;
+}
+
+// The backward's per-pixel coefficients (see hsm_backward_pixel) from the stats and the upstream
+// gradient g: returns g * sum_d a_d; coef[d] = g * c_d, times exp(lse - b_d) unless own[d] (then the
+// caller computes exp(z - base[d]) itself, the factor being huge).
+template <typename A>
+HSS_HOST_DEVICE inline A hsm_backward_coefs(const A* stats, int64_t ss, int D, const A* w, A eps, A g, A* coef,
+                                            A* base, bool* own) {
+  const A lse = stats[0];
+  A a = A(0);
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) {
+    base[d] = A(0);
+    coef[d] = A(0);
+    own[d] = false;
+    if (d >= D) continue;
+    const A lse_d = stats[(d + 1) * ss];
+    if (eps > A(0)) {
+      const A p = hexp(lse_d - lse);
+      a += w[d] * p / (p + eps);
+      coef[d] = g * w[d] / (p + eps);
+      base[d] = lse;
+    } else {
+      a += w[d];
+      coef[d] = g * w[d];
+      base[d] = lse_d;
+    }
+    // exp(z - b) = exp(z - lse) * exp(lse - b): one exp per channel unless the factor would be huge.
+    own[d] = lse - base[d] > A(kShareShift);
+    if (!own[d]) coef[d] *= hexp(lse - base[d]);
+  }
+  return a * g;
+}
+
 // Hierarchical softmax (MATH.md §2). `group` is leaf_group (D x L, row-major). `stats` receives D + 1
 // values at stride `ss`: lse over all leaves, then lse_d for d = 1..D over y's group at depth d.
 // Returns the pixel's loss sum_d w_d * level_d.
@@ -63,7 +114,8 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     HSS_UNROLL
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
-      if (group[d * L + j] == gy[d]) gmax[d] = hmax(gmax[d], z);
+      // Selects, not branches: group membership is data-dependent and mispredicts.
+      gmax[d] = group[d * L + j] == gy[d] ? hmax(gmax[d], z) : gmax[d];
     }
   }
   HSS_UNROLL
@@ -76,21 +128,14 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     HSS_UNROLL
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
-      if (group[d * L + j] == gy[d]) gsum[d] += own[d] ? hexp(z - gmax[d]) : e;
+      A t = e;
+      if (own[d]) t = hexp(z - gmax[d]);  // rare: a group far below the global max
+      gsum[d] += group[d * L + j] == gy[d] ? t : A(0);
     }
   }
-  const A lse = m + hlog(s);
-  stats[0] = lse;
-  A loss = A(0);
   HSS_UNROLL
-  for (int d = 0; d < kMaxDepth; ++d) {
-    if (d >= D) continue;
-    const A lse_d = (own[d] ? gmax[d] : m) + hlog(gsum[d]);
-    stats[(d + 1) * ss] = lse_d;
-    const A level = eps > A(0) ? -hlog(hexp(lse_d - lse) + eps) : lse - lse_d;
-    loss += w[d] * level;
-  }
-  return loss;
+  for (int d = 0; d < kMaxDepth; ++d) gmax[d] = own[d] ? gmax[d] : m;  // the shift each sum used
+  return hsm_finish(m, s, gmax, gsum, D, w, eps, stats, ss);
 }
 
 // Gradient of g * loss with respect to the L leaf logits, from the forward's stats; `out(j, v)` stores
@@ -105,31 +150,9 @@ HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, 
   A base[kMaxDepth];
   A coef[kMaxDepth];
   bool own[kMaxDepth];
-  A a = A(0);
+  const A a = hsm_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
   HSS_UNROLL
-  for (int d = 0; d < kMaxDepth; ++d) {
-    gy[d] = -1;
-    base[d] = A(0);
-    coef[d] = A(0);
-    own[d] = false;
-    if (d >= D) continue;
-    gy[d] = group[d * L + y];
-    const A lse_d = stats[(d + 1) * ss];
-    if (eps > A(0)) {
-      const A p = hexp(lse_d - lse);
-      a += w[d] * p / (p + eps);
-      coef[d] = g * w[d] / (p + eps);
-      base[d] = lse;
-    } else {
-      a += w[d];
-      coef[d] = g * w[d];
-      base[d] = lse_d;
-    }
-    // exp(z - b) = exp(z - lse) * exp(lse - b): one exp per channel unless the factor would be huge.
-    own[d] = lse - base[d] > A(kShareShift);
-    if (!own[d]) coef[d] *= hexp(lse - base[d]);
-  }
-  a *= g;
+  for (int d = 0; d < kMaxDepth; ++d) gy[d] = d < D ? group[d * L + y] : -1;
   for (int j = 0; j < L; ++j) {
     const A z = x(j);
     const A p = hexp(z - lse);
@@ -137,7 +160,9 @@ HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, 
     HSS_UNROLL
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
-      if (group[d * L + j] == gy[d]) r -= coef[d] * (own[d] ? hexp(z - base[d]) : p);
+      A t = p;
+      if (own[d]) t = hexp(z - base[d]);
+      r -= group[d * L + j] == gy[d] ? coef[d] * t : A(0);
     }
     out(j, r);
   }
@@ -299,6 +324,24 @@ struct PixelGeom {
     const int64_t r = i - n * hw;
     const int64_t h = r / W;
     return n * sN + h * sH + (r - h * W) * sW;
+  }
+  // offsets of pixels i0 .. i0 + count - 1, with one division for the run instead of three per pixel.
+  HSS_HOST_DEVICE inline void offsets(int64_t i0, int64_t count, int64_t* out) const {
+    const int64_t hw = H * W;
+    int64_t n = i0 / hw;
+    int64_t r = i0 - n * hw;
+    int64_t h = r / W;
+    int64_t w = r - h * W;
+    for (int64_t p = 0; p < count; ++p) {
+      out[p] = n * sN + h * sH + w * sW;
+      if (++w == W) {
+        w = 0;
+        if (++h == H) {
+          h = 0;
+          ++n;
+        }
+      }
+    }
   }
 };
 
