@@ -189,7 +189,9 @@ HSS_HOST_DEVICE inline void focal(A z, A gamma, A eps, A* loss, A* dloss) {
     log_p = log_q;
     dlog_p = one_m_q;
   }
-  const A fw = gamma == A(0) ? A(1) : hexp(gamma * log_1mq);  // (1 - q)^gamma
+  // (1 - q)^gamma; HSSN's gamma = 2 (and 1) by products, saving an exp per node
+  const A fw = gamma == A(0) ? A(1) : gamma == A(1) ? one_m_q : gamma == A(2) ? one_m_q * one_m_q
+                                                              : hexp(gamma * log_1mq);
   *loss = -fw * log_p;
   if (dloss) *dloss = gamma * q * fw * log_p - fw * dlog_p;
 }

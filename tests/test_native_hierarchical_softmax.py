@@ -194,3 +194,12 @@ def test_cuda_deterministic_and_gradcheck():
     torch.library.opcheck(torch.ops.hss_kernels.hsoftmax_fwd.default,
                           (x, y, small.tables("cuda").leaf_group, torch.ones(small.depth, dtype=torch.float64,
                                                                                 device="cuda"), 0.0, 255, False))
+
+
+def test_double_backward_raises():
+    tree = trees.load("cityscapes")
+    x, y = make_inputs(tree, shape=(1, 2, 2), dtype=torch.float64)
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(FN(x, y, tree, backend="native"), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
