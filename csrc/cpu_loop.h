@@ -102,7 +102,7 @@ inline void scatter(T* y, int64_t C, int64_t sC, const int64_t* offs, int64_t n,
 // exp for the float lane loops: branch-free (clamp, Cephes' degree-6 polynomial on [-ln2/2, ln2/2],
 // exponent by integer shift), so that compilers vectorise the loops that call it; about 1 ulp. Inputs
 // below -87 give 2^-126 instead of a denormal or 0, which the sums here cannot notice.
-inline float vexp(float v) {
+__attribute__((always_inline)) inline float vexp(float v) {
   v = std::min(std::max(v, -87.0f), 88.0f);
   // n = round(v / ln2) by the 1.5 * 2^23 trick: two adds, no branch or rounding instruction.
   const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -114,6 +114,27 @@ inline float vexp(float v) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+}
+
+// log for the float lane loops, x > 0 and normal: Cephes' logf, branch-free (mantissa in
+// [sqrt(1/2), sqrt(2)) by selects, degree-9 polynomial); about 1 ulp.
+__attribute__((always_inline)) inline float vlog(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - 126);
+  bits = (bits & 0x807fffffu) | 0x3f000000u;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+             3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
 }
 
 // The fixed-order sum of per-block partials: the result does not depend on the number of threads.
