@@ -204,3 +204,21 @@ def test_cuda_deterministic_and_gradcheck(loss):
     x, y = make_inputs(small, shape=(1, 2, 3), dtype=torch.float64, device="cuda")
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda t: fn(t, y, small, backend="native"), (x,))
+
+
+def test_torch_compile_traces_through():
+    # aot_eager: Dynamo and AOTAutograd trace the ops through their fake kernels and registered autograd,
+    # without Inductor's code generation (slow on CI). The backend is resolved once eagerly first: the
+    # registry imports backend modules lazily, which Dynamo cannot trace.
+    hss_kernels.available_backends("cpu")
+    tree = trees.load("cityscapes")
+    y = make_inputs(tree)[1]
+    cases = [(hss_kernels.hierarchical_softmax_loss, tree.num_leaves), (hss_kernels.tree_min_loss, tree.num_nodes)]
+    for fn, channels in cases:
+        x = torch.randn(2, channels, 5, 7, requires_grad=True)
+        compiled = torch.compile(lambda t: fn(t, y, tree, backend="native"), backend="aot_eager", fullgraph=True)
+        out = compiled(x)
+        (g,) = torch.autograd.grad(out, x)
+        ref, gref, _ = loss_and_grad(fn, x, y, tree, "reference", "mean", torch.tensor(1.0))
+        torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
+        torch.testing.assert_close(g, gref, **TOL[torch.float32])
