@@ -100,7 +100,7 @@ def hierarchical_softmax_loss(
     """:func:`hss_kernels.reference.hierarchical_softmax_loss` with fused C++/CUDA kernels.
     ``logits`` (N, L, H, W), ``target`` (N, H, W), already checked by the public API."""
     _check_reduction(reduction)
-    w = reference.level_weight_vector(tree, level_weights, _acc(logits.dtype), logits.device)
+    w = reference.level_weight_vector(tree, level_weights, _acc(logits.dtype), logits.device).contiguous()
     group = tree.tables(logits.device).leaf_group
     loss, _, count = torch.ops.hss_kernels.hsoftmax_fwd(logits, target.long(), group, w, float(eps),
                                                         int(ignore_index), reduction == "none")

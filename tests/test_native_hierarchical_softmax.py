@@ -118,10 +118,12 @@ def test_channels_last_equals_contiguous(dtype):
     b, gb, _ = loss_and_grad(x.to(memory_format=torch.channels_last), y, tree, "native", "none", g)
     assert gb.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(a, b) and torch.equal(ga, gb)
-    # A non-dense (sliced) input reads through its strides too.
+    # Non-dense (sliced) logits and targets read through their strides too.
     wide = torch.randn(2, tree.num_leaves, 6, 10).to(dtype)
     wide[..., ::2] = x
-    c, gc, _ = loss_and_grad(wide[..., ::2], y, tree, "native", "none", g)
+    y_wide = torch.randint(0, tree.num_leaves, (2, 6, 10))
+    y_wide[..., ::2] = y
+    c, gc, _ = loss_and_grad(wide[..., ::2], y_wide[..., ::2], tree, "native", "none", g)
     assert torch.equal(a, c) and torch.equal(ga, gc)
 
 
