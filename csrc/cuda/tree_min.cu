@@ -39,7 +39,7 @@ __global__ void tree_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
                                 T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                                 PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
                                 const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema) {
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= P) return;
   const int64_t y = tgt[gt.offset(i)];
