@@ -1,5 +1,8 @@
 // Per-pixel math of the hss_kernels losses (shared/MATH.md §2-4), shared by the CPU loops and the CUDA
-// kernels so that the CPU tests exercise the arithmetic the GPU runs.
+// kernels so that the CPU tests exercise the arithmetic the GPU runs: the CUDA kernels and the CPU's
+// float64 path call the *_pixel functions as they are; the CPU's float32 path (float16/bfloat16 too)
+// vectorises the channel loops across pixels in csrc/*.cpp but keeps hsm_finish, hsm_backward_coefs,
+// subtree_argmax and the tie rules from here.
 //
 // Every function works on one pixel. Channel values are read through an accessor `x(c)` (a tile column
 // on the CPU, a strided global pointer on the GPU) and converted to the accumulation type A (float or
