@@ -1,8 +1,10 @@
-// The Python module hss_kernels._C: empty. Importing it runs the static TORCH_LIBRARY registrations of
-// the other sources; the ops are then reached through torch.ops.hss_kernels.
+// The importable module hss_kernels._C. It defines no Python functions: importing it loads the shared
+// library, whose static initialisers register the ops with the PyTorch dispatcher (torch.ops.hss_kernels).
 #include <Python.h>
 
-extern "C" PyObject* PyInit__C(void) {
+extern "C" {
+PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
+}
 }

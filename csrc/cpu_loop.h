@@ -1,0 +1,155 @@
+// The CPU pixel loop shared by the ops: OpenMP over blocks of kBlock pixels. Each block's channels are
+// gathered once through the strides into a (C, kBlock) tile of the accumulation type, so that the
+// per-pixel math of hss_math.h reads a pixel's channels from cache whatever the layout, and nothing is
+// allocated per pixel.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "hss_math.h"
+
+namespace hss {
+namespace cpu {
+
+constexpr int64_t kBlock = 64;
+
+// A pixel's channels in a tile: channel c of lane p at tile[c * kBlock + p].
+template <typename A>
+struct Column {
+  const A* p;
+  A operator()(int c) const { return p[c * kBlock]; }
+};
+
+template <typename A>
+struct ColumnOut {
+  A* p;
+  void operator()(int c, A v) const { p[c * kBlock] = v; }
+};
+
+template <typename A>
+struct Scratch {
+  A* p;
+  A& operator()(int c) const { return p[c]; }
+};
+
+inline bool unit_stride(const int64_t* offs, int64_t n) {
+  bool unit = true;
+  for (int64_t p = 1; p < n; ++p) unit &= offs[p] == offs[0] + p;
+  return unit;
+}
+
+// body(first_pixel, n, offsets, tile, scratch): offsets[p] is lane p's offset in x; scratch holds
+// `scratch_size` values of the thread. Blocks are numbered first_pixel / kBlock.
+template <typename T, typename A, typename Body>
+void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64_t P, int64_t scratch_size,
+                    const Body& body) {
+  const int64_t nb = (P + kBlock - 1) / kBlock;
+#pragma omp parallel if (nb > 1)
+  {
+    std::vector<A> tile(C * kBlock + scratch_size);
+    int64_t offs[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t i0 = b * kBlock;
+      const int64_t n = std::min(kBlock, P - i0);
+      g.offsets(i0, n, offs);
+      if (unit_stride(offs, n)) {  // NCHW within a row block: contiguous, vectorisable copies
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xc = x + c * sC + offs[0];
+          A* tc = tile.data() + c * kBlock;
+          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[p]);
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xc = x + c * sC;
+          A* tc = tile.data() + c * kBlock;
+          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[p]]);
+        }
+      }
+      body(i0, n, offs, tile.data(), tile.data() + C * kBlock);
+    }
+  }
+}
+
+// Writes a (C, kBlock) tile of gradients to y (same strides as x) for the block's n lanes.
+template <typename T, typename A>
+inline void scatter(T* y, int64_t C, int64_t sC, const int64_t* offs, int64_t n, const A* tile) {
+  if (unit_stride(offs, n)) {
+    for (int64_t c = 0; c < C; ++c) {
+      T* yc = y + c * sC + offs[0];
+      const A* tc = tile + c * kBlock;
+      for (int64_t p = 0; p < n; ++p) yc[p] = static_cast<T>(tc[p]);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    T* yc = y + c * sC;
+    const A* tc = tile + c * kBlock;
+    for (int64_t p = 0; p < n; ++p) yc[offs[p]] = static_cast<T>(tc[p]);
+  }
+}
+
+// The float lane loops are compiled twice, for AVX2 and for the baseline x86-64, and the loader
+// picks one per machine (GCC function multiversioning), so that one build runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HSS_LANES_TARGETS __attribute__((target_clones("avx2", "default")))
+#else
+#define HSS_LANES_TARGETS
+#endif
+
+// exp for the float lane loops: branch-free (clamp, Cephes' degree-6 polynomial on [-ln2/2, ln2/2],
+// exponent by integer shift), so that compilers vectorise the loops that call it; about 1 ulp. Inputs
+// below -87 give 2^-126 instead of a denormal or 0, which the sums here cannot notice.
+__attribute__((always_inline)) inline float vexp(float v) {
+  v = std::min(std::max(v, -87.0f), 88.0f);
+  // n = round(v / ln2) by the 1.5 * 2^23 trick: two adds, no branch or rounding instruction.
+  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = v - n * 0.693359375f + n * 2.12194440e-4f;
+  const float r2 = r * r;
+  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                    1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// log for the float lane loops, x > 0 and normal: Cephes' logf, branch-free (mantissa in
+// [sqrt(1/2), sqrt(2)) by selects, degree-9 polynomial); about 1 ulp.
+__attribute__((always_inline)) inline float vlog(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - 126);
+  bits = (bits & 0x807fffffu) | 0x3f000000u;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+             3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+// The fixed-order sum of per-block partials: the result does not depend on the number of threads.
+template <typename A>
+inline void finish_reduction(const std::vector<double>& part, const std::vector<int64_t>& cnt, A* loss_sum,
+                             int64_t* count) {
+  double s = 0;
+  int64_t c = 0;
+  for (size_t b = 0; b < part.size(); ++b) {
+    s += part[b];
+    c += cnt[b];
+  }
+  if (loss_sum) *loss_sum = static_cast<A>(s);
+  *count = c;
+}
+
+}  // namespace cpu
+}  // namespace hss

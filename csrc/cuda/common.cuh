@@ -1,0 +1,113 @@
+// Pieces shared by the CUDA kernels: strided channel accessors for hss_math.h and the deterministic
+// two-stage batch reduction (per-block partials in a fixed tree order, then one block summing them in
+// a fixed order: no float atomics, the same bits on every run).
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h would need the cuSPARSE headers, which a CUDA toolkit
+// without its math libraries lacks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "hss_math.h"
+
+namespace hss {
+namespace cuda {
+
+constexpr int kThreads = 256;  // forward kernels; a power of two for the block reduction
+
+// One pixel's channel c at p[c * s]: neighbouring threads hold neighbouring pixels, so a warp reading
+// the same channel reads contiguous memory (NCHW).
+template <typename T, typename A>
+struct GlobalCol {
+  const T* p;
+  int64_t s;
+  __device__ A operator()(int c) const { return static_cast<A>(p[c * s]); }
+};
+
+template <typename T, typename A>
+struct GlobalOut {
+  T* p;
+  int64_t s;
+  __device__ void operator()(int c, A v) const { p[c * s] = static_cast<T>(v); }
+};
+
+// Per-thread scratch in shared memory laid out (c, thread): bank-conflict free whatever c each thread
+// of a warp touches, since the bank is the thread's lane.
+template <typename A>
+struct SharedCol {
+  A* p;
+  int s;
+  __device__ A& operator()(int c) const { return p[c * s]; }
+};
+
+// Sums v and c over the block (blockDim.x == kThreads) in a fixed order into part/cnt[blockIdx.x].
+__device__ inline void block_partial(double v, int64_t c, double* part, int64_t* cnt) {
+  __shared__ double sv[kThreads];
+  __shared__ int64_t sc[kThreads];
+  const int t = threadIdx.x;
+  sv[t] = v;
+  sc[t] = c;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) {
+      sv[t] += sv[t + s];
+      sc[t] += sc[t + s];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    part[blockIdx.x] = sv[0];
+    cnt[blockIdx.x] = sc[0];
+  }
+}
+
+// One block: loss_sum = sum of the partials (if loss_sum), count = sum of the counts.
+template <typename A>
+__global__ void finish_kernel(const double* part, const int64_t* cnt, int64_t nb, A* loss_sum, int64_t* count) {
+  double v = 0;
+  int64_t c = 0;
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
+    v += part[b];
+    c += cnt[b];
+  }
+  __shared__ double sv[kThreads];
+  __shared__ int64_t sc[kThreads];
+  const int t = threadIdx.x;
+  sv[t] = v;
+  sc[t] = c;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) {
+      sv[t] += sv[t + s];
+      sc[t] += sc[t + s];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    if (loss_sum) *loss_sum = static_cast<A>(sv[0]);
+    *count = sc[0];
+  }
+}
+
+// Partial buffers for nb blocks, and the launch of the second stage.
+struct Partials {
+  at::Tensor part, cnt;
+  Partials(const at::Tensor& like, int64_t nb)
+      : part(at::empty({nb}, like.options().dtype(at::kDouble))),
+        cnt(at::empty({nb}, like.options().dtype(at::kLong))) {}
+  double* p() { return part.data_ptr<double>(); }
+  int64_t* c() { return cnt.data_ptr<int64_t>(); }
+
+  template <typename A>
+  void finish(A* loss_sum, int64_t* count, cudaStream_t stream) {
+    finish_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), part.numel(), loss_sum, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+inline int64_t num_blocks(int64_t P, int threads) { return (P + threads - 1) / threads; }
+
+}  // namespace cuda
+}  // namespace hss

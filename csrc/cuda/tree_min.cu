@@ -1,0 +1,134 @@
+// Focal tree-min loss and tree BCE (MATH.md §3-4): CUDA implementation of tree_loss_fwd / tree_loss_bwd
+// (schemas and contracts in csrc/tree_min.cpp). One thread per pixel. The tree-min backward keeps its
+// V per-pixel accumulators in shared memory laid out (node, thread).
+#include "ops.h"
+#include "cuda/common.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+namespace hss {
+namespace cuda {
+namespace {
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+tree_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt,
+                int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
+                A gamma, A eps, int64_t ignore_index, bool extrema, A* __restrict__ lp, double* part, int64_t* cnt) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  A l = A(0);
+  int64_t c = 0;
+  if (i < P) {
+    const int64_t y = tgt[gt.offset(i)];
+    const bool ok = y >= 0 && y < L;
+    CUDA_KERNEL_ASSERT((ok || y == ignore_index) && "tree_loss_fwd: target label out of range");
+    if (y != ignore_index && ok) {
+      const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+      l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, ti, static_cast<int>(y), k, gamma, eps,
+                                extrema);
+      c = 1;
+    }
+    if (lp) lp[i] = l;
+  }
+  block_partial(static_cast<double>(l), c, part, cnt);
+}
+
+template <typename T, typename A>
+__global__ void tree_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
+                                T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
+                                PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
+                                const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= P) return;
+  const int64_t y = tgt[gt.offset(i)];
+  const int64_t off = gx.offset(i);
+  if (y == ignore_index || y < 0 || y >= L) {
+    for (int v = 0; v < V; ++v) out[off + v * sC] = static_cast<T>(0);
+    return;
+  }
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  SharedCol<A> K{reinterpret_cast<A*>(smem) + threadIdx.x, static_cast<int>(blockDim.x)};
+  tree_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, K, GlobalOut<T, A>{out + off, sC}, ti, static_cast<int>(y), k,
+                         gamma, eps, extrema, grad[gg.offset(i)]);
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                      const at::Tensor& tree_index, const at::Tensor& node_weights,
+                                                      int64_t L, int64_t D, double gamma, double eps,
+                                                      int64_t ignore_index, bool per_pixel, bool extrema) {
+  check_tree("tree_loss_fwd", logits, target, tree_index, node_weights, L, D);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor loss, count;
+  std::tie(loss, count) = new_loss(logits, per_pixel);
+  const int64_t P = target.numel();
+  if (P == 0) {
+    if (!per_pixel) loss.zero_();
+    count.zero_();
+    return {loss, count};
+  }
+  const int64_t nb = num_blocks(P, kThreads);
+  Partials partials(logits, nb);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_loss_fwd_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    tree_fwd_kernel<scalar_t, A><<<nb, kThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
+        tree_index.data_ptr<int32_t>(), logits.size(1), L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
+        static_cast<A>(eps), ignore_index, extrema, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(),
+        partials.c());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    partials.finish<A>(per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>(), stream);
+  });
+  return {loss, count};
+}
+
+at::Tensor tree_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
+                              double gamma, double eps, int64_t ignore_index, bool extrema) {
+  check_tree("tree_loss_bwd", logits, target, tree_index, node_weights, L, D);
+  check_grad("tree_loss_bwd", grad, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor x = dense_logits(logits);
+  at::Tensor out = at::empty_like(x);
+  const int64_t P = target.numel();
+  if (P == 0) return out;
+  const int V = x.size(1);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_loss_bwd_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    auto kernel = tree_bwd_kernel<scalar_t, A>;
+    // Tree-min: V accumulators per thread in shared memory; fewer threads per block for big trees.
+    int threads = kThreads;
+    size_t smem = 0;
+    if (extrema) {
+      constexpr size_t kDefaultSmem = 48 * 1024;
+      while (threads > 32 && static_cast<size_t>(V) * threads * sizeof(A) > kDefaultSmem) threads /= 2;
+      smem = static_cast<size_t>(V) * threads * sizeof(A);
+      if (smem > kDefaultSmem) {
+        int limit = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+        TORCH_CHECK(smem <= static_cast<size_t>(limit), "tree_loss_bwd: a tree of ", V, " nodes needs ", smem,
+                    " bytes of shared memory per block, more than this GPU's ", limit);
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+      }
+    }
+    kernel<<<num_blocks(P, threads), threads, smem, stream>>>(
+        grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
+        x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
+        node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace hss
+
+TORCH_LIBRARY_IMPL(hss_kernels, CUDA, m) {
+  m.impl("tree_loss_fwd", &hss::cuda::tree_loss_fwd_cuda);
+  m.impl("tree_loss_bwd", &hss::cuda::tree_loss_bwd_cuda);
+}

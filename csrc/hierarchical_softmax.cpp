@@ -1,0 +1,274 @@
+// Hierarchical softmax loss (MATH.md §2): op schemas and the CPU implementation.
+//
+// hsoftmax_fwd(logits (N, L, H, W), target (N, H, W) int64, leaf_group (D, L) int32, level_weights (D,),
+//              eps, ignore_index, per_pixel)
+//   -> loss: (N, H, W) per pixel (0 where ignored) if per_pixel, else the 0-dim sum; float32/float64,
+//      stats: (D + 1, N, H, W) lse and lse_1..lse_D, what the backward needs,
+//      count: 0-dim int64, the number of non-ignored pixels.
+// hsoftmax_bwd(grad (0-dim or (N, H, W), any strides), logits, target, stats, leaf_group, level_weights,
+//              eps, ignore_index) -> grad_logits, same dtype and strides as logits.
+#include "ops.h"
+#include "cpu_loop.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <type_traits>
+
+namespace hss {
+namespace {
+
+using cpu::kBlock;
+
+// The float path runs a block with its pixels ("lanes") innermost, so that the compiler vectorises
+// across pixels; the per-level bookkeeping is hss_math.h's. gy[d][p] is lane p's group at depth d (-1
+// for a lane that is ignored, which then matches nothing). It returns false, having written nothing,
+// when a lane has a group far below its max (see kShareShift): the caller runs the per-pixel path.
+HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t n, int L, int D, const int32_t* group,
+                       const int32_t (*gy)[kBlock], const bool* valid, const float* w, float eps, float* st,
+                       int64_t P, int64_t i0, float* loss) {
+  alignas(64) float m[kBlock], s[kBlock], e[kBlock], gmax[kMaxDepth][kBlock], gsum[kMaxDepth][kBlock];
+  for (int64_t p = 0; p < kBlock; ++p) {
+    m[p] = neg_inf<float>();
+    s[p] = 0.f;
+  }
+  for (int d = 0; d < D; ++d)
+    for (int64_t p = 0; p < kBlock; ++p) {
+      gmax[d][p] = neg_inf<float>();
+      gsum[d][p] = 0.f;
+    }
+  for (int c = 0; c < L; ++c) {
+    const float* z = tile + c * kBlock;
+    for (int64_t p = 0; p < kBlock; ++p) m[p] = z[p] > m[p] ? z[p] : m[p];
+    for (int d = 0; d < D; ++d) {
+      const int32_t gc = group[d * L + c];
+      const int32_t* g = gy[d];
+      float* gm = gmax[d];
+      for (int64_t p = 0; p < kBlock; ++p) {
+        const float hi = z[p] > gm[p] ? z[p] : gm[p];
+        gm[p] = g[p] == gc ? hi : gm[p];
+      }
+    }
+  }
+  for (int64_t p = 0; p < n; ++p)
+    for (int d = 0; d < D; ++d)
+      if (valid[p] && gmax[d][p] < m[p] - float(kShareShift)) return false;
+  for (int c = 0; c < L; ++c) {
+    const float* z = tile + c * kBlock;
+    for (int64_t p = 0; p < kBlock; ++p) {
+      e[p] = cpu::vexp(z[p] - m[p]);
+      s[p] += e[p];
+    }
+    for (int d = 0; d < D; ++d) {
+      const int32_t gc = group[d * L + c];
+      const int32_t* g = gy[d];
+      float* gs = gsum[d];
+      for (int64_t p = 0; p < kBlock; ++p) gs[p] += e[p] * static_cast<float>(g[p] == gc);
+    }
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    if (!valid[p]) continue;
+    float shift[kMaxDepth], sums[kMaxDepth];
+    for (int d = 0; d < D; ++d) {
+      shift[d] = m[p];
+      sums[d] = gsum[d][p];
+    }
+    loss[p] = hsm_finish(m[p], s[p], shift, sums, D, w, eps, st + i0 + p, P);
+  }
+  return true;
+}
+
+// The backward of a block, lanes innermost; `g` is each lane's upstream gradient. Returns false,
+// having written nothing, when a lane needs exp(z - b_d) computed on its own (see hsm_backward_coefs).
+HSS_LANES_TARGETS bool hsm_backward_lanes(const float* tile, float* gtile, int64_t n, int L, int D, const int32_t* group,
+                        const int32_t (*gy)[kBlock], const bool* valid, const float* w, float eps, const float* st,
+                        int64_t P, int64_t i0, const float* g) {
+  alignas(64) float lse[kBlock], a[kBlock], k[kBlock], coef[kMaxDepth][kBlock];
+  for (int64_t p = 0; p < kBlock; ++p) {
+    a[p] = 0.f;
+    lse[p] = 0.f;
+    for (int d = 0; d < D; ++d) coef[d][p] = 0.f;
+    if (p >= n || !valid[p]) continue;
+    float cf[kMaxDepth], base[kMaxDepth];
+    bool own[kMaxDepth];
+    a[p] = hsm_backward_coefs(st + i0 + p, P, D, w, eps, g[p], cf, base, own);
+    lse[p] = st[i0 + p];
+    for (int d = 0; d < D; ++d) {
+      if (own[d]) return false;
+      coef[d][p] = cf[d];
+    }
+  }
+  for (int c = 0; c < L; ++c) {
+    const float* z = tile + c * kBlock;
+    for (int64_t p = 0; p < kBlock; ++p) k[p] = a[p];
+    for (int d = 0; d < D; ++d) {
+      const int32_t gc = group[d * L + c];
+      const int32_t* gd = gy[d];
+      const float* cd = coef[d];
+      for (int64_t p = 0; p < kBlock; ++p) k[p] -= cd[p] * static_cast<float>(gd[p] == gc);
+    }
+    float* o = gtile + c * kBlock;
+    for (int64_t p = 0; p < kBlock; ++p) o[p] = cpu::vexp(z[p] - lse[p]) * k[p];
+  }
+  return true;
+}
+
+// Labels of a block: gy[d][p] (-1 where ignored or out of range, also past the block's end).
+inline void block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int L, int D,
+                         const int32_t* group, int64_t ignore_index, int32_t (*gy)[kBlock], bool* valid,
+                         int64_t* ys, char* bad) {
+  int64_t toff[kBlock];
+  gt.offsets(i0, n, toff);
+  for (int64_t p = 0; p < kBlock; ++p) {
+    const int64_t y = p < n ? tgt[toff[p]] : ignore_index;
+    valid[p] = y != ignore_index && y >= 0 && y < L;
+    if (y != ignore_index && !valid[p]) *bad = 1;
+    ys[p] = y;
+    for (int d = 0; d < D; ++d) gy[d][p] = valid[p] ? group[d * L + y] : -1;
+  }
+}
+
+template <typename T>
+void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group,
+                           const at::Tensor& level_weights, double eps_, int64_t ignore_index, at::Tensor& loss,
+                           bool per_pixel, at::Tensor& stats, at::Tensor& count) {
+  using A = at::opmath_type<T>;
+  const int L = logits.size(1), D = leaf_group.size(0);
+  const int64_t P = target.numel();
+  const PixelGeom gx = geom(logits), gt = geom(target);
+  const T* x = logits.data_ptr<T>();
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const int32_t* group = leaf_group.data_ptr<int32_t>();
+  const A* w = level_weights.data_ptr<A>();
+  const A eps = static_cast<A>(eps_);
+  A* st = stats.data_ptr<A>();
+  A* lp = per_pixel ? loss.data_ptr<A>() : nullptr;
+  const int64_t nb = (P + kBlock - 1) / kBlock;
+  std::vector<double> part(nb, 0.0);
+  std::vector<int64_t> cnt(nb, 0);
+  std::vector<char> bad(nb, 0);
+  cpu::for_each_block<T, A>(x, L, logits.stride(1), gx, P, 0,
+                            [&](int64_t i0, int64_t n, const int64_t*, const A* tile, A*) {
+    int32_t gy[kMaxDepth][kBlock];
+    bool valid[kBlock];
+    int64_t ys[kBlock];
+    A lane_loss[kBlock];
+    block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys, &bad[i0 / kBlock]);
+    bool lanes = false;
+    if constexpr (std::is_same_v<A, float>)
+      lanes = hsm_forward_lanes(tile, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
+    double s = 0;
+    int64_t c = 0;
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t i = i0 + p;
+      A l = A(0);
+      if (!valid[p]) {
+        for (int d = 0; d <= D; ++d) st[d * P + i] = A(0);  // defined outputs, never read
+      } else {
+        l = lanes ? lane_loss[p]
+                  : hsm_forward_pixel<A>(cpu::Column<A>{tile + p}, L, D, group, static_cast<int>(ys[p]), w, eps,
+                                         st + i, P);
+        s += l;
+        ++c;
+      }
+      if (lp) lp[i] = l;
+    }
+    part[i0 / kBlock] = s;
+    cnt[i0 / kBlock] = c;
+  });
+  TORCH_CHECK(std::find(bad.begin(), bad.end(), 1) == bad.end(),
+              "hsoftmax_fwd: target holds a label outside [0, ", L, ") that is not ignore_index=", ignore_index);
+  cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                                const at::Tensor& leaf_group,
+                                                                const at::Tensor& level_weights, double eps,
+                                                                int64_t ignore_index, bool per_pixel) {
+  const int64_t D = check_hsoftmax("hsoftmax_fwd", logits, target, leaf_group, level_weights);
+  at::Tensor loss, count;
+  std::tie(loss, count) = new_loss(logits, per_pixel);
+  at::Tensor stats = at::empty({D + 1, logits.size(0), logits.size(2), logits.size(3)},
+                               logits.options().dtype(acc_type(logits)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hsoftmax_fwd_cpu", [&] {
+    hsoftmax_fwd_cpu_impl<scalar_t>(logits, target, leaf_group, level_weights, eps, ignore_index, loss, per_pixel,
+                                    stats, count);
+  });
+  return {loss, stats, count};
+}
+
+template <typename T>
+void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                           const at::Tensor& stats, const at::Tensor& leaf_group, const at::Tensor& level_weights,
+                           double eps_, int64_t ignore_index, at::Tensor& out) {
+  using A = at::opmath_type<T>;
+  const int L = logits.size(1), D = leaf_group.size(0);
+  const int64_t P = target.numel();
+  const PixelGeom gx = geom(logits), gt = geom(target), gg = grad_geom(grad, logits);
+  const T* x = logits.data_ptr<T>();
+  T* y_out = out.data_ptr<T>();
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const A* gp = grad.data_ptr<A>();
+  const int32_t* group = leaf_group.data_ptr<int32_t>();
+  const A* w = level_weights.data_ptr<A>();
+  const A eps = static_cast<A>(eps_);
+  const A* st = stats.data_ptr<A>();
+  const int64_t sC = logits.stride(1);
+  cpu::for_each_block<T, A>(x, L, sC, gx, P, L * kBlock,
+                            [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, A* gtile) {
+    int32_t gy[kMaxDepth][kBlock];
+    bool valid[kBlock];
+    int64_t ys[kBlock];
+    A g[kBlock];
+    char bad = 0;
+    block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys, &bad);
+    int64_t goff[kBlock];
+    gg.offsets(i0, n, goff);
+    for (int64_t p = 0; p < n; ++p) g[p] = gp[goff[p]];
+    bool lanes = false;
+    if constexpr (std::is_same_v<A, float>)
+      lanes = hsm_backward_lanes(tile, gtile, n, L, D, group, gy, valid, w, eps, st, P, i0, g);
+    if (!lanes) {
+      for (int64_t p = 0; p < n; ++p) {
+        if (!valid[p]) {
+          for (int j = 0; j < L; ++j) gtile[j * kBlock + p] = A(0);
+          continue;
+        }
+        hsm_backward_pixel<A>(cpu::Column<A>{tile + p}, cpu::ColumnOut<A>{gtile + p}, L, D, group,
+                              static_cast<int>(ys[p]), w, eps, st + i0 + p, P, g[p]);
+      }
+    }
+    cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
+  });
+}
+
+at::Tensor hsoftmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                            const at::Tensor& stats, const at::Tensor& leaf_group, const at::Tensor& level_weights,
+                            double eps, int64_t ignore_index) {
+  const int64_t D = check_hsoftmax("hsoftmax_bwd", logits, target, leaf_group, level_weights);
+  check_grad("hsoftmax_bwd", grad, logits);
+  check_table("hsoftmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
+  // The gradient takes the logits' strides (empty_like keeps a dense layout: channels_last stays
+  // channels_last), so both are walked with the same offsets.
+  const at::Tensor x = dense_logits(logits);
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hsoftmax_bwd_cpu", [&] {
+    hsoftmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps, ignore_index, out);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace hss
+
+TORCH_LIBRARY_FRAGMENT(hss_kernels, m) {
+  m.def("hsoftmax_fwd(Tensor logits, Tensor target, Tensor leaf_group, Tensor level_weights, float eps, "
+        "int ignore_index, bool per_pixel) -> (Tensor, Tensor, Tensor)");
+  m.def("hsoftmax_bwd(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor leaf_group, "
+        "Tensor level_weights, float eps, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hss_kernels, CPU, m) {
+  m.impl("hsoftmax_fwd", &hss::hsoftmax_fwd_cpu);
+  m.impl("hsoftmax_bwd", &hss::hsoftmax_bwd_cpu);
+}

@@ -1,0 +1,97 @@
+// Host-side helpers shared by the CPU and CUDA implementations of the ops: argument checks (the ops
+// can be called directly through torch.ops, so they check what would otherwise read out of bounds)
+// and output allocation.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "hss_math.h"
+
+namespace hss {
+
+inline at::ScalarType acc_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline PixelGeom geom(const at::Tensor& t) {  // t is (N, C, H, W) or (N, H, W)
+  const int o = t.dim() == 4 ? 1 : 0;
+  return PixelGeom{t.size(1 + o), t.size(2 + o), t.stride(0), t.stride(1 + o), t.stride(2 + o)};
+}
+
+// Per-pixel upstream gradient: a 0-dim tensor (reduction sum) reads as stride 0 everywhere.
+inline PixelGeom grad_geom(const at::Tensor& grad, const at::Tensor& logits) {
+  if (grad.dim() == 0) return PixelGeom{logits.size(2), logits.size(3), 0, 0, 0};
+  return geom(grad);
+}
+
+inline void check_common(const char* op, const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.dim() == 4, op, ": logits must be (N, C, H, W), got ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
+              logits.scalar_type());
+  TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2) &&
+                  target.size(2) == logits.size(3),
+              op, ": target must be (N, H, W) = (", logits.size(0), ", ", logits.size(2), ", ", logits.size(3),
+              "), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == logits.device(), op, ": target and logits are on different devices");
+}
+
+inline void check_table(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits,
+                        int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), ", logits on ",
+              logits.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be contiguous with ", numel,
+              " elements, got shape ", t.sizes());
+}
+
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& logits) {
+  TORCH_CHECK(grad.device() == logits.device(), op, ": grad is on another device than logits");
+  TORCH_CHECK(grad.scalar_type() == acc_type(logits), op, ": grad must be ", acc_type(logits), ", got ",
+              grad.scalar_type());
+  TORCH_CHECK(grad.dim() == 0 || (grad.dim() == 3 && grad.size(0) == logits.size(0) &&
+                                  grad.size(1) == logits.size(2) && grad.size(2) == logits.size(3)),
+              op, ": grad must be 0-dim or (N, H, W), got ", grad.sizes());
+}
+
+// hsoftmax checks; returns D.
+inline int64_t check_hsoftmax(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& leaf_group, const at::Tensor& level_weights) {
+  check_common(op, logits, target);
+  TORCH_CHECK(leaf_group.dim() == 2 && leaf_group.size(1) == logits.size(1), op,
+              ": leaf_group must be (D, L) with L = ", logits.size(1), " channels, got ", leaf_group.sizes());
+  const int64_t D = leaf_group.size(0);
+  TORCH_CHECK(D >= 1 && D <= kMaxDepth, op, ": trees of depth 1..", kMaxDepth, " are supported, got ", D);
+  check_table(op, "leaf_group", leaf_group, logits, D * logits.size(1), at::kInt);
+  check_table(op, "level_weights", level_weights, logits, D, acc_type(logits));
+  return D;
+}
+
+inline void check_tree(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                       const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D) {
+  check_common(op, logits, target);
+  const int64_t V = logits.size(1);
+  TORCH_CHECK(L >= 1 && L <= V && D >= 1 && D <= V, op, ": bad tree sizes L=", L, ", D=", D, " for ", V,
+              " node channels");
+  check_table(op, "tree_index", tree_index, logits, 4 * V + L * D, at::kInt);
+  check_table(op, "node_weights", node_weights, logits, V, acc_type(logits));
+}
+
+// Logits as the backward walks them: any dense layout as is, anything else (overlapping, expanded,
+// sliced) as a contiguous copy.
+inline at::Tensor dense_logits(const at::Tensor& logits) {
+  return logits.is_non_overlapping_and_dense() ? logits : logits.contiguous();
+}
+
+inline std::tuple<at::Tensor, at::Tensor> new_loss(const at::Tensor& logits, bool per_pixel) {
+  auto opt = logits.options().dtype(acc_type(logits));
+  at::Tensor loss = per_pixel ? at::empty({logits.size(0), logits.size(2), logits.size(3)}, opt)
+                              : at::empty({}, opt);
+  at::Tensor count = at::empty({}, logits.options().dtype(at::kLong));
+  return {loss, count};
+}
+
+}  // namespace hss

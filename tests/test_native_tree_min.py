@@ -1,0 +1,224 @@
+"""The native (C++/CUDA) focal tree-min loss and tree BCE against the reference, on fresh random inputs."""
+import random
+
+import pytest
+import torch
+
+import hss_kernels
+from hss_kernels import Tree, trees
+
+native = pytest.importorskip("hss_kernels.native")
+if native.unavailable_reason("cpu") is not None:
+    pytest.skip(native.unavailable_reason("cpu"), allow_module_level=True)
+
+LOSSES = {"tree_min": hss_kernels.tree_min_loss, "tree_bce": hss_kernels.tree_bce_loss}
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-6),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+def random_tree(max_depth=5) -> Tree:
+    """An unbalanced random tree: each node hangs under the root or an earlier node."""
+    while True:
+        V = random.randint(2, 24)
+        parents = [-1] + [random.choice([-1] + list(range(i))) for i in range(1, V)]
+        tree = Tree.from_parents(parents)
+        if tree.depth <= max_depth:
+            return tree
+
+
+def make_inputs(tree, shape=(2, 5, 7), dtype=torch.float32, std=3.0, ignore_frac=0.2, device="cpu", ties=False):
+    N, H, W = shape
+    if ties:  # few distinct values: many ties in the mins and maxes
+        x = torch.randint(-2, 3, (N, tree.num_nodes, H, W)).to(dtype)
+    else:
+        x = (torch.randn(N, tree.num_nodes, H, W, dtype=torch.float64) * std).to(dtype)
+    y = torch.randint(0, tree.num_leaves, (N, H, W))
+    y[torch.rand(N, H, W) < ignore_frac] = 255
+    return x.to(device), y.to(device)
+
+
+def loss_and_grad(fn, x, y, tree, backend, reduction="mean", grad_out=None, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, y, tree, reduction=reduction, backend=backend, **kw)
+    g = torch.randn_like(loss) if grad_out is None else grad_out
+    (gx,) = torch.autograd.grad(loss, x, g)
+    return loss.detach(), gx, g
+
+
+def check_against_reference(fn, x, y, tree, reduction="mean", grad_out=None, **kw):
+    ref, gref, g = loss_and_grad(fn, x, y, tree, "reference", reduction, grad_out, **kw)
+    out, gout, _ = loss_and_grad(fn, x, y, tree, "native", reduction, g, **kw)
+    tol = TOL[x.dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert gout.dtype == x.dtype and gout.shape == x.shape
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(gout, gref, **tol)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", trees.names())
+def test_real_trees(name, dtype, loss):
+    tree = trees.load(name)
+    x, y = make_inputs(tree, dtype=dtype)
+    for reduction in ("mean", "sum", "none"):
+        check_against_reference(LOSSES[loss], x, y, tree, reduction, gamma=random.choice([0.0, 2.0]))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_unbalanced_trees(dtype, loss):
+    for _ in range(6):
+        tree = random_tree(max_depth=random.choice([3, 8]))
+        x, y = make_inputs(tree, shape=(random.randint(1, 3), random.randint(1, 9), random.randint(1, 9)),
+                          dtype=dtype)
+        check_against_reference(LOSSES[loss], x, y, tree, random.choice(["mean", "sum", "none"]),
+                                gamma=random.uniform(0, 3))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ties_follow_preorder(loss):
+    # Integer logits tie often; the gradient must go where the reference sends it (earliest in pre-order).
+    for name in ("cityscapes", "helen"):
+        tree = trees.load(name)
+        x, y = make_inputs(tree, shape=(2, 6, 6), dtype=torch.float64, ties=True)
+        check_against_reference(LOSSES[loss], x, y, tree, "sum", gamma=1.5)
+    tree = random_tree()
+    x, y = make_inputs(tree, shape=(2, 6, 6), dtype=torch.float64, ties=True)
+    check_against_reference(LOSSES[loss], x, y, tree, "none", gamma=0.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_options(dtype, loss):
+    tree = trees.load("pascal_person_part")  # background is a chain of three nodes
+    x, y = make_inputs(tree, dtype=dtype, std=6.0)
+    fn = LOSSES[loss]
+    for gamma, scale, eps, normalize in ((0.0, 5.0, 1e-8, "level"), (2.0, 1.0, 0.0, "node"),
+                                         (0.5, 2.5, 1e-3, "node"), (3.0, 1.0, 1e-8, "level")):
+        check_against_reference(fn, x, y, tree, random.choice(["mean", "sum", "none"]), gamma=gamma, scale=scale,
+                                eps=eps, normalize=normalize)
+    y2 = y.clone()
+    y2[y2 == 255] = 1
+    y2[torch.rand(y.shape) < 0.3] = 0  # ignore a real label
+    check_against_reference(fn, x, y2, tree, "mean", ignore_index=0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_one_pixel_all_ignored_expanded_grad(loss):
+    fn = LOSSES[loss]
+    tree = trees.load("lip")
+    x, y = make_inputs(tree, shape=(1, 1, 1), ignore_frac=0.0)
+    check_against_reference(fn, x, y, tree, "mean")
+    x, y = make_inputs(tree, shape=(2, 3, 5), ignore_frac=1.0)
+    for reduction in ("mean", "sum", "none"):
+        out, gx, _ = loss_and_grad(fn, x, y, tree, "native", reduction)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(gx, torch.zeros_like(gx))
+    x, y = make_inputs(tree, shape=(2, 4, 6), dtype=torch.float64)
+    g = torch.randn(1, 1, 1, dtype=torch.float64).expand(2, 4, 6)
+    check_against_reference(fn, x, y, tree, "none", grad_out=g)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_channels_last_equals_contiguous(dtype, loss):
+    fn = LOSSES[loss]
+    tree = trees.load("vistas")
+    x, y = make_inputs(tree, shape=(2, 6, 5), dtype=dtype)
+    a, ga, g = loss_and_grad(fn, x, y, tree, "native", "none")
+    b, gb, _ = loss_and_grad(fn, x.to(memory_format=torch.channels_last), y, tree, "native", "none", g)
+    assert gb.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_cpu(dtype):
+    tree = trees.load("cityscapes")
+    x, y = make_inputs(tree, dtype=dtype)
+    for fn in LOSSES.values():
+        check_against_reference(fn, x, y, tree, "mean")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradcheck(loss):
+    fn = LOSSES[loss]
+    tree = random_tree(max_depth=3)
+    x, y = make_inputs(tree, shape=(1, 2, 3), dtype=torch.float64)
+    x.requires_grad_()
+    for reduction, kw in (("mean", {"gamma": 2.0}), ("sum", {"gamma": 0.0, "eps": 1e-2}),
+                          ("none", {"gamma": 1.5, "normalize": "node", "scale": 3.0})):
+        assert torch.autograd.gradcheck(lambda t: fn(t, y, tree, reduction=reduction, backend="native", **kw), (x,))
+
+
+@pytest.mark.parametrize("extrema", [True, False])
+def test_opcheck(extrema):
+    tree = trees.load("cityscapes")
+    x, y = make_inputs(tree, shape=(2, 3, 4))
+    k = torch.rand(tree.num_nodes)
+    idx = native.tree_index(tree, "cpu")
+    for per_pixel in (False, True):
+        args = (x.requires_grad_(), y, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0, 255, per_pixel, extrema)
+        torch.library.opcheck(torch.ops.hss_kernels.tree_loss_fwd.default, args)
+        loss, _ = torch.ops.hss_kernels.tree_loss_fwd(*args)
+        torch.library.opcheck(torch.ops.hss_kernels.tree_loss_bwd.default,
+                              (torch.randn_like(loss), x.detach(), y, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0,
+                               255, extrema))
+
+
+def test_bad_inputs_raise():
+    tree = trees.load("cityscapes")
+    x, y = make_inputs(tree, ignore_frac=0.0)
+    y[0, 0, 0] = -1
+    args = (native.tree_index(tree, "cpu"), torch.ones(tree.num_nodes), tree.num_leaves, tree.depth, 2.0, 0.0, 255,
+            False, True)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.hss_kernels.tree_loss_fwd(x, y, *args)
+    with pytest.raises(RuntimeError, match="tree_index"):
+        torch.ops.hss_kernels.tree_loss_fwd(x[:, 1:], y, *args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cuda_matches_reference(dtype, loss):
+    for name in ("vistas", "pascal_person_part", "vistas_v2"):
+        tree = trees.load(name)
+        x, y = make_inputs(tree, shape=(2, 33, 47), dtype=dtype, device="cuda")
+        for reduction in ("mean", "sum", "none"):
+            check_against_reference(LOSSES[loss], x, y, tree, reduction, gamma=random.choice([0.0, 2.0]))
+        check_against_reference(LOSSES[loss], x.to(memory_format=torch.channels_last), y, tree, "mean")
+    # Ties on the GPU follow the same rule.
+    x, y = make_inputs(trees.load("helen"), shape=(2, 17, 9), dtype=torch.float64, device="cuda", ties=True)
+    check_against_reference(LOSSES[loss], x, y, trees.load("helen"), "sum")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cuda_deterministic_and_gradcheck(loss):
+    fn = LOSSES[loss]
+    tree = trees.load("vistas")
+    x, y = make_inputs(tree, shape=(4, 129, 65), device="cuda")
+    a = [loss_and_grad(fn, x, y, tree, "native", "mean", torch.tensor(1.0, device="cuda")) for _ in range(2)]
+    assert torch.equal(a[0][0], a[1][0]) and torch.equal(a[0][1], a[1][1])
+    small = random_tree(max_depth=3)
+    x, y = make_inputs(small, shape=(1, 2, 3), dtype=torch.float64, device="cuda")
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fn(t, y, small, backend="native"), (x,))
+
+
+def test_torch_compile_traces_through():
+    # aot_eager: Dynamo and AOTAutograd trace the ops through their fake kernels and registered autograd,
+    # without Inductor's code generation (slow on CI). The backend is resolved once eagerly first: the
+    # registry imports backend modules lazily, which Dynamo cannot trace.
+    hss_kernels.available_backends("cpu")
+    tree = trees.load("cityscapes")
+    y = make_inputs(tree)[1]
+    cases = [(hss_kernels.hierarchical_softmax_loss, tree.num_leaves), (hss_kernels.tree_min_loss, tree.num_nodes)]
+    for fn, channels in cases:
+        x = torch.randn(2, channels, 5, 7, requires_grad=True)
+        compiled = torch.compile(lambda t: fn(t, y, tree, backend="native"), backend="aot_eager", fullgraph=True)
+        out = compiled(x)
+        (g,) = torch.autograd.grad(out, x)
+        ref, gref, _ = loss_and_grad(fn, x, y, tree, "reference", "mean", torch.tensor(1.0))
+        torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
+        torch.testing.assert_close(g, gref, **TOL[torch.float32])
