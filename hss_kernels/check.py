@@ -75,14 +75,18 @@ def check_loss(op, backend, tree, dtype, device, shape, reduction) -> float:
 
 
 def check_decode(backend, tree, dtype, device, shape) -> float:
-    """Share of pixels whose decoded leaf differs from the reference's (ties aside, should be 0)."""
+    """Share of pixels whose decoded leaf scores worse than the reference's best (float64 path scores)
+    by more than rounding: kernels sum in another order, so exact near-ties may go either way."""
     x, _ = _inputs(tree, "tree_min_loss", shape, dtype, device)
     worst = 0.0
     for act in ("sigmoid", "softmax"):
         for score in ("sum", "mean"):
             a = functional.decode(x, tree, activation=act, score=score, backend=backend)
-            b = reference.decode(x, tree, activation=act, score=score)
-            worst = max(worst, float((a != b).double().mean()))
+            s = reference.path_scores(x.double(), tree, activation=act, score=score)
+            best = s.max(dim=1).values
+            got = s.gather(1, a.unsqueeze(1)).squeeze(1)
+            wrong = (best - got) > 1e-5 * best.abs().clamp(min=1)
+            worst = max(worst, float(wrong.double().mean()))
     return worst
 
 

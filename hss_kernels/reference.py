@@ -295,14 +295,8 @@ def tree_triplet_loss(
 
 
 # --------------------------------------------------------------------------- decoding
-def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
-    """Leaf label of the best root-to-leaf path per pixel (MATH.md §4) → int64 ``(N, *S)``.
-
-    Node logits (``V`` channels): a path's score is the sum (``score="sum"``) or mean (``"mean"``) over
-    its nodes of ``sigmoid(x)`` (``activation="sigmoid"``) or of the softmax over all node channels
-    (``"softmax"``). Leaf logits (``L`` channels, ``L != V``): the argmax leaf. Ties go to the lowest
-    leaf id.
-    """
+def path_scores(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
+    """Score of every leaf's root-to-leaf path per pixel → ``(N, L, *S)`` (see :func:`decode`)."""
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
     if score not in ("sum", "mean"):
@@ -311,13 +305,24 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     # explicit pixel count: reshape cannot infer -1 when N == 0
     x = logits.detach().to(_acc_dtype(logits)).reshape(N, C, math.prod(logits.shape[2:]))
     if C == tree.num_leaves and C != tree.num_nodes:
-        return x.argmax(dim=1).reshape(N, *logits.shape[2:])
+        return x.reshape(N, C, *logits.shape[2:])
     a = torch.sigmoid(x) if activation == "sigmoid" else torch.softmax(x, dim=1)
     path = tree.tables(x.device).path.to(x.dtype)  # (V, L)
     if score == "mean":
         path = path / path.sum(dim=0, keepdim=True)
     s = torch.einsum("vl,nvp->nlp", path, a)
-    return s.argmax(dim=1).reshape(N, *logits.shape[2:])
+    return s.reshape(N, tree.num_leaves, *logits.shape[2:])
+
+
+def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
+    """Leaf label of the best root-to-leaf path per pixel (MATH.md §4) → int64 ``(N, *S)``.
+
+    Node logits (``V`` channels): a path's score is the sum (``score="sum"``) or mean (``"mean"``) over
+    its nodes of ``sigmoid(x)`` (``activation="sigmoid"``) or of the softmax over all node channels
+    (``"softmax"``). Leaf logits (``L`` channels, ``L != V``): the argmax leaf. Ties go to the lowest
+    leaf id.
+    """
+    return path_scores(logits, tree, activation, score).argmax(dim=1)
 
 
 def labels_at_depth(leaf_labels: torch.Tensor, tree: Tree, depth: int, ignore_index: int = 255) -> torch.Tensor:
