@@ -113,6 +113,19 @@ def test_auto_order(monkeypatch):
     assert backends.resolve("hierarchical_softmax_loss", "auto", cpu) is reference.hierarchical_softmax_loss
 
 
+def test_auto_keeps_the_reference_decode_on_cpu(monkeypatch):
+    class Fake:
+        OPS = {"decode": lambda *a, **k: "native"}
+
+        @staticmethod
+        def unavailable_reason(device):
+            return None
+
+    monkeypatch.setitem(backends._loaded, "native", Fake)
+    assert backends.resolve("decode", "auto", torch.device("cpu")) is reference.decode
+    assert backends.resolve("decode", "native", torch.device("cpu"))() == "native"
+
+
 # ------------------------------------------------------------------ shapes and forms
 @pytest.mark.parametrize("spatial", [(), (5,), (3, 4), (2, 3, 4)])
 def test_any_spatial_shape(spatial):
