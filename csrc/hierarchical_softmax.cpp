@@ -59,56 +59,51 @@ __attribute__((always_inline)) inline vf vexp16(vf v) {
   return p * scale;
 }
 
-// The sums of one block for a tree of depth D: m, s and gsum[d] per lane. Returns false when a lane
-// has a group far below its max (see kShareShift): the caller then runs the per-pixel path.
-template <int D>
-__attribute__((always_inline)) inline bool hsm_forward_sums(const float* z, int64_t ld, int L, const int32_t* group,
-                                                            const int32_t (*gy)[kBlock], float* m, float* s,
-                                                            float (*gsum)[kBlock]) {
-  for (int64_t q = 0; q < kBlock; q += kV) {
-    vi g[D];
-    vf gm[D], gs[D];
-    for (int d = 0; d < D; ++d) {
-      g[d] = vload(gy[d] + q);
-      gm[d] = vsplat(neg_inf<float>());
-      gs[d] = vsplat(0.f);
-    }
-    vf mx = vsplat(neg_inf<float>());
-    for (int c = 0; c < L; ++c) {
-      const vf x = vload(z + c * ld + q);
-      mx = vmax(mx, x);
-      for (int d = 0; d < D; ++d) gm[d] = g[d] == group[d * L + c] ? vmax(gm[d], x) : gm[d];
-    }
-    vi far = vi{};
-    for (int d = 0; d < D; ++d) far |= (gm[d] < mx - float(kShareShift)) & (g[d] >= 0);
-    for (int p = 0; p < kV; ++p)
-      if (far[p]) return false;
-    vf sum = vsplat(0.f);
-    for (int c = 0; c < L; ++c) {
-      const vf e = vexp16(vload(z + c * ld + q) - mx);
-      sum += e;
-      for (int d = 0; d < D; ++d) gs[d] += g[d] == group[d * L + c] ? e : vsplat(0.f);
-    }
-    vstore(m + q, mx);
-    vstore(s + q, sum);
-    for (int d = 0; d < D; ++d) vstore(gsum[d] + q, gs[d]);
-  }
-  return true;
-}
-
-// Returns false, having written nothing, when a lane needs its own shift (see hsm_forward_sums).
-HSS_LANES_TARGETS bool hsm_forward_lanes(const float* z, int64_t ld, int64_t n, int L, int D, const int32_t* group,
+// Returns false, having written nothing, when a lane has a group far below its max (see
+// kShareShift): the caller runs the per-pixel path. The lane loops of this one are left to the
+// auto-vectoriser, which does better here than vector types with per-depth register arrays.
+HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t ld, int64_t n, int L, int D, const int32_t* group,
                                          const int32_t (*gy)[kBlock], const bool* valid, const float* w, float eps,
                                          float* st, int64_t P, int64_t i0, float* loss) {
-  alignas(64) float m[kBlock], s[kBlock], gsum[kMaxDepth][kBlock];
-  bool ok = false;
-  switch (D) {
-#define HSS_CASE(k) \
-  case k: ok = hsm_forward_sums<k>(z, ld, L, group, gy, m, s, gsum); break;
-    HSS_CASE(1) HSS_CASE(2) HSS_CASE(3) HSS_CASE(4) HSS_CASE(5) HSS_CASE(6) HSS_CASE(7) HSS_CASE(8)
-#undef HSS_CASE
+  alignas(64) float m[kBlock], s[kBlock], e[kBlock], gmax[kMaxDepth][kBlock], gsum[kMaxDepth][kBlock];
+  for (int64_t p = 0; p < kBlock; ++p) {
+    m[p] = neg_inf<float>();
+    s[p] = 0.f;
   }
-  if (!ok) return false;
+  for (int d = 0; d < D; ++d)
+    for (int64_t p = 0; p < kBlock; ++p) {
+      gmax[d][p] = neg_inf<float>();
+      gsum[d][p] = 0.f;
+    }
+  for (int c = 0; c < L; ++c) {
+    const float* z = tile + c * ld;
+    for (int64_t p = 0; p < kBlock; ++p) m[p] = z[p] > m[p] ? z[p] : m[p];
+    for (int d = 0; d < D; ++d) {
+      const int32_t gc = group[d * L + c];
+      const int32_t* g = gy[d];
+      float* gm = gmax[d];
+      for (int64_t p = 0; p < kBlock; ++p) {
+        const float hi = z[p] > gm[p] ? z[p] : gm[p];
+        gm[p] = g[p] == gc ? hi : gm[p];
+      }
+    }
+  }
+  for (int64_t p = 0; p < n; ++p)
+    for (int d = 0; d < D; ++d)
+      if (valid[p] && gmax[d][p] < m[p] - float(kShareShift)) return false;
+  for (int c = 0; c < L; ++c) {
+    const float* z = tile + c * ld;
+    for (int64_t p = 0; p < kBlock; ++p) {
+      e[p] = cpu::vexp(z[p] - m[p]);
+      s[p] += e[p];
+    }
+    for (int d = 0; d < D; ++d) {
+      const int32_t gc = group[d * L + c];
+      const int32_t* g = gy[d];
+      float* gs = gsum[d];
+      for (int64_t p = 0; p < kBlock; ++p) gs[p] += e[p] * static_cast<float>(g[p] == gc);
+    }
+  }
   for (int64_t p = 0; p < n; ++p) {
     if (!valid[p]) continue;
     float shift[kMaxDepth], sums[kMaxDepth];
