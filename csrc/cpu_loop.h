@@ -102,6 +102,12 @@ void for_each_block_direct(const T* x, int64_t C, int64_t sC, const PixelGeom& g
       const bool unit = unit_stride(offs, n);
       if constexpr (std::is_same_v<T, A>) {
         if (unit && n == kBlock) {
+          // The next block of this thread (static schedule: consecutive blocks) is likely the next
+          // kBlock pixels: ask for them now, C short runs that the hardware prefetcher would find late.
+          if (i0 + 2 * kBlock <= P)
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
+                __builtin_prefetch(x + c * sC + offs[0] + kBlock + k);
           body(i0, n, offs, x + offs[0], sC, tile.data() + C * kBlock);
           continue;
         }
