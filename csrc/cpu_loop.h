@@ -102,12 +102,12 @@ void for_each_block_direct(const T* x, int64_t C, int64_t sC, const PixelGeom& g
       const bool unit = unit_stride(offs, n);
       if constexpr (std::is_same_v<T, A>) {
         if (unit && n == kBlock) {
-          // The next block of this thread (static schedule: consecutive blocks) is likely the next
-          // kBlock pixels: ask for them now, C short runs that the hardware prefetcher would find late.
-          if (i0 + 2 * kBlock <= P)
+          // This thread's block after next (static schedule: consecutive blocks) is likely 2 * kBlock
+          // pixels on: ask for it now, C short runs that the hardware prefetcher would find late.
+          if (i0 + 3 * kBlock <= P)
             for (int64_t c = 0; c < C; ++c)
               for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
-                __builtin_prefetch(x + c * sC + offs[0] + kBlock + k);
+                __builtin_prefetch(x + c * sC + offs[0] + 2 * kBlock + k);
           body(i0, n, offs, x + offs[0], sC, tile.data() + C * kBlock);
           continue;
         }
@@ -143,10 +143,13 @@ inline void scatter(T* y, int64_t C, int64_t sC, const int64_t* offs, int64_t n,
   }
 }
 
-// The float lane loops are compiled twice, for AVX2 and for the baseline x86-64, and the loader
+// The float lane loops are compiled for AVX-512, for AVX2 and for the baseline x86-64, and the loader
 // picks one per machine (GCC function multiversioning), so that one build runs everywhere.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// x86-64-v4 is AVX-512 (16 float lanes), v3 AVX2 with FMA; GCC before 11 knows neither name.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define HSS_LANES_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HSS_LANES_TARGETS __attribute__((target_clones("avx2", "default")))
 #else
 #define HSS_LANES_TARGETS
 #endif

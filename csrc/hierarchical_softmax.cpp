@@ -26,6 +26,9 @@ using cpu::kBlock;
 // argument for that); the per-level bookkeeping is hss_math.h's. Channel c of lane p is
 // z[c * ld + p]: the input itself or a gathered tile. gy[d][p] is lane p's group at depth d (-1 for a
 // lane that is ignored or past the block's end, which then matches nothing).
+// The helpers on these types are always inlined into the multiversioned functions, so GCC's note that
+// passing a 64-byte vector by value depends on AVX-512 (-Wpsabi) concerns no real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int kV = 16;
