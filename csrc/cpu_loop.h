@@ -57,6 +57,10 @@ void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64
       const int64_t n = std::min(kBlock, P - i0);
       g.offsets(i0, n, offs);
       if (unit_stride(offs, n)) {  // NCHW within a row block: contiguous, vectorisable copies
+        if (n == kBlock && i0 + 3 * kBlock <= P)  // see for_each_block_direct
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
+              __builtin_prefetch(x + c * sC + offs[0] + 2 * kBlock + k);
         for (int64_t c = 0; c < C; ++c) {
           const T* xc = x + c * sC + offs[0];
           A* tc = tile.data() + c * kBlock;
