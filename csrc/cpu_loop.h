@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "hss_math.h"
@@ -56,6 +57,10 @@ void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64
       const int64_t n = std::min(kBlock, P - i0);
       g.offsets(i0, n, offs);
       if (unit_stride(offs, n)) {  // NCHW within a row block: contiguous, vectorisable copies
+        if (n == kBlock && i0 + 3 * kBlock <= P)  // see for_each_block_direct
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
+              __builtin_prefetch(x + c * sC + offs[0] + 2 * kBlock + k);
         for (int64_t c = 0; c < C; ++c) {
           const T* xc = x + c * sC + offs[0];
           A* tc = tile.data() + c * kBlock;
@@ -69,6 +74,57 @@ void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64
         }
       }
       body(i0, n, offs, tile.data(), tile.data() + C * kBlock);
+    }
+  }
+}
+
+// A pixel's channels at stride ld (a tile column, ld = kBlock, or the input itself).
+template <typename A>
+struct StridedColumn {
+  const A* p;
+  int64_t ld;
+  A operator()(int c) const { return p[c * ld]; }
+};
+
+// for_each_block, except that a full block of contiguous pixels whose type is already A is not copied:
+// body(first_pixel, n, offsets, channels, ld, scratch) reads channel c of lane p at channels[c * ld + p],
+// from x itself (ld = sC) or from the gathered tile (ld = kBlock). Streaming from x saves a copy of
+// every input byte; the tile stays for strided layouts, half types and the last, partial block.
+template <typename T, typename A, typename Body>
+void for_each_block_direct(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64_t P,
+                           int64_t scratch_size, const Body& body) {
+  const int64_t nb = (P + kBlock - 1) / kBlock;
+#pragma omp parallel if (nb > 1)
+  {
+    std::vector<A> tile(C * kBlock + scratch_size);
+    int64_t offs[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t i0 = b * kBlock;
+      const int64_t n = std::min(kBlock, P - i0);
+      g.offsets(i0, n, offs);
+      const bool unit = unit_stride(offs, n);
+      if constexpr (std::is_same_v<T, A>) {
+        if (unit && n == kBlock) {
+          // This thread's block after next (static schedule: consecutive blocks) is likely 2 * kBlock
+          // pixels on: ask for it now, C short runs that the hardware prefetcher would find late.
+          if (i0 + 3 * kBlock <= P)
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
+                __builtin_prefetch(x + c * sC + offs[0] + 2 * kBlock + k);
+          body(i0, n, offs, x + offs[0], sC, tile.data() + C * kBlock);
+          continue;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const T* xc = x + c * sC;
+        A* tc = tile.data() + c * kBlock;
+        if (unit)
+          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[0] + p]);
+        else
+          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[p]]);
+      }
+      body(i0, n, offs, static_cast<const A*>(tile.data()), kBlock, tile.data() + C * kBlock);
     }
   }
 }
@@ -91,9 +147,12 @@ inline void scatter(T* y, int64_t C, int64_t sC, const int64_t* offs, int64_t n,
   }
 }
 
-// The float lane loops are compiled twice, for AVX2 and for the baseline x86-64, and the loader
+// The float lane loops are compiled for AVX-512, for AVX2 and for the baseline x86-64, and the loader
 // picks one per machine (GCC function multiversioning), so that one build runs everywhere.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// x86-64-v4 is AVX-512 (16 float lanes), v3 AVX2 with FMA; GCC before 11 knows neither name.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define HSS_LANES_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HSS_LANES_TARGETS __attribute__((target_clones("avx2", "default")))
 #else
 #define HSS_LANES_TARGETS

@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <cstring>
 #include <type_traits>
 
 namespace hss {
@@ -20,13 +21,53 @@ namespace {
 
 using cpu::kBlock;
 
-// The float path runs a block with its pixels ("lanes") innermost, so that the compiler vectorises
-// across pixels; the per-level bookkeeping is hss_math.h's. gy[d][p] is lane p's group at depth d (-1
-// for a lane that is ignored, which then matches nothing). It returns false, having written nothing,
-// when a lane has a group far below its max (see kShareShift): the caller runs the per-pixel path.
-HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t n, int L, int D, const int32_t* group,
-                       const int32_t (*gy)[kBlock], const bool* valid, const float* w, float eps, float* st,
-                       int64_t P, int64_t i0, float* loss) {
+// The float path runs a block in chunks of 16 pixels ("lanes"), one GCC vector each, with every
+// running max and sum of the chunk held in registers across the channel loop (D is a template
+// argument for that); the per-level bookkeeping is hss_math.h's. Channel c of lane p is
+// z[c * ld + p]: the input itself or a gathered tile. gy[d][p] is lane p's group at depth d (-1 for a
+// lane that is ignored or past the block's end, which then matches nothing).
+// The helpers on these types are always inlined into the multiversioned functions, so GCC's note that
+// passing a 64-byte vector by value depends on AVX-512 (-Wpsabi) concerns no real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int kV = 16;
+
+__attribute__((always_inline)) inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline vi vload(const int32_t* p) {
+  vi v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline vf vsplat(float x) { return vf{} + x; }
+__attribute__((always_inline)) inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// cpu::vexp on a vector (same clamp, polynomial and rounding, so the same values lane by lane).
+__attribute__((always_inline)) inline vf vexp16(vf v) {
+  v = v < vsplat(-87.0f) ? vsplat(-87.0f) : v;
+  v = v > vsplat(88.0f) ? vsplat(88.0f) : v;
+  const vf n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf r = v - n * 0.693359375f + n * 2.12194440e-4f;
+  const vf r2 = r * r;
+  const vf p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                 1.6666665459e-1f) * r + 5.0000001201e-1f) * r2 + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Returns false, having written nothing, when a lane has a group far below its max (see
+// kShareShift): the caller runs the per-pixel path. The lane loops of this one are left to the
+// auto-vectoriser, which does better here than vector types with per-depth register arrays.
+HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t ld, int64_t n, int L, int D, const int32_t* group,
+                                         const int32_t (*gy)[kBlock], const bool* valid, const float* w, float eps,
+                                         float* st, int64_t P, int64_t i0, float* loss) {
   alignas(64) float m[kBlock], s[kBlock], e[kBlock], gmax[kMaxDepth][kBlock], gsum[kMaxDepth][kBlock];
   for (int64_t p = 0; p < kBlock; ++p) {
     m[p] = neg_inf<float>();
@@ -38,7 +79,7 @@ HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t n, int L, in
       gsum[d][p] = 0.f;
     }
   for (int c = 0; c < L; ++c) {
-    const float* z = tile + c * kBlock;
+    const float* z = tile + c * ld;
     for (int64_t p = 0; p < kBlock; ++p) m[p] = z[p] > m[p] ? z[p] : m[p];
     for (int d = 0; d < D; ++d) {
       const int32_t gc = group[d * L + c];
@@ -54,7 +95,7 @@ HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t n, int L, in
     for (int d = 0; d < D; ++d)
       if (valid[p] && gmax[d][p] < m[p] - float(kShareShift)) return false;
   for (int c = 0; c < L; ++c) {
-    const float* z = tile + c * kBlock;
+    const float* z = tile + c * ld;
     for (int64_t p = 0; p < kBlock; ++p) {
       e[p] = cpu::vexp(z[p] - m[p]);
       s[p] += e[p];
@@ -78,12 +119,35 @@ HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t n, int L, in
   return true;
 }
 
-// The backward of a block, lanes innermost; `g` is each lane's upstream gradient. Returns false,
-// having written nothing, when a lane needs exp(z - b_d) computed on its own (see hsm_backward_coefs).
-HSS_LANES_TARGETS bool hsm_backward_lanes(const float* tile, float* gtile, int64_t n, int L, int D, const int32_t* group,
-                        const int32_t (*gy)[kBlock], const bool* valid, const float* w, float eps, const float* st,
-                        int64_t P, int64_t i0, const float* g) {
-  alignas(64) float lse[kBlock], a[kBlock], k[kBlock], coef[kMaxDepth][kBlock];
+template <int D>
+__attribute__((always_inline)) inline void hsm_backward_chunks(const float* z, int64_t ld, float* o, int64_t ldo,
+                                                               int L, const int32_t* group,
+                                                               const int32_t (*gy)[kBlock], const float* lse,
+                                                               const float* a, const float (*coef)[kBlock]) {
+  for (int64_t q = 0; q < kBlock; q += kV) {
+    vi g[D];
+    vf cf[D];
+    for (int d = 0; d < D; ++d) {
+      g[d] = vload(gy[d] + q);
+      cf[d] = vload(coef[d] + q);
+    }
+    const vf l = vload(lse + q), av = vload(a + q);
+    for (int c = 0; c < L; ++c) {
+      vf k = av;
+      for (int d = 0; d < D; ++d) k -= g[d] == group[d * L + c] ? cf[d] : vsplat(0.f);
+      vstore(o + c * ldo + q, vexp16(vload(z + c * ld + q) - l) * k);
+    }
+  }
+}
+
+// The backward of a block, lanes innermost, into o[c * ldo + p]; `g` is each lane's upstream gradient.
+// Returns false, having written nothing, when a lane needs exp(z - b_d) computed on its own (see
+// hsm_backward_coefs).
+HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, int64_t ldo, int64_t n, int L, int D,
+                                          const int32_t* group, const int32_t (*gy)[kBlock], const bool* valid,
+                                          const float* w, float eps, const float* st, int64_t P, int64_t i0,
+                                          const float* g) {
+  alignas(64) float lse[kBlock], a[kBlock], coef[kMaxDepth][kBlock];
   for (int64_t p = 0; p < kBlock; ++p) {
     a[p] = 0.f;
     lse[p] = 0.f;
@@ -98,17 +162,11 @@ HSS_LANES_TARGETS bool hsm_backward_lanes(const float* tile, float* gtile, int64
       coef[d][p] = cf[d];
     }
   }
-  for (int c = 0; c < L; ++c) {
-    const float* z = tile + c * kBlock;
-    for (int64_t p = 0; p < kBlock; ++p) k[p] = a[p];
-    for (int d = 0; d < D; ++d) {
-      const int32_t gc = group[d * L + c];
-      const int32_t* gd = gy[d];
-      const float* cd = coef[d];
-      for (int64_t p = 0; p < kBlock; ++p) k[p] -= cd[p] * static_cast<float>(gd[p] == gc);
-    }
-    float* o = gtile + c * kBlock;
-    for (int64_t p = 0; p < kBlock; ++p) o[p] = cpu::vexp(z[p] - lse[p]) * k[p];
+  switch (D) {
+#define HSS_CASE(k) \
+  case k: hsm_backward_chunks<k>(z, ld, o, ldo, L, group, gy, lse, a, coef); break;
+    HSS_CASE(1) HSS_CASE(2) HSS_CASE(3) HSS_CASE(4) HSS_CASE(5) HSS_CASE(6) HSS_CASE(7) HSS_CASE(8)
+#undef HSS_CASE
   }
   return true;
 }
@@ -147,8 +205,8 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
   std::vector<double> part(nb, 0.0);
   std::vector<int64_t> cnt(nb, 0);
   std::vector<char> bad(nb, 0);
-  cpu::for_each_block<T, A>(x, L, logits.stride(1), gx, P, 0,
-                            [&](int64_t i0, int64_t n, const int64_t*, const A* tile, A*) {
+  cpu::for_each_block_direct<T, A>(x, L, logits.stride(1), gx, P, 0,
+                                   [&](int64_t i0, int64_t n, const int64_t*, const A* tile, int64_t ld, A*) {
     int32_t gy[kMaxDepth][kBlock];
     bool valid[kBlock];
     int64_t ys[kBlock];
@@ -156,7 +214,7 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys, &bad[i0 / kBlock]);
     bool lanes = false;
     if constexpr (std::is_same_v<A, float>)
-      lanes = hsm_forward_lanes(tile, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
+      lanes = hsm_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
@@ -166,7 +224,7 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
         for (int d = 0; d <= D; ++d) st[d * P + i] = A(0);  // defined outputs, never read
       } else {
         l = lanes ? lane_loss[p]
-                  : hsm_forward_pixel<A>(cpu::Column<A>{tile + p}, L, D, group, static_cast<int>(ys[p]), w, eps,
+                  : hsm_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, group, static_cast<int>(ys[p]), w, eps,
                                          st + i, P);
         s += l;
         ++c;
@@ -214,8 +272,9 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
   const A eps = static_cast<A>(eps_);
   const A* st = stats.data_ptr<A>();
   const int64_t sC = logits.stride(1);
-  cpu::for_each_block<T, A>(x, L, sC, gx, P, L * kBlock,
-                            [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, A* gtile) {
+  cpu::for_each_block_direct<T, A>(x, L, sC, gx, P, L * kBlock,
+                                   [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, int64_t ld,
+                                       A* gtile) {
     int32_t gy[kMaxDepth][kBlock];
     bool valid[kBlock];
     int64_t ys[kBlock];
@@ -225,16 +284,23 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < n; ++p) g[p] = gp[goff[p]];
-    bool lanes = false;
-    if constexpr (std::is_same_v<A, float>)
-      lanes = hsm_backward_lanes(tile, gtile, n, L, D, group, gy, valid, w, eps, st, P, i0, g);
-    if (!lanes) {
+    if constexpr (std::is_same_v<A, float>) {
+      // Read from the input itself (not the tile, which lies just before the scratch): a full block
+      // of contiguous float pixels, so the gradient, with the same strides, is written in place too.
+      const bool direct = tile != gtile - L * kBlock;
+      if (hsm_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
+                             direct ? sC : kBlock, n, L, D, group, gy, valid, w, eps, st, P, i0, g)) {
+        if (!direct) cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
+        return;
+      }
+    }
+    {
       for (int64_t p = 0; p < n; ++p) {
         if (!valid[p]) {
           for (int j = 0; j < L; ++j) gtile[j * kBlock + p] = A(0);
           continue;
         }
-        hsm_backward_pixel<A>(cpu::Column<A>{tile + p}, cpu::ColumnOut<A>{gtile + p}, L, D, group,
+        hsm_backward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, cpu::ColumnOut<A>{gtile + p}, L, D, group,
                               static_cast<int>(ys[p]), w, eps, st + i0 + p, P, g[p]);
       }
     }

@@ -92,6 +92,16 @@ def test_large_logits(dtype):
         check_against_reference(x, y, tree, "none", eps=eps)
 
 
+def test_contiguous_blocks_read_in_place():
+    # 150 pixels an image: whole 64-pixel blocks are read from (and their gradient written to) the
+    # tensors themselves, a block across two images and the partial last block go through the tile;
+    # std 40 sends some in-place blocks to the per-pixel path, and random trees cover depths 1 to 4.
+    for tree in [trees.load("vistas"), trees.load("helen"), random_tree(), random_tree()]:
+        for std, eps in ((3.0, 0.0), (40.0, 1e-4)):
+            x, y = make_inputs(tree, shape=(2, 3, 50), std=std)
+            check_against_reference(x, y, tree, "none", eps=eps)
+
+
 def test_one_pixel_and_all_ignored():
     tree = trees.load("cityscapes")
     x, y = make_inputs(tree, shape=(1, 1, 1), ignore_frac=0.0)
