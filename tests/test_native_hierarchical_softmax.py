@@ -42,10 +42,10 @@ def loss_and_grad(x, y, tree, backend, reduction="mean", grad_out=None, **kw):
     return loss.detach(), gx, g
 
 
-def check_against_reference(x, y, tree, reduction="mean", grad_out=None, **kw):
+def check_against_reference(x, y, tree, reduction="mean", grad_out=None, tol=None, **kw):
     ref, gref, g = loss_and_grad(x, y, tree, "reference", reduction, grad_out, **kw)
     out, gout, _ = loss_and_grad(x, y, tree, "native", reduction, g, **kw)
-    tol = TOL[x.dtype]
+    tol = tol or TOL[x.dtype]
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert gout.dtype == x.dtype and gout.shape == x.shape
     torch.testing.assert_close(out, ref, **tol)
@@ -99,7 +99,10 @@ def test_contiguous_blocks_read_in_place():
     for tree in [trees.load("vistas"), trees.load("helen"), random_tree(), random_tree()]:
         for std, eps in ((3.0, 0.0), (40.0, 1e-4)):
             x, y = make_inputs(tree, shape=(2, 3, 50), std=std)
-            check_against_reference(x, y, tree, "none", eps=eps)
+            # float32 rounds log-sum-exps of size ~std*3 to ~1e-7 of that: absolute error grows with std
+            # (a near-zero per-pixel loss at std 40 differed by 1.5e-5 between two float32 sums).
+            tol = dict(rtol=2e-5, atol=2e-6 * std)
+            check_against_reference(x, y, tree, "none", tol=tol, eps=eps)
 
 
 def test_one_pixel_and_all_ignored():
