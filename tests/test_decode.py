@@ -61,7 +61,6 @@ def assert_like_reference(got, logits, tree, activation="sigmoid", score="sum"):
     tol = 1e-9 if logits.dtype == torch.float64 else 2e-5
     gap = (sg - sw).abs()[diff.reshape(N, -1)]
     assert float(gap.max()) <= tol, f"{int(diff.sum())} labels differ, score gaps up to {float(gap.max())}"
-    assert float(diff.float().mean()) < 0.01, f"{int(diff.sum())} of {diff.numel()} labels differ"
 
 
 def random_logits(C, shape=(2, 9, 13), dtype=torch.float32, scale=3.0, device="cpu"):
