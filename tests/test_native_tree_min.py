@@ -52,7 +52,10 @@ def check_against_reference(fn, x, y, tree, reduction="mean", grad_out=None, **k
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert gout.dtype == x.dtype and gout.shape == x.shape
     torch.testing.assert_close(out, ref, **tol)
-    torch.testing.assert_close(gout, gref, **tol)
+    # float32 gradients are sums of terms up to the gradient's largest size that cancel: allow rounding
+    # relative to that size, as for the reference itself against float64
+    scale = float(gref.abs().max()) if gref.numel() else 0.0
+    torch.testing.assert_close(gout, gref, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

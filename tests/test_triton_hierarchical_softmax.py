@@ -135,7 +135,7 @@ def test_single_pass_equals_two_pass(reduction, eps):
     torch.testing.assert_close(loss1, loss2, rtol=0, atol=0)
     torch.testing.assert_close(grad1, grad2, rtol=1e-6, atol=1e-7)
     ref_loss, ref_grad, _ = loss_and_grad(ref, x, y, tree, reduction=reduction, eps=eps, grad_out=go)
-    torch.testing.assert_close(grad1, ref_grad, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad1, ref_grad, rtol=2e-5, atol=2e-6 + 2e-5 * float(ref_grad.abs().max()))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -157,7 +157,7 @@ def test_single_pass_equals_two_pass(kind, reduction):
     torch.testing.assert_close(loss1, loss2, rtol=0, atol=0)
     torch.testing.assert_close(grad1, grad2, rtol=1e-6, atol=1e-8)
     ref_loss, ref_grad, _ = loss_and_grad(ref(kind), x, y, tree, grad_out=go, **kw)
-    torch.testing.assert_close(grad1, ref_grad, rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(grad1, ref_grad, rtol=2e-5, atol=2e-6 + 2e-5 * float(ref_grad.abs().max()))
 
 
 @pytest.mark.parametrize("kind", ["tree_min", "tree_bce"])
