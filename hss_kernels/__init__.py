@@ -9,7 +9,9 @@ from .backends import available_backends
 from .functional import (
     decode,
     hierarchical_softmax_loss,
+    label_check_enabled,
     labels_at_depth,
+    set_label_check,
     tree_bce_loss,
     tree_min_loss,
     tree_triplet_loss,
@@ -37,6 +39,8 @@ __all__ = [
     "tree_triplet_loss",
     "decode",
     "labels_at_depth",
+    "set_label_check",
+    "label_check_enabled",
     "HierarchicalSoftmaxLoss",
     "TreeMinLoss",
     "TreeBCELoss",

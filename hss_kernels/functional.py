@@ -25,6 +25,8 @@ __all__ = [
     "decode",
     "labels_at_depth",
     "as_tree",
+    "set_label_check",
+    "label_check_enabled",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,6 +41,29 @@ def as_tree(tree: Union[Tree, str]) -> Tree:
         from . import trees
         return trees.load(tree)
     raise TypeError(f"tree must be a hss_kernels.Tree or the name of a shipped tree, got {type(tree).__name__}")
+
+
+_LABEL_CHECK = True
+
+
+def set_label_check(enabled: bool) -> None:
+    """Turn on (the default) or off the scan of the target of :func:`hierarchical_softmax_loss`,
+    :func:`tree_min_loss` and :func:`tree_bce_loss` (and their modules) for labels outside
+    ``[0, num_leaves)`` that are not ``ignore_index``, which raises a ``ValueError`` naming the label.
+
+    The scan reads the whole target and, on a GPU, waits for the result (one host synchronisation per
+    call); turn it off once a data pipeline is trusted. ``torch.compile`` skips it too. Without it, such a
+    label is never read out of bounds: the native and Triton kernels give a NaN loss at that pixel (so
+    a ``"mean"``/``"sum"`` loss is NaN) and the reference backend raises an ``IndexError`` (on a GPU,
+    a device-side assert). Shapes, dtypes and devices are always checked.
+    """
+    global _LABEL_CHECK
+    _LABEL_CHECK = bool(enabled)
+
+
+def label_check_enabled() -> bool:
+    """Whether the losses scan targets for out-of-range labels (see :func:`set_label_check`)."""
+    return _LABEL_CHECK
 
 
 def _is_compiling() -> bool:
@@ -71,7 +96,7 @@ def _check_target(fn: str, logits, target, tree: Tree, ignore_index: int) -> Non
                          f"got {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"{fn}: target is on {target.device} but logits on {logits.device}")
-    if _is_compiling() or target.numel() == 0:
+    if not _LABEL_CHECK or _is_compiling() or target.numel() == 0:
         return
     L = tree.num_leaves
     bad = ((target < 0) | (target >= L)) & (target != ignore_index)

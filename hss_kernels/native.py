@@ -18,8 +18,7 @@ float64 in float64; the loss comes back in the accumulation dtype, the gradient 
 """
 from __future__ import annotations
 
-import weakref
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -61,20 +60,27 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_TREE_INDEX: "weakref.WeakKeyDictionary[Tree, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
 def tree_index(tree: Tree, device) -> torch.Tensor:
     """The tree tables the tree-loss kernels read, packed into one int32 tensor (cached per device):
     ``depth (V) | dfs_order (V) | dfs_pos (V) | subtree_size (V) | path_nodes (L*D)``."""
-    per_device = _TREE_INDEX.setdefault(tree, {})
-    key = str(torch.device(device))
-    packed = per_device.get(key)
-    if packed is None:
+    def build():
         t = tree.tables(device)
-        packed = torch.cat([t.depth, t.dfs_order, t.dfs_pos, t.subtree_size, t.path_nodes.reshape(-1)]).contiguous()
-        per_device[key] = packed
-    return packed
+        return torch.cat([t.depth, t.dfs_order, t.dfs_pos, t.subtree_size, t.path_nodes.reshape(-1)]).contiguous()
+    return tree.cached(("native_index", str(torch.device(device))), build)
+
+
+def _level_weights(tree: Tree, level_weights, dtype, device) -> torch.Tensor:
+    """w_1..w_D on the device; cached unless given as a tensor, so a training step copies nothing."""
+    if isinstance(level_weights, torch.Tensor):
+        return reference.level_weight_vector(tree, level_weights, dtype, device).contiguous()
+    key = ("native_level_w", None if level_weights is None else tuple(float(v) for v in level_weights),
+           dtype, str(device))
+    return tree.cached(key, lambda: reference.level_weight_vector(tree, level_weights, dtype, device).contiguous())
+
+
+def _node_weights(tree: Tree, scale: float, normalize: str, dtype, device) -> torch.Tensor:
+    key = ("native_k", float(scale), normalize, dtype, str(device))
+    return tree.cached(key, lambda: reference.node_weight_vector(tree, scale, normalize, dtype, device))
 
 
 def _reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -100,7 +106,7 @@ def hierarchical_softmax_loss(
     """:func:`hss_kernels.reference.hierarchical_softmax_loss` with fused C++/CUDA kernels.
     ``logits`` (N, L, H, W), ``target`` (N, H, W), already checked by the public API."""
     _check_reduction(reduction)
-    w = reference.level_weight_vector(tree, level_weights, _acc(logits.dtype), logits.device).contiguous()
+    w = _level_weights(tree, level_weights, _acc(logits.dtype), logits.device)
     group = tree.tables(logits.device).leaf_group
     loss, _, count = torch.ops.hss_kernels.hsoftmax_fwd(logits, target.long(), group, w, float(eps),
                                                         int(ignore_index), reduction == "none")
@@ -109,7 +115,7 @@ def hierarchical_softmax_loss(
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, extrema):
     _check_reduction(reduction)
-    k = reference.node_weight_vector(tree, scale, normalize, _acc(logits.dtype), logits.device)
+    k = _node_weights(tree, scale, normalize, _acc(logits.dtype), logits.device)
     loss, count = torch.ops.hss_kernels.tree_loss_fwd(
         logits, target.long(), tree_index(tree, logits.device), k, tree.num_leaves, tree.depth, float(gamma),
         float(eps), int(ignore_index), reduction == "none", extrema)

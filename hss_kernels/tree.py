@@ -104,6 +104,7 @@ class Tree:
         self.depth: int = max(self.depths[c] for c in self.leaf_channels)
         self._build_tables()
         self._device_tables: Dict[str, TreeTables] = {}
+        self._memo: Dict = {}
 
     # The order in which children are visited. from_text sets _file_rank so that DFS follows the file.
     _file_rank: Optional[List[int]] = None
@@ -329,6 +330,16 @@ class Tree:
             t = self._make_tables(device)
             self._device_tables[key] = t
         return t
+
+    def cached(self, key, build):
+        """``build()``, computed once per ``key`` and kept with the tree: the backends keep their small
+        device tensors (packed tables, weight vectors) here so that a training step builds and copies
+        nothing from the host. ``key`` must name everything the value depends on (device, dtype, options)."""
+        value = self._memo.get(key)
+        if value is None:
+            value = build()
+            self._memo[key] = value
+        return value
 
     def _make_tables(self, device: torch.device) -> TreeTables:
         L, V, D = self.num_leaves, self.num_nodes, self.depth

@@ -56,6 +56,27 @@ def test_target_checks(fn, C):
         fn(x, y, TREE, reduction="avg", ignore_index=-100)
 
 
+@pytest.mark.parametrize("fn, C", [(hk.hierarchical_softmax_loss, 7), (hk.tree_min_loss, 12),
+                                   (hk.tree_bce_loss, 12)])
+def test_label_check_switch(fn, C):
+    x = torch.randn(2, C, 3, 4)
+    y = torch.zeros(2, 3, 4, dtype=torch.long)
+    y[0, 1, 1] = 7
+    assert hk.label_check_enabled()
+    try:
+        hk.set_label_check(False)
+        assert not hk.label_check_enabled()
+        # No scan: the bad label reaches the reference, which fails on it instead of the ValueError.
+        with pytest.raises(IndexError):
+            fn(x, y, TREE, backend="reference")
+        with pytest.raises(ValueError, match="channels"):  # the other checks stay
+            fn(torch.randn(2, C + 1, 3, 4), y, TREE)
+    finally:
+        hk.set_label_check(True)
+    with pytest.raises(ValueError, match=r"label 7, outside"):
+        fn(x, y, TREE, backend="reference")
+
+
 def test_option_checks():
     x, y = node_inputs(3, 3)
     with pytest.raises(ValueError, match="gamma must be >= 0"):

@@ -7,7 +7,7 @@ the whole batch; a program owns ``BLOCK_P`` consecutive pixels and all (padded) 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 import torch
 import triton
@@ -78,9 +78,4 @@ def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtyp
 
 def tree_cache(tree: Tree, key, build: Callable[[], object]):
     """Per-tree cache of small device tensors (tables, weights), so a training step copies nothing."""
-    cache: Dict = tree.__dict__.setdefault("_hss_triton_cache", {})
-    value = cache.get(key)
-    if value is None:
-        value = build()
-        cache[key] = value
-    return value
+    return tree.cached(("triton",) + tuple(key), build)
