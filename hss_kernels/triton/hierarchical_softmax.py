@@ -61,8 +61,11 @@ def _hsm_kernel(
     mask2 = cmask[:, None] & pmask[None, :]
 
     y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)
-    y = tl.where(valid, y, 0)
+    valid = pmask & (y != ignore_index)  # the pixels that count
+    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
+    # are NaN (the public API rejects such labels, but not under torch.compile).
+    bad = valid & ((y < 0) | (y >= L))
+    y = tl.where(valid & ~bad, y, 0)
 
     x_off = n[None, :] * sxn + c[:, None].to(tl.int64) * sxc + (h * sxh + w * sxw)[None, :]
     x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
@@ -127,6 +130,7 @@ def _hsm_kernel(
                 sel_r = tl.where(in_g, lse_d[None, :], sel_r)
                 sel_f = tl.where(in_g, F[None, :], sel_f)
 
+    loss = tl.where(bad, float("nan"), loss)
     if LOSS_MODE == 1:
         tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
     if LOSS_MODE == 2:
@@ -143,7 +147,7 @@ def _hsm_kernel(
             grad = prob * (A[None, :] - sel_f)
         else:
             grad = wsum[None, :] * prob - tl.exp(x - sel_r) * sel_f
-        grad = tl.where(valid[None, :], grad * s[None, :], 0.0)
+        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = n[None, :] * sgn + c[:, None].to(tl.int64) * sgc + (h * sgh + w * sgw)[None, :]
         tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
 

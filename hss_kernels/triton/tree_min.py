@@ -109,8 +109,11 @@ def _tree_kernel(
     k_row = tl.load(k_ptr + chan, mask=rmask, other=0.0).to(ACC)
 
     y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)
-    y = tl.where(valid, y, 0)
+    valid = pmask & (y != ignore_index)  # the pixels that count
+    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
+    # are NaN (the public API rejects such labels, but not under torch.compile).
+    bad = valid & ((y < 0) | (y >= L))
+    y = tl.where(valid & ~bad, y, 0)
 
     pix_x = n * sxn + h * sxh + w * sxw
     x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
@@ -214,6 +217,7 @@ def _tree_kernel(
         loss += tl.sum(kf * f, axis=0)
         grad = tl.where(on_path, kf * df, -kf * df)
 
+    loss = tl.where(bad, float("nan"), loss)
     if LOSS_MODE == 1:
         tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
     if LOSS_MODE == 2:
@@ -225,7 +229,7 @@ def _tree_kernel(
             s = tl.load(go_ptr).to(ACC) + zero
         else:
             s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
-        grad = tl.where(valid[None, :], grad * s[None, :], 0.0)
+        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = (n * sgn + h * sgh + w * sgw)[None, :] + chan[:, None].to(tl.int64) * sgc
         tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
 
