@@ -310,7 +310,9 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O&
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
     const A z = x(v);
-    if (z < cur) {
+    // d == 0 takes the root-side node whatever its value: with `z < cur` alone a +inf or NaN logit
+    // there left arg = -1, an out-of-bounds K(-1) (on the GPU, outside the block's shared memory).
+    if (d == 0 || z < cur) {
       cur = z;
       arg = v;
     }

@@ -70,7 +70,7 @@ void tree_terms(const X& x, const TreeIndex& t, int y, bool extrema, const O& Z)
   for (int d = 0; d < t.D; ++d) {
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
-    cur = std::min(cur, x(v));
+    cur = hmin(cur, x(v));  // as tree_forward_pixel: a NaN logit makes the term NaN (std::min dropped it)
     Z(v, cur);
   }
   for (int v = 0; v < t.V; ++v)
@@ -91,7 +91,7 @@ void tree_routes(const X& x, const TreeIndex& t, int y, bool extrema, const floa
       const int v = t.path[y * t.D + d];
       if (v < 0) break;
       const float z = x(v);
-      if (z < cur) {
+      if (d == 0 || z < cur) {  // see tree_backward_pixel: never K[-1] on a +inf/NaN logit
         cur = z;
         arg = v;
       }
