@@ -179,15 +179,16 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
         gos = grad_out.stride()
     else:
         gos = (0, 0, 0)
-    _hsm_kernel[(programs,)](
-        logits, target, leaf_group, level_w, stats, loss, partials, counts, g, go,
-        P, HW, Wd,
-        *logits.stride(), *target.stride(), *gs, *gos,
-        float(eps), int(ignore_index),
-        L=L, D=D, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-        HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats, WRITE_STATS=write_stats,
-        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, TINY=_TINY[acc], num_warps=warps,
-    )
+    with C.device_guard(logits):
+        _hsm_kernel[(programs,)](
+            logits, target, leaf_group, level_w, stats, loss, partials, counts, g, go,
+            P, HW, Wd,
+            *logits.stride(), *target.stride(), *gs, *gos,
+            float(eps), int(ignore_index),
+            L=L, D=D, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+            HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats, WRITE_STATS=write_stats,
+            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, TINY=_TINY[acc], num_warps=warps,
+        )
     return partials, counts
 
 

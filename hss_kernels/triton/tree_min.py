@@ -258,16 +258,17 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
     dummy = partials
     gs = grad.stride() if grad is not None else (0, 0, 0, 0)
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
-    _tree_kernel[(programs,)](
-        logits, target, tab, k, loss if loss is not None else dummy, partials, counts,
-        grad if grad is not None else dummy, grad_out if grad_out is not None else dummy,
-        P, HW, Wd,
-        *logits.stride(), *target.stride(), *gs, *gos,
-        float(gamma), float(eps), int(ignore_index),
-        V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-        USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
-        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
-    )
+    with C.device_guard(logits):
+        _tree_kernel[(programs,)](
+            logits, target, tab, k, loss if loss is not None else dummy, partials, counts,
+            grad if grad is not None else dummy, grad_out if grad_out is not None else dummy,
+            P, HW, Wd,
+            *logits.stride(), *target.stride(), *gs, *gos,
+            float(gamma), float(eps), int(ignore_index),
+            V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+            USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
+            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
+        )
     return partials, counts
 
 
