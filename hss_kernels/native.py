@@ -146,6 +146,16 @@ def _new_loss(logits, per_pixel):
     return loss, logits.new_empty((), dtype=torch.int64)
 
 
+def _grad_like(logits):
+    """The backward ops' output: ``empty_like`` of the logits as the kernels walk them (ops.h
+    dense_logits): any non-overlapping dense layout as is, anything else as a contiguous copy. A plain
+    ``empty_like`` of a sliced channels_last view would be channels_last, the kernel's output NCHW, and
+    torch.compile's stride assertion would fail."""
+    import torch._prims_common as pc  # ATen's rule, also on fake tensors (the name changed across torch versions)
+    dense = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
+    return torch.empty_like(logits if dense(logits) else logits.contiguous())
+
+
 def _register() -> None:
     lib = "hss_kernels::"
 
@@ -158,7 +168,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "hsoftmax_bwd")
     def _(grad, logits, target, stats, leaf_group, level_weights, eps, ignore_index):
-        return torch.empty_like(logits)
+        return _grad_like(logits)
 
     @torch.library.register_fake(lib + "tree_loss_fwd")
     def _(logits, target, tree_index, node_weights, num_leaves, depth, gamma, eps, ignore_index, per_pixel,
@@ -167,7 +177,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "tree_loss_bwd")
     def _(grad, logits, target, tree_index, node_weights, num_leaves, depth, gamma, eps, ignore_index, extrema):
-        return torch.empty_like(logits)
+        return _grad_like(logits)
 
     def hsm_setup(ctx, inputs, output):
         logits, target, leaf_group, level_weights, eps, ignore_index, _ = inputs
