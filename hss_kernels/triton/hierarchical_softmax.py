@@ -290,7 +290,8 @@ def _tables(tree: Tree, level_weights, dtype, device):
         key = ("ones", tree.depth, dtype, str(device))
         level_w = C.tree_cache(tree, key, lambda: torch.ones(tree.depth, dtype=dtype, device=device))
     elif isinstance(level_weights, torch.Tensor):
-        level_w = level_weights.detach().to(dtype=dtype, device=device).reshape(-1)
+        # contiguous: the kernel reads w_ptr + d (reshape keeps a strided 1-D view as it is)
+        level_w = level_weights.detach().to(dtype=dtype, device=device).reshape(-1).contiguous()
     else:  # a list: cached, so that a training step makes no host-to-device copy
         key = ("w", tuple(float(v) for v in level_weights), dtype, str(device))
         level_w = C.tree_cache(tree, key, lambda: torch.tensor(key[1], dtype=dtype, device=device))
