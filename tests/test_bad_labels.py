@@ -16,18 +16,21 @@ LOSSES = ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss")
 IGNORE = 255
 
 
-def _backend(name):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _backend(name, device="cpu"):
     try:
         mod = importlib.import_module(f"hss_kernels.{name}")
     except ImportError as exc:  # Triton missing, extension not built
         pytest.skip(f"{name}: {exc}")
-    reason = mod.unavailable_reason("cpu")
+    reason = mod.unavailable_reason(device)
     if reason is not None:
         pytest.skip(reason)
     return mod
 
 
-def _inputs(tree, loss, bad, dtype, shape=(2, 5, 7)):
+def _inputs(tree, loss, bad, dtype, shape=(2, 5, 7), device="cpu"):
     channels = tree.num_leaves if loss == "hierarchical_softmax_loss" else tree.num_nodes
     N, H, W = shape
     x = (torch.randn(N, channels, H, W, dtype=torch.float64) * 3).to(dtype)
@@ -38,7 +41,7 @@ def _inputs(tree, loss, bad, dtype, shape=(2, 5, 7)):
     flat[where] = bad
     is_bad = torch.zeros(flat.numel(), dtype=torch.bool)
     is_bad[where] = True
-    return x, y, is_bad.view(shape)
+    return x.to(device), y.to(device), is_bad.view(shape).to(device)
 
 
 def _loss_and_grad(fn, x, y, tree, reduction, g=None):
@@ -50,15 +53,16 @@ def _loss_and_grad(fn, x, y, tree, reduction, g=None):
     return loss.detach(), gx, g
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("bad", ["-1", "L", "254", "1000"])
-def test_bad_label_gives_nan_and_leaves_other_pixels_alone(backend, loss, bad):
-    mod = _backend(backend)
+def test_bad_label_gives_nan_and_leaves_other_pixels_alone(backend, loss, bad, device):
+    mod = _backend(backend, device)
     tree = trees.load("helen" if loss == "hierarchical_softmax_loss" else "pascal_person_part")
     value = {"-1": -1, "L": tree.num_leaves, "254": 254, "1000": 1000}[bad]
     dtype = torch.float64 if bad == "L" else torch.float32
-    x, y, is_bad = _inputs(tree, loss, value, dtype)
+    x, y, is_bad = _inputs(tree, loss, value, dtype, device=device)
     fn, ref = mod.OPS[loss], getattr(reference, loss)
     y_ref = y.masked_fill(is_bad, IGNORE)  # what every other pixel must see
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
