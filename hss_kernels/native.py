@@ -15,6 +15,11 @@ The ops (see ``csrc/hierarchical_softmax.cpp`` and ``csrc/tree_min.cpp`` for the
 The forwards return the loss per pixel (``reduction="none"``) or its sum, plus the number of
 non-ignored pixels; ``mean`` divides here. Float16/bfloat16/float32 logits accumulate in float32,
 float64 in float64; the loss comes back in the accumulation dtype, the gradient in the logits' dtype.
+
+Labels: a target value that is neither ``ignore_index`` nor a leaf id in ``[0, L)`` (the public API
+rejects those, but not under torch.compile, where the check would need a host sync) never indexes a
+table: that pixel's loss is NaN and counts as a labelled pixel, so ``mean``/``sum`` are NaN, and its
+gradient row is NaN; the other pixels are unaffected. The Triton backend does the same.
 """
 from __future__ import annotations
 
