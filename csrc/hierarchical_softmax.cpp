@@ -5,6 +5,8 @@
 //   -> loss: (N, H, W) per pixel (0 where ignored) if per_pixel, else the 0-dim sum; float32/float64,
 //      stats: (D + 1, N, H, W) lse and lse_1..lse_D, what the backward needs,
 //      count: 0-dim int64, the number of non-ignored pixels.
+//   A label neither ignore_index nor in [0, L) reads no table: that pixel's loss is NaN (and counts),
+//   so a sum or mean over it is NaN; the backward gives it a NaN gradient row (hss_math.h, label_kind).
 // hsoftmax_bwd(grad (0-dim or (N, H, W), any strides), logits, target, stats, leaf_group, level_weights,
 //              eps, ignore_index) -> grad_logits, same dtype and strides as logits.
 #include "ops.h"
@@ -171,19 +173,23 @@ HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, 
   return true;
 }
 
-// Labels of a block: gy[d][p] (-1 where ignored or out of range, also past the block's end).
-inline void block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int L, int D,
+// Labels of a block: gy[d][p] (-1 where ignored or out of range, also past the block's end). Returns
+// whether a lane holds a bad label (see hss_math.h), which then takes the per-pixel path.
+inline bool block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int L, int D,
                          const int32_t* group, int64_t ignore_index, int32_t (*gy)[kBlock], bool* valid,
-                         int64_t* ys, char* bad) {
+                         int64_t* ys) {
   int64_t toff[kBlock];
   gt.offsets(i0, n, toff);
+  bool bad = false;
   for (int64_t p = 0; p < kBlock; ++p) {
     const int64_t y = p < n ? tgt[toff[p]] : ignore_index;
-    valid[p] = y != ignore_index && y >= 0 && y < L;
-    if (y != ignore_index && !valid[p]) *bad = 1;
+    const LabelKind kind = label_kind(y, L, ignore_index);
+    valid[p] = kind == kLabelValid;
+    bad |= kind == kLabelBad;
     ys[p] = y;
     for (int d = 0; d < D; ++d) gy[d][p] = valid[p] ? group[d * L + y] : -1;
   }
+  return bad;
 }
 
 template <typename T>
@@ -204,24 +210,27 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
   const int64_t nb = (P + kBlock - 1) / kBlock;
   std::vector<double> part(nb, 0.0);
   std::vector<int64_t> cnt(nb, 0);
-  std::vector<char> bad(nb, 0);
   cpu::for_each_block_direct<T, A>(x, L, logits.stride(1), gx, P, 0,
                                    [&](int64_t i0, int64_t n, const int64_t*, const A* tile, int64_t ld, A*) {
     int32_t gy[kMaxDepth][kBlock];
     bool valid[kBlock];
     int64_t ys[kBlock];
     A lane_loss[kBlock];
-    block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys, &bad[i0 / kBlock]);
+    const bool bad = block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys);
     bool lanes = false;
     if constexpr (std::is_same_v<A, float>)
-      lanes = hsm_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
+      lanes = !bad && hsm_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
       const int64_t i = i0 + p;
       A l = A(0);
       if (!valid[p]) {
-        for (int d = 0; d <= D; ++d) st[d * P + i] = A(0);  // defined outputs, never read
+        const bool counted = label_kind(ys[p], L, ignore_index) == kLabelBad;
+        l = counted ? quiet_nan<A>() : A(0);  // a bad label: NaN (hss_math.h)
+        for (int d = 0; d <= D; ++d) st[d * P + i] = l;  // defined outputs, never read
+        s += l;
+        c += counted;
       } else {
         l = lanes ? lane_loss[p]
                   : hsm_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, group, static_cast<int>(ys[p]), w, eps,
@@ -234,8 +243,6 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
   });
-  TORCH_CHECK(std::find(bad.begin(), bad.end(), 1) == bad.end(),
-              "hsoftmax_fwd: target holds a label outside [0, ", L, ") that is not ignore_index=", ignore_index);
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
 }
 
@@ -279,8 +286,7 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     bool valid[kBlock];
     int64_t ys[kBlock];
     A g[kBlock];
-    char bad = 0;
-    block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys, &bad);
+    const bool bad = block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys);
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < n; ++p) g[p] = gp[goff[p]];
@@ -288,7 +294,7 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
       // Read from the input itself (not the tile, which lies just before the scratch): a full block
       // of contiguous float pixels, so the gradient, with the same strides, is written in place too.
       const bool direct = tile != gtile - L * kBlock;
-      if (hsm_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
+      if (!bad && hsm_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
                              direct ? sC : kBlock, n, L, D, group, gy, valid, w, eps, st, P, i0, g)) {
         if (!direct) cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
         return;
@@ -297,7 +303,8 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     {
       for (int64_t p = 0; p < n; ++p) {
         if (!valid[p]) {
-          for (int j = 0; j < L; ++j) gtile[j * kBlock + p] = A(0);
+          const A v = label_kind(ys[p], L, ignore_index) == kLabelBad ? quiet_nan<A>() : A(0);
+          for (int j = 0; j < L; ++j) gtile[j * kBlock + p] = v;
           continue;
         }
         hsm_backward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, cpu::ColumnOut<A>{gtile + p}, L, D, group,

@@ -41,6 +41,18 @@ template <typename A>
 HSS_HOST_DEVICE inline A hmin(A a, A b) { return a < b ? a : b; }
 template <typename A>
 HSS_HOST_DEVICE inline A neg_inf() { return -static_cast<A>(INFINITY); }
+template <typename A>
+HSS_HOST_DEVICE inline A quiet_nan() { return static_cast<A>(NAN); }
+
+// Labels. The public API rejects a label that is neither ignore_index nor a leaf id in [0, L), but it
+// skips that check (a host sync) under torch.compile or when switched off, so the kernels guard
+// themselves: such a pixel never indexes a table (no out-of-bounds read), counts as a labelled pixel,
+// and gets a NaN loss and a NaN gradient row, so that a mean or sum over it is NaN (loud), never a
+// plausible number.
+enum LabelKind { kLabelIgnored = 0, kLabelValid = 1, kLabelBad = 2 };
+HSS_HOST_DEVICE inline LabelKind label_kind(int64_t y, int64_t L, int64_t ignore_index) {
+  return y == ignore_index ? kLabelIgnored : (y >= 0 && y < L) ? kLabelValid : kLabelBad;
+}
 
 // ------------------------------------------------------------------------------------------------
 // The loss of one pixel from its sums: s = sum_j exp(z_j - m) over all leaves, gsum[d] = the sum over
@@ -298,7 +310,9 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O&
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
     const A z = x(v);
-    if (z < cur) {
+    // d == 0 takes the root-side node whatever its value: with `z < cur` alone a +inf or NaN logit
+    // there left arg = -1, an out-of-bounds K(-1) (on the GPU, outside the block's shared memory).
+    if (d == 0 || z < cur) {
       cur = z;
       arg = v;
     }

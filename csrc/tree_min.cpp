@@ -6,7 +6,8 @@
 //               hss_kernels/native.py), node_weights (V,), num_leaves, depth, gamma, eps, ignore_index,
 //               per_pixel, extrema)
 //   -> loss: (N, H, W) per pixel if per_pixel, else the 0-dim sum; float32/float64,
-//      count: 0-dim int64, the number of non-ignored pixels.
+//      count: 0-dim int64, the number of non-ignored pixels. A label neither ignore_index nor in
+//      [0, L) gives a NaN loss (counted) and a NaN gradient row, never a table read (hss_math.h).
 // tree_loss_bwd(grad (0-dim or (N, H, W)), logits, target, tree_index, node_weights, num_leaves, depth,
 //               gamma, eps, ignore_index, extrema) -> grad_logits, same dtype and strides as logits.
 // The backward needs no saved statistics: the extrema are recomputed from the logits it reads anyway.
@@ -69,7 +70,7 @@ void tree_terms(const X& x, const TreeIndex& t, int y, bool extrema, const O& Z)
   for (int d = 0; d < t.D; ++d) {
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
-    cur = std::min(cur, x(v));
+    cur = hmin(cur, x(v));  // as tree_forward_pixel: a NaN logit makes the term NaN (std::min dropped it)
     Z(v, cur);
   }
   for (int v = 0; v < t.V; ++v)
@@ -90,7 +91,7 @@ void tree_routes(const X& x, const TreeIndex& t, int y, bool extrema, const floa
       const int v = t.path[y * t.D + d];
       if (v < 0) break;
       const float z = x(v);
-      if (z < cur) {
+      if (d == 0 || z < cur) {  // see tree_backward_pixel: never K[-1] on a +inf/NaN logit
         cur = z;
         arg = v;
       }
@@ -211,13 +212,13 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
   const int64_t nb = (P + cpu::kBlock - 1) / cpu::kBlock;
   std::vector<double> part(nb, 0.0);
   std::vector<int64_t> cnt(nb, 0);
-  std::vector<char> bad(nb, 0);
   cpu::for_each_block<T, A>(logits.data_ptr<T>(), V, logits.stride(1), gx, P, V * kBlock,
                             [&](int64_t i0, int64_t n, const int64_t*, const A* tile, A* scratch) {
     int64_t ys[kBlock];
     bool valid[kBlock];
     A lane_loss[kBlock];
-    block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad[i0 / kBlock]);
+    char bad = 0;
+    block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
     constexpr bool lanes = std::is_same_v<A, float>;
     if constexpr (lanes)
       tree_forward_lanes(tile, scratch, n, ti, ys, valid, k, gamma, eps, extrema, lane_loss);
@@ -231,14 +232,16 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
                                           extrema);
         s += l;
         ++c;
+      } else if (label_kind(ys[p], L, ignore_index) == kLabelBad) {
+        l = quiet_nan<A>();  // see hss_math.h
+        s += l;
+        ++c;
       }
       if (lp) lp[i0 + p] = l;
     }
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
   });
-  TORCH_CHECK(std::find(bad.begin(), bad.end(), 1) == bad.end(),
-              "tree_loss_fwd: target holds a label outside [0, ", L, ") that is not ignore_index=", ignore_index);
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
 }
 
@@ -298,6 +301,10 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
                                static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
       }
     }
+    if (bad)  // NaN rows for bad labels (see hss_math.h)
+      for (int64_t p = 0; p < n; ++p)
+        if (label_kind(ys[p], L, ignore_index) == kLabelBad)
+          for (int v = 0; v < V; ++v) gtile[v * kBlock + p] = quiet_nan<A>();
     cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
   });
 }

@@ -15,6 +15,11 @@ The ops (see ``csrc/hierarchical_softmax.cpp`` and ``csrc/tree_min.cpp`` for the
 The forwards return the loss per pixel (``reduction="none"``) or its sum, plus the number of
 non-ignored pixels; ``mean`` divides here. Float16/bfloat16/float32 logits accumulate in float32,
 float64 in float64; the loss comes back in the accumulation dtype, the gradient in the logits' dtype.
+
+Labels: a target value that is neither ``ignore_index`` nor a leaf id in ``[0, L)`` (the public API
+rejects those, but not under torch.compile, where the check would need a host sync) never indexes a
+table: that pixel's loss is NaN and counts as a labelled pixel, so ``mean``/``sum`` are NaN, and its
+gradient row is NaN; the other pixels are unaffected. The Triton backend does the same.
 """
 from __future__ import annotations
 
@@ -152,6 +157,16 @@ def _new_loss(logits, per_pixel):
     return loss, logits.new_empty((), dtype=torch.int64)
 
 
+def _grad_like(logits):
+    """The backward ops' output: ``empty_like`` of the logits as the kernels walk them (ops.h
+    dense_logits): any non-overlapping dense layout as is, anything else as a contiguous copy. A plain
+    ``empty_like`` of a sliced channels_last view would be channels_last, the kernel's output NCHW, and
+    torch.compile's stride assertion would fail."""
+    import torch._prims_common as pc  # ATen's rule, also on fake tensors (the name changed across torch versions)
+    dense = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
+    return torch.empty_like(logits if dense(logits) else logits.contiguous())
+
+
 def _register() -> None:
     lib = "hss_kernels::"
 
@@ -164,7 +179,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "hsoftmax_bwd")
     def _(grad, logits, target, stats, leaf_group, level_weights, eps, ignore_index):
-        return torch.empty_like(logits)
+        return _grad_like(logits)
 
     @torch.library.register_fake(lib + "tree_loss_fwd")
     def _(logits, target, tree_index, node_weights, num_leaves, depth, gamma, eps, ignore_index, per_pixel,
@@ -173,7 +188,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "tree_loss_bwd")
     def _(grad, logits, target, tree_index, node_weights, num_leaves, depth, gamma, eps, ignore_index, extrema):
-        return torch.empty_like(logits)
+        return _grad_like(logits)
 
     def hsm_setup(ctx, inputs, output):
         logits, target, leaf_group, level_weights, eps, ignore_index, _ = inputs

@@ -19,7 +19,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 ACC = {"fp32": ("fp32", tl.float32), "bf16": ("fp32", tl.float32), "fp64": ("fp64", tl.float64)}
 
 
-def signature(fn, ptrs, consts):
+def signature(fn, ptrs, consts, int_ty="i64"):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -29,13 +29,13 @@ def signature(fn, ptrs, consts):
         elif name in ("eps", "gamma"):
             sig[name] = "fp32"
         else:
-            sig[name] = "i64"
+            sig[name] = int_ty
     return sig
 
 
-def build(fn, ptrs, consts, warps):
-    triton.compile(ASTSource(fn=fn, signature=signature(fn, ptrs, consts), constexprs=consts), target=TARGET,
-                   options=dict(num_warps=warps))
+def build(fn, ptrs, consts, warps, int_ty="i64"):
+    triton.compile(ASTSource(fn=fn, signature=signature(fn, ptrs, consts, int_ty), constexprs=consts),
+                   target=TARGET, options=dict(num_warps=warps))
 
 
 def main():
@@ -62,9 +62,21 @@ def main():
                           HAS_EPS=focal, LOSS_MODE=lm, GRAD_MODE=gm, SCAN=scan)
             if x != "bf16" or gm == 2:
                 cases.append((f"tree {x} {consts}", tm._tree_kernel, ptrs, consts, warps))
-    for name, fn, ptrs, consts, warps in cases:
+    # On a GPU, int arguments below 2**31 (sizes, strides, ignore_index) are passed as i32: the usual case.
+    cases += [(f"{name} i32", fn, ptrs, consts, warps, "i32") for name, fn, ptrs, consts, warps in
+              (cases[0], cases[1], cases[4], cases[5])]  # fp32: hsm and tree, forward and backward
+    from hss_kernels.triton import decode as dk
+    for x in ("fp32", "bf16", "fp64"):
+        block_c, block_l, block_p, warps = dk._blocks(147, 123, 1 << 20, False)
+        ptrs = dict(x_ptr="*" + x, out_ptr="*i64", path_ptr="*i32", plen_ptr="*i32")
+        for act, mean in ((0, False), (1, True), (2, False)):
+            consts = dict(C=147, L=123, D=3, ACT=act, MEAN=mean, F64=x == "fp64", BLOCK_C=block_c,
+                          BLOCK_L=block_l, BLOCK_P=block_p)
+            for int_ty in ("i32", "i64") if act == 1 else ("i32",):
+                cases.append((f"decode {x} {int_ty} {consts}", dk._decode_kernel, ptrs, consts, warps, int_ty))
+    for name, fn, ptrs, consts, warps, *int_ty in cases:
         try:
-            build(fn, ptrs, consts, warps)
+            build(fn, ptrs, consts, warps, *int_ty)
         except Exception as exc:  # report which variant, then fail
             print("FAIL", name, repr(exc)[-2000:])
             return 1

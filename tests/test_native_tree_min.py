@@ -169,13 +169,11 @@ def test_opcheck(extrema):
 
 
 def test_bad_inputs_raise():
+    # (a label outside the tree gives NaN, not an error: tests/test_bad_labels.py)
     tree = trees.load("cityscapes")
     x, y = make_inputs(tree, ignore_frac=0.0)
-    y[0, 0, 0] = -1
     args = (native.tree_index(tree, "cpu"), torch.ones(tree.num_nodes), tree.num_leaves, tree.depth, 2.0, 0.0, 255,
             False, True)
-    with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.hss_kernels.tree_loss_fwd(x, y, *args)
     with pytest.raises(RuntimeError, match="tree_index"):
         torch.ops.hss_kernels.tree_loss_fwd(x[:, 1:], y, *args)
 

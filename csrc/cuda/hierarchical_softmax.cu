@@ -21,15 +21,16 @@ hsm_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t*
   int64_t c = 0;
   if (i < P) {
     const int64_t y = tgt[gt.offset(i)];
-    const bool ok = y >= 0 && y < L;
-    CUDA_KERNEL_ASSERT((ok || y == ignore_index) && "hsoftmax_fwd: target label out of range");
-    if (y != ignore_index && ok) {
+    const LabelKind kind = label_kind(y, L, ignore_index);
+    if (kind == kLabelValid) {
       l = hsm_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, group, static_cast<int>(y), w, eps,
                                st + i, P);
-      c = 1;
     } else {
-      for (int d = 0; d <= D; ++d) st[d * P + i] = A(0);
+      // ignored: 0; a bad label (see hss_math.h): NaN, never a table read
+      l = kind == kLabelBad ? quiet_nan<A>() : A(0);
+      for (int d = 0; d <= D; ++d) st[d * P + i] = l;
     }
+    c = kind != kLabelIgnored;
     if (lp) lp[i] = l;
   }
   block_partial(static_cast<double>(l), c, part, cnt);
@@ -45,8 +46,10 @@ hsm_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x
   if (i >= P) return;
   const int64_t y = tgt[gt.offset(i)];
   const int64_t off = gx.offset(i);
-  if (y == ignore_index || y < 0 || y >= L) {
-    for (int j = 0; j < L; ++j) out[off + j * sC] = static_cast<T>(0);
+  const LabelKind kind = label_kind(y, L, ignore_index);
+  if (kind != kLabelValid) {
+    const T v = static_cast<T>(kind == kLabelBad ? quiet_nan<A>() : A(0));
+    for (int j = 0; j < L; ++j) out[off + j * sC] = v;
     return;
   }
   hsm_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, group,

@@ -21,14 +21,15 @@ tree_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t
   int64_t c = 0;
   if (i < P) {
     const int64_t y = tgt[gt.offset(i)];
-    const bool ok = y >= 0 && y < L;
-    CUDA_KERNEL_ASSERT((ok || y == ignore_index) && "tree_loss_fwd: target label out of range");
-    if (y != ignore_index && ok) {
+    const LabelKind kind = label_kind(y, L, ignore_index);
+    if (kind == kLabelValid) {
       const TreeIndex ti = unpack_tree(tree_index, V, L, D);
       l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, ti, static_cast<int>(y), k, gamma, eps,
                                 extrema);
-      c = 1;
+    } else if (kind == kLabelBad) {
+      l = quiet_nan<A>();  // see hss_math.h: never a table read
     }
+    c = kind != kLabelIgnored;
     if (lp) lp[i] = l;
   }
   block_partial(static_cast<double>(l), c, part, cnt);
@@ -44,8 +45,10 @@ __global__ void tree_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
   if (i >= P) return;
   const int64_t y = tgt[gt.offset(i)];
   const int64_t off = gx.offset(i);
-  if (y == ignore_index || y < 0 || y >= L) {
-    for (int v = 0; v < V; ++v) out[off + v * sC] = static_cast<T>(0);
+  const LabelKind kind = label_kind(y, L, ignore_index);
+  if (kind != kLabelValid) {
+    const T r = static_cast<T>(kind == kLabelBad ? quiet_nan<A>() : A(0));
+    for (int v = 0; v < V; ++v) out[off + v * sC] = r;
     return;
   }
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);

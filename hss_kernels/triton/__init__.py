@@ -12,6 +12,10 @@ return ``(loss, gradient)`` outside autograd, the fewest bytes a training step c
 Custom ops (namespace ``hss_triton``, so that ``torch.compile(fullgraph=True)`` traces through):
 ``hsm_fwd``/``hsm_bwd`` and ``tree_fwd``/``tree_bwd``; their bodies launch the kernels directly,
 so they also run eagerly under the interpreter.
+
+A target value that is neither ``ignore_index`` nor a leaf id in ``[0, L)`` reads no table: that pixel's
+loss is NaN (counted, so ``mean``/``sum`` are NaN) and its gradient row is NaN, as in the native backend.
+Kernels launch on the logits' CUDA device whatever the current device is.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ the whole batch; a program owns ``BLOCK_P`` consecutive pixels and all (padded) 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Tuple
 
@@ -33,6 +34,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def device_guard(t: torch.Tensor):
+    """Context in which to launch a kernel on ``t``'s device.
+
+    Triton launches on the *current* CUDA device and stream, not on the device of its tensor arguments
+    (triton-lang/triton#2441): without this, logits on ``cuda:1`` while ``cuda:0`` is current fail to
+    launch ("Pointer argument cannot be accessed from Triton") or run on the wrong GPU. A no-op on
+    the CPU (the interpreter).
+    """
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def block_sizes(channels: int, pixels: int) -> Tuple[int, int, int]:

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..tree import Tree
+from . import _common
 
 __all__ = ["decode"]
 
@@ -154,12 +155,14 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     interpret = logits.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
     BLOCK_C, BLOCK_L, BLOCK_P, num_warps = _blocks(C, L, total, interpret)
     grid = (triton.cdiv(total, BLOCK_P),)
-    _decode_kernel[grid](
-        logits, out, path, plen,
-        total, H * W, W,
-        *logits.stride(),
-        C=C, L=L, D=path.shape[1], ACT=_IDENTITY if leaf_logits else _ACT[activation], MEAN=score == "mean" and not leaf_logits,
-        F64=logits.dtype == torch.float64,
-        BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, num_warps=num_warps,
-    )
+    with _common.device_guard(logits):
+        _decode_kernel[grid](
+            logits, out, path, plen,
+            total, H * W, W,
+            *logits.stride(),
+            C=C, L=L, D=path.shape[1], ACT=_IDENTITY if leaf_logits else _ACT[activation],
+            MEAN=score == "mean" and not leaf_logits,
+            F64=logits.dtype == torch.float64,
+            BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, num_warps=num_warps,
+        )
     return out

@@ -61,8 +61,11 @@ def _hsm_kernel(
     mask2 = cmask[:, None] & pmask[None, :]
 
     y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)
-    y = tl.where(valid, y, 0)
+    valid = pmask & (y != ignore_index)  # the pixels that count
+    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
+    # are NaN (the public API rejects such labels, but not under torch.compile).
+    bad = valid & ((y < 0) | (y >= L))
+    y = tl.where(valid & ~bad, y, 0)
 
     x_off = n[None, :] * sxn + c[:, None].to(tl.int64) * sxc + (h * sxh + w * sxw)[None, :]
     x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
@@ -127,6 +130,7 @@ def _hsm_kernel(
                 sel_r = tl.where(in_g, lse_d[None, :], sel_r)
                 sel_f = tl.where(in_g, F[None, :], sel_f)
 
+    loss = tl.where(bad, float("nan"), loss)
     if LOSS_MODE == 1:
         tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
     if LOSS_MODE == 2:
@@ -143,7 +147,7 @@ def _hsm_kernel(
             grad = prob * (A[None, :] - sel_f)
         else:
             grad = wsum[None, :] * prob - tl.exp(x - sel_r) * sel_f
-        grad = tl.where(valid[None, :], grad * s[None, :], 0.0)
+        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = n[None, :] * sgn + c[:, None].to(tl.int64) * sgc + (h * sgh + w * sgw)[None, :]
         tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
 
@@ -175,15 +179,16 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
         gos = grad_out.stride()
     else:
         gos = (0, 0, 0)
-    _hsm_kernel[(programs,)](
-        logits, target, leaf_group, level_w, stats, loss, partials, counts, g, go,
-        P, HW, Wd,
-        *logits.stride(), *target.stride(), *gs, *gos,
-        float(eps), int(ignore_index),
-        L=L, D=D, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-        HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats, WRITE_STATS=write_stats,
-        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, TINY=_TINY[acc], num_warps=warps,
-    )
+    with C.device_guard(logits):
+        _hsm_kernel[(programs,)](
+            logits, target, leaf_group, level_w, stats, loss, partials, counts, g, go,
+            P, HW, Wd,
+            *logits.stride(), *target.stride(), *gs, *gos,
+            float(eps), int(ignore_index),
+            L=L, D=D, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+            HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats, WRITE_STATS=write_stats,
+            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, TINY=_TINY[acc], num_warps=warps,
+        )
     return partials, counts
 
 
@@ -285,7 +290,8 @@ def _tables(tree: Tree, level_weights, dtype, device):
         key = ("ones", tree.depth, dtype, str(device))
         level_w = C.tree_cache(tree, key, lambda: torch.ones(tree.depth, dtype=dtype, device=device))
     elif isinstance(level_weights, torch.Tensor):
-        level_w = level_weights.detach().to(dtype=dtype, device=device).reshape(-1)
+        # contiguous: the kernel reads w_ptr + d (reshape keeps a strided 1-D view as it is)
+        level_w = level_weights.detach().to(dtype=dtype, device=device).reshape(-1).contiguous()
     else:  # a list: cached, so that a training step makes no host-to-device copy
         key = ("w", tuple(float(v) for v in level_weights), dtype, str(device))
         level_w = C.tree_cache(tree, key, lambda: torch.tensor(key[1], dtype=dtype, device=device))

@@ -109,8 +109,11 @@ def _tree_kernel(
     k_row = tl.load(k_ptr + chan, mask=rmask, other=0.0).to(ACC)
 
     y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)
-    y = tl.where(valid, y, 0)
+    valid = pmask & (y != ignore_index)  # the pixels that count
+    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
+    # are NaN (the public API rejects such labels, but not under torch.compile).
+    bad = valid & ((y < 0) | (y >= L))
+    y = tl.where(valid & ~bad, y, 0)
 
     pix_x = n * sxn + h * sxh + w * sxw
     x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
@@ -214,6 +217,7 @@ def _tree_kernel(
         loss += tl.sum(kf * f, axis=0)
         grad = tl.where(on_path, kf * df, -kf * df)
 
+    loss = tl.where(bad, float("nan"), loss)
     if LOSS_MODE == 1:
         tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
     if LOSS_MODE == 2:
@@ -225,7 +229,7 @@ def _tree_kernel(
             s = tl.load(go_ptr).to(ACC) + zero
         else:
             s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
-        grad = tl.where(valid[None, :], grad * s[None, :], 0.0)
+        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = (n * sgn + h * sgh + w * sgw)[None, :] + chan[:, None].to(tl.int64) * sgc
         tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
 
@@ -254,16 +258,17 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
     dummy = partials
     gs = grad.stride() if grad is not None else (0, 0, 0, 0)
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
-    _tree_kernel[(programs,)](
-        logits, target, tab, k, loss if loss is not None else dummy, partials, counts,
-        grad if grad is not None else dummy, grad_out if grad_out is not None else dummy,
-        P, HW, Wd,
-        *logits.stride(), *target.stride(), *gs, *gos,
-        float(gamma), float(eps), int(ignore_index),
-        V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-        USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
-        LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
-    )
+    with C.device_guard(logits):
+        _tree_kernel[(programs,)](
+            logits, target, tab, k, loss if loss is not None else dummy, partials, counts,
+            grad if grad is not None else dummy, grad_out if grad_out is not None else dummy,
+            P, HW, Wd,
+            *logits.stride(), *target.stride(), *gs, *gos,
+            float(gamma), float(eps), int(ignore_index),
+            V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+            USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
+            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
+        )
     return partials, counts
 
 
