@@ -53,9 +53,9 @@ def set_label_check(enabled: bool) -> None:
 
     The scan reads the whole target and, on a GPU, waits for the result (one host synchronisation per
     call); turn it off once a data pipeline is trusted. ``torch.compile`` skips it too. Without it, such a
-    label is never read out of bounds: the native and Triton kernels give a NaN loss at that pixel (so
-    a ``"mean"``/``"sum"`` loss is NaN) and the reference backend raises an ``IndexError`` (on a GPU,
-    a device-side assert). Shapes, dtypes and devices are always checked.
+    label is never read out of bounds: every backend gives that pixel a NaN loss and a NaN gradient row,
+    so a ``"mean"``/``"sum"`` loss is NaN, never a plausible number. Shapes, dtypes and devices are
+    always checked.
     """
     global _LABEL_CHECK
     _LABEL_CHECK = bool(enabled)

@@ -7,7 +7,11 @@ these functions. They never modify their inputs. Shapes: logits ``(N, C, *spatia
 Arithmetic runs in float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs; the
 loss comes back in that accumulation dtype (float32, or float64), the gradient in the input's dtype.
 
-These functions assume valid inputs (the public API in :mod:`hss_kernels.functional` checks them).
+These functions assume valid inputs (the public API in :mod:`hss_kernels.functional` checks them),
+with one exception that the fast kernels share: a label outside ``[0, L)`` that is not ``ignore_index``
+(which reaches a backend when the label check is off, or under ``torch.compile``) counts as a labelled
+pixel with a NaN loss and a NaN gradient row, so that a mean or sum is NaN rather than a plausible
+number.
 """
 from __future__ import annotations
 
@@ -45,6 +49,21 @@ def _flatten(logits: torch.Tensor, target: torch.Tensor):
     x = logits.to(_acc_dtype(logits)).reshape(N, C, P)  # explicit P: -1 cannot be inferred when empty
     y = target.reshape(N, P).long()
     return x, y
+
+
+def _labels(y: torch.Tensor, ignore_index: int, L: int):
+    """(valid: not ignored, bad: valid but outside [0, L), y with both set to 0 so it indexes safely)."""
+    valid = y != ignore_index
+    bad = valid & ((y < 0) | (y >= L))
+    return valid, bad, torch.where(valid & ~bad, y, torch.zeros_like(y))
+
+
+def _poison(loss: torch.Tensor, bad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """NaN at pixels with an out-of-range label: the loss (N, P), and the whole gradient row of x (N, C, P),
+    since the NaN term depends on every channel."""
+    # Both wheres mask (never multiply) the gradient, so no NaN leaks into the other pixels' rows.
+    row = torch.where(bad, x.sum(dim=1), torch.zeros_like(loss))
+    return torch.where(bad, row * float("nan"), loss)
 
 
 def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, spatial_shape) -> torch.Tensor:
@@ -103,8 +122,7 @@ def hierarchical_softmax_loss(
     ``P_d = exp(lse_d - lse)``, the paper code's form.
     """
     x, y = _flatten(logits, target)
-    valid = y != ignore_index
-    y = torch.where(valid, y, torch.zeros_like(y))
+    valid, bad, y = _labels(y, ignore_index, tree.num_leaves)
     tabs = tree.tables(x.device)
     groups = tabs.leaf_group.long()  # (D, L)
     w = level_weight_vector(tree, level_weights, x.dtype, x.device)
@@ -120,7 +138,7 @@ def hierarchical_softmax_loss(
         else:
             level = lse - lse_d
         loss = loss + w[d] * level
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    loss = _poison(torch.where(valid, loss, torch.zeros_like(loss)), bad, x)
     return reduce_loss(loss, valid, reduction, target.shape[1:])
 
 
@@ -179,8 +197,7 @@ def _node_losses(z: torch.Tensor, positive: torch.Tensor, gamma: float, eps: flo
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, use_extrema):
     x, y = _flatten(logits, target)
-    valid = y != ignore_index
-    y = torch.where(valid, y, torch.zeros_like(y))
+    valid, bad, y = _labels(y, ignore_index, tree.num_leaves)
     on_path = _target_path(tree, y)
     if use_extrema:
         m, M = tree_min_extrema(x.detach(), tree)
@@ -189,7 +206,7 @@ def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index,
         z = x
     k = node_weight_vector(tree, scale, normalize, x.dtype, x.device)
     loss = (_node_losses(z, on_path, gamma, eps) * k[None, :, None]).sum(dim=1)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    loss = _poison(torch.where(valid, loss, torch.zeros_like(loss)), bad, x)
     return reduce_loss(loss, valid, reduction, target.shape[1:])
 
 

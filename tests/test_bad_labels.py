@@ -2,10 +2,11 @@
 
 The public API rejects them (``functional._check_target``), but skips that check under torch.compile, so
 every kernel must guard itself: such a pixel reads no table or channel out of bounds, counts as a
-labelled pixel, and gets a NaN loss and a NaN gradient row; every other pixel is unaffected. (The
-reference is not held to this: it raises IndexError, or wraps -1 around.)
+labelled pixel, and gets a NaN loss and a NaN gradient row; every other pixel is unaffected. The
+reference does the same, so that no backend gives a plausible number for such a target.
 """
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _backend(name, device="cpu"):
+    if name == "reference":
+        return SimpleNamespace(OPS={loss: getattr(reference, loss) for loss in LOSSES})
     try:
         mod = importlib.import_module(f"hss_kernels.{name}")
     except ImportError as exc:  # Triton missing, extension not built
@@ -54,7 +57,7 @@ def _loss_and_grad(fn, x, y, tree, reduction, g=None):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("backend", ["native", "triton", "reference"])
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("bad", ["-1", "L", "254", "1000"])
 def test_bad_label_gives_nan_and_leaves_other_pixels_alone(backend, loss, bad, device):
