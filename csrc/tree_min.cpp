@@ -38,9 +38,10 @@ __attribute__((always_inline)) inline void vfocal(float z, float gamma, float ep
   const float az = std::fabs(z);
   const float e = cpu::vexp(-az);
   const float u = 1.0f + e;
-  const float l1 = cpu::vlog(u) - ((u - 1.0f) - e) / u;
-  const float log_q = std::min(z, 0.0f) - l1;
   const float inv = 1.0f / u;
+  // times inv rather than divided by u: one division per call (the correction is below an ulp of l1)
+  const float l1 = cpu::vlog(u) - ((u - 1.0f) - e) * inv;
+  const float log_q = std::min(z, 0.0f) - l1;
   const bool nonneg = z >= 0.0f;
   const float q = nonneg ? inv : e * inv;
   const float one_m_q = nonneg ? e * inv : inv;
@@ -194,14 +195,16 @@ __attribute__((always_inline)) inline void tree_forward_rows(const float* x, int
   }
 }
 
-// Gradient of every lane into o[v * kBlock + p]; gl[p] is the lane's upstream gradient, live[p] 1 for
-// the lanes that count, else 0 (a float: GCC does not vectorise loads of bool). Scratch: D + 5V rows.
+// Gradient of every lane into o[v * ldo + p] (the output itself, or `part`); gl[p] is the lane's
+// upstream gradient, live[p] 1 for the lanes that count, else 0 (a float: GCC does not vectorise loads
+// of bool). `part` (V rows, may be o) holds the min chain's share. Scratch: D + 5V rows.
 template <int G, bool E>
 __attribute__((always_inline)) inline void tree_backward_rows(const float* x, int64_t ld, const TreeIndex& t,
                                                               const TreeRows& tr, const float* pn, const float* live,
                                                               const float* k, float gamma, float eps, bool extrema,
                                                               const float* gl, float* C, float* M, float* W,
-                                                              float* Gc, float* Gm, float* o) {
+                                                              float* Gc, float* Gm, float* part, float* o,
+                                                              int64_t ldo) {
   const int V = t.V;
   if (!extrema) {
     for (int v = 0; v < V; ++v) {
@@ -209,7 +212,7 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
       const float fv = static_cast<float>(v);
       const float kv = k[v];
       const float* xv = x + v * ld;
-      float* ov = o + v * kBlock;
+      float* ov = o + v * ldo;
       for (int64_t p = 0; p < kBlock; ++p) {
         const bool on = on_row[p] == fv;
         float l, dl;
@@ -235,7 +238,7 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
     const float* cv = C + v * kBlock;
     float* gc = Gc + v * kBlock;
     float* gm = Gm + v * kBlock;
-    float* ov = o + v * kBlock;
+    float* ov = part + v * kBlock;
     for (int64_t p = 0; p < kBlock; ++p) {
       const bool on = on_row[p] == fv;
       float l, dl;
@@ -261,14 +264,15 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
     const int u = tr.parent[v];
     const float fv = static_cast<float>(v);
     float* gm = Gm + v * kBlock;
-    float* ov = o + v * kBlock;
+    const float* pv = part + v * kBlock;
+    float* ov = o + v * ldo;
     const float* wv = W + v * kBlock;
     if (u >= 0) {
       const float* wu = W + u * kBlock;
       const float* gmu = Gm + u * kBlock;
       for (int64_t p = 0; p < kBlock; ++p) gm[p] += wu[p] == fv ? gmu[p] : 0.0f;
     }
-    for (int64_t p = 0; p < kBlock; ++p) ov[p] += wv[p] == fv ? gm[p] : 0.0f;
+    for (int64_t p = 0; p < kBlock; ++p) ov[p] = pv[p] + (wv[p] == fv ? gm[p] : 0.0f);
   }
 }
 
@@ -294,8 +298,9 @@ HSS_LANES_TARGETS void tree_forward_lanes(const float* x, int64_t ld, float* scr
   HSS_FOCAL_CASES(tree_forward_rows, gamma, eps, x, ld, t, tr, pn, k, gamma, eps, extrema, C, M, loss);
 }
 
-HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* scratch, float* gtile,
-                                           const TreeIndex& t, const TreeRows& tr, const int64_t* ys,
+// o[v * ldo + p]: the gradient's rows; gtile: V rows of scratch, which may be o (ldo = kBlock).
+HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* scratch, float* gtile, float* o,
+                                           int64_t ldo, const TreeIndex& t, const TreeRows& tr, const int64_t* ys,
                                            const bool* valid, const float* k, float gamma, float eps, bool extrema,
                                            const float* g) {
   const int64_t R = t.V * kBlock;
@@ -305,7 +310,7 @@ HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* sc
   alignas(64) float live[kBlock];
   for (int64_t p = 0; p < kBlock; ++p) live[p] = valid[p] ? 1.0f : 0.0f;
   HSS_FOCAL_CASES(tree_backward_rows, gamma, eps, x, ld, t, tr, pn, live, k, gamma, eps, extrema, g, C, C + R,
-                  C + 2 * R, C + 3 * R, C + 4 * R, gtile);
+                  C + 2 * R, C + 3 * R, C + 4 * R, gtile, o, ldo);
 }
 
 // Labels of a block (ignore_index past its end); valid = neither ignored nor out of range.
@@ -404,7 +409,8 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
   const TreeRows tr = tree_rows(ti);
   constexpr bool lanes = std::is_same_v<A, float>;
   const int64_t scratch = lanes ? (D + 6 * V) * kBlock : V * kBlock + V;
-  cpu::for_each_block_direct<T, A>(logits.data_ptr<T>(), V, sC, gx, P, scratch,
+  const T* xp = logits.data_ptr<T>();
+  cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch,
                                    [&](int64_t i0, int64_t n, const int64_t* offs, const A* x, int64_t ld, A* scr) {
     A* gtile = scr;
     int64_t ys[kBlock];
@@ -416,7 +422,15 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < kBlock; ++p) g[p] = p < n ? gp[goff[p]] : A(0);
     if constexpr (lanes) {
-      tree_backward_lanes(x, ld, scr + V * kBlock, gtile, ti, tr, ys, valid, k, gamma, eps, extrema, g);
+      // A block read straight from the input (see for_each_block_direct) is written straight to the
+      // output, which has the input's strides: no tile to copy out.
+      if (std::is_same_v<T, A> && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
+        tree_backward_lanes(x, ld, scr + V * kBlock, gtile, reinterpret_cast<A*>(y_out) + offs[0], sC, ti, tr, ys,
+                            valid, k, gamma, eps, extrema, g);
+        return;
+      }
+      tree_backward_lanes(x, ld, scr + V * kBlock, gtile, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema,
+                          g);
     } else {
       A* K = scr + V * kBlock;
       for (int64_t p = 0; p < n; ++p) {

@@ -80,15 +80,37 @@ def test_random_unbalanced_trees(dtype, loss):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_ties_follow_preorder(loss):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_follow_preorder(dtype, loss):
     # Integer logits tie often; the gradient must go where the reference sends it (earliest in pre-order).
+    # float32 runs the CPU's row passes (selects in pre-order), float64 the per-pixel walks.
     for name in ("cityscapes", "helen"):
         tree = trees.load(name)
-        x, y = make_inputs(tree, shape=(2, 6, 6), dtype=torch.float64, ties=True)
+        x, y = make_inputs(tree, shape=(2, 6, 6), dtype=dtype, ties=True)
         check_against_reference(LOSSES[loss], x, y, tree, "sum", gamma=1.5)
     tree = random_tree()
-    x, y = make_inputs(tree, shape=(2, 6, 6), dtype=torch.float64, ties=True)
+    x, y = make_inputs(tree, shape=(2, 6, 6), dtype=dtype, ties=True)
     check_against_reference(LOSSES[loss], x, y, tree, "none", gamma=0.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("shape", [(1, 8, 8), (2, 9, 17), (1, 1, 131), (3, 2, 70)])
+def test_cpu_blocks(shape, loss):
+    """The CPU's float path works on blocks of 64 pixels: full blocks of contiguous pixels are read
+    from the input itself, the others (across images, the last partial block, other layouts) from a
+    gathered tile. Every kind against the reference, with random and with tied logits."""
+    fn = LOSSES[loss]
+    tree = trees.load("vistas")
+    x, y = make_inputs(tree, shape=shape, ignore_frac=0.1)
+    check_against_reference(fn, x, y, tree, "none")
+    a, ga, g = loss_and_grad(fn, x, y, tree, "native", "none")
+    b, gb, _ = loss_and_grad(fn, x.to(memory_format=torch.channels_last), y, tree, "native", "none", g)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    x, y = make_inputs(tree, shape=shape, ties=True)
+    check_against_reference(fn, x, y, tree, "sum", gamma=2.0)
+    deep = random_tree(max_depth=8)
+    x, y = make_inputs(deep, shape=shape, ties=True)
+    check_against_reference(fn, x, y, deep, "mean", gamma=0.5)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
