@@ -26,21 +26,31 @@ namespace {
 
 using cpu::kBlock;
 
-// The float path of a block: the tree walks (which node's logit each term uses, where its gradient
-// goes) run per pixel, then the focal terms, which cost the transcendental functions, run with the
-// pixels innermost so that the compiler vectorises them. hss_math.h's focal() is the per-pixel form.
+// log(1 + e) for e in [0, 1] (the focal's log1p(exp(-|z|))): cpu::vlog's Cephes polynomial on
+// m = e (e below sqrt(2) - 1) or m = (e - 1) / 2 plus ln 2, the reduction vlog makes of 1 + e, but
+// without rounding 1 + e first: no correction term, no exponent bits.
+__attribute__((always_inline)) inline float vlog1p01(float e) {
+  const bool big = e > 0.414213562373f;
+  const float m = big ? (e - 1.0f) * 0.5f : e;
+  const float k = big ? 1.0f : 0.0f;
+  const float z = m * m;
+  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+             3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * k;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * k;
+}
 
-// Focal loss of a positive-class logit z and its derivative, as focal() but branch-free for the
-// vectoriser (vexp/vlog; log1p(e) as log(u) corrected by the rounding of u = 1 + e). G is the focal
-// case (0, 1, 2: gamma 0, 1, 2 by products; 3: any gamma), E whether eps > 0: fixed per loop.
+// Focal loss of a positive-class logit z and its derivative, as hss_math.h's focal() but branch-free
+// for the vectoriser (vexp, vlog1p01, one division). G is the focal case (0, 1, 2: gamma 0, 1, 2 by
+// products; 3: any gamma), E whether eps > 0: fixed per loop.
 template <int G, bool E>
 __attribute__((always_inline)) inline void vfocal(float z, float gamma, float eps, float* loss, float* dloss) {
   const float az = std::fabs(z);
   const float e = cpu::vexp(-az);
-  const float u = 1.0f + e;
-  const float inv = 1.0f / u;
-  // times inv rather than divided by u: one division per call (the correction is below an ulp of l1)
-  const float l1 = cpu::vlog(u) - ((u - 1.0f) - e) * inv;
+  const float inv = 1.0f / (1.0f + e);
+  const float l1 = vlog1p01(e);
   const float log_q = std::min(z, 0.0f) - l1;
   const bool nonneg = z >= 0.0f;
   const float q = nonneg ? inv : e * inv;
@@ -55,7 +65,8 @@ __attribute__((always_inline)) inline void vfocal(float z, float gamma, float ep
   if constexpr (G == 2) fw = one_m_q * one_m_q;
   if constexpr (G == 3) fw = cpu::vexp(gamma * (std::min(-z, 0.0f) - l1));
   *loss = -fw * log_p;
-  *dloss = gamma * q * fw * log_p - fw * dlog_p;
+  // gamma = 0: no log term (a backward-only caller then computes no log at all)
+  *dloss = G == 0 ? -dlog_p : gamma * q * fw * log_p - fw * dlog_p;
 }
 
 inline int focal_case(float gamma) { return gamma == 0.0f ? 0 : gamma == 1.0f ? 1 : gamma == 2.0f ? 2 : 3; }
