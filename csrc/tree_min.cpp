@@ -153,17 +153,14 @@ __attribute__((always_inline)) inline void min_rows(const float* x, int64_t ld, 
 }
 
 // Row M[v] (max over desc-or-self) from x[v] and the children's rows; with W, the node whose row gave
-// the max (v itself or a child, as float), ties to the earliest. Returns M[v]'s row.
+// the max (v itself or a child, as float), ties to the earliest. Returns M[v]'s row: x[v]'s for a leaf,
+// which has no W row (its max is always its own logit).
 template <bool kWinner>
 __attribute__((always_inline)) inline const float* max_row(const float* x, int64_t ld, const TreeRows& tr, int v,
                                                            float* M, float* W) {
   const float* xv = x + v * ld;
   const int k0 = tr.first[v], k1 = tr.first[v + 1];
-  if (k0 == k1) {
-    if constexpr (kWinner)
-      for (int64_t p = 0; p < kBlock; ++p) W[v * kBlock + p] = static_cast<float>(v);
-    return xv;
-  }
+  if (k0 == k1) return xv;
   float* mv = M + v * kBlock;
   for (int64_t p = 0; p < kBlock; ++p) mv[p] = xv[p];
   if constexpr (kWinner)
@@ -206,16 +203,14 @@ __attribute__((always_inline)) inline void tree_forward_rows(const float* x, int
   }
 }
 
-// Gradient of every lane into o[v * ldo + p] (the output itself, or `part`); gl[p] is the lane's
-// upstream gradient, live[p] 1 for the lanes that count, else 0 (a float: GCC does not vectorise loads
-// of bool). `part` (V rows, may be o) holds the min chain's share. Scratch: D + 5V rows.
+// Gradient of every lane into o[v * ldo + p]; gl[p] is the lane's upstream gradient, live[p] 1 for the
+// lanes that count, else 0 (a float: GCC does not vectorise loads of bool). Scratch: D + 5V rows.
 template <int G, bool E>
 __attribute__((always_inline)) inline void tree_backward_rows(const float* x, int64_t ld, const TreeIndex& t,
                                                               const TreeRows& tr, const float* pn, const float* live,
                                                               const float* k, float gamma, float eps, bool extrema,
                                                               const float* gl, float* C, float* M, float* W,
-                                                              float* Gc, float* Gm, float* part, float* o,
-                                                              int64_t ldo) {
+                                                              float* Gc, float* Gm, float* o, int64_t ldo) {
   const int V = t.V;
   if (!extrema) {
     for (int v = 0; v < V; ++v) {
@@ -235,21 +230,46 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
     return;
   }
   min_rows(x, ld, tr, C);
-  for (int64_t i = 0; i < static_cast<int64_t>(V) * kBlock; ++i) Gc[i] = 0.0f;
+  for (int v = 0; v < V; ++v)
+    if (tr.first[v] != tr.first[v + 1])
+      for (int64_t p = 0; p < kBlock; ++p) Gc[v * kBlock + p] = 0.0f;
   // Reverse pre-order: the max rows and the terms' gradients; the min chain's gradient, complete at v
   // since v's descendants came first, goes to x[v] if v's min is its own logit, else to the parent.
+  // A leaf's row Gc[v] ends as its whole own share (its max is its own logit); an inner node's as the
+  // min chain's share, Gm[v] holding what its max passes on.
   for (int i = V - 1; i >= 0; --i) {
     const int v = tr.order[i];
     const int u = tr.parent[v];
+    const bool leaf = tr.first[v] == tr.first[v + 1];
     const float* on_row = pn + (t.depth[v] - 1) * kBlock;
     const float fv = static_cast<float>(v);
     const float kv = k[v];
     const float* xv = x + v * ld;
-    const float* mv = max_row<true>(x, ld, tr, v, M, W);
     const float* cv = C + v * kBlock;
     float* gc = Gc + v * kBlock;
+    if (leaf) {
+      for (int64_t p = 0; p < kBlock; ++p) {
+        const bool on = on_row[p] == fv;
+        float l, dl;
+        vfocal<G, E>(on ? cv[p] : -xv[p], gamma, eps, &l, &dl);
+        const float g = live[p] != 0.0f ? gl[p] * kv * dl : 0.0f;
+        gc[p] = on ? g : -g;
+      }
+      if (u >= 0) {  // a separate loop: GCC vectorises neither a fused one nor one with &&
+        const float* cu = C + u * kBlock;
+        float* gcu = Gc + u * kBlock;
+        for (int64_t p = 0; p < kBlock; ++p) {
+          const float r = gc[p];
+          const float mine = on_row[p] == fv ? r : 0.0f;  // the min chain's part
+          const bool own = xv[p] < cu[p];  // as min_rows: a tie stays with the shallower ancestor
+          gcu[p] += own ? 0.0f : mine;
+          gc[p] = own ? r : r - mine;
+        }
+      }
+      continue;
+    }
+    const float* mv = max_row<true>(x, ld, tr, v, M, W);
     float* gm = Gm + v * kBlock;
-    float* ov = part + v * kBlock;
     for (int64_t p = 0; p < kBlock; ++p) {
       const bool on = on_row[p] == fv;
       float l, dl;
@@ -258,15 +278,13 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
       gc[p] += on ? g : 0.0f;
       gm[p] = on ? 0.0f : -g;
     }
-    if (u < 0) {
-      for (int64_t p = 0; p < kBlock; ++p) ov[p] = gc[p];
-    } else {
+    if (u >= 0) {  // (a node at depth 1 takes its own logit)
       const float* cu = C + u * kBlock;
       float* gcu = Gc + u * kBlock;
       for (int64_t p = 0; p < kBlock; ++p) {
-        const bool own = xv[p] < cu[p];  // as min_rows: a tie stays with the shallower ancestor
-        ov[p] = own ? gc[p] : 0.0f;
+        const bool own = xv[p] < cu[p];
         gcu[p] += own ? 0.0f : gc[p];
+        gc[p] = own ? gc[p] : 0.0f;  // now the share of x[v]
       }
     }
   }
@@ -274,16 +292,26 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
   for (const int v : tr.order) {
     const int u = tr.parent[v];
     const float fv = static_cast<float>(v);
-    float* gm = Gm + v * kBlock;
-    const float* pv = part + v * kBlock;
+    const float* gc = Gc + v * kBlock;
     float* ov = o + v * ldo;
+    if (tr.first[v] == tr.first[v + 1]) {
+      if (u < 0) {
+        for (int64_t p = 0; p < kBlock; ++p) ov[p] = gc[p];
+      } else {
+        const float* wu = W + u * kBlock;
+        const float* gmu = Gm + u * kBlock;
+        for (int64_t p = 0; p < kBlock; ++p) ov[p] = gc[p] + (wu[p] == fv ? gmu[p] : 0.0f);
+      }
+      continue;
+    }
+    float* gm = Gm + v * kBlock;
     const float* wv = W + v * kBlock;
     if (u >= 0) {
       const float* wu = W + u * kBlock;
       const float* gmu = Gm + u * kBlock;
       for (int64_t p = 0; p < kBlock; ++p) gm[p] += wu[p] == fv ? gmu[p] : 0.0f;
     }
-    for (int64_t p = 0; p < kBlock; ++p) ov[p] = pv[p] + (wv[p] == fv ? gm[p] : 0.0f);
+    for (int64_t p = 0; p < kBlock; ++p) ov[p] = gc[p] + (wv[p] == fv ? gm[p] : 0.0f);
   }
 }
 
@@ -309,9 +337,8 @@ HSS_LANES_TARGETS void tree_forward_lanes(const float* x, int64_t ld, float* scr
   HSS_FOCAL_CASES(tree_forward_rows, gamma, eps, x, ld, t, tr, pn, k, gamma, eps, extrema, C, M, loss);
 }
 
-// o[v * ldo + p]: the gradient's rows; gtile: V rows of scratch, which may be o (ldo = kBlock).
-HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* scratch, float* gtile, float* o,
-                                           int64_t ldo, const TreeIndex& t, const TreeRows& tr, const int64_t* ys,
+// o[v * ldo + p]: the gradient's rows (the output itself, or a tile).
+HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* scratch, float* o, int64_t ldo, const TreeIndex& t, const TreeRows& tr, const int64_t* ys,
                                            const bool* valid, const float* k, float gamma, float eps, bool extrema,
                                            const float* g) {
   const int64_t R = t.V * kBlock;
@@ -321,7 +348,7 @@ HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* sc
   alignas(64) float live[kBlock];
   for (int64_t p = 0; p < kBlock; ++p) live[p] = valid[p] ? 1.0f : 0.0f;
   HSS_FOCAL_CASES(tree_backward_rows, gamma, eps, x, ld, t, tr, pn, live, k, gamma, eps, extrema, g, C, C + R,
-                  C + 2 * R, C + 3 * R, C + 4 * R, gtile, o, ldo);
+                  C + 2 * R, C + 3 * R, C + 4 * R, o, ldo);
 }
 
 // Labels of a block (ignore_index past its end); valid = neither ignored nor out of range.
@@ -419,7 +446,7 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
   // or the V accumulators of tree_backward_pixel.
   const TreeRows tr = tree_rows(ti);
   constexpr bool lanes = std::is_same_v<A, float>;
-  const int64_t scratch = lanes ? (D + 6 * V) * kBlock : V * kBlock + V;
+  const int64_t scratch = lanes ? (D + 6 * V) * kBlock : V * kBlock + V;  // (float: one row per node spare)
   const T* xp = logits.data_ptr<T>();
   cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch,
                                    [&](int64_t i0, int64_t n, const int64_t* offs, const A* x, int64_t ld, A* scr) {
@@ -436,12 +463,11 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
       // A block read straight from the input (see for_each_block_direct) is written straight to the
       // output, which has the input's strides: no tile to copy out.
       if (std::is_same_v<T, A> && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
-        tree_backward_lanes(x, ld, scr + V * kBlock, gtile, reinterpret_cast<A*>(y_out) + offs[0], sC, ti, tr, ys,
-                            valid, k, gamma, eps, extrema, g);
+        tree_backward_lanes(x, ld, scr + V * kBlock, reinterpret_cast<A*>(y_out) + offs[0], sC, ti, tr, ys, valid, k,
+                            gamma, eps, extrema, g);
         return;
       }
-      tree_backward_lanes(x, ld, scr + V * kBlock, gtile, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema,
-                          g);
+      tree_backward_lanes(x, ld, scr + V * kBlock, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema, g);
     } else {
       A* K = scr + V * kBlock;
       for (int64_t p = 0; p < n; ++p) {
