@@ -13,7 +13,6 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
-#include <cmath>
 #include <map>
 #include <type_traits>
 #include <utility>
@@ -82,17 +81,16 @@ Prefixes prefixes(const int32_t* path, int64_t L, int64_t D, int64_t C) {
 // exp for the activations: cpu::vexp, but exactly 0 where the true value is below the smallest normal
 // float (vexp would give 2^-126), so that saturated logits give the exact 0 that ties need.
 __attribute__((always_inline)) inline float act_exp(float v) { return v < -87.0f ? 0.0f : cpu::vexp(v); }
-__attribute__((always_inline)) inline double act_exp(double v) { return std::exp(v); }
 
-// One block of pixels, pixels innermost in every loop (channel c of lane p at x[c * ld + p]): the
-// activations, the prefix scores row by row, then the first maximum over the leaves' rows. Lanes past
-// n compute on whatever the rows hold and are not written. `rows` is scratch for one row per prefix.
-// Softmax: the scores are sums of exp(x - max) without the division by the pixel's sum, a positive
-// factor common to all of a pixel's paths that cannot change the argmax (beyond rounding).
-template <typename A>
-__attribute__((always_inline)) inline void decode_block(const A* x, int64_t ld, int64_t C, int64_t act,
-                                                        int64_t score, const Prefixes& t, A* rows, int64_t* y,
-                                                        int64_t n) {
+// One block of float pixels, pixels innermost in every loop (channel c of lane p at x[c * ld + p]),
+// compiled for each vector width (see HSS_LANES_TARGETS): the activations, the prefix scores row by
+// row, then the first maximum over the leaves' rows. Lanes past n compute on whatever the rows hold
+// and are not written. `rows` is scratch for one row per prefix. Softmax: the scores are sums of
+// exp(x - max) without the division by the pixel's sum, a positive factor common to all of a pixel's
+// paths that cannot change the argmax (beyond rounding).
+HSS_LANES_TARGETS void decode_block_f32(const float* x, int64_t ld, int64_t C, int64_t act, int64_t score,
+                                        const Prefixes& t, float* rows, int64_t* y, int64_t n) {
+  using A = float;
   alignas(64) A m[kBlock];
   if (act == decode_math::kSoftmax) {
     for (int64_t p = 0; p < kBlock; ++p) m[p] = x[p];
@@ -154,12 +152,6 @@ __attribute__((always_inline)) inline void decode_block(const A* x, int64_t ld, 
   for (int64_t p = 0; p < n; ++p) y[p] = arg[p];
 }
 
-// The float instance, compiled for each vector width (see HSS_LANES_TARGETS).
-HSS_LANES_TARGETS void decode_block_f32(const float* x, int64_t ld, int64_t C, int64_t act, int64_t score,
-                                        const Prefixes& t, float* rows, int64_t* y, int64_t n) {
-  decode_block<float>(x, ld, C, act, score, t, rows, y, n);
-}
-
 template <typename scalar_t>
 void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int64_t act, int64_t score,
                      at::Tensor& out) {
@@ -168,14 +160,19 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int
   const Prefixes t = prefixes(path_nodes.data_ptr<int32_t>(), path_nodes.size(0), path_nodes.size(1), C);
   const PixelGeom g{logits.size(2), logits.size(3), logits.stride(0), logits.stride(2), logits.stride(3)};
   int64_t* y = out.data_ptr<int64_t>();
-  const int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock;
+  constexpr bool lanes = std::is_same_v<A, float>;
+  const int64_t rows = lanes ? std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock : 0;
+  const int32_t* path = path_nodes.data_ptr<int32_t>();
+  const int64_t L = path_nodes.size(0), D = path_nodes.size(1);
   cpu::for_each_block_direct<scalar_t, A>(
       logits.data_ptr<scalar_t>(), C, logits.stride(1), g, out.numel(), rows,
       [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scratch) {
-        if constexpr (std::is_same_v<A, float>)
+        if constexpr (lanes) {
           decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n);
-        else
-          decode_block<A>(x, ld, C, act, score, t, scratch, y + i0, n);
+        } else {  // float64: decode_math's per-pixel code, the CUDA kernel's arithmetic
+          for (int64_t p = 0; p < n; ++p)
+            y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, L, D, path, act, score);
+        }
       });
 }
 

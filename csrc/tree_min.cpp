@@ -255,7 +255,7 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
         const float g = live[p] != 0.0f ? gl[p] * kv * dl : 0.0f;
         gc[p] = on ? g : -g;
       }
-      if (u >= 0) {  // a separate loop: GCC vectorises neither a fused one nor one with &&
+      if (u >= 0) {  // a loop of its own: GCC did not vectorise this fused with the one above
         const float* cu = C + u * kBlock;
         float* gcu = Gc + u * kBlock;
         for (int64_t p = 0; p < kBlock; ++p) {
@@ -263,7 +263,8 @@ __attribute__((always_inline)) inline void tree_backward_rows(const float* x, in
           const float mine = on_row[p] == fv ? r : 0.0f;  // the min chain's part
           const bool own = xv[p] < cu[p];  // as min_rows: a tie stays with the shallower ancestor
           gcu[p] += own ? 0.0f : mine;
-          gc[p] = own ? r : r - mine;
+          const float kept = own ? r : 0.0f;
+          gc[p] = on_row[p] == fv ? kept : r;
         }
       }
       continue;
