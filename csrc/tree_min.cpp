@@ -6,7 +6,8 @@
 //               hss_kernels/native.py), node_weights (V,), num_leaves, depth, gamma, eps, ignore_index,
 //               per_pixel, extrema)
 //   -> loss: (N, H, W) per pixel if per_pixel, else the 0-dim sum; float32/float64,
-//      count: 0-dim int64, the number of non-ignored pixels.
+//      count: 0-dim int64, the number of non-ignored pixels. A label neither ignore_index nor in
+//      [0, L) reads no table and gives a NaN loss (counted) and a NaN gradient row.
 // tree_loss_bwd(grad (0-dim or (N, H, W)), logits, target, tree_index, node_weights, num_leaves, depth,
 //               gamma, eps, ignore_index, extrema) -> grad_logits, same dtype and strides as logits.
 // The backward needs no saved statistics: the extrema are recomputed from the logits it reads anyway.
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -147,7 +149,8 @@ __attribute__((always_inline)) inline void min_rows(const float* x, int64_t ld, 
       for (int64_t p = 0; p < kBlock; ++p) cv[p] = xv[p];
     } else {
       const float* cu = C + u * kBlock;
-      for (int64_t p = 0; p < kBlock; ++p) cv[p] = xv[p] < cu[p] ? xv[p] : cu[p];
+      // hmin(C[parent], x[v]) as the per-pixel code: a NaN logit makes its term NaN
+      for (int64_t p = 0; p < kBlock; ++p) cv[p] = cu[p] < xv[p] ? cu[p] : xv[p];
     }
   }
 }
@@ -352,7 +355,8 @@ HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* sc
                   C + 2 * R, C + 3 * R, C + 4 * R, o, ldo);
 }
 
-// Labels of a block (ignore_index past its end); valid = neither ignored nor out of range.
+// Labels of a block (ignore_index past its end); valid = neither ignored nor out of range; *bad set if
+// a lane is neither (such a lane reads no table: it gets a NaN loss and a NaN gradient row).
 inline void block_labels(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int64_t L,
                          int64_t ignore_index, int64_t* ys, bool* valid, char* bad) {
   int64_t toff[kBlock];
@@ -363,6 +367,14 @@ inline void block_labels(const int64_t* tgt, const PixelGeom& gt, int64_t i0, in
     if (y != ignore_index && !valid[p]) *bad = 1;
     ys[p] = y;
   }
+}
+
+// NaN gradient rows o[v * ld + p] for the lanes with a bad label (see block_labels).
+template <typename A>
+void nan_rows(A* o, int64_t ld, int V, const int64_t* ys, const bool* valid, int64_t n, int64_t ignore_index) {
+  for (int64_t p = 0; p < n; ++p)
+    if (!valid[p] && ys[p] != ignore_index)
+      for (int v = 0; v < V; ++v) o[v * ld + p] = std::numeric_limits<A>::quiet_NaN();
 }
 
 template <typename T>
@@ -381,7 +393,6 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
   const int64_t nb = (P + cpu::kBlock - 1) / cpu::kBlock;
   std::vector<double> part(nb, 0.0);
   std::vector<int64_t> cnt(nb, 0);
-  std::vector<char> bad(nb, 0);
   const TreeRows tr = tree_rows(ti);
   constexpr bool lanes = std::is_same_v<A, float>;
   const int64_t scratch = lanes ? (D + 2 * V) * kBlock : 0;
@@ -390,7 +401,8 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
     int64_t ys[kBlock];
     bool valid[kBlock];
     alignas(64) A lane_loss[kBlock];
-    block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad[i0 / kBlock]);
+    char bad = 0;
+    block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
     if constexpr (lanes)
       tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
     double s = 0;
@@ -403,14 +415,16 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
                                           eps, extrema);
         s += l;
         ++c;
+      } else if (ys[p] != ignore_index) {  // a bad label: NaN, counted, so that a mean or sum is NaN too
+        l = std::numeric_limits<A>::quiet_NaN();
+        s += l;
+        ++c;
       }
       if (lp) lp[i0 + p] = l;
     }
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
   });
-  TORCH_CHECK(std::find(bad.begin(), bad.end(), 1) == bad.end(),
-              "tree_loss_fwd: target holds a label outside [0, ", L, ") that is not ignore_index=", ignore_index);
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
 }
 
@@ -464,8 +478,9 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
       // A block read straight from the input (see for_each_block_direct) is written straight to the
       // output, which has the input's strides: no tile to copy out.
       if (std::is_same_v<T, A> && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
-        tree_backward_lanes(x, ld, scr + V * kBlock, reinterpret_cast<A*>(y_out) + offs[0], sC, ti, tr, ys, valid, k,
-                            gamma, eps, extrema, g);
+        A* o = reinterpret_cast<A*>(y_out) + offs[0];
+        tree_backward_lanes(x, ld, scr + V * kBlock, o, sC, ti, tr, ys, valid, k, gamma, eps, extrema, g);
+        if (bad) nan_rows(o, sC, V, ys, valid, n, ignore_index);
         return;
       }
       tree_backward_lanes(x, ld, scr + V * kBlock, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema, g);
@@ -480,6 +495,7 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
                                ti, static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
       }
     }
+    if (bad) nan_rows(gtile, kBlock, V, ys, valid, n, ignore_index);
     cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
   });
 }
