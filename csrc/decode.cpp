@@ -11,11 +11,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <map>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "cpu_loop.h"
 #include "decode.h"
 #include "decode_math.h"
 
@@ -40,70 +43,137 @@ void check_decode_args(const at::Tensor& logits, const at::Tensor& path_nodes, i
 
 namespace {
 
-// Pixels per tile of the CPU loop: the inner loops run over a tile's pixels, which the compiler vectorises.
-constexpr int64_t kTile = 64;
+using cpu::kBlock;
+
+// The paths' shared prefixes, built once per call from path_nodes: prefix i extends prefix parent[i]
+// (-1: none) by channel node[i], and parent[i] < i, so one pass in index order scores every prefix
+// from its parent's score. In a tree every node is one prefix, so each node's activation is computed
+// and added once per pixel however many leaves lie below it, and a leaf's score is the sum along its
+// path root side first, as decode_math sums (leaves with equal activations on equal paths tie exactly).
+struct Prefixes {
+  std::vector<int32_t> parent, node;
+  std::vector<int32_t> last, len;  // per leaf: its path's prefix (-1 for an empty path) and length
+};
+
+Prefixes prefixes(const int32_t* path, int64_t L, int64_t D, int64_t C) {
+  Prefixes t;
+  std::map<std::pair<int32_t, int32_t>, int32_t> ids;
+  for (int64_t l = 0; l < L; ++l) {
+    int32_t cur = -1, len = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const int32_t node = path[l * D + d];
+      if (node < 0 || node >= C) break;  // as decode_math::best_leaf: a bad entry ends the path
+      auto it = ids.find({cur, node});
+      if (it == ids.end()) {
+        it = ids.emplace(std::make_pair(cur, node), static_cast<int32_t>(t.node.size())).first;
+        t.parent.push_back(cur);
+        t.node.push_back(node);
+      }
+      cur = it->second;
+      ++len;
+    }
+    t.last.push_back(cur);
+    t.len.push_back(len);
+  }
+  return t;
+}
+
+// exp for the activations: cpu::vexp, but exactly 0 where the true value is below the smallest normal
+// float (vexp would give 2^-126), so that saturated logits give the exact 0 that ties need.
+__attribute__((always_inline)) inline float act_exp(float v) { return v < -87.0f ? 0.0f : cpu::vexp(v); }
+
+// One block of float pixels, pixels innermost in every loop (channel c of lane p at x[c * ld + p]),
+// compiled for each vector width (see HSS_LANES_TARGETS): the activations, the prefix scores row by
+// row, then the first maximum over the leaves' rows. Lanes past n compute on whatever the rows hold
+// and are not written. `rows` is scratch for one row per prefix. Softmax: the scores are sums of
+// exp(x - max) without the division by the pixel's sum, a positive factor common to all of a pixel's
+// paths that cannot change the argmax (beyond rounding).
+HSS_LANES_TARGETS void decode_block_f32(const float* x, int64_t ld, int64_t C, int64_t act, int64_t score,
+                                        const Prefixes& t, float* rows, int64_t* y, int64_t n) {
+  using A = float;
+  alignas(64) A m[kBlock];
+  if (act == decode_math::kSoftmax) {
+    for (int64_t p = 0; p < kBlock; ++p) m[p] = x[p];
+    for (int64_t c = 1; c < C; ++c) {
+      const A* xc = x + c * ld;
+      for (int64_t p = 0; p < kBlock; ++p) m[p] = xc[p] > m[p] ? xc[p] : m[p];
+    }
+  }
+  const int64_t np = static_cast<int64_t>(t.node.size());
+  for (int64_t i = 0; i < np; ++i) {
+    const A* xc = x + t.node[i] * ld;
+    A* s = rows + i * kBlock;
+    alignas(64) A par[kBlock];
+    if (t.parent[i] < 0)
+      for (int64_t p = 0; p < kBlock; ++p) par[p] = A(0);
+    else
+      for (int64_t p = 0; p < kBlock; ++p) par[p] = rows[t.parent[i] * kBlock + p];
+    // One loop per activation: no branch on `act` (or on the sign) per element.
+    if (act == decode_math::kSigmoid) {
+      for (int64_t p = 0; p < kBlock; ++p) {
+        const A v = xc[p];
+        const bool pos = v >= A(0);
+        const A e = act_exp(pos ? -v : v);
+        s[p] = par[p] + (pos ? A(1) : e) / (A(1) + e);
+      }
+    } else if (act == decode_math::kSoftmax) {
+      for (int64_t p = 0; p < kBlock; ++p) s[p] = par[p] + act_exp(xc[p] - m[p]);
+    } else {
+      for (int64_t p = 0; p < kBlock; ++p) s[p] = par[p] + xc[p];
+    }
+  }
+  alignas(64) A best[kBlock], cand[kBlock];
+  alignas(64) int32_t arg[kBlock];
+  const int64_t L = static_cast<int64_t>(t.last.size());
+  for (int64_t l = 0; l < L; ++l) {
+    const int32_t i = t.last[l];
+    if (i < 0) {
+      for (int64_t p = 0; p < kBlock; ++p) cand[p] = A(0);
+    } else if (score == decode_math::kMean) {
+      const A len = static_cast<A>(t.len[l]);
+      for (int64_t p = 0; p < kBlock; ++p) cand[p] = rows[i * kBlock + p] / len;
+    } else {
+      for (int64_t p = 0; p < kBlock; ++p) cand[p] = rows[i * kBlock + p];
+    }
+    if (l == 0) {
+      for (int64_t p = 0; p < kBlock; ++p) {
+        best[p] = cand[p];
+        arg[p] = 0;
+      }
+      continue;
+    }
+    const int32_t li = static_cast<int32_t>(l);
+    for (int64_t p = 0; p < kBlock; ++p) {
+      const bool better = cand[p] > best[p];  // strict: an earlier (lower) leaf keeps a tie
+      best[p] = better ? cand[p] : best[p];
+      arg[p] = better ? li : arg[p];
+    }
+  }
+  for (int64_t p = 0; p < n; ++p) y[p] = arg[p];
+}
 
 template <typename scalar_t>
 void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int64_t act, int64_t score,
                      at::Tensor& out) {
   using A = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
-  const int64_t C = logits.size(1), H = logits.size(2), W = logits.size(3);
-  const int64_t sn = logits.stride(0), sc = logits.stride(1), sh = logits.stride(2), sw = logits.stride(3);
-  const int64_t L = path_nodes.size(0), D = path_nodes.size(1);
-  const scalar_t* x = logits.data_ptr<scalar_t>();
-  const int32_t* path = path_nodes.data_ptr<int32_t>();
+  const int64_t C = logits.size(1);
+  const Prefixes t = prefixes(path_nodes.data_ptr<int32_t>(), path_nodes.size(0), path_nodes.size(1), C);
+  const PixelGeom g{logits.size(2), logits.size(3), logits.stride(0), logits.stride(2), logits.stride(3)};
   int64_t* y = out.data_ptr<int64_t>();
-  const int64_t HW = H * W;
-  // Per tile: every channel's activations for the tile's pixels (one exp per node and pixel, however
-  // many leaves lie below the node), then the path sums leaf by leaf. The arithmetic per pixel is
-  // decode_math's, in the same order as the CUDA kernel's.
-  at::parallel_for(0, out.numel(), 4 * kTile, [&](int64_t begin, int64_t end) {
-    std::vector<A> a(C * kTile), s(kTile), best(kTile), m(kTile), z(kTile);
-    std::vector<int64_t> off(kTile), best_l(kTile);
-    for (int64_t q0 = begin; q0 < end; q0 += kTile) {
-      const int64_t np = std::min(kTile, end - q0);
-      for (int64_t p = 0; p < np; ++p) {
-        const int64_t q = q0 + p, n = q / HW, r = q % HW;
-        off[p] = n * sn + (r / W) * sh + (r % W) * sw;
-      }
-      for (int64_t p = 0; p < np; ++p) {
-        const decode_math::StridedPixel<scalar_t, A> pixel{x + off[p], sc};
-        decode_math::softmax_stats<A>(pixel, C, act, m[p], z[p]);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* xc = x + c * sc;
-        A* ac = a.data() + c * kTile;
-        // One loop per activation: no branch on `act` (or on the sign, see decode_math) per element.
-        if (act == decode_math::kSigmoid) {
-          for (int64_t p = 0; p < np; ++p) ac[p] = decode_math::sigmoid<A>(static_cast<A>(xc[off[p]]));
-        } else if (act == decode_math::kSoftmax) {
-          for (int64_t p = 0; p < np; ++p) ac[p] = decode_math::dexp(static_cast<A>(xc[off[p]]) - m[p]) / z[p];
-        } else {
-          for (int64_t p = 0; p < np; ++p) ac[p] = static_cast<A>(xc[off[p]]);
+  constexpr bool lanes = std::is_same_v<A, float>;
+  const int64_t rows = lanes ? std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock : 0;
+  const int32_t* path = path_nodes.data_ptr<int32_t>();
+  const int64_t L = path_nodes.size(0), D = path_nodes.size(1);
+  cpu::for_each_block_direct<scalar_t, A>(
+      logits.data_ptr<scalar_t>(), C, logits.stride(1), g, out.numel(), rows,
+      [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scratch) {
+        if constexpr (lanes) {
+          decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n);
+        } else {  // float64: decode_math's per-pixel code, the CUDA kernel's arithmetic
+          for (int64_t p = 0; p < n; ++p)
+            y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, L, D, path, act, score);
         }
-      }
-      for (int64_t l = 0; l < L; ++l) {
-        std::fill(s.begin(), s.begin() + np, A(0));
-        int64_t len = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          const int32_t node = path[l * D + d];
-          if (node < 0 || node >= C) break;
-          const A* an = a.data() + node * kTile;
-          for (int64_t p = 0; p < np; ++p) s[p] += an[p];
-          ++len;
-        }
-        if (score == decode_math::kMean && len > 0)
-          for (int64_t p = 0; p < np; ++p) s[p] = s[p] / A(len);
-        for (int64_t p = 0; p < np; ++p) {
-          if (l == 0 || s[p] > best[p]) {  // strict: an earlier (lower) leaf keeps a tie
-            best[p] = s[p];
-            best_l[p] = l;
-          }
-        }
-      }
-      std::copy(best_l.begin(), best_l.begin() + np, y + q0);
-    }
-  });
+      });
 }
 
 at::Tensor decode_cpu(const at::Tensor& logits, const at::Tensor& path_nodes, int64_t activation, int64_t score) {

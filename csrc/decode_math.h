@@ -1,5 +1,6 @@
-// Per-pixel hierarchical decoding (shared/MATH.md §4), shared by the CPU loop and the CUDA kernel so
-// that the CPU tests exercise the arithmetic the GPU runs.
+// Per-pixel hierarchical decoding (shared/MATH.md §4), shared by the CUDA kernel and the CPU's float64
+// path so that the CPU tests exercise the arithmetic the GPU runs (the CPU's float path scores the
+// paths' shared prefixes row by row over a block of pixels instead, csrc/decode.cpp).
 //
 // A leaf's path score is the sum of a(x_v) over the nodes v on its root-to-leaf path (root side first,
 // as the Triton kernel sums, so that leaves with equal activations on equal-length paths tie exactly),

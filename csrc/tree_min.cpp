@@ -7,7 +7,7 @@
 //               per_pixel, extrema)
 //   -> loss: (N, H, W) per pixel if per_pixel, else the 0-dim sum; float32/float64,
 //      count: 0-dim int64, the number of non-ignored pixels. A label neither ignore_index nor in
-//      [0, L) gives a NaN loss (counted) and a NaN gradient row, never a table read (hss_math.h).
+//      [0, L) reads no table and gives a NaN loss (counted) and a NaN gradient row.
 // tree_loss_bwd(grad (0-dim or (N, H, W)), logits, target, tree_index, node_weights, num_leaves, depth,
 //               gamma, eps, ignore_index, extrema) -> grad_logits, same dtype and strides as logits.
 // The backward needs no saved statistics: the extrema are recomputed from the logits it reads anyway.
@@ -17,29 +17,43 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace hss {
 namespace {
 
 using cpu::kBlock;
 
-// The float path of a block: the tree walks (which node's logit each term uses, where its gradient
-// goes) run per pixel, then the focal terms, which cost the transcendental functions, run with the
-// pixels innermost so that the compiler vectorises them. hss_math.h's focal() is the per-pixel form.
+// log(1 + e) for e in [0, 1] (the focal's log1p(exp(-|z|))): cpu::vlog's Cephes polynomial on
+// m = e (e below sqrt(2) - 1) or m = (e - 1) / 2 plus ln 2, the reduction vlog makes of 1 + e, but
+// without rounding 1 + e first: no correction term, no exponent bits.
+__attribute__((always_inline)) inline float vlog1p01(float e) {
+  const bool big = e > 0.414213562373f;
+  const float m = big ? (e - 1.0f) * 0.5f : e;
+  const float k = big ? 1.0f : 0.0f;
+  const float z = m * m;
+  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+             3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * k;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * k;
+}
 
-// Focal loss of a positive-class logit z and its derivative, as focal() but branch-free for the
-// vectoriser (vexp/vlog; log1p(e) as log(u) corrected by the rounding of u = 1 + e). G is the focal
-// case (0, 1, 2: gamma 0, 1, 2 by products; 3: any gamma), E whether eps > 0: fixed per loop.
+// Focal loss of a positive-class logit z and its derivative, as hss_math.h's focal() but branch-free
+// for the vectoriser (vexp, vlog1p01, one division). G is the focal case (0, 1, 2: gamma 0, 1, 2 by
+// products; 3: any gamma), E whether eps > 0: fixed per loop.
 template <int G, bool E>
 __attribute__((always_inline)) inline void vfocal(float z, float gamma, float eps, float* loss, float* dloss) {
   const float az = std::fabs(z);
   const float e = cpu::vexp(-az);
-  const float u = 1.0f + e;
-  const float l1 = cpu::vlog(u) - ((u - 1.0f) - e) / u;
+  const float inv = 1.0f / (1.0f + e);
+  const float l1 = vlog1p01(e);
   const float log_q = std::min(z, 0.0f) - l1;
-  const float inv = 1.0f / u;
   const bool nonneg = z >= 0.0f;
   const float q = nonneg ? inv : e * inv;
   const float one_m_q = nonneg ? e * inv : inv;
@@ -53,86 +67,255 @@ __attribute__((always_inline)) inline void vfocal(float z, float gamma, float ep
   if constexpr (G == 2) fw = one_m_q * one_m_q;
   if constexpr (G == 3) fw = cpu::vexp(gamma * (std::min(-z, 0.0f) - l1));
   *loss = -fw * log_p;
-  *dloss = gamma * q * fw * log_p - fw * dlog_p;
+  // gamma = 0: no log term (a backward-only caller then computes no log at all)
+  *dloss = G == 0 ? -dlog_p : gamma * q * fw * log_p - fw * dlog_p;
 }
 
 inline int focal_case(float gamma) { return gamma == 0.0f ? 0 : gamma == 1.0f ? 1 : gamma == 2.0f ? 2 : 3; }
 
-// Z(v) = the positive-class logit of node v's term: the ancestors' min on the target path, minus the
-// descendants' max elsewhere (tree-min), or +-x_v (BCE).
-template <typename X, typename O>
-void tree_terms(const X& x, const TreeIndex& t, int y, bool extrema, const O& Z) {
-  if (!extrema) {
-    for (int v = 0; v < t.V; ++v) Z(v, t.on_path(v, y) ? x(v) : -x(v));
-    return;
-  }
-  float cur = INFINITY;
-  for (int d = 0; d < t.D; ++d) {
-    const int v = t.path[y * t.D + d];
-    if (v < 0) break;
-    cur = hmin(cur, x(v));  // as tree_forward_pixel: a NaN logit makes the term NaN (std::min dropped it)
-    Z(v, cur);
-  }
-  for (int v = 0; v < t.V; ++v)
-    if (!t.on_path(v, y)) Z(v, -x(subtree_argmax<float>(x, t, v)));
-}
+// The float path works on rows: a (V, kBlock) tile holds one node per row and one pixel per column,
+// so that the tree walks become whole-row operations that the compiler vectorises across pixels:
+// * the min over the ancestors on the target path is C[v] = min(C[parent(v)], x[v]), rows in pre-order
+//   (the path's C is what its terms use: one row per node serves every label);
+// * the max over desc-or-self(v) is M[v] = max(x[v], M[children of v]), rows in reverse pre-order;
+// * node v's term is focal(on ? C[v] : -M[v]), on = whether v lies on the pixel's target path;
+// * the backward runs the chain rule back through those selects: the min chain in reverse pre-order
+//   (a node that did not take its own logit passes its gradient to its parent), the max chain in
+//   pre-order (a node passes its gradient to the child whose max it took). The selects keep the tie
+//   rule: strict comparisons keep the shallower ancestor for the min and, children being folded in
+//   pre-order after the node itself, the node earliest in pre-order for the max.
 
-// K(u) = +-(sum of k_v over the terms whose extremum is u), negative off the target path, and
-// Z(u) = +-x_u: the gradient at u is g * K(u) * focal'(Z(u)) (see tree_backward_pixel).
-template <typename X, typename O>
-void tree_routes(const X& x, const TreeIndex& t, int y, bool extrema, const float* k, float* K, const O& Z) {
-  if (!extrema) {
-    for (int v = 0; v < t.V; ++v) K[v * kBlock] = k[v];
-  } else {
-    for (int v = 0; v < t.V; ++v) K[v * kBlock] = 0.0f;
-    float cur = INFINITY;
-    int arg = -1;
-    for (int d = 0; d < t.D; ++d) {
-      const int v = t.path[y * t.D + d];
-      if (v < 0) break;
-      const float z = x(v);
-      if (d == 0 || z < cur) {  // see tree_backward_pixel: never K[-1] on a +inf/NaN logit
-        cur = z;
-        arg = v;
-      }
-      K[arg * kBlock] += k[v];
+// The tree's shape as the row passes walk it, built once per call from the packed tables.
+struct TreeRows {
+  std::vector<int32_t> order;   // pre-order
+  std::vector<int32_t> parent;  // per node; -1 for the children of the root
+  std::vector<int32_t> first;   // children of v: kids[first[v] .. first[v + 1]), in pre-order
+  std::vector<int32_t> kids;
+};
+
+TreeRows tree_rows(const TreeIndex& t) {
+  TreeRows r;
+  const int V = t.V;
+  r.order.assign(t.dfs_order, t.dfs_order + V);
+  r.parent.assign(V, -1);
+  std::vector<int32_t> nkids(V, 0);
+  std::vector<char> seen(V, 0);
+  // The tables come from hss_kernels.tree; checked here because the row passes index by them.
+  for (int i = 0; i < V; ++i) {
+    const int v = r.order[i];
+    TORCH_CHECK(v >= 0 && v < V && !seen[v] && t.dfs_pos[v] == i && t.depth[v] >= 1 && t.depth[v] <= t.D &&
+                    t.size[v] >= 1 && i + t.size[v] <= V,
+                "tree_loss: inconsistent tree_index tables at pre-order position ", i);
+    seen[v] = 1;
+  }
+  for (int i = 0; i < V; ++i) {
+    const int v = r.order[i];
+    for (int j = i + 1; j < i + t.size[v]; j += t.size[r.order[j]]) {
+      const int c = r.order[j];
+      TORCH_CHECK(t.depth[c] == t.depth[v] + 1 && j + t.size[c] <= i + t.size[v],
+                  "tree_loss: inconsistent tree_index tables below node ", v);
+      r.parent[c] = v;
+      ++nkids[v];
     }
-    for (int v = 0; v < t.V; ++v)
-      if (!t.on_path(v, y)) K[subtree_argmax<float>(x, t, v) * kBlock] += k[v];
   }
-  for (int u = 0; u < t.V; ++u) {
-    const bool on = t.on_path(u, y);
-    Z(u, on ? x(u) : -x(u));
-    if (!on) K[u * kBlock] = -K[u * kBlock];
+  for (int v = 0; v < V; ++v)
+    TORCH_CHECK((r.parent[v] < 0) == (t.depth[v] == 1), "tree_loss: inconsistent tree_index tables at node ", v);
+  r.first.assign(V + 1, 0);
+  for (int v = 0; v < V; ++v) r.first[v + 1] = r.first[v] + nkids[v];
+  r.kids.assign(r.first[V], 0);
+  std::vector<int32_t> fill(r.first.begin(), r.first.end() - 1);
+  for (int i = 0; i < V; ++i) {
+    const int v = r.order[i];
+    if (r.parent[v] >= 0) r.kids[fill[r.parent[v]]++] = v;
+  }
+  return r;
+}
+
+// Row pn[d] = the channel at depth d + 1 of each lane's target path, as float (exact below 2^24), -1
+// past the path and for lanes that are ignored or past the block's end: `on` is then one compare.
+inline void path_rows(const TreeIndex& t, const int64_t* ys, const bool* valid, float* pn) {
+  for (int d = 0; d < t.D; ++d)
+    for (int64_t p = 0; p < kBlock; ++p)
+      pn[d * kBlock + p] = valid[p] ? static_cast<float>(t.path[ys[p] * t.D + d]) : -1.0f;
+}
+
+// Rows C (min over ancestors-or-self, pre-order) for every node; x[c * ld + p] is the input.
+__attribute__((always_inline)) inline void min_rows(const float* x, int64_t ld, const TreeRows& tr, float* C) {
+  for (const int v : tr.order) {
+    const float* xv = x + v * ld;
+    float* cv = C + v * kBlock;
+    const int u = tr.parent[v];
+    if (u < 0) {
+      for (int64_t p = 0; p < kBlock; ++p) cv[p] = xv[p];
+    } else {
+      const float* cu = C + u * kBlock;
+      // hmin(C[parent], x[v]) as the per-pixel code: a NaN logit makes its term NaN
+      for (int64_t p = 0; p < kBlock; ++p) cv[p] = cu[p] < xv[p] ? cu[p] : xv[p];
+    }
   }
 }
 
-template <int G, bool E>
-__attribute__((always_inline)) inline void focal_rows(const float* zt, const float* k, int V, float gamma, float eps,
-                                                      float* acc) {
-  for (int v = 0; v < V; ++v) {
-    const float kv = k[v];
-    const float* z = zt + v * kBlock;
+// Row M[v] (max over desc-or-self) from x[v] and the children's rows; with W, the node whose row gave
+// the max (v itself or a child, as float), ties to the earliest. Returns M[v]'s row: x[v]'s for a leaf,
+// which has no W row (its max is always its own logit).
+template <bool kWinner>
+__attribute__((always_inline)) inline const float* max_row(const float* x, int64_t ld, const TreeRows& tr, int v,
+                                                           float* M, float* W) {
+  const float* xv = x + v * ld;
+  const int k0 = tr.first[v], k1 = tr.first[v + 1];
+  if (k0 == k1) return xv;
+  float* mv = M + v * kBlock;
+  for (int64_t p = 0; p < kBlock; ++p) mv[p] = xv[p];
+  if constexpr (kWinner)
+    for (int64_t p = 0; p < kBlock; ++p) W[v * kBlock + p] = static_cast<float>(v);
+  for (int j = k0; j < k1; ++j) {
+    const int c = tr.kids[j];
+    const float* mc = tr.first[c] == tr.first[c + 1] ? x + c * ld : M + c * kBlock;
+    const float fc = static_cast<float>(c);
     for (int64_t p = 0; p < kBlock; ++p) {
+      const bool take = mc[p] > mv[p];  // strict: the earlier in pre-order keeps a tie
+      mv[p] = take ? mc[p] : mv[p];
+      if constexpr (kWinner) W[v * kBlock + p] = take ? fc : W[v * kBlock + p];
+    }
+  }
+  return mv;
+}
+
+// Loss of every lane: sum over nodes of k_v * focal(Z_v). Scratch: D + 2V rows.
+template <int G, bool E>
+__attribute__((always_inline)) inline void tree_forward_rows(const float* x, int64_t ld, const TreeIndex& t,
+                                                             const TreeRows& tr, const float* pn, const float* k,
+                                                             float gamma, float eps, bool extrema, float* C,
+                                                             float* M, float* acc) {
+  for (int64_t p = 0; p < kBlock; ++p) acc[p] = 0.0f;
+  if (extrema) min_rows(x, ld, tr, C);
+  for (int i = t.V - 1; i >= 0; --i) {
+    const int v = tr.order[i];
+    const float* on_row = pn + (t.depth[v] - 1) * kBlock;
+    const float fv = static_cast<float>(v);
+    const float kv = k[v];
+    const float* xv = x + v * ld;
+    const float* mv = extrema ? max_row<false>(x, ld, tr, v, M, nullptr) : xv;
+    const float* cv = extrema ? C + v * kBlock : xv;
+    for (int64_t p = 0; p < kBlock; ++p) {
+      const float z = on_row[p] == fv ? cv[p] : -mv[p];
       float l, dl;
-      vfocal<G, E>(z[p], gamma, eps, &l, &dl);
+      vfocal<G, E>(z, gamma, eps, &l, &dl);
       acc[p] += kv * l;
     }
   }
 }
 
+// Gradient of every lane into o[v * ldo + p]; gl[p] is the lane's upstream gradient, live[p] 1 for the
+// lanes that count, else 0 (a float: GCC does not vectorise loads of bool). Scratch: D + 5V rows.
 template <int G, bool E>
-__attribute__((always_inline)) inline void dfocal_rows(const float* zt, const float* Kt, const float* gl, int V,
-                                                       float gamma, float eps, float* gtile) {
-  for (int v = 0; v < V; ++v) {
-    const float* z = zt + v * kBlock;
-    const float* K = Kt + v * kBlock;
-    float* o = gtile + v * kBlock;
-    for (int64_t p = 0; p < kBlock; ++p) {
-      float l, dl;
-      vfocal<G, E>(z[p], gamma, eps, &l, &dl);
-      o[p] = gl[p] * K[p] * dl;
+__attribute__((always_inline)) inline void tree_backward_rows(const float* x, int64_t ld, const TreeIndex& t,
+                                                              const TreeRows& tr, const float* pn, const float* live,
+                                                              const float* k, float gamma, float eps, bool extrema,
+                                                              const float* gl, float* C, float* M, float* W,
+                                                              float* Gc, float* Gm, float* o, int64_t ldo) {
+  const int V = t.V;
+  if (!extrema) {
+    for (int v = 0; v < V; ++v) {
+      const float* on_row = pn + (t.depth[v] - 1) * kBlock;
+      const float fv = static_cast<float>(v);
+      const float kv = k[v];
+      const float* xv = x + v * ld;
+      float* ov = o + v * ldo;
+      for (int64_t p = 0; p < kBlock; ++p) {
+        const bool on = on_row[p] == fv;
+        float l, dl;
+        vfocal<G, E>(on ? xv[p] : -xv[p], gamma, eps, &l, &dl);
+        const float g = live[p] != 0.0f ? gl[p] * kv * dl : 0.0f;  // a select: dl of an unused lane may be NaN
+        ov[p] = on ? g : -g;
+      }
     }
+    return;
+  }
+  min_rows(x, ld, tr, C);
+  for (int v = 0; v < V; ++v)
+    if (tr.first[v] != tr.first[v + 1])
+      for (int64_t p = 0; p < kBlock; ++p) Gc[v * kBlock + p] = 0.0f;
+  // Reverse pre-order: the max rows and the terms' gradients; the min chain's gradient, complete at v
+  // since v's descendants came first, goes to x[v] if v's min is its own logit, else to the parent.
+  // A leaf's row Gc[v] ends as its whole own share (its max is its own logit); an inner node's as the
+  // min chain's share, Gm[v] holding what its max passes on.
+  for (int i = V - 1; i >= 0; --i) {
+    const int v = tr.order[i];
+    const int u = tr.parent[v];
+    const bool leaf = tr.first[v] == tr.first[v + 1];
+    const float* on_row = pn + (t.depth[v] - 1) * kBlock;
+    const float fv = static_cast<float>(v);
+    const float kv = k[v];
+    const float* xv = x + v * ld;
+    const float* cv = C + v * kBlock;
+    float* gc = Gc + v * kBlock;
+    if (leaf) {
+      for (int64_t p = 0; p < kBlock; ++p) {
+        const bool on = on_row[p] == fv;
+        float l, dl;
+        vfocal<G, E>(on ? cv[p] : -xv[p], gamma, eps, &l, &dl);
+        const float g = live[p] != 0.0f ? gl[p] * kv * dl : 0.0f;
+        gc[p] = on ? g : -g;
+      }
+      if (u >= 0) {  // a loop of its own: GCC did not vectorise this fused with the one above
+        const float* cu = C + u * kBlock;
+        float* gcu = Gc + u * kBlock;
+        for (int64_t p = 0; p < kBlock; ++p) {
+          const float r = gc[p];
+          const float mine = on_row[p] == fv ? r : 0.0f;  // the min chain's part
+          const bool own = xv[p] < cu[p];  // as min_rows: a tie stays with the shallower ancestor
+          gcu[p] += own ? 0.0f : mine;
+          const float kept = own ? r : 0.0f;
+          gc[p] = on_row[p] == fv ? kept : r;
+        }
+      }
+      continue;
+    }
+    const float* mv = max_row<true>(x, ld, tr, v, M, W);
+    float* gm = Gm + v * kBlock;
+    for (int64_t p = 0; p < kBlock; ++p) {
+      const bool on = on_row[p] == fv;
+      float l, dl;
+      vfocal<G, E>(on ? cv[p] : -mv[p], gamma, eps, &l, &dl);
+      const float g = live[p] != 0.0f ? gl[p] * kv * dl : 0.0f;
+      gc[p] += on ? g : 0.0f;
+      gm[p] = on ? 0.0f : -g;
+    }
+    if (u >= 0) {  // (a node at depth 1 takes its own logit)
+      const float* cu = C + u * kBlock;
+      float* gcu = Gc + u * kBlock;
+      for (int64_t p = 0; p < kBlock; ++p) {
+        const bool own = xv[p] < cu[p];
+        gcu[p] += own ? 0.0f : gc[p];
+        gc[p] = own ? gc[p] : 0.0f;  // now the share of x[v]
+      }
+    }
+  }
+  // Pre-order: the max chain's gradient flows from each node to the child whose max it took.
+  for (const int v : tr.order) {
+    const int u = tr.parent[v];
+    const float fv = static_cast<float>(v);
+    const float* gc = Gc + v * kBlock;
+    float* ov = o + v * ldo;
+    if (tr.first[v] == tr.first[v + 1]) {
+      if (u < 0) {
+        for (int64_t p = 0; p < kBlock; ++p) ov[p] = gc[p];
+      } else {
+        const float* wu = W + u * kBlock;
+        const float* gmu = Gm + u * kBlock;
+        for (int64_t p = 0; p < kBlock; ++p) ov[p] = gc[p] + (wu[p] == fv ? gmu[p] : 0.0f);
+      }
+      continue;
+    }
+    float* gm = Gm + v * kBlock;
+    const float* wv = W + v * kBlock;
+    if (u >= 0) {
+      const float* wu = W + u * kBlock;
+      const float* gmu = Gm + u * kBlock;
+      for (int64_t p = 0; p < kBlock; ++p) gm[p] += wu[p] == fv ? gmu[p] : 0.0f;
+    }
+    for (int64_t p = 0; p < kBlock; ++p) ov[p] = gc[p] + (wv[p] == fv ? gm[p] : 0.0f);
   }
 }
 
@@ -147,43 +330,33 @@ __attribute__((always_inline)) inline void dfocal_rows(const float* zt, const fl
     else e_ ? F<3, true>(__VA_ARGS__) : F<3, false>(__VA_ARGS__);             \
   } while (0)
 
-HSS_LANES_TARGETS void tree_forward_lanes(const float* tile, float* zt, int64_t n, const TreeIndex& t,
-                                          const int64_t* ys, const bool* valid, const float* k, float gamma,
-                                          float eps, bool extrema, float* loss) {
-  for (int64_t p = 0; p < kBlock; ++p) {
-    if (p < n && valid[p]) {
-      tree_terms(cpu::Column<float>{tile + p}, t, static_cast<int>(ys[p]), extrema, cpu::ColumnOut<float>{zt + p});
-    } else {
-      for (int v = 0; v < t.V; ++v) zt[v * kBlock + p] = 0.0f;
-    }
-  }
-  alignas(64) float acc[kBlock];
-  for (int64_t p = 0; p < kBlock; ++p) acc[p] = 0.0f;
-  HSS_FOCAL_CASES(focal_rows, gamma, eps, zt, k, t.V, gamma, eps, acc);
-  for (int64_t p = 0; p < n; ++p) loss[p] = acc[p];
+// Float lanes of a block: x[c * ld + p] for lane p < n; scratch as tree_*_rows need.
+HSS_LANES_TARGETS void tree_forward_lanes(const float* x, int64_t ld, float* scratch, const TreeIndex& t,
+                                          const TreeRows& tr, const int64_t* ys, const bool* valid, const float* k,
+                                          float gamma, float eps, bool extrema, float* loss) {
+  float* pn = scratch;
+  float* C = pn + t.D * kBlock;
+  float* M = C + t.V * kBlock;
+  path_rows(t, ys, valid, pn);
+  HSS_FOCAL_CASES(tree_forward_rows, gamma, eps, x, ld, t, tr, pn, k, gamma, eps, extrema, C, M, loss);
 }
 
-HSS_LANES_TARGETS void tree_backward_lanes(const float* tile, float* gtile, float* zt, float* Kt, int64_t n,
-                                           const TreeIndex& t, const int64_t* ys, const bool* valid, const float* k,
-                                           float gamma, float eps, bool extrema, const float* g) {
-  alignas(64) float gl[kBlock];
-  for (int64_t p = 0; p < kBlock; ++p) {
-    const bool ok = p < n && valid[p];
-    gl[p] = ok ? g[p] : 0.0f;
-    if (ok) {
-      tree_routes(cpu::Column<float>{tile + p}, t, static_cast<int>(ys[p]), extrema, k, Kt + p,
-                  cpu::ColumnOut<float>{zt + p});
-    } else {
-      for (int v = 0; v < t.V; ++v) {
-        Kt[v * kBlock + p] = 0.0f;
-        zt[v * kBlock + p] = 0.0f;
-      }
-    }
-  }
-  HSS_FOCAL_CASES(dfocal_rows, gamma, eps, zt, Kt, gl, t.V, gamma, eps, gtile);
+// o[v * ldo + p]: the gradient's rows (the output itself, or a tile).
+HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* scratch, float* o, int64_t ldo, const TreeIndex& t, const TreeRows& tr, const int64_t* ys,
+                                           const bool* valid, const float* k, float gamma, float eps, bool extrema,
+                                           const float* g) {
+  const int64_t R = t.V * kBlock;
+  float* pn = scratch;
+  float* C = pn + t.D * kBlock;
+  path_rows(t, ys, valid, pn);
+  alignas(64) float live[kBlock];
+  for (int64_t p = 0; p < kBlock; ++p) live[p] = valid[p] ? 1.0f : 0.0f;
+  HSS_FOCAL_CASES(tree_backward_rows, gamma, eps, x, ld, t, tr, pn, live, k, gamma, eps, extrema, g, C, C + R,
+                  C + 2 * R, C + 3 * R, C + 4 * R, o, ldo);
 }
 
-// Labels of a block (ignore_index past its end); valid = neither ignored nor out of range.
+// Labels of a block (ignore_index past its end); valid = neither ignored nor out of range; *bad set if
+// a lane is neither (such a lane reads no table: it gets a NaN loss and a NaN gradient row).
 inline void block_labels(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int64_t L,
                          int64_t ignore_index, int64_t* ys, bool* valid, char* bad) {
   int64_t toff[kBlock];
@@ -194,6 +367,14 @@ inline void block_labels(const int64_t* tgt, const PixelGeom& gt, int64_t i0, in
     if (y != ignore_index && !valid[p]) *bad = 1;
     ys[p] = y;
   }
+}
+
+// NaN gradient rows o[v * ld + p] for the lanes with a bad label (see block_labels).
+template <typename A>
+void nan_rows(A* o, int64_t ld, int V, const int64_t* ys, const bool* valid, int64_t n, int64_t ignore_index) {
+  for (int64_t p = 0; p < n; ++p)
+    if (!valid[p] && ys[p] != ignore_index)
+      for (int v = 0; v < V; ++v) o[v * ld + p] = quiet_nan<A>();
 }
 
 template <typename T>
@@ -212,28 +393,30 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
   const int64_t nb = (P + cpu::kBlock - 1) / cpu::kBlock;
   std::vector<double> part(nb, 0.0);
   std::vector<int64_t> cnt(nb, 0);
-  cpu::for_each_block<T, A>(logits.data_ptr<T>(), V, logits.stride(1), gx, P, V * kBlock,
-                            [&](int64_t i0, int64_t n, const int64_t*, const A* tile, A* scratch) {
+  const TreeRows tr = tree_rows(ti);
+  constexpr bool lanes = std::is_same_v<A, float>;
+  const int64_t scratch = lanes ? (D + 2 * V) * kBlock : 0;
+  cpu::for_each_block_direct<T, A>(logits.data_ptr<T>(), V, logits.stride(1), gx, P, scratch,
+                                   [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scr) {
     int64_t ys[kBlock];
     bool valid[kBlock];
-    A lane_loss[kBlock];
+    alignas(64) A lane_loss[kBlock];
     char bad = 0;
     block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
-    constexpr bool lanes = std::is_same_v<A, float>;
     if constexpr (lanes)
-      tree_forward_lanes(tile, scratch, n, ti, ys, valid, k, gamma, eps, extrema, lane_loss);
+      tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
       A l = A(0);
       if (valid[p]) {
         l = lanes ? lane_loss[p]
-                  : tree_forward_pixel<A>(cpu::Column<A>{tile + p}, ti, static_cast<int>(ys[p]), k, gamma, eps,
-                                          extrema);
+                  : tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, ti, static_cast<int>(ys[p]), k, gamma,
+                                          eps, extrema);
         s += l;
         ++c;
-      } else if (label_kind(ys[p], L, ignore_index) == kLabelBad) {
-        l = quiet_nan<A>();  // see hss_math.h
+      } else if (ys[p] != ignore_index) {  // a bad label: NaN, counted, so that a mean or sum is NaN too
+        l = quiet_nan<A>();
         s += l;
         ++c;
       }
@@ -274,37 +457,45 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
   const A gamma = static_cast<A>(gamma_), eps = static_cast<A>(eps_);
   const int64_t sC = logits.stride(1);
   T* y_out = out.data_ptr<T>();
-  // Thread scratch: the gradient tile (V, kBlock), then the float path's term and route tiles (or the V
-  // accumulators of tree_backward_pixel).
-  cpu::for_each_block<T, A>(logits.data_ptr<T>(), V, sC, gx, P, 3 * V * kBlock,
-                            [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, A* scratch) {
-    A* gtile = scratch;
+  // Thread scratch: the gradient tile (V, kBlock), then the float path's rows (see tree_backward_rows)
+  // or the V accumulators of tree_backward_pixel.
+  const TreeRows tr = tree_rows(ti);
+  constexpr bool lanes = std::is_same_v<A, float>;
+  const int64_t scratch = lanes ? (D + 6 * V) * kBlock : V * kBlock + V;  // (float: one row per node spare)
+  const T* xp = logits.data_ptr<T>();
+  cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch,
+                                   [&](int64_t i0, int64_t n, const int64_t* offs, const A* x, int64_t ld, A* scr) {
+    A* gtile = scr;
     int64_t ys[kBlock];
     bool valid[kBlock];
-    A g[kBlock];
+    alignas(64) A g[kBlock];
     char bad = 0;
     block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
-    for (int64_t p = 0; p < n; ++p) g[p] = gp[goff[p]];
-    if constexpr (std::is_same_v<A, float>) {
-      tree_backward_lanes(tile, gtile, scratch + V * kBlock, scratch + 2 * V * kBlock, n, ti, ys, valid, k, gamma,
-                          eps, extrema, g);
+    for (int64_t p = 0; p < kBlock; ++p) g[p] = p < n ? gp[goff[p]] : A(0);
+    if constexpr (lanes) {
+      // A block read straight from the input (see for_each_block_direct) is written straight to the
+      // output, which has the input's strides: no tile to copy out.
+      if (std::is_same_v<T, A> && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
+        A* o = reinterpret_cast<A*>(y_out) + offs[0];
+        tree_backward_lanes(x, ld, scr + V * kBlock, o, sC, ti, tr, ys, valid, k, gamma, eps, extrema, g);
+        if (bad) nan_rows(o, sC, V, ys, valid, n, ignore_index);
+        return;
+      }
+      tree_backward_lanes(x, ld, scr + V * kBlock, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema, g);
     } else {
-      A* K = scratch + V * kBlock;
+      A* K = scr + V * kBlock;
       for (int64_t p = 0; p < n; ++p) {
         if (!valid[p]) {
           for (int v = 0; v < V; ++v) gtile[v * kBlock + p] = A(0);
           continue;
         }
-        tree_backward_pixel<A>(cpu::Column<A>{tile + p}, cpu::Scratch<A>{K}, cpu::ColumnOut<A>{gtile + p}, ti,
-                               static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
+        tree_backward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, cpu::Scratch<A>{K}, cpu::ColumnOut<A>{gtile + p},
+                               ti, static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
       }
     }
-    if (bad)  // NaN rows for bad labels (see hss_math.h)
-      for (int64_t p = 0; p < n; ++p)
-        if (label_kind(ys[p], L, ignore_index) == kLabelBad)
-          for (int v = 0; v < V; ++v) gtile[v * kBlock + p] = quiet_nan<A>();
+    if (bad) nan_rows(gtile, kBlock, V, ys, valid, n, ignore_index);
     cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
   });
 }

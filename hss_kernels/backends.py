@@ -31,8 +31,8 @@ BACKENDS: Dict[str, str] = {
 }
 _AUTO_ORDER = {"cuda": ["triton", "native"], "cpu": ["native"]}
 # (device type, op) → backends that "auto" passes over there because they are measured slower than the
-# reference (benchmarks/results/README.md: the native CPU decode loses to the reference's einsum).
-_AUTO_SKIP = {("cpu", "decode"): {"native"}}
+# reference (none at present; see benchmarks/results/README.md).
+_AUTO_SKIP: Dict[tuple, set] = {}
 _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 

@@ -139,7 +139,8 @@ def test_auto_order(monkeypatch):
     assert backends.resolve("hierarchical_softmax_loss", "auto", cpu) is reference.hierarchical_softmax_loss
 
 
-def test_auto_keeps_the_reference_decode_on_cpu(monkeypatch):
+def test_auto_picks_the_native_decode_on_cpu(monkeypatch):
+    # the native CPU decode is measured faster than the reference's einsum (benchmarks, config medium)
     class Fake:
         OPS = {"decode": lambda *a, **k: "native"}
 
@@ -148,8 +149,8 @@ def test_auto_keeps_the_reference_decode_on_cpu(monkeypatch):
             return None
 
     monkeypatch.setitem(backends._loaded, "native", Fake)
-    assert backends.resolve("decode", "auto", torch.device("cpu")) is reference.decode
-    assert backends.resolve("decode", "native", torch.device("cpu"))() == "native"
+    assert backends.resolve("decode", "auto", torch.device("cpu"))() == "native"
+    assert backends.resolve("decode", "reference", torch.device("cpu")) is reference.decode
 
 
 # ------------------------------------------------------------------ shapes and forms

@@ -288,6 +288,45 @@ def test_native_op_checks():
     opcheck(op.default, (x, path, 1, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_op_any_path_table(dtype):
+    """The op takes any (L, D) table, not only a tree's: paths that share prefixes or repeat a node,
+    end early (-1) or at an entry outside [0, C), or are empty (score 0). Against a direct float64 sum
+    per leaf, at 117 pixels per image (full and partial blocks of the CPU loop; float32 runs its row
+    passes, float64 the per-pixel code the CUDA kernel runs)."""
+    native_decode()
+    op = torch.ops.hss_kernels.decode
+    C, L, D = 7, 12, 4
+    path = torch.randint(-1, C + 2, (L, D), dtype=torch.int32)
+    path[0] = torch.tensor([2, 2, 5, 1])  # a repeated node
+    path[1] = path[0]  # the same path as leaf 0: always a tie that leaf 0 wins
+    path[2] = torch.tensor([2, 2, 5, -1])  # a prefix of leaf 0's path
+    path[3, 0] = -1  # empty
+    path[4] = torch.tensor([3, C, 1, 1])  # ends at an out-of-range entry
+    x = random_logits(C, (2, 9, 13), dtype)
+    xd = x.double()
+    for act, a in ((0, torch.sigmoid(xd)), (1, torch.softmax(xd, dim=1)), (2, xd)):
+        for score in (0, 1):
+            cols = []
+            for l in range(L):
+                s, n = torch.zeros_like(a[:, 0]), 0
+                for d in range(D):
+                    c = int(path[l, d])
+                    if c < 0 or c >= C:
+                        break
+                    s, n = s + a[:, c], n + 1
+                cols.append(s / n if score == 1 and n > 0 else s)
+            S = torch.stack(cols, dim=1)
+            want = S.argmax(dim=1)
+            got = op(x, path.contiguous(), act, score)
+            assert not bool((got == 1).any())
+            diff = got != want
+            if bool(diff.any()):
+                gap = (S.gather(1, got[:, None]) - S.gather(1, want[:, None]))[:, 0].abs()[diff]
+                tol = 1e-9 if dtype == torch.float64 else 2e-5
+                assert float(gap.max()) <= tol, f"{int(diff.sum())} labels differ by up to {float(gap.max())}"
+
+
 # --------------------------------------------------------------------------- public API and labels
 def test_public_api_backends():
     tree = trees.load("pascal_person_part")

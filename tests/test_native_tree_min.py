@@ -80,15 +80,71 @@ def test_random_unbalanced_trees(dtype, loss):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_ties_follow_preorder(loss):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_follow_preorder(dtype, loss):
     # Integer logits tie often; the gradient must go where the reference sends it (earliest in pre-order).
+    # float32 runs the CPU's row passes (selects in pre-order), float64 the per-pixel walks.
     for name in ("cityscapes", "helen"):
         tree = trees.load(name)
-        x, y = make_inputs(tree, shape=(2, 6, 6), dtype=torch.float64, ties=True)
+        x, y = make_inputs(tree, shape=(2, 6, 6), dtype=dtype, ties=True)
         check_against_reference(LOSSES[loss], x, y, tree, "sum", gamma=1.5)
     tree = random_tree()
-    x, y = make_inputs(tree, shape=(2, 6, 6), dtype=torch.float64, ties=True)
+    x, y = make_inputs(tree, shape=(2, 6, 6), dtype=dtype, ties=True)
     check_against_reference(LOSSES[loss], x, y, tree, "none", gamma=0.0)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("shape", [(1, 8, 8), (2, 9, 17), (1, 1, 131), (3, 2, 70)])
+def test_cpu_blocks(shape, loss):
+    """The CPU's float path works on blocks of 64 pixels: full blocks of contiguous pixels are read
+    from the input itself, the others (across images, the last partial block, other layouts) from a
+    gathered tile. Every kind against the reference, with random and with tied logits."""
+    fn = LOSSES[loss]
+    tree = trees.load("vistas")
+    x, y = make_inputs(tree, shape=shape, ignore_frac=0.1)
+    check_against_reference(fn, x, y, tree, "none")
+    a, ga, g = loss_and_grad(fn, x, y, tree, "native", "none")
+    b, gb, _ = loss_and_grad(fn, x.to(memory_format=torch.channels_last), y, tree, "native", "none", g)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    x, y = make_inputs(tree, shape=shape, ties=True)
+    check_against_reference(fn, x, y, tree, "sum", gamma=2.0)
+    deep = random_tree(max_depth=8)
+    x, y = make_inputs(deep, shape=shape, ties=True)
+    check_against_reference(fn, x, y, deep, "mean", gamma=0.5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_bad_labels_in_every_kind_of_block(dtype, loss):
+    """A label neither ignore_index nor in [0, L) gives a NaN loss (counted: the mean is NaN) and a NaN
+    gradient row, every other pixel the reference's values, in blocks read from the input, gathered
+    blocks and the last partial block (float32: the row passes; float64: the per-pixel code)."""
+    fn = LOSSES[loss]
+    tree = trees.load("vistas")
+    x, y = make_inputs(tree, shape=(2, 9, 17), dtype=dtype, ignore_frac=0.1)  # 153 pixels per image
+    bad = torch.zeros(y.shape, dtype=torch.bool)
+    for i, value in zip((0, 70, 140, 153 + 100, 2 * 153 - 1), (-1, tree.num_leaves, 1000, 254, -7)):
+        y.view(-1)[i] = value
+        bad.view(-1)[i] = True
+    op = native.OPS[loss + "_loss"]  # the public API would reject the labels before any kernel runs
+
+    def run(reduction, g=None):
+        xg = x.detach().clone().requires_grad_()
+        out = op(xg, y, tree, reduction=reduction)
+        g = torch.randn_like(out) if g is None else g
+        return out.detach(), torch.autograd.grad(out, xg, g)[0], g
+
+    out, gout, g = run("none")
+    ref, gref, _ = loss_and_grad(fn, x, y.masked_fill(bad, 255), tree, "reference", "none", g)
+    assert torch.isnan(out[bad]).all() and not torch.isnan(out[~bad]).any()
+    tol = TOL[dtype]
+    torch.testing.assert_close(out[~bad], ref[~bad], **tol)
+    rows, rows_ref = gout.permute(0, 2, 3, 1), gref.permute(0, 2, 3, 1)
+    assert torch.isnan(rows[bad]).all()
+    torch.testing.assert_close(rows[~bad], rows_ref[~bad], rtol=tol["rtol"],
+                               atol=tol["atol"] + tol["rtol"] * float(gref.abs().max()))
+    mean, gmean, _ = run("mean")
+    assert torch.isnan(mean) and torch.isnan(gmean.permute(0, 2, 3, 1)[bad]).all()
 
 
 @pytest.mark.parametrize("loss", LOSSES)
