@@ -175,6 +175,18 @@ __attribute__((always_inline)) inline float vexp(float v) {
   return p * scale;
 }
 
+// log(1 + m) + e ln 2 for m in [sqrt(1/2) - 1, sqrt(2) - 1]: Cephes' logf polynomial (degree 9), with
+// ln 2 split in two so that e ln 2 adds no rounding. The tail of vlog and of tree_min.cpp's vlog1p01.
+__attribute__((always_inline)) inline float vlog_reduced(float m, float e) {
+  const float z = m * m;
+  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+             3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
 // log for the float lane loops, x > 0 and normal: Cephes' logf, branch-free (mantissa in
 // [sqrt(1/2), sqrt(2)) by selects, degree-9 polynomial); about 1 ulp.
 __attribute__((always_inline)) inline float vlog(float x) {
@@ -187,13 +199,7 @@ __attribute__((always_inline)) inline float vlog(float x) {
   const bool small = m < 0.707106781186547524f;
   e = small ? e - 1.0f : e;
   m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
-                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
-             3.3333331174e-1f) * m * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return m + y + 0.693359375f * e;
+  return vlog_reduced(m, e);
 }
 
 // The fixed-order sum of per-block partials: the result does not depend on the number of threads.

@@ -35,13 +35,7 @@ __attribute__((always_inline)) inline float vlog1p01(float e) {
   const bool big = e > 0.414213562373f;
   const float m = big ? (e - 1.0f) * 0.5f : e;
   const float k = big ? 1.0f : 0.0f;
-  const float z = m * m;
-  float y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
-                 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
-             3.3333331174e-1f) * m * z;
-  y += -2.12194440e-4f * k;
-  y += -0.5f * z;
-  return m + y + 0.693359375f * k;
+  return cpu::vlog_reduced(m, k);
 }
 
 // Focal loss of a positive-class logit z and its derivative, as hss_math.h's focal() but branch-free
