@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -15,6 +16,15 @@ namespace hss {
 namespace cpu {
 
 constexpr int64_t kBlock = 64;
+
+// HSS_CPU_PIXEL_PATH=1 sends float, float16 and bfloat16 inputs through the per-pixel functions of
+// hss_math.h and decode_math.h in float (what the CUDA kernels run for those dtypes) instead of the
+// vectorised row passes, so that the tests can check the GPU's float arithmetic without a GPU. Read
+// once per op call; off by default (the row passes are the fast path).
+inline bool pixel_path_forced() {
+  const char* v = std::getenv("HSS_CPU_PIXEL_PATH");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
 
 // A pixel's channels in a tile: channel c of lane p at tile[c * kBlock + p].
 template <typename A>

@@ -160,19 +160,23 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int
   const Prefixes t = prefixes(path_nodes.data_ptr<int32_t>(), path_nodes.size(0), path_nodes.size(1), C);
   const PixelGeom g{logits.size(2), logits.size(3), logits.stride(0), logits.stride(2), logits.stride(3)};
   int64_t* y = out.data_ptr<int64_t>();
-  constexpr bool lanes = std::is_same_v<A, float>;
-  const int64_t rows = lanes ? std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock : 0;
+  constexpr bool vec = std::is_same_v<A, float>;
+  const bool lanes = vec && !cpu::pixel_path_forced();
+  const int64_t rows = vec ? std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock : 0;
   const int32_t* path = path_nodes.data_ptr<int32_t>();
   const int64_t L = path_nodes.size(0), D = path_nodes.size(1);
   cpu::for_each_block_direct<scalar_t, A>(
       logits.data_ptr<scalar_t>(), C, logits.stride(1), g, out.numel(), rows,
       [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scratch) {
-        if constexpr (lanes) {
-          decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n);
-        } else {  // float64: decode_math's per-pixel code, the CUDA kernel's arithmetic
-          for (int64_t p = 0; p < n; ++p)
-            y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, L, D, path, act, score);
+        if constexpr (vec) {
+          if (lanes) {
+            decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n);
+            return;
+          }
         }
+        // float64 (or HSS_CPU_PIXEL_PATH=1): decode_math's per-pixel code, the CUDA kernel's arithmetic
+        for (int64_t p = 0; p < n; ++p)
+          y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, L, D, path, act, score);
       });
 }
 

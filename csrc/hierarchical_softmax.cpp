@@ -210,6 +210,7 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
   const int64_t nb = (P + kBlock - 1) / kBlock;
   std::vector<double> part(nb, 0.0);
   std::vector<int64_t> cnt(nb, 0);
+  const bool forced = cpu::pixel_path_forced();
   cpu::for_each_block_direct<T, A>(x, L, logits.stride(1), gx, P, 0,
                                    [&](int64_t i0, int64_t n, const int64_t*, const A* tile, int64_t ld, A*) {
     int32_t gy[kMaxDepth][kBlock];
@@ -219,7 +220,7 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     const bool bad = block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys);
     bool lanes = false;
     if constexpr (std::is_same_v<A, float>)
-      lanes = !bad && hsm_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
+      lanes = !forced && !bad && hsm_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
@@ -279,6 +280,7 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
   const A eps = static_cast<A>(eps_);
   const A* st = stats.data_ptr<A>();
   const int64_t sC = logits.stride(1);
+  const bool forced = cpu::pixel_path_forced();
   cpu::for_each_block_direct<T, A>(x, L, sC, gx, P, L * kBlock,
                                    [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, int64_t ld,
                                        A* gtile) {
@@ -294,7 +296,7 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
       // Read from the input itself (not the tile, which lies just before the scratch): a full block
       // of contiguous float pixels, so the gradient, with the same strides, is written in place too.
       const bool direct = tile != gtile - L * kBlock;
-      if (!bad && hsm_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
+      if (!forced && !bad && hsm_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
                              direct ? sC : kBlock, n, L, D, group, gy, valid, w, eps, st, P, i0, g)) {
         if (!direct) cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
         return;

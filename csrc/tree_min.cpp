@@ -388,8 +388,9 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
   std::vector<double> part(nb, 0.0);
   std::vector<int64_t> cnt(nb, 0);
   const TreeRows tr = tree_rows(ti);
-  constexpr bool lanes = std::is_same_v<A, float>;
-  const int64_t scratch = lanes ? (D + 2 * V) * kBlock : 0;
+  constexpr bool vec = std::is_same_v<A, float>;
+  const bool lanes = vec && !cpu::pixel_path_forced();
+  const int64_t scratch = vec ? (D + 2 * V) * kBlock : 0;
   cpu::for_each_block_direct<T, A>(logits.data_ptr<T>(), V, logits.stride(1), gx, P, scratch,
                                    [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scr) {
     int64_t ys[kBlock];
@@ -397,8 +398,8 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
     alignas(64) A lane_loss[kBlock];
     char bad = 0;
     block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
-    if constexpr (lanes)
-      tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
+    if constexpr (vec)
+      if (lanes) tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
@@ -454,8 +455,10 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
   // Thread scratch: the gradient tile (V, kBlock), then the float path's rows (see tree_backward_rows)
   // or the V accumulators of tree_backward_pixel.
   const TreeRows tr = tree_rows(ti);
-  constexpr bool lanes = std::is_same_v<A, float>;
-  const int64_t scratch = lanes ? (D + 6 * V) * kBlock : V * kBlock + V;  // (float: one row per node spare)
+  constexpr bool vec = std::is_same_v<A, float>;
+  const bool lanes = vec && !cpu::pixel_path_forced();
+  const int64_t scratch = vec ? (D + 6 * V) * kBlock : V * kBlock + V;  // (float: one row per node spare; also
+                                                                           // covers the per-pixel path's)
   const T* xp = logits.data_ptr<T>();
   cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch,
                                    [&](int64_t i0, int64_t n, const int64_t* offs, const A* x, int64_t ld, A* scr) {
@@ -468,17 +471,22 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < kBlock; ++p) g[p] = p < n ? gp[goff[p]] : A(0);
-    if constexpr (lanes) {
-      // A block read straight from the input (see for_each_block_direct) is written straight to the
-      // output, which has the input's strides: no tile to copy out.
-      if (std::is_same_v<T, A> && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
-        A* o = reinterpret_cast<A*>(y_out) + offs[0];
-        tree_backward_lanes(x, ld, scr + V * kBlock, o, sC, ti, tr, ys, valid, k, gamma, eps, extrema, g);
-        if (bad) nan_rows(o, sC, V, ys, valid, n, ignore_index);
-        return;
+    bool rows_done = false;
+    if constexpr (vec) {
+      if (lanes) {
+        // A block read straight from the input (see for_each_block_direct) is written straight to the
+        // output, which has the input's strides: no tile to copy out.
+        if (std::is_same_v<T, A> && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
+          A* o = reinterpret_cast<A*>(y_out) + offs[0];
+          tree_backward_lanes(x, ld, scr + V * kBlock, o, sC, ti, tr, ys, valid, k, gamma, eps, extrema, g);
+          if (bad) nan_rows(o, sC, V, ys, valid, n, ignore_index);
+          return;
+        }
+        tree_backward_lanes(x, ld, scr + V * kBlock, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema, g);
+        rows_done = true;
       }
-      tree_backward_lanes(x, ld, scr + V * kBlock, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema, g);
-    } else {
+    }
+    if (!rows_done) {
       A* K = scr + V * kBlock;
       for (int64_t p = 0; p < n; ++p) {
         if (!valid[p]) {
