@@ -2,7 +2,9 @@
 // kernels so that the CPU tests exercise the arithmetic the GPU runs: the CUDA kernels and the CPU's
 // float64 path call the *_pixel functions as they are; the CPU's float32 path (float16/bfloat16 too)
 // vectorises the channel loops across pixels in csrc/*.cpp but keeps hsm_finish, hsm_backward_coefs,
-// subtree_argmax and the tie rules from here.
+// subtree_argmax and the tie rules from here. HSS_CPU_PIXEL_PATH=1 (cpu_loop.h) sends the CPU's float
+// path through the *_pixel functions too, so that the tests check their float instantiation (the one
+// the CUDA kernels run for float, float16 and bfloat16) without a GPU.
 //
 // Every function works on one pixel. Channel values are read through an accessor `x(c)` (a tile column
 // on the CPU, a strided global pointer on the GPU) and converted to the accumulation type A (float or
