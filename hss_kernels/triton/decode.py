@@ -147,22 +147,34 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     leaf_logits = C == L and C != V
     if C != V and not leaf_logits:
         raise ValueError(f"decode: logits have {C} channels; the tree has {V} nodes and {L} leaves")
+    path, plen = _tables(tree, logits.device, leaf_logits)
+    act = _IDENTITY if leaf_logits else _ACT[activation]
+    return _decode_op(logits, path, plen, act, score == "mean" and not leaf_logits)
+
+
+# A custom op, so that torch.compile(fullgraph=True) traces decode without a graph break.
+@torch.library.custom_op("hss_triton::decode", mutates_args=())
+def _decode_op(logits: torch.Tensor, path: torch.Tensor, plen: torch.Tensor, act: int, mean: bool) -> torch.Tensor:
+    N, C, H, W = logits.shape
     out = torch.empty((N, H, W), dtype=torch.int64, device=logits.device)
     total = N * H * W
     if total == 0:
         return out
-    path, plen = _tables(tree, logits.device, leaf_logits)
     interpret = logits.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BLOCK_C, BLOCK_L, BLOCK_P, num_warps = _blocks(C, L, total, interpret)
+    BLOCK_C, BLOCK_L, BLOCK_P, num_warps = _blocks(C, path.shape[0], total, interpret)
     grid = (triton.cdiv(total, BLOCK_P),)
     with _common.device_guard(logits):
         _decode_kernel[grid](
             logits, out, path, plen,
             total, H * W, W,
             *logits.stride(),
-            C=C, L=L, D=path.shape[1], ACT=_IDENTITY if leaf_logits else _ACT[activation],
-            MEAN=score == "mean" and not leaf_logits,
+            C=C, L=path.shape[0], D=path.shape[1], ACT=act, MEAN=mean,
             F64=logits.dtype == torch.float64,
             BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, num_warps=num_warps,
         )
     return out
+
+
+@_decode_op.register_fake
+def _(logits, path, plen, act, mean):
+    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.int64)
