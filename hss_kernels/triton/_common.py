@@ -93,3 +93,58 @@ def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtyp
 def tree_cache(tree: Tree, key, build: Callable[[], object]):
     """Per-tree cache of small device tensors (tables, weights), so a training step copies nothing."""
     return tree.cached(("triton",) + tuple(key), build)
+
+
+# ----------------------------------------------------------------------------------- in-kernel pieces
+# Shared by the loss kernels (hierarchical_softmax._hsm_kernel, tree_min._tree_kernel). LOSS_MODE and
+# GRAD_MODE are the LOSS_* / GRAD_* values above, passed through as constexprs.
+
+@triton.jit
+def pixel_coords(pid, P, HW, W, BLOCK_P: tl.constexpr):
+    """The program's pixels p = (n*H + h)*W + w (int64, so offsets may pass 2^31), their mask, n, h, w."""
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pmask = p < P
+    n = p // HW
+    hw = p - n * HW
+    h = hw // W
+    w = hw - h * W
+    return p, pmask, n, h, w
+
+
+@triton.jit
+def load_labels(t_ptrs, pmask, ignore_index, L: tl.constexpr):
+    """(label, valid, bad) of each pixel from its label pointers: valid = counts (in range and not
+    ignore_index), bad = counts but outside [0, L); label is 0 where not valid or bad, so that it is a
+    safe table index."""
+    y = tl.load(t_ptrs, mask=pmask, other=0).to(tl.int64)
+    valid = pmask & (y != ignore_index)  # the pixels that count
+    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
+    # are NaN (the public API rejects such labels, but not under torch.compile).
+    bad = valid & ((y < 0) | (y >= L))
+    y = tl.where(valid & ~bad, y, 0)
+    return y, valid, bad
+
+
+@triton.jit
+def store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE: tl.constexpr):
+    """Per-pixel loss (0 where ignored, NaN at bad labels): stored per pixel (LOSS_PER_PIXEL), or this
+    program's sum and count of counted pixels (LOSS_PARTIALS), or nothing."""
+    loss = tl.where(bad, float("nan"), loss)
+    if LOSS_MODE == 1:
+        tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
+    if LOSS_MODE == 2:
+        tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+
+
+@triton.jit
+def store_grad(grad, g_ptrs, go_ptr, go_off, valid, bad, pmask, mask2, GRAD_MODE: tl.constexpr):
+    """Stores the [channels, pixels] tile d(per-pixel loss)/dx times grad_output (one value at go_ptr for
+    GRAD_SCALAR, per pixel at go_ptr + go_off for GRAD_PER_PIXEL), NaN at bad labels, 0 at ignored pixels,
+    in the gradient's dtype."""
+    if GRAD_MODE == 1:
+        grad = grad * tl.load(go_ptr).to(grad.dtype)
+    else:
+        grad = grad * tl.load(go_ptr + go_off, mask=pmask, other=0.0).to(grad.dtype)[None, :]
+    grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad), 0.0)
+    tl.store(g_ptrs, grad.to(g_ptrs.dtype.element_ty), mask=mask2)

@@ -49,23 +49,13 @@ def _hsm_kernel(
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < P
+    p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
     P64 = tl.zeros_like(p) + P  # (d + 1) * P in 64 bits: the statistics rows may pass 2^31 in all
-    n = p // HW
-    hw = p - n * HW
-    h = hw // W
-    w = hw - h * W
     c = tl.arange(0, BLOCK_C)
     cmask = c < L
     mask2 = cmask[:, None] & pmask[None, :]
 
-    y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)  # the pixels that count
-    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
-    # are NaN (the public API rejects such labels, but not under torch.compile).
-    bad = valid & ((y < 0) | (y >= L))
-    y = tl.where(valid & ~bad, y, 0)
+    y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
 
     x_off = n[None, :] * sxn + c[:, None].to(tl.int64) * sxc + (h * sxh + w * sxw)[None, :]
     x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
@@ -130,26 +120,16 @@ def _hsm_kernel(
                 sel_r = tl.where(in_g, lse_d[None, :], sel_r)
                 sel_f = tl.where(in_g, F[None, :], sel_f)
 
-    loss = tl.where(bad, float("nan"), loss)
-    if LOSS_MODE == 1:
-        tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
-    if LOSS_MODE == 2:
-        tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-        tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+    C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
     if GRAD_MODE != 0:
-        if GRAD_MODE == 1:
-            s = tl.load(go_ptr).to(ACC) + zero
-        else:
-            s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
         prob = tl.exp(x - lse[None, :])
         if HAS_EPS:
             grad = prob * (A[None, :] - sel_f)
         else:
             grad = wsum[None, :] * prob - tl.exp(x - sel_r) * sel_f
-        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = n[None, :] * sgn + c[:, None].to(tl.int64) * sgc + (h * sgh + w * sgw)[None, :]
-        tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
+        C.store_grad(grad, g_ptr + g_off, go_ptr, n * son + h * soh + w * sow, valid, bad, pmask, mask2, GRAD_MODE)
 
 
 # A group sum of e^{z - max} below TINY may have lost terms to underflow (float32 normals end at 1e-38,

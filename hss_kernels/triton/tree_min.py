@@ -96,24 +96,14 @@ def _tree_kernel(
     OFF_INT: tl.constexpr = 4 * V + L * D + DI * V
 
     pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < P
-    n = p // HW
-    hw = p - n * HW
-    h = hw // W
-    w = hw - h * W
+    p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
     r = tl.arange(0, BLOCK_C)  # tile row = pre-order position
     rmask = r < V
     mask2 = rmask[:, None] & pmask[None, :]
     chan = tl.load(tab_ptr + r, mask=rmask, other=0)
     k_row = tl.load(k_ptr + chan, mask=rmask, other=0.0).to(ACC)
 
-    y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)  # the pixels that count
-    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
-    # are NaN (the public API rejects such labels, but not under torch.compile).
-    bad = valid & ((y < 0) | (y >= L))
-    y = tl.where(valid & ~bad, y, 0)
+    y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
 
     pix_x = n * sxn + h * sxh + w * sxw
     x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
@@ -217,21 +207,11 @@ def _tree_kernel(
         loss += tl.sum(kf * f, axis=0)
         grad = tl.where(on_path, kf * df, -kf * df)
 
-    loss = tl.where(bad, float("nan"), loss)
-    if LOSS_MODE == 1:
-        tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
-    if LOSS_MODE == 2:
-        tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-        tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+    C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
     if GRAD_MODE != 0:
-        if GRAD_MODE == 1:
-            s = tl.load(go_ptr).to(ACC) + zero
-        else:
-            s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
-        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = (n * sgn + h * sgh + w * sgw)[None, :] + chan[:, None].to(tl.int64) * sgc
-        tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
+        C.store_grad(grad, g_ptr + g_off, go_ptr, n * son + h * soh + w * sow, valid, bad, pmask, mask2, GRAD_MODE)
 
 
 # How the tree-min kernel finds the subtree maxima of the internal nodes. False: one masked max over
