@@ -82,6 +82,20 @@ def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str
     return total / counts.sum().clamp(min=1).to(total.dtype)
 
 
+def check_call(logits: torch.Tensor, target: torch.Tensor, reduction: str, single_pass: bool, channels: str):
+    """ValueError for a call the kernels cannot take: logits not 4-D or target not 3-D (``channels`` names
+    the logits' channel axis in the message: "L" leaves or "V" nodes), an unknown reduction, or
+    single_pass with reduction="none"."""
+    if logits.dim() != 4 or target.dim() != 3:
+        raise ValueError(f"the Triton backend takes (N, {channels}, H, W) logits and (N, H, W) targets, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if single_pass and reduction == "none":
+        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
+                         "the incoming per-pixel gradient)")
+
+
 def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """The one-element factor d(loss)/d(per-pixel loss) for mean/sum, on the device (no host sync)."""
     g = grad_out.reshape(1).to(dtype)

@@ -280,17 +280,6 @@ def _tables(tree: Tree, level_weights, dtype, device):
     return leaf_group, level_w
 
 
-def _check_call(logits, target, reduction, single_pass):
-    if logits.dim() != 4 or target.dim() != 3:
-        raise ValueError(f"the Triton backend takes (N, L, H, W) logits and (N, H, W) targets, got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
-    if reduction not in C.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {C.REDUCTIONS}, got {reduction!r}")
-    if single_pass and reduction == "none":
-        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
-                         "the incoming per-pixel gradient)")
-
-
 def hierarchical_softmax_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -314,7 +303,7 @@ def hierarchical_softmax_loss(
 
     Raises ValueError for a non-4-D input or ``single_pass`` with ``reduction="none"``.
     """
-    _check_call(logits, target, reduction, single_pass)
+    C.check_call(logits, target, reduction, single_pass, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     loss, _, _, _ = _hsm_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index), reduction,
@@ -337,7 +326,7 @@ def hierarchical_softmax_loss_and_grad(
     as ``loss, g = ...(logits.detach(), ...)`` then ``logits.backward(g)``. ``reduction``: ``mean`` or
     ``sum``. Same arguments, dtypes and errors as :func:`hierarchical_softmax_loss`.
     """
-    _check_call(logits, target, reduction, True)
+    C.check_call(logits, target, reduction, True, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     with torch.no_grad():

@@ -370,14 +370,7 @@ def _build_table(tree: Tree, device) -> torch.Tensor:
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
                use_extrema, with_grad=False):
-    if logits.dim() != 4 or target.dim() != 3:
-        raise ValueError(f"the Triton backend takes (N, V, H, W) logits and (N, H, W) targets, got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
-    if reduction not in C.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {C.REDUCTIONS}, got {reduction!r}")
-    if single_pass and reduction == "none":
-        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
-                         "the incoming per-pixel gradient)")
+    C.check_call(logits, target, reduction, single_pass, "V")
     dev = logits.device
     acc = C.acc_dtype(logits.dtype)
     tab = C.tree_cache(tree, ("tree_tab", str(dev)), lambda: _build_table(tree, dev))
