@@ -103,3 +103,23 @@ def assert_empty_batch(fn, x, y, tree):
         assert loss.shape == (y.shape if reduction == "none" else ()) and (loss == 0).all()
         (g,) = torch.autograd.grad(loss.sum(), x)
         assert g.shape == x.shape
+
+
+def assert_one_pass_equals_autograd(one_pass, fn, x, y, tree, **kw):
+    """`one_pass(x, y, tree, **kw)` → (loss, gradient) equals to the bit fn's loss and autograd gradient
+    (grad_out 1), the gradient in x's dtype and outside autograd."""
+    loss, grad = one_pass(x, y, tree, **kw)
+    ref_loss, ref_grad, _ = loss_and_grad(fn, x, y, tree, grad_out=torch.ones((), dtype=torch.float32), **kw)
+    assert grad.dtype == x.dtype and not grad.requires_grad
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
+def assert_saved_gradient_intact(loss_fn, x, y, tree, factor, **kw):
+    """Two backward passes through one single-pass loss (retain_graph), the first scaled by `factor`: the
+    gradient saved by the forward is not written to."""
+    a = x.clone().requires_grad_(True)
+    loss = loss_fn(a, y, tree, single_pass=True, **kw)
+    (g1,) = torch.autograd.grad(loss * factor, a, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, a)
+    torch.testing.assert_close(g1, factor * g2)
+    assert a.grad is None

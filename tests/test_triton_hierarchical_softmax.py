@@ -5,7 +5,8 @@ import torch
 import hss_kernels
 from hss_kernels import backends, reference, trees
 
-from _triton_helpers import (assert_bitwise_deterministic, assert_empty_batch, assert_matches, assert_tail_rows_match,
+from _triton_helpers import (assert_bitwise_deterministic, assert_empty_batch, assert_matches,
+                             assert_one_pass_equals_autograd, assert_saved_gradient_intact, assert_tail_rows_match,
                              assert_traced_matches, inputs, loss_and_grad, random_tree)
 
 triton_mod = pytest.importorskip("hss_kernels.triton")
@@ -143,23 +144,14 @@ def test_single_pass_equals_two_pass(reduction, eps):
 def test_loss_and_grad_equals_autograd(reduction):
     tree = trees.load("vistas")
     x, y = _inputs(tree, dtype=torch.bfloat16)
-    loss, grad = triton_mod.hierarchical_softmax_loss_and_grad(x, y, tree, reduction=reduction, eps=1e-4)
-    ref_loss, ref_grad, _ = loss_and_grad(api, x, y, tree, reduction=reduction, eps=1e-4,
-                                          grad_out=torch.ones((), dtype=torch.float32))
-    assert grad.dtype == x.dtype and not grad.requires_grad
-    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert_one_pass_equals_autograd(triton_mod.hierarchical_softmax_loss_and_grad, api, x, y, tree,
+                                    reduction=reduction, eps=1e-4)
 
 
 def test_single_pass_autograd_is_not_corrupted():
-    # Two backward passes through one single-pass loss (retain_graph): the saved gradient is not written.
     tree = trees.load("cityscapes")
     x, y = _inputs(tree)
-    a = x.clone().requires_grad_(True)
-    loss = triton_mod.hierarchical_softmax_loss(a, y, tree, single_pass=True)
-    (g1,) = torch.autograd.grad(loss * 3.0, a, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, a)
-    torch.testing.assert_close(g1, 3.0 * g2)
-    assert a.grad is None
+    assert_saved_gradient_intact(triton_mod.hierarchical_softmax_loss, x, y, tree, 3.0)
 
 
 def test_bad_calls():

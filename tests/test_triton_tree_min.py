@@ -5,7 +5,8 @@ import torch
 import hss_kernels
 from hss_kernels import reference, trees
 
-from _triton_helpers import (assert_bitwise_deterministic, assert_empty_batch, assert_matches, assert_tail_rows_match,
+from _triton_helpers import (assert_bitwise_deterministic, assert_empty_batch, assert_matches,
+                             assert_one_pass_equals_autograd, assert_saved_gradient_intact, assert_tail_rows_match,
                              assert_traced_matches, inputs, loss_and_grad, random_tree)
 
 triton_mod = pytest.importorskip("hss_kernels.triton")
@@ -165,22 +166,14 @@ def test_single_pass_equals_two_pass(kind, reduction):
 def test_loss_and_grad_equals_autograd(kind):
     tree = trees.load("vistas")
     x, y = _inputs(tree, dtype=torch.float16)
-    fn = getattr(triton_mod, kind + "_loss_and_grad")
-    loss, grad = fn(x, y, tree, gamma=1.0, reduction="mean")
-    ref_loss, ref_grad, _ = loss_and_grad(backend(kind), x, y, tree, gamma=1.0,
-                                          grad_out=torch.ones((), dtype=torch.float32))
-    assert grad.dtype == x.dtype and not grad.requires_grad
-    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert_one_pass_equals_autograd(getattr(triton_mod, kind + "_loss_and_grad"), backend(kind), x, y, tree,
+                                    gamma=1.0, reduction="mean")
 
 
 def test_single_pass_autograd_is_not_corrupted():
     tree = trees.load("cityscapes")
     x, y = _inputs(tree)
-    a = x.clone().requires_grad_(True)
-    loss = triton_mod.tree_min_loss(a, y, tree, single_pass=True, reduction="sum")
-    (g1,) = torch.autograd.grad(loss * -2.0, a, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, a)
-    torch.testing.assert_close(g1, -2.0 * g2)
+    assert_saved_gradient_intact(triton_mod.tree_min_loss, x, y, tree, -2.0, reduction="sum")
 
 
 def test_bad_calls():
