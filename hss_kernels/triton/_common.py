@@ -74,6 +74,39 @@ def shape_args(x: torch.Tensor):
     return N * H * W, max(H * W, 1), max(W, 1)
 
 
+def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, tables, scalars, *, loss_mode: int,
+                       loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, **constexprs):
+    """Runs a loss kernel (``_hsm_kernel``, ``_tree_kernel``) once over all pixels, ``logits.shape[1]``
+    channels per tile; returns (partials, counts), the per-program loss sums and pixel counts when
+    ``loss_mode`` is LOSS_PARTIALS (else one unwritten element each).
+
+    The kernel's arguments: logits, target, ``*tables``, the loss, partials, counts, gradient and
+    grad_output pointers, P, HW, W, the strides of logits, target, gradient (4) and grad_output (3, read
+    for GRAD_PER_PIXEL only), ``*scalars``, then the constexprs BLOCK_C, BLOCK_P, ACC, LOSS_MODE,
+    GRAD_MODE and ``**constexprs``. A pointer that ``loss_mode``/``grad_mode`` does not touch gets a dummy.
+    """
+    P, HW, Wd = shape_args(logits)
+    block_c, block_p, warps = block_sizes(logits.shape[1], P)
+    programs = max(triton.cdiv(P, block_p), 1)
+    partials = torch.empty(programs if loss_mode == LOSS_PARTIALS else 1, dtype=acc_dtype(logits.dtype),
+                           device=logits.device)
+    counts = torch.empty_like(partials, dtype=torch.int32)
+    dummy = partials  # stands for pointers a mode does not touch
+    gs = grad.stride() if grad is not None else (0, 0, 0, 0)
+    gos = grad_out.stride() if grad_out is not None and grad_mode == GRAD_PER_PIXEL else (0, 0, 0)
+    with device_guard(logits):
+        kernel[(programs,)](
+            logits, target, *tables, dummy if loss is None else loss, partials, counts,
+            dummy if grad is None else grad, dummy if grad_out is None else grad_out,
+            P, HW, Wd,
+            *logits.stride(), *target.stride(), *gs, *gos,
+            *scalars,
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_acc(logits.dtype), LOSS_MODE=loss_mode, GRAD_MODE=grad_mode,
+            num_warps=warps, **constexprs,
+        )
+    return partials, counts
+
+
 def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
     """Fixed-order second stage of the batch reduction (no atomics: bitwise the same on every run)."""
     total = partials.sum()

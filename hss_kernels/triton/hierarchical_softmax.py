@@ -140,36 +140,12 @@ _TINY = {torch.float32: 1e-20, torch.float64: 1e-200}
 def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, compute_stats, write_stats,
             loss_mode, loss=None, grad=None, grad_out=None, grad_mode=C.GRAD_NONE):
     """Runs ``_hsm_kernel`` once; returns (partials, counts) when ``loss_mode`` is LOSS_PARTIALS."""
-    N, L, H, W = logits.shape
-    D = leaf_group.shape[0]
-    P, HW, Wd = C.shape_args(logits)
-    acc = C.acc_dtype(logits.dtype)
-    block_c, block_p, warps = C.block_sizes(L, P)
-    programs = max(triton.cdiv(P, block_p), 1)
-    dev = logits.device
-    partials = torch.empty(programs if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=dev)
-    counts = torch.empty_like(partials, dtype=torch.int32)
-    dummy = partials  # stands for pointers a mode does not touch
-    if loss is None:
-        loss = dummy
-    g = grad if grad is not None else dummy
-    gs = grad.stride() if grad is not None else (0, 0, 0, 0)
-    go = grad_out if grad_out is not None else dummy
-    if grad_out is not None and grad_mode == C.GRAD_PER_PIXEL:
-        gos = grad_out.stride()
-    else:
-        gos = (0, 0, 0)
-    with C.device_guard(logits):
-        _hsm_kernel[(programs,)](
-            logits, target, leaf_group, level_w, stats, loss, partials, counts, g, go,
-            P, HW, Wd,
-            *logits.stride(), *target.stride(), *gs, *gos,
-            float(eps), int(ignore_index),
-            L=L, D=D, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-            HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats, WRITE_STATS=write_stats,
-            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, TINY=_TINY[acc], num_warps=warps,
-        )
-    return partials, counts
+    return C.launch_loss_kernel(
+        _hsm_kernel, logits, target, (leaf_group, level_w, stats), (float(eps), int(ignore_index)),
+        loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
+        L=logits.shape[1], D=leaf_group.shape[0], HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats,
+        WRITE_STATS=write_stats, TINY=_TINY[C.acc_dtype(logits.dtype)],
+    )
 
 
 # ----------------------------------------------------------------------------------- custom ops

@@ -225,31 +225,13 @@ USE_SCAN = False
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
-    scan = bool(USE_SCAN)
-    N, V, H, W = logits.shape
     L, D, DI, I = sizes
-    P, HW, Wd = C.shape_args(logits)
-    acc = C.acc_dtype(logits.dtype)
-    block_c, block_p, warps = C.block_sizes(V, P)
-    programs = max(triton.cdiv(P, block_p), 1)
-    dev = logits.device
-    partials = torch.empty(programs if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=dev)
-    counts = torch.empty_like(partials, dtype=torch.int32)
-    dummy = partials
-    gs = grad.stride() if grad is not None else (0, 0, 0, 0)
-    gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
-    with C.device_guard(logits):
-        _tree_kernel[(programs,)](
-            logits, target, tab, k, loss if loss is not None else dummy, partials, counts,
-            grad if grad is not None else dummy, grad_out if grad_out is not None else dummy,
-            P, HW, Wd,
-            *logits.stride(), *target.stride(), *gs, *gos,
-            float(gamma), float(eps), int(ignore_index),
-            V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-            USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
-            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
-        )
-    return partials, counts
+    return C.launch_loss_kernel(
+        _tree_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
+        loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
+        V=logits.shape[1], L=L, D=D, DI=DI, I=I, USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
+        SCAN=bool(USE_SCAN),
+    )
 
 
 def sizes_of(tree: Tree) -> List[int]:
