@@ -137,6 +137,14 @@ def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtyp
     return g
 
 
+def backward_grad_out(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype):
+    """(grad_output argument, GRAD_MODE) of a backward launch: the per-pixel grad_output itself for "none"
+    (any strides, a stride-0 expand included), else its one-element scale (:func:`grad_scale`)."""
+    if reduction == "none":
+        return grad_out, GRAD_PER_PIXEL
+    return grad_scale(grad_out, count, reduction, dtype), GRAD_SCALAR
+
+
 def tree_cache(tree: Tree, key, build: Callable[[], object]):
     """Per-tree cache of small device tensors (tables, weights), so a training step copies nothing."""
     return tree.cached(("triton",) + tuple(key), build)

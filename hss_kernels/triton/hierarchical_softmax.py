@@ -197,12 +197,8 @@ def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_
 def _hsm_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
              level_w: torch.Tensor, stats: torch.Tensor, count: torch.Tensor, eps: float, ignore_index: int,
              reduction: str) -> torch.Tensor:
-    acc = C.acc_dtype(logits.dtype)
     grad = torch.empty_like(logits)
-    if reduction == "none":
-        go, mode = grad_out, C.GRAD_PER_PIXEL  # any strides, a stride-0 expand included
-    else:
-        go, mode = C.grad_scale(grad_out, count, reduction, acc), C.GRAD_SCALAR
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
     _launch(logits, target, leaf_group, level_w, eps, ignore_index, stats=stats, compute_stats=False,
             write_stats=False, loss_mode=C.LOSS_NONE, grad=grad, grad_out=go, grad_mode=mode)
     return grad

@@ -283,12 +283,8 @@ def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_ex
 def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
               k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float, ignore_index: int,
               reduction: str, use_extrema: bool) -> torch.Tensor:
-    acc = C.acc_dtype(logits.dtype)
     grad = torch.empty_like(logits)
-    if reduction == "none":
-        go, mode = grad_out, C.GRAD_PER_PIXEL  # any strides, a stride-0 expand included
-    else:
-        go, mode = C.grad_scale(grad_out, count, reduction, acc), C.GRAD_SCALAR
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
     _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, loss_mode=C.LOSS_NONE, grad=grad,
             grad_out=go, grad_mode=mode, sizes=sizes)
     return grad
