@@ -51,11 +51,10 @@ inline bool unit_stride(const int64_t* offs, int64_t n) {
   return unit;
 }
 
-// body(first_pixel, n, offsets, tile, scratch): offsets[p] is lane p's offset in x; scratch holds
-// `scratch_size` values of the thread. Blocks are numbered first_pixel / kBlock.
-template <typename T, typename A, typename Body>
-void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64_t P, int64_t scratch_size,
-                    const Body& body) {
+// OpenMP over the blocks of kBlock pixels (static schedule: a thread takes consecutive blocks):
+// visit(first_pixel, n, offsets, tile) with this thread's (C, kBlock) tile followed by scratch_size values.
+template <typename A, typename Visit>
+void parallel_blocks(int64_t C, const PixelGeom& g, int64_t P, int64_t scratch_size, const Visit& visit) {
   const int64_t nb = (P + kBlock - 1) / kBlock;
 #pragma omp parallel if (nb > 1)
   {
@@ -66,26 +65,45 @@ void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64
       const int64_t i0 = b * kBlock;
       const int64_t n = std::min(kBlock, P - i0);
       g.offsets(i0, n, offs);
-      if (unit_stride(offs, n)) {  // NCHW within a row block: contiguous, vectorisable copies
-        if (n == kBlock && i0 + 3 * kBlock <= P)  // see for_each_block_direct
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
-              __builtin_prefetch(x + c * sC + offs[0] + 2 * kBlock + k);
-        for (int64_t c = 0; c < C; ++c) {
-          const T* xc = x + c * sC + offs[0];
-          A* tc = tile.data() + c * kBlock;
-          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[p]);
-        }
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const T* xc = x + c * sC;
-          A* tc = tile.data() + c * kBlock;
-          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[p]]);
-        }
-      }
-      body(i0, n, offs, tile.data(), tile.data() + C * kBlock);
+      visit(i0, n, offs, tile.data());
     }
   }
+}
+
+// A thread's block after next is likely 2 * kBlock pixels on (static schedule): for a full block of
+// contiguous pixels at x + off0, ask for it now, C short runs that the hardware prefetcher would find late.
+template <typename T>
+inline void prefetch_block_after_next(const T* x, int64_t C, int64_t sC, int64_t off0, int64_t i0, int64_t P) {
+  if (i0 + 3 * kBlock <= P)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
+        __builtin_prefetch(x + c * sC + off0 + 2 * kBlock + k);
+}
+
+// Copies the block's n lanes (offsets offs, contiguous when unit) of every channel into the (C, kBlock) tile.
+template <typename T, typename A>
+inline void gather(const T* x, int64_t C, int64_t sC, const int64_t* offs, int64_t n, bool unit, A* tile) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T* xc = x + c * sC;
+    A* tc = tile + c * kBlock;
+    if (unit)  // NCHW within a row block: contiguous, vectorisable copies
+      for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[0] + p]);
+    else
+      for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[p]]);
+  }
+}
+
+// body(first_pixel, n, offsets, tile, scratch): offsets[p] is lane p's offset in x; scratch holds
+// `scratch_size` values of the thread. Blocks are numbered first_pixel / kBlock.
+template <typename T, typename A, typename Body>
+void for_each_block(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64_t P, int64_t scratch_size,
+                    const Body& body) {
+  parallel_blocks<A>(C, g, P, scratch_size, [&](int64_t i0, int64_t n, int64_t* offs, A* tile) {
+    const bool unit = unit_stride(offs, n);
+    if (unit && n == kBlock) prefetch_block_after_next(x, C, sC, offs[0], i0, P);
+    gather(x, C, sC, offs, n, unit, tile);
+    body(i0, n, offs, tile, tile + C * kBlock);
+  });
 }
 
 // A pixel's channels at stride ld (a tile column, ld = kBlock, or the input itself).
@@ -103,40 +121,18 @@ struct StridedColumn {
 template <typename T, typename A, typename Body>
 void for_each_block_direct(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64_t P,
                            int64_t scratch_size, const Body& body) {
-  const int64_t nb = (P + kBlock - 1) / kBlock;
-#pragma omp parallel if (nb > 1)
-  {
-    std::vector<A> tile(C * kBlock + scratch_size);
-    int64_t offs[kBlock];
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t i0 = b * kBlock;
-      const int64_t n = std::min(kBlock, P - i0);
-      g.offsets(i0, n, offs);
-      const bool unit = unit_stride(offs, n);
-      if constexpr (std::is_same_v<T, A>) {
-        if (unit && n == kBlock) {
-          // This thread's block after next (static schedule: consecutive blocks) is likely 2 * kBlock
-          // pixels on: ask for it now, C short runs that the hardware prefetcher would find late.
-          if (i0 + 3 * kBlock <= P)
-            for (int64_t c = 0; c < C; ++c)
-              for (int64_t k = 0; k < kBlock; k += 64 / static_cast<int64_t>(sizeof(T)))
-                __builtin_prefetch(x + c * sC + offs[0] + 2 * kBlock + k);
-          body(i0, n, offs, x + offs[0], sC, tile.data() + C * kBlock);
-          continue;
-        }
+  parallel_blocks<A>(C, g, P, scratch_size, [&](int64_t i0, int64_t n, int64_t* offs, A* tile) {
+    const bool unit = unit_stride(offs, n);
+    if constexpr (std::is_same_v<T, A>) {
+      if (unit && n == kBlock) {
+        prefetch_block_after_next(x, C, sC, offs[0], i0, P);
+        body(i0, n, offs, x + offs[0], sC, tile + C * kBlock);
+        return;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        const T* xc = x + c * sC;
-        A* tc = tile.data() + c * kBlock;
-        if (unit)
-          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[0] + p]);
-        else
-          for (int64_t p = 0; p < n; ++p) tc[p] = static_cast<A>(xc[offs[p]]);
-      }
-      body(i0, n, offs, static_cast<const A*>(tile.data()), kBlock, tile.data() + C * kBlock);
     }
-  }
+    gather(x, C, sC, offs, n, unit, tile);
+    body(i0, n, offs, static_cast<const A*>(tile), kBlock, tile + C * kBlock);
+  });
 }
 
 // Writes a (C, kBlock) tile of gradients to y (same strides as x) for the block's n lanes.

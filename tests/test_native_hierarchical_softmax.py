@@ -1,58 +1,25 @@
 """The native (C++/CUDA) hierarchical softmax loss against the reference, on fresh random inputs."""
+import functools
 import random
 
 import pytest
 import torch
 
 import hss_kernels
-from hss_kernels import Tree, trees
+from hss_kernels import trees
+
+import _native_helpers as H
+from _native_helpers import random_tree
 
 native = pytest.importorskip("hss_kernels.native")
 if native.unavailable_reason("cpu") is not None:
     pytest.skip(native.unavailable_reason("cpu"), allow_module_level=True)
 
 FN = hss_kernels.hierarchical_softmax_loss
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-6),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
-
-
-def random_tree(max_depth=5) -> Tree:
-    """An unbalanced random tree: each node hangs under the root or an earlier node."""
-    while True:
-        V = random.randint(2, 24)
-        parents = [-1] + [random.choice([-1] + list(range(i))) for i in range(1, V)]
-        tree = Tree.from_parents(parents)
-        if tree.depth <= max_depth:
-            return tree
-
-
-def make_inputs(tree, shape=(2, 5, 7), dtype=torch.float32, std=3.0, ignore_frac=0.2, device="cpu"):
-    N, H, W = shape
-    x = (torch.randn(N, tree.num_leaves, H, W, dtype=torch.float64) * std).to(dtype).to(device)
-    y = torch.randint(0, tree.num_leaves, (N, H, W), device=device)
-    y[torch.rand(N, H, W, device=device) < ignore_frac] = 255
-    return x, y
-
-
-def loss_and_grad(x, y, tree, backend, reduction="mean", grad_out=None, **kw):
-    x = x.detach().clone().requires_grad_()
-    loss = FN(x, y, tree, reduction=reduction, backend=backend, **kw)
-    g = torch.randn_like(loss) if grad_out is None else grad_out
-    (gx,) = torch.autograd.grad(loss, x, g)
-    return loss.detach(), gx, g
-
-
-def check_against_reference(x, y, tree, reduction="mean", grad_out=None, tol=None, **kw):
-    ref, gref, g = loss_and_grad(x, y, tree, "reference", reduction, grad_out, **kw)
-    out, gout, _ = loss_and_grad(x, y, tree, "native", reduction, g, **kw)
-    tol = tol or TOL[x.dtype]
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert gout.dtype == x.dtype and gout.shape == x.shape
-    torch.testing.assert_close(out, ref, **tol)
-    # float32 gradients are sums of terms up to the gradient's largest size that cancel: allow rounding
-    # relative to that size, as for the reference itself against float64
-    scale = float(gref.abs().max()) if gref.numel() else 0.0
-    torch.testing.assert_close(gout, gref, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
+# the hierarchical softmax reads one logit per leaf
+make_inputs = functools.partial(H.make_inputs, nodes=False)
+loss_and_grad = functools.partial(H.loss_and_grad, FN)
+check_against_reference = functools.partial(H.check_against_reference, FN)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -5,57 +5,15 @@ import pytest
 import torch
 
 import hss_kernels
-from hss_kernels import Tree, trees
+from hss_kernels import trees
+
+from _native_helpers import TOL, check_against_reference, loss_and_grad, make_inputs, random_tree
 
 native = pytest.importorskip("hss_kernels.native")
 if native.unavailable_reason("cpu") is not None:
     pytest.skip(native.unavailable_reason("cpu"), allow_module_level=True)
 
 LOSSES = {"tree_min": hss_kernels.tree_min_loss, "tree_bce": hss_kernels.tree_bce_loss}
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-6),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
-
-
-def random_tree(max_depth=5) -> Tree:
-    """An unbalanced random tree: each node hangs under the root or an earlier node."""
-    while True:
-        V = random.randint(2, 24)
-        parents = [-1] + [random.choice([-1] + list(range(i))) for i in range(1, V)]
-        tree = Tree.from_parents(parents)
-        if tree.depth <= max_depth:
-            return tree
-
-
-def make_inputs(tree, shape=(2, 5, 7), dtype=torch.float32, std=3.0, ignore_frac=0.2, device="cpu", ties=False):
-    N, H, W = shape
-    if ties:  # few distinct values: many ties in the mins and maxes
-        x = torch.randint(-2, 3, (N, tree.num_nodes, H, W)).to(dtype)
-    else:
-        x = (torch.randn(N, tree.num_nodes, H, W, dtype=torch.float64) * std).to(dtype)
-    y = torch.randint(0, tree.num_leaves, (N, H, W))
-    y[torch.rand(N, H, W) < ignore_frac] = 255
-    return x.to(device), y.to(device)
-
-
-def loss_and_grad(fn, x, y, tree, backend, reduction="mean", grad_out=None, **kw):
-    x = x.detach().clone().requires_grad_()
-    loss = fn(x, y, tree, reduction=reduction, backend=backend, **kw)
-    g = torch.randn_like(loss) if grad_out is None else grad_out
-    (gx,) = torch.autograd.grad(loss, x, g)
-    return loss.detach(), gx, g
-
-
-def check_against_reference(fn, x, y, tree, reduction="mean", grad_out=None, **kw):
-    ref, gref, g = loss_and_grad(fn, x, y, tree, "reference", reduction, grad_out, **kw)
-    out, gout, _ = loss_and_grad(fn, x, y, tree, "native", reduction, g, **kw)
-    tol = TOL[x.dtype]
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    assert gout.dtype == x.dtype and gout.shape == x.shape
-    torch.testing.assert_close(out, ref, **tol)
-    # float32 gradients are sums of terms up to the gradient's largest size that cancel: allow rounding
-    # relative to that size, as for the reference itself against float64
-    scale = float(gref.abs().max()) if gref.numel() else 0.0
-    torch.testing.assert_close(gout, gref, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -5,7 +5,9 @@ import torch
 import hss_kernels
 from hss_kernels import backends, reference, trees
 
-from _triton_helpers import assert_matches, inputs, loss_and_grad, random_tree
+from _triton_helpers import (assert_bitwise_deterministic, assert_empty_batch, assert_matches,
+                             assert_one_pass_equals_autograd, assert_saved_gradient_intact, assert_tail_rows_match,
+                             assert_traced_matches, inputs, loss_and_grad, random_tree)
 
 triton_mod = pytest.importorskip("hss_kernels.triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,23 +144,14 @@ def test_single_pass_equals_two_pass(reduction, eps):
 def test_loss_and_grad_equals_autograd(reduction):
     tree = trees.load("vistas")
     x, y = _inputs(tree, dtype=torch.bfloat16)
-    loss, grad = triton_mod.hierarchical_softmax_loss_and_grad(x, y, tree, reduction=reduction, eps=1e-4)
-    ref_loss, ref_grad, _ = loss_and_grad(api, x, y, tree, reduction=reduction, eps=1e-4,
-                                          grad_out=torch.ones((), dtype=torch.float32))
-    assert grad.dtype == x.dtype and not grad.requires_grad
-    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert_one_pass_equals_autograd(triton_mod.hierarchical_softmax_loss_and_grad, api, x, y, tree,
+                                    reduction=reduction, eps=1e-4)
 
 
 def test_single_pass_autograd_is_not_corrupted():
-    # Two backward passes through one single-pass loss (retain_graph): the saved gradient is not written.
     tree = trees.load("cityscapes")
     x, y = _inputs(tree)
-    a = x.clone().requires_grad_(True)
-    loss = triton_mod.hierarchical_softmax_loss(a, y, tree, single_pass=True)
-    (g1,) = torch.autograd.grad(loss * 3.0, a, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, a)
-    torch.testing.assert_close(g1, 3.0 * g2)
-    assert a.grad is None
+    assert_saved_gradient_intact(triton_mod.hierarchical_softmax_loss, x, y, tree, 3.0)
 
 
 def test_bad_calls():
@@ -204,10 +197,7 @@ def test_compile_fullgraph_traces_the_custom_ops():
     for single_pass in (False, True):
         f = torch.compile(lambda a, t: triton_mod.hierarchical_softmax_loss(a, t, tree, single_pass=single_pass),
                           fullgraph=True, backend="aot_eager")
-        loss, grad, go = loss_and_grad(lambda a, t, _tree: f(a, t), x, y, tree)
-        ref_loss, ref_grad, _ = loss_and_grad(ref, x, y, tree, grad_out=go)
-        torch.testing.assert_close(loss, ref_loss)
-        torch.testing.assert_close(grad, ref_grad)
+        assert_traced_matches(f, ref, x, y, tree)
     torch._dynamo.reset()
 
 
@@ -216,10 +206,7 @@ def test_compile_through_the_public_api():
     x, y = _inputs(tree)
     assert "triton" in hss_kernels.available_backends(x.device)  # Dynamo cannot trace the lazy import
     f = torch.compile(lambda a, t: api(a, t, tree, level_weights=[1.0, 2.0]), fullgraph=True, backend="aot_eager")
-    loss, grad, go = loss_and_grad(lambda a, t, _tree: f(a, t), x, y, tree)
-    ref_loss, ref_grad, _ = loss_and_grad(ref, x, y, tree, grad_out=go, level_weights=[1.0, 2.0])
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(grad, ref_grad)
+    assert_traced_matches(f, ref, x, y, tree, level_weights=[1.0, 2.0])
     torch._dynamo.reset()
 
 
@@ -243,10 +230,7 @@ def test_gpu_compile_inductor_fullgraph():
     assert "triton" in hss_kernels.available_backends("cuda")
     f = torch.compile(lambda a, t: hss_kernels.hierarchical_softmax_loss(a, t, tree, backend="triton"),
                       fullgraph=True)
-    loss, grad, go = loss_and_grad(lambda a, t, _tree: f(a, t), x, y, tree)
-    ref_loss, ref_grad, _ = loss_and_grad(ref, x, y, tree, grad_out=go)
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(grad, ref_grad)
+    assert_traced_matches(f, ref, x, y, tree)
 
 
 @pytest.mark.gpu
@@ -255,10 +239,7 @@ def test_gpu_bitwise_deterministic(dtype):
     tree = trees.load("vistas_v2")
     x, y = _inputs(tree, shape=(4, 256, 256), dtype=dtype)
     x, y = x.cuda(), y.cuda()
-    first = loss_and_grad(api, x, y, tree)
-    for _ in range(3):
-        again = loss_and_grad(api, x, y, tree, grad_out=first[2])
-        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert_bitwise_deterministic(api, x, y, tree)
 
 
 @pytest.mark.gpu
@@ -267,16 +248,7 @@ def test_gpu_more_than_2_31_elements():
     H, W = 8192, 4096
     x = torch.randn(1, tree.num_leaves, H, W, device="cuda", dtype=torch.bfloat16)
     y = torch.randint(0, tree.num_leaves, (1, H, W), device="cuda")
-    x.requires_grad_(True)
-    loss = api(x, y, tree, reduction="none")
-    go = torch.randn_like(loss)
-    loss.backward(go)
-    tail = slice(H - 2, H)  # the last rows sit past 2^31 elements
-    xs = x.detach()[:, :, tail].contiguous()
-    ref_loss, ref_grad, _ = loss_and_grad(ref, xs, y[:, tail].contiguous(), tree, reduction="none",
-                                          grad_out=go[:, tail].contiguous())
-    torch.testing.assert_close(loss[:, tail], ref_loss)
-    torch.testing.assert_close(x.grad[:, :, tail].float(), ref_grad.float(), rtol=1.6e-2, atol=1e-3)
+    assert_tail_rows_match(api, ref, x, y, tree, atol=1e-3)
 
 
 @pytest.mark.parametrize("parents", [[-1], [-1, 0, 1, 2], [2, 2, -1, 2, 3, 3]])
@@ -292,8 +264,4 @@ def test_empty_batch(shape):
     tree = trees.load("cityscapes")
     x = torch.randn(shape[0], tree.num_leaves, *shape[1:], requires_grad=True)
     y = torch.zeros(shape, dtype=torch.long)
-    for reduction in ("mean", "sum", "none"):
-        loss = api(x, y, tree, reduction=reduction)
-        assert loss.shape == (shape if reduction == "none" else ()) and (loss == 0).all()
-        (g,) = torch.autograd.grad(loss.sum(), x)
-        assert g.shape == x.shape
+    assert_empty_batch(api, x, y, tree)

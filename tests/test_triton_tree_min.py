@@ -5,7 +5,9 @@ import torch
 import hss_kernels
 from hss_kernels import reference, trees
 
-from _triton_helpers import assert_matches, inputs, loss_and_grad, random_tree
+from _triton_helpers import (assert_bitwise_deterministic, assert_empty_batch, assert_matches,
+                             assert_one_pass_equals_autograd, assert_saved_gradient_intact, assert_tail_rows_match,
+                             assert_traced_matches, inputs, loss_and_grad, random_tree)
 
 triton_mod = pytest.importorskip("hss_kernels.triton")
 
@@ -164,22 +166,14 @@ def test_single_pass_equals_two_pass(kind, reduction):
 def test_loss_and_grad_equals_autograd(kind):
     tree = trees.load("vistas")
     x, y = _inputs(tree, dtype=torch.float16)
-    fn = getattr(triton_mod, kind + "_loss_and_grad")
-    loss, grad = fn(x, y, tree, gamma=1.0, reduction="mean")
-    ref_loss, ref_grad, _ = loss_and_grad(backend(kind), x, y, tree, gamma=1.0,
-                                          grad_out=torch.ones((), dtype=torch.float32))
-    assert grad.dtype == x.dtype and not grad.requires_grad
-    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert_one_pass_equals_autograd(getattr(triton_mod, kind + "_loss_and_grad"), backend(kind), x, y, tree,
+                                    gamma=1.0, reduction="mean")
 
 
 def test_single_pass_autograd_is_not_corrupted():
     tree = trees.load("cityscapes")
     x, y = _inputs(tree)
-    a = x.clone().requires_grad_(True)
-    loss = triton_mod.tree_min_loss(a, y, tree, single_pass=True, reduction="sum")
-    (g1,) = torch.autograd.grad(loss * -2.0, a, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, a)
-    torch.testing.assert_close(g1, -2.0 * g2)
+    assert_saved_gradient_intact(triton_mod.tree_min_loss, x, y, tree, -2.0, reduction="sum")
 
 
 def test_bad_calls():
@@ -230,10 +224,7 @@ def test_compile_fullgraph_traces_the_custom_ops():
     for single_pass in (False, True):
         f = torch.compile(lambda a, t: triton_mod.tree_min_loss(a, t, tree, single_pass=single_pass),
                           fullgraph=True, backend="aot_eager")
-        loss, grad, go = loss_and_grad(lambda a, t, _tree: f(a, t), x, y, tree)
-        ref_loss, ref_grad, _ = loss_and_grad(ref("tree_min"), x, y, tree, grad_out=go)
-        torch.testing.assert_close(loss, ref_loss)
-        torch.testing.assert_close(grad, ref_grad)
+        assert_traced_matches(f, ref("tree_min"), x, y, tree)
     torch._dynamo.reset()
 
 
@@ -248,10 +239,7 @@ def test_gpu_compile_inductor_fullgraph(kind):
     # The registry imports a backend lazily, and Dynamo cannot trace an import: load it before tracing.
     assert "triton" in hss_kernels.available_backends("cuda")
     f = torch.compile(lambda a, t: api(a, t, tree, backend="triton"), fullgraph=True)
-    loss, grad, go = loss_and_grad(lambda a, t, _tree: f(a, t), x, y, tree)
-    ref_loss, ref_grad, _ = loss_and_grad(ref(kind), x, y, tree, grad_out=go)
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(grad, ref_grad)
+    assert_traced_matches(f, ref(kind), x, y, tree)
 
 
 @pytest.mark.gpu
@@ -260,11 +248,7 @@ def test_gpu_bitwise_deterministic(kind):
     tree = trees.load("vistas_v2")
     x, y = _inputs(tree, shape=(4, 256, 256), dtype=torch.bfloat16)
     x, y = x.cuda(), y.cuda()
-    fn = backend(kind)
-    first = loss_and_grad(fn, x, y, tree)
-    for _ in range(3):
-        again = loss_and_grad(fn, x, y, tree, grad_out=first[2])
-        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert_bitwise_deterministic(backend(kind), x, y, tree)
 
 
 @pytest.mark.gpu
@@ -273,16 +257,7 @@ def test_gpu_more_than_2_31_elements():
     H, W = 4096, 4096
     x = torch.randn(1, tree.num_nodes, H, W, device="cuda", dtype=torch.bfloat16)
     y = torch.randint(0, tree.num_leaves, (1, H, W), device="cuda")
-    x.requires_grad_(True)
-    loss = backend("tree_min")(x, y, tree, reduction="none")
-    go = torch.randn_like(loss)
-    loss.backward(go)
-    tail = slice(H - 2, H)
-    xs = x.detach()[:, :, tail].contiguous()
-    ref_loss, ref_grad, _ = loss_and_grad(ref("tree_min"), xs, y[:, tail].contiguous(), tree, reduction="none",
-                                          grad_out=go[:, tail].contiguous())
-    torch.testing.assert_close(loss[:, tail], ref_loss)
-    torch.testing.assert_close(x.grad[:, :, tail].float(), ref_grad.float(), rtol=1.6e-2, atol=1e-4)
+    assert_tail_rows_match(backend("tree_min"), ref("tree_min"), x, y, tree, atol=1e-4)
 
 
 @pytest.mark.parametrize("parents", [[-1], [-1] * 5, [-1, 0, 1, 2], [2, 2, -1, 2, 3, 3]])
@@ -299,11 +274,7 @@ def test_empty_batch(kind):
     tree = trees.load("cityscapes")
     x = torch.randn(2, tree.num_nodes, 0, 5, requires_grad=True)
     y = torch.zeros(2, 0, 5, dtype=torch.long)
-    for reduction in ("mean", "sum", "none"):
-        loss = backend(kind)(x, y, tree, reduction=reduction)
-        assert loss.shape == ((2, 0, 5) if reduction == "none" else ()) and (loss == 0).all()
-        (g,) = torch.autograd.grad(loss.sum(), x)
-        assert g.shape == x.shape
+    assert_empty_batch(backend(kind), x, y, tree)
 
 
 # The segmented-scan variant of the negative side (tree_min.USE_SCAN). The interpreter's

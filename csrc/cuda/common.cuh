@@ -42,8 +42,9 @@ struct SharedCol {
   __device__ A& operator()(int c) const { return p[c * s]; }
 };
 
-// Sums v and c over the block (blockDim.x == kThreads) in a fixed order into part/cnt[blockIdx.x].
-__device__ inline void block_partial(double v, int64_t c, double* part, int64_t* cnt) {
+// Sums v and c over the block (blockDim.x == kThreads) in a fixed tree order; thread 0 gets the totals
+// in v and c (the other threads keep their own values).
+__device__ inline void block_sum(double& v, int64_t& c) {
   __shared__ double sv[kThreads];
   __shared__ int64_t sc[kThreads];
   const int t = threadIdx.x;
@@ -58,8 +59,17 @@ __device__ inline void block_partial(double v, int64_t c, double* part, int64_t*
     __syncthreads();
   }
   if (t == 0) {
-    part[blockIdx.x] = sv[0];
-    cnt[blockIdx.x] = sc[0];
+    v = sv[0];
+    c = sc[0];
+  }
+}
+
+// Sums v and c over the block (blockDim.x == kThreads) in a fixed order into part/cnt[blockIdx.x].
+__device__ inline void block_partial(double v, int64_t c, double* part, int64_t* cnt) {
+  block_sum(v, c);
+  if (threadIdx.x == 0) {
+    part[blockIdx.x] = v;
+    cnt[blockIdx.x] = c;
   }
 }
 
@@ -72,23 +82,18 @@ __global__ void finish_kernel(const double* part, const int64_t* cnt, int64_t nb
     v += part[b];
     c += cnt[b];
   }
-  __shared__ double sv[kThreads];
-  __shared__ int64_t sc[kThreads];
-  const int t = threadIdx.x;
-  sv[t] = v;
-  sc[t] = c;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (t < s) {
-      sv[t] += sv[t + s];
-      sc[t] += sc[t + s];
-    }
-    __syncthreads();
+  block_sum(v, c);
+  if (threadIdx.x == 0) {
+    if (loss_sum) *loss_sum = static_cast<A>(v);
+    *count = c;
   }
-  if (t == 0) {
-    if (loss_sum) *loss_sum = static_cast<A>(sv[0]);
-    *count = sc[0];
-  }
+}
+
+// The gradient column of a pixel that is not kLabelValid: 0 when ignored, NaN for a bad label (hss_math.h).
+template <typename T, typename A>
+__device__ void write_unlabelled_column(T* out, int64_t sC, int channels, LabelKind kind) {
+  const T v = static_cast<T>(kind == kLabelBad ? quiet_nan<A>() : A(0));
+  for (int j = 0; j < channels; ++j) out[j * sC] = v;
 }
 
 // Partial buffers for nb blocks, and the launch of the second stage.
@@ -100,12 +105,20 @@ struct Partials {
   double* p() { return part.data_ptr<double>(); }
   int64_t* c() { return cnt.data_ptr<int64_t>(); }
 
+  // The scalar loss (the sum of the partials) unless per_pixel, and the count of counted pixels.
   template <typename A>
-  void finish(A* loss_sum, int64_t* count, cudaStream_t stream) {
-    finish_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), part.numel(), loss_sum, count);
+  void finish(at::Tensor& loss, at::Tensor& count, bool per_pixel, cudaStream_t stream) {
+    finish_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), part.numel(), per_pixel ? nullptr : loss.data_ptr<A>(),
+                                                 count.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+// The forward's result on an empty batch: the scalar loss (unless per_pixel) and the count are 0.
+inline void zero_empty_loss(at::Tensor& loss, at::Tensor& count, bool per_pixel) {
+  if (!per_pixel) loss.zero_();
+  count.zero_();
+}
 
 inline int64_t num_blocks(int64_t P, int threads) { return (P + threads - 1) / threads; }
 

@@ -48,8 +48,7 @@ hsm_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x
   const int64_t off = gx.offset(i);
   const LabelKind kind = label_kind(y, L, ignore_index);
   if (kind != kLabelValid) {
-    const T v = static_cast<T>(kind == kLabelBad ? quiet_nan<A>() : A(0));
-    for (int j = 0; j < L; ++j) out[off + j * sC] = v;
+    write_unlabelled_column<T, A>(out + off, sC, L, kind);
     return;
   }
   hsm_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, group,
@@ -68,8 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cuda(const at::Tenso
   at::Tensor stats = at::empty({D + 1, logits.size(0), logits.size(2), logits.size(3)},
                                logits.options().dtype(acc_type(logits)));
   if (P == 0) {
-    if (!per_pixel) loss.zero_();
-    count.zero_();
+    zero_empty_loss(loss, count, per_pixel);
     return {loss, stats, count};
   }
   const int64_t nb = num_blocks(P, kThreads);
@@ -82,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cuda(const at::Tenso
         logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
         ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    partials.finish<A>(per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>(), stream);
+    partials.finish<A>(loss, count, per_pixel, stream);
   });
   return {loss, stats, count};
 }

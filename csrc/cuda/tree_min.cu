@@ -47,8 +47,7 @@ __global__ void tree_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
   const int64_t off = gx.offset(i);
   const LabelKind kind = label_kind(y, L, ignore_index);
   if (kind != kLabelValid) {
-    const T r = static_cast<T>(kind == kLabelBad ? quiet_nan<A>() : A(0));
-    for (int v = 0; v < V; ++v) out[off + v * sC] = r;
+    write_unlabelled_column<T, A>(out + off, sC, V, kind);
     return;
   }
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
@@ -67,8 +66,7 @@ std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cuda(const at::Tensor& logits, 
   std::tie(loss, count) = new_loss(logits, per_pixel);
   const int64_t P = target.numel();
   if (P == 0) {
-    if (!per_pixel) loss.zero_();
-    count.zero_();
+    zero_empty_loss(loss, count, per_pixel);
     return {loss, count};
   }
   const int64_t nb = num_blocks(P, kThreads);
@@ -82,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cuda(const at::Tensor& logits, 
         static_cast<A>(eps), ignore_index, extrema, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(),
         partials.c());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    partials.finish<A>(per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>(), stream);
+    partials.finish<A>(loss, count, per_pixel, stream);
   });
   return {loss, count};
 }

@@ -74,12 +74,59 @@ def shape_args(x: torch.Tensor):
     return N * H * W, max(H * W, 1), max(W, 1)
 
 
+def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, tables, scalars, *, loss_mode: int,
+                       loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, **constexprs):
+    """Runs a loss kernel (``_hsm_kernel``, ``_tree_kernel``) once over all pixels, ``logits.shape[1]``
+    channels per tile; returns (partials, counts), the per-program loss sums and pixel counts when
+    ``loss_mode`` is LOSS_PARTIALS (else one unwritten element each).
+
+    The kernel's arguments: logits, target, ``*tables``, the loss, partials, counts, gradient and
+    grad_output pointers, P, HW, W, the strides of logits, target, gradient (4) and grad_output (3, read
+    for GRAD_PER_PIXEL only), ``*scalars``, then the constexprs BLOCK_C, BLOCK_P, ACC, LOSS_MODE,
+    GRAD_MODE and ``**constexprs``. A pointer that ``loss_mode``/``grad_mode`` does not touch gets a dummy.
+    """
+    P, HW, Wd = shape_args(logits)
+    block_c, block_p, warps = block_sizes(logits.shape[1], P)
+    programs = max(triton.cdiv(P, block_p), 1)
+    partials = torch.empty(programs if loss_mode == LOSS_PARTIALS else 1, dtype=acc_dtype(logits.dtype),
+                           device=logits.device)
+    counts = torch.empty_like(partials, dtype=torch.int32)
+    dummy = partials  # stands for pointers a mode does not touch
+    gs = grad.stride() if grad is not None else (0, 0, 0, 0)
+    gos = grad_out.stride() if grad_out is not None and grad_mode == GRAD_PER_PIXEL else (0, 0, 0)
+    with device_guard(logits):
+        kernel[(programs,)](
+            logits, target, *tables, dummy if loss is None else loss, partials, counts,
+            dummy if grad is None else grad, dummy if grad_out is None else grad_out,
+            P, HW, Wd,
+            *logits.stride(), *target.stride(), *gs, *gos,
+            *scalars,
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_acc(logits.dtype), LOSS_MODE=loss_mode, GRAD_MODE=grad_mode,
+            num_warps=warps, **constexprs,
+        )
+    return partials, counts
+
+
 def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
     """Fixed-order second stage of the batch reduction (no atomics: bitwise the same on every run)."""
     total = partials.sum()
     if reduction == "sum":
         return total
     return total / counts.sum().clamp(min=1).to(total.dtype)
+
+
+def check_call(logits: torch.Tensor, target: torch.Tensor, reduction: str, single_pass: bool, channels: str):
+    """ValueError for a call the kernels cannot take: logits not 4-D or target not 3-D (``channels`` names
+    the logits' channel axis in the message: "L" leaves or "V" nodes), an unknown reduction, or
+    single_pass with reduction="none"."""
+    if logits.dim() != 4 or target.dim() != 3:
+        raise ValueError(f"the Triton backend takes (N, {channels}, H, W) logits and (N, H, W) targets, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if single_pass and reduction == "none":
+        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
+                         "the incoming per-pixel gradient)")
 
 
 def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
@@ -90,6 +137,69 @@ def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtyp
     return g
 
 
+def backward_grad_out(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype):
+    """(grad_output argument, GRAD_MODE) of a backward launch: the per-pixel grad_output itself for "none"
+    (any strides, a stride-0 expand included), else its one-element scale (:func:`grad_scale`)."""
+    if reduction == "none":
+        return grad_out, GRAD_PER_PIXEL
+    return grad_scale(grad_out, count, reduction, dtype), GRAD_SCALAR
+
+
 def tree_cache(tree: Tree, key, build: Callable[[], object]):
     """Per-tree cache of small device tensors (tables, weights), so a training step copies nothing."""
     return tree.cached(("triton",) + tuple(key), build)
+
+
+# ----------------------------------------------------------------------------------- in-kernel pieces
+# Shared by the loss kernels (hierarchical_softmax._hsm_kernel, tree_min._tree_kernel). LOSS_MODE and
+# GRAD_MODE are the LOSS_* / GRAD_* values above, passed through as constexprs.
+
+@triton.jit
+def pixel_coords(pid, P, HW, W, BLOCK_P: tl.constexpr):
+    """The program's pixels p = (n*H + h)*W + w (int64, so offsets may pass 2^31), their mask, n, h, w."""
+    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    pmask = p < P
+    n = p // HW
+    hw = p - n * HW
+    h = hw // W
+    w = hw - h * W
+    return p, pmask, n, h, w
+
+
+@triton.jit
+def load_labels(t_ptrs, pmask, ignore_index, L: tl.constexpr):
+    """(label, valid, bad) of each pixel from its label pointers: valid = counts (in range and not
+    ignore_index), bad = counts but outside [0, L); label is 0 where not valid or bad, so that it is a
+    safe table index."""
+    y = tl.load(t_ptrs, mask=pmask, other=0).to(tl.int64)
+    valid = pmask & (y != ignore_index)  # the pixels that count
+    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
+    # are NaN (the public API rejects such labels, but not under torch.compile).
+    bad = valid & ((y < 0) | (y >= L))
+    y = tl.where(valid & ~bad, y, 0)
+    return y, valid, bad
+
+
+@triton.jit
+def store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE: tl.constexpr):
+    """Per-pixel loss (0 where ignored, NaN at bad labels): stored per pixel (LOSS_PER_PIXEL), or this
+    program's sum and count of counted pixels (LOSS_PARTIALS), or nothing."""
+    loss = tl.where(bad, float("nan"), loss)
+    if LOSS_MODE == 1:
+        tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
+    if LOSS_MODE == 2:
+        tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+
+
+@triton.jit
+def store_grad(grad, g_ptrs, go_ptr, go_off, valid, bad, pmask, mask2, GRAD_MODE: tl.constexpr):
+    """Stores the [channels, pixels] tile d(per-pixel loss)/dx times grad_output (one value at go_ptr for
+    GRAD_SCALAR, per pixel at go_ptr + go_off for GRAD_PER_PIXEL), NaN at bad labels, 0 at ignored pixels,
+    in the gradient's dtype."""
+    if GRAD_MODE == 1:
+        grad = grad * tl.load(go_ptr).to(grad.dtype)
+    else:
+        grad = grad * tl.load(go_ptr + go_off, mask=pmask, other=0.0).to(grad.dtype)[None, :]
+    grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad), 0.0)
+    tl.store(g_ptrs, grad.to(g_ptrs.dtype.element_ty), mask=mask2)

@@ -49,23 +49,13 @@ def _hsm_kernel(
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < P
+    p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
     P64 = tl.zeros_like(p) + P  # (d + 1) * P in 64 bits: the statistics rows may pass 2^31 in all
-    n = p // HW
-    hw = p - n * HW
-    h = hw // W
-    w = hw - h * W
     c = tl.arange(0, BLOCK_C)
     cmask = c < L
     mask2 = cmask[:, None] & pmask[None, :]
 
-    y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)  # the pixels that count
-    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
-    # are NaN (the public API rejects such labels, but not under torch.compile).
-    bad = valid & ((y < 0) | (y >= L))
-    y = tl.where(valid & ~bad, y, 0)
+    y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
 
     x_off = n[None, :] * sxn + c[:, None].to(tl.int64) * sxc + (h * sxh + w * sxw)[None, :]
     x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
@@ -130,26 +120,16 @@ def _hsm_kernel(
                 sel_r = tl.where(in_g, lse_d[None, :], sel_r)
                 sel_f = tl.where(in_g, F[None, :], sel_f)
 
-    loss = tl.where(bad, float("nan"), loss)
-    if LOSS_MODE == 1:
-        tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
-    if LOSS_MODE == 2:
-        tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-        tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+    C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
     if GRAD_MODE != 0:
-        if GRAD_MODE == 1:
-            s = tl.load(go_ptr).to(ACC) + zero
-        else:
-            s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
         prob = tl.exp(x - lse[None, :])
         if HAS_EPS:
             grad = prob * (A[None, :] - sel_f)
         else:
             grad = wsum[None, :] * prob - tl.exp(x - sel_r) * sel_f
-        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = n[None, :] * sgn + c[:, None].to(tl.int64) * sgc + (h * sgh + w * sgw)[None, :]
-        tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
+        C.store_grad(grad, g_ptr + g_off, go_ptr, n * son + h * soh + w * sow, valid, bad, pmask, mask2, GRAD_MODE)
 
 
 # A group sum of e^{z - max} below TINY may have lost terms to underflow (float32 normals end at 1e-38,
@@ -160,36 +140,12 @@ _TINY = {torch.float32: 1e-20, torch.float64: 1e-200}
 def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, compute_stats, write_stats,
             loss_mode, loss=None, grad=None, grad_out=None, grad_mode=C.GRAD_NONE):
     """Runs ``_hsm_kernel`` once; returns (partials, counts) when ``loss_mode`` is LOSS_PARTIALS."""
-    N, L, H, W = logits.shape
-    D = leaf_group.shape[0]
-    P, HW, Wd = C.shape_args(logits)
-    acc = C.acc_dtype(logits.dtype)
-    block_c, block_p, warps = C.block_sizes(L, P)
-    programs = max(triton.cdiv(P, block_p), 1)
-    dev = logits.device
-    partials = torch.empty(programs if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=dev)
-    counts = torch.empty_like(partials, dtype=torch.int32)
-    dummy = partials  # stands for pointers a mode does not touch
-    if loss is None:
-        loss = dummy
-    g = grad if grad is not None else dummy
-    gs = grad.stride() if grad is not None else (0, 0, 0, 0)
-    go = grad_out if grad_out is not None else dummy
-    if grad_out is not None and grad_mode == C.GRAD_PER_PIXEL:
-        gos = grad_out.stride()
-    else:
-        gos = (0, 0, 0)
-    with C.device_guard(logits):
-        _hsm_kernel[(programs,)](
-            logits, target, leaf_group, level_w, stats, loss, partials, counts, g, go,
-            P, HW, Wd,
-            *logits.stride(), *target.stride(), *gs, *gos,
-            float(eps), int(ignore_index),
-            L=L, D=D, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-            HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats, WRITE_STATS=write_stats,
-            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, TINY=_TINY[acc], num_warps=warps,
-        )
-    return partials, counts
+    return C.launch_loss_kernel(
+        _hsm_kernel, logits, target, (leaf_group, level_w, stats), (float(eps), int(ignore_index)),
+        loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
+        L=logits.shape[1], D=leaf_group.shape[0], HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats,
+        WRITE_STATS=write_stats, TINY=_TINY[C.acc_dtype(logits.dtype)],
+    )
 
 
 # ----------------------------------------------------------------------------------- custom ops
@@ -241,12 +197,8 @@ def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_
 def _hsm_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
              level_w: torch.Tensor, stats: torch.Tensor, count: torch.Tensor, eps: float, ignore_index: int,
              reduction: str) -> torch.Tensor:
-    acc = C.acc_dtype(logits.dtype)
     grad = torch.empty_like(logits)
-    if reduction == "none":
-        go, mode = grad_out, C.GRAD_PER_PIXEL  # any strides, a stride-0 expand included
-    else:
-        go, mode = C.grad_scale(grad_out, count, reduction, acc), C.GRAD_SCALAR
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
     _launch(logits, target, leaf_group, level_w, eps, ignore_index, stats=stats, compute_stats=False,
             write_stats=False, loss_mode=C.LOSS_NONE, grad=grad, grad_out=go, grad_mode=mode)
     return grad
@@ -300,17 +252,6 @@ def _tables(tree: Tree, level_weights, dtype, device):
     return leaf_group, level_w
 
 
-def _check_call(logits, target, reduction, single_pass):
-    if logits.dim() != 4 or target.dim() != 3:
-        raise ValueError(f"the Triton backend takes (N, L, H, W) logits and (N, H, W) targets, got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
-    if reduction not in C.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {C.REDUCTIONS}, got {reduction!r}")
-    if single_pass and reduction == "none":
-        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
-                         "the incoming per-pixel gradient)")
-
-
 def hierarchical_softmax_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -334,7 +275,7 @@ def hierarchical_softmax_loss(
 
     Raises ValueError for a non-4-D input or ``single_pass`` with ``reduction="none"``.
     """
-    _check_call(logits, target, reduction, single_pass)
+    C.check_call(logits, target, reduction, single_pass, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     loss, _, _, _ = _hsm_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index), reduction,
@@ -357,7 +298,7 @@ def hierarchical_softmax_loss_and_grad(
     as ``loss, g = ...(logits.detach(), ...)`` then ``logits.backward(g)``. ``reduction``: ``mean`` or
     ``sum``. Same arguments, dtypes and errors as :func:`hierarchical_softmax_loss`.
     """
-    _check_call(logits, target, reduction, True)
+    C.check_call(logits, target, reduction, True, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     with torch.no_grad():

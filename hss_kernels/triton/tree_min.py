@@ -96,24 +96,14 @@ def _tree_kernel(
     OFF_INT: tl.constexpr = 4 * V + L * D + DI * V
 
     pid = tl.program_id(0)
-    p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < P
-    n = p // HW
-    hw = p - n * HW
-    h = hw // W
-    w = hw - h * W
+    p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
     r = tl.arange(0, BLOCK_C)  # tile row = pre-order position
     rmask = r < V
     mask2 = rmask[:, None] & pmask[None, :]
     chan = tl.load(tab_ptr + r, mask=rmask, other=0)
     k_row = tl.load(k_ptr + chan, mask=rmask, other=0.0).to(ACC)
 
-    y = tl.load(t_ptr + n * stn + h * sth + w * stw, mask=pmask, other=0).to(tl.int64)
-    valid = pmask & (y != ignore_index)  # the pixels that count
-    # A label outside [0, L) that is not ignore_index reads no table: the pixel's loss and gradient
-    # are NaN (the public API rejects such labels, but not under torch.compile).
-    bad = valid & ((y < 0) | (y >= L))
-    y = tl.where(valid & ~bad, y, 0)
+    y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
 
     pix_x = n * sxn + h * sxh + w * sxw
     x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
@@ -217,21 +207,11 @@ def _tree_kernel(
         loss += tl.sum(kf * f, axis=0)
         grad = tl.where(on_path, kf * df, -kf * df)
 
-    loss = tl.where(bad, float("nan"), loss)
-    if LOSS_MODE == 1:
-        tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
-    if LOSS_MODE == 2:
-        tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-        tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+    C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
     if GRAD_MODE != 0:
-        if GRAD_MODE == 1:
-            s = tl.load(go_ptr).to(ACC) + zero
-        else:
-            s = tl.load(go_ptr + n * son + h * soh + w * sow, mask=pmask, other=0.0).to(ACC)
-        grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad * s[None, :]), 0.0)
         g_off = (n * sgn + h * sgh + w * sgw)[None, :] + chan[:, None].to(tl.int64) * sgc
-        tl.store(g_ptr + g_off, grad.to(g_ptr.dtype.element_ty), mask=mask2)
+        C.store_grad(grad, g_ptr + g_off, go_ptr, n * son + h * soh + w * sow, valid, bad, pmask, mask2, GRAD_MODE)
 
 
 # How the tree-min kernel finds the subtree maxima of the internal nodes. False: one masked max over
@@ -245,31 +225,13 @@ USE_SCAN = False
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
-    scan = bool(USE_SCAN)
-    N, V, H, W = logits.shape
     L, D, DI, I = sizes
-    P, HW, Wd = C.shape_args(logits)
-    acc = C.acc_dtype(logits.dtype)
-    block_c, block_p, warps = C.block_sizes(V, P)
-    programs = max(triton.cdiv(P, block_p), 1)
-    dev = logits.device
-    partials = torch.empty(programs if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=dev)
-    counts = torch.empty_like(partials, dtype=torch.int32)
-    dummy = partials
-    gs = grad.stride() if grad is not None else (0, 0, 0, 0)
-    gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
-    with C.device_guard(logits):
-        _tree_kernel[(programs,)](
-            logits, target, tab, k, loss if loss is not None else dummy, partials, counts,
-            grad if grad is not None else dummy, grad_out if grad_out is not None else dummy,
-            P, HW, Wd,
-            *logits.stride(), *target.stride(), *gs, *gos,
-            float(gamma), float(eps), int(ignore_index),
-            V=V, L=L, D=D, DI=DI, I=I, BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
-            USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
-            LOSS_MODE=loss_mode, GRAD_MODE=grad_mode, SCAN=scan, num_warps=warps,
-        )
-    return partials, counts
+    return C.launch_loss_kernel(
+        _tree_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
+        loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
+        V=logits.shape[1], L=L, D=D, DI=DI, I=I, USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
+        SCAN=bool(USE_SCAN),
+    )
 
 
 def sizes_of(tree: Tree) -> List[int]:
@@ -321,12 +283,8 @@ def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_ex
 def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
               k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float, ignore_index: int,
               reduction: str, use_extrema: bool) -> torch.Tensor:
-    acc = C.acc_dtype(logits.dtype)
     grad = torch.empty_like(logits)
-    if reduction == "none":
-        go, mode = grad_out, C.GRAD_PER_PIXEL  # any strides, a stride-0 expand included
-    else:
-        go, mode = C.grad_scale(grad_out, count, reduction, acc), C.GRAD_SCALAR
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
     _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, loss_mode=C.LOSS_NONE, grad=grad,
             grad_out=go, grad_mode=mode, sizes=sizes)
     return grad
@@ -390,14 +348,7 @@ def _build_table(tree: Tree, device) -> torch.Tensor:
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
                use_extrema, with_grad=False):
-    if logits.dim() != 4 or target.dim() != 3:
-        raise ValueError(f"the Triton backend takes (N, V, H, W) logits and (N, H, W) targets, got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
-    if reduction not in C.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {C.REDUCTIONS}, got {reduction!r}")
-    if single_pass and reduction == "none":
-        raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
-                         "the incoming per-pixel gradient)")
+    C.check_call(logits, target, reduction, single_pass, "V")
     dev = logits.device
     acc = C.acc_dtype(logits.dtype)
     tab = C.tree_cache(tree, ("tree_tab", str(dev)), lambda: _build_table(tree, dev))
