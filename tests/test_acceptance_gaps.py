@@ -4,7 +4,7 @@ pre-order) on the native backend too, every option value the issues name (gamma 
 normalisations, scale, eps, a non-default ignore_index, level weights) with every reduction, no input
 mutation, what autograd saves (no full-size intermediate), bitwise-repeatable batch reductions on the
 CPU (also across OpenMP thread counts), ``backend="auto"`` choosing the real Triton module on a GPU,
-and ``torch.compile(fullgraph=True)`` through the tree BCE and the native decode.
+and ``torch.compile(fullgraph=True)`` through the tree BCE and decode.
 
 Inputs are fresh random draws (conftest seeds per test); Triton runs under TRITON_INTERPRET=1 without a
 GPU, so the grids are one or two programs.
@@ -264,12 +264,24 @@ def test_compile_fullgraph_tree_bce(backend):
     torch._dynamo.reset()
 
 
-def test_compile_fullgraph_native_decode():
-    _backend("native")
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_compile_fullgraph_decode(backend):
+    _backend(backend)
     hss_kernels.available_backends("cpu")
     tree = trees.load("pascal_person_part")
     x = torch.randn(2, tree.num_nodes, 3, 5)
-    f = torch.compile(lambda a: hss_kernels.decode(a, tree, "softmax", "mean", backend="native"),
+    f = torch.compile(lambda a: hss_kernels.decode(a, tree, "softmax", "mean", backend=backend),
                       fullgraph=True, backend="aot_eager")
     assert torch.equal(f(x), reference.decode(x, tree, "softmax", "mean"))
     torch._dynamo.reset()
+
+
+def test_opcheck_triton_decode():
+    _backend("triton")
+    from hss_kernels.triton import decode as tdecode
+    tree = trees.load("helen")
+    for C, leaf in ((tree.num_nodes, False), (tree.num_leaves, True)):
+        x = torch.randn(2, C, 3, 5).contiguous(memory_format=torch.channels_last)
+        path, plen = tdecode._tables(tree, x.device, leaf)
+        act = tdecode._IDENTITY if leaf else 1
+        torch.library.opcheck(torch.ops.hss_triton.decode.default, (x, path, plen, act, not leaf))
