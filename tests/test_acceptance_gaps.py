@@ -18,6 +18,8 @@ import torch
 import hss_kernels
 from hss_kernels import Tree, backends, reference, trees
 
+from _helpers import backend_or_skip
+
 LOSSES = {
     "hierarchical_softmax_loss": hss_kernels.hierarchical_softmax_loss,
     "tree_min_loss": hss_kernels.tree_min_loss,
@@ -28,14 +30,7 @@ TOL64 = dict(rtol=1e-9, atol=1e-11)
 
 
 def _backend(name, device="cpu"):
-    try:
-        mod = importlib.import_module(f"hss_kernels.{name}")
-    except ImportError as exc:  # Triton missing, extension not built
-        pytest.skip(f"{name}: {exc}")
-    why = mod.unavailable_reason(device)
-    if why is not None:
-        pytest.skip(why)
-    return mod
+    return backend_or_skip(name, device)
 
 
 def _channels(tree: Tree, loss: str) -> int:

@@ -5,13 +5,14 @@ every kernel must guard itself: such a pixel reads no table or channel out of bo
 labelled pixel, and gets a NaN loss and a NaN gradient row; every other pixel is unaffected. The
 reference does the same, so that no backend gives a plausible number for such a target.
 """
-import importlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from hss_kernels import reference, trees
+
+from _helpers import backend_or_skip
 
 LOSSES = ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss")
 IGNORE = 255
@@ -23,14 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def _backend(name, device="cpu"):
     if name == "reference":
         return SimpleNamespace(OPS={loss: getattr(reference, loss) for loss in LOSSES})
-    try:
-        mod = importlib.import_module(f"hss_kernels.{name}")
-    except ImportError as exc:  # Triton missing, extension not built
-        pytest.skip(f"{name}: {exc}")
-    reason = mod.unavailable_reason(device)
-    if reason is not None:
-        pytest.skip(reason)
-    return mod
+    return backend_or_skip(name, device)
 
 
 def _inputs(tree, loss, bad, dtype, shape=(2, 5, 7), device="cpu"):

@@ -3,22 +3,16 @@ diverging run). The running min down the path must start at that node whatever i
 backward used to start from `z < +inf`, which a +inf or NaN never passes, and wrote its weight to K[-1]
 (outside the thread's shared memory on a GPU). +inf: the reference's loss and gradient; NaN: a NaN loss.
 """
-import importlib
-
 import pytest
 import torch
 
 from hss_kernels import reference, trees
 
+from _helpers import backend_or_skip
+
 
 def _backend(name):
-    try:
-        mod = importlib.import_module(f"hss_kernels.{name}")
-    except ImportError as exc:
-        pytest.skip(f"{name}: {exc}")
-    if mod.unavailable_reason("cpu") is not None:
-        pytest.skip(mod.unavailable_reason("cpu"))
-    return mod
+    return backend_or_skip(name)
 
 
 def _loss_and_grad(fn, x, y, tree):

@@ -8,13 +8,13 @@ Triton (under the interpreter here; a GPU uses the same index arithmetic) reads 
 strides in both directions; the native forward reads it through its strides, its backward from a
 dense copy. The GPU tests with real 2^31-element tensors are in the per-backend files (marked gpu).
 """
-import importlib
-
 import pytest
 import torch
 
 import hss_kernels
 from hss_kernels import reference, trees
+
+from _helpers import backend_or_skip
 
 BIG = 2**31
 LOSSES = {
@@ -24,13 +24,7 @@ LOSSES = {
 
 
 def _backend(name):
-    try:
-        mod = importlib.import_module(f"hss_kernels.{name}")
-    except ImportError as exc:
-        pytest.skip(f"{name}: {exc}")
-    why = mod.unavailable_reason("cpu")
-    if why is not None:
-        pytest.skip(why)
+    return backend_or_skip(name)
 
 
 def _far_views(channels):
