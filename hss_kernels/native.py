@@ -74,20 +74,6 @@ def tree_index(tree: Tree, device) -> torch.Tensor:
     return tree.cached(("native_index", str(torch.device(device))), build)
 
 
-def _level_weights(tree: Tree, level_weights, dtype, device) -> torch.Tensor:
-    """w_1..w_D on the device; cached unless given as a tensor, so a training step copies nothing."""
-    if isinstance(level_weights, torch.Tensor):
-        return reference.level_weight_vector(tree, level_weights, dtype, device).contiguous()
-    key = ("native_level_w", None if level_weights is None else tuple(float(v) for v in level_weights),
-           dtype, str(device))
-    return tree.cached(key, lambda: reference.level_weight_vector(tree, level_weights, dtype, device).contiguous())
-
-
-def _node_weights(tree: Tree, scale: float, normalize: str, dtype, device) -> torch.Tensor:
-    key = ("native_k", float(scale), normalize, dtype, str(device))
-    return tree.cached(key, lambda: reference.node_weight_vector(tree, scale, normalize, dtype, device))
-
-
 def _reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":  # 0 (with zero gradient) when every pixel is ignored
         return loss / count.clamp(min=1).to(loss.dtype)
@@ -111,7 +97,7 @@ def hierarchical_softmax_loss(
     """:func:`hss_kernels.reference.hierarchical_softmax_loss` with fused C++/CUDA kernels.
     ``logits`` (N, L, H, W), ``target`` (N, H, W), already checked by the public API."""
     _check_reduction(reduction)
-    w = _level_weights(tree, level_weights, _acc(logits.dtype), logits.device)
+    w = reference.level_weight_vector(tree, level_weights, _acc(logits.dtype), logits.device)
     group = tree.tables(logits.device).leaf_group
     loss, _, count = torch.ops.hss_kernels.hsoftmax_fwd(logits, target.long(), group, w, float(eps),
                                                         int(ignore_index), reduction == "none")
@@ -120,7 +106,7 @@ def hierarchical_softmax_loss(
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, extrema):
     _check_reduction(reduction)
-    k = _node_weights(tree, scale, normalize, _acc(logits.dtype), logits.device)
+    k = reference.node_weight_vector(tree, scale, normalize, _acc(logits.dtype), logits.device)
     loss, count = torch.ops.hss_kernels.tree_loss_fwd(
         logits, target.long(), tree_index(tree, logits.device), k, tree.num_leaves, tree.depth, float(gamma),
         float(eps), int(ignore_index), reduction == "none", extrema)

@@ -23,14 +23,11 @@ def _decode_fake(logits, path_nodes, activation, score):
 
 
 def _path_table(tree: Tree, device, leaf_logits: bool) -> torch.Tensor:
-    cache = tree.__dict__.setdefault("_native_decode_tables", {})
-    key = (str(device), leaf_logits)
-    if key not in cache:
+    def build():
         if leaf_logits:  # a one-node path per leaf, scored by the logit itself: the argmax
-            cache[key] = torch.arange(tree.num_leaves, dtype=torch.int32, device=device)[:, None].contiguous()
-        else:
-            cache[key] = tree.tables(device).path_nodes.contiguous()
-    return cache[key]
+            return torch.arange(tree.num_leaves, dtype=torch.int32, device=device)[:, None].contiguous()
+        return tree.tables(device).path_nodes.contiguous()
+    return tree.cached(("native_decode_path", str(device), leaf_logits), build)
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:

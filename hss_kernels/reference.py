@@ -83,24 +83,44 @@ def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, sp
 
 
 def level_weight_vector(tree: Tree, level_weights, dtype, device) -> torch.Tensor:
-    """The per-depth weights w_1..w_D of the hierarchical softmax loss (default all ones)."""
+    """The per-depth weights w_1..w_D of the hierarchical softmax loss (default all ones), contiguous.
+
+    Unless given as a tensor, the vector is built once per (weights, dtype, device) and kept with the
+    tree (:meth:`Tree.cached`), so that a training step makes no host-to-device copy. Do not modify it.
+    """
+    if isinstance(level_weights, torch.Tensor):
+        return _level_weights(tree, level_weights, dtype, device)
+    key = ("level_w", None if level_weights is None else tuple(float(v) for v in level_weights),
+           dtype, str(torch.device(device)))
+    return tree.cached(key, lambda: _level_weights(tree, level_weights, dtype, device))
+
+
+def _level_weights(tree: Tree, level_weights, dtype, device) -> torch.Tensor:
     if level_weights is None:
         return torch.ones(tree.depth, dtype=dtype, device=device)
-    w = torch.as_tensor(level_weights, dtype=dtype, device=device).reshape(-1)
+    # contiguous: kernels read w_ptr + d (reshape keeps a strided 1-D view as it is)
+    w = torch.as_tensor(level_weights, dtype=dtype, device=device).reshape(-1).contiguous()
     if w.numel() != tree.depth:
-        raise ValueError(f"level_weights needs one weight per depth: {tree.depth} values, got {w.numel()}")
+        raise ValueError(f"level_weights needs {tree.depth} values (one per depth), got {w.numel()}")
     return w
 
 
 def node_weight_vector(tree: Tree, scale: float, normalize: str, dtype, device) -> torch.Tensor:
-    """k_v of MATH.md §3: ``scale / |V_d|`` (``normalize="level"``) or ``scale / V`` (``"node"``)."""
+    """k_v of MATH.md §3: ``scale / |V_d|`` (``normalize="level"``) or ``scale / V`` (``"node"``).
+
+    Built once per (scale, normalize, dtype, device) and kept with the tree; do not modify it."""
+    if normalize not in ("level", "node"):
+        raise ValueError(f"normalize must be 'level' or 'node', got {normalize!r}")
+    key = ("node_k", float(scale), normalize, dtype, str(torch.device(device)))
+    return tree.cached(key, lambda: _node_weights(tree, float(scale), normalize, dtype, device))
+
+
+def _node_weights(tree: Tree, scale: float, normalize: str, dtype, device) -> torch.Tensor:
     if normalize == "level":
         per_depth = [scale / n for n in tree.nodes_per_depth]
         w = [per_depth[d - 1] for d in tree.depths]
-    elif normalize == "node":
-        w = [scale / tree.num_nodes] * tree.num_nodes
     else:
-        raise ValueError(f"normalize must be 'level' or 'node', got {normalize!r}")
+        w = [scale / tree.num_nodes] * tree.num_nodes
     return torch.tensor(w, dtype=dtype, device=device)
 
 

@@ -94,16 +94,13 @@ def _decode_kernel(
 
 def _tables(tree: Tree, device, leaf_logits: bool):
     """(L, D') int32 path table (-1 padded) and (L,) int32 path lengths, cached on the tree per device."""
-    cache = tree.__dict__.setdefault("_triton_decode_tables", {})
-    key = (str(device), leaf_logits)
-    if key not in cache:
+    def build():
         if leaf_logits:
             path = torch.arange(tree.num_leaves, dtype=torch.int32, device=device)[:, None]
         else:
             path = tree.tables(device).path_nodes.contiguous()
-        plen = (path >= 0).sum(dim=1).to(torch.int32)
-        cache[key] = (path, plen)
-    return cache[key]
+        return path, (path >= 0).sum(dim=1).to(torch.int32)
+    return _common.tree_cache(tree, ("decode_path", str(device), leaf_logits), build)
 
 
 def _blocks(C: int, L: int, total: int, interpret: bool):

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import level_weight_vector
 from ..tree import Tree
 from . import _common as C
 
@@ -238,17 +239,9 @@ _hsm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _tables(tree: Tree, level_weights, dtype, device):
     leaf_group = C.tree_cache(tree, ("leaf_group", str(device)),
                               lambda: tree.tables(device).leaf_group.contiguous())
-    if level_weights is None:
-        key = ("ones", tree.depth, dtype, str(device))
-        level_w = C.tree_cache(tree, key, lambda: torch.ones(tree.depth, dtype=dtype, device=device))
-    elif isinstance(level_weights, torch.Tensor):
-        # contiguous: the kernel reads w_ptr + d (reshape keeps a strided 1-D view as it is)
-        level_w = level_weights.detach().to(dtype=dtype, device=device).reshape(-1).contiguous()
-    else:  # a list: cached, so that a training step makes no host-to-device copy
-        key = ("w", tuple(float(v) for v in level_weights), dtype, str(device))
-        level_w = C.tree_cache(tree, key, lambda: torch.tensor(key[1], dtype=dtype, device=device))
-    if level_w.numel() != tree.depth:
-        raise ValueError(f"level_weights needs {tree.depth} values (one per depth), got {level_w.numel()}")
+    if isinstance(level_weights, torch.Tensor):
+        level_weights = level_weights.detach()
+    level_w = level_weight_vector(tree, level_weights, dtype, device)  # cached, contiguous
     return leaf_group, level_w
 
 

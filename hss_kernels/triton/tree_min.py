@@ -352,8 +352,7 @@ def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index,
     dev = logits.device
     acc = C.acc_dtype(logits.dtype)
     tab = C.tree_cache(tree, ("tree_tab", str(dev)), lambda: _build_table(tree, dev))
-    k = C.tree_cache(tree, ("k", float(scale), normalize, acc, str(dev)),
-                     lambda: node_weight_vector(tree, float(scale), normalize, acc, dev))
+    k = node_weight_vector(tree, float(scale), normalize, acc, dev)
     if with_grad:
         with torch.no_grad():
             loss, _, grad = _tree_fwd(logits.detach(), target, tab, k, sizes_of(tree), float(gamma), float(eps),
