@@ -69,8 +69,8 @@ def hss_backends_for(spec: LossSpec, device: torch.device, named: Sequence[str] 
 
     ``named``: the backends the user asked for (empty: all of :data:`HSS_BACKENDS`).
     ``reference+compile`` runs wherever the reference does. On the CPU Triton runs only under its
-    interpreter (``TRITON_INTERPRET=1``), which measures Python, not a kernel: it is skipped unless
-    named, and then its rows are labelled ``triton (interpreter)``.
+    interpreter, which measures Python, not a kernel: it is skipped unless named, and then its rows are
+    labelled ``triton (interpreter)``.
     """
     device = torch.device(device)
     present = set(hss_kernels.available_backends(device, spec.op))

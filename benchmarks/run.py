@@ -380,8 +380,6 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hss-bench: --device cuda but torch sees no CUDA device")
-    if device.type == "cpu" and "triton" in args.backends_named:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton backend is first imported
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -11,16 +11,11 @@ the bytes it must move (MATH.md §5) and the achieved GB/s, so ``--benchmark-jso
 On a GPU, each round synchronizes the device so that the host clock covers the work; use
 ``python -m benchmarks`` for CUDA-event timings, the roofline and memory.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from benchmarks import cases as C  # noqa: E402
-from benchmarks.measure import PASSES, bytes_moved  # noqa: E402
+from benchmarks import cases as C
+from benchmarks.measure import PASSES, bytes_moved
 
 pytest.importorskip("pytest_benchmark")
 

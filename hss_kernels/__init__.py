@@ -22,8 +22,7 @@ from .tree import Tree, TreeTables
 from . import backends as _backends
 
 # Import the Triton and native backends now (each may be missing; that only makes it unavailable), so
-# that torch.compile never traces a lazy import. Triton's interpreter (TRITON_INTERPRET=1) must be set
-# before this import.
+# that torch.compile never traces a lazy import.
 _backends.load_all()
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ def main():
     cases = []
     for x in ("fp32", "bf16", "fp64"):
         acc_s, acc = ACC[x]
-        bc, bp, warps = C.block_sizes(66, 1 << 20)
+        bc, bp, warps = C.block_sizes(66, 1 << 20, False)
         ptrs = dict(x_ptr="*" + x, t_ptr="*i64", lg_ptr="*i32", w_ptr="*" + acc_s, stats_ptr="*" + acc_s,
                     loss_ptr="*" + acc_s, part_ptr="*" + acc_s, cnt_ptr="*i32", g_ptr="*" + x, go_ptr="*" + acc_s)
         # forward, backward (scalar and per-pixel grad_output), single pass
@@ -52,7 +52,7 @@ def main():
                           LOSS_MODE=lm, GRAD_MODE=gm)
             if x != "bf16" or gm == 1:  # bf16 differs from fp32 only in loads and stores
                 cases.append((f"hsm {x} {consts}", hs._hsm_kernel, ptrs, consts, warps))
-        bc, bp, warps = C.block_sizes(147, 1 << 20)
+        bc, bp, warps = C.block_sizes(147, 1 << 20, False)
         ptrs = dict(x_ptr="*" + x, t_ptr="*i64", tab_ptr="*i32", k_ptr="*" + acc_s, loss_ptr="*" + acc_s,
                     part_ptr="*" + acc_s, cnt_ptr="*i32", g_ptr="*" + x, go_ptr="*" + acc_s)
         for ue, focal, lm, gm, scan in ((True, True, 2, 0, False), (True, True, 0, 2, False),

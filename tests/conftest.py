@@ -1,7 +1,7 @@
 """Test set-up.
 
-* Triton runs under its CPU interpreter when there is no GPU (TRITON_INTERPRET must be set before any
-  module that defines a @triton.jit kernel is imported).
+* The Triton backend runs CPU tensors under its interpreter and CUDA tensors compiled, in one process
+  (TRITON_INTERPRET stays unset).
 * Tests marked ``gpu`` skip cleanly without CUDA.
 * Every test gets fresh random inputs: torch's global generator is seeded from the OS per test, and a
   failing test's report shows the seed. ``HSS_SEED=<n>`` replays one.
@@ -10,9 +10,6 @@ import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

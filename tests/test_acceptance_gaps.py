@@ -6,8 +6,8 @@ mutation, what autograd saves (no full-size intermediate), bitwise-repeatable ba
 CPU (also across OpenMP thread counts), ``backend="auto"`` choosing the real Triton module on a GPU,
 and ``torch.compile(fullgraph=True)`` through the tree BCE and decode.
 
-Inputs are fresh random draws (conftest seeds per test); Triton runs under TRITON_INTERPRET=1 without a
-GPU, so the grids are one or two programs.
+Inputs are fresh random draws (conftest seeds per test); Triton runs CPU tensors under its interpreter,
+so the grids are one or two programs.
 """
 import importlib
 import random

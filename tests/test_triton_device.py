@@ -1,5 +1,6 @@
 """Triton launches on the current CUDA device, not on its arguments' (triton-lang/triton#2441): every
-launch of the backend must run inside ``_common.device_guard(logits)``."""
+launch of the backend goes through ``_common.launch``, which runs a compiled kernel inside
+``_common.device_guard(logits)``."""
 import contextlib
 
 import pytest
@@ -23,39 +24,37 @@ def test_guard_selects_the_tensors_device():
     assert isinstance(C.device_guard(_Probe("cpu")), contextlib.nullcontext)
 
 
-def test_every_launch_is_guarded(monkeypatch):
-    """Records the guard's entries and the launches: each launch happens inside a guard on the logits."""
-    entered = []
-    depth = [0]
+def test_compiled_launches_are_guarded(monkeypatch):
+    """A compiled launch (CUDA tensors) runs inside device_guard(like); an interpreted one needs none."""
+    events = []
 
     @contextlib.contextmanager
     def recording_guard(t):
-        entered.append(t)
-        depth[0] += 1
-        try:
-            yield
-        finally:
-            depth[0] -= 1
+        events.append(("enter", t))
+        yield
+        events.append(("exit", t))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: events.append(("run", grid, args, kw))
 
     monkeypatch.setattr(C, "device_guard", recording_guard)
-    from hss_kernels.triton import decode as dmod, hierarchical_softmax as hmod, tree_min as tmod
+    monkeypatch.setattr(C, "interpreted", lambda device: False)
+    like = _Probe("cuda:1")
+    C.launch(Kernel(), (3,), like, 1, 2, BLOCK=4, num_warps=8)
+    assert events == [("enter", like), ("run", (3,), (1, 2), {"BLOCK": 4, "num_warps": 8}), ("exit", like)]
+
+
+def test_every_kernel_goes_through_launch(monkeypatch):
+    """Each op launches its kernels through _common.launch, on the logits (so on their device)."""
     launches = []
-    for mod, name in ((hmod, "_hsm_kernel"), (tmod, "_tree_kernel"), (dmod, "_decode_kernel")):
-        kernel = getattr(mod, name)
+    real = C.launch
 
-        class Wrapped:
-            def __init__(self, k=kernel, n=name):
-                self.k, self.n = k, n
+    def recording_launch(kernel, grid, like, *args, **kw):
+        launches.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, like, args[0]))
+        return real(kernel, grid, like, *args, **kw)
 
-            def __getitem__(self, grid):
-                launch = self.k[grid]
-
-                def run(*args, **kw):
-                    launches.append((self.n, depth[0] > 0, args[0]))
-                    return launch(*args, **kw)
-                return run
-        monkeypatch.setattr(mod, name, Wrapped())
-
+    monkeypatch.setattr(C, "launch", recording_launch)
     tree = trees.load("cityscapes")
     y = torch.randint(0, tree.num_leaves, (1, 3, 4))
     xl = torch.randn(1, tree.num_leaves, 3, 4, requires_grad=True)
@@ -65,8 +64,8 @@ def test_every_launch_is_guarded(monkeypatch):
     triton_mod.OPS["decode"](xn.detach(), tree)
     names = [n for n, _, _ in launches]
     assert names.count("_hsm_kernel") == 2 and names.count("_tree_kernel") == 2 and "_decode_kernel" in names
-    assert all(inside for _, inside, _ in launches)
-    assert all(any(e is arg for e in entered) for _, _, arg in launches)
+    # the device comes from the logits (the first argument), never from the current device
+    assert all(like is first for _, like, first in launches)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Triton focal tree-min loss and tree BCE against the reference (under TRITON_INTERPRET=1 without a GPU)."""
+"""Triton focal tree-min loss and tree BCE against the reference (CPU tensors under Triton's interpreter, CUDA tensors compiled)."""
 import pytest
 import torch
 

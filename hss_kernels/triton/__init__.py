@@ -1,8 +1,8 @@
 """The Triton backend: fused loss kernels (forward, hand-written backward, optional single pass).
 
-Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set before
-this module is imported). Importing it needs Triton; the backend registry turns an ImportError into
-"unavailable" instead of an error.
+Runs compiled on CUDA tensors, and on CPU tensors under Triton's interpreter (thousands of times slower:
+for tests, never picked by ``backend="auto"``). Importing it needs Triton; the backend registry turns an
+ImportError into "unavailable" instead of an error.
 
 Public functions beyond the registry's ``OPS``: :func:`hierarchical_softmax_loss`,
 :func:`tree_min_loss` and :func:`tree_bce_loss` with an extra ``single_pass`` keyword (MATH.md §5:
@@ -19,7 +19,6 @@ Kernels launch on the logits' CUDA device whatever the current device is.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -59,12 +58,10 @@ OPS = {
 
 
 def unavailable_reason(device) -> Optional[str]:
-    """None if the Triton kernels run on ``device``: CUDA with a GPU, or the CPU under the interpreter."""
+    """None if the Triton kernels run on ``device``: CUDA with a GPU, or the CPU (under the interpreter)."""
     device = torch.device(device)
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device is available"
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return None
-        return "Triton runs on CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before import)"
+        return None
     return f"Triton does not run on {device.type} tensors"

@@ -1,18 +1,24 @@
-"""What the Triton kernels share: accumulation dtype, block sizes, reductions and per-tree tables.
+"""What the Triton kernels share: the launch, accumulation dtype, block sizes, reductions and tables.
 
 Kernels read logits as ``[channels, pixels]`` tiles straight from an ``(N, C, H, W)`` tensor through its
 four strides, so NCHW and channels_last need no copy. Pixels are numbered ``p = (n*H + h)*W + w`` over
 the whole batch; a program owns ``BLOCK_P`` consecutive pixels and all (padded) channels.
+
+Every kernel is launched through :func:`launch`: CUDA tensors run the compiled kernel, CPU tensors run
+the same kernel under Triton's interpreter (``TRITON_INTERPRET`` need not be set), so one process can
+test both, and a GPU machine never compiles interpreter-sized tiles.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Callable, Tuple
+import threading
+from typing import Callable, Dict, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from ..tree import Tree
 
@@ -23,8 +29,47 @@ LOSS_NONE, LOSS_PER_PIXEL, LOSS_PARTIALS = 0, 1, 2
 GRAD_NONE, GRAD_SCALAR, GRAD_PER_PIXEL = 0, 1, 2
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreted(device) -> bool:
+    """True when kernels on ``device`` run under Triton's interpreter: every device but CUDA, and CUDA
+    too when Triton itself was put in interpreter mode (``TRITON_INTERPRET=1`` before import)."""
+    return torch.device(device).type != "cuda" or triton.knobs.runtime.interpret
+
+
+_interpreted_fns: Dict[int, InterpretedFunction] = {}  # by id: hashing a JITFunction walks its source
+_interpreter_lock = threading.Lock()
+
+
+def _interpreted(fn) -> InterpretedFunction:
+    """The interpreter's version of a ``@triton.jit`` function (itself if Triton is interpreting)."""
+    if isinstance(fn, InterpretedFunction):
+        return fn
+    if id(fn) not in _interpreted_fns:
+        _interpreted_fns[id(fn)] = InterpretedFunction(fn.fn)
+    return _interpreted_fns[id(fn)]
+
+
+@contextlib.contextmanager
+def _jit_calls_interpreted():
+    """While an interpreted kernel runs, its calls of other ``@triton.jit`` helpers (compiled-mode
+    JITFunctions, which refuse Python calls) run their interpreted versions."""
+    saved = JITFunction.__call__
+    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = saved
+
+
+def launch(kernel, grid, like: torch.Tensor, *args, **kwargs) -> None:
+    """Runs ``kernel[grid](*args, **kwargs)`` for tensors on ``like``'s device: compiled, inside
+    :func:`device_guard`, for CUDA tensors; under the interpreter for CPU tensors."""
+    if not interpreted(like.device):
+        with device_guard(like):
+            kernel[grid](*args, **kwargs)
+        return
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    with _interpreter_lock, _jit_calls_interpreted():
+        _interpreted(kernel)[grid](*args, **kwargs)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +94,7 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def block_sizes(channels: int, pixels: int) -> Tuple[int, int, int]:
+def block_sizes(channels: int, pixels: int, interpret: bool) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, num_warps). All channels in one tile (padded to a power of two).
 
     On a GPU: a 2048-value tile on 8 warps (8 values of a tile per thread). Compiled for sm_90 without
@@ -60,7 +105,7 @@ def block_sizes(channels: int, pixels: int) -> Tuple[int, int, int]:
     to 1024 pixels.
     """
     block_c = triton.next_power_of_2(max(channels, 1))
-    if interpreting():
+    if interpret:
         block_p = min(max(triton.next_power_of_2(max(pixels, 1)), 16), 1024)
         return block_c, block_p, 4
     block_p = max(4, 2048 // block_c)
@@ -86,7 +131,7 @@ def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, table
     GRAD_MODE and ``**constexprs``. A pointer that ``loss_mode``/``grad_mode`` does not touch gets a dummy.
     """
     P, HW, Wd = shape_args(logits)
-    block_c, block_p, warps = block_sizes(logits.shape[1], P)
+    block_c, block_p, warps = block_sizes(logits.shape[1], P, interpreted(logits.device))
     programs = max(triton.cdiv(P, block_p), 1)
     partials = torch.empty(programs if loss_mode == LOSS_PARTIALS else 1, dtype=acc_dtype(logits.dtype),
                            device=logits.device)
@@ -94,16 +139,16 @@ def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, table
     dummy = partials  # stands for pointers a mode does not touch
     gs = grad.stride() if grad is not None else (0, 0, 0, 0)
     gos = grad_out.stride() if grad_out is not None and grad_mode == GRAD_PER_PIXEL else (0, 0, 0)
-    with device_guard(logits):
-        kernel[(programs,)](
-            logits, target, *tables, dummy if loss is None else loss, partials, counts,
-            dummy if grad is None else grad, dummy if grad_out is None else grad_out,
-            P, HW, Wd,
-            *logits.stride(), *target.stride(), *gs, *gos,
-            *scalars,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_acc(logits.dtype), LOSS_MODE=loss_mode, GRAD_MODE=grad_mode,
-            num_warps=warps, **constexprs,
-        )
+    launch(
+        kernel, (programs,), logits,
+        logits, target, *tables, dummy if loss is None else loss, partials, counts,
+        dummy if grad is None else grad, dummy if grad_out is None else grad_out,
+        P, HW, Wd,
+        *logits.stride(), *target.stride(), *gs, *gos,
+        *scalars,
+        BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_acc(logits.dtype), LOSS_MODE=loss_mode, GRAD_MODE=grad_mode,
+        num_warps=warps, **constexprs,
+    )
     return partials, counts
 
 

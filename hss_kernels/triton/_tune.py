@@ -53,8 +53,8 @@ def run(shape=(8, 1024, 1024), dtypes=("float32", "bfloat16"), block_ps=(None, 8
             y = torch.randint(0, tree.num_leaves, (N, H, W), device=device)
             nbytes = x.numel() * x.element_size()
             for bp in block_ps:
-                def sizes(c, p, bp=bp):
-                    bc, bp0, warps = original(c, p)
+                def sizes(c, p, interpret, bp=bp):
+                    bc, bp0, warps = original(c, p, interpret)
                     return (bc, bp or bp0, warps)
                 C.block_sizes = sizes
                 tm.USE_SCAN = scan
@@ -72,7 +72,7 @@ def run(shape=(8, 1024, 1024), dtypes=("float32", "bfloat16"), block_ps=(None, 8
                 finally:
                     C.block_sizes = original
                     tm.USE_SCAN = False
-                tile = sizes(channels, N * H * W)
+                tile = sizes(channels, N * H * W, C.interpreted(x.device))
                 print(f"{name:22s} {dt:9s} scan={int(scan)} tile={tile[0]}x{tile[1]}/{tile[2]}w  "
                       f"fwd {t_fwd:7.3f} ms ({nbytes / t_fwd / 1e6:6.0f} GB/s)  "
                       f"bwd {t_bwd:7.3f} ms ({2 * nbytes / t_bwd / 1e6:6.0f} GB/s)  "

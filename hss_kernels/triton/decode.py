@@ -13,8 +13,6 @@ the earliest, lowest leaf id wins ties. Nothing of size N×L×P or N×V×P is ev
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -157,18 +155,17 @@ def _decode_op(logits: torch.Tensor, path: torch.Tensor, plen: torch.Tensor, act
     total = N * H * W
     if total == 0:
         return out
-    interpret = logits.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BLOCK_C, BLOCK_L, BLOCK_P, num_warps = _blocks(C, path.shape[0], total, interpret)
+    BLOCK_C, BLOCK_L, BLOCK_P, num_warps = _blocks(C, path.shape[0], total, _common.interpreted(logits.device))
     grid = (triton.cdiv(total, BLOCK_P),)
-    with _common.device_guard(logits):
-        _decode_kernel[grid](
-            logits, out, path, plen,
-            total, H * W, W,
-            *logits.stride(),
-            C=C, L=path.shape[0], D=path.shape[1], ACT=act, MEAN=mean,
-            F64=logits.dtype == torch.float64,
-            BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, num_warps=num_warps,
-        )
+    _common.launch(
+        _decode_kernel, grid, logits,
+        logits, out, path, plen,
+        total, H * W, W,
+        *logits.stride(),
+        C=C, L=path.shape[0], D=path.shape[1], ACT=act, MEAN=mean,
+        F64=logits.dtype == torch.float64,
+        BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, num_warps=num_warps,
+    )
     return out
 
 
