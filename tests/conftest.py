@@ -3,6 +3,10 @@
 * The Triton backend runs CPU tensors under its interpreter and CUDA tensors compiled, in one process
   (TRITON_INTERPRET stays unset).
 * Tests marked ``gpu`` skip cleanly without CUDA.
+* Uninitialised memory is poisoned: every tensor from ``torch.empty*`` / ``at::empty*`` (kernel outputs
+  and gradients included) starts as NaN (float) or the largest value (integers), so an element a kernel
+  forgets to write fails the comparison instead of reading as a plausible 0 (PyTorch's
+  ``fill_uninitialized_memory`` under ``use_deterministic_algorithms(True, warn_only=True)``).
 * Every test gets fresh random inputs: torch's global generator is seeded from the OS per test, and a
   failing test's report shows the seed. ``HSS_SEED=<n>`` replays one.
 """
@@ -19,6 +23,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialised_memory():
+    was_on, was_warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = was_fill
+    torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
 
 
 @pytest.fixture(autouse=True)
