@@ -125,7 +125,8 @@ template <int D>
 __attribute__((always_inline)) inline void hsm_backward_chunks(const float* z, int64_t ld, float* o, int64_t ldo,
                                                                int L, const int32_t* group,
                                                                const int32_t (*gy)[kBlock], const float* lse,
-                                                               const float* a, const float (*coef)[kBlock]) {
+                                                               const float* a, const float (*coef)[kBlock],
+                                                               const int32_t* live) {
   for (int64_t q = 0; q < kBlock; q += kV) {
     vi g[D];
     vf cf[D];
@@ -134,10 +135,12 @@ __attribute__((always_inline)) inline void hsm_backward_chunks(const float* z, i
       cf[d] = vload(coef[d] + q);
     }
     const vf l = vload(lse + q), av = vload(a + q);
+    const vi on = vload(live + q);
     for (int c = 0; c < L; ++c) {
       vf k = av;
       for (int d = 0; d < D; ++d) k -= g[d] == group[d * L + c] ? cf[d] : vsplat(0.f);
-      vstore(o + c * ldo + q, vexp16(vload(z + c * ld + q) - l) * k);
+      // a select, not a product with 0: an ignored lane's logits may be NaN or inf
+      vstore(o + c * ldo + q, on != 0 ? vexp16(vload(z + c * ld + q) - l) * k : vsplat(0.f));
     }
   }
 }
@@ -150,9 +153,11 @@ HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, 
                                           const float* w, float eps, const float* st, int64_t P, int64_t i0,
                                           const float* g) {
   alignas(64) float lse[kBlock], a[kBlock], coef[kMaxDepth][kBlock];
+  alignas(64) int32_t live[kBlock];
   for (int64_t p = 0; p < kBlock; ++p) {
     a[p] = 0.f;
     lse[p] = 0.f;
+    live[p] = p < n && valid[p] ? -1 : 0;
     for (int d = 0; d < D; ++d) coef[d][p] = 0.f;
     if (p >= n || !valid[p]) continue;
     float cf[kMaxDepth], base[kMaxDepth];
@@ -166,7 +171,7 @@ HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, 
   }
   switch (D) {
 #define HSS_CASE(k) \
-  case k: hsm_backward_chunks<k>(z, ld, o, ldo, L, group, gy, lse, a, coef); break;
+  case k: hsm_backward_chunks<k>(z, ld, o, ldo, L, group, gy, lse, a, coef, live); break;
     HSS_CASE(1) HSS_CASE(2) HSS_CASE(3) HSS_CASE(4) HSS_CASE(5) HSS_CASE(6) HSS_CASE(7) HSS_CASE(8)
 #undef HSS_CASE
   }

@@ -56,6 +56,21 @@ HSS_HOST_DEVICE inline LabelKind label_kind(int64_t y, int64_t L, int64_t ignore
   return y == ignore_index ? kLabelIgnored : (y >= 0 && y < L) ? kLabelValid : kLabelBad;
 }
 
+// NaN logits. One rule on every backend and device: a NaN logit anywhere in a labelled pixel's channels
+// gives that pixel a NaN loss and a NaN gradient row (ignored pixels stay 0). The hierarchical softmax
+// needs nothing for it: every term and every gradient entry goes through lse, which the NaN reaches
+// through the sum of exponentials. The tree losses reach a NaN only through the nodes it touches (a max
+// or min skips it on a GPU, whose max.f32/min.f32 drop NaN), so they scan the pixel first.
+template <typename A, typename X>
+HSS_HOST_DEVICE inline bool column_has_nan(const X& x, int C) {
+  bool nan = false;
+  for (int c = 0; c < C; ++c) {
+    const A z = x(c);
+    nan |= z != z;
+  }
+  return nan;
+}
+
 // ------------------------------------------------------------------------------------------------
 // The loss of one pixel from its sums: s = sum_j exp(z_j - m) over all leaves, gsum[d] = the sum over
 // y's group at depth d shifted by shift[d]. Writes the stats (lse, lse_1..lse_D at stride ss).
@@ -213,7 +228,7 @@ HSS_HOST_DEVICE inline void focal(A z, A gamma, A eps, A* loss, A* dloss) {
   if (dloss) *dloss = gamma * q * fw * log_p - fw * dlog_p;
 }
 
-// Tree tables packed by hss_kernels/native.py into one int32 array (see `pack`).
+// Tree tables packed by hss_kernels/native.py (tree_index) into one int32 array.
 struct TreeIndex {
   const int32_t* depth;      // (V,) 1 for children of the root
   const int32_t* dfs_order;  // (V,)
@@ -263,6 +278,7 @@ HSS_HOST_DEVICE inline int subtree_argmax(const X& x, const TreeIndex& t, int v)
 template <typename A, typename X>
 HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int y, const A* k, A gamma, A eps,
                                             bool extrema) {
+  if (column_has_nan<A>(x, t.V)) return quiet_nan<A>();
   A loss = A(0), l;
   if (!extrema) {
     for (int v = 0; v < t.V; ++v) {
@@ -295,6 +311,10 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int 
 template <typename A, typename X, typename S, typename O>
 HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O& out, const TreeIndex& t, int y,
                                                 const A* k, A gamma, A eps, bool extrema, A g) {
+  if (column_has_nan<A>(x, t.V)) {
+    for (int v = 0; v < t.V; ++v) out(v, quiet_nan<A>());
+    return;
+  }
   A l, dl;
   if (!extrema) {
     for (int v = 0; v < t.V; ++v) {

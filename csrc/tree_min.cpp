@@ -363,6 +363,22 @@ inline void block_labels(const int64_t* tgt, const PixelGeom& gt, int64_t i0, in
   }
 }
 
+// Lanes with a NaN among their V logits x[v * ld + p] (p < n) count as bad too: a NaN loss and a NaN
+// gradient row (hss_math.h's rule; the row passes' min and max would otherwise skip some NaNs).
+template <typename A>
+void nan_lanes(const A* x, int64_t ld, int V, int64_t n, bool* valid, char* bad) {
+  alignas(64) unsigned char nan[kBlock] = {};
+  for (int v = 0; v < V; ++v) {
+    const A* xv = x + v * ld;
+    for (int64_t p = 0; p < n; ++p) nan[p] |= xv[p] != xv[p];
+  }
+  for (int64_t p = 0; p < n; ++p)
+    if (nan[p] && valid[p]) {
+      valid[p] = false;
+      *bad = 1;
+    }
+}
+
 // NaN gradient rows o[v * ld + p] for the lanes with a bad label (see block_labels).
 template <typename A>
 void nan_rows(A* o, int64_t ld, int V, const int64_t* ys, const bool* valid, int64_t n, int64_t ignore_index) {
@@ -398,6 +414,7 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
     alignas(64) A lane_loss[kBlock];
     char bad = 0;
     block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
+    nan_lanes(x, ld, V, n, valid, &bad);
     if constexpr (vec)
       if (lanes) tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
     double s = 0;
@@ -468,6 +485,7 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
     alignas(64) A g[kBlock];
     char bad = 0;
     block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
+    nan_lanes(x, ld, V, n, valid, &bad);
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < kBlock; ++p) g[p] = p < n ? gp[goff[p]] : A(0);

@@ -8,14 +8,14 @@ Arithmetic runs in float32 for float16/bfloat16/float32 inputs and in float64 fo
 loss comes back in that accumulation dtype (float32, or float64), the gradient in the input's dtype.
 
 These functions assume valid inputs (the public API in :mod:`hss_kernels.functional` checks them),
-with one exception that the fast kernels share: a label outside ``[0, L)`` that is not ``ignore_index``
-(which reaches a backend when the label check is off, or under ``torch.compile``) counts as a labelled
-pixel with a NaN loss and a NaN gradient row, so that a mean or sum is NaN rather than a plausible
-number.
+with two exceptions that every backend shares on every device: a labelled pixel (not ``ignore_index``)
+whose label is outside ``[0, L)`` (which reaches a backend when the label check is off, or under
+``torch.compile``), or whose logits hold a NaN anywhere, has a NaN loss and a NaN gradient row, so that
+a mean or sum is NaN rather than a plausible number. An ignored pixel counts for nothing whatever its
+logits: loss 0, gradient 0.
 """
 from __future__ import annotations
 
-import math
 import math
 from typing import Optional, Sequence
 
@@ -51,16 +51,19 @@ def _flatten(logits: torch.Tensor, target: torch.Tensor):
     return x, y
 
 
-def _labels(y: torch.Tensor, ignore_index: int, L: int):
-    """(valid: not ignored, bad: valid but outside [0, L), y with both set to 0 so it indexes safely)."""
+def _labels(x: torch.Tensor, y: torch.Tensor, ignore_index: int, L: int):
+    """For (N, C, P) logits and (N, P) labels: (x with the ignored pixels' logits set to 0, so that a NaN
+    there reaches no gradient; valid: not ignored; bad: valid but outside [0, L) or with a NaN logit;
+    y with both set to 0 so that it indexes safely)."""
     valid = y != ignore_index
-    bad = valid & ((y < 0) | (y >= L))
-    return valid, bad, torch.where(valid & ~bad, y, torch.zeros_like(y))
+    bad = valid & ((y < 0) | (y >= L) | torch.isnan(x).any(dim=1))
+    x = torch.where(valid[:, None, :], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x, valid, bad, torch.where(valid & ~bad, y, torch.zeros_like(y))
 
 
 def _poison(loss: torch.Tensor, bad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """NaN at pixels with an out-of-range label: the loss (N, P), and the whole gradient row of x (N, C, P),
-    since the NaN term depends on every channel."""
+    """NaN at the bad pixels (see :func:`_labels`): the loss (N, P), and the whole gradient row of x
+    (N, C, P), since the NaN term depends on every channel."""
     # Both wheres mask (never multiply) the gradient, so no NaN leaks into the other pixels' rows.
     row = torch.where(bad, x.sum(dim=1), torch.zeros_like(loss))
     return torch.where(bad, row * float("nan"), loss)
@@ -142,7 +145,7 @@ def hierarchical_softmax_loss(
     ``P_d = exp(lse_d - lse)``, the paper code's form.
     """
     x, y = _flatten(logits, target)
-    valid, bad, y = _labels(y, ignore_index, tree.num_leaves)
+    x, valid, bad, y = _labels(x, y, ignore_index, tree.num_leaves)
     tabs = tree.tables(x.device)
     groups = tabs.leaf_group.long()  # (D, L)
     w = level_weight_vector(tree, level_weights, x.dtype, x.device)
@@ -217,7 +220,7 @@ def _node_losses(z: torch.Tensor, positive: torch.Tensor, gamma: float, eps: flo
 
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, use_extrema):
     x, y = _flatten(logits, target)
-    valid, bad, y = _labels(y, ignore_index, tree.num_leaves)
+    x, valid, bad, y = _labels(x, y, ignore_index, tree.num_leaves)
     on_path = _target_path(tree, y)
     if use_extrema:
         m, M = tree_min_extrema(x.detach(), tree)

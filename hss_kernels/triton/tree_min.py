@@ -108,6 +108,9 @@ def _tree_kernel(
     pix_x = n * sxn + h * sxh + w * sxw
     x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
     x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
+    # A NaN logit anywhere in a labelled pixel: a NaN loss and gradient row, as for a bad label (compiled
+    # max/min skip NaN, so the tree walk alone would not always reach it).
+    bad = bad | (valid & (tl.sum((x != x).to(tl.int32), axis=0) > 0))
 
     on_path = r[:, None] < 0  # all False
     for d in tl.static_range(D):
