@@ -138,8 +138,8 @@ def test_a_failing_or_raising_stage_does_not_stop_the_next(tmp_path):
 
 
 def test_a_stage_that_would_start_with_too_little_time_is_skipped(tmp_path):
-    # first: its minimum (2 s) outranks greedy's reservation; after its 1.5 s, greedy's 9 s no longer fit
-    st = [_cmd_stage("first", "import time; time.sleep(1.5)", fraction=0.5, min_s=2),
+    # first: its minimum (4 s) outranks greedy's reservation; after its 1.5 s, greedy's 9 s no longer fit
+    st = [_cmd_stage("first", "import time; time.sleep(1.5)", fraction=0.5, min_s=4),
           _cmd_stage("greedy", "print('never')", fraction=0.25, min_s=9),
           _cmd_stage("small", "print('small')", fraction=0.25, min_s=0.5)]
     rc = _session(tmp_path, st, budget=10).run()
