@@ -47,6 +47,9 @@ def markdown(doc: dict) -> str:
     lines.append(f"- **copy bandwidth measured in this run: {copy['GBps']:.1f} GB/s** ({copy['method']}{drift}; "
                  f"fastest copy {copy['GBps_best']:.1f} GB/s)")
     lines.append(f"- command: `{m.get('command', '')}`")
+    if doc.get("time_limit_s") is not None:
+        lines.append(f"- time limit {doc['time_limit_s']:g} s: rows not started in time are listed under "
+                     f"\"Not run\"")
     lines.append("")
     lines.append("Times are medians with the 25th–75th percentiles; MB = bytes the call must move by MATH.md §5 "
                  "(1e6); % copy = achieved GB/s over the copy bandwidth above; × ref and × flat = speed-up over "
@@ -55,6 +58,9 @@ def markdown(doc: dict) -> str:
     for cfg in doc["configs"]:
         lines += ["", f"## {cfg['name']}: tree {cfg['tree']} ({cfg['leaves']} leaves / {cfg['nodes']} nodes, "
                       f"depth {cfg['depth']}), B={cfg['batch']}, {cfg['height']}×{cfg['width']}, {cfg['dtype']}", ""]
+        if cfg.get("check_size"):
+            h, w = cfg["check_size"]
+            lines += [f"The check column compares on the top-left {h}×{w} crop of the first image.", ""]
         lines.append("| loss | backend | pass | median ms | p25–p75 ms | MB moved | GB/s | % copy | × ref | × flat | "
                      "peak MiB | check |")
         lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -13,6 +13,8 @@ Examples::
     python -m benchmarks --config small,medium --out benchmarks/results
     hss-bench --config vistas --dtype bfloat16 --loss hierarchical_softmax --backend reference,triton
     hss-bench --config small --sweep
+    hss-bench --config vistas:hierarchical_softmax,vistas2:tree_min+tree_bce+decode --backend triton,native \
+        --time-limit 120 --check-size 64x64      # what python -m benchmarks.gpu_session runs
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["main", "parse_args", "run"]
@@ -55,6 +58,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cases import CONFIGS, DEFAULT_LOSSES, HSS_BACKENDS, LOSSES
     from .measure import PASSES
@@ -66,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"{c.name} = tree {c.tree}, B={c.batch}, {c.height}x{c.width}" for c in CONFIGS.values()))
     p.add_argument("--config", action="append",
                    help=f"comma-separated among {sorted(CONFIGS)} (default: the four real ones on a GPU, "
-                        f"small on the CPU)")
+                        f"small on the CPU); NAME:LOSS+LOSS runs only those losses on that configuration "
+                        f"(e.g. vistas:hierarchical_softmax,vistas2:tree_min+decode)")
     p.add_argument("--batch", type=_positive, help="override the configurations' batch size")
     p.add_argument("--size", type=_size, help="override the image size, HxW (e.g. 512x1024)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="logits dtype (default float32)")
@@ -100,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default: torch's own choice). On a machine shared with other "
                         "jobs, 1 avoids OpenMP threads spinning against each other")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--time-limit", type=_positive_float, metavar="SECONDS",
+                   help="stop starting rows after this many seconds, shared out evenly among the configurations "
+                        "still to run; rows not started are listed as skipped, and the files are still written "
+                        "(default: no limit)")
+    p.add_argument("--check-size", type=_size, metavar="HxW",
+                   help="compute the check column on the top-left HxW crop of the first image instead of the "
+                        "whole input (the reference at a real size is slow and needs many GB; default: whole)")
     return p
 
 
@@ -109,17 +130,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.configs = _csv(args.config)
-    for c in args.configs:
+
+    def check_losses(names: List[str], where: str) -> List[str]:
+        if "all" in names:
+            names = list(LOSSES)
+        for name in names:
+            if name not in LOSSES:
+                parser.error(f"unknown {where} {name!r}; choose among {sorted(LOSSES)} or 'all'")
+        return list(dict.fromkeys(names))
+
+    args.configs, args.config_losses = [], {}
+    for entry in _csv(args.config):
+        c, _, only = entry.partition(":")
         if c not in CONFIGS:
             parser.error(f"unknown --config {c!r}; choose among {sorted(CONFIGS)}")
-    losses = _csv(args.loss) or list(DEFAULT_LOSSES)
-    if "all" in losses:
-        losses = list(LOSSES)
-    for name in losses:
-        if name not in LOSSES:
-            parser.error(f"unknown --loss {name!r}; choose among {sorted(LOSSES)} or 'all'")
-    args.losses = list(dict.fromkeys(losses))
+        if c not in args.configs:
+            args.configs.append(c)
+        if only:
+            args.config_losses[c] = check_losses([x.strip() for x in only.split("+") if x.strip()],
+                                                 f"loss in --config {entry}")
+    args.losses = check_losses(_csv(args.loss) or list(DEFAULT_LOSSES), "--loss")
     args.backends_named = _csv(args.backend)
     for b in args.backends_named:
         if b not in HSS_BACKENDS:
@@ -146,8 +176,26 @@ def _row_base(cfg_name, loss, backend, pass_name, label):
     return {"config": cfg_name, "loss": loss, "backend": backend, "label": label, "pass": pass_name}
 
 
-def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
-    """Every row of one configuration (a dict for the JSON: the configuration and its rows)."""
+def _time_up(deadline: Optional[float]) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _time_limit_reason(args) -> str:
+    return f"time limit reached (--time-limit {args.time_limit:g} s)"
+
+
+def _crop(s: dict, size) -> dict:
+    """The top-left ``size`` = (h, w) crop of the first image of an input set, contiguous; ``s`` itself
+    when ``size`` is None."""
+    if size is None:
+        return s
+    h, w = size
+    return {k: v[:1, ..., :h, :w].contiguous() for k, v in s.items()}
+
+
+def bench_config(cfg, args, device, dtype, copy_gbps: float, deadline: Optional[float] = None) -> dict:
+    """Every row of one configuration (a dict for the JSON: the configuration and its rows). Rows that
+    would start after ``deadline`` (``time.monotonic()``) are listed as skipped."""
     import torch
 
     from . import cases as C
@@ -162,12 +210,22 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
     out = {"name": cfg.name, "tree": cfg.tree, "leaves": tree.num_leaves, "nodes": tree.num_nodes,
            "depth": tree.depth, "batch": cfg.batch, "height": cfg.height, "width": cfg.width,
            "pixels": P, "dtype": args.dtype, "note": cfg.note, "rows": []}
+    check_size = getattr(args, "check_size", None)
+    if check_size is not None:
+        check_size = (min(check_size[0], cfg.height), min(check_size[1], cfg.width))
+        out["check_size"] = list(check_size)
     mem_requests = []
-    for loss in args.losses:
+    for loss in getattr(args, "config_losses", {}).get(cfg.name, args.losses):
         spec = C.LOSSES[loss]
         status = C.hss_backends_for(spec, device, args.backends_named)
         passes = [p for p in args.pass_list if spec.has_backward or p == "forward"]
         if not passes:
+            continue
+        if _time_up(deadline):
+            for b in [b for b in C.HSS_BACKENDS if b in status] + ["flat"]:
+                for p in passes:  # a backend missing here keeps its own reason
+                    out["rows"].append(dict(_row_base(cfg.name, loss, b, p, C.row_label(spec, b, device)),
+                                            status="skipped", reason=status.get(b) or _time_limit_reason(args)))
             continue
         channels = tree.num_leaves if spec.channels == "leaves" else tree.num_nodes
         elem = torch.empty((), dtype=dtype).element_size()
@@ -191,7 +249,7 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
         ref_out, ref_error = None, None
         if any(why is None for why in status.values()):
             try:  # the reference's output, once per loss, for the check column
-                ref_out = C.forward_output(spec, tree, "reference", sets[0])
+                ref_out = C.forward_output(spec, tree, "reference", _crop(sets[0], check_size))
             except Exception as exc:
                 ref_error = f"reference failed: {type(exc).__name__}: {exc}".splitlines()[0]
             M.collect()
@@ -210,7 +268,7 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
                     torch._dynamo.reset()  # fresh compile caches: no recompile limit across sizes
                 fn = C._call(spec, tree, backend)
                 if backend != "flat":
-                    got = C.forward_output(spec, tree, backend, sets[0], fn)
+                    got = C.forward_output(spec, tree, backend, _crop(sets[0], check_size), fn)
                     if ref_out is not None:
                         check = C.check_value(spec, got, ref_out)
                     else:
@@ -227,6 +285,9 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
                 continue
             for p in passes:
                 row = _row_base(cfg.name, loss, backend, p, label)
+                if _time_up(deadline):
+                    out["rows"].append(dict(row, status="skipped", reason=_time_limit_reason(args)))
+                    continue
                 row["interpreter"] = interp
                 try:
                     case = C.build_case(spec, tree, backend, p, sets, fn)
@@ -243,7 +304,8 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float) -> dict:
                         row["check_note"] = check_note
                     row["check_kind"] = None if check is None else (
                         "fraction of labels differing from the reference" if loss == "decode"
-                        else "relative difference of the loss from the reference")
+                        else "relative difference of the loss from the reference") + (
+                        "" if check_size is None else f" on a {check_size[0]}x{check_size[1]} crop of image 0")
                     if args.memory == "on" and cuda:
                         row["peak_extra_bytes"] = M.cuda_peak_extra(case.setup, case.run, device)
                         row["memory_method"] = ("CUDA: max_memory_allocated after reset_peak_memory_stats, "
@@ -300,7 +362,7 @@ def _speedups(rows: List[dict]) -> None:
         r["speedup_vs_flat"] = flat[key] / r["median_ms"] if key in flat else None
 
 
-def run_sweep(args, device, dtype, base_cfg) -> dict:
+def run_sweep(args, device, dtype, base_cfg, deadline: Optional[float] = None) -> dict:
     """Time against resolution (the base configuration's tree, batch 1) and against the number of
     classes (random depth-3 trees), one pass per loss: forward+backward (decode: forward)."""
     import torch
@@ -318,6 +380,10 @@ def run_sweep(args, device, dtype, base_cfg) -> dict:
 
     def one(kind, tree, tree_name, H, W):
         for loss in args.losses:
+            if _time_up(deadline):
+                points.append({"sweep": kind, "loss": loss, "status": "skipped", "height": H, "width": W,
+                               "reason": _time_limit_reason(args)})
+                continue
             spec = C.LOSSES[loss]
             status = C.hss_backends_for(spec, device, args.backends_named)
             if not args.backends_named:  # one compilation per point: only when asked for by name
@@ -377,6 +443,9 @@ def run(args) -> dict:
     from . import cases as C
     from . import measure as M
 
+    # With --time-limit, counted from here, each configuration (and the sweep) may use an even share of
+    # the time left when it starts.
+    t_end = None if getattr(args, "time_limit", None) is None else time.monotonic() + args.time_limit
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hss-bench: --device cuda but torch sees no CUDA device")
@@ -397,12 +466,22 @@ def run(args) -> dict:
     copy = M.copy_bandwidth(device, None if args.copy_mib is None else args.copy_mib << 20)
     doc = {"meta": info, "copy_bandwidth": copy, "configs": [], "sweep": None,
            "columns": COLUMNS}
-    for cfg in configs:
+    parts = len(configs) + (1 if args.sweep else 0)
+
+    def share(done: int) -> Optional[float]:
+        if t_end is None:
+            return None
+        now = time.monotonic()
+        return now + max(0.0, t_end - now) / (parts - done)
+
+    for i, cfg in enumerate(configs):
         print(f"[{cfg.name}] tree {cfg.tree}, B={cfg.batch}, {cfg.height}x{cfg.width}, {args.dtype}",
               file=sys.stderr, flush=True)
-        doc["configs"].append(bench_config(cfg, args, device, dtype, copy["GBps"]))
+        doc["configs"].append(bench_config(cfg, args, device, dtype, copy["GBps"], share(i)))
     if args.sweep:
-        doc["sweep"] = run_sweep(args, device, dtype, configs[0])
+        doc["sweep"] = run_sweep(args, device, dtype, configs[0], share(len(configs)))
+    if t_end is not None:
+        doc["time_limit_s"] = args.time_limit
     # Measured again at the end: on a shared machine the bandwidth drifts; the roofline is the better one.
     end = M.copy_bandwidth(device, None if args.copy_mib is None else args.copy_mib << 20)
     copy["GBps_start"], copy["GBps_end"] = copy["GBps"], end["GBps"]
