@@ -125,7 +125,7 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     gsum[d] = A(0);
   }
   A m = neg_inf<A>();
-  for (int j = 0; j < L; ++j) {
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     m = hmax(m, z);
     HSS_UNROLL
@@ -138,7 +138,7 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) own[d] = d < D && gmax[d] < m - A(kShareShift);
   A s = A(0);
-  for (int j = 0; j < L; ++j) {
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     const A e = hexp(z - m);
     s += e;
@@ -146,7 +146,7 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
       A t = e;
-      if (own[d]) t = hexp(z - gmax[d]);  // rare: a group far below the global max
+      if (own[d]) t = hexp(z - gmax[d]);  // rare: a group far below the global max; sm90: cold
       gsum[d] += group[d * L + j] == gy[d] ? t : A(0);
     }
   }
@@ -170,7 +170,7 @@ HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, 
   const A a = hsm_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) gy[d] = d < D ? group[d * L + y] : -1;
-  for (int j = 0; j < L; ++j) {
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     const A p = hexp(z - lse);
     A r = a * p;
@@ -178,7 +178,7 @@ HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, 
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
       A t = p;
-      if (own[d]) t = hexp(z - base[d]);
+      if (own[d]) t = hexp(z - base[d]);  // sm90: cold
       r -= group[d * L + j] == gy[d] ? coef[d] * t : A(0);
     }
     out(j, r);
@@ -247,7 +247,7 @@ HSS_HOST_DEVICE inline int subtree_argmax(const X& x, const TreeIndex& t, int v)
   const int p0 = t.dfs_pos[v];
   int best = v;
   A bv = x(v);
-  for (int i = 1; i < n; ++i) {
+  for (int i = 1; i < n; ++i) {  // sm90: trips=WALK / V
     const int c = t.dfs_order[p0 + i];
     const A z = x(c);
     if (z > bv) {
@@ -265,7 +265,7 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int 
                                             bool extrema) {
   A loss = A(0), l;
   if (!extrema) {
-    for (int v = 0; v < t.V; ++v) {
+    for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
       const A z = x(v);
       focal(t.on_path(v, y) ? z : -z, gamma, eps, &l, (A*)nullptr);
       loss += k[v] * l;
@@ -274,14 +274,14 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int 
   }
   // On the target path: a running min from the root; a strict < keeps the shallower node on ties.
   A cur = static_cast<A>(INFINITY);
-  for (int d = 0; d < t.D; ++d) {
+  for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
     cur = hmin(cur, x(v));
     focal(cur, gamma, eps, &l, (A*)nullptr);
     loss += k[v] * l;
   }
-  for (int v = 0; v < t.V; ++v) {
+  for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
     if (t.on_path(v, y)) continue;
     focal(-x(subtree_argmax<A>(x, t, v)), gamma, eps, &l, (A*)nullptr);
     loss += k[v] * l;
@@ -297,7 +297,7 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O&
                                                 const A* k, A gamma, A eps, bool extrema, A g) {
   A l, dl;
   if (!extrema) {
-    for (int v = 0; v < t.V; ++v) {
+    for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
       const bool pos = t.on_path(v, y);
       const A z = x(v);
       focal(pos ? z : -z, gamma, eps, &l, &dl);
@@ -305,10 +305,10 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O&
     }
     return;
   }
-  for (int v = 0; v < t.V; ++v) K(v) = A(0);
+  for (int v = 0; v < t.V; ++v) K(v) = A(0);  // sm90: trips=V
   A cur = static_cast<A>(INFINITY);
   int arg = -1;
-  for (int d = 0; d < t.D; ++d) {
+  for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
     const A z = x(v);
@@ -320,9 +320,9 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O&
     }
     K(arg) += k[v];
   }
-  for (int v = 0; v < t.V; ++v)
+  for (int v = 0; v < t.V; ++v)  // sm90: trips=V
     if (!t.on_path(v, y)) K(subtree_argmax<A>(x, t, v)) += k[v];
-  for (int u = 0; u < t.V; ++u) {
+  for (int u = 0; u < t.V; ++u) {  // sm90: trips=V
     const A ku = K(u);
     A r = A(0);
     if (ku != A(0)) {
