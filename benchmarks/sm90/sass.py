@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 import struct
 from collections import Counter
 from dataclasses import dataclass, field

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 from .sass import Annotation, Loc, SassError
 
@@ -132,7 +132,3 @@ def evaluate(expr: str, variables: Dict[str, float], where: str) -> float:
     if not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
         raise SassError(f"{where}: trips={expr!r} gives {value!r}, not a count")
     return float(value)
-
-
-def describe(loc_name: str, variables: Dict[str, float]) -> Tuple[str, Dict[str, float]]:
-    return loc_name, variables
