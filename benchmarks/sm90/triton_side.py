@@ -18,11 +18,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Launch", "record", "compile_launch", "Compiled", "OP_KEYS"]
+__all__ = ["Launch", "record", "record_call", "compile_launch", "Compiled", "OP_KEYS"]
 
 # Row op name -> the Triton registry's op name.
 OP_KEYS = {"hierarchical_softmax": "hierarchical_softmax_loss", "tree_min": "tree_min_loss",
@@ -131,17 +131,28 @@ def _backward(calls) -> None:
     raise RuntimeError("no custom op with a backward was called")
 
 
-def record(op: str, pass_: str, logits: torch.Tensor, target: torch.Tensor, tree) -> List[Launch]:
-    """The Triton launches of one pass of ``op`` (a row name) on meta tensors ``logits``/``target``."""
-    import hss_kernels.triton as pkg
-
-    fn = pkg.OPS[OP_KEYS[op]]
+def record_call(call: Callable[[], object], backward: bool = False) -> List[Launch]:
+    """The Triton launches that ``call()`` makes (its forward), or with ``backward`` those of the registered
+    backward of the last forward custom op it called. ``call`` must reach the ops through their modules'
+    attributes (``hierarchical_softmax.hierarchical_softmax_loss(...)``, ``OPS[...]``), which are patched."""
     with _recording() as (launches, calls):
-        fn(logits, tree) if op == "decode" else fn(logits, target, tree)
-        if pass_ == "backward":
+        call()
+        if backward:
             del launches[:]
             _backward(calls)
         return list(launches)
+
+
+def record(op: str, pass_: str, logits: torch.Tensor, target: torch.Tensor, tree) -> List[Launch]:
+    """The Triton launches of one pass of ``op`` (a row name) as the registry's op makes them with its
+    default options, on meta tensors ``logits``/``target``."""
+    import hss_kernels.triton as pkg
+
+    def call():
+        fn = pkg.OPS[OP_KEYS[op]]
+        return fn(logits, tree) if op == "decode" else fn(logits, target, tree)
+
+    return record_call(call, backward=pass_ == "backward")
 
 
 # --------------------------------------------------------------------------------------- compiling
