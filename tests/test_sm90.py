@@ -123,7 +123,7 @@ def test_cold_branch_skips_its_region_and_the_hot_side_keeps_counting():
     notes = {6: Annotation(cold=True), 8: Annotation(logits=True)}
     an = run(text, notes)
     assert an.instructions == 4
-    assert an.cold == [{"line": f"{F}:6", "branch": "0010", "skipped": 3}]
+    assert an.cold == [{"line": (F, 6), "branch": "0010", "skipped": 3}]
     assert run(text, {8: Annotation(logits=True)}).instructions == 7  # unannotated: both sides count
     # if/else: the side that loads the logits is the hot one, whichever way the branch goes
     text = listing("""

@@ -125,7 +125,7 @@ class Row:
             "loops": [{"line": name(l.source) if l.source else None, "sass": f"{l.header_addr:04x}-{l.end_addr:04x}",
                        "trips": l.trips, "source_trips": l.source_trips, "unroll": l.unroll, "depth": l.depth,
                        "body": round(l.body, 1), "per_thread": round(l.total, 1)} for l in main.analysis.loops],
-            "cold": [{**c, "line": c["line"]} for c in main.analysis.cold],
+            "cold": [{**c, "line": name(c["line"])} for c in main.analysis.cold],
             "slow_paths_not_counted": main.analysis.calls,
             "logits_load_widths": main.analysis.load_widths,
             "warnings": [w for k in self.kernels for w in k.analysis.warnings],

@@ -812,9 +812,9 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
             loc = annotated([c for c in ch if c not in taken_by_outer], "trips")
             if loc:
                 break
-        if loc is None:
+        if loc is None:  # the annotated loop line most of the loop's own instructions carry
             own = Counter()
-            for n in bodies[h]:
+            for n in bodies[h] - set().union(*[bodies[g] for g in bodies if g != h and bodies[g] < bodies[h]]):
                 for i in range(blocks[n].start, blocks[n].end):
                     l2 = annotated([c for c in chain_of(i) if c not in taken_by_outer], "trips")
                     if l2:
@@ -916,7 +916,7 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
         if regions[cold] & logits_blocks:
             warnings.append(f"{fn.name}: the cold side of {last} loads logits")
         zero_edges.add((b, cold))
-        cold_report.append({"line": f"{loc[0]}:{loc[1]}", "branch": f"{last.addr:04x}",
+        cold_report.append({"line": loc, "branch": f"{last.addr:04x}",
                             "skipped": sum(blocks[n].end - blocks[n].start for n in regions[cold])})
 
     # Frequencies region by region (the function body, then each loop body), inner loops collapsed.
