@@ -6,7 +6,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -93,7 +92,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m benchmarks.sm90 " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": {**{k: round(v, 1) for k, v in ctx.seconds.items()}, "total": round(time.time() - start, 1)},
-        "host": platform.node(),
     }
     text = report.markdown(doc)
     print(text)

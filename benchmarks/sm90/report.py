@@ -43,7 +43,13 @@ def _f(x, digits=3) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+        if x == int(x):
+            return f"{int(x):,}"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        if abs(x) >= 10:
+            return f"{x:.1f}" if digits > 2 else f"{x:.0f}"
+        return f"{x:.{digits}g}"
     return str(x)
 
 
