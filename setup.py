@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # No --use_fast_math: it turns expf/logf/division into approximations and flushes denormals on the GPU
 # only, so the CPU tests of the same per-pixel code (HSS_CPU_PIXEL_PATH=1, IEEE libm) would say nothing
 # about the GPU build. A kernel that wants a fast intrinsic calls it explicitly, where its error is known.
+# benchmarks/sm90 reads this list (with ast) to compile the same code.
 NVCC_FLAGS = ["-O3"]
 
 
@@ -43,7 +44,7 @@ def extensions():
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "hss_kernels._C", sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
+            define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": list(NVCC_FLAGS)},
             extra_link_args=openmp)
     else:
         ext = cpp_extension.CppExtension(

@@ -32,7 +32,7 @@ template <typename T, typename A>
 struct StridedPixel {
   const T* p;
   int64_t stride;
-  HSS_DECODE_HD A operator()(int64_t c) const { return static_cast<A>(p[c * stride]); }
+  HSS_DECODE_HD A operator()(int64_t c) const { return static_cast<A>(p[c * stride]); }  // sm90: logits
 };
 
 // Softmax statistics of one pixel: m = max_c x(c), z = sum_c exp(x(c) - m). For the other activations
@@ -43,12 +43,12 @@ HSS_DECODE_HD inline void softmax_stats(const X& x, int64_t C, int64_t act, A& m
   z = A(1);
   if (act != kSoftmax) return;
   m = x(0);
-  for (int64_t c = 1; c < C; ++c) {
+  for (int64_t c = 1; c < C; ++c) {  // sm90: trips=C - 1
     const A v = x(c);
     m = v > m ? v : m;
   }
   z = A(0);
-  for (int64_t c = 0; c < C; ++c) z += dexp(x(c) - m);
+  for (int64_t c = 0; c < C; ++c) z += dexp(x(c) - m);  // sm90: trips=C
 }
 
 // exp(-|v|) never overflows; the two cases are selects, not branches (the sign of a logit is random).
@@ -75,10 +75,10 @@ HSS_DECODE_HD inline int64_t best_leaf(const Act& a, int64_t C, int64_t L, int64
                                        int64_t score) {
   A best = A(0);
   int64_t best_l = 0;
-  for (int64_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l < L; ++l) {  // sm90: trips=L
     A s = A(0);
     int64_t len = 0;
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = 0; d < D; ++d) {  // sm90: trips=PATH_ITERS
       const int32_t node = path[l * D + d];
       if (node < 0 || node >= C) break;
       s += a(node);

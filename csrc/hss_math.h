@@ -64,7 +64,7 @@ HSS_HOST_DEVICE inline LabelKind label_kind(int64_t y, int64_t L, int64_t ignore
 template <typename A, typename X>
 HSS_HOST_DEVICE inline bool column_has_nan(const X& x, int C) {
   bool nan = false;
-  for (int c = 0; c < C; ++c) {
+  for (int c = 0; c < C; ++c) {  // sm90: trips=C
     const A z = x(c);
     nan |= z != z;
   }
@@ -140,7 +140,7 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     gsum[d] = A(0);
   }
   A m = neg_inf<A>();
-  for (int j = 0; j < L; ++j) {
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     m = hmax(m, z);
     HSS_UNROLL
@@ -153,7 +153,7 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) own[d] = d < D && gmax[d] < m - A(kShareShift);
   A s = A(0);
-  for (int j = 0; j < L; ++j) {
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     const A e = hexp(z - m);
     s += e;
@@ -161,7 +161,7 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
       A t = e;
-      if (own[d]) t = hexp(z - gmax[d]);  // rare: a group far below the global max
+      if (own[d]) t = hexp(z - gmax[d]);  // rare: a group far below the global max; sm90: cold
       gsum[d] += group[d * L + j] == gy[d] ? t : A(0);
     }
   }
@@ -185,7 +185,7 @@ HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, 
   const A a = hsm_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) gy[d] = d < D ? group[d * L + y] : -1;
-  for (int j = 0; j < L; ++j) {
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     const A p = hexp(z - lse);
     A r = a * p;
@@ -193,7 +193,7 @@ HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, 
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
       A t = p;
-      if (own[d]) t = hexp(z - base[d]);
+      if (own[d]) t = hexp(z - base[d]);  // sm90: cold
       r -= group[d * L + j] == gy[d] ? coef[d] * t : A(0);
     }
     out(j, r);
@@ -262,7 +262,7 @@ HSS_HOST_DEVICE inline int subtree_argmax(const X& x, const TreeIndex& t, int v)
   const int p0 = t.dfs_pos[v];
   int best = v;
   A bv = x(v);
-  for (int i = 1; i < n; ++i) {
+  for (int i = 1; i < n; ++i) {  // sm90: trips=WALK / V
     const int c = t.dfs_order[p0 + i];
     const A z = x(c);
     if (z > bv) {
@@ -278,10 +278,10 @@ HSS_HOST_DEVICE inline int subtree_argmax(const X& x, const TreeIndex& t, int v)
 template <typename A, typename X>
 HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int y, const A* k, A gamma, A eps,
                                             bool extrema) {
-  if (column_has_nan<A>(x, t.V)) return quiet_nan<A>();
+  if (column_has_nan<A>(x, t.V)) return quiet_nan<A>();  // sm90: cold
   A loss = A(0), l;
   if (!extrema) {
-    for (int v = 0; v < t.V; ++v) {
+    for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
       const A z = x(v);
       focal(t.on_path(v, y) ? z : -z, gamma, eps, &l, (A*)nullptr);
       loss += k[v] * l;
@@ -290,14 +290,14 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int 
   }
   // On the target path: a running min from the root; a strict < keeps the shallower node on ties.
   A cur = static_cast<A>(INFINITY);
-  for (int d = 0; d < t.D; ++d) {
+  for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
     cur = hmin(cur, x(v));
     focal(cur, gamma, eps, &l, (A*)nullptr);
     loss += k[v] * l;
   }
-  for (int v = 0; v < t.V; ++v) {
+  for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
     if (t.on_path(v, y)) continue;
     focal(-x(subtree_argmax<A>(x, t, v)), gamma, eps, &l, (A*)nullptr);
     loss += k[v] * l;
@@ -311,13 +311,13 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int 
 template <typename A, typename X, typename S, typename O>
 HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O& out, const TreeIndex& t, int y,
                                                 const A* k, A gamma, A eps, bool extrema, A g) {
-  if (column_has_nan<A>(x, t.V)) {
-    for (int v = 0; v < t.V; ++v) out(v, quiet_nan<A>());
+  if (column_has_nan<A>(x, t.V)) {  // sm90: cold
+    for (int v = 0; v < t.V; ++v) out(v, quiet_nan<A>());  // sm90: trips=V
     return;
   }
   A l, dl;
   if (!extrema) {
-    for (int v = 0; v < t.V; ++v) {
+    for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
       const bool pos = t.on_path(v, y);
       const A z = x(v);
       focal(pos ? z : -z, gamma, eps, &l, &dl);
@@ -325,10 +325,10 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O&
     }
     return;
   }
-  for (int v = 0; v < t.V; ++v) K(v) = A(0);
+  for (int v = 0; v < t.V; ++v) K(v) = A(0);  // sm90: trips=V
   A cur = static_cast<A>(INFINITY);
   int arg = -1;
-  for (int d = 0; d < t.D; ++d) {
+  for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
     const int v = t.path[y * t.D + d];
     if (v < 0) break;
     const A z = x(v);
@@ -340,9 +340,9 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O&
     }
     K(arg) += k[v];
   }
-  for (int v = 0; v < t.V; ++v)
+  for (int v = 0; v < t.V; ++v)  // sm90: trips=V
     if (!t.on_path(v, y)) K(subtree_argmax<A>(x, t, v)) += k[v];
-  for (int u = 0; u < t.V; ++u) {
+  for (int u = 0; u < t.V; ++u) {  // sm90: trips=V
     const A ku = K(u);
     A r = A(0);
     if (ku != A(0)) {

@@ -1,86 +1,94 @@
-"""Compile the Triton kernels for sm_90 without a GPU (run in a subprocess without TRITON_INTERPRET).
+"""Compile every Triton kernel variant for sm_90 without a GPU, as the runtime would (run in a subprocess
+without TRITON_INTERPRET).
 
-The interpreter runs Python, not the compiler: this catches what only the compiler rejects (type
-changes of loop-carried values, float64 layout bugs, ...). Prints one line per kernel variant and
-exits 1 on the first failure. Usage: python _triton_compile_sm90.py
+The interpreter runs Python, not the compiler: this catches what only the compiler rejects (type changes
+of loop-carried values, float64 layout bugs, ...). The launchers themselves run on meta tensors with a
+recorder in place of the launch (benchmarks/sm90/triton_side.py), so each variant is compiled with the
+arguments, constexprs and specialisation (16-byte divisibility, stride-1 constants, i32 or i64 integers)
+a real launch of that call gives. Prints one line per variant and exits 1 on the first failure.
+Usage: python tests/_triton_compile_sm90.py
 """
 import sys
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 
-from hss_kernels.triton import _common as C
-from hss_kernels.triton import hierarchical_softmax as hs
-from hss_kernels.triton import tree_min as tm
+from benchmarks.sm90 import triton_side
+from hss_kernels import trees
+from hss_kernels.triton import OPS, decode as dk, hierarchical_softmax as hs, tree_min as tm
 
-TARGET = GPUTarget("cuda", 90, 32)
-ACC = {"fp32": ("fp32", tl.float32), "bf16": ("fp32", tl.float32), "fp64": ("fp64", tl.float64)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+VISTAS = (8, 1024, 1024)
+HUGE = (2, 8192, 8192)  # the batch stride passes 2**31: i64 integer arguments
 
 
-def signature(fn, ptrs, consts, int_ty="i64"):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name] = ptrs[name]
-        elif name in ("eps", "gamma"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = int_ty
-    return sig
+def meta(C, dtype, shape=VISTAS):
+    B, H, W = shape
+    return (torch.empty((B, C, H, W), dtype=dtype, device="meta"),
+            torch.empty((B, H, W), dtype=torch.int64, device="meta"))
 
 
-def build(fn, ptrs, consts, warps, int_ty="i64"):
-    triton.compile(ASTSource(fn=fn, signature=signature(fn, ptrs, consts, int_ty), constexprs=consts),
-                   target=TARGET, options=dict(num_warps=warps))
+def variants():
+    hsm_tree, node_tree = trees.load("vistas"), trees.load("vistas_v2")
+    L, V = hsm_tree.num_leaves, node_tree.num_nodes
+    out = []  # (name, call, backward)
+    for name, dt in DTYPES.items():
+        x, t = meta(L, dt)
+        hsm = [("forward", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, hsm_tree), False),
+               ("backward, scalar grad", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, hsm_tree), True),
+               ("backward, per-pixel grad, eps", lambda x=x, t=t: hs.hierarchical_softmax_loss(
+                   x, t, hsm_tree, eps=0.1, reduction="none"), True),
+               ("single pass, eps", lambda x=x, t=t: hs.hierarchical_softmax_loss(
+                   x, t, hsm_tree, eps=0.1, single_pass=True), False)]
+        out += [(f"hsm {name} {v}", c, b) for v, c, b in hsm if name != "bf16" or "scalar" in v or "single" in v]
+        x, t = meta(V, dt)
+        tree = [("tree_min forward, focal, eps", lambda x=x, t=t: tm.tree_min_loss(x, t, node_tree, eps=0.1), False),
+                ("tree_min backward, per-pixel grad, focal, eps", lambda x=x, t=t: tm.tree_min_loss(
+                    x, t, node_tree, eps=0.1, reduction="none"), True),
+                ("tree_min single pass, gamma 0", lambda x=x, t=t: tm.tree_min_loss(
+                    x, t, node_tree, gamma=0.0, single_pass=True), False),
+                ("tree_bce per-pixel loss, focal, eps", lambda x=x, t=t: tm.tree_bce_loss(
+                    x, t, node_tree, gamma=2.0, eps=0.1, reduction="none"), False),
+                ("tree_min forward, scan", lambda x=x, t=t: tm.tree_min_loss(x, t, node_tree, eps=0.1), False),
+                ("tree_min backward, per-pixel grad, scan", lambda x=x, t=t: tm.tree_min_loss(
+                    x, t, node_tree, gamma=0.0, reduction="none"), True)]
+        out += [(f"tree {name} {v}", c, b) for v, c, b in tree if name != "bf16" or "per-pixel grad" in v]
+        for act, score, C in (("sigmoid", "sum", V), ("softmax", "mean", V), ("sigmoid", "sum", node_tree.num_leaves)):
+            x, _ = meta(C, dt)
+            kind = "leaf logits" if C != V else f"{act} {score}"
+            out.append((f"decode {name} {kind}", lambda x=x, a=act, s=score: dk.decode(x, node_tree, a, s), False))
+        x, _ = meta(V, dt, HUGE)
+        out.append((f"decode {name} softmax mean, i64", lambda x=x: dk.decode(x, node_tree, "softmax", "mean"), False))
+    x, t = meta(L, torch.float32, HUGE)
+    out.append(("hsm fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, hsm_tree), False))
+    x2, t2 = meta(V, torch.float32, HUGE)
+    out.append(("tree fp32 backward, i64", lambda: OPS["tree_min_loss"](x2, t2, node_tree), True))
+    return out
 
 
 def main():
-    cases = []
-    for x in ("fp32", "bf16", "fp64"):
-        acc_s, acc = ACC[x]
-        bc, bp, warps = C.block_sizes(66, 1 << 20, False)
-        ptrs = dict(x_ptr="*" + x, t_ptr="*i64", lg_ptr="*i32", w_ptr="*" + acc_s, stats_ptr="*" + acc_s,
-                    loss_ptr="*" + acc_s, part_ptr="*" + acc_s, cnt_ptr="*i32", g_ptr="*" + x, go_ptr="*" + acc_s)
-        # forward, backward (scalar and per-pixel grad_output), single pass
-        for cs, ws, lm, gm, eps in ((True, True, 2, 0, False), (False, False, 0, 1, False), (False, False, 0, 2, True),
-                                    (True, False, 2, 1, True)):
-            consts = dict(L=66, D=3, BLOCK_C=bc, BLOCK_P=bp, ACC=acc, HAS_EPS=eps, COMPUTE_STATS=cs, WRITE_STATS=ws,
-                          LOSS_MODE=lm, GRAD_MODE=gm)
-            if x != "bf16" or gm == 1:  # bf16 differs from fp32 only in loads and stores
-                cases.append((f"hsm {x} {consts}", hs._hsm_kernel, ptrs, consts, warps))
-        bc, bp, warps = C.block_sizes(147, 1 << 20, False)
-        ptrs = dict(x_ptr="*" + x, t_ptr="*i64", tab_ptr="*i32", k_ptr="*" + acc_s, loss_ptr="*" + acc_s,
-                    part_ptr="*" + acc_s, cnt_ptr="*i32", g_ptr="*" + x, go_ptr="*" + acc_s)
-        for ue, focal, lm, gm, scan in ((True, True, 2, 0, False), (True, True, 0, 2, False),
-                                        (True, False, 2, 1, False), (False, True, 1, 1, False),
-                                        (True, True, 2, 0, True), (True, False, 0, 2, True)):
-            consts = dict(V=147, L=123, D=3, DI=2, I=24, BLOCK_C=bc, BLOCK_P=bp, ACC=acc, USE_EXTREMA=ue, FOCAL=focal,
-                          HAS_EPS=focal, LOSS_MODE=lm, GRAD_MODE=gm, SCAN=scan)
-            if x != "bf16" or gm == 2:
-                cases.append((f"tree {x} {consts}", tm._tree_kernel, ptrs, consts, warps))
-    # On a GPU, int arguments below 2**31 (sizes, strides, ignore_index) are passed as i32: the usual case.
-    cases += [(f"{name} i32", fn, ptrs, consts, warps, "i32") for name, fn, ptrs, consts, warps in
-              (cases[0], cases[1], cases[4], cases[5])]  # fp32: hsm and tree, forward and backward
-    from hss_kernels.triton import decode as dk
-    for x in ("fp32", "bf16", "fp64"):
-        block_c, block_l, block_p, warps = dk._blocks(147, 123, 1 << 20, False)
-        ptrs = dict(x_ptr="*" + x, out_ptr="*i64", path_ptr="*i32", plen_ptr="*i32")
-        for act, mean in ((0, False), (1, True), (2, False)):
-            consts = dict(C=147, L=123, D=3, ACT=act, MEAN=mean, F64=x == "fp64", BLOCK_C=block_c,
-                          BLOCK_L=block_l, BLOCK_P=block_p)
-            for int_ty in ("i32", "i64") if act == 1 else ("i32",):
-                cases.append((f"decode {x} {int_ty} {consts}", dk._decode_kernel, ptrs, consts, warps, int_ty))
-    for name, fn, ptrs, consts, warps, *int_ty in cases:
+    n = 0
+    for name, call, backward in variants():
         try:
-            build(fn, ptrs, consts, warps, *int_ty)
+            scan = "scan" in name
+            tm.USE_SCAN, saved = scan, tm.USE_SCAN
+            try:
+                launches = triton_side.record_call(call, backward)
+            finally:
+                tm.USE_SCAN = saved
+            if not launches:
+                raise RuntimeError("the call launched no kernel")
+            for launch in launches:
+                if "i64" in name and not any(type(a) is int and abs(a) >= 2 ** 31 for a in launch.args):
+                    raise RuntimeError("no integer argument of this launch needs 64 bits")
+                c = triton_side.compile_launch(launch, cache_dir=None)
+                sig = ",".join(f"{k}={v}" for k, v in launch.describe().items() if k in ("LOSS_MODE", "GRAD_MODE")
+                               or k.startswith(("HAS_", "USE_", "ACT", "MEAN", "SCAN")))
+                print(f"ok {name}: {c.name} {c.num_warps} warps [{sig}]", flush=True)
+                n += 1
         except Exception as exc:  # report which variant, then fail
             print("FAIL", name, repr(exc)[-2000:])
             return 1
-        print("ok", name, flush=True)
+    print(f"{n} variants compiled")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The Triton kernels compile for an H100 (sm_90) even where tests run under the interpreter."""
+"""The Triton kernels compile for an H100 (sm_90) even where tests run under the interpreter: every variant
+the launchers make, with the runtime's specialisation (see _triton_compile_sm90.py)."""
 import os
 import subprocess
 import sys
@@ -24,4 +25,4 @@ def test_kernels_compile_for_sm90():
     if proc.returncode != 0 and "FAIL" not in out:
         pytest.skip(f"cannot compile for sm_90 on this machine (no ptxas?): {out[-500:]}")
     assert proc.returncode == 0, out[-3000:]
-    assert out.count("ok ") == 24 + 4 + 12, out[-3000:]
+    assert out.count("ok ") == 38, out[-3000:]

@@ -23,7 +23,7 @@ template <typename T, typename A>
 struct GlobalCol {
   const T* p;
   int64_t s;
-  __device__ A operator()(int c) const { return static_cast<A>(p[c * s]); }
+  __device__ A operator()(int c) const { return static_cast<A>(p[c * s]); }  // sm90: logits
 };
 
 template <typename T, typename A>
@@ -78,7 +78,7 @@ template <typename A>
 __global__ void finish_kernel(const double* part, const int64_t* cnt, int64_t nb, A* loss_sum, int64_t* count) {
   double v = 0;
   int64_t c = 0;
-  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {  // sm90: trips=nb / threads
     v += part[b];
     c += cnt[b];
   }
@@ -93,7 +93,7 @@ __global__ void finish_kernel(const double* part, const int64_t* cnt, int64_t nb
 template <typename T, typename A>
 __device__ void write_unlabelled_column(T* out, int64_t sC, int channels, LabelKind kind) {
   const T v = static_cast<T>(kind == kLabelBad ? quiet_nan<A>() : A(0));
-  for (int j = 0; j < channels; ++j) out[j * sC] = v;
+  for (int j = 0; j < channels; ++j) out[j * sC] = v;  // sm90: trips=C
 }
 
 // Partial buffers for nb blocks, and the launch of the second stage.

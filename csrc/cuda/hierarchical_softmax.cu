@@ -22,13 +22,13 @@ hsm_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t*
   if (i < P) {
     const int64_t y = tgt[gt.offset(i)];
     const LabelKind kind = label_kind(y, L, ignore_index);
-    if (kind == kLabelValid) {
+    if (kind == kLabelValid) {  // sm90: cold
       l = hsm_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, group, static_cast<int>(y), w, eps,
                                st + i, P);
     } else {
       // ignored: 0; a bad label (see hss_math.h): NaN, never a table read
       l = kind == kLabelBad ? quiet_nan<A>() : A(0);
-      for (int d = 0; d <= D; ++d) st[d * P + i] = l;
+      for (int d = 0; d <= D; ++d) st[d * P + i] = l;  // sm90: trips=D + 1
     }
     c = kind != kLabelIgnored;
     if (lp) lp[i] = l;
@@ -47,7 +47,7 @@ hsm_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x
   const int64_t y = tgt[gt.offset(i)];
   const int64_t off = gx.offset(i);
   const LabelKind kind = label_kind(y, L, ignore_index);
-  if (kind != kLabelValid) {
+  if (kind != kLabelValid) {  // sm90: cold
     write_unlabelled_column<T, A>(out + off, sC, L, kind);
     return;
   }

@@ -22,11 +22,11 @@ tree_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t
   if (i < P) {
     const int64_t y = tgt[gt.offset(i)];
     const LabelKind kind = label_kind(y, L, ignore_index);
-    if (kind == kLabelValid) {
+    if (kind == kLabelValid) {  // sm90: cold
       const TreeIndex ti = unpack_tree(tree_index, V, L, D);
       l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, ti, static_cast<int>(y), k, gamma, eps,
                                 extrema);
-    } else if (kind == kLabelBad) {
+    } else if (kind == kLabelBad) {  // sm90: cold
       l = quiet_nan<A>();  // see hss_math.h: never a table read
     }
     c = kind != kLabelIgnored;
@@ -46,7 +46,7 @@ __global__ void tree_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
   const int64_t y = tgt[gt.offset(i)];
   const int64_t off = gx.offset(i);
   const LabelKind kind = label_kind(y, L, ignore_index);
-  if (kind != kLabelValid) {
+  if (kind != kLabelValid) {  // sm90: cold
     write_unlabelled_column<T, A>(out + off, sC, V, kind);
     return;
   }

@@ -97,10 +97,10 @@ def device_guard(t: torch.Tensor):
 def block_sizes(channels: int, pixels: int, interpret: bool) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, num_warps). All channels in one tile (padded to a power of two).
 
-    On a GPU: a 2048-value tile on 8 warps (8 values of a tile per thread). Compiled for sm_90 without
-    a GPU (ptxas resource usage), the backward kernels spill at 16 values per thread (128 x 16 or
-    256 x 16 tiles on 8 warps, 64 x 32 on 4) and fit at 8 (128 x 16 and 256 x 8 on 8 warps: at most
-    about 220 registers and a few bytes of stack); 16 warps cap registers at 128 and spill too. Not yet tuned on a GPU.
+    On a GPU: a 2048-value tile on 8 warps (8 values of a tile per thread). Compiled for sm_90 with the
+    runtime's specialisation (``python -m benchmarks.sm90``, B = 8, 1024x1024), no variant spills:
+    hierarchical softmax (128 x 16 tiles) 64-148 registers, tree-min (256 x 8) 97-247 (the most for the
+    backward on channels_last logits), tree BCE 32-64. Not yet tuned on a GPU.
     The interpreter costs milliseconds per program whatever its size, so there a program takes up
     to 1024 pixels.
     """

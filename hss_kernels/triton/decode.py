@@ -45,11 +45,11 @@ def _decode_kernel(
     m = tl.full((BLOCK_P,), float("-inf"), acc_t)
     z = tl.zeros((BLOCK_P,), acc_t)
     if ACT == 1:
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(0, C, BLOCK_C):  # sm90: trips=cdiv(C, BLOCK_C)
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
             # Pixels past the end load 0 (not -inf) so that m stays finite and no NaN appears.
-            xc = tl.load(x_ptr + c.to(tl.int64)[:, None] * s_c + pix[None, :], mask=c_ok[:, None] & p_ok[None, :],
+            xc = tl.load(x_ptr + c.to(tl.int64)[:, None] * s_c + pix[None, :], mask=c_ok[:, None] & p_ok[None, :],  # sm90: logits
                          other=0.0).to(acc_t)
             xc = tl.where(c_ok[:, None], xc, float("-inf"))
             m_new = tl.maximum(m, tl.max(xc, axis=0))
@@ -58,7 +58,7 @@ def _decode_kernel(
 
     best = tl.full((BLOCK_P,), float("-inf"), acc_t)
     best_l = tl.zeros((BLOCK_P,), tl.int64)
-    for l0 in range(0, L, BLOCK_L):
+    for l0 in range(0, L, BLOCK_L):  # sm90: trips=cdiv(L, BLOCK_L)
         leaf = l0 + tl.arange(0, BLOCK_L)
         l_ok = leaf < L
         s = tl.zeros((BLOCK_L, BLOCK_P), acc_t)
@@ -67,7 +67,7 @@ def _decode_kernel(
         for d in tl.static_range(D):
             node = tl.load(path_ptr + leaf * D + d, mask=l_ok, other=-1)
             on = node >= 0
-            xv = tl.load(x_ptr + node.to(tl.int64)[:, None] * s_c + pix[None, :], mask=on[:, None] & p_ok[None, :],
+            xv = tl.load(x_ptr + node.to(tl.int64)[:, None] * s_c + pix[None, :], mask=on[:, None] & p_ok[None, :],  # sm90: logits
                          other=0.0).to(acc_t)
             if ACT == 0:
                 e = tl.exp(-tl.abs(xv))  # never overflows

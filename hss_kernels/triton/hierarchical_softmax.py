@@ -59,7 +59,7 @@ def _hsm_kernel(
     y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
 
     x_off = n[None, :] * sxn + c[:, None].to(tl.int64) * sxc + (h * sxh + w * sxw)[None, :]
-    x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
+    x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)  # sm90: logits
     # Padded channels are -inf (they vanish from every sum); padded pixels stay finite (0).
     x = tl.where(cmask[:, None], x, float("-inf"))
 
@@ -93,7 +93,7 @@ def _hsm_kernel(
             s_d = tl.sum(tl.where(in_g, e, 0.0), axis=0)
             lse_d = mx + tl.log(tl.maximum(s_d, TINY))
             far = s_d < TINY
-            if tl.sum(far.to(tl.int32), axis=0) > 0:
+            if tl.sum(far.to(tl.int32), axis=0) > 0:  # sm90: cold
                 xg = tl.where(in_g, x, float("-inf"))
                 mg = tl.max(xg, axis=0)  # finite: y is in its own group
                 lse_d = tl.where(far, mg + tl.log(tl.sum(tl.exp(xg - mg[None, :]), axis=0)), lse_d)

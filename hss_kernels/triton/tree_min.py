@@ -107,7 +107,7 @@ def _tree_kernel(
 
     pix_x = n * sxn + h * sxh + w * sxw
     x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
-    x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)
+    x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)  # sm90: logits
     # A NaN logit anywhere in a labelled pixel: a NaN loss and gradient row, as for a bad label (compiled
     # max/min skip NaN, so the tree walk alone would not always reach it).
     bad = bad | (valid & (tl.sum((x != x).to(tl.int32), axis=0) > 0))
@@ -163,7 +163,7 @@ def _tree_kernel(
             f, df = _focal(-x, gamma, eps, FOCAL, HAS_EPS)
             loss += tl.sum(tl.where(neg_leaf, k_row[:, None] * f, 0.0), axis=0)
             grad = tl.where(neg_leaf, -k_row[:, None] * df, grad)
-            for i in range(I):
+            for i in range(I):  # sm90: trips=I
                 # (loop-local names differ from the path loop's: Triton wants loop-carried types fixed)
                 start = tl.load(tab_ptr + OFF_INT + 4 * i)
                 size_i = tl.load(tab_ptr + OFF_INT + 4 * i + 1)

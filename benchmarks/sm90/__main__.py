@@ -1,0 +1,113 @@
+"""``python -m benchmarks.sm90``: the static model of every GPU kernel, computed on the CPU (see
+:mod:`benchmarks.sm90`)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import model, report, tools
+from .sass import SassError
+from .source import ROOT
+
+
+def _csv(text: str, allowed: Sequence[str], what: str) -> List[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.sm90",
+        description="Static model of the GPU kernels on an H100 (sm_90), computed without a GPU: compiles every "
+                    "Triton and CUDA kernel variant for sm_90 as the runtime and setup.py would, reads registers, "
+                    "spills, shared memory and the logits' load width from the cubins, counts the SASS "
+                    "instructions each thread issues per launch (loop bodies times the trip counts annotated in "
+                    "the kernel sources), and compares the issue-bound time with the memory floor. Writes "
+                    "DIR/sm90.json and DIR/sm90.md and prints the table.",
+        epilog="Rows: B=8, 1024x1024; hierarchical_softmax on the vistas tree (66 leaves), tree_min, tree_bce "
+               "and decode on vistas_v2 (147 nodes). issue_ms = warp-instructions / (4 per clock per SM x 132 SMs "
+               "x 1.755 GHz); floor_ms = bytes the pass must move (shared/MATH.md section 5) / 3.0 TB/s. The CUDA "
+               "rows need nvcc (CUDA_HOME, default /usr/local/cuda-13.0) and the cu130 venv of .ci/cuda-venv "
+               "(created on first use, about 5 GB); compiled code is cached (HSS_SM90_CACHE, default "
+               "~/.cache/hss_kernels/sm90). See benchmarks/results/README.md for how to read the output.")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="folder for sm90.json and sm90.md (default: benchmarks/results)")
+    p.add_argument("--dated", action="store_true",
+                   help="also write sm90-<date>.json/.md there (-2, -3, ... for later runs the same day)")
+    p.add_argument("--op", default=",".join(model.OPS), type=lambda t: _csv(t, list(model.OPS), "op"),
+                   help="ops, comma-separated (default: all): " + ", ".join(model.OPS))
+    p.add_argument("--backend", default=",".join(model.BACKENDS),
+                   type=lambda t: _csv(t, model.BACKENDS, "backend"), help="triton, cuda (default: both)")
+    p.add_argument("--dtype", default=",".join(model.DTYPES), type=lambda t: _csv(t, list(model.DTYPES), "dtype"),
+                   help="float32, bfloat16 (default: both)")
+    p.add_argument("--pass", dest="passes", default=",".join(model.PASSES),
+                   type=lambda t: _csv(t, model.PASSES, "pass"), help="forward, backward (default: both)")
+    p.add_argument("--layout", default=",".join(model.LAYOUTS), type=lambda t: _csv(t, model.LAYOUTS, "layout"),
+                   help="nchw, channels_last (default: both)")
+    p.add_argument("--force", action="store_true", help="recompile everything (ignore the cache)")
+    p.add_argument("--cache", type=Path, default=None, help="cache folder (default: $HSS_SM90_CACHE or "
+                                                             "~/.cache/hss_kernels/sm90)")
+    p.add_argument("--unannotated", choices=("error", "warn"), default="error",
+                   help="a SASS loop without an 'sm90: trips=' annotation in its source: fail (default) or "
+                        "count it once per entry and list a warning")
+    p.add_argument("--listing", type=Path, default=None, metavar="DIR",
+                   help="write each kernel's SASS with the executions per thread the model counts for every "
+                        "instruction (the way to check the model)")
+    p.add_argument("--jobs", type=int, default=2, help="nvcc processes at a time (default 2)")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    start = time.time()
+    cache = args.cache or tools.cache_dir()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    ctx = model.Context(cache, args.force, args.unannotated, args.jobs, log, args.listing)
+    rows, failures = [], []
+    for op, backend, dtype, pass_, layout in model.selection(args.op, args.backend, args.dtype, args.passes,
+                                                             args.layout):
+        tag = f"{op} {backend} {dtype} {pass_} {layout}"
+        try:
+            fn = ctx.triton_row if backend == "triton" else ctx.cuda_row
+            rows.append(fn(op, dtype, pass_, layout).as_dict())
+            log(f"  {tag}: {rows[-1]['issue_ms']:.3g} ms issue, {rows[-1]['floor_ms']:.3g} ms floor")
+        except (SassError, tools.ToolMissing) as exc:
+            failures.append((tag, f"{type(exc).__name__}: {exc}"))
+            log(f"  {tag}: FAILED: {exc}")
+    doc = {
+        "assumptions": report.assumptions(ctx),
+        "kernels": rows,
+        "failures": [{"row": t, "error": e} for t, e in failures],
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.sm90 " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": {**{k: round(v, 1) for k, v in ctx.seconds.items()}, "total": round(time.time() - start, 1)},
+    }
+    text = report.markdown(doc)
+    print(text)
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        names = ["sm90"]
+        if args.dated:
+            names.append(report.dated_name(args.out))
+        for name in names:
+            (args.out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+            (args.out / f"{name}.md").write_text(text)
+        log(f"wrote {', '.join(str(args.out / n) + '.json/.md' for n in names)}")
+    for tag, err in failures:
+        log(f"FAILED {tag}: {err}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The CUDA kernels (``csrc/cuda/*.cu``) compiled for sm_90 as ``setup.py`` builds them, and their launches.
+
+Compile: ``nvcc -cubin -arch=sm_90`` on each ``.cu`` with torch's nvcc flags (``COMMON_NVCC_FLAGS`` of
+the cu130 venv's ``torch.utils.cpp_extension``, read as text), the defines ``BuildExtension`` adds,
+``setup.py``'s ``NVCC_FLAGS`` (read with ``ast``), ``-std=c++17`` and ``-lineinfo`` (line tables only).
+The cubins are cached under ``<cache>/cuda/<key>/``, the key hashing every ``csrc`` source, the flags,
+the nvcc version and the venv's torch version.
+
+Launches: the host code cannot run here, so :func:`launches` restates what the host functions in the
+``.cu`` files pass (grid, block, dynamic shared memory, scalar arguments) for the calls the public API
+makes (``reduction="mean"``, default options). Parameter sizes are checked against the cubin's
+EIATTR_KPARAM_INFO, so a changed kernel signature is an error here rather than a silently wrong model.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import struct
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from . import tools
+from .sass import SassError
+from .source import ROOT
+
+__all__ = ["build", "CudaLaunch", "launches", "PARAM_BASE", "cbank", "setup_nvcc_flags", "nvcc_command"]
+
+PARAM_BASE = 0x210  # first kernel parameter in constant bank 0 on sm_90
+THREADS = 256  # kThreads in csrc/cuda/common.cuh and decode.cu
+DEFAULT_SMEM = 48 * 1024  # tree_loss_bwd_cuda's kDefaultSmem
+
+
+def setup_nvcc_flags(root: Path = ROOT) -> List[str]:
+    """``NVCC_FLAGS`` of setup.py, read without running it."""
+    tree = ast.parse((root / "setup.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "NVCC_FLAGS" for t in node.targets):
+            return [str(x) for x in ast.literal_eval(node.value)]
+    raise SassError("setup.py has no module-level NVCC_FLAGS list")
+
+
+def _site_packages(venv: Path) -> Path:
+    found = sorted(venv.glob("lib/python3*/site-packages/torch"))
+    if not found:
+        raise tools.ToolMissing(f"no torch in {venv}")
+    return found[-1].parent
+
+
+def torch_nvcc_flags(venv: Path) -> List[str]:
+    """``COMMON_NVCC_FLAGS`` of the venv's torch.utils.cpp_extension (a literal list, read as text)."""
+    src = (_site_packages(venv) / "torch" / "utils" / "cpp_extension.py").read_text(encoding="utf-8")
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMMON_NVCC_FLAGS"
+                                                for t in node.targets):
+            return [str(x) for x in ast.literal_eval(node.value)]
+    raise SassError("torch.utils.cpp_extension has no COMMON_NVCC_FLAGS")
+
+
+def torch_version(venv: Path) -> str:
+    for d in _site_packages(venv).glob("torch-*.dist-info"):
+        return d.name[len("torch-"):-len(".dist-info")]
+    return "?"
+
+
+def flags(venv: Path, root: Path = ROOT) -> List[str]:
+    """Every nvcc flag but the include folders, the output and the source."""
+    return (["-cubin", "-arch=sm_90"] + torch_nvcc_flags(venv)
+            + ["-DHSS_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+            + setup_nvcc_flags(root) + ["-std=c++17", "-lineinfo"])
+
+
+def nvcc_command(source: Path, out: Path, venv: Path, root: Path = ROOT) -> List[str]:
+    inc = _site_packages(venv) / "torch" / "include"
+    includes = [inc, inc / "torch" / "csrc" / "api" / "include", tools.cuda_home() / "include", root / "csrc"]
+    return [tools.nvcc()] + flags(venv, root) + ["-I" + str(i) for i in includes] + ["-o", str(out), str(source)]
+
+
+def _sources(root: Path) -> List[Path]:
+    return sorted((root / "csrc" / "cuda").glob("*.cu"))
+
+
+def build(cache: Path, force: bool = False, jobs: int = 2, root: Path = ROOT,
+          log=lambda msg: None) -> Dict[str, Tuple[bytes, str]]:
+    """{source stem: (cubin, ptx)} for every ``csrc/cuda/*.cu``, from the cache when its key matches (the
+    PTX, kept from the same nvcc run with ``-keep``, carries the correct line information)."""
+    venv = tools.cuda_venv()
+    sources = _sources(root)
+    h = hashlib.sha256()
+    for p in sorted((root / "csrc").rglob("*")):
+        if p.suffix in (".h", ".cuh", ".cu", ".cpp") and p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    h.update(repr(flags(venv, root)).encode())
+    h.update(tools.versions()["nvcc"].encode())
+    h.update(torch_version(venv).encode())
+    folder = cache / "cuda" / h.hexdigest()[:24]
+    out: Dict[str, Tuple[bytes, str]] = {}
+    todo = [s for s in sources if force or not (folder / f"{s.stem}.ptx").is_file()]
+    if todo:
+        folder.mkdir(parents=True, exist_ok=True)
+        log(f"nvcc: compiling {', '.join(s.name for s in todo)} for sm_90 ({jobs} at a time)")
+
+        def one(src: Path):
+            with tempfile.TemporaryDirectory(prefix="hss-sm90-nvcc-") as tmp:
+                cub = Path(tmp) / f"{src.stem}.cubin"
+                cmd = nvcc_command(src.relative_to(root), cub, venv, root)
+                cmd[1:1] = ["-keep", "-keep-dir", tmp]  # the PTX of the same compilation
+                proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"nvcc failed on {src.name}:\n{proc.stderr[-4000:]}")
+                for ext in ("cubin", "ptx"):  # the PTX last: it marks a complete entry
+                    part = folder / f".{src.stem}.{os.getpid()}.{ext}"
+                    part.write_bytes((Path(tmp) / f"{src.stem}.{ext}").read_bytes())
+                    part.replace(folder / f"{src.stem}.{ext}")
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+            list(ex.map(one, todo))
+    for s in sources:
+        out[s.stem] = ((folder / f"{s.stem}.cubin").read_bytes(), (folder / f"{s.stem}.ptx").read_text())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ launches
+@dataclass
+class CudaLaunch:
+    source: str  # stem of the .cu
+    kernel: str  # unmangled name
+    template: str  # mangled template arguments, e.g. "ff" or "N3c108BFloat16Ef"
+    blocks: int
+    threads: int
+    params: List[object]  # per parameter: None (unknown: pointers), int, float (A = float), bool, tuple
+    scalars: Dict[str, float] = field(default_factory=dict)  # named values for trip expressions
+    dynamic_smem: int = 0
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.kernel}I{self.template}E"
+
+
+_DT = {"float32": ("f", 4), "bfloat16": ("N3c108BFloat16E", 2)}
+
+
+def _geom(shape, strides):
+    """PixelGeom {H, W, sN, sH, sW} of an (N, C, H, W) or (N, H, W) tensor (csrc/ops.h geom)."""
+    if len(shape) == 4:
+        return (shape[2], shape[3], strides[0], strides[2], strides[3])
+    return (shape[1], shape[2], strides[0], strides[1], strides[2])
+
+
+def _strides(shape, layout):
+    N, C, H, W = shape
+    if layout == "channels_last":
+        return (H * W * C, 1, W * C, C)
+    return (C * H * W, H * W, W, 1)
+
+
+def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int], tree,
+             gamma: float) -> List[CudaLaunch]:
+    """The kernel launches of one pass as the host code in ``csrc/cuda`` makes them."""
+    N, C, H, W = shape
+    P = N * H * W
+    T, _ = _DT[dtype]
+    A = "f"
+    xs = _strides(shape, layout)
+    gx, sC = _geom(shape, xs), xs[1]
+    gt = _geom((N, H, W), (H * W, W, 1))
+    gg = (H, W, 0, 0, 0)  # grad_geom of the 0-dim grad_output of reduction="mean"
+    nb = -(-P // THREADS)
+    L, D, V = tree.num_leaves, tree.depth, tree.num_nodes
+    eps, ignore = 0.0, 255
+    finish = CudaLaunch(op_source(op), "finish_kernel", A, 1, THREADS, [None, None, nb, None, None],
+                        {"nb": nb})
+    if op == "hierarchical_softmax":
+        if pass_ == "forward":
+            return [CudaLaunch("hierarchical_softmax", "hsm_fwd_kernel", T + A, nb, THREADS,
+                               [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None],
+                               {"P": P, "L": L, "D": D}), finish]
+        return [CudaLaunch("hierarchical_softmax", "hsm_bwd_kernel", T + A, nb, THREADS,
+                           [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None],
+                           {"P": P, "L": L, "D": D})]
+    if op in ("tree_min", "tree_bce"):
+        extrema = op == "tree_min"
+        if pass_ == "forward":
+            return [CudaLaunch("tree_min", "tree_fwd_kernel", T + A, nb, THREADS,
+                               [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
+                                None, None], {"P": P, "L": L, "D": D, "V": V}), finish]
+        threads, smem = THREADS, 0
+        if extrema:  # tree_loss_bwd_cuda: V accumulators per thread in shared memory
+            size = 4
+            while threads > 32 and V * threads * size > DEFAULT_SMEM:
+                threads //= 2
+            smem = V * threads * size
+        return [CudaLaunch("tree_min", "tree_bwd_kernel", T + A, -(-P // threads), threads,
+                           [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
+                            extrema], {"P": P, "L": L, "D": D, "V": V}, smem)]
+    if op == "decode":
+        return [CudaLaunch("decode", "decode_kernel", T, nb, THREADS,
+                           [None, None, None, P, H * W, W, C, L, D, xs[0], xs[1], xs[2], xs[3], 0, 0],
+                           {"P": P, "C": C, "L": L, "D": D})]
+    raise ValueError(op)
+
+
+def op_source(op: str) -> str:
+    return {"hierarchical_softmax": "hierarchical_softmax", "tree_min": "tree_min", "tree_bce": "tree_min",
+            "decode": "decode"}[op]
+
+
+def cbank(launch: CudaLaunch, layout: List[Tuple[int, int, int]]) -> Dict[int, int]:
+    """Known bytes of constant bank 0 for a launch: blockDim at 0x0 and the parameters at PARAM_BASE,
+    placed by the cubin's parameter layout [(ordinal, offset, size)]."""
+    if len(layout) != len(launch.params):
+        raise SassError(f"{launch.kernel}: the cubin has {len(layout)} parameters, the model passes "
+                        f"{len(launch.params)}: update benchmarks/sm90/cuda_side.py to the kernel's signature")
+    out: Dict[int, int] = {}
+
+    def put(off: int, data: bytes):
+        for k, b in enumerate(data):
+            out[off + k] = b
+
+    put(0x0, struct.pack("<III", launch.threads, 1, 1))
+    for (ordinal, off, size), value in zip(layout, launch.params):
+        where = PARAM_BASE + off
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            ok, data = size == 1, bytes([int(value)])
+        elif isinstance(value, float):
+            ok, data = size == 4, struct.pack("<f", value)
+        elif isinstance(value, tuple):
+            ok, data = size == 8 * len(value), b"".join(struct.pack("<q", v) for v in value)
+        else:
+            ok, data = size in (4, 8), int(value).to_bytes(size, "little", signed=True) if size in (4, 8) else b""
+        if not ok:
+            raise SassError(f"{launch.kernel}: parameter {ordinal} is {size} bytes in the cubin but the model passes "
+                            f"{value!r}: update benchmarks/sm90/cuda_side.py to the kernel's signature")
+        put(where, data)
+        if size == 1:  # padding after a bool: assume zeros
+            for k in range(1, 4):
+                out.setdefault(where + k, 0)
+    return out

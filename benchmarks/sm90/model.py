@@ -1,0 +1,274 @@
+"""Rows of the static model: one per op × backend × dtype × pass × layout."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import sass, source, tools
+from .sass import SassError
+
+__all__ = ["ASSUMPTIONS", "OPS", "BACKENDS", "DTYPES", "PASSES", "LAYOUTS", "SHAPE", "Row", "Context",
+           "floor_bytes", "rows"]
+
+# An H100 SXM: what issue_ms and floor_ms assume.
+ASSUMPTIONS = {
+    "gpu": "H100 SXM (sm_90)",
+    "clock_ghz": 1.755,
+    "sms": 132,
+    "warp_instructions_per_clock_per_sm": 4,
+    "bandwidth_tb_s": 3.0,
+}
+SHAPE = (8, 1024, 1024)  # B, H, W
+OPS = {  # op -> (tree, channels: "leaves" | "nodes")
+    "hierarchical_softmax": ("vistas", "leaves"),
+    "tree_min": ("vistas_v2", "nodes"),
+    "tree_bce": ("vistas_v2", "nodes"),
+    "decode": ("vistas_v2", "nodes"),
+}
+BACKENDS = ("triton", "cuda")
+DTYPES = {"float32": 4, "bfloat16": 2}
+PASSES = ("forward", "backward")
+LAYOUTS = ("nchw", "channels_last")
+GAMMA = {"tree_min": 2.0, "tree_bce": 0.0}  # the public API's defaults
+LABEL_BYTES = 8  # int64 labels
+
+FLOOR_FORMULAS = {
+    ("hierarchical_softmax", "forward"): "P·C·b (logits) + 8·P (labels) + 4·(D+1)·P (saved statistics, written)",
+    ("hierarchical_softmax", "backward"): "P·C·b (logits) + 8·P (labels) + 4·(D+1)·P (statistics) + P·C·b "
+                                          "(gradient, written)",
+    ("tree_min", "forward"): "P·C·b (logits) + 8·P (labels)",
+    ("tree_min", "backward"): "P·C·b (logits) + 8·P (labels) + P·C·b (gradient, written)",
+    ("tree_bce", "forward"): "P·C·b (logits) + 8·P (labels)",
+    ("tree_bce", "backward"): "P·C·b (logits) + 8·P (labels) + P·C·b (gradient, written)",
+    ("decode", "forward"): "P·C·b (logits) + 8·P (int64 labels, written)",
+}
+
+
+def floor_bytes(op: str, pass_: str, P: int, C: int, b: int, D: int) -> int:
+    """The bytes a pass must move (shared/MATH.md §5); the loss partials are negligible and not counted."""
+    logits = P * C * b
+    if op == "decode":
+        return logits + LABEL_BYTES * P
+    moved = logits + LABEL_BYTES * P
+    if op == "hierarchical_softmax":
+        moved += 4 * (D + 1) * P
+    if pass_ == "backward":
+        moved += logits
+    return moved
+
+
+def issue_ms(warp_instructions: float) -> float:
+    a = ASSUMPTIONS
+    return warp_instructions / (a["warp_instructions_per_clock_per_sm"] * a["sms"] * a["clock_ghz"] * 1e9) * 1e3
+
+
+def floor_ms(nbytes: float) -> float:
+    return nbytes / (ASSUMPTIONS["bandwidth_tb_s"] * 1e12) * 1e3
+
+
+@dataclass
+class Kernel:
+    """One launch of a pass, as counted."""
+    name: str
+    instructions: float  # per thread
+    threads: int
+    warps: int
+    analysis: sass.Analysis
+    resources: Dict[str, int]
+    dynamic_shared: int
+    launch: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    op: str
+    backend: str
+    dtype: str
+    pass_: str
+    layout: str
+    kernels: List[Kernel]
+    P: int
+    C: int
+    floor_bytes: int
+    formula: str
+    names: Callable = None
+
+    def as_dict(self) -> dict:
+        main = self.kernels[0]
+        res = main.resources
+        warp_instructions = sum(k.instructions * k.warps for k in self.kernels)
+        thread_slots = sum(k.instructions * k.threads for k in self.kernels)
+        iss, flo = issue_ms(warp_instructions), floor_ms(self.floor_bytes)
+        spill = res.get("STACK", 0) + res.get("LOCAL", 0)
+        name = self.names or (lambda loc: f"{loc[0]}:{loc[1]}")
+        out = {
+            "op": self.op, "backend": self.backend, "dtype": self.dtype, "pass": self.pass_, "layout": self.layout,
+            "registers": res.get("REG"),
+            "spill_bytes": spill,
+            "shared_bytes": res.get("SHARED", 0) + main.dynamic_shared,
+            "global_load_bits": main.analysis.load_bits,
+            "sass_per_element": thread_slots / (self.P * self.C),
+            "issue_ms": iss,
+            "floor_ms": flo,
+            # extras
+            "ratio": iss / flo,
+            "issue_bound": iss > flo,
+            "meets_targets": iss <= 0.8 * flo and spill == 0 and main.analysis.load_bits == 128,
+            "kernel": main.name,
+            "warp_instructions": warp_instructions,
+            "instructions_per_thread": main.instructions,
+            "threads": main.threads,
+            "floor_bytes": self.floor_bytes,
+            "floor_formula": self.formula,
+            "loops": [{"line": name(l.source) if l.source else None, "sass": f"{l.header_addr:04x}-{l.end_addr:04x}",
+                       "trips": l.trips, "source_trips": l.source_trips, "unroll": l.unroll, "depth": l.depth,
+                       "body": round(l.body, 1), "per_thread": round(l.total, 1)} for l in main.analysis.loops],
+            "cold": [{**c, "line": name(c["line"])} for c in main.analysis.cold],
+            "slow_paths_not_counted": main.analysis.calls,
+            "logits_load_widths": main.analysis.load_widths,
+            "warnings": [w for k in self.kernels for w in k.analysis.warnings],
+            "kernels": [{"kernel": k.name, "instructions_per_thread": k.instructions, "threads": k.threads,
+                         "warps": k.warps, "registers": k.resources.get("REG"),
+                         "spill_bytes": k.resources.get("STACK", 0) + k.resources.get("LOCAL", 0),
+                         "static_shared_bytes": k.resources.get("SHARED", 0), "dynamic_shared_bytes": k.dynamic_shared,
+                         "static_instructions": k.analysis.static_instructions,
+                         "reachable_instructions": k.analysis.reached_instructions,
+                         "launch": k.launch} for k in self.kernels],
+        }
+        return out
+
+
+class Context:
+    """What the rows share: annotations, trees, caches of compiled and parsed code."""
+
+    def __init__(self, cache: Path, force: bool = False, unannotated: str = "error", jobs: int = 2,
+                 log: Callable[[str], None] = print, listing_dir: Optional[Path] = None):
+        self.cache, self.force, self.unannotated, self.jobs, self.log = cache, force, unannotated, jobs, log
+        self.listing_dir = listing_dir
+        self.annotations = source.Annotations()
+        self._cuda: Optional[Dict[str, tuple]] = None
+        self._trees: Dict[str, object] = {}
+        self.seconds: Dict[str, float] = {"triton_compile": 0.0, "cuda_compile": 0.0, "analysis": 0.0}
+        self.repairs: Dict[str, Tuple[int, int]] = {}
+
+    def tree(self, name: str):
+        if name not in self._trees:
+            from hss_kernels import trees
+            self._trees[name] = trees.load(name)
+        return self._trees[name]
+
+    def _repair(self, fn: sass.Function, valid) -> None:
+        fixed, unresolved = sass.repair_lines(fn, valid, self.annotations.relpath) if valid else (0, 0)
+        self.repairs[fn.name] = (fixed, unresolved)
+
+    def analyze(self, fn: sass.Function, variables: Dict[str, float], cbank=None, tag: str = "") -> sass.Analysis:
+        t0 = time.time()
+        A = self.annotations
+        an = sass.analyze(fn, A, lambda expr, loc: source.evaluate(expr, variables, A.name(loc)), cbank,
+                          self.unannotated)
+        if self.listing_dir is not None:
+            self.listing_dir.mkdir(parents=True, exist_ok=True)
+            (self.listing_dir / f"{tag}.sass.txt").write_text(sass.listing(fn, an, A.name))
+        self.seconds["analysis"] += time.time() - t0
+        return an
+
+    # ------------------------------------------------------------------------------- Triton
+    def triton_row(self, op: str, dtype: str, pass_: str, layout: str) -> Row:
+        import torch
+
+        from . import triton_side
+
+        tree_name, _ = OPS[op]
+        tree = self.tree(tree_name)
+        C = tree.num_leaves if OPS[op][1] == "leaves" else tree.num_nodes
+        B, H, W = SHAPE
+        x = torch.empty((B, C, H, W), dtype=getattr(torch, dtype), device="meta")
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.empty((B, H, W), dtype=torch.int64, device="meta")
+        kernels = []
+        for i, launch in enumerate(triton_side.record(op, pass_, x, t, tree)):
+            t0 = time.time()
+            comp = triton_side.compile_launch(launch, self.cache / "triton", self.force)
+            self.seconds["triton_compile"] += time.time() - t0
+            fns = sass.parse(tools.disassemble(comp.cubin))
+            if comp.name not in fns:
+                raise SassError(f"{comp.name} is not in its own cubin's disassembly")
+            self._repair(fns[comp.name], sass.ptx_lines(comp.ptx).get(comp.name, set()))
+            variables = dict(source.tree_variables(tree))
+            variables.update({k: v for k, v in launch.constexprs.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            variables["C"] = C
+            an = self.analyze(fns[comp.name], variables, None, f"triton-{op}-{dtype}-{pass_}-{layout}-{i}")
+            res = tools.resources(comp.cubin).get(comp.name, {})
+            threads = comp.num_warps * 32 * launch.programs
+            kernels.append(Kernel(comp.name, an.instructions, threads, threads // 32, an, res, comp.shared,
+                                  {"grid": list(launch.grid), "num_warps": comp.num_warps, **launch.describe()}))
+        return self._row(op, "triton", dtype, pass_, layout, kernels, tree, C)
+
+    # --------------------------------------------------------------------------------- CUDA
+    def _cuda_code(self):
+        if self._cuda is None:
+            from . import cuda_side
+            t0 = time.time()
+            cubins = cuda_side.build(self.cache, self.force, self.jobs, log=self.log)
+            self.seconds["cuda_compile"] += time.time() - t0
+            self._cuda = {}
+            for stem, (cub, ptx) in cubins.items():
+                fns = sass.parse(tools.disassemble(cub, cuda=True))
+                lines = sass.ptx_lines(ptx)
+                for name, fn in fns.items():
+                    self._repair(fn, lines.get(name, set()))
+                self._cuda[stem] = (fns, tools.resources(cub, cuda=True), tools.kparams(cub, cuda=True))
+        return self._cuda
+
+    def cuda_row(self, op: str, dtype: str, pass_: str, layout: str) -> Row:
+        from . import cuda_side
+
+        tree_name, _ = OPS[op]
+        tree = self.tree(tree_name)
+        C = tree.num_leaves if OPS[op][1] == "leaves" else tree.num_nodes
+        B, H, W = SHAPE
+        code = self._cuda_code()
+        kernels = []
+        for i, launch in enumerate(cuda_side.launches(op, pass_, dtype, layout, (B, C, H, W), tree,
+                                                      GAMMA.get(op, 0.0))):
+            fns, res, kp = code[launch.source]
+            names = [n for n in fns if launch.pattern in n]
+            if len(names) != 1:
+                raise SassError(f"{launch.source}.cu: {len(names)} functions match {launch.pattern!r}: {names}")
+            name = names[0]
+            variables = dict(source.tree_variables(tree))
+            variables.update(launch.scalars)
+            variables.update({"threads": launch.threads, "C": C})
+            an = self.analyze(fns[name], variables, cuda_side.cbank(launch, kp.get(name, [])),
+                              f"cuda-{op}-{dtype}-{pass_}-{layout}-{i}")
+            threads = launch.blocks * launch.threads
+            kernels.append(Kernel(name, an.instructions, threads, threads // 32, an, res.get(name, {}),
+                                  launch.dynamic_smem, {"grid": [launch.blocks], "block": [launch.threads],
+                                                        "dynamic_shared": launch.dynamic_smem,
+                                                        "scalars": launch.scalars}))
+        return self._row(op, "cuda", dtype, pass_, layout, kernels, tree, C)
+
+    def _row(self, op, backend, dtype, pass_, layout, kernels, tree, C) -> Row:
+        B, H, W = SHAPE
+        P = B * H * W
+        nbytes = floor_bytes(op, pass_, P, C, DTYPES[dtype], tree.depth)
+        return Row(op, backend, dtype, pass_, layout, kernels, P, C, nbytes, FLOOR_FORMULAS[(op, pass_)],
+                   self.annotations.name)
+
+
+def selection(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str], passes: Sequence[str],
+              layouts: Sequence[str]) -> List[Tuple[str, str, str, str, str]]:
+    out = []
+    for op in ops:
+        for backend in backends:
+            for dtype in dtypes:
+                for pass_ in passes:
+                    if op == "decode" and pass_ != "forward":
+                        continue
+                    for layout in layouts:
+                        out.append((op, backend, dtype, pass_, layout))
+    return out

@@ -1,0 +1,119 @@
+"""The model's output: the assumptions block of sm90.json and the Markdown table."""
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+from typing import Dict, List
+
+from . import model, source, tools
+
+__all__ = ["assumptions", "markdown", "dated_name"]
+
+
+def assumptions(ctx: "model.Context") -> Dict[str, object]:
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "missing"
+    a = dict(model.ASSUMPTIONS)
+    B, H, W = model.SHAPE
+    a.update({
+        "issue_rate": "warp-instructions / (warp_instructions_per_clock_per_sm x sms x clock)",
+        "shape": {"B": B, "H": H, "W": W, "P": B * H * W},
+        "trees": {op: {"tree": t, "channels": c, **{k: round(v, 4) for k, v in
+                                                    source.tree_variables(ctx.tree(t)).items()}}
+                  for op, (t, c) in model.OPS.items()},
+        "calls": "the public API's defaults: reduction='mean', eps=0, ignore_index=255; tree_min gamma=2, "
+                 "tree_bce gamma=0; decode activation='sigmoid', score='sum'; labels uniform over the leaves",
+        "floor": {f"{op} {p}": f for (op, p), f in model.FLOOR_FORMULAS.items()},
+        "floor_note": "P pixels, C channels (leaves or nodes), b bytes per logit, D tree depth; the loss partials "
+                      "and the statistics' reduction are not counted",
+        "versions": {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+                     **tools.versions()},
+        "line_table_repairs": {k: {"renamed": v[0], "unresolved": v[1]} for k, v in ctx.repairs.items() if any(v)},
+    })
+    return a
+
+
+def _f(x, digits=3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x == int(x):
+            return f"{int(x):,}"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        if abs(x) >= 10:
+            return f"{x:.1f}" if digits > 2 else f"{x:.0f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def markdown(doc: dict) -> str:
+    a = doc["assumptions"]
+    rows: List[dict] = doc["kernels"]
+    out = [
+        "# Static model of the GPU kernels (sm_90)",
+        "",
+        f"{a['gpu']}: {a['sms']} SMs at {a['clock_ghz']} GHz issuing {a['warp_instructions_per_clock_per_sm']} "
+        f"warp-instructions per clock per SM; memory floor at {a['bandwidth_tb_s']} TB/s. B = {a['shape']['B']}, "
+        f"{a['shape']['H']}×{a['shape']['W']} (P = {a['shape']['P']:,} pixels). Computed on the CPU from the "
+        "compiled code: see benchmarks/results/README.md for what it can and cannot see.",
+        "",
+        "| op | backend | dtype | pass | layout | regs | spill B | smem B | load bits | SASS/elt | issue ms | "
+        "floor ms | issue/floor | |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        flag = "**issue-bound**" if r["issue_bound"] else ""
+        if r["meets_targets"]:
+            flag = "meets targets"
+        out.append(f"| {r['op']} | {r['backend']} | {r['dtype']} | {r['pass']} | {r['layout']} | "
+                   f"{_f(r['registers'])} | {_f(r['spill_bytes'])} | {_f(r['shared_bytes'])} | "
+                   f"{_f(r['global_load_bits'])} | {_f(r['sass_per_element'])} | {_f(r['issue_ms'])} | "
+                   f"{_f(r['floor_ms'])} | {_f(r['ratio'], 2)} | {flag} |")
+    out += [
+        "",
+        "Targets of the kernel rewrite, per row: issue ms ≤ 0.8 × floor ms, no spills, 128-bit loads of the logits "
+        "(\"meets targets\"). SASS/elt: instructions issued per thread × threads launched / (P × C).",
+        "",
+        "Floors (bytes the pass must move): " + "; ".join(f"{k}: {v}" for k, v in a["floor"].items()) + ".",
+        "",
+        "## Where the instructions go",
+        "",
+    ]
+    seen = set()
+    for r in rows:
+        key = (r["op"], r["backend"], r["pass"])
+        if key in seen or r["dtype"] != "float32" or r["layout"] != "nchw":
+            continue
+        seen.add(key)
+        parts = []
+        for lp in r["loops"]:
+            if lp["per_thread"] <= 0:
+                continue
+            share = lp["per_thread"] / r["instructions_per_thread"] if r["instructions_per_thread"] else 0
+            parts.append(f"{lp['line']} ×{_f(lp['trips'])}" + (f" (unrolled ×{lp['unroll']})" if lp["unroll"] > 1 else "")
+                         + f": {_f(lp['body'])}/iteration, {share:.0%}")
+        out.append(f"- {r['op']} {r['backend']} {r['pass']} (float32, nchw): {_f(r['instructions_per_thread'])} "
+                   f"instructions per thread, {r['threads']:,} threads; loops: " + ("; ".join(parts) or "none"))
+    warnings = sorted({w for r in rows for w in r["warnings"]})
+    if warnings or doc.get("failures"):
+        out += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+        out += [f"- FAILED {f['row']}: {f['error']}" for f in doc.get("failures", [])]
+    v = a["versions"]
+    out += ["", f"Tools: {', '.join(f'{k} {x}' for k, x in v.items())}.", ""]
+    return "\n".join(out)
+
+
+def dated_name(folder: Path) -> str:
+    base = f"sm90-{datetime.date.today().isoformat()}"
+    name, n = base, 1
+    while (folder / f"{name}.json").exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name

@@ -1,0 +1,318 @@
+"""The static sm_90 model (benchmarks/sm90): the SASS analysis on small hand-written listings, the
+annotations and variables, and one Triton kernel compiled end to end (skipped without ptxas/nvdisasm)."""
+import textwrap
+
+import pytest
+
+from benchmarks.sm90 import model, sass, source
+from benchmarks.sm90.sass import Annotation, SassError
+
+F = "/repo/csrc/k.cu"
+
+
+def listing(body: str, name: str = "k") -> str:
+    """nvdisasm-style text of one function: lines "L<n>: <instr>" get a line comment for source line n,
+    "label:" lines stay labels; addresses are added in order."""
+    out = [f'\t.section\t.text.{name},"ax",@progbits', f"{name}:", f".text.{name}:"]
+    addr = 0
+    for raw in textwrap.dedent(body).strip().splitlines():
+        raw = raw.strip()
+        if raw.endswith(":"):
+            out.append(raw)
+            continue
+        line, ins = raw.split(":", 1)
+        chain = [f'//## File "{F}", line {int(n)}' for n in line[1:].split("<")]
+        if len(chain) > 1:  # "L5<9": line 5 inlined at line 9
+            chain = [f'//## File "{F}", line {line[1:].split("<")[0]} inlined at "{F}", line {line.split("<")[1]}']
+        out += ["\t" + c for c in chain]
+        out.append(f"        /*{addr:04x}*/                   {ins.strip()} ;")
+        addr += 16
+    return "\n".join(out) + "\n"
+
+
+def run(text, notes, cbank=None, unannotated="error", variables=None):
+    fn = sass.parse(text)["k"]
+    ann = {(F, n): a for n, a in notes.items()}
+    return sass.analyze(fn, ann.get, lambda e, loc: source.evaluate(e, variables or {}, f"line {loc[1]}"), cbank,
+                        unannotated)
+
+
+def test_parse_reads_predicates_targets_labels_and_inlined_chains():
+    text = listing("""
+        L5<9: @!P0 BRA `(.L_x_0)
+        L6: LDG.E.128 R4, desc[UR4][R2.64]
+        .L_x_0:
+        L7: EXIT
+    """)
+    fn = sass.parse(text)["k"]
+    b, ld, ex = fn.instrs
+    assert (b.pred, b.base, b.target) == ("!P0", "BRA", ".L_x_0")
+    assert b.chain == ((F, 5), (F, 9))
+    assert ld.operands == ["R4", "desc[UR4][R2.64]"] and ld.mods == ["E", "128"]
+    assert fn.labels[".L_x_0"] == 2 and ex.chain == ((F, 7),)
+
+
+def test_nested_loops_multiply_their_annotated_trips():
+    text = listing("""
+        L10: MOV R0, RZ
+        .L_x_0:
+        L21: IADD3 R1, R1, 0x1, RZ
+        .L_x_1:
+        L31: FADD R2, R2, R3
+        L31: FADD R2, R2, R3
+        L30: @P0 BRA `(.L_x_1)
+        L21: IADD3 R4, R4, 0x1, RZ
+        L20: @P1 BRA `(.L_x_0)
+        L40: EXIT
+        .L_x_2:
+        L40: BRA `(.L_x_2)
+        L40: NOP
+    """)
+    an = run(text, {20: Annotation(trips="n_out"), 30: Annotation(trips="n_in")}, variables={"n_out": 4, "n_in": 3})
+    # MOV + 4 * (IADD3 + 3 * 3 + IADD3 + BRA) + EXIT; the padding self-loop never runs
+    assert an.instructions == 1 + 4 * (1 + 3 * 3 + 2) + 1
+    outer, inner = an.loops
+    assert (outer.source, outer.trips, outer.depth) == ((F, 20), 4, 1)
+    assert (inner.source, inner.trips, inner.depth, inner.body) == ((F, 30), 3, 2, 3)
+    assert inner.parent == 0 and outer.body == 3
+
+
+def test_unrolled_loop_and_remainder_share_the_trips():
+    text = listing("""
+        L1: MOV R0, RZ
+        .L_x_0:
+        L51: LDG.E R4, desc[UR4][R2.64]
+        L51: LDG.E R5, desc[UR4][R2.64+0x4]
+        L51: LDG.E R6, desc[UR4][R2.64+0x8]
+        L51: LDG.E R7, desc[UR4][R2.64+0xc]
+        L51: FADD R8, R4, R5
+        L51: FADD R9, R6, R7
+        L50: IADD3 R0, R0, 0x4, RZ
+        L50: ISETP.GT.AND P0, PT, R11, R0, PT
+        L50: @P0 BRA `(.L_x_0)
+        L50: ISETP.NE.AND P1, PT, R10, RZ, PT
+        L50: @!P1 BRA `(.L_x_2)
+        .L_x_1:
+        L51: LDG.E R4, desc[UR4][R2.64]
+        L51: FADD R8, R8, R4
+        L50: ISETP.NE.AND P2, PT, R10, RZ, PT
+        L50: @P2 BRA `(.L_x_1)
+        .L_x_2:
+        L60: EXIT
+    """)
+    an = run(text, {50: Annotation(trips="T")}, variables={"T": 10})
+    main, rem = an.loops
+    assert (main.unroll, main.trips, rem.unroll, rem.trips) == (4, 2, 1, 2)  # 10 = 2 * 4 + 2
+    assert an.instructions == 1 + 2 * 9 + 2 + 2 * 4 + 1
+    # a fractional T splits on average: the remainder runs (u - 1) / 2 times
+    main, rem = run(text, {50: Annotation(trips="T")}, variables={"T": 9.5}).loops
+    assert rem.trips == 1.5 and main.trips == pytest.approx(2.0)
+
+
+def test_cold_branch_skips_its_region_and_the_hot_side_keeps_counting():
+    text = listing("""
+        L5: ISETP.NE.AND P0, PT, R2, 0x1, PT
+        L6: @P0 BRA `(.L_x_0)
+        L7: FADD R1, R1, R2
+        L7: FADD R1, R1, R2
+        L7: FADD R1, R1, R2
+        .L_x_0:
+        L8: LDG.E.128 R4, desc[UR4][R2.64]
+        L9: EXIT
+    """)
+    notes = {6: Annotation(cold=True), 8: Annotation(logits=True)}
+    an = run(text, notes)
+    assert an.instructions == 4
+    assert an.cold == [{"line": (F, 6), "branch": "0010", "skipped": 3}]
+    assert run(text, {8: Annotation(logits=True)}).instructions == 7  # unannotated: both sides count
+    # if/else: the side that loads the logits is the hot one, whichever way the branch goes
+    text = listing("""
+        L5: ISETP.NE.AND P0, PT, R2, 0x1, PT
+        L6: @!P0 BRA `(.L_x_0)
+        L7: STG.E desc[UR4][R6.64], RZ
+        L7: STG.E desc[UR4][R6.64+0x4], RZ
+        L7: EXIT
+        .L_x_0:
+        L8: LDG.E R4, desc[UR4][R2.64]
+        L9: EXIT
+    """)
+    an = run(text, notes)
+    assert an.instructions == 2 + 2 and an.cold[0]["skipped"] == 3
+
+
+def test_called_slow_paths_are_not_counted():
+    text = listing("""
+        L5: MOV R40, 0x30
+        L5: CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64)
+        L5: MOV R2, R10
+        L6: EXIT
+        .L_x_9:
+        L6: BRA `(.L_x_9)
+        $__internal_0_$__cuda_sm20_div_s64:
+        L5: IADD3 R10, R1, R2, RZ
+        L5: IADD3 R10, R10, R2, RZ
+        L5: IADD3 R10, R10, R2, RZ
+        L5: RET.REL.NODEC R40 `(k)
+    """)
+    an = run(text, {})
+    assert an.instructions == 4
+    assert an.calls == ["$__internal_0_$__cuda_sm20_div_s64"]
+
+
+def test_an_unannotated_loop_is_an_error_naming_the_kernel_and_its_source():
+    text = listing("""
+        .L_x_0:
+        L12<30: FADD R2, R2, R3
+        L11<30: @P0 BRA `(.L_x_0)
+        L13: EXIT
+    """)
+    with pytest.raises(SassError, match=r"k: the SASS loop at /\*0000\*/ maps to no source loop.*k.cu:11 <- .*k.cu:30"):
+        run(text, {})
+    an = run(text, {}, unannotated="warn")
+    assert an.instructions == 3 and len(an.warnings) == 1 and "trips=1" in an.warnings[0]
+    # the annotation on the loop line of the inlined function is found through the chain
+    assert run(text, {11: Annotation(trips="5")}).instructions == 2 * 5 + 1
+
+
+def test_load_widths_and_the_widest_logits_load():
+    widths = {"LDG.E.128": 128, "LDG.E.64.CONSTANT": 64, "LDG.E": 32, "LDG.E.U16.CONSTANT": 16,
+              "LDG.E.LTC128B.128": 128, "LDG.E.S8": 8, "LDG.E.EL.64": 64}
+    for op, bits in widths.items():
+        ins = sass.parse(listing(f"L1: {op} R4, desc[UR4][R2.64]"))["k"].instrs[0]
+        assert sass.load_bits(ins) == bits, op
+    text = listing("""
+        L1: LDG.E.128 R4, desc[UR4][R2.64]
+        L2: LDG.E.64 R8, desc[UR4][R6.64]
+        L2: LDG.E R9, desc[UR4][R6.64]
+        L3: EXIT
+    """)
+    an = run(text, {2: Annotation(logits=True)})
+    assert an.load_bits == 64 and an.load_widths == [32, 64]
+    assert run(text, {}).load_bits is None
+
+
+def test_launch_constants_decide_branches_on_kernel_parameters():
+    text = listing("""
+        L1: LDC R3, c[0x0][0x210]
+        L2: ISETP.GE.AND P0, PT, R3, 0x4, PT
+        L2: @P0 BRA `(.L_x_0)
+        L3: FADD R1, R1, R2
+        L3: FADD R1, R1, R2
+        .L_x_0:
+        L4: ULDC UR4, c[0x0][0x210]
+        L4: UISETP.NE.AND UP0, UPT, UR4, 0x3, UPT
+        L4: PLOP3.LUT P1, PT, PT, PT, UP0, 0x80, 0x0
+        L4: P2R R5, PR, RZ, 0x2
+        L4: ISETP.NE.AND P3, PT, R5, RZ, PT
+        L4: @!P3 BRA `(.L_x_1)
+        L5: FMUL R1, R1, R2
+        L5: FMUL R1, R1, R2
+        L5: FMUL R1, R1, R2
+        .L_x_1:
+        L6: EXIT
+    """)
+    d3 = {0x210 + k: b for k, b in enumerate((3).to_bytes(4, "little"))}
+    assert run(text, {}, cbank=d3).instructions == 12  # D = 3: the FADDs run, the FMULs do not
+    d5 = {0x210 + k: b for k, b in enumerate((5).to_bytes(4, "little"))}
+    assert run(text, {}, cbank=d5).instructions == 13  # D = 5: the FMULs run, the FADDs do not
+    assert run(text, {}).instructions == 15  # unknown: both sides
+
+
+def test_ptx_lines_repair_a_wrong_file_in_the_line_table():
+    ptx = textwrap.dedent("""
+        .visible .entry k(
+        ) {
+        .loc 2 284 5
+        .loc 2 250 3, function_name $L__info_string0, inlined_at 1 27 5
+        }
+        .file 1 "/repo/csrc/cuda/tree_min.cu"
+        .file 2 "/repo/csrc/hss_math.h"
+    """)
+    lines = sass.ptx_lines(ptx)
+    assert lines["k"] == {("/repo/csrc/hss_math.h", 284), ("/repo/csrc/hss_math.h", 250),
+                          ("/repo/csrc/cuda/tree_min.cu", 27)}
+    text = ('\t.section\t.text.k,"ax",@progbits\nk:\n'
+            '\t//## File "/other/csrc/cuda/common.cuh", line 284 inlined at "/other/csrc/cuda/tree_min.cu", line 27\n'
+            '        /*0000*/  EXIT ;\n')
+    fn = sass.parse(text)["k"]
+    rel = {"csrc/hss_math.h", "csrc/cuda/common.cuh", "csrc/cuda/tree_min.cu"}
+    norm = lambda p: next((r for r in rel if p.endswith("/" + r)), None)  # noqa: E731
+    assert sass.repair_lines(fn, lines["k"], norm) == (1, 0)
+    assert fn.instrs[0].chain == (("csrc/hss_math.h", 284), ("/other/csrc/cuda/tree_min.cu", 27))
+
+
+def test_annotations_parse_and_resolve_by_path_suffix(tmp_path):
+    assert source.parse_annotation("for (int j = 0; j < L; ++j) {  // sm90: trips=L") == Annotation(trips="L")
+    assert source.parse_annotation("x = tl.load(p)  # sm90: logits") == Annotation(logits=True)
+    assert source.parse_annotation("if (a) {  // rare; sm90: cold") == Annotation(cold=True)
+    assert source.parse_annotation("  // sm90: trips=WALK / V; cold") == Annotation(trips="WALK / V", cold=True)
+    assert source.parse_annotation("int x;  // no annotation") is None
+    with pytest.raises(ValueError, match="unknown sm90 annotation"):
+        source.parse_annotation("// sm90: hot")
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "a.h").write_text("int a;\nfor (;;) {  // sm90: trips=2 * D\n")
+    ann = source.Annotations(tmp_path, ["csrc/*.h"])
+    assert ann(("/elsewhere/checkout/csrc/a.h", 2)) == Annotation(trips="2 * D")
+    assert ann(("/elsewhere/checkout/csrc/a.h", 1)) is None and ann(("/usr/include/a.h", 2)) is None
+    assert source.evaluate("2 * D + cdiv(L, 4)", {"D": 3, "L": 9}, "x") == 9
+    with pytest.raises(SassError, match=r"a.h:2: cannot evaluate trips='2 \* Q'.*variables: D"):
+        source.evaluate("2 * Q", {"D": 3}, "a.h:2")
+
+
+def test_tree_variables_on_a_small_tree():
+    from hss_kernels.tree import Tree
+
+    tree = Tree.from_parents([-1, 0, 0, -1])  # A(a1, a2), B: leaves a1, a2, B
+    v = source.tree_variables(tree)
+    assert (v["L"], v["V"], v["D"], v["I"], v["DI"]) == (3, 4, 2, 1, 1)
+    assert v["PATH"] == pytest.approx(5 / 3) and v["PATH_ITERS"] == 2
+    assert v["WALK"] == pytest.approx(2 / 3)  # only label B walks A's subtree (3 nodes, 2 besides A)
+
+
+def test_floor_bytes_follow_math_section_5():
+    P, C, D = 10, 66, 3
+    assert model.floor_bytes("hierarchical_softmax", "forward", P, C, 4, D) == P * C * 4 + 8 * P + 4 * 4 * P
+    assert model.floor_bytes("hierarchical_softmax", "backward", P, C, 2, D) == 2 * P * C * 2 + 8 * P + 4 * 4 * P
+    assert model.floor_bytes("tree_min", "backward", P, C, 2, D) == 2 * P * C * 2 + 8 * P
+    assert model.floor_bytes("decode", "forward", P, C, 4, D) == P * C * 4 + 8 * P
+    assert model.issue_ms(4 * 132 * 1.755e9) == pytest.approx(1e3)
+
+
+def test_cuda_launches_match_the_host_rules():
+    from benchmarks.sm90 import cuda_side
+    from hss_kernels import trees
+
+    assert cuda_side.setup_nvcc_flags() == ["-O3", "--use_fast_math"]
+    tree = trees.load("vistas_v2")
+    (bwd,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (8, 147, 1024, 1024), tree, 2.0)
+    assert (bwd.threads, bwd.dynamic_smem) == (64, 147 * 64 * 4)  # V accumulators per thread fit in 48 KiB
+    (bce,) = cuda_side.launches("tree_bce", "backward", "bfloat16", "channels_last", (8, 147, 1024, 1024), tree, 0.0)
+    assert (bce.threads, bce.dynamic_smem, bce.template) == (256, 0, "N3c108BFloat16Ef")
+    with pytest.raises(SassError, match="update benchmarks/sm90/cuda_side.py"):
+        cuda_side.cbank(bwd, [(0, 0, 8)])
+
+
+def test_one_triton_kernel_end_to_end(tmp_path):
+    """Compiles the Triton decode kernel (float32, NCHW, Vistas 2.0 sizes) as the runtime would and checks
+    the row's fields (no speed figure is a target here)."""
+    triton = pytest.importorskip("triton")
+    from benchmarks.sm90 import tools
+
+    if triton.knobs.runtime.interpret:
+        pytest.skip("TRITON_INTERPRET=1: the kernels are interpreter functions, nothing to compile")
+    try:
+        for name in ("ptxas", "nvdisasm", "cuobjdump"):
+            tools.binary(name)
+    except tools.ToolMissing as exc:
+        pytest.skip(str(exc))
+    ctx = model.Context(tmp_path, log=lambda m: None)
+    row = ctx.triton_row("decode", "float32", "forward", "nchw").as_dict()
+    assert (row["op"], row["backend"], row["dtype"], row["pass"], row["layout"]) == \
+        ("decode", "triton", "float32", "forward", "nchw")
+    assert 16 <= row["registers"] <= 255 and row["spill_bytes"] >= 0 and row["shared_bytes"] >= 1024
+    assert row["global_load_bits"] in (16, 32, 64, 128)
+    assert row["floor_ms"] == pytest.approx((8 * 2 ** 20 * 147 * 4 + 8 * 8 * 2 ** 20) / 3e12 * 1e3)
+    assert row["issue_ms"] > 0 and row["sass_per_element"] > 1 and row["ratio"] == row["issue_ms"] / row["floor_ms"]
+    (loop,) = [lp for lp in row["loops"] if lp["line"] == "hss_kernels/triton/decode.py:61"]
+    assert loop["trips"] == 4  # cdiv(123 leaves, BLOCK_L = 32)
+    assert row["threads"] == 8 * 32 * (8 * 2 ** 20 // 64) and not row["warnings"]
