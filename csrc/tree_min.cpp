@@ -365,13 +365,21 @@ inline void block_labels(const int64_t* tgt, const PixelGeom& gt, int64_t i0, in
 
 // Lanes with a NaN among their V logits x[v * ld + p] (p < n) count as bad too: a NaN loss and a NaN
 // gradient row (hss_math.h's rule; the row passes' min and max would otherwise skip some NaNs).
-template <typename A>
-void nan_lanes(const A* x, int64_t ld, int V, int64_t n, bool* valid, char* bad) {
-  alignas(64) unsigned char nan[kBlock] = {};
+template <int64_t kN, typename A>
+__attribute__((always_inline)) inline void nan_scan(const A* x, int64_t ld, int V, int64_t n, int32_t* nan) {
   for (int v = 0; v < V; ++v) {
     const A* xv = x + v * ld;
-    for (int64_t p = 0; p < n; ++p) nan[p] |= xv[p] != xv[p];
+    for (int64_t p = 0; p < (kN ? kN : n); ++p) nan[p] |= xv[p] != xv[p];  // vectorised: compare, or
   }
+}
+
+template <typename A>
+HSS_LANES_TARGETS void nan_lanes(const A* x, int64_t ld, int V, int64_t n, bool* valid, char* bad) {
+  alignas(64) int32_t nan[kBlock] = {};
+  if (n == kBlock)
+    nan_scan<kBlock>(x, ld, V, n, nan);
+  else
+    nan_scan<0>(x, ld, V, n, nan);
   for (int64_t p = 0; p < n; ++p)
     if (nan[p] && valid[p]) {
       valid[p] = false;
