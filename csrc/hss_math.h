@@ -278,7 +278,7 @@ HSS_HOST_DEVICE inline int subtree_argmax(const X& x, const TreeIndex& t, int v)
 template <typename A, typename X>
 HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int y, const A* k, A gamma, A eps,
                                             bool extrema) {
-  if (column_has_nan<A>(x, t.V)) return quiet_nan<A>();  // sm90: cold
+  if (column_has_nan<A>(x, t.V)) return quiet_nan<A>();
   A loss = A(0), l;
   if (!extrema) {
     for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
@@ -311,7 +311,7 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int 
 template <typename A, typename X, typename S, typename O>
 HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O& out, const TreeIndex& t, int y,
                                                 const A* k, A gamma, A eps, bool extrema, A g) {
-  if (column_has_nan<A>(x, t.V)) {  // sm90: cold
+  if (column_has_nan<A>(x, t.V)) {
     for (int v = 0; v < t.V; ++v) out(v, quiet_nan<A>());  // sm90: trips=V
     return;
   }
