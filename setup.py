@@ -66,7 +66,7 @@ setup(
     packages=find_packages(include=["hss_kernels", "hss_kernels.*", "benchmarks"]) + ["hss_kernels.tree_files"],
     # The tree files live in the top-level trees/ folder and install as hss_kernels/tree_files.
     package_dir={"hss_kernels.tree_files": "trees"},
-    package_data={"hss_kernels.tree_files": ["*.txt", "*.md"]},
+    package_data={"hss_kernels.tree_files": ["*.txt", "*.md"], "hss_kernels": ["gpu_auto.json"]},
     install_requires=["torch>=2.11", "numpy", "pillow", "matplotlib", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -9,19 +9,23 @@ A backend is a module that defines
   why not (extension not built, no GPU, Triton missing, ...).
 
 ``"reference"`` is :mod:`hss_kernels.reference` and runs everywhere. ``"auto"`` picks, per device, the
-first available backend that implements the op: Triton then native on a GPU, native on the CPU, then
-the reference.
+first available backend that implements the op: on the CPU native; on a CUDA device native or Triton in
+the order of ``gpu_auto.json`` for that op and dtype (written by ``python -m benchmarks.auto_choice
+--write`` from the GPU measurements committed under ``benchmarks/results/``, or from the static sm_90
+model's estimates until a GPU has measured them); then the reference.
 """
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from . import reference
 
-__all__ = ["BACKENDS", "available_backends", "resolve", "unavailable_reason"]
+__all__ = ["BACKENDS", "available_backends", "gpu_auto_order", "resolve", "unavailable_reason"]
 
 # name → module path. The modules are imported lazily: a missing Triton or extension never breaks import.
 BACKENDS: Dict[str, str] = {
@@ -29,10 +33,9 @@ BACKENDS: Dict[str, str] = {
     "triton": "hss_kernels.triton",
     "native": "hss_kernels.native",
 }
-_AUTO_ORDER = {"cuda": ["triton", "native"], "cpu": ["native"]}
-# (device type, op) → backends that "auto" passes over there because they are measured slower than the
-# reference (none at present; see benchmarks/results/README.md).
-_AUTO_SKIP: Dict[tuple, set] = {}
+_AUTO_ORDER = {"cuda": ["native", "triton"], "cpu": ["native"]}  # when gpu_auto.json has no entry
+_GPU_AUTO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_auto.json")
+_gpu_order: Optional[Dict[str, Dict[str, List[str]]]] = None
 _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 
@@ -89,12 +92,31 @@ def available_backends(device="cpu", op: Optional[str] = None) -> List[str]:
     return [b for b in BACKENDS if unavailable_reason(b, device, op) is None]
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Callable:
-    """The function that implements ``op`` for ``backend`` (or ``"auto"``) on ``device``."""
+def gpu_auto_order(op: str, dtype: Optional[torch.dtype] = None) -> List[str]:
+    """The order in which ``"auto"`` tries the backends for ``op`` on a CUDA device (``gpu_auto.json``):
+    float64 follows float32, float16 follows bfloat16 unless listed itself."""
+    global _gpu_order
+    if _gpu_order is None:
+        try:
+            with open(_GPU_AUTO) as f:
+                doc = json.load(f)
+            _gpu_order = {o: {d: c["order"] for d, c in per.items()} for o, per in doc["ops"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            _gpu_order = {}
+    per = _gpu_order.get(op, {})
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    for key in (name, {"float64": "float32", "float16": "bfloat16"}.get(name), "float32"):
+        if key in per:
+            return list(per[key])
+    return list(_AUTO_ORDER["cuda"])
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The function that implements ``op`` for ``backend`` (or ``"auto"``, which may depend on the
+    logits' ``dtype``) on ``device``."""
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, []):
-            if name in _AUTO_SKIP.get((device.type, op), ()):
-                continue
+        order = gpu_auto_order(op, dtype) if device.type == "cuda" else _AUTO_ORDER.get(device.type, [])
+        for name in order:
             if unavailable_reason(name, device, op) is None:
                 return _ops(name)[op]
         return _ops("reference")[op]

@@ -128,7 +128,7 @@ def _to4d(logits: torch.Tensor, target: torch.Tensor):
 
 def _run(op, backend, logits, target, reduction, **kw):
     x, t = _to4d(logits, target)
-    out = resolve(op, backend, logits.device)(x, t, reduction=reduction, **kw)
+    out = resolve(op, backend, logits.device, logits.dtype)(x, t, reduction=reduction, **kw)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out
@@ -299,7 +299,7 @@ def decode(
     if score not in ("sum", "mean"):
         raise ValueError(f"{fn}: score must be 'sum' or 'mean', got {score!r}")
     x, _ = _to4d(logits, logits[:, 0])
-    out = resolve(fn, backend, logits.device)(x, tree, activation=activation, score=score)
+    out = resolve(fn, backend, logits.device, logits.dtype)(x, tree, activation=activation, score=score)
     return out.reshape(logits.shape[0], *logits.shape[2:])
 
 

@@ -220,23 +220,28 @@ def test_batch_reduction_is_bitwise_repeatable_on_cpu(backend, loss):
 
 
 # ------------------------------------------------------------------ backend="auto"
-def test_auto_picks_the_real_triton_module_on_a_gpu(monkeypatch):
-    """With a GPU reported, "auto" resolves every loss (and decode) on a CUDA device to the Triton
-    module's own functions; on the CPU never to Triton (it would be the interpreter)."""
+def test_auto_picks_the_real_modules_on_a_gpu(monkeypatch):
+    """With a GPU reported, "auto" resolves every loss (and decode) on a CUDA device to the real module
+    function of the first backend in gpu_auto.json's order; on the CPU never to Triton (it would be the
+    interpreter)."""
     triton_mod = _backend("triton")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    try:  # a native backend with CUDA kernels too: Triton still comes first
+    mods = {"triton": triton_mod}
+    try:  # a native backend with CUDA kernels too
         native_mod = importlib.import_module("hss_kernels.native")
         monkeypatch.setattr(native_mod, "unavailable_reason", lambda device: None)
+        mods["native"] = native_mod
     except ImportError:
         pass
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert triton_mod.unavailable_reason(cuda) is None
     for op in ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss", "decode"):
-        assert backends.resolve(op, "auto", cuda) is triton_mod.OPS[op]
+        for dtype in (torch.float32, torch.bfloat16):
+            first = next(b for b in backends.gpu_auto_order(op, dtype) if b in mods)
+            assert backends.resolve(op, "auto", cuda, dtype) is mods[first].OPS[op]
         assert backends.resolve(op, "auto", cpu) is not triton_mod.OPS[op]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert backends.resolve("tree_min_loss", "auto", cuda) is not triton_mod.OPS["tree_min_loss"]
+    assert backends.resolve("decode", "auto", cuda) is not triton_mod.OPS["decode"]
 
 
 # ------------------------------------------------------------------ torch.compile
