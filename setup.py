@@ -76,7 +76,7 @@ setup(
         "hss-check=hss_kernels.check:main",
         "hss-demo=hss_kernels.demo:main",
         "hss-bench=benchmarks.run:main",
-        "hss-train=hss_kernels.train:main",
+        "hss-train=hss_kernels.train.cli:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

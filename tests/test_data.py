@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from hss_kernels import Tree, trees
-from hss_kernels import data as D
+from hss_kernels.train import data as D
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from hss_kernels import train as T
-from hss_kernels.data import SyntheticHierarchy
 from hss_kernels.metrics import HierarchicalMetrics
-from hss_kernels.models import build_model
+from hss_kernels.train.data import SyntheticHierarchy
+from hss_kernels.train.loop import build_tree, predict
+from hss_kernels.train.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny runs: 24x24 images, batch 4, a 2-level U-Net of width 8.
@@ -33,7 +34,7 @@ def _one_thread():
 def evaluate_checkpoint(path, loss, seed, n_val):
     """Per-depth mIoU of a checkpoint on the first ``n_val`` synthetic validation images, one process."""
     ckpt = torch.load(path, weights_only=True)
-    tree = T._tree(T.build_parser().parse_args(TINY))
+    tree = build_tree(T.build_parser().parse_args(TINY))
     model = build_model("unet", tree, loss, width=8, levels=2)
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -42,7 +43,7 @@ def evaluate_checkpoint(path, loss, seed, n_val):
     with torch.no_grad():
         for i in range(n_val):
             x, y = val[i]
-            metrics.update(T.predict(model(x[None])[0], tree, loss), y[None])
+            metrics.update(predict(model(x[None])[0], tree, loss), y[None])
     return ckpt, {str(d): m["miou"] for d, m in metrics.compute().items()}
 
 

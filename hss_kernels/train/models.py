@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tree import Tree
+from ..tree import Tree
 
-__all__ = ["UNet", "deeplabv3", "build_model", "out_channels", "LEAF_LOSSES", "NODE_LOSSES"]
+__all__ = ["UNet", "deeplabv3", "build_model", "out_channels", "LEAF_LOSSES", "NODE_LOSSES", "LOSSES"]
 
 LEAF_LOSSES = ("ce", "hier-softmax")
 NODE_LOSSES = ("tree-min", "tree-bce")
+LOSSES = LEAF_LOSSES + NODE_LOSSES
 
 
 def out_channels(tree: Tree, loss: str) -> int:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .functional import as_tree
-from .tree import Tree
+from ..functional import as_tree
+from ..tree import Tree
 
 __all__ = [
     "SyntheticHierarchy",
@@ -321,7 +321,7 @@ class SegmentationFolder(Dataset):
 
 def _need_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
-        raise FileNotFoundError(f"{what}: folder {path} does not exist (see hss_kernels.data for the expected layout)")
+        raise FileNotFoundError(f"{what}: folder {path} does not exist (see hss_kernels.train.data for the expected layout)")
     return path
 
 

@@ -1,0 +1,108 @@
+"""``hss-train`` / ``python -m hss_kernels.train``: the command line (options, their checks, ``main``).
+
+    hss-train --demo                                   # CE vs hierarchical softmax on synthetic data, CPU
+    hss-train --loss hier-softmax --tree vistas --steps 2000 --out runs/a
+    hss-train --data cityscapes --data-root /data/cityscapes --loss tree-min --amp bf16 --out runs/b
+    torchrun --nproc_per_node 8 -m hss_kernels.train --data vistas --data-root /data/vistas ...
+
+``main`` runs one training job (:func:`hss_kernels.train.loop.train`) or, with ``--demo``, the
+comparison of :mod:`hss_kernels.train.demo`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import distributed
+from .data import DATASETS
+from .models import LOSSES
+
+__all__ = ["build_parser", "check_args", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hss-train", description="Train a segmentation model with a hierarchical loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=["synthetic"] + sorted(DATASETS),
+                   help="the synthetic hierarchical data set, or a real one read from --data-root")
+    g.add_argument("--data-root", default=None, help="folder of the real data set (see hss_kernels.train.data)")
+    g.add_argument("--tree", default=None,
+                   help="shipped tree name or tree file; default: the data set's tree (synthetic: cityscapes)")
+    g.add_argument("--size", type=int, nargs="+", default=[48], help="crop size H [W]")
+    g.add_argument("--train-size", type=int, default=1024, help="synthetic: images per epoch (new ones every epoch)")
+    g.add_argument("--val-size", type=int, default=32, help="synthetic: validation images")
+    g.add_argument("--noise", type=float, default=0.6, help="synthetic: pixel noise")
+    g.add_argument("--imbalance", type=float, default=1.0, help="synthetic: Zipf exponent of the leaf frequencies")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("model and loss")
+    g.add_argument("--model", default="unet", choices=["unet", "deeplabv3"])
+    g.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution")
+    g.add_argument("--levels", type=int, default=3, help="U-Net resolutions")
+    g.add_argument("--loss", default="hier-softmax", choices=LOSSES)
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "native"])
+    g.add_argument("--gamma", type=float, default=None, help="focal gamma of tree-min / tree-bce (default 2 / 0)")
+    g.add_argument("--scale", type=float, default=1.0, help="tree-min / tree-bce scale (HSSN's c)")
+    g.add_argument("--level-weights", default=None, help="hier-softmax: comma-separated weights, one per depth")
+    g.add_argument("--triplet-weight", type=float, default=0.0, help="weight of the tree-triplet loss (0: off)")
+    g.add_argument("--triplet-ramp", default="none", choices=["none", "cosine"],
+                   help="cosine: HSSN-style weight rising from 0 to --triplet-weight over the run")
+    g.add_argument("--embed-dim", type=int, default=16, help="embedding channels for the triplet loss")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3 AdamW, 0.01 SGD)")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--poly-power", type=float, default=0.9, help="poly schedule: lr * (1 - step/steps)**power")
+    g.add_argument("--batch-size", type=int, default=8, help="images per process per step")
+    g.add_argument("--steps", type=int, default=None, help="total optimiser steps (default: --epochs epochs)")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (CPU or GPU)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: every epoch)")
+    g.add_argument("--out", default=None, help="folder for log.json, checkpoint.pt, curves.png, predictions.png")
+    g.add_argument("--resume", default=None, help="checkpoint.pt to continue from (its step count continues)")
+    g.add_argument("--num-predictions", type=int, default=4, help="validation images in predictions.png")
+    g.add_argument("--quiet", action="store_true", help="no per-evaluation tables")
+    g = p.add_argument_group("demo")
+    g.add_argument("--demo", action="store_true",
+                   help="compare flat cross-entropy with the hierarchical losses on synthetic data (CPU, minutes)")
+    g.add_argument("--demo-losses", default="ce,hier-softmax", help="losses the demo compares")
+    g.add_argument("--demo-seeds", type=int, default=3, help="demo: seeds per loss (curves are averaged)")
+    g.add_argument("--demo-jobs", type=int, default=0, help="demo: runs at a time (default: one per CPU)")
+    g.add_argument("--demo-target", type=float, default=1.0,
+                   help="demo: a depth's target mIoU is this fraction of flat cross-entropy's final mIoU there")
+    return p
+
+
+def check_args(args) -> None:
+    if args.data != "synthetic" and args.data_root is None:
+        raise SystemExit(f"hss-train: --data {args.data} needs --data-root")
+    if len(args.size) not in (1, 2) or min(args.size) < 1:
+        raise SystemExit("hss-train: --size takes one or two positive integers")
+    for name in ("batch_size", "epochs", "train_size", "val_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"hss-train: --{name.replace('_', '-')} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit("hss-train: --steps must be >= 1")
+    if args.triplet_weight < 0 or args.eval_every < 0:
+        raise SystemExit("hss-train: --triplet-weight and --eval-every must be >= 0")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.demo:
+            from .demo import demo
+
+            demo(args, argv)
+        else:
+            from .loop import train
+
+            train(args)
+    finally:
+        distributed.shutdown()
+    return 0

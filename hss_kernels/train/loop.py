@@ -1,0 +1,297 @@
+"""One training job: data, model, loss, the optimiser loop, evaluation, and the run's files.
+
+Data: the synthetic hierarchical data set of :mod:`hss_kernels.train.data` by default (generated from
+``--tree``), or a real data set from its folder (``--data NAME --data-root DIR``). Model: a small U-Net
+(or torchvision's DeepLabV3). Loss: ``--loss ce|hier-softmax|tree-min|tree-bce`` through the
+``hss_kernels`` functions with ``--backend``, plus ``--triplet-weight`` for the tree-triplet term.
+
+Evaluation runs at the end of every epoch, or every ``--eval-every`` steps, and prints the per-depth
+metrics table. Under ``--out DIR``: ``log.json`` (one record per evaluation), ``checkpoint.pt`` (tensors
+and plain containers only: it loads with ``torch.load(weights_only=True)``; ``--resume`` continues from
+it), ``curves.png`` and ``predictions.png``.
+
+Several processes: launch with ``torchrun`` (see :mod:`hss_kernels.train.distributed`); the model is
+wrapped in DistributedDataParallel, each process reads its own shard of the data, and the metrics'
+confusion matrices are summed over processes before they are reported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from .. import functional as HF
+from ..metrics import HierarchicalMetrics
+from ..tree import Tree
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .cli import check_args
+from .data import DATASETS, SyntheticHierarchy, build_dataset
+from .models import LEAF_LOSSES, build_model
+
+__all__ = ["train", "make_loss", "predict", "save_curves", "build_tree", "build_datasets"]
+
+
+# --------------------------------------------------------------------------- set-up
+def build_tree(args) -> Tree:
+    """The tree of ``--tree`` (a shipped name or a file), by default the data set's."""
+    name = args.tree
+    if name is None:
+        name = "cityscapes" if args.data == "synthetic" else DATASETS[args.data][1]
+    if os.path.isfile(name):
+        return Tree.from_file(name)
+    try:
+        return HF.as_tree(name)
+    except ValueError as exc:
+        raise SystemExit(f"hss-train: --tree: {exc}")
+
+
+def build_datasets(args, tree):
+    """``(training set, validation set)`` of ``--data`` (synthetic: generated from ``tree``)."""
+    size = tuple(args.size) if len(args.size) == 2 else (args.size[0],) * 2
+    if args.data == "synthetic":
+        train_ds = SyntheticHierarchy(tree, length=args.train_size, size=size, seed=args.seed, noise=args.noise,
+                                      imbalance=args.imbalance)
+        # Same seed (same class colours), images far away from the training stream's.
+        val_ds = SyntheticHierarchy(tree, length=args.val_size, size=size, seed=args.seed, noise=args.noise,
+                                    imbalance=args.imbalance, offset=2 ** 40)
+        return train_ds, val_ds
+    return (build_dataset(args.data, args.data_root, True, size, tree, seed=args.seed),
+            build_dataset(args.data, args.data_root, False, size, tree, seed=args.seed))
+
+
+# --------------------------------------------------------------------------- losses and decoding
+def _parse_weights(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"hss-train: --level-weights must be comma-separated numbers, got {text!r}")
+
+
+def make_loss(args, tree):
+    """``loss(logits, target) -> scalar`` for ``args.loss`` (float32 for any logits dtype)."""
+    ignore = 255
+    weights = _parse_weights(args.level_weights)
+    if weights is not None and len(weights) != tree.depth:
+        raise SystemExit(f"hss-train: --level-weights needs {tree.depth} values for this tree, got {len(weights)}")
+    gamma = args.gamma if args.gamma is not None else (2.0 if args.loss == "tree-min" else 0.0)
+
+    def loss(logits, target):
+        if args.loss == "ce":
+            if not bool((target != ignore).any()):
+                return logits.float().sum() * 0.0
+            return F.cross_entropy(logits.float(), target, ignore_index=ignore)
+        if args.loss == "hier-softmax":
+            return HF.hierarchical_softmax_loss(logits, target, tree, level_weights=weights, ignore_index=ignore,
+                                                backend=args.backend)
+        fn = HF.tree_min_loss if args.loss == "tree-min" else HF.tree_bce_loss
+        return fn(logits, target, tree, gamma=gamma, scale=args.scale, ignore_index=ignore, backend=args.backend)
+
+    return loss
+
+
+def predict(logits: torch.Tensor, tree, loss: str, backend: str = "auto") -> torch.Tensor:
+    """Leaf label per pixel (int64 ``(N, H, W)``): argmax of leaf logits, or the best root-to-leaf path
+    of node logits (:func:`hss_kernels.decode`)."""
+    if loss in LEAF_LOSSES:
+        return logits.argmax(1)
+    return HF.decode(logits.float(), tree, backend=backend)
+
+
+# --------------------------------------------------------------------------- records and plots
+def _summary(metrics: Dict[int, dict]) -> Dict[str, dict]:
+    """JSON-able per-depth metrics (NaN IoU of a class absent from both prediction and target → None)."""
+    out = {}
+    for d, m in metrics.items():
+        out[str(d)] = {k: float(m[k]) for k in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou")}
+        out[str(d)]["iou"] = [None if math.isnan(v) else float(v) for v in m["iou"].tolist()]
+    return out
+
+
+def save_curves(path, log: List[dict], title: str = "") -> None:
+    """``curves.png``: training/validation loss and mIoU per depth against steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(steps, [r["train_loss"] for r in log], "o-", label="training")
+    a.plot(steps, [r["val_loss"] for r in log], "s--", label="validation")
+    a.set_xlabel("step"); a.set_ylabel("loss"); a.legend(); a.grid(alpha=0.3)
+    depths = sorted(log[0]["metrics"], key=int) if log else []
+    for d in depths:
+        b.plot(steps, [r["metrics"][d]["miou"] for r in log], "o-", label=f"depth {d}")
+    b.set_xlabel("step"); b.set_ylabel("validation mIoU"); b.set_ylim(0, 1); b.legend(); b.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- training
+def train(args) -> dict:
+    """Run one training job described by parsed ``args`` (see :func:`hss_kernels.train.cli.build_parser`).
+
+    Returns ``{"log": [records], "step": final step, "metrics": last evaluation's per-depth metrics}``
+    (the same on every process).
+    """
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = distributed.setup(args.device)
+    tree = build_tree(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)  # identical initial weights in every process
+    train_ds, val_ds = build_datasets(args, tree)
+    use_triplet = args.triplet_weight > 0
+    model = build_model(args.model, tree, args.loss, embed_dim=args.embed_dim if use_triplet else 0,
+                        width=args.width, levels=args.levels).to(device)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.01)
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        drop_last=True, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(val_ds, batch_size=args.batch_size, sampler=distributed.EvalShard(len(val_ds), rank, world),
+                            num_workers=args.workers)
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise SystemExit(f"hss-train: {len(train_ds)} training images are fewer than one batch of "
+                         f"{args.batch_size} per process x {world} processes")
+    total = args.steps if args.steps is not None else args.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: max(0.0, 1.0 - min(s, total) / total) ** args.poly_power)
+
+    step, log = 0, []
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        cfg = ckpt.get("config", {})
+        for key in ("loss", "model", "width", "levels"):
+            if key in cfg and cfg[key] != getattr(args, key):
+                raise SystemExit(f"hss-train: --resume {args.resume} was trained with --{key} {cfg[key]}, "
+                                 f"not {getattr(args, key)}")
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise SystemExit(f"hss-train: --resume {args.resume} does not fit this model/tree: {exc}")
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, log = int(ckpt["step"]), list(ckpt.get("log", []))
+
+    loss_fn = make_loss(args, tree)
+    metrics = HierarchicalMetrics(tree, ignore_index=255, device=device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16" else nullcontext
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # triplet sampling, per process
+    show = rank == 0 and not args.quiet
+
+    def evaluate(epoch: int, train_loss: float, rate: float) -> dict:
+        model.eval()
+        metrics.reset()
+        vloss, vcount, shown = 0.0, 0.0, []
+        with torch.no_grad(), autocast():
+            for images, targets in val_loader:
+                images, targets = images.to(device), targets.to(device)
+                logits, _ = model(images)  # the bare module: no DDP synchronisation for uneven shards
+                n = float((targets != 255).sum())
+                vloss += float(loss_fn(logits, targets)) * n
+                vcount += n
+                pred = predict(logits, tree, args.loss, args.backend)
+                metrics.update(pred, targets)
+                if len(shown) < args.num_predictions:
+                    shown.append((images.float().cpu(), pred.cpu(), targets.cpu()))
+        metrics.all_reduce()
+        vloss = distributed.mean_over_processes(vloss, vcount, device)
+        model.train()
+        record = {"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": vloss,
+                  "lr": opt.param_groups[0]["lr"], "images_per_s": rate, "metrics": _summary(metrics.compute())}
+        log.append(record)
+        if show:
+            print(f"\nstep {step}/{total}  train loss {train_loss:.4f}  val loss {vloss:.4f}  ({args.loss})")
+            print(metrics.table(), flush=True)
+        if out is not None and rank == 0:
+            write_json(out / "log.json", log)
+            save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, epoch, log, args)
+            save_curves(out / "curves.png", log, title=f"{args.loss} on {args.data}")
+            if shown:
+                from ..viz import save_prediction_grid
+
+                imgs = torch.cat([s[0] for s in shown])[: args.num_predictions]
+                preds = torch.cat([s[1] for s in shown])[: args.num_predictions]
+                tgts = torch.cat([s[2] for s in shown])[: args.num_predictions]
+                save_prediction_grid(out / "predictions.png", tree, preds, tgts, images=val_ds.denormalize(imgs),
+                                     ignore_index=255, scale=max(1, math.ceil(96 / imgs.shape[-2])))
+        return record
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=args.loss, unit="step", dynamic_ncols=True,
+               disable=rank > 0 or not sys.stderr.isatty())
+    run_loss, run_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    epoch = step // per_epoch
+    model.train()
+    while step < total:
+        sampler.set_epoch(epoch)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        evaluated = False
+        for images, targets in loader:
+            if step >= total:
+                break
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast():
+                logits, emb = net(images)
+            loss = loss_fn(logits, targets)
+            if use_triplet:
+                w = args.triplet_weight
+                if args.triplet_ramp == "cosine":
+                    w *= 0.5 * (1.0 - math.cos(math.pi * step / total))
+                loss = loss + w * HF.tree_triplet_loss(emb.float(), targets, tree, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            run_loss += float(loss.detach())
+            run_n += 1
+            seen += images.shape[0] * world
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{run_loss / run_n:.3f}", img_s=f"{rate:.1f}")
+            evaluated = False
+            if args.eval_every and (step % args.eval_every == 0 or step == total):
+                evaluate(epoch, distributed.mean_over_processes(run_loss, run_n, device), rate)
+                run_loss, run_n, evaluated = 0.0, 0, True
+        epoch += 1
+        if not evaluated and (not args.eval_every or step == total) and run_n:
+            evaluate(epoch, distributed.mean_over_processes(run_loss, run_n, device), seen / max(time.perf_counter() - t0, 1e-9))
+            run_loss, run_n = 0.0, 0
+    bar.close()
+    if not log or log[-1]["step"] != step:  # e.g. resumed at the end: still report where we are
+        evaluate(epoch, float("nan"), 0.0)
+    final = log[-1]["metrics"]
+    if world > 1:
+        # One line per process: the metrics are summed over processes, so every line must agree.
+        print(f"[rank {rank}/{world}] final metrics: {json.dumps({d: final[d]['miou'] for d in final})}", flush=True)
+    return {"log": log, "step": step, "metrics": final}
