@@ -20,6 +20,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # about the GPU build. A kernel that wants a fast intrinsic calls it explicitly, where its error is known.
 # benchmarks/sm90 reads this list (with ast) to compile the same code.
 NVCC_FLAGS = ["-O3"]
+# hss-train (hss_kernels.train) and the pictures (hss_kernels.viz): the distributions of
+# hss_kernels/_extras.py's TRAIN (tests/test_dependencies.py checks that they agree).
+TRAIN_EXTRA = ["numpy", "pillow", "matplotlib", "tqdm"]
+# Triton's interpreter module, which the Triton backend imports, needs NumPy; triton does not declare it.
+TRITON_EXTRA = ["triton>=3.6", "numpy"]
 
 
 def extensions():
@@ -67,10 +72,13 @@ setup(
     # The tree files live in the top-level trees/ folder and install as hss_kernels/tree_files.
     package_dir={"hss_kernels.tree_files": "trees"},
     package_data={"hss_kernels.tree_files": ["*.txt", "*.md"], "hss_kernels": ["gpu_auto.json"]},
-    install_requires=["torch>=2.11", "numpy", "pillow", "matplotlib", "tqdm"],
+    # The core library (trees, losses, decoding, metrics, hss-check) needs torch only.
+    install_requires=["torch>=2.11"],
     extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark"],
+        "train": TRAIN_EXTRA,
+        "triton": TRITON_EXTRA,
+        # Everything the test suite exercises: training and pictures, Triton under its interpreter.
+        "test": list(dict.fromkeys(["pytest", "pytest-benchmark"] + TRAIN_EXTRA + TRITON_EXTRA)),
     },
     entry_points={"console_scripts": [
         "hss-check=hss_kernels.check:main",

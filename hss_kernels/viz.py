@@ -7,7 +7,7 @@
 * :func:`save_prediction_grid`: a PNG with one row per sample: image | depth 1 | ... | leaves, the
   prediction and the target side by side at each depth.
 
-Only NumPy and Pillow are used.
+NumPy and Pillow are needed (``pip install "hss_kernels[train]"``); the core library does without them.
 """
 from __future__ import annotations
 
@@ -15,11 +15,15 @@ import colorsys
 from functools import lru_cache
 from typing import List, Optional, Sequence, Union
 
-import numpy as np
-import torch
+from ._extras import require_train
 
-from .functional import as_tree
-from .tree import Tree
+require_train("hss_kernels.viz", ("numpy", "PIL"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .functional import as_tree  # noqa: E402
+from .tree import Tree  # noqa: E402
 
 __all__ = ["palette", "colorize", "save_prediction_grid"]
 

@@ -9,9 +9,16 @@ One module per job:
 * :mod:`~hss_kernels.train.demo`: ``hss-train --demo``, flat cross-entropy against the hierarchical losses;
 * :mod:`~hss_kernels.train.data`: the synthetic data set and the real data sets' folder layouts;
 * :mod:`~hss_kernels.train.models`: a small U-Net and torchvision's DeepLabV3.
+
+Beyond torch it needs NumPy, Pillow, Matplotlib and tqdm (``pip install "hss_kernels[train]"``): importing
+it without them fails at once, not an hour into a run at the first plot.
 """
-from .cli import build_parser, main
-from .demo import demo
-from .loop import train
+from .._extras import require_train
+
+require_train("hss_kernels.train (hss-train)")
+
+from .cli import build_parser, main  # noqa: E402
+from .demo import demo  # noqa: E402
+from .loop import train  # noqa: E402
 
 __all__ = ["main", "train", "build_parser", "demo"]
