@@ -82,7 +82,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "hss-check=hss_kernels.check:main",
-        "hss-demo=hss_kernels.demo:main",
         "hss-bench=benchmarks.run:main",
         "hss-train=hss_kernels.train.cli:main",
     ]},
