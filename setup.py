@@ -68,7 +68,9 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["hss_kernels", "hss_kernels.*", "benchmarks"]) + ["hss_kernels.tree_files"],
+    # benchmarks/ is not installed: it runs from the checkout (python -m benchmarks), next to the results it
+    # writes and reads and the sources it compiles.
+    packages=find_packages(include=["hss_kernels", "hss_kernels.*"]) + ["hss_kernels.tree_files"],
     # The tree files live in the top-level trees/ folder and install as hss_kernels/tree_files.
     package_dir={"hss_kernels.tree_files": "trees"},
     package_data={"hss_kernels.tree_files": ["*.txt", "*.md"], "hss_kernels": ["gpu_auto.json"]},
@@ -82,7 +84,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "hss-check=hss_kernels.check:main",
-        "hss-bench=benchmarks.run:main",
         "hss-train=hss_kernels.train.cli:main",
     ]},
     ext_modules=ext_modules,

@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the same command as ``hss-bench`` (see :mod:`benchmarks.run`)."""
+"""``python -m benchmarks`` from the checkout (see :mod:`benchmarks.run`)."""
 import sys
 
 from .run import main

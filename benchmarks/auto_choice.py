@@ -5,7 +5,7 @@
 
 The figures come from what is committed under ``benchmarks/results/``:
 
-* **measured** (preferred): the newest ``hss-bench`` JSON run on a CUDA device that timed an op in a
+* **measured** (preferred): the newest ``python -m benchmarks`` JSON run on a CUDA device that timed an op in a
   dtype for both the Triton and the native backend: the median ms of ``forward+backward`` (``forward``
   for decode), whatever the configuration (the GPU session times vistas for the hierarchical softmax
   and vistas2 for the rest);

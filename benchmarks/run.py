@@ -1,4 +1,4 @@
-"""``hss-bench`` / ``python -m benchmarks``: compare the loss implementations on this machine.
+"""``python -m benchmarks`` (from the checkout): compare the loss implementations on this machine.
 
 For each configuration, loss, backend (whichever of ``reference``, ``reference+compile``, ``triton``,
 ``native`` run here, plus the flat PyTorch baseline a user would otherwise run) and pass, it reports the
@@ -11,9 +11,9 @@ Examples::
 
     python -m benchmarks                          # GPU: cityscapes, vistas, vistas2, ppp; CPU: small
     python -m benchmarks --config small,medium --out benchmarks/results
-    hss-bench --config vistas --dtype bfloat16 --loss hierarchical_softmax --backend reference,triton
-    hss-bench --config small --sweep
-    hss-bench --config vistas:hierarchical_softmax,vistas2:tree_min+tree_bce+decode --backend triton,native \
+    python -m benchmarks --config vistas --dtype bfloat16 --loss hierarchical_softmax --backend reference,triton
+    python -m benchmarks --config small --sweep
+    python -m benchmarks --config vistas:hierarchical_softmax,vistas2:tree_min+tree_bce+decode --backend triton,native \
         --time-limit 120 --check-size 64x64      # what python -m benchmarks.gpu_session runs
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .measure import PASSES
 
     p = argparse.ArgumentParser(
-        prog="hss-bench", description=__doc__.split("\n\n")[0],
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Configurations: " + "; ".join(
             f"{c.name} = tree {c.tree}, B={c.batch}, {c.height}x{c.width}" for c in CONFIGS.values()))
@@ -448,7 +448,7 @@ def run(args) -> dict:
     t_end = None if getattr(args, "time_limit", None) is None else time.monotonic() + args.time_limit
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("hss-bench: --device cuda but torch sees no CUDA device")
+        raise SystemExit("benchmarks: --device cuda but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -460,9 +460,8 @@ def run(args) -> dict:
         configs.append(C.Config(cfg.name, cfg.tree, args.batch or cfg.batch, h, w, cfg.note))
 
     info = M.machine_info(device)
-    prog = "python -m benchmarks" if sys.argv and sys.argv[0].endswith("__main__.py") else "hss-bench"
-    info["command"] = " ".join([prog, shlex.join(list(getattr(args, "argv", [])))]).strip()
-    print(f"hss-bench on {info['device_name']}: measuring the copy bandwidth", file=sys.stderr, flush=True)
+    info["command"] = " ".join(["python -m benchmarks", shlex.join(list(getattr(args, "argv", [])))]).strip()
+    print(f"benchmarks on {info['device_name']}: measuring the copy bandwidth", file=sys.stderr, flush=True)
     copy = M.copy_bandwidth(device, None if args.copy_mib is None else args.copy_mib << 20)
     doc = {"meta": info, "copy_bandwidth": copy, "configs": [], "sweep": None,
            "columns": COLUMNS}
@@ -514,7 +513,7 @@ COLUMNS = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``hss-bench`` and ``python -m benchmarks``. Returns the exit status."""
+    """Entry point of ``python -m benchmarks``. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
