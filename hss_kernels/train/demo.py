@@ -108,7 +108,7 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
         root = Path(args.out)
         root.mkdir(parents=True, exist_ok=True)
     else:
-        tmp = tempfile.TemporaryDirectory(prefix="hss-demo-")
+        tmp = tempfile.TemporaryDirectory(prefix="hss-train-demo-")
         root = Path(tmp.name)
     print(f"[demo] {', '.join(losses)} x seeds {', '.join(map(str, seeds))}: {base.steps} steps each, {jobs} "
           f"run(s) at a time, {threads} thread(s) each; outputs in {root}", flush=True)

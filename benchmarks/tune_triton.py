@@ -1,9 +1,11 @@
-"""Time the Triton kernels' variants on a GPU, to choose the defaults (``python -m hss_kernels.triton._tune``).
+"""Time the Triton kernels' variants on a GPU, to choose the defaults (``python -m benchmarks.tune_triton``).
 
 Prints one line per (loss, dtype, variant, tile): milliseconds for forward, backward and the single
 pass, and GB/s on the bytes MATH.md §5 counts (logits read once per pass, gradient written once).
-Variants: the pixel block (``_common.block_sizes``) and, for tree-min, ``tree_min.USE_SCAN``. The
-project's benchmarks (comparisons with PyTorch and the other backends) live under ``benchmarks/``.
+Variants: the pixel block (``hss_kernels.triton._common.block_sizes``) and, for tree-min,
+``hss_kernels.triton.tree_min.USE_SCAN``. Times come from :func:`benchmarks.measure.time_pass` (CUDA
+events on a GPU, ``perf_counter`` elsewhere; one untimed run first, which compiles). The comparisons with
+PyTorch and the other backends are ``python -m benchmarks``.
 """
 from __future__ import annotations
 
@@ -11,36 +13,21 @@ import argparse
 
 import torch
 
-from .. import trees
-from . import _common as C
-from . import tree_min as tm
-from .hierarchical_softmax import hierarchical_softmax_loss, hierarchical_softmax_loss_and_grad
+from hss_kernels import trees
+from hss_kernels.triton import _common as C
+from hss_kernels.triton import tree_min as tm
+from hss_kernels.triton.hierarchical_softmax import hierarchical_softmax_loss, hierarchical_softmax_loss_and_grad
+
+from .measure import time_pass
 
 
-def _timer(fn, reps: int) -> float:
-    """Median milliseconds of ``fn`` (CUDA events on a GPU, wall clock elsewhere)."""
-    import time
-    times = []
-    for i in range(reps + 1):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ms = a.elapsed_time(b)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        if i:  # the first run compiles
-            times.append(ms)
-    return sorted(times)[len(times) // 2]
+def _timer(fn, reps: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs after one untimed run."""
+    return time_pass(lambda i: None, lambda _: fn(), device, reps=reps, warmup=1).median_ms
 
 
 def run(shape=(8, 1024, 1024), dtypes=("float32", "bfloat16"), block_ps=(None, 8, 16, 32), reps=10, device=None):
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     N, H, W = shape
     original = C.block_sizes
     cases = [("hierarchical_softmax", trees.load("vistas"), False),
@@ -66,9 +53,9 @@ def run(shape=(8, 1024, 1024), dtypes=("float32", "bfloat16"), block_ps=(None, 8
                         fwd = lambda: tm.tree_min_loss(x, y, tree)  # noqa: E731
                         one = lambda: tm.tree_min_loss_and_grad(x, y, tree)  # noqa: E731
                     loss = fwd()
-                    t_fwd = _timer(fwd, reps)
-                    t_bwd = _timer(lambda: torch.autograd.grad(loss, x, retain_graph=True), reps)
-                    t_one = _timer(one, reps)
+                    t_fwd = _timer(fwd, reps, device)
+                    t_bwd = _timer(lambda: torch.autograd.grad(loss, x, retain_graph=True), reps, device)
+                    t_one = _timer(one, reps, device)
                 finally:
                     C.block_sizes = original
                     tm.USE_SCAN = False
