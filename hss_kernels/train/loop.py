@@ -285,7 +285,8 @@ def train(args) -> dict:
                 run_loss, run_n, evaluated = 0.0, 0, True
         epoch += 1
         if not evaluated and (not args.eval_every or step == total) and run_n:
-            evaluate(epoch, distributed.mean_over_processes(run_loss, run_n, device), seen / max(time.perf_counter() - t0, 1e-9))
+            evaluate(epoch, distributed.mean_over_processes(run_loss, run_n, device),
+                     seen / max(time.perf_counter() - t0, 1e-9))
             run_loss, run_n = 0.0, 0
     bar.close()
     if not log or log[-1]["step"] != step:  # e.g. resumed at the end: still report where we are
