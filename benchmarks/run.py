@@ -23,6 +23,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["main", "parse_args", "run"]
@@ -193,147 +194,243 @@ def _crop(s: dict, size) -> dict:
     return {k: v[:1, ..., :h, :w].contiguous() for k, v in s.items()}
 
 
+@dataclass
+class _ConfigRun:
+    """What the steps of one configuration's benchmark share."""
+    cfg: object                      # cases.Config
+    args: argparse.Namespace
+    device: object                   # torch.device
+    dtype: object                    # torch.dtype
+    copy_gbps: float
+    deadline: Optional[float]        # time.monotonic() after which no row starts
+    tree: object                     # the configuration's Tree
+    check_size: Optional[tuple]      # (h, w) crop of image 0 for the check column, or None: whole input
+    cache: int                       # bytes of the last-level cache (how many input sets to rotate)
+    elem: int                        # bytes per logit
+    # Rows whose peak memory the CPU probe measures afterwards, with the (loss, backend, pass) it runs.
+    mem_requests: List[tuple] = field(default_factory=list)
+
+    @property
+    def pixels(self) -> int:
+        return self.cfg.batch * self.cfg.height * self.cfg.width
+
+
 def bench_config(cfg, args, device, dtype, copy_gbps: float, deadline: Optional[float] = None) -> dict:
     """Every row of one configuration (a dict for the JSON: the configuration and its rows). Rows that
-    would start after ``deadline`` (``time.monotonic()``) are listed as skipped."""
+    would start after ``deadline`` (``time.monotonic()``) are listed as skipped.
+
+    The steps, per loss: the input sets (:func:`_inputs`), the reference's output for the check column
+    (:func:`_reference_output`), then the rows of every backend in order, the flat PyTorch baseline last
+    (:func:`_row_order`, :func:`_backend_rows`: time, bytes, check, memory per pass); then the CPU's peak
+    memory in a fresh process (:func:`_cpu_peak_memory`) and the speed-ups (:func:`_speedups`).
+    """
     import torch
 
     from . import cases as C
     from . import measure as M
-    from .memprobe import METHOD as CPU_MEM_METHOD
-    from .memprobe import probe
 
     tree = C.load_tree(cfg.tree)
-    P = cfg.batch * cfg.height * cfg.width
-    cuda = device.type == "cuda"
-    cache = M.cache_bytes(device)
     out = {"name": cfg.name, "tree": cfg.tree, "leaves": tree.num_leaves, "nodes": tree.num_nodes,
            "depth": tree.depth, "batch": cfg.batch, "height": cfg.height, "width": cfg.width,
-           "pixels": P, "dtype": args.dtype, "note": cfg.note, "rows": []}
+           "pixels": cfg.batch * cfg.height * cfg.width, "dtype": args.dtype, "note": cfg.note, "rows": []}
     check_size = getattr(args, "check_size", None)
     if check_size is not None:
         check_size = (min(check_size[0], cfg.height), min(check_size[1], cfg.width))
         out["check_size"] = list(check_size)
-    mem_requests = []
+    run = _ConfigRun(cfg, args, device, dtype, copy_gbps, deadline, tree, check_size, M.cache_bytes(device),
+                     torch.empty((), dtype=dtype).element_size())
     for loss in getattr(args, "config_losses", {}).get(cfg.name, args.losses):
-        spec = C.LOSSES[loss]
-        status = C.hss_backends_for(spec, device, args.backends_named)
-        passes = [p for p in args.pass_list if spec.has_backward or p == "forward"]
-        if not passes:
-            continue
-        if _time_up(deadline):
-            for b in [b for b in C.HSS_BACKENDS if b in status] + ["flat"]:
-                for p in passes:  # a backend missing here keeps its own reason
-                    out["rows"].append(dict(_row_base(cfg.name, loss, b, p, C.row_label(spec, b, device)),
-                                            status="skipped", reason=status.get(b) or _time_limit_reason(args)))
-            continue
-        channels = tree.num_leaves if spec.channels == "leaves" else tree.num_nodes
-        elem = torch.empty((), dtype=dtype).element_size()
-        dense = "binary" in spec.baseline
-        set_bytes = P * channels * elem * (2 if dense else 1) + P * 8
-        n_sets = C.n_input_sets(set_bytes, cache)
-        try:
-            torch.manual_seed(args.seed)
-            sets = C.make_inputs(spec, tree, cfg.batch, cfg.height, cfg.width, dtype, device, n_sets, dense)
-        except Exception as exc:  # e.g. out of memory at a size too large for this device
-            failed = f"inputs: {type(exc).__name__}: {exc}".splitlines()[0]
-        else:
-            failed = None
-        if failed is not None:
-            for b in list(status) + ["flat"]:
-                for p in passes:
-                    out["rows"].append(dict(_row_base(cfg.name, loss, b, p, b), status="error", reason=failed))
-            M.collect()
-            continue
-        order = [b for b in C.HSS_BACKENDS if b in status] + ["flat"]
-        ref_out, ref_error = None, None
-        if any(why is None for why in status.values()):
-            try:  # the reference's output, once per loss, for the check column
-                ref_out = C.forward_output(spec, tree, "reference", _crop(sets[0], check_size))
-            except Exception as exc:
-                ref_error = f"reference failed: {type(exc).__name__}: {exc}".splitlines()[0]
-            M.collect()
-        for backend in order:
-            why = status.get(backend)
-            interp = device.type == "cpu" and backend == "triton"
-            label = C.row_label(spec, backend, device)
-            if why is not None:
-                for p in passes:
-                    out["rows"].append(dict(_row_base(cfg.name, loss, backend, p, backend), status="skipped",
-                                            reason=why))
-                continue
-            fn, check, check_note, failed = None, None, None, None
-            try:
-                if backend == "reference+compile":
-                    torch._dynamo.reset()  # fresh compile caches: no recompile limit across sizes
-                fn = C._call(spec, tree, backend)
-                if backend != "flat":
-                    got = C.forward_output(spec, tree, backend, _crop(sets[0], check_size), fn)
-                    if ref_out is not None:
-                        check = C.check_value(spec, got, ref_out)
-                    else:
-                        check_note = ref_error
-                    del got
-            except Exception as exc:
-                failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if failed is not None:
-                for p in passes:
-                    out["rows"].append(dict(_row_base(cfg.name, loss, backend, p, label), status="error",
-                                            reason=failed))
-                fn = None
-                M.collect()  # after the except block: its traceback no longer pins the tensors
-                continue
-            for p in passes:
-                row = _row_base(cfg.name, loss, backend, p, label)
-                if _time_up(deadline):
-                    out["rows"].append(dict(row, status="skipped", reason=_time_limit_reason(args)))
-                    continue
-                row["interpreter"] = interp
-                try:
-                    case = C.build_case(spec, tree, backend, p, sets, fn)
-                    timing = M.time_pass(case.setup, case.run, device, n_sets=n_sets, reps=args.reps,
-                                         warmup=args.warmup)
-                    row.update(status="ok", **timing.as_dict())
-                    nbytes = M.bytes_moved(p, P, case.channels, elem, case.label_bytes, case.out_bytes)
-                    row.update(pixels=P, channels=case.channels, elem_bytes=elem,
-                               label_bytes_per_pixel=case.label_bytes, out_bytes=case.out_bytes, bytes=nbytes,
-                               n_input_sets=n_sets, GBps=nbytes / (timing.median_ms * 1e-3) / 1e9)
-                    row["copy_share"] = row["GBps"] / copy_gbps if copy_gbps else None
-                    row["check"] = check
-                    if check_note:
-                        row["check_note"] = check_note
-                    row["check_kind"] = None if check is None else (
-                        "fraction of labels differing from the reference" if loss == "decode"
-                        else "relative difference of the loss from the reference") + (
-                        "" if check_size is None else f" on a {check_size[0]}x{check_size[1]} crop of image 0")
-                    if args.memory == "on" and cuda:
-                        row["peak_extra_bytes"] = M.cuda_peak_extra(case.setup, case.run, device)
-                        row["memory_method"] = ("CUDA: max_memory_allocated after reset_peak_memory_stats, "
-                                                "minus memory_allocated before the call")
-                    elif args.memory == "on" and not interp:
-                        mem_requests.append((len(out["rows"]), [loss, backend, p]))
-                    else:
-                        row["peak_extra_bytes"] = None
-                        row["memory_method"] = "not measured"
-                except Exception as exc:
-                    row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
-                if row.get("status") == "error":
-                    M.collect()
-                out["rows"].append(row)
-                print(_progress(row), file=sys.stderr, flush=True)
-            del fn
-        del sets, ref_out
-        M.collect()
-    if mem_requests:
-        req = {"tree": cfg.tree, "batch": cfg.batch, "height": cfg.height, "width": cfg.width,
-               "dtype": args.dtype, "threads": torch.get_num_threads(), "cases": [c for _, c in mem_requests]}
-        print(f"[{cfg.name}] measuring peak memory in a fresh process ({len(mem_requests)} rows)",
-              file=sys.stderr, flush=True)
-        for (i, _), res in zip(mem_requests, probe(req)):
-            out["rows"][i]["peak_extra_bytes"] = res.get("peak_extra_bytes")
-            out["rows"][i]["memory_method"] = CPU_MEM_METHOD if "error" not in res else res["error"]
+        out["rows"] += _loss_rows(run, loss)
+    if run.mem_requests:
+        _cpu_peak_memory(run)
     _speedups(out["rows"])
     return out
+
+
+def _row_order(status: Dict[str, Optional[str]]) -> List[str]:
+    """The rows' backends: the library's (``status``: available, or why not) in the usual order, then
+    ``flat``, the PyTorch baseline a user would otherwise run on the same logits (no check column)."""
+    from . import cases as C
+
+    return [b for b in C.HSS_BACKENDS if b in status] + ["flat"]
+
+
+def _loss_rows(run: _ConfigRun, loss: str) -> List[dict]:
+    """Every row of one loss: each backend's (and the flat baseline's) passes."""
+    from . import cases as C
+    from . import measure as M
+
+    cfg, args, device = run.cfg, run.args, run.device
+    spec = C.LOSSES[loss]
+    status = C.hss_backends_for(spec, device, args.backends_named)
+    passes = [p for p in args.pass_list if spec.has_backward or p == "forward"]
+    if not passes:
+        return []
+    if _time_up(run.deadline):
+        return [dict(_row_base(cfg.name, loss, b, p, C.row_label(spec, b, device)), status="skipped",
+                     reason=status.get(b) or _time_limit_reason(args))  # a missing backend keeps its reason
+                for b in _row_order(status) for p in passes]
+    sets, n_sets, failed = _inputs(run, spec)
+    if failed is not None:
+        rows = [dict(_row_base(cfg.name, loss, b, p, b), status="error", reason=failed)
+                for b in list(status) + ["flat"] for p in passes]
+        M.collect()
+        return rows
+    ref_out, ref_error = None, None
+    if any(why is None for why in status.values()):
+        ref_out, ref_error = _reference_output(run, spec, sets)
+    rows: List[dict] = []
+    for backend in _row_order(status):
+        rows += _backend_rows(run, spec, loss, backend, status.get(backend), passes, sets, n_sets, ref_out,
+                              ref_error)
+    del sets, ref_out
+    M.collect()
+    return rows
+
+
+def _inputs(run: _ConfigRun, spec):
+    """``(input sets, number of sets, None)``, as many sets as it takes to rotate them out of the
+    last-level cache, or ``(None, n, reason)`` when they cannot be made (e.g. out of memory)."""
+    import torch
+
+    from . import cases as C
+
+    cfg, tree = run.cfg, run.tree
+    channels = tree.num_leaves if spec.channels == "leaves" else tree.num_nodes
+    dense = "binary" in spec.baseline
+    set_bytes = run.pixels * channels * run.elem * (2 if dense else 1) + run.pixels * 8
+    n_sets = C.n_input_sets(set_bytes, run.cache)
+    try:
+        torch.manual_seed(run.args.seed)
+        sets = C.make_inputs(spec, tree, cfg.batch, cfg.height, cfg.width, run.dtype, run.device, n_sets, dense)
+    except Exception as exc:  # e.g. out of memory at a size too large for this device
+        return None, n_sets, f"inputs: {type(exc).__name__}: {exc}".splitlines()[0]
+    return sets, n_sets, None
+
+
+def _reference_output(run: _ConfigRun, spec, sets):
+    """The check column's yardstick: ``(the reference's output on the first set (or its crop), None)``
+    once per loss, or ``(None, why it failed)``."""
+    from . import cases as C
+    from . import measure as M
+
+    ref_out, ref_error = None, None
+    try:
+        ref_out = C.forward_output(spec, run.tree, "reference", _crop(sets[0], run.check_size))
+    except Exception as exc:
+        ref_error = f"reference failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    M.collect()
+    return ref_out, ref_error
+
+
+def _check(run: _ConfigRun, spec, backend: str, fn, sets, ref_out, ref_error):
+    """``(check, note)``: the backend's difference from the reference on the same input (None for the flat
+    baseline, or with a note when the reference failed)."""
+    from . import cases as C
+
+    if backend == "flat":
+        return None, None
+    got = C.forward_output(spec, run.tree, backend, _crop(sets[0], run.check_size), fn)
+    if ref_out is None:
+        return None, ref_error
+    return C.check_value(spec, got, ref_out), None
+
+
+def _check_fields(run: _ConfigRun, row: dict, loss: str, check, check_note) -> None:
+    row["check"] = check
+    if check_note:
+        row["check_note"] = check_note
+    row["check_kind"] = None if check is None else (
+        "fraction of labels differing from the reference" if loss == "decode"
+        else "relative difference of the loss from the reference") + (
+        "" if run.check_size is None else f" on a {run.check_size[0]}x{run.check_size[1]} crop of image 0")
+
+
+def _backend_rows(run: _ConfigRun, spec, loss: str, backend: str, why: Optional[str], passes: List[str], sets,
+                  n_sets: int, ref_out, ref_error) -> List[dict]:
+    """One backend's rows, one per pass: skipped (``why``), an error, or timed (time, bytes, check,
+    memory)."""
+    import torch
+
+    from . import cases as C
+    from . import measure as M
+
+    cfg, device = run.cfg, run.device
+    interp = device.type == "cpu" and backend == "triton"
+    label = C.row_label(spec, backend, device)
+    if why is not None:
+        return [dict(_row_base(cfg.name, loss, backend, p, backend), status="skipped", reason=why) for p in passes]
+    fn, check, check_note, failed = None, None, None, None
+    try:
+        if backend == "reference+compile":
+            torch._dynamo.reset()  # fresh compile caches: no recompile limit across sizes
+        fn = C._call(spec, run.tree, backend)
+        check, check_note = _check(run, spec, backend, fn, sets, ref_out, ref_error)
+    except Exception as exc:
+        failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if failed is not None:
+        fn = None
+        M.collect()  # after the except block: its traceback no longer pins the tensors
+        return [dict(_row_base(cfg.name, loss, backend, p, label), status="error", reason=failed) for p in passes]
+    rows = []
+    for p in passes:
+        row = _row_base(cfg.name, loss, backend, p, label)
+        if _time_up(run.deadline):
+            rows.append(dict(row, status="skipped", reason=_time_limit_reason(run.args)))
+            continue
+        row["interpreter"] = interp
+        try:
+            case = C.build_case(spec, run.tree, backend, p, sets, fn)
+            timing = M.time_pass(case.setup, case.run, device, n_sets=n_sets, reps=run.args.reps,
+                                 warmup=run.args.warmup)
+            row.update(status="ok", **timing.as_dict())
+            nbytes = M.bytes_moved(p, run.pixels, case.channels, run.elem, case.label_bytes, case.out_bytes)
+            row.update(pixels=run.pixels, channels=case.channels, elem_bytes=run.elem,
+                       label_bytes_per_pixel=case.label_bytes, out_bytes=case.out_bytes, bytes=nbytes,
+                       n_input_sets=n_sets, GBps=nbytes / (timing.median_ms * 1e-3) / 1e9)
+            row["copy_share"] = row["GBps"] / run.copy_gbps if run.copy_gbps else None
+            _check_fields(run, row, loss, check, check_note)
+            _memory(run, row, case, interp, [loss, backend, p])
+        except Exception as exc:
+            row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        if row.get("status") == "error":
+            M.collect()
+        rows.append(row)
+        print(_progress(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def _memory(run: _ConfigRun, row: dict, case, interp: bool, what: list) -> None:
+    """Peak extra memory of a timed row: measured now on CUDA; on the CPU requested from the probe
+    (:func:`_cpu_peak_memory`, a fresh process); not at all under ``--memory off`` or Triton's interpreter."""
+    from . import measure as M
+
+    if run.args.memory == "on" and run.device.type == "cuda":
+        row["peak_extra_bytes"] = M.cuda_peak_extra(case.setup, case.run, run.device)
+        row["memory_method"] = ("CUDA: max_memory_allocated after reset_peak_memory_stats, "
+                                "minus memory_allocated before the call")
+    elif run.args.memory == "on" and not interp:
+        run.mem_requests.append((row, what))
+    else:
+        row["peak_extra_bytes"] = None
+        row["memory_method"] = "not measured"
+
+
+def _cpu_peak_memory(run: _ConfigRun) -> None:
+    """Fill in the peak extra memory of the rows in ``run.mem_requests``, measured in a fresh process."""
+    import torch
+
+    from .memprobe import METHOD as CPU_MEM_METHOD
+    from .memprobe import probe
+
+    cfg = run.cfg
+    req = {"tree": cfg.tree, "batch": cfg.batch, "height": cfg.height, "width": cfg.width,
+           "dtype": run.args.dtype, "threads": torch.get_num_threads(), "cases": [c for _, c in run.mem_requests]}
+    print(f"[{cfg.name}] measuring peak memory in a fresh process ({len(run.mem_requests)} rows)",
+          file=sys.stderr, flush=True)
+    for (row, _), res in zip(run.mem_requests, probe(req)):
+        row["peak_extra_bytes"] = res.get("peak_extra_bytes")
+        row["memory_method"] = CPU_MEM_METHOD if "error" not in res else res["error"]
 
 
 def _progress(row: dict) -> str:
