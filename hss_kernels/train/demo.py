@@ -81,48 +81,24 @@ def _save_comparison(path, runs: Dict[str, List[dict]], depths: List[str], title
     plt.close(fig)
 
 
-def demo(args, argv: Optional[List[str]] = None) -> dict:
-    """Train every loss of ``--demo-losses`` with the same model, data and steps, for ``--demo-seeds``
-    seeds (one process per run, ``--demo-jobs`` at a time, CPU threads shared out); print the seeds'
-    mean validation mIoU per depth against steps, and the steps each loss needs to reach a target mIoU
-    at every depth (on the mean curves, and per seed)."""
+def _run_all(todo: List[tuple], run_argv: List[str], root: Path, jobs: int, threads: int):
+    """Run ``python -m hss_kernels.train`` once per ``(loss, seed)`` of ``todo`` with ``run_argv``, ``jobs``
+    at a time, each writing under ``root/<loss>-seed<seed>`` (its output in ``root/<loss>-seed<seed>.txt``).
+    Returns the runs' logs and wall times by ``(loss, seed)``; a failed run stops the demo (SystemExit with
+    the end of its output)."""
     import subprocess
-    import tempfile
 
-    losses = [s.strip() for s in args.demo_losses.split(",") if s.strip()]
-    for name in losses:
-        if name not in LOSSES:
-            raise SystemExit(f"hss-train: --demo-losses: unknown loss {name!r}; choose from {LOSSES}")
-    if args.demo_seeds < 1:
-        raise SystemExit("hss-train: --demo-seeds must be >= 1")
-    run_argv = _demo_argv(list(sys.argv[1:] if argv is None else argv))
-    base = build_parser().parse_args(run_argv)
-    check_args(base)
-    seeds = [args.seed + i for i in range(args.demo_seeds)]
-    jobs_todo = [(n, sd) for sd in seeds for n in losses]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = max(1, min(len(jobs_todo), args.demo_jobs or cpus))
-    threads = args.threads or max(1, cpus // jobs)
-    tmp = None
-    if args.out:
-        root = Path(args.out)
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="hss-train-demo-")
-        root = Path(tmp.name)
-    print(f"[demo] {', '.join(losses)} x seeds {', '.join(map(str, seeds))}: {base.steps} steps each, {jobs} "
-          f"run(s) at a time, {threads} thread(s) each; outputs in {root}", flush=True)
+    todo = list(todo)
     env = dict(os.environ)
     # The children must import this very package (a checkout run without installing included).
     pkg_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", str(threads))
     logs, times, running = {}, {}, {}
-    t_start = time.perf_counter()
     try:
-        while jobs_todo or running:
-            while jobs_todo and len(running) < jobs:
-                name, sd = jobs_todo.pop(0)
+        while todo or running:
+            while todo and len(running) < jobs:
+                name, sd = todo.pop(0)
                 tag = f"{name}-seed{sd}"
                 cmd = [sys.executable, "-m", "hss_kernels.train"] + run_argv + [
                     "--loss", name, "--seed", str(sd), "--out", str(root / tag), "--quiet", "--threads", str(threads)]
@@ -146,9 +122,13 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
         for proc, logf, _ in running.values():
             proc.kill()
             logf.close()
-        if tmp is not None:
-            tmp.cleanup()
-    wall = time.perf_counter() - t_start
+    return logs, times
+
+
+def _report(args, base, losses: List[str], seeds: List[int], logs: dict, times: dict, wall: float, jobs: int,
+            root: Path) -> dict:
+    """Print the comparison (mean curves, steps to reach flat cross-entropy's final mIoU, per seed), write
+    ``comparison.png`` under ``--out``, and return the figures."""
     runs = {n: _mean_log([logs[(n, sd)] for sd in seeds]) for n in losses}
     depths = sorted(runs[losses[0]][0]["metrics"], key=int)
     tree = build_tree(base)
@@ -214,3 +194,43 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
         _save_comparison(root / "comparison.png", runs, depths, f"mean over seeds {seeds}, {tree!r}")
         print(f"Plot: {root / 'comparison.png'}")
     return {"runs": runs, "logs": logs, "targets": targets, "reach": reach, "every": every, "times": times}
+
+
+def demo(args, argv: Optional[List[str]] = None) -> dict:
+    """Train every loss of ``--demo-losses`` with the same model, data and steps, for ``--demo-seeds``
+    seeds (one process per run, ``--demo-jobs`` at a time, CPU threads shared out); print the seeds'
+    mean validation mIoU per depth against steps, and the steps each loss needs to reach a target mIoU
+    at every depth (on the mean curves, and per seed)."""
+    import tempfile
+
+    losses = [s.strip() for s in args.demo_losses.split(",") if s.strip()]
+    for name in losses:
+        if name not in LOSSES:
+            raise SystemExit(f"hss-train: --demo-losses: unknown loss {name!r}; choose from {LOSSES}")
+    if args.demo_seeds < 1:
+        raise SystemExit("hss-train: --demo-seeds must be >= 1")
+    run_argv = _demo_argv(list(sys.argv[1:] if argv is None else argv))
+    base = build_parser().parse_args(run_argv)
+    check_args(base)
+    seeds = [args.seed + i for i in range(args.demo_seeds)]
+    todo = [(n, sd) for sd in seeds for n in losses]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = max(1, min(len(todo), args.demo_jobs or cpus))
+    threads = args.threads or max(1, cpus // jobs)
+    tmp = None
+    if args.out:
+        root = Path(args.out)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="hss-train-demo-")
+        root = Path(tmp.name)
+    print(f"[demo] {', '.join(losses)} x seeds {', '.join(map(str, seeds))}: {base.steps} steps each, {jobs} "
+          f"run(s) at a time, {threads} thread(s) each; outputs in {root}", flush=True)
+    t_start = time.perf_counter()
+    try:
+        logs, times = _run_all(todo, run_argv, root, jobs, threads)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    wall = time.perf_counter() - t_start
+    return _report(args, base, losses, seeds, logs, times, wall, jobs, root)
