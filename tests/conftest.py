@@ -2,7 +2,11 @@
 
 * The Triton backend runs CPU tensors under its interpreter and CUDA tensors compiled, in one process
   (TRITON_INTERPRET stays unset).
+* Fixtures ``device`` ("cpu", and "cuda" marked ``gpu``) and ``backend`` ("triton", "native"; skipped with
+  the registry's reason where it cannot run on the device): a test that takes ``backend`` runs for every
+  backend on every device. ``tests/native`` and ``tests/triton`` override ``backend`` with their own.
 * Tests marked ``gpu`` skip cleanly without CUDA.
+* ``helpers`` (this folder) is importable from the subfolders.
 * Uninitialised memory is poisoned: every tensor from ``torch.empty*`` / ``at::empty*`` (kernel outputs
   and gradients included) starts as NaN (float) or the largest value (integers), so an element a kernel
   forgets to write fails the comparison instead of reading as a plausible 0 (PyTorch's
@@ -11,9 +15,17 @@
   failing test's report shows the seed. ``HSS_SEED=<n>`` replays one.
 """
 import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import helpers` from tests/native, tests/triton
+
+import helpers  # noqa: E402
+
+DEVICES = ["cpu", helpers.CUDA]
+BACKENDS = ["triton", "native"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,6 +35,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device present: "cpu", and "cuda" (marked gpu, skipped without one)."""
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, device):
+    """Each kernel backend, on ``device``; skipped with the registry's reason where it cannot run there."""
+    helpers.require(request.param, device)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
