@@ -43,8 +43,10 @@ TOL = {
 }
 # The hierarchical softmax loss of a pixel is a sum over D levels of differences lse - lse_d of
 # log-sum-exps of size up to max|x| + log L: both sides round those, so a per-pixel loss near 0 can
-# differ by a few ulps of the log-sum-exps (measured: up to 1.3 ulps per level). Allowed: this many
-# ulps of the accumulation dtype per level, at the log-sum-exps' size.
+# differ by a few ulps of the log-sum-exps (measured, Triton and native, std 3 and 40, four trees, ~1300
+# runs of 140 pixels: up to 1.33 ulps per level; a flat atol of 2e-6 failed at std 3, and 2e-6 * std
+# had no margin at std 40). Allowed: this many ulps of the accumulation dtype per level, at the
+# log-sum-exps' size.
 LSE_ULPS = 4
 
 
@@ -78,15 +80,15 @@ def rng(seed: Optional[int] = None) -> random.Random:
     return random.Random(int(torch.randint(0, 2**31, ())) if seed is None else seed)
 
 
-def random_tree(num_nodes: Optional[int] = None, *, max_nodes: int = 24, min_depth: int = 1, max_depth: int = 8,
-                seed: Optional[int] = None) -> Tree:
+def random_tree(num_nodes: Optional[int] = None, *, min_nodes: int = 2, max_nodes: int = 24, min_depth: int = 1,
+                max_depth: int = 8, seed: Optional[int] = None) -> Tree:
     """A random unbalanced tree: node i hangs under the root or under any earlier node, so leaves sit
     anywhere in channel order (nothing may assume "leaves first"), with chains and uneven depths.
-    ``num_nodes`` nodes, or a number drawn from [2, max_nodes]; drawn again until its depth lies in
-    [min_depth, max_depth] (8: the native kernels' limit)."""
+    ``num_nodes`` nodes, or a number drawn from [min_nodes, max_nodes]; drawn again until its depth lies
+    in [min_depth, max_depth] (8: the native kernels' limit)."""
     r = rng(seed)
     while True:
-        n = num_nodes or r.randint(2, max_nodes)
+        n = num_nodes or r.randint(min_nodes, max_nodes)
         tree = Tree.from_parents([-1] + [r.randrange(-1, i) for i in range(1, n)])
         if min_depth <= tree.depth <= max_depth:
             return tree
@@ -308,12 +310,10 @@ def assert_saved_gradient_intact(loss_fn, x, y, tree, factor, **kw):
     assert a.grad is None
 
 
-def assert_traced_matches(f, ref_fn, x, y, tree, **kw):
-    """``f(logits, target)`` (a compiled closure over the tree) against ``ref_fn(logits, target, tree, **kw)``."""
-    loss, grad, go = loss_and_grad(lambda a, t, _tree: f(a, t), x, y, tree)
-    ref_loss, ref_grad, _ = loss_and_grad(ref_fn, x, y, tree, grad_out=go, **kw)
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(grad, ref_grad)
+def assert_traced_matches(f, loss: str, x, y, tree, **kw):
+    """``f(logits, target)`` (a compiled closure over the tree) against the reference's ``loss`` with ``**kw``
+    (see assert_matches)."""
+    assert_matches(lambda a, t, _tree, **_: f(a, t), ref(loss), x, y, tree, loss_tol=loss_tolerance(loss, x, tree), **kw)
 
 
 def assert_saves_no_full_size_intermediate(fn, x, y, tree):
