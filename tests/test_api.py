@@ -1,10 +1,14 @@
 """The public API: input checks, nn.Module forms, shapes, backend selection."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hss_kernels as hk
 from hss_kernels import backends, reference, trees
+
+import helpers
 
 TREE = trees.load("pascal_person_part")  # 7 leaves, 12 nodes
 
@@ -151,6 +155,39 @@ def test_auto_picks_the_native_decode_on_cpu(monkeypatch):
     monkeypatch.setitem(backends._loaded, "native", Fake)
     assert backends.resolve("decode", "auto", torch.device("cpu"))() == "native"
     assert backends.resolve("decode", "reference", torch.device("cpu")) is reference.decode
+
+
+def test_triton_registry_on_cpu(monkeypatch):
+    """CPU tensors run Triton under its interpreter whatever TRITON_INTERPRET says; auto never picks it
+    there; other devices are refused with a reason."""
+    triton_mod = helpers.backend_or_skip("triton")
+    cpu = torch.device("cpu")
+    for env in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", env)
+        assert "triton" in hk.available_backends("cpu")
+        assert triton_mod.unavailable_reason(cpu) is None
+        for op in ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss", "decode"):
+            assert backends.resolve(op, "auto", cpu) is not triton_mod.OPS[op]
+    assert "meta" in triton_mod.unavailable_reason(torch.device("meta"))
+
+
+def test_auto_picks_the_real_triton_module_on_a_gpu(monkeypatch):
+    """With a GPU reported, "auto" resolves every loss (and decode) on a CUDA device to the Triton
+    module's own functions, before a CUDA-capable native backend; on the CPU never to Triton."""
+    triton_mod = helpers.backend_or_skip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:  # a native backend with CUDA kernels too: Triton still comes first
+        native_mod = importlib.import_module("hss_kernels.native")
+        monkeypatch.setattr(native_mod, "unavailable_reason", lambda device: None)
+    except ImportError:
+        pass
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert triton_mod.unavailable_reason(cuda) is None
+    for op in ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss", "decode"):
+        assert backends.resolve(op, "auto", cuda) is triton_mod.OPS[op]
+        assert backends.resolve(op, "auto", cpu) is not triton_mod.OPS[op]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.resolve("tree_min_loss", "auto", cuda) is not triton_mod.OPS["tree_min_loss"]
 
 
 # ------------------------------------------------------------------ shapes and forms

@@ -203,7 +203,7 @@ def test_public_api_every_backend(device):
 
 
 def test_compile_fullgraph(backend, device):
-    hss_kernels.available_backends(device)  # the registry's lazy imports happen before tracing
+    assert backend in hss_kernels.available_backends(device)  # Dynamo cannot trace the registry's lazy import
     tree = trees.load("pascal_person_part")
     x = torch.randn(2, tree.num_nodes, 3, 5).to(device)
     f = torch.compile(lambda a: hss_kernels.decode(a, tree, "softmax", "mean", backend=backend),

@@ -266,7 +266,7 @@ def test_bitwise_deterministic(backend, device):
 def test_compile_fullgraph(backend, device):
     """Dynamo + AOTAutograd (aot_eager: no Inductor code generation) trace forward and backward through
     the backend's custom ops without a graph break."""
-    hss_kernels.available_backends(device)  # the registry's lazy imports happen before tracing
+    assert backend in hss_kernels.available_backends(device)  # Dynamo cannot trace the registry's lazy import
     tree = trees.load("cityscapes")
     x, y = _inputs(tree, device=device)
     for reduction, weights in (("mean", [1.0, 2.0]), ("none", None)):
@@ -304,7 +304,7 @@ def test_more_than_2_31_elements(backend, device):
     Hh, W = 8192, 4096
     x = torch.randn(1, tree.num_leaves, Hh, W, device=device, dtype=torch.bfloat16)
     y = torch.randint(0, tree.num_leaves, (1, Hh, W), device=device)
-    H.assert_tail_rows_match(H.api(LOSS, backend), H.ref(LOSS), x, y, tree)
+    H.assert_tail_rows_match(LOSS, backend, x, y, tree)
 
 
 @pytest.mark.parametrize("device", [H.CUDA])
