@@ -1,17 +1,3 @@
-"""Helpers shared by test files of every backend."""
-import importlib
-
-import pytest
-
-
-def backend_or_skip(name: str, device="cpu"):
-    """The backend module ``hss_kernels.<name>`` (``triton``, ``native``), or a pytest skip saying why it
-    cannot run on ``device`` (Triton not installed, extension not built, no GPU)."""
-    try:
-        mod = importlib.import_module(f"hss_kernels.{name}")
-    except ImportError as exc:
-        pytest.skip(f"{name}: {exc}")
-    why = mod.unavailable_reason(device)
-    if why is not None:
-        pytest.skip(why)
-    return mod
+"""Kept for tests/test_bad_labels.py and tests/test_nonfinite_logits.py (being changed on other branches):
+the skip helper now lives in helpers.py."""
+from helpers import backend_or_skip  # noqa: F401

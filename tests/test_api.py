@@ -242,3 +242,26 @@ def test_flat_tree_public_api_is_cross_entropy():
     b = F.cross_entropy(x, y, ignore_index=255)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0])
+
+
+# ------------------------------------------------------------------ labels_at_depth
+def test_labels_at_depth_keeps_ignore():
+    tree = trees.load("helen")
+    y = torch.randint(0, tree.num_leaves, (2, 6, 7))
+    y[0, :2] = 255
+    for d in range(1, tree.depth + 1):
+        out = hk.labels_at_depth(y, tree, d)
+        assert out.dtype == y.dtype
+        assert bool((out[0, :2] == 255).all())
+        table = torch.tensor(tree.leaf_group[d - 1])
+        keep = y != 255
+        assert torch.equal(out[keep], table[y[keep]])
+        assert int(out[keep].max()) < tree.num_classes(d)
+    assert torch.equal(hk.labels_at_depth(y, tree, tree.depth), y)
+    z = torch.where(y == 255, -1, y)
+    out = hk.labels_at_depth(z, tree, 1, ignore_index=-1)
+    assert bool((out[0, :2] == -1).all())
+    tiny = hk.Tree.from_parents([-1, -1, 0, 0, 1])  # labels 0,1 under node 0, label 2 under node 1
+    assert hk.labels_at_depth(torch.tensor([0, 1, 2, 255]), tiny, 1).tolist() == [0, 0, 1, 255]
+    with pytest.raises(ValueError):
+        hk.labels_at_depth(torch.tensor([11]), tree, 1)
