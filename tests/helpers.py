@@ -27,6 +27,13 @@ HALF = (torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # for a test that only makes sense on a GPU
 
+
+def sized(device, cpu, cuda):
+    """``cuda`` on a GPU, ``cpu`` elsewhere: where a test checks more (trees, pixels) on a GPU than the
+    interpreter can afford on the CPU; the CPU's choice is what the CPU-only tests checked before the
+    suite ran on both, the GPU's what the GPU-only tests checked."""
+    return cuda if torch.device(device).type == "cuda" else cpu
+
 # ---------------------------------------------------------------------------------------- tolerances
 # One table, by logits dtype, for every comparison of a backend with the reference.
 #   loss: in the accumulation dtype (float32 for float16/bfloat16 logits: both sides compute the loss in
@@ -135,13 +142,14 @@ def inputs(tree: Tree, loss: Union[str, int], shape=(2, 5, 7), dtype=torch.float
     return x.to(device).contiguous(memory_format=memory_format), y.to(device)
 
 
-def grad_outs(shape, dtype=torch.float32, device="cpu"):
-    """Upstream gradients for reduction="none": dense random, a stride-0 expand of one value, and a
-    transposed (non-contiguous) one."""
+def grad_outs(shape, dtype=torch.float32, device="cpu", transposed=True):
+    """Upstream gradients for reduction="none": dense random, a stride-0 expand of one value, and (unless
+    not ``transposed``) a transposed, non-contiguous one."""
     yield torch.randn(shape, dtype=dtype).to(device)
     yield torch.randn((), dtype=dtype).to(device).expand(shape)
-    N, H, W = shape
-    yield torch.randn(N, W, H, dtype=dtype).to(device).transpose(1, 2)
+    if transposed:
+        N, H, W = shape
+        yield torch.randn(N, W, H, dtype=dtype).to(device).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------- running

@@ -61,11 +61,11 @@ def test_random_real_trees(backend, device, name):
 @pytest.mark.parametrize("dtype", H.DTYPES)
 def test_dtypes_and_layouts(backend, device, dtype):
     """Every dtype, activation and score: NCHW, channels_last (the same labels) and a sliced view against
-    the reference, the input untouched; sibling ties and leaf logits too. On CUDA at a size of several
-    thread blocks with a partial last one."""
+    the reference, the input untouched; sibling ties and leaf logits too. On CUDA other trees, at a size
+    of several thread blocks with a partial last one."""
     decode = decoder(backend)
-    shape = (2, 37, 45) if device == "cuda" else (3, 6, 10)
-    for name in ("vistas", "vistas_v2", "helen"):
+    shape = H.sized(device, (3, 6, 10), (2, 37, 45))
+    for name in H.sized(device, ("vistas",), ("vistas_v2", "helen")):
         tree = trees.load(name)
         x = random_logits(tree.num_nodes, shape, dtype, device=device)
         before = x.clone()

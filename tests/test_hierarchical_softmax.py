@@ -35,13 +35,16 @@ def test_every_shipped_tree(backend, device, name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_random_unbalanced_trees(backend, device, dtype):
     r = H.rng()
-    for num_nodes in (3, 9, 17, None, None, None):
+    for num_nodes in (3, 9, 17):
         tree = H.random_tree(num_nodes)
+        x, y = _inputs(tree, dtype=dtype, device=device)
+        check(LOSS, backend, x, y, tree, reduction="none")
+        check(LOSS, backend, x, y, tree, level_weights=torch.rand(tree.depth).tolist(), eps=1e-3)
+    for _ in range(6):  # any size, any shape, any reduction
+        tree = H.random_tree(max_depth=5)
         shape = (r.randint(1, 3), r.randint(1, 9), r.randint(1, 9))
         x, y = _inputs(tree, shape, dtype, device=device)
-        check(LOSS, backend, x, y, tree, reduction="none")
-        check(LOSS, backend, x, y, tree, reduction="sum")
-        check(LOSS, backend, x, y, tree, level_weights=torch.rand(tree.depth).tolist(), eps=1e-3)
+        check(LOSS, backend, x, y, tree, reduction=r.choice(H.REDUCTIONS))
 
 
 @pytest.mark.parametrize("parents", [[-1], [-1, 0, 1, 2], [2, 2, -1, 2, 3, 3]])
@@ -84,23 +87,35 @@ def test_level_weights_and_eps(backend, device, reduction, eps):
     check(LOSS, backend, x, y, tree, reduction=reduction, eps=eps, level_weights=weights)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_option(backend, device, dtype):
+def test_every_option(backend, device):
     """ignore_index 255, -100 and a real leaf id, level weights, eps, every reduction, and for "none" a
-    dense, a stride-0 and a transposed grad_output."""
+    dense and a stride-0 grad_output (test_grad_output_with_any_strides has a transposed one too)."""
     for tree in (trees.load("helen"), H.random_tree(min_nodes=5, max_nodes=20, min_depth=2, max_depth=6)):
         for ignore_index, weights, eps in ((255, None, 0.0), (-100, torch.rand(tree.depth).tolist(), 1e-4),
                                            (0, (torch.rand(tree.depth) * 3).tolist(), 0.0)):
-            x, y = _inputs(tree, (2, 3, 5), dtype, ignore_index=-100 if ignore_index == -100 else 255, ignore_frac=0.2)
+            x, y = _inputs(tree, (2, 3, 5), torch.float64, ignore_index=-100 if ignore_index == -100 else 255,
+                           ignore_frac=0.2)
             if ignore_index == 0:  # a real leaf id as ignore_index: those pixels count for nothing
                 y[y == 255] = 0
-                y[torch.rand(y.shape) < 0.3] = 0
             x, y = x.to(device), y.to(device)
             kw = dict(level_weights=weights, eps=eps, ignore_index=ignore_index)
             for reduction in ("mean", "sum"):
                 check(LOSS, backend, x, y, tree, reduction=reduction, **kw)
-            for go in H.grad_outs(y.shape, H.acc_dtype(dtype), device):
+            for go in H.grad_outs(y.shape, torch.float64, device, transposed=False):
                 check(LOSS, backend, x, y, tree, grad_out=go, reduction="none", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_options(backend, device, dtype):
+    tree = trees.load("helen")  # depth 4, leaves at several depths
+    x, y = _inputs(tree, dtype=dtype, ignore_frac=0.2, device=device)
+    weights = torch.rand(tree.depth).tolist()
+    for eps in (0.0, 1e-4):
+        check(LOSS, backend, x, y, tree, level_weights=weights, eps=eps)
+    y2 = y.clone()
+    y2[y2 == 255] = 3
+    y2[torch.rand(y.shape).to(device) < 0.3] = 0  # ignore a real label
+    check(LOSS, backend, x, y2, tree, reduction="sum", ignore_index=0)
 
 
 def test_strided_level_weights(backend, device):
@@ -145,10 +160,10 @@ def test_far_apart_logits_stay_finite(backend, device):
 
 @pytest.mark.parametrize("dtype", H.DTYPES)
 def test_dtypes(backend, device, dtype):
-    """Every dtype, every reduction, several trees; channels_last too. On CUDA at a size of several thread
-    blocks with a partial last one."""
-    shape = (2, 33, 47) if device == "cuda" else (2, 5, 7)
-    for name in ("vistas_v2", "helen", "vistas", "lip"):
+    """Every dtype, every reduction, channels_last; on CUDA more trees, at a size of several thread blocks
+    with a partial last one."""
+    shape = H.sized(device, (2, 5, 7), (2, 33, 47))
+    for name in H.sized(device, ("vistas_v2", "lip"), ("vistas", "helen", "vistas_v2")):
         tree = trees.load(name)
         x, y = _inputs(tree, shape, dtype, device=device)
         check(LOSS, backend, x, y, tree)

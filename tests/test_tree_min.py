@@ -32,12 +32,15 @@ def test_every_shipped_tree(backend, device, loss, name, dtype):
 def test_random_unbalanced_trees(backend, device, loss, dtype):
     # from_parents trees put leaves anywhere in channel order: nothing may assume "leaves first"
     r = H.rng()
-    for num_nodes in (2, 9, 23, None, None, None):
-        tree = H.random_tree(num_nodes, max_depth=r.choice([3, 8]))
-        shape = (r.randint(1, 3), r.randint(1, 9), r.randint(1, 9))
-        x, y = inputs(tree, loss, shape, dtype, device=device)
+    for num_nodes in (2, 9, 23):
+        tree = H.random_tree(num_nodes)
+        x, y = inputs(tree, loss, dtype=dtype, device=device)
         check(loss, backend, x, y, tree, reduction="none")
         check(loss, backend, x, y, tree, gamma=1.5, scale=3.0, normalize="node")
+    for _ in range(6):  # any size, depth 3 or 8, any shape, reduction and gamma
+        tree = H.random_tree(max_depth=r.choice([3, 8]))
+        shape = (r.randint(1, 3), r.randint(1, 9), r.randint(1, 9))
+        x, y = inputs(tree, loss, shape, dtype, device=device)
         check(loss, backend, x, y, tree, reduction=r.choice(H.REDUCTIONS), gamma=r.uniform(0, 3))
 
 
@@ -100,7 +103,8 @@ def test_tree_bce_options(backend, device, reduction):
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 1.5])
 def test_every_option(backend, device, loss, gamma):
     """Every gamma the issues name with both normalisations, scale, eps, ignore_index 255, -100 and a real
-    leaf id; mean and sum, and "none" with a dense, a stride-0 and a transposed grad_output."""
+    leaf id; mean and sum, and "none" with a dense and a stride-0 grad_output (test_grad_output_with_any_strides
+    has a transposed one too)."""
     tree = trees.load("helen")
     for ignore_index, normalize, scale, eps in ((255, "level", 1.0, 0.0), (-100, "node", 5.0, 1e-8),
                                                 (3, "level", 0.5, 1e-3)):
@@ -111,7 +115,7 @@ def test_every_option(backend, device, loss, gamma):
         x, y = x.to(device), y.to(device)
         kw = dict(gamma=gamma, scale=scale, eps=eps, normalize=normalize, ignore_index=ignore_index)
         check(loss, backend, x, y, tree, reduction="mean" if normalize == "level" else "sum", **kw)
-        for go in H.grad_outs(y.shape, torch.float64, device):
+        for go in H.grad_outs(y.shape, torch.float64, device, transposed=False):
             check(loss, backend, x, y, tree, grad_out=go, reduction="none", **kw)
 
 
@@ -152,11 +156,11 @@ def test_large_logits_stay_finite(backend, device, loss):
 @LOSSES
 @pytest.mark.parametrize("dtype", H.DTYPES)
 def test_dtypes(backend, device, loss, dtype):
-    """Every dtype, every reduction, several trees; channels_last and ties too. On CUDA at a size of
-    several thread blocks with a partial last one."""
-    shape = (2, 33, 47) if device == "cuda" else (2, 5, 7)
+    """Every dtype, every reduction, channels_last and ties; on CUDA more trees, at a size of several thread
+    blocks with a partial last one."""
+    shape = H.sized(device, (2, 5, 7), (2, 33, 47))
     r = H.rng()
-    for name in ("vistas_v2", "pascal_person_part", "vistas", "cityscapes"):
+    for name in H.sized(device, ("vistas_v2", "cityscapes"), ("vistas", "pascal_person_part", "vistas_v2")):
         tree = trees.load(name)
         x, y = inputs(tree, loss, shape, dtype, device=device)
         check(loss, backend, x, y, tree, gamma=r.choice([0.0, 2.0]))
