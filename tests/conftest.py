@@ -11,6 +11,7 @@
   and gradients included) starts as NaN (float) or the largest value (integers), so an element a kernel
   forgets to write fails the comparison instead of reading as a plausible 0 (PyTorch's
   ``fill_uninitialized_memory`` under ``use_deterministic_algorithms(True, warn_only=True)``).
+* One intra-op thread per test (OpenMP threads spin under load); tests that need more set them.
 * Every test gets fresh random inputs: torch's global generator is seeded from the OS per test, and a
   failing test's report shows the seed. ``HSS_SEED=<n>`` replays one.
 """
@@ -48,6 +49,18 @@ def backend(request, device):
     """Each kernel backend, on ``device``; skipped with the registry's reason where it cannot run there."""
     helpers.require(request.param, device)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """One intra-op thread per test. The CPU machines are shared and a GPU machine runs one pytest worker
+    per core: several OpenMP threads per process spin against each other and against other load (a
+    reference gradcheck took 2 s on one thread and 25-70 s on two under load). The native backend's
+    threaded loop is checked with two threads by tests/native/test_native_cpu_paths.py."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,17 @@ REDUCTIONS = ("mean", "sum", "none")
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # for a test that only makes sense on a GPU
 
 
+def interpreted(backend: str, device) -> bool:
+    """Triton on the CPU: its interpreter, ~50 ms a kernel launch."""
+    return backend == "triton" and torch.device(device).type == "cpu"
+
+
+def sweep(backend: str, device, full, under_interpreter):
+    """``full``, or for Triton under its interpreter the part of it the CPU's Triton tests checked before
+    the suite ran on every device: the same kernels get the full sweep compiled, on CUDA."""
+    return under_interpreter if interpreted(backend, device) else full
+
+
 def sized(device, cpu, cuda):
     """``cuda`` on a GPU, ``cpu`` elsewhere: where a test checks more (trees, pixels) on a GPU than the
     interpreter can afford on the CPU; the CPU's choice is what the CPU-only tests checked before the

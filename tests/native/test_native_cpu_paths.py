@@ -1,7 +1,8 @@
 """The native CPU loop's paths (csrc/cpu_loop.h): blocks of 64 pixels, read in place when they are whole
 and contiguous, else gathered into a tile (across images, the last partial block, other layouts); float32
 runs vectorised row passes, float64 the per-pixel code; OpenMP over blocks. Each against the reference
-(on CUDA too, where they are plain comparisons), and thread counts that change nothing."""
+(on CUDA too, where they are plain comparisons), and thread counts that change nothing (the one test here
+with two OpenMP threads: conftest gives every test one)."""
 import pytest
 import torch
 
@@ -69,19 +70,28 @@ def test_bad_labels_in_every_kind_of_block(backend, device, loss, dtype):
 
 
 @pytest.mark.parametrize("device", ["cpu"])  # OpenMP: the CPU's
-@pytest.mark.parametrize("loss", H.LOSSES)
-def test_thread_counts_change_no_bit(backend, device, loss):
-    """One OpenMP thread or two: the same loss and gradient to the bit, mean and sum (the batch
-    reduction sums per-block partials in a fixed order). Float64, several 64-pixel blocks."""
+@pytest.mark.parametrize("op", H.LOSSES + ("decode",))
+def test_thread_counts_change_no_bit(backend, device, op):
+    """One OpenMP thread or two: the same loss and gradient to the bit, mean and sum (the batch reduction
+    sums per-block partials in a fixed order), and the same labels. Float64, several 64-pixel blocks;
+    conftest runs every other test on one thread."""
     tree = trees.load("lip")
-    x, y = inputs(tree, loss, (2, 33, 33), torch.float64)
-    fn = H.api(loss, backend)
-    one = torch.ones((), dtype=torch.float64)
     threads = torch.get_num_threads()
     try:
+        if op == "decode":
+            x = H.random_logits(tree.num_nodes, (2, 33, 33))
+            labels = []
+            for n in (1, 2, 1, 2):
+                torch.set_num_threads(n)
+                labels.append(H.decoder(backend)(x, tree, "softmax", "mean"))
+            assert all(torch.equal(a, labels[0]) for a in labels[1:])
+            return
+        x, y = inputs(tree, op, (2, 33, 33), torch.float64)
+        fn = H.api(op, backend)
+        one = torch.ones((), dtype=torch.float64)
         for reduction in ("mean", "sum"):
             runs = []
-            for n in (1, max(2, threads)):
+            for n in (1, 2):
                 torch.set_num_threads(n)
                 runs += [H.loss_and_grad(fn, x, y, tree, one, reduction=reduction) for _ in range(2)]
             for out, g, _ in runs[1:]:
