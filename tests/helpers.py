@@ -52,7 +52,8 @@ def sized(device, cpu, cuda):
 #   gradient: rounded once to the logits' dtype by both sides, from float32 values that may differ in the
 #         last bits: about one ulp of the logits' dtype (rtol), plus the accumulation dtype's rtol times
 #         the largest gradient element (the terms of a gradient element cancel, so its rounding is
-#         relative to the largest term, not to the element itself).
+#         relative to the largest term, not to the element itself); atol scales with grad_output and the
+#         reduction (assert_grad_close), so that a wrong mean-reduced gradient does not hide under it.
 TOL = {
     torch.float64: dict(rtol=1e-9, atol=1e-11),
     torch.float32: dict(rtol=2e-5, atol=2e-6),
@@ -84,11 +85,22 @@ def loss_tolerance(loss: str, x: torch.Tensor, tree: Tree) -> dict:
     return tol
 
 
-def assert_grad_close(grad: torch.Tensor, ref_grad: torch.Tensor, dtype: torch.dtype) -> None:
-    """A gradient against the reference's (see TOL), compared in float64."""
+def upstream_size(grad_out: torch.Tensor, target: torch.Tensor, reduction="mean", ignore_index=255) -> float:
+    """The largest d(loss)/d(per-pixel loss): grad_output's size, divided by the number of counted pixels
+    for a mean."""
+    g = float(grad_out.detach().abs().max()) if grad_out.numel() else 0.0
+    if reduction == "mean":
+        g /= max(int((target != ignore_index).sum()), 1)
+    return g
+
+
+def assert_grad_close(grad: torch.Tensor, ref_grad: torch.Tensor, dtype: torch.dtype, upstream: float) -> None:
+    """A gradient against the reference's (see TOL), compared in float64. The absolute allowance scales
+    with the gradient, not with 1: TOL's atol times ``upstream`` (upstream_size: a mean's gradient is the
+    pixel count times smaller than a sum's) plus the accumulation dtype's rtol times the largest element."""
     tol = TOL[dtype]
     scale = float(ref_grad.detach().abs().max()) if ref_grad.numel() else 0.0
-    atol = tol["atol"] + TOL[acc_dtype(dtype)]["rtol"] * scale
+    atol = tol["atol"] * upstream + TOL[acc_dtype(dtype)]["rtol"] * scale
     torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=tol["rtol"], atol=atol)
 
 
@@ -195,7 +207,8 @@ def assert_matches(fn, ref_fn, x, y, tree, grad_out=None, loss_tol=None, **kw):
     assert loss.shape == ref_loss.shape and loss.device == x.device
     assert grad.dtype == x.dtype and grad.shape == x.shape and grad.device == x.device
     torch.testing.assert_close(loss, ref_loss, **(loss_tol or TOL[acc]))
-    assert_grad_close(grad, ref_grad, x.dtype)
+    upstream = upstream_size(go, y, kw.get("reduction", "mean"), kw.get("ignore_index", 255))
+    assert_grad_close(grad, ref_grad, x.dtype, upstream)
     return loss, grad
 
 
@@ -251,7 +264,7 @@ def assert_tail_rows_match(loss: str, backend: str, x, y, tree):
     ref_loss, ref_grad, _ = loss_and_grad(ref(loss), xs, y[:, tail].contiguous(), tree, reduction="none",
                                           grad_out=go[:, tail].contiguous())
     torch.testing.assert_close(out[:, tail], ref_loss, **loss_tolerance(loss, xs, tree))
-    assert_grad_close(x.grad[:, :, tail], ref_grad, x.dtype)
+    assert_grad_close(x.grad[:, :, tail], ref_grad, x.dtype, upstream_size(go, y, "none"))
 
 
 @contextlib.contextmanager
@@ -304,7 +317,7 @@ def assert_offsets_past_2_31(loss: str, backend: str, tree: Tree, device="cpu"):
         ref_loss = ref(loss)(c, y, tree, reduction="none")
         (gref,) = torch.autograd.grad(ref_loss, c, go)
         torch.testing.assert_close(out, ref_loss, **loss_tolerance(loss, compact, tree))
-        assert_grad_close(g, gref, torch.bfloat16)
+        assert_grad_close(g, gref, torch.bfloat16, upstream_size(go, y, "none"))
         del view, a, out, g
 
 
