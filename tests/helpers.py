@@ -25,6 +25,9 @@ NODE_LOSSES = ("tree_min_loss", "tree_bce_loss")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 HALF = (torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---------------------------------------------------------------------------------------- devices
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # for a test that only makes sense on a GPU
 
 
@@ -44,6 +47,7 @@ def sized(device, cpu, cuda):
     interpreter can afford on the CPU; the CPU's choice is what the CPU-only tests checked before the
     suite ran on both, the GPU's what the GPU-only tests checked."""
     return cuda if torch.device(device).type == "cuda" else cpu
+
 
 # ---------------------------------------------------------------------------------------- tolerances
 # One table, by logits dtype, for every comparison of a backend with the reference.
@@ -345,7 +349,8 @@ def assert_saved_gradient_intact(loss_fn, x, y, tree, factor, **kw):
 def assert_traced_matches(f, loss: str, x, y, tree, **kw):
     """``f(logits, target)`` (a compiled closure over the tree) against the reference's ``loss`` with ``**kw``
     (see assert_matches)."""
-    assert_matches(lambda a, t, _tree, **_: f(a, t), ref(loss), x, y, tree, loss_tol=loss_tolerance(loss, x, tree), **kw)
+    assert_matches(lambda a, t, _tree, **_: f(a, t), ref(loss), x, y, tree, loss_tol=loss_tolerance(loss, x, tree),
+                   **kw)
 
 
 def assert_saves_no_full_size_intermediate(fn, x, y, tree):

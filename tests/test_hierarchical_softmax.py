@@ -3,8 +3,6 @@
 gradient, every shipped tree and random unbalanced ones, every option and reduction, dtypes, layouts,
 odd and empty shapes, offsets past 2^31, determinism, autograd and torch.compile. Backend-only features
 are in tests/native and tests/triton."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,7 +67,8 @@ def test_flat_tree_is_cross_entropy(backend, device):
 
 def test_first_and_last_leaf_labels(backend, device):
     """Every pixel labelled with an edge leaf (by id and in pre-order), on real trees and a random one."""
-    for tree in (trees.load("helen"), trees.load("vistas_v2"), H.random_tree(min_nodes=5, max_nodes=20, min_depth=2, max_depth=6)):
+    for tree in (trees.load("helen"), trees.load("vistas_v2"),
+                 H.random_tree(min_nodes=5, max_nodes=20, min_depth=2, max_depth=6)):
         edges = torch.tensor(H.edge_leaves(tree))
         x, y = _inputs(tree, (1, 2, 7), torch.float64)
         y = edges[torch.randint(0, len(edges), (1, 2, 7))]
@@ -241,8 +240,9 @@ def test_offsets_past_2_31(backend, device):
 def test_gradcheck(backend, device):
     fast = H.interpreted(backend, device)  # full mode: minutes under the interpreter
     pascal, small = trees.load("pascal_person_part"), H.random_tree(max_depth=3)
-    cases = [(pascal, "mean", {}), (pascal, "none", {}), (pascal, "mean", {"eps": 1e-2}), (pascal, "none", {"eps": 1e-2}),
-             (small, "mean", {}), (small, "sum", {"eps": 1e-2}), (small, "none", {"level_weights": [0.5] * small.depth})]
+    cases = [(pascal, "mean", {}), (pascal, "none", {}), (pascal, "mean", {"eps": 1e-2}),
+             (pascal, "none", {"eps": 1e-2}), (small, "mean", {}), (small, "sum", {"eps": 1e-2}),
+             (small, "none", {"level_weights": [0.5] * small.depth})]
     for tree, reduction, kw in H.sweep(backend, device, cases, cases[:4]):
         x, y = _inputs(tree, (1, 2, 3), torch.float64, std=2.0, ignore_frac=0.2, device=device)
         x.requires_grad_(True)

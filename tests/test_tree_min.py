@@ -57,7 +57,8 @@ def test_degenerate_trees(backend, device, loss, parents):
 @LOSSES
 def test_first_and_last_leaf_labels(backend, device, loss):
     """Every pixel labelled with an edge leaf (by id and in pre-order), on real trees and a random one."""
-    for tree in (trees.load("helen"), trees.load("vistas_v2"), H.random_tree(min_nodes=5, max_nodes=20, min_depth=2, max_depth=6)):
+    for tree in (trees.load("helen"), trees.load("vistas_v2"),
+                 H.random_tree(min_nodes=5, max_nodes=20, min_depth=2, max_depth=6)):
         edges = torch.tensor(H.edge_leaves(tree))
         x, _ = inputs(tree, loss, (1, 2, 7), torch.float64)
         y = edges[torch.randint(0, len(edges), (1, 2, 7))]

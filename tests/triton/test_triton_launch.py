@@ -81,7 +81,8 @@ def test_tiles_follow_the_device(backend, device, monkeypatch):
     from hss_kernels.triton import decode as D
     asked = []
     block_sizes, blocks = C.block_sizes, D._blocks
-    monkeypatch.setattr(C, "block_sizes", lambda c, p, interpret: asked.append(interpret) or block_sizes(c, p, interpret))
+    monkeypatch.setattr(C, "block_sizes",
+                        lambda c, p, interpret: asked.append(interpret) or block_sizes(c, p, interpret))
     monkeypatch.setattr(D, "_blocks", lambda c, l, t, interpret: asked.append(interpret) or blocks(c, l, t, interpret))
     tree = trees.load("cityscapes")
     x, y = H.inputs(tree, "tree_min_loss", (1, 3, 4), device=device)

@@ -5,7 +5,6 @@ import torch
 
 from hss_kernels import Tree, trees
 
-import helpers as H
 from helpers import check, inputs
 
 tm = pytest.importorskip("hss_kernels.triton.tree_min")
