@@ -1,10 +1,14 @@
 """The public API: input checks, nn.Module forms, shapes, backend selection."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hss_kernels as hk
 from hss_kernels import backends, reference, trees
+
+import helpers
 
 TREE = trees.load("pascal_person_part")  # 7 leaves, 12 nodes
 
@@ -156,6 +160,44 @@ def test_auto_picks_the_native_decode_on_cpu(monkeypatch):
     assert backends.resolve("decode", "reference", torch.device("cpu")) is reference.decode
 
 
+def test_triton_registry_on_cpu(monkeypatch):
+    """CPU tensors run Triton under its interpreter whatever TRITON_INTERPRET says; auto never picks it
+    there; other devices are refused with a reason."""
+    triton_mod = helpers.backend_or_skip("triton")
+    cpu = torch.device("cpu")
+    for env in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", env)
+        assert "triton" in hk.available_backends("cpu")
+        assert triton_mod.unavailable_reason(cpu) is None
+        for op in ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss", "decode"):
+            assert backends.resolve(op, "auto", cpu) is not triton_mod.OPS[op]
+    assert "meta" in triton_mod.unavailable_reason(torch.device("meta"))
+
+
+def test_auto_picks_the_real_modules_on_a_gpu(monkeypatch):
+    """With a GPU reported, "auto" resolves every loss (and decode) on a CUDA device to the real module
+    function of the first backend in gpu_auto.json's order; on the CPU never to Triton (it would be the
+    interpreter)."""
+    triton_mod = helpers.backend_or_skip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    mods = {"triton": triton_mod}
+    try:  # a native backend with CUDA kernels too
+        native_mod = importlib.import_module("hss_kernels.native")
+        monkeypatch.setattr(native_mod, "unavailable_reason", lambda device: None)
+        mods["native"] = native_mod
+    except ImportError:
+        pass
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert triton_mod.unavailable_reason(cuda) is None
+    for op in ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss", "decode"):
+        for dtype in (torch.float32, torch.bfloat16):
+            first = next(b for b in backends.gpu_auto_order(op, dtype) if b in mods)
+            assert backends.resolve(op, "auto", cuda, dtype) is mods[first].OPS[op]
+        assert backends.resolve(op, "auto", cpu) is not triton_mod.OPS[op]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.resolve("decode", "auto", cuda) is not triton_mod.OPS["decode"]
+
+
 # ------------------------------------------------------------------ shapes and forms
 @pytest.mark.parametrize("spatial", [(), (5,), (3, 4), (2, 3, 4)])
 def test_any_spatial_shape(spatial):
@@ -208,3 +250,26 @@ def test_flat_tree_public_api_is_cross_entropy():
     b = F.cross_entropy(x, y, ignore_index=255)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0])
+
+
+# ------------------------------------------------------------------ labels_at_depth
+def test_labels_at_depth_keeps_ignore():
+    tree = trees.load("helen")
+    y = torch.randint(0, tree.num_leaves, (2, 6, 7))
+    y[0, :2] = 255
+    for d in range(1, tree.depth + 1):
+        out = hk.labels_at_depth(y, tree, d)
+        assert out.dtype == y.dtype
+        assert bool((out[0, :2] == 255).all())
+        table = torch.tensor(tree.leaf_group[d - 1])
+        keep = y != 255
+        assert torch.equal(out[keep], table[y[keep]])
+        assert int(out[keep].max()) < tree.num_classes(d)
+    assert torch.equal(hk.labels_at_depth(y, tree, tree.depth), y)
+    z = torch.where(y == 255, -1, y)
+    out = hk.labels_at_depth(z, tree, 1, ignore_index=-1)
+    assert bool((out[0, :2] == -1).all())
+    tiny = hk.Tree.from_parents([-1, -1, 0, 0, 1])  # labels 0,1 under node 0, label 2 under node 1
+    assert hk.labels_at_depth(torch.tensor([0, 1, 2, 255]), tiny, 1).tolist() == [0, 0, 1, 255]
+    with pytest.raises(ValueError):
+        hk.labels_at_depth(torch.tensor([11]), tree, 1)

@@ -12,7 +12,7 @@ import torch
 
 from hss_kernels import reference, trees
 
-from _helpers import backend_or_skip
+from helpers import backend_or_skip
 
 LOSSES = ("hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss")
 IGNORE = 255

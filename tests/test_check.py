@@ -1,16 +1,55 @@
-"""The user-facing self-check runs, reports, and fails when a backend is wrong."""
+"""The user-facing self-check (``hss-check``): it runs every backend available on the device against the
+reference and reports one row per check, and it fails when a backend is wrong."""
+import functools
 import io
+import re
+import types
 
 import torch
 
-from hss_kernels import backends, check, reference
+from hss_kernels import backends, check, reference, trees
 
 
-def test_check_passes_on_this_machine():
+def _rows(text):
+    """(op, backend, tree, check, result) of each table row."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6 and cells[0] != "op":
+            rows.append((cells[0], cells[1], cells[2], cells[3], cells[5]))
+    return rows
+
+
+def test_quick_check_runs_every_available_backend(monkeypatch):
+    """``hss-check --quick`` on the CPU exits 0 with a row per op, available backend, tree and check, every
+    one ok, and the count it reports is the count of rows. Triton's functions forward to the native
+    backend's here (or the reference's): under the interpreter its rows alone take a minute, and
+    tests/test_*.py compare its kernels with the reference."""
+    if "triton" in backends.available_backends("cpu"):
+        stand_in = "native" if "native" in backends.available_backends("cpu") else "reference"
+        fake = types.ModuleType(f"triton_forwarding_to_{stand_in}")
+        fake.OPS = {op: backends.resolve(op, stand_in, torch.device("cpu")) for op in check.LOSSES + ["decode"]}
+        fake.unavailable_reason = lambda device: None
+        monkeypatch.setitem(backends._loaded, "triton", fake)
     out = io.StringIO()
-    assert check.run("cpu", torch.float32, quick=True, backends=["reference"], out=out)
+    monkeypatch.setattr(check, "run", functools.partial(check.run, out=out))
+    assert check.main(["--quick", "--device", "cpu"]) == 0
     text = out.getvalue()
-    assert "gradcheck float64" in text and "== F.cross_entropy" in text and "FAIL" not in text
+    rows = _rows(text)
+    quick_trees = [n for n in trees.names() if n in ("helen", "cityscapes")] + ["random"]
+    want = []
+    for op in check.LOSSES + ["decode"]:
+        for b in backends.available_backends("cpu", op):
+            for t in quick_trees:
+                want += [(op, b, t, "labels float32")] if op == "decode" else [
+                    (op, b, t, f"value+grad float32 {r}") for r in ("mean", "none")]
+            if op != "decode":
+                want.append((op, b, "random", "gradcheck float64"))
+    want.append(("hierarchical_softmax_loss", "reference", "flat", "== F.cross_entropy"))
+    assert [r[:4] for r in rows] == want
+    assert all(r[4] == "ok" for r in rows), [r for r in rows if r[4] != "ok"]
+    assert {"reference", "native"} <= {r[1] for r in rows}  # the extension is built here
+    assert re.search(rf"^all {len(want)} checks hold$", text, re.M)
 
 
 def test_check_catches_a_wrong_backend(monkeypatch):
@@ -27,5 +66,5 @@ def test_check_catches_a_wrong_backend(monkeypatch):
     monkeypatch.setitem(backends._loaded, "native", Broken)
     out = io.StringIO()
     assert not check.run("cpu", torch.float32, quick=True, backends=["native"], out=out)
-    assert "FAIL" in out.getvalue()
-    assert check.main(["--quick", "--backend", "reference"]) == 0
+    fails = [r for r in _rows(out.getvalue()) if r[4] == "FAIL"]
+    assert fails and {r[:2] for r in fails} == {("hierarchical_softmax_loss", "native")}

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from hss_kernels import Tree, reference, trees
 
+import helpers
+
 # ------------------------------------------------------------------ an independent slow implementation
 # Plain Python over pixels and nodes, written from MATH.md without reusing the reference or the tables.
 
@@ -83,15 +85,6 @@ def slow_tree_min_grad_pixel(x, y, tree, gamma, scale):
             r = _sig(x[M])
             g[M] += k * (r ** (gamma + 1) - gamma * r ** gamma * (1 - r) * math.log(1 - r))
     return g
-
-
-def random_tree(seed, n=None):
-    r = random.Random(seed)
-    n = n or r.randint(4, 14)
-    parents = [-1]
-    for i in range(1, n):
-        parents.append(r.choice([-1] + list(range(i))))
-    return Tree.from_parents(parents)
 
 
 def random_target(N, H, W, L, p_ignore=0.2):
@@ -171,7 +164,7 @@ def test_hand_computed_tree_min_unbalanced():
 # ------------------------------------------------------------------ slow per-pixel agreement
 @pytest.mark.parametrize("seed", range(4))
 def test_softmax_matches_slow(seed):
-    tree = random_tree(seed)
+    tree = helpers.random_tree(min_nodes=4, max_nodes=14, max_depth=14, seed=seed)
     N, H, W = 2, 3, 4
     x = torch.randn(N, tree.num_leaves, H, W, dtype=torch.float64) * 3
     y = random_target(N, H, W, tree.num_leaves)
@@ -191,7 +184,7 @@ def test_softmax_matches_slow(seed):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("loss", ["tree_min", "tree_bce"])
 def test_node_losses_match_slow(seed, loss):
-    tree = random_tree(seed + 10)
+    tree = helpers.random_tree(min_nodes=4, max_nodes=14, max_depth=14, seed=seed + 10)
     N, H, W = 2, 3, 3
     x = torch.randn(N, tree.num_nodes, H, W, dtype=torch.float64) * 2
     y = random_target(N, H, W, tree.num_leaves)
@@ -215,7 +208,7 @@ def test_node_losses_match_slow(seed, loss):
 @pytest.mark.parametrize("seed", range(3))
 def test_tree_min_gradient_matches_math(seed):
     """Autograd through the reference gives MATH.md §3's hand-written gradient (argmin/argmax routing)."""
-    tree = random_tree(seed + 20)
+    tree = helpers.random_tree(min_nodes=4, max_nodes=14, max_depth=14, seed=seed + 20)
     gamma = [0.0, 2.0, 1.5][seed]
     x = torch.randn(1, tree.num_nodes, 2, 3, dtype=torch.float64, requires_grad=True)
     x.data[0, :, 0, 0] = 0.25  # every node tied: the first node in pre-order takes the gradient

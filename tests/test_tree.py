@@ -1,6 +1,5 @@
 """Tree parsing, validation, channel layout and index tables."""
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -8,18 +7,12 @@ import torch
 
 from hss_kernels import Tree, trees
 
+import helpers
+
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "trees"
 needs_anchors = pytest.mark.skipif(not ANCHORS.is_dir(), reason="shared/anchors/trees is not beside the checkout")
 
 SMALL = "a\n\ta1\n\ta2\nb\n\tb1\n\t\tb11\n\t\tb12\n\tb2\nc\n"
-
-
-def random_tree(n_nodes: int, seed: int) -> Tree:
-    r = random.Random(seed)
-    parents = [-1]
-    for i in range(1, n_nodes):
-        parents.append(r.choice([-1] + list(range(i))))
-    return Tree.from_parents(parents)
 
 
 def test_small_tree_layout():
@@ -52,7 +45,7 @@ def test_to_text_round_trip():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_tables_are_consistent(seed):
-    t = random_tree(12 + seed * 5, seed)
+    t = helpers.random_tree(12 + seed * 5, max_depth=40, seed=seed)
     tab = t.tables("cpu")
     V, L, D = t.num_nodes, t.num_leaves, t.depth
 

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _SETUP_PROBE = textwrap.dedent("""
     import json, os, runpy, sys
@@ -140,3 +140,13 @@ def test_ci_compiles_the_cuda_code():
     assert "CUDA_HOME" in build and '_dispatch_has_kernel_for_dispatch_key(op, "CUDA")' in build
     for script in ("run", "cuda-build"):
         subprocess.run(["bash", "-n", os.path.join(ROOT, ".ci", script)], check=True)
+
+
+def test_unavailable_reason():
+    from hss_kernels import backends, native
+    if native._C is None:
+        pytest.skip(native.unavailable_reason("cpu"))
+    assert native.unavailable_reason("cpu") is None
+    assert "meta" in native.unavailable_reason("meta")
+    assert "native" in backends.available_backends("cpu", "hierarchical_softmax_loss")
+    assert "native" in backends.available_backends("cpu", "decode")

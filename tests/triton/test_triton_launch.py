@@ -1,0 +1,111 @@
+"""How the Triton backend launches: every kernel through ``_common.launch``, compiled on CUDA tensors inside
+``device_guard`` (Triton launches on the current CUDA device, not on its arguments': triton-lang/triton#2441),
+under the interpreter on CPU tensors; tile sizes follow the tensors' device (never GPU tiles under the
+interpreter nor interpreter tiles on a GPU)."""
+import contextlib
+
+import pytest
+import torch
+
+import hss_kernels
+from hss_kernels import trees
+
+import helpers as H
+
+C = pytest.importorskip("hss_kernels.triton._common")
+triton_mod = pytest.importorskip("hss_kernels.triton")
+
+
+class _Probe:
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+def test_guard_selects_the_tensors_device():
+    guard = C.device_guard(_Probe("cuda:1"))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(C.device_guard(_Probe("cpu")), contextlib.nullcontext)
+
+
+def test_compiled_launches_are_guarded(monkeypatch):
+    """A compiled launch (CUDA tensors) runs inside device_guard(like); an interpreted one needs none."""
+    events = []
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        events.append(("enter", t))
+        yield
+        events.append(("exit", t))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: events.append(("run", grid, args, kw))
+
+    monkeypatch.setattr(C, "device_guard", recording_guard)
+    monkeypatch.setattr(C, "interpreted", lambda device: False)
+    like = _Probe("cuda:1")
+    C.launch(Kernel(), (3,), like, 1, 2, BLOCK=4, num_warps=8)
+    assert events == [("enter", like), ("run", (3,), (1, 2), {"BLOCK": 4, "num_warps": 8}), ("exit", like)]
+
+
+def test_interpreted_only_off_cuda():
+    assert C.interpreted("cpu") and C.interpreted(torch.device("cpu"))
+    assert not C.interpreted("cuda") and not C.interpreted(torch.device("cuda", 1))
+
+
+def test_every_kernel_goes_through_launch(backend, device, monkeypatch):
+    """Each op launches its kernels through _common.launch, on the logits (so on their device)."""
+    launches = []
+    real = C.launch
+
+    def recording_launch(kernel, grid, like, *args, **kw):
+        launches.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, like, args[0]))
+        return real(kernel, grid, like, *args, **kw)
+
+    monkeypatch.setattr(C, "launch", recording_launch)
+    tree = trees.load("cityscapes")
+    xl, y = H.inputs(tree, "hierarchical_softmax_loss", (1, 3, 4), device=device)
+    xn, _ = H.inputs(tree, "tree_min_loss", (1, 3, 4), device=device)
+    hss_kernels.hierarchical_softmax_loss(xl.requires_grad_(), y, tree, backend="triton").backward()
+    hss_kernels.tree_min_loss(xn.requires_grad_(), y, tree, backend="triton").backward()
+    triton_mod.OPS["decode"](xn.detach(), tree)
+    names = [n for n, _, _ in launches]
+    assert names.count("_hsm_kernel") == 2 and names.count("_tree_kernel") == 2 and "_decode_kernel" in names
+    # the device comes from the logits (the first argument), never from the current device
+    assert all(like is first and like.device == torch.device(device) for _, like, first in launches)
+
+
+def test_tiles_follow_the_device(backend, device, monkeypatch):
+    """Every kernel takes its tile sizes for its tensors' device: interpreter tiles for CPU tensors, GPU
+    tiles for CUDA tensors."""
+    from hss_kernels.triton import decode as D
+    asked = []
+    block_sizes, blocks = C.block_sizes, D._blocks
+    monkeypatch.setattr(C, "block_sizes",
+                        lambda c, p, interpret: asked.append(interpret) or block_sizes(c, p, interpret))
+    monkeypatch.setattr(D, "_blocks", lambda c, l, t, interpret: asked.append(interpret) or blocks(c, l, t, interpret))
+    tree = trees.load("cityscapes")
+    x, y = H.inputs(tree, "tree_min_loss", (1, 3, 4), device=device)
+    hss_kernels.tree_min_loss(x.requires_grad_(), y, tree, backend="triton").backward()
+    hss_kernels.decode(x.detach(), tree, backend="triton")
+    assert len(asked) == 3 and set(asked) == {device == "cpu"}
+
+
+def test_gpu_tiles_split_the_wide_trees():
+    """On a GPU decode takes (32 x 64) tiles, so the shipped trees wider than 32 leaves or channels run
+    several leaf and channel tiles per pixel (tests/test_decode.py::test_several_tiles_per_tree checks their
+    labels on CUDA); the interpreter's tiles hold vistas whole and split vistas_v2's channels. The loss
+    kernels keep all channels in one tile everywhere, with fewer pixels per GPU tile."""
+    from hss_kernels.triton import decode as D
+    for name in ("vistas", "vistas_v2"):
+        tree = trees.load(name)
+        V, L = tree.num_nodes, tree.num_leaves
+        block_c, block_l, _, _ = D._blocks(V, L, 10_000, False)
+        assert block_l < L and block_c < V, name
+    vistas, v2 = trees.load("vistas"), trees.load("vistas_v2")
+    assert D._blocks(vistas.num_nodes, vistas.num_leaves, 10_000, True)[:2] == (128, 128)
+    block_c, block_l, _, _ = D._blocks(v2.num_nodes, v2.num_leaves, 10_000, True)
+    assert block_c < v2.num_nodes and block_l >= v2.num_leaves
+    for channels in (19, 66, 147):
+        gpu, interp = C.block_sizes(channels, 10_000, False), C.block_sizes(channels, 10_000, True)
+        assert gpu[0] == interp[0] >= channels and gpu[0] * gpu[1] <= 2048 < interp[0] * interp[1]
