@@ -51,13 +51,25 @@ def _interpreted(fn) -> InterpretedFunction:
 @contextlib.contextmanager
 def _jit_calls_interpreted():
     """While an interpreted kernel runs, its calls of other ``@triton.jit`` helpers (compiled-mode
-    JITFunctions, which refuse Python calls) run their interpreted versions."""
+    JITFunctions, which refuse Python calls) run their interpreted versions.
+
+    The interpreter swaps ``triton.language``'s builtins for its own while it runs and puts them back
+    after a kernel, but not after a helper call (Triton 3.6 patches ``tl.core`` there and never restores
+    it); left patched, the next compile in this process fails. Everything is put back here."""
     saved = JITFunction.__call__
+    patched = (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base)
+    before = [dict(vars(obj)) for obj in patched]
     JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
     try:
         yield
     finally:
         JITFunction.__call__ = saved
+        for obj, old in zip(patched, before):
+            for name, value in list(vars(obj).items()):
+                if name not in old:
+                    delattr(obj, name)
+                elif value is not old[name]:
+                    setattr(obj, name, old[name])
 
 
 def launch(kernel, grid, like: torch.Tensor, *args, **kwargs) -> None:

@@ -109,3 +109,21 @@ def test_gpu_tiles_split_the_wide_trees():
     for channels in (19, 66, 147):
         gpu, interp = C.block_sizes(channels, 10_000, False), C.block_sizes(channels, 10_000, True)
         assert gpu[0] == interp[0] >= channels and gpu[0] * gpu[1] <= 2048 < interp[0] * interp[1]
+
+
+def test_the_interpreter_leaves_triton_language_as_it_found_it():
+    """An interpreted launch puts triton.language back as it was, helper calls included (Triton 3.6's
+    interpreter re-patches tl.core on every @triton.jit helper call and never restores it, and the next
+    compile in the process then fails: 'ir.value' object has no attribute 'dtype')."""
+    import triton.language as tl
+
+    objs = (tl, tl.core, tl.tensor, tl.math)
+    before = [dict(vars(o)) for o in objs]
+    tree = trees.load("cityscapes")
+    x = torch.randn(2, tree.num_nodes, 3, 5)
+    hss_kernels.decode(x, tree, backend="triton")  # decode calls @triton.jit helpers
+    y = torch.randint(0, tree.num_leaves, (2, 3, 5))
+    hss_kernels.tree_min_loss(x, y, tree, backend="triton")
+    for obj, old in zip(objs, before):
+        changed = sorted(n for n, v in vars(obj).items() if n not in old or v is not old[n])
+        assert not changed, f"{obj.__name__}: {changed[:5]}"
