@@ -134,11 +134,13 @@ def test_ci_compiles_the_cuda_code():
     build = open(os.path.join(ROOT, ".ci", "cuda-build")).read()
     assert os.access(os.path.join(ROOT, ".ci", "cuda-build"), os.X_OK)
     assert re.search(r"^\s*\.ci/cuda-build\s*$", run, re.M), ".ci/run does not call .ci/cuda-build"
-    assert re.search(r"^TORCH_VERSION=2\.11\.0$", build, re.M)
+    venv = open(os.path.join(ROOT, ".ci", "cuda-venv")).read()
+    assert re.search(r"^TORCH_VERSION=2\.11\.0$", venv, re.M), ".ci/cuda-venv must build against torch 2.11"
+    assert ".ci/cuda-venv" in build
     build_cmd = re.search(r"TORCH_CUDA_ARCH_LIST=9\.0 .*HSS_REQUIRE_CUDA=1[^\n]*\n[^\n]*setup\.py[^\n]*build_ext", build)
     assert build_cmd, "cuda-build must build with TORCH_CUDA_ARCH_LIST=9.0 and HSS_REQUIRE_CUDA=1"
     assert "CUDA_HOME" in build and '_dispatch_has_kernel_for_dispatch_key(op, "CUDA")' in build
-    for script in ("run", "cuda-build"):
+    for script in ("run", "cuda-build", "cuda-venv"):
         subprocess.run(["bash", "-n", os.path.join(ROOT, ".ci", script)], check=True)
 
 
