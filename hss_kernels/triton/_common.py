@@ -208,8 +208,8 @@ def backward_grad_out(grad_out: torch.Tensor, count: torch.Tensor, reduction: st
 
 
 # ----------------------------------------------------------------------------------- in-kernel pieces
-# pixel_coords is shared by every kernel; the rest by the loss kernels (_hierarchical_softmax_kernel,
-# _tree_min_kernel). LOSS_MODE and GRAD_MODE are the LOSS_* / GRAD_* values above, passed as constexprs.
+# Shared by the loss kernels (_hierarchical_softmax_kernel, _tree_min_kernel). LOSS_MODE and GRAD_MODE are
+# the LOSS_* / GRAD_* values above, passed as constexprs.
 
 @triton.jit
 def pixel_coords(pid, P, HW, W, BLOCK_P: tl.constexpr):
