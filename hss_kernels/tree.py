@@ -286,9 +286,10 @@ class Tree:
         return tree_tables(self, device)
 
     def cached(self, key, build):
-        """``build()``, computed once per ``key`` and kept with the tree: the backends keep their small
-        device tensors (packed tables, weight vectors) here so that a training step builds and copies
-        nothing from the host. ``key`` must name everything the value depends on (device, dtype, options)."""
+        """``build()``, computed once per ``key`` and kept with the tree: :mod:`hss_kernels.tables` keeps the
+        small device tensors the kernels read (tables, packed layouts, weight vectors) here so that a
+        training step builds and copies nothing from the host. ``key`` must name everything the value
+        depends on (device, dtype, options)."""
         value = self._memo.get(key)
         if value is None:
             value = build()
