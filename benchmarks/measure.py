@@ -36,7 +36,7 @@ PASSES = ("forward", "backward", "forward+backward")
 
 def bytes_moved(pass_name: str, pixels: int, channels: int, elem_bytes: int, label_bytes: int,
                 out_bytes: int) -> int:
-    """The fewest bytes one call must move through memory, by ``shared/MATH.md`` §5.
+    """The fewest bytes one call must move through memory, by docs/MATH.md §5.6.
 
     With ``P = pixels``, ``C = channels`` (leaves or nodes), ``b = elem_bytes`` per logit and
     ``R = P·(C·b + label_bytes)`` (each input read once):

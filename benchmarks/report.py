@@ -51,7 +51,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"- time limit {doc['time_limit_s']:g} s: rows not started in time are listed under "
                      f"\"Not run\"")
     lines.append("")
-    lines.append("Times are medians with the 25th–75th percentiles; MB = bytes the call must move by MATH.md §5 "
+    lines.append("Times are medians with the 25th–75th percentiles; MB = bytes the call must move by docs/MATH.md §5.6 "
                  "(1e6); % copy = achieved GB/s over the copy bandwidth above; × ref and × flat = speed-up over "
                  "the reference and over the flat PyTorch baseline in the same pass; peak = extra memory at peak "
                  "(MiB); check = difference from the reference (relative, or the fraction of decoded labels).")
@@ -159,7 +159,7 @@ def plot(doc: dict, path: str) -> Optional[str]:
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("achieved GB/s (MATH.md §5 bytes / median time)")
+        ax.set_xlabel("achieved GB/s (docs/MATH.md §5.6 bytes / median time)")
         ax.set_title(f"{cfg['name']}: {cfg['tree']}, B={cfg['batch']}, {cfg['height']}×{cfg['width']}, "
                      f"{cfg['dtype']} — {doc['meta']['device_name']}", fontsize=9)
         ax.set_xlim(0, max(vals + [copy]) * 1.15)

@@ -2,7 +2,7 @@
 
 For each configuration, loss, backend (whichever of ``reference``, ``reference+compile``, ``triton``,
 ``native`` run here, plus the flat PyTorch baseline a user would otherwise run) and pass, it reports the
-median time and its spread, the bytes MATH.md §5 says the call must move, the achieved bandwidth and
+median time and its spread, the bytes docs/MATH.md §5.6 says the call must move, the achieved bandwidth and
 its share of the copy bandwidth measured in the same run, speed-ups over the reference and over the
 flat baseline, and the peak extra memory. Output: a Markdown table on stdout and, under ``--out``,
 ``<device>-<date>.md``, ``.json`` and ``.png``. See ``benchmarks/results/README.md``.
@@ -601,7 +601,7 @@ COLUMNS = {
     "status": "ok, skipped or error", "median_ms": "median time per call", "p25_ms": "25th percentile",
     "p75_ms": "75th percentile", "iqr_ms": "p75 - p25", "min_ms": "fastest", "max_ms": "slowest",
     "reps": "timed repetitions", "timer": "cuda-events or perf_counter", "bytes": "bytes the call must move "
-    "(MATH.md §5, benchmarks.measure.bytes_moved)", "GBps": "bytes / median time, 1e9 B/s",
+    "(docs/MATH.md §5.6, benchmarks.measure.bytes_moved)", "GBps": "bytes / median time, 1e9 B/s",
     "copy_share": "GBps / copy bandwidth measured in the same run", "speedup_vs_reference": "reference median / "
     "this median", "speedup_vs_flat": "flat baseline median / this median", "peak_extra_bytes": "peak memory "
     "beyond what was allocated before the call (see memory_method)", "check": "difference from the reference "

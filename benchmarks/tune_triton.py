@@ -1,7 +1,7 @@
 """Time the Triton kernels' variants on a GPU, to choose the defaults (``python -m benchmarks.tune_triton``).
 
 Prints one line per (loss, dtype, variant, tile): milliseconds for forward, backward and the single
-pass, and GB/s on the bytes MATH.md §5 counts (logits read once per pass, gradient written once).
+pass, and GB/s on the bytes docs/MATH.md §5.6 counts (logits read once per pass, gradient written once).
 Variants: the pixel block (``hss_kernels.triton._common.block_sizes``) and, for tree-min,
 ``hss_kernels.triton.tree_min.USE_SCAN``. Times come from :func:`benchmarks.measure.time_pass` (CUDA
 events on a GPU, ``perf_counter`` elsewhere; one untimed run first, which compiles). The comparisons with

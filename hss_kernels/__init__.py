@@ -17,7 +17,8 @@ from .functional import (
     tree_triplet_loss,
 )
 from .modules import HierarchicalSoftmaxLoss, TreeBCELoss, TreeMinLoss, TreeTripletLoss
-from .tree import Tree, TreeTables
+from .tables import TreeTables
+from .tree import Tree
 
 from . import backends as _backends
 

@@ -3,8 +3,9 @@
 A backend is a module that defines
 
 * ``OPS``: a dict from op name (``"hierarchical_softmax_loss"``, ``"tree_min_loss"``, ``"tree_bce_loss"``,
-  ``"decode"``, ...) to a function with the reference's signature, called with 4-D ``(N, C, H, W)``
-  logits and ``(N, H, W)`` targets that the public API has already checked;
+  ``"decode"``, ...) to a function with the reference's signature (it may take keywords of its own
+  beyond it), called with 4-D ``(N, C, H, W)`` logits, ``(N, H, W)`` targets and options that the public
+  API has already checked;
 * ``unavailable_reason(device) -> str | None``: ``None`` when the backend runs on that device, else
   why not (extension not built, no GPU, Triton missing, ...).
 

@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import reference
+from ._checks import (check_decode_options, check_labels, check_nonnegative, check_normalize,
+                      check_reduction, label_check_enabled, set_label_check)
 from .backends import resolve
 from .tree import Tree
 
@@ -30,7 +32,6 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def as_tree(tree: Union[Tree, str]) -> Tree:
@@ -41,36 +42,6 @@ def as_tree(tree: Union[Tree, str]) -> Tree:
         from . import trees
         return trees.load(tree)
     raise TypeError(f"tree must be a hss_kernels.Tree or the name of a shipped tree, got {type(tree).__name__}")
-
-
-_LABEL_CHECK = True
-
-
-def set_label_check(enabled: bool) -> None:
-    """Turn on (the default) or off the scan of the target of :func:`hierarchical_softmax_loss`,
-    :func:`tree_min_loss` and :func:`tree_bce_loss` (and their modules) for labels outside
-    ``[0, num_leaves)`` that are not ``ignore_index``, which raises a ``ValueError`` naming the label.
-
-    The scan reads the whole target and, on a GPU, waits for the result (one host synchronisation per
-    call); turn it off once a data pipeline is trusted. ``torch.compile`` skips it too. Without it, such a
-    label is never read out of bounds: every backend gives that pixel a NaN loss and a NaN gradient row,
-    so a ``"mean"``/``"sum"`` loss is NaN, never a plausible number. Shapes, dtypes and devices are
-    always checked.
-    """
-    global _LABEL_CHECK
-    _LABEL_CHECK = bool(enabled)
-
-
-def label_check_enabled() -> bool:
-    """Whether the losses scan targets for out-of-range labels (see :func:`set_label_check`)."""
-    return _LABEL_CHECK
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 def _check_logits(fn: str, logits, channels: int, what: str, other: str) -> None:
@@ -96,22 +67,7 @@ def _check_target(fn: str, logits, target, tree: Tree, ignore_index: int) -> Non
                          f"got {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"{fn}: target is on {target.device} but logits on {logits.device}")
-    if not _LABEL_CHECK or _is_compiling() or target.numel() == 0:
-        return
-    L = tree.num_leaves
-    bad = ((target < 0) | (target >= L)) & (target != ignore_index)
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(f"{fn}: target holds label {value}, outside [0, {L}) (the tree's leaves) and not "
-                         f"ignore_index={ignore_index}")
-
-
-def _check_options(fn: str, reduction: str, **nonneg) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    for name, value in nonneg.items():
-        if not value >= 0:
-            raise ValueError(f"{fn}: {name} must be >= 0, got {value}")
+    check_labels(fn, target, tree.num_leaves, ignore_index)
 
 
 def _to4d(logits: torch.Tensor, target: torch.Tensor):
@@ -168,7 +124,8 @@ def hierarchical_softmax_loss(
     _check_logits(fn, logits, tree.num_leaves, "leaves",
                   f"it takes one logit per leaf ({tree.num_nodes} channels would be node logits, for tree_min_loss)")
     _check_target(fn, logits, target, tree, ignore_index)
-    _check_options(fn, reduction, eps=eps)
+    check_reduction(fn, reduction)
+    check_nonnegative(fn, eps=eps)
     if level_weights is not None and len(level_weights) != tree.depth:
         raise ValueError(f"{fn}: level_weights needs {tree.depth} values (one per depth), got {len(level_weights)}")
     return _run(fn, backend, logits, target, reduction, tree=tree, level_weights=level_weights, eps=eps,
@@ -181,9 +138,9 @@ def _node_loss(fn, logits, target, tree, gamma, scale, eps, normalize, ignore_in
                   f"it takes one logit per node ({tree.num_leaves} channels would be leaf logits, "
                   f"for hierarchical_softmax_loss)")
     _check_target(fn, logits, target, tree, ignore_index)
-    _check_options(fn, reduction, gamma=gamma, eps=eps)
-    if normalize not in ("level", "node"):
-        raise ValueError(f"{fn}: normalize must be 'level' or 'node', got {normalize!r}")
+    check_reduction(fn, reduction)
+    check_nonnegative(fn, gamma=gamma, eps=eps)
+    check_normalize(fn, normalize)
     return _run(fn, backend, logits, target, reduction, tree=tree, gamma=gamma, scale=scale, eps=eps,
                 normalize=normalize, ignore_index=ignore_index)
 
@@ -264,11 +221,9 @@ def tree_triplet_loss(
         raise TypeError(f"{fn}: target must be an integer tensor (N, H, W)")
     if target.dim() != 3 or target.shape[0] != embedding.shape[0]:
         raise ValueError(f"{fn}: target must be (N, H, W) with N = {embedding.shape[0]}, got {tuple(target.shape)}")
-    L = tree.num_leaves
-    bad = ((target < 0) | (target >= L)) & (target != ignore_index)
-    if bool(bad.any()):
-        raise ValueError(f"{fn}: target holds label {int(target[bad][0])}, outside [0, {L}) and not "
-                         f"ignore_index={ignore_index}")
+    if sampling not in ("random", "first"):
+        raise ValueError(f"{fn}: sampling must be 'random' or 'first', got {sampling!r}")
+    check_labels(fn, target, tree.num_leaves, ignore_index)
     impl = resolve(fn, backend, embedding.device)
     return impl(embedding, target, tree, margin=margin, max_triplets=max_triplets, sampling=sampling,
                 generator=generator, ignore_index=ignore_index, normalize=normalize)
@@ -293,11 +248,8 @@ def decode(
         raise TypeError(f"{fn}: logits must be a float tensor, got {getattr(logits, 'dtype', type(logits).__name__)}")
     if logits.dim() < 2 or logits.shape[1] not in (tree.num_nodes, tree.num_leaves):
         raise ValueError(f"{fn}: logits must be (N, C, *S) with C = {tree.num_nodes} (nodes) or "
-                         f"{tree.num_leaves} (leaves), got {tuple(logits.shape)}")
-    if activation not in ("sigmoid", "softmax"):
-        raise ValueError(f"{fn}: activation must be 'sigmoid' or 'softmax', got {activation!r}")
-    if score not in ("sum", "mean"):
-        raise ValueError(f"{fn}: score must be 'sum' or 'mean', got {score!r}")
+                         f"{tree.num_leaves} (leaves) channels, got {tuple(logits.shape)}")
+    check_decode_options(fn, activation, score)
     x, _ = _to4d(logits, logits[:, 0])
     out = resolve(fn, backend, logits.device, logits.dtype)(x, tree, activation=activation, score=score)
     return out.reshape(logits.shape[0], *logits.shape[2:])
@@ -308,9 +260,6 @@ def labels_at_depth(leaf_labels: torch.Tensor, tree: Union[Tree, str], depth: in
     tree = as_tree(tree)
     if not isinstance(leaf_labels, torch.Tensor) or leaf_labels.dtype.is_floating_point:
         raise TypeError("labels_at_depth: leaf_labels must be an integer tensor")
-    L = tree.num_leaves
-    bad = ((leaf_labels < 0) | (leaf_labels >= L)) & (leaf_labels != ignore_index)
-    if bool(bad.any()):
-        raise ValueError(f"labels_at_depth: label {int(leaf_labels[bad][0])} outside [0, {L}) and not "
-                         f"ignore_index={ignore_index}")
+    tree._check_depth(depth)
+    check_labels("labels_at_depth", leaf_labels, tree.num_leaves, ignore_index, name="leaf_labels")
     return reference.labels_at_depth(leaf_labels, tree, depth, ignore_index=ignore_index)

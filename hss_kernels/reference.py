@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every loss and of decoding: the executable form of ``shared/MATH.md``.
+"""Pure-PyTorch reference of every loss and of decoding: the executable form of ``docs/MATH.md``.
 
 Plain, vectorised PyTorch whose gradients come from autograd. Every fast backend is tested against
 these functions. They never modify their inputs. Shapes: logits ``(N, C, *spatial)``, target
@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._checks import acc_dtype
+from .tables import level_weight_vector, node_weight_vector
 from .tree import Tree
 
 __all__ = [
@@ -32,21 +34,16 @@ __all__ = [
     "decode",
     "labels_at_depth",
     "reduce_loss",
-    "level_weight_vector",
-    "node_weight_vector",
     "tree_min_extrema",
+    "path_scores",
 ]
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _flatten(logits: torch.Tensor, target: torch.Tensor):
     """(N, C, *S) → float (N, C, P) in the accumulation dtype; target → (N, P) int64."""
     N, C = logits.shape[:2]
     P = math.prod(logits.shape[2:])
-    x = logits.to(_acc_dtype(logits)).reshape(N, C, P)  # explicit P: -1 cannot be inferred when empty
+    x = logits.to(acc_dtype(logits.dtype)).reshape(N, C, P)  # explicit P: -1 cannot be inferred when empty
     y = target.reshape(N, P).long()
     return x, y
 
@@ -80,51 +77,7 @@ def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, sp
     total = per_pixel.sum()
     if reduction == "sum":
         return total
-    if reduction == "mean":
-        return total / valid.sum().clamp(min=1).to(total.dtype)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
-def level_weight_vector(tree: Tree, level_weights, dtype, device) -> torch.Tensor:
-    """The per-depth weights w_1..w_D of the hierarchical softmax loss (default all ones), contiguous.
-
-    Unless given as a tensor, the vector is built once per (weights, dtype, device) and kept with the
-    tree (:meth:`Tree.cached`), so that a training step makes no host-to-device copy. Do not modify it.
-    """
-    if isinstance(level_weights, torch.Tensor):
-        return _level_weights(tree, level_weights, dtype, device)
-    key = ("level_w", None if level_weights is None else tuple(float(v) for v in level_weights),
-           dtype, str(torch.device(device)))
-    return tree.cached(key, lambda: _level_weights(tree, level_weights, dtype, device))
-
-
-def _level_weights(tree: Tree, level_weights, dtype, device) -> torch.Tensor:
-    if level_weights is None:
-        return torch.ones(tree.depth, dtype=dtype, device=device)
-    # contiguous: kernels read w_ptr + d (reshape keeps a strided 1-D view as it is)
-    w = torch.as_tensor(level_weights, dtype=dtype, device=device).reshape(-1).contiguous()
-    if w.numel() != tree.depth:
-        raise ValueError(f"level_weights needs {tree.depth} values (one per depth), got {w.numel()}")
-    return w
-
-
-def node_weight_vector(tree: Tree, scale: float, normalize: str, dtype, device) -> torch.Tensor:
-    """k_v of MATH.md §3: ``scale / |V_d|`` (``normalize="level"``) or ``scale / V`` (``"node"``).
-
-    Built once per (scale, normalize, dtype, device) and kept with the tree; do not modify it."""
-    if normalize not in ("level", "node"):
-        raise ValueError(f"normalize must be 'level' or 'node', got {normalize!r}")
-    key = ("node_k", float(scale), normalize, dtype, str(torch.device(device)))
-    return tree.cached(key, lambda: _node_weights(tree, float(scale), normalize, dtype, device))
-
-
-def _node_weights(tree: Tree, scale: float, normalize: str, dtype, device) -> torch.Tensor:
-    if normalize == "level":
-        per_depth = [scale / n for n in tree.nodes_per_depth]
-        w = [per_depth[d - 1] for d in tree.depths]
-    else:
-        w = [scale / tree.num_nodes] * tree.num_nodes
-    return torch.tensor(w, dtype=dtype, device=device)
+    return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
 # --------------------------------------------------------------------------- hierarchical softmax
@@ -137,7 +90,7 @@ def hierarchical_softmax_loss(
     ignore_index: int = 255,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Hierarchical softmax loss (Muller & Smith 2020), MATH.md §2.
+    """Hierarchical softmax loss (Muller & Smith 2020), docs/MATH.md §2.
 
     ``logits``: leaf logits ``(N, L, *S)`` in label-id order. Per pixel with label y,
     ``loss = sum_d w_d (lse - lse_d)`` where lse is the log-sum-exp over all leaves and lse_d over the
@@ -244,7 +197,7 @@ def tree_min_loss(
     ignore_index: int = 255,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Focal tree-min loss (HSSN, Li et al. 2022), MATH.md §3.
+    """Focal tree-min loss (HSSN, Li et al. 2022), docs/MATH.md §3.
 
     ``logits``: node logits ``(N, V, *S)`` in node-channel order. A node on the target's path scores
     ``q = min`` of the sigmoid over its ancestors-or-self and costs ``-(1-q)^gamma log q``; any other
@@ -266,7 +219,7 @@ def tree_bce_loss(
     ignore_index: int = 255,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Multi-label BCE baseline over every node channel (MATH.md §4): target ``t_v = [v on y's path]``,
+    """Multi-label BCE baseline over every node channel (docs/MATH.md §4.1): target ``t_v = [v on y's path]``,
     optionally focal (``gamma``), with the same normalisation choices as :func:`tree_min_loss`."""
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, False)
 
@@ -283,7 +236,7 @@ def tree_triplet_loss(
     ignore_index: int = 255,
     normalize: bool = True,
 ) -> torch.Tensor:
-    """HSSN's tree-triplet loss on a pixel embedding (MATH.md §4).
+    """HSSN's tree-triplet loss on a pixel embedding (docs/MATH.md §4.2).
 
     ``embedding``: ``(N, E, h, w)``; ``target``: ``(N, H, W)`` leaf labels, downsampled to ``h×w`` by
     nearest neighbour. ``normalize`` L2-normalises the embedding over E first (HSSN feeds a normalised
@@ -291,12 +244,11 @@ def tree_triplet_loss(
     c's parent, negatives pixels of a leaf outside c's parent (ignored pixels are never used);
     ``loss_c = mean relu((1 - <a,p>) - (1 - <a,n>) + margin)`` over ``k = min(max_triplets, #a, #p, #n)``
     triplets, chosen at random (``sampling="random"``, from ``generator``) or as the first ``k`` in raster
-    order (``"first"``, HSSN's code). The loss is the mean over the classes that had triplets (0 if none).
+    order (``"first"``, HSSN's code). The loss is the mean over the classes that had triplets (0 if none);
+    NaN if a label is neither ``ignore_index`` nor in ``[0, L)`` (docs/MATH.md §5.3).
     """
-    if sampling not in ("random", "first"):
-        raise ValueError(f"sampling must be 'random' or 'first', got {sampling!r}")
     N, E = embedding.shape[:2]
-    e = embedding.to(_acc_dtype(embedding))
+    e = embedding.to(acc_dtype(embedding.dtype))
     if normalize:
         e = F.normalize(e, p=2, dim=1)
     lab = F.interpolate(target[:, None].to(torch.float64), size=embedding.shape[2:], mode="nearest")
@@ -305,7 +257,9 @@ def tree_triplet_loss(
     L = tree.num_leaves
     # leaves sharing the parent of each leaf (all leaves when the parent is the root)
     parent_of = [tree.parents[c] for c in tree.leaf_channels]
-    valid = lab != ignore_index
+    labelled = lab != ignore_index
+    bad = labelled & ((lab < 0) | (lab >= L))  # never indexes a table; makes the loss NaN
+    valid = labelled & ~bad
     losses = []
     for c in torch.unique(lab[valid]).tolist():
         sib = torch.tensor([parent_of[k] == parent_of[c] for k in range(L)], device=lab.device)
@@ -329,21 +283,16 @@ def tree_triplet_loss(
         d_ap = 1 - (a * p).sum(1)
         d_an = 1 - (a * n).sum(1)
         losses.append(F.relu(d_ap - d_an + margin).mean())
-    if not losses:
-        return (feats.sum() * 0).to(e.dtype)
-    return torch.stack(losses).mean()
+    loss = torch.stack(losses).mean() if losses else (feats.sum() * 0).to(e.dtype)
+    return torch.where(bad.any(), torch.full_like(loss, float("nan")), loss)
 
 
 # --------------------------------------------------------------------------- decoding
 def path_scores(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
     """Score of every leaf's root-to-leaf path per pixel → ``(N, L, *S)`` (see :func:`decode`)."""
-    if activation not in ("sigmoid", "softmax"):
-        raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
-    if score not in ("sum", "mean"):
-        raise ValueError(f"score must be 'sum' or 'mean', got {score!r}")
     N, C = logits.shape[:2]
     # explicit pixel count: reshape cannot infer -1 when N == 0
-    x = logits.detach().to(_acc_dtype(logits)).reshape(N, C, math.prod(logits.shape[2:]))
+    x = logits.detach().to(acc_dtype(logits.dtype)).reshape(N, C, math.prod(logits.shape[2:]))
     if C == tree.num_leaves and C != tree.num_nodes:
         return x.reshape(N, C, *logits.shape[2:])
     a = torch.sigmoid(x) if activation == "sigmoid" else torch.softmax(x, dim=1)
@@ -355,7 +304,7 @@ def path_scores(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", s
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
-    """Leaf label of the best root-to-leaf path per pixel (MATH.md §4) → int64 ``(N, *S)``.
+    """Leaf label of the best root-to-leaf path per pixel (docs/MATH.md §4.3) → int64 ``(N, *S)``.
 
     Node logits (``V`` channels): a path's score is the sum (``score="sum"``) or mean (``"mean"``) over
     its nodes of ``sigmoid(x)`` (``activation="sigmoid"``) or of the softmax over all node channels
@@ -367,10 +316,12 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
 
 def labels_at_depth(leaf_labels: torch.Tensor, tree: Tree, depth: int, ignore_index: int = 255) -> torch.Tensor:
     """Map leaf labels to class ids at ``depth`` (1..D; see ``Tree.class_names``); ``ignore_index``
-    stays ``ignore_index``. At depth D the classes are the leaf labels themselves."""
+    stays ``ignore_index``; a label outside ``[0, L)`` (docs/MATH.md §5.3) becomes -1, no class id. At depth D
+    the classes are the leaf labels themselves."""
     tree._check_depth(depth)
     table = tree.tables(leaf_labels.device).leaf_group[depth - 1].long()
     valid = leaf_labels != ignore_index
-    safe = torch.where(valid, leaf_labels, torch.zeros_like(leaf_labels)).long()
-    out = table[safe]
+    ok = valid & (leaf_labels >= 0) & (leaf_labels < tree.num_leaves)
+    out = table[torch.where(ok, leaf_labels, torch.zeros_like(leaf_labels)).long()]
+    out = torch.where(ok, out, torch.full_like(out, -1))
     return torch.where(valid, out, torch.full_like(out, ignore_index)).to(leaf_labels.dtype)

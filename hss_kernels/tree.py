@@ -1,7 +1,7 @@
 """Class trees: parsing, validation and the index tables every backend reads.
 
 A tree file is tab-indented text, one node name per line, one more tab per level down; the root is
-implicit (see ``shared/MATH.md`` §1 and the README). Two numberings matter:
+implicit (see docs/MATH.md §1.1 and the README). Two numberings matter:
 
 * **label ids** number the leaves: they are the values of a data set's target maps. By default leaves
   get ids in file order; ``classes`` (leaf names in label-id order) overrides that.
@@ -9,57 +9,17 @@ implicit (see ``shared/MATH.md`` §1 and the README). Two numberings matter:
   logit per node (HSSN). Leaves come first, by label id, then the internal nodes from the deepest level
   to the shallowest, each level in file order.
 
-All tables are computed once in :class:`Tree` (as Python/NumPy data) and turned into small int32
-tensors per device by :meth:`Tree.tables`, cached.
+All tables are computed once in :class:`Tree` (as Python lists); :mod:`hss_kernels.tables` turns them
+into the small int32 tensors the kernels read, cached per device (:meth:`Tree.tables`, :meth:`Tree.cached`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import torch
+from .tables import TreeTables, tree_tables
 
 __all__ = ["Tree", "TreeTables"]
-
-
-@dataclass(frozen=True)
-class TreeTables:
-    """Index tables of one tree on one device (all int32 unless said otherwise).
-
-    ``L`` leaves, ``V`` nodes (channels), ``D`` depth. Every node index below is a node channel.
-
-    * ``leaf_channel[l]``: channel of leaf label ``l``.  ``(L,)``
-    * ``channel_label[c]``: label id of channel ``c`` if it is a leaf, else -1.  ``(V,)``
-    * ``parent[c]``: parent channel, -1 for a child of the root.  ``(V,)``
-    * ``depth[c]``: depth of the node (1 for a child of the root).  ``(V,)``
-    * ``leaf_group[d-1, l]``: the class id of leaf ``l`` at depth ``d`` (dense ids ``0..G_d-1``).  The
-      group ``G_d(l)`` of MATH.md is ``{k : leaf_group[d-1, k] == leaf_group[d-1, l]}``.  ``(D, L)``
-    * ``leaf_ancestor[d-1, l]``: ``a_d(l)`` as a channel (the leaf itself when shallower than d).  ``(D, L)``
-    * ``path_nodes[l, d-1]``: channel of the depth-d node on leaf ``l``'s root-to-leaf path, -1 past the
-      leaf's depth.  ``(L, D)``
-    * ``path``: path-membership matrix, ``path[c, l] = 1`` if node ``c`` is on leaf ``l``'s path.
-      ``(V, L)``, uint8.
-    * ``dfs_order[i]``: the channel at depth-first (pre-order, file order) position ``i``;
-      ``dfs_pos[c]`` its inverse; ``subtree_size[c]``: number of descendants-or-self, so that
-      desc-or-self(c) = ``dfs_order[dfs_pos[c] : dfs_pos[c] + subtree_size[c]]``.  ``(V,)`` each.
-    * ``nodes_per_depth[d-1]``: ``|V_d|``.  ``(D,)``
-    * ``groups_per_depth[d-1]``: number of classes at depth d.  ``(D,)``
-    """
-
-    leaf_channel: torch.Tensor
-    channel_label: torch.Tensor
-    parent: torch.Tensor
-    depth: torch.Tensor
-    leaf_group: torch.Tensor
-    leaf_ancestor: torch.Tensor
-    path_nodes: torch.Tensor
-    path: torch.Tensor
-    dfs_order: torch.Tensor
-    dfs_pos: torch.Tensor
-    subtree_size: torch.Tensor
-    nodes_per_depth: torch.Tensor
-    groups_per_depth: torch.Tensor
 
 
 class Tree:
@@ -103,7 +63,6 @@ class Tree:
                 self.subtree_size[self.parents[c]] += self.subtree_size[c]
         self.depth: int = max(self.depths[c] for c in self.leaf_channels)
         self._build_tables()
-        self._device_tables: Dict[str, TreeTables] = {}
         self._memo: Dict = {}
 
     # The order in which children are visited. from_text sets _file_rank so that DFS follows the file.
@@ -293,7 +252,7 @@ class Tree:
         return self.channel_labels[channel] >= 0
 
     def class_names(self, depth: int) -> List[str]:
-        """Names of the classes at ``depth`` (1..D), in class-id order (see :meth:`TreeTables`)."""
+        """Names of the classes at ``depth`` (1..D), in class-id order (``TreeTables.leaf_group``)."""
         self._check_depth(depth)
         return [self.names[c] for c in self.group_nodes[depth - 1]]
 
@@ -322,49 +281,17 @@ class Tree:
 
     # ------------------------------------------------------------------ tables
     def tables(self, device="cpu") -> TreeTables:
-        """The int32 index tables on ``device``, computed once per device."""
-        device = torch.device(device)
-        key = str(device)
-        t = self._device_tables.get(key)
-        if t is None:
-            t = self._make_tables(device)
-            self._device_tables[key] = t
-        return t
+        """The int32 index tables on ``device`` (:func:`hss_kernels.tables.tree_tables`), computed once
+        per device."""
+        return tree_tables(self, device)
 
     def cached(self, key, build):
-        """``build()``, computed once per ``key`` and kept with the tree: the backends keep their small
-        device tensors (packed tables, weight vectors) here so that a training step builds and copies
-        nothing from the host. ``key`` must name everything the value depends on (device, dtype, options)."""
+        """``build()``, computed once per ``key`` and kept with the tree: :mod:`hss_kernels.tables` keeps the
+        small device tensors the kernels read (tables, packed layouts, weight vectors) here so that a
+        training step builds and copies nothing from the host. ``key`` must name everything the value
+        depends on (device, dtype, options)."""
         value = self._memo.get(key)
         if value is None:
             value = build()
             self._memo[key] = value
         return value
-
-    def _make_tables(self, device: torch.device) -> TreeTables:
-        L, V, D = self.num_leaves, self.num_nodes, self.depth
-
-        def i32(x):
-            return torch.tensor(x, dtype=torch.int32, device=device)
-
-        path_nodes = [[-1] * D for _ in range(L)]
-        path = [[0] * L for _ in range(V)]
-        for l, c in enumerate(self.leaf_channels):
-            for d, a in enumerate(self.ancestors[c]):
-                path_nodes[l][d] = a
-                path[a][l] = 1
-        return TreeTables(
-            leaf_channel=i32(self.leaf_channels),
-            channel_label=i32(self.channel_labels),
-            parent=i32(self.parents),
-            depth=i32(self.depths),
-            leaf_group=i32(self.leaf_group).reshape(D, L),
-            leaf_ancestor=i32(self.leaf_ancestor).reshape(D, L),
-            path_nodes=i32(path_nodes).reshape(L, D),
-            path=torch.tensor(path, dtype=torch.uint8, device=device).reshape(V, L),
-            dfs_order=i32(self.dfs_order),
-            dfs_pos=i32(self.dfs_pos),
-            subtree_size=i32(self.subtree_size),
-            nodes_per_depth=i32(self.nodes_per_depth),
-            groups_per_depth=i32([len(g) for g in self.group_nodes]),
-        )

@@ -28,20 +28,20 @@ def meta(C, dtype, shape=VISTAS):
 
 
 def variants():
-    hsm_tree, node_tree = trees.load("vistas"), trees.load("vistas_v2")
-    L, V = hsm_tree.num_leaves, node_tree.num_nodes
+    leaf_tree, node_tree = trees.load("vistas"), trees.load("vistas_v2")
+    L, V = leaf_tree.num_leaves, node_tree.num_nodes
     out = []  # (name, call, backward)
     for name, dt in DTYPES.items():
         x, t = meta(L, dt)
-        hsm = [("forward", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, hsm_tree), False),
-               ("backward, scalar grad", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, hsm_tree), True),
+        hierarchical_softmax = [("forward", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False),
+               ("backward, scalar grad", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), True),
                ("backward, per-pixel grad, eps", lambda x=x, t=t: hs.hierarchical_softmax_loss(
-                   x, t, hsm_tree, eps=0.1, reduction="none"), True),
+                   x, t, leaf_tree, eps=0.1, reduction="none"), True),
                ("single pass, eps", lambda x=x, t=t: hs.hierarchical_softmax_loss(
-                   x, t, hsm_tree, eps=0.1, single_pass=True), False)]
-        out += [(f"hsm {name} {v}", c, b) for v, c, b in hsm if name != "bf16" or "scalar" in v or "single" in v]
+                   x, t, leaf_tree, eps=0.1, single_pass=True), False)]
+        out += [(f"hierarchical_softmax {name} {v}", c, b) for v, c, b in hierarchical_softmax if name != "bf16" or "scalar" in v or "single" in v]
         x, t = meta(V, dt)
-        tree = [("tree_min forward, focal, eps", lambda x=x, t=t: tm.tree_min_loss(x, t, node_tree, eps=0.1), False),
+        tree_min = [("tree_min forward, focal, eps", lambda x=x, t=t: tm.tree_min_loss(x, t, node_tree, eps=0.1), False),
                 ("tree_min backward, per-pixel grad, focal, eps", lambda x=x, t=t: tm.tree_min_loss(
                     x, t, node_tree, eps=0.1, reduction="none"), True),
                 ("tree_min single pass, gamma 0", lambda x=x, t=t: tm.tree_min_loss(
@@ -51,7 +51,7 @@ def variants():
                 ("tree_min forward, scan", lambda x=x, t=t: tm.tree_min_loss(x, t, node_tree, eps=0.1), False),
                 ("tree_min backward, per-pixel grad, scan", lambda x=x, t=t: tm.tree_min_loss(
                     x, t, node_tree, gamma=0.0, reduction="none"), True)]
-        out += [(f"tree {name} {v}", c, b) for v, c, b in tree if name != "bf16" or "per-pixel grad" in v]
+        out += [(f"{v.split(' ', 1)[0]} {name} {v.split(' ', 1)[1]}", c, b) for v, c, b in tree_min if name != "bf16" or "per-pixel grad" in v]
         for act, score, C in (("sigmoid", "sum", V), ("softmax", "mean", V), ("sigmoid", "sum", node_tree.num_leaves)):
             x, _ = meta(C, dt)
             kind = "leaf logits" if C != V else f"{act} {score}"
@@ -59,9 +59,9 @@ def variants():
         x, _ = meta(V, dt, HUGE)
         out.append((f"decode {name} softmax mean, i64", lambda x=x: dk.decode(x, node_tree, "softmax", "mean"), False))
     x, t = meta(L, torch.float32, HUGE)
-    out.append(("hsm fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, hsm_tree), False))
+    out.append(("hierarchical_softmax fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False))
     x2, t2 = meta(V, torch.float32, HUGE)
-    out.append(("tree fp32 backward, i64", lambda: OPS["tree_min_loss"](x2, t2, node_tree), True))
+    out.append(("tree_min fp32 backward, i64", lambda: OPS["tree_min_loss"](x2, t2, node_tree), True))
     return out
 
 

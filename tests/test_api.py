@@ -273,3 +273,24 @@ def test_labels_at_depth_keeps_ignore():
     assert hk.labels_at_depth(torch.tensor([0, 1, 2, 255]), tiny, 1).tolist() == [0, 0, 1, 255]
     with pytest.raises(ValueError):
         hk.labels_at_depth(torch.tensor([11]), tree, 1)
+
+
+def test_label_check_switch_labels_at_depth_and_triplet():
+    """labels_at_depth and the triplet loss follow set_label_check like the losses: with the scan off a
+    bad label is never read out of bounds (-1 at every depth; a NaN triplet loss)."""
+    labels = torch.tensor([[0, 1, 9, 255]])
+    e = torch.randn(1, 6, 1, 4)
+    with pytest.raises(ValueError, match="label 9"):
+        hk.labels_at_depth(labels, TREE, 1)
+    with pytest.raises(ValueError, match="label 9"):
+        hk.tree_triplet_loss(e, labels[:, None], TREE)
+    try:
+        hk.set_label_check(False)
+        for depth in range(1, TREE.depth + 1):
+            got = hk.labels_at_depth(labels, TREE, depth)
+            assert got[0, 2] == -1 and got[0, 3] == 255
+            assert got[0, :2].tolist() == TREE.tables().leaf_group[depth - 1, :2].tolist()
+        assert torch.isnan(hk.tree_triplet_loss(e, labels[:, None], TREE))
+        assert torch.isfinite(hk.tree_triplet_loss(e, labels[:, None].clamp(max=3), TREE))
+    finally:
+        hk.set_label_check(True)

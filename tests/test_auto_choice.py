@@ -44,9 +44,9 @@ def test_model_then_measurements(tmp_path):
         ("decode", "cuda", "bfloat16", "forward", "nchw", 2.0, 1.0),
     ])))
     doc = auto_choice.choose(str(tmp_path), str(model))
-    hsm = doc["ops"]["hierarchical_softmax_loss"]["float32"]
-    assert hsm["order"] == ["native", "triton"] and hsm["ms"] == {"native": 5.0, "triton": 7.0}
-    assert hsm["source"].startswith("model")
+    hs = doc["ops"]["hierarchical_softmax_loss"]["float32"]
+    assert hs["order"] == ["native", "triton"] and hs["ms"] == {"native": 5.0, "triton": 7.0}
+    assert hs["source"].startswith("model")
     assert doc["ops"]["decode"]["bfloat16"]["order"] == ["native", "triton"]
 
     # a CUDA benchmark that timed both backends overrides the model; CPU runs and one-backend rows do not
@@ -58,8 +58,8 @@ def test_model_then_measurements(tmp_path):
     (tmp_path / "cpu-1.json").write_text(json.dumps(_bench("cpu", "2026-12-02T00:00:00Z", "bfloat16", [
         ("decode", "triton", "forward", 9.0), ("decode", "native", "forward", 1.0)])))
     doc = auto_choice.choose(str(tmp_path), str(model))
-    hsm = doc["ops"]["hierarchical_softmax_loss"]["float32"]
-    assert hsm["order"] == ["triton", "native"] and hsm["source"] == "measured: " + auto_choice._rel(
+    hs = doc["ops"]["hierarchical_softmax_loss"]["float32"]
+    assert hs["order"] == ["triton", "native"] and hs["source"] == "measured: " + auto_choice._rel(
         str(tmp_path / "gpu-1.json"))
     assert doc["ops"]["decode"]["bfloat16"]["source"].startswith("model")
 
@@ -85,20 +85,20 @@ def test_auto_on_cuda_follows_the_committed_order(every_backend_on_cuda, monkeyp
              "decode": {"float32": ["native", "triton"]}}
     monkeypatch.setattr(backends, "_gpu_order", order)
     triton_ops, native_ops = backends._ops("triton"), backends._ops("native")
-    hsm = "hierarchical_softmax_loss"
-    assert backends.resolve(hsm, "auto", CUDA, torch.float32) is triton_ops[hsm]
-    assert backends.resolve(hsm, "auto", CUDA, torch.float64) is triton_ops[hsm]  # float64 follows float32
-    assert backends.resolve(hsm, "auto", CUDA, torch.bfloat16) is native_ops[hsm]
-    assert backends.resolve(hsm, "auto", CUDA, torch.float16) is native_ops[hsm]  # float16 follows bfloat16
+    hs = "hierarchical_softmax_loss"
+    assert backends.resolve(hs, "auto", CUDA, torch.float32) is triton_ops[hs]
+    assert backends.resolve(hs, "auto", CUDA, torch.float64) is triton_ops[hs]  # float64 follows float32
+    assert backends.resolve(hs, "auto", CUDA, torch.bfloat16) is native_ops[hs]
+    assert backends.resolve(hs, "auto", CUDA, torch.float16) is native_ops[hs]  # float16 follows bfloat16
     assert backends.resolve("decode", "auto", CUDA, torch.bfloat16) is native_ops["decode"]  # falls back to float32
     # an op the file does not list: native first
     assert backends.resolve("tree_min_loss", "auto", CUDA, torch.float32) is native_ops["tree_min_loss"]
     # the first in the order that runs
     monkeypatch.setattr(backends, "unavailable_reason",
                         lambda name, device="cpu", op=None: "absent" if name == "triton" else None)
-    assert backends.resolve(hsm, "auto", CUDA, torch.float32) is native_ops[hsm]
+    assert backends.resolve(hs, "auto", CUDA, torch.float32) is native_ops[hs]
     # the CPU ignores the file
-    assert backends.resolve(hsm, "auto", torch.device("cpu"), torch.float32) is native_ops[hsm]
+    assert backends.resolve(hs, "auto", torch.device("cpu"), torch.float32) is native_ops[hs]
 
 
 def test_the_package_reads_the_committed_file(monkeypatch):

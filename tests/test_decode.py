@@ -176,16 +176,17 @@ def test_several_tiles_per_tree(backend, device):
 
 
 def test_bad_input(backend, device):
-    """The backend's own decode (what the registry calls) checks its arguments."""
-    decode = backends.resolve("decode", backend, torch.device(device))
+    """The public decode checks the channels and options before any backend runs; the backend's own
+    decode (what the registry calls) takes 4-D logits only."""
     tree = trees.load("cityscapes")
     x = random_logits(tree.num_nodes, (1, 2, 2), device=device)
     with pytest.raises(ValueError, match="channels"):
-        decode(random_logits(tree.num_nodes + 1, (1, 2, 2), device=device), tree)
+        hss_kernels.decode(random_logits(tree.num_nodes + 1, (1, 2, 2), device=device), tree, backend=backend)
     with pytest.raises(ValueError, match="activation"):
-        decode(x, tree, "relu")
+        hss_kernels.decode(x, tree, "relu", backend=backend)
     with pytest.raises(ValueError, match="score"):
-        decode(x, tree, "sigmoid", "max")
+        hss_kernels.decode(x, tree, "sigmoid", "max", backend=backend)
+    decode = backends.resolve("decode", backend, torch.device(device))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         decode(x[0], tree)
 

@@ -37,7 +37,7 @@ kernels need to *issue* their instructions, next to the time the pass needs to *
 * **Times**: warp-instructions = Σ instructions per thread × warps launched (Triton: num_warps ×
   programs; CUDA: blocks × threads / 32; the CUDA forward's one-block ``finish_kernel`` is included, a
   few thousand warp-instructions); ``issue_ms`` = warp-instructions / (4 per clock per SM × 132 SMs ×
-  1.755 GHz); ``floor_ms`` = the bytes the pass must move (``shared/MATH.md`` §5, formulas in
+  1.755 GHz); ``floor_ms`` = the bytes the pass must move (docs/MATH.md §5.6, formulas in
   :data:`.model.FLOOR_FORMULAS`) / 3.0 TB/s; ``sass_per_element`` = instructions per thread × threads /
   (P × C).
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "DIR/sm90.json and DIR/sm90.md and prints the table.",
         epilog="Rows: B=8, 1024x1024; hierarchical_softmax on the vistas tree (66 leaves), tree_min, tree_bce "
                "and decode on vistas_v2 (147 nodes). issue_ms = warp-instructions / (4 per clock per SM x 132 SMs "
-               "x 1.755 GHz); floor_ms = bytes the pass must move (shared/MATH.md section 5) / 3.0 TB/s. The CUDA "
+               "x 1.755 GHz); floor_ms = bytes the pass must move (docs/MATH.md §5.6) / 3.0 TB/s. The CUDA "
                "rows need nvcc (CUDA_HOME, default /usr/local/cuda-13.0) and the cu130 venv of .ci/cuda-venv "
                "(created on first use, about 5 GB); compiled code is cached (HSS_SM90_CACHE, default "
                "~/.cache/hss_kernels/sm90). See benchmarks/results/README.md for how to read the output.")

@@ -47,7 +47,7 @@ FLOOR_FORMULAS = {
 
 
 def floor_bytes(op: str, pass_: str, P: int, C: int, b: int, D: int) -> int:
-    """The bytes a pass must move (shared/MATH.md §5); the loss partials are negligible and not counted."""
+    """The bytes a pass must move (docs/MATH.md §5.6); the loss partials are negligible and not counted."""
     logits = P * C * b
     if op == "decode":
         return logits + LABEL_BYTES * P

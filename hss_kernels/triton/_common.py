@@ -1,4 +1,4 @@
-"""What the Triton kernels share: the launch, accumulation dtype, block sizes, reductions and tables.
+"""What the Triton kernels share: the launch, accumulation dtype, block sizes, reductions, in-kernel pieces.
 
 Kernels read logits as ``[channels, pixels]`` tiles straight from an ``(N, C, H, W)`` tensor through its
 four strides, so NCHW and channels_last need no copy. Pixels are numbered ``p = (n*H + h)*W + w`` over
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 import triton
@@ -20,9 +20,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from ..tree import Tree
-
-REDUCTIONS = ("mean", "sum", "none")
+from .._checks import acc_dtype
 
 # What the kernels do with the per-pixel loss / the gradient (constexpr switches).
 LOSS_NONE, LOSS_PER_PIXEL, LOSS_PARTIALS = 0, 1, 2
@@ -84,13 +82,9 @@ def launch(kernel, grid, like: torch.Tensor, *args, **kwargs) -> None:
         _interpreted(kernel)[grid](*args, **kwargs)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (so that gradcheck means something); everything else runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The ``ACC`` constexpr of a kernel: :func:`hss_kernels._checks.acc_dtype` as a Triton dtype."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def device_guard(t: torch.Tensor):
@@ -125,6 +119,19 @@ def block_sizes(channels: int, pixels: int, interpret: bool) -> Tuple[int, int, 
     return block_c, block_p, num_warps
 
 
+def decode_block_sizes(channels: int, leaves: int, pixels: int, interpret: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_L, BLOCK_P, num_warps) of the decode kernel, which streams over chunks of channels
+    and of leaves. On a GPU a (32 x 64) leaf tile over 8 warps keeps every variant (float64 and the
+    softmax included) under 220 registers without spills on sm_90 (checked with ptxas); 128-leaf tiles
+    spill. The interpreter pays per program instead, so it gets tiles as large as NumPy likes."""
+    if interpret:
+        block_l = min(triton.next_power_of_2(leaves), 128)
+        block_c = min(triton.next_power_of_2(channels), 128)
+        block_p = max(16, min((1 << 17) // block_l, 1024, triton.next_power_of_2(pixels)))
+        return block_c, block_l, block_p, 4
+    return min(triton.next_power_of_2(channels), 32), min(triton.next_power_of_2(leaves), 32), 64, 8
+
+
 def shape_args(x: torch.Tensor):
     """P (pixels), HW and W of a 4-D tensor; HW and W never 0 (the kernels divide by them)."""
     N, _, H, W = x.shape
@@ -133,7 +140,7 @@ def shape_args(x: torch.Tensor):
 
 def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, tables, scalars, *, loss_mode: int,
                        loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, **constexprs):
-    """Runs a loss kernel (``_hsm_kernel``, ``_tree_kernel``) once over all pixels, ``logits.shape[1]``
+    """Runs a loss kernel (``_hierarchical_softmax_kernel``, ``_tree_min_kernel``) once over all pixels, ``logits.shape[1]``
     channels per tile; returns (partials, counts), the per-program loss sums and pixel counts when
     ``loss_mode`` is LOSS_PARTIALS (else one unwritten element each).
 
@@ -173,14 +180,12 @@ def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str
 
 
 def check_call(logits: torch.Tensor, target: torch.Tensor, reduction: str, single_pass: bool, channels: str):
-    """ValueError for a call the kernels cannot take: logits not 4-D or target not 3-D (``channels`` names
-    the logits' channel axis in the message: "L" leaves or "V" nodes), an unknown reduction, or
-    single_pass with reduction="none"."""
+    """ValueError for a call the kernels cannot take, which the public API never makes: logits not 4-D
+    or target not 3-D (``channels`` names the logits' channel axis in the message: "L" leaves or "V"
+    nodes), or single_pass (a keyword of this backend's own functions) with reduction="none"."""
     if logits.dim() != 4 or target.dim() != 3:
         raise ValueError(f"the Triton backend takes (N, {channels}, H, W) logits and (N, H, W) targets, got "
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if single_pass and reduction == "none":
         raise ValueError("single_pass needs reduction='mean' or 'sum' (the gradient of 'none' depends on "
                          "the incoming per-pixel gradient)")
@@ -202,14 +207,9 @@ def backward_grad_out(grad_out: torch.Tensor, count: torch.Tensor, reduction: st
     return grad_scale(grad_out, count, reduction, dtype), GRAD_SCALAR
 
 
-def tree_cache(tree: Tree, key, build: Callable[[], object]):
-    """Per-tree cache of small device tensors (tables, weights), so a training step copies nothing."""
-    return tree.cached(("triton",) + tuple(key), build)
-
-
 # ----------------------------------------------------------------------------------- in-kernel pieces
-# Shared by the loss kernels (hierarchical_softmax._hsm_kernel, tree_min._tree_kernel). LOSS_MODE and
-# GRAD_MODE are the LOSS_* / GRAD_* values above, passed through as constexprs.
+# Shared by the loss kernels (_hierarchical_softmax_kernel, _tree_min_kernel). LOSS_MODE and GRAD_MODE are
+# the LOSS_* / GRAD_* values above, passed as constexprs.
 
 @triton.jit
 def pixel_coords(pid, P, HW, W, BLOCK_P: tl.constexpr):

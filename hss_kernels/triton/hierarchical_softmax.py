@@ -1,4 +1,4 @@
-"""Hierarchical softmax loss (MATH.md §2) in Triton: one kernel, three modes.
+"""Hierarchical softmax loss (docs/MATH.md §2) in Triton: one kernel, three modes.
 
 Per pixel with label y, leaves j, level weights w_d and the nested groups G_1(y) ⊇ ... ⊇ G_D(y):
 
@@ -13,12 +13,12 @@ Gradient, with p_j = e^{z_j − lse} and d_j the deepest level whose group holds
     eps > 0:  ∂ℓ/∂z_j = p_j (A − B_{d_j}),  P_d = e^{lse_d − lse},
               A = Σ_d w_d P_d / (P_d + eps),  B_k = Σ_{d ≤ k} w_d / (P_d + eps)
 
-Modes of ``_hsm_kernel``:
+Modes of ``_hierarchical_softmax_kernel``:
 * forward: computes lse and lse_1..lse_D (one exp per element: the group sums reuse e^{z - max},
   except in blocks where a group's sum underflows), writes them as the saved statistics
   ``(D + 1, P)`` and the loss (per pixel, or per-program partial sums for the reduction);
 * backward: reads the logits and the statistics, writes the gradient (two exps per element);
-* single pass: the forward that also writes the gradient (MATH.md §5).
+* single pass: the forward that also writes the gradient (docs/MATH.md §5.6).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import level_weight_vector
+from .. import tables
 from ..tree import Tree
 from . import _common as C
 
@@ -36,7 +36,7 @@ __all__ = ["hierarchical_softmax_loss", "hierarchical_softmax_loss_and_grad"]
 
 
 @triton.jit
-def _hsm_kernel(
+def _hierarchical_softmax_kernel(
     x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
     P, HW, W,
     sxn, sxc, sxh, sxw,
@@ -140,9 +140,9 @@ _TINY = {torch.float32: 1e-20, torch.float64: 1e-200}
 
 def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, compute_stats, write_stats,
             loss_mode, loss=None, grad=None, grad_out=None, grad_mode=C.GRAD_NONE):
-    """Runs ``_hsm_kernel`` once; returns (partials, counts) when ``loss_mode`` is LOSS_PARTIALS."""
+    """Runs ``_hierarchical_softmax_kernel`` once; returns (partials, counts) when ``loss_mode`` is LOSS_PARTIALS."""
     return C.launch_loss_kernel(
-        _hsm_kernel, logits, target, (leaf_group, level_w, stats), (float(eps), int(ignore_index)),
+        _hierarchical_softmax_kernel, logits, target, (leaf_group, level_w, stats), (float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         L=logits.shape[1], D=leaf_group.shape[0], HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats,
         WRITE_STATS=write_stats, TINY=_TINY[C.acc_dtype(logits.dtype)],
@@ -150,8 +150,8 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
 
 
 # ----------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("hss_triton::hsm_fwd", mutates_args=())
-def _hsm_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor, level_w: torch.Tensor,
+@torch.library.custom_op("hss_triton::hierarchical_softmax_fwd", mutates_args=())
+def _hierarchical_softmax_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor, level_w: torch.Tensor,
              eps: float, ignore_index: int, reduction: str, single_pass: bool
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ (loss, statistics (D+1, P) (empty if single_pass), count of non-ignored pixels,
@@ -183,7 +183,7 @@ def _hsm_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tenso
     return loss, stats, count, grad
 
 
-@_hsm_fwd.register_fake
+@_hierarchical_softmax_fwd.register_fake
 def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass):
     N, L, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
@@ -194,8 +194,8 @@ def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_
     return loss, stats, count, grad
 
 
-@torch.library.custom_op("hss_triton::hsm_bwd", mutates_args=())
-def _hsm_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
+@torch.library.custom_op("hss_triton::hierarchical_softmax_bwd", mutates_args=())
+def _hierarchical_softmax_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
              level_w: torch.Tensor, stats: torch.Tensor, count: torch.Tensor, eps: float, ignore_index: int,
              reduction: str) -> torch.Tensor:
     grad = torch.empty_like(logits)
@@ -205,7 +205,7 @@ def _hsm_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
     return grad
 
 
-@_hsm_bwd.register_fake
+@_hierarchical_softmax_bwd.register_fake
 def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction):
     return torch.empty_like(logits)
 
@@ -228,21 +228,19 @@ def _backward(ctx, g_loss, g_stats, g_count, g_grad):
         dx = grad * g_loss.to(grad.dtype)
     else:
         logits, target, leaf_group, level_w, stats, count = ctx.saved_tensors
-        dx = _hsm_bwd(g_loss, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction)
+        dx = _hierarchical_softmax_bwd(g_loss, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction)
     return dx, None, None, None, None, None, None, None
 
 
-_hsm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_hierarchical_softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------- public
 def _tables(tree: Tree, level_weights, dtype, device):
-    leaf_group = C.tree_cache(tree, ("leaf_group", str(device)),
-                              lambda: tree.tables(device).leaf_group.contiguous())
+    """(leaf_group, level weights) as the kernel reads them; the weights never take a gradient."""
     if isinstance(level_weights, torch.Tensor):
         level_weights = level_weights.detach()
-    level_w = level_weight_vector(tree, level_weights, dtype, device)  # cached, contiguous
-    return leaf_group, level_w
+    return tables.leaf_group(tree, device), tables.level_weight_vector(tree, level_weights, dtype, device)
 
 
 def hierarchical_softmax_loss(
@@ -271,7 +269,7 @@ def hierarchical_softmax_loss(
     C.check_call(logits, target, reduction, single_pass, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
-    loss, _, _, _ = _hsm_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index), reduction,
+    loss, _, _, _ = _hierarchical_softmax_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index), reduction,
                              bool(single_pass))
     return loss
 
@@ -285,7 +283,7 @@ def hierarchical_softmax_loss_and_grad(
     ignore_index: int = 255,
     reduction: str = "mean",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (MATH.md §5).
+    """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (docs/MATH.md §5.6).
 
     The fewest bytes a training step can move: read the logits once, write the gradient once. Use it
     as ``loss, g = ...(logits.detach(), ...)`` then ``logits.backward(g)``. ``reduction``: ``mean`` or
@@ -295,6 +293,6 @@ def hierarchical_softmax_loss_and_grad(
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     with torch.no_grad():
-        loss, _, _, grad = _hsm_fwd(logits.detach(), target, leaf_group, level_w, float(eps), int(ignore_index),
+        loss, _, _, grad = _hierarchical_softmax_fwd(logits.detach(), target, leaf_group, level_w, float(eps), int(ignore_index),
                                     reduction, True)
     return loss, grad

@@ -1,7 +1,7 @@
-"""Focal tree-min loss (MATH.md §3) and the multi-label tree BCE (§4) in Triton: one kernel family.
+"""Focal tree-min loss (docs/MATH.md §3) and the multi-label tree BCE (§4.1) in Triton: one kernel family.
 
 Per pixel with label y, node logits x, target path T(y), focal term f(z) = −σ(−z)^γ log(σ(z) + eps)
-and node weights k_v (``reference.node_weight_vector``):
+and node weights k_v (``tables.node_weight_vector``):
 
 * tree-min (``USE_EXTREMA``): ℓ = Σ_{v ∈ T} k_v f(x_{m_v}) + Σ_{v ∉ T} k_v f(−x_{M_v}), where m_v is the
   argmin over v's ancestors-or-self (a running min down the target path, ties to the shallower node)
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import node_weight_vector
+from .. import tables
 from ..tree import Tree
 from . import _common as C
 
@@ -71,7 +71,7 @@ def _seg_argmax(f1, v1, i1, f2, v2, i2):
 
 
 @triton.jit
-def _tree_kernel(
+def _tree_min_kernel(
     x_ptr, t_ptr, tab_ptr, k_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
     P, HW, W,
     sxn, sxc, sxh, sxw,
@@ -84,13 +84,14 @@ def _tree_kernel(
     USE_EXTREMA: tl.constexpr, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, SCAN: tl.constexpr,
 ):
-    # Offsets of the packed int32 table (see _build_table), rows in pre-order: channel of each row,
-    # row of each channel, subtree size and depth of each row, path_nodes (L, D), and for each
-    # internal depth l = 1..DI the row of each row's depth-l internal ancestor-or-self (-1: none),
-    # then per internal node (in pre-order) its row, subtree size, channel and depth.
-    OFF_POS: tl.constexpr = V
-    OFF_SIZE: tl.constexpr = 2 * V
-    OFF_DEPTH: tl.constexpr = 3 * V
+    # Offsets of the packed int32 table (tables.tree_min_table): per channel its depth, the channel of
+    # each pre-order row, per channel its row and subtree size, path_nodes (L, D) (the native kernels'
+    # tree_index so far), then for each internal depth l = 1..DI the row of each row's depth-l internal
+    # ancestor-or-self (-1: none), and per internal node (in pre-order) its row, size, channel, depth.
+    OFF_DEPTH: tl.constexpr = 0
+    OFF_ORDER: tl.constexpr = V
+    OFF_POS: tl.constexpr = 2 * V
+    OFF_SIZE: tl.constexpr = 3 * V
     OFF_PATH: tl.constexpr = 4 * V
     OFF_ANC: tl.constexpr = 4 * V + L * D
     OFF_INT: tl.constexpr = 4 * V + L * D + DI * V
@@ -100,7 +101,7 @@ def _tree_kernel(
     r = tl.arange(0, BLOCK_C)  # tile row = pre-order position
     rmask = r < V
     mask2 = rmask[:, None] & pmask[None, :]
-    chan = tl.load(tab_ptr + r, mask=rmask, other=0)
+    chan = tl.load(tab_ptr + OFF_ORDER + r, mask=rmask, other=0)
     k_row = tl.load(k_ptr + chan, mask=rmask, other=0.0).to(ACC)
 
     y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
@@ -121,13 +122,13 @@ def _tree_kernel(
     loss = zero
     grad = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     if USE_EXTREMA:
-        size = tl.load(tab_ptr + OFF_SIZE + r, mask=rmask, other=1)
+        size = tl.load(tab_ptr + OFF_SIZE + chan, mask=rmask, other=1)
         if SCAN:
             # Negative side. r_v's logit: x_v at a leaf; at an internal node of depth l the max
             # over its subtree, a contiguous run of rows. The subtrees of one depth are disjoint, so
             # one segmented scan down the rows per depth gives all their maxima at once (read at
             # each run's last row).
-            depth = tl.load(tab_ptr + OFF_DEPTH + r, mask=rmask, other=0)
+            depth = tl.load(tab_ptr + OFF_DEPTH + chan, mask=rmask, other=0)
             izero = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.int32)
             rows = r[:, None] + izero
             x_scan = tl.where(rmask[:, None], x, float("-inf"))
@@ -230,22 +231,16 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
     L, D, DI, I = sizes
     return C.launch_loss_kernel(
-        _tree_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
+        _tree_min_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         V=logits.shape[1], L=L, D=D, DI=DI, I=I, USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
         SCAN=bool(USE_SCAN),
     )
 
 
-def sizes_of(tree: Tree) -> List[int]:
-    """[L, D, DI, I]: leaves, depth, depth of the deepest internal node (0: flat), internal nodes."""
-    internal = [tree.depths[c] for c in range(tree.num_nodes) if not tree.is_leaf(c)]
-    return [tree.num_leaves, tree.depth, max(internal, default=0), len(internal)]
-
-
 # ----------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("hss_triton::tree_fwd", mutates_args=())
-def _tree_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, sizes: List[int],
+@torch.library.custom_op("hss_triton::tree_min_fwd", mutates_args=())
+def _tree_min_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, sizes: List[int],
               gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool, single_pass: bool
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ (loss, count of non-ignored pixels, gradient if single_pass else empty)."""
@@ -272,7 +267,7 @@ def _tree_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: 
     return loss, count, grad
 
 
-@_tree_fwd.register_fake
+@_tree_min_fwd.register_fake
 def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass):
     N, V, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
@@ -282,8 +277,8 @@ def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_ex
     return loss, count, grad
 
 
-@torch.library.custom_op("hss_triton::tree_bwd", mutates_args=())
-def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
+@torch.library.custom_op("hss_triton::tree_min_bwd", mutates_args=())
+def _tree_min_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
               k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float, ignore_index: int,
               reduction: str, use_extrema: bool) -> torch.Tensor:
     grad = torch.empty_like(logits)
@@ -293,7 +288,7 @@ def _tree_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
     return grad
 
 
-@_tree_bwd.register_fake
+@_tree_min_bwd.register_fake
 def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema):
     return torch.empty_like(logits)
 
@@ -315,53 +310,29 @@ def _backward(ctx, g_loss, g_count, g_grad):
         dx = grad * g_loss.to(grad.dtype)  # a new tensor: the saved gradient is never written to
     else:
         logits, target, tab, k, count = ctx.saved_tensors
-        dx = _tree_bwd(g_loss, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction,
+        dx = _tree_min_bwd(g_loss, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction,
                        use_extrema)
     return (dx,) + (None,) * 10
 
 
-_tree_fwd.register_autograd(_backward, setup_context=_setup_context)
+_tree_min_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------- public
-def _build_table(tree: Tree, device) -> torch.Tensor:
-    """Packed int32 table, rows in pre-order: channel, row of each channel, subtree size and depth per
-    row, path_nodes (L, D), and per internal depth l = 1..DI the row of each row's depth-l ancestor-or-
-    self if that node is internal, else -1; then per internal node its row, size, channel, depth."""
-    t = tree.tables("cpu")
-    V = tree.num_nodes
-    order = tree.dfs_order
-    DI = sizes_of(tree)[2]
-    anc = []
-    for lvl in range(1, DI + 1):
-        for c in order:
-            chain = tree.ancestors[c]  # root side first, c last
-            a = chain[lvl - 1] if len(chain) >= lvl else -1
-            anc.append(tree.dfs_pos[a] if a >= 0 and not tree.is_leaf(a) else -1)
-    parts = [t.dfs_order, t.dfs_pos, torch.tensor([tree.subtree_size[c] for c in order], dtype=torch.int32),
-             torch.tensor([tree.depths[c] for c in order], dtype=torch.int32), t.path_nodes.reshape(-1),
-             torch.tensor(anc, dtype=torch.int32).reshape(-1)]
-    internal = [c for c in order if not tree.is_leaf(c)]
-    per_int = [[tree.dfs_pos[c], tree.subtree_size[c], c, tree.depths[c]] for c in internal]
-    parts.append(torch.tensor(per_int, dtype=torch.int32).reshape(-1))
-    out = torch.cat(parts).to(device=device, dtype=torch.int32).contiguous()
-    assert out.numel() == 4 * V + tree.num_leaves * tree.depth + DI * V + 4 * len(internal)
-    return out
-
-
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
                use_extrema, with_grad=False):
     C.check_call(logits, target, reduction, single_pass, "V")
     dev = logits.device
     acc = C.acc_dtype(logits.dtype)
-    tab = C.tree_cache(tree, ("tree_tab", str(dev)), lambda: _build_table(tree, dev))
-    k = node_weight_vector(tree, float(scale), normalize, acc, dev)
+    tab = tables.tree_min_table(tree, dev)
+    k = tables.node_weight_vector(tree, scale, normalize, acc, dev)
+    sizes = tables.tree_min_sizes(tree)
     if with_grad:
         with torch.no_grad():
-            loss, _, grad = _tree_fwd(logits.detach(), target, tab, k, sizes_of(tree), float(gamma), float(eps),
+            loss, _, grad = _tree_min_fwd(logits.detach(), target, tab, k, sizes, float(gamma), float(eps),
                                       int(ignore_index), reduction, use_extrema, True)
         return loss, grad
-    loss, _, _ = _tree_fwd(logits, target, tab, k, sizes_of(tree), float(gamma), float(eps), int(ignore_index),
+    loss, _, _ = _tree_min_fwd(logits, target, tab, k, sizes, float(gamma), float(eps), int(ignore_index),
                            reduction, use_extrema, bool(single_pass))
     return loss
 
@@ -375,8 +346,8 @@ def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
     ``target``: ``(N, H, W)`` integer leaf labels or ``ignore_index``. Loss in float32 (float64 for
     float64 logits), gradient in the logits' dtype. ``single_pass=True`` (``mean``/``sum`` only)
     writes the gradient during the forward; backward scales it by the incoming gradient (one
-    elementwise pass; :func:`tree_min_loss_and_grad` skips it). Raises ValueError for a non-4-D input, an unknown
-    ``normalize``/``reduction`` or ``single_pass`` with ``reduction="none"``.
+    elementwise pass; :func:`tree_min_loss_and_grad` skips it). Raises ValueError for a non-4-D input or
+    ``single_pass`` with ``reduction="none"``; the options are the public API's to check.
     """
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
                       True)
@@ -394,7 +365,7 @@ def tree_bce_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
 def tree_min_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0,
                            scale: float = 1.0, eps: float = 0.0, normalize: str = "level", ignore_index: int = 255,
                            reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (MATH.md §5); then
+    """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (docs/MATH.md §5.6); then
     ``logits.backward(grad)``. ``reduction``: ``mean`` or ``sum``. Arguments as :func:`tree_min_loss`."""
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True, True,
                       with_grad=True)

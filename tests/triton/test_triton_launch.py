@@ -70,7 +70,7 @@ def test_every_kernel_goes_through_launch(backend, device, monkeypatch):
     hss_kernels.tree_min_loss(xn.requires_grad_(), y, tree, backend="triton").backward()
     triton_mod.OPS["decode"](xn.detach(), tree)
     names = [n for n, _, _ in launches]
-    assert names.count("_hsm_kernel") == 2 and names.count("_tree_kernel") == 2 and "_decode_kernel" in names
+    assert names.count("_hierarchical_softmax_kernel") == 2 and names.count("_tree_min_kernel") == 2 and "_decode_kernel" in names
     # the device comes from the logits (the first argument), never from the current device
     assert all(like is first and like.device == torch.device(device) for _, like, first in launches)
 
@@ -78,12 +78,12 @@ def test_every_kernel_goes_through_launch(backend, device, monkeypatch):
 def test_tiles_follow_the_device(backend, device, monkeypatch):
     """Every kernel takes its tile sizes for its tensors' device: interpreter tiles for CPU tensors, GPU
     tiles for CUDA tensors."""
-    from hss_kernels.triton import decode as D
     asked = []
-    block_sizes, blocks = C.block_sizes, D._blocks
+    block_sizes, blocks = C.block_sizes, C.decode_block_sizes
     monkeypatch.setattr(C, "block_sizes",
                         lambda c, p, interpret: asked.append(interpret) or block_sizes(c, p, interpret))
-    monkeypatch.setattr(D, "_blocks", lambda c, l, t, interpret: asked.append(interpret) or blocks(c, l, t, interpret))
+    monkeypatch.setattr(C, "decode_block_sizes",
+                        lambda c, l, t, interpret: asked.append(interpret) or blocks(c, l, t, interpret))
     tree = trees.load("cityscapes")
     x, y = H.inputs(tree, "tree_min_loss", (1, 3, 4), device=device)
     hss_kernels.tree_min_loss(x.requires_grad_(), y, tree, backend="triton").backward()
@@ -96,15 +96,14 @@ def test_gpu_tiles_split_the_wide_trees():
     several leaf and channel tiles per pixel (tests/test_decode.py::test_several_tiles_per_tree checks their
     labels on CUDA); the interpreter's tiles hold vistas whole and split vistas_v2's channels. The loss
     kernels keep all channels in one tile everywhere, with fewer pixels per GPU tile."""
-    from hss_kernels.triton import decode as D
     for name in ("vistas", "vistas_v2"):
         tree = trees.load(name)
         V, L = tree.num_nodes, tree.num_leaves
-        block_c, block_l, _, _ = D._blocks(V, L, 10_000, False)
+        block_c, block_l, _, _ = C.decode_block_sizes(V, L, 10_000, False)
         assert block_l < L and block_c < V, name
     vistas, v2 = trees.load("vistas"), trees.load("vistas_v2")
-    assert D._blocks(vistas.num_nodes, vistas.num_leaves, 10_000, True)[:2] == (128, 128)
-    block_c, block_l, _, _ = D._blocks(v2.num_nodes, v2.num_leaves, 10_000, True)
+    assert C.decode_block_sizes(vistas.num_nodes, vistas.num_leaves, 10_000, True)[:2] == (128, 128)
+    block_c, block_l, _, _ = C.decode_block_sizes(v2.num_nodes, v2.num_leaves, 10_000, True)
     assert block_c < v2.num_nodes and block_l >= v2.num_leaves
     for channels in (19, 66, 147):
         gpu, interp = C.block_sizes(channels, 10_000, False), C.block_sizes(channels, 10_000, True)

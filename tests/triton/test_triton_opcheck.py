@@ -5,8 +5,7 @@ stride-0 grad_output; torch.compile relies on them."""
 import pytest
 import torch
 
-from hss_kernels import trees
-from hss_kernels.reference import node_weight_vector
+from hss_kernels import tables, trees
 
 import helpers as H
 
@@ -31,69 +30,69 @@ def _target(x, tree):
     return y.to(x.device)
 
 
-def test_hsm_ops(backend, device):
+def test_hierarchical_softmax_ops(backend, device):
     tree = trees.load("cityscapes")
     group, w = HS._tables(tree, None, torch.float32, device)
     for x in _views(tree.num_leaves, device):
         y = _target(x, tree)
         for reduction, single in MODES:
             args = (x, y, group, w, 0.0, 255, reduction, single)
-            torch.library.opcheck(torch.ops.hss_triton.hsm_fwd.default, args, test_utils=FWD_UTILS)
+            torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_fwd.default, args, test_utils=FWD_UTILS)
             if not single:
-                loss, stats, count, _ = torch.ops.hss_triton.hsm_fwd(*args)
-                torch.library.opcheck(torch.ops.hss_triton.hsm_bwd.default,
+                loss, stats, count, _ = torch.ops.hss_triton.hierarchical_softmax_fwd(*args)
+                torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_bwd.default,
                                       (torch.randn_like(loss), x, y, group, w, stats, count, 0.0, 255, reduction),
                                       test_utils=BWD_UTILS)
 
 
 @pytest.mark.parametrize("case", ["mean", "none", "single_pass", "backward"])
-def test_hsm_ops_with_options(backend, device, case):
+def test_hierarchical_softmax_ops_with_options(backend, device, case):
     """Level weights and eps; the backward with a stride-0 grad_output (every utility of opcheck)."""
     tree = trees.load("pascal_person_part")
     x, y = H.inputs(tree, "hierarchical_softmax_loss", (2, 3, 5), device=device)
     leaf_group, level_w = HS._tables(tree, [1.0, 0.5, 2.0], torch.float32, x.device)
     if case == "backward":
-        _, stats, count, _ = HS._hsm_fwd(x, y, leaf_group, level_w, 1e-4, 255, "none", False)
+        _, stats, count, _ = HS._hierarchical_softmax_fwd(x, y, leaf_group, level_w, 1e-4, 255, "none", False)
         go = torch.randn(1, 3, 1).to(device).expand(2, 3, 5)
-        torch.library.opcheck(HS._hsm_bwd, (go, x, y, leaf_group, level_w, stats, count, 1e-4, 255, "none"))
+        torch.library.opcheck(HS._hierarchical_softmax_bwd, (go, x, y, leaf_group, level_w, stats, count, 1e-4, 255, "none"))
         return
     x.requires_grad_(True)
     reduction = "none" if case == "none" else "mean"
-    torch.library.opcheck(HS._hsm_fwd, (x, y, leaf_group, level_w, 0.0, 255, reduction, case == "single_pass"))
+    torch.library.opcheck(HS._hierarchical_softmax_fwd, (x, y, leaf_group, level_w, 0.0, 255, reduction, case == "single_pass"))
 
 
 @pytest.mark.parametrize("extrema", [True, False])
-def test_tree_ops(backend, device, extrema):
+def test_tree_min_ops(backend, device, extrema):
     tree = trees.load("cityscapes")
-    tab, sizes = TM._build_table(tree, device), TM.sizes_of(tree)
-    k = node_weight_vector(tree, 1.0, "level", torch.float32, device)
+    tab, sizes = tables.tree_min_table(tree, device), tables.tree_min_sizes(tree)
+    k = tables.node_weight_vector(tree, 1.0, "level", torch.float32, device)
     for x in _views(tree.num_nodes, device):
         y = _target(x, tree)
         for reduction, single in MODES:
             args = (x, y, tab, k, sizes, 2.0, 0.0, 255, reduction, extrema, single)
-            torch.library.opcheck(torch.ops.hss_triton.tree_fwd.default, args, test_utils=FWD_UTILS)
+            torch.library.opcheck(torch.ops.hss_triton.tree_min_fwd.default, args, test_utils=FWD_UTILS)
             if not single:
-                loss, count, _ = torch.ops.hss_triton.tree_fwd(*args)
-                torch.library.opcheck(torch.ops.hss_triton.tree_bwd.default,
+                loss, count, _ = torch.ops.hss_triton.tree_min_fwd(*args)
+                torch.library.opcheck(torch.ops.hss_triton.tree_min_bwd.default,
                                       (torch.randn_like(loss), x, y, tab, k, count, sizes, 2.0, 0.0, 255, reduction,
                                        extrema), test_utils=BWD_UTILS)
 
 
 @pytest.mark.parametrize("case", ["min_mean", "bce_none", "min_single_pass", "min_backward"])
-def test_tree_ops_with_options(backend, device, case):
+def test_tree_min_ops_with_options(backend, device, case):
     """Node weights with scale 5; the backward of a mean (every utility of opcheck)."""
     tree = trees.load("pascal_person_part")
     x, y = H.inputs(tree, "tree_min_loss", (2, 3, 5), device=device)
-    tab = TM._build_table(tree, x.device)
-    k = node_weight_vector(tree, 5.0, "level", torch.float32, x.device)
+    tab = tables.tree_min_table(tree, x.device)
+    k = tables.node_weight_vector(tree, 5.0, "level", torch.float32, x.device)
     if case == "min_backward":
         count = (y != 255).sum()
-        torch.library.opcheck(TM._tree_bwd, (torch.tensor(0.5).to(device), x, y, tab, k, count, TM.sizes_of(tree), 2.0,
+        torch.library.opcheck(TM._tree_min_bwd, (torch.tensor(0.5).to(device), x, y, tab, k, count, tables.tree_min_sizes(tree), 2.0,
                                              0.0, 255, "mean", True))
         return
     x.requires_grad_(True)
     reduction = "none" if case == "bce_none" else "mean"
-    torch.library.opcheck(TM._tree_fwd, (x, y, tab, k, TM.sizes_of(tree), 2.0, 0.0, 255, reduction,
+    torch.library.opcheck(TM._tree_min_fwd, (x, y, tab, k, tables.tree_min_sizes(tree), 2.0, 0.0, 255, reduction,
                                          case != "bce_none", case == "min_single_pass"))
 
 
@@ -101,6 +100,6 @@ def test_decode_op(backend, device):
     tree = trees.load("helen")
     for C, leaf in ((tree.num_nodes, False), (tree.num_leaves, True)):
         x = torch.randn(2, C, 3, 5).to(device).contiguous(memory_format=torch.channels_last)
-        path, plen = D._tables(tree, x.device, leaf)
+        path = tables.decode_path(tree, x.device, leaf)
         act = D._IDENTITY if leaf else 1
-        torch.library.opcheck(torch.ops.hss_triton.decode.default, (x, path, plen, act, not leaf))
+        torch.library.opcheck(torch.ops.hss_triton.decode.default, (x, path, act, not leaf))

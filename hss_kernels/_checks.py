@@ -1,0 +1,83 @@
+"""The rules every op shares, in one place: option checks, the label scan, the accumulation dtype.
+
+:mod:`hss_kernels.functional` calls the checks before dispatching; the backends and the reference assume
+what they check. Messages start with the public function's name (``fn``).
+"""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+NORMALIZATIONS = ("level", "node")
+ACTIVATIONS = ("sigmoid", "softmax")
+SCORES = ("sum", "mean")
+
+_LABEL_CHECK = True
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic runs in (docs/MATH.md §5.2): float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_reduction(fn: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_nonnegative(fn: str, **values) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {value}")
+
+
+def check_normalize(fn: str, normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"{fn}: normalize must be 'level' or 'node', got {normalize!r}")
+
+
+def check_decode_options(fn: str, activation: str, score: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}: activation must be 'sigmoid' or 'softmax', got {activation!r}")
+    if score not in SCORES:
+        raise ValueError(f"{fn}: score must be 'sum' or 'mean', got {score!r}")
+
+
+def set_label_check(enabled: bool) -> None:
+    """Turn on (the default) or off the scan of the labels of every op that takes them (the losses,
+    their modules and :func:`~hss_kernels.labels_at_depth`) for values outside ``[0, num_leaves)`` that
+    are not ``ignore_index``, which raises a ``ValueError`` naming the label.
+
+    The scan reads the whole target and, on a GPU, waits for the result (one host synchronisation per
+    call); turn it off once a data pipeline is trusted. ``torch.compile`` skips it too. Without it, such a
+    label is never read out of bounds (docs/MATH.md §5.3): every backend gives that pixel a NaN loss and a NaN
+    gradient row, so a ``"mean"``/``"sum"`` loss is NaN, never a plausible number; the tree-triplet loss
+    is NaN; ``labels_at_depth`` maps it to -1. Shapes, dtypes and devices are always checked.
+    """
+    global _LABEL_CHECK
+    _LABEL_CHECK = bool(enabled)
+
+
+def label_check_enabled() -> bool:
+    """Whether the ops scan their labels for out-of-range values (see :func:`set_label_check`)."""
+    return _LABEL_CHECK
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def check_labels(fn: str, labels: torch.Tensor, num_leaves: int, ignore_index: int, name: str = "target") -> None:
+    """ValueError naming the first label outside ``[0, num_leaves)`` that is not ``ignore_index``.
+
+    Skipped when the scan is off (:func:`set_label_check`) or under ``torch.compile``: it reads every
+    label and, on a GPU, synchronises with the host."""
+    if not _LABEL_CHECK or _is_compiling() or labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= num_leaves)) & (labels != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: {name} holds label {int(labels[bad][0])}, outside [0, {num_leaves}) (the tree's "
+                         f"leaves) and not ignore_index={ignore_index}")
