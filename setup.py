@@ -2,8 +2,9 @@
 
     pip install --no-build-isolation -e .
 
-The C++ extension ``hss_kernels._C`` is built from ``csrc/*.cpp`` (CPU, OpenMP) when those sources
-exist, plus ``csrc/cuda/*.cu`` when the installed torch has CUDA and a toolkit is found (``CUDA_HOME``).
+The C++ extension ``hss_kernels._C`` is built from ``csrc/ops.cpp`` (the module and the op schemas) and
+``csrc/cpu/*.cpp`` (CPU, OpenMP) when those sources exist, plus ``csrc/cuda/*.cu`` when the installed
+torch has CUDA and a toolkit is found (``CUDA_HOME``); the headers shared by both are in ``csrc/include``.
 Environment variables:
 
 * ``HSS_REQUIRE_CUDA=1``: a missing CUDA build is an error instead of a silent CPU-only build;
@@ -15,6 +16,7 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join(ROOT, "csrc", "include")
 # No --use_fast_math: it turns expf/logf/division into approximations and flushes denormals on the GPU
 # only, so the CPU tests of the same per-pixel code (HSS_CPU_PIXEL_PATH=1, IEEE libm) would say nothing
 # about the GPU build. A kernel that wants a fast intrinsic calls it explicitly, where its error is known.
@@ -28,7 +30,7 @@ TRITON_EXTRA = ["triton>=3.6", "numpy"]
 
 
 def extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not sources or os.environ.get("HSS_NO_EXTENSION") == "1":
         return [], {}
     import torch
@@ -48,12 +50,12 @@ def extensions():
     define = [("HSS_WITH_CUDA", "1")] if use_cuda else []
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
-            "hss_kernels._C", sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            "hss_kernels._C", sources + cuda_sources, include_dirs=[INCLUDE],
             define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": list(NVCC_FLAGS)},
             extra_link_args=openmp)
     else:
         ext = cpp_extension.CppExtension(
-            "hss_kernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            "hss_kernels._C", sources, include_dirs=[INCLUDE],
             extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
 

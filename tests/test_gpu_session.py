@@ -382,9 +382,9 @@ CALL native hierarchical_softmax vistas 2x3x5 float32 mean
 DONE native hierarchical_softmax vistas 2x3x5 float32 mean
 CALL native tree_min vistas 2x3x5 float32 mean gamma=2
 ========= Invalid __global__ read of size 4 bytes
-=========     at tree_loss_fwd_kernel+0x1a0
+=========     at tree_min_fwd_kernel+0x1a0
 ========= Invalid __global__ read of size 4 bytes
-=========     at tree_loss_fwd_kernel+0x1a0
+=========     at tree_min_fwd_kernel+0x1a0
 DONE native tree_min vistas 2x3x5 float32 mean gamma=2
 CALL native decode vistas 2x3x5 float32 sigmoid sum
 RAISED native decode vistas 2x3x5 float32 sigmoid sum

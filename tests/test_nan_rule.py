@@ -15,7 +15,7 @@ import hss_kernels
 from hss_kernels import reference, trees
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-# native-pixel: the native CPU ops through hss_math.h's per-pixel float code (HSS_CPU_PIXEL_PATH=1), the
+# native-pixel: the native CPU ops through csrc/include's per-pixel float code (HSS_CPU_PIXEL_PATH=1), the
 # arithmetic the CUDA kernels run
 BACKENDS = ["reference", "native", "native-pixel", "triton"]
 OPS = ["hierarchical_softmax_loss", "tree_min_loss", "tree_bce_loss"]

@@ -31,8 +31,8 @@ from .source import ROOT
 __all__ = ["build", "CudaLaunch", "launches", "PARAM_BASE", "cbank", "setup_nvcc_flags", "nvcc_command"]
 
 PARAM_BASE = 0x210  # first kernel parameter in constant bank 0 on sm_90
-THREADS = 256  # kThreads in csrc/cuda/common.cuh and decode.cu
-DEFAULT_SMEM = 48 * 1024  # tree_loss_bwd_cuda's kDefaultSmem
+THREADS = 256  # kThreads in csrc/cuda/common.cuh
+DEFAULT_SMEM = 48 * 1024  # tree_min_bwd_cuda's kDefaultSmem
 
 
 def setup_nvcc_flags(root: Path = ROOT) -> List[str]:
@@ -76,7 +76,8 @@ def flags(venv: Path, root: Path = ROOT) -> List[str]:
 
 def nvcc_command(source: Path, out: Path, venv: Path, root: Path = ROOT) -> List[str]:
     inc = _site_packages(venv) / "torch" / "include"
-    includes = [inc, inc / "torch" / "csrc" / "api" / "include", tools.cuda_home() / "include", root / "csrc"]
+    includes = [inc, inc / "torch" / "csrc" / "api" / "include", tools.cuda_home() / "include",
+                root / "csrc" / "include"]
     return [tools.nvcc()] + flags(venv, root) + ["-I" + str(i) for i in includes] + ["-o", str(out), str(source)]
 
 
@@ -146,7 +147,7 @@ _DT = {"float32": ("f", 4), "bfloat16": ("N3c108BFloat16E", 2)}
 
 
 def _geom(shape, strides):
-    """PixelGeom {H, W, sN, sH, sW} of an (N, C, H, W) or (N, H, W) tensor (csrc/ops.h geom)."""
+    """PixelGeom {H, W, sN, sH, sW} of an (N, C, H, W) or (N, H, W) tensor (csrc/include/checks.h geom)."""
     if len(shape) == 4:
         return (shape[2], shape[3], strides[0], strides[2], strides[3])
     return (shape[1], shape[2], strides[0], strides[1], strides[2])
@@ -177,25 +178,25 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                         {"nb": nb})
     if op == "hierarchical_softmax":
         if pass_ == "forward":
-            return [CudaLaunch("hierarchical_softmax", "hsm_fwd_kernel", T + A, nb, THREADS,
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A, nb, THREADS,
                                [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None],
                                {"P": P, "L": L, "D": D}), finish]
-        return [CudaLaunch("hierarchical_softmax", "hsm_bwd_kernel", T + A, nb, THREADS,
+        return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A, nb, THREADS,
                            [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None],
                            {"P": P, "L": L, "D": D})]
     if op in ("tree_min", "tree_bce"):
         extrema = op == "tree_min"
         if pass_ == "forward":
-            return [CudaLaunch("tree_min", "tree_fwd_kernel", T + A, nb, THREADS,
+            return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A, nb, THREADS,
                                [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
                                 None, None], {"P": P, "L": L, "D": D, "V": V}), finish]
         threads, smem = THREADS, 0
-        if extrema:  # tree_loss_bwd_cuda: V accumulators per thread in shared memory
+        if extrema:  # tree_min_bwd_cuda: V accumulators per thread in shared memory
             size = 4
             while threads > 32 and V * threads * size > DEFAULT_SMEM:
                 threads //= 2
             smem = V * threads * size
-        return [CudaLaunch("tree_min", "tree_bwd_kernel", T + A, -(-P // threads), threads,
+        return [CudaLaunch("tree_min", "tree_min_bwd_kernel", T + A, -(-P // threads), threads,
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
                             extrema], {"P": P, "L": L, "D": D, "V": V}, smem)]
     if op == "decode":

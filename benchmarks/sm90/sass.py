@@ -181,8 +181,8 @@ def ptx_lines(ptx: str) -> Dict[str, Set[Loc]]:
 def repair_lines(fn: Function, valid: Set[Loc], norm: Callable[[str], Optional[str]]) -> Tuple[int, int]:
     """Fixes line-chain entries whose file is wrong, using the function's PTX ``.loc`` pairs ``valid``.
 
-    ptxas 13.0 sometimes writes the wrong file into the line table (hss_math.h:284 shows up as
-    common.cuh:284, a file of 126 lines) while the line number is right. An entry naming a repository
+    ptxas 13.0 sometimes writes the wrong file into the line table (a math header's line 284 shows up as
+    common.cuh:284, a file of 127 lines) while the line number is right. An entry naming a repository
     file (``norm`` gives its repository path, else None) at a line the PTX never names there is renamed
     to the one repository file whose line the PTX does name; returns (renamed, left unresolved)."""
     valid_n = {(norm(f), n) for f, n in valid if norm(f)}

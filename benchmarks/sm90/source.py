@@ -21,7 +21,7 @@ from .sass import Annotation, Loc, SassError
 
 ROOT = Path(__file__).resolve().parents[2]
 # Files that hold kernel code, relative to the repository root.
-KERNEL_GLOBS = ("hss_kernels/triton/*.py", "csrc/*.h", "csrc/cuda/*.cu", "csrc/cuda/*.cuh")
+KERNEL_GLOBS = ("hss_kernels/triton/*.py", "csrc/include/*.h", "csrc/cuda/*.cu", "csrc/cuda/*.cuh")
 
 _ITEM = re.compile(r"(?:#|//).*?\bsm90:\s*(.*?)\s*$")
 

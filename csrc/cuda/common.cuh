@@ -1,6 +1,6 @@
-// Pieces shared by the CUDA kernels: strided channel accessors for hss_math.h and the deterministic
-// two-stage batch reduction (per-block partials in a fixed tree order, then one block summing them in
-// a fixed order: no float atomics, the same bits on every run).
+// Pieces shared by the CUDA kernels: strided channel accessors for csrc/include/*_math.h, and the
+// deterministic two-stage batch reduction (per-block partials in a fixed tree order, then one block
+// summing them in a fixed order: no float atomics, the same bits on every run).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h would need the cuSPARSE headers, which a CUDA toolkit
 // without its math libraries lacks.
 #pragma once
@@ -10,7 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "hss_math.h"
+#include "common.h"
 
 namespace hss {
 namespace cuda {
@@ -18,12 +18,13 @@ namespace cuda {
 constexpr int kThreads = 256;  // forward kernels; a power of two for the block reduction
 
 // One pixel's channel c at p[c * s]: neighbouring threads hold neighbouring pixels, so a warp reading
-// the same channel reads contiguous memory (NCHW).
+// the same channel reads contiguous memory (NCHW). The losses count channels in int, decode in int64_t.
 template <typename T, typename A>
 struct GlobalCol {
   const T* p;
   int64_t s;
-  __device__ A operator()(int c) const { return static_cast<A>(p[c * s]); }  // sm90: logits
+  template <typename I>
+  __device__ A operator()(I c) const { return static_cast<A>(p[c * s]); }  // sm90: logits
 };
 
 template <typename T, typename A>
@@ -89,7 +90,7 @@ __global__ void finish_kernel(const double* part, const int64_t* cnt, int64_t nb
   }
 }
 
-// The gradient column of a pixel that is not kLabelValid: 0 when ignored, NaN for a bad label (hss_math.h).
+// The gradient column of a pixel that is not kLabelValid: 0 when ignored, NaN for a bad label (common.h).
 template <typename T, typename A>
 __device__ void write_unlabelled_column(T* out, int64_t sC, int channels, LabelKind kind) {
   const T v = static_cast<T>(kind == kLabelBad ? quiet_nan<A>() : A(0));

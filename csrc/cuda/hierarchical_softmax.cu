@@ -1,8 +1,10 @@
-// Hierarchical softmax loss (MATH.md §2): CUDA implementation of hsoftmax_fwd / hsoftmax_bwd (schemas
-// and contracts in csrc/hierarchical_softmax.cpp). One thread per pixel; float32 accumulation for
-// float16/bfloat16/float32 logits, float64 for float64.
-#include "ops.h"
-#include "cuda/common.cuh"
+// Hierarchical softmax loss (docs/MATH.md §2): the CUDA implementation of hierarchical_softmax_fwd and
+// hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). One thread per pixel runs the
+// per-pixel code of hierarchical_softmax_math.h; float32 accumulation for float16/bfloat16/float32
+// logits, float64 for float64.
+#include "checks.h"
+#include "common.cuh"
+#include "hierarchical_softmax_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,9 +15,10 @@ namespace {
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-hsm_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt,
-               int64_t P, int L, int D, const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
-               int64_t ignore_index, A* __restrict__ lp, A* __restrict__ st, double* part, int64_t* cnt) {
+hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
+                                PixelGeom gt, int64_t P, int L, int D, const int32_t* __restrict__ group,
+                                const A* __restrict__ w, A eps, int64_t ignore_index, A* __restrict__ lp,
+                                A* __restrict__ st, double* part, int64_t* cnt) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A l = A(0);
   int64_t c = 0;
@@ -26,7 +29,7 @@ hsm_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t*
       l = hsm_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, group, static_cast<int>(y), w, eps,
                                st + i, P);
     } else {
-      // ignored: 0; a bad label (see hss_math.h): NaN, never a table read
+      // ignored: 0; a bad label (see common.h): NaN, never a table read
       l = kind == kLabelBad ? quiet_nan<A>() : A(0);
       for (int d = 0; d <= D; ++d) st[d * P + i] = l;  // sm90: trips=D + 1
     }
@@ -38,10 +41,10 @@ hsm_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t*
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-hsm_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out, PixelGeom gx,
-               int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
-               const int32_t* __restrict__ group, const A* __restrict__ w, A eps, int64_t ignore_index,
-               const A* __restrict__ st) {
+hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
+                                PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
+                                int L, int D, const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
+                                int64_t ignore_index, const A* __restrict__ st) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= P) return;
   const int64_t y = tgt[gt.offset(i)];
@@ -55,11 +58,10 @@ hsm_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x
                         static_cast<int>(y), w, eps, st + i, P, grad[gg.offset(i)]);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                                 const at::Tensor& leaf_group,
-                                                                 const at::Tensor& level_weights, double eps,
-                                                                 int64_t ignore_index, bool per_pixel) {
-  const int64_t D = check_hsoftmax("hsoftmax_fwd", logits, target, leaf_group, level_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
+    double eps, int64_t ignore_index, bool per_pixel) {
+  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group, level_weights);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, per_pixel);
@@ -73,9 +75,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cuda(const at::Tenso
   const int64_t nb = num_blocks(P, kThreads);
   Partials partials(logits, nb);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hsoftmax_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    hsm_fwd_kernel<scalar_t, A><<<nb, kThreads, 0, stream>>>(
+    hierarchical_softmax_fwd_kernel<scalar_t, A><<<nb, kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
         logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
         ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c());
@@ -85,21 +87,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cuda(const at::Tenso
   return {loss, stats, count};
 }
 
-at::Tensor hsoftmax_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                             const at::Tensor& stats, const at::Tensor& leaf_group, const at::Tensor& level_weights,
-                             double eps, int64_t ignore_index) {
-  const int64_t D = check_hsoftmax("hsoftmax_bwd", logits, target, leaf_group, level_weights);
-  check_grad("hsoftmax_bwd", grad, logits);
-  check_table("hsoftmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
+at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                         const at::Tensor& stats, const at::Tensor& leaf_group,
+                                         const at::Tensor& level_weights, double eps, int64_t ignore_index) {
+  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group, level_weights);
+  check_grad("hierarchical_softmax_bwd", grad, logits);
+  check_table("hierarchical_softmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
   const int64_t P = target.numel();
   if (P == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hsoftmax_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    hsm_bwd_kernel<scalar_t, A><<<num_blocks(P, kThreads), kThreads, 0, stream>>>(
+    hierarchical_softmax_bwd_kernel<scalar_t, A><<<num_blocks(P, kThreads), kThreads, 0, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
         x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
         level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>());
@@ -113,6 +115,6 @@ at::Tensor hsoftmax_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
 }  // namespace hss
 
 TORCH_LIBRARY_IMPL(hss_kernels, CUDA, m) {
-  m.impl("hsoftmax_fwd", &hss::cuda::hsoftmax_fwd_cuda);
-  m.impl("hsoftmax_bwd", &hss::cuda::hsoftmax_bwd_cuda);
+  m.impl("hierarchical_softmax_fwd", &hss::cuda::hierarchical_softmax_fwd_cuda);
+  m.impl("hierarchical_softmax_bwd", &hss::cuda::hierarchical_softmax_bwd_cuda);
 }

@@ -1,8 +1,10 @@
-// Focal tree-min loss and tree BCE (MATH.md §3-4): CUDA implementation of tree_loss_fwd / tree_loss_bwd
-// (schemas and contracts in csrc/tree_min.cpp). One thread per pixel. The tree-min backward keeps its
-// V per-pixel accumulators in shared memory laid out (node, thread).
-#include "ops.h"
-#include "cuda/common.cuh"
+// Focal tree-min loss (docs/MATH.md §3) and the tree BCE (§4.1), one kernel family: the CUDA
+// implementation of tree_min_fwd and tree_min_bwd (schemas and contracts in csrc/ops.cpp). One thread
+// per pixel runs the per-pixel code of tree_min_math.h; the tree-min backward keeps its V per-pixel
+// accumulators in shared memory laid out (node, thread).
+#include "checks.h"
+#include "common.cuh"
+#include "tree_min_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,9 +15,10 @@ namespace {
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-tree_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt,
-                int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
-                A gamma, A eps, int64_t ignore_index, bool extrema, A* __restrict__ lp, double* part, int64_t* cnt) {
+tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
+                    PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
+                    const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema, A* __restrict__ lp,
+                    double* part, int64_t* cnt) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A l = A(0);
   int64_t c = 0;
@@ -27,7 +30,7 @@ tree_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t
       l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, ti, static_cast<int>(y), k, gamma, eps,
                                 extrema);
     } else if (kind == kLabelBad) {  // sm90: cold
-      l = quiet_nan<A>();  // see hss_math.h: never a table read
+      l = quiet_nan<A>();  // see common.h: never a table read
     }
     c = kind != kLabelIgnored;
     if (lp) lp[i] = l;
@@ -36,10 +39,11 @@ tree_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t
 }
 
 template <typename T, typename A>
-__global__ void tree_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
-                                T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
-                                PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
-                                const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema) {
+__global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
+                                    T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
+                                    PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L,
+                                    int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index,
+                                    bool extrema) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= P) return;
@@ -56,11 +60,11 @@ __global__ void tree_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
                          gamma, eps, extrema, grad[gg.offset(i)]);
 }
 
-std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                      const at::Tensor& tree_index, const at::Tensor& node_weights,
-                                                      int64_t L, int64_t D, double gamma, double eps,
-                                                      int64_t ignore_index, bool per_pixel, bool extrema) {
-  check_tree("tree_loss_fwd", logits, target, tree_index, node_weights, L, D);
+std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                     const at::Tensor& tree_index, const at::Tensor& node_weights,
+                                                     int64_t L, int64_t D, double gamma, double eps,
+                                                     int64_t ignore_index, bool per_pixel, bool extrema) {
+  check_tree_min("tree_min_fwd", logits, target, tree_index, node_weights, L, D);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, per_pixel);
@@ -72,9 +76,9 @@ std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cuda(const at::Tensor& logits, 
   const int64_t nb = num_blocks(P, kThreads);
   Partials partials(logits, nb);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_loss_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_min_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    tree_fwd_kernel<scalar_t, A><<<nb, kThreads, 0, stream>>>(
+    tree_min_fwd_kernel<scalar_t, A><<<nb, kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
         tree_index.data_ptr<int32_t>(), logits.size(1), L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
         static_cast<A>(eps), ignore_index, extrema, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(),
@@ -85,11 +89,11 @@ std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cuda(const at::Tensor& logits, 
   return {loss, count};
 }
 
-at::Tensor tree_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                              const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
-                              double gamma, double eps, int64_t ignore_index, bool extrema) {
-  check_tree("tree_loss_bwd", logits, target, tree_index, node_weights, L, D);
-  check_grad("tree_loss_bwd", grad, logits);
+at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                             const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
+                             double gamma, double eps, int64_t ignore_index, bool extrema) {
+  check_tree_min("tree_min_bwd", logits, target, tree_index, node_weights, L, D);
+  check_grad("tree_min_bwd", grad, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
@@ -97,9 +101,9 @@ at::Tensor tree_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, 
   if (P == 0) return out;
   const int V = x.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_loss_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    auto kernel = tree_bwd_kernel<scalar_t, A>;
+    auto kernel = tree_min_bwd_kernel<scalar_t, A>;
     // Tree-min: V accumulators per thread in shared memory; fewer threads per block for big trees.
     int threads = kThreads;
     size_t smem = 0;
@@ -110,7 +114,7 @@ at::Tensor tree_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, 
       if (smem > kDefaultSmem) {
         int limit = 0;
         C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
-        TORCH_CHECK(smem <= static_cast<size_t>(limit), "tree_loss_bwd: a tree of ", V, " nodes needs ", smem,
+        TORCH_CHECK(smem <= static_cast<size_t>(limit), "tree_min_bwd: a tree of ", V, " nodes needs ", smem,
                     " bytes of shared memory per block, more than this GPU's ", limit);
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem)));
@@ -130,6 +134,6 @@ at::Tensor tree_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, 
 }  // namespace hss
 
 TORCH_LIBRARY_IMPL(hss_kernels, CUDA, m) {
-  m.impl("tree_loss_fwd", &hss::cuda::tree_loss_fwd_cuda);
-  m.impl("tree_loss_bwd", &hss::cuda::tree_loss_bwd_cuda);
+  m.impl("tree_min_fwd", &hss::cuda::tree_min_fwd_cuda);
+  m.impl("tree_min_bwd", &hss::cuda::tree_min_bwd_cuda);
 }

@@ -1,4 +1,4 @@
-"""The native CPU loop's paths (csrc/cpu_loop.h): blocks of 64 pixels, read in place when they are whole
+"""The native CPU loop's paths (csrc/cpu/loop.h): blocks of 64 pixels, read in place when they are whole
 and contiguous, else gathered into a tile (across images, the last partial block, other layouts); float32
 runs vectorised row passes, float64 the per-pixel code; OpenMP over blocks. Each against the reference
 (on CUDA too, where they are plain comparisons), and thread counts that change nothing (the one test here
@@ -26,7 +26,7 @@ def test_hierarchical_softmax_blocks(backend, device):
 
 @TREE_LOSSES
 @pytest.mark.parametrize("shape", [(1, 8, 8), (2, 9, 17), (1, 1, 131), (3, 2, 70)])
-def test_tree_loss_blocks(backend, device, loss, shape):
+def test_tree_min_blocks(backend, device, loss, shape):
     """Every kind of block against the reference, with random and with tied logits; channels_last gives
     the same bits."""
     tree = trees.load("vistas")

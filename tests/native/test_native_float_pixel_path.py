@@ -1,7 +1,7 @@
 """The CUDA kernels' float arithmetic, checked on the CPU.
 
-On a GPU, float32/float16/bfloat16 logits go through hss_math.h's (and decode_math.h's) per-pixel
-functions instantiated for float; on the CPU those dtypes normally take vectorised row passes instead,
+On a GPU, float32/float16/bfloat16 logits go through the per-pixel functions of csrc/include/*_math.h
+instantiated for float; on the CPU those dtypes normally take vectorised row passes instead,
 and only float64 runs the per-pixel code. ``HSS_CPU_PIXEL_PATH=1`` sends the CPU's float inputs through
 the per-pixel functions in float, so that this arithmetic meets the reference before any GPU does:
 every loss, real and random trees, ties, large logits (groups far below the max), channels_last,
@@ -91,7 +91,7 @@ def test_decode_on_the_pixel_path(backend, device, activation, score):
 
 @LOSSES
 def test_the_switch_takes_effect(backend, device, loss, monkeypatch):
-    """A property only one path has: the row passes' exp (cpu_loop.h's vexp) clamps its argument at -87,
+    """A property only one path has: the row passes' exp (cpu/vmath.h's vexp) clamps its argument at -87,
     so a logit 200 below the others gets a gradient of about 1e-38 (never exactly 0), while the per-pixel
     code's exp underflows to 0, as the reference's does. So with the switch on, that channel's gradient
     is exactly 0 (the reference's), and with it off it is not: the tests above do run the per-pixel code."""

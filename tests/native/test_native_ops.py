@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import hss_kernels
-from hss_kernels import native, trees
+from hss_kernels import trees
+from hss_kernels.native.tree_min import tree_index
 
 import helpers as H
 
@@ -26,30 +27,30 @@ def _target(x, tree):
 
 # ------------------------------------------------------------------------------------- opcheck
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_hsoftmax(backend, device, dtype):
+def test_opcheck_hierarchical_softmax(backend, device, dtype):
     tree = trees.load("cityscapes")
     x, y = H.inputs(tree, "hierarchical_softmax_loss", (2, 3, 4), dtype, device=device)
     w = torch.rand(tree.depth, dtype=dtype).to(device)
     group = tree.tables(device).leaf_group
     for per_pixel in (False, True):
         args = (x.requires_grad_(), y, group, w, 0.0, 255, per_pixel)
-        torch.library.opcheck(ops.hsoftmax_fwd.default, args)
-        loss, stats, _ = ops.hsoftmax_fwd(*args)
-        torch.library.opcheck(ops.hsoftmax_bwd.default,
+        torch.library.opcheck(ops.hierarchical_softmax_fwd.default, args)
+        loss, stats, _ = ops.hierarchical_softmax_fwd(*args)
+        torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
                               (torch.randn_like(loss), x.detach(), y, stats.detach(), group, w, 0.0, 255))
 
 
 @pytest.mark.parametrize("extrema", [True, False])
-def test_opcheck_tree_loss(backend, device, extrema):
+def test_opcheck_tree_min(backend, device, extrema):
     tree = trees.load("cityscapes")
     x, y = H.inputs(tree, "tree_min_loss", (2, 3, 4), device=device)
     k = torch.rand(tree.num_nodes).to(device)
-    idx = native.tree_index(tree, device)
+    idx = tree_index(tree, device)
     for per_pixel in (False, True):
         args = (x.requires_grad_(), y, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0, 255, per_pixel, extrema)
-        torch.library.opcheck(ops.tree_loss_fwd.default, args)
-        loss, _ = ops.tree_loss_fwd(*args)
-        torch.library.opcheck(ops.tree_loss_bwd.default,
+        torch.library.opcheck(ops.tree_min_fwd.default, args)
+        loss, _ = ops.tree_min_fwd(*args)
+        torch.library.opcheck(ops.tree_min_bwd.default,
                               (torch.randn_like(loss), x.detach(), y, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0,
                                255, extrema))
 
@@ -62,38 +63,38 @@ def test_opcheck_decode(backend, device):
 
 # ------------------------------------------------------------------------------------- fake strides
 # The backward ops' fake kernels give the gradient the strides the real kernels give it (logits as
-# ops.h's dense_logits walks them): a sliced channels_last view is walked as a contiguous NCHW copy. With
+# checks.h's dense_logits walks them): a sliced channels_last view is walked as a contiguous NCHW copy. With
 # a plain empty_like the fake said channels_last, and torch.compile's stride assertion failed.
-def test_hsoftmax_bwd_fake_strides(backend, device):
+def test_hierarchical_softmax_bwd_fake_strides(backend, device):
     tree = trees.load("cityscapes")
     group, w = tree.tables(device).leaf_group, torch.rand(tree.depth).to(device)
     for x in _views(tree.num_leaves, device):
         y = _target(x, tree)
-        _, stats, _ = ops.hsoftmax_fwd(x, y, group, w, 0.0, 255, True)
-        torch.library.opcheck(ops.hsoftmax_bwd.default,
+        _, stats, _ = ops.hierarchical_softmax_fwd(x, y, group, w, 0.0, 255, True)
+        torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
                               (torch.randn(y.shape).to(device), x, y, stats, group, w, 0.0, 255),
                               test_utils=("test_faketensor",))
 
 
-def test_tree_loss_bwd_fake_strides(backend, device):
+def test_tree_min_bwd_fake_strides(backend, device):
     tree = trees.load("cityscapes")
-    index, k = native.tree_index(tree, device), torch.rand(tree.num_nodes).to(device)
+    index, k = tree_index(tree, device), torch.rand(tree.num_nodes).to(device)
     for x in _views(tree.num_nodes, device):
         y = _target(x, tree)
-        torch.library.opcheck(ops.tree_loss_bwd.default,
+        torch.library.opcheck(ops.tree_min_bwd.default,
                               (torch.randn(y.shape).to(device), x, y, index, k, tree.num_leaves, tree.depth, 2.0, 0.0,
                                255, True), test_utils=("test_faketensor",))
 
 
 # ------------------------------------------------------------------------------------- argument checks
-def test_tree_loss_checks_its_arguments(backend, device):
+def test_tree_min_checks_its_arguments(backend, device):
     # (a label outside the tree gives NaN, not an error: tests/test_bad_labels.py)
     tree = trees.load("cityscapes")
     x, y = H.inputs(tree, "tree_min_loss", ignore_frac=0.0, device=device)
-    args = (native.tree_index(tree, device), torch.ones(tree.num_nodes).to(device), tree.num_leaves, tree.depth, 2.0,
+    args = (tree_index(tree, device), torch.ones(tree.num_nodes).to(device), tree.num_leaves, tree.depth, 2.0,
             0.0, 255, False, True)
     with pytest.raises(RuntimeError, match="tree_index"):
-        ops.tree_loss_fwd(x[:, 1:], y, *args)
+        ops.tree_min_fwd(x[:, 1:], y, *args)
 
 
 def test_decode_checks_its_arguments(backend, device):
@@ -102,8 +103,8 @@ def test_decode_checks_its_arguments(backend, device):
     path = tree.tables(device).path_nodes
     with pytest.raises(RuntimeError, match="int32"):
         ops.decode(x, path.long(), 0, 0)
-    with pytest.raises(RuntimeError, match="activation"):
-        ops.decode(x, path, 3, 0)
+    with pytest.raises(ValueError, match="activation"):  # options: checked in Python, not by the op
+        hss_kernels.decode(x, tree, activation="logit", backend="native")
     with pytest.raises(RuntimeError, match=r"\(N, C, H, W\)"):
         ops.decode(x[0], path, 0, 0)
     # a table pointing past the channels ends the path there instead of reading out of bounds

@@ -1,30 +1,23 @@
-"""Python side of the native (C++/CUDA) decode op ``torch.ops.hss_kernels.decode``.
-
-The native backend adds :func:`decode` to its ``OPS``. Importing this module raises ImportError when the
-extension ``hss_kernels._C`` is not built.
-"""
+"""Hierarchical decoding on the native kernels: ``torch.ops.hss_kernels.decode`` (``csrc/cpu/decode.cpp``,
+``csrc/cuda/decode.cu``) and its fake kernel. Not differentiable: it returns labels."""
 from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library: registers torch.ops.hss_kernels.decode)
-from .tree import Tree
+from ..tree import Tree
 
-__all__ = ["decode"]
+__all__ = ["decode", "path_table"]
 
 _ACT = {"sigmoid": 0, "softmax": 1}
 _IDENTITY = 2
 _SCORE = {"sum": 0, "mean": 1}
 
 
-@torch.library.register_fake("hss_kernels::decode")
-def _decode_fake(logits, path_nodes, activation, score):
-    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.long)
-
-
-def _path_table(tree: Tree, device, leaf_logits: bool) -> torch.Tensor:
+def path_table(tree: Tree, device, leaf_logits: bool) -> torch.Tensor:
+    """The (L, D) int32 path table the decode kernels read (cached per device): ``path_nodes``, or for
+    leaf logits a one-node path per leaf, scored by the logit itself: the argmax (docs/MATH.md §4.3)."""
     def build():
-        if leaf_logits:  # a one-node path per leaf, scored by the logit itself: the argmax
+        if leaf_logits:
             return torch.arange(tree.num_leaves, dtype=torch.int32, device=device)[:, None].contiguous()
         return tree.tables(device).path_nodes.contiguous()
     return tree.cached(("native_decode_path", str(device), leaf_logits), build)
@@ -53,6 +46,11 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     leaf_logits = C == L and C != V
     if C != V and not leaf_logits:
         raise ValueError(f"decode: logits have {C} channels; the tree has {V} nodes and {L} leaves")
-    path = _path_table(tree, logits.device, leaf_logits)
+    path = path_table(tree, logits.device, leaf_logits)
     act = _IDENTITY if leaf_logits else _ACT[activation]
     return torch.ops.hss_kernels.decode(logits.detach(), path, act, _SCORE[score])
+
+
+@torch.library.register_fake("hss_kernels::decode")
+def _(logits, path_nodes, activation, score):
+    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.long)

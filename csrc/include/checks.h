@@ -1,6 +1,7 @@
-// Host-side helpers shared by the CPU and CUDA implementations of the ops: argument checks (the ops
-// can be called directly through torch.ops, so they check what would otherwise read out of bounds)
-// and output allocation.
+// Host-side helpers shared by the CPU and CUDA implementations of the ops: argument checks and output
+// allocation. The ops can be called directly through torch.ops, so they check what would otherwise
+// read or write out of bounds (shapes, dtypes, devices, table sizes); options are validated by the
+// public API (hss_kernels/functional.py).
 #pragma once
 
 #include <torch/library.h>
@@ -8,7 +9,7 @@
 
 #include <tuple>
 
-#include "hss_math.h"
+#include "common.h"
 
 namespace hss {
 
@@ -57,9 +58,9 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
               op, ": grad must be 0-dim or (N, H, W), got ", grad.sizes());
 }
 
-// hsoftmax checks; returns D.
-inline int64_t check_hsoftmax(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                              const at::Tensor& leaf_group, const at::Tensor& level_weights) {
+// Returns D.
+inline int64_t check_hierarchical_softmax(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                                          const at::Tensor& leaf_group, const at::Tensor& level_weights) {
   check_common(op, logits, target);
   TORCH_CHECK(leaf_group.dim() == 2 && leaf_group.size(1) == logits.size(1), op,
               ": leaf_group must be (D, L) with L = ", logits.size(1), " channels, got ", leaf_group.sizes());
@@ -70,14 +71,28 @@ inline int64_t check_hsoftmax(const char* op, const at::Tensor& logits, const at
   return D;
 }
 
-inline void check_tree(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                       const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D) {
+inline void check_tree_min(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                           const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D) {
   check_common(op, logits, target);
   const int64_t V = logits.size(1);
   TORCH_CHECK(L >= 1 && L <= V && D >= 1 && D <= V, op, ": bad tree sizes L=", L, ", D=", D, " for ", V,
               " node channels");
   check_table(op, "tree_index", tree_index, logits, 4 * V + L * D, at::kInt);
   check_table(op, "node_weights", node_weights, logits, V, acc_type(logits));
+}
+
+inline void check_decode(const char* op, const at::Tensor& logits, const at::Tensor& path_nodes) {
+  TORCH_CHECK(logits.dim() == 4, op, ": logits must be (N, C, H, W), got ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.size(1) >= 1, op, ": logits have no channels");
+  TORCH_CHECK(path_nodes.dim() == 2 && path_nodes.size(0) >= 1 && path_nodes.size(1) >= 1, op,
+              ": path_nodes must be (L, D) with L, D >= 1, got ", path_nodes.sizes());
+  TORCH_CHECK(path_nodes.scalar_type() == at::kInt, op, ": path_nodes must be int32, got ",
+              path_nodes.scalar_type());
+  TORCH_CHECK(path_nodes.is_contiguous(), op, ": path_nodes must be contiguous");
+  TORCH_CHECK(path_nodes.device() == logits.device(), op, ": path_nodes is on ", path_nodes.device(),
+              ", logits on ", logits.device());
 }
 
 // Logits as the backward walks them: any dense layout as is, anything else (overlapping, expanded,

@@ -1,16 +1,11 @@
-// Hierarchical softmax loss (MATH.md §2): op schemas and the CPU implementation.
-//
-// hsoftmax_fwd(logits (N, L, H, W), target (N, H, W) int64, leaf_group (D, L) int32, level_weights (D,),
-//              eps, ignore_index, per_pixel)
-//   -> loss: (N, H, W) per pixel (0 where ignored) if per_pixel, else the 0-dim sum; float32/float64,
-//      stats: (D + 1, N, H, W) lse and lse_1..lse_D, what the backward needs,
-//      count: 0-dim int64, the number of non-ignored pixels.
-//   A label neither ignore_index nor in [0, L) reads no table: that pixel's loss is NaN (and counts),
-//   so a sum or mean over it is NaN; the backward gives it a NaN gradient row (hss_math.h, label_kind).
-// hsoftmax_bwd(grad (0-dim or (N, H, W), any strides), logits, target, stats, leaf_group, level_weights,
-//              eps, ignore_index) -> grad_logits, same dtype and strides as logits.
-#include "ops.h"
-#include "cpu_loop.h"
+// Hierarchical softmax loss (docs/MATH.md §2): the CPU implementation of hierarchical_softmax_fwd and
+// hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). Float inputs run the lane loops
+// below; float64, bad labels, far groups and HSS_CPU_PIXEL_PATH=1 run the per-pixel code of
+// hierarchical_softmax_math.h, as the CUDA kernels do.
+#include "checks.h"
+#include "hierarchical_softmax_math.h"
+#include "loop.h"
+#include "vmath.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,7 +20,7 @@ using cpu::kBlock;
 
 // The float path runs a block in chunks of 16 pixels ("lanes"), one GCC vector each, with every
 // running max and sum of the chunk held in registers across the channel loop (D is a template
-// argument for that); the per-level bookkeeping is hss_math.h's. Channel c of lane p is
+// argument for that); the per-level bookkeeping is hierarchical_softmax_math.h's. Channel c of lane p is
 // z[c * ld + p]: the input itself or a gathered tile. gy[d][p] is lane p's group at depth d (-1 for a
 // lane that is ignored or past the block's end, which then matches nothing).
 // The helpers on these types are always inlined into the multiversioned functions, so GCC's note that
@@ -179,7 +174,7 @@ HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, 
 }
 
 // Labels of a block: gy[d][p] (-1 where ignored or out of range, also past the block's end). Returns
-// whether a lane holds a bad label (see hss_math.h), which then takes the per-pixel path.
+// whether a lane holds a bad label (see common.h), which then takes the per-pixel path.
 inline bool block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int L, int D,
                          const int32_t* group, int64_t ignore_index, int32_t (*gy)[kBlock], bool* valid,
                          int64_t* ys) {
@@ -198,9 +193,10 @@ inline bool block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, in
 }
 
 template <typename T>
-void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group,
-                           const at::Tensor& level_weights, double eps_, int64_t ignore_index, at::Tensor& loss,
-                           bool per_pixel, at::Tensor& stats, at::Tensor& count) {
+void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target,
+                                       const at::Tensor& leaf_group, const at::Tensor& level_weights, double eps_,
+                                       int64_t ignore_index, at::Tensor& loss, bool per_pixel, at::Tensor& stats,
+                                       at::Tensor& count) {
   using A = at::opmath_type<T>;
   const int L = logits.size(1), D = leaf_group.size(0);
   const int64_t P = target.numel();
@@ -233,14 +229,14 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
       A l = A(0);
       if (!valid[p]) {
         const bool counted = label_kind(ys[p], L, ignore_index) == kLabelBad;
-        l = counted ? quiet_nan<A>() : A(0);  // a bad label: NaN (hss_math.h)
+        l = counted ? quiet_nan<A>() : A(0);  // a bad label: NaN (common.h)
         for (int d = 0; d <= D; ++d) st[d * P + i] = l;  // defined outputs, never read
         s += l;
         c += counted;
       } else {
         l = lanes ? lane_loss[p]
-                  : hsm_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, group, static_cast<int>(ys[p]), w, eps,
-                                         st + i, P);
+                  : hsm_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, group, static_cast<int>(ys[p]), w,
+                                         eps, st + i, P);
         s += l;
         ++c;
       }
@@ -252,26 +248,27 @@ void hsoftmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hsoftmax_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                                const at::Tensor& leaf_group,
-                                                                const at::Tensor& level_weights, double eps,
-                                                                int64_t ignore_index, bool per_pixel) {
-  const int64_t D = check_hsoftmax("hsoftmax_fwd", logits, target, leaf_group, level_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
+    double eps, int64_t ignore_index, bool per_pixel) {
+  const int64_t D =
+      check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group, level_weights);
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, per_pixel);
   at::Tensor stats = at::empty({D + 1, logits.size(0), logits.size(2), logits.size(3)},
                                logits.options().dtype(acc_type(logits)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hsoftmax_fwd_cpu", [&] {
-    hsoftmax_fwd_cpu_impl<scalar_t>(logits, target, leaf_group, level_weights, eps, ignore_index, loss, per_pixel,
-                                    stats, count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cpu", [&] {
+    hierarchical_softmax_fwd_cpu_impl<scalar_t>(logits, target, leaf_group, level_weights, eps, ignore_index, loss,
+                                                per_pixel, stats, count);
   });
   return {loss, stats, count};
 }
 
 template <typename T>
-void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                           const at::Tensor& stats, const at::Tensor& leaf_group, const at::Tensor& level_weights,
-                           double eps_, int64_t ignore_index, at::Tensor& out) {
+void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                       const at::Tensor& stats, const at::Tensor& leaf_group,
+                                       const at::Tensor& level_weights, double eps_, int64_t ignore_index,
+                                       at::Tensor& out) {
   using A = at::opmath_type<T>;
   const int L = logits.size(1), D = leaf_group.size(0);
   const int64_t P = target.numel();
@@ -322,18 +319,20 @@ void hsoftmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
   });
 }
 
-at::Tensor hsoftmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                            const at::Tensor& stats, const at::Tensor& leaf_group, const at::Tensor& level_weights,
-                            double eps, int64_t ignore_index) {
-  const int64_t D = check_hsoftmax("hsoftmax_bwd", logits, target, leaf_group, level_weights);
-  check_grad("hsoftmax_bwd", grad, logits);
-  check_table("hsoftmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
+at::Tensor hierarchical_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                        const at::Tensor& stats, const at::Tensor& leaf_group,
+                                        const at::Tensor& level_weights, double eps, int64_t ignore_index) {
+  const int64_t D =
+      check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group, level_weights);
+  check_grad("hierarchical_softmax_bwd", grad, logits);
+  check_table("hierarchical_softmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
   // The gradient takes the logits' strides (empty_like keeps a dense layout: channels_last stays
   // channels_last), so both are walked with the same offsets.
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hsoftmax_bwd_cpu", [&] {
-    hsoftmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps, ignore_index, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cpu", [&] {
+    hierarchical_softmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps, ignore_index,
+                                                out);
   });
   return out;
 }
@@ -341,14 +340,7 @@ at::Tensor hsoftmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, co
 }  // namespace
 }  // namespace hss
 
-TORCH_LIBRARY_FRAGMENT(hss_kernels, m) {
-  m.def("hsoftmax_fwd(Tensor logits, Tensor target, Tensor leaf_group, Tensor level_weights, float eps, "
-        "int ignore_index, bool per_pixel) -> (Tensor, Tensor, Tensor)");
-  m.def("hsoftmax_bwd(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor leaf_group, "
-        "Tensor level_weights, float eps, int ignore_index) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(hss_kernels, CPU, m) {
-  m.impl("hsoftmax_fwd", &hss::hsoftmax_fwd_cpu);
-  m.impl("hsoftmax_bwd", &hss::hsoftmax_bwd_cpu);
+  m.impl("hierarchical_softmax_fwd", &hss::hierarchical_softmax_fwd_cpu);
+  m.impl("hierarchical_softmax_bwd", &hss::hierarchical_softmax_bwd_cpu);
 }

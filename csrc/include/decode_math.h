@@ -1,6 +1,7 @@
-// Per-pixel hierarchical decoding (shared/MATH.md §4), shared by the CUDA kernel and the CPU's float64
-// path so that the CPU tests exercise the arithmetic the GPU runs (the CPU's float path scores the
-// paths' shared prefixes row by row over a block of pixels instead, csrc/decode.cpp).
+// Per-pixel hierarchical decoding (docs/MATH.md §4.3), shared by the CUDA kernel (csrc/cuda/decode.cu)
+// and the CPU's float64 path (and its float path with HSS_CPU_PIXEL_PATH=1) so that the CPU tests
+// exercise the arithmetic the GPU runs (the CPU's float path scores the paths' shared prefixes row by
+// row over a block of pixels instead, csrc/cpu/decode.cpp).
 //
 // A leaf's path score is the sum of a(x_v) over the nodes v on its root-to-leaf path (root side first,
 // as the Triton kernel sums, so that leaves with equal activations on equal-length paths tie exactly),
@@ -8,14 +9,7 @@
 // ties go to the lowest leaf id.
 #pragma once
 
-#include <math.h>
-#include <stdint.h>
-
-#ifdef __CUDACC__
-#define HSS_DECODE_HD __host__ __device__
-#else
-#define HSS_DECODE_HD
-#endif
+#include "common.h"
 
 namespace hss {
 namespace decode_math {
@@ -23,22 +17,10 @@ namespace decode_math {
 enum Activation : int64_t { kSigmoid = 0, kSoftmax = 1, kIdentity = 2 };
 enum Score : int64_t { kSum = 0, kMean = 1 };
 
-HSS_DECODE_HD inline float dexp(float v) { return expf(v); }
-HSS_DECODE_HD inline double dexp(double v) { return exp(v); }
-
-// One pixel's channels at a stride, read as the accumulation type A (a functor rather than a lambda so
-// that the host-device decode_pixel can call it from both CPU and CUDA code).
-template <typename T, typename A>
-struct StridedPixel {
-  const T* p;
-  int64_t stride;
-  HSS_DECODE_HD A operator()(int64_t c) const { return static_cast<A>(p[c * stride]); }  // sm90: logits
-};
-
 // Softmax statistics of one pixel: m = max_c x(c), z = sum_c exp(x(c) - m). For the other activations
 // m = 0 and z = 1 (unused).
 template <typename A, typename X>
-HSS_DECODE_HD inline void softmax_stats(const X& x, int64_t C, int64_t act, A& m, A& z) {
+HSS_HOST_DEVICE inline void softmax_stats(const X& x, int64_t C, int64_t act, A& m, A& z) {
   m = A(0);
   z = A(1);
   if (act != kSoftmax) return;
@@ -48,22 +30,22 @@ HSS_DECODE_HD inline void softmax_stats(const X& x, int64_t C, int64_t act, A& m
     m = v > m ? v : m;
   }
   z = A(0);
-  for (int64_t c = 0; c < C; ++c) z += dexp(x(c) - m);  // sm90: trips=C
+  for (int64_t c = 0; c < C; ++c) z += hexp(x(c) - m);  // sm90: trips=C
 }
 
 // exp(-|v|) never overflows; the two cases are selects, not branches (the sign of a logit is random).
 template <typename A>
-HSS_DECODE_HD inline A sigmoid(A v) {
+HSS_HOST_DEVICE inline A sigmoid(A v) {
   const bool pos = v >= A(0);
-  const A e = dexp(pos ? -v : v);
+  const A e = hexp(pos ? -v : v);
   return (pos ? A(1) : e) / (A(1) + e);
 }
 
 // a(v): the node's activation, the value summed along paths.
 template <typename A>
-HSS_DECODE_HD inline A activate(A v, int64_t act, A m, A z) {
+HSS_HOST_DEVICE inline A activate(A v, int64_t act, A m, A z) {
   if (act == kSigmoid) return sigmoid<A>(v);
-  if (act == kSoftmax) return dexp(v - m) / z;
+  if (act == kSoftmax) return hexp(v - m) / z;
   return v;
 }
 
@@ -71,7 +53,7 @@ HSS_DECODE_HD inline A activate(A v, int64_t act, A m, A z) {
 // leaf's depth; an entry outside [0, C) also ends the path, so a bad table never reads outside the
 // pixel's channels.
 template <typename A, typename Act>
-HSS_DECODE_HD inline int64_t best_leaf(const Act& a, int64_t C, int64_t L, int64_t D, const int32_t* path,
+HSS_HOST_DEVICE inline int64_t best_leaf(const Act& a, int64_t C, int64_t L, int64_t D, const int32_t* path,
                                        int64_t score) {
   A best = A(0);
   int64_t best_l = 0;
@@ -99,12 +81,12 @@ struct Activated {
   const X& x;
   int64_t act;
   A m, z;
-  HSS_DECODE_HD A operator()(int64_t c) const { return activate<A>(x(c), act, m, z); }
+  HSS_HOST_DEVICE A operator()(int64_t c) const { return activate<A>(x(c), act, m, z); }
 };
 
 // One pixel: the leaf label of its best path.
 template <typename A, typename X>
-HSS_DECODE_HD inline int64_t decode_pixel(const X& x, int64_t C, int64_t L, int64_t D, const int32_t* path,
+HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, int64_t L, int64_t D, const int32_t* path,
                                           int64_t act, int64_t score) {
   A m, z;
   softmax_stats<A>(x, C, act, m, z);

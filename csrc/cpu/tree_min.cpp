@@ -1,18 +1,18 @@
-// Focal tree-min loss (MATH.md §3) and the multi-label tree BCE (§4): op schemas and the CPU
-// implementation. One pair of ops serves both: `extrema` true routes every node's term through the
-// min over its ancestors (target path) or the max over its descendants (elsewhere), false is plain BCE.
+// Focal tree-min loss (docs/MATH.md §3) and the multi-label tree BCE (§4.1), one kernel family: the
+// CPU implementation of tree_min_fwd and tree_min_bwd (schemas and contracts in csrc/ops.cpp).
+// `extrema` true routes every node's term through the min over its ancestors (target path) or the max
+// over its descendants (elsewhere), false is plain BCE.
 //
-// tree_loss_fwd(logits (N, V, H, W), target (N, H, W) int64, tree_index int32 (4V + L*D, see
-//               hss_kernels/native.py), node_weights (V,), num_leaves, depth, gamma, eps, ignore_index,
-//               per_pixel, extrema)
-//   -> loss: (N, H, W) per pixel if per_pixel, else the 0-dim sum; float32/float64,
-//      count: 0-dim int64, the number of non-ignored pixels. A label neither ignore_index nor in
-//      [0, L) reads no table and gives a NaN loss (counted) and a NaN gradient row.
-// tree_loss_bwd(grad (0-dim or (N, H, W)), logits, target, tree_index, node_weights, num_leaves, depth,
-//               gamma, eps, ignore_index, extrema) -> grad_logits, same dtype and strides as logits.
-// The backward needs no saved statistics: the extrema are recomputed from the logits it reads anyway.
-#include "ops.h"
-#include "cpu_loop.h"
+// Two implementations, chosen per block of kBlock pixels by the ops at the end of this file:
+// * the lane path (float32, and float16/bfloat16 computed in float): row passes over a (V, kBlock)
+//   tile, vectorised across pixels (docs/MATH.md §3.9), the first section below;
+// * the per-pixel path (float64, and every dtype with HSS_CPU_PIXEL_PATH=1): tree_forward_pixel and
+//   tree_backward_pixel of tree_min_math.h, the code the CUDA kernels run, so that the tests check the
+//   GPU's arithmetic without a GPU.
+#include "checks.h"
+#include "loop.h"
+#include "tree_min_math.h"
+#include "vmath.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,6 +28,10 @@ namespace {
 
 using cpu::kBlock;
 
+// ================================================================================================
+// The lane path: row passes over a (V, kBlock) tile (float)
+// ================================================================================================
+
 // log(1 + e) for e in [0, 1] (the focal's log1p(exp(-|z|))): cpu::vlog's Cephes polynomial on
 // m = e (e below sqrt(2) - 1) or m = (e - 1) / 2 plus ln 2, the reduction vlog makes of 1 + e, but
 // without rounding 1 + e first: no correction term, no exponent bits.
@@ -38,7 +42,7 @@ __attribute__((always_inline)) inline float vlog1p01(float e) {
   return cpu::vlog_reduced(m, k);
 }
 
-// Focal loss of a positive-class logit z and its derivative, as hss_math.h's focal() but branch-free
+// Focal loss of a positive-class logit z and its derivative, as tree_min_math.h's focal() but branch-free
 // for the vectoriser (vexp, vlog1p01, one division). G is the focal case (0, 1, 2: gamma 0, 1, 2 by
 // products; 3: any gamma), E whether eps > 0: fixed per loop.
 template <int G, bool E>
@@ -99,7 +103,7 @@ TreeRows tree_rows(const TreeIndex& t) {
     const int v = r.order[i];
     TORCH_CHECK(v >= 0 && v < V && !seen[v] && t.dfs_pos[v] == i && t.depth[v] >= 1 && t.depth[v] <= t.D &&
                     t.size[v] >= 1 && i + t.size[v] <= V,
-                "tree_loss: inconsistent tree_index tables at pre-order position ", i);
+                "tree_min: inconsistent tree_index tables at pre-order position ", i);
     seen[v] = 1;
   }
   for (int i = 0; i < V; ++i) {
@@ -107,13 +111,13 @@ TreeRows tree_rows(const TreeIndex& t) {
     for (int j = i + 1; j < i + t.size[v]; j += t.size[r.order[j]]) {
       const int c = r.order[j];
       TORCH_CHECK(t.depth[c] == t.depth[v] + 1 && j + t.size[c] <= i + t.size[v],
-                  "tree_loss: inconsistent tree_index tables below node ", v);
+                  "tree_min: inconsistent tree_index tables below node ", v);
       r.parent[c] = v;
       ++nkids[v];
     }
   }
   for (int v = 0; v < V; ++v)
-    TORCH_CHECK((r.parent[v] < 0) == (t.depth[v] == 1), "tree_loss: inconsistent tree_index tables at node ", v);
+    TORCH_CHECK((r.parent[v] < 0) == (t.depth[v] == 1), "tree_min: inconsistent tree_index tables at node ", v);
   r.first.assign(V + 1, 0);
   for (int v = 0; v < V; ++v) r.first[v + 1] = r.first[v] + nkids[v];
   r.kids.assign(r.first[V], 0);
@@ -336,9 +340,9 @@ HSS_LANES_TARGETS void tree_forward_lanes(const float* x, int64_t ld, float* scr
 }
 
 // o[v * ldo + p]: the gradient's rows (the output itself, or a tile).
-HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* scratch, float* o, int64_t ldo, const TreeIndex& t, const TreeRows& tr, const int64_t* ys,
-                                           const bool* valid, const float* k, float gamma, float eps, bool extrema,
-                                           const float* g) {
+HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* scratch, float* o, int64_t ldo,
+                                           const TreeIndex& t, const TreeRows& tr, const int64_t* ys, const bool* valid,
+                                           const float* k, float gamma, float eps, bool extrema, const float* g) {
   const int64_t R = t.V * kBlock;
   float* pn = scratch;
   float* C = pn + t.D * kBlock;
@@ -348,6 +352,10 @@ HSS_LANES_TARGETS void tree_backward_lanes(const float* x, int64_t ld, float* sc
   HSS_FOCAL_CASES(tree_backward_rows, gamma, eps, x, ld, t, tr, pn, live, k, gamma, eps, extrema, g, C, C + R,
                   C + 2 * R, C + 3 * R, C + 4 * R, o, ldo);
 }
+
+// ================================================================================================
+// What both paths share: a block's labels and the lanes that get a NaN
+// ================================================================================================
 
 // Labels of a block (ignore_index past its end); valid = neither ignored nor out of range; *bad set if
 // a lane is neither (such a lane reads no table: it gets a NaN loss and a NaN gradient row).
@@ -364,7 +372,7 @@ inline void block_labels(const int64_t* tgt, const PixelGeom& gt, int64_t i0, in
 }
 
 // Lanes with a NaN among their V logits x[v * ld + p] (p < n) count as bad too: a NaN loss and a NaN
-// gradient row (hss_math.h's rule; the row passes' min and max would otherwise skip some NaNs).
+// gradient row (tree_min_math.h's rule; the row passes' min and max would otherwise skip some NaNs).
 template <int64_t kN, typename A>
 __attribute__((always_inline)) inline void nan_scan(const A* x, int64_t ld, int V, int64_t n, int32_t* nan) {
   for (int v = 0; v < V; ++v) {
@@ -395,10 +403,14 @@ void nan_rows(A* o, int64_t ld, int V, const int64_t* ys, const bool* valid, int
       for (int v = 0; v < V; ++v) o[v * ld + p] = quiet_nan<A>();
 }
 
+// ================================================================================================
+// The ops: per block, the lane path or the per-pixel path (tree_min_math.h)
+// ================================================================================================
+
 template <typename T>
-void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
-                       const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
-                       int64_t ignore_index, bool extrema, at::Tensor& loss, bool per_pixel, at::Tensor& count) {
+void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
+                           const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
+                           int64_t ignore_index, bool extrema, at::Tensor& loss, bool per_pixel, at::Tensor& count) {
   using A = at::opmath_type<T>;
   const int V = logits.size(1);
   const int64_t P = target.numel();
@@ -448,24 +460,24 @@ void tree_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
 }
 
-std::tuple<at::Tensor, at::Tensor> tree_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                     const at::Tensor& tree_index, const at::Tensor& node_weights,
-                                                     int64_t L, int64_t D, double gamma, double eps,
-                                                     int64_t ignore_index, bool per_pixel, bool extrema) {
-  check_tree("tree_loss_fwd", logits, target, tree_index, node_weights, L, D);
+std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                    const at::Tensor& tree_index, const at::Tensor& node_weights,
+                                                    int64_t L, int64_t D, double gamma, double eps,
+                                                    int64_t ignore_index, bool per_pixel, bool extrema) {
+  check_tree_min("tree_min_fwd", logits, target, tree_index, node_weights, L, D);
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, per_pixel);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_loss_fwd_cpu", [&] {
-    tree_fwd_cpu_impl<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
-                                loss, per_pixel, count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_min_fwd_cpu", [&] {
+    tree_min_fwd_cpu_impl<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
+                                    loss, per_pixel, count);
   });
   return {loss, count};
 }
 
 template <typename T>
-void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                       const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
-                       double gamma_, double eps_, int64_t ignore_index, bool extrema, at::Tensor& out) {
+void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                           const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
+                           double gamma_, double eps_, int64_t ignore_index, bool extrema, at::Tensor& out) {
   using A = at::opmath_type<T>;
   const int V = logits.size(1);
   const int64_t P = target.numel();
@@ -528,16 +540,16 @@ void tree_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const a
   });
 }
 
-at::Tensor tree_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                             const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
-                             double gamma, double eps, int64_t ignore_index, bool extrema) {
-  check_tree("tree_loss_bwd", logits, target, tree_index, node_weights, L, D);
-  check_grad("tree_loss_bwd", grad, logits);
+at::Tensor tree_min_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                            const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
+                            double gamma, double eps, int64_t ignore_index, bool extrema) {
+  check_tree_min("tree_min_bwd", logits, target, tree_index, node_weights, L, D);
+  check_grad("tree_min_bwd", grad, logits);
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_loss_bwd_cpu", [&] {
-    tree_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
-                                out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cpu", [&] {
+    tree_min_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
+                                    out);
   });
   return out;
 }
@@ -545,14 +557,7 @@ at::Tensor tree_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, c
 }  // namespace
 }  // namespace hss
 
-TORCH_LIBRARY_FRAGMENT(hss_kernels, m) {
-  m.def("tree_loss_fwd(Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, int num_leaves, "
-        "int depth, float gamma, float eps, int ignore_index, bool per_pixel, bool extrema) -> (Tensor, Tensor)");
-  m.def("tree_loss_bwd(Tensor grad, Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, "
-        "int num_leaves, int depth, float gamma, float eps, int ignore_index, bool extrema) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(hss_kernels, CPU, m) {
-  m.impl("tree_loss_fwd", &hss::tree_loss_fwd_cpu);
-  m.impl("tree_loss_bwd", &hss::tree_loss_bwd_cpu);
+  m.impl("tree_min_fwd", &hss::tree_min_fwd_cpu);
+  m.impl("tree_min_bwd", &hss::tree_min_bwd_cpu);
 }

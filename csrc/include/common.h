@@ -1,0 +1,81 @@
+// What the per-pixel math of every op (hierarchical_softmax_math.h, tree_min_math.h, decode_math.h)
+// shares, on the CPU and in CUDA device code: the host/device macros, scalar math for the accumulation
+// type A (float or double), the label rule and PixelGeom.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define HSS_HOST_DEVICE __host__ __device__
+#define HSS_UNROLL _Pragma("unroll")
+#else
+#define HSS_HOST_DEVICE
+#define HSS_UNROLL
+#endif
+
+namespace hss {
+
+
+// Per-level state lives in fixed-size arrays (registers on the GPU): the ops reject deeper trees.
+constexpr int kMaxDepth = 8;
+
+HSS_HOST_DEVICE inline float hexp(float v) { return expf(v); }
+HSS_HOST_DEVICE inline double hexp(double v) { return exp(v); }
+HSS_HOST_DEVICE inline float hlog(float v) { return logf(v); }
+HSS_HOST_DEVICE inline double hlog(double v) { return log(v); }
+HSS_HOST_DEVICE inline float hlog1p(float v) { return log1pf(v); }
+HSS_HOST_DEVICE inline double hlog1p(double v) { return log1p(v); }
+template <typename A>
+HSS_HOST_DEVICE inline A hmax(A a, A b) { return a > b ? a : b; }
+template <typename A>
+HSS_HOST_DEVICE inline A hmin(A a, A b) { return a < b ? a : b; }
+template <typename A>
+HSS_HOST_DEVICE inline A neg_inf() { return -static_cast<A>(INFINITY); }
+template <typename A>
+HSS_HOST_DEVICE inline A quiet_nan() { return static_cast<A>(NAN); }
+
+
+// Labels. The public API rejects a label that is neither ignore_index nor a leaf id in [0, L), but it
+// skips that check (a host sync) under torch.compile or when switched off, so the kernels guard
+// themselves: such a pixel never indexes a table (no out-of-bounds read), counts as a labelled pixel,
+// and gets a NaN loss and a NaN gradient row, so that a mean or sum over it is NaN (loud), never a
+// plausible number.
+enum LabelKind { kLabelIgnored = 0, kLabelValid = 1, kLabelBad = 2 };
+HSS_HOST_DEVICE inline LabelKind label_kind(int64_t y, int64_t L, int64_t ignore_index) {
+  return y == ignore_index ? kLabelIgnored : (y >= 0 && y < L) ? kLabelValid : kLabelBad;
+}
+
+
+// Where pixel i (flat over N x H x W) of an (N, *, H, W) tensor lives, through its strides: 64-bit
+// offsets, channels_last or any other layout without a copy.
+struct PixelGeom {
+  int64_t H, W, sN, sH, sW;
+  HSS_HOST_DEVICE inline int64_t offset(int64_t i) const {
+    const int64_t hw = H * W;
+    const int64_t n = i / hw;
+    const int64_t r = i - n * hw;
+    const int64_t h = r / W;
+    return n * sN + h * sH + (r - h * W) * sW;
+  }
+  // offsets of pixels i0 .. i0 + count - 1, with one division for the run instead of three per pixel.
+  HSS_HOST_DEVICE inline void offsets(int64_t i0, int64_t count, int64_t* out) const {
+    const int64_t hw = H * W;
+    int64_t n = i0 / hw;
+    int64_t r = i0 - n * hw;
+    int64_t h = r / W;
+    int64_t w = r - h * W;
+    for (int64_t p = 0; p < count; ++p) {
+      out[p] = n * sN + h * sH + w * sW;
+      if (++w == W) {
+        w = 0;
+        if (++h == H) {
+          h = 0;
+          ++n;
+        }
+      }
+    }
+  }
+};
+
+}  // namespace hss

@@ -1,0 +1,151 @@
+// Per-pixel math of the hierarchical softmax loss (docs/MATH.md §2), shared by the CPU loops
+// (csrc/cpu/hierarchical_softmax.cpp) and the CUDA kernels (csrc/cuda/hierarchical_softmax.cu) so that
+// the CPU tests exercise the arithmetic the GPU runs: the CUDA kernels and the CPU's float64 path call
+// hsm_forward_pixel and hsm_backward_pixel as they are; the CPU's float32 path (float16/bfloat16 too)
+// vectorises the channel loops across pixels but keeps hsm_finish and hsm_backward_coefs from here.
+// HSS_CPU_PIXEL_PATH=1 (cpu/loop.h) sends the CPU's float path through the *_pixel functions too, so
+// that the tests check their float instantiation (the one the CUDA kernels run for float, float16 and
+// bfloat16) without a GPU.
+//
+// Every function works on one pixel. Channel values are read through an accessor `x(c)` (a tile column
+// on the CPU, a strided global pointer on the GPU) and converted to the accumulation type A. `group` is
+// the int32 leaf_group table of hss_kernels.tree.TreeTables (docs/MATH.md §1.7).
+#pragma once
+
+#include "common.h"
+
+namespace hss {
+
+// A group whose max logit is within this of the global max reuses exp(z - max) (no underflow is
+// possible: e^-kShareShift is far above the smallest normal float); farther groups get their own shift.
+constexpr double kShareShift = 30.0;
+
+// The loss of one pixel from its sums: s = sum_j exp(z_j - m) over all leaves, gsum[d] = the sum over
+// y's group at depth d shifted by shift[d]. Writes the stats (lse, lse_1..lse_D at stride ss).
+template <typename A>
+HSS_HOST_DEVICE inline A hsm_finish(A m, A s, const A* shift, const A* gsum, int D, const A* w, A eps, A* stats,
+                                    int64_t ss) {
+  const A lse = m + hlog(s);
+  stats[0] = lse;
+  A loss = A(0);
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) {
+    if (d >= D) break;
+    const A lse_d = shift[d] + hlog(gsum[d]);
+    stats[(d + 1) * ss] = lse_d;
+    const A level = eps > A(0) ? -hlog(hexp(lse_d - lse) + eps) : lse - lse_d;
+    loss += w[d] * level;
+  }
+  return loss;
+}
+
+// The backward's per-pixel coefficients (see hsm_backward_pixel) from the stats and the upstream
+// gradient g: returns g * sum_d a_d; coef[d] = g * c_d, times exp(lse - b_d) unless own[d] (then the
+// caller computes exp(z - base[d]) itself, the factor being huge).
+template <typename A>
+HSS_HOST_DEVICE inline A hsm_backward_coefs(const A* stats, int64_t ss, int D, const A* w, A eps, A g, A* coef,
+                                            A* base, bool* own) {
+  const A lse = stats[0];
+  A a = A(0);
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) {
+    base[d] = A(0);
+    coef[d] = A(0);
+    own[d] = false;
+    if (d >= D) continue;
+    const A lse_d = stats[(d + 1) * ss];
+    if (eps > A(0)) {
+      const A p = hexp(lse_d - lse);
+      a += w[d] * p / (p + eps);
+      coef[d] = g * w[d] / (p + eps);
+      base[d] = lse;
+    } else {
+      a += w[d];
+      coef[d] = g * w[d];
+      base[d] = lse_d;
+    }
+    // exp(z - b) = exp(z - lse) * exp(lse - b): one exp per channel unless the factor would be huge.
+    own[d] = lse - base[d] > A(kShareShift);
+    if (!own[d]) coef[d] *= hexp(lse - base[d]);
+  }
+  return a * g;
+}
+
+// Hierarchical softmax (docs/MATH.md §2.1, §2.6). `group` is leaf_group (D x L, row-major). `stats` receives D + 1
+// values at stride `ss`: lse over all leaves, then lse_d for d = 1..D over y's group at depth d.
+// Returns the pixel's loss sum_d w_d * level_d.
+template <typename A, typename X>
+HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32_t* group, int y,
+                                           const A* w, A eps, A* stats, int64_t ss) {
+  int gy[kMaxDepth];
+  A gmax[kMaxDepth];
+  A gsum[kMaxDepth];
+  bool own[kMaxDepth];
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) {
+    gy[d] = d < D ? group[d * L + y] : -1;
+    gmax[d] = neg_inf<A>();
+    gsum[d] = A(0);
+  }
+  A m = neg_inf<A>();
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    const A z = x(j);
+    m = hmax(m, z);
+    HSS_UNROLL
+    for (int d = 0; d < kMaxDepth; ++d) {
+      if (d >= D) break;
+      // Selects, not branches: group membership is data-dependent and mispredicts.
+      gmax[d] = group[d * L + j] == gy[d] ? hmax(gmax[d], z) : gmax[d];
+    }
+  }
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) own[d] = d < D && gmax[d] < m - A(kShareShift);
+  A s = A(0);
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    const A z = x(j);
+    const A e = hexp(z - m);
+    s += e;
+    HSS_UNROLL
+    for (int d = 0; d < kMaxDepth; ++d) {
+      if (d >= D) break;
+      A t = e;
+      if (own[d]) t = hexp(z - gmax[d]);  // rare: a group far below the global max; sm90: cold
+      gsum[d] += group[d * L + j] == gy[d] ? t : A(0);
+    }
+  }
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) gmax[d] = own[d] ? gmax[d] : m;  // the shift each sum used
+  return hsm_finish(m, s, gmax, gsum, D, w, eps, stats, ss);
+}
+
+// Gradient of g * loss with respect to the L leaf logits, from the forward's stats; `out(j, v)` stores
+// it (docs/MATH.md §2.5). dl/dz_j = p_j * sum_d a_d - sum_{d : j in G_d(y)} c_d * exp(z_j - b_d), where
+// (eps = 0) a_d = w_d, c_d = w_d, b_d = lse_d, or (eps > 0, P_d = exp(lse_d - lse))
+// a_d = w_d P_d / (P_d + eps), c_d = w_d / (P_d + eps), b_d = lse.
+template <typename A, typename X, typename O>
+HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, int D, const int32_t* group,
+                                               int y, const A* w, A eps, const A* stats, int64_t ss, A g) {
+  const A lse = stats[0];
+  int gy[kMaxDepth];
+  A base[kMaxDepth];
+  A coef[kMaxDepth];
+  bool own[kMaxDepth];
+  const A a = hsm_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) gy[d] = d < D ? group[d * L + y] : -1;
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    const A z = x(j);
+    const A p = hexp(z - lse);
+    A r = a * p;
+    HSS_UNROLL
+    for (int d = 0; d < kMaxDepth; ++d) {
+      if (d >= D) break;
+      A t = p;
+      if (own[d]) t = hexp(z - base[d]);  // sm90: cold
+      r -= group[d * L + j] == gy[d] ? coef[d] * t : A(0);
+    }
+    out(j, r);
+  }
+}
+
+}  // namespace hss

@@ -1,0 +1,55 @@
+// The extension module hss_kernels._C and the schemas of its ops, torch.ops.hss_kernels.*. Each op's
+// implementations register under the CPU and CUDA keys next to their code: csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cu. The Python side (fake kernels, autograd) is hss_kernels/native/<op>.py.
+//
+// Float16/bfloat16/float32 logits accumulate in float32, float64 in float64; losses and statistics come
+// back in the accumulation dtype, gradients in the logits' dtype and strides. A label neither
+// ignore_index nor in [0, L) reads no table: that pixel's loss is NaN (and counts as labelled), its
+// gradient row NaN (docs/MATH.md §5.3).
+//
+// hierarchical_softmax_fwd(logits (N, L, H, W), target (N, H, W) int64, leaf_group (D, L) int32,
+//                          level_weights (D,), eps, ignore_index, per_pixel)
+//   -> loss: (N, H, W) per pixel (0 where ignored) if per_pixel, else the 0-dim sum,
+//      stats: (D + 1, N, H, W) lse and lse_1..lse_D, what the backward needs,
+//      count: 0-dim int64, the number of non-ignored pixels.
+// hierarchical_softmax_bwd(grad (0-dim or (N, H, W), any strides), logits, target, stats, leaf_group,
+//                          level_weights, eps, ignore_index) -> grad_logits.
+//
+// tree_min_fwd / tree_min_bwd: the focal tree-min loss (extrema = true) and the multi-label tree BCE
+// (extrema = false), one kernel family.
+// tree_min_fwd(logits (N, V, H, W), target (N, H, W) int64, tree_index int32 (4V + L*D, docs/MATH.md
+//              §1.7), node_weights (V,), num_leaves, depth, gamma, eps, ignore_index, per_pixel, extrema)
+//   -> loss: (N, H, W) per pixel if per_pixel, else the 0-dim sum,
+//      count: 0-dim int64, the number of non-ignored pixels.
+// tree_min_bwd(grad (0-dim or (N, H, W)), logits, target, tree_index, node_weights, num_leaves, depth,
+//              gamma, eps, ignore_index, extrema) -> grad_logits. It needs no saved statistics: the
+//   extrema are recomputed from the logits it reads anyway.
+//
+// decode(logits (N, C, H, W), path_nodes (L, D) int32, activation, score) -> (N, H, W) int64: the leaf
+//   label of the best root-to-leaf path per pixel (docs/MATH.md §4.3), ties to the lowest leaf id.
+//   path_nodes holds the node channels of each leaf's path, root side first, -1 past its depth
+//   (TreeTables.path_nodes; an (L, 1) arange with activation 2 decodes leaf logits). activation: 0
+//   sigmoid, 1 softmax over all C channels, 2 identity; score: 0 sum, 1 mean over the path.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing hss_kernels._C loads this library, whose static initialisers register the ops with the
+// PyTorch dispatcher; the module itself defines no Python functions.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hss_kernels, m) {
+  m.def("hierarchical_softmax_fwd(Tensor logits, Tensor target, Tensor leaf_group, Tensor level_weights, "
+        "float eps, int ignore_index, bool per_pixel) -> (Tensor, Tensor, Tensor)");
+  m.def("hierarchical_softmax_bwd(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor leaf_group, "
+        "Tensor level_weights, float eps, int ignore_index) -> Tensor");
+  m.def("tree_min_fwd(Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, int num_leaves, "
+        "int depth, float gamma, float eps, int ignore_index, bool per_pixel, bool extrema) -> (Tensor, Tensor)");
+  m.def("tree_min_bwd(Tensor grad, Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, "
+        "int num_leaves, int depth, float gamma, float eps, int ignore_index, bool extrema) -> Tensor");
+  m.def("decode(Tensor logits, Tensor path_nodes, int activation, int score) -> Tensor");
+}

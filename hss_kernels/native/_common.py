@@ -1,0 +1,50 @@
+"""What the native op modules share: accumulation dtype, the reductions, the fake kernels' outputs and
+the registration that refuses double backward."""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype (csrc/include/checks.h acc_type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The loss a forward op returned (per pixel, or the sum) reduced as asked (docs/MATH.md §5.1)."""
+    if reduction == "mean":  # 0 (with zero gradient) when every pixel is ignored
+        return loss / count.clamp(min=1).to(loss.dtype)
+    return loss
+
+
+def new_loss(logits: torch.Tensor, per_pixel: bool):
+    """The fake forward's loss ((N, H, W) or 0-dim) and count, as checks.h new_loss allocates them."""
+    N, _, H, W = logits.shape
+    loss = logits.new_empty((N, H, W) if per_pixel else (), dtype=acc_dtype(logits.dtype))
+    return loss, logits.new_empty((), dtype=torch.int64)
+
+
+def grad_like(logits: torch.Tensor) -> torch.Tensor:
+    """The backward ops' output: ``empty_like`` of the logits as the kernels walk them (checks.h
+    dense_logits): any non-overlapping dense layout as is, anything else as a contiguous copy. A plain
+    ``empty_like`` of a sliced channels_last view would be channels_last, the kernel's output NCHW, and
+    torch.compile's stride assertion would fail."""
+    import torch._prims_common as pc  # ATen's rule, also on fake tensors (the name changed across torch versions)
+    dense = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
+    return torch.empty_like(logits if dense(logits) else logits.contiguous())
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("the native backend's losses do not support double backward (use backend='reference')")
+
+
+def register_no_double_backward(op: str) -> None:
+    """Registers autograd for a backward op ``op`` that raises when differentiated."""
+    torch.library.register_autograd(op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)

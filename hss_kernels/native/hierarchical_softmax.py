@@ -1,0 +1,68 @@
+"""The hierarchical softmax loss on the native kernels: ``torch.ops.hss_kernels.hierarchical_softmax_fwd``
+and ``hierarchical_softmax_bwd`` (``csrc/cpu/hierarchical_softmax.cpp``,
+``csrc/cuda/hierarchical_softmax.cu``), their fake kernels and autograd."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import reference
+from ..tree import Tree
+from ._common import acc_dtype, check_reduction, grad_like, new_loss, reduce, register_no_double_backward
+
+__all__ = ["hierarchical_softmax_loss"]
+
+_FWD = "hss_kernels::hierarchical_softmax_fwd"
+_BWD = "hss_kernels::hierarchical_softmax_bwd"
+
+
+def hierarchical_softmax_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tree: Tree,
+    level_weights: Optional[Sequence[float]] = None,
+    eps: float = 0.0,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """:func:`hss_kernels.reference.hierarchical_softmax_loss` with fused C++/CUDA kernels.
+    ``logits`` (N, L, H, W), ``target`` (N, H, W), already checked by the public API."""
+    check_reduction(reduction)
+    w = reference.level_weight_vector(tree, level_weights, acc_dtype(logits.dtype), logits.device)
+    group = tree.tables(logits.device).leaf_group
+    loss, _, count = torch.ops.hss_kernels.hierarchical_softmax_fwd(logits, target.long(), group, w, float(eps),
+                                                                    int(ignore_index), reduction == "none")
+    return reduce(loss, count, reduction)
+
+
+@torch.library.register_fake(_FWD)
+def _(logits, target, leaf_group, level_weights, eps, ignore_index, per_pixel):
+    loss, count = new_loss(logits, per_pixel)
+    N, _, H, W = logits.shape
+    stats = logits.new_empty((leaf_group.shape[0] + 1, N, H, W), dtype=acc_dtype(logits.dtype))
+    return loss, stats, count
+
+
+@torch.library.register_fake(_BWD)
+def _(grad, logits, target, stats, leaf_group, level_weights, eps, ignore_index):
+    return grad_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, leaf_group, level_weights, eps, ignore_index, _ = inputs
+    ctx.save_for_backward(logits, target, output[1], leaf_group, level_weights)
+    ctx.opts = (eps, ignore_index)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_count):
+    logits, target, stats, leaf_group, level_weights = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.hss_kernels.hierarchical_softmax_bwd(grad_loss, logits, target, stats, leaf_group,
+                                                              level_weights, *ctx.opts)
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+register_no_double_backward(_BWD)

@@ -1,0 +1,74 @@
+"""The focal tree-min loss and the tree BCE on the native kernels, one kernel family:
+``torch.ops.hss_kernels.tree_min_fwd`` and ``tree_min_bwd`` (``csrc/cpu/tree_min.cpp``,
+``csrc/cuda/tree_min.cu``) with ``extrema=True`` (tree-min) or ``False`` (BCE), their fake kernels and
+autograd."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..tree import Tree
+from ._common import acc_dtype, check_reduction, grad_like, new_loss, reduce, register_no_double_backward
+
+__all__ = ["tree_min_loss", "tree_bce_loss", "tree_index"]
+
+_FWD = "hss_kernels::tree_min_fwd"
+_BWD = "hss_kernels::tree_min_bwd"
+
+
+def tree_index(tree: Tree, device) -> torch.Tensor:
+    """The tree tables the tree-min kernels read, packed into one int32 tensor (cached per device):
+    ``depth (V) | dfs_order (V) | dfs_pos (V) | subtree_size (V) | path_nodes (L*D)`` (docs/MATH.md §1.7)."""
+    def build():
+        t = tree.tables(device)
+        return torch.cat([t.depth, t.dfs_order, t.dfs_pos, t.subtree_size, t.path_nodes.reshape(-1)]).contiguous()
+    return tree.cached(("native_index", str(torch.device(device))), build)
+
+
+def _loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, extrema):
+    check_reduction(reduction)
+    k = reference.node_weight_vector(tree, scale, normalize, acc_dtype(logits.dtype), logits.device)
+    loss, count = torch.ops.hss_kernels.tree_min_fwd(
+        logits, target.long(), tree_index(tree, logits.device), k, tree.num_leaves, tree.depth, float(gamma),
+        float(eps), int(ignore_index), reduction == "none", extrema)
+    return reduce(loss, count, reduction)
+
+
+def tree_min_loss(logits, target, tree: Tree, gamma: float = 2.0, scale: float = 1.0, eps: float = 0.0,
+                  normalize: str = "level", ignore_index: int = 255, reduction: str = "mean") -> torch.Tensor:
+    """:func:`hss_kernels.reference.tree_min_loss` with fused C++/CUDA kernels."""
+    return _loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True)
+
+
+def tree_bce_loss(logits, target, tree: Tree, gamma: float = 0.0, scale: float = 1.0, eps: float = 0.0,
+                  normalize: str = "level", ignore_index: int = 255, reduction: str = "mean") -> torch.Tensor:
+    """:func:`hss_kernels.reference.tree_bce_loss` with fused C++/CUDA kernels."""
+    return _loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, False)
+
+
+@torch.library.register_fake(_FWD)
+def _(logits, target, tree_index, node_weights, num_leaves, depth, gamma, eps, ignore_index, per_pixel, extrema):
+    return new_loss(logits, per_pixel)
+
+
+@torch.library.register_fake(_BWD)
+def _(grad, logits, target, tree_index, node_weights, num_leaves, depth, gamma, eps, ignore_index, extrema):
+    return grad_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, tree_idx, node_weights, L, D, gamma, eps, ignore_index, _, extrema = inputs
+    ctx.save_for_backward(logits, target, tree_idx, node_weights)
+    ctx.opts = (L, D, gamma, eps, ignore_index, extrema)
+
+
+def _backward(ctx, grad_loss, grad_count):
+    logits, target, tree_idx, node_weights = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.hss_kernels.tree_min_bwd(grad_loss, logits, target, tree_idx, node_weights, *ctx.opts)
+    return (grad,) + (None,) * 10
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+register_no_double_backward(_BWD)
