@@ -1,5 +1,4 @@
-"""hss_kernels.tables: the tensors the kernels read. The native backend's packed layouts are built here
-too; each must equal what the native glue builds itself (until it imports them from here)."""
+"""hss_kernels.tables: the tensors the kernels read, each in the one layout both backends read."""
 import pytest
 import torch
 
@@ -14,21 +13,34 @@ def _trees():
     return [trees.load(name) for name in TREES] + [helpers.random_tree(20, max_depth=6, seed=s) for s in range(3)]
 
 
-def test_tree_index_is_the_native_one():
-    from hss_kernels import native
+def test_tree_index_layout():
+    """``depth | dfs_order | dfs_pos | subtree_size | path_nodes`` (docs/MATH.md §1.7), from the tree's own
+    numberings; the native ops read this very tensor."""
+    from hss_kernels.native import tree_min as native_tree_min
     for tree in _trees():
         got = tables.tree_index(tree, "cpu")
         assert got.dtype == torch.int32 and got.is_contiguous()
-        assert torch.equal(got, native.tree_index(tree, "cpu")), tree
+        V, L, D = tree.num_nodes, tree.num_leaves, tree.depth
+        path = torch.full((L, D), -1, dtype=torch.int32)
+        for y in range(L):
+            for v in tree.ancestors[tree.leaf_channels[y]]:
+                path[y, tree.depths[v] - 1] = v
+        want = torch.cat([torch.tensor(tree.depths), torch.tensor(tree.dfs_order), torch.tensor(tree.dfs_pos),
+                          torch.tensor(tree.subtree_size), path.reshape(-1)]).to(torch.int32)
+        assert torch.equal(got, want), tree
+    assert native_tree_min.tree_index is tables.tree_index
 
 
-def test_decode_path_is_the_native_one():
-    native_decode = pytest.importorskip("hss_kernels.native_decode")
+def test_decode_path_layout():
+    """Root side first, -1 past the leaf's depth; for leaf logits one path per leaf, the leaf itself."""
     for tree in _trees():
-        for leaf_logits in (False, True):
-            got = tables.decode_path(tree, "cpu", leaf_logits)
-            assert got.dtype == torch.int32 and got.is_contiguous()
-            assert torch.equal(got, native_decode._path_table(tree, "cpu", leaf_logits)), tree
+        got = tables.decode_path(tree, "cpu", False)
+        assert got.dtype == torch.int32 and got.is_contiguous() and got.shape == (tree.num_leaves, tree.depth)
+        for y in range(tree.num_leaves):
+            path = sorted(tree.ancestors[tree.leaf_channels[y]], key=lambda v: tree.depths[v])
+            assert got[y, :len(path)].tolist() == path and (got[y, len(path):] == -1).all(), (tree, y)
+        leaf = tables.decode_path(tree, "cpu", True)
+        assert torch.equal(leaf, torch.arange(tree.num_leaves, dtype=torch.int32)[:, None])
 
 
 def test_leaf_group_is_the_tables_one():

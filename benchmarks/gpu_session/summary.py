@@ -115,7 +115,7 @@ def render(summary: dict) -> str:
     if b and b.get("rows"):
         lines += ["", f"## Benchmark: {b.get('device')}, copy bandwidth {_f(b.get('copy_GBps'), '.0f')} GB/s "
                       f"measured in the same run", ""]
-        lines.append(f"Median ms per call ({b.get('timer') or 'no timed row'}); copy-bound = the bytes the call must move (MATH.md §5) at "
+        lines.append(f"Median ms per call ({b.get('timer') or 'no timed row'}); copy-bound = the bytes the call must move (docs/MATH.md §5.6) at "
                      "that copy bandwidth; model = the static sm_90 model's issue / floor ms "
                      f"({(summary.get('model') or {}).get('source') or 'no model file'}), forward+backward = "
                      "forward + backward.")

@@ -1,20 +1,13 @@
-"""What the native op modules share: accumulation dtype, the reductions, the fake kernels' outputs and
-the registration that refuses double backward."""
+"""What the native op modules share: the reduction of a forward's output, the fake kernels' outputs and
+the registration that refuses double backward. Options and labels are checked by the public API
+(``hss_kernels/_checks.py``) before an op module is called."""
 from __future__ import annotations
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
+from .._checks import acc_dtype  # the kernels' accumulation dtype (csrc/include/checks.h acc_type)
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The kernels' accumulation dtype (csrc/include/checks.h acc_type)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+__all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward"]
 
 
 def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:

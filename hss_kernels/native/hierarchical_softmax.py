@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import reference
+from .. import tables
 from ..tree import Tree
-from ._common import acc_dtype, check_reduction, grad_like, new_loss, reduce, register_no_double_backward
+from ._common import acc_dtype, grad_like, new_loss, reduce, register_no_double_backward
 
 __all__ = ["hierarchical_softmax_loss"]
 
@@ -28,9 +28,8 @@ def hierarchical_softmax_loss(
 ) -> torch.Tensor:
     """:func:`hss_kernels.reference.hierarchical_softmax_loss` with fused C++/CUDA kernels.
     ``logits`` (N, L, H, W), ``target`` (N, H, W), already checked by the public API."""
-    check_reduction(reduction)
-    w = reference.level_weight_vector(tree, level_weights, acc_dtype(logits.dtype), logits.device)
-    group = tree.tables(logits.device).leaf_group
+    w = tables.level_weight_vector(tree, level_weights, acc_dtype(logits.dtype), logits.device)
+    group = tables.leaf_group(tree, logits.device)
     loss, _, count = torch.ops.hss_kernels.hierarchical_softmax_fwd(logits, target.long(), group, w, float(eps),
                                                                     int(ignore_index), reduction == "none")
     return reduce(loss, count, reduction)

@@ -6,28 +6,19 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from .. import tables
 from ..tree import Tree
-from ._common import acc_dtype, check_reduction, grad_like, new_loss, reduce, register_no_double_backward
+from ..tables import tree_index
+from ._common import acc_dtype, grad_like, new_loss, reduce, register_no_double_backward
 
-__all__ = ["tree_min_loss", "tree_bce_loss", "tree_index"]
+__all__ = ["tree_min_loss", "tree_bce_loss"]
 
 _FWD = "hss_kernels::tree_min_fwd"
 _BWD = "hss_kernels::tree_min_bwd"
 
 
-def tree_index(tree: Tree, device) -> torch.Tensor:
-    """The tree tables the tree-min kernels read, packed into one int32 tensor (cached per device):
-    ``depth (V) | dfs_order (V) | dfs_pos (V) | subtree_size (V) | path_nodes (L*D)`` (docs/MATH.md §1.7)."""
-    def build():
-        t = tree.tables(device)
-        return torch.cat([t.depth, t.dfs_order, t.dfs_pos, t.subtree_size, t.path_nodes.reshape(-1)]).contiguous()
-    return tree.cached(("native_index", str(torch.device(device))), build)
-
-
 def _loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, extrema):
-    check_reduction(reduction)
-    k = reference.node_weight_vector(tree, scale, normalize, acc_dtype(logits.dtype), logits.device)
+    k = tables.node_weight_vector(tree, scale, normalize, acc_dtype(logits.dtype), logits.device)
     loss, count = torch.ops.hss_kernels.tree_min_fwd(
         logits, target.long(), tree_index(tree, logits.device), k, tree.num_leaves, tree.depth, float(gamma),
         float(eps), int(ignore_index), reduction == "none", extrema)

@@ -6,7 +6,7 @@ import torch
 
 import hss_kernels
 from hss_kernels import trees
-from hss_kernels.native.tree_min import tree_index
+from hss_kernels.tables import tree_index
 
 import helpers as H
 
