@@ -139,7 +139,8 @@ def shape_args(x: torch.Tensor):
 
 
 def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, tables, scalars, *, loss_mode: int,
-                       loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, **constexprs):
+                       loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, blocks=None,
+                       **constexprs):
     """Runs a loss kernel (``_hierarchical_softmax_kernel``, ``_tree_min_kernel``) once over all pixels, ``logits.shape[1]``
     channels per tile; returns (partials, counts), the per-program loss sums and pixel counts when
     ``loss_mode`` is LOSS_PARTIALS (else one unwritten element each).
@@ -150,8 +151,11 @@ def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, table
     GRAD_MODE and ``**constexprs``. A pointer that ``loss_mode``/``grad_mode`` does not touch gets a dummy.
     """
     P, HW, Wd = shape_args(logits)
-    block_c, block_p, warps = block_sizes(logits.shape[1], P, interpreted(logits.device))
-    programs = max(triton.cdiv(P, block_p), 1)
+    block_c, block_p, warps = blocks or block_sizes(logits.shape[1], P, interpreted(logits.device))
+    grid = (max(triton.cdiv(P, block_p), 1),)
+    if constexprs.get("FLAT"):
+        grid = (max(triton.cdiv(HW, block_p), 1), logits.shape[0])
+    programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
     partials = torch.empty(programs if loss_mode == LOSS_PARTIALS else 1, dtype=acc_dtype(logits.dtype),
                            device=logits.device)
     counts = torch.empty_like(partials, dtype=torch.int32)
@@ -159,7 +163,7 @@ def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, table
     gs = grad.stride() if grad is not None else (0, 0, 0, 0)
     gos = grad_out.stride() if grad_out is not None and grad_mode == GRAD_PER_PIXEL else (0, 0, 0)
     launch(
-        kernel, (programs,), logits,
+        kernel, grid, logits,
         logits, target, *tables, dummy if loss is None else loss, partials, counts,
         dummy if grad is None else grad, dummy if grad_out is None else grad_out,
         P, HW, Wd,
@@ -210,6 +214,22 @@ def backward_grad_out(grad_out: torch.Tensor, count: torch.Tensor, reduction: st
 # ----------------------------------------------------------------------------------- in-kernel pieces
 # Shared by the loss kernels (_hierarchical_softmax_kernel, _tree_min_kernel). LOSS_MODE and GRAD_MODE are
 # the LOSS_* / GRAD_* values above, passed as constexprs.
+
+def fast_exp(logits: torch.Tensor) -> bool:
+    """Whether a kernel on ``logits`` may use :func:`exp2`'s hardware form: compiled, float32 math."""
+    return not interpreted(logits.device) and acc_dtype(logits.dtype) == torch.float32
+
+
+@triton.jit
+def exp2(x, FAST: tl.constexpr):
+    """2^x. FAST: the GPU's ex2.approx.ftz.f32 alone (results below 2^-126 flush to 0; tl.exp2 adds a
+    denormal fix-up of three instructions around it); else tl.exp2 (float64, the interpreter)."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
 
 @triton.jit
 def pixel_coords(pid, P, HW, W, BLOCK_P: tl.constexpr):

@@ -13,12 +13,22 @@ Gradient, with p_j = e^{z_j − lse} and d_j the deepest level whose group holds
     eps > 0:  ∂ℓ/∂z_j = p_j (A − B_{d_j}),  P_d = e^{lse_d − lse},
               A = Σ_d w_d P_d / (P_d + eps),  B_k = Σ_{d ≤ k} w_d / (P_d + eps)
 
-Modes of ``_hierarchical_softmax_kernel``:
-* forward: computes lse and lse_1..lse_D (one exp per element: the group sums reuse e^{z - max},
-  except in blocks where a group's sum underflows), writes them as the saved statistics
-  ``(D + 1, P)`` and the loss (per pixel, or per-program partial sums for the reduction);
+Shape of ``_hierarchical_softmax_kernel`` (segmentation: millions of pixels, tens of leaves): a program
+owns BLOCK_P pixels, a few consecutive ones per thread, and walks the leaves in chunks of BLOCK_C held in
+that thread's registers, so no reduction over channels leaves a thread. The forward keeps an online
+log-sum-exp (a running max, rescaling the sums once per chunk: one exp per element) and, for levels
+1 .. D-1, the group sums of the same exponentials; level D's group is the label alone, so lse_D = z_y
+(one gathered load). Where a group's sum underflows next to the pixel's max (sum < TINY), a cold branch
+redoes that group with its own max (docs/MATH.md §2.6). NCHW logits are read 16 bytes of pixels per
+thread and channel row; channels_last one channel per chunk. H and W form one pixel axis on a
+(pixel blocks, N) grid when the strides allow (always for NCHW and channels_last).
+
+Modes:
+* forward: lse and lse_1..lse_D, written as the saved statistics ``(D + 1, P)``, and the loss (per
+  pixel, or per-program partial sums for the reduction);
 * backward: reads the logits and the statistics, writes the gradient (two exps per element);
-* single pass: the forward that also writes the gradient (docs/MATH.md §5.6).
+* single pass: the forward that also writes the gradient (docs/MATH.md §5.6), reading the program's
+  logits a second time (from cache) for it.
 """
 from __future__ import annotations
 
@@ -35,6 +45,9 @@ from . import _common as C
 __all__ = ["hierarchical_softmax_loss", "hierarchical_softmax_loss_and_grad"]
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
 def _hierarchical_softmax_kernel(
     x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
@@ -47,90 +60,163 @@ def _hierarchical_softmax_kernel(
     L: tl.constexpr, D: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     HAS_EPS: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_STATS: tl.constexpr,
-    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr,
+    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr, DP: tl.constexpr,
+    FLAT: tl.constexpr, FAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
+    # A program owns BLOCK_P pixels, a few consecutive ones per thread (one 16-byte load per channel
+    # row); the channels go by in chunks of BLOCK_C held in the thread's registers, so every reduction
+    # over channels stays inside a thread. Levels 1 .. D-1 are rows of [DP, BLOCK_P] tiles (also
+    # in-thread); level D's group is the label alone (lse_D = z_y, gathered).
+    if FLAT:
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        hw = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        hw = hw.to(tl.int64)
+        p = n * HW + hw
+        pmask = (hw < HW) & (p < P)  # P = 0 when H or W is 0 (HW is then 1)
+        xpix = n * sxn + hw * sxw
+        tpix = n * stn + hw * stw
+        gpix = n * sgn + hw * sgw
+        opix = n * son + hw * sow
+    else:
+        pid = tl.program_id(0)
+        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
+        xpix = n * sxn + h * sxh + w * sxw
+        tpix = n * stn + h * sth + w * stw
+        gpix = n * sgn + h * sgh + w * sgw
+        opix = n * son + h * soh + w * sow
     P64 = tl.zeros_like(p) + P  # (d + 1) * P in 64 bits: the statistics rows may pass 2^31 in all
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < L
-    mask2 = cmask[:, None] & pmask[None, :]
+    y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
 
-    y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
-
-    x_off = n[None, :] * sxn + c[:, None].to(tl.int64) * sxc + (h * sxh + w * sxw)[None, :]
-    x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)  # sm90: logits
-    # Padded channels are -inf (they vanish from every sum); padded pixels stay finite (0).
-    x = tl.where(cmask[:, None], x, float("-inf"))
+    dl = tl.arange(0, DP)
+    dmask = dl < D
+    w2 = tl.load(w_ptr + dl, mask=dmask, other=0.0).to(ACC)[:, None]  # [DP, 1]
+    # The label's group id at each level, one row per level (rows past D: -1, no channel's id).
+    gy = tl.full([DP, BLOCK_P], -1, tl.int32)
+    for d in tl.static_range(D):
+        gy = tl.where((dl == d)[:, None], tl.load(lg_ptr + d * L + y, mask=pmask, other=-1)[None, :], gy)
 
     if COMPUTE_STATS:
-        mx = tl.max(x, axis=0)
-        e = tl.exp(x - mx[None, :])
-        lse = mx + tl.log(tl.sum(e, axis=0))
+        m = tl.full([BLOCK_P], float("-inf"), ACC)
+        s = tl.zeros([BLOCK_P], dtype=ACC)
+        sd = tl.zeros([DP, BLOCK_P], dtype=ACC)
+        for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < L
+            x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :],  # sm90: logits
+                        mask=cmask[:, None] & pmask[None, :], other=float("-inf")).to(ACC)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            alpha = C.exp2((m - m_new) * LOG2E, FAST)
+            e = C.exp2(x * LOG2E - (m_new * LOG2E)[None, :], FAST)
+            s = s * alpha + tl.sum(e, axis=0)
+            sd = sd * alpha[None, :]
+            for d in tl.static_range(D - 1):
+                g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
+                part = tl.sum(tl.where(g_c[:, None] == g_y[None, :], e, 0.0), axis=0)
+                sd = tl.where((dl == d)[:, None], sd + part[None, :], sd)
+            m = m_new
+        lse = m + tl.log(s)
+        zy = tl.load(x_ptr + y * sxc + xpix, mask=pmask, other=0.0).to(ACC)
+        lse2 = m[None, :] + tl.log(tl.maximum(sd, TINY))
+        far = (sd < TINY) & (dl < D - 1)[:, None] & pmask[None, :]
+        # Levels first (inside a thread), then across the block.
+        if tl.max(tl.max(far.to(tl.int32), axis=0), axis=0) > 0:  # sm90: cold
+            # A group whose terms underflow next to the pixel's max: its own max, then its own sum.
+            mg = tl.full([DP, BLOCK_P], float("-inf"), ACC)
+            for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
+                c = c0 + tl.arange(0, BLOCK_C)
+                cmask = c < L
+                x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :],
+                            mask=cmask[:, None] & pmask[None, :], other=float("-inf")).to(ACC)
+                for d in tl.static_range(D - 1):
+                    g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                    g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
+                    part = tl.max(tl.where(g_c[:, None] == g_y[None, :], x, float("-inf")), axis=0)
+                    mg = tl.where((dl == d)[:, None], tl.maximum(mg, part[None, :]), mg)
+            sg = tl.zeros([DP, BLOCK_P], dtype=ACC)
+            for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
+                c = c0 + tl.arange(0, BLOCK_C)
+                cmask = c < L
+                x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :],
+                            mask=cmask[:, None] & pmask[None, :], other=float("-inf")).to(ACC)
+                for d in tl.static_range(D - 1):
+                    g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                    g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
+                    m_d = tl.sum(tl.where((dl == d)[:, None], mg, 0.0), axis=0)
+                    part = tl.sum(tl.where(g_c[:, None] == g_y[None, :], tl.exp(x - m_d[None, :]), 0.0), axis=0)
+                    sg = tl.where((dl == d)[:, None], sg + part[None, :], sg)
+            lse2 = tl.where(far, mg + tl.log(sg), lse2)
+        lse2 = tl.where((dl == D - 1)[:, None], zy[None, :], lse2)
         if WRITE_STATS:
             tl.store(stats_ptr + p, lse, mask=pmask)
+            tl.store(stats_ptr + (dl[:, None] + 1) * P64[None, :] + p[None, :], lse2,
+                     mask=dmask[:, None] & pmask[None, :])
     else:
         lse = tl.load(stats_ptr + p, mask=pmask, other=0.0)
+        lse2 = tl.load(stats_ptr + (dl[:, None] + 1) * P64[None, :] + p[None, :],
+                       mask=dmask[:, None] & pmask[None, :], other=0.0)
 
-    zero = tl.zeros([BLOCK_P], dtype=ACC)
-    loss = zero
-    wsum = zero
-    F = zero  # eps = 0: F_k of the docstring
-    lse_prev = lse
-    A = zero  # eps > 0: A and B_k
-    B = zero
-    sel_r = tl.full([BLOCK_C, BLOCK_P], float("inf"), ACC)  # lse_{d_j} (inf: in no group)
-    sel_f = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)  # F_{d_j} or B_{d_j}
-    for d in tl.static_range(D):
-        g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-1)
-        g_y = tl.load(lg_ptr + d * L + y, mask=pmask, other=0)
-        in_g = g_c[:, None] == g_y[None, :]
-        w_d = tl.load(w_ptr + d).to(ACC)
-        if COMPUTE_STATS:
-            # One exp per element serves every level: the group sums of e^{z - max}. Where a group
-            # sits so far below the pixel's max that its terms underflow (sum < TINY), redo that
-            # pixel with the group's own max; a whole block takes the branch or skips it.
-            s_d = tl.sum(tl.where(in_g, e, 0.0), axis=0)
-            lse_d = mx + tl.log(tl.maximum(s_d, TINY))
-            far = s_d < TINY
-            if tl.sum(far.to(tl.int32), axis=0) > 0:  # sm90: cold
-                xg = tl.where(in_g, x, float("-inf"))
-                mg = tl.max(xg, axis=0)  # finite: y is in its own group
-                lse_d = tl.where(far, mg + tl.log(tl.sum(tl.exp(xg - mg[None, :]), axis=0)), lse_d)
-            if WRITE_STATS:
-                tl.store(stats_ptr + (d + 1) * P64 + p, lse_d, mask=pmask)
+    if LOSS_MODE != 0:
+        if HAS_EPS:
+            loss = tl.sum(-w2 * tl.log(tl.exp(lse2 - lse[None, :]) + eps), axis=0)
         else:
-            lse_d = tl.load(stats_ptr + (d + 1) * P64 + p, mask=pmask, other=0.0)
-        if LOSS_MODE != 0:
-            if HAS_EPS:
-                loss += -w_d * tl.log(tl.exp(lse_d - lse) + eps)
-            else:
-                loss += w_d * (lse - lse_d)
-        if GRAD_MODE != 0:
-            # Levels go from shallow to deep and the groups are nested, so the last level that
-            # claims element j is d_j.
+            loss = tl.sum(w2 * (lse[None, :] - lse2), axis=0)
+        C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
+
+    if GRAD_MODE != 0:
+        # Per pixel: lse_d and F_d (B_d for eps > 0) per level, then per element the deepest level
+        # whose group holds it selects them.
+        if GRAD_MODE == 1:
+            gsc = tl.zeros([BLOCK_P], dtype=ACC) + tl.load(go_ptr).to(ACC)
+        else:
+            gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
+        gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+        zero = tl.zeros([BLOCK_P], dtype=ACC)
+        F = zero
+        A = zero
+        Bk = zero
+        wsum = zero
+        lse_prev = lse
+        F2 = tl.zeros([DP, BLOCK_P], dtype=ACC)
+        for d in tl.static_range(D):
+            lse_d = tl.sum(tl.where((dl == d)[:, None], lse2, 0.0), axis=0)
+            w_d = tl.load(w_ptr + d).to(ACC)
             if HAS_EPS:
                 P_d = tl.exp(lse_d - lse)
                 A += w_d * P_d / (P_d + eps)
-                B += w_d / (P_d + eps)
-                sel_f = tl.where(in_g, B[None, :], sel_f)
+                Bk += w_d / (P_d + eps)
+                F2 = tl.where((dl == d)[:, None], Bk[None, :], F2)
             else:
                 F = tl.exp(lse_d - lse_prev) * F + w_d
                 lse_prev = lse_d
                 wsum += w_d
-                sel_r = tl.where(in_g, lse_d[None, :], sel_r)
-                sel_f = tl.where(in_g, F[None, :], sel_f)
-
-    C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
-
-    if GRAD_MODE != 0:
-        prob = tl.exp(x - lse[None, :])
-        if HAS_EPS:
-            grad = prob * (A[None, :] - sel_f)
-        else:
-            grad = wsum[None, :] * prob - tl.exp(x - sel_r) * sel_f
-        g_off = n[None, :] * sgn + c[:, None].to(tl.int64) * sgc + (h * sgh + w * sgw)[None, :]
-        C.store_grad(grad, g_ptr + g_off, go_ptr, n * son + h * soh + w * sow, valid, bad, pmask, mask2, GRAD_MODE)
+                F2 = tl.where((dl == d)[:, None], F[None, :], F2)
+        coef = A if HAS_EPS else wsum
+        for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < L
+            mask2 = cmask[:, None] & pmask[None, :]
+            x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :], mask=mask2,  # sm90: logits
+                        other=0.0).to(ACC)
+            sel_r = tl.full([BLOCK_C, BLOCK_P], float("inf"), ACC)
+            sel_f = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+            for d in tl.static_range(D):
+                g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
+                in_g = g_c[:, None] == g_y[None, :]
+                if not HAS_EPS:
+                    sel_r = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], lse2 * LOG2E, 0.0), axis=0)[None, :], sel_r)
+                sel_f = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], F2, 0.0), axis=0)[None, :], sel_f)
+            prob = C.exp2(x * LOG2E - (lse * LOG2E)[None, :], FAST)
+            if HAS_EPS:
+                grad = prob * (coef[None, :] - sel_f)
+            else:
+                grad = coef[None, :] * prob - C.exp2(x * LOG2E - sel_r, FAST) * sel_f
+            # The difference first, then the scale: both passes round the same terms the same way.
+            grad = tl.where(valid[None, :], grad * gsc[None, :], 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
+            tl.store(g_ptr + c.to(tl.int64)[:, None] * sgc + gpix[None, :], grad.to(g_ptr.dtype.element_ty),
+                     mask=mask2)
 
 
 # A group sum of e^{z - max} below TINY may have lost terms to underflow (float32 normals end at 1e-38,
@@ -146,7 +232,41 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         L=logits.shape[1], D=leaf_group.shape[0], HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats,
         WRITE_STATS=write_stats, TINY=_TINY[C.acc_dtype(logits.dtype)],
+        DP=triton.next_power_of_2(leaf_group.shape[0]), blocks=_blocks(logits),
+        FAST=C.fast_exp(logits),
+        FLAT=_flat(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
     )
+
+
+def _flat(logits, *tensors):
+    """True when every tensor's H and W axes are one run of pixels (stride_h == W * stride_w): NCHW and
+    channels_last both are; the kernel then indexes pixels as n, h*W + w on a 2-D grid."""
+    if logits.shape[0] > 65535:  # the grid's second axis
+        return False
+    for t in (logits,) + tensors:
+        if t is not None and t.dim() >= 3 and t.shape[-2] > 1 and t.stride(-2) != t.shape[-1] * t.stride(-1):
+            return False
+    return True
+
+
+def _blocks(logits):
+    """(BLOCK_C, BLOCK_P, num_warps): :func:`gpu_blocks` when compiled; under the interpreter, which pays
+    per program and per loop iteration, 256 pixels and 8 leaves at a time."""
+    if C.interpreted(logits.device):
+        return 8, 256, 4
+    return gpu_blocks(logits)
+
+
+def gpu_blocks(logits):
+    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch. Channel rows in memory (NCHW): 16 bytes of
+    consecutive pixels per thread and row, chunks of 32 values per thread (fp32: 8 leaves x 4 pixels,
+    bf16: 4 x 8). Channels contiguous (channels_last): one leaf per chunk, 4 pixels per thread (the pixel
+    stride rarely lets a thread load more than one value per instruction; the other leaves of its pixels
+    come from L1 in the next iterations)."""
+    if logits.shape[1] > 1 and logits.stride(1) == 1:
+        return 1, 512, 4
+    vec = max(1, 16 // logits.element_size())
+    return max(1, 32 // vec), vec * 32 * 4, 4
 
 
 # ----------------------------------------------------------------------------------- custom ops

@@ -126,3 +126,33 @@ def test_the_interpreter_leaves_triton_language_as_it_found_it():
     for obj, old in zip(objs, before):
         changed = sorted(n for n, v in vars(obj).items() if n not in old or v is not old[n])
         assert not changed, f"{obj.__name__}: {changed[:5]}"
+
+
+@pytest.mark.parametrize("layout,dtype", [("nchw", torch.float32), ("nchw", torch.bfloat16), ("nchw", torch.float64),
+                                          ("channels_last", torch.float32), ("strided", torch.bfloat16)])
+def test_gpu_tiles_of_the_hierarchical_softmax_under_the_interpreter(layout, dtype, monkeypatch):
+    """The hierarchical softmax kernel with the tiles a GPU launch takes (hierarchical_softmax.gpu_blocks:
+    chunks of 8, 4, 2 or 1 leaves, 512-1024 pixels per program), run by the interpreter on the CPU against
+    the reference: forward and backward, reduction "none", eps and the single pass, on an image wider
+    than one program, with a leaf count that leaves a partial last chunk, the far-group branch included."""
+    from hss_kernels.triton import hierarchical_softmax as hs
+
+    monkeypatch.setattr(hs, "_blocks", hs.gpu_blocks)
+    tree = trees.load("lip")  # 20 leaves: a partial last chunk of 8 (fp32)
+    x, y = H.inputs(tree, "hierarchical_softmax_loss", (1, 5, 220), dtype=dtype)
+    x[0, :, 0, 1] = -200.0  # a pixel whose groups sit far below its max: the cold branch
+    x[0, 0, 0, 1] = 200.0
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # H and W not one pixel axis: the kernel's (n, h, w) indexing
+        x, y = x[:, :, :, ::2], y[:, :, ::2]
+    block_c = hs.gpu_blocks(x)[0]
+    assert block_c == (1 if layout == "channels_last" else 32 // (16 // x.element_size()))
+    H.check("hierarchical_softmax_loss", "triton", x, y, tree, reduction="none")
+    if dtype == torch.float32:
+        H.check("hierarchical_softmax_loss", "triton", x, y, tree, eps=1e-4)
+    loss, grad = hs.hierarchical_softmax_loss_and_grad(x, y, tree, reduction="sum")
+    ref_loss, ref_grad, _ = H.loss_and_grad(H.ref("hierarchical_softmax_loss"), x, y, tree,
+                                            torch.ones((), dtype=loss.dtype), reduction="sum")
+    torch.testing.assert_close(loss, ref_loss, **H.loss_tolerance("hierarchical_softmax_loss", x, tree))
+    H.assert_grad_close(grad, ref_grad, x.dtype, 1.0)
