@@ -62,7 +62,7 @@ __attribute__((always_inline)) inline vf vexp16(vf v) {
 // Returns false, having written nothing, when a lane has a group far below its max (see
 // kShareShift): the caller runs the per-pixel path. The lane loops of this one are left to the
 // auto-vectoriser, which does better here than vector types with per-depth register arrays.
-HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t ld, int64_t n, int L, int D, const int32_t* group,
+HSS_LANES_TARGETS bool hierarchical_softmax_forward_lanes(const float* tile, int64_t ld, int64_t n, int L, int D, const int32_t* group,
                                          const int32_t (*gy)[kBlock], const bool* valid, const float* w, float eps,
                                          float* st, int64_t P, int64_t i0, float* loss) {
   alignas(64) float m[kBlock], s[kBlock], e[kBlock], gmax[kMaxDepth][kBlock], gsum[kMaxDepth][kBlock];
@@ -111,13 +111,13 @@ HSS_LANES_TARGETS bool hsm_forward_lanes(const float* tile, int64_t ld, int64_t 
       shift[d] = m[p];
       sums[d] = gsum[d][p];
     }
-    loss[p] = hsm_finish(m[p], s[p], shift, sums, D, w, eps, st + i0 + p, P);
+    loss[p] = hierarchical_softmax_finish(m[p], s[p], shift, sums, D, w, eps, st + i0 + p, P);
   }
   return true;
 }
 
 template <int D>
-__attribute__((always_inline)) inline void hsm_backward_chunks(const float* z, int64_t ld, float* o, int64_t ldo,
+__attribute__((always_inline)) inline void hierarchical_softmax_backward_chunks(const float* z, int64_t ld, float* o, int64_t ldo,
                                                                int L, const int32_t* group,
                                                                const int32_t (*gy)[kBlock], const float* lse,
                                                                const float* a, const float (*coef)[kBlock],
@@ -142,8 +142,8 @@ __attribute__((always_inline)) inline void hsm_backward_chunks(const float* z, i
 
 // The backward of a block, lanes innermost, into o[c * ldo + p]; `g` is each lane's upstream gradient.
 // Returns false, having written nothing, when a lane needs exp(z - b_d) computed on its own (see
-// hsm_backward_coefs).
-HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, int64_t ldo, int64_t n, int L, int D,
+// hierarchical_softmax_backward_coefs).
+HSS_LANES_TARGETS bool hierarchical_softmax_backward_lanes(const float* z, int64_t ld, float* o, int64_t ldo, int64_t n, int L, int D,
                                           const int32_t* group, const int32_t (*gy)[kBlock], const bool* valid,
                                           const float* w, float eps, const float* st, int64_t P, int64_t i0,
                                           const float* g) {
@@ -157,7 +157,7 @@ HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, 
     if (p >= n || !valid[p]) continue;
     float cf[kMaxDepth], base[kMaxDepth];
     bool own[kMaxDepth];
-    a[p] = hsm_backward_coefs(st + i0 + p, P, D, w, eps, g[p], cf, base, own);
+    a[p] = hierarchical_softmax_backward_coefs(st + i0 + p, P, D, w, eps, g[p], cf, base, own);
     lse[p] = st[i0 + p];
     for (int d = 0; d < D; ++d) {
       if (own[d]) return false;
@@ -166,7 +166,7 @@ HSS_LANES_TARGETS bool hsm_backward_lanes(const float* z, int64_t ld, float* o, 
   }
   switch (D) {
 #define HSS_CASE(k) \
-  case k: hsm_backward_chunks<k>(z, ld, o, ldo, L, group, gy, lse, a, coef, live); break;
+  case k: hierarchical_softmax_backward_chunks<k>(z, ld, o, ldo, L, group, gy, lse, a, coef, live); break;
     HSS_CASE(1) HSS_CASE(2) HSS_CASE(3) HSS_CASE(4) HSS_CASE(5) HSS_CASE(6) HSS_CASE(7) HSS_CASE(8)
 #undef HSS_CASE
   }
@@ -221,7 +221,7 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
     const bool bad = block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys);
     bool lanes = false;
     if constexpr (std::is_same_v<A, float>)
-      lanes = !forced && !bad && hsm_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
+      lanes = !forced && !bad && hierarchical_softmax_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
@@ -235,7 +235,7 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
         c += counted;
       } else {
         l = lanes ? lane_loss[p]
-                  : hsm_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, group, static_cast<int>(ys[p]), w,
+                  : hierarchical_softmax_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, group, static_cast<int>(ys[p]), w,
                                          eps, st + i, P);
         s += l;
         ++c;
@@ -298,7 +298,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
       // Read from the input itself (not the tile, which lies just before the scratch): a full block
       // of contiguous float pixels, so the gradient, with the same strides, is written in place too.
       const bool direct = tile != gtile - L * kBlock;
-      if (!forced && !bad && hsm_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
+      if (!forced && !bad && hierarchical_softmax_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
                              direct ? sC : kBlock, n, L, D, group, gy, valid, w, eps, st, P, i0, g)) {
         if (!direct) cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
         return;
@@ -311,7 +311,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
           for (int j = 0; j < L; ++j) gtile[j * kBlock + p] = v;
           continue;
         }
-        hsm_backward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, cpu::ColumnOut<A>{gtile + p}, L, D, group,
+        hierarchical_softmax_backward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, cpu::ColumnOut<A>{gtile + p}, L, D, group,
                               static_cast<int>(ys[p]), w, eps, st + i0 + p, P, g[p]);
       }
     }

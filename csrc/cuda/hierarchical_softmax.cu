@@ -26,7 +26,7 @@ hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t s
     const int64_t y = tgt[gt.offset(i)];
     const LabelKind kind = label_kind(y, L, ignore_index);
     if (kind == kLabelValid) {  // sm90: cold
-      l = hsm_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, group, static_cast<int>(y), w, eps,
+      l = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, group, static_cast<int>(y), w, eps,
                                st + i, P);
     } else {
       // ignored: 0; a bad label (see common.h): NaN, never a table read
@@ -54,7 +54,7 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
     write_unlabelled_column<T, A>(out + off, sC, L, kind);
     return;
   }
-  hsm_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, group,
+  hierarchical_softmax_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, group,
                         static_cast<int>(y), w, eps, st + i, P, grad[gg.offset(i)]);
 }
 

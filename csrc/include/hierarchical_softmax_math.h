@@ -1,8 +1,8 @@
 // Per-pixel math of the hierarchical softmax loss (docs/MATH.md §2), shared by the CPU loops
 // (csrc/cpu/hierarchical_softmax.cpp) and the CUDA kernels (csrc/cuda/hierarchical_softmax.cu) so that
 // the CPU tests exercise the arithmetic the GPU runs: the CUDA kernels and the CPU's float64 path call
-// hsm_forward_pixel and hsm_backward_pixel as they are; the CPU's float32 path (float16/bfloat16 too)
-// vectorises the channel loops across pixels but keeps hsm_finish and hsm_backward_coefs from here.
+// hierarchical_softmax_forward_pixel and hierarchical_softmax_backward_pixel as they are; the CPU's float32 path (float16/bfloat16 too)
+// vectorises the channel loops across pixels but keeps hierarchical_softmax_finish and hierarchical_softmax_backward_coefs from here.
 // HSS_CPU_PIXEL_PATH=1 (cpu/loop.h) sends the CPU's float path through the *_pixel functions too, so
 // that the tests check their float instantiation (the one the CUDA kernels run for float, float16 and
 // bfloat16) without a GPU.
@@ -23,7 +23,7 @@ constexpr double kShareShift = 30.0;
 // The loss of one pixel from its sums: s = sum_j exp(z_j - m) over all leaves, gsum[d] = the sum over
 // y's group at depth d shifted by shift[d]. Writes the stats (lse, lse_1..lse_D at stride ss).
 template <typename A>
-HSS_HOST_DEVICE inline A hsm_finish(A m, A s, const A* shift, const A* gsum, int D, const A* w, A eps, A* stats,
+HSS_HOST_DEVICE inline A hierarchical_softmax_finish(A m, A s, const A* shift, const A* gsum, int D, const A* w, A eps, A* stats,
                                     int64_t ss) {
   const A lse = m + hlog(s);
   stats[0] = lse;
@@ -39,11 +39,11 @@ HSS_HOST_DEVICE inline A hsm_finish(A m, A s, const A* shift, const A* gsum, int
   return loss;
 }
 
-// The backward's per-pixel coefficients (see hsm_backward_pixel) from the stats and the upstream
+// The backward's per-pixel coefficients (see hierarchical_softmax_backward_pixel) from the stats and the upstream
 // gradient g: returns g * sum_d a_d; coef[d] = g * c_d, times exp(lse - b_d) unless own[d] (then the
 // caller computes exp(z - base[d]) itself, the factor being huge).
 template <typename A>
-HSS_HOST_DEVICE inline A hsm_backward_coefs(const A* stats, int64_t ss, int D, const A* w, A eps, A g, A* coef,
+HSS_HOST_DEVICE inline A hierarchical_softmax_backward_coefs(const A* stats, int64_t ss, int D, const A* w, A eps, A g, A* coef,
                                             A* base, bool* own) {
   const A lse = stats[0];
   A a = A(0);
@@ -75,7 +75,7 @@ HSS_HOST_DEVICE inline A hsm_backward_coefs(const A* stats, int64_t ss, int D, c
 // values at stride `ss`: lse over all leaves, then lse_d for d = 1..D over y's group at depth d.
 // Returns the pixel's loss sum_d w_d * level_d.
 template <typename A, typename X>
-HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32_t* group, int y,
+HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, int D, const int32_t* group, int y,
                                            const A* w, A eps, A* stats, int64_t ss) {
   int gy[kMaxDepth];
   A gmax[kMaxDepth];
@@ -115,7 +115,7 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
   }
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) gmax[d] = own[d] ? gmax[d] : m;  // the shift each sum used
-  return hsm_finish(m, s, gmax, gsum, D, w, eps, stats, ss);
+  return hierarchical_softmax_finish(m, s, gmax, gsum, D, w, eps, stats, ss);
 }
 
 // Gradient of g * loss with respect to the L leaf logits, from the forward's stats; `out(j, v)` stores
@@ -123,14 +123,14 @@ HSS_HOST_DEVICE inline A hsm_forward_pixel(const X& x, int L, int D, const int32
 // (eps = 0) a_d = w_d, c_d = w_d, b_d = lse_d, or (eps > 0, P_d = exp(lse_d - lse))
 // a_d = w_d P_d / (P_d + eps), c_d = w_d / (P_d + eps), b_d = lse.
 template <typename A, typename X, typename O>
-HSS_HOST_DEVICE inline void hsm_backward_pixel(const X& x, const O& out, int L, int D, const int32_t* group,
+HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, const O& out, int L, int D, const int32_t* group,
                                                int y, const A* w, A eps, const A* stats, int64_t ss, A g) {
   const A lse = stats[0];
   int gy[kMaxDepth];
   A base[kMaxDepth];
   A coef[kMaxDepth];
   bool own[kMaxDepth];
-  const A a = hsm_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
+  const A a = hierarchical_softmax_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) gy[d] = d < D ? group[d * L + y] : -1;
   for (int j = 0; j < L; ++j) {  // sm90: trips=L
