@@ -78,6 +78,25 @@ def test_nested_loops_multiply_their_annotated_trips():
     assert inner.parent == 0 and outer.body == 3
 
 
+def test_mufu_instructions_are_counted_with_their_trips():
+    """The special-function unit's instructions (MUFU.EX2, .LG2, .RCP) as executed per thread, and the
+    row's MUFU bound: 0.5 warp-instructions per clock per SM."""
+    text = listing("""
+        L10: MUFU.RCP R0, R1
+        .L_x_0:
+        L21: MUFU.EX2 R2, R2
+        L21: FADD R3, R3, R2
+        L21: MUFU.LG2 R4, R3
+        L20: @P0 BRA `(.L_x_0)
+        L40: EXIT
+    """)
+    an = run(text, {20: Annotation(trips="n")}, variables={"n": 5})
+    assert an.mufu == 1 + 5 * 2 and an.instructions == 1 + 5 * 4 + 1
+    a = model.ASSUMPTIONS
+    assert model.mufu_ms(1e9) == pytest.approx(1e9 / (0.5 * a["sms"] * a["clock_ghz"] * 1e9) * 1e3)
+    assert model.mufu_ms(1e9) == pytest.approx(8 * model.issue_ms(1e9))
+
+
 def test_unrolled_loop_and_remainder_share_the_trips():
     text = listing("""
         L1: MOV R0, RZ
@@ -314,6 +333,7 @@ def test_one_triton_kernel_end_to_end(tmp_path):
     assert row["global_load_bits"] in (16, 32, 64, 128)
     assert row["floor_ms"] == pytest.approx((8 * 2 ** 20 * 147 * 4 + 8 * 8 * 2 ** 20) / 3e12 * 1e3)
     assert row["issue_ms"] > 0 and row["sass_per_element"] > 1 and row["ratio"] == row["issue_ms"] / row["floor_ms"]
+    assert 0 < row["mufu_ms"] < row["issue_ms"]  # sigmoids: ex2 and rcp per path node
     source = (Path(__file__).resolve().parents[1] / "hss_kernels" / "triton" / "decode.py").read_text().splitlines()
     leaf_loop = next(i for i, line in enumerate(source, start=1) if "for l0 in range(0, L, BLOCK_L)" in line)
     (loop,) = [lp for lp in row["loops"] if lp["line"] == f"hss_kernels/triton/decode.py:{leaf_loop}"]

@@ -18,6 +18,8 @@ ASSUMPTIONS = {
     "clock_ghz": 1.755,
     "sms": 132,
     "warp_instructions_per_clock_per_sm": 4,
+    # The special-function unit (MUFU: ex2, lg2, rcp, rsq, sin, cos): 16 results per clock per SM.
+    "mufu_warp_instructions_per_clock_per_sm": 0.5,
     "bandwidth_tb_s": 3.0,
 }
 SHAPE = (8, 1024, 1024)  # B, H, W
@@ -64,6 +66,14 @@ def issue_ms(warp_instructions: float) -> float:
     return warp_instructions / (a["warp_instructions_per_clock_per_sm"] * a["sms"] * a["clock_ghz"] * 1e9) * 1e3
 
 
+def mufu_ms(warp_instructions: float) -> float:
+    """The time the special-function unit alone needs for ``warp_instructions`` MUFU instructions: a
+    second compute bound beside :func:`issue_ms` (a kernel may issue few instructions in all yet queue
+    on the 16-lane unit)."""
+    a = ASSUMPTIONS
+    return warp_instructions / (a["mufu_warp_instructions_per_clock_per_sm"] * a["sms"] * a["clock_ghz"] * 1e9) * 1e3
+
+
 def floor_ms(nbytes: float) -> float:
     return nbytes / (ASSUMPTIONS["bandwidth_tb_s"] * 1e12) * 1e3
 
@@ -79,6 +89,11 @@ class Kernel:
     resources: Dict[str, int]
     dynamic_shared: int
     launch: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def mufu(self) -> float:
+        """MUFU instructions per thread (from the analysis' per-instruction executions)."""
+        return self.analysis.mufu
 
 
 @dataclass
@@ -101,6 +116,7 @@ class Row:
         warp_instructions = sum(k.instructions * k.warps for k in self.kernels)
         thread_slots = sum(k.instructions * k.threads for k in self.kernels)
         iss, flo = issue_ms(warp_instructions), floor_ms(self.floor_bytes)
+        mufu = mufu_ms(sum(k.mufu * k.warps for k in self.kernels))
         spill = res.get("STACK", 0) + res.get("LOCAL", 0)
         name = self.names or (lambda loc: f"{loc[0]}:{loc[1]}")
         out = {
@@ -112,6 +128,7 @@ class Row:
             "sass_per_element": thread_slots / (self.P * self.C),
             "issue_ms": iss,
             "floor_ms": flo,
+            "mufu_ms": mufu,
             # extras
             "ratio": iss / flo,
             "issue_bound": iss > flo,

@@ -721,6 +721,7 @@ class Analysis:
     load_widths: List[int]
     warnings: List[str]
     counts: Dict[int, float] = field(default_factory=dict)  # instruction index -> executions per thread
+    mufu: float = 0.0  # of which MUFU (special-function unit: ex2, lg2, rcp, ...) instructions
 
 
 _MEMORY = {"LDG", "STG", "LDS", "STS", "LD", "ST", "LDL", "STL", "ATOMG", "ATOMS", "ATOM", "RED", "REDG"}
@@ -1028,7 +1029,8 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
     widths = sorted({load_bits(ins) for ins in logits_instr if block_of[ins.index] in reached})
     counts = {i: weight[b] for b in reached for i in range(blocks[b].start, blocks[b].end)}
     return Analysis(fn.name, total, len(fn.instrs), sum(blocks[b].end - blocks[b].start for b in reached), infos,
-                    cold_report, calls, max(widths) if widths else None, widths, warnings, counts)
+                    cold_report, calls, max(widths) if widths else None, widths, warnings, counts,
+                    sum(n for i, n in counts.items() if fn.instrs[i].base == "MUFU"))
 
 
 def listing(fn: Function, analysis: Analysis, name: Callable[[Loc], str] = lambda loc: f"{loc[0]}:{loc[1]}") -> str:
