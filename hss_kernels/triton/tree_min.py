@@ -20,6 +20,7 @@ argmin/argmax tensor of size P·V).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
 import torch
@@ -31,6 +32,262 @@ from ..tree import Tree
 from . import _common as C
 
 __all__ = ["tree_min_loss", "tree_bce_loss", "tree_min_loss_and_grad", "tree_bce_loss_and_grad"]
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2(x): lg2.approx.ftz.f32 on the GPU (FAST), else tl.log2."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    """1/x: rcp.approx.ftz.f32 on the GPU (FAST), else a division."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _sigmoids(z, FAST: tl.constexpr):
+    """(q, s, log2 q, log2(1 + e)) of q = σ(z), s = σ(−z), e = e^{−|z|}: three special functions (ex2,
+    lg2, rcp), no log of an underflowed 0 and no 1 − q (docs/MATH.md §3.2)."""
+    e = C.exp2(-tl.abs(z) * LOG2E, FAST)
+    p = 1.0 + e
+    soft = _log2(p, FAST)
+    r = _rcp(p, FAST)
+    er = e * r
+    pos = z >= 0
+    q = tl.where(pos, r, er)
+    s = tl.where(pos, er, r)
+    return q, s, tl.minimum(z, 0.0) * LOG2E - soft, soft
+
+
+@triton.jit
+def _focal2(z, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: tl.constexpr,
+            HAS_EPS: tl.constexpr, FAST: tl.constexpr):
+    """(f(z) / (−ln 2), f'(z)) of the focal term f(z) = −σ(−z)^γ log(σ(z) + eps) (docs/MATH.md §3.2, §3.3),
+    in base 2: the first is σ(−z)^γ log2(σ(z) + eps), the caller scales the pixel's sum by −ln 2.
+    GMODE: 0 for γ = 0, 2 for γ = 2 (products), 1 for any other γ (exp2(γ log2 σ(−z)))."""
+    q, s, lq, soft = _sigmoids(z, FAST)
+    if HAS_EPS:
+        qe = q + eps
+        lt = _log2(qe, FAST)
+        ratio = q * _rcp(qe, FAST)
+    else:
+        lt = lq
+        ratio = 1.0
+    if GMODE == 0:
+        phi = 1.0
+    elif GMODE == 2:
+        phi = s * s
+    else:
+        phi = C.exp2(gamma * (tl.minimum(-z, 0.0) * LOG2E - soft), FAST)
+    f = z
+    df = z
+    if WANT_F:
+        f = phi * lt
+    if WANT_DF:
+        if GMODE == 0:
+            df = -s * ratio
+        else:
+            df = phi * ((gamma * LN2) * q * lt - s * ratio)
+    return f, df
+
+
+@triton.jit
+def _row(t, rows, r: tl.constexpr):
+    """Row r of a [R, BLOCK_P] tile held in-thread (r a constexpr: compiles to a register read)."""
+    return tl.sum(tl.where((rows == r)[:, None], t, -0.0), axis=0)
+
+
+@triton.jit
+def _irow(t, rows, r: tl.constexpr):
+    return tl.sum(tl.where((rows == r)[:, None], t, 0), axis=0)
+
+
+@triton.jit
+def _tree_min_kernel(
+    x_ptr, t_ptr, tab_ptr, k_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
+    P, HW, W,
+    sxn, sxc, sxh, sxw,
+    stn, sth, stw,
+    sgn, sgc, sgh, sgw,
+    son, soh, sow,
+    gamma, eps, ignore_index,
+    V: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+    CH: tl.constexpr, DEP: tl.constexpr, LEAF: tl.constexpr, IDX: tl.constexpr, DP: tl.constexpr, IP: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
+    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
+):
+    # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
+    # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
+    # leaf). A program owns BLOCK_P pixels, a few consecutive ones per thread; every node is one
+    # [BLOCK_P] row of straight-line code, every per-depth state a row of an in-thread [DP, BLOCK_P] tile.
+    OFF_PATH: tl.constexpr = 4 * V
+    if FLAT:
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        hw = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        hw = hw.to(tl.int64)
+        p = n * HW + hw
+        pmask = (hw < HW) & (p < P)  # P = 0 when H or W is 0 (HW is then 1)
+        xpix = n * sxn + hw * sxw
+        tpix = n * stn + hw * stw
+        gpix = n * sgn + hw * sgw
+        opix = n * son + hw * sow
+    else:
+        pid = tl.program_id(0)
+        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
+        xpix = n * sxn + h * sxh + w * sxw
+        tpix = n * stn + h * sth + w * stw
+        gpix = n * sgn + h * sgh + w * sgw
+        opix = n * son + h * soh + w * sow
+    y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
+    sxc64 = tl.cast(sxc, tl.int64)  # channel offsets in 64 bits
+    sgc64 = tl.cast(sgc, tl.int64)
+    WANT_LOSS: tl.constexpr = LOSS_MODE != 0
+    WANT_GRAD: tl.constexpr = GRAD_MODE != 0
+
+    dl = tl.arange(0, DP)  # row d - 1 of a per-depth tile: depth d
+    zero = tl.zeros([BLOCK_P], dtype=ACC)
+    # The label's path a_d(y) (-1 past its leaf), and for the tree-min the running minimum of the path
+    # logits (strict <: ties stay with the shallower node) and, for the gradient, the weight each path
+    # node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6, path side).
+    path = tl.full([DP, BLOCK_P], -1, tl.int32)
+    cmin = tl.zeros([DP, BLOCK_P], dtype=ACC)
+    kpath = tl.zeros([DP, BLOCK_P], dtype=ACC)
+    cur = zero
+    arg = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for d in tl.static_range(D):
+        a = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
+        path = tl.where((dl == d)[:, None], a[None, :], path)
+        if USE_EXTREMA:
+            act = pmask & (a >= 0)
+            a0 = tl.where(act, a, 0)
+            xa = tl.load(x_ptr + xpix + a0.to(tl.int64) * sxc, mask=act, other=0.0).to(ACC)
+            if d == 0:
+                take = act
+            else:
+                take = act & (xa < cur)
+            cur = tl.where(take, xa, cur)
+            cmin = tl.where((dl == d)[:, None], cur[None, :], cmin)
+            if WANT_GRAD:
+                arg = tl.where(take, d, arg)
+                ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(ACC)
+                kpath = tl.where((dl[:, None] == arg[None, :]) & act[None, :], kpath + ka[None, :], kpath)
+
+    if WANT_GRAD:
+        if GRAD_MODE == 1:
+            gsc = zero + tl.load(go_ptr).to(ACC)
+        else:
+            gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
+    nan = pmask & (y < 0)  # all False
+    acc = zero
+    if USE_EXTREMA:
+        # Bottom-up, in reverse pre-order: M_v = max(x_v, the children's M), one running max per depth
+        # (row d holds the max over the finished children at depth d + 1 of the open node at depth d);
+        # node v's term is f(cmin) on the path, f(−M_v) off it. The gradient keeps M_v of every internal
+        # node for the top-down pass (IP rows).
+        cm = tl.full([DP, BLOCK_P], float("-inf"), ACC)
+        mi = tl.zeros([IP, BLOCK_P], dtype=ACC)
+        il = tl.arange(0, IP)
+        for j in tl.static_range(V):
+            c = CH[V - 1 - j]
+            d = DEP[V - 1 - j]
+            x = tl.load(x_ptr + xpix + c * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+            nan = nan | (x != x)
+            if LEAF[V - 1 - j]:
+                m = x
+            else:
+                m = tl.maximum(x, _row(cm, dl, d))
+                cm = tl.where((dl == d)[:, None], float("-inf"), cm)
+                if WANT_GRAD:
+                    mi = tl.where((il == IDX[V - 1 - j])[:, None], m[None, :], mi)
+            if d > 1:
+                cm = tl.where((dl == d - 1)[:, None], tl.maximum(cm, m[None, :]), cm)
+            if WANT_LOSS:
+                on = _irow(path, dl, d - 1) == c
+                z = tl.where(on, _row(cmin, dl, d - 1), -m)
+                f, _ = _focal2(z, gamma, eps, True, False, GMODE, HAS_EPS, FAST)
+                acc += tl.load(k_ptr + c).to(ACC) * f
+        bad = bad | (valid & nan)
+        if WANT_GRAD:
+            gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+            # Top-down, in pre-order: an off-path node's weight k_v goes to M_v's argmax (first in
+            # pre-order: v itself if x_v = M_v, else the first child with the same maximum). Row d - 1
+            # of `pend` holds what the open node at depth d still owes one of its children.
+            mo = tl.zeros([DP, BLOCK_P], dtype=ACC)
+            pend = tl.zeros([DP, BLOCK_P], dtype=ACC)
+            for i in tl.static_range(V):
+                c = CH[i]
+                d = DEP[i]
+                x = tl.load(x_ptr + xpix + c * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+                on = _irow(path, dl, d - 1) == c
+                if LEAF[i]:
+                    m = x
+                else:
+                    m = _row(mi, il, IDX[i])
+                kin = tl.where(on, 0.0, tl.load(k_ptr + c).to(ACC))
+                if d > 1:
+                    hit = m == _row(mo, dl, d - 2)
+                    kin += tl.where(hit, _row(pend, dl, d - 2), 0.0)
+                    pend = tl.where((dl == d - 2)[:, None] & hit[None, :], 0.0, pend)
+                if LEAF[i]:
+                    kk = kin
+                else:
+                    own = x >= m
+                    kk = tl.where(own, kin, 0.0)
+                    pend = tl.where((dl == d - 1)[:, None], tl.where(own, 0.0, kin)[None, :], pend)
+                    mo = tl.where((dl == d - 1)[:, None], m[None, :], mo)
+                kk = tl.where(on, _row(kpath, dl, d - 1), kk)
+                _, df = _focal2(tl.where(on, x, -x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                g = kk * df
+                g = tl.where(on, g, -g)
+                g = tl.where(valid, g * gsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
+                tl.store(g_ptr + gpix + c * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
+    else:
+        # Tree BCE: every node its own extremum, one pass: loss and gradient share the sigmoids. The
+        # gradient rows are written before the pixel's NaN scan is complete; the rare pixel with a NaN
+        # logit gets its NaN row afterwards (cold).
+        if WANT_GRAD:
+            gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+        for i in tl.static_range(V):
+            c = CH[i]
+            d = DEP[i]
+            x = tl.load(x_ptr + xpix + c * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+            nan = nan | (x != x)
+            on = _irow(path, dl, d - 1) == c
+            f, df = _focal2(tl.where(on, x, -x), gamma, eps, WANT_LOSS, WANT_GRAD, GMODE, HAS_EPS, FAST)
+            k = tl.load(k_ptr + c).to(ACC)
+            if WANT_LOSS:
+                acc += k * f
+            if WANT_GRAD:
+                g = k * df
+                g = tl.where(on, g, -g)
+                g = tl.where(valid, g * gsc, 0.0)
+                tl.store(g_ptr + gpix + c * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
+        late = valid & nan & (~bad)
+        bad = bad | (valid & nan)
+        if WANT_GRAD:
+            if tl.max(late.to(tl.int32), axis=0) > 0:  # sm90: cold
+                for i in tl.static_range(V):
+                    c = CH[i]
+                    tl.store(g_ptr + gpix + c * sgc64, tl.full([BLOCK_P], float("nan"), ACC).to(g_ptr.dtype.element_ty),
+                             mask=late)
+    if WANT_LOSS:
+        C.store_loss(acc * -LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
 
 @triton.jit
@@ -71,7 +328,7 @@ def _seg_argmax(f1, v1, i1, f2, v2, i2):
 
 
 @triton.jit
-def _tree_min_kernel(
+def _tile_kernel(
     x_ptr, t_ptr, tab_ptr, k_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
     P, HW, W,
     sxn, sxc, sxh, sxw,
@@ -229,13 +486,74 @@ USE_SCAN = False
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
-    L, D, DI, I = sizes
+    L, D, DI, I = sizes[:4]
+    V = logits.shape[1]
+    if USE_SCAN:
+        return C.launch_loss_kernel(
+            _tile_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
+            loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
+            V=V, L=L, D=D, DI=DI, I=I, USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0, SCAN=True,
+        )
+    ch, dep, leaf, idx = _compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
+    gmode = 0 if gamma == 0 else 2 if gamma == 2 else 1
     return C.launch_loss_kernel(
         _tree_min_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
-        V=logits.shape[1], L=L, D=D, DI=DI, I=I, USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0,
-        SCAN=bool(USE_SCAN),
+        blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
+        V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, DP=triton.next_power_of_2(max(D, 1)),
+        IP=triton.next_power_of_2(max(I, 1)), USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
+        FLAT=_flat(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
+        FAST=C.fast_exp(logits),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_tree(order, depths):
+    """The kernel's tree constexprs from the pre-order channels and their depths: (CH, DEP, LEAF, IDX),
+    LEAF[i] = 1 when the next node in pre-order is no deeper, IDX[i] the ordinal of an internal node."""
+    V = len(order)
+    leaf = tuple(int(i + 1 == V or depths[i + 1] <= depths[i]) for i in range(V))
+    idx, n = [], 0
+    for i in range(V):
+        idx.append(-1 if leaf[i] else n)
+        n += not leaf[i]
+    return tuple(order), tuple(depths), leaf, tuple(idx)
+
+
+def _tree_sizes(tree: Tree) -> List[int]:
+    """The ``sizes`` argument of the custom ops: ``tables.tree_min_sizes`` (L, D, DI, I), then the channels in
+    pre-order and their depths (the tree the kernel compiles in)."""
+    return list(tables.tree_min_sizes(tree)) + list(tree.dfs_order) + [tree.depths[c] for c in tree.dfs_order]
+
+
+def _flat(logits, *tensors):
+    """True when every tensor's H and W axes are one run of pixels (stride_h == W * stride_w): the kernel
+    then indexes pixels as n, h*W + w on a 2-D grid (as the hierarchical softmax does)."""
+    if logits.shape[0] > 65535:  # the grid's second axis
+        return False
+    for t in (logits,) + tensors:
+        if t is not None and t.dim() >= 3 and t.shape[-2] > 1 and t.stride(-2) != t.shape[-1] * t.stride(-1):
+            return False
+    return True
+
+
+def _blocks(logits, two_pass):
+    """(BLOCK_C, BLOCK_P, num_warps): :func:`gpu_blocks` when compiled; under the interpreter, which pays
+    per program and per operation, 1024 pixels."""
+    if C.interpreted(logits.device):
+        return 1, 1024, 4
+    return gpu_blocks(logits, two_pass)
+
+
+def gpu_blocks(logits, two_pass=False):
+    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: one node at a time). Channel rows
+    in memory (NCHW): 16 bytes of consecutive pixels per thread and node. Channels contiguous
+    (channels_last): one pixel per thread. ``two_pass`` (the tree-min gradient, which reads the
+    program's logits twice): 2-byte dtypes keep 8 pixels per thread too."""
+    if logits.shape[1] > 1 and logits.stride(1) == 1:
+        return 1, 128, 4
+    vec = max(1, 16 // logits.element_size())
+    return 1, vec * 32 * 4, 4
 
 
 # ----------------------------------------------------------------------------------- custom ops
@@ -326,7 +644,7 @@ def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index,
     acc = C.acc_dtype(logits.dtype)
     tab = tables.tree_min_table(tree, dev)
     k = tables.node_weight_vector(tree, scale, normalize, acc, dev)
-    sizes = tables.tree_min_sizes(tree)
+    sizes = _tree_sizes(tree)
     if with_grad:
         with torch.no_grad():
             loss, _, grad = _tree_min_fwd(logits.detach(), target, tab, k, sizes, float(gamma), float(eps),
