@@ -106,14 +106,9 @@ def _focal2(z, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: t
 
 
 @triton.jit
-def _row(t, rows, r: tl.constexpr):
-    """Row r of a [R, BLOCK_P] tile held in-thread (r a constexpr: compiles to a register read)."""
-    return tl.sum(tl.where((rows == r)[:, None], t, -0.0), axis=0)
-
-
-@triton.jit
-def _irow(t, rows, r: tl.constexpr):
-    return tl.sum(tl.where((rows == r)[:, None], t, 0), axis=0)
+def _set(t, i: tl.constexpr, v):
+    """The tuple t with element i replaced by v (i a constexpr: per-depth state held in registers)."""
+    return t[:i] + (v,) + t[i + 1:]
 
 
 @triton.jit
@@ -126,7 +121,7 @@ def _tree_min_kernel(
     son, soh, sow,
     gamma, eps, ignore_index,
     V: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
-    CH: tl.constexpr, DEP: tl.constexpr, LEAF: tl.constexpr, IDX: tl.constexpr, DP: tl.constexpr, IP: tl.constexpr,
+    CH: tl.constexpr, DEP: tl.constexpr, LEAF: tl.constexpr, IDX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
@@ -134,7 +129,7 @@ def _tree_min_kernel(
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
     # leaf). A program owns BLOCK_P pixels, a few consecutive ones per thread; every node is one
-    # [BLOCK_P] row of straight-line code, every per-depth state a row of an in-thread [DP, BLOCK_P] tile.
+    # [BLOCK_P] vector of straight-line code, every per-depth state a tuple of such vectors.
     OFF_PATH: tl.constexpr = 4 * V
     if FLAT:
         pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -160,19 +155,19 @@ def _tree_min_kernel(
     WANT_LOSS: tl.constexpr = LOSS_MODE != 0
     WANT_GRAD: tl.constexpr = GRAD_MODE != 0
 
-    dl = tl.arange(0, DP)  # row d - 1 of a per-depth tile: depth d
     zero = tl.zeros([BLOCK_P], dtype=ACC)
     # The label's path a_d(y) (-1 past its leaf), and for the tree-min the running minimum of the path
     # logits (strict <: ties stay with the shallower node) and, for the gradient, the weight each path
-    # node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6, path side).
-    path = tl.full([DP, BLOCK_P], -1, tl.int32)
-    cmin = tl.zeros([DP, BLOCK_P], dtype=ACC)
-    kpath = tl.zeros([DP, BLOCK_P], dtype=ACC)
+    # node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6, path side). Element
+    # d - 1 of these tuples is depth d.
+    path = ()
+    cmin = ()
+    kpath = ()
     cur = zero
     arg = tl.zeros([BLOCK_P], dtype=tl.int32)
     for d in tl.static_range(D):
         a = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
-        path = tl.where((dl == d)[:, None], a[None, :], path)
+        path = path + (a,)
         if USE_EXTREMA:
             act = pmask & (a >= 0)
             a0 = tl.where(act, a, 0)
@@ -182,11 +177,13 @@ def _tree_min_kernel(
             else:
                 take = act & (xa < cur)
             cur = tl.where(take, xa, cur)
-            cmin = tl.where((dl == d)[:, None], cur[None, :], cmin)
+            cmin = cmin + (cur,)
             if WANT_GRAD:
                 arg = tl.where(take, d, arg)
                 ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(ACC)
-                kpath = tl.where((dl[:, None] == arg[None, :]) & act[None, :], kpath + ka[None, :], kpath)
+                kpath = kpath + (zero,)
+                for j in tl.static_range(d + 1):
+                    kpath = _set(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
 
     if WANT_GRAD:
         if GRAD_MODE == 1:
@@ -197,66 +194,67 @@ def _tree_min_kernel(
     acc = zero
     if USE_EXTREMA:
         # Bottom-up, in reverse pre-order: M_v = max(x_v, the children's M), one running max per depth
-        # (row d holds the max over the finished children at depth d + 1 of the open node at depth d);
-        # node v's term is f(cmin) on the path, f(−M_v) off it. The gradient keeps M_v of every internal
-        # node for the top-down pass (IP rows).
-        cm = tl.full([DP, BLOCK_P], float("-inf"), ACC)
-        mi = tl.zeros([IP, BLOCK_P], dtype=ACC)
-        il = tl.arange(0, IP)
+        # (element d of cm: the max over the finished children, at depth d + 1, of the open node at depth
+        # d); node v's term is f(cmin) on the path, f(−M_v) off it. The gradient keeps M_v of every
+        # internal node (mi, by IDX) for the top-down pass.
+        cm = ()
+        for d in tl.static_range(D + 1):
+            cm = cm + (zero - float("inf"),)
+        mi = ()
+        for i in tl.static_range(V):
+            if not LEAF[i]:
+                mi = mi + (zero,)
         for j in tl.static_range(V):
-            c = CH[V - 1 - j]
-            d = DEP[V - 1 - j]
-            x = tl.load(x_ptr + xpix + c * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+            x = tl.load(x_ptr + xpix + CH[V - 1 - j] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
             nan = nan | (x != x)
             if LEAF[V - 1 - j]:
                 m = x
             else:
-                m = tl.maximum(x, _row(cm, dl, d))
-                cm = tl.where((dl == d)[:, None], float("-inf"), cm)
+                m = tl.maximum(x, cm[DEP[V - 1 - j]])
+                cm = _set(cm, DEP[V - 1 - j], zero - float("inf"))
                 if WANT_GRAD:
-                    mi = tl.where((il == IDX[V - 1 - j])[:, None], m[None, :], mi)
-            if d > 1:
-                cm = tl.where((dl == d - 1)[:, None], tl.maximum(cm, m[None, :]), cm)
+                    mi = _set(mi, IDX[V - 1 - j], m)
+            cm = _set(cm, DEP[V - 1 - j] - 1, tl.maximum(cm[DEP[V - 1 - j] - 1], m))
             if WANT_LOSS:
-                on = _irow(path, dl, d - 1) == c
-                z = tl.where(on, _row(cmin, dl, d - 1), -m)
+                z = tl.where(path[DEP[V - 1 - j] - 1] == CH[V - 1 - j], cmin[DEP[V - 1 - j] - 1], -m)
                 f, _ = _focal2(z, gamma, eps, True, False, GMODE, HAS_EPS, FAST)
-                acc += tl.load(k_ptr + c).to(ACC) * f
+                acc += tl.load(k_ptr + CH[V - 1 - j]).to(ACC) * f
         bad = bad | (valid & nan)
         if WANT_GRAD:
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
             # Top-down, in pre-order: an off-path node's weight k_v goes to M_v's argmax (first in
-            # pre-order: v itself if x_v = M_v, else the first child with the same maximum). Row d - 1
-            # of `pend` holds what the open node at depth d still owes one of its children.
-            mo = tl.zeros([DP, BLOCK_P], dtype=ACC)
-            pend = tl.zeros([DP, BLOCK_P], dtype=ACC)
+            # pre-order: v itself if x_v = M_v, else the first child with the same maximum). Element
+            # d - 1 of `pend` holds what the open node at depth d still owes one of its children.
+            mo = ()
+            pend = ()
+            for d in tl.static_range(D):
+                mo = mo + (zero,)
+                pend = pend + (zero,)
             for i in tl.static_range(V):
-                c = CH[i]
-                d = DEP[i]
-                x = tl.load(x_ptr + xpix + c * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
-                on = _irow(path, dl, d - 1) == c
+                x = tl.load(x_ptr + xpix + CH[i] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+                on = path[DEP[i] - 1] == CH[i]
                 if LEAF[i]:
                     m = x
                 else:
-                    m = _row(mi, il, IDX[i])
-                kin = tl.where(on, 0.0, tl.load(k_ptr + c).to(ACC))
-                if d > 1:
-                    hit = m == _row(mo, dl, d - 2)
-                    kin += tl.where(hit, _row(pend, dl, d - 2), 0.0)
-                    pend = tl.where((dl == d - 2)[:, None] & hit[None, :], 0.0, pend)
+                    m = mi[IDX[i]]
+                kin = tl.where(on, 0.0, tl.load(k_ptr + CH[i]).to(ACC))
+                if DEP[i] > 1:
+                    hit = m == mo[DEP[i] - 2]
+                    kin += tl.where(hit, pend[DEP[i] - 2], 0.0)
+                    pend = _set(pend, DEP[i] - 2, tl.where(hit, 0.0, pend[DEP[i] - 2]))
                 if LEAF[i]:
                     kk = kin
                 else:
                     own = x >= m
                     kk = tl.where(own, kin, 0.0)
-                    pend = tl.where((dl == d - 1)[:, None], tl.where(own, 0.0, kin)[None, :], pend)
-                    mo = tl.where((dl == d - 1)[:, None], m[None, :], mo)
-                kk = tl.where(on, _row(kpath, dl, d - 1), kk)
+                    pend = _set(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
+                    mo = _set(mo, DEP[i] - 1, m)
+                kk = tl.where(on, kpath[DEP[i] - 1], kk)
                 _, df = _focal2(tl.where(on, x, -x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
                 g = kk * df
                 g = tl.where(on, g, -g)
                 g = tl.where(valid, g * gsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
-                tl.store(g_ptr + gpix + c * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
+                tl.store(g_ptr + gpix + CH[i] * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
     else:
         # Tree BCE: every node its own extremum, one pass: loss and gradient share the sigmoids. The
         # gradient rows are written before the pixel's NaN scan is complete; the rare pixel with a NaN
@@ -264,28 +262,25 @@ def _tree_min_kernel(
         if WANT_GRAD:
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
         for i in tl.static_range(V):
-            c = CH[i]
-            d = DEP[i]
-            x = tl.load(x_ptr + xpix + c * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+            x = tl.load(x_ptr + xpix + CH[i] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
             nan = nan | (x != x)
-            on = _irow(path, dl, d - 1) == c
+            on = path[DEP[i] - 1] == CH[i]
             f, df = _focal2(tl.where(on, x, -x), gamma, eps, WANT_LOSS, WANT_GRAD, GMODE, HAS_EPS, FAST)
-            k = tl.load(k_ptr + c).to(ACC)
+            k = tl.load(k_ptr + CH[i]).to(ACC)
             if WANT_LOSS:
                 acc += k * f
             if WANT_GRAD:
                 g = k * df
                 g = tl.where(on, g, -g)
                 g = tl.where(valid, g * gsc, 0.0)
-                tl.store(g_ptr + gpix + c * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
+                tl.store(g_ptr + gpix + CH[i] * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
         late = valid & nan & (~bad)
         bad = bad | (valid & nan)
         if WANT_GRAD:
             if tl.max(late.to(tl.int32), axis=0) > 0:  # sm90: cold
                 for i in tl.static_range(V):
-                    c = CH[i]
-                    tl.store(g_ptr + gpix + c * sgc64, tl.full([BLOCK_P], float("nan"), ACC).to(g_ptr.dtype.element_ty),
-                             mask=late)
+                    tl.store(g_ptr + gpix + CH[i] * sgc64,
+                             tl.full([BLOCK_P], float("nan"), ACC).to(g_ptr.dtype.element_ty), mask=late)
     if WANT_LOSS:
         C.store_loss(acc * -LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
@@ -500,8 +495,7 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         _tree_min_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
-        V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, DP=triton.next_power_of_2(max(D, 1)),
-        IP=triton.next_power_of_2(max(I, 1)), USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
+        V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=_flat(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits),
     )
