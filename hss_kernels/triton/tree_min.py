@@ -62,7 +62,7 @@ def _rcp(x, FAST: tl.constexpr):
 def _sigmoids(z, FAST: tl.constexpr):
     """(q, s, log2 q, log2(1 + e)) of q = σ(z), s = σ(−z), e = e^{−|z|}: three special functions (ex2,
     lg2, rcp), no log of an underflowed 0 and no 1 − q (docs/MATH.md §3.2)."""
-    e = C.exp2(-tl.abs(z) * LOG2E, FAST)
+    e = C.exp2(tl.abs(z) * (-LOG2E), FAST)
     p = 1.0 + e
     soft = _log2(p, FAST)
     r = _rcp(p, FAST)
@@ -106,6 +106,24 @@ def _focal2(z, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: t
 
 
 @triton.jit
+def _pin(x, PIN: tl.constexpr):
+    """x through an opaque instruction with side effects (PIN; else x itself): the compiler must have
+    computed x here, and keeps later loads after it, so the unrolled tree's values do not pile up."""
+    if PIN:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
+    else:
+        return x
+
+
+@triton.jit
+def _pin_all(t, PIN: tl.constexpr):
+    out = ()
+    for i in tl.static_range(len(t)):
+        out = out + (_pin(t[i], PIN),)
+    return out
+
+
+@triton.jit
 def _set(t, i: tl.constexpr, v):
     """The tuple t with element i replaced by v (i a constexpr: per-depth state held in registers)."""
     return t[:i] + (v,) + t[i + 1:]
@@ -125,6 +143,7 @@ def _tree_min_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
+    FENCE: tl.constexpr, PIN: tl.constexpr,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -205,6 +224,11 @@ def _tree_min_kernel(
             if not LEAF[i]:
                 mi = mi + (zero,)
         for j in tl.static_range(V):
+            if PIN and j % FENCE == FENCE - 1:
+                acc = _pin(acc, PIN)
+                nan = _pin(nan.to(tl.int32), PIN) != 0
+                cm = _pin_all(cm, PIN)
+                mi = _pin_all(mi, PIN)
             x = tl.load(x_ptr + xpix + CH[V - 1 - j] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
             nan = nan | (x != x)
             if LEAF[V - 1 - j]:
@@ -262,6 +286,9 @@ def _tree_min_kernel(
         if WANT_GRAD:
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
         for i in tl.static_range(V):
+            if PIN and i % FENCE == FENCE - 1:
+                acc = _pin(acc, PIN)
+                nan = _pin(nan.to(tl.int32), PIN) != 0
             x = tl.load(x_ptr + xpix + CH[i] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
             nan = nan | (x != x)
             on = path[DEP[i] - 1] == CH[i]
@@ -479,6 +506,12 @@ def _tile_kernel(
 USE_SCAN = False
 
 
+# Compiled with float32 math, every FENCE nodes the kernel's running values pass through an opaque
+# instruction (_pin): without it LLVM leaves the arithmetic of the unrolled tree after all of its loads,
+# whose registers exceed 255 on the big trees (ptxas then spills).
+FENCE = 4
+
+
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
     L, D, DI, I = sizes[:4]
@@ -497,7 +530,7 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=_flat(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
-        FAST=C.fast_exp(logits),
+        FAST=C.fast_exp(logits), FENCE=FENCE, PIN=C.fast_exp(logits),
     )
 
 
