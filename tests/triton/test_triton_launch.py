@@ -156,3 +156,43 @@ def test_gpu_tiles_of_the_hierarchical_softmax_under_the_interpreter(layout, dty
                                             torch.ones((), dtype=loss.dtype), reduction="sum")
     torch.testing.assert_close(loss, ref_loss, **H.loss_tolerance("hierarchical_softmax_loss", x, tree))
     H.assert_grad_close(grad, ref_grad, x.dtype, 1.0)
+
+
+@pytest.mark.parametrize("layout,dtype", [("nchw", torch.float32), ("nchw", torch.bfloat16), ("nchw", torch.float64),
+                                          ("channels_last", torch.float32), ("strided", torch.bfloat16)])
+def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypatch):
+    """The tree-min / tree-BCE kernel with the tiles a GPU launch takes (tree_min.gpu_blocks: 16 bytes of
+    pixels per thread on NCHW, 512-1024 pixels per program), run by the interpreter on the CPU against the
+    reference: forward and backward, reduction "none", focal and plain, eps, ties, a NaN logit, and the
+    single pass, on an image wider than one program, (n, h, w) indexing for the strided layout."""
+    from hss_kernels.triton import tree_min as tm
+
+    monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
+    tree = trees.load("helen")  # depth 4: a deep path, several internal nodes per depth
+    x, y = H.inputs(tree, "tree_min_loss", (1, 5, 230), dtype=dtype)
+    x[0, :, 0, 3] = x[0, 0, 0, 3]  # a pixel whose logits all tie
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x, y = x[:, :, :, ::2], y[:, :, ::2]
+    assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else 16 // x.element_size() * 128)
+    for op in ("tree_min_loss", "tree_bce_loss"):
+        H.check(op, "triton", x, y, tree, reduction="none", gamma=2.0)
+        if dtype == torch.float32:
+            H.check(op, "triton", x, y, tree, gamma=0.0, eps=1e-3, normalize="node")
+            H.check(op, "triton", x, y, tree, gamma=1.5, scale=5.0)
+        fn = tm.tree_min_loss_and_grad if op == "tree_min_loss" else tm.tree_bce_loss_and_grad
+        loss, grad = fn(x, y, tree, reduction="sum")
+        ref_loss, ref_grad, _ = H.loss_and_grad(H.ref(op), x, y, tree, torch.ones((), dtype=loss.dtype),
+                                                reduction="sum")
+        torch.testing.assert_close(loss, ref_loss, **H.loss_tolerance(op, x, tree))
+        H.assert_grad_close(grad, ref_grad, x.dtype, 1.0)
+    xn = x.clone()
+    xn[0, 2, 0, 5] = float("nan")  # a NaN logit: that pixel's loss and gradient row are NaN, the rest not
+    for op in ("tree_min_loss", "tree_bce_loss"):
+        fn = tm.tree_min_loss_and_grad if op == "tree_min_loss" else tm.tree_bce_loss_and_grad
+        labelled = bool(y[0, 0, 5] != 255)
+        loss, grad = fn(xn, y, tree, reduction="sum")
+        assert torch.isnan(loss).item() == labelled
+        assert torch.isnan(grad[0, :, 0, 5]).all().item() == labelled
+        assert not torch.isnan(grad[0, :, 0, 6:]).any()
