@@ -59,49 +59,44 @@ def _rcp(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _sigmoids(z, FAST: tl.constexpr):
-    """(q, s, log2 q, log2(1 + e)) of q = σ(z), s = σ(−z), e = e^{−|z|}: three special functions (ex2,
-    lg2, rcp), no log of an underflowed 0 and no 1 − q (docs/MATH.md §3.2)."""
-    e = C.exp2(tl.abs(z) * (-LOG2E), FAST)
+def _focal2(w, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: tl.constexpr,
+            HAS_EPS: tl.constexpr, FAST: tl.constexpr):
+    """(f(z) / ln 2, f'(z)) at z = −w of the focal term f(z) = −σ(−z)^γ log(σ(z) + eps) (docs/MATH.md §3.2,
+    §3.3), with q = σ(z), s = σ(−z) = σ(w) and e = e^{−|w|}: three special functions (ex2, lg2, rcp) for
+    γ ∈ {0, 2} and eps = 0, no log of an underflowed 0, no 1 − q. The callers pass w = −z (an off-path
+    term's f(−M) is at w = M: no negation). GMODE: 0 for γ = 0, 2 for γ = 2 (products), 1 for any other
+    γ (exp2(γ log2 s))."""
+    e = C.exp2(tl.abs(w) * (-LOG2E), FAST)
     p = 1.0 + e
-    soft = _log2(p, FAST)
+    soft = _log2(p, FAST)  # log2(1 + e)
     r = _rcp(p, FAST)
     er = e * r
-    pos = z >= 0
-    q = tl.where(pos, r, er)
-    s = tl.where(pos, er, r)
-    return q, s, tl.minimum(z, 0.0) * LOG2E - soft, soft
-
-
-@triton.jit
-def _focal2(z, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: tl.constexpr,
-            HAS_EPS: tl.constexpr, FAST: tl.constexpr):
-    """(f(z) / (−ln 2), f'(z)) of the focal term f(z) = −σ(−z)^γ log(σ(z) + eps) (docs/MATH.md §3.2, §3.3),
-    in base 2: the first is σ(−z)^γ log2(σ(z) + eps), the caller scales the pixel's sum by −ln 2.
-    GMODE: 0 for γ = 0, 2 for γ = 2 (products), 1 for any other γ (exp2(γ log2 σ(−z)))."""
-    q, s, lq, soft = _sigmoids(z, FAST)
+    neg = w <= 0  # z >= 0
+    s = tl.where(neg, er, r)
     if HAS_EPS:
+        q = tl.where(neg, r, er)
         qe = q + eps
-        lt = _log2(qe, FAST)
+        nlt = -_log2(qe, FAST)  # −log2(q + eps)
         ratio = q * _rcp(qe, FAST)
     else:
-        lt = lq
+        nlt = tl.maximum(w, 0.0) * LOG2E + soft  # −log2 σ(z)
         ratio = 1.0
     if GMODE == 0:
         phi = 1.0
     elif GMODE == 2:
         phi = s * s
     else:
-        phi = C.exp2(gamma * (tl.minimum(-z, 0.0) * LOG2E - soft), FAST)
-    f = z
-    df = z
+        phi = C.exp2(gamma * (tl.minimum(w, 0.0) * LOG2E - soft), FAST)
+    f = w
+    df = w
     if WANT_F:
-        f = phi * lt
+        f = phi * nlt
     if WANT_DF:
         if GMODE == 0:
             df = -s * ratio
         else:
-            df = phi * ((gamma * LN2) * q * lt - s * ratio)
+            q = tl.where(neg, r, er)
+            df = -phi * ((gamma * LN2) * q * nlt + s * ratio)
     return f, df
 
 
@@ -176,7 +171,7 @@ def _tree_min_kernel(
 
     zero = tl.zeros([BLOCK_P], dtype=ACC)
     # The label's path a_d(y) (-1 past its leaf), and for the tree-min the running minimum of the path
-    # logits (strict <: ties stay with the shallower node) and, for the gradient, the weight each path
+    # logits (strict <: ties stay with the shallower node; kept negated) and, for the gradient, the weight each path
     # node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6, path side). Element
     # d - 1 of these tuples is depth d.
     path = ()
@@ -196,7 +191,7 @@ def _tree_min_kernel(
             else:
                 take = act & (xa < cur)
             cur = tl.where(take, xa, cur)
-            cmin = cmin + (cur,)
+            cmin = cmin + (-cur,)  # negated: the focal takes w = −z
             if WANT_GRAD:
                 arg = tl.where(take, d, arg)
                 ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(ACC)
@@ -209,7 +204,6 @@ def _tree_min_kernel(
             gsc = zero + tl.load(go_ptr).to(ACC)
         else:
             gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
-    nan = pmask & (y < 0)  # all False
     acc = zero
     if USE_EXTREMA:
         # Bottom-up, in reverse pre-order: M_v = max(x_v, the children's M), one running max per depth
@@ -226,23 +220,25 @@ def _tree_min_kernel(
         for j in tl.static_range(V):
             if PIN and j % FENCE == FENCE - 1:
                 acc = _pin(acc, PIN)
-                nan = _pin(nan.to(tl.int32), PIN) != 0
                 cm = _pin_all(cm, PIN)
                 mi = _pin_all(mi, PIN)
             x = tl.load(x_ptr + xpix + CH[V - 1 - j] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
-            nan = nan | (x != x)
             if LEAF[V - 1 - j]:
                 m = x
             else:
-                m = tl.maximum(x, cm[DEP[V - 1 - j]])
+                m = tl.maximum(x, cm[DEP[V - 1 - j]], propagate_nan=tl.PropagateNan.ALL)
                 cm = _set(cm, DEP[V - 1 - j], zero - float("inf"))
                 if WANT_GRAD:
                     mi = _set(mi, IDX[V - 1 - j], m)
-            cm = _set(cm, DEP[V - 1 - j] - 1, tl.maximum(cm[DEP[V - 1 - j] - 1], m))
+            cm = _set(cm, DEP[V - 1 - j] - 1,
+                      tl.maximum(cm[DEP[V - 1 - j] - 1], m, propagate_nan=tl.PropagateNan.ALL))
             if WANT_LOSS:
-                z = tl.where(path[DEP[V - 1 - j] - 1] == CH[V - 1 - j], cmin[DEP[V - 1 - j] - 1], -m)
-                f, _ = _focal2(z, gamma, eps, True, False, GMODE, HAS_EPS, FAST)
+                w = tl.where(path[DEP[V - 1 - j] - 1] == CH[V - 1 - j], cmin[DEP[V - 1 - j] - 1], m)
+                f, _ = _focal2(w, gamma, eps, True, False, GMODE, HAS_EPS, FAST)
                 acc += tl.load(k_ptr + CH[V - 1 - j]).to(ACC) * f
+        # The maxima propagate NaN (GPU max/min otherwise drop it): a NaN logit anywhere reaches the
+        # max over the depth-1 nodes, cm[0] (docs/MATH.md §5.3).
+        nan = cm[0] != cm[0]
         bad = bad | (valid & nan)
         if WANT_GRAD:
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
@@ -274,7 +270,7 @@ def _tree_min_kernel(
                     pend = _set(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
                     mo = _set(mo, DEP[i] - 1, m)
                 kk = tl.where(on, kpath[DEP[i] - 1], kk)
-                _, df = _focal2(tl.where(on, x, -x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
                 g = kk * df
                 g = tl.where(on, g, -g)
                 g = tl.where(valid, g * gsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
@@ -285,14 +281,15 @@ def _tree_min_kernel(
         # logit gets its NaN row afterwards (cold).
         if WANT_GRAD:
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+        big = zero - float("inf")
         for i in tl.static_range(V):
             if PIN and i % FENCE == FENCE - 1:
                 acc = _pin(acc, PIN)
-                nan = _pin(nan.to(tl.int32), PIN) != 0
+                big = _pin(big, PIN)
             x = tl.load(x_ptr + xpix + CH[i] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
-            nan = nan | (x != x)
+            big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
             on = path[DEP[i] - 1] == CH[i]
-            f, df = _focal2(tl.where(on, x, -x), gamma, eps, WANT_LOSS, WANT_GRAD, GMODE, HAS_EPS, FAST)
+            f, df = _focal2(tl.where(on, -x, x), gamma, eps, WANT_LOSS, WANT_GRAD, GMODE, HAS_EPS, FAST)
             k = tl.load(k_ptr + CH[i]).to(ACC)
             if WANT_LOSS:
                 acc += k * f
@@ -301,6 +298,7 @@ def _tree_min_kernel(
                 g = tl.where(on, g, -g)
                 g = tl.where(valid, g * gsc, 0.0)
                 tl.store(g_ptr + gpix + CH[i] * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
+        nan = big != big
         late = valid & nan & (~bad)
         bad = bad | (valid & nan)
         if WANT_GRAD:
@@ -309,7 +307,7 @@ def _tree_min_kernel(
                     tl.store(g_ptr + gpix + CH[i] * sgc64,
                              tl.full([BLOCK_P], float("nan"), ACC).to(g_ptr.dtype.element_ty), mask=late)
     if WANT_LOSS:
-        C.store_loss(acc * -LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
+        C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
 
 @triton.jit
