@@ -507,7 +507,7 @@ USE_SCAN = False
 # Compiled with float32 math, every FENCE nodes the kernel's running values pass through an opaque
 # instruction (_pin): without it LLVM leaves the arithmetic of the unrolled tree after all of its loads,
 # whose registers exceed 255 on the big trees (ptxas then spills).
-FENCE = 4
+FENCE = 8
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
