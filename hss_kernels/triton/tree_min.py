@@ -12,11 +12,13 @@ and node weights k_v (``tables.node_weight_vector``):
 
     f'(z) = γ q σ(−z)^γ log(q + eps) − σ(−z)^{γ+1} q / (q + eps),  q = σ(z)
 
-The tile's rows are the channels in pre-order, so every subtree is a contiguous block of rows. The
-subtree maxima come from one masked max per internal node (default) or, with ``USE_SCAN``, from one
-segmented scan per internal depth (fewer operations on big trees; not yet timed on a GPU).
-Nothing is saved for the backward: it recomputes the extrema from the logits (one more read, no
-argmin/argmax tensor of size P·V).
+``_tree_min_kernel`` has the tree compiled in (docs/MATH.md §3.10): the pre-order channels, depths, leaf
+flags and internal ordinals are constexpr tuples, so a pixel's work is straight-line code, one step per
+node, with pixels across threads (16 bytes per thread and node on NCHW). The forward walks the nodes
+bottom-up (reverse pre-order) keeping one running maximum per depth; the gradient adds a top-down pass
+that routes each off-path weight to its subtree's argmax. Nothing is saved for the backward: it
+recomputes the extrema from the logits (one more read, no argmin/argmax tensor of size P·V).
+``USE_SCAN = True`` selects the previous tile kernel (``_tile_kernel``, a segmented scan per internal depth).
 """
 from __future__ import annotations
 
@@ -495,12 +497,9 @@ def _tile_kernel(
         C.store_grad(grad, g_ptr + g_off, go_ptr, n * son + h * soh + w * sow, valid, bad, pmask, mask2, GRAD_MODE)
 
 
-# How the tree-min kernel finds the subtree maxima of the internal nodes. False: one masked max over
-# the tile per internal node (I passes). True: one segmented scan down the rows per internal depth
-# plus gathers (DI passes; fewer operations for big trees such as Vistas 2.0, I = 24 but DI = 2).
-# Both are tested against the reference under the interpreter, whose associative_scan is very slow
-# (seconds per call), so the tests run the scan on small inputs only. The scan has not been timed on
-# a GPU yet: the default stays on the loop until a benchmark says otherwise.
+# True: the previous kernel, a [channels, pixels] tile per program whose subtree maxima come from one
+# segmented scan per internal depth (_tile_kernel; its masked-max loop is no longer launched); kept while
+# tests/triton/test_triton_scan.py compares it with the compiled-in tree. False (default): _tree_min_kernel.
 USE_SCAN = False
 
 
