@@ -519,6 +519,9 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
             loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
             V=V, L=L, D=D, DI=DI, I=I, USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0, SCAN=True,
         )
+    if len(sizes) < 4 + 2 * V:  # tables.tree_min_sizes alone (a direct call of the op): the tree from the table
+        t = tab.cpu().tolist()
+        sizes = list(sizes[:4]) + t[V:2 * V] + [t[c] for c in t[V:2 * V]]
     ch, dep, leaf, idx = _compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     gmode = 0 if gamma == 0 else 2 if gamma == 2 else 1
     return C.launch_loss_kernel(
@@ -563,9 +566,11 @@ def _flat(logits, *tensors):
 
 def _blocks(logits, two_pass):
     """(BLOCK_C, BLOCK_P, num_warps): :func:`gpu_blocks` when compiled; under the interpreter, which pays
-    per program and per operation, 1024 pixels."""
+    per program and per operation, ``_common.block_sizes``' pixel block for one channel (up to 1024)."""
+    P = C.shape_args(logits)[0]
+    interp = C.block_sizes(1, P, C.interpreted(logits.device))
     if C.interpreted(logits.device):
-        return 1, 1024, 4
+        return interp
     return gpu_blocks(logits, two_pass)
 
 
