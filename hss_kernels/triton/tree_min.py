@@ -14,11 +14,11 @@ and node weights k_v (``tables.node_weight_vector``):
 
 ``_tree_min_kernel`` has the tree compiled in (docs/MATH.md §3.10): the pre-order channels, depths, leaf
 flags and internal ordinals are constexpr tuples, so a pixel's work is straight-line code, one step per
-node, with pixels across threads (16 bytes per thread and node on NCHW). The forward walks the nodes
+node, with pixels across threads (two consecutive pixels per thread on NCHW) and the logits of 8 nodes per
+load (a [pixels, 8] tile). The forward walks the nodes
 bottom-up (reverse pre-order) keeping one running maximum per depth; the gradient adds a top-down pass
 that routes each off-path weight to its subtree's argmax. Nothing is saved for the backward: it
 recomputes the extrema from the logits (one more read, no argmin/argmax tensor of size P·V).
-``USE_SCAN = True`` selects the previous tile kernel (``_tile_kernel``, a segmented scan per internal depth).
 """
 from __future__ import annotations
 
@@ -113,6 +113,17 @@ def _pin(x, PIN: tl.constexpr):
 
 
 @triton.jit
+def _bind(v, ref, PIN: tl.constexpr):
+    """The int32 v computed in the register layout of the float32 ref (PIN; else v itself): one layout
+    conversion here instead of one at every node that combines a label-derived value with a logit."""
+    if PIN:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,f", [v, ref], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    else:
+        return v
+
+
+@triton.jit
 def _pin_all(t, PIN: tl.constexpr):
     out = ()
     for i in tl.static_range(len(t)):
@@ -124,6 +135,94 @@ def _pin_all(t, PIN: tl.constexpr):
 def _set(t, i: tl.constexpr, v):
     """The tuple t with element i replaced by v (i a constexpr: per-depth state held in registers)."""
     return t[:i] + (v,) + t[i + 1:]
+
+
+@triton.jit
+def _group_channels(CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr, REV: tl.constexpr):
+    """[G] channels of the nodes at loop steps start .. start + G - 1, the steps walking the pre-order
+    (REV: its reverse); steps past the last node repeat its channel (their lanes are masked off)."""
+    r = tl.arange(0, G)
+    ch = tl.zeros([G], dtype=tl.int32)
+    for i in tl.static_range(G):
+        if start + i < V:
+            if REV:
+                ch = tl.where(r == i, CH[V - 1 - start - i], ch)
+            else:
+                ch = tl.where(r == i, CH[start + i], ch)
+        else:
+            if REV:
+                ch = tl.where(r == i, CH[0], ch)
+            else:
+                ch = tl.where(r == i, CH[V - 1], ch)
+    return ch
+
+
+@triton.jit
+def _unpack(t, G: tl.constexpr):
+    """The G columns of a [pixels, G] tile as a tuple of pixel vectors (no data movement: a thread holds
+    its pixels' G values)."""
+    if G == 1:
+        return (tl.reshape(t, (t.shape[0],)),)
+    elif G == 2:
+        a, b = tl.split(t)
+        return (a, b)
+    elif G == 4:
+        a, b = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))  # column 2i + j: a is j = 0
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return (a0, b0, a1, b1)
+    else:
+        a, b = tl.split(tl.reshape(t, (t.shape[0], 2, 2, 2)))  # column 4i + 2j + k: a is k = 0
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        a00, a01 = tl.split(a0)
+        a10, a11 = tl.split(a1)
+        b00, b01 = tl.split(b0)
+        b10, b11 = tl.split(b1)
+        return (a00, b00, a10, b10, a01, b01, a11, b11)
+
+
+@triton.jit
+def _pack(v, G: tl.constexpr):
+    """The inverse of _unpack: a tuple of G pixel vectors as a [pixels, G] tile."""
+    if G == 1:
+        return tl.reshape(v[0], (v[0].shape[0], 1))
+    elif G == 2:
+        return tl.join(v[0], v[1])
+    elif G == 4:
+        return tl.reshape(tl.join(tl.join(v[0], v[2]), tl.join(v[1], v[3])), (v[0].shape[0], 4))
+    else:
+        a = tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6]))
+        b = tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7]))
+        return tl.reshape(tl.join(a, b), (v[0].shape[0], 8))
+
+
+@triton.jit
+def _load_group(x_ptr, xpix, sxc64, pmask, CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr,
+                REV: tl.constexpr, ACC: tl.constexpr, LAST: tl.constexpr = False):
+    """The logits of the G nodes at loop steps start .. start + G - 1 (one load of a [pixels, G] tile), as a
+    tuple of pixel vectors. LAST: the program's last read of them (evict first; a load the compiler cannot
+    merge with the first read, which would keep every logit of the pixel live between the two passes)."""
+    ch = _group_channels(CH, V, start, G, REV)
+    ptr = x_ptr + xpix[:, None] + ch.to(tl.int64)[None, :] * sxc64
+    if LAST:
+        t = tl.load(ptr, mask=pmask[:, None], other=0.0, eviction_policy="evict_first")  # sm90: logits
+    else:
+        t = tl.load(ptr, mask=pmask[:, None], other=0.0)  # sm90: logits
+    return _unpack(t.to(ACC), G)
+
+
+@triton.jit
+def _store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr):
+    """Stores the gradients gs of the nodes at pre-order steps start .. start + len(gs) - 1 (a tuple padded
+    to G vectors) as one [pixels, G] tile."""
+    n: tl.constexpr = len(gs)
+    for i in tl.static_range(G - n):
+        gs = gs + (gs[0],)
+    ch = _group_channels(CH, V, start, G, False)
+    cmask = tl.arange(0, G) < n
+    tl.store(g_ptr + gpix[:, None] + ch.to(tl.int64)[None, :] * sgc64,
+             _pack(gs, G).to(g_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -140,7 +239,7 @@ def _tree_min_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
-    FENCE: tl.constexpr, PIN: tl.constexpr,
+    G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -150,7 +249,7 @@ def _tree_min_kernel(
     if FLAT:
         pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
-        hw = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        hw = tl.max_contiguous(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), VEC)
         hw = hw.to(tl.int64)
         p = n * HW + hw
         pmask = (hw < HW) & (p < P)  # P = 0 when H or W is 0 (HW is then 1)
@@ -165,9 +264,15 @@ def _tree_min_kernel(
         tpix = n * stn + h * sth + w * stw
         gpix = n * sgn + h * sgh + w * sgw
         opix = n * son + h * soh + w * sow
-    y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
     sxc64 = tl.cast(sxc, tl.int64)  # channel offsets in 64 bits
     sgc64 = tl.cast(sgc, tl.int64)
+    y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
+    # The first step's logits, loaded early: the labels move to their register layout once (_bind).
+    xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
+    code = _bind(tl.where(valid, tl.where(bad, -2, y), -1).to(tl.int32), xs[0], PIN)
+    valid = code != -1
+    bad = code == -2
+    y = tl.maximum(code, 0)
     WANT_LOSS: tl.constexpr = LOSS_MODE != 0
     WANT_GRAD: tl.constexpr = GRAD_MODE != 0
 
@@ -182,7 +287,7 @@ def _tree_min_kernel(
     cur = zero
     arg = tl.zeros([BLOCK_P], dtype=tl.int32)
     for d in tl.static_range(D):
-        a = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
+        a = _bind(tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1), xs[0], PIN)
         path = path + (a,)
         if USE_EXTREMA:
             act = pmask & (a >= 0)
@@ -220,11 +325,13 @@ def _tree_min_kernel(
             if not LEAF[i]:
                 mi = mi + (zero,)
         for j in tl.static_range(V):
-            if PIN and j % FENCE == FENCE - 1:
-                acc = _pin(acc, PIN)
-                cm = _pin_all(cm, PIN)
-                mi = _pin_all(mi, PIN)
-            x = tl.load(x_ptr + xpix + CH[V - 1 - j] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+            if j % G == 0 and j > 0:
+                if PIN:
+                    acc = _pin(acc, PIN)
+                    cm = _pin_all(cm, PIN)
+                    mi = _pin_all(mi, PIN)
+                xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC)
+            x = xs[j % G]
             if LEAF[V - 1 - j]:
                 m = x
             else:
@@ -253,7 +360,13 @@ def _tree_min_kernel(
                 mo = mo + (zero,)
                 pend = pend + (zero,)
             for i in tl.static_range(V):
-                x = tl.load(x_ptr + xpix + CH[i] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+                if i % G == 0:
+                    if PIN and i > 0:
+                        mo = _pin_all(mo, PIN)
+                        pend = _pin_all(pend, PIN)
+                    xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True)
+                    gs = ()
+                x = xs[i % G]
                 on = path[DEP[i] - 1] == CH[i]
                 if LEAF[i]:
                     m = x
@@ -276,7 +389,9 @@ def _tree_min_kernel(
                 g = kk * df
                 g = tl.where(on, g, -g)
                 g = tl.where(valid, g * gsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
-                tl.store(g_ptr + gpix + CH[i] * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
+                gs = gs + (g,)
+                if i % G == G - 1 or i == V - 1:
+                    _store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
     else:
         # Tree BCE: every node its own extremum, one pass: loss and gradient share the sigmoids. The
         # gradient rows are written before the pixel's NaN scan is complete; the rare pixel with a NaN
@@ -285,10 +400,14 @@ def _tree_min_kernel(
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
         big = zero - float("inf")
         for i in tl.static_range(V):
-            if PIN and i % FENCE == FENCE - 1:
-                acc = _pin(acc, PIN)
-                big = _pin(big, PIN)
-            x = tl.load(x_ptr + xpix + CH[i] * sxc64, mask=pmask, other=0.0).to(ACC)  # sm90: logits
+            if i % G == 0:
+                if i > 0:
+                    if PIN:
+                        acc = _pin(acc, PIN)
+                        big = _pin(big, PIN)
+                    xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC)
+                gs = ()
+            x = xs[i % G]
             big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
             on = path[DEP[i] - 1] == CH[i]
             f, df = _focal2(tl.where(on, -x, x), gamma, eps, WANT_LOSS, WANT_GRAD, GMODE, HAS_EPS, FAST)
@@ -299,226 +418,39 @@ def _tree_min_kernel(
                 g = k * df
                 g = tl.where(on, g, -g)
                 g = tl.where(valid, g * gsc, 0.0)
-                tl.store(g_ptr + gpix + CH[i] * sgc64, g.to(g_ptr.dtype.element_ty), mask=pmask)
+                gs = gs + (g,)
+                if i % G == G - 1 or i == V - 1:
+                    _store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
         nan = big != big
         late = valid & nan & (~bad)
         bad = bad | (valid & nan)
         if WANT_GRAD:
             if tl.max(late.to(tl.int32), axis=0) > 0:  # sm90: cold
-                for i in tl.static_range(V):
-                    tl.store(g_ptr + gpix + CH[i] * sgc64,
-                             tl.full([BLOCK_P], float("nan"), ACC).to(g_ptr.dtype.element_ty), mask=late)
+                nanrow = ()
+                for i in tl.static_range(G):
+                    nanrow = nanrow + (tl.full([BLOCK_P], float("nan"), ACC),)
+                for i in tl.static_range(0, V, G):
+                    _store_group(g_ptr, gpix, sgc64, late, nanrow[:min(G, V - i)], CH, V, i, G)
     if WANT_LOSS:
         C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
 
-@triton.jit
-def _focal(z, gamma, eps, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr):
-    """(f(z), f'(z)) with f(z) = −σ(−z)^γ log(σ(z) + eps), from log-sigmoids (no log 0, no 1 − 1)."""
-    soft = tl.log(1.0 + tl.exp(-tl.abs(z)))
-    log_q = tl.minimum(z, 0.0) - soft  # log σ(z)
-    log_1mq = tl.minimum(-z, 0.0) - soft  # log σ(−z)
-    one_m_q = tl.exp(log_1mq)
-    if HAS_EPS:
-        q = tl.exp(log_q)
-        log_term = tl.log(q + eps)
-        ratio = q / (q + eps)
-    else:
-        log_term = log_q
-        ratio = 1.0
-    if FOCAL:
-        wgt = tl.exp(gamma * log_1mq)  # σ(−z)^γ
-        loss = -wgt * log_term
-        dz = gamma * tl.exp(log_q) * wgt * log_term - wgt * one_m_q * ratio
-    else:
-        loss = -log_term
-        dz = -one_m_q * ratio
-    return loss, dz
-
-
-@triton.jit
-def _seg_max(f1, v1, f2, v2):
-    """Segmented running max: a row with flag 1 starts a new segment."""
-    return f1 | f2, tl.where(f2 != 0, v2, tl.maximum(v1, v2))
-
-
-@triton.jit
-def _seg_argmax(f1, v1, i1, f2, v2, i2):
-    """Segmented running (max, argmax); ties keep the earlier row (earlier in pre-order)."""
-    take2 = (f2 != 0) | (v2 > v1)
-    return f1 | f2, tl.where(take2, v2, v1), tl.where(take2, i2, i1)
-
-
-@triton.jit
-def _tile_kernel(
-    x_ptr, t_ptr, tab_ptr, k_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
-    P, HW, W,
-    sxn, sxc, sxh, sxw,
-    stn, sth, stw,
-    sgn, sgc, sgh, sgw,
-    son, soh, sow,
-    gamma, eps, ignore_index,
-    V: tl.constexpr, L: tl.constexpr, D: tl.constexpr, DI: tl.constexpr, I: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
-    USE_EXTREMA: tl.constexpr, FOCAL: tl.constexpr, HAS_EPS: tl.constexpr,
-    LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, SCAN: tl.constexpr,
-):
-    # Offsets of the packed int32 table (tables.tree_min_table): per channel its depth, the channel of
-    # each pre-order row, per channel its row and subtree size, path_nodes (L, D) (the native kernels'
-    # tree_index so far), then for each internal depth l = 1..DI the row of each row's depth-l internal
-    # ancestor-or-self (-1: none), and per internal node (in pre-order) its row, size, channel, depth.
-    OFF_DEPTH: tl.constexpr = 0
-    OFF_ORDER: tl.constexpr = V
-    OFF_POS: tl.constexpr = 2 * V
-    OFF_SIZE: tl.constexpr = 3 * V
-    OFF_PATH: tl.constexpr = 4 * V
-    OFF_ANC: tl.constexpr = 4 * V + L * D
-    OFF_INT: tl.constexpr = 4 * V + L * D + DI * V
-
-    pid = tl.program_id(0)
-    p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
-    r = tl.arange(0, BLOCK_C)  # tile row = pre-order position
-    rmask = r < V
-    mask2 = rmask[:, None] & pmask[None, :]
-    chan = tl.load(tab_ptr + OFF_ORDER + r, mask=rmask, other=0)
-    k_row = tl.load(k_ptr + chan, mask=rmask, other=0.0).to(ACC)
-
-    y, valid, bad = C.load_labels(t_ptr + n * stn + h * sth + w * stw, pmask, ignore_index, L)
-
-    pix_x = n * sxn + h * sxh + w * sxw
-    x_off = pix_x[None, :] + chan[:, None].to(tl.int64) * sxc
-    x = tl.load(x_ptr + x_off, mask=mask2, other=0.0).to(ACC)  # sm90: logits
-    # A NaN logit anywhere in a labelled pixel: a NaN loss and gradient row, as for a bad label (compiled
-    # max/min skip NaN, so the tree walk alone would not always reach it).
-    bad = bad | (valid & (tl.sum((x != x).to(tl.int32), axis=0) > 0))
-
-    on_path = r[:, None] < 0  # all False
-    for d in tl.static_range(D):
-        node = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
-        on_path = on_path | (chan[:, None] == node[None, :])
-
-    zero = tl.zeros([BLOCK_P], dtype=ACC)
-    loss = zero
-    grad = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    if USE_EXTREMA:
-        size = tl.load(tab_ptr + OFF_SIZE + chan, mask=rmask, other=1)
-        if SCAN:
-            # Negative side. r_v's logit: x_v at a leaf; at an internal node of depth l the max
-            # over its subtree, a contiguous run of rows. The subtrees of one depth are disjoint, so
-            # one segmented scan down the rows per depth gives all their maxima at once (read at
-            # each run's last row).
-            depth = tl.load(tab_ptr + OFF_DEPTH + chan, mask=rmask, other=0)
-            izero = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.int32)
-            rows = r[:, None] + izero
-            x_scan = tl.where(rmask[:, None], x, float("-inf"))
-            m_val = x
-            m_row = rows
-            for lvl in tl.static_range(1, DI + 1):
-                seg = ((depth <= lvl) | (~rmask)).to(tl.int32)[:, None] + izero
-                at_l = (depth == lvl) & (size > 1)
-                last = (tl.where(at_l, r + size - 1, r))[:, None] + izero
-                if GRAD_MODE != 0:
-                    _, run_v, run_i = tl.associative_scan((seg, x_scan, rows), 0, _seg_argmax)
-                    m_row = tl.where(at_l[:, None], tl.gather(run_i, last, 0), m_row)
-                else:
-                    _, run_v = tl.associative_scan((seg, x_scan), 0, _seg_max)
-                m_val = tl.where(at_l[:, None], tl.gather(run_v, last, 0), m_val)
-            neg = rmask[:, None] & (~on_path)
-            f, df = _focal(-m_val, gamma, eps, FOCAL, HAS_EPS)
-            loss += tl.sum(tl.where(neg, k_row[:, None] * f, 0.0), axis=0)
-            if GRAD_MODE != 0:
-                coef = tl.where(neg, -k_row[:, None] * df, 0.0)  # owed to row m_row
-                grad = tl.where((size == 1)[:, None], coef, grad)  # a leaf owes itself
-                for lvl in tl.static_range(1, DI + 1):
-                    # Row j receives from its depth-l internal ancestor a if a's argmax is j.
-                    anc = tl.load(tab_ptr + OFF_ANC + (lvl - 1) * V + r, mask=rmask, other=-1)
-                    has = anc >= 0
-                    src = tl.where(has, anc, r)[:, None] + izero
-                    hit = has[:, None] & (tl.gather(m_row, src, 0) == rows)
-                    grad += tl.where(hit, tl.gather(coef, src, 0), 0.0)
-        else:
-            # Negative side, one internal node at a time: a masked max over its run of rows (costs
-            # I passes over the tile, but only plain reductions: fast under the interpreter too).
-            neg_leaf = (size == 1)[:, None] & (~on_path)
-            f, df = _focal(-x, gamma, eps, FOCAL, HAS_EPS)
-            loss += tl.sum(tl.where(neg_leaf, k_row[:, None] * f, 0.0), axis=0)
-            grad = tl.where(neg_leaf, -k_row[:, None] * df, grad)
-            for i in range(I):  # sm90: trips=I
-                # (loop-local names differ from the path loop's: Triton wants loop-carried types fixed)
-                start = tl.load(tab_ptr + OFF_INT + 4 * i)
-                size_i = tl.load(tab_ptr + OFF_INT + 4 * i + 1)
-                v = tl.load(tab_ptr + OFF_INT + 4 * i + 2)
-                depth_i = tl.load(tab_ptr + OFF_INT + 4 * i + 3)
-                on_v = tl.load(tab_ptr + OFF_PATH + y * D + depth_i - 1, mask=pmask, other=-1) == v
-                off = pmask & (~on_v)
-                sub = (r >= start) & (r < start + size_i)
-                xs = tl.where(sub[:, None], x, float("-inf"))
-                mval = tl.max(xs, axis=0)
-                k_i = tl.load(k_ptr + v).to(ACC)
-                f_i, df_i = _focal(-mval, gamma, eps, FOCAL, HAS_EPS)
-                loss += tl.where(off, k_i * f_i, 0.0)
-                if GRAD_MODE != 0:
-                    a_row = tl.argmax(xs, axis=0)  # first maximum: earliest in pre-order
-                    hit_i = (r[:, None] == a_row[None, :]) & off[None, :]
-                    grad += tl.where(hit_i, (-k_i * df_i)[None, :], 0.0)
-
-        # Positive side: running min from the root, strict < so that ties stay with the shallower node.
-        cur = zero
-        min_row = tl.zeros([BLOCK_P], dtype=tl.int32)
-        for d in tl.static_range(D):
-            node = tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1)
-            act = pmask & (node >= 0)
-            node = tl.where(act, node, 0)
-            xv = tl.load(x_ptr + pix_x + node.to(tl.int64) * sxc, mask=act, other=0.0).to(ACC)
-            pos = tl.load(tab_ptr + OFF_POS + node, mask=act, other=0)
-            if d == 0:
-                take = act
-            else:
-                take = act & (xv < cur)
-            cur = tl.where(take, xv, cur)
-            min_row = tl.where(take, pos, min_row)
-            k_v = tl.load(k_ptr + node, mask=act, other=0.0).to(ACC)
-            f_p, df_p = _focal(cur, gamma, eps, FOCAL, HAS_EPS)
-            loss += tl.where(act, k_v * f_p, 0.0)
-            if GRAD_MODE != 0:
-                hit_p = (r[:, None] == min_row[None, :]) & act[None, :]
-                grad += tl.where(hit_p, (k_v * df_p)[None, :], 0.0)
-    else:
-        z = tl.where(on_path, x, -x)
-        f, df = _focal(z, gamma, eps, FOCAL, HAS_EPS)
-        kf = tl.where(rmask[:, None], k_row[:, None], 0.0)
-        loss += tl.sum(kf * f, axis=0)
-        grad = tl.where(on_path, kf * df, -kf * df)
-
-    C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
-
-    if GRAD_MODE != 0:
-        g_off = (n * sgn + h * sgh + w * sgw)[None, :] + chan[:, None].to(tl.int64) * sgc
-        C.store_grad(grad, g_ptr + g_off, go_ptr, n * son + h * soh + w * sow, valid, bad, pmask, mask2, GRAD_MODE)
-
-
-# True: the previous kernel, a [channels, pixels] tile per program whose subtree maxima come from one
-# segmented scan per internal depth (_tile_kernel; its masked-max loop is no longer launched); kept while
-# tests/triton/test_triton_scan.py compares it with the compiled-in tree. False (default): _tree_min_kernel.
-USE_SCAN = False
-
-
-# Compiled with float32 math, every FENCE nodes the kernel's running values pass through an opaque
-# instruction (_pin): without it LLVM leaves the arithmetic of the unrolled tree after all of its loads,
-# whose registers exceed 255 on the big trees (ptxas then spills).
-FENCE = 8
+# Nodes per step of the compiled-in tree: the kernel loads (and stores) the logits of GROUP nodes at a
+# time as one [pixels, GROUP] tile, and compiled with float32 math passes its running values through an
+# opaque instruction (_pin) between steps: without it LLVM leaves the arithmetic of the unrolled tree
+# after all of its loads, whose registers exceed 255 on the big trees (ptxas then spills). One load per
+# node instead costs Triton's coalescing pass time quadratic in the node count (minutes for Vistas 2.0).
+GROUP = 8
+# Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16): every load of a program
+# (logits, labels, the label's path) then has one register layout. At 16 bytes per thread the logits' layout
+# differs from the int64 labels' and every node pays a layout conversion through shared memory.
+PIXELS_PER_THREAD = 2
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
-    L, D, DI, I = sizes[:4]
+    L, D = sizes[:2]
     V = logits.shape[1]
-    if USE_SCAN:
-        return C.launch_loss_kernel(
-            _tile_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
-            loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
-            V=V, L=L, D=D, DI=DI, I=I, USE_EXTREMA=use_extrema, FOCAL=gamma != 0, HAS_EPS=eps > 0, SCAN=True,
-        )
     if len(sizes) < 4 + 2 * V:  # tables.tree_min_sizes alone (a direct call of the op): the tree from the table
         t = tab.cpu().tolist()
         sizes = list(sizes[:4]) + t[V:2 * V] + [t[c] for c in t[V:2 * V]]
@@ -530,7 +462,7 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=_flat(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
-        FAST=C.fast_exp(logits), FENCE=FENCE, PIN=C.fast_exp(logits),
+        FAST=C.fast_exp(logits), G=GROUP, PIN=C.fast_exp(logits), VEC=PIXELS_PER_THREAD,
     )
 
 
@@ -575,14 +507,12 @@ def _blocks(logits, two_pass):
 
 
 def gpu_blocks(logits, two_pass=False):
-    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: one node at a time). Channel rows
-    in memory (NCHW): 16 bytes of consecutive pixels per thread and node. Channels contiguous
-    (channels_last): one pixel per thread. ``two_pass`` (the tree-min gradient, which reads the
-    program's logits twice): 2-byte dtypes keep 8 pixels per thread too."""
+    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked GROUP nodes at a
+    time). Channel rows in memory (NCHW): PIXELS_PER_THREAD consecutive pixels per thread. Channels
+    contiguous (channels_last): one pixel per thread. ``two_pass`` (the tree-min gradient) takes the same."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return 1, 128, 4
-    vec = max(1, 16 // logits.element_size())
-    return 1, vec * 32 * 4, 4
+    return 1, PIXELS_PER_THREAD * 32 * 4, 4
 
 
 # ----------------------------------------------------------------------------------- custom ops

@@ -161,21 +161,22 @@ def test_gpu_tiles_of_the_hierarchical_softmax_under_the_interpreter(layout, dty
 @pytest.mark.parametrize("layout,dtype", [("nchw", torch.float32), ("nchw", torch.bfloat16), ("nchw", torch.float64),
                                           ("channels_last", torch.float32), ("strided", torch.bfloat16)])
 def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypatch):
-    """The tree-min / tree-BCE kernel with the tiles a GPU launch takes (tree_min.gpu_blocks: 16 bytes of
-    pixels per thread on NCHW, 512-1024 pixels per program), run by the interpreter on the CPU against the
+    """The tree-min / tree-BCE kernel with the tiles a GPU launch takes (tree_min.gpu_blocks: two pixels per
+    thread on NCHW, 256 pixels per program; groups of 8 nodes per load, a partial last group), run by the interpreter on the CPU against the
     reference: forward and backward, reduction "none", focal and plain, eps, ties, a NaN logit, and the
     single pass, on an image wider than one program, (n, h, w) indexing for the strided layout."""
     from hss_kernels.triton import tree_min as tm
 
     monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
     tree = trees.load("helen")  # depth 4: a deep path, several internal nodes per depth
-    x, y = H.inputs(tree, "tree_min_loss", (1, 5, 230), dtype=dtype)
+    x, y = H.inputs(tree, "tree_min_loss", (1, 5, 300), dtype=dtype)
     x[0, :, 0, 3] = x[0, 0, 0, 3]  # a pixel whose logits all tie
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x, y = x[:, :, :, ::2], y[:, :, ::2]
-    assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else 16 // x.element_size() * 128)
+    assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else tm.PIXELS_PER_THREAD * 128)
+    assert tree.num_nodes % tm.GROUP != 0
     for op in ("tree_min_loss", "tree_bce_loss"):
         H.check(op, "triton", x, y, tree, reduction="none", gamma=2.0)
         if dtype == torch.float32:
