@@ -221,14 +221,55 @@ def fast_exp(logits: torch.Tensor) -> bool:
 
 
 @triton.jit
-def exp2(x, FAST: tl.constexpr):
-    """2^x. FAST: the GPU's ex2.approx.ftz.f32 alone (results below 2^-126 flush to 0; tl.exp2 adds a
-    denormal fix-up of three instructions around it); else tl.exp2 (float64, the interpreter)."""
+def mufu(x, OP: tl.constexpr, FAST: tl.constexpr):
+    """The special function OP ("ex2": 2^x, "lg2": log2 x, "rcp": 1/x) of float32 x. FAST: the GPU's
+    OP.approx.ftz.f32 alone (one MUFU instruction; results below 2^-126 flush to 0, where tl.exp2 adds a
+    denormal fix-up of three instructions around it); else tl.exp2 / tl.log2 / a division (float64, the
+    interpreter)."""
     if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+        return tl.inline_asm_elementwise(OP + ".approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
-    else:
+    elif OP == "ex2":
         return tl.exp2(x)
+    elif OP == "lg2":
+        return tl.log2(x)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def exp2(x, FAST: tl.constexpr):
+    """2^x: mufu(x, "ex2", FAST)."""
+    return mufu(x, "ex2", FAST)
+
+
+@triton.jit
+def pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh, sgw, son, soh, sow,
+                  BLOCK_P: tl.constexpr, FLAT: tl.constexpr, VEC: tl.constexpr):
+    """(pid, p, pmask, xpix, tpix, gpix, opix): the program's pixels p (int64), their mask and their offsets
+    in the logits, target, gradient and per-pixel grad_output. FLAT: H×W is one run of pixels in every
+    tensor, indexed as (n, h*W + w) on a (pixel blocks, N) grid, which lets the compiler prove that
+    pixels are contiguous; VEC: the length of the runs of consecutive pixels it may assume (the widest
+    load it makes). Else (n, h, w) from p on a 1-D grid."""
+    if FLAT:
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        hw = tl.max_contiguous(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), VEC)
+        hw = hw.to(tl.int64)
+        p = n * HW + hw
+        pmask = (hw < HW) & (p < P)  # P = 0 when H or W is 0 (HW is then 1)
+        xpix = n * sxn + hw * sxw
+        tpix = n * stn + hw * stw
+        gpix = n * sgn + hw * sgw
+        opix = n * son + hw * sow
+    else:
+        pid = tl.program_id(0)
+        p, pmask, n, h, w = pixel_coords(pid, P, HW, W, BLOCK_P)
+        xpix = n * sxn + h * sxh + w * sxw
+        tpix = n * stn + h * sth + w * stw
+        gpix = n * sgn + h * sgh + w * sgw
+        opix = n * son + h * soh + w * sow
+    return pid, p, pmask, xpix, tpix, gpix, opix
 
 
 @triton.jit

@@ -79,24 +79,8 @@ def _hierarchical_softmax_kernel(
     # row); the channels go by in chunks of BLOCK_C held in the thread's registers, so every reduction
     # over channels stays inside a thread. Levels 1 .. D-1 are rows of [DP, BLOCK_P] tiles (also
     # in-thread); level D's group is the label alone (lse_D = z_y, gathered).
-    if FLAT:
-        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        hw = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        hw = hw.to(tl.int64)
-        p = n * HW + hw
-        pmask = (hw < HW) & (p < P)  # P = 0 when H or W is 0 (HW is then 1)
-        xpix = n * sxn + hw * sxw
-        tpix = n * stn + hw * stw
-        gpix = n * sgn + hw * sgw
-        opix = n * son + hw * sow
-    else:
-        pid = tl.program_id(0)
-        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
-        xpix = n * sxn + h * sxh + w * sxw
-        tpix = n * stn + h * sth + w * stw
-        gpix = n * sgn + h * sgh + w * sgw
-        opix = n * son + h * soh + w * sow
+    pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
+                                                           sgw, son, soh, sow, BLOCK_P, FLAT, BLOCK_P)
     P64 = tl.zeros_like(p) + P  # (d + 1) * P in 64 bits: the statistics rows may pass 2^31 in all
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
 

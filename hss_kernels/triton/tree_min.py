@@ -41,26 +41,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _log2(x, FAST: tl.constexpr):
-    """log2(x): lg2.approx.ftz.f32 on the GPU (FAST), else tl.log2."""
-    if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
-def _rcp(x, FAST: tl.constexpr):
-    """1/x: rcp.approx.ftz.f32 on the GPU (FAST), else a division."""
-    if FAST:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return 1.0 / x
-
-
-@triton.jit
 def _focal2(w, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: tl.constexpr,
             HAS_EPS: tl.constexpr, FAST: tl.constexpr):
     """(f(z) / ln 2, f'(z)) at z = −w of the focal term f(z) = −σ(−z)^γ log(σ(z) + eps) (docs/MATH.md §3.2,
@@ -70,16 +50,16 @@ def _focal2(w, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: t
     γ (exp2(γ log2 s))."""
     e = C.exp2(tl.abs(w) * (-LOG2E), FAST)
     p = 1.0 + e
-    soft = _log2(p, FAST)  # log2(1 + e)
-    r = _rcp(p, FAST)
+    soft = C.mufu(p, "lg2", FAST)  # log2(1 + e)
+    r = C.mufu(p, "rcp", FAST)
     er = e * r
     neg = w <= 0  # z >= 0
     s = tl.where(neg, er, r)
     if HAS_EPS:
         q = tl.where(neg, r, er)
         qe = q + eps
-        nlt = -_log2(qe, FAST)  # −log2(q + eps)
-        ratio = q * _rcp(qe, FAST)
+        nlt = -C.mufu(qe, "lg2", FAST)  # −log2(q + eps)
+        ratio = q * C.mufu(qe, "rcp", FAST)
     else:
         nlt = tl.maximum(w, 0.0) * LOG2E + soft  # −log2 σ(z)
         ratio = 1.0
@@ -246,24 +226,8 @@ def _tree_min_kernel(
     # leaf). A program owns BLOCK_P pixels, a few consecutive ones per thread; every node is one
     # [BLOCK_P] vector of straight-line code, every per-depth state a tuple of such vectors.
     OFF_PATH: tl.constexpr = 4 * V
-    if FLAT:
-        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        hw = tl.max_contiguous(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), VEC)
-        hw = hw.to(tl.int64)
-        p = n * HW + hw
-        pmask = (hw < HW) & (p < P)  # P = 0 when H or W is 0 (HW is then 1)
-        xpix = n * sxn + hw * sxw
-        tpix = n * stn + hw * stw
-        gpix = n * sgn + hw * sgw
-        opix = n * son + hw * sow
-    else:
-        pid = tl.program_id(0)
-        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
-        xpix = n * sxn + h * sxh + w * sxw
-        tpix = n * stn + h * sth + w * stw
-        gpix = n * sgn + h * sgh + w * sgw
-        opix = n * son + h * soh + w * sow
+    pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
+                                                           sgw, son, soh, sow, BLOCK_P, FLAT, VEC)
     sxc64 = tl.cast(sxc, tl.int64)  # channel offsets in 64 bits
     sgc64 = tl.cast(sgc, tl.int64)
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
