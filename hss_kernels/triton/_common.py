@@ -138,6 +138,18 @@ def shape_args(x: torch.Tensor):
     return N * H * W, max(H * W, 1), max(W, 1)
 
 
+
+def flat_pixels(logits, *tensors) -> bool:
+    """True when every tensor's H and W axes are one run of pixels (stride_h == W * stride_w; NCHW and
+    channels_last both are): a kernel then indexes pixels as (n, h*W + w) on a (pixel blocks, N) grid
+    (``pixel_offsets`` with FLAT), which lets the compiler prove that pixels are contiguous."""
+    if logits.shape[0] > 65535:  # the grid's second axis
+        return False
+    for t in (logits,) + tensors:
+        if t is not None and t.dim() >= 3 and t.shape[-2] > 1 and t.stride(-2) != t.shape[-1] * t.stride(-1):
+            return False
+    return True
+
 def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, tables, scalars, *, loss_mode: int,
                        loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, blocks=None,
                        **constexprs):

@@ -224,19 +224,8 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
         WRITE_STATS=write_stats, TINY=_TINY[C.acc_dtype(logits.dtype)],
         DP=triton.next_power_of_2(leaf_group.shape[0]), blocks=_blocks(logits),
         FAST=C.fast_exp(logits),
-        FLAT=_flat(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
+        FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
     )
-
-
-def _flat(logits, *tensors):
-    """True when every tensor's H and W axes are one run of pixels (stride_h == W * stride_w): NCHW and
-    channels_last both are; the kernel then indexes pixels as n, h*W + w on a 2-D grid."""
-    if logits.shape[0] > 65535:  # the grid's second axis
-        return False
-    for t in (logits,) + tensors:
-        if t is not None and t.dim() >= 3 and t.shape[-2] > 1 and t.stride(-2) != t.shape[-1] * t.stride(-1):
-            return False
-    return True
 
 
 def _blocks(logits):

@@ -425,7 +425,7 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
-        FLAT=_flat(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
+        FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=GROUP, PIN=C.fast_exp(logits), VEC=PIXELS_PER_THREAD,
     )
 
@@ -447,17 +447,6 @@ def _tree_sizes(tree: Tree) -> List[int]:
     """The ``sizes`` argument of the custom ops: ``tables.tree_min_sizes`` (L, D, DI, I), then the channels in
     pre-order and their depths (the tree the kernel compiles in)."""
     return list(tables.tree_min_sizes(tree)) + list(tree.dfs_order) + [tree.depths[c] for c in tree.dfs_order]
-
-
-def _flat(logits, *tensors):
-    """True when every tensor's H and W axes are one run of pixels (stride_h == W * stride_w): the kernel
-    then indexes pixels as n, h*W + w on a 2-D grid (as the hierarchical softmax does)."""
-    if logits.shape[0] > 65535:  # the grid's second axis
-        return False
-    for t in (logits,) + tensors:
-        if t is not None and t.dim() >= 3 and t.shape[-2] > 1 and t.stride(-2) != t.shape[-1] * t.stride(-1):
-            return False
-    return True
 
 
 def _blocks(logits, two_pass):
