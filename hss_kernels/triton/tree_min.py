@@ -446,7 +446,8 @@ def _compiled_tree(order, depths):
 def _tree_sizes(tree: Tree) -> List[int]:
     """The ``sizes`` argument of the custom ops: ``tables.tree_min_sizes`` (L, D, DI, I), then the channels in
     pre-order and their depths (the tree the kernel compiles in)."""
-    return list(tables.tree_min_sizes(tree)) + list(tree.dfs_order) + [tree.depths[c] for c in tree.dfs_order]
+    return tree.cached("triton_tree_min_sizes", lambda: list(tables.tree_min_sizes(tree)) + list(tree.dfs_order)
+                       + [tree.depths[c] for c in tree.dfs_order])
 
 
 def _blocks(logits, two_pass):
