@@ -313,8 +313,8 @@ def test_cuda_launches_match_the_host_rules():
 
 
 def test_one_triton_kernel_end_to_end(tmp_path):
-    """Compiles the Triton decode kernel (float32, NCHW, Vistas 2.0 sizes) as the runtime would and checks
-    the row's fields (no speed figure is a target here)."""
+    """Compiles the Triton hierarchical softmax forward (float32, NCHW, Vistas sizes) as the runtime would and
+    checks the row's fields, its one loop's trip count included (no speed figure is a target here)."""
     triton = pytest.importorskip("triton")
     from benchmarks.sm90 import tools
 
@@ -326,16 +326,18 @@ def test_one_triton_kernel_end_to_end(tmp_path):
     except tools.ToolMissing as exc:
         pytest.skip(str(exc))
     ctx = model.Context(tmp_path, log=lambda m: None)
-    row = ctx.triton_row("decode", "float32", "forward", "nchw").as_dict()
+    row = ctx.triton_row("hierarchical_softmax", "float32", "forward", "nchw").as_dict()
     assert (row["op"], row["backend"], row["dtype"], row["pass"], row["layout"]) == \
-        ("decode", "triton", "float32", "forward", "nchw")
+        ("hierarchical_softmax", "triton", "float32", "forward", "nchw")
     assert 16 <= row["registers"] <= 255 and row["spill_bytes"] >= 0 and row["shared_bytes"] >= 1024
     assert row["global_load_bits"] in (16, 32, 64, 128)
-    assert row["floor_ms"] == pytest.approx((8 * 2 ** 20 * 147 * 4 + 8 * 8 * 2 ** 20) / 3e12 * 1e3)
+    tree = trees.load("vistas")
+    P = 8 * 2 ** 20
+    assert row["floor_ms"] == pytest.approx(P * (tree.num_leaves * 4 + 8 + 4 * (tree.depth + 1)) / 3e12 * 1e3)
     assert row["issue_ms"] > 0 and row["sass_per_element"] > 1 and row["ratio"] == row["issue_ms"] / row["floor_ms"]
-    assert 0 < row["mufu_ms"] < row["issue_ms"]  # sigmoids: ex2 and rcp per path node
-    source = (Path(__file__).resolve().parents[1] / "hss_kernels" / "triton" / "decode.py").read_text().splitlines()
-    leaf_loop = next(i for i, line in enumerate(source, start=1) if "for l0 in range(0, L, BLOCK_L)" in line)
-    (loop,) = [lp for lp in row["loops"] if lp["line"] == f"hss_kernels/triton/decode.py:{leaf_loop}"]
-    assert loop["trips"] == 4  # cdiv(123 leaves, BLOCK_L = 32)
-    assert row["threads"] == 8 * 32 * (8 * 2 ** 20 // 64) and not row["warnings"]
+    assert 0 < row["mufu_ms"] < row["issue_ms"]  # an exponential per leaf
+    source = (Path(__file__).resolve().parents[1] / "hss_kernels" / "triton" / "hierarchical_softmax.py").read_text().splitlines()
+    loop_line = next(i for i, line in enumerate(source, start=1) if "for c0 in range(0, L, BLOCK_C)" in line)
+    (loop,) = [lp for lp in row["loops"] if lp["line"] == f"hss_kernels/triton/hierarchical_softmax.py:{loop_line}"]
+    assert loop["trips"] == 9  # cdiv(66 leaves, BLOCK_C = 8)
+    assert row["threads"] == P // 4 and not row["warnings"]  # 4 pixels per thread

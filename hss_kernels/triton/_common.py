@@ -119,19 +119,6 @@ def block_sizes(channels: int, pixels: int, interpret: bool) -> Tuple[int, int, 
     return block_c, block_p, num_warps
 
 
-def decode_block_sizes(channels: int, leaves: int, pixels: int, interpret: bool) -> Tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_L, BLOCK_P, num_warps) of the decode kernel, which streams over chunks of channels
-    and of leaves. On a GPU a (32 x 64) leaf tile over 8 warps keeps every variant (float64 and the
-    softmax included) under 220 registers without spills on sm_90 (checked with ptxas); 128-leaf tiles
-    spill. The interpreter pays per program instead, so it gets tiles as large as NumPy likes."""
-    if interpret:
-        block_l = min(triton.next_power_of_2(leaves), 128)
-        block_c = min(triton.next_power_of_2(channels), 128)
-        block_p = max(16, min((1 << 17) // block_l, 1024, triton.next_power_of_2(pixels)))
-        return block_c, block_l, block_p, 4
-    return min(triton.next_power_of_2(channels), 32), min(triton.next_power_of_2(leaves), 32), 64, 8
-
-
 def shape_args(x: torch.Tensor):
     """P (pixels), HW and W of a 4-D tensor; HW and W never 0 (the kernels divide by them)."""
     N, _, H, W = x.shape

@@ -3,98 +3,134 @@
 For node logits ``x`` (V channels) a leaf's path score is ``sum_{d} a[path_nodes[l, d]]`` (divided by
 the path length for ``score="mean"``), with ``a = sigmoid(x)`` or the softmax over all V channels; the
 prediction is the leaf with the highest score, ties going to the lowest leaf id. Leaf logits are the
-same computation with a one-node path per leaf and no activation: the argmax. The path table is the
-native backend's (:func:`hss_kernels.tables.decode_path`).
+same computation on a flat tree (one node per leaf, no activation): the argmax.
 
-C, L and D are compile-time constants (one compilation per tree; the interpreter cannot loop to a
-runtime bound under NumPy 2). One program takes ``BLOCK_P`` pixels: a softmax first streams over the
-channels for the running max and sum of exponentials; then each chunk of ``BLOCK_L`` leaves gathers its
-path nodes' logits (one load per depth, from cache after the first touch) and the running best leaf is
-kept with a strict ``>`` so that the earliest, lowest leaf id wins ties. Nothing of size N×L×P or
-N×V×P is ever written.
+``_decode_kernel`` has the tree compiled in, as the tree-min kernel does (``_tree``; docs/MATH.md §3.10):
+the channels in pre-order, their depths and leaf ids are constexpr tuples, so a pixel's work is one
+straight-line step per node. Walking the pre-order, each node's path score is its parent's plus its own
+activation (root side first, the order every backend sums in, so leaves with equal activations along
+equal-length paths tie exactly), one running sum per depth; a leaf compares its score with the best so
+far. The softmax first streams over the channels for the running max and sum of exponentials. A program
+takes BLOCK_P pixels, a few consecutive ones per thread on NCHW logits; nothing of size N×L×P or N×V×P
+is ever written.
 """
 from __future__ import annotations
+
+from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import tables
 from ..tree import Tree
 from . import _common
+from . import _tree as T
 
 __all__ = ["decode"]
 
 _ACT = {"sigmoid": 0, "softmax": 1}
 _IDENTITY = 2  # leaf logits: the score is the logit itself
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _activate(x, m, rz, ACT: tl.constexpr, FAST: tl.constexpr):
+    """a(x): sigmoid(x) (ACT 0; exp(−|x|) never overflows), exp(x − m) / z (ACT 1, rz = 1 / z when FAST,
+    else z) or x itself (ACT 2). FAST: the GPU's ex2 and rcp approximations (float32 math, compiled)."""
+    if ACT == 0:
+        if FAST:
+            e = _common.exp2(tl.abs(x) * (-LOG2E), FAST)
+            r = _common.mufu(1.0 + e, "rcp", FAST)
+            return tl.where(x >= 0, r, e * r)
+        else:
+            e = tl.exp(-tl.abs(x))
+            return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    elif ACT == 1:
+        if FAST:
+            return _common.exp2((x - m) * LOG2E, FAST) * rz
+        else:
+            return tl.exp(x - m) / rz
+    else:
+        return x
 
 
 @triton.jit
 def _decode_kernel(
-    x_ptr, out_ptr, path_ptr,
+    x_ptr, out_ptr,
     P, HW, W,
     s_n, s_c, s_h, s_w,
-    C: tl.constexpr, L: tl.constexpr, D: tl.constexpr, ACT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+    V: tl.constexpr, CH: tl.constexpr, DEP: tl.constexpr, LID: tl.constexpr, D: tl.constexpr,
+    ORDERED: tl.constexpr, ACT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    # Not _common.pixel_coords: its (p - n*HW) form costs this kernel 4-8 % more instructions and up to 40
-    # more registers on sm_90 (python -m benchmarks.sm90 --op decode) than the // and % pair below.
-    q = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    p_ok = q < P
-    n = q // HW
-    r = q % HW
-    pix = n * s_n + (r // W) * s_h + (r % W) * s_w  # element offset of channel 0 of each pixel
+    # CH, DEP, LID: per pre-order position the node's channel, depth (1 = a child of the root) and leaf id
+    # (-1: an internal node). ORDERED: the leaf ids increase along the pre-order, so a strict > keeps the
+    # lowest id of a tie; else a tie compares the ids.
+    # The output is (N, H, W) contiguous: pixel p is at p, whatever the logits' layout.
+    pid, p, pmask, xpix, _, _, _ = _common.pixel_offsets(P, HW, W, s_n, s_h, s_w, s_n, s_h, s_w, s_n, s_h, s_w,
+                                                        s_n, s_h, s_w, BLOCK_P, FLAT, VEC)
+    sc64 = tl.cast(s_c, tl.int64)
+    zero = tl.zeros([BLOCK_P], dtype=ACC)
 
-    # Softmax over all V channels needs the max m and z = sum exp(x - m) first (online, chunked).
-    m = tl.full((BLOCK_P,), float("-inf"), ACC)
-    z = tl.zeros((BLOCK_P,), ACC)
+    # Softmax over all V channels: the max m and z = sum exp(x - m) first, online over runs of G channels
+    # in channel order (one rescale per run). A loop, not the unrolled tree: unrolled, the compiler hoists
+    # the loads of later runs and spills.
+    m = zero
+    rz = zero + 1.0
     if ACT == 1:
-        for c0 in range(0, C, BLOCK_C):  # sm90: trips=cdiv(C, BLOCK_C)
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < C
-            # Pixels past the end load 0 (not -inf) so that m stays finite and no NaN appears.
-            xc = tl.load(x_ptr + c.to(tl.int64)[:, None] * s_c + pix[None, :], mask=c_ok[:, None] & p_ok[None, :],  # sm90: logits
-                         other=0.0).to(ACC)
-            xc = tl.where(c_ok[:, None], xc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(xc, axis=0))
-            z = z * tl.exp(m - m_new) + tl.sum(tl.exp(xc - m_new[None, :]), axis=0)
+        m = zero - float("inf")
+        z = zero
+        for c0 in range(0, V, G):  # sm90: trips=cdiv(V, G)
+            c = c0 + tl.arange(0, G)
+            t = tl.load(x_ptr + xpix[:, None] + c.to(tl.int64)[None, :] * sc64,  # sm90: logits
+                        mask=pmask[:, None] & (c < V)[None, :], other=0.0).to(ACC)
+            xs = T.unpack(tl.where((c < V)[None, :], t, float("-inf")), G)
+            gm = xs[0]
+            for i in tl.static_range(1, G):
+                gm = tl.maximum(gm, xs[i])
+            m_new = tl.maximum(m, gm)
+            s = zero
+            for i in tl.static_range(G):
+                s += _common.exp2((xs[i] - m_new) * LOG2E, FAST)
+            z = z * _common.exp2((m - m_new) * LOG2E, FAST) + s
             m = m_new
+        # masked pixels loaded 0 everywhere: finite m, z = V
+        if FAST:
+            rz = _common.mufu(z, "rcp", FAST)
+        else:
+            rz = z
 
-    best = tl.full((BLOCK_P,), float("-inf"), ACC)
-    best_l = tl.zeros((BLOCK_P,), tl.int64)
-    for l0 in range(0, L, BLOCK_L):  # sm90: trips=cdiv(L, BLOCK_L)
-        leaf = l0 + tl.arange(0, BLOCK_L)
-        l_ok = leaf < L
-        s = tl.zeros((BLOCK_L, BLOCK_P), ACC)
-        length = tl.zeros((BLOCK_L,), tl.int32)
-        # score[l] = sum over the path's nodes, root side first (every backend sums in this order, so
-        # leaves with equal activations along equal-length paths tie exactly).
-        for d in tl.static_range(D):
-            node = tl.load(path_ptr + leaf * D + d, mask=l_ok, other=-1)
-            on = node >= 0
-            xv = tl.load(x_ptr + node.to(tl.int64)[:, None] * s_c + pix[None, :], mask=on[:, None] & p_ok[None, :],  # sm90: logits
-                         other=0.0).to(ACC)
-            if ACT == 0:
-                e = tl.exp(-tl.abs(xv))  # never overflows
-                a = tl.where(xv >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-            elif ACT == 1:
-                a = tl.exp(xv - m[None, :]) / z[None, :]
-            else:
-                a = xv
-            s += tl.where(on[:, None], a, 0.0)
+    # Pre-order: a node's path score is its parent's (element d - 2 of `run`) plus its activation.
+    run = ()
+    for d in tl.static_range(D):
+        run = run + (zero,)
+    best = zero - float("inf")
+    best_l = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for i in tl.static_range(V):
+        if i % G == 0:
+            if PIN and i > 0:
+                run = T.pin_all(run, PIN)
+                best = T.pin(best, PIN)
+                best_l = T.pin(best_l, PIN)
+            xs = T.load_group(x_ptr, xpix, sc64, pmask, CH, V, i, G, False, ACC, ACT == 1)
+        a = _activate(xs[i % G], m, rz, ACT, FAST)
+        if DEP[i] == 1:
+            s = a
+        else:
+            s = run[DEP[i] - 2] + a
+        if LID[i] < 0:
+            run = T.replace(run, DEP[i] - 1, s)
+        else:
             if MEAN:
-                length += on.to(tl.int32)
-        if MEAN:
-            s = s / tl.maximum(length, 1).to(ACC)[:, None]
-        s = tl.where(l_ok[:, None], s, float("-inf"))
-        chunk_best = tl.max(s, axis=0)
-        # first (lowest) leaf reaching the chunk's max; tl.argmax's tie rule is not relied upon
-        is_max = (s == chunk_best[None, :]) & l_ok[:, None]
-        chunk_l = tl.min(tl.where(is_max, leaf[:, None], 2147483647), axis=0).to(tl.int64)
-        take = (chunk_best > best) | (l0 == 0)  # strict: an earlier chunk keeps its tie
-        best_l = tl.where(take, chunk_l, best_l)
-        best = tl.where(take, chunk_best, best)
-    tl.store(out_ptr + q, best_l, mask=p_ok)
+                s = s / DEP[i]
+            if ORDERED:
+                take = s > best
+            else:
+                take = (s > best) | ((s == best) & (best_l > LID[i]))
+            best = tl.where(take, s, best)
+            best_l = tl.where(take, LID[i], best_l)
+    tl.store(out_ptr + p, best_l.to(tl.int64), mask=pmask)
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
@@ -114,32 +150,77 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     if logits.dim() != 4:
         raise ValueError(f"decode: the Triton backend takes (N, C, H, W) logits, got {tuple(logits.shape)}")
     leaf_logits = logits.shape[1] == tree.num_leaves != tree.num_nodes
-    path = tables.decode_path(tree, logits.device, leaf_logits)
     act = _IDENTITY if leaf_logits else _ACT[activation]
-    return _decode(logits, path, act, score == "mean" and not leaf_logits)
+    return _decode(logits, _walk(tree, leaf_logits), act, score == "mean" and not leaf_logits)
+
+
+def _walk(tree: Tree, leaf_logits: bool) -> List[int]:
+    """The ``walk`` argument of the op: the channels in pre-order, their depths and their leaf ids (-1 for
+    an internal node), 3·V ints; for leaf logits a flat tree of the L leaf channels."""
+    def build():
+        if leaf_logits:
+            L = tree.num_leaves
+            return list(range(L)) + [1] * L + list(range(L))
+        order = tree.dfs_order
+        return list(order) + [tree.depths[c] for c in order] + [tree.channel_labels[c] for c in order]
+    return tree.cached(("triton_decode_walk", bool(leaf_logits)), build)
+
+
+def _compiled_walk(walk: List[int]):
+    """(V, CH, DEP, LID, D, ORDERED): the kernel's constexprs from ``walk``."""
+    V = len(walk) // 3
+    ch, dep, lid = tuple(walk[:V]), tuple(walk[V:2 * V]), tuple(walk[2 * V:])
+    leaves = [l for l in lid if l >= 0]
+    return V, ch, dep, lid, max(dep), leaves == sorted(leaves)
+
+
+# Bytes of consecutive pixels per thread on NCHW logits: 128-bit loads (4 float32 or 8 bfloat16 pixels).
+VECTOR_BYTES = 16
+
+
+def gpu_blocks(logits: torch.Tensor):
+    """(BLOCK_P, num_warps, VEC) of a compiled launch: VEC consecutive pixels per thread on NCHW logits, one
+    per thread on channels_last (where a pixel's G channels are the contiguous ones)."""
+    if logits.shape[1] > 1 and logits.stride(1) == 1:
+        return 128, 4, 1
+    vec = VECTOR_BYTES // logits.element_size()
+    return vec * 32 * 4, 4, vec
+
+
+def _blocks(logits: torch.Tensor):
+    """(BLOCK_P, num_warps, VEC): :func:`gpu_blocks` when compiled; under the interpreter, which pays per
+    program and per operation, ``_common.block_sizes``' pixel block for one channel (up to 1024)."""
+    if _common.interpreted(logits.device):
+        return _common.block_sizes(1, _common.shape_args(logits)[0], True)[1], 4, 1
+    return gpu_blocks(logits)
 
 
 # A custom op, so that torch.compile(fullgraph=True) traces decode without a graph break.
 @torch.library.custom_op("hss_triton::decode", mutates_args=())
-def _decode(logits: torch.Tensor, path: torch.Tensor, act: int, mean: bool) -> torch.Tensor:
+def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool) -> torch.Tensor:
     N, C, H, W = logits.shape
     out = torch.empty((N, H, W), dtype=torch.int64, device=logits.device)
     P, HW, Wd = _common.shape_args(logits)
     if P == 0:
         return out
-    L, D = path.shape
-    BLOCK_C, BLOCK_L, BLOCK_P, num_warps = _common.decode_block_sizes(C, L, P, _common.interpreted(logits.device))
+    V, ch, dep, lid, D, ordered = _compiled_walk(walk)
+    if V != C:
+        raise ValueError(f"decode: the walk has {V} nodes, the logits {C} channels")
+    block_p, num_warps, vec = _blocks(logits)
+    flat = _common.flat_pixels(logits)
+    grid = (triton.cdiv(HW, block_p), N) if flat else (triton.cdiv(P, block_p),)
+    fast = _common.fast_exp(logits)
     _common.launch(
-        _decode_kernel, (triton.cdiv(P, BLOCK_P),), logits,
-        logits, out, path,
+        _decode_kernel, grid, logits,
+        logits, out,
         P, HW, Wd,
         *logits.stride(),
-        C=C, L=L, D=D, ACT=act, MEAN=mean, ACC=_common.tl_acc(logits.dtype),
-        BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, num_warps=num_warps,
+        V=V, CH=ch, DEP=dep, LID=lid, D=D, ORDERED=ordered, ACT=act, MEAN=mean, ACC=_common.tl_acc(logits.dtype),
+        BLOCK_P=block_p, FLAT=flat, FAST=fast, G=T.GROUP, PIN=not _common.interpreted(logits.device), VEC=vec, num_warps=num_warps,
     )
     return out
 
 
 @_decode.register_fake
-def _(logits, path, act, mean):
+def _(logits, walk, act, mean):
     return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.int64)

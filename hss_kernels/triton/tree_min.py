@@ -22,7 +22,6 @@ recomputes the extrema from the logits (one more read, no argmin/argmax tensor o
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Tuple
 
 import torch
@@ -32,6 +31,7 @@ import triton.language as tl
 from .. import tables
 from ..tree import Tree
 from . import _common as C
+from . import _tree as T
 
 __all__ = ["tree_min_loss", "tree_bce_loss", "tree_min_loss_and_grad", "tree_bce_loss_and_grad"]
 
@@ -83,16 +83,6 @@ def _focal2(w, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: t
 
 
 @triton.jit
-def _pin(x, PIN: tl.constexpr):
-    """x through an opaque instruction with side effects (PIN; else x itself): the compiler must have
-    computed x here, and keeps later loads after it, so the unrolled tree's values do not pile up."""
-    if PIN:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
-    else:
-        return x
-
-
-@triton.jit
 def _bind(v, ref, PIN: tl.constexpr):
     """The int32 v computed in the register layout of the float32 ref (PIN; else v itself): one layout
     conversion here instead of one at every node that combines a label-derived value with a logit."""
@@ -101,108 +91,6 @@ def _bind(v, ref, PIN: tl.constexpr):
                                          pack=1)
     else:
         return v
-
-
-@triton.jit
-def _pin_all(t, PIN: tl.constexpr):
-    out = ()
-    for i in tl.static_range(len(t)):
-        out = out + (_pin(t[i], PIN),)
-    return out
-
-
-@triton.jit
-def _set(t, i: tl.constexpr, v):
-    """The tuple t with element i replaced by v (i a constexpr: per-depth state held in registers)."""
-    return t[:i] + (v,) + t[i + 1:]
-
-
-@triton.jit
-def _group_channels(CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr, REV: tl.constexpr):
-    """[G] channels of the nodes at loop steps start .. start + G - 1, the steps walking the pre-order
-    (REV: its reverse); steps past the last node repeat its channel (their lanes are masked off)."""
-    r = tl.arange(0, G)
-    ch = tl.zeros([G], dtype=tl.int32)
-    for i in tl.static_range(G):
-        if start + i < V:
-            if REV:
-                ch = tl.where(r == i, CH[V - 1 - start - i], ch)
-            else:
-                ch = tl.where(r == i, CH[start + i], ch)
-        else:
-            if REV:
-                ch = tl.where(r == i, CH[0], ch)
-            else:
-                ch = tl.where(r == i, CH[V - 1], ch)
-    return ch
-
-
-@triton.jit
-def _unpack(t, G: tl.constexpr):
-    """The G columns of a [pixels, G] tile as a tuple of pixel vectors (no data movement: a thread holds
-    its pixels' G values)."""
-    if G == 1:
-        return (tl.reshape(t, (t.shape[0],)),)
-    elif G == 2:
-        a, b = tl.split(t)
-        return (a, b)
-    elif G == 4:
-        a, b = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))  # column 2i + j: a is j = 0
-        a0, a1 = tl.split(a)
-        b0, b1 = tl.split(b)
-        return (a0, b0, a1, b1)
-    else:
-        a, b = tl.split(tl.reshape(t, (t.shape[0], 2, 2, 2)))  # column 4i + 2j + k: a is k = 0
-        a0, a1 = tl.split(a)
-        b0, b1 = tl.split(b)
-        a00, a01 = tl.split(a0)
-        a10, a11 = tl.split(a1)
-        b00, b01 = tl.split(b0)
-        b10, b11 = tl.split(b1)
-        return (a00, b00, a10, b10, a01, b01, a11, b11)
-
-
-@triton.jit
-def _pack(v, G: tl.constexpr):
-    """The inverse of _unpack: a tuple of G pixel vectors as a [pixels, G] tile."""
-    if G == 1:
-        return tl.reshape(v[0], (v[0].shape[0], 1))
-    elif G == 2:
-        return tl.join(v[0], v[1])
-    elif G == 4:
-        return tl.reshape(tl.join(tl.join(v[0], v[2]), tl.join(v[1], v[3])), (v[0].shape[0], 4))
-    else:
-        a = tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6]))
-        b = tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7]))
-        return tl.reshape(tl.join(a, b), (v[0].shape[0], 8))
-
-
-@triton.jit
-def _load_group(x_ptr, xpix, sxc64, pmask, CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr,
-                REV: tl.constexpr, ACC: tl.constexpr, LAST: tl.constexpr = False):
-    """The logits of the G nodes at loop steps start .. start + G - 1 (one load of a [pixels, G] tile), as a
-    tuple of pixel vectors. LAST: the program's last read of them (evict first; a load the compiler cannot
-    merge with the first read, which would keep every logit of the pixel live between the two passes)."""
-    ch = _group_channels(CH, V, start, G, REV)
-    ptr = x_ptr + xpix[:, None] + ch.to(tl.int64)[None, :] * sxc64
-    if LAST:
-        t = tl.load(ptr, mask=pmask[:, None], other=0.0, eviction_policy="evict_first")  # sm90: logits
-    else:
-        t = tl.load(ptr, mask=pmask[:, None], other=0.0)  # sm90: logits
-    return _unpack(t.to(ACC), G)
-
-
-@triton.jit
-def _store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr):
-    """Stores the gradients gs of the nodes at pre-order steps start .. start + len(gs) - 1 (a tuple padded
-    to G vectors) as one [pixels, G] tile."""
-    n: tl.constexpr = len(gs)
-    for i in tl.static_range(G - n):
-        gs = gs + (gs[0],)
-    ch = _group_channels(CH, V, start, G, False)
-    cmask = tl.arange(0, G) < n
-    tl.store(g_ptr + gpix[:, None] + ch.to(tl.int64)[None, :] * sgc64,
-             _pack(gs, G).to(g_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -232,7 +120,7 @@ def _tree_min_kernel(
     sgc64 = tl.cast(sgc, tl.int64)
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
     # The first step's logits, loaded early: the labels move to their register layout once (_bind).
-    xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
+    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
     code = _bind(tl.where(valid, tl.where(bad, -2, y), -1).to(tl.int32), xs[0], PIN)
     valid = code != -1
     bad = code == -2
@@ -268,7 +156,7 @@ def _tree_min_kernel(
                 ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(ACC)
                 kpath = kpath + (zero,)
                 for j in tl.static_range(d + 1):
-                    kpath = _set(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
+                    kpath = T.replace(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
 
     if WANT_GRAD:
         if GRAD_MODE == 1:
@@ -291,19 +179,19 @@ def _tree_min_kernel(
         for j in tl.static_range(V):
             if j % G == 0 and j > 0:
                 if PIN:
-                    acc = _pin(acc, PIN)
-                    cm = _pin_all(cm, PIN)
-                    mi = _pin_all(mi, PIN)
-                xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC)
+                    acc = T.pin(acc, PIN)
+                    cm = T.pin_all(cm, PIN)
+                    mi = T.pin_all(mi, PIN)
+                xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC)
             x = xs[j % G]
             if LEAF[V - 1 - j]:
                 m = x
             else:
                 m = tl.maximum(x, cm[DEP[V - 1 - j]], propagate_nan=tl.PropagateNan.ALL)
-                cm = _set(cm, DEP[V - 1 - j], zero - float("inf"))
+                cm = T.replace(cm, DEP[V - 1 - j], zero - float("inf"))
                 if WANT_GRAD:
-                    mi = _set(mi, IDX[V - 1 - j], m)
-            cm = _set(cm, DEP[V - 1 - j] - 1,
+                    mi = T.replace(mi, IDX[V - 1 - j], m)
+            cm = T.replace(cm, DEP[V - 1 - j] - 1,
                       tl.maximum(cm[DEP[V - 1 - j] - 1], m, propagate_nan=tl.PropagateNan.ALL))
             if WANT_LOSS:
                 w = tl.where(path[DEP[V - 1 - j] - 1] == CH[V - 1 - j], cmin[DEP[V - 1 - j] - 1], m)
@@ -326,9 +214,9 @@ def _tree_min_kernel(
             for i in tl.static_range(V):
                 if i % G == 0:
                     if PIN and i > 0:
-                        mo = _pin_all(mo, PIN)
-                        pend = _pin_all(pend, PIN)
-                    xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True)
+                        mo = T.pin_all(mo, PIN)
+                        pend = T.pin_all(pend, PIN)
+                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True)
                     gs = ()
                 x = xs[i % G]
                 on = path[DEP[i] - 1] == CH[i]
@@ -340,14 +228,14 @@ def _tree_min_kernel(
                 if DEP[i] > 1:
                     hit = m == mo[DEP[i] - 2]
                     kin += tl.where(hit, pend[DEP[i] - 2], 0.0)
-                    pend = _set(pend, DEP[i] - 2, tl.where(hit, 0.0, pend[DEP[i] - 2]))
+                    pend = T.replace(pend, DEP[i] - 2, tl.where(hit, 0.0, pend[DEP[i] - 2]))
                 if LEAF[i]:
                     kk = kin
                 else:
                     own = x >= m
                     kk = tl.where(own, kin, 0.0)
-                    pend = _set(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
-                    mo = _set(mo, DEP[i] - 1, m)
+                    pend = T.replace(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
+                    mo = T.replace(mo, DEP[i] - 1, m)
                 kk = tl.where(on, kpath[DEP[i] - 1], kk)
                 _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
                 g = kk * df
@@ -355,7 +243,7 @@ def _tree_min_kernel(
                 g = tl.where(valid, g * gsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
                 gs = gs + (g,)
                 if i % G == G - 1 or i == V - 1:
-                    _store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
+                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
     else:
         # Tree BCE: every node its own extremum, one pass: loss and gradient share the sigmoids. The
         # gradient rows are written before the pixel's NaN scan is complete; the rare pixel with a NaN
@@ -367,9 +255,9 @@ def _tree_min_kernel(
             if i % G == 0:
                 if i > 0:
                     if PIN:
-                        acc = _pin(acc, PIN)
-                        big = _pin(big, PIN)
-                    xs = _load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC)
+                        acc = T.pin(acc, PIN)
+                        big = T.pin(big, PIN)
+                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC)
                 gs = ()
             x = xs[i % G]
             big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
@@ -384,7 +272,7 @@ def _tree_min_kernel(
                 g = tl.where(valid, g * gsc, 0.0)
                 gs = gs + (g,)
                 if i % G == G - 1 or i == V - 1:
-                    _store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
+                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
         nan = big != big
         late = valid & nan & (~bad)
         bad = bad | (valid & nan)
@@ -394,17 +282,11 @@ def _tree_min_kernel(
                 for i in tl.static_range(G):
                     nanrow = nanrow + (tl.full([BLOCK_P], float("nan"), ACC),)
                 for i in tl.static_range(0, V, G):
-                    _store_group(g_ptr, gpix, sgc64, late, nanrow[:min(G, V - i)], CH, V, i, G)
+                    T.store_group(g_ptr, gpix, sgc64, late, nanrow[:min(G, V - i)], CH, V, i, G)
     if WANT_LOSS:
         C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
 
-# Nodes per step of the compiled-in tree: the kernel loads (and stores) the logits of GROUP nodes at a
-# time as one [pixels, GROUP] tile, and compiled with float32 math passes its running values through an
-# opaque instruction (_pin) between steps: without it LLVM leaves the arithmetic of the unrolled tree
-# after all of its loads, whose registers exceed 255 on the big trees (ptxas then spills). One load per
-# node instead costs Triton's coalescing pass time quadratic in the node count (minutes for Vistas 2.0).
-GROUP = 8
 # Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16): every load of a program
 # (logits, labels, the label's path) then has one register layout. At 16 bytes per thread the logits' layout
 # differs from the int64 labels' and every node pays a layout conversion through shared memory.
@@ -418,7 +300,7 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
     if len(sizes) < 4 + 2 * V:  # tables.tree_min_sizes alone (a direct call of the op): the tree from the table
         t = tab.cpu().tolist()
         sizes = list(sizes[:4]) + t[V:2 * V] + [t[c] for c in t[V:2 * V]]
-    ch, dep, leaf, idx = _compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
+    ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     gmode = 0 if gamma == 0 else 2 if gamma == 2 else 1
     return C.launch_loss_kernel(
         _tree_min_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
@@ -426,21 +308,8 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
-        FAST=C.fast_exp(logits), G=GROUP, PIN=C.fast_exp(logits), VEC=PIXELS_PER_THREAD,
+        FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), VEC=PIXELS_PER_THREAD,
     )
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled_tree(order, depths):
-    """The kernel's tree constexprs from the pre-order channels and their depths: (CH, DEP, LEAF, IDX),
-    LEAF[i] = 1 when the next node in pre-order is no deeper, IDX[i] the ordinal of an internal node."""
-    V = len(order)
-    leaf = tuple(int(i + 1 == V or depths[i + 1] <= depths[i]) for i in range(V))
-    idx, n = [], 0
-    for i in range(V):
-        idx.append(-1 if leaf[i] else n)
-        n += not leaf[i]
-    return tuple(order), tuple(depths), leaf, tuple(idx)
 
 
 def _tree_sizes(tree: Tree) -> List[int]:
@@ -461,7 +330,7 @@ def _blocks(logits, two_pass):
 
 
 def gpu_blocks(logits, two_pass=False):
-    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked GROUP nodes at a
+    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked T.GROUP nodes at a
     time). Channel rows in memory (NCHW): PIXELS_PER_THREAD consecutive pixels per thread. Channels
     contiguous (channels_last): one pixel per thread. ``two_pass`` (the tree-min gradient) takes the same."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:

@@ -76,35 +76,52 @@ def test_every_kernel_goes_through_launch(backend, device, monkeypatch):
 
 
 def test_tiles_follow_the_device(backend, device, monkeypatch):
-    """Every kernel takes its tile sizes for its tensors' device: interpreter tiles for CPU tensors, GPU
-    tiles for CUDA tensors."""
+    """Every kernel takes its tile sizes for its tensors' device: interpreter tiles for CPU tensors, the
+    compiled kernels' (gpu_blocks) for CUDA tensors."""
     asked = []
-    block_sizes, blocks = C.block_sizes, C.decode_block_sizes
+    block_sizes = C.block_sizes
     monkeypatch.setattr(C, "block_sizes",
-                        lambda c, p, interpret: asked.append(interpret) or block_sizes(c, p, interpret))
-    monkeypatch.setattr(C, "decode_block_sizes",
-                        lambda c, l, t, interpret: asked.append(interpret) or blocks(c, l, t, interpret))
+                        lambda c, p, interpret: asked.append("interpreter" if interpret else "gpu")
+                        or block_sizes(c, p, interpret))
+    for mod in (triton_mod.tree_min, triton_mod.decode):
+        monkeypatch.setattr(mod, "gpu_blocks", lambda *a, _f=mod.gpu_blocks, _m=mod.__name__: asked.append(_m) or _f(*a))
     tree = trees.load("cityscapes")
     x, y = H.inputs(tree, "tree_min_loss", (1, 3, 4), device=device)
     hss_kernels.tree_min_loss(x.requires_grad_(), y, tree, backend="triton").backward()
     hss_kernels.decode(x.detach(), tree, backend="triton")
-    assert len(asked) == 3 and set(asked) == {device == "cpu"}
+    if device == "cpu":
+        assert asked == ["interpreter"] * 3
+    else:
+        assert "interpreter" not in asked
+        assert asked.count("hss_kernels.triton.tree_min") == 2 and asked.count("hss_kernels.triton.decode") == 1
 
 
-def test_gpu_tiles_split_the_wide_trees():
-    """On a GPU decode takes (32 x 64) tiles, so the shipped trees wider than 32 leaves or channels run
-    several leaf and channel tiles per pixel (tests/test_decode.py::test_several_tiles_per_tree checks their
-    labels on CUDA); the interpreter's tiles hold vistas whole and split vistas_v2's channels. The loss
-    kernels keep all channels in one tile everywhere, with fewer pixels per GPU tile."""
-    for name in ("vistas", "vistas_v2"):
+def test_decode_walks_the_tree_in_pre_order():
+    """The decode kernel's compiled-in tree: channels in pre-order with their depths and leaf ids, and
+    whether the leaf ids increase along it (then a strict > keeps the lowest id of a tie; the shipped trees
+    have both kinds, and tests/test_decode.py checks ties on both); leaf logits as a flat tree."""
+    kinds = set()
+    for name in trees.names():
         tree = trees.load(name)
-        V, L = tree.num_nodes, tree.num_leaves
-        block_c, block_l, _, _ = C.decode_block_sizes(V, L, 10_000, False)
-        assert block_l < L and block_c < V, name
-    vistas, v2 = trees.load("vistas"), trees.load("vistas_v2")
-    assert C.decode_block_sizes(vistas.num_nodes, vistas.num_leaves, 10_000, True)[:2] == (128, 128)
-    block_c, block_l, _, _ = C.decode_block_sizes(v2.num_nodes, v2.num_leaves, 10_000, True)
-    assert block_c < v2.num_nodes and block_l >= v2.num_leaves
+        V, ch, dep, lid, D, ordered = triton_mod.decode._compiled_walk(triton_mod.decode._walk(tree, False))
+        assert V == tree.num_nodes and list(ch) == tree.dfs_order and D == tree.depth
+        assert [dep[i] for i in range(V)] == [tree.depths[c] for c in ch]
+        assert [l for l in lid if l >= 0] == [tree.channel_labels[c] for c in ch if tree.is_leaf(c)]
+        assert all((l >= 0) == tree.is_leaf(c) for c, l in zip(ch, lid))
+        leaves = [l for l in lid if l >= 0]
+        assert ordered == (leaves == sorted(leaves))
+        kinds.add(ordered)
+        L = tree.num_leaves
+        assert triton_mod.decode._compiled_walk(triton_mod.decode._walk(tree, True)) == \
+            (L, tuple(range(L)), (1,) * L, tuple(range(L)), 1, True)
+    assert kinds == {True, False}
+    x = torch.randn(1, 5, 2, 2)
+    with pytest.raises(ValueError, match="walk has 26 nodes"):
+        torch.ops.hss_triton.decode(x, triton_mod.decode._walk(trees.load("cityscapes"), False), 0, False)
+
+
+def test_loss_tiles_hold_every_channel():
+    """The hierarchical softmax keeps all channels in one tile everywhere, with fewer pixels per GPU tile."""
     for channels in (19, 66, 147):
         gpu, interp = C.block_sizes(channels, 10_000, False), C.block_sizes(channels, 10_000, True)
         assert gpu[0] == interp[0] >= channels and gpu[0] * gpu[1] <= 2048 < interp[0] * interp[1]
@@ -176,7 +193,7 @@ def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypa
     elif layout == "strided":
         x, y = x[:, :, :, ::2], y[:, :, ::2]
     assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else tm.PIXELS_PER_THREAD * 128)
-    assert tree.num_nodes % tm.GROUP != 0
+    assert tree.num_nodes % tm.T.GROUP != 0
     for op in ("tree_min_loss", "tree_bce_loss"):
         H.check(op, "triton", x, y, tree, reduction="none", gamma=2.0)
         if dtype == torch.float32:
@@ -197,3 +214,38 @@ def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypa
         assert torch.isnan(loss).item() == labelled
         assert torch.isnan(grad[0, :, 0, 5]).all().item() == labelled
         assert not torch.isnan(grad[0, :, 0, 6:]).any()
+
+
+@pytest.mark.parametrize("layout,dtype", [("nchw", torch.float32), ("nchw", torch.bfloat16), ("nchw", torch.float64),
+                                          ("channels_last", torch.float32), ("strided", torch.bfloat16)])
+def test_gpu_tiles_of_decode_under_the_interpreter(layout, dtype, monkeypatch):
+    """The decode kernel with the tiles a GPU launch takes (decode.gpu_blocks: 16 bytes of consecutive pixels
+    per thread on NCHW, one pixel on channels_last; groups of 8 nodes per load, a partial last group), run
+    by the interpreter against the reference on an image wider than one program: both activations and
+    scores, sibling ties on a tree whose leaf ids do not follow the pre-order and on one whose do, leaf
+    logits; (n, h, w) indexing for the strided layout."""
+    from hss_kernels.triton import decode as dk
+
+    monkeypatch.setattr(dk, "_blocks", dk.gpu_blocks)
+    for name in ("helen", "cityscapes"):
+        tree = trees.load(name)
+        x = H.random_logits(tree.num_nodes, (1, 3, 1100), dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = x[:, :, :, ::2]
+        block_p, _, vec = dk.gpu_blocks(x)
+        vec_want = 1 if layout == "channels_last" else 16 // x.element_size()
+        assert (block_p, vec) == (128 * vec_want, vec_want)
+        assert tree.num_nodes % dk.T.GROUP != 0 and x.shape[2] * x.shape[3] > block_p
+        for activation in H.ACTIVATIONS:
+            for score in H.SCORES:
+                H.assert_decodes_like_reference(dk.decode(x, tree, activation, score), x, tree, activation, score)
+        xt, lowest = H.sibling_ties(tree, x)
+        H.assert_lowest_of_ties(dk.decode(xt, tree), lowest)
+        xs = H.saturated_logits(tree.num_nodes, (1, 3, 1100), dtype)  # ties across subtrees
+        for activation in H.ACTIVATIONS:
+            assert H.has_ties(xs, tree, activation, "sum")
+            assert torch.equal(dk.decode(xs, tree, activation, "sum"), H.first_maximum(xs, tree, activation, "sum"))
+        leaf = H.random_logits(tree.num_leaves, (1, 3, 1100), dtype)
+        assert torch.equal(dk.decode(leaf, tree), leaf.float().argmax(dim=1))
