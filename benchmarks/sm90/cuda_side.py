@@ -35,6 +35,13 @@ THREADS = 256  # kThreads in csrc/cuda/common.cuh
 DEFAULT_SMEM = 48 * 1024  # tree_min_bwd_cuda's kDefaultSmem
 
 
+def tree_smem_bytes(V: int, D: int, threads: int, extrema: bool, backward: bool) -> int:
+    """csrc/cuda/tree_min.cu tree_smem_bytes for A = float: the node table (16 B per node), D + 1
+    scratch floats per thread (tree-min), and tree_bit_words(V) words per thread (tree-min backward)."""
+    return 16 * V + (4 * (D + 1) * threads if extrema else 0) + (4 * (-(-V // 16)) * threads
+                                                                  if extrema and backward else 0)
+
+
 def setup_nvcc_flags(root: Path = ROOT) -> List[str]:
     """``NVCC_FLAGS`` of setup.py, read without running it."""
     tree = ast.parse((root / "setup.py").read_text(encoding="utf-8"))
@@ -189,13 +196,12 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         if pass_ == "forward":
             return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A, nb, THREADS,
                                [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
-                                None, None], {"P": P, "L": L, "D": D, "V": V}), finish]
-        threads, smem = THREADS, 0
-        if extrema:  # tree_min_bwd_cuda: V accumulators per thread in shared memory
-            size = 4
-            while threads > 32 and V * threads * size > DEFAULT_SMEM:
-                threads //= 2
-            smem = V * threads * size
+                                None, None], {"P": P, "L": L, "D": D, "V": V},
+                               tree_smem_bytes(V, D, THREADS, extrema, False)), finish]
+        threads = THREADS  # tree_min_bwd_cuda: fewer threads per block while the block's smem is over 48 KiB
+        while threads > 32 and tree_smem_bytes(V, D, threads, extrema, True) > DEFAULT_SMEM:
+            threads //= 2
+        smem = tree_smem_bytes(V, D, threads, extrema, True)
         return [CudaLaunch("tree_min", "tree_min_bwd_kernel", T + A, -(-P // threads), threads,
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
                             extrema], {"P": P, "L": L, "D": D, "V": V}, smem)]

@@ -407,6 +407,14 @@ void nan_rows(A* o, int64_t ld, int V, const int64_t* ys, const bool* valid, int
 // The ops: per block, the lane path or the per-pixel path (tree_min_math.h)
 // ================================================================================================
 
+// The pre-order node table of tree_forward_pixel and tree_backward_pixel.
+template <typename A>
+std::vector<TreeNode<A>> node_table(const TreeIndex& ti, const A* k) {
+  std::vector<TreeNode<A>> nodes(ti.V);
+  for (int p = 0; p < ti.V; ++p) nodes[p] = tree_node(ti, k, p);
+  return nodes;
+}
+
 template <typename T>
 void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                            const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
@@ -427,14 +435,17 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
   constexpr bool vec = std::is_same_v<A, float>;
   const bool lanes = vec && !cpu::pixel_path_forced();
   const int64_t scratch = vec ? (D + 2 * V) * kBlock : 0;
+  const std::vector<TreeNode<A>> nodes = node_table<A>(ti, k);
   cpu::for_each_block_direct<T, A>(logits.data_ptr<T>(), V, logits.stride(1), gx, P, scratch,
                                    [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scr) {
     int64_t ys[kBlock];
     bool valid[kBlock];
+    A acc[kMaxDepth + 1];
     alignas(64) A lane_loss[kBlock];
     char bad = 0;
     block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
-    nan_lanes(x, ld, V, n, valid, &bad);
+    // The per-pixel path applies the NaN rule itself (tree_forward_pixel's flag), so that it is tested.
+    if (lanes) nan_lanes(x, ld, V, n, valid, &bad);
     if constexpr (vec)
       if (lanes) tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
     double s = 0;
@@ -443,8 +454,8 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
       A l = A(0);
       if (valid[p]) {
         l = lanes ? lane_loss[p]
-                  : tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, ti, static_cast<int>(ys[p]), k, gamma,
-                                          eps, extrema);
+                  : tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()},
+                                          cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k, gamma, eps, extrema);
         s += l;
         ++c;
       } else if (ys[p] != ignore_index) {  // a bad label: NaN, counted, so that a mean or sum is NaN too
@@ -495,7 +506,8 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
   constexpr bool vec = std::is_same_v<A, float>;
   const bool lanes = vec && !cpu::pixel_path_forced();
   const int64_t scratch = vec ? (D + 6 * V) * kBlock : V * kBlock + V;  // (float: one row per node spare; also
-                                                                           // covers the per-pixel path's)
+                                                                           // covers the per-pixel path's bits)
+  const std::vector<TreeNode<A>> nodes = node_table<A>(ti, k);
   const T* xp = logits.data_ptr<T>();
   cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch,
                                    [&](int64_t i0, int64_t n, const int64_t* offs, const A* x, int64_t ld, A* scr) {
@@ -505,7 +517,7 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     alignas(64) A g[kBlock];
     char bad = 0;
     block_labels(tgt, gt, i0, n, L, ignore_index, ys, valid, &bad);
-    nan_lanes(x, ld, V, n, valid, &bad);
+    if (lanes) nan_lanes(x, ld, V, n, valid, &bad);  // the per-pixel path: tree_backward_pixel's flag
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < kBlock; ++p) g[p] = p < n ? gp[goff[p]] : A(0);
@@ -525,14 +537,17 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
       }
     }
     if (!rows_done) {
-      A* K = scr + V * kBlock;
+      // tree_backward_pixel's 2 bits per node, packed in 32-bit words, in the thread's spare scratch.
+      uint32_t* bits = reinterpret_cast<uint32_t*>(scr + V * kBlock);
+      A acc[kMaxDepth + 1];
       for (int64_t p = 0; p < n; ++p) {
         if (!valid[p]) {
           for (int v = 0; v < V; ++v) gtile[v * kBlock + p] = A(0);
           continue;
         }
-        tree_backward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, cpu::Scratch<A>{K}, cpu::ColumnOut<A>{gtile + p},
-                               ti, static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
+        tree_backward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc},
+                               cpu::Scratch<uint32_t>{bits}, cpu::ColumnOut<A>{gtile + p}, ti,
+                               static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
       }
     }
     if (bad) nan_rows(gtile, kBlock, V, ys, valid, n, ignore_index);

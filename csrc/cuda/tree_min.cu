@@ -1,7 +1,9 @@
 // Focal tree-min loss (docs/MATH.md §3) and the tree BCE (§4.1), one kernel family: the CUDA
 // implementation of tree_min_fwd and tree_min_bwd (schemas and contracts in csrc/ops.cpp). One thread
-// per pixel runs the per-pixel code of tree_min_math.h; the tree-min backward keeps its V per-pixel
-// accumulators in shared memory laid out (node, thread).
+// per pixel runs the O(V) per-pixel code of tree_min_math.h. Each block first copies the tree's node
+// table in pre-order into shared memory (one broadcast read per node afterwards); each thread keeps its
+// D + 1 per-depth values there, laid out (depth, thread), and the tree-min backward its 2 bits per node
+// packed in 32-bit words, laid out (word, thread).
 #include "checks.h"
 #include "common.cuh"
 #include "tree_min_math.h"
@@ -13,12 +15,38 @@ namespace hss {
 namespace cuda {
 namespace {
 
+// Shared memory of a block: the pre-order node table (V TreeNodes, read by every thread of a warp at
+// once: a broadcast), then the per-depth scratch, (D + 1) slots laid out (slot, thread), then for the
+// tree-min backward its packed node bits, tree_bit_words(V) words laid out (word, thread); a thread's
+// slot or word sits in its own bank.
+template <typename A>
+__host__ __device__ inline size_t node_table_bytes(int V) {
+  return static_cast<size_t>(V) * sizeof(TreeNode<A>);
+}
+template <typename A>
+inline size_t tree_smem_bytes(int V, int D, int threads, bool extrema, bool backward) {
+  return node_table_bytes<A>(V) + (extrema ? static_cast<size_t>(D + 1) * threads * sizeof(A) : 0) +
+         (extrema && backward ? static_cast<size_t>(tree_bit_words(V)) * threads * sizeof(uint32_t) : 0);
+}
+
+// Fills the block's node table; every thread of the block calls it (it synchronises the block).
+template <typename A>
+__device__ inline NodeTable<A> load_node_table(unsigned char* smem, const TreeIndex& ti, const A* k) {
+  TreeNode<A>* nodes = reinterpret_cast<TreeNode<A>*>(smem);
+  for (int p = threadIdx.x; p < ti.V; p += blockDim.x) nodes[p] = tree_node(ti, k, p);  // sm90: trips=cdiv(V, threads)
+  __syncthreads();
+  return NodeTable<A>{nodes};
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
 tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                     PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
                     const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema, A* __restrict__ lp,
                     double* part, int64_t* cnt) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A l = A(0);
   int64_t c = 0;
@@ -26,9 +54,10 @@ tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int
     const int64_t y = tgt[gt.offset(i)];
     const LabelKind kind = label_kind(y, L, ignore_index);
     if (kind == kLabelValid) {  // sm90: cold
-      const TreeIndex ti = unpack_tree(tree_index, V, L, D);
-      l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, ti, static_cast<int>(y), k, gamma, eps,
-                                extrema);
+      SharedCol<A> acc{reinterpret_cast<A*>(smem + node_table_bytes<A>(V)) + threadIdx.x,
+                       static_cast<int>(blockDim.x)};
+      l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, nodes, acc, ti, static_cast<int>(y), k, gamma,
+                                eps, extrema);
     } else if (kind == kLabelBad) {  // sm90: cold
       l = quiet_nan<A>();  // see common.h: never a table read
     }
@@ -45,6 +74,8 @@ __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, co
                                     int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index,
                                     bool extrema) {
   extern __shared__ __align__(16) unsigned char smem[];
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= P) return;
   const int64_t y = tgt[gt.offset(i)];
@@ -54,10 +85,24 @@ __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, co
     write_unlabelled_column<T, A>(out + off, sC, V, kind);
     return;
   }
-  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
-  SharedCol<A> K{reinterpret_cast<A*>(smem) + threadIdx.x, static_cast<int>(blockDim.x)};
-  tree_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, K, GlobalOut<T, A>{out + off, sC}, ti, static_cast<int>(y), k,
-                         gamma, eps, extrema, grad[gg.offset(i)]);
+  const int threads = static_cast<int>(blockDim.x);
+  A* acc0 = reinterpret_cast<A*>(smem + node_table_bytes<A>(V));
+  uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
+  tree_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
+                         SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, GlobalOut<T, A>{out + off, sC}, ti,
+                         static_cast<int>(y), k, gamma, eps, extrema, grad[gg.offset(i)]);
+}
+
+// Raises the kernel's dynamic shared memory limit past the default 48 KiB when it needs to.
+template <typename K>
+void allow_smem(K kernel, size_t smem, size_t static_smem, int device, int V) {
+  constexpr size_t kDefaultSmem = 48 * 1024;
+  if (smem + static_smem <= kDefaultSmem) return;
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(limit), "tree_min: a tree of ", V, " nodes needs ",
+              smem + static_smem, " bytes of shared memory per block, more than this GPU's ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
@@ -78,7 +123,11 @@ std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, c
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_min_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    tree_min_fwd_kernel<scalar_t, A><<<nb, kThreads, 0, stream>>>(
+    auto kernel = tree_min_fwd_kernel<scalar_t, A>;
+    const size_t smem = tree_smem_bytes<A>(logits.size(1), D, kThreads, extrema, false);
+    // block_sum's static arrays
+    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), logits.size(1));
+    kernel<<<nb, kThreads, smem, stream>>>(
         logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
         tree_index.data_ptr<int32_t>(), logits.size(1), L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
         static_cast<A>(eps), ignore_index, extrema, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(),
@@ -104,22 +153,13 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     auto kernel = tree_min_bwd_kernel<scalar_t, A>;
-    // Tree-min: V accumulators per thread in shared memory; fewer threads per block for big trees.
+    // The node table, D + 1 scratch values per thread and, for tree-min, its packed node bits; fewer
+    // threads per block for big trees.
+    constexpr size_t kDefaultSmem = 48 * 1024;
     int threads = kThreads;
-    size_t smem = 0;
-    if (extrema) {
-      constexpr size_t kDefaultSmem = 48 * 1024;
-      while (threads > 32 && static_cast<size_t>(V) * threads * sizeof(A) > kDefaultSmem) threads /= 2;
-      smem = static_cast<size_t>(V) * threads * sizeof(A);
-      if (smem > kDefaultSmem) {
-        int limit = 0;
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
-        TORCH_CHECK(smem <= static_cast<size_t>(limit), "tree_min_bwd: a tree of ", V, " nodes needs ", smem,
-                    " bytes of shared memory per block, more than this GPU's ", limit);
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-      }
-    }
+    while (threads > 32 && tree_smem_bytes<A>(V, D, threads, extrema, true) > kDefaultSmem) threads /= 2;
+    const size_t smem = tree_smem_bytes<A>(V, D, threads, extrema, true);
+    allow_smem(kernel, smem, 0, x.get_device(), V);
     kernel<<<num_blocks(P, threads), threads, smem, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
         x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,

@@ -3,8 +3,13 @@
 // ancestors (target path) or the max over its descendants (elsewhere), false is plain BCE. Shared by
 // the CPU loops (csrc/cpu/tree_min.cpp) and the CUDA kernels (csrc/cuda/tree_min.cu): the CUDA kernels,
 // the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call
-// tree_forward_pixel and tree_backward_pixel as they are; the CPU's row passes keep subtree_argmax's
-// tie rule and this NaN rule.
+// tree_forward_pixel and tree_backward_pixel as they are; the CPU's row passes keep the same tie rules
+// (§3.7) and NaN rule (§5.3).
+//
+// A pixel costs O(V): one pass over the nodes in reverse pre-order with a running maximum per depth
+// (plus, for the gradient, one pass in pre-order), and a walk of at most D steps down the label's path.
+// Per-pixel state is D + 1 values of a per-depth scratch and, for the tree-min gradient, 2 bits per
+// node; nothing of size V in the accumulation type.
 //
 // Every function works on one pixel, reading channel c through an accessor `x(c)` as the accumulation
 // type A.
@@ -18,16 +23,8 @@ namespace hss {
 // gives that pixel a NaN loss and a NaN gradient row (ignored pixels stay 0). The hierarchical softmax
 // needs nothing for it: every term and every gradient entry goes through lse, which the NaN reaches
 // through the sum of exponentials. The tree losses reach a NaN only through the nodes it touches (a max
-// or min skips it on a GPU, whose max.f32/min.f32 drop NaN), so they scan the pixel first.
-template <typename A, typename X>
-HSS_HOST_DEVICE inline bool column_has_nan(const X& x, int C) {
-  bool nan = false;
-  for (int c = 0; c < C; ++c) {  // sm90: trips=C
-    const A z = x(c);
-    nan |= z != z;
-  }
-  return nan;
-}
+// or min skips it on a GPU, whose max.f32/min.f32 drop NaN), so their node pass keeps a flag
+// `nan |= z != z` over the channels it reads anyway.
 
 // Focal binary loss of a positive-class logit z (docs/MATH.md §3.2, §3.3): loss = -(1-q)^gamma log(q [+ eps]),
 // q = sigmoid(z), and dloss/dz. A negative-class term with logit x is focal(-x), derivative -dloss.
@@ -66,7 +63,6 @@ struct TreeIndex {
   const int32_t* path;       // (L, D) channel at each depth of a leaf's path, -1 past its depth
   int V, L, D;
 
-  HSS_HOST_DEVICE inline bool on_path(int v, int y) const { return path[y * D + depth[v] - 1] == v; }
 };
 
 HSS_HOST_DEVICE inline TreeIndex unpack_tree(const int32_t* t, int V, int L, int D) {
@@ -82,105 +78,207 @@ HSS_HOST_DEVICE inline TreeIndex unpack_tree(const int32_t* t, int V, int L, int
   return ti;
 }
 
-// argmax over desc-or-self(v): a contiguous run of the pre-order; the first maximum wins, so ties go
-// to the node earliest in pre-order (v itself before its descendants).
-template <typename A, typename X>
-HSS_HOST_DEVICE inline int subtree_argmax(const X& x, const TreeIndex& t, int v) {
-  const int n = t.size[v];
-  if (n == 1) return v;
-  const int p0 = t.dfs_pos[v];
-  int best = v;
-  A bv = x(v);
-  for (int i = 1; i < n; ++i) {  // sm90: trips=WALK / V
-    const int c = t.dfs_order[p0 + i];
-    const A z = x(c);
-    if (z > bv) {
-      bv = z;
-      best = c;
-    }
+// What the node passes read at pre-order position p: the channel c = dfs_order[p], its depth, its
+// subtree size (desc-or-self(c) is positions [p, p + size)) and its weight k_c. Built once per call
+// (CPU) or per block into shared memory (CUDA), so that a node costs one broadcast read, not a chain of
+// dependent table loads.
+template <typename A>
+struct alignas(16) TreeNode {
+  int c, depth, size;
+  A k;
+};
+
+template <typename A>
+HSS_HOST_DEVICE inline TreeNode<A> tree_node(const TreeIndex& t, const A* k, int p) {
+  TreeNode<A> n;
+  n.c = t.dfs_order[p];
+  n.depth = t.depth[n.c];
+  n.size = t.size[n.c];
+  n.k = k[n.c];
+  return n;
+}
+
+// The node table in pre-order: nodes(p).
+template <typename A>
+struct NodeTable {
+  const TreeNode<A>* p;
+  HSS_HOST_DEVICE inline const TreeNode<A>& operator()(int i) const { return p[i]; }
+};
+
+// The label's leaf: the last valid entry of its path row.
+HSS_HOST_DEVICE inline int path_leaf(const TreeIndex& t, int y) {
+  int leaf = 0;
+  for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
+    const int v = t.path[y * t.D + d];
+    if (v < 0) break;
+    leaf = v;
   }
-  return best;
+  return leaf;
 }
 
 // Tree-min (extrema = true) or multi-label BCE (extrema = false) loss of one pixel with label y.
-// `k` holds the per-node weights k_v.
-template <typename A, typename X>
-HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const TreeIndex& t, int y, const A* k, A gamma, A eps,
-                                            bool extrema) {
-  if (column_has_nan<A>(x, t.V)) return quiet_nan<A>();
+// `nodes` is the pre-order node table, `acc(s)` a scratch of D + 1 values (slot s for depth s + 1).
+//
+// Tree-min: the on-path terms come from a walk down the path with a running minimum (a strict <
+// keeps the shallower node on ties). The off-path terms come from one pass over the nodes in reverse
+// pre-order with a running maximum per depth: acc(d) holds the maximum M of the finished children of
+// the open node at depth d, so a node at depth d has M_v = max(x_v, acc(d)), clears acc(d) and folds
+// M_v into acc(d - 1). v is on the path iff pos(v) <= pos(leaf) < pos(v) + size(v). The same pass
+// keeps the NaN flag. The tree BCE makes the same pass without the maxima.
+template <typename A, typename X, typename N, typename S>
+HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const N& nodes, const S& acc, const TreeIndex& t, int y,
+                                            const A* k, A gamma, A eps, bool extrema) {
   A loss = A(0), l;
-  if (!extrema) {
-    for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
-      const A z = x(v);
-      focal(t.on_path(v, y) ? z : -z, gamma, eps, &l, (A*)nullptr);
+  int leaf = 0;
+  if (extrema) {
+    A cur = static_cast<A>(INFINITY);
+    for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
+      const int v = t.path[y * t.D + d];
+      if (v < 0) break;
+      leaf = v;
+      cur = hmin(cur, x(v));
+      focal(cur, gamma, eps, &l, (A*)nullptr);
       loss += k[v] * l;
     }
-    return loss;
+    for (int s = 0; s <= t.D; ++s) acc(s) = neg_inf<A>();  // sm90: trips=D + 1
+  } else {
+    leaf = path_leaf(t, y);
   }
-  // On the target path: a running min from the root; a strict < keeps the shallower node on ties.
-  A cur = static_cast<A>(INFINITY);
-  for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
-    const int v = t.path[y * t.D + d];
-    if (v < 0) break;
-    cur = hmin(cur, x(v));
-    focal(cur, gamma, eps, &l, (A*)nullptr);
-    loss += k[v] * l;
+  const int lp = t.dfs_pos[leaf];
+  bool nan = false;
+  for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
+    const TreeNode<A> n = nodes(p);
+    const A z = x(n.c);
+    nan |= z != z;
+    const bool on = p <= lp && lp < p + n.size;
+    if (extrema) {
+      A& below = acc(n.depth);
+      const A m = hmax(z, below);
+      below = neg_inf<A>();
+      A& here = acc(n.depth - 1);
+      here = hmax(here, m);
+      focal(-m, gamma, eps, &l, (A*)nullptr);
+      loss += on ? A(0) : n.k * l;
+    } else {
+      focal(on ? z : -z, gamma, eps, &l, (A*)nullptr);
+      loss += n.k * l;
+    }
   }
-  for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
-    if (t.on_path(v, y)) continue;
-    focal(-x(subtree_argmax<A>(x, t, v)), gamma, eps, &l, (A*)nullptr);
-    loss += k[v] * l;
-  }
-  return loss;
+  return nan ? quiet_nan<A>() : loss;
 }
 
-// Gradient of g * loss with respect to the V node logits; `out(c, v)` stores it. For tree-min, `K(c)`
-// is a scratch of V accumulators: K_u = sum of k_v over the nodes v whose extremum is u; then
-// dl/dx_u = K_u * focal'(+-x_u) since every term routed to u is evaluated at x_u.
-template <typename A, typename X, typename S, typename O>
-HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const S& K, const O& out, const TreeIndex& t, int y,
-                                                const A* k, A gamma, A eps, bool extrema, A g) {
-  if (column_has_nan<A>(x, t.V)) {
-    for (int v = 0; v < t.V; ++v) out(v, quiet_nan<A>());  // sm90: trips=V
-    return;
-  }
+// Words of packed node bits the tree-min backward needs per pixel: 2 bits per node, 16 nodes a word.
+HSS_HOST_DEVICE inline int tree_bit_words(int V) { return (V + 15) / 16; }
+
+// Gradient of g * loss with respect to the V node logits; `out(c, v)` stores it. Every node u gets
+// g * K_u * f'(x_u) on the path and -g * K_u * f'(-x_u) off it (docs/MATH.md §3.6), with K_u the sum of
+// the weights k_v of the terms whose extremum is u (0 skips the focal: exactly 0).
+//
+// Tree-min scratch: `acc(s)`, D + 1 values; `bits(w)`, tree_bit_words(V) 32-bit words.
+// * bottom-up (reverse pre-order), the forward's running maxima; for each node two bits: selfwin
+//   (x_v >= the maximum of its children, always for a leaf: v is its own subtree's argmax) and cand
+//   (M_v >= the maximum of its later siblings, before folding it in). The argmax child of a parent is
+//   then its first child in pre-order with cand set: ties go to the earliest in pre-order.
+// * top-down (pre-order): acc(d) is the weight the open node at depth d still owes its winning child.
+//   Node u takes its parent's owed weight if cand(u) (clearing it), adds k_u off the path, keeps it
+//   all if selfwin(u) (K_u) or else owes it on; u's off-path gradient is written in the same step.
+// * the path: one walk down it (registers, fully unrolled) keeps the running argmin (strict <, the
+//   first node always taken); a path node that sets a new minimum receives its own k and those of the
+//   deeper path nodes up to the next new minimum, summed in depth order.
+template <typename A, typename X, typename N, typename S, typename B, typename O>
+HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, const S& acc, const B& bits, const O& out,
+                                                const TreeIndex& t, int y, const A* k, A gamma, A eps, bool extrema,
+                                                A g) {
   A l, dl;
+  bool nan = false;
   if (!extrema) {
-    for (int v = 0; v < t.V; ++v) {  // sm90: trips=V
-      const bool pos = t.on_path(v, y);
+    const int lp = t.dfs_pos[path_leaf(t, y)];
+    for (int p = 0; p < t.V; ++p) {  // sm90: trips=V
+      const TreeNode<A> n = nodes(p);
+      const A z = x(n.c);
+      nan |= z != z;
+      const bool pos = p <= lp && lp < p + n.size;
+      focal(pos ? z : -z, gamma, eps, &l, &dl);
+      out(n.c, g * n.k * (pos ? dl : -dl));
+    }
+  } else {
+    // The path, in registers: channel, logit, whether it sets a new minimum, and the running sum of
+    // k from the last new minimum down to it.
+    int pv[kMaxDepth];
+    A pz[kMaxDepth], run[kMaxDepth];
+    bool arg[kMaxDepth];
+    int np = 0, leaf = 0;
+    A cur = static_cast<A>(INFINITY);
+    HSS_UNROLL
+    for (int d = 0; d < kMaxDepth; ++d) {  // sm90: trips=PATH_ITERS
+      if (d >= t.D) break;
+      const int v = t.path[y * t.D + d];
+      if (v < 0) break;
       const A z = x(v);
-      focal(pos ? z : -z, gamma, eps, &l, &dl);
-      out(v, g * k[v] * (pos ? dl : -dl));
+      // d == 0 takes the root-side node whatever its value (a +inf or NaN logit there included).
+      const bool a = d == 0 || z < cur;
+      cur = a ? z : cur;
+      const A before = d > 0 ? run[d > 0 ? d - 1 : 0] : A(0);
+      run[d] = a ? k[v] : before + k[v];
+      pv[d] = v;
+      pz[d] = z;
+      arg[d] = a;
+      np = d + 1;
+      leaf = v;
     }
-    return;
+    const int lp = t.dfs_pos[leaf];
+    // bottom-up: maxima and the two bits per node
+    for (int s = 0; s <= t.D; ++s) acc(s) = neg_inf<A>();  // sm90: trips=D + 1
+    uint32_t w = 0;
+    for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
+      const TreeNode<A> n = nodes(p);
+      const A z = x(n.c);
+      nan |= z != z;
+      A& below = acc(n.depth);
+      const A ch = below;
+      below = neg_inf<A>();
+      const A m = hmax(z, ch);
+      A& here = acc(n.depth - 1);
+      const uint32_t b = (z >= ch ? 1u : 0u) | (m >= here ? 2u : 0u);
+      here = hmax(here, m);
+      w |= b << (2 * (p & 15));
+      if ((p & 15) == 0) {
+        bits(p >> 4) = w;
+        w = 0;
+      }
+    }
+    // top-down: owed weights, off-path gradients
+    for (int s = 0; s <= t.D; ++s) acc(s) = A(0);  // sm90: trips=D + 1
+    for (int p = 0; p < t.V; ++p) {  // sm90: trips=V
+      if ((p & 15) == 0) w = bits(p >> 4);
+      const TreeNode<A> n = nodes(p);
+      const uint32_t b = w >> (2 * (p & 15));
+      A& parent = acc(n.depth - 1);
+      const A in = (b & 2u) ? parent : A(0);
+      parent = (b & 2u) ? A(0) : parent;
+      const bool on = p <= lp && lp < p + n.size;
+      const A owed = on ? A(0) : in + n.k;
+      const bool self = (b & 1u) != 0;
+      acc(n.depth) = self ? A(0) : owed;
+      const A ku = self ? owed : A(0);
+      const A z = x(n.c);
+      focal(-z, gamma, eps, &l, &dl);
+      if (!on) out(n.c, ku != A(0) ? g * ku * -dl : A(0));
+    }
+    // the path nodes: K_u is the run of the last node before the next new minimum
+    A kk = A(0);
+    HSS_UNROLL
+    for (int d = kMaxDepth - 1; d >= 0; --d) {  // sm90: trips=PATH
+      if (d < np) {
+        kk = (d + 1 >= np || arg[d + 1 < kMaxDepth ? d + 1 : d]) ? run[d] : kk;
+        const A ku = arg[d] ? kk : A(0);
+        focal(pz[d], gamma, eps, &l, &dl);
+        out(pv[d], ku != A(0) ? g * ku * dl : A(0));
+      }
+    }
   }
-  for (int v = 0; v < t.V; ++v) K(v) = A(0);  // sm90: trips=V
-  A cur = static_cast<A>(INFINITY);
-  int arg = -1;
-  for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
-    const int v = t.path[y * t.D + d];
-    if (v < 0) break;
-    const A z = x(v);
-    // d == 0 takes the root-side node whatever its value: with `z < cur` alone a +inf or NaN logit
-    // there would leave arg = -1, an out-of-bounds K(-1) (on the GPU, outside the block's shared memory).
-    if (d == 0 || z < cur) {
-      cur = z;
-      arg = v;
-    }
-    K(arg) += k[v];
-  }
-  for (int v = 0; v < t.V; ++v)  // sm90: trips=V
-    if (!t.on_path(v, y)) K(subtree_argmax<A>(x, t, v)) += k[v];
-  for (int u = 0; u < t.V; ++u) {  // sm90: trips=V
-    const A ku = K(u);
-    A r = A(0);
-    if (ku != A(0)) {
-      const bool pos = t.on_path(u, y);
-      const A z = x(u);
-      focal(pos ? z : -z, gamma, eps, &l, &dl);
-      r = g * ku * (pos ? dl : -dl);
-    }
-    out(u, r);
+  if (nan) {  // sm90: cold
+    for (int v = 0; v < t.V; ++v) out(v, quiet_nan<A>());  // sm90: trips=V
   }
 }
 

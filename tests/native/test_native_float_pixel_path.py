@@ -53,7 +53,9 @@ def test_half_inputs_on_the_pixel_path(backend, device, loss, dtype):
 
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
 def test_ties_on_the_pixel_path(backend, device, loss):
-    for tree in (trees.load("helen"), H.random_tree(min_nodes=4, max_depth=6)):
+    # the last: as deep as the kernels allow (kMaxDepth = 8), every per-depth slot in use
+    for tree in (trees.load("helen"), H.random_tree(min_nodes=4, max_depth=6),
+                 H.random_tree(min_nodes=14, max_nodes=30, min_depth=8, max_depth=8, seed=3)):
         x, y = inputs(tree, loss, (2, 5, 14), ties=True, ignore_frac=0.15)
         _check(loss, x, y, tree, reduction="sum", gamma=1.0)
 
