@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.sm90 import model, sass, source
 from benchmarks.sm90.sass import Annotation, SassError
+from hss_kernels import trees
 
 F = "/repo/csrc/k.cu"
 
@@ -300,7 +301,6 @@ def test_floor_bytes_follow_math_section_5():
 
 def test_cuda_launches_match_the_host_rules():
     from benchmarks.sm90 import cuda_side
-    from hss_kernels import trees
 
     assert cuda_side.setup_nvcc_flags() == ["-O3"]
     tree = trees.load("vistas_v2")
