@@ -281,8 +281,11 @@ def _tree_min_kernel(
                 nanrow = ()
                 for i in tl.static_range(G):
                     nanrow = nanrow + (tl.full([BLOCK_P], float("nan"), ACC),)
+                # Addresses recomputed from a pinned base: shared with the main pass's stores, the compiler
+                # kept all V of them live to here and spilled them (2.2 KB per thread in float32).
+                gpix_late = T.pin(gpix, PIN)
                 for i in tl.static_range(0, V, G):
-                    T.store_group(g_ptr, gpix, sgc64, late, nanrow[:min(G, V - i)], CH, V, i, G)
+                    T.store_group(g_ptr, gpix_late, sgc64, late, nanrow[:min(G, V - i)], CH, V, i, G)
     if WANT_LOSS:
         C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
