@@ -114,29 +114,28 @@ HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, i
     far = far || own[d];
   }
   A s = A(0);
-  if (far) {  // rare: a group far below the global max gets its own shift; sm90: cold
-    for (int j = 0; j < L; ++j) {  // sm90: trips=L
-      const A z = x(j);
-      const A e = hexp(z - m);
-      s += e;
-      HSS_UNROLL
-      for (int d = 0; d < kMaxDepth; ++d) {
-        if (d >= D) break;
-        const A t = own[d] ? hexp(z - gmax[d]) : e;
-        gsum[d] += group(d, j) == gy[d] ? t : A(0);
-      }
+  A osum[kMaxDepth];  // own levels' sums, shifted by gmax[d]
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) osum[d] = A(0);
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    const A z = x(j);
+    const A e = hexp(z - m);
+    s += e;
+    HSS_UNROLL
+    for (int d = 0; d < kMaxDepth; ++d) {
+      if (d >= D) break;
+      gsum[d] += group(d, j) == gy[d] ? e : A(0);
     }
-  } else {
-    for (int j = 0; j < L; ++j) {  // sm90: trips=L
-      const A e = hexp(x(j) - m);
-      s += e;
+    if (far) {  // rare: a group far below the global max gets its own shift; sm90: cold
       HSS_UNROLL
       for (int d = 0; d < kMaxDepth; ++d) {
         if (d >= D) break;
-        gsum[d] += group(d, j) == gy[d] ? e : A(0);
+        if (own[d] && group(d, j) == gy[d]) osum[d] += hexp(z - gmax[d]);
       }
     }
   }
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) gsum[d] = own[d] ? osum[d] : gsum[d];
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) gmax[d] = own[d] ? gmax[d] : m;  // the shift each sum used
   return hierarchical_softmax_finish(m, s, gmax, gsum, D, w, eps, stats, ss);
@@ -156,36 +155,32 @@ HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, cons
   bool own[kMaxDepth];
   const A a = hierarchical_softmax_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
   bool far = false;
+  A hot[kMaxDepth];  // coef[d], or 0 for an own level (added apart, with its own exponential)
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) {
     gy[d] = d < D ? group(d, y) : -1;
     far = far || own[d];
+    hot[d] = own[d] ? A(0) : coef[d];
   }
-  if (far) {  // rare: a level whose factor exp(lse - b_d) would be huge; sm90: cold
-    for (int j = 0; j < L; ++j) {  // sm90: trips=L
-      const A z = x(j);
-      const A p = hexp(z - lse);
-      A r = a * p;
-      HSS_UNROLL
-      for (int d = 0; d < kMaxDepth; ++d) {
-        if (d >= D) break;
-        const A t = own[d] ? hexp(z - base[d]) : p;
-        r -= group(d, j) == gy[d] ? coef[d] * t : A(0);
-      }
-      out(j, r);
-    }
-    return;
-  }
-  // No own level: dl/dz_j = p_j * (sum_d a_d - sum_{d : j in G_d(y)} coef_d).
+  // dl/dz_j = p_j * (sum_d a_d - sum_{d : j in G_d(y), not own} coef_d) - sum_{own d ...} coef_d exp(z_j - b_d)
   for (int j = 0; j < L; ++j) {  // sm90: trips=L
-    const A p = hexp(x(j) - lse);
+    const A z = x(j);
+    const A p = hexp(z - lse);
     A k = a;
     HSS_UNROLL
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
-      k -= group(d, j) == gy[d] ? coef[d] : A(0);
+      k -= group(d, j) == gy[d] ? hot[d] : A(0);
     }
-    out(j, k * p);
+    A r = A(0);
+    if (far) {  // rare: a level whose factor exp(lse - b_d) would be huge; sm90: cold
+      HSS_UNROLL
+      for (int d = 0; d < kMaxDepth; ++d) {
+        if (d >= D) break;
+        if (own[d] && group(d, j) == gy[d]) r -= coef[d] * hexp(z - base[d]);
+      }
+    }
+    out(j, k * p + r);
   }
 }
 
