@@ -311,6 +311,13 @@ def test_cuda_launches_match_the_host_rules():
     assert (bce.threads, bce.dynamic_smem, bce.template) == (256, 147 * 16, "N3c108BFloat16Ef")
     with pytest.raises(SassError, match="update benchmarks/sm90/cuda_side.py"):
         cuda_side.cbank(bwd, [(0, 0, 8)])
+    vistas = trees.load("vistas")
+    # hierarchical softmax: the leaf-major group table, 8 int32 a leaf, in dynamic shared memory
+    fwd, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (8, 66, 1024, 1024), vistas, 0.0)
+    (hbwd,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (8, 66, 1024, 1024), vistas,
+                                 0.0)
+    assert (fwd.threads, fwd.dynamic_smem) == (256, 66 * 32)
+    assert (hbwd.threads, hbwd.dynamic_smem) == (256, 66 * 32)
 
 
 def test_one_triton_kernel_end_to_end(tmp_path):

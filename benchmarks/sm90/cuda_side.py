@@ -42,6 +42,12 @@ def tree_smem_bytes(V: int, D: int, threads: int, extrema: bool, backward: bool)
                                                                   if extrema and backward else 0)
 
 
+def group_smem_bytes(L: int) -> int:
+    """csrc/cuda/hierarchical_softmax.cu group_smem_bytes: the leaf-major group table, kMaxDepth = 8
+    int32 per leaf."""
+    return L * 8 * 4
+
+
 def setup_nvcc_flags(root: Path = ROOT) -> List[str]:
     """``NVCC_FLAGS`` of setup.py, read without running it."""
     tree = ast.parse((root / "setup.py").read_text(encoding="utf-8"))
@@ -187,10 +193,10 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         if pass_ == "forward":
             return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A, nb, THREADS,
                                [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None],
-                               {"P": P, "L": L, "D": D}), finish]
+                               {"P": P, "L": L, "D": D}, group_smem_bytes(L)), finish]
         return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A, nb, THREADS,
                            [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None],
-                           {"P": P, "L": L, "D": D})]
+                           {"P": P, "L": L, "D": D}, group_smem_bytes(L))]
     if op in ("tree_min", "tree_bce"):
         extrema = op == "tree_min"
         if pass_ == "forward":

@@ -235,7 +235,7 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
         c += counted;
       } else {
         l = lanes ? lane_loss[p]
-                  : hierarchical_softmax_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, group, static_cast<int>(ys[p]), w,
+                  : hierarchical_softmax_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, LeafGroups{group, L}, static_cast<int>(ys[p]), w,
                                          eps, st + i, P);
         s += l;
         ++c;
@@ -311,8 +311,8 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
           for (int j = 0; j < L; ++j) gtile[j * kBlock + p] = v;
           continue;
         }
-        hierarchical_softmax_backward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, cpu::ColumnOut<A>{gtile + p}, L, D, group,
-                              static_cast<int>(ys[p]), w, eps, st + i0 + p, P, g[p]);
+        hierarchical_softmax_backward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, cpu::ColumnOut<A>{gtile + p}, L, D,
+                              LeafGroups{group, L}, static_cast<int>(ys[p]), w, eps, st + i0 + p, P, g[p]);
       }
     }
     cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);

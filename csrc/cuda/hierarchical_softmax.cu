@@ -13,12 +13,48 @@ namespace hss {
 namespace cuda {
 namespace {
 
+// The block's copy of leaf_group, leaf-major: leaf j's group id at depth d + 1 is p[j * kMaxDepth + d].
+// Every thread of a warp reads the same leaf at the same time: one broadcast shared load per depth, at
+// an immediate offset from the leaf's row, instead of a dependent global load.
+struct SharedGroups {
+  const int32_t* p;
+  __device__ int operator()(int d, int j) const { return p[j * kMaxDepth + d]; }
+};
+
+inline size_t group_smem_bytes(int64_t L) { return static_cast<size_t>(L) * kMaxDepth * sizeof(int32_t); }
+
+// Copies the (D x L) table into the block's leaf-major one; ends with a barrier.
+__device__ inline SharedGroups load_groups(const int32_t* __restrict__ group, int L, int D) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int32_t* t = reinterpret_cast<int32_t*>(smem);
+  for (int k = threadIdx.x; k < D * L; k += blockDim.x) {  // sm90: trips=cdiv(D * L, threads)
+    const int d = k / L;
+    t[(k - d * L) * kMaxDepth + d] = group[k];
+  }
+  __syncthreads();
+  return SharedGroups{t};
+}
+
+// Raises the kernel's dynamic shared memory limit past the default 48 KiB when the table needs it.
+template <typename K>
+void allow_smem(K kernel, size_t smem, size_t static_smem, int device, int64_t L) {
+  constexpr size_t kDefaultSmem = 48 * 1024;
+  if (smem + static_smem <= kDefaultSmem) return;
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(limit), "hierarchical_softmax: a tree of ", L,
+              " leaves needs ", smem + static_smem, " bytes of shared memory per block, more than this GPU's ",
+              limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                                 PixelGeom gt, int64_t P, int L, int D, const int32_t* __restrict__ group,
                                 const A* __restrict__ w, A eps, int64_t ignore_index, A* __restrict__ lp,
                                 A* __restrict__ st, double* part, int64_t* cnt) {
+  const SharedGroups groups = load_groups(group, L, D);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A l = A(0);
   int64_t c = 0;
@@ -26,8 +62,8 @@ hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t s
     const int64_t y = tgt[gt.offset(i)];
     const LabelKind kind = label_kind(y, L, ignore_index);
     if (kind == kLabelValid) {  // sm90: cold
-      l = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, group, static_cast<int>(y), w, eps,
-                               st + i, P);
+      l = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, groups, static_cast<int>(y),
+                                                  w, eps, st + i, P);
     } else {
       // ignored: 0; a bad label (see common.h): NaN, never a table read
       l = kind == kLabelBad ? quiet_nan<A>() : A(0);
@@ -45,6 +81,7 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
                                 PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
                                 int L, int D, const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
                                 int64_t ignore_index, const A* __restrict__ st) {
+  const SharedGroups groups = load_groups(group, L, D);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= P) return;
   const int64_t y = tgt[gt.offset(i)];
@@ -54,7 +91,7 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
     write_unlabelled_column<T, A>(out + off, sC, L, kind);
     return;
   }
-  hierarchical_softmax_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, group,
+  hierarchical_softmax_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, groups,
                         static_cast<int>(y), w, eps, st + i, P, grad[gg.offset(i)]);
 }
 
@@ -77,7 +114,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    hierarchical_softmax_fwd_kernel<scalar_t, A><<<nb, kThreads, 0, stream>>>(
+    const auto kernel = hierarchical_softmax_fwd_kernel<scalar_t, A>;
+    const size_t smem = group_smem_bytes(logits.size(1));
+    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), logits.size(1));
+    kernel<<<nb, kThreads, smem, stream>>>(
         logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
         logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
         ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c());
@@ -101,7 +141,10 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    hierarchical_softmax_bwd_kernel<scalar_t, A><<<num_blocks(P, kThreads), kThreads, 0, stream>>>(
+    const auto kernel = hierarchical_softmax_bwd_kernel<scalar_t, A>;
+    const size_t smem = group_smem_bytes(x.size(1));
+    allow_smem(kernel, smem, 0, x.get_device(), x.size(1));
+    kernel<<<num_blocks(P, kThreads), kThreads, smem, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
         x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
         level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>());

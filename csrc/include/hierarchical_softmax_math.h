@@ -8,8 +8,10 @@
 // bfloat16) without a GPU.
 //
 // Every function works on one pixel. Channel values are read through an accessor `x(c)` (a tile column
-// on the CPU, a strided global pointer on the GPU) and converted to the accumulation type A. `group` is
-// the int32 leaf_group table of hss_kernels.tree.TreeTables (docs/MATH.md §1.7).
+// on the CPU, a strided global pointer on the GPU) and converted to the accumulation type A. Group ids
+// are read through an accessor `group(d, j)` (leaf j's class id at depth d + 1): LeafGroups below over
+// the int32 (D x L) leaf_group table of hss_kernels.tree.TreeTables (docs/MATH.md §1.7) on the CPU, a
+// leaf-major copy of it in shared memory on the GPU (cuda/hierarchical_softmax.cu).
 #pragma once
 
 #include "common.h"
@@ -19,6 +21,13 @@ namespace hss {
 // A group whose max logit is within this of the global max reuses exp(z - max) (no underflow is
 // possible: e^-kShareShift is far above the smallest normal float); farther groups get their own shift.
 constexpr double kShareShift = 30.0;
+
+// group(d, j) over the leaf_group table as the ops receive it: D x L, row-major.
+struct LeafGroups {
+  const int32_t* p;
+  int L;
+  HSS_HOST_DEVICE int operator()(int d, int j) const { return p[d * L + j]; }
+};
 
 // The loss of one pixel from its sums: s = sum_j exp(z_j - m) over all leaves, gsum[d] = the sum over
 // y's group at depth d shifted by shift[d]. Writes the stats (lse, lse_1..lse_D at stride ss).
@@ -74,8 +83,8 @@ HSS_HOST_DEVICE inline A hierarchical_softmax_backward_coefs(const A* stats, int
 // Hierarchical softmax (docs/MATH.md §2.1, §2.6). `group` is leaf_group (D x L, row-major). `stats` receives D + 1
 // values at stride `ss`: lse over all leaves, then lse_d for d = 1..D over y's group at depth d.
 // Returns the pixel's loss sum_d w_d * level_d.
-template <typename A, typename X>
-HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, int D, const int32_t* group, int y,
+template <typename A, typename X, typename G>
+HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, int D, const G& group, int y,
                                            const A* w, A eps, A* stats, int64_t ss) {
   int gy[kMaxDepth];
   A gmax[kMaxDepth];
@@ -83,7 +92,7 @@ HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, i
   bool own[kMaxDepth];
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) {
-    gy[d] = d < D ? group[d * L + y] : -1;
+    gy[d] = d < D ? group(d, y) : -1;
     gmax[d] = neg_inf<A>();
     gsum[d] = A(0);
   }
@@ -95,12 +104,19 @@ HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, i
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
       // Selects, not branches: group membership is data-dependent and mispredicts.
-      gmax[d] = group[d * L + j] == gy[d] ? hmax(gmax[d], z) : gmax[d];
+      gmax[d] = group(d, j) == gy[d] ? hmax(gmax[d], z) : gmax[d];
     }
   }
+  bool far = false;
   HSS_UNROLL
-  for (int d = 0; d < kMaxDepth; ++d) own[d] = d < D && gmax[d] < m - A(kShareShift);
+  for (int d = 0; d < kMaxDepth; ++d) {
+    own[d] = d < D && gmax[d] < m - A(kShareShift);
+    far = far || own[d];
+  }
   A s = A(0);
+  A osum[kMaxDepth];  // own levels' sums, shifted by gmax[d]
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) osum[d] = A(0);
   for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     const A e = hexp(z - m);
@@ -108,11 +124,18 @@ HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, i
     HSS_UNROLL
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
-      A t = e;
-      if (own[d]) t = hexp(z - gmax[d]);  // rare: a group far below the global max; sm90: cold
-      gsum[d] += group[d * L + j] == gy[d] ? t : A(0);
+      gsum[d] += group(d, j) == gy[d] ? e : A(0);
+    }
+    if (far) {  // rare: a group far below the global max gets its own shift; sm90: cold
+      HSS_UNROLL
+      for (int d = 0; d < kMaxDepth; ++d) {
+        if (d >= D) break;
+        if (own[d] && group(d, j) == gy[d]) osum[d] += hexp(z - gmax[d]);
+      }
     }
   }
+  HSS_UNROLL
+  for (int d = 0; d < kMaxDepth; ++d) gsum[d] = own[d] ? osum[d] : gsum[d];
   HSS_UNROLL
   for (int d = 0; d < kMaxDepth; ++d) gmax[d] = own[d] ? gmax[d] : m;  // the shift each sum used
   return hierarchical_softmax_finish(m, s, gmax, gsum, D, w, eps, stats, ss);
@@ -122,8 +145,8 @@ HSS_HOST_DEVICE inline A hierarchical_softmax_forward_pixel(const X& x, int L, i
 // it (docs/MATH.md §2.5). dl/dz_j = p_j * sum_d a_d - sum_{d : j in G_d(y)} c_d * exp(z_j - b_d), where
 // (eps = 0) a_d = w_d, c_d = w_d, b_d = lse_d, or (eps > 0, P_d = exp(lse_d - lse))
 // a_d = w_d P_d / (P_d + eps), c_d = w_d / (P_d + eps), b_d = lse.
-template <typename A, typename X, typename O>
-HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, const O& out, int L, int D, const int32_t* group,
+template <typename A, typename X, typename O, typename G>
+HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, const O& out, int L, int D, const G& group,
                                                int y, const A* w, A eps, const A* stats, int64_t ss, A g) {
   const A lse = stats[0];
   int gy[kMaxDepth];
@@ -131,20 +154,33 @@ HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, cons
   A coef[kMaxDepth];
   bool own[kMaxDepth];
   const A a = hierarchical_softmax_backward_coefs(stats, ss, D, w, eps, g, coef, base, own);
+  bool far = false;
+  A hot[kMaxDepth];  // coef[d], or 0 for an own level (added apart, with its own exponential)
   HSS_UNROLL
-  for (int d = 0; d < kMaxDepth; ++d) gy[d] = d < D ? group[d * L + y] : -1;
+  for (int d = 0; d < kMaxDepth; ++d) {
+    gy[d] = d < D ? group(d, y) : -1;
+    far = far || own[d];
+    hot[d] = own[d] ? A(0) : coef[d];
+  }
+  // dl/dz_j = p_j * (sum_d a_d - sum_{d : j in G_d(y), not own} coef_d) - sum_{own d ...} coef_d exp(z_j - b_d)
   for (int j = 0; j < L; ++j) {  // sm90: trips=L
     const A z = x(j);
     const A p = hexp(z - lse);
-    A r = a * p;
+    A k = a;
     HSS_UNROLL
     for (int d = 0; d < kMaxDepth; ++d) {
       if (d >= D) break;
-      A t = p;
-      if (own[d]) t = hexp(z - base[d]);  // sm90: cold
-      r -= group[d * L + j] == gy[d] ? coef[d] * t : A(0);
+      k -= group(d, j) == gy[d] ? hot[d] : A(0);
     }
-    out(j, r);
+    A r = A(0);
+    if (far) {  // rare: a level whose factor exp(lse - b_d) would be huge; sm90: cold
+      HSS_UNROLL
+      for (int d = 0; d < kMaxDepth; ++d) {
+        if (d >= D) break;
+        if (own[d] && group(d, j) == gy[d]) r -= coef[d] * hexp(z - base[d]);
+      }
+    }
+    out(j, k * p + r);
   }
 }
 
