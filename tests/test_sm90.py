@@ -311,12 +311,12 @@ def test_cuda_launches_match_the_host_rules():
     assert (bce.threads, bce.dynamic_smem, bce.template) == (256, 147 * 16, "N3c108BFloat16Ef")
     with pytest.raises(SassError, match="update benchmarks/sm90/cuda_side.py"):
         cuda_side.cbank(bwd, [(0, 0, 8)])
-    # decode: the kernel instantiated for a walk whose leaf ids increase (vistas_v2) or not (vistas), 13
-    # parameters (x, walk, out, total, HW, W, C, four strides, act, score)
+    # decode: the kernel instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
+    # (vistas) and the sum score, 11 parameters (x, walk, out, total, HW, W, C, four strides)
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), tree, 0.0)
-    assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLb1EE", 256, 0, 13)
+    assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0EE", 256, 0, 11)
     (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "nchw", (8, 80, 64, 64), trees.load("vistas"), 0.0)
-    assert dec.pattern == "decode_kernelIN3c108BFloat16ELb0EE"
+    assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0EE"
 
 
 def test_one_triton_kernel_end_to_end(tmp_path):

@@ -27,7 +27,7 @@ enum Score : int64_t { kSum = 0, kMean = 1 };
 // One pre-order position of the walk. `x` is what the pixel accessor takes for the node's logit: the
 // channel on the CPU, the channel times the channel stride in the CUDA kernel. depth in [1, kMaxDepth];
 // leaf: the leaf id, -1 (any negative) for an internal node. 16 bytes: one shared-memory read.
-struct WalkNode {
+struct alignas(16) WalkNode {
   int64_t x;
   int32_t depth, leaf;
 };
@@ -76,8 +76,11 @@ HSS_HOST_DEVICE inline A activate(A v, int64_t act, A m, A z) {
   return v;
 }
 
-// The running path scores of one pixel, one per depth 0..kMaxDepth (depth 0, the root, holds 0): run(d)
-// is element d * kStride of p (the CPU: a local array; the GPU: shared memory laid out [depth][thread]).
+// The running path scores of one pixel, one per depth 0..kMaxDepth (depth 0, the root, holds 0), and
+// slot kLeafSlot where leaves write theirs (so that a step has no branch on the node's kind): run(d) is
+// element d * kStride of p (the CPU: a local array; the GPU: shared memory laid out [depth][thread]).
+constexpr int kLeafSlot = kMaxDepth + 1;
+constexpr int kRunSlots = kMaxDepth + 2;
 template <typename A, int kStride>
 struct RunScores {
   A* p;
@@ -93,17 +96,15 @@ struct Best {
 
 // One step of the walk: node v's path score from its parent's (root side first: 0 + a_1 + a_2 + ...);
 // an internal node records it for its children, a leaf competes (its score divided by its depth, the
-// path length, for the mean score).
+// path length, for the mean score). Selects, no branch on the node's kind.
 template <typename A, typename X, typename Run>
 HSS_HOST_DEVICE inline void walk_step(const X& x, const WalkNode& v, const Run& run, int64_t act, A m, A z,
                                       int64_t score, bool ordered, Best<A>& best) {
   const A s = run(v.depth - 1) + activate<A>(x(v.x), act, m, z);
-  if (v.leaf < 0) {
-    run(v.depth) = s;
-    return;
-  }
+  const bool leaf = v.leaf >= 0;
+  run(leaf ? kLeafSlot : v.depth) = s;
   const A t = score == kMean ? s / A(v.depth) : s;
-  const bool take = t > best.score || (!ordered && t == best.score && v.leaf < best.leaf);
+  const bool take = leaf && (t > best.score || (!ordered && t == best.score && v.leaf < best.leaf));
   best.score = take ? t : best.score;
   best.leaf = take ? v.leaf : best.leaf;
 }
@@ -114,8 +115,8 @@ HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, const WalkNod
                                           int64_t act, int64_t score) {
   A m, z;
   softmax_stats<A>(x, C, act, m, z);
-  A scores[kMaxDepth + 1];
-  for (int d = 0; d <= kMaxDepth; ++d) scores[d] = A(0);  // sm90: trips=9
+  A scores[kRunSlots];
+  for (int d = 0; d < kRunSlots; ++d) scores[d] = A(0);  // sm90: trips=10
   const RunScores<A, 1> run{scores};
   Best<A> best{neg_inf<A>(), 0};
   for (int64_t i = 0; i < V; ++i) walk_step<A>(x, nodes[i], run, act, m, z, score, ordered, best);  // sm90: trips=C
