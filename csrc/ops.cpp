@@ -25,11 +25,13 @@
 //              gamma, eps, ignore_index, extrema) -> grad_logits. It needs no saved statistics: the
 //   extrema are recomputed from the logits it reads anyway.
 //
-// decode(logits (N, C, H, W), path_nodes (L, D) int32, activation, score) -> (N, H, W) int64: the leaf
+// decode(logits (N, C, H, W), walk (3, C) int32, ordered, activation, score) -> (N, H, W) int64: the leaf
 //   label of the best root-to-leaf path per pixel (docs/MATH.md §4.3), ties to the lowest leaf id.
-//   path_nodes holds the node channels of each leaf's path, root side first, -1 past its depth
-//   (TreeTables.path_nodes; an (L, 1) arange with activation 2 decodes leaf logits). activation: 0
-//   sigmoid, 1 softmax over all C channels, 2 identity; score: 0 sum, 1 mean over the path.
+//   walk: the tree's nodes in pre-order, rows channel, depth (1..8) and leaf id (-1: internal)
+//   (tables.decode_walk; a flat walk of the L channels, depth 1, leaf id = channel, with activation 2
+//   decodes leaf logits). ordered: the leaf ids increase along the walk (ties then need no id compare;
+//   the CPU checks this and the walk's values, the CUDA kernel clamps bad entries into range).
+//   activation: 0 sigmoid, 1 softmax over all C channels, 2 identity; score: 0 sum, 1 mean over the path.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -51,5 +53,5 @@ TORCH_LIBRARY(hss_kernels, m) {
         "int depth, float gamma, float eps, int ignore_index, bool per_pixel, bool extrema) -> (Tensor, Tensor)");
   m.def("tree_min_bwd(Tensor grad, Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, "
         "int num_leaves, int depth, float gamma, float eps, int ignore_index, bool extrema) -> Tensor");
-  m.def("decode(Tensor logits, Tensor path_nodes, int activation, int score) -> Tensor");
+  m.def("decode(Tensor logits, Tensor walk, bool ordered, int activation, int score) -> Tensor");
 }

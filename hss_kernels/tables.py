@@ -10,7 +10,8 @@ copies nothing from the host; the tensors are shared: do not modify them.
 * :func:`tree_index`: the tree-min / tree-BCE index the native kernels read,
   ``depth | dfs_order | dfs_pos | subtree_size | path_nodes``; :func:`tree_min_table` is the same tensor
   followed by what the Triton kernel reads beyond it (:func:`tree_index` is a view of its start).
-* :func:`decode_path`: the ``(L, D)`` path table both decode backends read.
+* :func:`decode_walk`: the ``(3, V)`` pre-order walk the native decode reads (the Triton kernel compiles
+  the same values in, ``triton/decode.py:_walk``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ __all__ = [
     "tree_index",
     "tree_min_sizes",
     "tree_min_table",
-    "decode_path",
+    "decode_walk",
 ]
 
 
@@ -190,12 +191,19 @@ def _build_tree_min_table(tree: "Tree", device) -> torch.Tensor:
     return torch.cat(parts).to(device=device, dtype=torch.int32).contiguous()
 
 
-def decode_path(tree: "Tree", device, leaf_logits: bool) -> torch.Tensor:
-    """``(L, D)`` int32, contiguous: the channels on each leaf's root-to-leaf path, root side first, -1
-    past the leaf's depth (``TreeTables.path_nodes``). For leaf logits, ``(L, 1)`` ``[[0], [1], ...]``: a
-    one-node path per leaf, scored by the logit itself (the argmax)."""
+def decode_walk(tree: "Tree", device, leaf_logits: bool):
+    """``(walk, ordered)``: the tree's nodes in pre-order as one ``(3, V)`` int32 contiguous tensor, rows
+    channel, depth (1 for a child of the root) and leaf id (-1 for an internal node); ``ordered``: the leaf
+    ids increase along the walk. For leaf logits a flat walk of the ``L`` leaf channels (channel ``l``,
+    depth 1, leaf id ``l``; ordered): the argmax."""
     def build():
         if leaf_logits:
-            return torch.arange(tree.num_leaves, dtype=torch.int32, device=device)[:, None].contiguous()
-        return tree_tables(tree, device).path_nodes.contiguous()
-    return tree.cached(_key("decode_path", device, bool(leaf_logits)), build)
+            L = tree.num_leaves
+            rows = [list(range(L)), [1] * L, list(range(L))]
+        else:
+            order = tree.dfs_order
+            rows = [list(order), [tree.depths[c] for c in order], [tree.channel_labels[c] for c in order]]
+        leaves = [l for l in rows[2] if l >= 0]
+        walk = torch.tensor(rows, dtype=torch.int32, device=device).contiguous()
+        return walk, leaves == sorted(leaves)
+    return tree.cached(_key("decode_walk", device, bool(leaf_logits)), build)

@@ -58,6 +58,21 @@ def test_random_real_trees(backend, device, name):
             assert_decodes_like_reference(decode(x, tree, activation, score), x, tree, activation, score)
 
 
+def test_random_trees_depth_8(backend, device):
+    """Random unbalanced trees 8 deep (the native kernels' limit: one running path score per depth), leaf
+    ids not in pre-order; sibling ties too."""
+    for seed in range(2):
+        tree = H.random_tree(24, min_depth=8, max_depth=8, seed=seed)
+        for dtype in (torch.float32, torch.float64):
+            for activation in ACTIVATIONS:
+                for score in SCORES:
+                    x = random_logits(tree.num_nodes, (2, 5, 6), dtype, device=device)
+                    assert_decodes_like_reference(decoder(backend)(x, tree, activation, score), x, tree,
+                                                  activation, score)
+            x, lowest = sibling_ties(tree, random_logits(tree.num_nodes, (2, 5, 6), dtype, device=device))
+            assert_lowest_of_ties(decoder(backend)(x, tree), lowest)
+
+
 @pytest.mark.parametrize("dtype", H.DTYPES)
 def test_dtypes_and_layouts(backend, device, dtype):
     """Every dtype, activation and score: NCHW, channels_last (the same labels) and a sliced view against

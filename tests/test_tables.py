@@ -31,16 +31,23 @@ def test_tree_index_layout():
     assert native_tree_min.tree_index is tables.tree_index
 
 
-def test_decode_path_layout():
-    """Root side first, -1 past the leaf's depth; for leaf logits one path per leaf, the leaf itself."""
+def test_decode_walk_layout():
+    """The nodes in pre-order: channel, depth, leaf id (-1 internal), and whether the leaf ids increase
+    along it; for leaf logits a flat walk of the leaf channels."""
     for tree in _trees():
-        got = tables.decode_path(tree, "cpu", False)
-        assert got.dtype == torch.int32 and got.is_contiguous() and got.shape == (tree.num_leaves, tree.depth)
-        for y in range(tree.num_leaves):
-            path = sorted(tree.ancestors[tree.leaf_channels[y]], key=lambda v: tree.depths[v])
-            assert got[y, :len(path)].tolist() == path and (got[y, len(path):] == -1).all(), (tree, y)
-        leaf = tables.decode_path(tree, "cpu", True)
-        assert torch.equal(leaf, torch.arange(tree.num_leaves, dtype=torch.int32)[:, None])
+        walk, ordered = tables.decode_walk(tree, "cpu", False)
+        assert walk.dtype == torch.int32 and walk.is_contiguous() and walk.shape == (3, tree.num_nodes)
+        order = list(tree.dfs_order)
+        assert walk[0].tolist() == order
+        assert walk[1].tolist() == [tree.depths[c] for c in order]
+        assert walk[2].tolist() == [tree.channel_labels[c] for c in order]
+        leaves = [l for l in walk[2].tolist() if l >= 0]
+        assert sorted(leaves) == list(range(tree.num_leaves)) and ordered == (leaves == sorted(leaves))
+        leaf, flat_ordered = tables.decode_walk(tree, "cpu", True)
+        L = torch.arange(tree.num_leaves, dtype=torch.int32)
+        assert torch.equal(leaf, torch.stack([L, torch.ones_like(L), L])) and flat_ordered
+    assert not tables.decode_walk(trees.load("vistas"), "cpu", False)[1]
+    assert tables.decode_walk(trees.load("vistas_v2"), "cpu", False)[1]
 
 
 def test_leaf_group_is_the_tables_one():

@@ -1,7 +1,7 @@
 // Hierarchical decoding (docs/MATH.md §4.3): the CPU implementation of decode (schema and contract in
-// csrc/ops.cpp). Float inputs score the paths' shared prefixes row by row over a block of pixels;
-// float64 (and every dtype with HSS_CPU_PIXEL_PATH=1) runs decode_math.h's per-pixel code, the CUDA
-// kernel's arithmetic.
+// csrc/ops.cpp). Float inputs score the paths' shared prefixes row by row over a block of pixels (the
+// walk table turned into root-to-leaf paths first); float64 (and every dtype with HSS_CPU_PIXEL_PATH=1)
+// runs decode_math.h's per-pixel walk, the CUDA kernel's arithmetic.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -40,7 +40,7 @@ Prefixes prefixes(const int32_t* path, int64_t L, int64_t D, int64_t C) {
     int32_t cur = -1, len = 0;
     for (int64_t d = 0; d < D; ++d) {
       const int32_t node = path[l * D + d];
-      if (node < 0 || node >= C) break;  // as decode_math::best_leaf: a bad entry ends the path
+      if (node < 0 || node >= C) break;  // -1: past the leaf's depth
       auto it = ids.find({cur, node});
       if (it == ids.end()) {
         it = ids.emplace(std::make_pair(cur, node), static_cast<int32_t>(t.node.size())).first;
@@ -130,19 +130,58 @@ HSS_LANES_TARGETS void decode_block_f32(const float* x, int64_t ld, int64_t C, i
   for (int64_t p = 0; p < n; ++p) y[p] = arg[p];
 }
 
+// The walk table (3, V) checked (the CPU can read it, unlike the CUDA host): channels in [0, C), depths
+// in [1, kMaxDepth], a pre-order (a node at depth d > 1 follows its parent, the last internal node at
+// depth d - 1 still open), the leaf ids a permutation of 0..L-1, increasing along the walk if `ordered`
+// says so. Returns the leaves' root-to-leaf paths, the (L, D) table `prefixes` reads (-1 past a leaf's
+// depth), with L and D.
+std::vector<int32_t> walk_paths(const int32_t* walk, int64_t V, int64_t C, bool ordered, int64_t& L, int64_t& D) {
+  L = 0;
+  D = 1;
+  for (int64_t i = 0; i < V; ++i) {
+    TORCH_CHECK(walk[i] >= 0 && walk[i] < C, "decode: walk channel ", walk[i], " at position ", i,
+                " is outside [0, ", C, ")");
+    TORCH_CHECK(walk[V + i] >= 1 && walk[V + i] <= kMaxDepth, "decode: walk depth ", walk[V + i], " at position ",
+                i, " is outside [1, ", kMaxDepth, "]");
+    L += walk[2 * V + i] >= 0;
+    D = std::max<int64_t>(D, walk[V + i]);
+  }
+  std::vector<int32_t> paths(L * D, -1), chain(kMaxDepth + 1, -1);
+  std::vector<char> seen(L, 0);
+  int32_t open = 0, last = -1;  // the depth of the deepest open internal node; the last leaf id met
+  for (int64_t i = 0; i < V; ++i) {
+    const int32_t c = walk[i], d = walk[V + i], l = walk[2 * V + i];
+    TORCH_CHECK(d <= open + 1, "decode: walk position ", i, " at depth ", d, " has no parent (not a pre-order)");
+    chain[d] = c;
+    open = l < 0 ? d : d - 1;
+    if (l < 0) continue;
+    TORCH_CHECK(l < L && !seen[l], "decode: walk leaf ids must be 0..", L - 1, " once each, got ", l,
+                " at position ", i);
+    TORCH_CHECK(!ordered || l > last, "decode: the walk is said ordered but leaf ", l, " follows leaf ", last);
+    seen[l] = 1;
+    last = l;
+    for (int32_t k = 1; k <= d; ++k) paths[l * D + k - 1] = chain[k];
+  }
+  return paths;
+}
+
 template <typename scalar_t>
-void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int64_t act, int64_t score,
+void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t act, int64_t score,
                      at::Tensor& out) {
   using A = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
   const int64_t C = logits.size(1);
-  const Prefixes t = prefixes(path_nodes.data_ptr<int32_t>(), path_nodes.size(0), path_nodes.size(1), C);
-  const PixelGeom g{logits.size(2), logits.size(3), logits.stride(0), logits.stride(2), logits.stride(3)};
-  int64_t* y = out.data_ptr<int64_t>();
   constexpr bool vec = std::is_same_v<A, float>;
   const bool lanes = vec && !cpu::pixel_path_forced();
-  const int64_t rows = vec ? std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock : 0;
-  const int32_t* path = path_nodes.data_ptr<int32_t>();
-  const int64_t L = path_nodes.size(0), D = path_nodes.size(1);
+  const int32_t* w = walk.data_ptr<int32_t>();
+  int64_t L = 0, D = 0;
+  const std::vector<int32_t> paths = walk_paths(w, C, C, ordered, L, D);
+  const Prefixes t = lanes ? prefixes(paths.data(), L, D, C) : Prefixes{};
+  std::vector<decode_math::WalkNode> nodes;  // the per-pixel walk, x = the channel
+  if (!lanes)
+    for (int64_t i = 0; i < C; ++i) nodes.push_back(decode_math::walk_node(w, C, i, C, 1));
+  const PixelGeom g{logits.size(2), logits.size(3), logits.stride(0), logits.stride(2), logits.stride(3)};
+  int64_t* y = out.data_ptr<int64_t>();
+  const int64_t rows = lanes ? std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock : 0;
   cpu::for_each_block_direct<scalar_t, A>(
       logits.data_ptr<scalar_t>(), C, logits.stride(1), g, out.numel(), rows,
       [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scratch) {
@@ -152,18 +191,20 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& path_nodes, int
             return;
           }
         }
-        // float64 (or HSS_CPU_PIXEL_PATH=1): decode_math's per-pixel code, the CUDA kernel's arithmetic
+        // float64 (or HSS_CPU_PIXEL_PATH=1): decode_math's per-pixel walk, the CUDA kernel's arithmetic
         for (int64_t p = 0; p < n; ++p)
-          y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, L, D, path, act, score);
+          y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, nodes.data(), C, ordered,
+                                                   act, score);
       });
 }
 
-at::Tensor decode_cpu(const at::Tensor& logits, const at::Tensor& path_nodes, int64_t activation, int64_t score) {
-  check_decode("decode", logits, path_nodes);
+at::Tensor decode_cpu(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t activation,
+                      int64_t score) {
+  check_decode("decode", logits, walk);
   auto out = at::empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hss_kernels::decode", [&] {
-    decode_cpu_loop<scalar_t>(logits, path_nodes, activation, score, out);
+    decode_cpu_loop<scalar_t>(logits, walk, ordered, activation, score, out);
   });
   return out;
 }

@@ -81,18 +81,17 @@ inline void check_tree_min(const char* op, const at::Tensor& logits, const at::T
   check_table(op, "node_weights", node_weights, logits, V, acc_type(logits));
 }
 
-inline void check_decode(const char* op, const at::Tensor& logits, const at::Tensor& path_nodes) {
+inline void check_decode(const char* op, const at::Tensor& logits, const at::Tensor& walk) {
   TORCH_CHECK(logits.dim() == 4, op, ": logits must be (N, C, H, W), got ", logits.sizes());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
               logits.scalar_type());
   TORCH_CHECK(logits.size(1) >= 1, op, ": logits have no channels");
-  TORCH_CHECK(path_nodes.dim() == 2 && path_nodes.size(0) >= 1 && path_nodes.size(1) >= 1, op,
-              ": path_nodes must be (L, D) with L, D >= 1, got ", path_nodes.sizes());
-  TORCH_CHECK(path_nodes.scalar_type() == at::kInt, op, ": path_nodes must be int32, got ",
-              path_nodes.scalar_type());
-  TORCH_CHECK(path_nodes.is_contiguous(), op, ": path_nodes must be contiguous");
-  TORCH_CHECK(path_nodes.device() == logits.device(), op, ": path_nodes is on ", path_nodes.device(),
-              ", logits on ", logits.device());
+  TORCH_CHECK(walk.dim() == 2 && walk.size(0) == 3 && walk.size(1) == logits.size(1), op,
+              ": walk must be (3, C) = (3, ", logits.size(1), "), got ", walk.sizes());
+  TORCH_CHECK(walk.scalar_type() == at::kInt, op, ": walk must be int32, got ", walk.scalar_type());
+  TORCH_CHECK(walk.is_contiguous(), op, ": walk must be contiguous");
+  TORCH_CHECK(walk.device() == logits.device(), op, ": walk is on ", walk.device(), ", logits on ",
+              logits.device());
 }
 
 // Logits as the backward walks them: any dense layout as is, anything else (overlapping, expanded,

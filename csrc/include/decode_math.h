@@ -3,10 +3,17 @@
 // exercise the arithmetic the GPU runs (the CPU's float path scores the paths' shared prefixes row by
 // row over a block of pixels instead, csrc/cpu/decode.cpp).
 //
-// A leaf's path score is the sum of a(x_v) over the nodes v on its root-to-leaf path (root side first,
-// as the Triton kernel sums, so that leaves with equal activations on equal-length paths tie exactly),
-// divided by the path length for the mean score. The winner is the first leaf with the highest score:
-// ties go to the lowest leaf id.
+// A leaf's path score is the sum of a(x_v) over the nodes v on its root-to-leaf path, divided by the
+// path length (the leaf's depth) for the mean score. The winner is the leaf with the highest score, ties
+// going to the lowest leaf id.
+//
+// The tree is runtime data: a walk, one WalkNode per node in pre-order (channel, depth, leaf id or -1).
+// Walking it, each node is activated once and its path score is its parent's score plus its activation,
+// root side first (the summation order of every backend, so that leaves with equal activations along
+// equal-length paths tie exactly); the parent's score is the last one written at depth - 1, so one
+// running score per depth suffices. O(V) per pixel. Leaves are met in pre-order, not by id, so a tie
+// goes to the met leaf only if its id is lower, unless the walk is `ordered` (leaf ids increase along
+// it), where a strict > alone keeps the lowest id.
 #pragma once
 
 #include "common.h"
@@ -16,6 +23,26 @@ namespace decode_math {
 
 enum Activation : int64_t { kSigmoid = 0, kSoftmax = 1, kIdentity = 2 };
 enum Score : int64_t { kSum = 0, kMean = 1 };
+
+// One pre-order position of the walk. `x` is what the pixel accessor takes for the node's logit: the
+// channel on the CPU, the channel times the channel stride in the CUDA kernel. depth in [1, kMaxDepth];
+// leaf: the leaf id, -1 (any negative) for an internal node. 16 bytes: one shared-memory read.
+struct alignas(16) WalkNode {
+  int64_t x;
+  int32_t depth, leaf;
+};
+
+// The node at pre-order position i of a (3, V) walk table (rows: channel, depth, leaf id), its channel
+// mapped to x = channel * stride. An entry out of range is clamped into it (channel into [0, C), depth
+// into [1, kMaxDepth]): a bad table gives wrong labels, but never reads outside the pixel's channels or
+// the running scores. (The CPU host rejects such tables before any pixel; the CUDA host cannot read them.)
+HSS_HOST_DEVICE inline WalkNode walk_node(const int32_t* walk, int64_t V, int64_t i, int64_t C, int64_t stride) {
+  int64_t c = walk[i];
+  int32_t d = walk[V + i];
+  c = (c < 0 || c >= C) ? 0 : c;
+  d = d < 1 ? 1 : (d > kMaxDepth ? kMaxDepth : d);
+  return WalkNode{c * stride, d, walk[2 * V + i]};
+}
 
 // Softmax statistics of one pixel: m = max_c x(c), z = sum_c exp(x(c) - m). For the other activations
 // m = 0 and z = 1 (unused).
@@ -49,49 +76,51 @@ HSS_HOST_DEVICE inline A activate(A v, int64_t act, A m, A z) {
   return v;
 }
 
-// The best leaf given a(node) for every node: path is (L, D) row-major int32 node channels, -1 past a
-// leaf's depth; an entry outside [0, C) also ends the path, so a bad table never reads outside the
-// pixel's channels.
-template <typename A, typename Act>
-HSS_HOST_DEVICE inline int64_t best_leaf(const Act& a, int64_t C, int64_t L, int64_t D, const int32_t* path,
-                                       int64_t score) {
-  A best = A(0);
-  int64_t best_l = 0;
-  for (int64_t l = 0; l < L; ++l) {  // sm90: trips=L
-    A s = A(0);
-    int64_t len = 0;
-    for (int64_t d = 0; d < D; ++d) {  // sm90: trips=PATH_ITERS
-      const int32_t node = path[l * D + d];
-      if (node < 0 || node >= C) break;
-      s += a(node);
-      ++len;
-    }
-    if (score == kMean && len > 0) s = s / A(len);
-    if (l == 0 || s > best) {  // strict: an earlier (lower) leaf keeps a tie
-      best = s;
-      best_l = l;
-    }
-  }
-  return best_l;
-}
-
-// a(node) computed from the logit when asked (the GPU: no per-pixel array, re-reads hit the cache).
-template <typename A, typename X>
-struct Activated {
-  const X& x;
-  int64_t act;
-  A m, z;
-  HSS_HOST_DEVICE A operator()(int64_t c) const { return activate<A>(x(c), act, m, z); }
+// The running path scores of one pixel, one per depth 0..kMaxDepth (depth 0, the root, holds 0), and
+// slot kLeafSlot where leaves write theirs (so that a step has no branch on the node's kind): run(d) is
+// element d * kStride of p (the CPU: a local array; the GPU: shared memory laid out [depth][thread]).
+constexpr int kLeafSlot = kMaxDepth + 1;
+constexpr int kRunSlots = kMaxDepth + 2;
+template <typename A, int kStride>
+struct RunScores {
+  A* p;
+  HSS_HOST_DEVICE A& operator()(int32_t d) const { return p[d * kStride]; }
 };
 
-// One pixel: the leaf label of its best path.
+// The best leaf so far: start from best = -inf, best_l = 0.
+template <typename A>
+struct Best {
+  A score;
+  int32_t leaf;
+};
+
+// One step of the walk: node v's path score from its parent's (root side first: 0 + a_1 + a_2 + ...);
+// an internal node records it for its children, a leaf competes (its score divided by its depth, the
+// path length, for the mean score). Selects, no branch on the node's kind.
+template <typename A, typename X, typename Run>
+HSS_HOST_DEVICE inline void walk_step(const X& x, const WalkNode& v, const Run& run, int64_t act, A m, A z,
+                                      int64_t score, bool ordered, Best<A>& best) {
+  const A s = run(v.depth - 1) + activate<A>(x(v.x), act, m, z);
+  const bool leaf = v.leaf >= 0;
+  run(leaf ? kLeafSlot : v.depth) = s;
+  const A t = score == kMean ? s / A(v.depth) : s;
+  const bool take = leaf && (t > best.score || (!ordered && t == best.score && v.leaf < best.leaf));
+  best.score = take ? t : best.score;
+  best.leaf = take ? v.leaf : best.leaf;
+}
+
+// One pixel (the CPU): the leaf label of its best path. nodes: the V walk nodes, x taking the channel.
 template <typename A, typename X>
-HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, int64_t L, int64_t D, const int32_t* path,
+HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, const WalkNode* nodes, int64_t V, bool ordered,
                                           int64_t act, int64_t score) {
   A m, z;
   softmax_stats<A>(x, C, act, m, z);
-  const Activated<A, X> a{x, act, m, z};
-  return best_leaf<A>(a, C, L, D, path, score);
+  A scores[kRunSlots];
+  for (int d = 0; d < kRunSlots; ++d) scores[d] = A(0);  // sm90: trips=10
+  const RunScores<A, 1> run{scores};
+  Best<A> best{neg_inf<A>(), 0};
+  for (int64_t i = 0; i < V; ++i) walk_step<A>(x, nodes[i], run, act, m, z, score, ordered, best);  // sm90: trips=C
+  return best.leaf;
 }
 
 }  // namespace decode_math

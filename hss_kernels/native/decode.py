@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tables import decode_path
+from ..tables import decode_walk
 from ..tree import Tree
 
 __all__ = ["decode"]
@@ -12,6 +12,7 @@ __all__ = ["decode"]
 _ACT = {"sigmoid": 0, "softmax": 1}
 _IDENTITY = 2
 _SCORE = {"sum": 0, "mean": 1}
+MAX_DEPTH = 8  # kMaxDepth, csrc/include/common.h: one running path score per depth
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
@@ -25,17 +26,19 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     Returns:
         int64 ``(N, H, W)``; ties go to the lowest leaf id.
     Raises:
-        ValueError for logits that are not 4-D (options and the channel count are checked by the
-        public API, ``hss_kernels.decode``).
+        ValueError for logits that are not 4-D, or node logits of a tree deeper than 8 (options and the
+        channel count are checked by the public API, ``hss_kernels.decode``).
     """
     if logits.dim() != 4:
         raise ValueError(f"decode: logits must be (N, C, H, W), got {tuple(logits.shape)}")
     leaf_logits = logits.shape[1] == tree.num_leaves and logits.shape[1] != tree.num_nodes
-    path = decode_path(tree, logits.device, leaf_logits)
+    if not leaf_logits and tree.depth > MAX_DEPTH:
+        raise ValueError(f"decode: the native kernels take trees of depth 1..{MAX_DEPTH}, got {tree.depth}")
+    walk, ordered = decode_walk(tree, logits.device, leaf_logits)
     act = _IDENTITY if leaf_logits else _ACT[activation]
-    return torch.ops.hss_kernels.decode(logits.detach(), path, act, _SCORE[score])
+    return torch.ops.hss_kernels.decode(logits.detach(), walk, ordered, act, _SCORE[score])
 
 
 @torch.library.register_fake("hss_kernels::decode")
-def _(logits, path_nodes, activation, score):
+def _(logits, walk, ordered, activation, score):
     return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.long)

@@ -1,12 +1,12 @@
 """The native backend's ops ``torch.ops.hss_kernels.*`` called directly, on every device: opcheck (schema,
 fake kernels, autograd registration), the fake kernels' gradient strides, argument checks, decode with
-any path table, and no double backward."""
+any walk table, and no double backward."""
 import pytest
 import torch
 
 import hss_kernels
 from hss_kernels import trees
-from hss_kernels.tables import tree_index
+from hss_kernels.tables import decode_walk, tree_index
 
 import helpers as H
 
@@ -58,7 +58,8 @@ def test_opcheck_tree_min(backend, device, extrema):
 def test_opcheck_decode(backend, device):
     tree = trees.load("cityscapes")
     x = H.random_logits(tree.num_nodes, (1, 2, 2), device=device)
-    torch.library.opcheck(ops.decode.default, (x, tree.tables(device).path_nodes, 1, 1))
+    walk, ordered = decode_walk(tree, device, False)
+    torch.library.opcheck(ops.decode.default, (x, walk, ordered, 1, 1))
 
 
 # ------------------------------------------------------------------------------------- fake strides
@@ -100,54 +101,77 @@ def test_tree_min_checks_its_arguments(backend, device):
 def test_decode_checks_its_arguments(backend, device):
     tree = trees.load("cityscapes")
     x = H.random_logits(tree.num_nodes, (1, 2, 2), device=device)
-    path = tree.tables(device).path_nodes
+    walk, ordered = decode_walk(tree, device, False)
     with pytest.raises(RuntimeError, match="int32"):
-        ops.decode(x, path.long(), 0, 0)
+        ops.decode(x, walk.long(), ordered, 0, 0)
+    with pytest.raises(RuntimeError, match=r"\(3, C\)"):
+        ops.decode(x, walk[:, 1:].contiguous(), ordered, 0, 0)
     with pytest.raises(ValueError, match="activation"):  # options: checked in Python, not by the op
         hss_kernels.decode(x, tree, activation="logit", backend="native")
     with pytest.raises(RuntimeError, match=r"\(N, C, H, W\)"):
-        ops.decode(x[0], path, 0, 0)
-    # a table pointing past the channels ends the path there instead of reading out of bounds
-    bad = path.clone()
-    bad[:, -1] = 1000
-    assert ops.decode(x, bad, 0, 0).shape == (1, 2, 2)
+        ops.decode(x[0], walk, ordered, 0, 0)
+    bad = walk.clone()
+    bad[0, -1] = 1000  # a channel past the logits'
+    if device == "cpu":  # the CPU host reads the table and rejects it
+        with pytest.raises(RuntimeError, match="channel"):
+            ops.decode(x, bad, ordered, 0, 0)
+    else:  # the CUDA kernel clamps it into range instead of reading out of bounds
+        assert ops.decode(x, bad, ordered, 0, 0).shape == (1, 2, 2)
+    if device == "cpu":
+        for row, col, value, match in ((1, 0, 0, "depth"), (1, 3, 9, "depth"), (1, 1, 3, "pre-order"),
+                                       (2, 1, 5, "leaf ids"), (2, 1, -1, "leaf ids")):
+            bad = walk.clone()
+            bad[row, col] = value
+            with pytest.raises(RuntimeError, match=match):
+                ops.decode(x, bad, False, 0, 0)
+
+
+def _walk_paths(walk):
+    """Per leaf id, the channels on its path: the pre-order walk's chains of open nodes."""
+    chain, paths = {}, {}
+    for c, d, l in walk.t().tolist():
+        chain[d] = c
+        if l >= 0:
+            paths[l] = [chain[k] for k in range(1, d + 1)]
+    return [paths[l] for l in range(len(paths))]
+
+
+# A walk that is no tree: channels repeat (2 at depths 1 and 2 and twice as a leaf), leaf ids are not in
+# pre-order, leaves 3 and 0 have the same path (an exact tie, met in that order: 0 must win), depth-1 leaves.
+_ODD_WALK = [[2, 5, 5, 2, 7, 1, 0, 3, 2],
+             [1, 2, 2, 2, 3, 1, 1, 2, 2],
+             [-1, 3, 0, -1, 5, 1, -1, 4, 2]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_decode_any_path_table(backend, device, dtype):
-    """The op takes any (L, D) table, not only a tree's: paths that share prefixes or repeat a node,
-    end early (-1) or at an entry outside [0, C), or are empty (score 0). Against a direct float64 sum
-    per leaf, at 117 pixels per image (on the CPU: full and partial blocks of the loop; float32 runs its
-    row passes, float64 the per-pixel code the CUDA kernel runs)."""
-    C, L, D = 7, 12, 4
-    path = torch.randint(-1, C + 2, (L, D), dtype=torch.int32)
-    path[0] = torch.tensor([2, 2, 5, 1])  # a repeated node
-    path[1] = path[0]  # the same path as leaf 0: always a tie that leaf 0 wins
-    path[2] = torch.tensor([2, 2, 5, -1])  # a prefix of leaf 0's path
-    path[3, 0] = -1  # empty
-    path[4] = torch.tensor([3, C, 1, 1])  # ends at an out-of-range entry
-    x = H.random_logits(C, (2, 9, 13), dtype)
-    xd = x.double()
-    for act, a in ((0, torch.sigmoid(xd)), (1, torch.softmax(xd, dim=1)), (2, xd)):
-        for score in (0, 1):
-            cols = []
-            for l in range(L):
-                s, n = torch.zeros_like(a[:, 0]), 0
-                for d in range(D):
-                    c = int(path[l, d])
-                    if c < 0 or c >= C:
-                        break
-                    s, n = s + a[:, c], n + 1
-                cols.append(s / n if score == 1 and n > 0 else s)
-            S = torch.stack(cols, dim=1)
-            want = S.argmax(dim=1)
-            got = ops.decode(x.to(device), path.contiguous().to(device), act, score).cpu()
-            assert not bool((got == 1).any())
-            diff = got != want
-            if bool(diff.any()):
-                gap = (S.gather(1, got[:, None]) - S.gather(1, want[:, None]))[:, 0].abs()[diff]
-                tol = 1e-9 if dtype == torch.float64 else 2e-5
-                assert float(gap.max()) <= tol, f"{int(diff.sum())} labels differ by up to {float(gap.max())}"
+def test_decode_any_walk(backend, device, dtype):
+    """The op takes any pre-order walk, not only a tree's: repeated channels, leaf ids in any order
+    (a tie met in reverse id order still goes to the lowest id), depth-1 leaves, a chain 8 deep. Against a
+    direct float64 sum per leaf, at 117 pixels per image (on the CPU: full and partial blocks of the loop;
+    float32 runs its row passes, float64 the per-pixel walk the CUDA kernel runs)."""
+    deep = [[4, 6, 0, 1, 5, 3, 2, 7, 8], list(range(1, 9)) + [2], [-1] * 7 + [1, 0]]  # a chain of 8, a leaf at 2
+    for rows in (_ODD_WALK, deep):
+        walk = torch.tensor(rows, dtype=torch.int32)
+        C = walk.shape[1]
+        paths = _walk_paths(walk)
+        x = H.random_logits(C, (2, 9, 13), dtype)
+        xd = x.double()
+        for act, a in ((0, torch.sigmoid(xd)), (1, torch.softmax(xd, dim=1)), (2, xd)):
+            for score in (0, 1):
+                S = torch.stack([sum(a[:, c] for c in p) / (len(p) if score else 1) for p in paths], dim=1)
+                want = S.argmax(dim=1)
+                got = ops.decode(x.to(device), walk.to(device), False, act, score).cpu()
+                if rows is _ODD_WALK:
+                    assert not bool((got == 3).any())  # leaf 3 always ties with leaf 0
+                diff = got != want
+                if bool(diff.any()):
+                    gap = (S.gather(1, got[:, None]) - S.gather(1, want[:, None]))[:, 0].abs()[diff]
+                    tol = 1e-9 if dtype == torch.float64 else 2e-5
+                    assert float(gap.max()) <= tol, f"{int(diff.sum())} labels differ by up to {float(gap.max())}"
+    walk = torch.tensor(_ODD_WALK, dtype=torch.int32)
+    if device == "cpu":  # the CPU checks the ordered flag; the CUDA kernel trusts it
+        with pytest.raises(RuntimeError, match="ordered"):
+            ops.decode(H.random_logits(9, (1, 2, 2), dtype), walk, True, 0, 0)
 
 
 # ------------------------------------------------------------------------------------- autograd
