@@ -10,8 +10,8 @@ copies nothing from the host; the tensors are shared: do not modify them.
 * :func:`tree_index`: the tree-min / tree-BCE index the native kernels read,
   ``depth | dfs_order | dfs_pos | subtree_size | path_nodes``; :func:`tree_min_table` is the same tensor
   followed by what the Triton kernel reads beyond it (:func:`tree_index` is a view of its start).
-* :func:`decode_walk`: the ``(3, V)`` pre-order walk the native decode reads (the Triton kernel compiles
-  the same values in, ``triton/decode.py:_walk``).
+* :func:`decode_walk`: the ``(3, V)`` pre-order walk the native decode reads; :func:`decode_walk_rows`, its
+  values as lists, which the Triton kernel compiles in (``triton/decode.py:_walk``).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ __all__ = [
     "tree_min_sizes",
     "tree_min_table",
     "decode_walk",
+    "decode_walk_rows",
 ]
 
 
@@ -191,18 +192,25 @@ def _build_tree_min_table(tree: "Tree", device) -> torch.Tensor:
     return torch.cat(parts).to(device=device, dtype=torch.int32).contiguous()
 
 
+def decode_walk_rows(tree: "Tree", leaf_logits: bool) -> List[List[int]]:
+    """The rows of :func:`decode_walk` as lists (the Triton kernel compiles them in): the channels in
+    pre-order, their depths and their leaf ids (-1 for an internal node); for leaf logits a flat walk."""
+    def build():
+        if leaf_logits:
+            L = tree.num_leaves
+            return [list(range(L)), [1] * L, list(range(L))]
+        order = tree.dfs_order
+        return [list(order), [tree.depths[c] for c in order], [tree.channel_labels[c] for c in order]]
+    return tree.cached(("decode_walk_rows", bool(leaf_logits)), build)
+
+
 def decode_walk(tree: "Tree", device, leaf_logits: bool):
     """``(walk, ordered)``: the tree's nodes in pre-order as one ``(3, V)`` int32 contiguous tensor, rows
     channel, depth (1 for a child of the root) and leaf id (-1 for an internal node); ``ordered``: the leaf
     ids increase along the walk. For leaf logits a flat walk of the ``L`` leaf channels (channel ``l``,
     depth 1, leaf id ``l``; ordered): the argmax."""
     def build():
-        if leaf_logits:
-            L = tree.num_leaves
-            rows = [list(range(L)), [1] * L, list(range(L))]
-        else:
-            order = tree.dfs_order
-            rows = [list(order), [tree.depths[c] for c in order], [tree.channel_labels[c] for c in order]]
+        rows = decode_walk_rows(tree, leaf_logits)
         leaves = [l for l in rows[2] if l >= 0]
         walk = torch.tensor(rows, dtype=torch.int32, device=device).contiguous()
         return walk, leaves == sorted(leaves)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tables
 from ..tree import Tree
 from . import _common
 from . import _tree as T
@@ -155,15 +156,10 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
 
 
 def _walk(tree: Tree, leaf_logits: bool) -> List[int]:
-    """The ``walk`` argument of the op: the channels in pre-order, their depths and their leaf ids (-1 for
-    an internal node), 3·V ints; for leaf logits a flat tree of the L leaf channels."""
-    def build():
-        if leaf_logits:
-            L = tree.num_leaves
-            return list(range(L)) + [1] * L + list(range(L))
-        order = tree.dfs_order
-        return list(order) + [tree.depths[c] for c in order] + [tree.channel_labels[c] for c in order]
-    return tree.cached(("triton_decode_walk", bool(leaf_logits)), build)
+    """The ``walk`` argument of the op: the rows of :func:`hss_kernels.tables.decode_walk_rows` (channels in
+    pre-order, depths, leaf ids) concatenated, 3·V ints."""
+    return tree.cached(("triton_decode_walk", bool(leaf_logits)),
+                       lambda: [v for row in tables.decode_walk_rows(tree, leaf_logits) for v in row])
 
 
 def _compiled_walk(walk: List[int]):
