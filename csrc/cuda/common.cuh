@@ -17,6 +17,20 @@ namespace cuda {
 
 constexpr int kThreads = 256;  // forward kernels; a power of two for the block reduction
 
+// Raises a kernel's dynamic shared memory limit past the default 48 KiB when smem (dynamic) plus
+// static_smem needs it; past the GPU's opt-in maximum, an error naming the op and its tree ("a tree of
+// <n> <unit>").
+template <typename K>
+void allow_smem(K kernel, size_t smem, size_t static_smem, int device, const char* op, int64_t n, const char* unit) {
+  constexpr size_t kDefaultSmem = 48 * 1024;
+  if (smem + static_smem <= kDefaultSmem) return;
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(limit), op, ": a tree of ", n, " ", unit, " needs ",
+              smem + static_smem, " bytes of shared memory per block, more than this GPU's ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
 // One pixel's channel c at p[c * s]: neighbouring threads hold neighbouring pixels, so a warp reading
 // the same channel reads contiguous memory (NCHW). The losses count channels in int, decode in int64_t.
 template <typename T, typename A>

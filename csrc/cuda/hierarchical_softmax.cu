@@ -35,19 +35,6 @@ __device__ inline SharedGroups load_groups(const int32_t* __restrict__ group, in
   return SharedGroups{t};
 }
 
-// Raises the kernel's dynamic shared memory limit past the default 48 KiB when the table needs it.
-template <typename K>
-void allow_smem(K kernel, size_t smem, size_t static_smem, int device, int64_t L) {
-  constexpr size_t kDefaultSmem = 48 * 1024;
-  if (smem + static_smem <= kDefaultSmem) return;
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(limit), "hierarchical_softmax: a tree of ", L,
-              " leaves needs ", smem + static_smem, " bytes of shared memory per block, more than this GPU's ",
-              limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-}
-
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
@@ -116,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
     using A = at::opmath_type<scalar_t>;
     const auto kernel = hierarchical_softmax_fwd_kernel<scalar_t, A>;
     const size_t smem = group_smem_bytes(logits.size(1));
-    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), logits.size(1));
+    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
+               "hierarchical_softmax", logits.size(1), "leaves");
     kernel<<<nb, kThreads, smem, stream>>>(
         logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
         logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
@@ -143,7 +131,7 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
     using A = at::opmath_type<scalar_t>;
     const auto kernel = hierarchical_softmax_bwd_kernel<scalar_t, A>;
     const size_t smem = group_smem_bytes(x.size(1));
-    allow_smem(kernel, smem, 0, x.get_device(), x.size(1));
+    allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
     kernel<<<num_blocks(P, kThreads), kThreads, smem, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
         x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),

@@ -93,18 +93,6 @@ __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, co
                          static_cast<int>(y), k, gamma, eps, extrema, grad[gg.offset(i)]);
 }
 
-// Raises the kernel's dynamic shared memory limit past the default 48 KiB when it needs to.
-template <typename K>
-void allow_smem(K kernel, size_t smem, size_t static_smem, int device, int V) {
-  constexpr size_t kDefaultSmem = 48 * 1024;
-  if (smem + static_smem <= kDefaultSmem) return;
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(smem + static_smem <= static_cast<size_t>(limit), "tree_min: a tree of ", V, " nodes needs ",
-              smem + static_smem, " bytes of shared memory per block, more than this GPU's ", limit);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-}
-
 std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                      const at::Tensor& tree_index, const at::Tensor& node_weights,
                                                      int64_t L, int64_t D, double gamma, double eps,
@@ -126,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, c
     auto kernel = tree_min_fwd_kernel<scalar_t, A>;
     const size_t smem = tree_smem_bytes<A>(logits.size(1), D, kThreads, extrema, false);
     // block_sum's static arrays
-    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), logits.size(1));
+    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min",
+               logits.size(1), "nodes");
     kernel<<<nb, kThreads, smem, stream>>>(
         logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
         tree_index.data_ptr<int32_t>(), logits.size(1), L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
@@ -159,7 +148,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
     int threads = kThreads;
     while (threads > 32 && tree_smem_bytes<A>(V, D, threads, extrema, true) > kDefaultSmem) threads /= 2;
     const size_t smem = tree_smem_bytes<A>(V, D, threads, extrema, true);
-    allow_smem(kernel, smem, 0, x.get_device(), V);
+    allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
     kernel<<<num_blocks(P, threads), threads, smem, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
         x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
