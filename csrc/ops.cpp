@@ -32,6 +32,14 @@
 //   decodes leaf logits). ordered: the leaf ids increase along the walk (ties then need no id compare;
 //   the CPU checks this and the walk's values, the CUDA kernel clamps bad entries into range).
 //   activation: 0 sigmoid, 1 softmax over all C channels, 2 identity; score: 0 sum, 1 mean over the path.
+//   size: [] (labels at the logits' size) or [H, W] >= (h, w): labels of the logits upsampled bilinearly.
+//
+// Fused upsampling (upsample = 1, bilinear; align_corners as in F.interpolate): the losses' logits are
+// (N, C, h, w) and the target, the per-pixel loss, stats and grad are (N, H, W) with H >= h, W >= w;
+// the result is the op on F.interpolate(logits, size=(H, W), mode="bilinear", align_corners) computed
+// in the accumulation dtype, and the backward returns the gradient of the (N, C, h, w) logits. The
+// full-resolution logits and their gradient are never stored. CPU only for now: the CUDA kernels reject
+// upsample = 1 (the Python side interpolates first on CUDA).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -46,12 +54,15 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(hss_kernels, m) {
   m.def("hierarchical_softmax_fwd(Tensor logits, Tensor target, Tensor leaf_group, Tensor level_weights, "
-        "float eps, int ignore_index, bool per_pixel) -> (Tensor, Tensor, Tensor)");
+        "float eps, int ignore_index, bool per_pixel, int upsample=0, bool align_corners=False) -> (Tensor, Tensor, Tensor)");
   m.def("hierarchical_softmax_bwd(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor leaf_group, "
-        "Tensor level_weights, float eps, int ignore_index) -> Tensor");
+        "Tensor level_weights, float eps, int ignore_index, int upsample=0, bool align_corners=False) -> Tensor");
   m.def("tree_min_fwd(Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, int num_leaves, "
-        "int depth, float gamma, float eps, int ignore_index, bool per_pixel, bool extrema) -> (Tensor, Tensor)");
+        "int depth, float gamma, float eps, int ignore_index, bool per_pixel, bool extrema, int upsample=0, "
+        "bool align_corners=False) -> (Tensor, Tensor)");
   m.def("tree_min_bwd(Tensor grad, Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, "
-        "int num_leaves, int depth, float gamma, float eps, int ignore_index, bool extrema) -> Tensor");
-  m.def("decode(Tensor logits, Tensor walk, bool ordered, int activation, int score) -> Tensor");
+        "int num_leaves, int depth, float gamma, float eps, int ignore_index, bool extrema, int upsample=0, "
+        "bool align_corners=False) -> Tensor");
+  m.def("decode(Tensor logits, Tensor walk, bool ordered, int activation, int score, int[] size=[], "
+        "bool align_corners=False) -> Tensor");
 }

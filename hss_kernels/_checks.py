@@ -43,6 +43,28 @@ def check_decode_options(fn: str, activation: str, score: str) -> None:
         raise ValueError(f"{fn}: score must be 'sum' or 'mean', got {score!r}")
 
 
+UPSAMPLE_MODES = (None, "bilinear")
+
+
+def check_upsample(fn: str, logits_shape=None, out_shape=None, what: str = "target", upsample="bilinear") -> None:
+    """``upsample`` is None or ``"bilinear"``; with logits' and output's shapes: logits ``(N, C, h, w)``
+    of at least one pixel, output (``target`` ``(N, H, W)``, or ``size`` ``(H, W)``) with ``H >= h``, ``W >= w``."""
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"{fn}: upsample must be None or 'bilinear', got {upsample!r}")
+    if logits_shape is None:
+        return
+    if len(logits_shape) != 4 or logits_shape[2] < 1 or logits_shape[3] < 1:
+        raise ValueError(f"{fn}: upsampling takes logits (N, C, h, w) with h, w >= 1, got {tuple(logits_shape)}")
+    out = tuple(out_shape)
+    hw = out[1:] if what == "target" else out
+    ok = len(hw) == 2 and (what != "target" or (len(out) == 3 and out[0] == logits_shape[0]))
+    if not ok or not (hw[0] >= logits_shape[2] and hw[1] >= logits_shape[3]):
+        want = f"(N, H, W) with N = {logits_shape[0]}" if what == "target" else "(H, W)"
+        raise ValueError(f"{fn}: with upsampling, {what} must be {want} and H >= {logits_shape[2]}, "
+                         f"W >= {logits_shape[3]} (the logits' size; the loss upsamples, never downsamples), "
+                         f"got {out}")
+
+
 def set_label_check(enabled: bool) -> None:
     """Turn on (the default) or off the scan of the labels of every op that takes them (the losses,
     their modules and :func:`~hss_kernels.labels_at_depth`) for values outside ``[0, num_leaves)`` that

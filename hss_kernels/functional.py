@@ -6,6 +6,13 @@ leaf label ids, ``ignore_index`` (255) marking pixels that count for nothing. Ar
 (float64 for float64 inputs); the loss is returned in that dtype, the gradient in the logits' dtype.
 ``reduction``: ``"mean"`` over non-ignored pixels (0 when all are ignored), ``"sum"``, or ``"none"``
 (one value per pixel, shape ``(N, *S)``, 0 at ignored pixels).
+
+Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N, C, h, w)`` and a target
+``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
+``F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=align_corners)`` (interpolated in
+float32, or float64), with the gradient of the low-resolution logits. The native CPU kernels fuse the
+interpolation (the full-resolution logits and their gradient never exist); the other backends
+interpolate first. ``decode(..., size=(H, W))`` likewise.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import torch
 
 from . import reference
 from ._checks import (check_decode_options, check_labels, check_nonnegative, check_normalize,
-                      check_reduction, label_check_enabled, set_label_check)
+                      check_reduction, check_upsample, label_check_enabled, set_label_check)
 from .backends import resolve
 from .tree import Tree
 
@@ -56,15 +63,18 @@ def _check_logits(fn: str, logits, channels: int, what: str, other: str) -> None
             f"{fn}: logits has {logits.shape[1]} channels but the tree has {channels} {what}; {other}")
 
 
-def _check_target(fn: str, logits, target, tree: Tree, ignore_index: int) -> None:
+def _check_target(fn: str, logits, target, tree: Tree, ignore_index: int, upsample=None) -> None:
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"{fn}: target must hold integer label ids (int64, int32, uint8, ...), got {target.dtype}")
-    expected = (logits.shape[0],) + tuple(logits.shape[2:])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"{fn}: target must have shape {expected} (logits minus the channel dim), "
-                         f"got {tuple(target.shape)}")
+    if upsample is not None:
+        check_upsample(fn, logits.shape, target.shape, "target")
+    else:
+        expected = (logits.shape[0],) + tuple(logits.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{fn}: target must have shape {expected} (logits minus the channel dim; "
+                             f"upsample='bilinear' takes low-resolution logits), got {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"{fn}: target is on {target.device} but logits on {logits.device}")
     check_labels(fn, target, tree.num_leaves, ignore_index)
@@ -82,9 +92,15 @@ def _to4d(logits: torch.Tensor, target: torch.Tensor):
     return logits.reshape(*logits.shape[:2], -1, s[-1]), target.reshape(target.shape[0], -1, s[-1])
 
 
-def _run(op, backend, logits, target, reduction, **kw):
+def _run(op, backend, logits, target, reduction, upsample=None, align_corners=False, **kw):
+    impl = resolve(op, backend, logits.device, logits.dtype)
+    if upsample is not None:  # (N, C, h, w) and (N, H, W), checked
+        if getattr(impl, "takes_upsample", False):
+            return impl(logits, target, reduction=reduction, upsample=upsample, align_corners=align_corners, **kw)
+        return impl(reference.upsample_logits(logits, target.shape[-2:], align_corners), target,
+                    reduction=reduction, **kw)
     x, t = _to4d(logits, target)
-    out = resolve(op, backend, logits.device, logits.dtype)(x, t, reduction=reduction, **kw)
+    out = impl(x, t, reduction=reduction, **kw)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out
@@ -99,6 +115,8 @@ def hierarchical_softmax_loss(
     ignore_index: int = 255,
     reduction: str = "mean",
     backend: str = "auto",
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Hierarchical softmax loss (Muller & Smith, VISAPP 2020).
 
@@ -114,35 +132,42 @@ def hierarchical_softmax_loss(
         eps: 0 (exact, default) or the paper code's ``-log(P_d + eps)`` form (it used 1e-4).
         ignore_index, reduction: as in ``torch.nn.CrossEntropyLoss`` (mean of all-ignored is 0).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
+        upsample: ``None`` (logits at the target's size) or ``"bilinear"``: logits ``(N, L, h, w)``, target
+            ``(N, H, W)`` with ``H >= h``, ``W >= w``; the loss of the logits interpolated to ``(H, W)``
+            as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` does, fused on the CPU.
+        align_corners: as in ``F.interpolate`` (used with ``upsample`` only).
 
     Raises:
-        TypeError / ValueError on a wrong dtype, shape, channel count or out-of-range label;
-        RuntimeError if the requested backend is not available.
+        TypeError / ValueError on a wrong dtype, shape, channel count, out-of-range label or unknown
+        ``upsample``; RuntimeError if the requested backend is not available.
     """
     fn = "hierarchical_softmax_loss"
     tree = as_tree(tree)
     _check_logits(fn, logits, tree.num_leaves, "leaves",
                   f"it takes one logit per leaf ({tree.num_nodes} channels would be node logits, for tree_min_loss)")
-    _check_target(fn, logits, target, tree, ignore_index)
+    check_upsample(fn, upsample=upsample)
+    _check_target(fn, logits, target, tree, ignore_index, upsample)
     check_reduction(fn, reduction)
     check_nonnegative(fn, eps=eps)
     if level_weights is not None and len(level_weights) != tree.depth:
         raise ValueError(f"{fn}: level_weights needs {tree.depth} values (one per depth), got {len(level_weights)}")
-    return _run(fn, backend, logits, target, reduction, tree=tree, level_weights=level_weights, eps=eps,
-                ignore_index=ignore_index)
+    return _run(fn, backend, logits, target, reduction, upsample, align_corners, tree=tree,
+                level_weights=level_weights, eps=eps, ignore_index=ignore_index)
 
 
-def _node_loss(fn, logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, backend):
+def _node_loss(fn, logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, backend, upsample,
+               align_corners):
     tree = as_tree(tree)
     _check_logits(fn, logits, tree.num_nodes, "nodes",
                   f"it takes one logit per node ({tree.num_leaves} channels would be leaf logits, "
                   f"for hierarchical_softmax_loss)")
-    _check_target(fn, logits, target, tree, ignore_index)
+    check_upsample(fn, upsample=upsample)
+    _check_target(fn, logits, target, tree, ignore_index, upsample)
     check_reduction(fn, reduction)
     check_nonnegative(fn, gamma=gamma, eps=eps)
     check_normalize(fn, normalize)
-    return _run(fn, backend, logits, target, reduction, tree=tree, gamma=gamma, scale=scale, eps=eps,
-                normalize=normalize, ignore_index=ignore_index)
+    return _run(fn, backend, logits, target, reduction, upsample, align_corners, tree=tree, gamma=gamma,
+                scale=scale, eps=eps, normalize=normalize, ignore_index=ignore_index)
 
 
 def tree_min_loss(
@@ -156,6 +181,8 @@ def tree_min_loss(
     ignore_index: int = 255,
     reduction: str = "mean",
     backend: str = "auto",
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Focal tree-min loss (Li et al., HSSN, CVPR 2022).
 
@@ -171,9 +198,11 @@ def tree_min_loss(
         gamma: focal exponent >= 0. scale: HSSN's ``c`` (5 in its Cityscapes config). eps: added inside
             each log (HSSN: 1e-8; default 0, exact).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
+        upsample, align_corners: low-resolution logits ``(N, V, h, w)``, as in
+            :func:`hierarchical_softmax_loss`.
     """
     return _node_loss("tree_min_loss", logits, target, tree, gamma, scale, eps, normalize, ignore_index,
-                      reduction, backend)
+                      reduction, backend, upsample, align_corners)
 
 
 def tree_bce_loss(
@@ -187,11 +216,13 @@ def tree_bce_loss(
     ignore_index: int = 255,
     reduction: str = "mean",
     backend: str = "auto",
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Multi-label BCE baseline over every node: target ``[v on the label's path]``, optional focal
     ``gamma``, normalised like :func:`tree_min_loss`. Same arguments."""
     return _node_loss("tree_bce_loss", logits, target, tree, gamma, scale, eps, normalize, ignore_index,
-                      reduction, backend)
+                      reduction, backend, upsample, align_corners)
 
 
 def tree_triplet_loss(
@@ -235,12 +266,18 @@ def decode(
     activation: str = "sigmoid",
     score: str = "sum",
     backend: str = "auto",
+    size: Optional[Sequence[int]] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Leaf label (int64, ``(N, *S)``) of the best root-to-leaf path per pixel.
 
     Node logits (``V`` channels): path score = sum (or mean, ``score="mean"``) over the path of
     ``sigmoid`` (or the softmax over all nodes, ``activation="softmax"``). Leaf logits (``L``
     channels): the argmax. Ties go to the lowest leaf id.
+
+    ``size = (H, W)``: logits ``(N, C, h, w)`` with ``h <= H``, ``w <= W``; the labels ``(N, H, W)`` of
+    the logits bilinearly interpolated to that size (``align_corners`` as in ``F.interpolate``), fused
+    on the CPU.
     """
     fn = "decode"
     tree = as_tree(tree)
@@ -250,8 +287,16 @@ def decode(
         raise ValueError(f"{fn}: logits must be (N, C, *S) with C = {tree.num_nodes} (nodes) or "
                          f"{tree.num_leaves} (leaves) channels, got {tuple(logits.shape)}")
     check_decode_options(fn, activation, score)
+    impl = resolve(fn, backend, logits.device, logits.dtype)
+    if size is not None:
+        check_upsample(fn, logits.shape, size, "size")
+        size = tuple(int(s) for s in size)
+        if getattr(impl, "takes_upsample", False):
+            return impl(logits, tree, activation=activation, score=score, size=size, align_corners=align_corners)
+        return impl(reference.upsample_logits(logits.detach(), size, align_corners), tree, activation=activation,
+                    score=score)
     x, _ = _to4d(logits, logits[:, 0])
-    out = resolve(fn, backend, logits.device, logits.dtype)(x, tree, activation=activation, score=score)
+    out = impl(x, tree, activation=activation, score=score)
     return out.reshape(logits.shape[0], *logits.shape[2:])
 
 

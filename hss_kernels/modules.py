@@ -23,19 +23,23 @@ class HierarchicalSoftmaxLoss(nn.Module):
     """
 
     def __init__(self, tree: Union[Tree, str], level_weights: Optional[Sequence[float]] = None, eps: float = 0.0,
-                 ignore_index: int = 255, reduction: str = "mean", backend: str = "auto"):
+                 ignore_index: int = 255, reduction: str = "mean", backend: str = "auto",
+                 upsample: Optional[str] = None, align_corners: bool = False):
         super().__init__()
         self.tree = F.as_tree(tree)
         self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
         self.eps, self.ignore_index, self.reduction, self.backend = eps, ignore_index, reduction, backend
+        self.upsample, self.align_corners = upsample, align_corners
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.hierarchical_softmax_loss(logits, target, self.tree, level_weights=self.level_weights,
                                            eps=self.eps, ignore_index=self.ignore_index,
-                                           reduction=self.reduction, backend=self.backend)
+                                           reduction=self.reduction, backend=self.backend,
+                                           upsample=self.upsample, align_corners=self.align_corners)
 
     def extra_repr(self) -> str:
-        return f"tree={self.tree!r}, eps={self.eps}, reduction={self.reduction!r}, backend={self.backend!r}"
+        up = f", upsample={self.upsample!r}, align_corners={self.align_corners}" if self.upsample else ""
+        return f"tree={self.tree!r}, eps={self.eps}, reduction={self.reduction!r}, backend={self.backend!r}{up}"
 
 
 class _NodeLoss(nn.Module):
@@ -44,21 +48,24 @@ class _NodeLoss(nn.Module):
 
     def __init__(self, tree: Union[Tree, str], gamma: Optional[float] = None, scale: float = 1.0, eps: float = 0.0,
                  normalize: str = "level", ignore_index: int = 255, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", upsample: Optional[str] = None, align_corners: bool = False):
         super().__init__()
         self.tree = F.as_tree(tree)
         self.gamma = self._default_gamma if gamma is None else gamma
         self.scale, self.eps, self.normalize = scale, eps, normalize
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.upsample, self.align_corners = upsample, align_corners
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return type(self)._fn(logits, target, self.tree, gamma=self.gamma, scale=self.scale, eps=self.eps,
                               normalize=self.normalize, ignore_index=self.ignore_index,
-                              reduction=self.reduction, backend=self.backend)
+                              reduction=self.reduction, backend=self.backend, upsample=self.upsample,
+                              align_corners=self.align_corners)
 
     def extra_repr(self) -> str:
+        up = f", upsample={self.upsample!r}, align_corners={self.align_corners}" if self.upsample else ""
         return (f"tree={self.tree!r}, gamma={self.gamma}, scale={self.scale}, normalize={self.normalize!r}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}{up}")
 
 
 class TreeMinLoss(_NodeLoss):

@@ -36,6 +36,7 @@ __all__ = [
     "reduce_loss",
     "tree_min_extrema",
     "path_scores",
+    "upsample_logits",
 ]
 
 
@@ -80,6 +81,23 @@ def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, sp
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
+# --------------------------------------------------------------------------- upsampling
+UPSAMPLE_MODES = ("bilinear",)
+
+
+def upsample_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
+    """``(N, C, h, w)`` logits bilinearly interpolated to ``size = (H, W)`` in the accumulation dtype
+    (docs/MATH.md §6): ``F.interpolate(logits.float(), size, mode="bilinear", align_corners=...)``
+    (float64 stays float64). What every op's ``upsample="bilinear"`` means; the fused kernels compute
+    the same interpolation pixel by pixel without storing it."""
+    return F.interpolate(logits.to(acc_dtype(logits.dtype)), size=tuple(int(s) for s in size), mode="bilinear",
+                         align_corners=bool(align_corners))
+
+
+def _maybe_upsample(logits, target, upsample, align_corners):
+    return logits if upsample is None else upsample_logits(logits, target.shape[-2:], align_corners)
+
+
 # --------------------------------------------------------------------------- hierarchical softmax
 def hierarchical_softmax_loss(
     logits: torch.Tensor,
@@ -89,6 +107,8 @@ def hierarchical_softmax_loss(
     eps: float = 0.0,
     ignore_index: int = 255,
     reduction: str = "mean",
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Hierarchical softmax loss (Muller & Smith 2020), docs/MATH.md §2.
 
@@ -96,7 +116,11 @@ def hierarchical_softmax_loss(
     ``loss = sum_d w_d (lse - lse_d)`` where lse is the log-sum-exp over all leaves and lse_d over the
     leaves of y's group at depth d. With ``eps > 0`` each level is ``-log(P_d + eps)`` with
     ``P_d = exp(lse_d - lse)``, the paper code's form.
+
+    ``upsample="bilinear"``: ``logits`` are ``(N, L, h, w)`` and ``target`` ``(N, H, W)``; the loss is that
+    of :func:`upsample_logits` ``(logits, (H, W), align_corners)`` (the same for every loss below).
     """
+    logits = _maybe_upsample(logits, target, upsample, align_corners)
     x, y = _flatten(logits, target)
     x, valid, bad, y = _labels(x, y, ignore_index, tree.num_leaves)
     tabs = tree.tables(x.device)
@@ -171,7 +195,9 @@ def _node_losses(z: torch.Tensor, positive: torch.Tensor, gamma: float, eps: flo
     return -torch.exp(gamma * F.logsigmoid(-zs)) * log_p
 
 
-def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, use_extrema):
+def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, use_extrema,
+               upsample=None, align_corners=False):
+    logits = _maybe_upsample(logits, target, upsample, align_corners)
     x, y = _flatten(logits, target)
     x, valid, bad, y = _labels(x, y, ignore_index, tree.num_leaves)
     on_path = _target_path(tree, y)
@@ -196,6 +222,8 @@ def tree_min_loss(
     normalize: str = "level",
     ignore_index: int = 255,
     reduction: str = "mean",
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Focal tree-min loss (HSSN, Li et al. 2022), docs/MATH.md §3.
 
@@ -205,7 +233,8 @@ def tree_min_loss(
     is ``scale * sum_d mean_{v at depth d} loss_v`` (``normalize="level"``, HSSN) or
     ``scale * mean_v loss_v`` (``"node"``). ``eps`` is added inside each log (HSSN uses 1e-8).
     """
-    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True)
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True,
+                      upsample, align_corners)
 
 
 def tree_bce_loss(
@@ -218,10 +247,13 @@ def tree_bce_loss(
     normalize: str = "level",
     ignore_index: int = 255,
     reduction: str = "mean",
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Multi-label BCE baseline over every node channel (docs/MATH.md §4.1): target ``t_v = [v on y's path]``,
     optionally focal (``gamma``), with the same normalisation choices as :func:`tree_min_loss`."""
-    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, False)
+    return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, False,
+                      upsample, align_corners)
 
 
 # --------------------------------------------------------------------------- triplet
@@ -303,14 +335,17 @@ def path_scores(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", s
     return s.reshape(N, tree.num_leaves, *logits.shape[2:])
 
 
-def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
+def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum",
+           size: Optional[Sequence[int]] = None, align_corners: bool = False) -> torch.Tensor:
     """Leaf label of the best root-to-leaf path per pixel (docs/MATH.md §4.3) → int64 ``(N, *S)``.
 
     Node logits (``V`` channels): a path's score is the sum (``score="sum"``) or mean (``"mean"``) over
     its nodes of ``sigmoid(x)`` (``activation="sigmoid"``) or of the softmax over all node channels
     (``"softmax"``). Leaf logits (``L`` channels, ``L != V``): the argmax leaf. Ties go to the lowest
-    leaf id.
+    leaf id. ``size = (H, W)``: the labels of :func:`upsample_logits` ``(logits, size, align_corners)``.
     """
+    if size is not None:
+        logits = upsample_logits(logits.detach(), size, align_corners)
     return path_scores(logits, tree, activation, score).argmax(dim=1)
 
 
@@ -325,3 +360,9 @@ def labels_at_depth(leaf_labels: torch.Tensor, tree: Tree, depth: int, ignore_in
     out = table[torch.where(ok, leaf_labels, torch.zeros_like(leaf_labels)).long()]
     out = torch.where(ok, out, torch.full_like(out, -1))
     return torch.where(valid, out, torch.full_like(out, ignore_index)).to(leaf_labels.dtype)
+
+
+# The functions that take ``upsample``/``align_corners`` (``size`` for decode) themselves; for a backend's
+# function without this mark, hss_kernels.functional interpolates the logits first.
+for _fn in (hierarchical_softmax_loss, tree_min_loss, tree_bce_loss, decode):
+    _fn.takes_upsample = True

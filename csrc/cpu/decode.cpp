@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -167,7 +168,7 @@ std::vector<int32_t> walk_paths(const int32_t* walk, int64_t V, int64_t C, bool 
 
 template <typename scalar_t>
 void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t act, int64_t score,
-                     at::Tensor& out) {
+                     at::Tensor& out, bool upsample, bool align_corners) {
   using A = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
   const int64_t C = logits.size(1);
   constexpr bool vec = std::is_same_v<A, float>;
@@ -179,7 +180,9 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
   std::vector<decode_math::WalkNode> nodes;  // the per-pixel walk, x = the channel
   if (!lanes)
     for (int64_t i = 0; i < C; ++i) nodes.push_back(decode_math::walk_node(w, C, i, C, 1));
-  const PixelGeom g{logits.size(2), logits.size(3), logits.stride(0), logits.stride(2), logits.stride(3)};
+  const PixelGeom g = upsample ? geom(out) : geom(logits);
+  std::optional<cpu::Upsample<A>> up;
+  if (upsample) up.emplace(logits.sizes().data(), logits.strides().data(), out.size(1), out.size(2), align_corners);
   int64_t* y = out.data_ptr<int64_t>();
   const int64_t rows = lanes ? std::max<int64_t>(1, static_cast<int64_t>(t.node.size())) * kBlock : 0;
   cpu::for_each_block_direct<scalar_t, A>(
@@ -195,16 +198,18 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
         for (int64_t p = 0; p < n; ++p)
           y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, nodes.data(), C, ordered,
                                                    act, score);
-      });
+      }, up ? &*up : nullptr);
 }
 
 at::Tensor decode_cpu(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t activation,
-                      int64_t score) {
-  check_decode("decode", logits, walk);
-  auto out = at::empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kLong));
+                      int64_t score, at::IntArrayRef size, bool align_corners) {
+  check_decode("decode", logits, walk, size);
+  const bool upsample = !size.empty();
+  auto out = at::empty({logits.size(0), upsample ? size[0] : logits.size(2), upsample ? size[1] : logits.size(3)},
+                       logits.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hss_kernels::decode", [&] {
-    decode_cpu_loop<scalar_t>(logits, walk, ordered, activation, score, out);
+    decode_cpu_loop<scalar_t>(logits, walk, ordered, activation, score, out, upsample, align_corners);
   });
   return out;
 }

@@ -11,6 +11,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cstring>
+#include <optional>
 #include <type_traits>
 
 namespace hss {
@@ -196,11 +197,11 @@ template <typename T>
 void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target,
                                        const at::Tensor& leaf_group, const at::Tensor& level_weights, double eps_,
                                        int64_t ignore_index, at::Tensor& loss, bool per_pixel, at::Tensor& stats,
-                                       at::Tensor& count) {
+                                       at::Tensor& count, const cpu::Upsample<at::opmath_type<T>>* up) {
   using A = at::opmath_type<T>;
   const int L = logits.size(1), D = leaf_group.size(0);
   const int64_t P = target.numel();
-  const PixelGeom gx = geom(logits), gt = geom(target);
+  const PixelGeom gx = up ? geom(target) : geom(logits), gt = geom(target);
   const T* x = logits.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
   const int32_t* group = leaf_group.data_ptr<int32_t>();
@@ -244,22 +245,25 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
     }
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
-  });
+  }, up);
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
-    double eps, int64_t ignore_index, bool per_pixel) {
-  const int64_t D =
-      check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group, level_weights);
+    double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners) {
+  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group,
+                                               level_weights, upsample);
   at::Tensor loss, count;
-  std::tie(loss, count) = new_loss(logits, per_pixel);
-  at::Tensor stats = at::empty({D + 1, logits.size(0), logits.size(2), logits.size(3)},
+  std::tie(loss, count) = new_loss(logits, target, per_pixel);
+  at::Tensor stats = at::empty({D + 1, target.size(0), target.size(1), target.size(2)},
                                logits.options().dtype(acc_type(logits)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::optional<cpu::Upsample<A>> up;
+    if (upsample) up.emplace(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2), align_corners);
     hierarchical_softmax_fwd_cpu_impl<scalar_t>(logits, target, leaf_group, level_weights, eps, ignore_index, loss,
-                                                per_pixel, stats, count);
+                                                per_pixel, stats, count, up ? &*up : nullptr);
   });
   return {loss, stats, count};
 }
@@ -268,11 +272,11 @@ template <typename T>
 void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                                        const at::Tensor& stats, const at::Tensor& leaf_group,
                                        const at::Tensor& level_weights, double eps_, int64_t ignore_index,
-                                       at::Tensor& out) {
+                                       at::Tensor& out, const cpu::Upsample<at::opmath_type<T>>* up, at::opmath_type<T>* acc) {
   using A = at::opmath_type<T>;
   const int L = logits.size(1), D = leaf_group.size(0);
   const int64_t P = target.numel();
-  const PixelGeom gx = geom(logits), gt = geom(target), gg = grad_geom(grad, logits);
+  const PixelGeom gx = up ? geom(target) : geom(logits), gt = geom(target), gg = grad_geom(grad, target);
   const T* x = logits.data_ptr<T>();
   T* y_out = out.data_ptr<T>();
   const int64_t* tgt = target.data_ptr<int64_t>();
@@ -283,9 +287,14 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
   const A* st = stats.data_ptr<A>();
   const int64_t sC = logits.stride(1);
   const bool forced = cpu::pixel_path_forced();
-  cpu::for_each_block_direct<T, A>(x, L, sC, gx, P, L * kBlock,
-                                   [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, int64_t ld,
-                                       A* gtile) {
+  // The gradient tile's way out: to the logits' strides, or (upsampling) added to the low-resolution gradient.
+  const auto emit = [&](int64_t i0, int64_t n, const int64_t* offs, const A* gtile) {
+    if (up)
+      cpu::scatter_upsampled<A>(acc, *up, i0, n, gtile);
+    else
+      cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
+  };
+  const auto body = [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, int64_t ld, A* gtile) {
     int32_t gy[kMaxDepth][kBlock];
     bool valid[kBlock];
     int64_t ys[kBlock];
@@ -300,7 +309,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
       const bool direct = tile != gtile - L * kBlock;
       if (!forced && !bad && hierarchical_softmax_backward_lanes(tile, ld, direct ? reinterpret_cast<A*>(y_out) + offs[0] : gtile,
                              direct ? sC : kBlock, n, L, D, group, gy, valid, w, eps, st, P, i0, g)) {
-        if (!direct) cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
+        if (!direct) emit(i0, n, offs, gtile);
         return;
       }
     }
@@ -315,24 +324,38 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
                               LeafGroups{group, L}, static_cast<int>(ys[p]), w, eps, st + i0 + p, P, g[p]);
       }
     }
-    cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
-  });
+    emit(i0, n, offs, gtile);
+  };
+  if (up)
+    cpu::for_each_upsampled_run<T, A>(x, *up, gx, L * kBlock, body);
+  else
+    cpu::for_each_block_direct<T, A>(x, L, sC, gx, P, L * kBlock, body);
 }
 
 at::Tensor hierarchical_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                                         const at::Tensor& stats, const at::Tensor& leaf_group,
-                                        const at::Tensor& level_weights, double eps, int64_t ignore_index) {
-  const int64_t D =
-      check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group, level_weights);
-  check_grad("hierarchical_softmax_bwd", grad, logits);
+                                        const at::Tensor& level_weights, double eps, int64_t ignore_index,
+                                        int64_t upsample, bool align_corners) {
+  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group,
+                                               level_weights, upsample);
+  check_grad("hierarchical_softmax_bwd", grad, logits, target);
   check_table("hierarchical_softmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
   // The gradient takes the logits' strides (empty_like keeps a dense layout: channels_last stays
   // channels_last), so both are walked with the same offsets.
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    if (!upsample) {
+      hierarchical_softmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps,
+                                                  ignore_index, out, nullptr, nullptr);
+      return;
+    }
+    const cpu::Upsample<A> up(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
+    at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
     hierarchical_softmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps, ignore_index,
-                                                out);
+                                                out, &up, acc.data_ptr<A>());
+    out.copy_(acc);
   });
   return out;
 }

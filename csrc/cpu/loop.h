@@ -113,14 +113,145 @@ struct StridedColumn {
   A operator()(int c) const { return p[c * ld]; }
 };
 
+// Fused bilinear upsampling: the op reads (N, C, h, w) logits x at the target's N x H x W pixels, each
+// pixel's channels interpolated from its four source pixels (BilinearAxis, common.h) as the block is
+// gathered, so that the full-resolution logits never exist. The per-row and per-column stencils are
+// tabulated once per call.
+template <typename A>
+struct Upsample {
+  int64_t N, C, h, w, H, W;  // logits (N, C, h, w), pixels (N, H, W)
+  int64_t sN, sC, sh, sw;    // the logits' strides
+  std::vector<int64_t> y0, y1, x0, x1;
+  std::vector<A> ly, lx;  // the weights of y1 and x1
+  // The destination rows whose first source row is y: [row_begin[y], row_begin[y + 1]).
+  std::vector<int64_t> row_begin;
+
+  Upsample(const int64_t* sizes, const int64_t* strides, int64_t H_, int64_t W_, bool align_corners)
+      : N(sizes[0]), C(sizes[1]), h(sizes[2]), w(sizes[3]), H(H_), W(W_), sN(strides[0]), sC(strides[1]),
+        sh(strides[2]), sw(strides[3]), y0(H), y1(H), x0(W), x1(W), ly(H), lx(W), row_begin(h + 1, H) {
+    const auto ay = BilinearAxis<A>::make(h, H, align_corners), ax = BilinearAxis<A>::make(w, W, align_corners);
+    for (int64_t Y = 0; Y < H; ++Y) ay.at(Y, y0[Y], y1[Y], ly[Y]);
+    for (int64_t X = 0; X < W; ++X) ax.at(X, x0[X], x1[X], lx[X]);
+    for (int64_t Y = H - 1; Y >= 0; --Y) row_begin[y0[Y]] = Y;  // y0 never decreases with Y
+    for (int64_t y = h - 1; y >= 0; --y) row_begin[y] = std::min(row_begin[y], row_begin[y + 1]);
+  }
+};
+
+// The (C, kBlock) tile of pixels i0 .. i0 + n - 1 (flat over N x H x W), a run of lanes in one
+// destination row at a time, separably: per channel, the run's source columns interpolated between
+// the two source rows into r, then each lane interpolated between two entries of r. (F.interpolate
+// takes the columns first; the results differ in rounding only.)
+template <typename T, typename A>
+inline void gather_upsampled(const T* x, const Upsample<A>& u, int64_t i0, int64_t n, A* tile) {
+  const int64_t hw = u.H * u.W;
+  int64_t b = i0 / hw, Y = (i0 - b * hw) / u.W, X = i0 - b * hw - Y * u.W;
+  A r[kBlock + 1];
+  for (int64_t p0 = 0; p0 < n;) {
+    const int64_t m = std::min(n - p0, u.W - X);  // lanes p0 .. p0 + m - 1 lie in row Y
+    const int64_t xs = u.x0[X], span = u.x1[X + m - 1] - xs + 1;  // at most m + 1 source columns
+    const A ly = u.ly[Y];
+    const T* s0 = x + b * u.sN + u.y0[Y] * u.sh + xs * u.sw;
+    const T* s1 = x + b * u.sN + u.y1[Y] * u.sh + xs * u.sw;
+    const int64_t* x0 = u.x0.data() + X;
+    const int64_t* x1 = u.x1.data() + X;
+    const A* lx = u.lx.data() + X;
+    for (int64_t c = 0; c < u.C; ++c) {
+      const T* a0 = s0 + c * u.sC;
+      const T* a1 = s1 + c * u.sC;
+      for (int64_t j = 0; j < span; ++j)
+        r[j] = (A(1) - ly) * static_cast<A>(a0[j * u.sw]) + ly * static_cast<A>(a1[j * u.sw]);
+      A* tc = tile + c * kBlock + p0;
+      for (int64_t p = 0; p < m; ++p) tc[p] = (A(1) - lx[p]) * r[x0[p] - xs] + lx[p] * r[x1[p] - xs];
+    }
+    p0 += m;
+    X += m;
+    if (X == u.W) {
+      X = 0;
+      if (++Y == u.H) {
+        Y = 0;
+        ++b;
+      }
+    }
+  }
+}
+
+// Adds the gradient tile of a run of n pixels of one destination row (flat index i0) to the gradient of
+// the low-resolution logits, acc (N, C, h, w) contiguous, in a fixed order: the transpose of
+// gather_upsampled (each channel's lanes summed into their source columns r, then r added to the two
+// source rows).
+template <typename A>
+inline void scatter_upsampled(A* acc, const Upsample<A>& u, int64_t i0, int64_t n, const A* gtile) {
+  const int64_t hw = u.H * u.W;
+  const int64_t b = i0 / hw, Y = (i0 - b * hw) / u.W, X = i0 - b * hw - Y * u.W;
+  const A ly = u.ly[Y];
+  const int64_t lo = u.h * u.w;
+  const int64_t xs = u.x0[X], span = u.x1[X + n - 1] - xs + 1;
+  A* r0 = acc + b * u.C * lo + u.y0[Y] * u.w + xs;
+  A* r1 = acc + b * u.C * lo + u.y1[Y] * u.w + xs;
+  const int64_t* x0 = u.x0.data() + X;
+  const int64_t* x1 = u.x1.data() + X;
+  const A* lx = u.lx.data() + X;
+  A r[kBlock + 1];
+  for (int64_t c = 0; c < u.C; ++c) {
+    const A* g = gtile + c * kBlock;
+    for (int64_t j = 0; j < span; ++j) r[j] = A(0);
+    for (int64_t p = 0; p < n; ++p) {
+      r[x0[p] - xs] += (A(1) - lx[p]) * g[p];
+      r[x1[p] - xs] += lx[p] * g[p];
+    }
+    A* a0 = r0 + c * lo;
+    A* a1 = r1 + c * lo;
+    for (int64_t j = 0; j < span; ++j) a0[j] += (A(1) - ly) * r[j];
+    for (int64_t j = 0; j < span; ++j) a1[j] += ly * r[j];
+  }
+}
+
+// The backward's loop with upsampling: body(first_pixel, n, offsets, tile, kBlock, scratch) as in
+// for_each_block_direct, over runs of at most kBlock pixels within one destination row, the tile
+// interpolated; the body hands its gradient to scatter_upsampled. Deterministic without atomics: a task
+// is one source row y of one image, the destination rows whose first source row is y; it adds to rows y
+// and y + 1 only, so the tasks of even y run in parallel, then those of odd y, and every sum of the
+// low-resolution gradient is taken in the same order whatever the number of threads.
+template <typename T, typename A, typename Body>
+void for_each_upsampled_run(const T* x, const Upsample<A>& u, const PixelGeom& g, int64_t scratch_size,
+                            const Body& body) {
+  for (int parity = 0; parity < 2; ++parity) {
+    const int64_t rows = (u.h - parity + 1) / 2;  // source rows y = parity, parity + 2, ...
+    const int64_t tasks = u.N * rows;
+#pragma omp parallel if (tasks > 1)
+    {
+      std::vector<A> tile(u.C * kBlock + scratch_size);
+      int64_t offs[kBlock];
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t b = t / rows, y = parity + 2 * (t - b * rows);
+        for (int64_t Y = u.row_begin[y]; Y < u.row_begin[y + 1]; ++Y)
+          for (int64_t X = 0; X < u.W; X += kBlock) {
+            const int64_t i0 = (b * u.H + Y) * u.W + X, n = std::min(kBlock, u.W - X);
+            g.offsets(i0, n, offs);
+            gather_upsampled(x, u, i0, n, tile.data());
+            body(i0, n, offs, static_cast<const A*>(tile.data()), kBlock, tile.data() + u.C * kBlock);
+          }
+      }
+    }
+  }
+}
+
 // for_each_block, except that a full block of contiguous pixels whose type is already A is not copied:
 // body(first_pixel, n, offsets, channels, ld, scratch) reads channel c of lane p at channels[c * ld + p],
 // from x itself (ld = sC) or from the gathered tile (ld = kBlock). Streaming from x saves a copy of
 // every input byte; the tile stays for strided layouts, half types and the last, partial block.
+// With up (fused upsampling), every block's tile is interpolated from x (the low-resolution logits) and
+// g, P describe the destination pixels.
 template <typename T, typename A, typename Body>
 void for_each_block_direct(const T* x, int64_t C, int64_t sC, const PixelGeom& g, int64_t P,
-                           int64_t scratch_size, const Body& body) {
+                           int64_t scratch_size, const Body& body, const Upsample<A>* up = nullptr) {
   parallel_blocks<A>(C, g, P, scratch_size, [&](int64_t i0, int64_t n, int64_t* offs, A* tile) {
+    if (up) {
+      gather_upsampled(x, *up, i0, n, tile);
+      body(i0, n, offs, static_cast<const A*>(tile), kBlock, tile + C * kBlock);
+      return;
+    }
     const bool unit = unit_stride(offs, n);
     if constexpr (std::is_same_v<T, A>) {
       if (unit && n == kBlock) {

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -418,11 +419,12 @@ std::vector<TreeNode<A>> node_table(const TreeIndex& ti, const A* k) {
 template <typename T>
 void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                            const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
-                           int64_t ignore_index, bool extrema, at::Tensor& loss, bool per_pixel, at::Tensor& count) {
+                           int64_t ignore_index, bool extrema, at::Tensor& loss, bool per_pixel, at::Tensor& count,
+                           const cpu::Upsample<at::opmath_type<T>>* up) {
   using A = at::opmath_type<T>;
   const int V = logits.size(1);
   const int64_t P = target.numel();
-  const PixelGeom gx = geom(logits), gt = geom(target);
+  const PixelGeom gx = up ? geom(target) : geom(logits), gt = geom(target);
   const TreeIndex ti = unpack_tree(tree_index.data_ptr<int32_t>(), V, L, D);
   const int64_t* tgt = target.data_ptr<int64_t>();
   const A* k = node_weights.data_ptr<A>();
@@ -467,20 +469,24 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     }
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
-  });
+  }, up);
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                     const at::Tensor& tree_index, const at::Tensor& node_weights,
                                                     int64_t L, int64_t D, double gamma, double eps,
-                                                    int64_t ignore_index, bool per_pixel, bool extrema) {
-  check_tree_min("tree_min_fwd", logits, target, tree_index, node_weights, L, D);
+                                                    int64_t ignore_index, bool per_pixel, bool extrema,
+                                                    int64_t upsample, bool align_corners) {
+  check_tree_min("tree_min_fwd", logits, target, tree_index, node_weights, L, D, upsample);
   at::Tensor loss, count;
-  std::tie(loss, count) = new_loss(logits, per_pixel);
+  std::tie(loss, count) = new_loss(logits, target, per_pixel);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_min_fwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::optional<cpu::Upsample<A>> up;
+    if (upsample) up.emplace(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2), align_corners);
     tree_min_fwd_cpu_impl<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
-                                    loss, per_pixel, count);
+                                    loss, per_pixel, count, up ? &*up : nullptr);
   });
   return {loss, count};
 }
@@ -488,11 +494,12 @@ std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cpu(const at::Tensor& logits, co
 template <typename T>
 void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                            const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
-                           double gamma_, double eps_, int64_t ignore_index, bool extrema, at::Tensor& out) {
+                           double gamma_, double eps_, int64_t ignore_index, bool extrema, at::Tensor& out,
+                           const cpu::Upsample<at::opmath_type<T>>* up, at::opmath_type<T>* acc) {
   using A = at::opmath_type<T>;
   const int V = logits.size(1);
   const int64_t P = target.numel();
-  const PixelGeom gx = geom(logits), gt = geom(target), gg = grad_geom(grad, logits);
+  const PixelGeom gx = up ? geom(target) : geom(logits), gt = geom(target), gg = grad_geom(grad, target);
   const TreeIndex ti = unpack_tree(tree_index.data_ptr<int32_t>(), V, L, D);
   const int64_t* tgt = target.data_ptr<int64_t>();
   const A* gp = grad.data_ptr<A>();
@@ -509,8 +516,7 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
                                                                            // covers the per-pixel path's bits)
   const std::vector<TreeNode<A>> nodes = node_table<A>(ti, k);
   const T* xp = logits.data_ptr<T>();
-  cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch,
-                                   [&](int64_t i0, int64_t n, const int64_t* offs, const A* x, int64_t ld, A* scr) {
+  const auto body = [&](int64_t i0, int64_t n, const int64_t* offs, const A* x, int64_t ld, A* scr) {
     A* gtile = scr;
     int64_t ys[kBlock];
     bool valid[kBlock];
@@ -526,7 +532,7 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
       if (lanes) {
         // A block read straight from the input (see for_each_block_direct) is written straight to the
         // output, which has the input's strides: no tile to copy out.
-        if (std::is_same_v<T, A> && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
+        if (std::is_same_v<T, A> && !up && static_cast<const void*>(x) == static_cast<const void*>(xp + offs[0])) {
           A* o = reinterpret_cast<A*>(y_out) + offs[0];
           tree_backward_lanes(x, ld, scr + V * kBlock, o, sC, ti, tr, ys, valid, k, gamma, eps, extrema, g);
           if (bad) nan_rows(o, sC, V, ys, valid, n, ignore_index);
@@ -551,20 +557,37 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
       }
     }
     if (bad) nan_rows(gtile, kBlock, V, ys, valid, n, ignore_index);
-    cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
-  });
+    if (up)
+      cpu::scatter_upsampled<A>(acc, *up, i0, n, gtile);
+    else
+      cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
+  };
+  if (up)
+    cpu::for_each_upsampled_run<T, A>(xp, *up, gx, scratch, body);
+  else
+    cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch, body);
 }
 
 at::Tensor tree_min_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                             const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
-                            double gamma, double eps, int64_t ignore_index, bool extrema) {
-  check_tree_min("tree_min_bwd", logits, target, tree_index, node_weights, L, D);
-  check_grad("tree_min_bwd", grad, logits);
+                            double gamma, double eps, int64_t ignore_index, bool extrema, int64_t upsample,
+                            bool align_corners) {
+  check_tree_min("tree_min_bwd", logits, target, tree_index, node_weights, L, D, upsample);
+  check_grad("tree_min_bwd", grad, logits, target);
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cpu", [&] {
-    tree_min_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
-                                    out);
+    using A = at::opmath_type<scalar_t>;
+    if (!upsample) {
+      tree_min_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index,
+                                      extrema, out, nullptr, nullptr);
+      return;
+    }
+    const cpu::Upsample<A> up(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
+    at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
+    tree_min_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index,
+                                    extrema, out, &up, acc.data_ptr<A>());
+    out.copy_(acc);
   });
   return out;
 }

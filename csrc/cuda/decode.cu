@@ -73,8 +73,9 @@ void launch(const at::Tensor& logits, const at::Tensor& walk, at::Tensor& out, i
 }
 
 at::Tensor decode_cuda(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t activation,
-                       int64_t score) {
-  check_decode("decode", logits, walk);
+                       int64_t score, at::IntArrayRef size, bool align_corners) {
+  check_decode("decode", logits, walk, size);
+  check_no_upsample("decode", size.empty() ? 0 : 1);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto out = at::empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kLong));
   const int64_t total = out.numel();

@@ -84,11 +84,12 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
-    double eps, int64_t ignore_index, bool per_pixel) {
+    double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners) {
+  check_no_upsample("hierarchical_softmax_fwd", upsample);
   const int64_t D = check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group, level_weights);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, count;
-  std::tie(loss, count) = new_loss(logits, per_pixel);
+  std::tie(loss, count) = new_loss(logits, target, per_pixel);
   const int64_t P = target.numel();
   at::Tensor stats = at::empty({D + 1, logits.size(0), logits.size(2), logits.size(3)},
                                logits.options().dtype(acc_type(logits)));
@@ -117,9 +118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
 
 at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                                          const at::Tensor& stats, const at::Tensor& leaf_group,
-                                         const at::Tensor& level_weights, double eps, int64_t ignore_index) {
+                                         const at::Tensor& level_weights, double eps, int64_t ignore_index,
+                                         int64_t upsample, bool align_corners) {
+  check_no_upsample("hierarchical_softmax_bwd", upsample);
   const int64_t D = check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group, level_weights);
-  check_grad("hierarchical_softmax_bwd", grad, logits);
+  check_grad("hierarchical_softmax_bwd", grad, logits, target);
   check_table("hierarchical_softmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = dense_logits(logits);

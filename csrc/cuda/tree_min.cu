@@ -96,11 +96,13 @@ __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, co
 std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                      const at::Tensor& tree_index, const at::Tensor& node_weights,
                                                      int64_t L, int64_t D, double gamma, double eps,
-                                                     int64_t ignore_index, bool per_pixel, bool extrema) {
+                                                     int64_t ignore_index, bool per_pixel, bool extrema,
+                                                     int64_t upsample, bool align_corners) {
+  check_no_upsample("tree_min_fwd", upsample);
   check_tree_min("tree_min_fwd", logits, target, tree_index, node_weights, L, D);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, count;
-  std::tie(loss, count) = new_loss(logits, per_pixel);
+  std::tie(loss, count) = new_loss(logits, target, per_pixel);
   const int64_t P = target.numel();
   if (P == 0) {
     zero_empty_loss(loss, count, per_pixel);
@@ -129,9 +131,11 @@ std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, c
 
 at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                              const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
-                             double gamma, double eps, int64_t ignore_index, bool extrema) {
+                             double gamma, double eps, int64_t ignore_index, bool extrema, int64_t upsample,
+                             bool align_corners) {
+  check_no_upsample("tree_min_bwd", upsample);
   check_tree_min("tree_min_bwd", logits, target, tree_index, node_weights, L, D);
-  check_grad("tree_min_bwd", grad, logits);
+  check_grad("tree_min_bwd", grad, logits, target);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);

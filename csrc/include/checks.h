@@ -22,20 +22,32 @@ inline PixelGeom geom(const at::Tensor& t) {  // t is (N, C, H, W) or (N, H, W)
   return PixelGeom{t.size(1 + o), t.size(2 + o), t.stride(0), t.stride(1 + o), t.stride(2 + o)};
 }
 
-// Per-pixel upstream gradient: a 0-dim tensor (reduction sum) reads as stride 0 everywhere.
-inline PixelGeom grad_geom(const at::Tensor& grad, const at::Tensor& logits) {
-  if (grad.dim() == 0) return PixelGeom{logits.size(2), logits.size(3), 0, 0, 0};
+// Per-pixel upstream gradient: a 0-dim tensor (reduction sum) reads as stride 0 everywhere. like: the
+// target (N, H, W) or logits at the target's size.
+inline PixelGeom grad_geom(const at::Tensor& grad, const at::Tensor& like) {
+  if (grad.dim() == 0) return PixelGeom{like.size(like.dim() - 2), like.size(like.dim() - 1), 0, 0, 0};
   return geom(grad);
 }
 
-inline void check_common(const char* op, const at::Tensor& logits, const at::Tensor& target) {
+// upsample: 0, the target is (N, H, W) of the logits (N, C, H, W); 1 (bilinear, fused), any
+// (N, H, W) with H >= h and W >= w for logits (N, C, h, w) of at least one pixel.
+inline void check_common(const char* op, const at::Tensor& logits, const at::Tensor& target, int64_t upsample = 0) {
   TORCH_CHECK(logits.dim() == 4, op, ": logits must be (N, C, H, W), got ", logits.sizes());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
               logits.scalar_type());
-  TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2) &&
-                  target.size(2) == logits.size(3),
-              op, ": target must be (N, H, W) = (", logits.size(0), ", ", logits.size(2), ", ", logits.size(3),
-              "), got ", target.sizes());
+  TORCH_CHECK(upsample == 0 || upsample == 1, op, ": upsample must be 0 (none) or 1 (bilinear), got ", upsample);
+  if (upsample == 0) {
+    TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2) &&
+                    target.size(2) == logits.size(3),
+                op, ": target must be (N, H, W) = (", logits.size(0), ", ", logits.size(2), ", ", logits.size(3),
+                "), got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.dim() == 3 && target.size(0) == logits.size(0) && target.size(1) >= logits.size(2) &&
+                    target.size(2) >= logits.size(3) && logits.size(2) >= 1 && logits.size(3) >= 1,
+                op, ": with upsampling, target must be (N, H, W) with N = ", logits.size(0), ", H >= ",
+                logits.size(2), " and W >= ", logits.size(3), " (logits of at least one pixel), got ",
+                target.sizes());
+  }
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), op, ": target and logits are on different devices");
 }
@@ -49,19 +61,25 @@ inline void check_table(const char* op, const char* name, const at::Tensor& t, c
               " elements, got shape ", t.sizes());
 }
 
-inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& logits) {
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(grad.device() == logits.device(), op, ": grad is on another device than logits");
   TORCH_CHECK(grad.scalar_type() == acc_type(logits), op, ": grad must be ", acc_type(logits), ", got ",
               grad.scalar_type());
-  TORCH_CHECK(grad.dim() == 0 || (grad.dim() == 3 && grad.size(0) == logits.size(0) &&
-                                  grad.size(1) == logits.size(2) && grad.size(2) == logits.size(3)),
-              op, ": grad must be 0-dim or (N, H, W), got ", grad.sizes());
+  TORCH_CHECK(grad.dim() == 0 || grad.sizes() == target.sizes(), op, ": grad must be 0-dim or (N, H, W) = ",
+              target.sizes(), " (the target's shape), got ", grad.sizes());
+}
+
+// The CUDA kernels do not fuse upsampling yet: the Python side interpolates before calling them.
+inline void check_no_upsample(const char* op, int64_t upsample) {
+  TORCH_CHECK(upsample == 0, op, ": the CUDA kernels take logits at the target's size (upsample = 0), got upsample = ",
+              upsample, "; hss_kernels.functional interpolates first on CUDA");
 }
 
 // Returns D.
 inline int64_t check_hierarchical_softmax(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                                          const at::Tensor& leaf_group, const at::Tensor& level_weights) {
-  check_common(op, logits, target);
+                                          const at::Tensor& leaf_group, const at::Tensor& level_weights,
+                                          int64_t upsample = 0) {
+  check_common(op, logits, target, upsample);
   TORCH_CHECK(leaf_group.dim() == 2 && leaf_group.size(1) == logits.size(1), op,
               ": leaf_group must be (D, L) with L = ", logits.size(1), " channels, got ", leaf_group.sizes());
   const int64_t D = leaf_group.size(0);
@@ -72,8 +90,9 @@ inline int64_t check_hierarchical_softmax(const char* op, const at::Tensor& logi
 }
 
 inline void check_tree_min(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                           const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D) {
-  check_common(op, logits, target);
+                           const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
+                           int64_t upsample = 0) {
+  check_common(op, logits, target, upsample);
   const int64_t V = logits.size(1);
   TORCH_CHECK(L >= 1 && L <= V && D >= 1 && D <= V, op, ": bad tree sizes L=", L, ", D=", D, " for ", V,
               " node channels");
@@ -81,8 +100,13 @@ inline void check_tree_min(const char* op, const at::Tensor& logits, const at::T
   check_table(op, "node_weights", node_weights, logits, V, acc_type(logits));
 }
 
-inline void check_decode(const char* op, const at::Tensor& logits, const at::Tensor& walk) {
+// size: [] (labels at the logits' size) or [H, W] with H >= h, W >= w (labels of the upsampled logits).
+inline void check_decode(const char* op, const at::Tensor& logits, const at::Tensor& walk, at::IntArrayRef size = {}) {
   TORCH_CHECK(logits.dim() == 4, op, ": logits must be (N, C, H, W), got ", logits.sizes());
+  TORCH_CHECK(size.empty() || (size.size() == 2 && size[0] >= logits.size(2) && size[1] >= logits.size(3) &&
+                               logits.size(2) >= 1 && logits.size(3) >= 1),
+              op, ": size must be [] or [H, W] with H >= ", logits.size(2), " and W >= ", logits.size(3),
+              " (logits of at least one pixel), got ", size);
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
               logits.scalar_type());
   TORCH_CHECK(logits.size(1) >= 1, op, ": logits have no channels");
@@ -100,10 +124,10 @@ inline at::Tensor dense_logits(const at::Tensor& logits) {
   return logits.is_non_overlapping_and_dense() ? logits : logits.contiguous();
 }
 
-inline std::tuple<at::Tensor, at::Tensor> new_loss(const at::Tensor& logits, bool per_pixel) {
+// The forward's loss, (N, H, W) per pixel (the target's shape) or 0-dim, and the count of labelled pixels.
+inline std::tuple<at::Tensor, at::Tensor> new_loss(const at::Tensor& logits, const at::Tensor& target, bool per_pixel) {
   auto opt = logits.options().dtype(acc_type(logits));
-  at::Tensor loss = per_pixel ? at::empty({logits.size(0), logits.size(2), logits.size(3)}, opt)
-                              : at::empty({}, opt);
+  at::Tensor loss = per_pixel ? at::empty(target.sizes(), opt) : at::empty({}, opt);
   at::Tensor count = at::empty({}, logits.options().dtype(at::kLong));
   return {loss, count};
 }

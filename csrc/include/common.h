@@ -78,4 +78,29 @@ struct PixelGeom {
   }
 };
 
+
+// Bilinear upsampling along one axis, as F.interpolate(mode="bilinear") computes it (ATen's
+// area_pixel_compute_scale / area_pixel_compute_source_index / guard_index_and_lambda): destination
+// index dst reads source i0 with weight 1 - lambda and i1 (= i0 + 1, or i0 at the last source index)
+// with weight lambda, src = align_corners ? dst (in-1)/(out-1) : max((dst + 1/2) in/out - 1/2, 0).
+template <typename A>
+struct BilinearAxis {
+  int64_t in;
+  A scale;
+  bool align_corners;
+  HSS_HOST_DEVICE static BilinearAxis make(int64_t in, int64_t out, bool align_corners) {
+    const A scale = align_corners ? (out > 1 ? static_cast<A>(in - 1) / static_cast<A>(out - 1) : A(0))
+                                  : static_cast<A>(in) / static_cast<A>(out);
+    return BilinearAxis{in, scale, align_corners};
+  }
+  HSS_HOST_DEVICE inline void at(int64_t dst, int64_t& i0, int64_t& i1, A& lambda) const {
+    A src = align_corners ? scale * static_cast<A>(dst) : scale * (static_cast<A>(dst) + A(0.5)) - A(0.5);
+    if (src < A(0)) src = A(0);
+    i0 = static_cast<int64_t>(src);  // src >= 0: the cast floors
+    if (i0 > in - 1) i0 = in - 1;
+    lambda = hmin(hmax(src - static_cast<A>(i0), A(0)), A(1));
+    i1 = i0 + (i0 < in - 1 ? 1 : 0);
+  }
+};
+
 }  // namespace hss

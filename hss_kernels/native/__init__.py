@@ -55,6 +55,8 @@ if _C is not None:  # the op modules register fake kernels and autograd for the 
         "tree_bce_loss": tree_bce_loss,
         "decode": _decode,
     })
+    for _fn in OPS.values():  # fused bilinear upsampling on the CPU (hss_kernels.reference's mark)
+        _fn.takes_upsample = True
 
 
 def unavailable_reason(device) -> Optional[str]:

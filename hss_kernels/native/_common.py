@@ -7,7 +7,7 @@ import torch
 
 from .._checks import acc_dtype  # the kernels' accumulation dtype (csrc/include/checks.h acc_type)
 
-__all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward"]
+__all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward", "fused_upsample"]
 
 
 def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -17,10 +17,10 @@ def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Ten
     return loss
 
 
-def new_loss(logits: torch.Tensor, per_pixel: bool):
-    """The fake forward's loss ((N, H, W) or 0-dim) and count, as checks.h new_loss allocates them."""
-    N, _, H, W = logits.shape
-    loss = logits.new_empty((N, H, W) if per_pixel else (), dtype=acc_dtype(logits.dtype))
+def new_loss(logits: torch.Tensor, target: torch.Tensor, per_pixel: bool):
+    """The fake forward's loss (the target's shape (N, H, W), or 0-dim) and count, as checks.h new_loss
+    allocates them."""
+    loss = logits.new_empty(tuple(target.shape) if per_pixel else (), dtype=acc_dtype(logits.dtype))
     return loss, logits.new_empty((), dtype=torch.int64)
 
 
@@ -32,6 +32,18 @@ def grad_like(logits: torch.Tensor) -> torch.Tensor:
     import torch._prims_common as pc  # ATen's rule, also on fake tensors (the name changed across torch versions)
     dense = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
     return torch.empty_like(logits if dense(logits) else logits.contiguous())
+
+
+def fused_upsample(logits: torch.Tensor, target: torch.Tensor, upsample, align_corners: bool):
+    """``(logits, upsample code)`` for an op call: the CPU kernels fuse bilinear upsampling (code 1);
+    on CUDA (not fused yet) the logits are interpolated first (:func:`hss_kernels.reference.upsample_logits`)
+    and the op runs at the target's size (code 0)."""
+    if upsample is None:
+        return logits, 0
+    if logits.device.type == "cpu":
+        return logits, 1
+    from ..reference import upsample_logits
+    return upsample_logits(logits, target.shape[-2:], align_corners), 0
 
 
 def _no_double_backward(ctx, *grads):

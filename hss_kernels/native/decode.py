@@ -2,6 +2,8 @@
 ``csrc/cuda/decode.cu``) and its fake kernel. Not differentiable: it returns labels."""
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 from ..tables import decode_walk
@@ -15,7 +17,8 @@ _SCORE = {"sum": 0, "mean": 1}
 MAX_DEPTH = 8  # kMaxDepth, csrc/include/common.h: one running path score per depth
 
 
-def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
+def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum",
+           size: Optional[Sequence[int]] = None, align_corners: bool = False) -> torch.Tensor:
     """Leaf label of the best root-to-leaf path per pixel, as :func:`hss_kernels.reference.decode`.
 
     Args:
@@ -23,6 +26,8 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
             (computed in float32) or float64. ``C = V`` node logits, or ``C = L`` (``!= V``) leaf logits
             (decoded by argmax; ``activation`` and ``score`` are then ignored).
         activation: ``"sigmoid"`` or ``"softmax"`` (over all node channels); score: ``"sum"`` or ``"mean"``.
+        size: ``(H, W)`` to decode the logits bilinearly upsampled to that size (fused on the CPU; on
+            CUDA they are interpolated first), ``align_corners`` as in ``F.interpolate``.
     Returns:
         int64 ``(N, H, W)``; ties go to the lowest leaf id.
     Raises:
@@ -36,9 +41,15 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
         raise ValueError(f"decode: the native kernels take trees of depth 1..{MAX_DEPTH}, got {tree.depth}")
     walk, ordered = decode_walk(tree, logits.device, leaf_logits)
     act = _IDENTITY if leaf_logits else _ACT[activation]
-    return torch.ops.hss_kernels.decode(logits.detach(), walk, ordered, act, _SCORE[score])
+    logits = logits.detach()
+    up = [] if size is None else [int(s) for s in size]
+    if up and logits.device.type != "cpu":
+        from ..reference import upsample_logits
+        logits, up = upsample_logits(logits, up, align_corners), []
+    return torch.ops.hss_kernels.decode(logits, walk, ordered, act, _SCORE[score], up, bool(align_corners))
 
 
 @torch.library.register_fake("hss_kernels::decode")
-def _(logits, walk, ordered, activation, score):
-    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.long)
+def _(logits, walk, ordered, activation, score, size=(), align_corners=False):
+    H, W = size if len(size) else logits.shape[2:]
+    return logits.new_empty((logits.shape[0], H, W), dtype=torch.long)

@@ -9,7 +9,7 @@ import torch
 
 from .. import tables
 from ..tree import Tree
-from ._common import acc_dtype, grad_like, new_loss, reduce, register_no_double_backward
+from ._common import acc_dtype, fused_upsample, grad_like, new_loss, reduce, register_no_double_backward
 
 __all__ = ["hierarchical_softmax_loss"]
 
@@ -25,33 +25,37 @@ def hierarchical_softmax_loss(
     eps: float = 0.0,
     ignore_index: int = 255,
     reduction: str = "mean",
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """:func:`hss_kernels.reference.hierarchical_softmax_loss` with fused C++/CUDA kernels.
-    ``logits`` (N, L, H, W), ``target`` (N, H, W), already checked by the public API."""
+    ``logits`` (N, L, H, W), or (N, L, h, w) with ``upsample``, ``target`` (N, H, W), already checked by
+    the public API."""
     w = tables.level_weight_vector(tree, level_weights, acc_dtype(logits.dtype), logits.device)
     group = tables.leaf_group(tree, logits.device)
+    logits, up = fused_upsample(logits, target, upsample, align_corners)
     loss, _, count = torch.ops.hss_kernels.hierarchical_softmax_fwd(logits, target.long(), group, w, float(eps),
-                                                                    int(ignore_index), reduction == "none")
+                                                                    int(ignore_index), reduction == "none", up,
+                                                                    bool(align_corners))
     return reduce(loss, count, reduction)
 
 
 @torch.library.register_fake(_FWD)
-def _(logits, target, leaf_group, level_weights, eps, ignore_index, per_pixel):
-    loss, count = new_loss(logits, per_pixel)
-    N, _, H, W = logits.shape
-    stats = logits.new_empty((leaf_group.shape[0] + 1, N, H, W), dtype=acc_dtype(logits.dtype))
+def _(logits, target, leaf_group, level_weights, eps, ignore_index, per_pixel, upsample=0, align_corners=False):
+    loss, count = new_loss(logits, target, per_pixel)
+    stats = logits.new_empty((leaf_group.shape[0] + 1, *target.shape), dtype=acc_dtype(logits.dtype))
     return loss, stats, count
 
 
 @torch.library.register_fake(_BWD)
-def _(grad, logits, target, stats, leaf_group, level_weights, eps, ignore_index):
+def _(grad, logits, target, stats, leaf_group, level_weights, eps, ignore_index, upsample=0, align_corners=False):
     return grad_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, leaf_group, level_weights, eps, ignore_index, _ = inputs
+    logits, target, leaf_group, level_weights, eps, ignore_index, _, upsample, align_corners = inputs
     ctx.save_for_backward(logits, target, output[1], leaf_group, level_weights)
-    ctx.opts = (eps, ignore_index)
+    ctx.opts = (eps, ignore_index, upsample, align_corners)
 
 
 def _backward(ctx, grad_loss, grad_stats, grad_count):
@@ -60,7 +64,7 @@ def _backward(ctx, grad_loss, grad_stats, grad_count):
     if ctx.needs_input_grad[0]:
         grad = torch.ops.hss_kernels.hierarchical_softmax_bwd(grad_loss, logits, target, stats, leaf_group,
                                                               level_weights, *ctx.opts)
-    return grad, None, None, None, None, None, None
+    return (grad,) + (None,) * 8
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)

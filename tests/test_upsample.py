@@ -1,0 +1,348 @@
+"""Low-resolution logits (``upsample="bilinear"``, ``decode(size=...)``): every backend against the composition
+``loss(F.interpolate(logits.float(), size, mode="bilinear", align_corners), target)`` on fresh random inputs
+and trees (values, and gradients with respect to the low-resolution logits), a flat tree against
+``F.interpolate`` + ``F.cross_entropy``, gradcheck in float64, the ops' schemas (opcheck), torch.compile,
+determinism across thread counts, and the errors for bad sizes and modes. The native CPU kernels fuse the
+interpolation; the other backends interpolate first."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hss_kernels
+from hss_kernels import reference, trees
+from hss_kernels.tables import decode_walk, tree_index
+from hss_kernels.tree import Tree
+
+import helpers as H
+
+ops = torch.ops.hss_kernels
+
+# (N, h, w, H, W): odd non-integer scales, integer 4x, equal size, one source pixel, one axis only,
+# a scale below 2 in one axis and above in the other.
+SHAPES = [(2, 3, 5, 7, 11), (1, 4, 4, 16, 16), (2, 5, 6, 5, 6), (1, 1, 1, 3, 4), (1, 2, 3, 2, 9), (2, 4, 3, 9, 5)]
+
+
+def _inputs(tree, loss, shape, dtype=torch.float32, device="cpu", ignore_frac=0.1):
+    N, h, w, Hh, W = shape
+    x, _ = H.inputs(tree, loss, (N, h, w), dtype, device=device)
+    _, y = H.inputs(tree, loss, (N, Hh, W), dtype, device=device, ignore_frac=ignore_frac)
+    return x, y
+
+
+def _composed(loss):
+    """The spec: interpolate in the accumulation dtype, then the reference loss."""
+    def f(x, y, tree, upsample=None, align_corners=False, **kw):
+        return getattr(reference, loss)(reference.upsample_logits(x, y.shape[-2:], align_corners), y, tree, **kw)
+    return f
+
+
+def _check(loss, backend, x, y, tree, **kw):
+    tol = H.loss_tolerance(loss, x, tree)
+    return H.assert_matches(H.api(loss, backend), _composed(loss), x, y, tree, loss_tol=tol, upsample="bilinear",
+                            **kw)
+
+
+@pytest.fixture
+def native():
+    H.require("native", "cpu")
+
+
+def _weights_exact(shape, align_corners) -> bool:
+    """Whether every interpolation weight is a multiple of 1/64, so that interpolating half-precision
+    logits is exact in float32 whatever the order of the operations (and the use of FMA)."""
+    _, h, w, Hh, W = shape
+    for n_in, n_out in ((h, Hh), (w, W)):
+        dst = torch.arange(n_out, dtype=torch.float32)
+        if align_corners:
+            src = dst * (torch.tensor(float(n_in - 1)) / max(n_out - 1, 1) if n_out > 1 else 0.0)
+        else:
+            src = ((dst + 0.5) * (torch.tensor(float(n_in)) / n_out) - 0.5).clamp(min=0)
+        if not torch.equal(src * 64, (src * 64).round()):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_native_matches_composition(native, loss, shape, align_corners):
+    """Every dtype. Half-precision logits take few values, so two nodes' interpolated logits are often
+    equal in exact arithmetic yet differ in their last float32 bit, by the order of the operations (the
+    fused kernel's and F.interpolate's differ): the tree-min's ancestor-min/descendant-max may then pick
+    either, with a different gradient. So the tree-min takes half dtypes only where every weight is
+    exact (float32 and float64 logits on every shape; its half dtypes on the shapes below)."""
+    tree = H.random_tree()
+    for dtype in H.DTYPES:
+        if loss == "tree_min_loss" and dtype in H.HALF and not _weights_exact(shape, align_corners):
+            continue
+        x, y = _inputs(tree, loss, shape, dtype)
+        _check(loss, "native", x, y, tree, align_corners=align_corners)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 12, 16), (1, 5, 3, 17, 5), (2, 4, 4, 8, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_native_tree_min_half_exact_weights(native, shape):
+    """The tree-min in half dtypes where the weights are exact (integer scales, and align_corners with
+    (h - 1) / (H - 1) = 1/4)."""
+    tree = H.random_tree()
+    for align_corners in (False, True):
+        if not _weights_exact(shape, align_corners):
+            continue
+        for dtype in H.HALF:
+            x, y = _inputs(tree, "tree_min_loss", shape, dtype)
+            _check("tree_min_loss", "native", x, y, tree, align_corners=align_corners)
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_native_options_and_reductions(native, loss):
+    tree = H.random_tree(min_depth=2)
+    x, y = _inputs(tree, loss, (2, 3, 4, 10, 9))
+    extra = [dict(eps=1e-4)] if loss == "hierarchical_softmax_loss" else [
+        dict(gamma=0.0), dict(gamma=1.0), dict(gamma=2.5, eps=1e-6), dict(normalize="node", scale=5.0)]
+    for kw in [{}] + extra:
+        for reduction in H.REDUCTIONS:
+            _check(loss, "native", x, y, tree, reduction=reduction, **kw)
+    if loss == "hierarchical_softmax_loss":
+        _check(loss, "native", x, y, tree, level_weights=[0.5 + i for i in range(tree.depth)])
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_native_layouts(native, loss):
+    """NCHW, channels_last, and strided views of the low-resolution logits; a strided target; an upstream
+    gradient of any strides (reduction none)."""
+    tree = H.random_tree()
+    C = H.channels(tree, loss)
+    base = torch.randn(2, C, 6, 10, dtype=torch.float64).float() * 3
+    views = [base, base.contiguous(memory_format=torch.channels_last), base[:, :, 1:5, ::3],
+             base.contiguous(memory_format=torch.channels_last)[:, :, ::2, 2:7]]
+    for x in views:
+        y = torch.randint(0, tree.num_leaves, (2, 2 * x.shape[3] + 1, x.shape[2] * 3)).transpose(1, 2)
+        y[:, 0, 0] = 255
+        for go in H.grad_outs(tuple(y.shape)):
+            _check(loss, "native", x, y, tree, grad_out=go, reduction="none")
+
+
+def test_flat_tree_is_cross_entropy(native):
+    """A flat tree: the hierarchical softmax is F.cross_entropy of the interpolated logits."""
+    tree = Tree.from_parents([-1] * 7)
+    x = torch.randn(2, 7, 5, 6, requires_grad=True)
+    y = torch.randint(0, 7, (2, 17, 13))
+    y[0, :3] = 255
+    for align_corners in (False, True):
+        got = hss_kernels.hierarchical_softmax_loss(x, y, tree, backend="native", upsample="bilinear",
+                                                    align_corners=align_corners)
+        up = F.interpolate(x, size=(17, 13), mode="bilinear", align_corners=align_corners)
+        want = F.cross_entropy(up, y, ignore_index=255)
+        (g,) = torch.autograd.grad(got, x)
+        (g_want,) = torch.autograd.grad(want, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_all_ignored_and_empty_batch(native, loss):
+    tree = H.random_tree()
+    x, y = _inputs(tree, loss, (2, 3, 3, 7, 8))
+    y.fill_(255)
+    for reduction in H.REDUCTIONS:
+        _check(loss, "native", x, y, tree, reduction=reduction)
+    x0, y0 = x[:0].clone(), y[:0].clone()
+    for reduction in H.REDUCTIONS:
+        a = x0.requires_grad_(True)
+        out = getattr(hss_kernels, loss)(a, y0, tree, backend="native", upsample="bilinear", reduction=reduction)
+        assert out.shape == ((0, 7, 8) if reduction == "none" else ()) and (out == 0).all()
+        (g,) = torch.autograd.grad(out.sum(), a)
+        assert g.shape == a.shape
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_nan_and_bad_labels(native, loss):
+    """A NaN low-resolution logit poisons the pixels whose stencil reads it, a label out of range its pixel:
+    as in the composition (the label check is off for the bad label)."""
+    tree = H.random_tree()
+    x, y = _inputs(tree, loss, (1, 3, 4, 7, 9), ignore_frac=0.0)
+    x[0, 0, 1, 2] = float("nan")
+    got, g, go = H.loss_and_grad(H.api(loss, "native"), x, y, tree, upsample="bilinear", reduction="none")
+    want, g_want, _ = H.loss_and_grad(_composed(loss), x, y, tree, go, reduction="none")
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
+    assert torch.equal(torch.isnan(g), torch.isnan(g_want))
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], **H.loss_tolerance(loss, x, tree))
+    hss_kernels.set_label_check(False)
+    try:
+        x2, y2 = _inputs(tree, loss, (1, 2, 2, 5, 5), ignore_frac=0.0)
+        y2[0, 4, 4] = tree.num_leaves
+        out = getattr(hss_kernels, loss)(x2, y2, tree, backend="native", upsample="bilinear", reduction="none")
+        assert torch.isnan(out[0, 4, 4]) and torch.isfinite(out.flatten()[:-1]).all()
+    finally:
+        hss_kernels.set_label_check(True)
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_gradcheck_float64(native, loss):
+    tree = H.random_tree(max_nodes=8)
+    x, y = _inputs(tree, loss, (1, 2, 3, 5, 7))
+    x = x.double().requires_grad_(True)
+    fn = getattr(hss_kernels, loss)
+    for align_corners in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda a: fn(a, y, tree, backend="native", upsample="bilinear", align_corners=align_corners,
+                         reduction="sum"), (x,))
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_backward_deterministic_across_threads(native, loss):
+    """Bitwise the same gradient with 1 and 2 threads and on repeated calls (no atomics: a fixed order)."""
+    tree = H.random_tree()
+    x, y = _inputs(tree, loss, (2, 9, 7, 37, 29))
+    fn = H.api(loss, "native")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = H.loss_and_grad(fn, x, y, tree, upsample="bilinear")
+        torch.set_num_threads(2)
+        two = H.loss_and_grad(fn, x, y, tree, grad_out=one[2], upsample="bilinear")
+        again = H.loss_and_grad(fn, x, y, tree, grad_out=one[2], upsample="bilinear")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and torch.equal(two[1], again[1])
+
+
+def test_saves_no_full_size_logits(native):
+    """Autograd keeps the low-resolution logits and the per-pixel statistics, never a full-resolution
+    tensor of the logits' channels."""
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, "hierarchical_softmax_loss", (1, 4, 4, 32, 32))
+    x = x.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = hss_kernels.hierarchical_softmax_loss(x, y, tree, backend="native", upsample="bilinear")
+    full = tree.num_leaves * y.numel()
+    assert saved and max(t.numel() for t in saved) < full, [tuple(t.shape) for t in saved]
+    out.backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------------- decode
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_decode_size(native, align_corners):
+    tree = H.random_tree()
+    for C in (tree.num_nodes, tree.num_leaves):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            x = H.random_logits(C, (2, 3, 5), dtype)
+            for act in H.ACTIVATIONS:
+                got = hss_kernels.decode(x, tree, activation=act, backend="native", size=(8, 13),
+                                         align_corners=align_corners)
+                want = reference.decode(x, tree, activation=act, size=(8, 13), align_corners=align_corners)
+                assert got.shape == (2, 8, 13) and got.dtype == torch.int64
+                # ties between path scores within a rounding step may go either way
+                scores = reference.path_scores(reference.upsample_logits(x, (8, 13), align_corners), tree, act)
+                best = scores.max(dim=1).values
+                picked = scores.gather(1, got[:, None]).squeeze(1)
+                assert torch.all(picked >= best - 1e-5 * best.abs().clamp(min=1)), (got != want).sum()
+                assert (got == want).float().mean() > 0.95
+
+
+# ------------------------------------------------------------------------------------- other backends
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_triton_interpolates_first(loss):
+    """Backends without a fused path (Triton, here under its interpreter) get the interpolated logits."""
+    H.require("triton", "cpu", loss)
+    tree = H.random_tree(max_nodes=10)
+    x, y = _inputs(tree, loss, (1, 2, 3, 5, 6))
+    _check(loss, "triton", x, y, tree)
+
+
+def test_reference_and_auto(native):
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, "tree_min_loss", (1, 3, 3, 9, 9))
+    for backend in ("reference", "auto"):
+        _check("tree_min_loss", backend, x, y, tree)
+
+
+def test_modules_take_upsample(native):
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, "hierarchical_softmax_loss", (1, 3, 3, 9, 9))
+    m = hss_kernels.HierarchicalSoftmaxLoss(tree, upsample="bilinear", align_corners=True)
+    assert "upsample='bilinear'" in repr(m)
+    torch.testing.assert_close(m(x, y), _composed("hierarchical_softmax_loss")(x, y, tree, align_corners=True))
+    xn, yn = _inputs(tree, "tree_min_loss", (1, 3, 3, 9, 9))
+    for cls, loss in ((hss_kernels.TreeMinLoss, "tree_min_loss"), (hss_kernels.TreeBCELoss, "tree_bce_loss")):
+        got = cls(tree, upsample="bilinear")(xn, yn)
+        torch.testing.assert_close(got, _composed(loss)(xn, yn, tree, gamma=cls(tree).gamma), rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_bad_sizes_and_modes(loss):
+    tree = trees.load("cityscapes")
+    fn = getattr(hss_kernels, loss)
+    x, y = _inputs(tree, loss, (1, 4, 4, 8, 8))
+    with pytest.raises(ValueError, match="upsample must be None or 'bilinear', got 'nearest'"):
+        fn(x, y, tree, upsample="nearest")
+    with pytest.raises(ValueError, match=r"H >= 4, W >= 4 .*got \(1, 3, 8\)"):
+        fn(x, y[:, :3], tree, upsample="bilinear")
+    with pytest.raises(ValueError, match="must be"):
+        fn(x, y[:, :, :0], tree, upsample="bilinear")
+    with pytest.raises(ValueError, match="h, w >= 1"):
+        fn(x[:, :, :0], y, tree, upsample="bilinear")
+    with pytest.raises(ValueError, match="N = 1"):
+        fn(x, torch.cat([y, y]), tree, upsample="bilinear")
+    with pytest.raises(ValueError, match=r"upsampling takes logits \(N, C, h, w\)"):
+        fn(x[..., None], y, tree, upsample="bilinear")
+    with pytest.raises(ValueError, match="upsample='bilinear' takes low-resolution logits"):
+        fn(x, y, tree)  # a size mismatch without upsample stays an error
+    with pytest.raises(ValueError, match=r"size must be \(H, W\)|H >= 4"):
+        hss_kernels.decode(H.random_logits(tree.num_nodes, (1, 4, 4)), tree, size=(3, 8))
+
+
+def test_op_argument_checks(native):
+    """The ops called directly: upsample must be 0 or 1 and the target at least the logits' size."""
+    tree = trees.load("cityscapes")
+    x = torch.randn(1, tree.num_leaves, 4, 4)
+    group, w = tree.tables("cpu").leaf_group, torch.ones(tree.depth)
+    y = torch.zeros(1, 3, 8, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="H >= 4 and W >= 4"):
+        ops.hierarchical_softmax_fwd(x, y, group, w, 0.0, 255, False, 1, False)
+    with pytest.raises(RuntimeError, match="upsample must be 0"):
+        ops.hierarchical_softmax_fwd(x, torch.zeros(1, 8, 8, dtype=torch.long), group, w, 0.0, 255, False, 2, False)
+    xn = torch.randn(1, tree.num_nodes, 4, 4)
+    walk, ordered = decode_walk(tree, "cpu", False)
+    with pytest.raises(RuntimeError, match="size must be"):
+        ops.decode(xn, walk, ordered, 0, 0, [2, 8], False)
+
+
+# ------------------------------------------------------------------------------------- schemas, compile
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(native, dtype):
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, "hierarchical_softmax_loss", (2, 3, 4, 7, 9), dtype)
+    w, group = torch.rand(tree.depth, dtype=dtype), tree.tables("cpu").leaf_group
+    for per_pixel in (False, True):
+        args = (x.clone().requires_grad_(), y, group, w, 0.0, 255, per_pixel, 1, True)
+        torch.library.opcheck(ops.hierarchical_softmax_fwd.default, args)
+        loss, stats, _ = ops.hierarchical_softmax_fwd(*args)
+        torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
+                              (torch.randn_like(loss), x, y, stats.detach(), group, w, 0.0, 255, 1, True))
+    xn, yn = _inputs(tree, "tree_min_loss", (2, 3, 4, 7, 9), dtype)
+    k, idx = torch.rand(tree.num_nodes, dtype=dtype), tree_index(tree, "cpu")
+    for per_pixel in (False, True):
+        args = (xn.clone().requires_grad_(), yn, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0, 255, per_pixel,
+                True, 1, False)
+        torch.library.opcheck(ops.tree_min_fwd.default, args)
+        loss, _ = ops.tree_min_fwd(*args)
+        torch.library.opcheck(ops.tree_min_bwd.default, (torch.randn_like(loss), xn, yn, idx, k, tree.num_leaves,
+                                                         tree.depth, 2.0, 0.0, 255, True, 1, False))
+    walk, ordered = decode_walk(tree, "cpu", False)
+    torch.library.opcheck(ops.decode.default, (xn, walk, ordered, 0, 0, [7, 9], False))
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_compile_fullgraph(native, loss):
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, loss, (1, 3, 4, 9, 10))
+    fn = getattr(hss_kernels, loss)
+    f = torch.compile(lambda a, t: fn(a, t, tree, backend="native", upsample="bilinear"), fullgraph=True,
+                      backend="aot_eager")
+    tol = H.loss_tolerance(loss, x, tree)
+    H.assert_matches(lambda a, t, _tree, **_: f(a, t), _composed(loss), x, y, tree, loss_tol=tol)
