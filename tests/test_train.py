@@ -167,3 +167,29 @@ def test_trains_on_a_real_layout(tmp_path):
          "--size", "16", "--out", str(tmp_path / "out"), "--width", "8", "--levels", "2", "--quiet"]))
     assert res["step"] == 2 and set(res["metrics"]) == {"1", "2", "3", "4"}  # the helen tree: depth 4
     assert (tmp_path / "out" / "predictions.png").is_file()
+
+
+@pytest.mark.parametrize("loss", ["ce", "hier-softmax", "tree-min"])
+def test_low_resolution_logits(loss):
+    """--out-stride 2: the U-Net emits logits at half the labels' size; the hierarchical losses upsample them
+    inside (--upsample fused) with the same loss as F.interpolate first (--upsample interpolate), and the
+    predictions and metrics are at the labels' size."""
+    fused = run("--loss", loss, "--out-stride", 2, "--steps", 2, "--eval-every", 2, "--seed", 4)
+    first = run("--loss", loss, "--out-stride", 2, "--upsample", "interpolate", "--steps", 2, "--eval-every", 2,
+                "--seed", 4)
+    a, b = fused["log"][-1], first["log"][-1]
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and a["val_loss"] == a["val_loss"]
+    assert a["metrics"]["2"]["pixel_accuracy"] == pytest.approx(b["metrics"]["2"]["pixel_accuracy"], abs=0.02)
+    tree = build_tree(T.build_parser().parse_args(TINY))
+    model = build_model("unet", tree, loss, width=8, levels=2, out_stride=2)
+    x, y = SyntheticHierarchy(tree, length=1, size=24, seed=0)[0]
+    logits = model(x[None])[0]
+    assert logits.shape[-2:] == (12, 12)
+    assert predict(logits, tree, loss, size=(24, 24)).shape == (1, 24, 24)
+
+
+def test_out_stride_must_fit_the_unet():
+    with pytest.raises(SystemExit, match="--out-stride must be a power of 2 below 2\\*\\*levels = 4"):
+        run("--out-stride", 4, "--steps", 1)
+    with pytest.raises(SystemExit, match="power of 2"):
+        run("--out-stride", 3, "--steps", 1)

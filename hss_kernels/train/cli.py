@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="unet", choices=["unet", "deeplabv3"])
     g.add_argument("--width", type=int, default=16, help="U-Net channels at full resolution")
     g.add_argument("--levels", type=int, default=3, help="U-Net resolutions")
+    g.add_argument("--out-stride", type=int, default=1,
+                   help="U-Net: logits at 1/N of the input (1, 2, 4, ... < 2**levels); DeepLabV3 always gives 1/8")
+    g.add_argument("--upsample", default="fused", choices=["fused", "interpolate"],
+                   help="logits smaller than the labels: upsampled inside the hierarchical loss (fused, the "
+                        "default) or by F.interpolate before it (to compare); ce always interpolates")
     g.add_argument("--loss", default="hier-softmax", choices=LOSSES)
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "native"])
     g.add_argument("--gamma", type=float, default=None, help="focal gamma of tree-min / tree-bce (default 2 / 0)")
@@ -90,6 +95,10 @@ def check_args(args) -> None:
         raise SystemExit("hss-train: --steps must be >= 1")
     if args.triplet_weight < 0 or args.eval_every < 0:
         raise SystemExit("hss-train: --triplet-weight and --eval-every must be >= 0")
+    stride = getattr(args, "out_stride", 1)
+    if stride < 1 or stride & (stride - 1) or (args.model == "unet" and stride >= 2 ** args.levels):
+        raise SystemExit(f"hss-train: --out-stride must be a power of 2 below 2**levels = {2 ** args.levels}, "
+                         f"got {stride}")
 
 
 def main(argv=None) -> int:

@@ -80,34 +80,58 @@ def _parse_weights(text: Optional[str]):
         raise SystemExit(f"hss-train: --level-weights must be comma-separated numbers, got {text!r}")
 
 
+def _full_size(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Logits bilinearly interpolated (in float32) to the labels' size, what frameworks do before a loss."""
+    if tuple(logits.shape[-2:]) == tuple(target.shape[-2:]):
+        return logits
+    return F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def make_loss(args, tree):
-    """``loss(logits, target) -> scalar`` for ``args.loss`` (float32 for any logits dtype)."""
+    """``loss(logits, target) -> scalar`` for ``args.loss`` (float32 for any logits dtype). Logits smaller
+    than the labels are upsampled bilinearly: inside the hierarchical losses (``upsample="bilinear"``,
+    fused on the CPU) with ``--upsample fused`` (the default), by ``F.interpolate`` first with
+    ``--upsample interpolate`` and always for ``ce``."""
     ignore = 255
     weights = _parse_weights(args.level_weights)
     if weights is not None and len(weights) != tree.depth:
         raise SystemExit(f"hss-train: --level-weights needs {tree.depth} values for this tree, got {len(weights)}")
     gamma = args.gamma if args.gamma is not None else (2.0 if args.loss == "tree-min" else 0.0)
 
+    fused = getattr(args, "upsample", "fused") == "fused"
+
     def loss(logits, target):
         if args.loss == "ce":
             if not bool((target != ignore).any()):
                 return logits.float().sum() * 0.0
-            return F.cross_entropy(logits.float(), target, ignore_index=ignore)
+            return F.cross_entropy(_full_size(logits, target), target, ignore_index=ignore)
+        up = None
+        if tuple(logits.shape[-2:]) != tuple(target.shape[-2:]):
+            if fused:
+                up = "bilinear"
+            else:
+                logits = _full_size(logits, target)
         if args.loss == "hier-softmax":
             return HF.hierarchical_softmax_loss(logits, target, tree, level_weights=weights, ignore_index=ignore,
-                                                backend=args.backend)
+                                                backend=args.backend, upsample=up)
         fn = HF.tree_min_loss if args.loss == "tree-min" else HF.tree_bce_loss
-        return fn(logits, target, tree, gamma=gamma, scale=args.scale, ignore_index=ignore, backend=args.backend)
+        return fn(logits, target, tree, gamma=gamma, scale=args.scale, ignore_index=ignore, backend=args.backend,
+                  upsample=up)
 
     return loss
 
 
-def predict(logits: torch.Tensor, tree, loss: str, backend: str = "auto") -> torch.Tensor:
-    """Leaf label per pixel (int64 ``(N, H, W)``): argmax of leaf logits, or the best root-to-leaf path
-    of node logits (:func:`hss_kernels.decode`)."""
+def predict(logits: torch.Tensor, tree, loss: str, backend: str = "auto", size=None) -> torch.Tensor:
+    """Leaf label per pixel (int64 ``(N, H, W)``, ``size = (H, W)`` when the logits are smaller): argmax of
+    leaf logits, or the best root-to-leaf path of node logits (:func:`hss_kernels.decode`), of the logits
+    upsampled bilinearly to ``size``."""
+    if size is not None and tuple(size) == tuple(logits.shape[-2:]):
+        size = None
     if loss in LEAF_LOSSES:
+        if size is not None:
+            logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
         return logits.argmax(1)
-    return HF.decode(logits.float(), tree, backend=backend)
+    return HF.decode(logits.float(), tree, backend=backend, size=size)
 
 
 # --------------------------------------------------------------------------- records and plots
@@ -161,7 +185,7 @@ def train(args) -> dict:
     train_ds, val_ds = build_datasets(args, tree)
     use_triplet = args.triplet_weight > 0
     model = build_model(args.model, tree, args.loss, embed_dim=args.embed_dim if use_triplet else 0,
-                        width=args.width, levels=args.levels).to(device)
+                        width=args.width, levels=args.levels, out_stride=args.out_stride).to(device)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -188,7 +212,7 @@ def train(args) -> dict:
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         cfg = ckpt.get("config", {})
-        for key in ("loss", "model", "width", "levels"):
+        for key in ("loss", "model", "width", "levels", "out_stride"):
             if key in cfg and cfg[key] != getattr(args, key):
                 raise SystemExit(f"hss-train: --resume {args.resume} was trained with --{key} {cfg[key]}, "
                                  f"not {getattr(args, key)}")
@@ -217,7 +241,7 @@ def train(args) -> dict:
                 n = float((targets != 255).sum())
                 vloss += float(loss_fn(logits, targets)) * n
                 vcount += n
-                pred = predict(logits, tree, args.loss, args.backend)
+                pred = predict(logits, tree, args.loss, args.backend, size=targets.shape[-2:])
                 metrics.update(pred, targets)
                 if len(shown) < args.num_predictions:
                     shown.append((images.float().cpu(), pred.cpu(), targets.cpu()))

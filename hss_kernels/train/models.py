@@ -5,9 +5,11 @@
 * :func:`deeplabv3`: torchvision's DeepLabV3-ResNet50 when torchvision is installed (not tested in this
   project's CI, which has no torchvision).
 
-Both return ``(logits, embedding)``: logits ``(N, C, H, W)`` at the input's resolution (``C`` = leaves
-or nodes, see :func:`out_channels`), and a pixel embedding ``(N, E, h, w)`` from the decoder features
-for the tree-triplet loss (``None`` when ``embed_dim=0``).
+Both return ``(logits, embedding)``: logits ``(N, C, h, w)`` at the model's natural resolution (``C`` =
+leaves or nodes, see :func:`out_channels`): the input's for the U-Net with ``out_stride=1``, 1/2, 1/4, ... of
+it with a larger ``out_stride``, 1/8 for DeepLabV3; the losses upsample them to the labels
+(``upsample="bilinear"``, fused on the CPU). And a pixel embedding ``(N, E, h', w')`` from the decoder
+features for the tree-triplet loss (``None`` when ``embed_dim=0``).
 """
 from __future__ import annotations
 
@@ -52,12 +54,18 @@ class UNet(nn.Module):
         width: channels at full resolution (16 trains fast on a CPU). levels: number of resolutions (the
             input's H and W need not be divisible by ``2**(levels-1)``: skips are resized to match).
         embed_dim: channels of the embedding head (0: none).
+        out_stride: 1 (logits at the input's resolution), or 2, 4, ... < 2**levels: the decoder stops that
+            many times below full resolution, as the heads of DeepLab or SegFormer do.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, levels: int = 4, embed_dim: int = 0):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, levels: int = 4, embed_dim: int = 0,
+                 out_stride: int = 1):
         super().__init__()
         if levels < 1 or width < 1 or num_classes < 1:
             raise ValueError("UNet: levels, width and num_classes must be >= 1")
+        stop = max(out_stride, 1).bit_length() - 1
+        if out_stride < 1 or out_stride != 2 ** stop or stop >= levels:
+            raise ValueError(f"UNet: out_stride must be a power of 2 below 2**levels = {2 ** levels}, got {out_stride}")
         chans = [width * 2 ** i for i in range(levels)]
         self.down = nn.ModuleList()
         cin = in_channels
@@ -65,10 +73,10 @@ class UNet(nn.Module):
             self.down.append(_block(cin, c))
             cin = c
         self.up = nn.ModuleList()
-        for i in range(levels - 2, -1, -1):
+        for i in range(levels - 2, stop - 1, -1):
             self.up.append(_block(chans[i + 1] + chans[i], chans[i]))
-        self.head = nn.Conv2d(chans[0], num_classes, 1)
-        self.embed = nn.Conv2d(chans[0], embed_dim, 1) if embed_dim > 0 else None
+        self.head = nn.Conv2d(chans[stop], num_classes, 1)
+        self.embed = nn.Conv2d(chans[stop], embed_dim, 1) if embed_dim > 0 else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         skips: List[torch.Tensor] = []
@@ -92,14 +100,12 @@ class _DeepLab(nn.Module):
         self.embed = nn.Conv2d(256, embed_dim, 1) if embed_dim > 0 else None
 
     def forward(self, x):
-        size = x.shape[2:]
         feats = self.net.backbone(x)["out"]
         cls = self.net.classifier
         h = cls[0](feats)
         for m in list(cls)[1:-1]:
             h = m(h)
-        logits = F.interpolate(cls[-1](h), size=size, mode="bilinear", align_corners=False)
-        return logits, (self.embed(h) if self.embed is not None else None)
+        return cls[-1](h), (self.embed(h) if self.embed is not None else None)  # logits at 1/8
 
 
 def deeplabv3(num_classes: int, embed_dim: int = 0, pretrained_backbone: bool = False) -> nn.Module:
@@ -115,11 +121,13 @@ def deeplabv3(num_classes: int, embed_dim: int = 0, pretrained_backbone: bool = 
     return _DeepLab(net, embed_dim)
 
 
-def build_model(name: str, tree: Tree, loss: str, embed_dim: int = 0, width: int = 16, levels: int = 4) -> nn.Module:
-    """``name``: ``"unet"`` or ``"deeplabv3"``; the head suits ``loss`` (see :func:`out_channels`)."""
+def build_model(name: str, tree: Tree, loss: str, embed_dim: int = 0, width: int = 16, levels: int = 4,
+                out_stride: int = 1) -> nn.Module:
+    """``name``: ``"unet"`` (``out_stride``: see :class:`UNet`) or ``"deeplabv3"``; the head suits ``loss``
+    (see :func:`out_channels`)."""
     c = out_channels(tree, loss)
     if name == "unet":
-        return UNet(c, width=width, levels=levels, embed_dim=embed_dim)
+        return UNet(c, width=width, levels=levels, embed_dim=embed_dim, out_stride=out_stride)
     if name == "deeplabv3":
         return deeplabv3(c, embed_dim=embed_dim)
     raise ValueError(f"unknown model {name!r}; choose 'unet' or 'deeplabv3'")
