@@ -228,3 +228,22 @@ def test_new_backends_are_picked_up_from_the_registry(monkeypatch):
                 assert r["interpreter"] == (backend == "triton")
                 assert r["check"] == 0.0  # the fake computes exactly the reference
                 assert r["speedup_vs_reference"] is not None
+
+
+def test_lowres_end_to_end_on_the_cpu(tmp_path):
+    """python -m benchmarks.lowres at its CPU size: every row, the peak-memory probe, the JSON and the table
+    (the numbers themselves are not checked: no test asserts a speed)."""
+    from benchmarks import lowres
+    assert lowres.main(["--config", "cpu", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("lowres-*.json")
+    doc = json.loads(js.read_text())
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert set(rows) == set(lowres.ROWS) and doc["copy_bandwidth"]["GBps"] > 0
+    for r in rows.values():
+        assert r["ms"] > 0 and r["full_logits_bytes"] == 2 * 66 * 512 * 512 * 4
+        assert r["peak_extra_bytes"] is None or r["peak_extra_bytes"] >= 0
+    assert rows["fused"]["fused"] and rows["fused"]["shape"] == "2x66x64x64 -> 512x512"
+    md = js.with_suffix(".md").read_text()
+    assert md.count("| cpu | hierarchical_softmax_loss |") == 3 and "python -m benchmarks.lowres" in md
+    with pytest.raises(SystemExit):
+        lowres.main(["--config", "nowhere"])
