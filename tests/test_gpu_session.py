@@ -76,8 +76,8 @@ def test_stage_timeout_shares_minimums_and_skips():
 
 def test_the_session_stages_fill_the_budget_and_say_what_they_run():
     st = S.stages()
-    assert [s.name for s in st] == ["environment", "check-triton", "build", "tests", "check", "bench", "sanitizer",
-                                    "model"]
+    assert [s.name for s in st] == ["environment", "check-triton", "build", "tests", "check", "bench", "lowres",
+                                    "sanitizer", "model"]
     assert sum(s.fraction for s in st if not s.background) == pytest.approx(1.0)
     assert all(s.gpu and s.dry and s.min_s > 0 for s in st)
     bg = [s for s in st if s.background]

@@ -269,6 +269,33 @@ def stage_bench(ctx) -> dict:
             "failed_rows": errors[:20]}
 
 
+# ------------------------------------------------------------------------------------------ low-resolution logits
+LOWRES_CONFIGS = "vistas4,vistas2_4"
+LOWRES_LOSSES = "hierarchical_softmax_loss,tree_min_loss"
+
+
+def stage_lowres(ctx) -> dict:
+    out = ctx.path("lowres")  # into the logs tarball
+    os.makedirs(out, exist_ok=True)
+    cmd = [PY, "-m", "benchmarks.lowres", "--out", out]
+    if ctx.dry_run:
+        cmd += ["--device", "cpu", "--config", "cpu", "--loss", "hierarchical_softmax_loss", "--reps", "1", "--no-memory"]
+    else:
+        cmd += ["--device", "cuda", "--config", LOWRES_CONFIGS, "--loss", LOWRES_LOSSES, "--reps", "10"]
+    r = ctx.run(cmd)
+    jpath = next(iter(sorted(glob.glob(os.path.join(out, "lowres-*.json")))), None)
+    doc = _load_json(jpath) if jpath else None
+    if doc is None:
+        return {"status": "failed" if r.status == "ok" else r.status,
+                "note": f"no lowres JSON ({r.status} after {r.seconds:.0f} s: {_why(r)})"}
+    fused = {(x["config"], x["loss"]): x["ms"] for x in doc["rows"] if x["row"] == "fused"}
+    parts = [f"{x['config']} {x['loss'].split('_loss')[0]} {x['row']}: {x['ms']:.1f} ms"
+             + (f" ({x['ms'] / fused[(x['config'], x['loss'])]:.2f}x fused)" if x["row"] != "fused" else "")
+             for x in doc["rows"]]
+    return {"status": r.status, "note": "; ".join(parts) + f"; logs/lowres/{os.path.basename(jpath)}",
+            "rows": doc["rows"]}
+
+
 # ------------------------------------------------------------------------------------------ compute-sanitizer
 def stage_sanitizer(ctx) -> dict:
     calls = [PY, "-m", "benchmarks.gpu_session.sancalls"]
@@ -360,7 +387,7 @@ def stages() -> List[Stage]:
               gpu="hss-check --device cuda --backend triton --quick, float32 and bfloat16 at once, in a process that "
                   "does not load the extension; runs in the background beside build and tests",
               dry="the same on the CPU under Triton's interpreter, float32 only"),
-        Stage("build", 0.32, 45, stage_build,
+        Stage("build", 0.30, 45, stage_build,
               gpu="python3 setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0 HSS_REQUIRE_CUDA=1 MAX_JOBS=<cores>), "
                   "then a fresh process checks that every hss_kernels:: op has a CUDA kernel",
               dry="the same command in a temporary copy with HSS_NO_EXTENSION=1, then the op check (CPU key) on "
@@ -376,7 +403,12 @@ def stages() -> List[Stage]:
                   "--reps 30 --warmup 3 --check-size 64x64 --time-limit <stage time - margin>, copy bandwidth in "
                   "the same run",
               dry="the same at batch 1, 8x8, 2 reps, --memory off, Triton under the interpreter"),
-        Stage("sanitizer", 0.13, 45, stage_sanitizer,
+        Stage("lowres", 0.04, 15, stage_lowres,
+              gpu=f"python -m benchmarks.lowres --config {LOWRES_CONFIGS} --loss {LOWRES_LOSSES} --reps 10: the "
+                  "loss on 1/4-scale logits, upsampling inside against F.interpolate first (and F.cross_entropy), "
+                  "time and peak memory; JSON and table into the logs tarball",
+              dry="the same at --config cpu, hierarchical softmax only, 1 rep, no memory probe"),
+        Stage("sanitizer", 0.11, 45, stage_sanitizer,
               gpu="compute-sanitizer --tool memcheck on one small call of each op (forward, backward, decode): "
                   "native (all calls) and triton (--quick) at once",
               dry="the same calls on the CPU without compute-sanitizer"),
