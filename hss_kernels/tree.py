@@ -1,7 +1,10 @@
 """Class trees: parsing, validation and the index tables every backend reads.
 
 A tree file is tab-indented text, one node name per line, one more tab per level down; the root is
-implicit (see docs/MATH.md §1.1 and the README). Two numberings matter:
+implicit; blank lines and lines starting with ``#`` are skipped, except ``#classes<TAB>name<TAB>...``,
+the leaf names in label-id order (see docs/MATH.md §1.1 and the README). Names may repeat between
+internal nodes and between an internal node and a leaf; leaf names are unique (they map label ids).
+Two numberings matter:
 
 * **label ids** number the leaves: they are the values of a data set's target maps. By default leaves
   get ids in file order; ``classes`` (leaf names in label-id order) overrides that.
@@ -23,7 +26,8 @@ __all__ = ["Tree", "TreeTables"]
 
 
 class Tree:
-    """A class hierarchy. Build it with :meth:`from_file`, :meth:`from_text` or :meth:`from_parents`.
+    """A class hierarchy. Build it with :meth:`from_file`, :meth:`from_text`, :meth:`from_parents` or
+    :meth:`from_levels` (the level dicts of HSSN's and LogicSeg's code).
 
     Attributes (plain Python, all indexed by node channel unless said otherwise):
 
@@ -103,7 +107,8 @@ class Tree:
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_text(cls, text: str, classes: Optional[Sequence[str]] = None, source: str = "<text>") -> "Tree":
-        """Parse a tab-indented tree. ``classes``: leaf names in label-id order (default: file order).
+        """Parse a tab-indented tree. ``classes``: leaf names in label-id order (default: the file's
+        ``#classes`` line if it has one, else file order). Blank lines and ``#`` comment lines are skipped.
 
         Raises ``ValueError`` naming the line (``source:line``) for every malformed input.
         """
@@ -112,11 +117,18 @@ class Tree:
         lines_of: List[int] = []
         stack: List[int] = []  # file indices of the open nodes on the current path
         seen: Dict[str, int] = {}
+        file_classes: Optional[List[str]] = None
         for lineno, raw in enumerate(text.splitlines(), start=1):
             line = raw.rstrip("\r\n")
             if not line.strip():
                 if line and "\t" in line and not line.strip(" \t"):
                     raise ValueError(f"{source}:{lineno}: empty name (a line of only indentation)")
+                continue
+            if line.lstrip(" \t").startswith("#"):
+                if line.startswith("#classes\t"):
+                    if file_classes is not None:
+                        raise ValueError(f"{source}:{lineno}: a second #classes line")
+                    file_classes = line.split("\t")[1:]
                 continue
             stripped = line.lstrip("\t")
             level = len(line) - len(stripped)
@@ -129,9 +141,7 @@ class Tree:
                 raise ValueError(
                     f"{source}:{lineno}: {name!r} is indented {level} tab(s) but {above}; a line may be at "
                     f"most one tab deeper than the line above")
-            if name in seen:
-                raise ValueError(f"{source}:{lineno}: duplicate name {name!r} (first on line {seen[name]})")
-            seen[name] = lineno
+            seen.setdefault(name, lineno)
             del stack[level:]
             parents_file.append(stack[-1] if stack else -1)
             stack.append(len(names))
@@ -144,6 +154,14 @@ class Tree:
             if p >= 0:
                 is_leaf[p] = False
         file_leaves = [i for i in range(len(names)) if is_leaf[i]]
+        first_leaf: Dict[str, int] = {}
+        for i in file_leaves:  # leaf names map label ids: unique (internal names may repeat)
+            if names[i] in first_leaf:
+                raise ValueError(f"{source}:{lines_of[i]}: duplicate leaf name {names[i]!r} (first on line "
+                                 f"{lines_of[first_leaf[names[i]]]}); leaf names must be unique")
+            first_leaf[names[i]] = i
+        if classes is None:
+            classes = file_classes
         if classes is None:
             label_of_file_leaf = {i: k for k, i in enumerate(file_leaves)}
         else:
@@ -156,7 +174,7 @@ class Tree:
                 first[cname] = k
             extra = [c for c in classes if c not in index_of]
             if extra:
-                internal = [c for c in extra if c in seen]
+                internal = [c for c in extra if c in seen]  # the name of an internal node only
                 what = (f"{internal!r} are internal nodes, not leaves" if internal
                         else f"{extra!r} are not in the tree")
                 raise ValueError(f"{source}: classes does not match the leaves: {what}")
@@ -224,15 +242,114 @@ class Tree:
         names = [str(n) for n in names]
         if len(names) != V:
             raise ValueError(f"from_parents: {len(names)} names for {V} nodes")
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"from_parents: duplicate names {sorted(dup)!r}")
         if any(not n.strip() for n in names):
             raise ValueError("from_parents: empty name")
         has_child = set(p for p in parents if p >= 0)
         leaves = [i for i in range(V) if i not in has_child]
+        leaf_names = [names[i] for i in leaves]
+        dup = {n for n in leaf_names if leaf_names.count(n) > 1}
+        if dup:
+            raise ValueError(f"from_parents: duplicate leaf names {sorted(dup)!r} (leaf names must be unique; "
+                             f"internal nodes may share names)")
         tree = cls(names, parents, leaves)
         tree.source = "<parents>"
+        return tree
+
+    @classmethod
+    def from_levels(cls, levels, leaf_names: Optional[Sequence[str]] = None, ranges: bool = True) -> "Tree":
+        """A tree from level dicts as HSSN's and LogicSeg's code writes them: ``levels`` coarsest level
+        first, each ``{group name: leaves}``; the leaves are the label ids 0 .. L-1. ``leaves`` is a
+        ``[start, end)`` pair of label ids (``ranges=True``, the default: HSSN's ``"flat": [0, 2]`` holds
+        leaves 0 and 1), a ``range``, or (``ranges=False``) a list of label ids. ``leaf_names``: the leaves'
+        names in label-id order (default ``class0``, ``class1``, ...; its length sets L).
+
+        A group of a level must lie inside one group of the level above; a leaf hangs under its group at
+        the deepest level that holds it, and every leaf must be in a group of the first level. Group
+        names may repeat (across levels, and a group may share its leaf's name, as HSSN's Cityscapes
+        ``sky``). Node channels follow the file rule: leaves by label id, then the groups deepest level
+        first, each level in dict order. Raises ``ValueError`` naming the level and group."""
+        if isinstance(levels, dict):
+            raise TypeError("from_levels: levels is a list of dicts, coarsest first (got one dict: wrap it in a list)")
+        levels = list(levels)
+        if not levels:
+            raise ValueError("from_levels: no levels")
+        members: List[List[List[int]]] = []
+        for k, level in enumerate(levels, start=1):
+            if not isinstance(level, dict) or not level:
+                raise ValueError(f"from_levels: level {k} must be a non-empty dict {{group name: leaves}}")
+            row = []
+            for name, leaves in level.items():
+                where = f"from_levels: level {k}, group {name!r}"
+                if isinstance(leaves, range):
+                    ids = list(leaves)
+                elif ranges:
+                    if len(leaves) != 2 or not all(isinstance(v, int) for v in leaves) or not leaves[0] < leaves[1]:
+                        raise ValueError(f"{where}: {list(leaves)!r} is not a [start, end) pair with start < end "
+                                         f"(pass ranges=False for lists of label ids)")
+                    ids = list(range(leaves[0], leaves[1]))
+                else:
+                    ids = [int(v) for v in leaves]
+                if not ids or min(ids) < 0:
+                    raise ValueError(f"{where}: needs label ids >= 0, got {list(leaves)!r}")
+                if not str(name).strip() or "\t" in str(name) or "\n" in str(name):
+                    raise ValueError(f"{where}: a group name must be non-empty, without tabs or newlines")
+                row.append(ids)
+            members.append(row)
+        L = max(max(ids) for row in members for ids in row) + 1
+        if leaf_names is None:
+            leaf_names = [f"class{i}" for i in range(L)]
+        leaf_names = [str(n) for n in leaf_names]
+        if len(leaf_names) < L:
+            raise ValueError(f"from_levels: the levels name label id {L - 1} but leaf_names has {len(leaf_names)} names")
+        L = len(leaf_names)
+        # group_of[k][l]: the index of leaf l's group at level k, or -1.
+        group_of = []
+        for k, (level, row) in enumerate(zip(levels, members), start=1):
+            names_k = list(level)
+            g = [-1] * L
+            for j, ids in enumerate(row):
+                for leaf in ids:
+                    if g[leaf] >= 0:
+                        raise ValueError(f"from_levels: level {k}: leaf {leaf} ({leaf_names[leaf]!r}) is in groups "
+                                         f"{names_k[g[leaf]]!r} and {names_k[j]!r}")
+                    g[leaf] = j
+            group_of.append(g)
+        missing = [leaf for leaf in range(L) if group_of[0][leaf] < 0]
+        if missing:
+            shown = ", ".join(f"{leaf} ({leaf_names[leaf]!r})" for leaf in missing[:5])
+            raise ValueError(f"from_levels: leaves {shown}{' ...' if len(missing) > 5 else ''} are in no group of "
+                             f"level 1; every leaf needs one (give leaf_names only for the leaves the levels cover)")
+        parent_group = []  # per level k >= 2: the level-(k-1) group of each group
+        for k in range(1, len(levels)):
+            names_k, names_up = list(levels[k]), list(levels[k - 1])
+            par = []
+            for j, ids in enumerate(members[k]):
+                ups = {group_of[k - 1][leaf] for leaf in ids}
+                if len(ups) != 1 or -1 in ups:
+                    what = sorted(names_up[u] for u in ups if u >= 0)
+                    raise ValueError(f"from_levels: level {k + 1}, group {names_k[j]!r} is not inside one group of "
+                                     f"level {k} (its leaves are in {what}{' and in none' if -1 in ups else ''})")
+                par.append(ups.pop())
+            parent_group.append(par)
+        # The tree as a file: groups depth first in dict order, leaves in label-id order under their group.
+        children: Dict[tuple, List[tuple]] = {}
+        for k, row in enumerate(members):
+            for j in range(len(row)):
+                key = ("g", k, j)
+                parent = ("root",) if k == 0 else ("g", k - 1, parent_group[k - 1][j])
+                children.setdefault(parent, []).append(key)
+        for leaf in range(L):
+            k = max(k for k in range(len(levels)) if group_of[k][leaf] >= 0)
+            children.setdefault(("g", k, group_of[k][leaf]), []).append(("l", leaf))
+        lines: List[str] = []
+        stack = [(c, 0) for c in reversed(children[("root",)])]
+        while stack:
+            node, depth = stack.pop()
+            name = list(levels[node[1]])[node[2]] if node[0] == "g" else leaf_names[node[1]]
+            lines.append("\t" * depth + str(name))
+            stack.extend((c, depth + 1) for c in reversed(children.get(node, [])))
+        tree = cls.from_text("\n".join(lines) + "\n", classes=leaf_names, source="<levels>")
+        tree.source = "<levels>"
         return tree
 
     # ------------------------------------------------------------------ properties
@@ -265,8 +382,15 @@ class Tree:
             raise ValueError(f"depth must be in 1..{self.depth}, got {depth}")
 
     def to_text(self) -> str:
-        """The tree as a tab-indented file (leaves in depth-first order; give ``classes`` to reload)."""
-        return "".join("\t" * (self.depths[c] - 1) + self.names[c] + "\n" for c in self.dfs_order)
+        """The tree as a tab-indented file that :meth:`from_text` loads back to this tree: the nodes in
+        depth-first order, and a ``#classes`` line with the leaf names in label-id order when that differs
+        from the file's leaf order. (A tree from :meth:`from_parents` may number its internal nodes
+        otherwise than the file rule; the file keeps its structure, names and label ids.)"""
+        body = "".join("\t" * (self.depths[c] - 1) + self.names[c] + "\n" for c in self.dfs_order)
+        file_leaves = [self.names[c] for c in self.dfs_order if self.is_leaf(c)]
+        if file_leaves == self.leaf_names:
+            return body
+        return "#classes\t" + "\t".join(self.leaf_names) + "\n" + body
 
     def __str__(self) -> str:
         head = f"Tree({self.num_leaves} leaves, {self.num_nodes} nodes, depth {self.depth})"

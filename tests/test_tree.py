@@ -132,7 +132,7 @@ def test_vistas_v2_groups_match_logicseg():
     ("a\n \tb\n", 2, "spaces in the indentation"),
     ("a\n\t b\n", 2, "spaces in the indentation"),
     ("a\n    b\n", 2, "spaces in the indentation"),
-    ("a\n\tb\nc\n\tb\n", 4, "duplicate name 'b' \\(first on line 2\\)"),
+    ("a\n\tb\nc\n\tb\n", 4, "duplicate leaf name 'b' \\(first on line 2\\)"),
     ("a\n\t\n\tb\n", 2, "empty name"),
 ])
 def test_bad_tree_text_names_the_line(text, line, match):
@@ -173,7 +173,7 @@ def test_bad_classes(classes, match):
     ([0], None, "own parent"),
     ([], None, "empty"),
     ([-1, 0], ["x"], "2 nodes"),
-    ([-1, 0], ["x", "x"], "duplicate"),
+    ([-1, -1], ["x", "x"], "duplicate leaf names \\['x'\\]"),
 ])
 def test_bad_parents(parents, names, match):
     with pytest.raises(ValueError, match=match):
@@ -185,3 +185,110 @@ def test_from_parents_keeps_channels():
     assert t.leaf_channels == [1, 2, 3] and t.leaf_names == ["x", "y", "z"]
     assert t.depth == 2 and t.nodes_per_depth == [2, 2]
     assert t.tables("cpu").leaf_ancestor.tolist() == [[0, 0, 3], [1, 2, 3]]
+
+
+# ----------------------------------------------------------------------------- names, comments, level dicts
+def test_internal_names_may_repeat_leaf_names_may_not():
+    """A group may share its leaf's name (HSSN's Cityscapes 'sky') and groups may share names across levels;
+    leaf names map label ids and stay unique, in every constructor."""
+    t = Tree.from_text("sky\n\tsky\nanimal\n\tanimal\n\t\tbird\n\t\tdog\n")
+    assert t.leaf_names == ["sky", "bird", "dog"] and t.class_names(1) == ["sky", "animal"]
+    assert t.class_names(2) == ["sky", "animal"] and t.num_nodes == 6
+    u = Tree.from_parents([-1, 0, -1, 2, 3, 3], names=["sky", "sky", "animal", "animal", "bird", "dog"])
+    assert u.leaf_names == ["sky", "bird", "dog"]
+    with pytest.raises(ValueError, match="<text>:5: duplicate leaf name 'bird' \\(first on line 3\\)"):
+        Tree.from_text("a\n\tb\n\t\tbird\nc\n\tbird\n")
+
+
+def test_comments_blank_lines_and_the_classes_line(tmp_path):
+    text = "# a comment\n\nb\n\t# an indented comment\n\tb1\n\n\tb2\na\n#classes\ta\tb2\tb1\n"
+    t = Tree.from_text(text)
+    assert t.leaf_names == ["a", "b2", "b1"] and t.num_nodes == 4
+    assert Tree.from_text(text, classes=["b1", "b2", "a"]).leaf_names == ["b1", "b2", "a"]  # the argument wins
+    with pytest.raises(ValueError, match="<text>:3: a second #classes line"):
+        Tree.from_text("a\n#classes\ta\n#classes\ta\n")
+    with pytest.raises(ValueError, match="'zz'.* not in the tree"):
+        Tree.from_text("a\n#classes\tzz\n")
+
+
+@pytest.mark.parametrize("name", trees.names())
+def test_to_text_loads_back_to_the_same_tree(name, tmp_path):
+    t = trees.load(name)
+    p = tmp_path / "t.txt"
+    p.write_text(t.to_text())
+    u = Tree.from_file(p)
+    assert (u.names, u.parents, u.leaf_channels, u.leaf_names) == (t.names, t.parents, t.leaf_channels, t.leaf_names)
+
+
+def test_to_text_of_a_random_tree_keeps_structure_and_labels():
+    t = helpers.random_tree()
+    u = Tree.from_text(t.to_text())
+    assert u.leaf_names == t.leaf_names and u.depth == t.depth
+    for d in range(1, t.depth + 1):
+        assert u.tables("cpu").leaf_group[d - 1].tolist() == t.tables("cpu").leaf_group[d - 1].tolist()
+
+
+def _anchor(name):
+    return json.loads((ANCHORS / name).read_text())
+
+
+def _same_grouping(t, s):
+    """Same leaves, the same classes at every depth, with the same names up to the shipped trees' spelling
+    (their ' (group)' suffixes, needed while names had to be unique, and '-' for the code's '_'; trees/README.md)."""
+    def spelled(n):
+        return n.replace(" (group)", "").rstrip("_").replace("_", "-")
+
+    assert t.leaf_names == s.leaf_names and t.depth == s.depth and t.num_nodes == s.num_nodes
+    for d in range(1, t.depth + 1):
+        assert t.tables("cpu").leaf_group[d - 1].tolist() == s.tables("cpu").leaf_group[d - 1].tolist()
+        assert [spelled(n) for n in s.class_names(d)] == [spelled(n) for n in t.class_names(d)]
+
+
+@needs_anchors
+def test_from_levels_hssn_cityscapes():
+    """HSSN's level dict, as its code writes it ([start, end) ranges of train ids), groups the leaves as the
+    shipped tree does; its group 'sky' holds the leaf 'sky'."""
+    ref = _anchor("hssn_cityscapes_hierarchy.json")
+    t = Tree.from_levels([ref["hiera"]["hiera_high"]], ref["leaf_names_trainId_order"])
+    _same_grouping(t, trees.load("cityscapes"))
+    assert t.class_names(1)[4] == "sky" and t.leaf_names[10] == "sky"
+
+
+@needs_anchors
+def test_from_levels_logicseg_vistas_v2():
+    ref = _anchor("logicseg_mapillary_v2_hierarchy.json")
+    levels = [ref["hiera"]["hiera_high"], ref["hiera"]["hiera_middle"]]
+    t = Tree.from_levels(levels, ref["leaf_names"][:123])
+    _same_grouping(t, trees.load("vistas_v2"))
+    with pytest.raises(ValueError, match="leaves 123 \\('Unlabeled'\\) are in no group of level 1"):
+        Tree.from_levels(levels, ref["leaf_names"])
+
+
+def test_from_levels_forms():
+    pairs = Tree.from_levels([{"a": [0, 2], "b": [2, 5]}, {"a1": [0, 1], "b1": [2, 4]}])
+    lists = Tree.from_levels([{"a": [0, 1], "b": [2, 3, 4]}, {"a1": [0], "b1": [2, 3]}], ranges=False)
+    rng = Tree.from_levels([{"a": range(2), "b": range(2, 5)}, {"a1": range(1), "b1": range(2, 4)}],
+                           leaf_names=list("vwxyz"))
+    for t in (pairs, lists, rng):
+        assert t.num_leaves == 5 and t.depth == 3 and t.num_nodes == 9
+        assert t.depths[:5] == [3, 2, 3, 3, 2]  # leaves 1 and 4 hang under their level-1 group
+        assert t.class_names(1) == ["a", "b"]
+    assert rng.leaf_names == list("vwxyz") and pairs.leaf_names[0] == "class0"
+
+
+@pytest.mark.parametrize("levels, kw, match", [
+    ({"a": [0, 2]}, {}, "a list of dicts"),
+    ([], {}, "no levels"),
+    ([{}], {}, "level 1 must be a non-empty dict"),
+    ([{"a": [2, 2]}], {}, r"level 1, group 'a': \[2, 2\] is not a \[start, end\) pair"),
+    ([{"a": [0, 1, 2]}], {}, "not a \\[start, end\\) pair"),
+    ([{"a": [0, 2], "b": [1, 3]}], {}, "level 1: leaf 1 \\('class1'\\) is in groups 'a' and 'b'"),
+    ([{"a": [0, 2], "b": [2, 4]}, {"c": [1, 3]}], {}, "level 2, group 'c' is not inside one group of level 1"),
+    ([{"a": [0, 2]}], {"leaf_names": ["x"]}, "label id 1 but leaf_names has 1 names"),
+    ([{"a": [0, 1]}], {"leaf_names": ["x", "y"]}, "leaves 1 \\('y'\\) are in no group of level 1"),
+    ([{"a": [-1, 1]}], {}, "label ids >= 0"),
+    ([{"a\tb": [0, 1]}], {}, "without tabs"),
+])
+def test_from_levels_errors(levels, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Tree.from_levels(levels, **kw)
