@@ -223,6 +223,48 @@ def test_saves_no_full_size_logits(native):
     assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_cuda_form_on_the_cpu(native, loss, align_corners, monkeypatch):
+    """HSS_CPU_PIXEL_PATH=1: the per-pixel code the CUDA kernels run (csrc/include/upsample_math.h): the
+    forward reading four source values per channel, the backward one source pixel at a time gathering its
+    window of destination pixels; against the composition, with ignored pixels, a bad label's NaN, a NaN
+    logit, every dtype, odd and integer scales, strided logits."""
+    monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
+    tree = H.random_tree()
+    for shape in SHAPES:
+        for dtype in H.DTYPES:
+            if loss == "tree_min_loss" and dtype in H.HALF and not _weights_exact(shape, align_corners):
+                continue
+            x, y = _inputs(tree, loss, shape, dtype)
+            _check(loss, "native", x, y, tree, align_corners=align_corners, reduction="sum")
+    C = H.channels(tree, loss)
+    x = (torch.randn(2, C, 5, 9, dtype=torch.float64) * 3).float().contiguous(memory_format=torch.channels_last)
+    x = x[:, :, 1:, ::2]
+    y = torch.randint(0, tree.num_leaves, (2, 11, 13))
+    y[0, :2] = 255
+    _check(loss, "native", x, y, tree, align_corners=align_corners, reduction="none")
+    x[1, 0, 2, 3] = float("nan")
+    got, g, go = H.loss_and_grad(H.api(loss, "native"), x, y, tree, upsample="bilinear", reduction="none",
+                                 align_corners=align_corners)
+    want, g_want, _ = H.loss_and_grad(_composed(loss), x, y, tree, go, reduction="none", align_corners=align_corners)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
+    assert torch.equal(torch.isnan(g), torch.isnan(g_want))
+
+
+def test_cuda_form_decode_on_the_cpu(native, monkeypatch):
+    monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
+    tree = H.random_tree()
+    x = H.random_logits(tree.num_nodes, (2, 3, 5))
+    for align_corners in (False, True):
+        got = hss_kernels.decode(x, tree, backend="native", size=(8, 13), align_corners=align_corners)
+        monkeypatch.delenv("HSS_CPU_PIXEL_PATH")
+        fast = hss_kernels.decode(x, tree, backend="native", size=(8, 13), align_corners=align_corners)
+        monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
+        want = reference.decode(x, tree, size=(8, 13), align_corners=align_corners)
+        assert (got == want).float().mean() > 0.95 and (fast == want).float().mean() > 0.95
+
+
 # ------------------------------------------------------------------------------------- decode
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_decode_size(native, align_corners):

@@ -191,8 +191,9 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                         {"nb": nb})
     if op == "hierarchical_softmax":
         if pass_ == "forward":
-            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A, nb, THREADS,
-                               [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None],
+            # kUp false: logits at the labels' size (the fused-upsampling kernels are not modelled yet)
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + "Lb0E", nb, THREADS,
+                               [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, None],
                                {"P": P, "L": L, "D": D}, group_smem_bytes(L)), finish]
         return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A, nb, THREADS,
                            [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None],
@@ -200,9 +201,9 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
     if op in ("tree_min", "tree_bce"):
         extrema = op == "tree_min"
         if pass_ == "forward":
-            return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A, nb, THREADS,
+            return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A + "Lb0E", nb, THREADS,
                                [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
-                                None, None], {"P": P, "L": L, "D": D, "V": V},
+                                None, None, None], {"P": P, "L": L, "D": D, "V": V},
                                tree_smem_bytes(V, D, THREADS, extrema, False)), finish]
         threads = THREADS  # tree_min_bwd_cuda: fewer threads per block while the block's smem is over 48 KiB
         while threads > 32 and tree_smem_bytes(V, D, threads, extrema, True) > DEFAULT_SMEM:

@@ -172,7 +172,8 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
   using A = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
   const int64_t C = logits.size(1);
   constexpr bool vec = std::is_same_v<A, float>;
-  const bool lanes = vec && !cpu::pixel_path_forced();
+  const bool forced = cpu::pixel_path_forced();
+  const bool lanes = vec && !forced;
   const int32_t* w = walk.data_ptr<int32_t>();
   int64_t L = 0, D = 0;
   const std::vector<int32_t> paths = walk_paths(w, C, C, ordered, L, D);
@@ -195,9 +196,15 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
           }
         }
         // float64 (or HSS_CPU_PIXEL_PATH=1): decode_math's per-pixel walk, the CUDA kernel's arithmetic
-        for (int64_t p = 0; p < n; ++p)
-          y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, nodes.data(), C, ordered,
-                                                   act, score);
+        if (up && forced)  // the CUDA kernel's reads: four source values per channel
+          for (int64_t p = 0; p < n; ++p)
+            y[i0 + p] = decode_math::decode_pixel<A>(
+                bilinear_col<scalar_t, A>(logits.data_ptr<scalar_t>(), logits.stride(1), up->geom.stencil(i0 + p)), C,
+                nodes.data(), C, ordered, act, score);
+        else
+          for (int64_t p = 0; p < n; ++p)
+            y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, nodes.data(), C, ordered,
+                                                     act, score);
       }, up ? &*up : nullptr);
 }
 

@@ -235,9 +235,14 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
         s += l;
         c += counted;
       } else {
-        l = lanes ? lane_loss[p]
-                  : hierarchical_softmax_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, LeafGroups{group, L}, static_cast<int>(ys[p]), w,
-                                         eps, st + i, P);
+        if (lanes)
+          l = lane_loss[p];
+        else if (up && forced)  // the CUDA kernels' reads: four source values per channel
+          l = hierarchical_softmax_forward_pixel<A>(bilinear_col<T, A>(x, logits.stride(1), up->geom.stencil(i)), L, D,
+                                                    LeafGroups{group, L}, static_cast<int>(ys[p]), w, eps, st + i, P);
+        else
+          l = hierarchical_softmax_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, LeafGroups{group, L},
+                                                    static_cast<int>(ys[p]), w, eps, st + i, P);
         s += l;
         ++c;
       }
@@ -326,7 +331,12 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
     }
     emit(i0, n, offs, gtile);
   };
-  if (up)
+  if (up && forced)  // what the CUDA kernels run: one source pixel at a time
+    cpu::gather_upsampled_pixels<A>(*up, acc, 0, [&](A*) {
+      return HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups>{x, sC, up->geom, tgt, gt, gp, gg, L, D,
+                                                               LeafGroups{group, L}, w, eps, ignore_index, st, P};
+    });
+  else if (up)
     cpu::for_each_upsampled_run<T, A>(x, *up, gx, L * kBlock, body);
   else
     cpu::for_each_block_direct<T, A>(x, L, sC, gx, P, L * kBlock, body);

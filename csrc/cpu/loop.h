@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "upsample_math.h"
 
 namespace hss {
 namespace cpu {
@@ -125,10 +126,12 @@ struct Upsample {
   std::vector<A> ly, lx;  // the weights of y1 and x1
   // The destination rows whose first source row is y: [row_begin[y], row_begin[y + 1]).
   std::vector<int64_t> row_begin;
+  UpsampleGeom<A> geom;  // the same for the per-pixel path (HSS_CPU_PIXEL_PATH=1), as the CUDA kernels use it
 
   Upsample(const int64_t* sizes, const int64_t* strides, int64_t H_, int64_t W_, bool align_corners)
       : N(sizes[0]), C(sizes[1]), h(sizes[2]), w(sizes[3]), H(H_), W(W_), sN(strides[0]), sC(strides[1]),
-        sh(strides[2]), sw(strides[3]), y0(H), y1(H), x0(W), x1(W), ly(H), lx(W), row_begin(h + 1, H) {
+        sh(strides[2]), sw(strides[3]), y0(H), y1(H), x0(W), x1(W), ly(H), lx(W), row_begin(h + 1, H),
+        geom(UpsampleGeom<A>::make(sizes, strides, H_, W_, align_corners)) {
     const auto ay = BilinearAxis<A>::make(h, H, align_corners), ax = BilinearAxis<A>::make(w, W, align_corners);
     for (int64_t Y = 0; Y < H; ++Y) ay.at(Y, y0[Y], y1[Y], ly[Y]);
     for (int64_t X = 0; X < W; ++X) ax.at(X, x0[X], x1[X], lx[X]);
@@ -233,6 +236,24 @@ void for_each_upsampled_run(const T* x, const Upsample<A>& u, const PixelGeom& g
             body(i0, n, offs, static_cast<const A*>(tile.data()), kBlock, tile.data() + u.C * kBlock);
           }
       }
+    }
+  }
+}
+
+// The per-pixel path's backward with upsampling (HSS_CPU_PIXEL_PATH=1): what the CUDA kernels run, one
+// source pixel at a time (upsample_math.h's gather_source_pixel); make_row(scratch) gives the op's
+// *UpsampledRow over a thread's scratch_size values; acc (N, C, h, w) contiguous, zero.
+template <typename A, typename MakeRow>
+void gather_upsampled_pixels(const Upsample<A>& u, A* acc, int64_t scratch_size, const MakeRow& make_row) {
+  const int64_t lo = u.h * u.w, n = u.N * lo;
+#pragma omp parallel if (n > 1)
+  {
+    std::vector<A> scratch(scratch_size + 1);
+    const auto row = make_row(scratch.data());
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
+      gather_source_pixel(u.geom, b, i, j, acc + b * u.C * lo + r, lo, row);
     }
   }
 }

@@ -435,7 +435,8 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
   std::vector<int64_t> cnt(nb, 0);
   const TreeRows tr = tree_rows(ti);
   constexpr bool vec = std::is_same_v<A, float>;
-  const bool lanes = vec && !cpu::pixel_path_forced();
+  const bool forced = cpu::pixel_path_forced();
+  const bool lanes = vec && !forced;
   const int64_t scratch = vec ? (D + 2 * V) * kBlock : 0;
   const std::vector<TreeNode<A>> nodes = node_table<A>(ti, k);
   cpu::for_each_block_direct<T, A>(logits.data_ptr<T>(), V, logits.stride(1), gx, P, scratch,
@@ -455,9 +456,15 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     for (int64_t p = 0; p < n; ++p) {
       A l = A(0);
       if (valid[p]) {
-        l = lanes ? lane_loss[p]
-                  : tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()},
-                                          cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k, gamma, eps, extrema);
+        if (lanes)
+          l = lane_loss[p];
+        else if (up && forced)  // the CUDA kernels' reads: four source values per channel
+          l = tree_forward_pixel<A>(bilinear_col<T, A>(logits.data_ptr<T>(), logits.stride(1), up->geom.stencil(i0 + p)),
+                                    NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k,
+                                    gamma, eps, extrema);
+        else
+          l = tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc},
+                                    ti, static_cast<int>(ys[p]), k, gamma, eps, extrema);
         s += l;
         ++c;
       } else if (ys[p] != ignore_index) {  // a bad label: NaN, counted, so that a mean or sum is NaN too
@@ -562,10 +569,18 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     else
       cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
   };
-  if (up)
+  if (up && cpu::pixel_path_forced()) {  // what the CUDA kernels run: one source pixel at a time
+    const int words = tree_bit_words(V);
+    cpu::gather_upsampled_pixels<A>(*up, acc, (D + 1) + words, [&](A* scr) {
+      return TreeMinUpsampledRow<T, A, NodeTable<A>, cpu::Scratch<A>, cpu::Scratch<uint32_t>>{
+          xp, sC, up->geom, tgt, gt, gp, gg, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{scr},
+          cpu::Scratch<uint32_t>{reinterpret_cast<uint32_t*>(scr + D + 1)}, ti, k, gamma, eps, ignore_index, extrema};
+    });
+  } else if (up) {
     cpu::for_each_upsampled_run<T, A>(xp, *up, gx, scratch, body);
-  else
+  } else {
     cpu::for_each_block_direct<T, A>(xp, V, sC, gx, P, scratch, body);
+  }
 }
 
 at::Tensor tree_min_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,

@@ -1,7 +1,9 @@
 // Hierarchical softmax loss (docs/MATH.md §2): the CUDA implementation of hierarchical_softmax_fwd and
 // hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). One thread per pixel runs the
 // per-pixel code of hierarchical_softmax_math.h; float32 accumulation for float16/bfloat16/float32
-// logits, float64 for float64.
+// logits, float64 for float64. With fused upsampling (kUp) the forward reads each channel from four
+// source values (upsample_math.h) and the backward runs one thread per source pixel, gathering the
+// gradient rows of the destination pixels whose stencil holds it.
 #include "checks.h"
 #include "common.cuh"
 #include "hierarchical_softmax_math.h"
@@ -35,12 +37,12 @@ __device__ inline SharedGroups load_groups(const int32_t* __restrict__ group, in
   return SharedGroups{t};
 }
 
-template <typename T, typename A>
+template <typename T, typename A, bool kUp>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                                 PixelGeom gt, int64_t P, int L, int D, const int32_t* __restrict__ group,
                                 const A* __restrict__ w, A eps, int64_t ignore_index, A* __restrict__ lp,
-                                A* __restrict__ st, double* part, int64_t* cnt) {
+                                A* __restrict__ st, double* part, int64_t* cnt, UpsampleGeom<A> u) {
   const SharedGroups groups = load_groups(group, L, D);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A l = A(0);
@@ -49,8 +51,12 @@ hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t s
     const int64_t y = tgt[gt.offset(i)];
     const LabelKind kind = label_kind(y, L, ignore_index);
     if (kind == kLabelValid) {  // sm90: cold
-      l = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, groups, static_cast<int>(y),
-                                                  w, eps, st + i, P);
+      if constexpr (kUp)
+        l = hierarchical_softmax_forward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(i)), L, D, groups,
+                                                  static_cast<int>(y), w, eps, st + i, P);
+      else
+        l = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, groups,
+                                                  static_cast<int>(y), w, eps, st + i, P);
     } else {
       // ignored: 0; a bad label (see common.h): NaN, never a table read
       l = kind == kLabelBad ? quiet_nan<A>() : A(0);
@@ -82,16 +88,33 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
                         static_cast<int>(y), w, eps, st + i, P, grad[gg.offset(i)]);
 }
 
+// Fused upsampling: one thread per source pixel q of the (N, L, h, w) logits, its L gradient values in acc
+// ((N, L, h, w) contiguous, zero) gathered from the destination pixels around it.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+hierarchical_softmax_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
+                                   UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
+                                   int64_t P, int L, int D, const int32_t* __restrict__ group, const A* __restrict__ w,
+                                   A eps, int64_t ignore_index, const A* __restrict__ st, A* __restrict__ acc) {
+  const SharedGroups groups = load_groups(group, L, D);
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= n) return;
+  const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
+  gather_source_pixel(u, b, i, j, acc + b * L * lo + r, lo,
+                      HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups>{x, sC, u, tgt, gt, grad, gg, L, D, groups, w,
+                                                                          eps, ignore_index, st, P});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
     double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners) {
-  check_no_upsample("hierarchical_softmax_fwd", upsample);
-  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group, level_weights);
+  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group, level_weights,
+                                               upsample);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, target, per_pixel);
   const int64_t P = target.numel();
-  at::Tensor stats = at::empty({D + 1, logits.size(0), logits.size(2), logits.size(3)},
+  at::Tensor stats = at::empty({D + 1, target.size(0), target.size(1), target.size(2)},
                                logits.options().dtype(acc_type(logits)));
   if (P == 0) {
     zero_empty_loss(loss, count, per_pixel);
@@ -102,14 +125,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    const auto kernel = hierarchical_softmax_fwd_kernel<scalar_t, A>;
+    const auto kernel = upsample ? hierarchical_softmax_fwd_kernel<scalar_t, A, true>
+                                 : hierarchical_softmax_fwd_kernel<scalar_t, A, false>;
     const size_t smem = group_smem_bytes(logits.size(1));
     allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
                "hierarchical_softmax", logits.size(1), "leaves");
     kernel<<<nb, kThreads, smem, stream>>>(
         logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
         logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
-        ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c());
+        ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c(),
+        UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2),
+                              align_corners));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     partials.finish<A>(loss, count, per_pixel, stream);
   });
@@ -120,8 +146,8 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& stats, const at::Tensor& leaf_group,
                                          const at::Tensor& level_weights, double eps, int64_t ignore_index,
                                          int64_t upsample, bool align_corners) {
-  check_no_upsample("hierarchical_softmax_bwd", upsample);
-  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group, level_weights);
+  const int64_t D = check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group, level_weights,
+                                               upsample);
   check_grad("hierarchical_softmax_bwd", grad, logits, target);
   check_table("hierarchical_softmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -132,6 +158,21 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    if (upsample) {
+      const auto kernel = hierarchical_softmax_bwd_up_kernel<scalar_t, A>;
+      const size_t smem = group_smem_bytes(x.size(1));
+      allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
+      at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
+      const int64_t n = x.size(0) * x.size(2) * x.size(3);
+      kernel<<<num_blocks(n, kThreads), kThreads, smem, stream>>>(
+          grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1),
+          UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners),
+          n, target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
+          level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), acc.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      out.copy_(acc);
+      return;
+    }
     const auto kernel = hierarchical_softmax_bwd_kernel<scalar_t, A>;
     const size_t smem = group_smem_bytes(x.size(1));
     allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");

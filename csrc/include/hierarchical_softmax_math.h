@@ -15,6 +15,7 @@
 #pragma once
 
 #include "common.h"
+#include "upsample_math.h"
 
 namespace hss {
 
@@ -183,5 +184,38 @@ HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, cons
     out(j, k * p + r);
   }
 }
+
+// With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
+// its gradient row from the interpolated logits handed to out (an AddOut); an ignored pixel adds
+// nothing, a bad label NaN to every channel.
+template <typename T, typename A, typename G>
+struct HierarchicalSoftmaxUpsampledRow {
+  const T* x;
+  int64_t sC;
+  UpsampleGeom<A> u;
+  const int64_t* tgt;
+  PixelGeom gt;
+  const A* grad;
+  PixelGeom gg;
+  int L, D;
+  G group;
+  const A* w;
+  A eps;
+  int64_t ignore_index;
+  const A* stats;
+  int64_t P;
+  template <typename O>
+  HSS_HOST_DEVICE void operator()(int64_t q, const O& out) const {
+    const int64_t y = tgt[gt.offset(q)];
+    const LabelKind kind = label_kind(y, L, ignore_index);
+    if (kind == kLabelIgnored) return;
+    if (kind == kLabelBad) {
+      for (int j = 0; j < L; ++j) out(j, quiet_nan<A>());  // sm90: trips=0
+      return;
+    }
+    hierarchical_softmax_backward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(q)), out, L, D, group,
+                                           static_cast<int>(y), w, eps, stats + q, P, grad[gg.offset(q)]);
+  }
+};
 
 }  // namespace hss

@@ -7,7 +7,7 @@ import torch
 
 from .._checks import acc_dtype  # the kernels' accumulation dtype (csrc/include/checks.h acc_type)
 
-__all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward", "fused_upsample"]
+__all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward", "upsample_code"]
 
 
 def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -34,16 +34,9 @@ def grad_like(logits: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(logits if dense(logits) else logits.contiguous())
 
 
-def fused_upsample(logits: torch.Tensor, target: torch.Tensor, upsample, align_corners: bool):
-    """``(logits, upsample code)`` for an op call: the CPU kernels fuse bilinear upsampling (code 1);
-    on CUDA (not fused yet) the logits are interpolated first (:func:`hss_kernels.reference.upsample_logits`)
-    and the op runs at the target's size (code 0)."""
-    if upsample is None:
-        return logits, 0
-    if logits.device.type == "cpu":
-        return logits, 1
-    from ..reference import upsample_logits
-    return upsample_logits(logits, target.shape[-2:], align_corners), 0
+def upsample_code(upsample) -> int:
+    """The ops' ``upsample`` argument: 0 (none) or 1 (bilinear, fused into the CPU and CUDA kernels)."""
+    return 0 if upsample is None else 1
 
 
 def _no_double_backward(ctx, *grads):

@@ -9,7 +9,7 @@ import torch
 
 from .. import tables
 from ..tree import Tree
-from ._common import acc_dtype, fused_upsample, grad_like, new_loss, reduce, register_no_double_backward
+from ._common import acc_dtype, grad_like, new_loss, reduce, register_no_double_backward, upsample_code
 
 __all__ = ["hierarchical_softmax_loss"]
 
@@ -33,7 +33,7 @@ def hierarchical_softmax_loss(
     the public API."""
     w = tables.level_weight_vector(tree, level_weights, acc_dtype(logits.dtype), logits.device)
     group = tables.leaf_group(tree, logits.device)
-    logits, up = fused_upsample(logits, target, upsample, align_corners)
+    up = upsample_code(upsample)
     loss, _, count = torch.ops.hss_kernels.hierarchical_softmax_fwd(logits, target.long(), group, w, float(eps),
                                                                     int(ignore_index), reduction == "none", up,
                                                                     bool(align_corners))

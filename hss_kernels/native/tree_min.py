@@ -11,7 +11,7 @@ import torch
 from .. import tables
 from ..tree import Tree
 from ..tables import tree_index
-from ._common import acc_dtype, fused_upsample, grad_like, new_loss, reduce, register_no_double_backward
+from ._common import acc_dtype, grad_like, new_loss, reduce, register_no_double_backward, upsample_code
 
 __all__ = ["tree_min_loss", "tree_bce_loss"]
 
@@ -22,7 +22,7 @@ _BWD = "hss_kernels::tree_min_bwd"
 def _loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, extrema, upsample,
           align_corners):
     k = tables.node_weight_vector(tree, scale, normalize, acc_dtype(logits.dtype), logits.device)
-    logits, up = fused_upsample(logits, target, upsample, align_corners)
+    up = upsample_code(upsample)
     loss, count = torch.ops.hss_kernels.tree_min_fwd(
         logits, target.long(), tree_index(tree, logits.device), k, tree.num_leaves, tree.depth, float(gamma),
         float(eps), int(ignore_index), reduction == "none", extrema, up, bool(align_corners))
