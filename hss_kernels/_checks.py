@@ -65,6 +65,34 @@ def check_upsample(fn: str, logits_shape=None, out_shape=None, what: str = "targ
                          f"got {out}")
 
 
+def check_weights(fn: str, class_weight, pixel_weight, num_leaves: int, target: torch.Tensor):
+    """``(class_weight, pixel_weight)`` as tensors on the target's device: ``class_weight`` one finite
+    float per leaf (a tensor or a sequence); ``pixel_weight`` a floating tensor of the target's shape."""
+    if class_weight is not None:
+        if not isinstance(class_weight, torch.Tensor):
+            try:
+                class_weight = torch.tensor([float(v) for v in class_weight])
+            except (TypeError, ValueError):
+                raise TypeError(f"{fn}: class_weight must be a tensor or a sequence of {num_leaves} numbers") from None
+        if class_weight.dim() != 1 or class_weight.numel() != num_leaves:
+            raise ValueError(f"{fn}: class_weight needs one weight per leaf ({num_leaves}, by label id), got shape "
+                             f"{tuple(class_weight.shape)}")
+        if not class_weight.dtype.is_floating_point:
+            class_weight = class_weight.float()
+        class_weight = class_weight.to(target.device)
+        if not _is_compiling() and not bool(torch.isfinite(class_weight).all()):
+            raise ValueError(f"{fn}: class_weight holds a non-finite value")
+    if pixel_weight is not None:
+        if not isinstance(pixel_weight, torch.Tensor) or not pixel_weight.dtype.is_floating_point:
+            raise TypeError(f"{fn}: pixel_weight must be a floating-point tensor of the target's shape")
+        if tuple(pixel_weight.shape) != tuple(target.shape):
+            raise ValueError(f"{fn}: pixel_weight must have the target's shape {tuple(target.shape)}, got "
+                             f"{tuple(pixel_weight.shape)}")
+        if pixel_weight.device != target.device:
+            raise ValueError(f"{fn}: pixel_weight is on {pixel_weight.device} but target on {target.device}")
+    return class_weight, pixel_weight
+
+
 def set_label_check(enabled: bool) -> None:
     """Turn on (the default) or off the scan of the labels of every op that takes them (the losses,
     their modules and :func:`~hss_kernels.labels_at_depth`) for values outside ``[0, num_leaves)`` that

@@ -7,6 +7,11 @@ leaf label ids, ``ignore_index`` (255) marking pixels that count for nothing. Ar
 ``reduction``: ``"mean"`` over non-ignored pixels (0 when all are ignored), ``"sum"``, or ``"none"``
 (one value per pixel, shape ``(N, *S)``, 0 at ignored pixels).
 
+Weights: ``class_weight`` (one per leaf, by label id) and ``pixel_weight`` (the target's shape) scale each
+pixel's loss; ``"mean"`` then divides by the sum of the labelled pixels' class weights (as
+``F.cross_entropy(weight=...)``) or their number (``hss_kernels.reference.weigh_loss``, docs/MATH.md §6.5).
+They apply to the kernels' per-pixel losses (not fused into the kernels yet).
+
 Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N, C, h, w)`` and a target
 ``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
 ``F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=align_corners)`` (interpolated in
@@ -22,7 +27,7 @@ import torch
 
 from . import reference
 from ._checks import (check_decode_options, check_labels, check_nonnegative, check_normalize,
-                      check_reduction, check_upsample, label_check_enabled, set_label_check)
+                      check_reduction, check_upsample, check_weights, label_check_enabled, set_label_check)
 from .backends import resolve
 from .tree import Tree
 
@@ -92,17 +97,24 @@ def _to4d(logits: torch.Tensor, target: torch.Tensor):
     return logits.reshape(*logits.shape[:2], -1, s[-1]), target.reshape(target.shape[0], -1, s[-1])
 
 
-def _run(op, backend, logits, target, reduction, upsample=None, align_corners=False, **kw):
+def _run(op, backend, logits, target, reduction, upsample=None, align_corners=False, class_weight=None,
+         pixel_weight=None, **kw):
     impl = resolve(op, backend, logits.device, logits.dtype)
+    weighted = class_weight is not None or pixel_weight is not None
+    red = "none" if weighted else reduction
     if upsample is not None:  # (N, C, h, w) and (N, H, W), checked
         if getattr(impl, "takes_upsample", False):
-            return impl(logits, target, reduction=reduction, upsample=upsample, align_corners=align_corners, **kw)
-        return impl(reference.upsample_logits(logits, target.shape[-2:], align_corners), target,
-                    reduction=reduction, **kw)
-    x, t = _to4d(logits, target)
-    out = impl(x, t, reduction=reduction, **kw)
-    if reduction == "none":
-        out = out.reshape(target.shape)
+            out = impl(logits, target, reduction=red, upsample=upsample, align_corners=align_corners, **kw)
+        else:
+            out = impl(reference.upsample_logits(logits, target.shape[-2:], align_corners), target, reduction=red,
+                       **kw)
+    else:
+        x, t = _to4d(logits, target)
+        out = impl(x, t, reduction=red, **kw)
+        if red == "none":
+            out = out.reshape(target.shape)
+    if weighted:
+        out = reference.weigh_loss(out, target, reduction, class_weight, pixel_weight, kw["ignore_index"])
     return out
 
 
@@ -117,6 +129,8 @@ def hierarchical_softmax_loss(
     backend: str = "auto",
     upsample: Optional[str] = None,
     align_corners: bool = False,
+    class_weight=None,
+    pixel_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Hierarchical softmax loss (Muller & Smith, VISAPP 2020).
 
@@ -136,6 +150,10 @@ def hierarchical_softmax_loss(
             ``(N, H, W)`` with ``H >= h``, ``W >= w``; the loss of the logits interpolated to ``(H, W)``
             as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` does, fused in the native kernels.
         align_corners: as in ``F.interpolate`` (used with ``upsample`` only).
+        class_weight: ``L`` weights by label id (a tensor or a sequence): each pixel's loss times its label's
+            weight, and ``"mean"`` over the sum of the labelled pixels' weights, as ``F.cross_entropy(weight=)``.
+        pixel_weight: a float tensor of the target's shape (mmsegmentation's weight map): each pixel's loss
+            times its weight; ``"mean"`` still divides by the number of labelled pixels.
 
     Raises:
         TypeError / ValueError on a wrong dtype, shape, channel count, out-of-range label or unknown
@@ -151,12 +169,13 @@ def hierarchical_softmax_loss(
     check_nonnegative(fn, eps=eps)
     if level_weights is not None and len(level_weights) != tree.depth:
         raise ValueError(f"{fn}: level_weights needs {tree.depth} values (one per depth), got {len(level_weights)}")
-    return _run(fn, backend, logits, target, reduction, upsample, align_corners, tree=tree,
-                level_weights=level_weights, eps=eps, ignore_index=ignore_index)
+    class_weight, pixel_weight = check_weights(fn, class_weight, pixel_weight, tree.num_leaves, target)
+    return _run(fn, backend, logits, target, reduction, upsample, align_corners, class_weight, pixel_weight,
+                tree=tree, level_weights=level_weights, eps=eps, ignore_index=ignore_index)
 
 
 def _node_loss(fn, logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, backend, upsample,
-               align_corners):
+               align_corners, class_weight, pixel_weight):
     tree = as_tree(tree)
     _check_logits(fn, logits, tree.num_nodes, "nodes",
                   f"it takes one logit per node ({tree.num_leaves} channels would be leaf logits, "
@@ -166,8 +185,9 @@ def _node_loss(fn, logits, target, tree, gamma, scale, eps, normalize, ignore_in
     check_reduction(fn, reduction)
     check_nonnegative(fn, gamma=gamma, eps=eps)
     check_normalize(fn, normalize)
-    return _run(fn, backend, logits, target, reduction, upsample, align_corners, tree=tree, gamma=gamma,
-                scale=scale, eps=eps, normalize=normalize, ignore_index=ignore_index)
+    class_weight, pixel_weight = check_weights(fn, class_weight, pixel_weight, tree.num_leaves, target)
+    return _run(fn, backend, logits, target, reduction, upsample, align_corners, class_weight, pixel_weight,
+                tree=tree, gamma=gamma, scale=scale, eps=eps, normalize=normalize, ignore_index=ignore_index)
 
 
 def tree_min_loss(
@@ -183,6 +203,8 @@ def tree_min_loss(
     backend: str = "auto",
     upsample: Optional[str] = None,
     align_corners: bool = False,
+    class_weight=None,
+    pixel_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Focal tree-min loss (Li et al., HSSN, CVPR 2022).
 
@@ -200,9 +222,10 @@ def tree_min_loss(
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
         upsample, align_corners: low-resolution logits ``(N, V, h, w)``, as in
             :func:`hierarchical_softmax_loss`.
+        class_weight, pixel_weight: as in :func:`hierarchical_softmax_loss`, by the pixel's leaf label.
     """
     return _node_loss("tree_min_loss", logits, target, tree, gamma, scale, eps, normalize, ignore_index,
-                      reduction, backend, upsample, align_corners)
+                      reduction, backend, upsample, align_corners, class_weight, pixel_weight)
 
 
 def tree_bce_loss(
@@ -218,11 +241,13 @@ def tree_bce_loss(
     backend: str = "auto",
     upsample: Optional[str] = None,
     align_corners: bool = False,
+    class_weight=None,
+    pixel_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Multi-label BCE baseline over every node: target ``[v on the label's path]``, optional focal
     ``gamma``, normalised like :func:`tree_min_loss`. Same arguments."""
     return _node_loss("tree_bce_loss", logits, target, tree, gamma, scale, eps, normalize, ignore_index,
-                      reduction, backend, upsample, align_corners)
+                      reduction, backend, upsample, align_corners, class_weight, pixel_weight)
 
 
 def tree_triplet_loss(

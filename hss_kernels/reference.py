@@ -37,6 +37,7 @@ __all__ = [
     "tree_min_extrema",
     "path_scores",
     "upsample_logits",
+    "weigh_loss",
 ]
 
 
@@ -79,6 +80,36 @@ def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, sp
     if reduction == "sum":
         return total
     return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def weigh_loss(per_pixel: torch.Tensor, target: torch.Tensor, reduction: str, class_weight=None, pixel_weight=None,
+               ignore_index: int = 255) -> torch.Tensor:
+    """Class and pixel weights on a per-pixel loss (0 at ignored pixels), then the reduction (docs/MATH.md §6.5).
+
+    ``class_weight`` (L,): pixel p's loss times the weight of its label w_{y_p}, and ``"mean"`` divides by the
+    sum of the weights of the non-ignored pixels, as ``F.cross_entropy(weight=...)``; ``pixel_weight`` (the
+    target's shape, mmsegmentation's weight map): times v_p, and ``"mean"`` divides by the number of
+    non-ignored pixels (by the sum of their class weights when both are given). ``"mean"`` of no labelled
+    pixel is 0. Every backend's loss goes through this (``hss_kernels.functional``)."""
+    valid = target != ignore_index
+    loss = per_pixel
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    denom = None
+    if class_weight is not None:
+        w = class_weight.to(device=loss.device, dtype=loss.dtype)
+        cw = torch.where(valid, w[target.long().clamp(0, w.numel() - 1)], zero)
+        loss = loss * cw
+        denom = cw.sum()
+    if pixel_weight is not None:
+        loss = torch.where(valid, loss * pixel_weight.to(loss.dtype), zero)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if denom is None:
+        denom = valid.sum().to(total.dtype)
+    return total / torch.where(valid.any(), denom, torch.ones_like(denom))
 
 
 # --------------------------------------------------------------------------- upsampling
