@@ -6,7 +6,9 @@
 For each op and each backend that runs on the device, on fresh random inputs over every shipped tree
 and a random unbalanced one: the loss (or decoded labels) and the gradient against the pure-PyTorch
 reference, then ``torch.autograd.gradcheck`` in float64 on a tiny input. Prints one table row per
-check and exits with status 1 if any fails. Run it on a new GPU before trusting the kernels there.
+check and exits with status 1 if any fails, or if a backend asked for with ``--backend`` ran no check
+(its rows say "not run" and why); status 2 for a device this machine does not have. Run it on a new GPU
+before trusting the kernels there.
 """
 from __future__ import annotations
 
@@ -160,8 +162,16 @@ def run(device: str = "cpu", dtype: torch.dtype = torch.float32, quick: bool = F
     for r in rows:
         print(line(r), file=out)
     n_fail = sum(r[-1] == "FAIL" for r in rows)
-    print(f"{len(rows) - n_fail} passed, {n_fail} failed" if n_fail else f"all {len(rows)} checks hold", file=out)
-    return ok_all
+    n_skip = sum(r[-1] == "n/a" for r in rows)
+    n_ok = len(rows) - n_fail - n_skip
+    if n_fail or n_skip:
+        print(f"{n_ok} passed, {n_fail} failed, {n_skip} not run", file=out)
+    else:
+        print(f"all {n_ok} checks hold", file=out)
+    idle = [b for b in (backends or []) if not any(r[1] == b and r[-1] != "n/a" for r in rows)]
+    if idle:  # a backend that was asked for and ran nothing has not been checked
+        print(f"nothing ran for --backend {', '.join(idle)} on {dev}: not checked", file=out)
+    return ok_all and not idle
 
 
 def main(argv=None) -> int:
@@ -173,8 +183,29 @@ def main(argv=None) -> int:
     p.add_argument("--backend", action="append", help="check only this backend (repeatable)")
     p.add_argument("--quick", action="store_true", help="fewer trees, smaller inputs")
     a = p.parse_args(argv)
+    why = _device_missing(a.device)
+    if why:
+        print(f"hss-check: --device {a.device}: {why}", file=sys.stderr)
+        return 2
     ok = run(a.device, getattr(torch, a.dtype), a.quick, a.backend)
     return 0 if ok else 1
+
+
+def _device_missing(device: str) -> Optional[str]:
+    """Why this machine cannot run tensors on ``device``, or None."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        return f"not a device name ({exc})"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "torch was built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+            return f"{built} (torch {torch.__version__})"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif dev.type != "cpu":
+        return "hss-check runs on cpu or cuda devices"
+    return None
 
 
 if __name__ == "__main__":

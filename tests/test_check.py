@@ -68,3 +68,31 @@ def test_check_catches_a_wrong_backend(monkeypatch):
     assert not check.run("cpu", torch.float32, quick=True, backends=["native"], out=out)
     fails = [r for r in _rows(out.getvalue()) if r[4] == "FAIL"]
     assert fails and {r[:2] for r in fails} == {("hierarchical_softmax_loss", "native")}
+
+
+def test_a_missing_device_is_one_line_and_status_2(capsys):
+    if torch.cuda.is_available():
+        assert check.main(["--device", f"cuda:{torch.cuda.device_count()}", "--quick"]) == 2
+    else:
+        assert check.main(["--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hss-check: --device cuda") and len(err.strip().splitlines()) == 1
+    assert check.main(["--device", "tpu", "--quick"]) == 2
+
+
+def test_a_backend_that_ran_nothing_is_not_a_pass(monkeypatch):
+    class Absent:
+        OPS = {}
+
+        @staticmethod
+        def unavailable_reason(device):
+            return "not on this machine"
+
+    monkeypatch.setitem(backends._loaded, "triton", Absent)
+    out = io.StringIO()
+    assert not check.run("cpu", torch.float32, quick=True, backends=["triton"], out=out)
+    text = out.getvalue()
+    rows = _rows(text)
+    assert {r[1] for r in rows if r[4] == "n/a"} == {"triton"} and "checks hold" not in text
+    assert "nothing ran for --backend triton on cpu: not checked" in text
+    assert re.search(r"^1 passed, 0 failed, 4 not run$", text, re.M)  # the reference's flat check ran
