@@ -85,8 +85,10 @@ def test_outputs_checkpoint_round_trip_and_resume(tmp_path):
         assert (out / name).is_file(), name
     for name in ("curves.png", "predictions.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    log = json.loads((out / "log.json").read_text())
+    records = json.loads((out / "log.json").read_text())
+    log = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in log] == [2, 4] and log == json.loads(json.dumps(res["log"]))
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]  # every step of a 4-step run
 
     # The checkpoint loads with weights_only=True and holds the weights that produced the last record.
     ckpt, miou = evaluate_checkpoint(out / "checkpoint.pt", "tree-min", 5, 4)
@@ -103,6 +105,21 @@ def test_outputs_checkpoint_round_trip_and_resume(tmp_path):
 
     with pytest.raises(SystemExit, match="--loss tree-min"):
         run("--loss", "ce", "--steps", 10, "--resume", out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="is at step 8; --steps 8 would train nothing"):
+        run("--loss", "tree-min", "--steps", 8, "--resume", out / "checkpoint.pt")
+
+
+def test_short_runs_log_the_loss_and_draw_curves(tmp_path, capsys):
+    """A 20-step run (the defaults) records the training loss at least 10 times and evaluates at least 5
+    times; --quiet prints only the final table."""
+    res = run("--loss", "hier-softmax", "--steps", 20, "--out", tmp_path, "--seed", 2)
+    records = json.loads((tmp_path / "log.json").read_text())
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) >= 10 and train == json.loads(json.dumps(res["train_log"]))
+    assert all(r["train_loss"] == r["train_loss"] for r in train)
+    assert len(res["log"]) >= 5 and res["log"][-1]["step"] == 20
+    out = capsys.readouterr().out  # TINY has --quiet
+    assert out.count("mIoU %") == 1 and "step 20/20" in out
 
 
 def test_bad_arguments_are_refused():
@@ -120,6 +137,7 @@ def test_demo_prints_the_comparison(capsys, tmp_path):
                    "--threads", "1", "--out", str(tmp_path)] + TINY) == 0
     for name in ("comparison.png", "ce-seed0/log.json", "hier-softmax-seed0/curves.png"):
         assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "Steps to reach flat cross-entropy's final mean mIoU at each depth" in out
     assert re.search(r"^hier-softmax (reached it in \d+ steps|did NOT reach)", out, re.M)

@@ -67,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: every epoch)")
-    g.add_argument("--out", default=None, help="folder for log.json, checkpoint.pt, curves.png, predictions.png")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N steps (default: about 6 times per run; 0: at the end of every epoch)")
+    g.add_argument("--log-every", type=int, default=0,
+                   help="record the training loss every N steps in log.json (default 0: about 10 times per run)")
+    g.add_argument("--out", default=None, help="folder for log.json, checkpoint.pt, curves.png, predictions.png "
+                                               "(--demo: for its runs and comparison.png; default hss-train-demo)")
     g.add_argument("--resume", default=None, help="checkpoint.pt to continue from (its step count continues)")
     g.add_argument("--num-predictions", type=int, default=4, help="validation images in predictions.png")
     g.add_argument("--quiet", action="store_true", help="no per-evaluation tables")
@@ -93,8 +97,8 @@ def check_args(args) -> None:
             raise SystemExit(f"hss-train: --{name.replace('_', '-')} must be >= 1")
     if args.steps is not None and args.steps < 1:
         raise SystemExit("hss-train: --steps must be >= 1")
-    if args.triplet_weight < 0 or args.eval_every < 0:
-        raise SystemExit("hss-train: --triplet-weight and --eval-every must be >= 0")
+    if args.triplet_weight < 0 or (args.eval_every or 0) < 0 or getattr(args, "log_every", 0) < 0:
+        raise SystemExit("hss-train: --triplet-weight, --eval-every and --log-every must be >= 0")
     stride = getattr(args, "out_stride", 1)
     if stride < 1 or stride & (stride - 1) or (args.model == "unet" and stride >= 2 ** args.levels):
         raise SystemExit(f"hss-train: --out-stride must be a power of 2 below 2**levels = {2 ** args.levels}, "

@@ -28,6 +28,9 @@ def _first_reach(log: List[dict], depth: str, target: float) -> Optional[int]:
     return None
 
 
+# Where the demo writes its runs and comparison.png without --out (relative to the working directory).
+DEMO_OUT = "hss-train-demo"
+
 # Options the demo sets for its runs unless the command line gives them.
 DEMO_DEFAULTS = {"--steps": "300", "--eval-every": "30", "--size": "32", "--val-size": "64", "--device": "cpu",
                  "--imbalance": "1.5"}
@@ -64,18 +67,27 @@ def _mean_log(logs: List[List[dict]]) -> List[dict]:
     return out
 
 
-def _save_comparison(path, runs: Dict[str, List[dict]], depths: List[str], title: str) -> None:
+def _save_comparison(path, runs: Dict[str, List[List[dict]]], depths: List[str], title: str) -> None:
+    """``comparison.png``: validation mIoU per depth against steps, one panel per depth, each loss's mean
+    over the seeds as a line and their range (min to max) as a band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.8), squeeze=False)
     for ax, d in zip(axes[0], depths):
-        for n, log in runs.items():
-            ax.plot([r["step"] for r in log], [r["metrics"][d]["miou"] for r in log], "o-", label=n)
-        ax.set_title(f"depth {d}")
-        ax.set_xlabel("step"); ax.set_ylabel("validation mIoU"); ax.grid(alpha=0.3); ax.legend()
-    fig.suptitle(title)
+        for n, logs in runs.items():
+            k = min(len(log) for log in logs)
+            steps = [logs[0][i]["step"] for i in range(k)]
+            vals = [[log[i]["metrics"][d]["miou"] for log in logs] for i in range(k)]
+            line, = ax.plot(steps, [sum(v) / len(v) for v in vals], "o-", ms=3,
+                            label=f"{n} (mean of {len(logs)} seed{'s' if len(logs) > 1 else ''})")
+            if len(logs) > 1:
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(),
+                                alpha=0.2, lw=0)
+        ax.set_title(f"depth {d}" + (" (coarsest)" if d == depths[0] else " (leaves)" if d == depths[-1] else ""))
+        ax.set_xlabel("step"); ax.set_ylabel("validation mIoU"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+    fig.suptitle(title + "; bands: range over the seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -116,7 +128,7 @@ def _run_all(todo: List[tuple], run_argv: List[str], root: Path, jobs: int, thre
                 if proc.returncode != 0:
                     tail = (root / f"{tag}.txt").read_text()[-3000:]
                     raise SystemExit(f"hss-train --demo: the {tag} run failed (exit {proc.returncode}):\n{tail}")
-                logs[(name, sd)] = json.loads((root / tag / "log.json").read_text())
+                logs[(name, sd)] = [r for r in json.loads((root / tag / "log.json").read_text()) if "metrics" in r]
                 print(f"[demo] {tag}: done in {times[(name, sd)]:.0f} s", flush=True)
     finally:
         for proc, logf, _ in running.values():
@@ -128,7 +140,7 @@ def _run_all(todo: List[tuple], run_argv: List[str], root: Path, jobs: int, thre
 def _report(args, base, losses: List[str], seeds: List[int], logs: dict, times: dict, wall: float, jobs: int,
             root: Path) -> dict:
     """Print the comparison (mean curves, steps to reach flat cross-entropy's final mIoU, per seed), write
-    ``comparison.png`` under ``--out``, and return the figures."""
+    ``comparison.png`` in the output folder, and return the figures."""
     runs = {n: _mean_log([logs[(n, sd)] for sd in seeds]) for n in losses}
     depths = sorted(runs[losses[0]][0]["metrics"], key=int)
     tree = build_tree(base)
@@ -190,9 +202,9 @@ def _report(args, base, losses: List[str], seeds: List[int], logs: dict, times: 
             print(f"{n} {verdict} (on the mean curves); seed by seed it matched flat cross-entropy's final mIoU at "
                   f"every depth as fast or faster on {wins} of {len(seeds)} seed(s).")
     print(f"Wall time: {wall:.0f} s for {len(logs)} runs ({jobs} at a time).")
-    if args.out:
-        _save_comparison(root / "comparison.png", runs, depths, f"mean over seeds {seeds}, {tree!r}")
-        print(f"Plot: {root / 'comparison.png'}")
+    _save_comparison(root / "comparison.png", {n: [logs[(n, sd)] for sd in seeds] for n in losses}, depths,
+                     f"{tree!r}, seeds {seeds}")
+    print(f"Plot: {root / 'comparison.png'}")
     return {"runs": runs, "logs": logs, "targets": targets, "reach": reach, "every": every, "times": times}
 
 
@@ -201,8 +213,6 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
     seeds (one process per run, ``--demo-jobs`` at a time, CPU threads shared out); print the seeds'
     mean validation mIoU per depth against steps, and the steps each loss needs to reach a target mIoU
     at every depth (on the mean curves, and per seed)."""
-    import tempfile
-
     losses = [s.strip() for s in args.demo_losses.split(",") if s.strip()]
     for name in losses:
         if name not in LOSSES:
@@ -217,20 +227,11 @@ def demo(args, argv: Optional[List[str]] = None) -> dict:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = max(1, min(len(todo), args.demo_jobs or cpus))
     threads = args.threads or max(1, cpus // jobs)
-    tmp = None
-    if args.out:
-        root = Path(args.out)
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="hss-train-demo-")
-        root = Path(tmp.name)
+    root = Path(args.out or DEMO_OUT)
+    root.mkdir(parents=True, exist_ok=True)
     print(f"[demo] {', '.join(losses)} x seeds {', '.join(map(str, seeds))}: {base.steps} steps each, {jobs} "
-          f"run(s) at a time, {threads} thread(s) each; outputs in {root}", flush=True)
+          f"run(s) at a time, {threads} thread(s) each; outputs in {root.resolve()}", flush=True)
     t_start = time.perf_counter()
-    try:
-        logs, times = _run_all(todo, run_argv, root, jobs, threads)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    logs, times = _run_all(todo, run_argv, root, jobs, threads)
     wall = time.perf_counter() - t_start
     return _report(args, base, losses, seeds, logs, times, wall, jobs, root)

@@ -5,8 +5,10 @@ Data: the synthetic hierarchical data set of :mod:`hss_kernels.train.data` by de
 (or torchvision's DeepLabV3). Loss: ``--loss ce|hier-softmax|tree-min|tree-bce`` through the
 ``hss_kernels`` functions with ``--backend``, plus ``--triplet-weight`` for the tree-triplet term.
 
-Evaluation runs at the end of every epoch, or every ``--eval-every`` steps, and prints the per-depth
-metrics table. Under ``--out DIR``: ``log.json`` (one record per evaluation), ``checkpoint.pt`` (tensors
+Evaluation runs every ``--eval-every`` steps (by default about six times per run; 0: at the end of every
+epoch) and prints the per-depth metrics table (``--quiet``: only the final one); the training loss is
+recorded every ``--log-every`` steps (by default about ten times per run). Under ``--out DIR``: ``log.json``
+(one record per logging step, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``), ``checkpoint.pt`` (tensors
 and plain containers only: it loads with ``torch.load(weights_only=True)``; ``--resume`` continues from
 it), ``curves.png`` and ``predictions.png``.
 
@@ -144,20 +146,28 @@ def _summary(metrics: Dict[int, dict]) -> Dict[str, dict]:
     return out
 
 
+def evaluations(log: List[dict]) -> List[dict]:
+    """The evaluation records of a run's log (those with metrics)."""
+    return [r for r in log if "metrics" in r]
+
+
 def save_curves(path, log: List[dict], title: str = "") -> None:
-    """``curves.png``: training/validation loss and mIoU per depth against steps."""
+    """``curves.png``: training loss (every logging step) and validation loss, and validation mIoU per depth,
+    against steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in log]
+    evals = evaluations(log)
+    train = [r for r in log if r.get("kind") == "train"] or evals
+    steps = [r["step"] for r in evals]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(steps, [r["train_loss"] for r in log], "o-", label="training")
-    a.plot(steps, [r["val_loss"] for r in log], "s--", label="validation")
+    a.plot([r["step"] for r in train], [r["train_loss"] for r in train], ".-", label="training")
+    a.plot(steps, [r["val_loss"] for r in evals], "s--", label="validation")
     a.set_xlabel("step"); a.set_ylabel("loss"); a.legend(); a.grid(alpha=0.3)
-    depths = sorted(log[0]["metrics"], key=int) if log else []
+    depths = sorted(evals[0]["metrics"], key=int) if evals else []
     for d in depths:
-        b.plot(steps, [r["metrics"][d]["miou"] for r in log], "o-", label=f"depth {d}")
+        b.plot(steps, [r["metrics"][d]["miou"] for r in evals], "o-", label=f"depth {d}")
     b.set_xlabel("step"); b.set_ylabel("validation mIoU"); b.set_ylim(0, 1); b.legend(); b.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -170,8 +180,8 @@ def save_curves(path, log: List[dict], title: str = "") -> None:
 def train(args) -> dict:
     """Run one training job described by parsed ``args`` (see :func:`hss_kernels.train.cli.build_parser`).
 
-    Returns ``{"log": [records], "step": final step, "metrics": last evaluation's per-depth metrics}``
-    (the same on every process).
+    Returns ``{"log": [evaluation records], "train_log": [training-loss records], "step": final step,
+    "metrics": last evaluation's per-depth metrics}`` (the same on every process).
     """
     check_args(args)
     if args.threads:
@@ -223,6 +233,9 @@ def train(args) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         step, log = int(ckpt["step"]), list(ckpt.get("log", []))
+        if step >= total:
+            raise SystemExit(f"hss-train: --resume {args.resume} is at step {step}; --steps {total} would train "
+                             f"nothing (ask for more steps to continue)")
 
     loss_fn = make_loss(args, tree)
     metrics = HierarchicalMetrics(tree, ignore_index=255, device=device)
@@ -248,7 +261,7 @@ def train(args) -> dict:
         metrics.all_reduce()
         vloss = distributed.mean_over_processes(vloss, vcount, device)
         model.train()
-        record = {"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": vloss,
+        record = {"kind": "eval", "step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": vloss,
                   "lr": opt.param_groups[0]["lr"], "images_per_s": rate, "metrics": _summary(metrics.compute())}
         log.append(record)
         if show:
@@ -273,6 +286,9 @@ def train(args) -> dict:
     bar = tqdm(total=total, initial=step, desc=args.loss, unit="step", dynamic_ncols=True,
                disable=rank > 0 or not sys.stderr.isatty())
     run_loss, run_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    log_loss, log_n = 0.0, 0
+    eval_every = args.eval_every if args.eval_every is not None else max(1, math.ceil(total / 6))
+    log_every = args.log_every or max(1, math.ceil(total / 10))
     epoch = step // per_epoch
     model.train()
     while step < total:
@@ -299,24 +315,35 @@ def train(args) -> dict:
             step += 1
             run_loss += float(loss.detach())
             run_n += 1
+            log_loss += float(loss.detach())
+            log_n += 1
             seen += images.shape[0] * world
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{run_loss / run_n:.3f}", img_s=f"{rate:.1f}")
             evaluated = False
-            if args.eval_every and (step % args.eval_every == 0 or step == total):
+            if step % log_every == 0 or step == total:
+                log.append({"kind": "train", "step": step, "epoch": epoch,
+                            "train_loss": distributed.mean_over_processes(log_loss, log_n, device),
+                            "lr": opt.param_groups[0]["lr"], "images_per_s": rate})
+                log_loss, log_n = 0.0, 0
+            if eval_every and (step % eval_every == 0 or step == total):
                 evaluate(epoch, distributed.mean_over_processes(run_loss, run_n, device), rate)
                 run_loss, run_n, evaluated = 0.0, 0, True
         epoch += 1
-        if not evaluated and (not args.eval_every or step == total) and run_n:
+        if not evaluated and (not eval_every or step == total) and run_n:
             evaluate(epoch, distributed.mean_over_processes(run_loss, run_n, device),
                      seen / max(time.perf_counter() - t0, 1e-9))
             run_loss, run_n = 0.0, 0
     bar.close()
-    if not log or log[-1]["step"] != step:  # e.g. resumed at the end: still report where we are
+    if not evaluations(log) or evaluations(log)[-1]["step"] != step:  # still report where we are
         evaluate(epoch, float("nan"), 0.0)
-    final = log[-1]["metrics"]
+    final = evaluations(log)[-1]["metrics"]
+    if rank == 0 and args.quiet:  # --quiet: the final table only
+        print(f"step {step}/{total}  val loss {evaluations(log)[-1]['val_loss']:.4f}  ({args.loss})")
+        print(metrics.table(), flush=True)
     if world > 1:
         # One line per process: the metrics are summed over processes, so every line must agree.
         print(f"[rank {rank}/{world}] final metrics: {json.dumps({d: final[d]['miou'] for d in final})}", flush=True)
-    return {"log": log, "step": step, "metrics": final}
+    return {"log": evaluations(log), "train_log": [r for r in log if r.get("kind") == "train"], "step": step,
+            "metrics": final}
