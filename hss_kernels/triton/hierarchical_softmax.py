@@ -29,6 +29,11 @@ Modes:
 * backward: reads the logits and the statistics, writes the gradient (two exps per element);
 * single pass: the forward that also writes the gradient (docs/MATH.md §5.6), reading the program's
   logits a second time (from cache) for it.
+
+Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6): the forward runs with UPSAMPLE over the
+target's pixels, each logit the interpolation of the pixel's 2x2 stencil; the backward is
+``_hierarchical_softmax_up_bwd_kernel``, which gathers each low-resolution element's terms (no atomics).
+Neither the full-resolution logits nor their gradient is stored.
 """
 from __future__ import annotations
 
@@ -468,12 +473,16 @@ def _up_tables(h: int, w: int, H: int, W: int, align_corners: bool, dtype: torch
     return (idx.to(device), lam.to(device), win.to(device), int(ry[4].max(initial=0)), int(rx[4].max(initial=0)))
 
 
-def _up_blocks(logits):
+def _up_blocks(logits, backward=False):
     """(BLOCK_C, BLOCK_P or BLOCK_Q, num_warps) of the upsampled kernels: under the interpreter 8 leaves and
-    256 pixels at a time; compiled, 8 leaves of one or two pixels per thread (the stencil's loads are gathers)."""
+    256 pixels at a time; compiled, one pixel per thread and 4 leaves a chunk (the forward; 8 for the
+    float32 backward): every value is four gathered loads with 64-bit addresses, and sm_90 spills beyond
+    that (tests/_triton_compile_sm90.py: forward 144 registers, float32 backward 218-240, float64 238)."""
     if C.interpreted(logits.device):
         return 8, 256, 4
-    return 8, 256, 4
+    if backward and C.acc_dtype(logits.dtype) == torch.float32:
+        return 8, 128, 4
+    return 4, 128, 4
 
 
 def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats, align_corners, loss_mode, loss):
@@ -512,7 +521,7 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_
         return
     acc = C.acc_dtype(logits.dtype)
     idx, lam, win, KY, KX = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
-    block_c, block_q, warps = _up_blocks(logits)
+    block_c, block_q, warps = _up_blocks(logits, backward=True)
     block_q = min(block_q, max(triton.next_power_of_2(h * w), 16))
     qblocks = triton.cdiv(h * w, block_q)
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
