@@ -14,8 +14,9 @@ Rows per configuration (B, C, h x w -> H x W, the tree of the configuration):
 Each row: median milliseconds of forward + backward (``benchmarks.measure.time_pass``: CUDA events on a GPU,
 ``perf_counter`` on the CPU) and the peak memory beyond the inputs during the step (CUDA: the caching
 allocator's peak; CPU: the resident high-water mark in a fresh process, as ``benchmarks/memprobe.py``
-measures it), next to the size of the full-resolution logits. On CUDA the native and Triton backends
-still interpolate first (only the CPU kernels fuse the upsampling yet); their ``fused`` rows say so.
+measures it), next to the size of the full-resolution logits. On CUDA only the Triton hierarchical softmax
+fuses the upsampling; the native kernels and the Triton tree-min and BCE interpolate first, and their ``fused``
+rows say so.
 """
 from __future__ import annotations
 
@@ -90,6 +91,17 @@ def _step(row: str, loss: str, tree, backend: str):
     return run
 
 
+def _is_fused(loss: str, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``upsample="bilinear"`` runs fused there: the native CPU kernels (which ``auto`` picks on the
+    CPU), and the Triton hierarchical softmax."""
+    if device.type == "cpu" and backend in ("native", "auto"):
+        return True
+    if loss != "hierarchical_softmax_loss":
+        return False
+    from hss_kernels.backends import resolve
+    return resolve(loss, backend, device, dtype).__module__.startswith("hss_kernels.triton")
+
+
 def _cpu_peak(cfg: str, loss: str, row: str, dtype: str, backend: str, threads: int) -> Optional[int]:
     """Peak extra resident memory of one CPU step, in a fresh process (see benchmarks/memprobe.py)."""
     from .memprobe import ENV
@@ -147,7 +159,7 @@ def bench(args) -> dict:
                                           f"{cfg.full[0]}x{cfg.full[1]}",
                                     ms=t.median_ms, timing=t.as_dict(), peak_extra_bytes=mem,
                                     full_logits_bytes=full_bytes,
-                                    fused=row != "fused" or device.type == "cpu" and args.backend in ("native", "auto")))
+                                    fused=row != "fused" or _is_fused(loss, args.backend, device, x.dtype)))
                 print(_line(results[-1]), flush=True)
                 gc.collect()
     return dict(machine=info, copy_bandwidth=copy, dtype=args.dtype, command=" ".join(["python -m benchmarks.lowres"] + sys.argv[1:]),

@@ -10,9 +10,9 @@ leaf label ids, ``ignore_index`` (255) marking pixels that count for nothing. Ar
 Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N, C, h, w)`` and a target
 ``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
 ``F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=align_corners)`` (interpolated in
-float32, or float64), with the gradient of the low-resolution logits. The native CPU kernels fuse the
-interpolation (the full-resolution logits and their gradient never exist); the other backends
-interpolate first. ``decode(..., size=(H, W))`` likewise.
+float32, or float64), with the gradient of the low-resolution logits. The native CPU kernels and the Triton
+hierarchical softmax fuse the interpolation (the full-resolution logits and their gradient never exist); the
+other backends interpolate first. ``decode(..., size=(H, W))`` likewise.
 """
 from __future__ import annotations
 
@@ -134,7 +134,8 @@ def hierarchical_softmax_loss(
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
         upsample: ``None`` (logits at the target's size) or ``"bilinear"``: logits ``(N, L, h, w)``, target
             ``(N, H, W)`` with ``H >= h``, ``W >= w``; the loss of the logits interpolated to ``(H, W)``
-            as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` does, fused on the CPU.
+            as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` does, fused on the CPU and
+            in Triton.
         align_corners: as in ``F.interpolate`` (used with ``upsample`` only).
 
     Raises:
