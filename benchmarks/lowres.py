@@ -15,7 +15,7 @@ Each row: median milliseconds of forward + backward (``benchmarks.measure.time_p
 ``perf_counter`` on the CPU) and the peak memory beyond the inputs during the step (CUDA: the caching
 allocator's peak; CPU: the resident high-water mark in a fresh process, as ``benchmarks/memprobe.py``
 measures it), next to the size of the full-resolution logits. A backend that does not fuse the
-upsampling (Triton, for now) interpolates first; its ``fused`` row says so.
+upsampling (the Triton tree-min and BCE, for now) interpolates first; its ``fused`` row says so.
 """
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ def _step(row: str, loss: str, tree, backend: str):
 
 
 def _fuses(loss: str, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` fuses the upsampling of ``loss`` on ``device``: the native kernels do (CPU and
-    CUDA); a backend whose function lacks ``takes_upsample`` gets interpolated logits."""
+    """Whether ``backend`` fuses the upsampling of ``loss`` on ``device``: the native kernels (CPU and CUDA)
+    and the Triton hierarchical softmax do; a backend whose function lacks ``takes_upsample`` gets
+    interpolated logits."""
     from hss_kernels import backends
     return bool(getattr(backends.resolve(loss, backend, device, dtype), "takes_upsample", False))
 

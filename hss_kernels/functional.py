@@ -9,15 +9,15 @@ leaf label ids, ``ignore_index`` (255) marking pixels that count for nothing. Ar
 
 Weights: ``class_weight`` (one per leaf, by label id) and ``pixel_weight`` (the target's shape) scale each
 pixel's loss; ``"mean"`` then divides by the sum of the labelled pixels' class weights (as
-``F.cross_entropy(weight=...)``) or their number (``hss_kernels.reference.weigh_loss``, docs/MATH.md §6.5).
+``F.cross_entropy(weight=...)``) or their number (``hss_kernels.reference.weigh_loss``, docs/MATH.md §6.6).
 They apply to the kernels' per-pixel losses (not fused into the kernels yet).
 
 Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N, C, h, w)`` and a target
 ``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
 ``F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=align_corners)`` (interpolated in
-float32, or float64), with the gradient of the low-resolution logits. The native kernels (CPU and CUDA)
-fuse the interpolation (the full-resolution logits and their gradient never exist); the other backends
-interpolate first. ``decode(..., size=(H, W))`` likewise (fused on the CPU).
+float32, or float64), with the gradient of the low-resolution logits. The native kernels (CPU and CUDA) and
+the Triton hierarchical softmax fuse the interpolation (the full-resolution logits and their gradient never
+exist); the other backends interpolate first. ``decode(..., size=(H, W))`` likewise (fused on the CPU).
 """
 from __future__ import annotations
 
@@ -148,7 +148,8 @@ def hierarchical_softmax_loss(
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"native"``.
         upsample: ``None`` (logits at the target's size) or ``"bilinear"``: logits ``(N, L, h, w)``, target
             ``(N, H, W)`` with ``H >= h``, ``W >= w``; the loss of the logits interpolated to ``(H, W)``
-            as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` does, fused in the native kernels.
+            as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` does, fused in the native
+            kernels and in Triton.
         align_corners: as in ``F.interpolate`` (used with ``upsample`` only).
         class_weight: ``L`` weights by label id (a tensor or a sequence): each pixel's loss times its label's
             weight, and ``"mean"`` over the sum of the labelled pixels' weights, as ``F.cross_entropy(weight=)``.

@@ -84,7 +84,7 @@ def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, sp
 
 def weigh_loss(per_pixel: torch.Tensor, target: torch.Tensor, reduction: str, class_weight=None, pixel_weight=None,
                ignore_index: int = 255) -> torch.Tensor:
-    """Class and pixel weights on a per-pixel loss (0 at ignored pixels), then the reduction (docs/MATH.md §6.5).
+    """Class and pixel weights on a per-pixel loss (0 at ignored pixels), then the reduction (docs/MATH.md §6.6).
 
     ``class_weight`` (L,): pixel p's loss times the weight of its label w_{y_p}, and ``"mean"`` divides by the
     sum of the weights of the non-ignored pixels, as ``F.cross_entropy(weight=...)``; ``pixel_weight`` (the

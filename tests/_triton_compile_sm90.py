@@ -63,6 +63,18 @@ def variants():
             out.append((f"decode {name} {kind}", lambda x=x, a=act, s=score: dk.decode(x, big_tree, a, s), False))
         x, _ = meta(V, dt, HUGE)
         out.append((f"decode {name} softmax mean, i64", lambda x=x: dk.decode(x, big_tree, "softmax", "mean"), False))
+    # Logits at 1/4 of the labels' size, upsampled inside the loss: the forward kernel's UPSAMPLE variant and
+    # the gathering backward.
+    for name, dt in DTYPES.items():
+        x = torch.empty((8, L, 256, 256), dtype=dt, device="meta")
+        _, t = meta(L, dt)
+        up = [("forward", lambda x=x, t=t: hs.hierarchical_softmax_loss(x, t, leaf_tree, upsample="bilinear"), False),
+              ("backward, scalar grad", lambda x=x, t=t: hs.hierarchical_softmax_loss(
+                  x, t, leaf_tree, upsample="bilinear"), True),
+              ("backward, per-pixel grad, eps, align_corners", lambda x=x, t=t: hs.hierarchical_softmax_loss(
+                  x.contiguous(memory_format=torch.channels_last), t, leaf_tree, eps=0.1, reduction="none",
+                  upsample="bilinear", align_corners=True), True)]
+        out += [(f"hierarchical_softmax {name} upsampled {v}", c, b) for v, c, b in up if name == "fp32" or "align" not in v]
     x, t = meta(L, torch.float32, HUGE)
     out.append(("hierarchical_softmax fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False))
     x2, t2 = meta(small_tree.num_nodes, torch.float32, (2, 16384, 8192))  # 26 channels: a taller image

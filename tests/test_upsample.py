@@ -2,8 +2,9 @@
 ``loss(F.interpolate(logits.float(), size, mode="bilinear", align_corners), target)`` on fresh random inputs
 and trees (values, and gradients with respect to the low-resolution logits), a flat tree against
 ``F.interpolate`` + ``F.cross_entropy``, gradcheck in float64, the ops' schemas (opcheck), torch.compile,
-determinism across thread counts, and the errors for bad sizes and modes. The native CPU kernels fuse the
-interpolation; the other backends interpolate first."""
+determinism across thread counts, and the errors for bad sizes and modes. The native CPU kernels and the Triton
+hierarchical softmax (here under Triton's interpreter on the CPU) fuse the interpolation; the other backends
+interpolate first."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,10 +286,192 @@ def test_decode_size(native, align_corners):
                 assert (got == want).float().mean() > 0.95
 
 
+# ------------------------------------------------------------------------------------- Triton, fused
+HS = "hierarchical_softmax_loss"
+
+
+@pytest.fixture
+def triton_hs():
+    H.require("triton", "cpu", HS)
+    from hss_kernels.triton import hierarchical_softmax
+    return hierarchical_softmax
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_matches_composition(triton_hs, device, shape, align_corners):
+    """The fused forward and the gathering backward against the composition, every dtype."""
+    H.require("triton", device, HS)
+    tree = H.random_tree()
+    for dtype in H.DTYPES:
+        x, y = _inputs(tree, HS, shape, dtype, device=device)
+        _check(HS, "triton", x, y, tree, align_corners=align_corners)
+
+
+def test_triton_is_fused(triton_hs):
+    """functional.py hands the Triton hierarchical softmax the low-resolution logits; the Triton tree-min
+    and BCE still get them interpolated."""
+    from hss_kernels import triton as T
+    assert T.hierarchical_softmax_loss.takes_upsample
+    assert not getattr(T.tree_min_loss, "takes_upsample", False)
+    assert not getattr(T.tree_bce_loss, "takes_upsample", False)
+
+
+def test_triton_options_and_reductions(triton_hs):
+    tree = H.random_tree(min_depth=2)
+    x, y = _inputs(tree, HS, (2, 3, 4, 10, 9))
+    weights = [0.5 + i for i in range(tree.depth)]
+    for kw in ({}, dict(eps=1e-4), dict(level_weights=weights), dict(eps=0.1, level_weights=weights)):
+        for reduction in H.REDUCTIONS:
+            _check(HS, "triton", x, y, tree, reduction=reduction, align_corners=reduction == "sum", **kw)
+
+
+def test_triton_layouts(triton_hs):
+    """NCHW, channels_last, strided views of the low-resolution logits (the gradient in their layout); a
+    strided target; an upstream gradient of any strides (reduction none)."""
+    tree = H.random_tree()
+    C = tree.num_leaves
+    base = torch.randn(2, C, 6, 10, dtype=torch.float64).float() * 3
+    views = [base, base.contiguous(memory_format=torch.channels_last), base[:, :, 1:5, ::3],
+             base.contiguous(memory_format=torch.channels_last)[:, :, ::2, 2:7]]
+    for k, x in enumerate(views):
+        y = torch.randint(0, tree.num_leaves, (2, 2 * x.shape[3] + 1, x.shape[2] * 3)).transpose(1, 2)
+        y[:, 0, 0] = 255
+        for go in H.grad_outs(tuple(y.shape)):
+            _check(HS, "triton", x, y, tree, grad_out=go, reduction="none", align_corners=k % 2 == 1)
+        _check(HS, "triton", x, y, tree, eps=1e-4)
+    a = base.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = torch.randint(0, tree.num_leaves, (2, 13, 21))
+    hss_kernels.hierarchical_softmax_loss(a, y, tree, backend="triton", upsample="bilinear").backward()
+    assert a.grad.stride() == a.stride()
+
+
+def test_triton_all_ignored_and_empty_batch(triton_hs):
+    tree = H.random_tree()
+    x, y = _inputs(tree, HS, (2, 3, 3, 7, 8))
+    y.fill_(255)
+    for reduction in H.REDUCTIONS:
+        _check(HS, "triton", x, y, tree, reduction=reduction)
+    x0, y0 = x[:0].clone(), y[:0].clone()
+    for reduction in H.REDUCTIONS:
+        a = x0.requires_grad_(True)
+        out = hss_kernels.hierarchical_softmax_loss(a, y0, tree, backend="triton", upsample="bilinear",
+                                                    reduction=reduction)
+        assert out.shape == ((0, 7, 8) if reduction == "none" else ()) and (out == 0).all()
+        (g,) = torch.autograd.grad(out.sum(), a)
+        assert g.shape == a.shape
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_triton_nan_and_bad_labels(triton_hs, align_corners):
+    """A NaN low-resolution logit poisons the pixels whose stencil reads it and, through the backward, every
+    low-resolution element those pixels' stencils hold (weight 0 included), as in the composition; an
+    ignored pixel's NaN logits reach nothing; a label out of range poisons its pixel."""
+    tree = H.random_tree()
+    x, y = _inputs(tree, HS, (1, 3, 4, 7, 9), ignore_frac=0.0)
+    x[0, 0, 1, 2] = float("nan")
+    kw = dict(reduction="none", align_corners=align_corners)
+    got, g, go = H.loss_and_grad(H.api(HS, "triton"), x, y, tree, upsample="bilinear", **kw)
+    want, g_want, _ = H.loss_and_grad(_composed(HS), x, y, tree, go, **kw)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
+    assert torch.equal(torch.isnan(g), torch.isnan(g_want))
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], **H.loss_tolerance(HS, x, tree))
+    y_ign = y.clone()
+    y_ign[torch.isnan(want)] = 255
+    got, g, _ = H.loss_and_grad(H.api(HS, "triton"), x, y_ign, tree, upsample="bilinear", **kw)
+    assert torch.isfinite(got).all() and torch.isfinite(g).all()
+    hss_kernels.set_label_check(False)
+    try:
+        x2, y2 = _inputs(tree, HS, (1, 2, 2, 5, 5), ignore_frac=0.0)
+        y2[0, 4, 4] = tree.num_leaves
+        out = hss_kernels.hierarchical_softmax_loss(x2, y2, tree, backend="triton", upsample="bilinear",
+                                                    reduction="none")
+        assert torch.isnan(out[0, 4, 4]) and torch.isfinite(out.flatten()[:-1]).all()
+    finally:
+        hss_kernels.set_label_check(True)
+
+
+def test_triton_gradcheck_float64(triton_hs):
+    tree = H.random_tree(max_nodes=8, min_depth=2)
+    x, y = _inputs(tree, HS, (1, 2, 3, 5, 7))
+    x = x.double().requires_grad_(True)
+    for align_corners, kw in ((False, dict(reduction="sum")), (True, dict(reduction="mean", eps=0.1))):
+        assert torch.autograd.gradcheck(
+            lambda a: hss_kernels.hierarchical_softmax_loss(a, y, tree, backend="triton", upsample="bilinear",
+                                                            align_corners=align_corners, **kw), (x,))
+
+
+def test_triton_backward_bitwise_deterministic(triton_hs):
+    """Repeated calls give the same loss and gradient to the bit (float64: a reordered sum would show);
+    several programs of the gathering backward."""
+    tree = trees.load("lip")
+    x, y = _inputs(tree, HS, (2, 9, 13, 19, 27), torch.float64)
+    for reduction in ("mean", "none"):
+        H.assert_bitwise_deterministic(H.api(HS, "triton"), x, y, tree, runs=2, upsample="bilinear",
+                                       reduction=reduction)
+
+
+def test_triton_saves_no_full_size_logits(triton_hs):
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, HS, (1, 4, 4, 16, 16))
+    x = x.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = hss_kernels.hierarchical_softmax_loss(x, y, tree, backend="triton", upsample="bilinear")
+    full = tree.num_leaves * y.numel()
+    assert saved and max(t.numel() for t in saved) < full, [tuple(t.shape) for t in saved]
+    out.backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+def test_triton_rejects_single_pass_and_bad_modes(triton_hs):
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, HS, (1, 3, 3, 9, 9))
+    with pytest.raises(ValueError, match="single_pass does not take upsample"):
+        triton_hs.hierarchical_softmax_loss(x, y, tree, single_pass=True, upsample="bilinear")
+    with pytest.raises(ValueError, match="upsample must be None or 'bilinear'"):
+        triton_hs.hierarchical_softmax_loss(x, y, tree, upsample="nearest")
+    with pytest.raises(ValueError, match="H >= h, W >= w"):
+        triton_hs.hierarchical_softmax_loss(x, y[:, :2], tree, upsample="bilinear")
+
+
+def test_triton_opcheck(triton_hs):
+    """The new ops' schemas, fakes and autograd registration: NCHW float32 mean, channels_last float32 sum with
+    eps and align_corners, a non-dense float64 view with reduction none and a stride-0 grad_output."""
+    tree = trees.load("pascal_person_part")
+    x, y = _inputs(tree, HS, (2, 3, 4, 7, 9))
+    views = [x, x.contiguous(memory_format=torch.channels_last), x.double()[:, :, :, 1:]]
+    for k, (xv, reduction, eps) in enumerate(zip(views, ("mean", "sum", "none"), (0.0, 1e-4, 0.0))):
+        group, w = triton_hs._tables(tree, [1.0, 0.5, 2.0], H.acc_dtype(xv.dtype), "cpu")
+        args = (xv.clone().requires_grad_(), y, group, w, eps, 255, reduction, k == 1)
+        torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_up_fwd.default, args)
+        loss, stats, count = torch.ops.hss_triton.hierarchical_softmax_up_fwd(*args)
+        go = torch.randn(loss.shape, dtype=loss.dtype)
+        if reduction == "none":
+            go = go[:, :1].expand(loss.shape)
+        torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_up_bwd.default,
+                              (go, xv, y, group, w, stats.detach(), count, eps, 255, reduction, k == 1))
+
+
+def test_triton_compile_fullgraph(triton_hs):
+    assert "triton" in hss_kernels.available_backends("cpu")  # Dynamo cannot trace the registry's lazy import
+    tree = trees.load("cityscapes")
+    x, y = _inputs(tree, HS, (1, 3, 4, 9, 10))
+    for reduction in ("mean", "none"):
+        f = torch.compile(lambda a, t: hss_kernels.hierarchical_softmax_loss(
+            a, t, tree, backend="triton", upsample="bilinear", align_corners=True, reduction=reduction),
+            fullgraph=True, backend="aot_eager")
+        H.assert_matches(lambda a, t, _tree, **_: f(a, t), _composed(HS), x, y, tree, reduction=reduction,
+                         align_corners=True, loss_tol=H.loss_tolerance(HS, x, tree))
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------- other backends
-@pytest.mark.parametrize("loss", H.LOSSES)
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
 def test_triton_interpolates_first(loss):
-    """Backends without a fused path (Triton, here under its interpreter) get the interpolated logits."""
+    """The Triton tree-min and BCE, without a fused path (here under the interpreter), get the interpolated
+    logits (the hierarchical softmax: the fused tests above)."""
     H.require("triton", "cpu", loss)
     tree = H.random_tree(max_nodes=10)
     x, y = _inputs(tree, loss, (1, 2, 3, 5, 6))

@@ -29,11 +29,18 @@ Modes:
 * backward: reads the logits and the statistics, writes the gradient (two exps per element);
 * single pass: the forward that also writes the gradient (docs/MATH.md §5.6), reading the program's
   logits a second time (from cache) for it.
+
+Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6): the forward runs with UPSAMPLE over the
+target's pixels, each logit the interpolation of the pixel's 2x2 stencil; the backward is
+``_hierarchical_softmax_up_bwd_kernel``, which gathers each low-resolution element's terms (no atomics).
+Neither the full-resolution logits nor their gradient is stored.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -61,8 +68,47 @@ def _leaves(x_ptr, c0, sxc, xpix, pmask, OTHER: tl.constexpr, L: tl.constexpr, B
 
 
 @triton.jit
+def _lerp(ptrs, u00, u01, u10, u11, lx, ly, mask, ACC: tl.constexpr):
+    """The bilinear interpolation (docs/MATH.md §6.1) at ``ptrs`` (the channels' base pointers) of the four
+    stencil values at offsets u00 (row i0, column i0), u01, u10, u11 with weights lx, ly, in ACC, in
+    F.interpolate's order (columns within each source row, then the rows); 0 where masked off."""
+    x00 = tl.load(ptrs + u00, mask=mask, other=0.0).to(ACC)
+    x01 = tl.load(ptrs + u01, mask=mask, other=0.0).to(ACC)
+    x10 = tl.load(ptrs + u10, mask=mask, other=0.0).to(ACC)
+    x11 = tl.load(ptrs + u11, mask=mask, other=0.0).to(ACC)
+    return (1.0 - ly) * ((1.0 - lx) * x00 + lx * x01) + ly * ((1.0 - lx) * x10 + lx * x11)
+
+
+@triton.jit
+def _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, OTHER: tl.constexpr, L: tl.constexpr,
+               BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """:func:`_leaves` of upsampled logits: the leaves' values interpolated at the program's pixels."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    cmask = c < L
+    mask2 = cmask[:, None] & pmask[None, :]
+    x = _lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :], u11[None, :],
+              lx[None, :], ly[None, :], mask2, ACC)
+    return c, cmask, tl.where(mask2, x, OTHER)
+
+
+@triton.jit
+def _up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
+    """Offsets in the low-resolution logits of the 2x2 stencil of full-resolution pixels (n, h, w), and
+    the weights (lx, ly) of their second column and row, from the per-axis tables (:func:`_up_tables`)."""
+    iy0 = tl.load(ui_ptr + h, mask=pmask, other=0).to(tl.int64)
+    iy1 = tl.load(ui_ptr + Hh + h, mask=pmask, other=0).to(tl.int64)
+    ix0 = tl.load(ui_ptr + 2 * Hh + w, mask=pmask, other=0).to(tl.int64)
+    ix1 = tl.load(ui_ptr + 2 * Hh + W + w, mask=pmask, other=0).to(tl.int64)
+    ly = tl.load(ul_ptr + h, mask=pmask, other=0.0)
+    lx = tl.load(ul_ptr + Hh + w, mask=pmask, other=0.0)
+    xb = n * sxn
+    return (xb + iy0 * sxh + ix0 * sxw, xb + iy0 * sxh + ix1 * sxw, xb + iy1 * sxh + ix0 * sxw,
+            xb + iy1 * sxh + ix1 * sxw, lx, ly)
+
+
+@triton.jit
 def _hierarchical_softmax_kernel(
-    x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
+    x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
     P, HW, W,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
@@ -73,14 +119,22 @@ def _hierarchical_softmax_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     HAS_EPS: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_STATS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr, DP: tl.constexpr,
-    FLAT: tl.constexpr, FAST: tl.constexpr,
+    FLAT: tl.constexpr, FAST: tl.constexpr, UPSAMPLE: tl.constexpr,
 ):
     # A program owns BLOCK_P pixels, a few consecutive ones per thread (one 16-byte load per channel
     # row); the channels go by in chunks of BLOCK_C held in the thread's registers, so every reduction
     # over channels stays inside a thread. Levels 1 .. D-1 are rows of [DP, BLOCK_P] tiles (also
     # in-thread); level D's group is the label alone (lse_D = z_y, gathered).
-    pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
-                                                           sgw, son, soh, sow, BLOCK_P, FLAT, BLOCK_P)
+    # UPSAMPLE (forward only, 1-D grid): P, HW and W are the target's; every logit of a pixel is the
+    # interpolation of its 2x2 stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables).
+    if UPSAMPLE:
+        pid = tl.program_id(0)
+        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
+        tpix = n * stn + h * sth + w * stw
+        u00, u01, u10, u11, lx, ly = _up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
+    else:
+        pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
+                                                               sgw, son, soh, sow, BLOCK_P, FLAT, BLOCK_P)
     P64 = tl.zeros_like(p) + P  # (d + 1) * P in 64 bits: the statistics rows may pass 2^31 in all
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
 
@@ -99,8 +153,14 @@ def _hierarchical_softmax_kernel(
         for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < L
-            x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :],  # sm90: logits
-                        mask=cmask[:, None] & pmask[None, :], other=float("-inf")).to(ACC)
+            if UPSAMPLE:
+                mask2 = cmask[:, None] & pmask[None, :]
+                x = _lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :],  # sm90: logits
+                          u11[None, :], lx[None, :], ly[None, :], mask2, ACC)
+                x = tl.where(mask2, x, float("-inf"))
+            else:
+                x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :],  # sm90: logits
+                            mask=cmask[:, None] & pmask[None, :], other=float("-inf")).to(ACC)
             m_new = tl.maximum(m, tl.max(x, axis=0))
             alpha = C.exp2((m - m_new) * LOG2E, FAST)
             e = C.exp2(x * LOG2E - (m_new * LOG2E)[None, :], FAST)
@@ -113,7 +173,10 @@ def _hierarchical_softmax_kernel(
                 sd = tl.where((dl == d)[:, None], sd + part[None, :], sd)
             m = m_new
         lse = m + tl.log(s)
-        zy = tl.load(x_ptr + y * sxc + xpix, mask=pmask, other=0.0).to(ACC)
+        if UPSAMPLE:
+            zy = _lerp(x_ptr + y * sxc, u00, u01, u10, u11, lx, ly, pmask, ACC)
+        else:
+            zy = tl.load(x_ptr + y * sxc + xpix, mask=pmask, other=0.0).to(ACC)
         lse2 = m[None, :] + tl.log(tl.maximum(sd, TINY))
         far = (sd < TINY) & (dl < D - 1)[:, None] & pmask[None, :]
         # Levels first (inside a thread), then across the block.
@@ -121,7 +184,11 @@ def _hierarchical_softmax_kernel(
             # A group whose terms underflow next to the pixel's max: its own max, then its own sum.
             mg = tl.full([DP, BLOCK_P], float("-inf"), ACC)
             for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
-                c, cmask, x = _leaves(x_ptr, c0, sxc, xpix, pmask, float("-inf"), L, BLOCK_C, ACC)
+                if UPSAMPLE:
+                    c, cmask, x = _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, float("-inf"), L,
+                                             BLOCK_C, ACC)
+                else:
+                    c, cmask, x = _leaves(x_ptr, c0, sxc, xpix, pmask, float("-inf"), L, BLOCK_C, ACC)
                 for d in tl.static_range(D - 1):
                     g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
                     g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
@@ -129,7 +196,11 @@ def _hierarchical_softmax_kernel(
                     mg = tl.where((dl == d)[:, None], tl.maximum(mg, part[None, :]), mg)
             sg = tl.zeros([DP, BLOCK_P], dtype=ACC)
             for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
-                c, cmask, x = _leaves(x_ptr, c0, sxc, xpix, pmask, float("-inf"), L, BLOCK_C, ACC)
+                if UPSAMPLE:
+                    c, cmask, x = _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, float("-inf"), L,
+                                             BLOCK_C, ACC)
+                else:
+                    c, cmask, x = _leaves(x_ptr, c0, sxc, xpix, pmask, float("-inf"), L, BLOCK_C, ACC)
                 for d in tl.static_range(D - 1):
                     g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
                     g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
@@ -209,6 +280,123 @@ def _hierarchical_softmax_kernel(
                      mask=mask2)
 
 
+@triton.jit
+def _hierarchical_softmax_up_bwd_kernel(
+    x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, ui_ptr, ul_ptr, win_ptr, g_ptr, go_ptr,
+    P, Hh, W, hl, wl, QBLOCKS,
+    sxn, sxc, sxh, sxw,
+    stn, sth, stw,
+    sgn, sgc, sgh, sgw,
+    son, soh, sow,
+    eps, ignore_index,
+    L: tl.constexpr, D: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, ACC: tl.constexpr,
+    HAS_EPS: tl.constexpr, GRAD_MODE: tl.constexpr, DP: tl.constexpr, FAST: tl.constexpr,
+    KY: tl.constexpr, KX: tl.constexpr,
+):
+    # The backward of the upsampled loss, by gathering: a program owns BLOCK_Q low-resolution pixels (i, j)
+    # of one image and, chunk by chunk of BLOCK_C leaves, sums wy * wx * g[c, Y, X] over the full-resolution
+    # pixels (Y, X) whose stencil holds (i, j) (per axis the window win: the outputs whose i0 is i - 1 or i,
+    # at most KY rows and KX columns), g being the full-resolution gradient (the module docstring's formulas)
+    # recomputed there from the pixel's label, statistics and grad_output and its interpolated logits. Each
+    # element is written once, its terms summed in a fixed order: no atomics, bitwise reproducible.
+    pid = tl.program_id(0)
+    n = (pid // QBLOCKS).to(tl.int64)
+    q = (pid % QBLOCKS) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < hl * wl
+    i = tl.where(qmask, q // wl, 0)
+    j = tl.where(qmask, q % wl, 0)
+    ys = tl.load(win_ptr + i)
+    yn = tl.load(win_ptr + hl + i)
+    xs = tl.load(win_ptr + 2 * hl + j)
+    xn = tl.load(win_ptr + 2 * hl + wl + j)
+    P64 = tl.zeros([BLOCK_Q], dtype=tl.int64) + P
+    dl = tl.arange(0, DP)
+    dmask = dl < D
+    if GRAD_MODE == 1:
+        g1 = tl.load(go_ptr).to(ACC)
+    for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < L
+        xc = x_ptr + c.to(tl.int64)[:, None] * sxc
+        acc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+        for dy in range(0, KY):  # sm90: trips=KY
+            yok = qmask & (dy < yn)
+            Y = tl.where(yok, ys + dy, 0)
+            iy0 = tl.load(ui_ptr + Y)
+            iy1 = tl.load(ui_ptr + Hh + Y)
+            ly = tl.load(ul_ptr + Y)
+            wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
+            for dx in range(0, KX):  # sm90: trips=KX
+                ok = yok & (dx < xn)
+                X = tl.where(ok, xs + dx, 0)
+                ix0 = tl.load(ui_ptr + 2 * Hh + X)
+                ix1 = tl.load(ui_ptr + 2 * Hh + W + X)
+                lx = tl.load(ul_ptr + Hh + X)
+                wx = tl.where(ix0 == j, 1.0 - lx, 0.0) + tl.where(ix1 == j, lx, 0.0)
+                Y64 = Y.to(tl.int64)
+                X64 = X.to(tl.int64)
+                p = (n * Hh + Y64) * W + X64
+                y, valid, bad = C.load_labels(t_ptr + n * stn + Y64 * sth + X64 * stw, ok, ignore_index, L)
+                lse = tl.load(stats_ptr + p, mask=ok, other=0.0)
+                lse2 = tl.load(stats_ptr + (dl[:, None] + 1) * P64[None, :] + p[None, :],
+                               mask=dmask[:, None] & ok[None, :], other=0.0)
+                if GRAD_MODE == 1:
+                    gsc = tl.zeros([BLOCK_Q], dtype=ACC) + g1
+                else:
+                    gsc = tl.load(go_ptr + n * son + Y64 * soh + X64 * sow, mask=ok, other=0.0).to(ACC)
+                gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+                # Per pixel: lse_d and F_d (B_d for eps > 0) per level (as in _hierarchical_softmax_kernel).
+                zero = tl.zeros([BLOCK_Q], dtype=ACC)
+                F = zero
+                A = zero
+                Bk = zero
+                wsum = zero
+                lse_prev = lse
+                F2 = tl.zeros([DP, BLOCK_Q], dtype=ACC)
+                for d in tl.static_range(D):
+                    lse_d = tl.sum(tl.where((dl == d)[:, None], lse2, 0.0), axis=0)
+                    w_d = tl.load(w_ptr + d).to(ACC)
+                    if HAS_EPS:
+                        P_d = tl.exp(lse_d - lse)
+                        A += w_d * P_d / (P_d + eps)
+                        Bk += w_d / (P_d + eps)
+                        F2 = tl.where((dl == d)[:, None], Bk[None, :], F2)
+                    else:
+                        F = tl.exp(lse_d - lse_prev) * F + w_d
+                        lse_prev = lse_d
+                        wsum += w_d
+                        F2 = tl.where((dl == d)[:, None], F[None, :], F2)
+                coef = A if HAS_EPS else wsum
+                u00, u01, u10, u11 = (n * sxn + iy0.to(tl.int64) * sxh + ix0.to(tl.int64) * sxw,
+                                      n * sxn + iy0.to(tl.int64) * sxh + ix1.to(tl.int64) * sxw,
+                                      n * sxn + iy1.to(tl.int64) * sxh + ix0.to(tl.int64) * sxw,
+                                      n * sxn + iy1.to(tl.int64) * sxh + ix1.to(tl.int64) * sxw)
+                mask2 = cmask[:, None] & ok[None, :]
+                x = _lerp(xc, u00[None, :], u01[None, :], u10[None, :], u11[None, :], lx[None, :], ly[None, :],  # sm90: logits
+                          mask2, ACC)
+                sel_r = tl.full([BLOCK_C, BLOCK_Q], float("inf"), ACC)
+                sel_f = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+                for d in tl.static_range(D):
+                    g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                    g_y = tl.load(lg_ptr + d * L + y, mask=ok, other=-1)
+                    in_g = g_c[:, None] == g_y[None, :]
+                    if not HAS_EPS:
+                        sel_r = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], lse2 * LOG2E, 0.0), axis=0)[None, :], sel_r)
+                    sel_f = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], F2, 0.0), axis=0)[None, :], sel_f)
+                prob = C.exp2(x * LOG2E - (lse * LOG2E)[None, :], FAST)
+                if HAS_EPS:
+                    grad = prob * (coef[None, :] - sel_f)
+                else:
+                    grad = coef[None, :] * prob - C.exp2(x * LOG2E - sel_r, FAST) * sel_f
+                # 0 off the window and at ignored pixels (whatever their logits); a zero weight times a NaN
+                # gradient stays NaN, as in F.interpolate's backward.
+                grad = tl.where(valid[None, :], grad * gsc[None, :], 0.0)
+                acc += (wy * wx)[None, :] * grad
+        tl.store(g_ptr + n * sgn + c.to(tl.int64)[:, None] * sgc + (i.to(tl.int64) * sgh + j.to(tl.int64) * sgw)[None, :],
+                 acc.to(g_ptr.dtype.element_ty), mask=cmask[:, None] & qmask[None, :])
+
+
 # A group sum of e^{z - max} below TINY may have lost terms to underflow (float32 normals end at 1e-38,
 # so terms 1e-18 below the largest one are still exact; float64 ends at 1e-308).
 _TINY = {torch.float32: 1e-20, torch.float64: 1e-200}
@@ -218,13 +406,15 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
             loss_mode, loss=None, grad=None, grad_out=None, grad_mode=C.GRAD_NONE):
     """Runs ``_hierarchical_softmax_kernel`` once; returns (partials, counts) when ``loss_mode`` is LOSS_PARTIALS."""
     return C.launch_loss_kernel(
-        _hierarchical_softmax_kernel, logits, target, (leaf_group, level_w, stats), (float(eps), int(ignore_index)),
+        _hierarchical_softmax_kernel, logits, target, (leaf_group, level_w, stats, stats, stats),
+        (float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         L=logits.shape[1], D=leaf_group.shape[0], HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats,
         WRITE_STATS=write_stats, TINY=_TINY[C.acc_dtype(logits.dtype)],
         DP=triton.next_power_of_2(leaf_group.shape[0]), blocks=_blocks(logits),
         FAST=C.fast_exp(logits),
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
+        UPSAMPLE=False,
     )
 
 
@@ -246,6 +436,105 @@ def gpu_blocks(logits):
         return 1, 512, 4
     vec = max(1, 16 // logits.element_size())
     return max(1, 32 // vec), vec * 32 * 4, 4
+
+
+@functools.lru_cache(maxsize=64)
+def _axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
+    """One axis of the interpolation (docs/MATH.md §6.1, ATen's rule), computed in ``dtype`` (float32 or
+    float64, as F.interpolate of the accumulation dtype does): (i0, i1, lambda) per output index, and per
+    input index i the window of outputs whose stencil holds it (those whose i0 is i - 1 or i: a run, i0
+    being nondecreasing), as (start, count)."""
+    np_t = np.float64 if dtype == torch.float64 else np.float32
+    dst = np.arange(n_out).astype(np_t)
+    if align_corners:
+        scale = np_t(n_in - 1) / np_t(n_out - 1) if n_out > 1 else np_t(0)
+        src = scale * dst
+    else:
+        scale = np_t(n_in) / np_t(n_out)
+        src = np.maximum(scale * (dst + np_t(0.5)) - np_t(0.5), np_t(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    lam = np.clip(src - i0.astype(np_t), np_t(0), np_t(1)).astype(np_t)
+    idx = np.arange(n_in)
+    start = np.searchsorted(i0, idx - 1, side="left")
+    count = np.searchsorted(i0, idx, side="right") - start
+    return i0, i1, lam, start, count
+
+
+@functools.lru_cache(maxsize=64)
+def _up_tables(h: int, w: int, H: int, W: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
+    """The kernels' interpolation tables on ``device``: indices int32 [i0 (H), i1 (H), i0 (W), i1 (W)],
+    weights in ``dtype`` [lambda (H), lambda (W)], windows int32 [start (h), count (h), start (w),
+    count (w)], and the longest window per axis (KY, KX)."""
+    ry, rx = _axis(h, H, align_corners, dtype), _axis(w, W, align_corners, dtype)
+    idx = torch.from_numpy(np.concatenate([ry[0], ry[1], rx[0], rx[1]]).astype(np.int32))
+    lam = torch.from_numpy(np.concatenate([ry[2], rx[2]]))
+    win = torch.from_numpy(np.concatenate([ry[3], ry[4], rx[3], rx[4]]).astype(np.int32))
+    return (idx.to(device), lam.to(device), win.to(device), int(ry[4].max(initial=0)), int(rx[4].max(initial=0)))
+
+
+def _up_blocks(logits, backward=False):
+    """(BLOCK_C, BLOCK_P or BLOCK_Q, num_warps) of the upsampled kernels: under the interpreter 8 leaves and
+    256 pixels at a time; compiled, one pixel per thread and 4 leaves a chunk (the forward; 8 for the
+    float32 backward): every value is four gathered loads with 64-bit addresses, and sm_90 spills beyond
+    that (tests/_triton_compile_sm90.py: forward 144 registers, float32 backward 218-240, float64 238)."""
+    if C.interpreted(logits.device):
+        return 8, 256, 4
+    if backward and C.acc_dtype(logits.dtype) == torch.float32:
+        return 8, 128, 4
+    return 4, 128, 4
+
+
+def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats, align_corners, loss_mode, loss):
+    """The forward of the upsampled loss: ``_hierarchical_softmax_kernel`` with UPSAMPLE over the target's
+    pixels (1-D grid); returns (partials, counts) as :func:`_common.launch_loss_kernel`."""
+    N, L, h, w = logits.shape
+    _, H, W = target.shape
+    acc = C.acc_dtype(logits.dtype)
+    idx, lam, _, _, _ = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    P = N * H * W
+    block_c, block_p, warps = _up_blocks(logits)
+    grid = (max(triton.cdiv(P, block_p), 1),)
+    partials = torch.empty(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=logits.device)
+    counts = torch.empty_like(partials, dtype=torch.int32)
+    C.launch(
+        _hierarchical_softmax_kernel, grid, logits,
+        logits, target, leaf_group, level_w, stats, idx, lam, partials if loss is None else loss, partials, counts,
+        partials, partials,
+        P, max(H * W, 1), max(W, 1),
+        *logits.stride(), *target.stride(), 0, 0, 0, 0, 0, 0, 0,
+        float(eps), int(ignore_index),
+        L=L, D=leaf_group.shape[0], BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+        HAS_EPS=eps > 0, COMPUTE_STATS=True, WRITE_STATS=True, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
+        TINY=_TINY[acc], DP=triton.next_power_of_2(leaf_group.shape[0]), FLAT=False, FAST=C.fast_exp(logits),
+        UPSAMPLE=True, num_warps=warps,
+    )
+    return partials, counts
+
+
+def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_w, stats, eps, ignore_index,
+                   align_corners):
+    """Writes ``grad`` (the low-resolution logits' gradient) with ``_hierarchical_softmax_up_bwd_kernel``."""
+    N, L, h, w = logits.shape
+    _, H, W = target.shape
+    if N == 0:
+        return
+    acc = C.acc_dtype(logits.dtype)
+    idx, lam, win, KY, KX = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    block_c, block_q, warps = _up_blocks(logits, backward=True)
+    block_q = min(block_q, max(triton.next_power_of_2(h * w), 16))
+    qblocks = triton.cdiv(h * w, block_q)
+    gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
+    C.launch(
+        _hierarchical_softmax_up_bwd_kernel, (N * qblocks,), logits,
+        logits, target, leaf_group, level_w, stats, idx, lam, win, grad, grad_out,
+        N * H * W, H, W, h, w, qblocks,
+        *logits.stride(), *target.stride(), *grad.stride(), *gos,
+        float(eps), int(ignore_index),
+        L=L, D=leaf_group.shape[0], BLOCK_C=block_c, BLOCK_Q=block_q, ACC=C.tl_acc(logits.dtype),
+        HAS_EPS=eps > 0, GRAD_MODE=grad_mode, DP=triton.next_power_of_2(leaf_group.shape[0]),
+        FAST=C.fast_exp(logits), KY=KY, KX=KX, num_warps=warps,
+    )
 
 
 # ----------------------------------------------------------------------------------- custom ops
@@ -334,6 +623,72 @@ def _backward(ctx, g_loss, g_stats, g_count, g_grad):
 _hierarchical_softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("hss_triton::hierarchical_softmax_up_fwd", mutates_args=())
+def _hierarchical_softmax_up_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
+                                 level_w: torch.Tensor, eps: float, ignore_index: int, reduction: str,
+                                 align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of low-resolution logits ``(N, L, h, w)`` bilinearly upsampled to the target's ``(H, W)``:
+    → (loss, statistics (D+1, N*H*W), count of non-ignored pixels)."""
+    N = logits.shape[0]
+    _, H, W = target.shape
+    D = leaf_group.shape[0]
+    acc = C.acc_dtype(logits.dtype)
+    stats = torch.empty((D + 1, N * H * W), dtype=acc, device=logits.device)
+    if reduction == "none":
+        loss = torch.empty((N, H, W), dtype=acc, device=logits.device)
+        _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats, align_corners,
+                       C.LOSS_PER_PIXEL, loss)
+        count = torch.zeros((), dtype=torch.int64, device=logits.device)
+    else:
+        partials, counts = _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats,
+                                          align_corners, C.LOSS_PARTIALS, None)
+        loss = C.reduce_partials(partials, counts, reduction)
+        count = counts.sum(dtype=torch.int64)
+    return loss, stats, count
+
+
+@_hierarchical_softmax_up_fwd.register_fake
+def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners):
+    N, H, W = target.shape
+    acc = C.acc_dtype(logits.dtype)
+    loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
+    stats = logits.new_empty((leaf_group.shape[0] + 1, N * H * W), dtype=acc)
+    return loss, stats, logits.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("hss_triton::hierarchical_softmax_up_bwd", mutates_args=())
+def _hierarchical_softmax_up_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                                 leaf_group: torch.Tensor, level_w: torch.Tensor, stats: torch.Tensor,
+                                 count: torch.Tensor, eps: float, ignore_index: int, reduction: str,
+                                 align_corners: bool) -> torch.Tensor:
+    """The gradient of the low-resolution logits, in their dtype (and strides where dense)."""
+    grad = torch.empty_like(logits)
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
+    _launch_up_bwd(grad, go, mode, logits, target, leaf_group, level_w, stats, eps, ignore_index, align_corners)
+    return grad
+
+
+@_hierarchical_softmax_up_bwd.register_fake
+def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction, align_corners):
+    return torch.empty_like(logits)
+
+
+def _up_setup_context(ctx, inputs, output):
+    logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners = inputs
+    loss, stats, count = output
+    ctx.opts = (eps, ignore_index, reduction, align_corners)
+    ctx.save_for_backward(logits, target, leaf_group, level_w, stats, count)
+
+
+def _up_backward(ctx, g_loss, g_stats, g_count):
+    logits, target, leaf_group, level_w, stats, count = ctx.saved_tensors
+    dx = _hierarchical_softmax_up_bwd(g_loss, logits, target, leaf_group, level_w, stats, count, *ctx.opts)
+    return dx, None, None, None, None, None, None, None
+
+
+_hierarchical_softmax_up_fwd.register_autograd(_up_backward, setup_context=_up_setup_context)
+
+
 # ----------------------------------------------------------------------------------- public
 def _tables(tree: Tree, level_weights, dtype, device):
     """(leaf_group, level weights) as the kernel reads them; the weights never take a gradient."""
@@ -351,6 +706,8 @@ def hierarchical_softmax_loss(
     ignore_index: int = 255,
     reduction: str = "mean",
     single_pass: bool = False,
+    upsample: Optional[str] = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Hierarchical softmax loss on the Triton backend (see ``hss_kernels.hierarchical_softmax_loss``).
 
@@ -363,14 +720,40 @@ def hierarchical_softmax_loss(
     logits once instead of twice; backward then scales the saved gradient by the incoming one (an
     elementwise pass over the gradient: :func:`hierarchical_softmax_loss_and_grad` skips even that).
 
-    Raises ValueError for a non-4-D input or ``single_pass`` with ``reduction="none"``.
+    ``upsample="bilinear"``: ``logits`` ``(N, L, h, w)`` at most the target's ``(N, H, W)`` size; the loss of
+    the logits interpolated as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` in float32
+    (float64), fused: neither the full-resolution logits nor their gradient is stored (the backward gathers
+    each low-resolution element's terms in a fixed order). Not with ``single_pass``.
+
+    Raises ValueError for a non-4-D input, ``single_pass`` with ``reduction="none"`` or with ``upsample``,
+    an ``upsample`` other than None or "bilinear", or a target smaller than the logits or of another batch.
     """
     C.check_call(logits, target, reduction, single_pass, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
+    if upsample is not None:
+        _check_upsample(logits, target, upsample, single_pass)
+        loss, _, _ = _hierarchical_softmax_up_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index),
+                                                  reduction, bool(align_corners))
+        return loss
     loss, _, _, _ = _hierarchical_softmax_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index), reduction,
                              bool(single_pass))
     return loss
+
+
+hierarchical_softmax_loss.takes_upsample = True  # functional.py passes upsample= / align_corners= through
+
+
+def _check_upsample(logits, target, upsample, single_pass):
+    if upsample != "bilinear":
+        raise ValueError(f"upsample must be None or 'bilinear', got {upsample!r}")
+    if single_pass:
+        raise ValueError("single_pass does not take upsample: the fused upsampling has its own backward "
+                         "(call without single_pass)")
+    N, _, h, w = logits.shape
+    if target.shape[0] != N or target.shape[1] < h or target.shape[2] < w or h < 1 or w < 1:
+        raise ValueError(f"upsample='bilinear' takes logits (N, L, h, w), h, w >= 1, and a target (N, H, W) with "
+                         f"H >= h, W >= w; got {tuple(logits.shape)} and {tuple(target.shape)}")
 
 
 def hierarchical_softmax_loss_and_grad(
