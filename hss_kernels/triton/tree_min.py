@@ -87,10 +87,42 @@ def _bind(v, ref, PIN: tl.constexpr):
     """The int32 v computed in the register layout of the float32 ref (PIN; else v itself): one layout
     conversion here instead of one at every node that combines a label-derived value with a logit."""
     if PIN:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,f", [v, ref], dtype=tl.int32, is_pure=True,
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,f", [v, ref], dtype=tl.int32, is_pure=False,
                                          pack=1)
     else:
         return v
+
+
+@triton.jit
+def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_K: tl.constexpr):
+    """(cmin, kpath, xas) over the label's path (tuples, element d - 1 for depth d): the running minimum of the
+    path logits (strict <: ties stay with the shallower node; kept negated: the focal takes w = −z), with
+    WANT_K the weight each path node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6,
+    path side), and the path logits themselves (0 past the leaf)."""
+    cmin = ()
+    kpath = ()
+    xas = ()
+    cur = zero
+    arg = tl.zeros(zero.shape, dtype=tl.int32)
+    for d in tl.static_range(D):
+        a = path[d]
+        act = pmask & (a >= 0)
+        a0 = tl.where(act, a, 0)
+        xa = tl.load(x_ptr + xpix + a0.to(tl.int64) * sxc, mask=act, other=0.0).to(zero.dtype)
+        xas = xas + (xa,)
+        if d == 0:
+            take = act
+        else:
+            take = act & (xa < cur)
+        cur = tl.where(take, xa, cur)
+        cmin = cmin + (-cur,)
+        if WANT_K:
+            arg = tl.where(take, d, arg)
+            ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(zero.dtype)
+            kpath = kpath + (zero,)
+            for j in tl.static_range(d + 1):
+                kpath = T.replace(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
+    return cmin, kpath, xas
 
 
 @triton.jit
@@ -107,7 +139,7 @@ def _tree_min_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
-    G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr,
+    G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -129,34 +161,13 @@ def _tree_min_kernel(
     WANT_GRAD: tl.constexpr = GRAD_MODE != 0
 
     zero = tl.zeros([BLOCK_P], dtype=ACC)
-    # The label's path a_d(y) (-1 past its leaf), and for the tree-min the running minimum of the path
-    # logits (strict <: ties stay with the shallower node; kept negated) and, for the gradient, the weight each path
-    # node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6, path side). Element
-    # d - 1 of these tuples is depth d.
+    # The label's path a_d(y) (-1 past its leaf), element d - 1 of the tuple for depth d; for the tree-min
+    # the running minimum of the path logits and the path nodes' gradient weights (_path_min).
     path = ()
-    cmin = ()
-    kpath = ()
-    cur = zero
-    arg = tl.zeros([BLOCK_P], dtype=tl.int32)
     for d in tl.static_range(D):
-        a = _bind(tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1), xs[0], PIN)
-        path = path + (a,)
-        if USE_EXTREMA:
-            act = pmask & (a >= 0)
-            a0 = tl.where(act, a, 0)
-            xa = tl.load(x_ptr + xpix + a0.to(tl.int64) * sxc, mask=act, other=0.0).to(ACC)
-            if d == 0:
-                take = act
-            else:
-                take = act & (xa < cur)
-            cur = tl.where(take, xa, cur)
-            cmin = cmin + (-cur,)  # negated: the focal takes w = −z
-            if WANT_GRAD:
-                arg = tl.where(take, d, arg)
-                ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(ACC)
-                kpath = kpath + (zero,)
-                for j in tl.static_range(d + 1):
-                    kpath = T.replace(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
+        path = path + (_bind(tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1), xs[0], PIN),)
+    if USE_EXTREMA:
+        cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD)
 
     if WANT_GRAD:
         if GRAD_MODE == 1:
@@ -182,7 +193,7 @@ def _tree_min_kernel(
                     acc = T.pin(acc, PIN)
                     cm = T.pin_all(cm, PIN)
                     mi = T.pin_all(mi, PIN)
-                xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC)
+                xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC, False, ADDR_PIN)
             x = xs[j % G]
             if LEAF[V - 1 - j]:
                 m = x
@@ -205,7 +216,11 @@ def _tree_min_kernel(
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
             # Top-down, in pre-order: an off-path node's weight k_v goes to M_v's argmax (first in
             # pre-order: v itself if x_v = M_v, else the first child with the same maximum). Element
-            # d - 1 of `pend` holds what the open node at depth d still owes one of its children.
+            # d - 1 of `pend` holds what the open node at depth d still owes one of its children. Every
+            # node's gradient is written here in its off-path form; the (at most D) path nodes' entries are
+            # rewritten afterwards. Only an internal path node's own weight must stay out of the routing
+            # (a path node's children never inherit: its ancestors are all on the path).
+            ngsc = -gsc  # the off-path sign
             mo = ()
             pend = ()
             for d in tl.static_range(D):
@@ -216,15 +231,15 @@ def _tree_min_kernel(
                     if PIN and i > 0:
                         mo = T.pin_all(mo, PIN)
                         pend = T.pin_all(pend, PIN)
-                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True)
+                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True, ADDR_PIN)
                     gs = ()
                 x = xs[i % G]
-                on = path[DEP[i] - 1] == CH[i]
+                kin = tl.load(k_ptr + CH[i]).to(ACC)
                 if LEAF[i]:
                     m = x
                 else:
                     m = mi[IDX[i]]
-                kin = tl.where(on, 0.0, tl.load(k_ptr + CH[i]).to(ACC))
+                    kin = tl.where(path[DEP[i] - 1] == CH[i], 0.0, kin)
                 if DEP[i] > 1:
                     hit = m == mo[DEP[i] - 2]
                     kin += tl.where(hit, pend[DEP[i] - 2], 0.0)
@@ -236,14 +251,25 @@ def _tree_min_kernel(
                     kk = tl.where(own, kin, 0.0)
                     pend = T.replace(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
                     mo = T.replace(mo, DEP[i] - 1, m)
-                kk = tl.where(on, kpath[DEP[i] - 1], kk)
-                _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
-                g = kk * df
-                g = tl.where(on, g, -g)
-                g = tl.where(valid, g * gsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
+                _, df = _focal2(x, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                g = tl.where(valid, (kk * df) * ngsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
                 gs = gs + (g,)
                 if i % G == G - 1 or i == V - 1:
-                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
+                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G, ADDR_PIN)
+            # The path nodes: a_d gets the weight K of the deeper path nodes whose argmin it is, at z = x
+            # (w = −x), its logit loaded again (not kept live across the walk). The barrier: the rows' stores
+            # and these need not share a register layout (another thread may have written the row).
+            tl.debug_barrier()
+            for d in tl.static_range(D):
+                # channels_last: its mask and address made here, not kept from the start (a 4-byte spill
+                # otherwise); on NCHW the pin made ptxas spill more (sm90 model), so not there.
+                a = T.pin(path[d], PIN and ADDR_PIN == 0)
+                act = pmask & (a >= 0)
+                a64 = tl.where(act, a, 0).to(tl.int64)
+                xa = tl.load(x_ptr + xpix + a64 * sxc, mask=act, other=0.0).to(ACC)
+                _, df = _focal2(-xa, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                g = tl.where(valid, (kpath[d] * df) * gsc, 0.0)
+                tl.store(g_ptr + gpix + a64 * sgc, g.to(g_ptr.dtype.element_ty), mask=act)
     else:
         # Tree BCE: every node its own extremum, one pass: loss and gradient share the sigmoids. The
         # gradient rows are written before the pixel's NaN scan is complete; the rare pixel with a NaN
@@ -272,7 +298,7 @@ def _tree_min_kernel(
                 g = tl.where(valid, g * gsc, 0.0)
                 gs = gs + (g,)
                 if i % G == G - 1 or i == V - 1:
-                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
+                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G, ADDR_PIN)
         nan = big != big
         late = valid & nan & (~bad)
         bad = bad | (valid & nan)
@@ -312,7 +338,19 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), VEC=PIXELS_PER_THREAD,
+        ADDR_PIN=_addr_pin(logits, grad) if grad_mode != C.GRAD_NONE and use_extrema else 0,
     )
+
+
+def _addr_pin(logits, grad):
+    """The kernel's ADDR_PIN (``_tree.channel_offsets``) for the tree-min gradient (two passes over V nodes; the
+    one-pass variants keep their address chains, which cost fewer instructions and no spill): 0 (no pin)
+    without PIN or where a channel stride is 1 (channels_last: the compiler's constant), else the channel
+    strides' common alignment (16 or 1)."""
+    strides = [logits.stride(1)] + ([grad.stride(1)] if grad is not None else [])
+    if not C.fast_exp(logits) or logits.shape[1] <= 1 or any(s == 1 for s in strides):
+        return 0
+    return 16 if all(s % 16 == 0 for s in strides) else 1
 
 
 def _tree_sizes(tree: Tree) -> List[int]:
