@@ -14,11 +14,12 @@ and node weights k_v (``tables.node_weight_vector``):
 
 ``_tree_min_kernel`` has the tree compiled in (docs/MATH.md §3.10): the pre-order channels, depths, leaf
 flags and internal ordinals are constexpr tuples, so a pixel's work is straight-line code, one step per
-node, with pixels across threads (two consecutive pixels per thread on NCHW) and the logits of 8 nodes per
-load (a [pixels, 8] tile). The forward walks the nodes
-bottom-up (reverse pre-order) keeping one running maximum per depth; the gradient adds a top-down pass
-that routes each off-path weight to its subtree's argmax. Nothing is saved for the backward: it
-recomputes the extrema from the logits (one more read, no argmin/argmax tensor of size P·V).
+node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes in the tree-min forward,
+two elsewhere) and the logits of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min
+forward). The forward walks the nodes bottom-up (reverse pre-order) keeping one running maximum per depth;
+the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax. Nothing is
+saved for the backward: it recomputes the extrema from the logits (one more read, no argmin/argmax tensor of
+size P·V).
 """
 from __future__ import annotations
 
@@ -151,9 +152,16 @@ def _tree_min_kernel(
     sxc64 = tl.cast(sxc, tl.int64)  # channel offsets in 64 bits
     sgc64 = tl.cast(sgc, tl.int64)
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
-    # The first step's logits, loaded early: the labels move to their register layout once (_bind).
+    # The first step's logits, loaded early: the labels move to their register layout once (_bind). Its
+    # first node's row is also read as a [pixels] vector: Triton gives every [pixels] load that shares data
+    # with it (the labels, the path gathers) its VEC pixels per thread (loads take the widest of their
+    # slice), where the int64 labels alone would get 16 bytes (2 pixels): one register layout for all.
     xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
-    code = _bind(tl.where(valid, tl.where(bad, -2, y), -1).to(tl.int32), xs[0], PIN)
+    if USE_EXTREMA:
+        x0 = tl.load(x_ptr + xpix + CH[V - 1] * sxc64, mask=pmask, other=0.0).to(ACC)
+    else:
+        x0 = tl.load(x_ptr + xpix + CH[0] * sxc64, mask=pmask, other=0.0).to(ACC)
+    code = _bind(tl.where(valid, tl.where(bad, -2, y), -1).to(tl.int32), x0, PIN)
     valid = code != -1
     bad = code == -2
     y = tl.maximum(code, 0)
@@ -193,6 +201,11 @@ def _tree_min_kernel(
                     acc = T.pin(acc, PIN)
                     cm = T.pin_all(cm, PIN)
                     mi = T.pin_all(mi, PIN)
+                if ADDR_PIN > 0 and WANT_GRAD:
+                    # A store that never happens (P >= 0) but may alias the logits: the compilers keep the
+                    # next group's loads after it instead of hoisting all V loads of this pass (nothing is
+                    # stored before the top-down pass) to the start, one register each.
+                    tl.store(cnt_ptr, 0, mask=P < 0)
                 xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC, False, ADDR_PIN)
             x = xs[j % G]
             if LEAF[V - 1 - j]:
@@ -316,10 +329,22 @@ def _tree_min_kernel(
         C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
 
-# Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16): every load of a program
-# (logits, labels, the label's path) then has one register layout. At 16 bytes per thread the logits' layout
-# differs from the int64 labels' and every node pays a layout conversion through shared memory.
+# Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16) for the gradient kernels and the
+# tree BCE; the tree-min forward takes 16 bytes (FORWARD_BYTES, _shape). Every [pixels] load of a program
+# (labels, the label's path) shares the logits' register layout (see the kernel's x0).
 PIXELS_PER_THREAD = 2
+FORWARD_BYTES = 16
+
+
+def _shape(logits, use_extrema=False, two_pass=False):
+    """(VEC, G) of a compiled launch on NCHW: the tree-min forward (no gradient) reads 16 bytes of consecutive
+    pixels per load (float32 4, bfloat16 8 pixels per thread), bfloat16 with G = 2 nodes per step (8 made
+    ptxas spill 304 bytes at 8 pixels); everything else PIXELS_PER_THREAD pixels and T.GROUP nodes (the
+    gradient keeps every internal node's maximum per pixel across its two passes)."""
+    if use_extrema and not two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1):
+        size = logits.element_size()
+        return max(FORWARD_BYTES // size, 1), (2 if size == 2 else T.GROUP)
+    return PIXELS_PER_THREAD, T.GROUP
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
@@ -331,22 +356,23 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         sizes = list(sizes[:4]) + t[V:2 * V] + [t[c] for c in t[V:2 * V]]
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     gmode = 0 if gamma == 0 else 2 if gamma == 2 else 1
+    two_pass = grad_mode != C.GRAD_NONE and use_extrema
+    vec, group = _shape(logits, use_extrema, two_pass)
     return C.launch_loss_kernel(
         _tree_min_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
-        blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
+        blocks=_blocks(logits, two_pass, use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
-        FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), VEC=PIXELS_PER_THREAD,
-        ADDR_PIN=_addr_pin(logits, grad) if grad_mode != C.GRAD_NONE and use_extrema else 0,
+        FAST=C.fast_exp(logits), G=group, PIN=C.fast_exp(logits), VEC=vec,
+        ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0,
     )
 
 
 def _addr_pin(logits, grad):
-    """The kernel's ADDR_PIN (``_tree.channel_offsets``) for the tree-min gradient (two passes over V nodes; the
-    one-pass variants keep their address chains, which cost fewer instructions and no spill): 0 (no pin)
-    without PIN or where a channel stride is 1 (channels_last: the compiler's constant), else the channel
-    strides' common alignment (16 or 1)."""
+    """The kernel's ADDR_PIN (``_tree.channel_offsets``) for the tree-min (the tree BCE keeps its address chains,
+    which cost fewer instructions and no spill): 0 (no pin) without PIN or where a channel stride is 1
+    (channels_last: the compiler's constant), else the channel strides' common alignment (16 or 1)."""
     strides = [logits.stride(1)] + ([grad.stride(1)] if grad is not None else [])
     if not C.fast_exp(logits) or logits.shape[1] <= 1 or any(s == 1 for s in strides):
         return 0
@@ -360,23 +386,24 @@ def _tree_sizes(tree: Tree) -> List[int]:
                        + [tree.depths[c] for c in tree.dfs_order])
 
 
-def _blocks(logits, two_pass):
+def _blocks(logits, two_pass, use_extrema=False):
     """(BLOCK_C, BLOCK_P, num_warps): :func:`gpu_blocks` when compiled; under the interpreter, which pays
     per program and per operation, ``_common.block_sizes``' pixel block for one channel (up to 1024)."""
     P = C.shape_args(logits)[0]
     interp = C.block_sizes(1, P, C.interpreted(logits.device))
     if C.interpreted(logits.device):
         return interp
-    return gpu_blocks(logits, two_pass)
+    return gpu_blocks(logits, two_pass, use_extrema)
 
 
-def gpu_blocks(logits, two_pass=False):
-    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked T.GROUP nodes at a
-    time). Channel rows in memory (NCHW): PIXELS_PER_THREAD consecutive pixels per thread. Channels
-    contiguous (channels_last): one pixel per thread. ``two_pass`` (the tree-min gradient) takes the same."""
+def gpu_blocks(logits, two_pass=False, use_extrema=False):
+    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked G nodes at a
+    time). Channel rows in memory (NCHW): VEC consecutive pixels per thread (:func:`_shape`: PIXELS_PER_THREAD,
+    16 bytes for the tree-min forward). Channels contiguous (channels_last): one pixel per thread.
+    ``two_pass``: the tree-min gradient; ``use_extrema``: the tree-min (else the tree BCE)."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return 1, 128, 4
-    return 1, PIXELS_PER_THREAD * 32 * 4, 4
+    return 1, _shape(logits, use_extrema, two_pass)[0] * 32 * 4, 4
 
 
 # ----------------------------------------------------------------------------------- custom ops
