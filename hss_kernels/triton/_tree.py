@@ -107,13 +107,29 @@ def pack(v, G: tl.constexpr):
 
 
 @triton.jit
+def channel_offsets(ch, sc64, PIN: tl.constexpr):
+    """The [G] offsets ch * sc64 of a group's channels; with PIN > 0 from the channel stride through pin, the
+    products declared multiples of PIN (the launcher's word: 16 when the strides are, else 1). Pinned, every
+    group's [pixels, G] addresses are computed next to its load or store. Without it LLVM derives all V
+    channel addresses of the unrolled tree from one another up front (one 64-bit chain) and keeps them live
+    across the walk: 2 registers per node, spilled on Vistas 2.0. (Pinning the pixel offsets instead hides
+    their contiguity, and a pinned stride without multiple_of its alignment: narrower accesses, layout
+    conversions through shared memory.)"""
+    if PIN > 0:
+        return tl.multiple_of(ch.to(tl.int64) * pin(sc64, True), PIN)
+    else:
+        return ch.to(tl.int64) * sc64
+
+
+@triton.jit
 def load_group(x_ptr, xpix, sxc64, pmask, CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr,
-               REV: tl.constexpr, ACC: tl.constexpr, LAST: tl.constexpr = False):
+               REV: tl.constexpr, ACC: tl.constexpr, LAST: tl.constexpr = False, PIN: tl.constexpr = 0):
     """The logits of the G nodes at loop steps start .. start + G - 1 (one load of a [pixels, G] tile), as a
     tuple of pixel vectors. LAST: the program's last read of them (evict first; a load the compiler cannot
-    merge with the first read, which would keep every logit of the pixel live between the two passes)."""
+    merge with the first read, which would keep every logit of the pixel live between the two passes).
+    PIN: the tile's addresses from a pinned channel stride (see :func:`channel_offsets`)."""
     ch = group_channels(CH, V, start, G, REV)
-    ptr = x_ptr + xpix[:, None] + ch.to(tl.int64)[None, :] * sxc64
+    ptr = x_ptr + xpix[:, None] + channel_offsets(ch, sxc64, PIN)[None, :]
     if LAST:
         t = tl.load(ptr, mask=pmask[:, None], other=0.0, eviction_policy="evict_first")  # sm90: logits
     else:
@@ -122,15 +138,16 @@ def load_group(x_ptr, xpix, sxc64, pmask, CH, V: tl.constexpr, start: tl.constex
 
 
 @triton.jit
-def store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr):
+def store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V: tl.constexpr, start: tl.constexpr, G: tl.constexpr,
+                PIN: tl.constexpr = 0):
     """Stores the gradients gs of the nodes at pre-order steps start .. start + len(gs) - 1 (a tuple padded
-    to G vectors) as one [pixels, G] tile."""
+    to G vectors) as one [pixels, G] tile. PIN: as :func:`load_group`."""
     n: tl.constexpr = len(gs)
     for i in tl.static_range(G - n):
         gs = gs + (gs[0],)
     ch = group_channels(CH, V, start, G, False)
     cmask = tl.arange(0, G) < n
-    tl.store(g_ptr + gpix[:, None] + ch.to(tl.int64)[None, :] * sgc64,
+    tl.store(g_ptr + gpix[:, None] + channel_offsets(ch, sgc64, PIN)[None, :],
              pack(gs, G).to(g_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 

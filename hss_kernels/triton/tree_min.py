@@ -14,11 +14,12 @@ and node weights k_v (``tables.node_weight_vector``):
 
 ``_tree_min_kernel`` has the tree compiled in (docs/MATH.md §3.10): the pre-order channels, depths, leaf
 flags and internal ordinals are constexpr tuples, so a pixel's work is straight-line code, one step per
-node, with pixels across threads (two consecutive pixels per thread on NCHW) and the logits of 8 nodes per
-load (a [pixels, 8] tile). The forward walks the nodes
-bottom-up (reverse pre-order) keeping one running maximum per depth; the gradient adds a top-down pass
-that routes each off-path weight to its subtree's argmax. Nothing is saved for the backward: it
-recomputes the extrema from the logits (one more read, no argmin/argmax tensor of size P·V).
+node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes in the tree-min forward,
+two elsewhere) and the logits of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min
+forward). The forward walks the nodes bottom-up (reverse pre-order) keeping one running maximum per depth;
+the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax. Nothing is
+saved for the backward: it recomputes the extrema from the logits (one more read, no argmin/argmax tensor of
+size P·V).
 """
 from __future__ import annotations
 
@@ -87,10 +88,42 @@ def _bind(v, ref, PIN: tl.constexpr):
     """The int32 v computed in the register layout of the float32 ref (PIN; else v itself): one layout
     conversion here instead of one at every node that combines a label-derived value with a logit."""
     if PIN:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,f", [v, ref], dtype=tl.int32, is_pure=True,
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,f", [v, ref], dtype=tl.int32, is_pure=False,
                                          pack=1)
     else:
         return v
+
+
+@triton.jit
+def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_K: tl.constexpr):
+    """(cmin, kpath, xas) over the label's path (tuples, element d - 1 for depth d): the running minimum of the
+    path logits (strict <: ties stay with the shallower node; kept negated: the focal takes w = −z), with
+    WANT_K the weight each path node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6,
+    path side), and the path logits themselves (0 past the leaf)."""
+    cmin = ()
+    kpath = ()
+    xas = ()
+    cur = zero
+    arg = tl.zeros(zero.shape, dtype=tl.int32)
+    for d in tl.static_range(D):
+        a = path[d]
+        act = pmask & (a >= 0)
+        a0 = tl.where(act, a, 0)
+        xa = tl.load(x_ptr + xpix + a0.to(tl.int64) * sxc, mask=act, other=0.0).to(zero.dtype)
+        xas = xas + (xa,)
+        if d == 0:
+            take = act
+        else:
+            take = act & (xa < cur)
+        cur = tl.where(take, xa, cur)
+        cmin = cmin + (-cur,)
+        if WANT_K:
+            arg = tl.where(take, d, arg)
+            ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(zero.dtype)
+            kpath = kpath + (zero,)
+            for j in tl.static_range(d + 1):
+                kpath = T.replace(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
+    return cmin, kpath, xas
 
 
 @triton.jit
@@ -107,7 +140,7 @@ def _tree_min_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
-    G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr,
+    G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -119,9 +152,16 @@ def _tree_min_kernel(
     sxc64 = tl.cast(sxc, tl.int64)  # channel offsets in 64 bits
     sgc64 = tl.cast(sgc, tl.int64)
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
-    # The first step's logits, loaded early: the labels move to their register layout once (_bind).
+    # The first step's logits, loaded early: the labels move to their register layout once (_bind). Its
+    # first node's row is also read as a [pixels] vector: Triton gives every [pixels] load that shares data
+    # with it (the labels, the path gathers) its VEC pixels per thread (loads take the widest of their
+    # slice), where the int64 labels alone would get 16 bytes (2 pixels): one register layout for all.
     xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
-    code = _bind(tl.where(valid, tl.where(bad, -2, y), -1).to(tl.int32), xs[0], PIN)
+    if USE_EXTREMA:
+        x0 = tl.load(x_ptr + xpix + CH[V - 1] * sxc64, mask=pmask, other=0.0).to(ACC)
+    else:
+        x0 = tl.load(x_ptr + xpix + CH[0] * sxc64, mask=pmask, other=0.0).to(ACC)
+    code = _bind(tl.where(valid, tl.where(bad, -2, y), -1).to(tl.int32), x0, PIN)
     valid = code != -1
     bad = code == -2
     y = tl.maximum(code, 0)
@@ -129,34 +169,13 @@ def _tree_min_kernel(
     WANT_GRAD: tl.constexpr = GRAD_MODE != 0
 
     zero = tl.zeros([BLOCK_P], dtype=ACC)
-    # The label's path a_d(y) (-1 past its leaf), and for the tree-min the running minimum of the path
-    # logits (strict <: ties stay with the shallower node; kept negated) and, for the gradient, the weight each path
-    # node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6, path side). Element
-    # d - 1 of these tuples is depth d.
+    # The label's path a_d(y) (-1 past its leaf), element d - 1 of the tuple for depth d; for the tree-min
+    # the running minimum of the path logits and the path nodes' gradient weights (_path_min).
     path = ()
-    cmin = ()
-    kpath = ()
-    cur = zero
-    arg = tl.zeros([BLOCK_P], dtype=tl.int32)
     for d in tl.static_range(D):
-        a = _bind(tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1), xs[0], PIN)
-        path = path + (a,)
-        if USE_EXTREMA:
-            act = pmask & (a >= 0)
-            a0 = tl.where(act, a, 0)
-            xa = tl.load(x_ptr + xpix + a0.to(tl.int64) * sxc, mask=act, other=0.0).to(ACC)
-            if d == 0:
-                take = act
-            else:
-                take = act & (xa < cur)
-            cur = tl.where(take, xa, cur)
-            cmin = cmin + (-cur,)  # negated: the focal takes w = −z
-            if WANT_GRAD:
-                arg = tl.where(take, d, arg)
-                ka = tl.load(k_ptr + a0, mask=act, other=0.0).to(ACC)
-                kpath = kpath + (zero,)
-                for j in tl.static_range(d + 1):
-                    kpath = T.replace(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
+        path = path + (_bind(tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1), xs[0], PIN),)
+    if USE_EXTREMA:
+        cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD)
 
     if WANT_GRAD:
         if GRAD_MODE == 1:
@@ -182,7 +201,12 @@ def _tree_min_kernel(
                     acc = T.pin(acc, PIN)
                     cm = T.pin_all(cm, PIN)
                     mi = T.pin_all(mi, PIN)
-                xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC)
+                if ADDR_PIN > 0 and WANT_GRAD:
+                    # A store that never happens (P >= 0) but may alias the logits: the compilers keep the
+                    # next group's loads after it instead of hoisting all V loads of this pass (nothing is
+                    # stored before the top-down pass) to the start, one register each.
+                    tl.store(cnt_ptr, 0, mask=P < 0)
+                xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC, False, ADDR_PIN)
             x = xs[j % G]
             if LEAF[V - 1 - j]:
                 m = x
@@ -205,7 +229,11 @@ def _tree_min_kernel(
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
             # Top-down, in pre-order: an off-path node's weight k_v goes to M_v's argmax (first in
             # pre-order: v itself if x_v = M_v, else the first child with the same maximum). Element
-            # d - 1 of `pend` holds what the open node at depth d still owes one of its children.
+            # d - 1 of `pend` holds what the open node at depth d still owes one of its children. Every
+            # node's gradient is written here in its off-path form; the (at most D) path nodes' entries are
+            # rewritten afterwards. Only an internal path node's own weight must stay out of the routing
+            # (a path node's children never inherit: its ancestors are all on the path).
+            ngsc = -gsc  # the off-path sign
             mo = ()
             pend = ()
             for d in tl.static_range(D):
@@ -216,15 +244,15 @@ def _tree_min_kernel(
                     if PIN and i > 0:
                         mo = T.pin_all(mo, PIN)
                         pend = T.pin_all(pend, PIN)
-                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True)
+                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True, ADDR_PIN)
                     gs = ()
                 x = xs[i % G]
-                on = path[DEP[i] - 1] == CH[i]
+                kin = tl.load(k_ptr + CH[i]).to(ACC)
                 if LEAF[i]:
                     m = x
                 else:
                     m = mi[IDX[i]]
-                kin = tl.where(on, 0.0, tl.load(k_ptr + CH[i]).to(ACC))
+                    kin = tl.where(path[DEP[i] - 1] == CH[i], 0.0, kin)
                 if DEP[i] > 1:
                     hit = m == mo[DEP[i] - 2]
                     kin += tl.where(hit, pend[DEP[i] - 2], 0.0)
@@ -236,14 +264,25 @@ def _tree_min_kernel(
                     kk = tl.where(own, kin, 0.0)
                     pend = T.replace(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
                     mo = T.replace(mo, DEP[i] - 1, m)
-                kk = tl.where(on, kpath[DEP[i] - 1], kk)
-                _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
-                g = kk * df
-                g = tl.where(on, g, -g)
-                g = tl.where(valid, g * gsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
+                _, df = _focal2(x, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                g = tl.where(valid, (kk * df) * ngsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
                 gs = gs + (g,)
                 if i % G == G - 1 or i == V - 1:
-                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
+                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G, ADDR_PIN)
+            # The path nodes: a_d gets the weight K of the deeper path nodes whose argmin it is, at z = x
+            # (w = −x), its logit loaded again (not kept live across the walk). The barrier: the rows' stores
+            # and these need not share a register layout (another thread may have written the row).
+            tl.debug_barrier()
+            for d in tl.static_range(D):
+                # channels_last: its mask and address made here, not kept from the start (a 4-byte spill
+                # otherwise); on NCHW the pin made ptxas spill more (sm90 model), so not there.
+                a = T.pin(path[d], PIN and ADDR_PIN == 0)
+                act = pmask & (a >= 0)
+                a64 = tl.where(act, a, 0).to(tl.int64)
+                xa = tl.load(x_ptr + xpix + a64 * sxc, mask=act, other=0.0).to(ACC)
+                _, df = _focal2(-xa, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                g = tl.where(valid, (kpath[d] * df) * gsc, 0.0)
+                tl.store(g_ptr + gpix + a64 * sgc, g.to(g_ptr.dtype.element_ty), mask=act)
     else:
         # Tree BCE: every node its own extremum, one pass: loss and gradient share the sigmoids. The
         # gradient rows are written before the pixel's NaN scan is complete; the rare pixel with a NaN
@@ -272,7 +311,7 @@ def _tree_min_kernel(
                 g = tl.where(valid, g * gsc, 0.0)
                 gs = gs + (g,)
                 if i % G == G - 1 or i == V - 1:
-                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G)
+                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G, ADDR_PIN)
         nan = big != big
         late = valid & nan & (~bad)
         bad = bad | (valid & nan)
@@ -290,10 +329,22 @@ def _tree_min_kernel(
         C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
 
-# Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16): every load of a program
-# (logits, labels, the label's path) then has one register layout. At 16 bytes per thread the logits' layout
-# differs from the int64 labels' and every node pays a layout conversion through shared memory.
+# Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16) for the gradient kernels and the
+# tree BCE; the tree-min forward takes 16 bytes (FORWARD_BYTES, _shape). Every [pixels] load of a program
+# (labels, the label's path) shares the logits' register layout (see the kernel's x0).
 PIXELS_PER_THREAD = 2
+FORWARD_BYTES = 16
+
+
+def _shape(logits, use_extrema=False, two_pass=False):
+    """(VEC, G) of a compiled launch on NCHW: the tree-min forward (no gradient) reads 16 bytes of consecutive
+    pixels per load (float32 4, bfloat16 8 pixels per thread), bfloat16 with G = 2 nodes per step (8 made
+    ptxas spill 304 bytes at 8 pixels); everything else PIXELS_PER_THREAD pixels and T.GROUP nodes (the
+    gradient keeps every internal node's maximum per pixel across its two passes)."""
+    if use_extrema and not two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1):
+        size = logits.element_size()
+        return max(FORWARD_BYTES // size, 1), (2 if size == 2 else T.GROUP)
+    return PIXELS_PER_THREAD, T.GROUP
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
@@ -305,14 +356,27 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         sizes = list(sizes[:4]) + t[V:2 * V] + [t[c] for c in t[V:2 * V]]
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     gmode = 0 if gamma == 0 else 2 if gamma == 2 else 1
+    two_pass = grad_mode != C.GRAD_NONE and use_extrema
+    vec, group = _shape(logits, use_extrema, two_pass)
     return C.launch_loss_kernel(
         _tree_min_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
-        blocks=_blocks(logits, grad_mode != C.GRAD_NONE and use_extrema),
+        blocks=_blocks(logits, two_pass, use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
-        FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), VEC=PIXELS_PER_THREAD,
+        FAST=C.fast_exp(logits), G=group, PIN=C.fast_exp(logits), VEC=vec,
+        ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0,
     )
+
+
+def _addr_pin(logits, grad):
+    """The kernel's ADDR_PIN (``_tree.channel_offsets``) for the tree-min (the tree BCE keeps its address chains,
+    which cost fewer instructions and no spill): 0 (no pin) without PIN or where a channel stride is 1
+    (channels_last: the compiler's constant), else the channel strides' common alignment (16 or 1)."""
+    strides = [logits.stride(1)] + ([grad.stride(1)] if grad is not None else [])
+    if not C.fast_exp(logits) or logits.shape[1] <= 1 or any(s == 1 for s in strides):
+        return 0
+    return 16 if all(s % 16 == 0 for s in strides) else 1
 
 
 def _tree_sizes(tree: Tree) -> List[int]:
@@ -322,23 +386,24 @@ def _tree_sizes(tree: Tree) -> List[int]:
                        + [tree.depths[c] for c in tree.dfs_order])
 
 
-def _blocks(logits, two_pass):
+def _blocks(logits, two_pass, use_extrema=False):
     """(BLOCK_C, BLOCK_P, num_warps): :func:`gpu_blocks` when compiled; under the interpreter, which pays
     per program and per operation, ``_common.block_sizes``' pixel block for one channel (up to 1024)."""
     P = C.shape_args(logits)[0]
     interp = C.block_sizes(1, P, C.interpreted(logits.device))
     if C.interpreted(logits.device):
         return interp
-    return gpu_blocks(logits, two_pass)
+    return gpu_blocks(logits, two_pass, use_extrema)
 
 
-def gpu_blocks(logits, two_pass=False):
-    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked T.GROUP nodes at a
-    time). Channel rows in memory (NCHW): PIXELS_PER_THREAD consecutive pixels per thread. Channels
-    contiguous (channels_last): one pixel per thread. ``two_pass`` (the tree-min gradient) takes the same."""
+def gpu_blocks(logits, two_pass=False, use_extrema=False):
+    """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked G nodes at a
+    time). Channel rows in memory (NCHW): VEC consecutive pixels per thread (:func:`_shape`: PIXELS_PER_THREAD,
+    16 bytes for the tree-min forward). Channels contiguous (channels_last): one pixel per thread.
+    ``two_pass``: the tree-min gradient; ``use_extrema``: the tree-min (else the tree BCE)."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return 1, 128, 4
-    return 1, PIXELS_PER_THREAD * 32 * 4, 4
+    return 1, _shape(logits, use_extrema, two_pass)[0] * 32 * 4, 4
 
 
 # ----------------------------------------------------------------------------------- custom ops
