@@ -321,3 +321,30 @@ def test_triplet_loss():
     torch.testing.assert_close(mod(e, y), 0.3 * hk.tree_triplet_loss(e, y, TREE, sampling="first"))
     with pytest.raises(ValueError, match="weight map"):
         mod(e, y, weight=torch.ones(2, 32, 32))
+
+
+def test_example_config_builds_and_runs():
+    from mmengine.model import revert_sync_batchnorm
+
+    cfg = Config.fromfile(str(ROOT / "examples" / "mmseg_hssn_cityscapes_tree_min.py"))
+    assert cfg.custom_imports.imports == ["hss_kernels.integrations.mmseg"]
+    assert cfg.val_evaluator == dict(type="HierarchicalIoUMetric", tree="cityscapes")
+    metric = METRICS.build(cfg.test_evaluator)
+    assert isinstance(metric, hm.HierarchicalIoUMetric)
+    cfg.model.pretrained = None  # no download
+    torch.manual_seed(0)
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))  # SyncBN needs a process group to train
+    assert isinstance(model, hm.HierarchicalEncoderDecoder) and model.fused_upsample
+    assert model.decode_head.out_channels == V == model.auxiliary_head.out_channels
+    img = torch.randn(2, 3, 64, 64)  # 2: the ASPP's image pooling has batch norm
+    y = labels(2, 64, 64)
+    data = samples(y)
+    losses = model.loss(img, data)
+    assert {"decode.loss_tree_min", "aux.loss_tree_min"} <= set(losses)
+    sum(v for k, v in losses.items() if "loss" in k).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model.predict(img, data)
+    for s in out:
+        assert s.pred_sem_seg.data.shape == (1, 64, 64)
+        assert torch.equal(s.pred_sem_seg.data, hk.decode(s.seg_logits.data[None], TREE))
