@@ -1,0 +1,5 @@
+"""Integrations with training frameworks; each is an optional dependency and is imported on its own.
+
+* :mod:`hss_kernels.integrations.mmseg`: mmsegmentation 1.x (losses, a hierarchical segmentor, a
+  per-depth IoU metric). Importing it registers them; importing ``hss_kernels`` never imports mmseg.
+"""
