@@ -333,7 +333,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
   };
   if (up && forced)  // what the CUDA kernels run: one source pixel at a time
     cpu::gather_upsampled_pixels<A>(*up, acc, 0, [&](A*) {
-      return HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups>{x, sC, up->geom, tgt, gt, gp, gg, L, D,
+      return HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups>{{x, sC, up->geom, tgt, gt, gp, gg}, L, D,
                                                                LeafGroups{group, L}, w, eps, ignore_index, st, P};
     });
   else if (up)

@@ -573,7 +573,7 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     const int words = tree_bit_words(V);
     cpu::gather_upsampled_pixels<A>(*up, acc, (D + 1) + words, [&](A* scr) {
       return TreeMinUpsampledRow<T, A, NodeTable<A>, cpu::Scratch<A>, cpu::Scratch<uint32_t>>{
-          xp, sC, up->geom, tgt, gt, gp, gg, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{scr},
+          {xp, sC, up->geom, tgt, gt, gp, gg}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{scr},
           cpu::Scratch<uint32_t>{reinterpret_cast<uint32_t*>(scr + D + 1)}, ti, k, gamma, eps, ignore_index, extrema};
     });
   } else if (up) {

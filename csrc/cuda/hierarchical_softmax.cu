@@ -101,8 +101,8 @@ hierarchical_softmax_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, con
   if (q >= n) return;
   const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
   gather_source_pixel(u, b, i, j, acc + b * L * lo + r, lo,
-                      HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups>{x, sC, u, tgt, gt, grad, gg, L, D, groups, w,
-                                                                          eps, ignore_index, st, P});
+                      HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups>{{x, sC, u, tgt, gt, grad, gg}, L, D, groups,
+                                                                          w, eps, ignore_index, st, P});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(

@@ -119,7 +119,7 @@ __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg,
   const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
   gather_source_pixel(u, b, i, j, acc + b * V * lo + r, lo,
                       TreeMinUpsampledRow<T, A, NodeTable<A>, SharedCol<A>, SharedCol<uint32_t>>{
-                          x, sC, u, tgt, gt, grad, gg, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
+                          {x, sC, u, tgt, gt, grad, gg}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
                           SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, ti, k, gamma, eps, ignore_index,
                           extrema});
 }

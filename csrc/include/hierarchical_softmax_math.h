@@ -186,17 +186,10 @@ HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, cons
 }
 
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
-// its gradient row from the interpolated logits handed to out (an AddOut); an ignored pixel adds
-// nothing, a bad label NaN to every channel.
+// its gradient row from the interpolated logits handed to out (an AddOut).
 template <typename T, typename A, typename G>
 struct HierarchicalSoftmaxUpsampledRow {
-  const T* x;
-  int64_t sC;
-  UpsampleGeom<A> u;
-  const int64_t* tgt;
-  PixelGeom gt;
-  const A* grad;
-  PixelGeom gg;
+  UpsampledPixels<T, A> px;
   int L, D;
   G group;
   const A* w;
@@ -206,15 +199,9 @@ struct HierarchicalSoftmaxUpsampledRow {
   int64_t P;
   template <typename O>
   HSS_HOST_DEVICE void operator()(int64_t q, const O& out) const {
-    const int64_t y = tgt[gt.offset(q)];
-    const LabelKind kind = label_kind(y, L, ignore_index);
-    if (kind == kLabelIgnored) return;
-    if (kind == kLabelBad) {
-      for (int j = 0; j < L; ++j) out(j, quiet_nan<A>());  // sm90: trips=0
-      return;
-    }
-    hierarchical_softmax_backward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(q)), out, L, D, group,
-                                           static_cast<int>(y), w, eps, stats + q, P, grad[gg.offset(q)]);
+    const int y = px.label(q, L, ignore_index, L, out);
+    if (y >= 0)
+      hierarchical_softmax_backward_pixel<A>(px.logits(q), out, L, D, group, y, w, eps, stats + q, P, px.grad_of(q));
   }
 };
 

@@ -284,17 +284,11 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
 }
 
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
-// its gradient row from the interpolated logits handed to out (an AddOut); an ignored pixel adds
-// nothing, a bad label NaN to every channel. acc and bits: the calling thread's scratch.
+// its gradient row from the interpolated logits handed to out (an AddOut). acc and bits: the calling
+// thread's scratch.
 template <typename T, typename A, typename N, typename S, typename B>
 struct TreeMinUpsampledRow {
-  const T* x;
-  int64_t sC;
-  UpsampleGeom<A> u;
-  const int64_t* tgt;
-  PixelGeom gt;
-  const A* grad;
-  PixelGeom gg;
+  UpsampledPixels<T, A> px;
   N nodes;
   S acc;
   B bits;
@@ -305,15 +299,9 @@ struct TreeMinUpsampledRow {
   bool extrema;
   template <typename O>
   HSS_HOST_DEVICE void operator()(int64_t q, const O& out) const {
-    const int64_t y = tgt[gt.offset(q)];
-    const LabelKind kind = label_kind(y, t.L, ignore_index);
-    if (kind == kLabelIgnored) return;
-    if (kind == kLabelBad) {
-      for (int v = 0; v < t.V; ++v) out(v, quiet_nan<A>());  // sm90: trips=0
-      return;
-    }
-    tree_backward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(q)), nodes, acc, bits, out, t, static_cast<int>(y), k,
-                           gamma, eps, extrema, grad[gg.offset(q)]);
+    const int y = px.label(q, t.L, ignore_index, t.V, out);
+    if (y >= 0)
+      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema, px.grad_of(q));
   }
 };
 

@@ -107,6 +107,32 @@ struct AddOut {
   HSS_HOST_DEVICE void operator()(int c, A v) const { p[c * s] += w * v; }
 };
 
+// What every op's backward row reads of a destination pixel q with fused upsampling: the low-resolution
+// logits (x, channel stride sC) through its stencil, its label and its upstream gradient.
+template <typename T, typename A>
+struct UpsampledPixels {
+  const T* x;
+  int64_t sC;
+  UpsampleGeom<A> u;
+  const int64_t* tgt;
+  PixelGeom gt;
+  const A* grad;
+  PixelGeom gg;
+
+  HSS_HOST_DEVICE BilinearCol<T, A> logits(int64_t q) const { return bilinear_col<T, A>(x, sC, u.stencil(q)); }
+  HSS_HOST_DEVICE A grad_of(int64_t q) const { return grad[gg.offset(q)]; }
+  // Pixel q's label when its row is to be computed; otherwise -1, having added what the composition's
+  // gradient holds there: nothing for an ignored pixel, NaN to each of the C channels for a bad label.
+  template <typename O>
+  HSS_HOST_DEVICE int label(int64_t q, int64_t L, int64_t ignore_index, int C, const O& out) const {
+    const int64_t y = tgt[gt.offset(q)];
+    const LabelKind kind = label_kind(y, L, ignore_index);
+    if (kind == kLabelBad)
+      for (int c = 0; c < C; ++c) out(c, quiet_nan<A>());  // sm90: trips=0
+    return kind == kLabelValid ? static_cast<int>(y) : -1;
+  }
+};
+
 // The gradient of source pixel (b, i, j), channel c at acc[c * s] (already zero): for every destination
 // pixel q whose stencil holds it, rows first, then columns, grad_of(q, AddOut{acc, s, weight}) adds that
 // pixel's gradient row times its weight. A fixed order: the same bits whatever the threads.

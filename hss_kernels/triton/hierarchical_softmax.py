@@ -107,6 +107,36 @@ def _up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
 
 
 @triton.jit
+def _grad_coefs(lse, lse2, w_ptr, eps, dl, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+                ACC: tl.constexpr, HAS_EPS: tl.constexpr):
+    """Per pixel, from lse and the rows lse_d of lse2 ([DP, BLOCK]): the gradient's coefficient of p_j (W, or A
+    for eps > 0) and the rows F_d (B_d for eps > 0) that the deepest level holding a leaf selects (module
+    docstring)."""
+    zero = tl.zeros([BLOCK], dtype=ACC)
+    F = zero
+    A = zero
+    Bk = zero
+    wsum = zero
+    lse_prev = lse
+    F2 = tl.zeros([DP, BLOCK], dtype=ACC)
+    for d in tl.static_range(D):
+        lse_d = tl.sum(tl.where((dl == d)[:, None], lse2, 0.0), axis=0)
+        w_d = tl.load(w_ptr + d).to(ACC)
+        if HAS_EPS:
+            P_d = tl.exp(lse_d - lse)
+            A += w_d * P_d / (P_d + eps)
+            Bk += w_d / (P_d + eps)
+            F2 = tl.where((dl == d)[:, None], Bk[None, :], F2)
+        else:
+            F = tl.exp(lse_d - lse_prev) * F + w_d
+            lse_prev = lse_d
+            wsum += w_d
+            F2 = tl.where((dl == d)[:, None], F[None, :], F2)
+    coef = A if HAS_EPS else wsum
+    return coef, F2
+
+
+@triton.jit
 def _hierarchical_softmax_kernel(
     x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
     P, HW, W,
@@ -233,27 +263,7 @@ def _hierarchical_softmax_kernel(
         else:
             gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
         gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
-        zero = tl.zeros([BLOCK_P], dtype=ACC)
-        F = zero
-        A = zero
-        Bk = zero
-        wsum = zero
-        lse_prev = lse
-        F2 = tl.zeros([DP, BLOCK_P], dtype=ACC)
-        for d in tl.static_range(D):
-            lse_d = tl.sum(tl.where((dl == d)[:, None], lse2, 0.0), axis=0)
-            w_d = tl.load(w_ptr + d).to(ACC)
-            if HAS_EPS:
-                P_d = tl.exp(lse_d - lse)
-                A += w_d * P_d / (P_d + eps)
-                Bk += w_d / (P_d + eps)
-                F2 = tl.where((dl == d)[:, None], Bk[None, :], F2)
-            else:
-                F = tl.exp(lse_d - lse_prev) * F + w_d
-                lse_prev = lse_d
-                wsum += w_d
-                F2 = tl.where((dl == d)[:, None], F[None, :], F2)
-        coef = A if HAS_EPS else wsum
+        coef, F2 = _grad_coefs(lse, lse2, w_ptr, eps, dl, D, DP, BLOCK_P, ACC, HAS_EPS)
         for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < L
@@ -346,28 +356,7 @@ def _hierarchical_softmax_up_bwd_kernel(
                 else:
                     gsc = tl.load(go_ptr + n * son + Y64 * soh + X64 * sow, mask=ok, other=0.0).to(ACC)
                 gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
-                # Per pixel: lse_d and F_d (B_d for eps > 0) per level (as in _hierarchical_softmax_kernel).
-                zero = tl.zeros([BLOCK_Q], dtype=ACC)
-                F = zero
-                A = zero
-                Bk = zero
-                wsum = zero
-                lse_prev = lse
-                F2 = tl.zeros([DP, BLOCK_Q], dtype=ACC)
-                for d in tl.static_range(D):
-                    lse_d = tl.sum(tl.where((dl == d)[:, None], lse2, 0.0), axis=0)
-                    w_d = tl.load(w_ptr + d).to(ACC)
-                    if HAS_EPS:
-                        P_d = tl.exp(lse_d - lse)
-                        A += w_d * P_d / (P_d + eps)
-                        Bk += w_d / (P_d + eps)
-                        F2 = tl.where((dl == d)[:, None], Bk[None, :], F2)
-                    else:
-                        F = tl.exp(lse_d - lse_prev) * F + w_d
-                        lse_prev = lse_d
-                        wsum += w_d
-                        F2 = tl.where((dl == d)[:, None], F[None, :], F2)
-                coef = A if HAS_EPS else wsum
+                coef, F2 = _grad_coefs(lse, lse2, w_ptr, eps, dl, D, DP, BLOCK_Q, ACC, HAS_EPS)
                 u00, u01, u10, u11 = (n * sxn + iy0.to(tl.int64) * sxh + ix0.to(tl.int64) * sxw,
                                       n * sxn + iy0.to(tl.int64) * sxh + ix1.to(tl.int64) * sxw,
                                       n * sxn + iy1.to(tl.int64) * sxh + ix0.to(tl.int64) * sxw,
