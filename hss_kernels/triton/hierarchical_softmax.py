@@ -107,6 +107,17 @@ def _up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
 
 
 @triton.jit
+def _element_grad(x, lse, coef, sel_r, sel_f, HAS_EPS: tl.constexpr, FAST: tl.constexpr):
+    """dl/dz of the [chunk, pixels] logits x (before grad_output): W p_j − e^{z_j − lse_{d_j}} F_{d_j}, or
+    p_j (A − B_{d_j}) for eps > 0 (module docstring); sel_r = lse_{d_j} log2(e) and sel_f = F_{d_j} (B_{d_j})
+    as selected per element by its deepest level."""
+    prob = C.exp2(x * LOG2E - (lse * LOG2E)[None, :], FAST)
+    if HAS_EPS:
+        return prob * (coef[None, :] - sel_f)
+    return coef[None, :] * prob - C.exp2(x * LOG2E - sel_r, FAST) * sel_f
+
+
+@triton.jit
 def _grad_coefs(lse, lse2, w_ptr, eps, dl, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
                 ACC: tl.constexpr, HAS_EPS: tl.constexpr):
     """Per pixel, from lse and the rows lse_d of lse2 ([DP, BLOCK]): the gradient's coefficient of p_j (W, or A
@@ -279,11 +290,7 @@ def _hierarchical_softmax_kernel(
                 if not HAS_EPS:
                     sel_r = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], lse2 * LOG2E, 0.0), axis=0)[None, :], sel_r)
                 sel_f = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], F2, 0.0), axis=0)[None, :], sel_f)
-            prob = C.exp2(x * LOG2E - (lse * LOG2E)[None, :], FAST)
-            if HAS_EPS:
-                grad = prob * (coef[None, :] - sel_f)
-            else:
-                grad = coef[None, :] * prob - C.exp2(x * LOG2E - sel_r, FAST) * sel_f
+            grad = _element_grad(x, lse, coef, sel_r, sel_f, HAS_EPS, FAST)
             # The difference first, then the scale: both passes round the same terms the same way.
             grad = tl.where(valid[None, :], grad * gsc[None, :], 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
             tl.store(g_ptr + c.to(tl.int64)[:, None] * sgc + gpix[None, :], grad.to(g_ptr.dtype.element_ty),
@@ -373,11 +380,7 @@ def _hierarchical_softmax_up_bwd_kernel(
                     if not HAS_EPS:
                         sel_r = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], lse2 * LOG2E, 0.0), axis=0)[None, :], sel_r)
                     sel_f = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], F2, 0.0), axis=0)[None, :], sel_f)
-                prob = C.exp2(x * LOG2E - (lse * LOG2E)[None, :], FAST)
-                if HAS_EPS:
-                    grad = prob * (coef[None, :] - sel_f)
-                else:
-                    grad = coef[None, :] * prob - C.exp2(x * LOG2E - sel_r, FAST) * sel_f
+                grad = _element_grad(x, lse, coef, sel_r, sel_f, HAS_EPS, FAST)
                 # 0 off the window and at ignored pixels (whatever their logits); a zero weight times a NaN
                 # gradient stays NaN, as in F.interpolate's backward.
                 grad = tl.where(valid[None, :], grad * gsc[None, :], 0.0)
