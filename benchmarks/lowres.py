@@ -175,7 +175,10 @@ def markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = [f"# Low-resolution logits: fused upsampling vs interpolate first",
              "", f"{m.get('device_name')}, torch {m.get('torch')}, {m.get('torch_threads')} threads, "
-             f"{m.get('date_utc')}, dtype {doc['dtype']}; command: `{doc['command']}`", "",
+             f"{m.get('date_utc')}, dtype {doc['dtype']}; command: `{doc['command']}`",
+             "", f"Load average at the start: {', '.join(f'{v:.2f}' for v in m.get('load_average_start') or [])}; "
+             f"copy bandwidth measured in the same run: {doc['copy_bandwidth']['GBps']:.0f} GB/s. "
+             "x fused: the row's time over the fused row's.", "",
              "| config | loss | row | shape | ms (fwd+bwd) | x fused | peak extra MiB | full-res logits MiB |",
              "|---|---|---|---|---|---|---|---|"]
     fused = {(r["config"], r["loss"]): r["ms"] for r in doc["rows"] if r["row"] == "fused"}
