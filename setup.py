@@ -82,7 +82,7 @@ setup(
         "train": TRAIN_EXTRA,
         "triton": TRITON_EXTRA,
         # Everything the test suite exercises: training and pictures, Triton under its interpreter.
-        "test": list(dict.fromkeys(["pytest", "pytest-xdist"] + TRAIN_EXTRA + TRITON_EXTRA)),
+        "test": list(dict.fromkeys(["pytest", "pytest-xdist", "torchmetrics"] + TRAIN_EXTRA + TRITON_EXTRA)),
     },
     entry_points={"console_scripts": [
         "hss-check=hss_kernels.check:main",

@@ -61,6 +61,50 @@ def scores_from_confusion(matrix: torch.Tensor) -> Dict[str, Union[torch.Tensor,
     }
 
 
+def check_labels_pair(fn: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+    """TypeError unless both are integer tensors, ValueError unless their shapes match."""
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{fn}: {name} must hold integer leaf labels, got {t.dtype}")
+    if pred.shape != target.shape:
+        raise ValueError(f"{fn}: pred has shape {tuple(pred.shape)} but target {tuple(target.shape)}; they must match")
+
+
+@torch.no_grad()
+def confusion_increments(tree: Tree, pred: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                         device: torch.device, fn: str = "confusion_increments") -> List[torch.Tensor]:
+    """One batch's int64 confusion matrices on ``device``, one ``(K_d, K_d)`` per depth (rows target, columns
+    prediction; pixels whose target is ``ignore_index`` skipped). ValueError for a ``pred`` outside ``[0, L)``
+    or a ``target`` outside it that is not ``ignore_index``."""
+    L = tree.num_leaves
+    sizes = [tree.num_classes(d) for d in range(1, tree.depth + 1)]
+    p = pred.reshape(-1).to(device, torch.int64)
+    t = target.reshape(-1).to(device, torch.int64)
+    if p.numel() == 0:
+        return [torch.zeros(k, k, dtype=torch.int64, device=device) for k in sizes]
+    bad = (p < 0) | (p >= L)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: pred holds label {int(p[bad][0])}, outside [0, {L}) (the tree's leaves)")
+    valid = t != ignore_index
+    bad = ((t < 0) | (t >= L)) & valid
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: target holds label {int(t[bad][0])}, outside [0, {L}) and not "
+                         f"ignore_index={ignore_index}")
+    p, t = p[valid], t[valid]
+    # One pass over the pixels builds the leaf confusion matrix; the coarser depths are sums of its
+    # blocks, so their cost does not grow with the image.
+    leaf = torch.bincount(t * L + p, minlength=L * L).reshape(L, L)
+    groups = tree.tables(device).leaf_group.long()  # (D, L)
+    out = []
+    for d, k in enumerate(sizes):
+        g = groups[d]
+        out.append(torch.zeros(k * k, dtype=torch.int64, device=device).index_add_(
+            0, (g[:, None] * k + g[None, :]).reshape(-1), leaf.reshape(-1)).reshape(k, k))
+    return out
+
+
 class HierarchicalMetrics:
     """Per-depth confusion matrices and IoU scores of leaf-label predictions.
 
@@ -107,42 +151,14 @@ class HierarchicalMetrics:
         Raises TypeError for non-integer tensors, ValueError for different shapes, a ``pred`` outside
         ``[0, L)`` or a ``target`` outside ``[0, L)`` that is not ``ignore_index``.
         """
-        for name, t in (("pred", pred), ("target", target)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"HierarchicalMetrics.update: {name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise TypeError(f"HierarchicalMetrics.update: {name} must hold integer leaf labels, got {t.dtype}")
-        if pred.shape != target.shape:
-            raise ValueError(f"HierarchicalMetrics.update: pred has shape {tuple(pred.shape)} but target "
-                             f"{tuple(target.shape)}; they must match")
+        check_labels_pair("HierarchicalMetrics.update", pred, target)
         if not self._device_fixed and not self._updated and pred.device != self.device:
             self.device = pred.device
             self.matrices = [m.to(self.device) for m in self.matrices]
         self._updated = True
-        L = self.tree.num_leaves
-        p = pred.reshape(-1).to(self.device, torch.int64)
-        t = target.reshape(-1).to(self.device, torch.int64)
-        if p.numel() == 0:
-            return
-        bad = (p < 0) | (p >= L)
-        if bool(bad.any()):
-            raise ValueError(f"HierarchicalMetrics.update: pred holds label {int(p[bad][0])}, outside [0, {L}) "
-                             f"(the tree's leaves)")
-        valid = t != self.ignore_index
-        bad = ((t < 0) | (t >= L)) & valid
-        if bool(bad.any()):
-            raise ValueError(f"HierarchicalMetrics.update: target holds label {int(t[bad][0])}, outside [0, {L}) "
-                             f"and not ignore_index={self.ignore_index}")
-        p, t = p[valid], t[valid]
-        # One pass over the pixels builds the leaf confusion matrix; the coarser depths are sums of its
-        # blocks, so their cost does not grow with the image.
-        leaf = torch.bincount(t * L + p, minlength=L * L).reshape(L, L)
-        groups = self.tree.tables(self.device).leaf_group.long()  # (D, L)
-        for d, m in enumerate(self.matrices):
-            g = groups[d]
-            k = m.shape[0]
-            m += torch.zeros(k * k, dtype=torch.int64, device=self.device).index_add_(
-                0, (g[:, None] * k + g[None, :]).reshape(-1), leaf.reshape(-1)).reshape(k, k)
+        for m, inc in zip(self.matrices, confusion_increments(self.tree, pred, target, self.ignore_index, self.device,
+                                                              "HierarchicalMetrics.update")):
+            m += inc
 
     def all_reduce(self) -> None:
         """Sum the matrices over all processes (``torch.distributed.all_reduce``, one call); a no-op unless
