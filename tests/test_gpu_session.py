@@ -373,8 +373,10 @@ def test_check_without_the_extension_really_goes_without_it():
     p = subprocess.run([PY, "-c", S.NO_EXTENSION + "\n", "--device", "cpu", "--backend", "native", "--quick"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     t = P.check_table(p.stdout)
-    assert p.returncode == 0, p.stderr[-2000:]
+    # native asked for and never run: not a pass (hss-check exits 1 and says so)
+    assert p.returncode == 1 and "nothing ran for --backend native on cpu" in p.stdout, p.stderr[-2000:]
     assert t["not_run"] == 4 and all("not run: the C++ extension" in r for r in t["not_run_rows"])
+    assert t["final_line"] == "1 passed, 0 failed, 4 not run"
 
 
 SANITIZER_OUT = """========= COMPUTE-SANITIZER
