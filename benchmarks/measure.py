@@ -289,6 +289,29 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+BUSY_LOAD = 0.5  # a 1-minute load average above this share of the logical cores: a busy machine
+WIDE_SPREAD = 0.25  # a row whose interquartile range passes this share of its median
+
+
+def run_warnings(doc: dict) -> List[str]:
+    """What makes a run's times doubtful, one sentence each: a busy machine (the 1-minute load average at
+    the start or the end above half the logical cores; CPU timings then are not a quiet machine's) and
+    rows whose repetitions spread widely (IQR above a quarter of the median)."""
+    out = []
+    m = doc.get("meta", {})
+    cores = m.get("cpu_count") or 1
+    loads = [v[0] for v in (m.get("load_average_start"), m.get("load_average_end")) if v]
+    if loads and max(loads) > BUSY_LOAD * cores:
+        out.append(f"busy machine: load average {', '.join(f'{v:.1f}' for v in loads)} (start, end) on {cores} "
+                   f"logical cores; the times are not a quiet machine's, run again when it is idle")
+    wide = [f"{r['config']} {r['loss']} {r['label']} {r['pass']}" for c in doc.get("configs", []) for r in c["rows"]
+            if r.get("status") == "ok" and r.get("median_ms") and r.get("iqr_ms", 0) > WIDE_SPREAD * r["median_ms"]]
+    if wide:
+        out.append(f"{len(wide)} row(s) spread widely (interquartile range above {WIDE_SPREAD:.0%} of the median): "
+                   + "; ".join(wide[:5]) + (" ..." if len(wide) > 5 else ""))
+    return out
+
+
 def device_slug(info: dict) -> str:
     """A file-name-safe device name: ``cpu-<model>`` or the GPU's name."""
     name = info.get("device_name") or info["device_type"]

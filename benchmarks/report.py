@@ -47,6 +47,8 @@ def markdown(doc: dict) -> str:
     lines.append(f"- **copy bandwidth measured in this run: {copy['GBps']:.1f} GB/s** ({copy['method']}{drift}; "
                  f"fastest copy {copy['GBps_best']:.1f} GB/s)")
     lines.append(f"- command: `{m.get('command', '')}`")
+    for w in m.get("warnings", []):
+        lines.append(f"- **warning: {w}**")
     if doc.get("time_limit_s") is not None:
         lines.append(f"- time limit {doc['time_limit_s']:g} s: rows not started in time are listed under "
                      f"\"Not run\"")
@@ -130,6 +132,7 @@ def save(doc: dict, text: str, out_dir: str) -> List[str]:
 
 _COLORS = {"reference": "#7f7f7f", "reference+compile": "#bcbd22", "triton": "#1f77b4", "native": "#d62728",
            "flat": "#2ca02c"}
+_LEGEND = {"flat": "flat PyTorch loss (F.cross_entropy / BCE / argmax)"}
 
 
 def plot(doc: dict, path: str) -> Optional[str]:
@@ -155,14 +158,23 @@ def plot(doc: dict, path: str) -> Optional[str]:
         ax.barh(range(len(rows)), vals, color=[_COLORS.get(r["backend"], "#9467bd") for r in rows])
         ax.axvline(copy, color="black", linestyle="--", linewidth=1,
                    label=f"copy bandwidth measured in this run: {copy:.1f} GB/s")
-        ax.legend(fontsize=7, loc="lower right")
+        from matplotlib.patches import Patch
+        seen = list(dict.fromkeys(r["backend"] for r in rows))  # one legend entry per backend shown
+        handles = [Patch(color=_COLORS.get(b, "#9467bd"), label=_LEGEND.get(b, b)) for b in seen]
+        ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("achieved GB/s (docs/MATH.md §5.6 bytes / median time)")
+        # A log axis: the reference's bars are 100x below the fused kernels' and would vanish on a linear one.
+        ax.set_xscale("log")
+        ax.set_xlabel("achieved GB/s, log scale (docs/MATH.md §5.6 bytes / median time)")
+        busy = doc["meta"].get("busy")
         ax.set_title(f"{cfg['name']}: {cfg['tree']}, B={cfg['batch']}, {cfg['height']}×{cfg['width']}, "
-                     f"{cfg['dtype']} — {doc['meta']['device_name']}", fontsize=9)
-        ax.set_xlim(0, max(vals + [copy]) * 1.15)
+                     f"{cfg['dtype']} — {doc['meta']['device_name']}" + (" — BUSY MACHINE" if busy else ""),
+                     fontsize=9)
+        low = min(v for v in vals + [copy] if v > 0) if any(v > 0 for v in vals) else copy / 100
+        ax.set_xlim(low / 2, max(vals + [copy]) * 2)
     if sweep:
         for ax, kind, xkey, xlabel in ((axes[len(cfgs)], "resolution", "pixels", "pixels (batch 1)"),
                                        (axes[len(cfgs) + 1], "classes", "channels", "channels (random trees)")):
@@ -188,6 +200,6 @@ def plot(doc: dict, path: str) -> Optional[str]:
             ax.set_ylabel("median ms")
             ax.set_title(f"sweep: time against {xkey}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long row labels are never cut at the left edge
     plt.close(fig)
     return path

@@ -590,6 +590,10 @@ def run(args) -> dict:
                 r["copy_share"] = r["GBps"] / copy["GBps"]
     if hasattr(os, "getloadavg"):
         info["load_average_end"] = list(os.getloadavg())
+    info["warnings"] = M.run_warnings(doc)
+    info["busy"] = any(w.startswith("busy") for w in info["warnings"])
+    for w in info["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     return doc
 
 

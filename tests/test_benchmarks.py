@@ -247,3 +247,17 @@ def test_lowres_end_to_end_on_the_cpu(tmp_path):
     assert md.count("| cpu | hierarchical_softmax_loss |") == 3 and "python -m benchmarks.lowres" in md
     with pytest.raises(SystemExit):
         lowres.main(["--config", "nowhere"])
+
+
+def test_run_warnings_name_a_busy_machine_and_wide_rows():
+    from benchmarks.measure import run_warnings
+    row = {"status": "ok", "config": "small", "loss": "tree_min", "label": "native", "pass": "backward",
+           "median_ms": 10.0, "iqr_ms": 1.0}
+    wide = dict(row, label="reference", iqr_ms=3.0, **{"pass": "forward"})
+    doc = {"meta": {"cpu_count": 2, "load_average_start": [0.4, 0, 0], "load_average_end": [0.9, 0, 0]},
+           "configs": [{"rows": [row, wide]}]}
+    w = run_warnings(doc)
+    assert len(w) == 1 and w[0].startswith("1 row(s) spread widely") and "small tree_min reference forward" in w[0]
+    doc["meta"]["load_average_end"] = [1.5, 0, 0]
+    w = run_warnings(doc)
+    assert w[0].startswith("busy machine: load average 0.4, 1.5 (start, end) on 2 logical cores")
