@@ -233,3 +233,36 @@ def test_a_tree_that_does_not_fit_the_data_set_is_refused(tmp_path):
     _label(root / "labels" / "1.png", [0])
     with pytest.raises(ValueError, match="11 leaves"):
         D.helen(root, tree=trees.load("cityscapes"))
+
+
+def test_cityscapes_as_downloaded_maps_label_ids_to_train_ids(tmp_path):
+    """A Cityscapes folder with only the download's *_gtFine_labelIds.png (no createTrainIdLabelImgs): the
+    ids 0..33 map to the 19 train ids (road 7 -> 0, sky 23 -> 10, bicycle 33 -> 18) and the rest to
+    ignore; with *_gtFine_labelTrainIds.png present those are used as they are."""
+    root = tmp_path / "cs"
+    _image(root / "leftImg8bit" / "val" / "x" / "x_0_0_leftImg8bit.png")
+    _label(root / "gtFine" / "val" / "x" / "x_0_0_gtFine_labelIds.png", [7, 23, 33, 0, 9, 15])
+    ds = D.cityscapes(root, "val")
+    assert "labelIds" in ds.name
+    y = ds.read_target(0).reshape(-1)[:6].tolist()
+    assert y == [0, 10, 18, 255, 255, 255]
+    _label(root / "gtFine" / "val" / "x" / "x_0_0_gtFine_labelTrainIds.png", [0, 10, 18, 255, 5, 6])
+    assert D.cityscapes(root, "val").read_target(0).reshape(-1)[:6].tolist() == [0, 10, 18, 255, 5, 6]
+
+
+def test_hss_train_reports_data_errors_in_one_line(tmp_path, capsys):
+    from hss_kernels.train.cli import main
+
+    root = tmp_path / "cs"
+    _image(root / "leftImg8bit" / "train" / "x" / "x_0_0_leftImg8bit.png")
+    (root / "gtFine" / "train" / "x").mkdir(parents=True)
+    assert main(["--data", "cityscapes", "--data-root", str(root), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hss-train: Cityscapes") and "have no label map" in err and len(err.splitlines()) == 1
+    _label(root / "gtFine" / "train" / "x" / "x_0_0_gtFine_labelIds.png", [7, 40])  # 40: not a Cityscapes id
+    _image(root / "leftImg8bit" / "val" / "x" / "x_0_0_leftImg8bit.png")
+    _label(root / "gtFine" / "val" / "x" / "x_0_0_gtFine_labelIds.png", [7])
+    assert main(["--data", "cityscapes", "--data-root", str(root), "--steps", "1", "--batch-size", "1",
+                 "--size", "4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hss-train: Cityscapes (labelIds):") and "holds label id(s) [40]" in err[-1]

@@ -11,6 +11,7 @@ comparison of :mod:`hss_kernels.train.demo`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import distributed
 from .data import DATASETS
@@ -107,6 +108,8 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .data import DataError
+
     try:
         if args.demo:
             from .demo import demo
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
             from .loop import train
 
             train(args)
+    except (FileNotFoundError, DataError) as exc:  # the data set's files: one line naming the file, no traceback
+        print(f"hss-train: {exc}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown()
     return 0

@@ -218,6 +218,16 @@ def _resize(image, target, hw):
 
 
 # --------------------------------------------------------------------------- real data sets
+class DataError(ValueError):
+    """A data set's files do not hold what its loader expects (a label id it does not know, a colour image
+    for a label map): hss-train reports it as one line naming the file."""
+
+
+# Cityscapes' labelIds (cityscapesscripts' labels.py) → its 19 train ids; every other id is ignored.
+CITYSCAPES_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                       26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
 class SegmentationFolder(Dataset):
     """Image / label-map file pairs with a lookup table from the data set's label ids to leaf ids.
 
@@ -270,7 +280,7 @@ class SegmentationFolder(Dataset):
             # Palette PNGs (Vistas, Pascal) store the class id as the palette index: read the index, never
             # the colour. A colour image is a visualisation (e.g. Cityscapes' *_color.png), not ids.
             if im.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
-                raise ValueError(f"{self.name}: {path} is a {im.mode} image, not a label map of class ids "
+                raise DataError(f"{self.name}: {path} is a {im.mode} image, not a label map of class ids "
                                  f"(single-channel or palette PNG)")
             raw = np.asarray(im).astype(np.int64)
         bad = (raw < 0) | (raw >= len(self.lut))
@@ -279,7 +289,7 @@ class SegmentationFolder(Dataset):
             bad = mapped < 0
         if bad.any():
             ids = sorted(set(raw[bad].tolist()))[:10]
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: {path} holds label id(s) {ids} that are not ids of this data set "
                 f"(known ids: {self.known_ids()}); is this the right data set / version for tree "
                 f"with {self.tree.num_leaves} leaves?")
@@ -374,10 +384,12 @@ def vistas(root, split: str = "training", version: str = "v1.2", tree=None, tran
 
 def cityscapes(root, split: str = "train", tree=None, transform=None, ignore_index: int = 255,
                seed: int = 0) -> SegmentationFolder:
-    """Cityscapes, fine annotations as train ids (made by cityscapesscripts' ``createTrainIdLabelImgs``)::
+    """Cityscapes, fine annotations, as downloaded or after cityscapesscripts' ``createTrainIdLabelImgs``::
 
         root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png
-        root/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png     ids 0..18, 255 ignore
+        root/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png     train ids 0..18, 255 ignore (used when present)
+        root/gtFine/<split>/<city>/<name>_gtFine_labelIds.png          the download's ids 0..33 (else): mapped to
+                                                                        the 19 train ids, every other id ignored
 
     Tree: ``cityscapes`` (19 leaves, train id = leaf id).
     """
@@ -386,13 +398,20 @@ def cityscapes(root, split: str = "train", tree=None, transform=None, ignore_ind
     image_dir = _need_dir(root / "leftImg8bit" / split, what)
     label_dir = _need_dir(root / "gtFine" / split, what)
 
-    def label_of(p: Path) -> Path:
+    def label_of(p: Path, kind: str) -> Path:
         stem = p.name[: -len("_leftImg8bit.png")]
-        return label_dir / p.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        return label_dir / p.parent.name / f"{stem}_gtFine_{kind}.png"
 
-    images, labels = _pairs(image_dir, label_dir, "*/*_leftImg8bit.png", label_of, what)
+    first = next(iter(sorted(image_dir.glob("*/*_leftImg8bit.png"))), None)
+    kind = "labelTrainIds" if first is None or label_of(first, "labelTrainIds").is_file() else "labelIds"
+    images, labels = _pairs(image_dir, label_dir, "*/*_leftImg8bit.png", lambda p: label_of(p, kind),
+                            f"{what} ({kind}: *_gtFine_labelTrainIds.png, or the download's *_gtFine_labelIds.png)")
     tree = _check_tree(tree, "cityscapes", 19, what)
-    return SegmentationFolder(images, labels, tree, {i: i for i in range(19)}, transform, ignore_index, seed, what)
+    if kind == "labelTrainIds":
+        id_map = {i: i for i in range(19)}
+    else:  # the raw ids of the download: 0..33, the 19 evaluated classes to their train ids, the rest ignored
+        id_map = {i: CITYSCAPES_TRAIN_ID.get(i, ignore_index) for i in range(34)}
+    return SegmentationFolder(images, labels, tree, id_map, transform, ignore_index, seed, f"{what} ({kind})")
 
 
 def _id_list(root: Path, split: str, what: str) -> Optional[List[str]]:
