@@ -266,3 +266,24 @@ def test_hss_train_reports_data_errors_in_one_line(tmp_path, capsys):
                  "--size", "4", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("hss-train: Cityscapes (labelIds):") and "holds label id(s) [40]" in err[-1]
+
+
+@pytest.mark.parametrize("version", ["v1.2", "v2.0"])
+def test_vistas_reads_its_config_and_ignores_classes_not_evaluated(tmp_path, version):
+    import json
+
+    root = tmp_path / "vistas"
+    n = 66 if version == "v1.2" else 124
+    _image(root / "training" / "images" / "a.jpg")
+    sub = root / "training" / ("labels" if version == "v1.2" else "v2.0/labels")
+    _label(sub / "a.png", [0, 5, n - 1, 3], palette=True)
+    plain = D.vistas(root, "training", version=version).read_target(0).reshape(-1)[:4].tolist()
+    assert plain == [0, 5, (65 if version == "v1.2" else 255), 3]  # without a config: the ids as they are
+    labels = [{"name": f"c{i}", "evaluate": i not in (5, n - 1)} for i in range(n)]
+    name = "config.json" if version == "v1.2" else "config_v2.0.json"
+    (root / name).write_text(json.dumps({"labels": labels}))
+    got = D.vistas(root, "training", version=version).read_target(0).reshape(-1)[:4].tolist()
+    assert got == [0, 255, 255, 3]
+    (root / name).write_text(json.dumps({"labels": labels[:3]}))
+    with pytest.raises(D.DataError, match=f"lists 3 labels, this version has {66 if version == 'v1.2' else 124}"):
+        D.vistas(root, "training", version=version)

@@ -363,6 +363,9 @@ def vistas(root, split: str = "training", version: str = "v1.2", tree=None, tran
         root/<split>/v2.0/labels/<id>.png       v2.0: ids 0..123; 123 'Unlabeled' becomes ignore_index
 
     Tree: ``vistas`` (66 leaves) for v1.2, ``vistas_v2`` (123 leaves) for v2.0; ids map to leaves 1:1.
+    The archive's ``root/config.json`` (v1.2) or ``root/config_v2.0.json`` (v2.0), when present: the classes
+    whose ``evaluate`` is false (v1.2: 'unlabeled', 65) map to ``ignore_index``, as the benchmark evaluates
+    them; the trees keep those leaves (their logits then never see a label).
     """
     root = Path(root)
     if version not in ("v1.2", "v2.0"):
@@ -379,7 +382,24 @@ def vistas(root, split: str = "training", version: str = "v1.2", tree=None, tran
         tree = _check_tree(tree, "vistas_v2", 123, what)
         id_map = {i: i for i in range(123)}
         id_map[123] = ignore_index
+    config = root / ("config.json" if version == "v1.2" else "config_v2.0.json")
+    if config.is_file():
+        for i in _not_evaluated(config, len(id_map), what):
+            id_map[i] = ignore_index
     return SegmentationFolder(images, labels, tree, id_map, transform, ignore_index, seed, what)
+
+
+def _not_evaluated(config: Path, n: int, what: str) -> List[int]:
+    """The label ids whose ``evaluate`` is false in a Vistas config file (its ``labels`` list, by id)."""
+    import json
+
+    try:
+        entries = json.loads(config.read_text())["labels"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{what}: {config} is not a Vistas config file with a 'labels' list ({exc})") from None
+    if len(entries) != n:
+        raise DataError(f"{what}: {config} lists {len(entries)} labels, this version has {n}")
+    return [i for i, e in enumerate(entries) if not e.get("evaluate", True)]
 
 
 def cityscapes(root, split: str = "train", tree=None, transform=None, ignore_index: int = 255,
