@@ -287,3 +287,16 @@ def test_vistas_reads_its_config_and_ignores_classes_not_evaluated(tmp_path, ver
     (root / name).write_text(json.dumps({"labels": labels[:3]}))
     with pytest.raises(D.DataError, match=f"lists 3 labels, this version has {66 if version == 'v1.2' else 124}"):
         D.vistas(root, "training", version=version)
+
+
+def test_lip_as_downloaded(tmp_path):
+    root = tmp_path / "LIP"
+    for split, stem in (("train", "77_471474"), ("val", "100034_483681")):
+        _image(root / "TrainVal_images" / f"{split}_images" / f"{stem}.jpg")
+        _label(root / "TrainVal_parsing_annotations" / f"{split}_segmentations" / f"{stem}.png", [0, 5, 19, 255])
+    ds = D.build_dataset("lip", root, train=False, size=(6, 8))
+    assert ds.tree.num_leaves == 20 and ds.read_target(0).reshape(-1)[:4].tolist() == [0, 5, 19, 255]
+    assert "lip" in D.DATASETS and len(D.build_dataset("lip", root, train=True, size=4)) == 1
+    _label(root / "TrainVal_parsing_annotations" / "val_segmentations" / "100034_483681.png", [20])
+    with pytest.raises(D.DataError, match="holds label id\\(s\\) \\[20\\]"):
+        D.lip(root, "val").read_target(0)

@@ -11,7 +11,7 @@ the data set's tree, ``ignore_index`` (255) marking pixels that count for nothin
   real data sets. Super-classes are therefore easy and leaves hard, and what a pixel has in common with
   its siblings is real signal a hierarchical loss can use.
 * :class:`SegmentationFolder` and the builders :func:`vistas`, :func:`cityscapes`,
-  :func:`pascal_person_part`, :func:`helen` (also :func:`build_dataset` by name): the standard folder
+  :func:`pascal_person_part`, :func:`helen`, :func:`lip` (also :func:`build_dataset` by name): the standard folder
   layouts of those data sets, mapping their label ids to the shipped trees' leaves.
 
 Transforms (:class:`RandomScaleCropFlip` for training, :class:`ResizeCenterCrop` for evaluation) work
@@ -40,6 +40,8 @@ __all__ = [
     "cityscapes",
     "pascal_person_part",
     "helen",
+    "lip",
+    "DataError",
     "build_dataset",
     "DATASETS",
     "IMAGENET_MEAN",
@@ -503,6 +505,24 @@ def helen(root, split: str = "train", tree=None, transform=None, ignore_index: i
     return SegmentationFolder(images, labels, tree, {i: i for i in range(11)}, transform, ignore_index, seed, what)
 
 
+def lip(root, split: str = "train", tree=None, transform=None, ignore_index: int = 255,
+        seed: int = 0) -> SegmentationFolder:
+    """LIP (Look Into Person), the single-person human parsing archive as downloaded::
+
+        root/TrainVal_images/<split>_images/<id>.jpg                        split: train, val
+        root/TrainVal_parsing_annotations/<split>_segmentations/<id>.png    ids 0..19 (0 background)
+
+    Tree: ``lip`` (20 leaves, id = leaf id; HSSN's upper/lower-body grouping).
+    """
+    root = Path(root)
+    what = "LIP"
+    image_dir = _need_dir(root / "TrainVal_images" / f"{split}_images", what)
+    label_dir = _need_dir(root / "TrainVal_parsing_annotations" / f"{split}_segmentations", what)
+    images, labels = _pairs(image_dir, label_dir, "*.jpg", lambda p: label_dir / (p.stem + ".png"), what)
+    tree = _check_tree(tree, "lip", 20, what)
+    return SegmentationFolder(images, labels, tree, {i: i for i in range(20)}, transform, ignore_index, seed, what)
+
+
 # name → (builder, default tree, training split, evaluation split)
 DATASETS = {
     "vistas": (lambda root, split, **kw: vistas(root, split, version="v1.2", **kw), "vistas", "training", "validation"),
@@ -511,6 +531,7 @@ DATASETS = {
     "cityscapes": (cityscapes, "cityscapes", "train", "val"),
     "pascal_person_part": (pascal_person_part, "pascal_person_part", "train", "val"),
     "helen": (helen, "helen", "train", "test"),
+    "lip": (lip, "lip", "train", "val"),
 }
 
 
