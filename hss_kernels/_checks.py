@@ -79,9 +79,12 @@ def check_weights(fn: str, class_weight, pixel_weight, num_leaves: int, target: 
                              f"{tuple(class_weight.shape)}")
         if not class_weight.dtype.is_floating_point:
             class_weight = class_weight.float()
+        # Checked where it costs no host synchronisation (weights on the CPU), or with the label scan (a
+        # module's weights already on the GPU, see set_label_check).
+        if not _is_compiling() and (class_weight.device.type == "cpu" or _LABEL_CHECK):
+            if not bool(torch.isfinite(class_weight).all()):
+                raise ValueError(f"{fn}: class_weight holds a non-finite value")
         class_weight = class_weight.to(target.device)
-        if not _is_compiling() and not bool(torch.isfinite(class_weight).all()):
-            raise ValueError(f"{fn}: class_weight holds a non-finite value")
     if pixel_weight is not None:
         if not isinstance(pixel_weight, torch.Tensor) or not pixel_weight.dtype.is_floating_point:
             raise TypeError(f"{fn}: pixel_weight must be a floating-point tensor of the target's shape")
@@ -102,7 +105,9 @@ def set_label_check(enabled: bool) -> None:
     call); turn it off once a data pipeline is trusted. ``torch.compile`` skips it too. Without it, such a
     label is never read out of bounds (docs/MATH.md §5.3): every backend gives that pixel a NaN loss and a NaN
     gradient row, so a ``"mean"``/``"sum"`` loss is NaN, never a plausible number; the tree-triplet loss
-    is NaN; ``labels_at_depth`` maps it to -1. Shapes, dtypes and devices are always checked.
+    is NaN; ``labels_at_depth`` maps it to -1. Shapes, dtypes and devices are always checked. The same
+    switch covers the finiteness check of a ``class_weight`` that already lives on the GPU (one on the CPU
+    is always checked: it costs no synchronisation).
     """
     global _LABEL_CHECK
     _LABEL_CHECK = bool(enabled)

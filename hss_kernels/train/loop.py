@@ -313,9 +313,10 @@ def train(args) -> dict:
             opt.step()
             sched.step()
             step += 1
-            run_loss += float(loss.detach())
+            value = float(loss.detach())  # one host synchronisation per step, shared by both running means
+            run_loss += value
             run_n += 1
-            log_loss += float(loss.detach())
+            log_loss += value
             log_n += 1
             seen += images.shape[0] * world
             rate = seen / max(time.perf_counter() - t0, 1e-9)
