@@ -130,6 +130,30 @@ def test_unrolled_loop_and_remainder_share_the_trips():
     assert rem.trips == 1.5 and main.trips == pytest.approx(2.0)
 
 
+def test_copies_of_a_loop_inlined_at_different_call_sites_each_get_the_trips():
+    """A helper's loop inlined twice (upsample_math.h's bisection, called per axis) is two loops, not an
+    unrolled loop and its remainder: each runs the annotated trips, whatever its size."""
+    text = listing("""
+        L1: MOV R0, RZ
+        .L_x_0:
+        L51<9: LDG.E R4, desc[UR4][R2.64]
+        L51<9: FADD R8, R8, R4
+        L50<9: @P0 BRA `(.L_x_0)
+        .L_x_1:
+        L51<12: LDG.E R4, desc[UR4][R2.64]
+        L51<12: LDG.E R5, desc[UR4][R2.64+0x4]
+        L51<12: FADD R8, R8, R4
+        L51<12: FADD R8, R8, R5
+        L50<12: @P1 BRA `(.L_x_1)
+        L60: EXIT
+    """)
+    an = run(text, {50: Annotation(trips="T")}, variables={"T": 10})
+    first, second = an.loops
+    assert (first.trips, first.unroll, second.trips, second.unroll) == (10, 1, 10, 1)
+    assert (first.inlined_at, second.inlined_at) == (((F, 9),), ((F, 12),))
+    assert an.instructions == 1 + 10 * 3 + 10 * 5 + 1 and not an.warnings
+
+
 def test_cold_branch_skips_its_region_and_the_hot_side_keeps_counting():
     text = listing("""
         L5: ISETP.NE.AND P0, PT, R2, 0x1, PT
