@@ -243,14 +243,52 @@ def test_whole_pads_to_the_size_divisor_and_crops_back():
         slide_logits(model, images, (4, 4), (5, 4))
 
 
+def test_eval_scale_resizes_the_image_and_predicts_at_the_label_size():
+    """--eval-scale: the model sees the image resized by the factor; predictions come back at the labels'
+    size. A 1x1 conv commutes with bilinear resizing (its weights sum to 1), so the prediction is the argmax
+    of the conv of the image resized down and back up; whole and slide with one window agree."""
+    tree = build_tree(parse())
+    C = tree.num_leaves
+    for scale in (0.5, 0.37, 1.0):
+        model = PixelModel(C).eval()
+        H, W = rand_size(7, 30), rand_size(7, 30)
+        h, w = max(1, round(H * scale)), max(1, round(W * scale))
+        images = torch.randn(2, 3, H, W)
+        targets = torch.randint(0, C, (2, H, W))
+        fn = make_loss(parse("--backend", "reference"), tree)
+        with torch.no_grad():
+            pw, lw = evaluate_batch(model, images, targets, tree, "hier-softmax", fn, "reference", "whole",
+                                    scale=scale)
+            ps, ls = evaluate_batch(model, images, targets, tree, "hier-softmax", fn, "reference", "slide",
+                                    (h, w), (h, w), scale=scale)
+            down = nn.functional.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+            up = nn.functional.interpolate(down, size=(H, W), mode="bilinear", align_corners=False)
+            want = model.conv(up)
+        assert pw.shape == (2, H, W) and torch.equal(pw, ps)
+        assert float(lw) == pytest.approx(float(ls), rel=1e-5)
+        top2 = want.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # leave out near-ties that rounding may flip
+        assert torch.equal(pw[clear], want.argmax(1)[clear])
+        if scale != 1.0:  # the model really saw the smaller image
+            calls = []
+            model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape[-2:])))
+            with torch.no_grad():
+                evaluate_batch(model, images, targets, tree, "hier-softmax", None, "reference", "whole", scale=scale)
+            assert calls == [(h, w)]
+    with pytest.raises(ValueError, match="scale must be in"):
+        evaluate_batch(model, images, targets, tree, "hier-softmax", scale=0.0)
+
+
 # --------------------------------------------------------------------------- the command line
 def test_eval_flags_parse_with_their_defaults():
     a = parse("--size", 48)
-    assert eval_settings(a) == {"mode": "whole", "window": None, "stride": None}  # synthetic: whole
+    assert eval_settings(a) == {"mode": "whole", "window": None, "stride": None, "scale": 1.0}  # synthetic: whole
     real = parse("--data", "cityscapes", "--data-root", "/nowhere", "--size", 512, 1024)
-    assert eval_settings(real) == {"mode": "slide", "window": (512, 1024), "stride": default_stride((512, 1024))}
+    assert eval_settings(real) == {"mode": "slide", "window": (512, 1024), "stride": default_stride((512, 1024)),
+                                   "scale": 1.0}
+    assert eval_settings(parse("--eval-mode", "whole", "--eval-scale", 0.5))["scale"] == 0.5
     s = parse("--eval-mode", "slide", "--size", 48, "--eval-window", 30, 40, "--eval-stride", 20)
-    assert eval_settings(s) == {"mode": "slide", "window": (30, 40), "stride": (20, 20)}
+    assert eval_settings(s) == {"mode": "slide", "window": (30, 40), "stride": (20, 20), "scale": 1.0}
     assert eval_settings(parse("--eval-mode", "slide", "--eval-window", 9))["stride"] == default_stride((9, 9))
     assert eval_settings(parse("--eval-mode", "crop"))["mode"] == "crop"
     assert "slide" in T.build_parser().format_help() and "--eval-stride" in T.build_parser().format_help()
@@ -264,6 +302,10 @@ def test_eval_flags_parse_with_their_defaults():
     (["--eval-mode", "slide", "--size", "30", "--eval-stride", "10", "31"], "larger than the window 30 30"),
     (["--eval-mode", "whole", "--eval-window", "8"], "are for --eval-mode slide, not whole"),
     (["--eval-stride", "8"], "are for --eval-mode slide, not whole"),  # auto on synthetic data: whole
+    (["--eval-mode", "whole", "--eval-scale", "0"], "--eval-scale must be in (0, 1], got 0"),
+    (["--eval-mode", "slide", "--eval-scale", "1.5"], "--eval-scale must be in (0, 1], got 1.5"),
+    (["--eval-scale", "nan"], "--eval-scale must be in (0, 1], got nan"),
+    (["--eval-mode", "crop", "--eval-scale", "0.5"], "--eval-scale is for --eval-mode whole|slide"),
     (["--val-image-size", "0"], "--val-image-size takes one or two positive integers"),
     (["--data", "helen", "--data-root", "x", "--val-image-size", "40"], "--val-image-size is for --data synthetic"),
 ])
@@ -303,7 +345,7 @@ def test_every_mode_agrees_on_images_of_the_crop_size(tmp_path):
             assert got[mode]["metrics"][d]["miou"] == pytest.approx(got["crop"]["metrics"][d]["miou"], abs=1e-9)
 
 
-@pytest.mark.parametrize("mode", ["crop", "whole", "slide"])
+@pytest.mark.parametrize("mode", ["crop", "whole", "slide", "whole-half"])
 def test_each_mode_runs_on_larger_validation_images(tmp_path, mode):
     """Validation images larger than the crop (odd sizes): every mode writes its eval records; whole and
     slide score every labelled pixel of the full images, crop the centre crops only."""
@@ -311,14 +353,18 @@ def test_each_mode_runs_on_larger_validation_images(tmp_path, mode):
             "--seed", 3, "--loss", "hier-softmax"]
     if mode == "slide":
         argv += ["--eval-window", 16, 12, "--eval-stride", 7, 9, "--amp", "bf16"]
+    if mode == "whole-half":
+        argv[argv.index("whole-half")] = "whole"
+        argv += ["--eval-scale", 0.5]
     res, evals, out = train_run(tmp_path, mode, *argv)
-    assert [r["step"] for r in evals] == [1, 2] and all(r["eval_mode"] == mode for r in evals)
+    assert [r["step"] for r in evals] == [1, 2] and all(r["eval_mode"] == mode.split("-")[0] for r in evals)
+    assert all(r.get("eval_scale", 1.0) == (0.5 if mode == "whole-half" else 1.0) for r in evals)
     assert all(r["val_loss"] == r["val_loss"] for r in evals)
     if mode == "slide":
         assert evals[-1]["eval_window"] == [16, 12] and evals[-1]["eval_stride"] == [7, 9]
     # Recount the labelled pixels the metrics saw from the checkpoint's own evaluation.
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["config"]["eval_mode"] == mode
+    assert ckpt["config"]["eval_mode"] == mode.split("-")[0]
     tree = build_tree(parse())
     from hss_kernels.train.data import ResizeCenterCrop, SyntheticHierarchy
 
@@ -333,6 +379,10 @@ def test_each_mode_runs_on_larger_validation_images(tmp_path, mode):
             x, y = val[i]
             if mode == "whole":
                 metrics.update(predict(model(x[None])[0], tree, "hier-softmax"), y[None])
+            elif mode == "whole-half":
+                half = (round(23 * 0.5), round(29 * 0.5))
+                small = nn.functional.interpolate(x[None], size=half, mode="bilinear", align_corners=False)
+                metrics.update(predict(model(small)[0], tree, "hier-softmax", size=(23, 29)), y[None])
             elif mode == "slide":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     logits = slide_logits(model, x[None], (16, 12), (7, 9))

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slide: window H [W] (default: the crop size --size)")
     g.add_argument("--eval-stride", type=int, nargs="+", default=None,
                    help="slide: stride H [W], at most the window (default: 2/3 of the window, rounded)")
+    g.add_argument("--eval-scale", type=float, default=1.0,
+                   help="whole/slide: resize the evaluation image by this factor in (0, 1] first (e.g. 0.5 for "
+                        "Vistas' multi-megapixel images); predictions and metrics stay at the label's full size")
     g.add_argument("--log-every", type=int, default=0,
                    help="record the training loss every N steps in log.json (default 0: about 10 times per run)")
     g.add_argument("--out", default=None, help="folder for log.json, checkpoint.pt, curves.png, predictions.png "
@@ -141,8 +144,8 @@ def _hw(values, name: str):
 
 
 def eval_settings(args) -> dict:
-    """``{"mode", "window", "stride"}`` of the evaluation (``window``/``stride``: ``(H, W)`` for slide, else
-    None): ``--eval-mode auto`` resolved (slide for the real data sets, whole for the synthetic one), the
+    """``{"mode", "window", "stride", "scale"}`` of the evaluation (``window``/``stride``: ``(H, W)`` for
+    slide, else None; ``scale``: ``--eval-scale``): ``--eval-mode auto`` resolved (slide for the real data sets, whole for the synthetic one), the
     slide window defaulting to the crop size and the stride to 2/3 of the window. Raises ``SystemExit``
     with an ``hss-train:`` message for values that do not fit."""
     mode = getattr(args, "eval_mode", "auto")
@@ -150,13 +153,18 @@ def eval_settings(args) -> dict:
         mode = "whole" if args.data == "synthetic" else "slide"
     if mode not in EVAL_MODES:
         raise SystemExit(f"hss-train: --eval-mode must be one of auto, {', '.join(EVAL_MODES)}, got {mode!r}")
+    scale = float(getattr(args, "eval_scale", 1.0))
+    if not 0.0 < scale <= 1.0:  # also refuses NaN
+        raise SystemExit(f"hss-train: --eval-scale must be in (0, 1], got {scale:g}")
+    if mode == "crop" and scale != 1.0:
+        raise SystemExit("hss-train: --eval-scale is for --eval-mode whole|slide; crop resizes to --size itself")
     window = _hw(getattr(args, "eval_window", None), "--eval-window")
     stride = _hw(getattr(args, "eval_stride", None), "--eval-stride")
     if mode != "slide":
         if window is not None or stride is not None:
             raise SystemExit(f"hss-train: --eval-window and --eval-stride are for --eval-mode slide, "
                              f"not {mode}")
-        return {"mode": mode, "window": None, "stride": None}
+        return {"mode": mode, "window": None, "stride": None, "scale": scale}
     if window is None:
         window = _hw(args.size, "--size")
     if stride is None:
@@ -164,7 +172,7 @@ def eval_settings(args) -> dict:
     if stride[0] > window[0] or stride[1] > window[1]:
         raise SystemExit(f"hss-train: --eval-stride {stride[0]} {stride[1]} is larger than the window "
                          f"{window[0]} {window[1]}: pixels between the windows would get no logits")
-    return {"mode": mode, "window": window, "stride": stride}
+    return {"mode": mode, "window": window, "stride": stride, "scale": scale}
 
 
 def main(argv=None) -> int:

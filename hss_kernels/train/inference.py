@@ -15,6 +15,9 @@
   ``ce`` / ``hier-softmax``, node logits for ``tree-min`` / ``tree-bce`` (decoded afterwards by
   :func:`hss_kernels.decode`'s path scores), as mmsegmentation averages its logits.
 
+``--eval-scale S`` (whole and slide) resizes the image by ``S`` first; the logits of the resized image are
+upsampled to the labels (:func:`hss_kernels.train.loop.evaluate_batch`).
+
 Everything here runs under ``torch.no_grad()``, one batch of equally sized images at a time; the caller
 wraps it in autocast when it wants bf16.
 """

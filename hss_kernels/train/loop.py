@@ -148,21 +148,33 @@ def predict(logits: torch.Tensor, tree, loss: str, backend: str = "auto", size=N
 
 def evaluate_batch(model, images: torch.Tensor, targets: torch.Tensor, tree, loss: str, loss_fn=None,
                    backend: str = "auto", mode: str = "whole", window=None, stride=None, size_divisor: int = 1,
-                   windows_per_batch: int = 1):
+                   windows_per_batch: int = 1, scale: float = 1.0):
     """``(prediction int64 (N, H, W), loss or None)`` of one batch of equally sized evaluation images in
     ``mode`` (see :mod:`hss_kernels.train.inference`): ``crop`` and ``whole`` run the batch through the
     model at once (padded to ``size_divisor``), ``slide`` averages the logits of ``window`` windows every
-    ``stride`` pixels. Predictions at the labels' size ``(H, W)``; the loss (``loss_fn(logits, target)``,
-    when given) on the same logits, over the labelled pixels. Call under ``torch.no_grad()``."""
+    ``stride`` pixels. ``scale`` in (0, 1] first resizes the images (bilinear) by that factor; the logits of
+    the resized image are then upsampled to the labels. Predictions at the labels' size ``(H, W)``; the loss
+    (``loss_fn(logits, target)``, when given) on the same logits, over the labelled pixels. Call under
+    ``torch.no_grad()``."""
     H, W = targets.shape[-2:]
     if tuple(images.shape[-2:]) != (H, W):
         raise ValueError(f"evaluate_batch: images {tuple(images.shape[-2:])} and labels {(H, W)} differ in size")
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"evaluate_batch: scale must be in (0, 1], got {scale}")
+    h, w = (H, W) if scale == 1.0 else (max(1, round(H * scale)), max(1, round(W * scale)))
+    if (h, w) != (H, W):
+        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
     if mode == "slide":
-        logits, (Hp, Wp) = slide_logits(model, images, window, stride, windows_per_batch), (H, W)
+        logits, (Hp, Wp) = slide_logits(model, images, window, stride, windows_per_batch), (h, w)
     elif mode in ("crop", "whole"):
         logits, (Hp, Wp) = whole_logits(model, images, size_divisor)
     else:
         raise ValueError(f"evaluate_batch: mode must be 'crop', 'whole' or 'slide', got {mode!r}")
+    if (h, w) != (H, W):  # resized image: its logits at its own size, then upsampled to the labels below
+        if (Hp, Wp) != (h, w) or tuple(logits.shape[-2:]) != (h, w):
+            logits = F.interpolate(logits.float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
+            logits = logits[:, :, :h, :w]
+        Hp, Wp = H, W
     padded = targets if (Hp, Wp) == (H, W) else F.pad(targets, (0, Wp - W, 0, Hp - H), value=255)
     value = None if loss_fn is None else loss_fn(logits, padded)
     pred = predict(logits, tree, loss, backend, size=(Hp, Wp))[:, :H, :W]
@@ -201,9 +213,10 @@ def _summary(metrics: Dict[int, dict]) -> Dict[str, dict]:
 
 def _mode_text(ev: dict) -> str:
     """``eval whole`` / ``eval slide 48x48 stride 32x32`` for the printed tables."""
-    if ev["mode"] != "slide":
-        return f"eval {ev['mode']}"
-    return f"eval slide {ev['window'][0]}x{ev['window'][1]} stride {ev['stride'][0]}x{ev['stride'][1]}"
+    text = f"eval {ev['mode']}"
+    if ev["mode"] == "slide":
+        text += f" {ev['window'][0]}x{ev['window'][1]} stride {ev['stride'][0]}x{ev['stride'][1]}"
+    return text + (f" at scale {ev['scale']:g}" if ev["scale"] != 1.0 else "")
 
 
 def evaluations(log: List[dict]) -> List[dict]:
@@ -317,7 +330,7 @@ def train(args) -> dict:
                 # The bare module: no DDP synchronisation for uneven shards.
                 pred, value = evaluate_batch(model, images, targets, tree, args.loss, loss_fn, args.backend,
                                              ev["mode"], ev["window"], ev["stride"],
-                                             getattr(model, "size_divisor", 1), windows_per_batch)
+                                             getattr(model, "size_divisor", 1), windows_per_batch, ev["scale"])
                 n = float((targets != 255).sum())
                 vloss += float(value) * n
                 vcount += n
@@ -332,6 +345,8 @@ def train(args) -> dict:
                   "metrics": _summary(metrics.compute())}
         if ev["mode"] == "slide":
             record["eval_window"], record["eval_stride"] = list(ev["window"]), list(ev["stride"])
+        if ev["scale"] != 1.0:
+            record["eval_scale"] = ev["scale"]
         log.append(record)
         if show:
             print(f"\nstep {step}/{total}  train loss {train_loss:.4f}  val loss {vloss:.4f}  ({args.loss}, "
