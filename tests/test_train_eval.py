@@ -439,3 +439,43 @@ def test_real_layout_is_evaluated_on_full_images(tmp_path, mode):
             metrics.update(predict(logits, tree, "tree-bce"), y[None])
     assert int(metrics.confusion(1).sum()) == total
     assert depth1["pixel_accuracy"] == pytest.approx(metrics.compute()[1]["pixel_accuracy"], abs=1e-9)
+
+
+def test_torchrun_slide_equals_one_process(tmp_path):
+    """Two processes, each sliding over its shard of 5 validation images (uneven): the summed metrics equal
+    one process's slide evaluation of the checkpoint over all 5."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hss_kernels.train.data import SyntheticHierarchy
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "hss_kernels.train", "--loss", "tree-min", "--steps", "2", "--eval-every", "2", "--seed", "4",
+           "--size", "16", "--val-image-size", "21", "27", "--val-size", "5", "--eval-mode", "slide",
+           "--eval-stride", "9", "--train-size", "8", "--batch-size", "4", "--width", "8", "--levels", "2",
+           "--device", "cpu", "--quiet", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    lines = re.findall(r"\[rank (\d)/2\] final metrics: (\{.*\})", text)
+    assert sorted(r for r, _ in lines) == ["0", "1"], text[-3000:]
+    log = json.loads((tmp_path / "ddp" / "log.json").read_text())
+    assert log[-1]["eval_mode"] == "slide" and log[-1]["eval_stride"] == [9, 9]
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    tree = build_tree(parse())
+    model = build_model("unet", tree, "tree-min", width=8, levels=2)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    val = SyntheticHierarchy(tree, length=5, size=(21, 27), seed=4, offset=2 ** 40)
+    metrics = HierarchicalMetrics(tree)
+    with torch.no_grad():
+        for i in range(5):
+            x, y = val[i]
+            metrics.update(predict(slide_logits(model, x[None], (16, 16), (9, 9)), tree, "tree-min"), y[None])
+    for d, v in json.loads(lines[0][1]).items():
+        assert v == pytest.approx(metrics.compute()[int(d)]["miou"], abs=1e-9)
