@@ -279,6 +279,34 @@ def test_eval_scale_resizes_the_image_and_predicts_at_the_label_size():
         evaluate_batch(model, images, targets, tree, "hier-softmax", scale=0.0)
 
 
+@pytest.mark.parametrize("loss", ["ce", "hier-softmax", "tree-min", "tree-bce"])
+def test_one_pixel_and_all_ignored_images(loss):
+    """A 1x1 image (padded to the window by slide) and an image whose pixels are all ignored: predictions at
+    the label size, a finite loss (0 when nothing is labelled), nothing counted by the metrics."""
+    from hss_kernels.train.models import out_channels
+
+    tree = build_tree(parse())
+    model = PixelModel(out_channels(tree, loss)).eval()  # the U-Net's GroupNorm refuses a 1x1 input
+    fn = make_loss(parse("--loss", loss, "--backend", "reference"), tree)
+    for H, W in [(1, 1), (rand_size(2, 9), rand_size(2, 9))]:
+        images = torch.randn(1, 3, H, W)
+        targets = torch.full((1, H, W), 255)
+        for mode, window in [("whole", None), ("slide", (4, 5))]:
+            with torch.no_grad():
+                pred, value = evaluate_batch(model, images, targets, tree, loss, fn, "reference", mode, window,
+                                             window)
+            assert pred.shape == (1, H, W) and 0 <= int(pred.min()) and int(pred.max()) < tree.num_leaves
+            assert float(value) == 0.0
+            metrics = HierarchicalMetrics(tree)
+            metrics.update(pred, targets)
+            assert int(metrics.confusion(1).sum()) == 0
+            labelled = torch.randint(0, tree.num_leaves, (1, H, W))
+            with torch.no_grad():
+                _, value = evaluate_batch(model, images, labelled, tree, loss, fn, "reference", mode, window,
+                                          window)
+            assert float(value) == float(value) and float(value) > 0
+
+
 # --------------------------------------------------------------------------- the command line
 def test_eval_flags_parse_with_their_defaults():
     a = parse("--size", 48)
