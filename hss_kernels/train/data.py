@@ -286,6 +286,9 @@ class SegmentationFolder(Dataset):
             self.lut[k] = v
         if 0 <= ignore_index < size:
             self.lut[ignore_index] = ignore_index
+        # Leaves no data set id maps to (e.g. Vistas v1.2's 'unlabeled' under its config.json): the data set
+        # does not evaluate them, so the metrics leave them out (HierarchicalMetrics(ignored_leaves=...)).
+        self.ignored_leaves = sorted(set(range(self.tree.num_leaves)) - set(id_map.values()))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -314,7 +314,8 @@ def train(args) -> dict:
                              f"nothing (ask for more steps to continue)")
 
     loss_fn = make_loss(args, tree)
-    metrics = HierarchicalMetrics(tree, ignore_index=255, device=device)
+    metrics = HierarchicalMetrics(tree, ignore_index=255, device=device,
+                                  ignored_leaves=getattr(val_ds, "ignored_leaves", ()))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16" else nullcontext
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # triplet sampling, per process
     show = rank == 0 and not args.quiet
