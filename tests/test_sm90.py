@@ -426,9 +426,8 @@ def test_cuda_launches_match_the_host_rules():
     assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0EE"
 
 
-def test_one_triton_kernel_end_to_end(tmp_path):
-    """Compiles the Triton hierarchical softmax forward (float32, NCHW, Vistas sizes) as the runtime would and
-    checks the row's fields, its one loop's trip count included (no speed figure is a target here)."""
+def _need_triton_sm90_tools():
+    """Skip unless Triton compiles (not its interpreter) and the CUDA binary tools are there."""
     triton = pytest.importorskip("triton")
     from benchmarks.sm90 import tools
 
@@ -439,6 +438,12 @@ def test_one_triton_kernel_end_to_end(tmp_path):
             tools.binary(name)
     except tools.ToolMissing as exc:
         pytest.skip(str(exc))
+
+
+def test_one_triton_kernel_end_to_end(tmp_path):
+    """Compiles the Triton hierarchical softmax forward (float32, NCHW, Vistas sizes) as the runtime would and
+    checks the row's fields, its one loop's trip count included (no speed figure is a target here)."""
+    _need_triton_sm90_tools()
     ctx = model.Context(tmp_path, log=lambda m: None)
     row = ctx.triton_row("hierarchical_softmax", "float32", "forward", "nchw").as_dict()
     assert (row["op"], row["backend"], row["dtype"], row["pass"], row["layout"]) == \
@@ -461,16 +466,7 @@ def test_one_upsampled_triton_kernel_end_to_end(tmp_path):
     """The gathering backward of the Triton hierarchical softmax with logits at 1/4 of the labels' size: one
     program per 128 low-resolution pixels, its window loops at the tables' longest window (10 at s = 4), the
     floor of the low-resolution logits and gradient."""
-    triton = pytest.importorskip("triton")
-    from benchmarks.sm90 import tools
-
-    if triton.knobs.runtime.interpret:
-        pytest.skip("TRITON_INTERPRET=1: the kernels are interpreter functions, nothing to compile")
-    try:
-        for name in ("ptxas", "nvdisasm", "cuobjdump"):
-            tools.binary(name)
-    except tools.ToolMissing as exc:
-        pytest.skip(str(exc))
+    _need_triton_sm90_tools()
     ctx = model.Context(tmp_path, log=lambda m: None)
     row = ctx.triton_row("hierarchical_softmax", "float32", "backward", "nchw", 4).as_dict()
     assert (row["upsample"], row["pass"], row["kernel"]) == (4, "backward", "_hierarchical_softmax_up_bwd_kernel")

@@ -18,13 +18,6 @@ TINY = ["--batch-size", "4", "--train-size", "8", "--val-size", "3", "--width", 
         "--device", "cpu", "--quiet", "--num-predictions", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def parse(*argv):
     return T.build_parser().parse_args(list(map(str, argv)))
