@@ -12,7 +12,7 @@ from hss_kernels.metrics import HierarchicalMetrics
 from hss_kernels.train.cli import eval_settings
 from hss_kernels.train.inference import default_stride, slide_logits, whole_logits, window_starts
 from hss_kernels.train.loop import build_tree, evaluate_batch, make_loss, predict
-from hss_kernels.train.models import UNet, build_model
+from hss_kernels.train.models import build_model
 
 TINY = ["--batch-size", "4", "--train-size", "8", "--val-size", "3", "--width", "8", "--levels", "2",
         "--device", "cpu", "--quiet", "--num-predictions", "2"]
