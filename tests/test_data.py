@@ -326,3 +326,21 @@ def test_hss_train_on_vistas_v12_evaluates_the_65_benchmark_classes(tmp_path, ca
     labels = [{"name": f"c{i}", "evaluate": i != 65} for i in range(66)]
     (root / "config.json").write_text(json.dumps({"labels": labels}))
     assert leaf_classes(tmp_path / "b") == 65
+
+
+def test_hss_train_on_cityscapes_as_downloaded_evaluates_19_classes(tmp_path, capsys):
+    """A fabricated Cityscapes folder with only *_gtFine_labelIds.png trains and evaluates the 19 train ids."""
+    from hss_kernels.train.cli import main
+
+    root = tmp_path / "cs"
+    for split in ("train", "val"):
+        _image(root / "leftImg8bit" / split / "x" / "x_0_0_leftImg8bit.png", 16, 16)
+        _label(root / "gtFine" / split / "x" / "x_0_0_gtFine_labelIds.png", [7, 23, 33, 0, 26, 11], h=16, w=16)
+    assert main(["--data", "cityscapes", "--data-root", str(root), "--steps", "2", "--batch-size", "1",
+                 "--size", "16", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    tree = trees.load("cityscapes")
+    rows = {r.split()[0]: r.split() for r in table if r.split()[:1] and r.split()[0].isdigit()}
+    assert [int(rows[str(d)][1]) for d in range(1, tree.depth + 1)] == \
+        [tree.num_classes(d) for d in range(1, tree.depth + 1)]
+    assert int(rows[str(tree.depth)][1]) == 19
