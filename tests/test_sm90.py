@@ -463,9 +463,9 @@ def test_one_triton_kernel_end_to_end(tmp_path):
 
 
 def test_one_upsampled_triton_kernel_end_to_end(tmp_path):
-    """The gathering backward of the Triton hierarchical softmax with logits at 1/4 of the labels' size: one
-    program per 128 low-resolution pixels, its window loops at the tables' longest window (10 at s = 4), the
-    floor of the low-resolution logits and gradient."""
+    """The backward of the Triton hierarchical softmax with logits at 1/4 of the labels' size: one program per
+    16 x 16 tile of low-resolution pixels (its first row and column the halo), its run loops at H / h and
+    W / w (4 at s = 4), the floor of the low-resolution logits and gradient."""
     _need_triton_sm90_tools()
     ctx = model.Context(tmp_path, log=lambda m: None)
     row = ctx.triton_row("hierarchical_softmax", "float32", "backward", "nchw", 4).as_dict()
@@ -474,7 +474,9 @@ def test_one_upsampled_triton_kernel_end_to_end(tmp_path):
     P, p, C = 8 * 2 ** 20, 8 * 256 * 256, tree.num_leaves
     assert row["floor_bytes"] == 2 * p * C * 4 + 8 * P + 4 * (tree.depth + 1) * P
     assert row["floor_formula"] == model.UP_FLOOR_FORMULAS[("hierarchical_softmax", "backward")]
-    assert row["threads"] == p  # one low-resolution pixel per thread: 128 per program of 4 warps
+    tiles = (-(-256 // 15)) ** 2  # 15 x 15 written per 16 x 16 tile
+    assert row["threads"] == 8 * tiles * 256  # one low-resolution pixel per thread, 8 warps a program
     trips = sorted(lp["trips"] for lp in row["loops"])
-    assert trips == [9, 10, 10]  # cdiv(66, BLOCK_C = 8) chunks, KY = KX = 10 window rows and columns
+    # runs of 4 rows (columns), 6 in the first of 18 tile rows (columns); chunks of 8 leaves
+    assert trips == pytest.approx([4 + 2 / 18, 4 + 2 / 18, 9])
     assert row["issue_ms"] > 0 and not row["warnings"]
