@@ -190,6 +190,20 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
     finish = CudaLaunch(op_source(op), "finish_kernel", A, 1, THREADS, [None, None, nb, None, None],
                         {"nb": nb})
     if op == "hierarchical_softmax":
+        _, size = _DT[dtype]
+        V = 16 // size  # hierarchical_softmax.cu lanes_of<T>(): pixels per thread on the lanes path
+        if layout == "nchw" and D <= 4:  # vec_lanes(): contiguous planes, H*W % V == 0, aligned
+            nbv = -(-(P // V) // THREADS)
+            smem = 16 * L  # packed_smem_bytes: one int4 per leaf
+            if pass_ == "forward":
+                return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_lanes_kernel", T + A, nbv, THREADS,
+                                   [None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None,
+                                    None], {"P": P, "L": L, "D": D}, smem),
+                        CudaLaunch(op_source(op), "finish_kernel", A, 1, THREADS, [None, None, nbv, None, None],
+                                   {"nb": nbv})]
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_lanes_kernel", T + A, nbv, THREADS,
+                               [None, gg, None, None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, None],
+                               {"P": P, "L": L, "D": D}, smem)]
         if pass_ == "forward":
             # kUp false: logits at the labels' size (the fused-upsampling kernels are not modelled yet)
             return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + "Lb0E", nb, THREADS,
