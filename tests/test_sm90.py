@@ -412,12 +412,22 @@ def test_cuda_launches_match_the_host_rules():
     with pytest.raises(SassError, match="update benchmarks/sm90/cuda_side.py"):
         cuda_side.cbank(bwd, [(0, 0, 8)])
     vistas = trees.load("vistas")
-    # hierarchical softmax: the leaf-major group table, 8 int32 a leaf, in dynamic shared memory
-    fwd, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (8, 66, 1024, 1024), vistas, 0.0)
+    # hierarchical softmax, NCHW: V pixels a thread (4 float32, 8 bfloat16), the group ids packed in one
+    # int4 a leaf; channels_last: one pixel a thread, the leaf-major table of 8 int32 a leaf
+    P = 8 * 1024 * 1024
+    fwd, fin = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (8, 66, 1024, 1024), vistas,
+                                  0.0)
     (hbwd,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (8, 66, 1024, 1024), vistas,
                                  0.0)
-    assert (fwd.threads, fwd.dynamic_smem) == (256, 66 * 32)
-    assert (hbwd.threads, hbwd.dynamic_smem) == (256, 66 * 32)
+    assert (fwd.kernel, fwd.blocks, fwd.threads, fwd.dynamic_smem) == (
+        "hierarchical_softmax_fwd_lanes_kernel", P // 4 // 256, 256, 66 * 16)
+    assert fin.params[2] == fwd.blocks
+    assert (hbwd.kernel, hbwd.blocks, hbwd.threads, hbwd.dynamic_smem) == (
+        "hierarchical_softmax_bwd_lanes_kernel", P // 8 // 256, 256, 66 * 16)
+    cl, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (8, 66, 1024, 1024),
+                               vistas, 0.0)
+    assert (cl.kernel, cl.blocks, cl.threads, cl.dynamic_smem) == ("hierarchical_softmax_fwd_kernel", P // 256, 256,
+                                                                    66 * 32)
     # decode: the kernel instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
     # (vistas) and the sum score, 11 parameters (x, walk, out, total, HW, W, C, four strides)
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), tree, 0.0)

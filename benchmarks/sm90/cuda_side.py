@@ -237,6 +237,20 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                         {"nb": nb})
     if op == "hierarchical_softmax":
         scalars = {"P": P, "L": L, "D": D, **sizes}
+        _, size = _DT[dtype]
+        lanes = 16 // size  # hierarchical_softmax.cu lanes_of<T>(): pixels per thread on the lanes path
+        if up == 1 and layout == "nchw" and D <= 4:  # vec_lanes(): contiguous planes, H*W % lanes == 0, aligned
+            nbv = -(-(P // lanes) // THREADS)
+            smem = 16 * L  # packed_smem_bytes: one int4 per leaf
+            if pass_ == "forward":
+                return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_lanes_kernel", T + A, nbv, THREADS,
+                                   [None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None,
+                                    None], {"P": P, "L": L, "D": D}, smem),
+                        CudaLaunch(op_source(op), "finish_kernel", A, 1, THREADS, [None, None, nbv, None, None],
+                                   {"nb": nbv})]
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_lanes_kernel", T + A, nbv, THREADS,
+                               [None, gg, None, None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, None],
+                               {"P": P, "L": L, "D": D}, smem)]
         if pass_ == "forward":
             return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + kup, nb, THREADS,
                                [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, ug],

@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -174,6 +175,85 @@ HSS_LANES_TARGETS bool hierarchical_softmax_backward_lanes(const float* z, int64
   return true;
 }
 
+// HSS_CPU_PIXEL_PATH=1 with float types and trees up to kPackedDepth deep: what the CUDA kernels' NCHW
+// path runs, V = 16 / sizeof(T) pixels at a time (hierarchical_softmax_forward_pixels and
+// hierarchical_softmax_backward_pixels), here over lanes q0 .. q0 + n - 1 of a tile, the last group of a
+// block partial (lanes past n read 0 and are not computed).
+template <int V>
+struct TileLanes {
+  const float* p;
+  int64_t ld;
+  int n;
+  void load(float (&z)[V]) const {
+    for (int k = 0; k < V; ++k) z[k] = k < n ? p[k] : 0.f;
+  }
+  void next() { p += ld; }
+  float at(int k, int64_t c) const { return p[c * ld + k]; }
+};
+
+template <int V>
+struct TileLanesOut {
+  float* p;
+  int64_t ld;
+  int n;
+  void store(const float (&v)[V]) const {
+    for (int k = 0; k < n; ++k) p[k] = v[k];
+  }
+  void next() { p += ld; }
+};
+
+template <typename T>
+constexpr int vec_width() { return static_cast<int>(16 / sizeof(T)); }
+
+// The forward of a block's valid pixels into loss[p], V at a time (see TileLanes).
+template <int V>
+void forward_vec(const float* tile, int64_t ld, int64_t n, int L, int D, const int32_t* group, const bool* valid,
+                 const int64_t* ys, const float* w, float eps, float* st, int64_t P, int64_t i0, float* loss) {
+  const LeafGroupRows rows{group, L, D};
+  for (int64_t q0 = 0; q0 < n; q0 += V) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V, n - q0));
+    int y[V];
+    float l[V];
+    for (int k = 0; k < V; ++k) y[k] = k < cnt && valid[q0 + k] ? static_cast<int>(ys[q0 + k]) : -1;
+    const unsigned far = hierarchical_softmax_forward_pixels<V, float>(TileLanes<V>{tile + q0, ld, cnt}, L, D, rows, y,
+                                                                       w, eps, st + i0 + q0, P, l);
+    for (int k = 0; k < cnt; ++k) {
+      if (y[k] < 0) continue;
+      loss[q0 + k] = far >> k & 1u ? hierarchical_softmax_forward_pixel<float>(
+                                          cpu::StridedColumn<float>{tile + q0 + k, ld}, L, D, rows, y[k], w, eps,
+                                          st + i0 + q0 + k, P)
+                                    : l[k];
+    }
+  }
+}
+
+// The backward of a block into the gradient tile o (channel c of lane p at o[c * kBlock + p]), V at a time.
+template <int V>
+void backward_vec(const float* tile, int64_t ld, float* o, int64_t n, int L, int D, const int32_t* group,
+                  const bool* valid, const int64_t* ys, int64_t ignore_index, const float* w, float eps,
+                  const float* st, int64_t P, int64_t i0, const float* g) {
+  const LeafGroupRows rows{group, L, D};
+  for (int64_t q0 = 0; q0 < n; q0 += V) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V, n - q0));
+    int y[V];
+    float fill[V], gl[V];
+    for (int k = 0; k < V; ++k) {
+      const bool in = k < cnt;
+      y[k] = in && valid[q0 + k] ? static_cast<int>(ys[q0 + k]) : -1;
+      fill[k] = in && label_kind(ys[q0 + k], L, ignore_index) == kLabelBad ? quiet_nan<float>() : 0.f;
+      gl[k] = in ? g[q0 + k] : 0.f;
+    }
+    const unsigned far = hierarchical_softmax_backward_pixels<V, float>(
+        TileLanes<V>{tile + q0, ld, cnt}, TileLanesOut<V>{o + q0, kBlock, cnt}, L, D, rows, y, fill, w, eps,
+        st + i0 + q0, P, gl);
+    for (int k = 0; k < cnt; ++k)
+      if (far >> k & 1u)
+        hierarchical_softmax_backward_pixel<float>(cpu::StridedColumn<float>{tile + q0 + k, ld},
+                                                   cpu::ColumnOut<float>{o + q0 + k}, L, D, rows, y[k], w, eps,
+                                                   st + i0 + q0 + k, P, gl[k]);
+  }
+}
+
 // Labels of a block: gy[d][p] (-1 where ignored or out of range, also past the block's end). Returns
 // whether a lane holds a bad label (see common.h), which then takes the per-pixel path.
 inline bool block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int L, int D,
@@ -221,8 +301,14 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
     A lane_loss[kBlock];
     const bool bad = block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys);
     bool lanes = false;
-    if constexpr (std::is_same_v<A, float>)
-      lanes = !forced && !bad && hierarchical_softmax_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
+    if constexpr (std::is_same_v<A, float>) {
+      if (forced && !up && D <= kPackedDepth) {  // the CUDA kernels' NCHW path
+        forward_vec<vec_width<T>()>(tile, ld, n, L, D, group, valid, ys, w, eps, st, P, i0, lane_loss);
+        lanes = true;
+      } else {
+        lanes = !forced && !bad && hierarchical_softmax_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
+      }
+    }
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
@@ -309,6 +395,11 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < n; ++p) g[p] = gp[goff[p]];
     if constexpr (std::is_same_v<A, float>) {
+      if (forced && !up && D <= kPackedDepth) {  // the CUDA kernels' NCHW path
+        backward_vec<vec_width<T>()>(tile, ld, gtile, n, L, D, group, valid, ys, ignore_index, w, eps, st, P, i0, g);
+        emit(i0, n, offs, gtile);
+        return;
+      }
       // Read from the input itself (not the tile, which lies just before the scratch): a full block
       // of contiguous float pixels, so the gradient, with the same strides, is written in place too.
       const bool direct = tile != gtile - L * kBlock;

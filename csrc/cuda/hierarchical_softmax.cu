@@ -1,9 +1,11 @@
 // Hierarchical softmax loss (docs/MATH.md §2): the CUDA implementation of hierarchical_softmax_fwd and
-// hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). One thread per pixel runs the
-// per-pixel code of hierarchical_softmax_math.h; float32 accumulation for float16/bfloat16/float32
-// logits, float64 for float64. With fused upsampling (kUp) the forward reads each channel from four
-// source values (upsample_math.h) and the backward runs one thread per source pixel, gathering the
-// gradient rows of the destination pixels whose stencil holds it.
+// hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). On NCHW logits (float32/float16/
+// bfloat16, trees up to 4 deep) a thread owns V = 16 / sizeof(T) neighbouring pixels (the *_lanes
+// kernels below, docs/MATH.md §2.9); otherwise one thread per pixel runs the per-pixel code of
+// hierarchical_softmax_math.h. float32 accumulation for float16/bfloat16/float32 logits, float64 for
+// float64. With fused upsampling (kUp) the forward reads each channel from four source values
+// (upsample_math.h) and the backward runs one thread per source pixel, gathering the gradient rows of
+// the destination pixels whose stencil holds it.
 #include "checks.h"
 #include "common.cuh"
 #include "hierarchical_softmax_math.h"
@@ -105,6 +107,202 @@ hierarchical_softmax_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, con
                                                                           w, eps, ignore_index, st, P});
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The NCHW path (docs/MATH.md §2.9): V = 16 / sizeof(T) neighbouring pixels per thread (4 float32, 8
+// float16/bfloat16), one 16-byte load (store) per channel, the lanes' math in hierarchical_softmax_math.h's
+// hierarchical_softmax_forward_pixels / _backward_pixels. Taken when vec_lanes() says the layout allows it: every channel plane of an image
+// contiguous (sW = 1, sH = W), H * W, sN and sC multiples of V (so a thread's V pixels lie in one image,
+// with no partial group) and 16-byte aligned data; anything else runs the one-pixel kernels above.
+
+// The block's copy of leaf_group for the lanes: leaf j's group ids at depths 1 .. kPackedDepth in one
+// int4 (-1 past depth D): one 16-byte broadcast shared load per channel and thread.
+struct PackedGroups {
+  const int4* p;
+  __device__ int operator()(int d, int j) const { return reinterpret_cast<const int*>(p + j)[d]; }
+  __device__ void row(int j, int (&g)[kPackedDepth]) const {
+    const int4 v = p[j];
+    g[0] = v.x;
+    g[1] = v.y;
+    g[2] = v.z;
+    g[3] = v.w;
+  }
+};
+static_assert(kPackedDepth == 4, "PackedGroups holds four depths in an int4");
+
+inline size_t packed_smem_bytes(int64_t L) { return static_cast<size_t>(L) * sizeof(int4); }
+
+// Copies the (D x L) table into the block's packed one; ends with a barrier.
+__device__ inline PackedGroups load_packed_groups(const int32_t* __restrict__ group, int L, int D) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* t = reinterpret_cast<int*>(smem);
+  for (int k = threadIdx.x; k < L * kPackedDepth; k += blockDim.x) {  // sm90: trips=cdiv(L * 4, threads)
+    const int j = k / kPackedDepth, d = k - j * kPackedDepth;
+    t[k] = d < D ? group[d * L + j] : -1;
+  }
+  __syncthreads();
+  return PackedGroups{reinterpret_cast<const int4*>(t)};
+}
+
+// V neighbouring pixels of one channel plane: the current channel at p (16-byte aligned), the next at p + s.
+template <typename T, typename A, int V>
+struct LaneCols {
+  const T* p;
+  int64_t s;
+  __device__ void load(A (&z)[V]) const {
+    const uint4 q = *reinterpret_cast<const uint4*>(p);  // sm90: logits
+    T t[V];
+    memcpy(t, &q, sizeof q);
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) z[k] = static_cast<A>(t[k]);
+  }
+  __device__ void next() { p += s; }
+  __device__ A at(int k, int64_t c) const { return static_cast<A>(p[k + c * s]); }
+};
+
+template <typename T, typename A, int V>
+struct LaneOut {
+  T* p;
+  int64_t s;
+  __device__ void next() { p += s; }
+  __device__ void store(const A (&v)[V]) const {
+    T t[V];
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) t[k] = static_cast<T>(v[k]);
+    uint4 q;
+    memcpy(&q, t, sizeof q);
+    *reinterpret_cast<uint4*>(p) = q;
+  }
+};
+
+template <typename T>
+constexpr int lanes_of() { return static_cast<int>(16 / sizeof(T)); }
+
+// Whether the lanes kernels can read (and write, out) t: see above. D <= kPackedDepth, float types of
+// at most 4 bytes.
+inline bool vec_lanes(const at::Tensor& t, const at::Tensor* out, int64_t D) {
+  if (D > kPackedDepth || t.element_size() > 4) return false;
+  const int64_t V = 16 / t.element_size();
+  const int64_t H = t.size(2), W = t.size(3);
+  const bool plane = t.stride(3) == 1 && (H == 1 || t.stride(2) == W);
+  const auto aligned = [](const at::Tensor& a) { return reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0; };
+  return plane && (H * W) % V == 0 && t.stride(0) % V == 0 && t.stride(1) % V == 0 && aligned(t) &&
+         (!out || (out->strides() == t.strides() && aligned(*out)));
+}
+
+// Thread t owns pixels i0 = t * V .. i0 + V - 1 (flat over N x H x W), all in image n = i0 / HW, at
+// element offset n * sN + (i0 - n * HW) of channel 0 (the plane is contiguous).
+template <int V>
+__device__ inline bool lane_pixels(int64_t P, int64_t HW, int64_t sN, int64_t& i0, int64_t& off) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  i0 = t * V;
+  if (i0 >= P) return false;
+  const int64_t n = i0 / HW;
+  off = n * sN + (i0 - n * HW);
+  return true;
+}
+
+// a[k] for a k known only at run time, by selects: the array stays in registers.
+template <typename U, int V>
+__device__ inline U lane(const U (&a)[V], int k) {
+  U r = a[0];
+  HSS_UNROLL
+  for (int q = 1; q < V; ++q) r = q == k ? a[q] : r;
+  return r;
+}
+
+// Lane k's label: its leaf (y[k]) or -1 (ignored or bad); returns the mask (bit k) of the bad labels.
+// (A mask, not an array of kinds: one register across the channel loops rather than V predicates.)
+template <int V>
+__device__ inline unsigned lane_labels(const int64_t* __restrict__ tgt, const PixelGeom& gt, int64_t i0, int L,
+                                       int64_t ignore_index, int (&y)[V]) {
+  int64_t toff[V];
+  gt.offsets(i0, V, toff);
+  unsigned bad = 0;
+  HSS_UNROLL
+  for (int k = 0; k < V; ++k) {
+    const int64_t v = tgt[toff[k]];
+    const LabelKind kind = label_kind(v, L, ignore_index);
+    y[k] = kind == kLabelValid ? static_cast<int>(v) : -1;
+    bad |= static_cast<unsigned>(kind == kLabelBad) << k;
+  }
+  return bad;
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64_t sN, int64_t sC,
+                                      const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
+                                      const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
+                                      int64_t ignore_index, A* __restrict__ lp, A* __restrict__ st, double* part,
+                                      int64_t* cnt) {
+  constexpr int V = lanes_of<T>();
+  const PackedGroups groups = load_packed_groups(group, L, D);
+  int64_t i0, off;
+  double l_sum = 0;
+  int64_t c = 0;
+  if (lane_pixels<V>(P, HW, sN, i0, off)) {
+    int y[V];
+    const unsigned bad = lane_labels<V>(tgt, gt, i0, L, ignore_index, y);
+    A l[V];
+    const unsigned far = hierarchical_softmax_forward_pixels<V, A>(LaneCols<T, A, V>{x + off, sC}, L, D, groups, y, w,
+                                                                   eps, st + i0, P, l);
+    if (far) {  // rare: a group far below the pixel's max (hierarchical_softmax_math.h); sm90: cold
+      for (int k = 0; k < V; ++k) {  // sm90: trips=0
+        if (!(far >> k & 1u)) continue;
+        const A lk = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + off + k, sC}, L, D, groups,
+                                                           lane(y, k), w, eps, st + i0 + k, P);
+        HSS_UNROLL
+        for (int q = 0; q < V; ++q) l[q] = q == k ? lk : l[q];
+      }
+    }
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) {
+      // ignored: 0; a bad label: NaN, never a table read
+      const bool is_bad = bad >> k & 1u;
+      if (y[k] < 0) {  // sm90: cold
+        l[k] = is_bad ? quiet_nan<A>() : A(0);
+        for (int d = 0; d <= D; ++d) st[d * P + i0 + k] = l[k];  // sm90: trips=D + 1
+      }
+      if (lp) lp[i0 + k] = l[k];
+      l_sum += static_cast<double>(l[k]);  // lane order: the same sum on every run
+      c += y[k] >= 0 || is_bad;
+    }
+  }
+  block_partial(l_sum, c, part, cnt);
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+hierarchical_softmax_bwd_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
+                                      T* __restrict__ out, int64_t HW, int64_t sN, int64_t sC,
+                                      const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
+                                      const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
+                                      int64_t ignore_index, const A* __restrict__ st) {
+  constexpr int V = lanes_of<T>();
+  const PackedGroups groups = load_packed_groups(group, L, D);
+  int64_t i0, off;
+  if (!lane_pixels<V>(P, HW, sN, i0, off)) return;
+  int y[V];
+  const unsigned bad = lane_labels<V>(tgt, gt, i0, L, ignore_index, y);
+  int64_t goff[V];
+  gg.offsets(i0, V, goff);
+  A g[V], fill[V];
+  HSS_UNROLL
+  for (int k = 0; k < V; ++k) {
+    g[k] = grad[goff[k]];
+    fill[k] = bad >> k & 1u ? quiet_nan<A>() : A(0);
+  }
+  const unsigned far = hierarchical_softmax_backward_pixels<V, A>(LaneCols<T, A, V>{x + off, sC},
+                                                                  LaneOut<T, A, V>{out + off, sC}, L, D, groups, y,
+                                                                  fill, w, eps, st + i0, P, g);
+  if (far) {  // rare: a level whose factor exp(lse - b_d) would be huge; sm90: cold
+    for (int k = 0; k < V; ++k)  // sm90: trips=0
+      if (far >> k & 1u)
+        hierarchical_softmax_backward_pixel<A>(GlobalCol<T, A>{x + off + k, sC}, GlobalOut<T, A>{out + off + k, sC},
+                                               L, D, groups, lane(y, k), w, eps, st + i0 + k, P, lane(g, k));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
     double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners) {
@@ -120,11 +318,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
     zero_empty_loss(loss, count, per_pixel);
     return {loss, stats, count};
   }
-  const int64_t nb = num_blocks(P, kThreads);
-  Partials partials(logits, nb);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool lanes = !upsample && vec_lanes(logits, nullptr, D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    if constexpr (sizeof(scalar_t) <= 4) {
+      if (lanes) {
+        const auto kernel = hierarchical_softmax_fwd_lanes_kernel<scalar_t, A>;
+        const int64_t nb = num_blocks(P / lanes_of<scalar_t>(), kThreads);
+        Partials partials(logits, nb);
+        const size_t smem = packed_smem_bytes(logits.size(1));
+        allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
+                   "hierarchical_softmax", logits.size(1), "leaves");
+        kernel<<<nb, kThreads, smem, stream>>>(
+            logits.data_ptr<scalar_t>(), logits.size(2) * logits.size(3), logits.stride(0), logits.stride(1),
+            target.data_ptr<int64_t>(), geom(target), P, logits.size(1), D, leaf_group.data_ptr<int32_t>(),
+            level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr,
+            stats.data_ptr<A>(), partials.p(), partials.c());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        partials.finish<A>(loss, count, per_pixel, stream);
+        return;
+      }
+    }
+    const int64_t nb = num_blocks(P, kThreads);
+    Partials partials(logits, nb);
     const auto kernel = upsample ? hierarchical_softmax_fwd_kernel<scalar_t, A, true>
                                  : hierarchical_softmax_fwd_kernel<scalar_t, A, false>;
     const size_t smem = group_smem_bytes(logits.size(1));
@@ -172,6 +389,20 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       out.copy_(acc);
       return;
+    }
+    if constexpr (sizeof(scalar_t) <= 4) {
+      if (vec_lanes(x, &out, D)) {
+        const auto kernel = hierarchical_softmax_bwd_lanes_kernel<scalar_t, A>;
+        const size_t smem = packed_smem_bytes(x.size(1));
+        allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
+        kernel<<<num_blocks(P / lanes_of<scalar_t>(), kThreads), kThreads, smem, stream>>>(
+            grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+            x.size(2) * x.size(3), x.stride(0), x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1),
+            D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index,
+            stats.data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
     }
     const auto kernel = hierarchical_softmax_bwd_kernel<scalar_t, A>;
     const size_t smem = group_smem_bytes(x.size(1));

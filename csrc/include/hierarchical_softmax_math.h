@@ -5,9 +5,11 @@
 // vectorises the channel loops across pixels but keeps hierarchical_softmax_finish and hierarchical_softmax_backward_coefs from here.
 // HSS_CPU_PIXEL_PATH=1 (cpu/loop.h) sends the CPU's float path through the *_pixel functions too, so
 // that the tests check their float instantiation (the one the CUDA kernels run for float, float16 and
-// bfloat16) without a GPU.
+// bfloat16) without a GPU; for trees up to kPackedDepth deep through the V-pixel functions at the end
+// (hierarchical_softmax_forward_pixels, hierarchical_softmax_backward_pixels), which the CUDA kernels
+// run on NCHW logits, with the *_pixel ones for the rare pixels those hand back.
 //
-// Every function works on one pixel. Channel values are read through an accessor `x(c)` (a tile column
+// Every function but the V-pixel ones works on one pixel. Channel values are read through an accessor `x(c)` (a tile column
 // on the CPU, a strided global pointer on the GPU) and converted to the accumulation type A. Group ids
 // are read through an accessor `group(d, j)` (leaf j's class id at depth d + 1): LeafGroups below over
 // the int32 (D x L) leaf_group table of hss_kernels.tree.TreeTables (docs/MATH.md §1.7) on the CPU, a
@@ -183,6 +185,213 @@ HSS_HOST_DEVICE inline void hierarchical_softmax_backward_pixel(const X& x, cons
     }
     out(j, k * p + r);
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// V pixels at once (the CUDA kernels' NCHW path, docs/MATH.md §2.9): one thread owns V neighbouring
+// pixels ("lanes"), reads each channel of all of them with one load and each leaf's group ids with one
+// load, so that the table read and the loop's bookkeeping are shared by V pixels. Trees up to
+// kPackedDepth deep. The CPU runs the same functions under HSS_CPU_PIXEL_PATH=1 (cpu/hierarchical_softmax.cpp),
+// with a partial last group of lanes, so the tests check this arithmetic without a GPU.
+//
+// Accessors, walked channel by channel from a copy (a pointer bump per channel, no index product):
+// x.load(z) fills A z[V] with the current channel of the V lanes, x.next() moves to the next channel;
+// x.at(k, j) is lane k's channel j (of the original). out.store(v) and out.next() likewise.
+// groups.row(j, g) fills int g[kPackedDepth] with leaf j's group ids at depths 1..kPackedDepth
+// (unused depths: anything), groups(d, j) one of them (for the per-pixel fallback). y[k] is lane k's
+// leaf, or -1 for a lane that is not computed (ignored, bad label, past the end): its outputs are not
+// written (forward) or are fill[k] (backward), and its logits may be anything (NaN, inf).
+constexpr int kPackedDepth = 4;
+
+// nvcc unrolls the forward's second channel loop by two on its own; kept rolled, so that the loop is
+// what its `sm90: trips=` annotation says (the static model counts a body per annotated trip).
+#ifdef __CUDACC__
+#define HSS_ROLLED _Pragma("unroll 1")
+#else
+#define HSS_ROLLED
+#endif
+
+// v, hidden from the optimiser (CUDA): stops nvcc from folding the conditions v was made with into
+// every later use (predicate juggling per element) or from branching around v's computation.
+HSS_HOST_DEVICE inline float opaque(float v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+f"(v));
+#endif
+  return v;
+}
+HSS_HOST_DEVICE inline double opaque(double v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+d"(v));
+#endif
+  return v;
+}
+
+// e^v for the V-pixel forward's sums, as 2^(v log2 e): on the GPU an explicit ex2.approx.ftz.f32 (one
+// MUFU.EX2, at most 2 ulp of relative error, results below 2^-126 flushed to 0) instead of expf's
+// nine-instruction exact-range code, as the Triton kernel does (docs/MATH.md §2.6); on the CPU exp2f
+// of the same product, flushed the same way. The product's rounding adds |v| 2^-24 of relative error:
+// no term that matters to s (|v| small, s >= 1) or to a group sum kept (>= e^-30, so |v| < 30 for
+// its largest terms) loses more than a few ulps. float64: exp.
+HSS_HOST_DEVICE inline float sum_exp(float v) {
+  const float t = v * 1.44269504088896341f;
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  return r;
+#else
+  return t < -126.f ? 0.f : exp2f(t);
+#endif
+}
+HSS_HOST_DEVICE inline double sum_exp(double v) { return hexp(v); }
+
+// A level's shared-shift sum below this (e^-kShareShift) may have lost terms to underflow: the lane is
+// recomputed by hierarchical_softmax_forward_pixel, with its own shifts where they are needed.
+template <typename A>
+HSS_HOST_DEVICE inline A far_sum() { return static_cast<A>(9.357622968840175e-14); }  // exp(-30)
+
+// group(d, j) and row(j, g) over the (D x L) row-major leaf_group table (the CPU's copy of the packed rows).
+struct LeafGroupRows {
+  const int32_t* p;
+  int L, D;
+  HSS_HOST_DEVICE int operator()(int d, int j) const { return p[d * L + j]; }
+  HSS_HOST_DEVICE void row(int j, int (&g)[kPackedDepth]) const {
+    HSS_UNROLL
+    for (int d = 0; d < kPackedDepth; ++d) g[d] = d < D ? p[d * L + j] : -1;
+  }
+};
+
+// The forward of V lanes (D <= kPackedDepth). Two passes over the channels: the lanes' maxima m, then
+// s = sum_j e^{z_j - m} and, from the same exponentials, the group sums of levels 1 .. D-1; level D's
+// group is the leaf itself (docs/MATH.md §1.4), so lse_D = z_y, read once. Writes each live lane's loss
+// to loss[k] and its statistics to stats[k + d * ss]; returns the mask (bit k) of the live lanes with a
+// level sum below far_sum(): the caller recomputes those lanes with hierarchical_softmax_forward_pixel.
+template <int V, typename A, typename X, typename G>
+HSS_HOST_DEVICE inline unsigned hierarchical_softmax_forward_pixels(const X& x, int L, int D, const G& groups,
+                                                                   const int* y, const A* w, A eps, A* stats,
+                                                                   int64_t ss, A* loss) {
+  int gy[kPackedDepth][V];
+  A gsum[kPackedDepth][V];
+  A m[V], s[V], z[V];
+  HSS_UNROLL
+  for (int k = 0; k < V; ++k) {
+    int g[kPackedDepth];
+    groups.row(y[k] >= 0 ? y[k] : 0, g);
+    HSS_UNROLL
+    for (int d = 0; d < kPackedDepth; ++d) {
+      gy[d][k] = g[d];  // a lane that is not computed sums a group too, never read
+      gsum[d][k] = A(0);
+    }
+    m[k] = neg_inf<A>();
+    s[k] = A(0);
+  }
+  X xc = x;
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    xc.load(z);
+    xc.next();
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) m[k] = hmax(m[k], z[k]);
+  }
+  xc = x;
+  HSS_ROLLED
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    xc.load(z);
+    xc.next();
+    int g[kPackedDepth];
+    groups.row(j, g);
+    A e[V];
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) {
+      e[k] = sum_exp(z[k] - m[k]);
+      s[k] += e[k];
+    }
+    HSS_UNROLL
+    for (int d = 0; d < kPackedDepth - 1; ++d) {  // levels 1 .. D-1
+      if (d >= D - 1) break;
+      HSS_UNROLL
+      for (int k = 0; k < V; ++k)
+        if (g[d] == gy[d][k]) gsum[d][k] += e[k];  // a predicated add
+    }
+  }
+  unsigned far = 0;
+  HSS_UNROLL
+  for (int k = 0; k < V; ++k) {
+    if (y[k] < 0) continue;
+    A shift[kMaxDepth], sums[kMaxDepth];
+    bool low = false;
+    const A zy = x.at(k, y[k]);
+    HSS_UNROLL
+    for (int d = 0; d < kPackedDepth; ++d) {  // fixed indices: the arrays stay in registers
+      shift[d] = d == D - 1 ? zy : m[k];  // lse_D = z_y + log 1
+      sums[d] = d == D - 1 ? A(1) : gsum[d][k];
+      low = low || (d < D - 1 && !(gsum[d][k] >= far_sum<A>()));  // NaN too: recomputed, still NaN
+    }
+    if (low) far |= 1u << k;
+    loss[k] = hierarchical_softmax_finish(m[k], s[k], shift, sums, D, w, eps, stats + k, ss);
+  }
+  return far;
+}
+
+// The backward of V lanes (D <= kPackedDepth): out(j, v) stores channel j of the V lanes, g[k] is lane k's
+// upstream gradient, fill[k] the value of a lane that is not computed (0 ignored, NaN bad label). One
+// pass: per element one exponential and one select per level (docs/MATH.md §2.5). Returns the mask of
+// the live lanes with an `own` level (hierarchical_softmax_backward_coefs), written as fill[k] here:
+// the caller recomputes those with hierarchical_softmax_backward_pixel.
+template <int V, typename A, typename X, typename O, typename G>
+HSS_HOST_DEVICE inline unsigned hierarchical_softmax_backward_pixels(const X& x, const O& out, int L, int D,
+                                                                    const G& groups, const int* y, const A* fill,
+                                                                    const A* w, A eps, const A* stats, int64_t ss,
+                                                                    const A* g) {
+  int gy[kPackedDepth][V];
+  A hot[kPackedDepth][V];
+  A a[V], lse[V], z[V], v[V];
+  bool live[V];
+  unsigned far = 0;
+  HSS_UNROLL
+  for (int k = 0; k < V; ++k) {
+    A coef[kMaxDepth], base[kMaxDepth];
+    bool own[kMaxDepth];
+    live[k] = y[k] >= 0;
+    a[k] = live[k] ? hierarchical_softmax_backward_coefs(stats + k, ss, D, w, eps, g[k], coef, base, own) : A(0);
+    lse[k] = live[k] ? stats[k] : A(0);
+    bool any_own = false;
+    HSS_UNROLL
+    for (int d = 0; d < kPackedDepth; ++d) any_own = any_own || (live[k] && d < D && own[d]);
+    if (any_own) far |= 1u << k;
+    live[k] = live[k] && !any_own;
+    int gr[kPackedDepth];
+    groups.row(live[k] ? y[k] : 0, gr);
+    HSS_UNROLL
+    for (int d = 0; d < kPackedDepth; ++d) {
+      gy[d][k] = gr[d];  // with hot 0 where the lane is not computed: the select adds nothing
+      hot[d][k] = opaque(live[k] && d < D ? coef[d] : A(0));  // one select per level and element below
+    }
+  }
+  X xc = x;
+  O oc = out;
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    xc.load(z);
+    xc.next();
+    int gr[kPackedDepth];
+    groups.row(j, gr);
+    A c[V];
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) c[k] = a[k];
+    HSS_UNROLL
+    for (int d = 0; d < kPackedDepth; ++d) {
+      if (d >= D) break;
+      HSS_UNROLL
+      for (int k = 0; k < V; ++k) c[k] -= gr[d] == gy[d][k] ? hot[d][k] : A(0);
+    }
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) {
+      const A p = opaque(hexp(z[k] - lse[k]));  // computed for every lane: a select, not a branch
+      // a select, not a product: a lane that is not computed may hold NaN or inf logits
+      v[k] = live[k] ? c[k] * p : fill[k];
+    }
+    oc.store(v);
+    oc.next();
+  }
+  return far;
 }
 
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
