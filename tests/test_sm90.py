@@ -386,8 +386,14 @@ def test_cuda_launches_of_the_fused_upsampling():
     assert len(geom) == 88 and struct.unpack("<7q", geom[:56]) == (256, 256, H, W, 66 * n // N, 66 * 256, 66)
     assert struct.unpack("<qf?", geom[56:69]) == (256, 0.25, False) and fin.kernel == "finish_kernel"
     assert (fwd.scalars["H"], fwd.scalars["h"], fwd.scalars["n"]) == (H, H // s, n)
-    plain, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0)
+    plain, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W), vistas,
+                                  0.0)
     assert plain.pattern.endswith("Lb0EE") and plain.params[-1] is None
+    # NCHW at the labels' size: the V-pixel kernel, which never upsamples; upsampled NCHW: the kUp kernel
+    lanes, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0)
+    assert lanes.kernel == "hierarchical_softmax_fwd_lanes_kernel" and lanes.blocks == N * H * W // 4 // 256
+    up_nchw, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0, s)
+    assert up_nchw.pattern == "hierarchical_softmax_fwd_kernelIffLb1EE"
     # the gathering backwards: one thread per low-resolution pixel
     (hb,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
     assert (hb.kernel, hb.blocks, hb.threads, len(hb.params), hb.params[5]) == \
