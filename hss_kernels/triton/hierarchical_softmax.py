@@ -37,10 +37,8 @@ Neither the full-resolution logits nor their gradient is stored.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -68,42 +66,15 @@ def _leaves(x_ptr, c0, sxc, xpix, pmask, OTHER: tl.constexpr, L: tl.constexpr, B
 
 
 @triton.jit
-def _lerp(ptrs, u00, u01, u10, u11, lx, ly, mask, ACC: tl.constexpr):
-    """The bilinear interpolation (docs/MATH.md §6.1) at ``ptrs`` (the channels' base pointers) of the four
-    stencil values at offsets u00 (row i0, column i0), u01, u10, u11 with weights lx, ly, in ACC, in
-    F.interpolate's order (columns within each source row, then the rows); 0 where masked off."""
-    x00 = tl.load(ptrs + u00, mask=mask, other=0.0).to(ACC)
-    x01 = tl.load(ptrs + u01, mask=mask, other=0.0).to(ACC)
-    x10 = tl.load(ptrs + u10, mask=mask, other=0.0).to(ACC)
-    x11 = tl.load(ptrs + u11, mask=mask, other=0.0).to(ACC)
-    return (1.0 - ly) * ((1.0 - lx) * x00 + lx * x01) + ly * ((1.0 - lx) * x10 + lx * x11)
-
-
-@triton.jit
 def _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, OTHER: tl.constexpr, L: tl.constexpr,
                BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """:func:`_leaves` of upsampled logits: the leaves' values interpolated at the program's pixels."""
     c = c0 + tl.arange(0, BLOCK_C)
     cmask = c < L
     mask2 = cmask[:, None] & pmask[None, :]
-    x = _lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :], u11[None, :],
+    x = C.lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :], u11[None, :],
               lx[None, :], ly[None, :], mask2, ACC)
     return c, cmask, tl.where(mask2, x, OTHER)
-
-
-@triton.jit
-def _up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
-    """Offsets in the low-resolution logits of the 2x2 stencil of full-resolution pixels (n, h, w), and
-    the weights (lx, ly) of their second column and row, from the per-axis tables (:func:`_up_tables`)."""
-    iy0 = tl.load(ui_ptr + h, mask=pmask, other=0).to(tl.int64)
-    iy1 = tl.load(ui_ptr + Hh + h, mask=pmask, other=0).to(tl.int64)
-    ix0 = tl.load(ui_ptr + 2 * Hh + w, mask=pmask, other=0).to(tl.int64)
-    ix1 = tl.load(ui_ptr + 2 * Hh + W + w, mask=pmask, other=0).to(tl.int64)
-    ly = tl.load(ul_ptr + h, mask=pmask, other=0.0)
-    lx = tl.load(ul_ptr + Hh + w, mask=pmask, other=0.0)
-    xb = n * sxn
-    return (xb + iy0 * sxh + ix0 * sxw, xb + iy0 * sxh + ix1 * sxw, xb + iy1 * sxh + ix0 * sxw,
-            xb + iy1 * sxh + ix1 * sxw, lx, ly)
 
 
 @triton.jit
@@ -172,7 +143,7 @@ def _hierarchical_softmax_kernel(
         pid = tl.program_id(0)
         p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
         tpix = n * stn + h * sth + w * stw
-        u00, u01, u10, u11, lx, ly = _up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
+        u00, u01, u10, u11, lx, ly = C.up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
     else:
         pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
                                                                sgw, son, soh, sow, BLOCK_P, FLAT, BLOCK_P)
@@ -196,7 +167,7 @@ def _hierarchical_softmax_kernel(
             cmask = c < L
             if UPSAMPLE:
                 mask2 = cmask[:, None] & pmask[None, :]
-                x = _lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :],  # sm90: logits
+                x = C.lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :],  # sm90: logits
                           u11[None, :], lx[None, :], ly[None, :], mask2, ACC)
                 x = tl.where(mask2, x, float("-inf"))
             else:
@@ -215,7 +186,7 @@ def _hierarchical_softmax_kernel(
             m = m_new
         lse = m + tl.log(s)
         if UPSAMPLE:
-            zy = _lerp(x_ptr + y * sxc, u00, u01, u10, u11, lx, ly, pmask, ACC)
+            zy = C.lerp(x_ptr + y * sxc, u00, u01, u10, u11, lx, ly, pmask, ACC)
         else:
             zy = tl.load(x_ptr + y * sxc + xpix, mask=pmask, other=0.0).to(ACC)
         lse2 = m[None, :] + tl.log(tl.maximum(sd, TINY))
@@ -369,7 +340,7 @@ def _hierarchical_softmax_up_bwd_kernel(
                                       n * sxn + iy1.to(tl.int64) * sxh + ix0.to(tl.int64) * sxw,
                                       n * sxn + iy1.to(tl.int64) * sxh + ix1.to(tl.int64) * sxw)
                 mask2 = cmask[:, None] & ok[None, :]
-                x = _lerp(xc, u00[None, :], u01[None, :], u10[None, :], u11[None, :], lx[None, :], ly[None, :],  # sm90: logits
+                x = C.lerp(xc, u00[None, :], u01[None, :], u10[None, :], u11[None, :], lx[None, :], ly[None, :],  # sm90: logits
                           mask2, ACC)
                 sel_r = tl.full([BLOCK_C, BLOCK_Q], float("inf"), ACC)
                 sel_f = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
@@ -430,41 +401,6 @@ def gpu_blocks(logits):
     return max(1, 32 // vec), vec * 32 * 4, 4
 
 
-@functools.lru_cache(maxsize=64)
-def _axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
-    """One axis of the interpolation (docs/MATH.md §6.1, ATen's rule), computed in ``dtype`` (float32 or
-    float64, as F.interpolate of the accumulation dtype does): (i0, i1, lambda) per output index, and per
-    input index i the window of outputs whose stencil holds it (those whose i0 is i - 1 or i: a run, i0
-    being nondecreasing), as (start, count)."""
-    np_t = np.float64 if dtype == torch.float64 else np.float32
-    dst = np.arange(n_out).astype(np_t)
-    if align_corners:
-        scale = np_t(n_in - 1) / np_t(n_out - 1) if n_out > 1 else np_t(0)
-        src = scale * dst
-    else:
-        scale = np_t(n_in) / np_t(n_out)
-        src = np.maximum(scale * (dst + np_t(0.5)) - np_t(0.5), np_t(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    lam = np.clip(src - i0.astype(np_t), np_t(0), np_t(1)).astype(np_t)
-    idx = np.arange(n_in)
-    start = np.searchsorted(i0, idx - 1, side="left")
-    count = np.searchsorted(i0, idx, side="right") - start
-    return i0, i1, lam, start, count
-
-
-@functools.lru_cache(maxsize=64)
-def _up_tables(h: int, w: int, H: int, W: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
-    """The kernels' interpolation tables on ``device``: indices int32 [i0 (H), i1 (H), i0 (W), i1 (W)],
-    weights in ``dtype`` [lambda (H), lambda (W)], windows int32 [start (h), count (h), start (w),
-    count (w)], and the longest window per axis (KY, KX)."""
-    ry, rx = _axis(h, H, align_corners, dtype), _axis(w, W, align_corners, dtype)
-    idx = torch.from_numpy(np.concatenate([ry[0], ry[1], rx[0], rx[1]]).astype(np.int32))
-    lam = torch.from_numpy(np.concatenate([ry[2], rx[2]]))
-    win = torch.from_numpy(np.concatenate([ry[3], ry[4], rx[3], rx[4]]).astype(np.int32))
-    return (idx.to(device), lam.to(device), win.to(device), int(ry[4].max(initial=0)), int(rx[4].max(initial=0)))
-
-
 def _up_blocks(logits, backward=False):
     """(BLOCK_C, BLOCK_P or BLOCK_Q, num_warps) of the upsampled kernels: under the interpreter 8 leaves and
     256 pixels at a time; compiled, one pixel per thread and 4 leaves a chunk (the forward; 8 for the
@@ -483,7 +419,7 @@ def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats
     N, L, h, w = logits.shape
     _, H, W = target.shape
     acc = C.acc_dtype(logits.dtype)
-    idx, lam, _, _, _ = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    idx, lam, _, _, _ = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
     P = N * H * W
     block_c, block_p, warps = _up_blocks(logits)
     grid = (max(triton.cdiv(P, block_p), 1),)
@@ -512,7 +448,7 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_
     if N == 0:
         return
     acc = C.acc_dtype(logits.dtype)
-    idx, lam, win, KY, KX = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    idx, lam, win, KY, KX = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
     block_c, block_q, warps = _up_blocks(logits, backward=True)
     block_q = min(block_q, max(triton.next_power_of_2(h * w), 16))
     qblocks = triton.cdiv(h * w, block_q)
@@ -724,7 +660,7 @@ def hierarchical_softmax_loss(
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     if upsample is not None:
-        _check_upsample(logits, target, upsample, single_pass)
+        C.check_upsample(logits, target, upsample, single_pass)
         loss, _, _ = _hierarchical_softmax_up_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index),
                                                   reduction, bool(align_corners))
         return loss
@@ -734,18 +670,6 @@ def hierarchical_softmax_loss(
 
 
 hierarchical_softmax_loss.takes_upsample = True  # functional.py passes upsample= / align_corners= through
-
-
-def _check_upsample(logits, target, upsample, single_pass):
-    if upsample != "bilinear":
-        raise ValueError(f"upsample must be None or 'bilinear', got {upsample!r}")
-    if single_pass:
-        raise ValueError("single_pass does not take upsample: the fused upsampling has its own backward "
-                         "(call without single_pass)")
-    N, _, h, w = logits.shape
-    if target.shape[0] != N or target.shape[1] < h or target.shape[2] < w or h < 1 or w < 1:
-        raise ValueError(f"upsample='bilinear' takes logits (N, L, h, w), h, w >= 1, and a target (N, H, W) with "
-                         f"H >= h, W >= w; got {tuple(logits.shape)} and {tuple(target.shape)}")
 
 
 def hierarchical_softmax_loss_and_grad(
