@@ -10,8 +10,9 @@ The figures come from what is committed under ``benchmarks/results/``:
   for decode), whatever the configuration (the GPU session times vistas for the hierarchical softmax
   and vistas2 for the rest);
 * **model** otherwise: the static sm_90 model (``sm90.json``, :mod:`benchmarks.sm90`): per backend, the sum
-  over the passes of ``max(issue_ms, floor_ms)`` on NCHW logits (no kernel runs faster than it can issue
-  its instructions or move its bytes); the model's ``cuda`` rows are the native backend.
+  over the passes of ``max(issue_ms, floor_ms)`` on NCHW logits at the labels' size (no kernel runs faster
+  than it can issue its instructions or move its bytes; the fused-upsampling rows are left out); the
+  model's ``cuda`` rows are the native backend.
 
 The backend with the smaller figure comes first. float64 follows the float32 choice and float16 the
 bfloat16 one unless measured itself. A test checks that the committed ``gpu_auto.json`` is what this
@@ -75,7 +76,7 @@ def modelled(path: Optional[str] = None) -> Tuple[Dict[Tuple[str, str], Dict[str
         return {}, None
     est: Dict[Tuple[str, str], Dict[str, float]] = {}
     for row in json.load(open(path))["kernels"]:
-        if row["layout"] != "nchw" or row["op"] not in OPS:
+        if row["layout"] != "nchw" or row["op"] not in OPS or (row.get("upsample") or 1) != 1:
             continue
         backend = "native" if row["backend"] == "cuda" else row["backend"]
         per = est.setdefault((OPS[row["op"]], row["dtype"]), {})

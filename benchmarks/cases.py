@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import hss_kernels
 from hss_kernels import Tree, trees
 
-__all__ = ["Config", "CONFIGS", "LossSpec", "LOSSES", "DEFAULT_LOSSES", "HSS_BACKENDS", "Case",
-           "make_inputs", "build_case", "row_label", "random_tree", "hss_backends_for", "n_input_sets"]
+__all__ = ["Config", "CONFIGS", "LossSpec", "LOSSES", "DEFAULT_LOSSES", "HSS_BACKENDS", "WEIGHTS", "Case",
+           "class_weights", "make_inputs", "build_case", "row_label", "random_tree", "hss_backends_for", "n_input_sets"]
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,22 @@ def random_tree(num_leaves: int, seed: int = 0) -> Tree:
     return Tree.from_parents(parents)
 
 
+# The weights a row passes (``--weights``): none, a class weight per leaf (``class_weights``), a float32 pixel
+# weight map (the target's shape), or both.
+WEIGHTS = ("none", "class", "pixel", "class+pixel")
+
+
+def class_weights(tree: Tree, device) -> torch.Tensor:
+    """The benchmark's class weights: ``L`` float32 values spread evenly over [0.5, 1.5] by label id."""
+    return torch.linspace(0.5, 1.5, tree.num_leaves, device=device)
+
+
 def make_inputs(spec: LossSpec, tree: Tree, batch: int, height: int, width: int, dtype: torch.dtype,
-                device: torch.device, n_sets: int, need_dense_target: bool) -> List[dict]:
+                device: torch.device, n_sets: int, need_dense_target: bool, weights: str = "none") -> List[dict]:
     """``n_sets`` independent input sets: logits ~ N(0, 1) (never zeros), uniform random leaf labels
     (int64), and for the BCE baseline the dense multi-label target ``t[n, v] = [v on the path of y]``
-    in the logits' dtype."""
+    in the logits' dtype; with pixel weights (``weights`` "pixel" or "class+pixel") a float32 weight map
+    ``pw`` ~ U[0.5, 1.5) of the labels' shape."""
     C = tree.num_leaves if spec.channels == "leaves" else tree.num_nodes
     path = tree.tables(device).path.to(dtype) if need_dense_target else None  # (V, L)
     sets = []
@@ -142,6 +153,8 @@ def make_inputs(spec: LossSpec, tree: Tree, batch: int, height: int, width: int,
         s = {"x": x, "y": y}
         if path is not None:
             s["t"] = path.t()[y].permute(0, 3, 1, 2).contiguous()
+        if "pixel" in weights:
+            s["pw"] = torch.rand(batch, height, width, device=device) + 0.5
         sets.append(s)
     return sets
 
@@ -159,30 +172,68 @@ class Case:
     out_bytes: int
 
 
-def _call(spec: LossSpec, tree: Tree, backend: str) -> Callable:
-    """f(x, y, t) → the output a user's call returns."""
+def _call(spec: LossSpec, tree: Tree, backend: str, weights: str = "none") -> Callable:
+    """f(x, y, t, pw) → the output a user's call returns. ``weights`` (:data:`WEIGHTS`): the class weights of
+    :func:`class_weights` and/or the input set's pixel weight map ``pw`` go to the loss (and to the flat
+    baseline, weighted as the user would write it); decode takes none."""
+    cw = class_weights(tree, "cpu") if "class" in weights and spec.key != "decode" else None
+    pixel = "pixel" in weights and spec.key != "decode"
     if backend == "flat":
-        if spec.baseline == "F.cross_entropy":
-            return lambda x, y, t: F.cross_entropy(x, y, ignore_index=255)
-        if spec.baseline == "torch.argmax":
-            return lambda x, y, t: x.argmax(dim=1)
-        return lambda x, y, t: F.binary_cross_entropy_with_logits(x, t)
+        return _flat_call(spec, tree, cw, pixel)
     name = "reference" if backend == "reference+compile" else backend.split(" ")[0]
     api = getattr(hss_kernels, spec.op)
     if spec.key == "decode":
-        fn = lambda x, y, t: api(x, tree, backend=name)  # noqa: E731
+        fn = lambda x, y, t, pw: api(x, tree, backend=name)  # noqa: E731
+    elif cw is None and not pixel:
+        fn = lambda x, y, t, pw: api(x, y, tree, backend=name)  # noqa: E731
     else:
-        fn = lambda x, y, t: api(x, y, tree, backend=name)  # noqa: E731
+        cache = {}
+
+        def fn(x, y, t, pw):
+            w = cache.get(x.device) if cw is not None else None
+            if cw is not None and w is None:
+                w = cache[x.device] = cw.to(x.device)
+            return api(x, y, tree, backend=name, class_weight=w, pixel_weight=pw if pixel else None)
     if backend == "reference+compile":
         fn = torch.compile(fn, dynamic=False)
     return fn
 
 
+def _flat_call(spec: LossSpec, tree: Tree, cw: Optional[torch.Tensor], pixel: bool) -> Callable:
+    """The flat baseline of ``spec``, weighted as a user would write it: ``F.cross_entropy(weight=)``, and a
+    pixel weight map through ``reduction="none"``; the BCE baselines weigh each pixel's channels by its
+    weight (class weight of its label times pixel weight) through ``weight=``."""
+    if spec.baseline == "torch.argmax":
+        return lambda x, y, t, pw: x.argmax(dim=1)
+    if spec.baseline == "F.cross_entropy":
+        if not pixel:
+            return lambda x, y, t, pw: F.cross_entropy(
+                x, y, weight=None if cw is None else cw.to(x.device, x.dtype), ignore_index=255)
+
+        def ce(x, y, t, pw):
+            w = None if cw is None else cw.to(x.device, x.dtype)
+            per = F.cross_entropy(x, y, weight=w, ignore_index=255, reduction="none") * pw
+            valid = y != 255
+            denom = valid.sum() if w is None else w[y.clamp(0, w.numel() - 1)][valid].sum()
+            return per.sum() / denom
+        return ce
+    if cw is None and not pixel:
+        return lambda x, y, t, pw: F.binary_cross_entropy_with_logits(x, t)
+
+    def bce(x, y, t, pw):
+        w = torch.ones_like(y, dtype=torch.float32) if cw is None else cw.to(x.device)[y]
+        if pixel:
+            w = w * pw
+        return F.binary_cross_entropy_with_logits(x, t, weight=w.unsqueeze(1).to(x.dtype))
+    return bce
+
+
 def build_case(spec: LossSpec, tree: Tree, backend: str, pass_name: str, sets: List[dict],
-               fn: Optional[Callable] = None) -> Case:
+               fn: Optional[Callable] = None, weights: str = "none") -> Case:
     """The setup/run pair for one (loss, backend, pass) on the given input sets. ``backend`` is a
-    registry name, ``reference+compile``, or ``flat`` (the baseline)."""
-    fn = fn or _call(spec, tree, backend)
+    registry name, ``reference+compile``, or ``flat`` (the baseline). A pixel weight map in the sets
+    counts 4 bytes per pixel read."""
+    fn = fn or _call(spec, tree, backend, weights)
     x0 = sets[0]["x"]
     C = x0.shape[1]
     P = x0.shape[0] * x0.shape[2] * x0.shape[3]
@@ -193,6 +244,8 @@ def build_case(spec: LossSpec, tree: Tree, backend: str, pass_name: str, sets: L
         label_bytes, out_bytes = C * b, 4  # the dense float target, same dtype as the logits
     else:
         label_bytes, out_bytes = sets[0]["y"].element_size(), 4
+    if "pw" in sets[0] and spec.key != "decode":
+        label_bytes += sets[0]["pw"].element_size()
     n = len(sets)
     grad_sets = [dict(s, x=s["x"].detach().requires_grad_(True)) for s in sets] if pass_name != "forward" else None
 
@@ -202,18 +255,18 @@ def build_case(spec: LossSpec, tree: Tree, backend: str, pass_name: str, sets: L
 
         def run(s):
             with torch.no_grad():
-                return fn(s["x"], s["y"], s.get("t"))
+                return fn(s["x"], s["y"], s.get("t"), s.get("pw"))
     elif pass_name == "forward+backward":
         def setup(i):
             return grad_sets[i % n]
 
         def run(s):
-            out = fn(s["x"], s["y"], s.get("t"))
+            out = fn(s["x"], s["y"], s.get("t"), s.get("pw"))
             return torch.autograd.grad(out, s["x"])
     elif pass_name == "backward":
         def setup(i):
             s = grad_sets[i % n]
-            return s["x"], fn(s["x"], s["y"], s.get("t"))
+            return s["x"], fn(s["x"], s["y"], s.get("t"), s.get("pw"))
 
         def run(state):
             x, out = state
@@ -223,11 +276,12 @@ def build_case(spec: LossSpec, tree: Tree, backend: str, pass_name: str, sets: L
     return Case(spec.key, backend, pass_name, setup, run, C, label_bytes, out_bytes)
 
 
-def forward_output(spec: LossSpec, tree: Tree, backend: str, s: dict, fn: Optional[Callable] = None):
+def forward_output(spec: LossSpec, tree: Tree, backend: str, s: dict, fn: Optional[Callable] = None,
+                   weights: str = "none"):
     """One forward call (no grad) on input set ``s``: the loss, or decode's labels."""
-    fn = fn or _call(spec, tree, backend)
+    fn = fn or _call(spec, tree, backend, weights)
     with torch.no_grad():
-        return fn(s["x"], s["y"], s.get("t"))
+        return fn(s["x"], s["y"], s.get("t"), s.get("pw"))
 
 
 def check_value(spec: LossSpec, got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -84,13 +84,13 @@ def main() -> int:
         spec = C.LOSSES[loss]
         torch.manual_seed(0)
         sets = C.make_inputs(spec, tree, req["batch"], req["height"], req["width"], dtype, device, 1,
-                             need_dense_target="binary" in spec.baseline)
+                             need_dense_target="binary" in spec.baseline, weights=req.get("weights", "none"))
         fns = {}
         for backend, pass_name in items:
             try:
                 if backend not in fns:
-                    fns[backend] = C._call(spec, tree, backend)
-                case = C.build_case(spec, tree, backend, pass_name, sets, fns[backend])
+                    fns[backend] = C._call(spec, tree, backend, req.get("weights", "none"))
+                case = C.build_case(spec, tree, backend, pass_name, sets, fns[backend], req.get("weights", "none"))
                 found[(loss, backend, pass_name)] = {"peak_extra_bytes": _measure(case)}
             except Exception as exc:  # report, keep going
                 found[(loss, backend, pass_name)] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}

@@ -59,7 +59,8 @@ def markdown(doc: dict) -> str:
                  "(MiB); check = difference from the reference (relative, or the fraction of decoded labels).")
     for cfg in doc["configs"]:
         lines += ["", f"## {cfg['name']}: tree {cfg['tree']} ({cfg['leaves']} leaves / {cfg['nodes']} nodes, "
-                      f"depth {cfg['depth']}), B={cfg['batch']}, {cfg['height']}×{cfg['width']}, {cfg['dtype']}", ""]
+                      f"depth {cfg['depth']}), B={cfg['batch']}, {cfg['height']}×{cfg['width']}, {cfg['dtype']}"
+                      + ("" if cfg.get("weights", "none") == "none" else f", weights: {cfg['weights']}"), ""]
         if cfg.get("check_size"):
             h, w = cfg["check_size"]
             lines += [f"The check column compares on the top-left {h}×{w} crop of the first image.", ""]

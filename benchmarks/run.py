@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, help="override the configurations' batch size")
     p.add_argument("--size", type=_size, help="override the image size, HxW (e.g. 512x1024)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="logits dtype (default float32)")
+    p.add_argument("--weights", choices=("none", "class", "pixel", "class+pixel"), default="none",
+                   help="weights every loss row passes (the flat baselines too): class_weight (one per leaf), a "
+                        "pixel_weight map (4 bytes per pixel more to read), or both (default none; decode none)")
     p.add_argument("--loss", action="append",
                    help=f"comma-separated among {sorted(LOSSES)} or 'all' (default {','.join(DEFAULT_LOSSES)})")
     p.add_argument("--backend", action="append",
@@ -232,7 +235,8 @@ def bench_config(cfg, args, device, dtype, copy_gbps: float, deadline: Optional[
     tree = C.load_tree(cfg.tree)
     out = {"name": cfg.name, "tree": cfg.tree, "leaves": tree.num_leaves, "nodes": tree.num_nodes,
            "depth": tree.depth, "batch": cfg.batch, "height": cfg.height, "width": cfg.width,
-           "pixels": cfg.batch * cfg.height * cfg.width, "dtype": args.dtype, "note": cfg.note, "rows": []}
+           "pixels": cfg.batch * cfg.height * cfg.width, "dtype": args.dtype, "weights": args.weights,
+           "note": cfg.note, "rows": []}
     check_size = getattr(args, "check_size", None)
     if check_size is not None:
         check_size = (min(check_size[0], cfg.height), min(check_size[1], cfg.width))
@@ -302,7 +306,8 @@ def _inputs(run: _ConfigRun, spec):
     n_sets = C.n_input_sets(set_bytes, run.cache)
     try:
         torch.manual_seed(run.args.seed)
-        sets = C.make_inputs(spec, tree, cfg.batch, cfg.height, cfg.width, run.dtype, run.device, n_sets, dense)
+        sets = C.make_inputs(spec, tree, cfg.batch, cfg.height, cfg.width, run.dtype, run.device, n_sets, dense,
+                             run.args.weights)
     except Exception as exc:  # e.g. out of memory at a size too large for this device
         return None, n_sets, f"inputs: {type(exc).__name__}: {exc}".splitlines()[0]
     return sets, n_sets, None
@@ -316,7 +321,8 @@ def _reference_output(run: _ConfigRun, spec, sets):
 
     ref_out, ref_error = None, None
     try:
-        ref_out = C.forward_output(spec, run.tree, "reference", _crop(sets[0], run.check_size))
+        ref_out = C.forward_output(spec, run.tree, "reference", _crop(sets[0], run.check_size),
+                                   weights=run.args.weights)
     except Exception as exc:
         ref_error = f"reference failed: {type(exc).__name__}: {exc}".splitlines()[0]
     M.collect()
@@ -364,7 +370,7 @@ def _backend_rows(run: _ConfigRun, spec, loss: str, backend: str, why: Optional[
     try:
         if backend == "reference+compile":
             torch._dynamo.reset()  # fresh compile caches: no recompile limit across sizes
-        fn = C._call(spec, run.tree, backend)
+        fn = C._call(spec, run.tree, backend, run.args.weights)
         check, check_note = _check(run, spec, backend, fn, sets, ref_out, ref_error)
     except Exception as exc:
         failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -380,7 +386,7 @@ def _backend_rows(run: _ConfigRun, spec, loss: str, backend: str, why: Optional[
             continue
         row["interpreter"] = interp
         try:
-            case = C.build_case(spec, run.tree, backend, p, sets, fn)
+            case = C.build_case(spec, run.tree, backend, p, sets, fn, run.args.weights)
             timing = M.time_pass(case.setup, case.run, device, n_sets=n_sets, reps=run.args.reps,
                                  warmup=run.args.warmup)
             row.update(status="ok", **timing.as_dict())
@@ -425,7 +431,7 @@ def _cpu_peak_memory(run: _ConfigRun) -> None:
 
     cfg = run.cfg
     req = {"tree": cfg.tree, "batch": cfg.batch, "height": cfg.height, "width": cfg.width,
-           "dtype": run.args.dtype, "threads": torch.get_num_threads(), "cases": [c for _, c in run.mem_requests]}
+           "dtype": run.args.dtype, "weights": run.args.weights, "threads": torch.get_num_threads(), "cases": [c for _, c in run.mem_requests]}
     print(f"[{cfg.name}] measuring peak memory in a fresh process ({len(run.mem_requests)} rows)",
           file=sys.stderr, flush=True)
     for (row, _), res in zip(run.mem_requests, probe(req)):
@@ -491,7 +497,7 @@ def run_sweep(args, device, dtype, base_cfg, deadline: Optional[float] = None) -
             n_sets = C.n_input_sets(H * W * (channels * elem * (2 if dense else 1) + 8), cache)
             try:
                 torch.manual_seed(args.seed)
-                sets = C.make_inputs(spec, tree, 1, H, W, dtype, device, n_sets, dense)
+                sets = C.make_inputs(spec, tree, 1, H, W, dtype, device, n_sets, dense, args.weights)
             except Exception as exc:
                 sets = f"{type(exc).__name__}: {exc}".splitlines()[0]
             if isinstance(sets, str):
@@ -506,7 +512,7 @@ def run_sweep(args, device, dtype, base_cfg, deadline: Optional[float] = None) -
                 try:
                     if backend == "reference+compile":
                         torch._dynamo.reset()
-                    case = C.build_case(spec, tree, backend, p, sets)
+                    case = C.build_case(spec, tree, backend, p, sets, weights=args.weights)
                     t = M.time_pass(case.setup, case.run, device, n_sets=n_sets, reps=args.reps,
                                     warmup=args.warmup, budget_s=0.3 if cuda else 0.5)
                     pt.update(status="ok", median_ms=t.median_ms, p25_ms=t.p25_ms, p75_ms=t.p75_ms,

@@ -14,7 +14,7 @@ maps, in the ``update() / compute() / reset()`` style of torchmetrics::
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -24,7 +24,8 @@ from .tree import Tree
 __all__ = ["HierarchicalMetrics", "scores_from_confusion"]
 
 
-def scores_from_confusion(matrix: torch.Tensor) -> Dict[str, Union[torch.Tensor, float]]:
+def scores_from_confusion(matrix: torch.Tensor, counted: Optional[torch.Tensor] = None
+                          ) -> Dict[str, Union[torch.Tensor, float]]:
     """Scores of one ``(K, K)`` confusion matrix (rows: target, columns: prediction).
 
     Returns ``iou`` (float64 ``(K,)``, NaN for classes absent from both target and prediction), ``miou``
@@ -32,6 +33,9 @@ def scores_from_confusion(matrix: torch.Tensor) -> Dict[str, Union[torch.Tensor,
     ``mean_accuracy`` (mean recall over the classes present in the target: a class seen only in the
     prediction has no recall) and ``fw_iou`` (IoU weighted by each class's share of the target pixels).
     Every float is NaN when the matrix is empty.
+
+    ``counted``: a bool ``(K,)`` mask of the classes the data set evaluates (default: all). The others get
+    NaN IoU and recall, so they count in no mean; their predicted pixels still count against the true class.
     """
     m = matrix.to(torch.float64)
     tp = m.diagonal()
@@ -42,6 +46,10 @@ def scores_from_confusion(matrix: torch.Tensor) -> Dict[str, Union[torch.Tensor,
     nan = torch.full_like(tp, float("nan"))
     iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
     recall = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+    if counted is not None:
+        counted = counted.to(device=iou.device, dtype=torch.bool)
+        iou = torch.where(counted, iou, nan)
+        recall = torch.where(counted, recall, nan)
 
     def mean(x: torch.Tensor) -> float:
         # nanmean of nothing warns and gives NaN; keep the NaN, skip the warning.
@@ -113,19 +121,48 @@ class HierarchicalMetrics:
             than ``d`` counts as its own class there (see :meth:`Tree.class_names`).
         ignore_index: target value of pixels that count for nothing (default 255).
         device: where the matrices live; default: the device of the first :meth:`update`'s ``pred``.
+        ignored_leaves: leaf ids the data set does not evaluate (e.g. Vistas v1.2's 'unlabeled', whose pixels
+            its loader maps to ``ignore_index``): left out of every mean, at every depth, as a class the data
+            set does not list; a coarser class is left out when all its leaves are. A labelled pixel
+            predicted as such a leaf is still a miss for its class.
 
     Attributes:
         matrices: list of ``D`` int64 tensors, ``matrices[d-1]`` of shape ``(K_d, K_d)``, rows indexed by
             the target class, columns by the predicted class.
     """
 
-    def __init__(self, tree: Union[Tree, str], ignore_index: int = 255, device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, tree: Union[Tree, str], ignore_index: int = 255, device: Optional[Union[str, torch.device]] = None,
+                 ignored_leaves: Sequence[int] = ()):
         self.tree = as_tree(tree)
         self.ignore_index = int(ignore_index)
+        self.ignored_leaves = self._check_leaves(ignored_leaves)
         self._device_fixed = device is not None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.matrices: List[torch.Tensor] = []
         self.reset()
+
+    def _check_leaves(self, leaves: Sequence[int]) -> List[int]:
+        L = self.tree.num_leaves
+        if isinstance(leaves, torch.Tensor):
+            leaves = leaves.tolist()
+        out = []
+        for v in leaves:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < L:
+                raise ValueError(f"HierarchicalMetrics: ignored_leaves must be leaf ids in [0, {L}), got {v!r}")
+            out.append(int(v))
+        if len(set(out)) == L:
+            raise ValueError("HierarchicalMetrics: ignored_leaves leaves no leaf to evaluate")
+        return sorted(set(out))
+
+    def counted(self, depth: int) -> torch.Tensor:
+        """Bool ``(K_d,)``: the classes at ``depth`` that count in the means (all but those whose leaves are all
+        in ``ignored_leaves``)."""
+        self.tree._check_depth(depth)
+        k = self.tree.num_classes(depth)
+        groups = self.tree.tables("cpu").leaf_group[depth - 1].long()
+        keep = torch.ones(self.tree.num_leaves, dtype=torch.bool)
+        keep[self.ignored_leaves] = False
+        return torch.zeros(k, dtype=torch.bool).index_put_((groups[keep],), torch.tensor(True))
 
     # ------------------------------------------------------------------ accumulation
     def reset(self) -> None:
@@ -185,10 +222,11 @@ class HierarchicalMetrics:
         """``{depth: {"iou", "miou", "pixel_accuracy", "mean_accuracy", "fw_iou"}}`` for depth 1..D.
 
         ``iou`` is a float64 tensor (one value per class at that depth, NaN for a class absent from both
-        target and prediction, on the CPU); the others are Python floats (NaN before any pixel counted).
-        See :func:`scores_from_confusion`.
+        target and prediction or not evaluated (``ignored_leaves``), on the CPU); the others are Python floats
+        (NaN before any pixel counted). See :func:`scores_from_confusion`.
         """
-        return {d: scores_from_confusion(m.cpu()) for d, m in enumerate(self.matrices, start=1)}
+        return {d: scores_from_confusion(m.cpu(), self.counted(d) if self.ignored_leaves else None)
+                for d, m in enumerate(self.matrices, start=1)}
 
     def state_dict(self) -> Dict[str, object]:
         return {"matrices": [m.clone() for m in self.matrices], "ignore_index": self.ignore_index}
@@ -205,7 +243,7 @@ class HierarchicalMetrics:
         head = ("depth", "classes", "mIoU %", "pixel acc %", "mean acc %", "fwIoU %")
         rows = [head]
         for d, r in res.items():
-            rows.append((str(d), str(self.tree.num_classes(d))) + tuple(
+            rows.append((str(d), str(int(self.counted(d).sum()))) + tuple(
                 f"{100 * r[k]:.2f}" for k in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]

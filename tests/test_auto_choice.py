@@ -21,8 +21,9 @@ def test_committed_choice_is_up_to_date():
 
 
 def _model(rows):
-    return {"kernels": [dict(op=op, backend=b, dtype=dt, layout=lay, issue_ms=i, floor_ms=f, **{"pass": p})
-                        for op, b, dt, p, lay, i, f in rows]}
+    return {"kernels": [dict(op=op, backend=b, dtype=dt, layout=lay, issue_ms=i, floor_ms=f, **{"pass": p},
+                             **({"upsample": up[0]} if up else {}))
+                        for op, b, dt, p, lay, i, f, *up in rows]}
 
 
 def _bench(device_type, date, dtype, rows):
@@ -40,6 +41,7 @@ def test_model_then_measurements(tmp_path):
         ("hierarchical_softmax", "cuda", "float32", "forward", "nchw", 1.0, 0.5),
         ("hierarchical_softmax", "cuda", "float32", "backward", "nchw", 4.0, 2.0),
         ("hierarchical_softmax", "cuda", "float32", "backward", "channels_last", 99.0, 2.0),  # not NCHW: ignored
+        ("hierarchical_softmax", "cuda", "float32", "backward", "nchw", 99.0, 2.0, 4),  # upsampled x4: ignored
         ("decode", "triton", "bfloat16", "forward", "nchw", 3.0, 1.0),
         ("decode", "cuda", "bfloat16", "forward", "nchw", 2.0, 1.0),
     ])))

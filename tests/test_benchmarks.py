@@ -261,3 +261,40 @@ def test_run_warnings_name_a_busy_machine_and_wide_rows():
     doc["meta"]["load_average_end"] = [1.5, 0, 0]
     w = run_warnings(doc)
     assert w[0].startswith("busy machine: load average 0.4, 1.5 (start, end) on 2 logical cores")
+
+
+@pytest.mark.parametrize("weights", ["class", "pixel", "class+pixel"])
+def test_weighted_rows_match_the_flat_baseline_on_a_flat_tree(weights):
+    # --weights: the flat baseline is weighted as a user would write it and the loss rows pass the same
+    # weights, so on a flat tree the hierarchical softmax row and F.cross_entropy agree, values and gradients.
+    from hss_kernels import Tree
+    tree = Tree.from_parents([-1] * 7)
+    spec = C.LOSSES["hierarchical_softmax"]
+    (s,) = C.make_inputs(spec, tree, 2, 5, 3, torch.float64, torch.device("cpu"), 1, False, weights)
+    assert ("pw" in s) == ("pixel" in weights)
+    s["y"][0, 1, :2] = 255
+    got_x = s["x"].clone().requires_grad_(True)
+    want_x = s["x"].clone().requires_grad_(True)
+    got = C._call(spec, tree, "reference", weights)(got_x, s["y"], None, s.get("pw"))
+    want = C._call(spec, tree, "flat", weights)(want_x, s["y"], None, s.get("pw"))
+    unweighted = C._call(spec, tree, "flat")(s["x"], s["y"], None, None)
+    assert not torch.allclose(want, unweighted)  # the weights change the loss
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, got_x)[0], torch.autograd.grad(want, want_x)[0])
+
+
+def test_weighted_cli_counts_the_pixel_weight_map(tmp_path):
+    def run(weights):
+        out = tmp_path / weights
+        _run_cli(out, "--device", "cpu", "--backend", "native", "--threads", "1", "--loss", "hierarchical_softmax",
+                 "--pass", "forward", "--weights", weights, "--memory", "off")
+        (path,) = [p for p in out.iterdir() if p.suffix == ".json"]
+        (cfg,) = json.load(open(path, encoding="utf-8"))["configs"]
+        return cfg, {(r["backend"], r["pass"]): r for r in cfg["rows"] if r["status"] == "ok"}
+
+    cfg, plain = run("none")
+    wcfg, weighted = run("class+pixel")
+    assert cfg["weights"] == "none" and wcfg["weights"] == "class+pixel"
+    P = cfg["batch"] * cfg["height"] * cfg["width"]
+    for key in [("native", "forward"), ("flat", "forward")]:
+        assert weighted[key]["bytes"] == plain[key]["bytes"] + 4 * P

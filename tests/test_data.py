@@ -300,3 +300,47 @@ def test_lip_as_downloaded(tmp_path):
     _label(root / "TrainVal_parsing_annotations" / "val_segmentations" / "100034_483681.png", [20])
     with pytest.raises(D.DataError, match="holds label id\\(s\\) \\[20\\]"):
         D.lip(root, "val").read_target(0)
+
+
+def test_hss_train_on_vistas_v12_evaluates_the_65_benchmark_classes(tmp_path, capsys):
+    """A fabricated Vistas v1.2 folder with its config.json ('unlabeled', 65, not evaluated): hss-train
+    trains on it and its metrics count 65 leaf classes, not the tree's 66; without the config, 66."""
+    import json
+
+    from hss_kernels.train.cli import main
+
+    root = tmp_path / "vistas"
+    for split in ("training", "validation"):
+        for i in range(2):
+            _image(root / split / "images" / f"{i}.jpg", 16, 16)
+            _label(root / split / "labels" / f"{i}.png", [3, 65, 20, 41, 65, 7], palette=True, h=16, w=16)
+
+    def leaf_classes(out):
+        assert main(["--data", "vistas", "--data-root", str(root), "--steps", "2", "--batch-size", "2", "--size", "16",
+                     "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+        table = capsys.readouterr().out.strip().splitlines()
+        (leaf_row,) = [r for r in table if r.split()[:1] == ["3"]]
+        return int(leaf_row.split()[1])
+
+    assert leaf_classes(tmp_path / "a") == 66
+    labels = [{"name": f"c{i}", "evaluate": i != 65} for i in range(66)]
+    (root / "config.json").write_text(json.dumps({"labels": labels}))
+    assert leaf_classes(tmp_path / "b") == 65
+
+
+def test_hss_train_on_cityscapes_as_downloaded_evaluates_19_classes(tmp_path, capsys):
+    """A fabricated Cityscapes folder with only *_gtFine_labelIds.png trains and evaluates the 19 train ids."""
+    from hss_kernels.train.cli import main
+
+    root = tmp_path / "cs"
+    for split in ("train", "val"):
+        _image(root / "leftImg8bit" / split / "x" / "x_0_0_leftImg8bit.png", 16, 16)
+        _label(root / "gtFine" / split / "x" / "x_0_0_gtFine_labelIds.png", [7, 23, 33, 0, 26, 11], h=16, w=16)
+    assert main(["--data", "cityscapes", "--data-root", str(root), "--steps", "2", "--batch-size", "1",
+                 "--size", "16", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    tree = trees.load("cityscapes")
+    rows = {r.split()[0]: r.split() for r in table if r.split()[:1] and r.split()[0].isdigit()}
+    assert [int(rows[str(d)][1]) for d in range(1, tree.depth + 1)] == \
+        [tree.num_classes(d) for d in range(1, tree.depth + 1)]
+    assert int(rows[str(tree.depth)][1]) == 19

@@ -430,15 +430,16 @@ def _bench_doc():
 
 
 def _model_doc():
-    def k(op, backend, p, issue, floor, layout="nchw", dtype="float32"):
+    def k(op, backend, p, issue, floor, layout="nchw", dtype="float32", **extra):
         return {"op": op, "backend": backend, "dtype": dtype, "pass": p, "layout": layout, "registers": 64,
-                "issue_ms": issue, "floor_ms": floor}
+                "issue_ms": issue, "floor_ms": floor, **extra}
     return {"assumptions": {"copy_GBps": 4300, "batch": 8}, "kernels": [
         k("hierarchical_softmax", "cuda", "forward", 0.8, 0.6),
         k("hierarchical_softmax", "cuda", "backward", 1.5, 1.1),
-        k("hierarchical_softmax", "cuda", "backward", 0.1, 0.05),         # a second backward kernel: summed
         k("hierarchical_softmax", "cuda", "forward", 9.0, 9.0, layout="channels_last"),  # not NCHW: ignored
         k("hierarchical_softmax", "cuda", "forward", 9.0, 9.0, dtype="bfloat16"),       # other dtype: ignored
+        k("hierarchical_softmax", "cuda", "forward", 9.0, 9.0, upsample=4),  # low-resolution logits: ignored
+        k("hierarchical_softmax", "cuda", "backward", 0.1, 0.05, upsample=1),  # at the labels' size: summed
         k("hierarchical_softmax", "triton", "forward", 1.0, 0.6),
         k("hierarchical_softmax", "triton", "backward", 2.0, 1.1),
         k("tree_min", "cuda", "forward", 2.0, 1.5), k("tree_min", "cuda", "backward", 3.0, 2.5),

@@ -232,3 +232,43 @@ def test_on_cuda_matches_cpu():
     assert b.matrices[0].device.type == "cuda"
     for d in range(1, tree.depth + 1):
         assert torch.equal(a.confusion(d), b.confusion(d).cpu())
+
+
+def test_ignored_leaves_leave_the_means():
+    # A data set that does not evaluate some leaves: their pixels are ignored in the target, the model may
+    # still predict them. Expected by hand from numpy_scores: those classes' IoU and recall dropped from the
+    # means; at a coarser depth a class is dropped only when all its leaves are.
+    tree = trees.load("cityscapes")
+    group1 = np.array(tree.leaf_group[0])
+    whole = [k for k in range(tree.num_classes(1)) if (group1 == k).sum() == 1][0]  # a one-leaf top class
+    lone = int(np.flatnonzero(group1 == whole)[0])
+    shared = int(np.flatnonzero(group1 == np.bincount(group1).argmax())[0])  # a leaf with siblings
+    skip = [lone, shared]
+    pred, target = random_maps(tree, (2, 19, 23))
+    target[torch.isin(target, torch.tensor(skip))] = IGNORE
+    pred.view(-1)[:40] = lone  # predicted, never a target
+    m = HierarchicalMetrics(tree, ignored_leaves=skip)
+    m.update(pred, target)
+    res = m.compute()
+    plain = HierarchicalMetrics(tree)
+    plain.update(pred, target)
+    for d in range(1, tree.depth + 1):
+        want = numpy_scores(tree, pred, target, d)
+        group = np.array(tree.leaf_group[d - 1])
+        kept = set(group[[i for i in range(tree.num_leaves) if i not in skip]].tolist())
+        dropped = [k for k in range(tree.num_classes(d)) if k not in kept]
+        iou = want["iou"].copy()
+        iou[dropped] = np.nan
+        np.testing.assert_allclose(res[d]["iou"].numpy(), iou, rtol=1e-12, equal_nan=True)
+        assert math.isclose(res[d]["miou"], np.nanmean(iou), rel_tol=1e-12)
+        assert res[d]["pixel_accuracy"] == plain.compute()[d]["pixel_accuracy"]
+        assert m.counted(d).tolist() == [k in kept for k in range(tree.num_classes(d))]
+    # the lone leaf's class is gone at every depth and its predictions lowered the truth's IoU
+    assert int((~m.counted(1)).sum()) == 1 and res[1]["miou"] != plain.compute()[1]["miou"]
+    assert str(int(m.counted(tree.depth).sum())) in m.table().splitlines()[-1]
+
+
+@pytest.mark.parametrize("bad", [[-1], [19], [0.5], [True], list(range(19))])
+def test_ignored_leaves_bad_input(bad):
+    with pytest.raises(ValueError, match="ignored_leaves"):
+        HierarchicalMetrics("cityscapes", ignored_leaves=bad)

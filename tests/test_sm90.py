@@ -4,6 +4,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.sm90 import model, sass, source
 from benchmarks.sm90.sass import Annotation, SassError
@@ -128,6 +129,30 @@ def test_unrolled_loop_and_remainder_share_the_trips():
     # a fractional T splits on average: the remainder runs (u - 1) / 2 times
     main, rem = run(text, {50: Annotation(trips="T")}, variables={"T": 9.5}).loops
     assert rem.trips == 1.5 and main.trips == pytest.approx(2.0)
+
+
+def test_copies_of_a_loop_inlined_at_different_call_sites_each_get_the_trips():
+    """A helper's loop inlined twice (upsample_math.h's bisection, called per axis) is two loops, not an
+    unrolled loop and its remainder: each runs the annotated trips, whatever its size."""
+    text = listing("""
+        L1: MOV R0, RZ
+        .L_x_0:
+        L51<9: LDG.E R4, desc[UR4][R2.64]
+        L51<9: FADD R8, R8, R4
+        L50<9: @P0 BRA `(.L_x_0)
+        .L_x_1:
+        L51<12: LDG.E R4, desc[UR4][R2.64]
+        L51<12: LDG.E R5, desc[UR4][R2.64+0x4]
+        L51<12: FADD R8, R8, R4
+        L51<12: FADD R8, R8, R5
+        L50<12: @P1 BRA `(.L_x_1)
+        L60: EXIT
+    """)
+    an = run(text, {50: Annotation(trips="T")}, variables={"T": 10})
+    first, second = an.loops
+    assert (first.trips, first.unroll, second.trips, second.unroll) == (10, 1, 10, 1)
+    assert (first.inlined_at, second.inlined_at) == (((F, 9),), ((F, 12),))
+    assert an.instructions == 1 + 10 * 3 + 10 * 5 + 1 and not an.warnings
 
 
 def test_cold_branch_skips_its_region_and_the_hot_side_keeps_counting():
@@ -299,6 +324,81 @@ def test_floor_bytes_follow_math_section_5():
     assert model.issue_ms(4 * 132 * 1.755e9) == pytest.approx(1e3)
 
 
+def test_floor_bytes_with_fused_upsampling_read_the_low_resolution_logits():
+    P, C, D, s = 8 * 1024 * 1024, 66, 3, 4
+    p = P // (s * s)
+    assert model.floor_bytes("hierarchical_softmax", "forward", P, C, 4, D, s) == p * C * 4 + 8 * P + 4 * (D + 1) * P
+    assert model.floor_bytes("hierarchical_softmax", "backward", P, C, 2, D, s) == \
+        2 * p * C * 2 + 8 * P + 4 * (D + 1) * P
+    assert model.floor_bytes("tree_bce", "backward", P, 147, 4, D, 8) == 2 * (P // 64) * 147 * 4 + 8 * P
+    assert model.floor_bytes("decode", "forward", P, 147, 2, D, s) == p * 147 * 2 + 8 * P
+    for op, pass_ in model.FLOOR_FORMULAS:  # every plain formula has its upsampled one, in p
+        assert model.floor_formula(op, pass_, 1) == model.FLOOR_FORMULAS[(op, pass_)]
+        assert "p·C·b" in model.floor_formula(op, pass_, s) and "P·C·b" not in model.floor_formula(op, pass_, s)
+
+
+def test_selection_and_not_fused_rows():
+    from benchmarks.sm90 import cuda_side, triton_side
+
+    rows = model.selection(["hierarchical_softmax", "decode"], ["cuda"], ["float32"], ["forward", "backward"],
+                           ["nchw"], [1, 4])
+    assert rows == [("hierarchical_softmax", "cuda", "float32", "forward", "nchw", 1),
+                    ("hierarchical_softmax", "cuda", "float32", "backward", "nchw", 1),
+                    ("decode", "cuda", "float32", "forward", "nchw", 1),
+                    ("hierarchical_softmax", "cuda", "float32", "forward", "nchw", 4),
+                    ("hierarchical_softmax", "cuda", "float32", "backward", "nchw", 4),
+                    ("decode", "cuda", "float32", "forward", "nchw", 4)]
+    assert cuda_side.fuses_upsample("tree_bce", "backward") and not cuda_side.fuses_upsample("decode", "forward")
+    with pytest.raises(model.NotFused, match="decode"):
+        cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), trees.load("vistas_v2"),
+                           0.0, 4)
+    with pytest.raises(model.NotFused, match="decode"):
+        model.Context(Path("/nonexistent"), log=lambda m: None).cuda_row("decode", "float32", "forward", "nchw", 4)
+    # Triton: the registry function's takes_upsample decides, and the call is the public API's
+    import hss_kernels.triton as T
+
+    assert triton_side.fuses_upsample("hierarchical_softmax") == bool(T.hierarchical_softmax_loss.takes_upsample)
+    assert triton_side.fuses_upsample("tree_min") == bool(getattr(T.tree_min_loss, "takes_upsample", False))
+    calls = []
+    fake = lambda *a, **k: calls.append((a, k))  # noqa: E731
+    x, t = object(), torch.empty(2, 12, 16)
+    triton_side._call("tree_min", fake, x, t, "tree", True)
+    triton_side._call("decode", fake, x, t, "tree", True)
+    triton_side._call("decode", fake, x, t, "tree", False)
+    assert calls == [((x, t, "tree"), {"upsample": "bilinear"}), ((x, "tree"), {"size": (12, 16)}),
+                     ((x, "tree"), {})]
+
+
+def test_cuda_launches_of_the_fused_upsampling():
+    import struct
+
+    from benchmarks.sm90 import cuda_side
+
+    vistas, v2 = trees.load("vistas"), trees.load("vistas_v2")
+    N, H, W, s = 8, 1024, 1024, 4
+    n = N * (H // s) * (W // s)
+    fwd, fin = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W),
+                                  vistas, 0.0, s)
+    # kUp, one thread per label pixel; the logits' strides are the low-resolution channels_last ones
+    assert fwd.pattern == "hierarchical_softmax_fwd_kernelIffLb1EE" and fwd.blocks == N * H * W // 256
+    assert fwd.params[2] == 1 and fwd.params[1] == (H // s, W // s, 66 * n // N, 66 * W // s, 66)
+    geom = fwd.params[-1]
+    assert len(geom) == 88 and struct.unpack("<7q", geom[:56]) == (256, 256, H, W, 66 * n // N, 66 * 256, 66)
+    assert struct.unpack("<qf?", geom[56:69]) == (256, 0.25, False) and fin.kernel == "finish_kernel"
+    assert (fwd.scalars["H"], fwd.scalars["h"], fwd.scalars["n"]) == (H, H // s, n)
+    plain, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0)
+    assert plain.pattern.endswith("Lb0EE") and plain.params[-1] is None
+    # the gathering backwards: one thread per low-resolution pixel
+    (hb,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
+    assert (hb.kernel, hb.blocks, hb.threads, len(hb.params), hb.params[5]) == \
+        ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 17, n)
+    (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
+    assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 18, N * 128 * 128)
+    assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
+    with pytest.raises(ValueError, match="divisor"):
+        cuda_side.launches("tree_min", "forward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 3)
+
+
 def test_cuda_launches_match_the_host_rules():
     from benchmarks.sm90 import cuda_side
 
@@ -326,9 +426,8 @@ def test_cuda_launches_match_the_host_rules():
     assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0EE"
 
 
-def test_one_triton_kernel_end_to_end(tmp_path):
-    """Compiles the Triton hierarchical softmax forward (float32, NCHW, Vistas sizes) as the runtime would and
-    checks the row's fields, its one loop's trip count included (no speed figure is a target here)."""
+def _need_triton_sm90_tools():
+    """Skip unless Triton compiles (not its interpreter) and the CUDA binary tools are there."""
     triton = pytest.importorskip("triton")
     from benchmarks.sm90 import tools
 
@@ -339,6 +438,12 @@ def test_one_triton_kernel_end_to_end(tmp_path):
             tools.binary(name)
     except tools.ToolMissing as exc:
         pytest.skip(str(exc))
+
+
+def test_one_triton_kernel_end_to_end(tmp_path):
+    """Compiles the Triton hierarchical softmax forward (float32, NCHW, Vistas sizes) as the runtime would and
+    checks the row's fields, its one loop's trip count included (no speed figure is a target here)."""
+    _need_triton_sm90_tools()
     ctx = model.Context(tmp_path, log=lambda m: None)
     row = ctx.triton_row("hierarchical_softmax", "float32", "forward", "nchw").as_dict()
     assert (row["op"], row["backend"], row["dtype"], row["pass"], row["layout"]) == \
@@ -355,3 +460,23 @@ def test_one_triton_kernel_end_to_end(tmp_path):
     (loop,) = [lp for lp in row["loops"] if lp["line"] == f"hss_kernels/triton/hierarchical_softmax.py:{loop_line}"]
     assert loop["trips"] == 9  # cdiv(66 leaves, BLOCK_C = 8)
     assert row["threads"] == P // 4 and not row["warnings"]  # 4 pixels per thread
+
+
+def test_one_upsampled_triton_kernel_end_to_end(tmp_path):
+    """The backward of the Triton hierarchical softmax with logits at 1/4 of the labels' size: one program per
+    16 x 16 tile of low-resolution pixels (its first row and column the halo), its run loops at H / h and
+    W / w (4 at s = 4), the floor of the low-resolution logits and gradient."""
+    _need_triton_sm90_tools()
+    ctx = model.Context(tmp_path, log=lambda m: None)
+    row = ctx.triton_row("hierarchical_softmax", "float32", "backward", "nchw", 4).as_dict()
+    assert (row["upsample"], row["pass"], row["kernel"]) == (4, "backward", "_hierarchical_softmax_up_bwd_kernel")
+    tree = trees.load("vistas")
+    P, p, C = 8 * 2 ** 20, 8 * 256 * 256, tree.num_leaves
+    assert row["floor_bytes"] == 2 * p * C * 4 + 8 * P + 4 * (tree.depth + 1) * P
+    assert row["floor_formula"] == model.UP_FLOOR_FORMULAS[("hierarchical_softmax", "backward")]
+    tiles = (-(-256 // 15)) ** 2  # 15 x 15 written per 16 x 16 tile
+    assert row["threads"] == 8 * tiles * 256  # one low-resolution pixel per thread, 8 warps a program
+    trips = sorted(lp["trips"] for lp in row["loops"])
+    # runs of 4 rows (columns), 6 in the first of 18 tile rows (columns); chunks of 8 leaves
+    assert trips == pytest.approx([4 + 2 / 18, 4 + 2 / 18, 9])
+    assert row["issue_ms"] > 0 and not row["warnings"]

@@ -21,15 +21,6 @@ TINY = ["--size", "24", "--batch-size", "4", "--train-size", "16", "--val-size",
         "--levels", "2", "--device", "cpu", "--quiet", "--num-predictions", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine is shared: one intra-op thread per process avoids OpenMP threads spinning against
-    # each other (several times slower than one thread under load). Restored after each test.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def evaluate_checkpoint(path, loss, seed, n_val):
     """Per-depth mIoU of a checkpoint on the first ``n_val`` synthetic validation images, one process."""

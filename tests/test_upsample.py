@@ -299,12 +299,24 @@ def triton_hs():
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_matches_composition(triton_hs, device, shape, align_corners):
-    """The fused forward and the gathering backward against the composition, every dtype."""
+    """The fused forward and backward against the composition, every dtype."""
     H.require("triton", device, HS)
     tree = H.random_tree()
     for dtype in H.DTYPES:
         x, y = _inputs(tree, HS, shape, dtype, device=device)
         _check(HS, "triton", x, y, tree, align_corners=align_corners)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_triton_chunks_and_tiles(triton_hs, align_corners):
+    """The backward's leaf chunks (20 leaves: 8 + 8 + 4, float64 4 at a time) and its tiles (under the
+    interpreter 4 x 4 runs with a one-run halo: 3 x 2 tiles per image here), both eps forms, per-pixel
+    grad_output."""
+    tree = trees.load("lip")
+    for dtype, kw in ((torch.float32, {}), (torch.float64, dict(eps=0.05)), (torch.bfloat16, {})):
+        x, y = _inputs(tree, HS, (2, 7, 5, 20, 17), dtype)
+        go = torch.rand(y.shape, dtype=H.acc_dtype(dtype))
+        _check(HS, "triton", x, y, tree, align_corners=align_corners, reduction="none", grad_out=go, **kw)
 
 
 def test_triton_is_fused(triton_hs):

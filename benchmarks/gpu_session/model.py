@@ -3,7 +3,7 @@
 The model (``python -m benchmarks.sm90``, committed as ``benchmarks/results/sm90*.json``) gives per kernel
 ``{"op", "backend", "dtype", "pass", "layout", "issue_ms", "floor_ms", ...}``. A benchmark row
 (configuration, loss, backend, pass) matches the model's kernels of the same op, dtype and pass in the
-NCHW layout, where the benchmark's ``native`` (on CUDA) is the model's ``cuda`` and ``triton`` is
+NCHW layout with the logits at the labels' size (``upsample`` 1 or absent), where the benchmark's ``native`` (on CUDA) is the model's ``cuda`` and ``triton`` is
 ``triton``; the configurations the model was made for are ``vistas`` (hierarchical softmax) and
 ``vistas2`` (tree-min, tree BCE, decode). A pass's estimate is the sum over its kernels; a
 forward+backward row's is the forward's plus the backward's.
@@ -55,6 +55,8 @@ def compare(bench: dict, model: dict, model_name: str = "") -> dict:
     that has a model estimate, and the benchmark rows the model has nothing for (``unmatched``)."""
     index: Dict[Tuple[str, str, str, str, str], List[dict]] = {}
     for k in model.get("kernels", []):
+        if (k.get("upsample") or 1) != 1:  # fused-upsampling rows: the benchmark's rows are at the labels' size
+            continue
         key = (k.get("op"), k.get("backend"), k.get("dtype"), k.get("pass"), str(k.get("layout", "")).lower())
         index.setdefault(key, []).append(k)
     rows, unmatched = [], []

@@ -24,6 +24,22 @@ def _csv(text: str, allowed: Sequence[str], what: str) -> List[str]:
     return out
 
 
+def _factors(text: str) -> List[int]:
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            s = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"upsampling factor {part!r} is not an integer") from None
+        B, H, W = model.SHAPE
+        if s < 1 or H % s or W % s:
+            raise argparse.ArgumentTypeError(f"upsampling factor {s} must be a positive divisor of {H} and {W}")
+        out.append(s)
+    if not out:
+        raise argparse.ArgumentTypeError("no upsampling factor")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.sm90",
@@ -34,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "the kernel sources), and compares the issue-bound time with the memory floor. Writes "
                     "DIR/sm90.json and DIR/sm90.md and prints the table.",
         epilog="Rows: B=8, 1024x1024; hierarchical_softmax on the vistas tree (66 leaves), tree_min, tree_bce "
-               "and decode on vistas_v2 (147 nodes). issue_ms = warp-instructions / (4 per clock per SM x 132 SMs "
-               "x 1.755 GHz); floor_ms = bytes the pass must move (docs/MATH.md §5.6) / 3.0 TB/s. The CUDA "
+               "and decode on vistas_v2 (147 nodes); with --upsample s > 1 the logits are 1024/s x 1024/s (fused "
+               "bilinear upsampling; rows only for the kernels that fuse it). issue_ms = warp-instructions / (4 per "
+               "clock per SM x 132 SMs x 1.755 GHz); floor_ms = bytes the pass must move (docs/MATH.md §5.6, §6.5) "
+               "/ 3.0 TB/s. The CUDA "
                "rows need nvcc (CUDA_HOME, default /usr/local/cuda-13.0) and the cu130 venv of .ci/cuda-venv "
                "(created on first use, about 5 GB); compiled code is cached (HSS_SM90_CACHE, default "
                "~/.cache/hss_kernels/sm90). See benchmarks/results/README.md for how to read the output.")
@@ -53,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    type=lambda t: _csv(t, model.PASSES, "pass"), help="forward, backward (default: both)")
     p.add_argument("--layout", default=",".join(model.LAYOUTS), type=lambda t: _csv(t, model.LAYOUTS, "layout"),
                    help="nchw, channels_last (default: both)")
+    p.add_argument("--upsample", default=",".join(map(str, model.UPSAMPLE)), type=_factors,
+                   help="upsampling factors, comma-separated (default: %(default)s): 1, logits at the labels' size; "
+                        "s > 1, logits at 1/s of it in each axis (B, C, 1024/s, 1024/s) through "
+                        "upsample=\"bilinear\", modelled for the kernels that fuse it (the others are listed as "
+                        "not fused)")
     p.add_argument("--force", action="store_true", help="recompile everything (ignore the cache)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: $HSS_SM90_CACHE or "
                                                              "~/.cache/hss_kernels/sm90)")
@@ -74,14 +97,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cache = args.cache or tools.cache_dir()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     ctx = model.Context(cache, args.force, args.unannotated, args.jobs, log, args.listing)
-    rows, failures = [], []
-    for op, backend, dtype, pass_, layout in model.selection(args.op, args.backend, args.dtype, args.passes,
-                                                             args.layout):
-        tag = f"{op} {backend} {dtype} {pass_} {layout}"
+    rows, failures, not_fused = [], [], {}
+    for op, backend, dtype, pass_, layout, up in model.selection(args.op, args.backend, args.dtype, args.passes,
+                                                                 args.layout, args.upsample):
+        tag = f"{op} {backend} {dtype} {pass_} {layout}" + (f" upsample {up}" if up > 1 else "")
         try:
             fn = ctx.triton_row if backend == "triton" else ctx.cuda_row
-            rows.append(fn(op, dtype, pass_, layout).as_dict())
+            rows.append(fn(op, dtype, pass_, layout, up).as_dict())
             log(f"  {tag}: {rows[-1]['issue_ms']:.3g} ms issue, {rows[-1]['floor_ms']:.3g} ms floor")
+        except model.NotFused as exc:  # one line per backend, op and pass in the report
+            not_fused.setdefault(f"{op} {backend} {pass_}", str(exc))
         except (SassError, tools.ToolMissing) as exc:
             failures.append((tag, f"{type(exc).__name__}: {exc}"))
             log(f"  {tag}: FAILED: {exc}")
@@ -89,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "assumptions": report.assumptions(ctx),
         "kernels": rows,
         "failures": [{"row": t, "error": e} for t, e in failures],
+        "not_fused": [{"rows": k, "reason": v} for k, v in not_fused.items()],
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m benchmarks.sm90 " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": {**{k: round(v, 1) for k, v in ctx.seconds.items()}, "total": round(time.time() - start, 1)},

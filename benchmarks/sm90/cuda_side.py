@@ -8,8 +8,10 @@ the nvcc version and the venv's torch version.
 
 Launches: the host code cannot run here, so :func:`launches` restates what the host functions in the
 ``.cu`` files pass (grid, block, dynamic shared memory, scalar arguments) for the calls the public API
-makes (``reduction="mean"``, default options). Parameter sizes are checked against the cubin's
-EIATTR_KPARAM_INFO, so a changed kernel signature is an error here rather than a silently wrong model.
+makes (``reduction="mean"``, default options), with the logits at the labels' size or, with ``up`` > 1,
+at 1/up of it (``upsample="bilinear"``, ``align_corners=False``: the fused kernels, kUp and the gathering
+``*_bwd_up_kernel``). Parameter sizes are checked against the cubin's EIATTR_KPARAM_INFO, so a changed
+kernel signature is an error here rather than a silently wrong model.
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from . import tools
+from .model import NotFused
 from .sass import SassError
 from .source import ROOT
 
-__all__ = ["build", "CudaLaunch", "launches", "PARAM_BASE", "cbank", "setup_nvcc_flags", "nvcc_command"]
+__all__ = ["build", "CudaLaunch", "launches", "fuses_upsample", "NotFused", "PARAM_BASE", "cbank",
+           "upsample_geom", "setup_nvcc_flags", "nvcc_command"]
 
 PARAM_BASE = 0x210  # first kernel parameter in constant bank 0 on sm_90
 THREADS = 256  # kThreads in csrc/cuda/common.cuh
@@ -147,7 +151,8 @@ class CudaLaunch:
     template: str  # mangled template arguments, e.g. "ff" or "N3c108BFloat16Ef"
     blocks: int
     threads: int
-    params: List[object]  # per parameter: None (unknown: pointers), int, float (A = float), bool, tuple
+    params: List[object]  # per parameter: None (unknown: pointers), int, float (A = float), bool, tuple,
+    #                       bytes (a struct packed by the model)
     scalars: Dict[str, float] = field(default_factory=dict)  # named values for trip expressions
     dynamic_smem: int = 0
 
@@ -173,45 +178,94 @@ def _strides(shape, layout):
     return (C * H * W, H * W, W, 1)
 
 
+# The (op, pass) pairs whose CUDA kernels fuse the bilinear upsampling (launches(..., up > 1)); a fused
+# decode adds its pair here and its launch in launches().
+FUSED_UPSAMPLE = {("hierarchical_softmax", "forward"), ("hierarchical_softmax", "backward"),
+                  ("tree_min", "forward"), ("tree_min", "backward"), ("tree_bce", "forward"), ("tree_bce", "backward")}
+
+
+def fuses_upsample(op: str, pass_: str) -> bool:
+    return (op, pass_) in FUSED_UPSAMPLE
+
+
+def _axis(n_in: int, n_out: int, align_corners: bool) -> bytes:
+    """csrc/include/common.h BilinearAxis<float> {int64 in; float scale; bool align_corners} (16 bytes)."""
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    else:
+        scale = n_in / n_out
+    return struct.pack("<qf?3x", n_in, scale, align_corners)
+
+
+def upsample_geom(low_shape: Sequence[int], low_strides: Sequence[int], H: int, W: int,
+                  align_corners: bool = False) -> bytes:
+    """csrc/include/upsample_math.h UpsampleGeom<float>::make of (N, C, h, w) logits to (H, W): {h, w, H, W,
+    sN, sh, sw} as int64, then the row and column BilinearAxis (88 bytes)."""
+    _, _, h, w = low_shape
+    return (struct.pack("<7q", h, w, H, W, low_strides[0], low_strides[2], low_strides[3])
+            + _axis(h, H, align_corners) + _axis(w, W, align_corners))
+
+
 def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int], tree,
-             gamma: float) -> List[CudaLaunch]:
-    """The kernel launches of one pass as the host code in ``csrc/cuda`` makes them."""
+             gamma: float, up: int = 1) -> List[CudaLaunch]:
+    """The kernel launches of one pass as the host code in ``csrc/cuda`` makes them. ``shape`` is
+    (N, C, H, W) at the labels' size; ``up`` > 1: the logits are (N, C, H / up, W / up), fused bilinear
+    upsampling (:class:`NotFused` for an op and pass whose kernels do not fuse it)."""
     N, C, H, W = shape
-    P = N * H * W
+    if up > 1 and not fuses_upsample(op, pass_):
+        raise NotFused(f"the CUDA {op} {pass_} does not fuse the upsampling")
+    if up < 1 or H % up or W % up:
+        raise ValueError(f"up = {up} must be a positive divisor of H = {H} and W = {W}")
+    h, w = H // up, W // up
+    P = N * H * W  # pixels of the labels (destination pixels)
+    n = N * h * w  # pixels of the logits
     T, _ = _DT[dtype]
     A = "f"
-    xs = _strides(shape, layout)
-    gx, sC = _geom(shape, xs), xs[1]
+    low = (N, C, h, w)
+    xs = _strides(low, layout)
+    gx, sC = _geom(low, xs), xs[1]
     gt = _geom((N, H, W), (H * W, W, 1))
     gg = (H, W, 0, 0, 0)  # grad_geom of the 0-dim grad_output of reduction="mean"
     nb = -(-P // THREADS)
     L, D, V = tree.num_leaves, tree.depth, tree.num_nodes
     eps, ignore = 0.0, 255
+    # kUp: the UpsampleGeom argument is read (known constants); without it, passed but unread
+    ug = upsample_geom(low, xs, H, W) if up > 1 else None
+    kup = "Lb1E" if up > 1 else "Lb0E"
+    sizes = {"H": H, "W": W, "h": h, "w": w, "n": n}
     finish = CudaLaunch(op_source(op), "finish_kernel", A, 1, THREADS, [None, None, nb, None, None],
                         {"nb": nb})
     if op == "hierarchical_softmax":
+        scalars = {"P": P, "L": L, "D": D, **sizes}
         if pass_ == "forward":
-            # kUp false: logits at the labels' size (the fused-upsampling kernels are not modelled yet)
-            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + "Lb0E", nb, THREADS,
-                               [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, None],
-                               {"P": P, "L": L, "D": D}, group_smem_bytes(L)), finish]
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + kup, nb, THREADS,
+                               [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, ug],
+                               scalars, group_smem_bytes(L)), finish]
+        if up > 1:  # one thread per low-resolution pixel, gathering its window (acc: float32, zeroed)
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_up_kernel", T + A, -(-n // THREADS),
+                               THREADS, [None, gg, None, sC, ug, n, None, gt, P, L, D, None, None, eps, ignore, None,
+                                         None], scalars, group_smem_bytes(L))]
         return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A, nb, THREADS,
                            [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None],
-                           {"P": P, "L": L, "D": D}, group_smem_bytes(L))]
+                           scalars, group_smem_bytes(L))]
     if op in ("tree_min", "tree_bce"):
         extrema = op == "tree_min"
+        scalars = {"P": P, "L": L, "D": D, "V": V, **sizes}
         if pass_ == "forward":
-            return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A + "Lb0E", nb, THREADS,
+            return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A + kup, nb, THREADS,
                                [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
-                                None, None, None], {"P": P, "L": L, "D": D, "V": V},
-                               tree_smem_bytes(V, D, THREADS, extrema, False)), finish]
+                                None, None, ug], scalars, tree_smem_bytes(V, D, THREADS, extrema, False)), finish]
         threads = THREADS  # tree_min_bwd_cuda: fewer threads per block while the block's smem is over 48 KiB
         while threads > 32 and tree_smem_bytes(V, D, threads, extrema, True) > DEFAULT_SMEM:
             threads //= 2
         smem = tree_smem_bytes(V, D, threads, extrema, True)
+        if up > 1:
+            return [CudaLaunch("tree_min", "tree_min_bwd_up_kernel", T + A, -(-n // threads), threads,
+                               [None, gg, None, sC, ug, n, None, gt, None, V, L, D, None, gamma, eps, ignore, extrema,
+                                None], scalars, smem)]
         return [CudaLaunch("tree_min", "tree_min_bwd_kernel", T + A, -(-P // threads), threads,
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
-                            extrema], {"P": P, "L": L, "D": D, "V": V}, smem)]
+                            extrema], scalars, smem)]
     if op == "decode":
         # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean>, kAct 0 (sigmoid), kOrdered when the
         # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"); the walk in
@@ -246,7 +300,9 @@ def cbank(launch: CudaLaunch, layout: List[Tuple[int, int, int]]) -> Dict[int, i
         where = PARAM_BASE + off
         if value is None:
             continue
-        if isinstance(value, bool):
+        if isinstance(value, bytes):  # a struct, packed by the model
+            ok, data = size == len(value), value
+        elif isinstance(value, bool):
             ok, data = size == 1, bytes([int(value)])
         elif isinstance(value, float):
             ok, data = size == 4, struct.pack("<f", value)

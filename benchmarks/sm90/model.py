@@ -1,4 +1,4 @@
-"""Rows of the static model: one per op × backend × dtype × pass × layout."""
+"""Rows of the static model: one per op × backend × dtype × pass × layout × upsampling factor."""
 from __future__ import annotations
 
 import time
@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from . import sass, source, tools
 from .sass import SassError
 
-__all__ = ["ASSUMPTIONS", "OPS", "BACKENDS", "DTYPES", "PASSES", "LAYOUTS", "SHAPE", "Row", "Context",
-           "floor_bytes", "rows"]
+__all__ = ["ASSUMPTIONS", "OPS", "BACKENDS", "DTYPES", "PASSES", "LAYOUTS", "UPSAMPLE", "SHAPE", "Row", "Context",
+           "NotFused", "floor_bytes", "floor_formula", "selection"]
 
 # An H100 SXM: what issue_ms and floor_ms assume.
 ASSUMPTIONS = {
@@ -22,7 +22,10 @@ ASSUMPTIONS = {
     "mufu_warp_instructions_per_clock_per_sm": 0.5,
     "bandwidth_tb_s": 3.0,
 }
-SHAPE = (8, 1024, 1024)  # B, H, W
+SHAPE = (8, 1024, 1024)  # B, H, W: the labels; the logits too at upsampling factor 1
+# Upsampling factors: 1, logits at the labels' size; s > 1, logits (B, C, H / s, W / s) and
+# upsample="bilinear" (align_corners=False), the rows of the kernels that fuse it.
+UPSAMPLE = (1, 4, 8)
 OPS = {  # op -> (tree, channels: "leaves" | "nodes")
     "hierarchical_softmax": ("vistas", "leaves"),
     "tree_min": ("vistas_v2", "nodes"),
@@ -47,10 +50,35 @@ FLOOR_FORMULAS = {
     ("decode", "forward"): "P·C·b (logits) + 8·P (int64 labels, written)",
 }
 
+# With fused upsampling (docs/MATH.md §6.5): the logits and their gradient at the low resolution, p = P / s²
+# pixels; the labels, the statistics and decode's output at the labels' P pixels.
+UP_FLOOR_FORMULAS = {
+    ("hierarchical_softmax", "forward"): "p·C·b (low-resolution logits) + 8·P (labels) + 4·(D+1)·P (saved statistics, "
+                                         "written)",
+    ("hierarchical_softmax", "backward"): "p·C·b (low-resolution logits) + 8·P (labels) + 4·(D+1)·P (statistics) + "
+                                          "p·C·b (low-resolution gradient, written)",
+    ("tree_min", "forward"): "p·C·b (low-resolution logits) + 8·P (labels)",
+    ("tree_min", "backward"): "p·C·b (low-resolution logits) + 8·P (labels) + p·C·b (low-resolution gradient, "
+                              "written)",
+    ("tree_bce", "forward"): "p·C·b (low-resolution logits) + 8·P (labels)",
+    ("tree_bce", "backward"): "p·C·b (low-resolution logits) + 8·P (labels) + p·C·b (low-resolution gradient, "
+                              "written)",
+    ("decode", "forward"): "p·C·b (low-resolution logits) + 8·P (int64 labels, written)",
+}
 
-def floor_bytes(op: str, pass_: str, P: int, C: int, b: int, D: int) -> int:
-    """The bytes a pass must move (docs/MATH.md §5.6); the loss partials are negligible and not counted."""
-    logits = P * C * b
+
+class NotFused(ValueError):
+    """An upsampled row (factor > 1) of a backend's op and pass that does not fuse the upsampling."""
+
+
+def floor_formula(op: str, pass_: str, up: int = 1) -> str:
+    return (UP_FLOOR_FORMULAS if up > 1 else FLOOR_FORMULAS)[(op, pass_)]
+
+
+def floor_bytes(op: str, pass_: str, P: int, C: int, b: int, D: int, up: int = 1) -> int:
+    """The bytes a pass must move (docs/MATH.md §5.6, §6.5) for P pixels of labels and logits at 1/up of
+    their size in each axis (P / up² pixels); the loss partials are negligible and not counted."""
+    logits = P // (up * up) * C * b
     if op == "decode":
         return logits + LABEL_BYTES * P
     moved = logits + LABEL_BYTES * P
@@ -109,6 +137,7 @@ class Row:
     floor_bytes: int
     formula: str
     names: Callable = None
+    up: int = 1
 
     def as_dict(self) -> dict:
         main = self.kernels[0]
@@ -121,11 +150,12 @@ class Row:
         name = self.names or (lambda loc: f"{loc[0]}:{loc[1]}")
         out = {
             "op": self.op, "backend": self.backend, "dtype": self.dtype, "pass": self.pass_, "layout": self.layout,
+            "upsample": self.up,
             "registers": res.get("REG"),
             "spill_bytes": spill,
             "shared_bytes": res.get("SHARED", 0) + main.dynamic_shared,
             "global_load_bits": main.analysis.load_bits,
-            "sass_per_element": thread_slots / (self.P * self.C),
+            "sass_per_element": thread_slots / (self.P * self.C),  # per label pixel × channel
             "issue_ms": iss,
             "floor_ms": flo,
             "mufu_ms": mufu,
@@ -139,7 +169,9 @@ class Row:
             "threads": main.threads,
             "floor_bytes": self.floor_bytes,
             "floor_formula": self.formula,
-            "loops": [{"line": name(l.source) if l.source else None, "sass": f"{l.header_addr:04x}-{l.end_addr:04x}",
+            "loops": [{"line": name(l.source) if l.source else None,
+                       "inlined_at": [name(c) for c in l.inlined_at],
+                       "sass": f"{l.header_addr:04x}-{l.end_addr:04x}",
                        "trips": l.trips, "source_trips": l.source_trips, "unroll": l.unroll, "depth": l.depth,
                        "body": round(l.body, 1), "per_thread": round(l.total, 1)} for l in main.analysis.loops],
             "cold": [{**c, "line": name(c["line"])} for c in main.analysis.cold],
@@ -192,7 +224,7 @@ class Context:
         return an
 
     # ------------------------------------------------------------------------------- Triton
-    def triton_row(self, op: str, dtype: str, pass_: str, layout: str) -> Row:
+    def triton_row(self, op: str, dtype: str, pass_: str, layout: str, up: int = 1) -> Row:
         import torch
 
         from . import triton_side
@@ -201,12 +233,12 @@ class Context:
         tree = self.tree(tree_name)
         C = tree.num_leaves if OPS[op][1] == "leaves" else tree.num_nodes
         B, H, W = SHAPE
-        x = torch.empty((B, C, H, W), dtype=getattr(torch, dtype), device="meta")
+        x = torch.empty((B, C, H // up, W // up), dtype=getattr(torch, dtype), device="meta")
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         t = torch.empty((B, H, W), dtype=torch.int64, device="meta")
         kernels = []
-        for i, launch in enumerate(triton_side.record(op, pass_, x, t, tree)):
+        for i, launch in enumerate(triton_side.record(op, pass_, x, t, tree, upsample=up > 1)):
             t0 = time.time()
             comp = triton_side.compile_launch(launch, self.cache / "triton", self.force)
             self.seconds["triton_compile"] += time.time() - t0
@@ -215,15 +247,16 @@ class Context:
                 raise SassError(f"{comp.name} is not in its own cubin's disassembly")
             self._repair(fns[comp.name], sass.ptx_lines(comp.ptx).get(comp.name, set()))
             variables = dict(source.tree_variables(tree))
+            variables.update({"H": H, "W": W, "h": H // up, "w": W // up})
             variables.update({k: v for k, v in launch.constexprs.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
             variables["C"] = C
-            an = self.analyze(fns[comp.name], variables, None, f"triton-{op}-{dtype}-{pass_}-{layout}-{i}")
+            an = self.analyze(fns[comp.name], variables, None, _tag("triton", op, dtype, pass_, layout, up, i))
             res = tools.resources(comp.cubin).get(comp.name, {})
             threads = comp.num_warps * 32 * launch.programs
             kernels.append(Kernel(comp.name, an.instructions, threads, threads // 32, an, res, comp.shared,
                                   {"grid": list(launch.grid), "num_warps": comp.num_warps, **launch.describe()}))
-        return self._row(op, "triton", dtype, pass_, layout, kernels, tree, C)
+        return self._row(op, "triton", dtype, pass_, layout, kernels, tree, C, up)
 
     # --------------------------------------------------------------------------------- CUDA
     def _cuda_code(self):
@@ -241,17 +274,19 @@ class Context:
                 self._cuda[stem] = (fns, tools.resources(cub, cuda=True), tools.kparams(cub, cuda=True))
         return self._cuda
 
-    def cuda_row(self, op: str, dtype: str, pass_: str, layout: str) -> Row:
+    def cuda_row(self, op: str, dtype: str, pass_: str, layout: str, up: int = 1) -> Row:
         from . import cuda_side
 
         tree_name, _ = OPS[op]
         tree = self.tree(tree_name)
         C = tree.num_leaves if OPS[op][1] == "leaves" else tree.num_nodes
         B, H, W = SHAPE
+        if up > 1 and not cuda_side.fuses_upsample(op, pass_):  # before compiling anything
+            raise NotFused(f"the CUDA {op} {pass_} does not fuse the upsampling")
         code = self._cuda_code()
         kernels = []
         for i, launch in enumerate(cuda_side.launches(op, pass_, dtype, layout, (B, C, H, W), tree,
-                                                      GAMMA.get(op, 0.0))):
+                                                      GAMMA.get(op, 0.0), up)):
             fns, res, kp = code[launch.source]
             names = [n for n in fns if launch.pattern in n]
             if len(names) != 1:
@@ -261,31 +296,39 @@ class Context:
             variables.update(launch.scalars)
             variables.update({"threads": launch.threads, "C": C})
             an = self.analyze(fns[name], variables, cuda_side.cbank(launch, kp.get(name, [])),
-                              f"cuda-{op}-{dtype}-{pass_}-{layout}-{i}")
+                              _tag("cuda", op, dtype, pass_, layout, up, i))
             threads = launch.blocks * launch.threads
             kernels.append(Kernel(name, an.instructions, threads, threads // 32, an, res.get(name, {}),
                                   launch.dynamic_smem, {"grid": [launch.blocks], "block": [launch.threads],
                                                         "dynamic_shared": launch.dynamic_smem,
                                                         "scalars": launch.scalars}))
-        return self._row(op, "cuda", dtype, pass_, layout, kernels, tree, C)
+        return self._row(op, "cuda", dtype, pass_, layout, kernels, tree, C, up)
 
-    def _row(self, op, backend, dtype, pass_, layout, kernels, tree, C) -> Row:
+    def _row(self, op, backend, dtype, pass_, layout, kernels, tree, C, up=1) -> Row:
         B, H, W = SHAPE
         P = B * H * W
-        nbytes = floor_bytes(op, pass_, P, C, DTYPES[dtype], tree.depth)
-        return Row(op, backend, dtype, pass_, layout, kernels, P, C, nbytes, FLOOR_FORMULAS[(op, pass_)],
-                   self.annotations.name)
+        nbytes = floor_bytes(op, pass_, P, C, DTYPES[dtype], tree.depth, up)
+        return Row(op, backend, dtype, pass_, layout, kernels, P, C, nbytes, floor_formula(op, pass_, up),
+                   self.annotations.name, up)
+
+
+def _tag(backend, op, dtype, pass_, layout, up, i) -> str:
+    """The --listing file stem of a kernel."""
+    return f"{backend}-{op}-{dtype}-{pass_}-{layout}" + (f"-up{up}" if up > 1 else "") + f"-{i}"
 
 
 def selection(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str], passes: Sequence[str],
-              layouts: Sequence[str]) -> List[Tuple[str, str, str, str, str]]:
+              layouts: Sequence[str], ups: Sequence[int] = (1,)) -> List[Tuple[str, str, str, str, str, int]]:
+    """(op, backend, dtype, pass, layout, upsampling factor) of every row asked for, those whose kernels do
+    not fuse an upsampling included (:class:`NotFused` tells them apart when they are modelled)."""
     out = []
-    for op in ops:
-        for backend in backends:
-            for dtype in dtypes:
-                for pass_ in passes:
-                    if op == "decode" and pass_ != "forward":
-                        continue
-                    for layout in layouts:
-                        out.append((op, backend, dtype, pass_, layout))
+    for up in ups:
+        for op in ops:
+            for backend in backends:
+                for dtype in dtypes:
+                    for pass_ in passes:
+                        if op == "decode" and pass_ != "forward":
+                            continue
+                        for layout in layouts:
+                            out.append((op, backend, dtype, pass_, layout, up))
     return out

@@ -13,7 +13,8 @@ Pure text in, numbers out (no files, no tools): :func:`parse` reads a disassembl
   depth D and unrolls ``kMaxDepth`` loops with exits at D: only the code that runs is counted);
 * loops are the natural loops of the back edges; each is mapped to a source loop through the line
   chain of its back edge (or header) and gets the ``trips`` of that loop's ``sm90:`` annotation;
-  several SASS loops of one source loop (unrolled main loop plus remainder) share its trips;
+  several SASS loops of one source loop at the same call site (unrolled main loop plus remainder) share
+  its trips; copies inlined at different call sites each get them;
 * block frequencies inside a loop body (or the function body): 1 on both sides of an ordinary
   branch (a warp issues both when its threads diverge), 0 on the cold side of a branch annotated
   ``sm90: cold``, and never more than the block's dominator (a join issues once);
@@ -699,6 +700,7 @@ class LoopInfo:
     end_addr: int
     source: Optional[Loc]  # the annotated source loop
     chain: Tuple[Loc, ...]  # line chain of its back edge
+    inlined_at: Tuple[Loc, ...] = ()  # the call sites of the annotated loop, innermost first
     trips: float = 1.0  # iterations per execution of its enclosing code, as counted
     source_trips: float = 1.0  # the annotation's value (before splitting among unrolled copies)
     unroll: int = 1
@@ -801,28 +803,36 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
             yield p
             p = parent[p]
 
-    # Source loop of each SASS loop.
+    # Source loop of each SASS loop, and the call sites it is inlined at (the chain after the annotated
+    # line): copies of one loop inlined at different call sites are different loops, each with its trips.
     source: Dict[int, Optional[Loc]] = {}
+    inlined_at: Dict[int, Tuple[Loc, ...]] = {}
     back_chain: Dict[int, Tuple[Loc, ...]] = {}
+
+    def annotated_in(chain: Sequence[Loc], taken: Set[Loc]) -> Tuple[Optional[Loc], Tuple[Loc, ...]]:
+        rest = [c for c in chain if c not in taken]
+        loc = annotated(rest, "trips")
+        return (loc, tuple(rest[rest.index(loc) + 1:])) if loc else (None, ())
+
     for h in sorted(bodies, key=lambda h: -len(bodies[h])):  # outer loops first
         taken_by_outer = {source[g] for g in ancestors(h) if source.get(g)}
         latch_chains = [chain_of(blocks[a].end - 1) for a in latches[h]]
         back_chain[h] = latch_chains[0] if latch_chains else ()
-        loc = None
+        loc, sites = None, ()
         for ch in latch_chains + [chain_of(blocks[h].start)]:
-            loc = annotated([c for c in ch if c not in taken_by_outer], "trips")
+            loc, sites = annotated_in(ch, taken_by_outer)
             if loc:
                 break
         if loc is None:  # the annotated loop line most of the loop's own instructions carry
             own = Counter()
             for n in bodies[h] - set().union(*[bodies[g] for g in bodies if g != h and bodies[g] < bodies[h]]):
                 for i in range(blocks[n].start, blocks[n].end):
-                    l2 = annotated([c for c in chain_of(i) if c not in taken_by_outer], "trips")
-                    if l2:
+                    l2 = annotated_in(chain_of(i), taken_by_outer)
+                    if l2[0]:
                         own[l2] += 1
             if own:
-                loc = own.most_common(1)[0][0]
-        source[h] = loc
+                loc, sites = own.most_common(1)[0][0]
+        source[h], inlined_at[h] = loc, sites
         if loc is None:
             where = " <- ".join(f"{f}:{n}" for f, n in back_chain[h]) or "no line information"
             msg = (f"{fn.name}: the SASS loop at /*{fn.instrs[blocks[h].start].addr:04x}*/ maps to no source loop "
@@ -854,8 +864,8 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
         if source[h] is None:
             loop_trips[h], loop_unroll[h], loop_src_trips[h] = 1.0, 1, 1.0
         else:
-            groups.setdefault((parent[h], source[h]), []).append(h)
-    for (_, loc), hs in groups.items():
+            groups.setdefault((parent[h], source[h], inlined_at[h]), []).append(h)
+    for (_, loc, _), hs in groups.items():
         T = float(trips(annotation(loc).trips, loc))
         for h in hs:
             loop_src_trips[h] = T
@@ -1019,7 +1029,7 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
         tot = sum(weight.get(n, 0.0) * (blocks[n].end - blocks[n].start) for n in bodies[h])
         end = max(blocks[n].end for n in bodies[h])
         infos.append(LoopInfo(fn.instrs[blocks[h].start].addr, fn.instrs[end - 1].addr, source[h], back_chain[h],
-                              loop_trips[h], loop_src_trips[h], loop_unroll[h], body, tot,
+                              inlined_at[h], loop_trips[h], loop_src_trips[h], loop_unroll[h], body, tot,
                               1 + sum(1 for _ in ancestors(h))))
     for h, i in idx.items():
         if parent[h] is not None:

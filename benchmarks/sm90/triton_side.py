@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Launch", "record", "record_call", "compile_launch", "Compiled", "OP_KEYS"]
+__all__ = ["Launch", "record", "record_call", "compile_launch", "Compiled", "OP_KEYS", "fuses_upsample"]
 
 # Row op name -> the Triton registry's op name.
 OP_KEYS = {"hierarchical_softmax": "hierarchical_softmax_loss", "tree_min": "tree_min_loss",
@@ -143,14 +143,36 @@ def record_call(call: Callable[[], object], backward: bool = False) -> List[Laun
         return list(launches)
 
 
-def record(op: str, pass_: str, logits: torch.Tensor, target: torch.Tensor, tree) -> List[Launch]:
-    """The Triton launches of one pass of ``op`` (a row name) as the registry's op makes them with its
-    default options, on meta tensors ``logits``/``target``."""
+def fuses_upsample(op: str) -> bool:
+    """Whether the Triton registry's function of ``op`` (a row name) fuses the upsampling: it says so with
+    the ``takes_upsample`` attribute that ``hss_kernels.functional`` reads."""
     import hss_kernels.triton as pkg
 
+    return bool(getattr(pkg.OPS[OP_KEYS[op]], "takes_upsample", False))
+
+
+def _call(op: str, fn, logits: torch.Tensor, target: torch.Tensor, tree, upsample: bool):
+    """The registry function's call as ``hss_kernels.functional`` makes it, default options: the losses
+    with ``upsample="bilinear"``, decode with ``size=`` the labels' (H, W), when ``upsample``."""
+    if op == "decode":
+        return fn(logits, tree, size=tuple(target.shape[-2:])) if upsample else fn(logits, tree)
+    return fn(logits, target, tree, upsample="bilinear") if upsample else fn(logits, target, tree)
+
+
+def record(op: str, pass_: str, logits: torch.Tensor, target: torch.Tensor, tree, upsample: bool = False
+           ) -> List[Launch]:
+    """The Triton launches of one pass of ``op`` (a row name) as the registry's op makes them with its
+    default options, on meta tensors ``logits``/``target``; with ``upsample``, logits smaller than the
+    target through ``upsample="bilinear"`` (``model.NotFused`` when the op does not fuse it)."""
+    import hss_kernels.triton as pkg
+
+    from .model import NotFused
+
+    if upsample and not fuses_upsample(op):
+        raise NotFused(f"the Triton {OP_KEYS[op]} does not fuse the upsampling (no takes_upsample)")
+
     def call():
-        fn = pkg.OPS[OP_KEYS[op]]
-        return fn(logits, tree) if op == "decode" else fn(logits, target, tree)
+        return _call(op, pkg.OPS[OP_KEYS[op]], logits, target, tree, upsample)
 
     return record_call(call, backward=pass_ == "backward")
 

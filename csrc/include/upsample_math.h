@@ -47,7 +47,7 @@ struct UpsampleGeom {
   // The first destination index o in [0, out) whose first source index exceeds t (out if none).
   HSS_HOST_DEVICE static int64_t first_after(const BilinearAxis<A>& a, int64_t out, int64_t t) {
     int64_t lo = 0, hi = out;
-    while (lo < hi) {  // sm90: trips=log2(out)
+    while (lo < hi) {  // sm90: trips=floor(log2(max(H, W))) + 1
       const int64_t m = lo + (hi - lo) / 2;
       int64_t i0, i1;
       A l;
@@ -87,8 +87,8 @@ struct BilinearCol {
   template <typename I>
   HSS_HOST_DEVICE A operator()(I c) const {
     const T* q = p + c * s;
-    const A a00 = static_cast<A>(q[0]), a01 = static_cast<A>(q[dx]);
-    const A a10 = static_cast<A>(q[dy]), a11 = static_cast<A>(q[dy + dx]);
+    const A a00 = static_cast<A>(q[0]), a01 = static_cast<A>(q[dx]);  // sm90: logits
+    const A a10 = static_cast<A>(q[dy]), a11 = static_cast<A>(q[dy + dx]);  // sm90: logits
     return (A(1) - ly) * ((A(1) - lx) * a00 + lx * a01) + ly * ((A(1) - lx) * a10 + lx * a11);
   }
 };

@@ -4,6 +4,8 @@ One module per job:
 
 * :mod:`~hss_kernels.train.cli`: the options, their checks and ``main``;
 * :mod:`~hss_kernels.train.loop`: one training job (data, model, loss, optimiser loop, evaluation, files);
+* :mod:`~hss_kernels.train.inference`: evaluation on centre crops, whole images or sliding windows
+  (``--eval-mode crop|whole|slide``);
 * :mod:`~hss_kernels.train.distributed`: several processes under ``torchrun``;
 * :mod:`~hss_kernels.train.checkpoint`: ``checkpoint.pt`` and ``log.json``;
 * :mod:`~hss_kernels.train.demo`: ``hss-train --demo``, flat cross-entropy against the hierarchical losses;

@@ -3,6 +3,8 @@
     hss-train --demo                                   # CE vs hierarchical softmax on synthetic data, CPU
     hss-train --loss hier-softmax --tree vistas --steps 2000 --out runs/a
     hss-train --data cityscapes --data-root /data/cityscapes --loss tree-min --amp bf16 --out runs/b
+    hss-train --data cityscapes --data-root /data/cityscapes --size 512 1024 --eval-mode slide \
+        --eval-window 512 1024 --eval-stride 341 683     # windows of the crop, 2/3 stride (the defaults)
     torchrun --nproc_per_node 8 -m hss_kernels.train --data vistas --data-root /data/vistas ...
 
 ``main`` runs one training job (:func:`hss_kernels.train.loop.train`) or, with ``--demo``, the
@@ -15,9 +17,10 @@ import sys
 
 from . import distributed
 from .data import DATASETS
+from .inference import EVAL_MODES, default_stride
 from .models import LOSSES
 
-__all__ = ["build_parser", "check_args", "main"]
+__all__ = ["build_parser", "check_args", "eval_settings", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, nargs="+", default=[48], help="crop size H [W]")
     g.add_argument("--train-size", type=int, default=1024, help="synthetic: images per epoch (new ones every epoch)")
     g.add_argument("--val-size", type=int, default=32, help="synthetic: validation images")
+    g.add_argument("--val-image-size", type=int, nargs="+", default=None,
+                   help="synthetic: validation image size H [W] (default: --size), e.g. larger than the crop "
+                        "to try --eval-mode whole|slide; real data sets are evaluated at their images' size")
     g.add_argument("--noise", type=float, default=0.6, help="synthetic: pixel noise")
     g.add_argument("--imbalance", type=float, default=1.0, help="synthetic: Zipf exponent of the leaf frequencies")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -70,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, default=None,
                    help="evaluate every N steps (default: about 6 times per run; 0: at the end of every epoch)")
+    g.add_argument("--eval-mode", default="auto", choices=("auto",) + EVAL_MODES,
+                   help="crop: resize the evaluation image to cover --size and take the centre crop (fast, not "
+                        "comparable with published numbers); whole: the full image through the model at once "
+                        "(padded to the model's size divisor), metrics at the label's full size; slide: "
+                        "windows of --eval-window every --eval-stride pixels (the last one flush with the "
+                        "border), the windows' logits averaged per pixel, then decoded at full size "
+                        "(mmsegmentation's whole/slide test modes); auto: slide for the real data sets, "
+                        "whole for the synthetic one (its images are the crop size unless --val-image-size)")
+    g.add_argument("--eval-window", type=int, nargs="+", default=None,
+                   help="slide: window H [W] (default: the crop size --size)")
+    g.add_argument("--eval-stride", type=int, nargs="+", default=None,
+                   help="slide: stride H [W], at most the window (default: 2/3 of the window, rounded)")
+    g.add_argument("--eval-scale", type=float, default=1.0,
+                   help="whole/slide: resize the evaluation image by this factor in (0, 1] first (e.g. 0.5 for "
+                        "Vistas' multi-megapixel images); predictions and metrics stay at the label's full size")
     g.add_argument("--log-every", type=int, default=0,
                    help="record the training loss every N steps in log.json (default 0: about 10 times per run)")
     g.add_argument("--out", default=None, help="folder for log.json, checkpoint.pt, curves.png, predictions.png "
@@ -96,6 +117,12 @@ def check_args(args) -> None:
     for name in ("batch_size", "epochs", "train_size", "val_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"hss-train: --{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "val_image_size", None) is not None:
+        if args.data != "synthetic":
+            raise SystemExit("hss-train: --val-image-size is for --data synthetic; real data sets are evaluated "
+                             "at their images' size (or centre-cropped with --eval-mode crop)")
+        _hw(args.val_image_size, "--val-image-size")
+    eval_settings(args)
     if args.steps is not None and args.steps < 1:
         raise SystemExit("hss-train: --steps must be >= 1")
     if args.triplet_weight < 0 or (args.eval_every or 0) < 0 or getattr(args, "log_every", 0) < 0:
@@ -104,6 +131,48 @@ def check_args(args) -> None:
     if stride < 1 or stride & (stride - 1) or (args.model == "unet" and stride >= 2 ** args.levels):
         raise SystemExit(f"hss-train: --out-stride must be a power of 2 below 2**levels = {2 ** args.levels}, "
                          f"got {stride}")
+
+
+def _hw(values, name: str):
+    """``(H, W)`` of a one-or-two-integer option (None stays None)."""
+    if values is None:
+        return None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise SystemExit(f"hss-train: {name} takes one or two positive integers (H [W]), got "
+                         f"{' '.join(map(str, values))}")
+    return (values[0], values[-1])
+
+
+def eval_settings(args) -> dict:
+    """``{"mode", "window", "stride", "scale"}`` of the evaluation (``window``/``stride``: ``(H, W)`` for
+    slide, else None; ``scale``: ``--eval-scale``): ``--eval-mode auto`` resolved (slide for the real data sets, whole for the synthetic one), the
+    slide window defaulting to the crop size and the stride to 2/3 of the window. Raises ``SystemExit``
+    with an ``hss-train:`` message for values that do not fit."""
+    mode = getattr(args, "eval_mode", "auto")
+    if mode == "auto":
+        mode = "whole" if args.data == "synthetic" else "slide"
+    if mode not in EVAL_MODES:
+        raise SystemExit(f"hss-train: --eval-mode must be one of auto, {', '.join(EVAL_MODES)}, got {mode!r}")
+    scale = float(getattr(args, "eval_scale", 1.0))
+    if not 0.0 < scale <= 1.0:  # also refuses NaN
+        raise SystemExit(f"hss-train: --eval-scale must be in (0, 1], got {scale:g}")
+    if mode == "crop" and scale != 1.0:
+        raise SystemExit("hss-train: --eval-scale is for --eval-mode whole|slide; crop resizes to --size itself")
+    window = _hw(getattr(args, "eval_window", None), "--eval-window")
+    stride = _hw(getattr(args, "eval_stride", None), "--eval-stride")
+    if mode != "slide":
+        if window is not None or stride is not None:
+            raise SystemExit(f"hss-train: --eval-window and --eval-stride are for --eval-mode slide, "
+                             f"not {mode}")
+        return {"mode": mode, "window": None, "stride": None, "scale": scale}
+    if window is None:
+        window = _hw(args.size, "--size")
+    if stride is None:
+        stride = default_stride(window)
+    if stride[0] > window[0] or stride[1] > window[1]:
+        raise SystemExit(f"hss-train: --eval-stride {stride[0]} {stride[1]} is larger than the window "
+                         f"{window[0]} {window[1]}: pixels between the windows would get no logits")
+    return {"mode": mode, "window": window, "stride": stride, "scale": scale}
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,9 @@ the data set's tree, ``ignore_index`` (255) marking pixels that count for nothin
   :func:`pascal_person_part`, :func:`helen`, :func:`lip` (also :func:`build_dataset` by name): the standard folder
   layouts of those data sets, mapping their label ids to the shipped trees' leaves.
 
-Transforms (:class:`RandomScaleCropFlip` for training, :class:`ResizeCenterCrop` for evaluation) work
-on tensors and pad labels with ``ignore_index``.
+Transforms (:class:`RandomScaleCropFlip` for training, :class:`ResizeCenterCrop` for ``hss-train
+--eval-mode crop``; the other evaluation modes read the full images) work on tensors and pad labels with
+``ignore_index``; :class:`Transformed` applies one to any data set.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ __all__ = [
     "SegmentationFolder",
     "RandomScaleCropFlip",
     "ResizeCenterCrop",
+    "Transformed",
     "vistas",
     "cityscapes",
     "pascal_person_part",
@@ -210,6 +212,24 @@ class ResizeCenterCrop:
         return image[:, y0:y0 + th, x0:x0 + tw].contiguous(), target[y0:y0 + th, x0:x0 + tw].contiguous()
 
 
+class Transformed(Dataset):
+    """``dataset`` with ``transform(image, target) -> (image, target)`` applied to every item (e.g. the
+    synthetic validation set centre-cropped for ``--eval-mode crop``)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        return self.transform(image, target)
+
+    def denormalize(self, image: torch.Tensor) -> torch.Tensor:
+        return self.dataset.denormalize(image)
+
+
 def _resize(image, target, hw):
     if tuple(target.shape) == tuple(hw):
         return image, target
@@ -266,6 +286,9 @@ class SegmentationFolder(Dataset):
             self.lut[k] = v
         if 0 <= ignore_index < size:
             self.lut[ignore_index] = ignore_index
+        # Leaves no data set id maps to (e.g. Vistas v1.2's 'unlabeled' under its config.json): the data set
+        # does not evaluate them, so the metrics leave them out (HierarchicalMetrics(ignored_leaves=...)).
+        self.ignored_leaves = sorted(set(range(self.tree.num_leaves)) - set(id_map.values()))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -536,12 +559,17 @@ DATASETS = {
 
 
 def build_dataset(name: str, root, train: bool, size: Size, tree=None, ignore_index: int = 255, seed: int = 0,
-                  scale: Tuple[float, float] = (0.5, 2.0)) -> SegmentationFolder:
-    """The training (random scale/crop/flip to ``size``) or evaluation (resize + centre crop) set of a
-    real data set by name (a key of :data:`DATASETS`)."""
+                  scale: Tuple[float, float] = (0.5, 2.0), crop: bool = True) -> SegmentationFolder:
+    """The training (random scale/crop/flip to ``size``) or evaluation set of a real data set by name (a key
+    of :data:`DATASETS`). The evaluation set is resized and centre-cropped to ``size``
+    (:class:`ResizeCenterCrop`) with ``crop=True``, and the full images and label maps, untouched, with
+    ``crop=False`` (``hss-train --eval-mode whole|slide``; the images then differ in size)."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)} or 'synthetic'")
     builder, _, train_split, eval_split = DATASETS[name]
-    transform = RandomScaleCropFlip(size, scale, True, ignore_index) if train else ResizeCenterCrop(size)
+    if train:
+        transform = RandomScaleCropFlip(size, scale, True, ignore_index)
+    else:
+        transform = ResizeCenterCrop(size) if crop else None
     return builder(root, train_split if train else eval_split, tree=tree, transform=transform,
                    ignore_index=ignore_index, seed=seed)

@@ -6,9 +6,13 @@ Data: the synthetic hierarchical data set of :mod:`hss_kernels.train.data` by de
 ``hss_kernels`` functions with ``--backend``, plus ``--triplet-weight`` for the tree-triplet term.
 
 Evaluation runs every ``--eval-every`` steps (by default about six times per run; 0: at the end of every
-epoch) and prints the per-depth metrics table (``--quiet``: only the final one); the training loss is
+epoch) and prints the per-depth metrics table (``--quiet``: only the final one). It scores the labels at
+their full size, on whole images or with sliding windows (``--eval-mode whole|slide``, ``--eval-window``,
+``--eval-stride``; the default: slide for real data sets, whole for the synthetic one), or on centre crops
+of the training size (``--eval-mode crop``): see :mod:`hss_kernels.train.inference`; the training loss is
 recorded every ``--log-every`` steps (by default about ten times per run). Under ``--out DIR``: ``log.json``
-(one record per logging step, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``), ``checkpoint.pt`` (tensors
+(one record per logging step, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``, naming its
+``eval_mode``), ``checkpoint.pt`` (tensors
 and plain containers only: it loads with ``torch.load(weights_only=True)``; ``--resume`` continues from
 it), ``curves.png`` and ``predictions.png``.
 
@@ -37,11 +41,12 @@ from ..metrics import HierarchicalMetrics
 from ..tree import Tree
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint, write_json
-from .cli import check_args
-from .data import DATASETS, SyntheticHierarchy, build_dataset
+from .cli import check_args, eval_settings
+from .data import DATASETS, ResizeCenterCrop, SyntheticHierarchy, Transformed, build_dataset
+from .inference import slide_logits, whole_logits
 from .models import LEAF_LOSSES, build_model
 
-__all__ = ["train", "make_loss", "predict", "save_curves", "build_tree", "build_datasets"]
+__all__ = ["train", "make_loss", "predict", "evaluate_batch", "save_curves", "build_tree", "build_datasets"]
 
 
 # --------------------------------------------------------------------------- set-up
@@ -61,15 +66,20 @@ def build_tree(args) -> Tree:
 def build_datasets(args, tree):
     """``(training set, validation set)`` of ``--data`` (synthetic: generated from ``tree``)."""
     size = tuple(args.size) if len(args.size) == 2 else (args.size[0],) * 2
+    crop = eval_settings(args)["mode"] == "crop"
     if args.data == "synthetic":
         train_ds = SyntheticHierarchy(tree, length=args.train_size, size=size, seed=args.seed, noise=args.noise,
                                       imbalance=args.imbalance)
+        vsize = getattr(args, "val_image_size", None)
+        vsize = size if vsize is None else (vsize[0], vsize[-1])
         # Same seed (same class colours), images far away from the training stream's.
-        val_ds = SyntheticHierarchy(tree, length=args.val_size, size=size, seed=args.seed, noise=args.noise,
+        val_ds = SyntheticHierarchy(tree, length=args.val_size, size=vsize, seed=args.seed, noise=args.noise,
                                     imbalance=args.imbalance, offset=2 ** 40)
+        if crop and vsize != size:
+            val_ds = Transformed(val_ds, ResizeCenterCrop(size))
         return train_ds, val_ds
     return (build_dataset(args.data, args.data_root, True, size, tree, seed=args.seed),
-            build_dataset(args.data, args.data_root, False, size, tree, seed=args.seed))
+            build_dataset(args.data, args.data_root, False, size, tree, seed=args.seed, crop=crop))
 
 
 # --------------------------------------------------------------------------- losses and decoding
@@ -136,6 +146,61 @@ def predict(logits: torch.Tensor, tree, loss: str, backend: str = "auto", size=N
     return HF.decode(logits.float(), tree, backend=backend, size=size)
 
 
+def evaluate_batch(model, images: torch.Tensor, targets: torch.Tensor, tree, loss: str, loss_fn=None,
+                   backend: str = "auto", mode: str = "whole", window=None, stride=None, size_divisor: int = 1,
+                   windows_per_batch: int = 1, scale: float = 1.0):
+    """``(prediction int64 (N, H, W), loss or None)`` of one batch of equally sized evaluation images in
+    ``mode`` (see :mod:`hss_kernels.train.inference`): ``crop`` and ``whole`` run the batch through the
+    model at once (padded to ``size_divisor``), ``slide`` averages the logits of ``window`` windows every
+    ``stride`` pixels. ``scale`` in (0, 1] first resizes the images (bilinear) by that factor; the logits of
+    the resized image are then upsampled to the labels. Predictions at the labels' size ``(H, W)``; the loss
+    (``loss_fn(logits, target)``, when given) on the same logits, over the labelled pixels. Call under
+    ``torch.no_grad()``."""
+    H, W = targets.shape[-2:]
+    if tuple(images.shape[-2:]) != (H, W):
+        raise ValueError(f"evaluate_batch: images {tuple(images.shape[-2:])} and labels {(H, W)} differ in size")
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"evaluate_batch: scale must be in (0, 1], got {scale}")
+    h, w = (H, W) if scale == 1.0 else (max(1, round(H * scale)), max(1, round(W * scale)))
+    if (h, w) != (H, W):
+        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    if mode == "slide":
+        logits, (Hp, Wp) = slide_logits(model, images, window, stride, windows_per_batch), (h, w)
+    elif mode in ("crop", "whole"):
+        logits, (Hp, Wp) = whole_logits(model, images, size_divisor)
+    else:
+        raise ValueError(f"evaluate_batch: mode must be 'crop', 'whole' or 'slide', got {mode!r}")
+    if (h, w) != (H, W):  # resized image: its logits at its own size, then upsampled to the labels below
+        if (Hp, Wp) != (h, w) or tuple(logits.shape[-2:]) != (h, w):
+            logits = F.interpolate(logits.float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
+            logits = logits[:, :, :h, :w]
+        Hp, Wp = H, W
+    padded = targets if (Hp, Wp) == (H, W) else F.pad(targets, (0, Wp - W, 0, Hp - H), value=255)
+    value = None if loss_fn is None else loss_fn(logits, padded)
+    pred = predict(logits, tree, loss, backend, size=(Hp, Wp))[:, :H, :W]
+    return pred, value
+
+
+def _display(shown, n: int, max_height: int = 128):
+    """``(images, preds, targets)`` of the first ``n`` evaluation images for predictions.png, resized (labels
+    by nearest neighbour) to the first image's size, at most ``max_height`` pixels high: the evaluation
+    images of ``whole``/``slide`` differ in size and may be megapixels."""
+    items = [(i[k], p[k], t[k]) for i, p, t in shown for k in range(i.shape[0])][:n]
+    h, w = items[0][2].shape
+    if h > max_height:
+        h, w = max_height, max(1, round(w * max_height / h))
+    imgs, preds, tgts = [], [], []
+    for image, pred, tgt in items:
+        if tuple(tgt.shape) != (h, w):
+            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            pred = F.interpolate(pred[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+            tgt = F.interpolate(tgt[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+        imgs.append(image)
+        preds.append(pred)
+        tgts.append(tgt)
+    return torch.stack(imgs), torch.stack(preds), torch.stack(tgts)
+
+
 # --------------------------------------------------------------------------- records and plots
 def _summary(metrics: Dict[int, dict]) -> Dict[str, dict]:
     """JSON-able per-depth metrics (NaN IoU of a class absent from both prediction and target → None)."""
@@ -144,6 +209,14 @@ def _summary(metrics: Dict[int, dict]) -> Dict[str, dict]:
         out[str(d)] = {k: float(m[k]) for k in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou")}
         out[str(d)]["iou"] = [None if math.isnan(v) else float(v) for v in m["iou"].tolist()]
     return out
+
+
+def _mode_text(ev: dict) -> str:
+    """``eval whole`` / ``eval slide 48x48 stride 32x32`` for the printed tables."""
+    text = f"eval {ev['mode']}"
+    if ev["mode"] == "slide":
+        text += f" {ev['window'][0]}x{ev['window'][1]} stride {ev['stride'][0]}x{ev['stride'][1]}"
+    return text + (f" at scale {ev['scale']:g}" if ev["scale"] != 1.0 else "")
 
 
 def evaluations(log: List[dict]) -> List[dict]:
@@ -208,7 +281,10 @@ def train(args) -> dict:
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         drop_last=True, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(val_ds, batch_size=args.batch_size, sampler=distributed.EvalShard(len(val_ds), rank, world),
+    ev = eval_settings(args)
+    # Full-size images of a real data set differ in size: one at a time (the synthetic ones are all alike).
+    val_batch = args.batch_size if ev["mode"] == "crop" or args.data == "synthetic" else 1
+    val_loader = DataLoader(val_ds, batch_size=val_batch, sampler=distributed.EvalShard(len(val_ds), rank, world),
                             num_workers=args.workers)
     per_epoch = len(loader)
     if per_epoch == 0:
@@ -238,10 +314,12 @@ def train(args) -> dict:
                              f"nothing (ask for more steps to continue)")
 
     loss_fn = make_loss(args, tree)
-    metrics = HierarchicalMetrics(tree, ignore_index=255, device=device)
+    metrics = HierarchicalMetrics(tree, ignore_index=255, device=device,
+                                  ignored_leaves=getattr(val_ds, "ignored_leaves", ()))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16" else nullcontext
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # triplet sampling, per process
     show = rank == 0 and not args.quiet
+    windows_per_batch = max(1, args.batch_size // val_batch)  # slide: as many window pixels per forward as training
 
     def evaluate(epoch: int, train_loss: float, rate: float) -> dict:
         model.eval()
@@ -250,11 +328,13 @@ def train(args) -> dict:
         with torch.no_grad(), autocast():
             for images, targets in val_loader:
                 images, targets = images.to(device), targets.to(device)
-                logits, _ = model(images)  # the bare module: no DDP synchronisation for uneven shards
+                # The bare module: no DDP synchronisation for uneven shards.
+                pred, value = evaluate_batch(model, images, targets, tree, args.loss, loss_fn, args.backend,
+                                             ev["mode"], ev["window"], ev["stride"],
+                                             getattr(model, "size_divisor", 1), windows_per_batch, ev["scale"])
                 n = float((targets != 255).sum())
-                vloss += float(loss_fn(logits, targets)) * n
+                vloss += float(value) * n
                 vcount += n
-                pred = predict(logits, tree, args.loss, args.backend, size=targets.shape[-2:])
                 metrics.update(pred, targets)
                 if len(shown) < args.num_predictions:
                     shown.append((images.float().cpu(), pred.cpu(), targets.cpu()))
@@ -262,10 +342,16 @@ def train(args) -> dict:
         vloss = distributed.mean_over_processes(vloss, vcount, device)
         model.train()
         record = {"kind": "eval", "step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": vloss,
-                  "lr": opt.param_groups[0]["lr"], "images_per_s": rate, "metrics": _summary(metrics.compute())}
+                  "lr": opt.param_groups[0]["lr"], "images_per_s": rate, "eval_mode": ev["mode"],
+                  "metrics": _summary(metrics.compute())}
+        if ev["mode"] == "slide":
+            record["eval_window"], record["eval_stride"] = list(ev["window"]), list(ev["stride"])
+        if ev["scale"] != 1.0:
+            record["eval_scale"] = ev["scale"]
         log.append(record)
         if show:
-            print(f"\nstep {step}/{total}  train loss {train_loss:.4f}  val loss {vloss:.4f}  ({args.loss})")
+            print(f"\nstep {step}/{total}  train loss {train_loss:.4f}  val loss {vloss:.4f}  ({args.loss}, "
+                  f"{_mode_text(ev)})")
             print(metrics.table(), flush=True)
         if out is not None and rank == 0:
             write_json(out / "log.json", log)
@@ -274,9 +360,7 @@ def train(args) -> dict:
             if shown:
                 from ..viz import save_prediction_grid
 
-                imgs = torch.cat([s[0] for s in shown])[: args.num_predictions]
-                preds = torch.cat([s[1] for s in shown])[: args.num_predictions]
-                tgts = torch.cat([s[2] for s in shown])[: args.num_predictions]
+                imgs, preds, tgts = _display(shown, args.num_predictions)
                 save_prediction_grid(out / "predictions.png", tree, preds, tgts, images=val_ds.denormalize(imgs),
                                      ignore_index=255, scale=max(1, math.ceil(96 / imgs.shape[-2])))
         return record
@@ -341,7 +425,8 @@ def train(args) -> dict:
         evaluate(epoch, float("nan"), 0.0)
     final = evaluations(log)[-1]["metrics"]
     if rank == 0 and args.quiet:  # --quiet: the final table only
-        print(f"step {step}/{total}  val loss {evaluations(log)[-1]['val_loss']:.4f}  ({args.loss})")
+        print(f"step {step}/{total}  val loss {evaluations(log)[-1]['val_loss']:.4f}  ({args.loss}, "
+              f"{_mode_text(ev)})")
         print(metrics.table(), flush=True)
     if world > 1:
         # One line per process: the metrics are summed over processes, so every line must agree.

@@ -10,6 +10,10 @@ leaves or nodes, see :func:`out_channels`): the input's for the U-Net with ``out
 it with a larger ``out_stride``, 1/8 for DeepLabV3; the losses upsample them to the labels
 (``upsample="bilinear"``, fused on the CPU). And a pixel embedding ``(N, E, h', w')`` from the decoder
 features for the tree-triplet loss (``None`` when ``embed_dim=0``).
+
+``size_divisor`` (a model attribute): ``hss-train --eval-mode whole`` pads the evaluation image at the bottom
+and right to a multiple of it and crops the prediction back (the U-Net: 1, it takes any size; DeepLabV3: 8,
+so that its 1/8 logits fall on the padded image's grid).
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ class UNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, levels: int = 4, embed_dim: int = 0,
                  out_stride: int = 1):
         super().__init__()
+        self.size_divisor = 1  # any input size: skips are resized to match
         if levels < 1 or width < 1 or num_classes < 1:
             raise ValueError("UNet: levels, width and num_classes must be >= 1")
         stop = max(out_stride, 1).bit_length() - 1
@@ -96,6 +101,7 @@ class _DeepLab(nn.Module):
     def __init__(self, net: nn.Module, embed_dim: int):
         super().__init__()
         self.net = net
+        self.size_divisor = 8
         # DeepLabV3's classifier[0] is ASPP; its output (256 channels) is the decoder feature.
         self.embed = nn.Conv2d(256, embed_dim, 1) if embed_dim > 0 else None
 

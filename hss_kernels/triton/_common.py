@@ -339,8 +339,9 @@ def store_grad(grad, g_ptrs, go_ptr, go_off, valid, bad, pmask, mask2, GRAD_MODE
 
 
 # ----------------------------------------------------------------------------------- bilinear upsampling
-# Shared by the kernels that fuse upsample="bilinear" (docs/MATH.md §6): the per-axis tables, the stencil of a
-# full-resolution pixel, the interpolation itself.
+# Shared by the kernels that fuse upsample="bilinear" (docs/MATH.md §6): the stencil of a full-resolution
+# pixel, the interpolation itself, the argument check; the per-axis tables with each input index's window of
+# outputs (the tree-min's gathering backward; the hierarchical softmax's backward has its own, with runs).
 
 @functools.lru_cache(maxsize=64)
 def up_axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):

@@ -32,13 +32,16 @@ Modes:
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6): the forward runs with UPSAMPLE over the
 target's pixels, each logit the interpolation of the pixel's 2x2 stencil; the backward is
-``_hierarchical_softmax_up_bwd_kernel``, which gathers each low-resolution element's terms (no atomics).
-Neither the full-resolution logits nor their gradient is stored.
+``_hierarchical_softmax_up_bwd_kernel``: each full-resolution pixel's gradient row is computed once (per
+program whose tile holds it; the halo twice), split by its four weights into per-lane sums that a lane
+shift adds up (no atomics). Neither the full-resolution logits nor their gradient is stored.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -270,94 +273,158 @@ def _hierarchical_softmax_kernel(
 
 @triton.jit
 def _hierarchical_softmax_up_bwd_kernel(
-    x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, ui_ptr, ul_ptr, win_ptr, g_ptr, go_ptr,
-    P, Hh, W, hl, wl, QBLOCKS,
+    x_ptr, t_ptr, lvl_ptr, w_ptr, stats_ptr, ul_ptr, run_ptr, g_ptr, go_ptr,
+    P, Hh, W, hl, wl, TILES_I, TILES_J,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
     sgn, sgc, sgh, sgw,
     son, soh, sow,
     eps, ignore_index,
-    L: tl.constexpr, D: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, ACC: tl.constexpr,
-    HAS_EPS: tl.constexpr, GRAD_MODE: tl.constexpr, DP: tl.constexpr, FAST: tl.constexpr,
-    KY: tl.constexpr, KX: tl.constexpr,
+    L: tl.constexpr, D: tl.constexpr, NCHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr, TI: tl.constexpr, TJ: tl.constexpr, ACC: tl.constexpr,
+    HAS_EPS: tl.constexpr, GRAD_MODE: tl.constexpr, FAST: tl.constexpr,
 ):
-    # The backward of the upsampled loss, by gathering: a program owns BLOCK_Q low-resolution pixels (i, j)
-    # of one image and, chunk by chunk of BLOCK_C leaves, sums wy * wx * g[c, Y, X] over the full-resolution
-    # pixels (Y, X) whose stencil holds (i, j) (per axis the window win: the outputs whose i0 is i - 1 or i,
-    # at most KY rows and KX columns), g being the full-resolution gradient (the module docstring's formulas)
-    # recomputed there from the pixel's label, statistics and grad_output and its interpolated logits. Each
-    # element is written once, its terms summed in a fixed order: no atomics, bitwise reproducible.
+    # The backward of the upsampled loss (docs/MATH.md §6.4). Every full-resolution pixel (Y, X) belongs to
+    # the low-resolution pixel (i, j) = (i0(Y), i0(X)) of its stencil's first row and column: its "run" (per
+    # axis the outputs whose i0 is i, a contiguous window of the tables). All pixels of a run read the same
+    # 2x2 stencil z[i .. i1, j .. j1], loaded once per chunk of leaves; each pixel's gradient row g is
+    # computed once and split by its weights into four sums per run: a00 (to (i, j)), a01 (to (i, j + 1)),
+    # a10 (to (i + 1, j)), a11 (to (i + 1, j + 1)), over the run's columns first (t0, t1), then its rows.
+    # Element (i, j) of the gradient is a00(i, j) + a01(i, j - 1) + a10(i - 1, j) + a11(i - 1, j - 1): the
+    # lanes' sums shifted by one lane (tl.gather). A program owns a TI x TJ tile of lanes, one per thread:
+    # its first row and column are the halo (runs that the tiles above and to the left own too), the
+    # other (TI - 1) x (TJ - 1) lanes are the elements it writes. Each element is written by one program,
+    # its terms added in a fixed order: no atomics, bitwise reproducible. Per-lane and per-pixel values
+    # are [1, TI * TJ] tiles, in the layout of the [BLOCK_C, TI * TJ] ones (no conversions).
+    BLOCK_Q: tl.constexpr = TI * TJ
     pid = tl.program_id(0)
-    n = (pid // QBLOCKS).to(tl.int64)
-    q = (pid % QBLOCKS) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < hl * wl
-    i = tl.where(qmask, q // wl, 0)
-    j = tl.where(qmask, q % wl, 0)
-    ys = tl.load(win_ptr + i)
-    yn = tl.load(win_ptr + hl + i)
-    xs = tl.load(win_ptr + 2 * hl + j)
-    xn = tl.load(win_ptr + 2 * hl + wl + j)
-    P64 = tl.zeros([BLOCK_Q], dtype=tl.int64) + P
-    dl = tl.arange(0, DP)
-    dmask = dl < D
+    tiles = TILES_I * TILES_J
+    n = (pid // tiles).to(tl.int64)
+    tile = pid % tiles
+    q = tl.arange(0, BLOCK_Q)[None, :]
+    i = (tile // TILES_J) * (TI - 1) - 1 + q // TJ
+    j = (tile % TILES_J) * (TJ - 1) - 1 + q % TJ
+    lane = (i >= 0) & (i < hl) & (j >= 0) & (j < wl)
+    own = lane & (q // TJ >= 1) & (q % TJ >= 1)
+    i = tl.where(lane, i, 0)
+    j = tl.where(lane, j, 0)
+    ys = tl.load(run_ptr + i)
+    yn = tl.where(lane, tl.load(run_ptr + hl + i), 0)
+    xs = tl.load(run_ptr + 2 * hl + j)
+    xn = tl.where(lane, tl.load(run_ptr + 2 * hl + wl + j), 0)
+    # The tile's longest runs: the loops' trips (while loops: the interpreter's range takes no tensor). The
+    # model's trips: H / h, and in the first row (column) of tiles half a run more (align_corners=False).
+    ny = tl.max(tl.max(yn, axis=1), axis=0)
+    nx = tl.max(tl.max(xn, axis=1), axis=0)
+    ye = i == hl - 1  # the last row (column): i1 = i0, the second weight goes to the lane itself
+    xe = j == wl - 1
+    i64 = i.to(tl.int64)
+    j64 = j.to(tl.int64)
+    u00 = n * sxn + i64 * sxh + j64 * sxw
+    u01 = tl.where(xe, u00, u00 + sxw)
+    u10 = tl.where(ye, u00, u00 + sxh)
+    u11 = tl.where(xe, u10, u10 + sxw)
+    P64 = tl.zeros([1, BLOCK_Q], dtype=tl.int64) + P
     if GRAD_MODE == 1:
         g1 = tl.load(go_ptr).to(ACC)
+    wsum = 0.0
+    for d in tl.static_range(D):
+        wsum += tl.load(w_ptr + d).to(ACC)
+    # Lane q's left neighbour (q - 1) and the one above (q - TJ), for the shift (halo lanes read any lane).
+    qc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.int32) + q
+    left = tl.maximum(qc - 1, 0)
+    up = tl.maximum(qc - TJ, 0)
     for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = (c0 + tl.arange(0, BLOCK_C))[:, None]
         cmask = c < L
-        xc = x_ptr + c.to(tl.int64)[:, None] * sxc
-        acc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-        for dy in range(0, KY):  # sm90: trips=KY
-            yok = qmask & (dy < yn)
-            Y = tl.where(yok, ys + dy, 0)
-            iy0 = tl.load(ui_ptr + Y)
-            iy1 = tl.load(ui_ptr + Hh + Y)
-            ly = tl.load(ul_ptr + Y)
-            wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
-            for dx in range(0, KX):  # sm90: trips=KX
-                ok = yok & (dx < xn)
-                X = tl.where(ok, xs + dx, 0)
-                ix0 = tl.load(ui_ptr + 2 * Hh + X)
-                ix1 = tl.load(ui_ptr + 2 * Hh + W + X)
-                lx = tl.load(ul_ptr + Hh + X)
-                wx = tl.where(ix0 == j, 1.0 - lx, 0.0) + tl.where(ix1 == j, lx, 0.0)
-                Y64 = Y.to(tl.int64)
-                X64 = X.to(tl.int64)
-                p = (n * Hh + Y64) * W + X64
-                y, valid, bad = C.load_labels(t_ptr + n * stn + Y64 * sth + X64 * stw, ok, ignore_index, L)
+        xc = x_ptr + c.to(tl.int64) * sxc
+        m2 = cmask & lane
+        x00 = tl.load(xc + u00, mask=m2, other=0.0).to(ACC)  # sm90: logits
+        x01 = tl.load(xc + u01, mask=m2, other=0.0).to(ACC)  # sm90: logits
+        x10 = tl.load(xc + u10, mask=m2, other=0.0).to(ACC)  # sm90: logits
+        x11 = tl.load(xc + u11, mask=m2, other=0.0).to(ACC)  # sm90: logits
+        a00 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+        a01 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+        a10 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+        a11 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+        ry = 0
+        while ry < ny:  # sm90: trips=cdiv(H, h) + cdiv(H, 2 * h) / cdiv(h, TI - 1)
+            yok = lane & (ry < yn)
+            Y = tl.where(yok, ys + ry, 0).to(tl.int64)
+            ly = tl.load(ul_ptr + Y, mask=yok, other=0.0)
+            # The stencil's two columns interpolated at the row, times log2(e): z log2(e) is then one lerp.
+            r0 = ((1.0 - ly) * x00 + ly * x10) * LOG2E
+            r1 = ((1.0 - ly) * x01 + ly * x11) * LOG2E
+            t0 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+            t1 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+            rx = 0
+            while rx < nx:  # sm90: trips=cdiv(W, w) + cdiv(W, 2 * w) / cdiv(w, TJ - 1)
+                ok = yok & (rx < xn)
+                X = tl.where(ok, xs + rx, 0).to(tl.int64)
+                lx = tl.load(ul_ptr + Hh + X, mask=ok, other=0.0)
+                p = (n * Hh + Y) * W + X
+                y, valid, bad = C.load_labels(t_ptr + n * stn + Y * sth + X * stw, ok, ignore_index, L)
                 lse = tl.load(stats_ptr + p, mask=ok, other=0.0)
-                lse2 = tl.load(stats_ptr + (dl[:, None] + 1) * P64[None, :] + p[None, :],
-                               mask=dmask[:, None] & ok[None, :], other=0.0)
                 if GRAD_MODE == 1:
-                    gsc = tl.zeros([BLOCK_Q], dtype=ACC) + g1
+                    gsc = tl.zeros([1, BLOCK_Q], dtype=ACC) + g1
                 else:
-                    gsc = tl.load(go_ptr + n * son + Y64 * soh + X64 * sow, mask=ok, other=0.0).to(ACC)
+                    gsc = tl.load(go_ptr + n * son + Y * soh + X * sow, mask=ok, other=0.0).to(ACC)
                 gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
-                coef, F2 = _grad_coefs(lse, lse2, w_ptr, eps, dl, D, DP, BLOCK_Q, ACC, HAS_EPS)
-                u00, u01, u10, u11 = (n * sxn + iy0.to(tl.int64) * sxh + ix0.to(tl.int64) * sxw,
-                                      n * sxn + iy0.to(tl.int64) * sxh + ix1.to(tl.int64) * sxw,
-                                      n * sxn + iy1.to(tl.int64) * sxh + ix0.to(tl.int64) * sxw,
-                                      n * sxn + iy1.to(tl.int64) * sxh + ix1.to(tl.int64) * sxw)
-                mask2 = cmask[:, None] & ok[None, :]
-                x = C.lerp(xc, u00[None, :], u01[None, :], u10[None, :], u11[None, :], lx[None, :], ly[None, :],  # sm90: logits
-                          mask2, ACC)
+                # The deepest level whose group holds both the label and the leaf (-1: none) selects, per
+                # element, lse_d log2(e) and F_d (B_d for eps > 0) times grad_output, built level by level
+                # (module docstring). The table packs, per label, the chunk's BLOCK_C levels into one word
+                # (byte k: leaf c0 + k; 255: none), read per pixel and unpacked per element.
+                pk = tl.load(lvl_ptr + y * NCHUNK + c0 // BLOCK_C, mask=ok, other=0)
+                dj = ((pk >> (8 * (c - c0)).to(pk.dtype)) & 255).to(tl.int32)
                 sel_r = tl.full([BLOCK_C, BLOCK_Q], float("inf"), ACC)
                 sel_f = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+                F = tl.zeros([1, BLOCK_Q], dtype=ACC)
+                A = tl.zeros([1, BLOCK_Q], dtype=ACC)
+                lse_prev = lse
                 for d in tl.static_range(D):
-                    g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
-                    g_y = tl.load(lg_ptr + d * L + y, mask=ok, other=-1)
-                    in_g = g_c[:, None] == g_y[None, :]
-                    if not HAS_EPS:
-                        sel_r = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], lse2 * LOG2E, 0.0), axis=0)[None, :], sel_r)
-                    sel_f = tl.where(in_g, tl.sum(tl.where((dl == d)[:, None], F2, 0.0), axis=0)[None, :], sel_f)
-                grad = _element_grad(x, lse, coef, sel_r, sel_f, HAS_EPS, FAST)
-                # 0 off the window and at ignored pixels (whatever their logits); a zero weight times a NaN
+                    lse_d = tl.load(stats_ptr + (d + 1) * P64 + p, mask=ok, other=0.0)
+                    w_d = tl.load(w_ptr + d).to(ACC)
+                    if HAS_EPS:
+                        P_d = C.exp2((lse_d - lse) * LOG2E, FAST)
+                        A += w_d * P_d / (P_d + eps)
+                        F += w_d / (P_d + eps)
+                    else:
+                        F = C.exp2((lse_d - lse_prev) * LOG2E, FAST) * F + w_d
+                        lse_prev = lse_d
+                        sel_r = tl.where(dj == d, lse_d * LOG2E, sel_r)
+                    sel_f = tl.where(dj == d, F * gsc, sel_f)
+                # The pixel's logits times log2(e), from the row's two columns (the forward's values up to
+                # rounding: it interpolates the columns first).
+                zl = (1.0 - lx) * r0 + lx * r1
+                prob = C.exp2(zl - lse * LOG2E, FAST)
+                if HAS_EPS:
+                    grad = prob * (A * gsc - sel_f)
+                else:
+                    grad = (wsum * gsc) * prob - C.exp2(zl - sel_r, FAST) * sel_f
+                # 0 at ignored pixels and off the run (whatever their logits); a zero weight times a NaN
                 # gradient stays NaN, as in F.interpolate's backward.
-                grad = tl.where(valid[None, :], grad * gsc[None, :], 0.0)
-                acc += (wy * wx)[None, :] * grad
-        tl.store(g_ptr + n * sgn + c.to(tl.int64)[:, None] * sgc + (i.to(tl.int64) * sgh + j.to(tl.int64) * sgw)[None, :],
-                 acc.to(g_ptr.dtype.element_ty), mask=cmask[:, None] & qmask[None, :])
+                grad = tl.where(valid, grad, 0.0)
+                t0 += (1.0 - lx) * grad
+                t1 += lx * grad
+                rx += 1
+            a00 += (1.0 - ly) * t0
+            a01 += (1.0 - ly) * t1
+            a10 += ly * t0
+            a11 += ly * t1
+            ry += 1
+        # The last column's (row's) second weight belongs to the lane itself.
+        a00 = tl.where(xe, a00 + a01, a00)
+        a10 = tl.where(xe, a10 + a11, a10)
+        a00 = tl.where(ye, a00 + a10, a00)
+        a01 = tl.where(ye, a01 + a11, a01)
+        a01 = tl.where(xe, 0.0, a01)
+        a10 = tl.where(ye, 0.0, a10)
+        a11 = tl.where(xe | ye, 0.0, a11)
+        row = a10 + tl.gather(a11, left, 1)  # to (i + 1, j), from the lanes (i, j) and (i, j - 1)
+        acc = a00 + tl.gather(a01, left, 1)
+        acc += tl.gather(row, up, 1)
+        tl.store(g_ptr + n * sgn + c.to(tl.int64) * sgc + i64 * sgh + j64 * sgw, acc.to(g_ptr.dtype.element_ty),
+                 mask=cmask & own)
 
 
 # A group sum of e^{z - max} below TINY may have lost terms to underflow (float32 normals end at 1e-38,
@@ -401,16 +468,60 @@ def gpu_blocks(logits):
     return max(1, 32 // vec), vec * 32 * 4, 4
 
 
-def _up_blocks(logits, backward=False):
-    """(BLOCK_C, BLOCK_P or BLOCK_Q, num_warps) of the upsampled kernels: under the interpreter 8 leaves and
-    256 pixels at a time; compiled, one pixel per thread and 4 leaves a chunk (the forward; 8 for the
-    float32 backward): every value is four gathered loads with 64-bit addresses, and sm_90 spills beyond
-    that (tests/_triton_compile_sm90.py: forward 144 registers, float32 backward 218-240, float64 238)."""
+@functools.lru_cache(maxsize=64)
+def _axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
+    """One axis of the interpolation (docs/MATH.md §6.1, ATen's rule), computed in ``dtype`` (float32 or
+    float64, as F.interpolate of the accumulation dtype does): (i0, i1, lambda) per output index, and per
+    input index i the run of outputs whose i0 is i (contiguous, i0 being nondecreasing), as (start, count)."""
+    np_t = np.float64 if dtype == torch.float64 else np.float32
+    dst = np.arange(n_out).astype(np_t)
+    if align_corners:
+        scale = np_t(n_in - 1) / np_t(n_out - 1) if n_out > 1 else np_t(0)
+        src = scale * dst
+    else:
+        scale = np_t(n_in) / np_t(n_out)
+        src = np.maximum(scale * (dst + np_t(0.5)) - np_t(0.5), np_t(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    lam = np.clip(src - i0.astype(np_t), np_t(0), np_t(1)).astype(np_t)
+    idx = np.arange(n_in)
+    start = np.searchsorted(i0, idx, side="left")
+    count = np.searchsorted(i0, idx, side="right") - start
+    return i0, i1, lam, start, count
+
+
+@functools.lru_cache(maxsize=64)
+def _up_tables(h: int, w: int, H: int, W: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
+    """The kernels' interpolation tables on ``device``: indices int32 [i0 (H), i1 (H), i0 (W), i1 (W)] (the
+    forward's), weights in ``dtype`` [lambda (H), lambda (W)], and the backward's runs int32 [start (h),
+    count (h), start (w), count (w)]."""
+    ry, rx = _axis(h, H, align_corners, dtype), _axis(w, W, align_corners, dtype)
+    idx = torch.from_numpy(np.concatenate([ry[0], ry[1], rx[0], rx[1]]).astype(np.int32))
+    lam = torch.from_numpy(np.concatenate([ry[2], rx[2]]))
+    runs = torch.from_numpy(np.concatenate([ry[3], ry[4], rx[3], rx[4]]).astype(np.int32))
+    return idx.to(device), lam.to(device), runs.to(device)
+
+
+def _up_blocks(logits):
+    """(BLOCK_C, BLOCK_P, num_warps) of the upsampled forward: under the interpreter 8 leaves and 256 pixels
+    at a time; compiled, one pixel per thread and 4 leaves a chunk: every value is four gathered loads with
+    64-bit addresses, and sm_90 spills beyond that (tests/_triton_compile_sm90.py: 144 registers)."""
     if C.interpreted(logits.device):
         return 8, 256, 4
-    if backward and C.acc_dtype(logits.dtype) == torch.float32:
-        return 8, 128, 4
     return 4, 128, 4
+
+
+def _up_bwd_blocks(logits, h: int, w: int):
+    """(BLOCK_C, TI, TJ, num_warps) of the upsampled backward: tiles of TI x TJ lanes (low-resolution pixels,
+    one per thread, halo included), 16 x 16 at most (4 x 4 under the interpreter, so that the tests' small
+    images span several tiles), no larger than the image and its halo need; chunks of 8 leaves (4 for
+    float64 logits), whose four stencil values and four sums per lane stay in registers."""
+    cap = 4 if C.interpreted(logits.device) else 16
+    ti = min(max(triton.next_power_of_2(h + 1), 2), cap)
+    tj = min(max(triton.next_power_of_2(w + 1), 2), cap)
+    tj = max(tj, 16 // ti)  # at least 16 lanes
+    block_c = 4 if logits.dtype == torch.float64 else 8
+    return block_c, ti, tj, max(1, min(8, ti * tj // 32))
 
 
 def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats, align_corners, loss_mode, loss):
@@ -419,7 +530,7 @@ def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats
     N, L, h, w = logits.shape
     _, H, W = target.shape
     acc = C.acc_dtype(logits.dtype)
-    idx, lam, _, _, _ = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    idx, lam, _ = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
     P = N * H * W
     block_c, block_p, warps = _up_blocks(logits)
     grid = (max(triton.cdiv(P, block_p), 1),)
@@ -440,6 +551,21 @@ def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats
     return partials, counts
 
 
+def _deepest_shared_level(leaf_group, block_c: int):
+    """The backward's per-element selector (module docstring: d_j for label y): for labels y and leaves c, the
+    deepest level whose group holds both (255: none), from the ``(D, L)`` group ids, as bytes packed per
+    label and chunk of ``block_c`` leaves (4 or 8) into one int32 or int64 word, byte k for leaf c0 + k
+    (little-endian): ``(L, cdiv(L, block_c))``."""
+    D, L = leaf_group.shape
+    same = leaf_group[:, :, None] == leaf_group[:, None, :]
+    levels = torch.arange(D, dtype=torch.int16, device=leaf_group.device)[:, None, None]
+    deepest = torch.where(same, levels, torch.full_like(levels, -1)).amax(0)  # [y, c], symmetric
+    chunks = triton.cdiv(L, block_c)
+    packed = torch.full((L, chunks * block_c), 255, dtype=torch.uint8, device=leaf_group.device)
+    packed[:, :L] = torch.where(deepest < 0, 255, deepest).to(torch.uint8)
+    return packed.view(torch.int64 if block_c == 8 else torch.int32)
+
+
 def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_w, stats, eps, ignore_index,
                    align_corners):
     """Writes ``grad`` (the low-resolution logits' gradient) with ``_hierarchical_softmax_up_bwd_kernel``."""
@@ -448,20 +574,19 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_
     if N == 0:
         return
     acc = C.acc_dtype(logits.dtype)
-    idx, lam, win, KY, KX = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
-    block_c, block_q, warps = _up_blocks(logits, backward=True)
-    block_q = min(block_q, max(triton.next_power_of_2(h * w), 16))
-    qblocks = triton.cdiv(h * w, block_q)
+    _, lam, runs = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    block_c, ti, tj, warps = _up_bwd_blocks(logits, h, w)
+    tiles_i, tiles_j = triton.cdiv(h, ti - 1), triton.cdiv(w, tj - 1)
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
     C.launch(
-        _hierarchical_softmax_up_bwd_kernel, (N * qblocks,), logits,
-        logits, target, leaf_group, level_w, stats, idx, lam, win, grad, grad_out,
-        N * H * W, H, W, h, w, qblocks,
+        _hierarchical_softmax_up_bwd_kernel, (N * tiles_i * tiles_j,), logits,
+        logits, target, _deepest_shared_level(leaf_group, block_c), level_w, stats, lam, runs, grad, grad_out,
+        N * H * W, H, W, h, w, tiles_i, tiles_j,
         *logits.stride(), *target.stride(), *grad.stride(), *gos,
         float(eps), int(ignore_index),
-        L=L, D=leaf_group.shape[0], BLOCK_C=block_c, BLOCK_Q=block_q, ACC=C.tl_acc(logits.dtype),
-        HAS_EPS=eps > 0, GRAD_MODE=grad_mode, DP=triton.next_power_of_2(leaf_group.shape[0]),
-        FAST=C.fast_exp(logits), KY=KY, KX=KX, num_warps=warps,
+        L=L, D=leaf_group.shape[0], NCHUNK=triton.cdiv(L, block_c), BLOCK_C=block_c, TI=ti, TJ=tj,
+        ACC=C.tl_acc(logits.dtype),
+        HAS_EPS=eps > 0, GRAD_MODE=grad_mode, FAST=C.fast_exp(logits), num_warps=warps,
     )
 
 
@@ -650,8 +775,8 @@ def hierarchical_softmax_loss(
 
     ``upsample="bilinear"``: ``logits`` ``(N, L, h, w)`` at most the target's ``(N, H, W)`` size; the loss of
     the logits interpolated as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` in float32
-    (float64), fused: neither the full-resolution logits nor their gradient is stored (the backward gathers
-    each low-resolution element's terms in a fixed order). Not with ``single_pass``.
+    (float64), fused: neither the full-resolution logits nor their gradient is stored (the backward sums
+    each low-resolution element's terms in a fixed order, without atomics). Not with ``single_pass``.
 
     Raises ValueError for a non-4-D input, ``single_pass`` with ``reduction="none"`` or with ``upsample``,
     an ``upsample`` other than None or "bilinear", or a target smaller than the logits or of another batch.
