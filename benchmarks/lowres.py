@@ -15,7 +15,8 @@ Each row: median milliseconds of forward + backward (``benchmarks.measure.time_p
 ``perf_counter`` on the CPU) and the peak memory beyond the inputs during the step (CUDA: the caching
 allocator's peak; CPU: the resident high-water mark in a fresh process, as ``benchmarks/memprobe.py``
 measures it), next to the size of the full-resolution logits. A backend that does not fuse the
-upsampling (the Triton tree-min and BCE, for now) interpolates first; its ``fused`` row says so.
+upsampling interpolates first; its ``fused`` row says so (every loss of the native and Triton backends
+fuses it now).
 """
 from __future__ import annotations
 
@@ -92,8 +93,7 @@ def _step(row: str, loss: str, tree, backend: str):
 
 def _fuses(loss: str, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``backend`` fuses the upsampling of ``loss`` on ``device``: the native kernels (CPU and CUDA)
-    and the Triton hierarchical softmax do; a backend whose function lacks ``takes_upsample`` gets
-    interpolated logits."""
+    and the Triton losses do; a backend whose function lacks ``takes_upsample`` gets interpolated logits."""
     from hss_kernels import backends
     return bool(getattr(backends.resolve(loss, backend, device, dtype), "takes_upsample", False))
 

@@ -16,8 +16,8 @@ Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N
 ``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
 ``F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=align_corners)`` (interpolated in
 float32, or float64), with the gradient of the low-resolution logits. The native kernels (CPU and CUDA) and
-the Triton hierarchical softmax fuse the interpolation (the full-resolution logits and their gradient never
-exist); the other backends interpolate first. ``decode(..., size=(H, W))`` likewise (fused on the CPU).
+the Triton losses fuse the interpolation (the full-resolution logits and their gradient never exist); the
+reference interpolates first. ``decode(..., size=(H, W))`` likewise (fused on the CPU).
 """
 from __future__ import annotations
 

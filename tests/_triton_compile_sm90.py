@@ -75,6 +75,20 @@ def variants():
                   x.contiguous(memory_format=torch.channels_last), t, leaf_tree, eps=0.1, reduction="none",
                   upsample="bilinear", align_corners=True), True)]
         out += [(f"hierarchical_softmax {name} upsampled {v}", c, b) for v, c, b in up if name == "fp32" or "align" not in v]
+        # The tree-min and BCE: the forward kernel's UPSAMPLE variant and the gathering backward, with the small
+        # tree (the backward walks the tree twice inside its window loops: Vistas 2.0 took 14 minutes to compile
+        # here, the forward 3).
+        node_tree = small_tree
+        xn = torch.empty((8, node_tree.num_nodes, 256, 256), dtype=dt, device="meta")
+        node_up = [("tree_min forward, focal, eps", lambda x=xn, t=t, nt=node_tree: tm.tree_min_loss(
+                        x, t, nt, eps=0.1, upsample="bilinear"), False),
+                   ("tree_min backward, scalar grad", lambda x=xn, t=t, nt=node_tree: tm.tree_min_loss(
+                        x, t, nt, upsample="bilinear"), True),
+                   ("tree_bce backward, per-pixel grad, focal, eps, align_corners", lambda x=xn, t=t, nt=node_tree:
+                        tm.tree_bce_loss(x.contiguous(memory_format=torch.channels_last), t, nt, gamma=2.0, eps=0.1,
+                                         reduction="none", upsample="bilinear", align_corners=True), True)]
+        out += [(f"{v.split(' ', 1)[0]} {name} upsampled {v.split(' ', 1)[1]}", c, b) for v, c, b in node_up
+                if name == "fp32" or "align" not in v]
     x, t = meta(L, torch.float32, HUGE)
     out.append(("hierarchical_softmax fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False))
     x2, t2 = meta(small_tree.num_nodes, torch.float32, (2, 16384, 8192))  # 26 channels: a taller image

@@ -3,14 +3,13 @@
 and trees (values, and gradients with respect to the low-resolution logits), a flat tree against
 ``F.interpolate`` + ``F.cross_entropy``, gradcheck in float64, the ops' schemas (opcheck), torch.compile,
 determinism across thread counts, and the errors for bad sizes and modes. The native CPU kernels and the Triton
-hierarchical softmax (here under Triton's interpreter on the CPU) fuse the interpolation; the other backends
-interpolate first."""
+losses (here under Triton's interpreter on the CPU) fuse the interpolation; the reference interpolates first."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hss_kernels
-from hss_kernels import reference, trees
+from hss_kernels import reference, tables, trees
 from hss_kernels.tables import decode_walk, tree_index
 from hss_kernels.tree import Tree
 
@@ -321,12 +320,10 @@ def test_triton_chunks_and_tiles(triton_hs, align_corners):
 
 
 def test_triton_is_fused(triton_hs):
-    """functional.py hands the Triton hierarchical softmax the low-resolution logits; the Triton tree-min
-    and BCE still get them interpolated."""
+    """functional.py hands every Triton loss the low-resolution logits."""
     from hss_kernels import triton as T
     assert T.hierarchical_softmax_loss.takes_upsample
-    assert not getattr(T.tree_min_loss, "takes_upsample", False)
-    assert not getattr(T.tree_bce_loss, "takes_upsample", False)
+    assert T.tree_min_loss.takes_upsample and T.tree_bce_loss.takes_upsample
 
 
 def test_triton_options_and_reductions(triton_hs):
@@ -479,17 +476,240 @@ def test_triton_compile_fullgraph(triton_hs):
     torch._dynamo.reset()
 
 
-# ------------------------------------------------------------------------------------- other backends
+# ------------------------------------------------------------------------------------- Triton tree-min and BCE, fused
+# Under the interpreter the gathering backward walks the whole tree once per window pixel: small trees and
+# images (SHAPES but the 4x one), each dtype on some of the shapes.
+NODE_SHAPES = [s for s in SHAPES if s != (1, 4, 4, 16, 16)]
+
+
+@pytest.fixture
+def triton_node():
+    H.require("triton", "cpu", "tree_min_loss")
+    from hss_kernels.triton import tree_min
+    return tree_min
+
+
+def _node_dtype(loss, shape, align_corners, k):
+    """The k-th dtype of the sweep; the tree-min's half dtypes only where the weights are exact (see
+    test_native_matches_composition), float32 in their place elsewhere."""
+    dtype = H.DTYPES[k % len(H.DTYPES)]
+    if loss == "tree_min_loss" and dtype in H.HALF and not _weights_exact(shape, align_corners):
+        return torch.float32
+    return dtype
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
-def test_triton_interpolates_first(loss):
-    """The Triton tree-min and BCE, without a fused path (here under the interpreter), get the interpolated
-    logits (the hierarchical softmax: the fused tests above)."""
-    H.require("triton", "cpu", loss)
+def test_triton_node_matches_composition(triton_node, device, loss, align_corners):
+    """The fused forward and the gathering backward against the composition: every shape of NODE_SHAPES, the
+    dtypes in turn (float64 and float32 on every loss, the half dtypes where exact for the tree-min)."""
+    H.require("triton", device, loss)
+    tree = H.random_tree(min_nodes=9, max_nodes=11)  # two node groups of the kernels
+    for k, shape in enumerate(NODE_SHAPES):
+        x, y = _inputs(tree, loss, shape, _node_dtype(loss, shape, align_corners, k + align_corners), device=device)
+        _check(loss, "triton", x, y, tree, align_corners=align_corners, reduction=H.REDUCTIONS[k % 3])
+
+
+def test_triton_tree_min_half_exact_weights(triton_node):
     tree = H.random_tree(max_nodes=10)
-    x, y = _inputs(tree, loss, (1, 2, 3, 5, 6))
-    _check(loss, "triton", x, y, tree)
+    for dtype, shape, align_corners in ((torch.bfloat16, (2, 2, 3, 8, 12), False),
+                                        (torch.float16, (1, 3, 2, 9, 5), True)):
+        assert _weights_exact(shape, align_corners)
+        x, y = _inputs(tree, "tree_min_loss", shape, dtype)
+        _check("tree_min_loss", "triton", x, y, tree, align_corners=align_corners)
 
 
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_options_and_reductions(triton_node, loss):
+    """Focal gamma 0 / 2 / other, eps, node normalisation and scale, every reduction, ties in the logits
+    (the tree-min's argmin/argmax routing: integer logits at exact weights)."""
+    tree = H.random_tree(min_depth=2, max_nodes=9)
+    x, y = _inputs(tree, loss, (1, 3, 3, 7, 8))
+    cases = [dict(reduction="mean"), dict(gamma=0.0, reduction="sum"), dict(gamma=1.0, reduction="none"),
+             dict(gamma=2.5, eps=1e-6, reduction="mean", align_corners=True),
+             dict(normalize="node", scale=5.0, reduction="sum", eps=0.1)]
+    for kw in cases:
+        _check(loss, "triton", x, y, tree, **kw)
+    xt, _ = H.inputs(tree, loss, (1, 2, 3), ties=True)
+    _, yt = _inputs(tree, loss, (1, 2, 3, 8, 12))
+    _check(loss, "triton", xt, yt, tree, reduction="none")
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_layouts(triton_node, loss):
+    """NCHW, channels_last, strided views of the low-resolution logits (the gradient in their layout); a
+    strided target; an upstream gradient of any strides (reduction none)."""
+    tree = H.random_tree(max_nodes=9)
+    C = tree.num_nodes
+    base = torch.randn(2, C, 4, 6, dtype=torch.float64).float() * 3
+    views = [base, base.contiguous(memory_format=torch.channels_last), base[:, :, 1:3, ::2],
+             base.contiguous(memory_format=torch.channels_last)[:, :, ::2, 1:5]]
+    for k, x in enumerate(views):
+        y = torch.randint(0, tree.num_leaves, (2, 2 * x.shape[3] + 1, x.shape[2] * 3)).transpose(1, 2)
+        y[:, 0, 0] = 255
+        go = list(H.grad_outs(tuple(y.shape)))[k % 3]
+        _check(loss, "triton", x, y, tree, grad_out=go, reduction="none", align_corners=k % 2 == 1)
+    a = base.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = torch.randint(0, tree.num_leaves, (2, 7, 9))
+    getattr(hss_kernels, loss)(a, y, tree, backend="triton", upsample="bilinear").backward()
+    assert a.grad.stride() == a.stride()
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_all_ignored_and_empty_batch(triton_node, loss):
+    tree = H.random_tree(max_nodes=10)
+    x, y = _inputs(tree, loss, (2, 3, 3, 7, 8))
+    y.fill_(255)
+    for reduction in H.REDUCTIONS:
+        _check(loss, "triton", x, y, tree, reduction=reduction)
+    x0, y0 = x[:0].clone(), y[:0].clone()
+    for reduction in H.REDUCTIONS:
+        a = x0.requires_grad_(True)
+        out = getattr(hss_kernels, loss)(a, y0, tree, backend="triton", upsample="bilinear", reduction=reduction)
+        assert out.shape == ((0, 7, 8) if reduction == "none" else ()) and (out == 0).all()
+        (g,) = torch.autograd.grad(out.sum(), a)
+        assert g.shape == a.shape
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_nan_and_bad_labels(triton_node, loss):
+    """A NaN low-resolution logit poisons the pixels whose stencil reads it (their whole row, as the NaN rule
+    says) and, through the backward, every low-resolution element those pixels' stencils hold, as in the
+    composition; an ignored pixel's NaN logits reach nothing; a label out of range poisons its pixel."""
+    tree = H.random_tree(max_nodes=10)
+    x, y = _inputs(tree, loss, (1, 3, 4, 7, 9), ignore_frac=0.0)
+    x[0, tree.num_nodes - 1, 1, 2] = float("nan")
+    for align_corners in (False, True):
+        kw = dict(reduction="none", align_corners=align_corners)
+        got, g, go = H.loss_and_grad(H.api(loss, "triton"), x, y, tree, upsample="bilinear", **kw)
+        want, g_want, _ = H.loss_and_grad(_composed(loss), x, y, tree, go, **kw)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
+        assert torch.equal(torch.isnan(g), torch.isnan(g_want))
+        ok = ~torch.isnan(want)
+        torch.testing.assert_close(got[ok], want[ok], **H.loss_tolerance(loss, x, tree))
+    y_ign = y.clone()
+    y_ign[torch.isnan(want)] = 255
+    got, g, _ = H.loss_and_grad(H.api(loss, "triton"), x, y_ign, tree, upsample="bilinear", **kw)
+    assert torch.isfinite(got).all() and torch.isfinite(g).all()
+    hss_kernels.set_label_check(False)
+    try:
+        x2, y2 = _inputs(tree, loss, (1, 2, 2, 5, 5), ignore_frac=0.0)
+        y2[0, 4, 4] = tree.num_leaves
+        out, g2, _ = H.loss_and_grad(H.api(loss, "triton"), x2, y2, tree, upsample="bilinear", reduction="none")
+        assert torch.isnan(out[0, 4, 4]) and torch.isfinite(out.flatten()[:-1]).all()
+        assert torch.isnan(g2[0, :, 1, 1]).all() and torch.isfinite(g2[0, :, 0, 0]).all()
+    finally:
+        hss_kernels.set_label_check(True)
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_gradcheck_float64(triton_node, loss):
+    tree = H.random_tree(max_nodes=6, min_depth=2)
+    x, y = _inputs(tree, loss, (1, 2, 2, 3, 4))
+    x = x.double().requires_grad_(True)
+    fn = getattr(hss_kernels, loss)
+    for align_corners, kw in ((False, dict(reduction="sum")), (True, dict(reduction="mean", gamma=1.5, eps=0.1))):
+        assert torch.autograd.gradcheck(
+            lambda a: fn(a, y, tree, backend="triton", upsample="bilinear", align_corners=align_corners, **kw), (x,))
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_several_programs(triton_node, loss, monkeypatch):
+    """Blocks of 16 pixels: several programs per image in both kernels (the forward's partial sums; the
+    backward's blocks of low-resolution pixels cutting through rows, the last one partly masked)."""
+    monkeypatch.setattr(triton_node, "_up_blocks", lambda logits, backward=False: (16, 4))
+    tree = H.random_tree(max_nodes=9)
+    x, y = _inputs(tree, loss, (2, 5, 7, 9, 11))
+    for reduction in ("mean", "none"):
+        _check(loss, "triton", x, y, tree, reduction=reduction, align_corners=reduction == "none")
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_backward_bitwise_deterministic(triton_node, loss):
+    """Repeated calls give the same loss and gradient to the bit (float64: a reordered sum would show)."""
+    tree = trees.load("pascal_person_part")
+    x, y = _inputs(tree, loss, (2, 3, 4, 7, 9), torch.float64)
+    H.assert_bitwise_deterministic(H.api(loss, "triton"), x, y, tree, runs=1, upsample="bilinear",
+                                   reduction="none")
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_saves_no_full_size_logits(triton_node, loss):
+    tree = trees.load("pascal_person_part")
+    x, y = _inputs(tree, loss, (1, 2, 2, 8, 8))
+    x = x.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = getattr(hss_kernels, loss)(x, y, tree, backend="triton", upsample="bilinear")
+    assert saved and max(t.numel() for t in saved) < tree.num_nodes * y.numel(), [tuple(t.shape) for t in saved]
+    out.backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+def test_triton_node_rejects_single_pass_and_bad_modes(triton_node):
+    tree = trees.load("pascal_person_part")
+    x, y = _inputs(tree, "tree_min_loss", (1, 3, 3, 9, 9))
+    for fn in (triton_node.tree_min_loss, triton_node.tree_bce_loss):
+        with pytest.raises(ValueError, match="single_pass does not take upsample"):
+            fn(x, y, tree, single_pass=True, upsample="bilinear")
+        with pytest.raises(ValueError, match="upsample must be None or 'bilinear'"):
+            fn(x, y, tree, upsample="nearest")
+        with pytest.raises(ValueError, match="H >= h, W >= w"):
+            fn(x, y[:, :2], tree, upsample="bilinear")
+
+
+def test_triton_node_offsets_past_2_31(triton_node):
+    """Low-resolution logits whose offsets pass 2^31 (H.far_views: a batch stride putting image 2 past it, a
+    channel stride putting the last channels past it), upsampled: loss and gradient equal the composition's
+    on a compact copy."""
+    tree = trees.load("cityscapes")
+    for loss, view in zip(H.NODE_LOSSES, H.far_views(tree.num_nodes)):  # one view each: the interpreter is slow
+        compact = (torch.randn(view.shape) * 3).to(torch.bfloat16)
+        view.copy_(compact)
+        y = torch.randint(0, tree.num_leaves, (view.shape[0], 4, 6))
+        a = view.requires_grad_(True)  # the view itself: loss_and_grad would copy it
+        got = getattr(hss_kernels, loss)(a, y, tree, backend="triton", upsample="bilinear", reduction="none")
+        go = torch.randn(got.shape)
+        (g,) = torch.autograd.grad(got, a, go)
+        want, g_want, _ = H.loss_and_grad(_composed(loss), compact, y, tree, go, reduction="none")
+        torch.testing.assert_close(got, want, **H.loss_tolerance(loss, compact, tree))
+        H.assert_grad_close(g, g_want, torch.bfloat16, H.upstream_size(go, y, "none"))
+        del view, a, got, g
+
+
+def test_triton_node_opcheck(triton_node):
+    """The ops' schemas, fakes and autograd registration: NCHW float32 tree-min mean, a non-dense float64
+    BCE view with reduction none, align_corners and a stride-0 grad_output."""
+    tree = trees.load("pascal_person_part")
+    x, y = _inputs(tree, "tree_min_loss", (1, 2, 3, 3, 4))  # small: opcheck runs each op many times
+    tab = tables.tree_min_table(tree, "cpu")
+    sizes = triton_node._tree_sizes(tree)
+    for k, (xv, reduction, use_extrema) in enumerate(((x, "mean", True), (x.double()[:, :, :, 1:], "none", False))):
+        kw = tables.node_weight_vector(tree, 1.0, "level", H.acc_dtype(xv.dtype), "cpu")
+        args = (xv.clone().requires_grad_(), y, tab, kw, sizes, 2.0, 0.0, 255, reduction, use_extrema, k == 1)
+        torch.library.opcheck(torch.ops.hss_triton.tree_min_up_fwd.default, args)
+        loss, count = torch.ops.hss_triton.tree_min_up_fwd(*args)
+        go = torch.randn(loss.shape, dtype=loss.dtype)
+        if reduction == "none":
+            go = go[:, :1].expand(loss.shape)
+        torch.library.opcheck(torch.ops.hss_triton.tree_min_up_bwd.default,
+                              (go, xv, y, tab, kw, count, sizes, 2.0, 0.0, 255, reduction, use_extrema, k == 1))
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_compile_fullgraph(triton_node, loss):
+    assert "triton" in hss_kernels.available_backends("cpu")
+    tree = trees.load("pascal_person_part")
+    x, y = _inputs(tree, loss, (1, 2, 3, 5, 7))
+    f = torch.compile(lambda a, t: getattr(hss_kernels, loss)(
+        a, t, tree, backend="triton", upsample="bilinear", align_corners=True, reduction="none"),
+        fullgraph=True, backend="aot_eager")
+    H.assert_matches(lambda a, t, _tree, **_: f(a, t), _composed(loss), x, y, tree, reduction="none",
+                     align_corners=True, loss_tol=H.loss_tolerance(loss, x, tree))
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------- other backends
 def test_reference_and_auto(native):
     tree = trees.load("cityscapes")
     x, y = _inputs(tree, "tree_min_loss", (1, 3, 3, 9, 9))

@@ -11,8 +11,9 @@ written during the forward, autograd intact), and ``*_and_grad`` versions return
 outside autograd, the fewest bytes a training step can move.
 
 Custom ops (namespace ``hss_triton``, so that ``torch.compile(fullgraph=True)`` traces through):
-``hierarchical_softmax_fwd``/``_bwd``, ``tree_min_fwd``/``_bwd`` and ``decode``; their bodies launch the
-kernels directly, so they also run eagerly under the interpreter.
+``hierarchical_softmax_fwd``/``_bwd``, ``tree_min_fwd``/``_bwd``, their fused-upsampling forms
+``hierarchical_softmax_up_fwd``/``_bwd`` and ``tree_min_up_fwd``/``_bwd``, and ``decode``; their bodies launch
+the kernels directly, so they also run eagerly under the interpreter.
 
 The kernels assume what the public API checks (options, channel counts, labels). A target value that is
 neither ``ignore_index`` nor a leaf id in ``[0, L)`` reads no table: that pixel's loss is NaN (counted,

@@ -11,9 +11,11 @@ test both, and a GPU machine never compiles interpreter-sized tiles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -194,6 +196,20 @@ def check_call(logits: torch.Tensor, target: torch.Tensor, reduction: str, singl
                          "the incoming per-pixel gradient)")
 
 
+def check_upsample(logits, target, upsample, single_pass):
+    """ValueError for an ``upsample`` the fused kernels cannot take: other than "bilinear", with
+    ``single_pass`` (the fused upsampling has its own backward), or sizes that do not fit."""
+    if upsample != "bilinear":
+        raise ValueError(f"upsample must be None or 'bilinear', got {upsample!r}")
+    if single_pass:
+        raise ValueError("single_pass does not take upsample: the fused upsampling has its own backward "
+                         "(call without single_pass)")
+    N, _, h, w = logits.shape
+    if target.shape[0] != N or target.shape[1] < h or target.shape[2] < w or h < 1 or w < 1:
+        raise ValueError(f"upsample='bilinear' takes logits (N, L, h, w), h, w >= 1, and a target (N, H, W) with "
+                         f"H >= h, W >= w; got {tuple(logits.shape)} and {tuple(target.shape)}")
+
+
 def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """The one-element factor d(loss)/d(per-pixel loss) for mean/sum, on the device (no host sync)."""
     g = grad_out.reshape(1).to(dtype)
@@ -320,3 +336,70 @@ def store_grad(grad, g_ptrs, go_ptr, go_off, valid, bad, pmask, mask2, GRAD_MODE
         grad = grad * tl.load(go_ptr + go_off, mask=pmask, other=0.0).to(grad.dtype)[None, :]
     grad = tl.where(valid[None, :], tl.where(bad[None, :], float("nan"), grad), 0.0)
     tl.store(g_ptrs, grad.to(g_ptrs.dtype.element_ty), mask=mask2)
+
+
+# ----------------------------------------------------------------------------------- bilinear upsampling
+# Shared by the kernels that fuse upsample="bilinear" (docs/MATH.md §6): the stencil of a full-resolution
+# pixel, the interpolation itself, the argument check; the per-axis tables with each input index's window of
+# outputs (the tree-min's gathering backward; the hierarchical softmax's backward has its own, with runs).
+
+@functools.lru_cache(maxsize=64)
+def up_axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
+    """One axis of the interpolation (docs/MATH.md §6.1, ATen's rule), computed in ``dtype`` (float32 or
+    float64, as F.interpolate of the accumulation dtype does): (i0, i1, lambda) per output index, and per
+    input index i the window of outputs whose stencil holds it (those whose i0 is i - 1 or i: a run, i0
+    being nondecreasing), as (start, count)."""
+    np_t = np.float64 if dtype == torch.float64 else np.float32
+    dst = np.arange(n_out).astype(np_t)
+    if align_corners:
+        scale = np_t(n_in - 1) / np_t(n_out - 1) if n_out > 1 else np_t(0)
+        src = scale * dst
+    else:
+        scale = np_t(n_in) / np_t(n_out)
+        src = np.maximum(scale * (dst + np_t(0.5)) - np_t(0.5), np_t(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    lam = np.clip(src - i0.astype(np_t), np_t(0), np_t(1)).astype(np_t)
+    idx = np.arange(n_in)
+    start = np.searchsorted(i0, idx - 1, side="left")
+    count = np.searchsorted(i0, idx, side="right") - start
+    return i0, i1, lam, start, count
+
+
+@functools.lru_cache(maxsize=64)
+def up_tables(h: int, w: int, H: int, W: int, align_corners: bool, dtype: torch.dtype, device: torch.device):
+    """The kernels' interpolation tables on ``device``: indices int32 [i0 (H), i1 (H), i0 (W), i1 (W)],
+    weights in ``dtype`` [lambda (H), lambda (W)], windows int32 [start (h), count (h), start (w),
+    count (w)], and the longest window per axis (KY, KX)."""
+    ry, rx = up_axis(h, H, align_corners, dtype), up_axis(w, W, align_corners, dtype)
+    idx = torch.from_numpy(np.concatenate([ry[0], ry[1], rx[0], rx[1]]).astype(np.int32))
+    lam = torch.from_numpy(np.concatenate([ry[2], rx[2]]))
+    win = torch.from_numpy(np.concatenate([ry[3], ry[4], rx[3], rx[4]]).astype(np.int32))
+    return (idx.to(device), lam.to(device), win.to(device), int(ry[4].max(initial=0)), int(rx[4].max(initial=0)))
+
+
+@triton.jit
+def lerp(ptrs, u00, u01, u10, u11, lx, ly, mask, ACC: tl.constexpr):
+    """The bilinear interpolation (docs/MATH.md §6.1) at ``ptrs`` (the channels' base pointers) of the four
+    stencil values at offsets u00 (row i0, column i0), u01, u10, u11 with weights lx, ly, in ACC, in
+    F.interpolate's order (columns within each source row, then the rows); 0 where masked off."""
+    x00 = tl.load(ptrs + u00, mask=mask, other=0.0).to(ACC)
+    x01 = tl.load(ptrs + u01, mask=mask, other=0.0).to(ACC)
+    x10 = tl.load(ptrs + u10, mask=mask, other=0.0).to(ACC)
+    x11 = tl.load(ptrs + u11, mask=mask, other=0.0).to(ACC)
+    return (1.0 - ly) * ((1.0 - lx) * x00 + lx * x01) + ly * ((1.0 - lx) * x10 + lx * x11)
+
+
+@triton.jit
+def up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
+    """Offsets in the low-resolution logits of the 2x2 stencil of full-resolution pixels (n, h, w), and
+    the weights (lx, ly) of their second column and row, from the per-axis tables (:func:`up_tables`)."""
+    iy0 = tl.load(ui_ptr + h, mask=pmask, other=0).to(tl.int64)
+    iy1 = tl.load(ui_ptr + Hh + h, mask=pmask, other=0).to(tl.int64)
+    ix0 = tl.load(ui_ptr + 2 * Hh + w, mask=pmask, other=0).to(tl.int64)
+    ix1 = tl.load(ui_ptr + 2 * Hh + W + w, mask=pmask, other=0).to(tl.int64)
+    ly = tl.load(ul_ptr + h, mask=pmask, other=0.0)
+    lx = tl.load(ul_ptr + Hh + w, mask=pmask, other=0.0)
+    xb = n * sxn
+    return (xb + iy0 * sxh + ix0 * sxw, xb + iy0 * sxh + ix1 * sxw, xb + iy1 * sxh + ix0 * sxw,
+            xb + iy1 * sxh + ix1 * sxw, lx, ly)

@@ -69,42 +69,15 @@ def _leaves(x_ptr, c0, sxc, xpix, pmask, OTHER: tl.constexpr, L: tl.constexpr, B
 
 
 @triton.jit
-def _lerp(ptrs, u00, u01, u10, u11, lx, ly, mask, ACC: tl.constexpr):
-    """The bilinear interpolation (docs/MATH.md §6.1) at ``ptrs`` (the channels' base pointers) of the four
-    stencil values at offsets u00 (row i0, column i0), u01, u10, u11 with weights lx, ly, in ACC, in
-    F.interpolate's order (columns within each source row, then the rows); 0 where masked off."""
-    x00 = tl.load(ptrs + u00, mask=mask, other=0.0).to(ACC)
-    x01 = tl.load(ptrs + u01, mask=mask, other=0.0).to(ACC)
-    x10 = tl.load(ptrs + u10, mask=mask, other=0.0).to(ACC)
-    x11 = tl.load(ptrs + u11, mask=mask, other=0.0).to(ACC)
-    return (1.0 - ly) * ((1.0 - lx) * x00 + lx * x01) + ly * ((1.0 - lx) * x10 + lx * x11)
-
-
-@triton.jit
 def _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, OTHER: tl.constexpr, L: tl.constexpr,
                BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """:func:`_leaves` of upsampled logits: the leaves' values interpolated at the program's pixels."""
     c = c0 + tl.arange(0, BLOCK_C)
     cmask = c < L
     mask2 = cmask[:, None] & pmask[None, :]
-    x = _lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :], u11[None, :],
+    x = C.lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :], u11[None, :],
               lx[None, :], ly[None, :], mask2, ACC)
     return c, cmask, tl.where(mask2, x, OTHER)
-
-
-@triton.jit
-def _up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
-    """Offsets in the low-resolution logits of the 2x2 stencil of full-resolution pixels (n, h, w), and
-    the weights (lx, ly) of their second column and row, from the per-axis tables (:func:`_up_tables`)."""
-    iy0 = tl.load(ui_ptr + h, mask=pmask, other=0).to(tl.int64)
-    iy1 = tl.load(ui_ptr + Hh + h, mask=pmask, other=0).to(tl.int64)
-    ix0 = tl.load(ui_ptr + 2 * Hh + w, mask=pmask, other=0).to(tl.int64)
-    ix1 = tl.load(ui_ptr + 2 * Hh + W + w, mask=pmask, other=0).to(tl.int64)
-    ly = tl.load(ul_ptr + h, mask=pmask, other=0.0)
-    lx = tl.load(ul_ptr + Hh + w, mask=pmask, other=0.0)
-    xb = n * sxn
-    return (xb + iy0 * sxh + ix0 * sxw, xb + iy0 * sxh + ix1 * sxw, xb + iy1 * sxh + ix0 * sxw,
-            xb + iy1 * sxh + ix1 * sxw, lx, ly)
 
 
 @triton.jit
@@ -173,7 +146,7 @@ def _hierarchical_softmax_kernel(
         pid = tl.program_id(0)
         p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
         tpix = n * stn + h * sth + w * stw
-        u00, u01, u10, u11, lx, ly = _up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
+        u00, u01, u10, u11, lx, ly = C.up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
     else:
         pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
                                                                sgw, son, soh, sow, BLOCK_P, FLAT, BLOCK_P)
@@ -197,7 +170,7 @@ def _hierarchical_softmax_kernel(
             cmask = c < L
             if UPSAMPLE:
                 mask2 = cmask[:, None] & pmask[None, :]
-                x = _lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :],  # sm90: logits
+                x = C.lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :],  # sm90: logits
                           u11[None, :], lx[None, :], ly[None, :], mask2, ACC)
                 x = tl.where(mask2, x, float("-inf"))
             else:
@@ -216,7 +189,7 @@ def _hierarchical_softmax_kernel(
             m = m_new
         lse = m + tl.log(s)
         if UPSAMPLE:
-            zy = _lerp(x_ptr + y * sxc, u00, u01, u10, u11, lx, ly, pmask, ACC)
+            zy = C.lerp(x_ptr + y * sxc, u00, u01, u10, u11, lx, ly, pmask, ACC)
         else:
             zy = tl.load(x_ptr + y * sxc + xpix, mask=pmask, other=0.0).to(ACC)
         lse2 = m[None, :] + tl.log(tl.maximum(sd, TINY))
@@ -812,7 +785,7 @@ def hierarchical_softmax_loss(
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
     if upsample is not None:
-        _check_upsample(logits, target, upsample, single_pass)
+        C.check_upsample(logits, target, upsample, single_pass)
         loss, _, _ = _hierarchical_softmax_up_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index),
                                                   reduction, bool(align_corners))
         return loss
@@ -822,18 +795,6 @@ def hierarchical_softmax_loss(
 
 
 hierarchical_softmax_loss.takes_upsample = True  # functional.py passes upsample= / align_corners= through
-
-
-def _check_upsample(logits, target, upsample, single_pass):
-    if upsample != "bilinear":
-        raise ValueError(f"upsample must be None or 'bilinear', got {upsample!r}")
-    if single_pass:
-        raise ValueError("single_pass does not take upsample: the fused upsampling has its own backward "
-                         "(call without single_pass)")
-    N, _, h, w = logits.shape
-    if target.shape[0] != N or target.shape[1] < h or target.shape[2] < w or h < 1 or w < 1:
-        raise ValueError(f"upsample='bilinear' takes logits (N, L, h, w), h, w >= 1, and a target (N, H, W) with "
-                         f"H >= h, W >= w; got {tuple(logits.shape)} and {tuple(target.shape)}")
 
 
 def hierarchical_softmax_loss_and_grad(

@@ -20,10 +20,16 @@ forward). The forward walks the nodes bottom-up (reverse pre-order) keeping one 
 the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax. Nothing is
 saved for the backward: it recomputes the extrema from the logits (one more read, no argmin/argmax tensor of
 size P·V).
+
+Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
+UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
+is ``_tree_min_up_bwd_kernel``, which gathers each low-resolution element's terms (no atomics), recomputing the
+gradient rows of the full-resolution pixels whose stencil holds it. Neither the full-resolution logits nor
+their gradient is stored.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -95,11 +101,13 @@ def _bind(v, ref, PIN: tl.constexpr):
 
 
 @triton.jit
-def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_K: tl.constexpr):
+def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_K: tl.constexpr,
+              u01, u10, u11, lx, ly, UPSAMPLE: tl.constexpr):
     """(cmin, kpath, xas) over the label's path (tuples, element d - 1 for depth d): the running minimum of the
     path logits (strict <: ties stay with the shallower node; kept negated: the focal takes w = −z), with
     WANT_K the weight each path node receives as the argmin of deeper path nodes (K_u of docs/MATH.md §3.6,
-    path side), and the path logits themselves (0 past the leaf)."""
+    path side), and the path logits themselves (0 past the leaf). UPSAMPLE: each path logit is the
+    interpolation of the pixel's stencil (xpix, u01, u10, u11: its four offsets; lx, ly: the weights)."""
     cmin = ()
     kpath = ()
     xas = ()
@@ -109,7 +117,10 @@ def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_
         a = path[d]
         act = pmask & (a >= 0)
         a0 = tl.where(act, a, 0)
-        xa = tl.load(x_ptr + xpix + a0.to(tl.int64) * sxc, mask=act, other=0.0).to(zero.dtype)
+        if UPSAMPLE:
+            xa = C.lerp(x_ptr + a0.to(tl.int64) * sxc, xpix, u01, u10, u11, lx, ly, act, zero.dtype)
+        else:
+            xa = tl.load(x_ptr + xpix + a0.to(tl.int64) * sxc, mask=act, other=0.0).to(zero.dtype)
         xas = xas + (xa,)
         if d == 0:
             take = act
@@ -127,8 +138,19 @@ def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_
 
 
 @triton.jit
+def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, pmask, CH, V: tl.constexpr, start: tl.constexpr,
+                   G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr):
+    """:func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated from each pixel's stencil
+    (offsets u00 .. u11 in the low-resolution logits, weights lx, ly), as a tuple of pixel vectors."""
+    ch = T.group_channels(CH, V, start, G, REV)
+    t = C.lerp(x_ptr + (ch.to(tl.int64) * sxc64)[None, :], u00[:, None], u01[:, None], u10[:, None], u11[:, None],
+               lx[:, None], ly[:, None], pmask[:, None], ACC)
+    return T.unpack(t, G)
+
+
+@triton.jit
 def _tree_min_kernel(
-    x_ptr, t_ptr, tab_ptr, k_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
+    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
     P, HW, W,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
@@ -140,15 +162,24 @@ def _tree_min_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
-    G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr,
+    G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr, UPSAMPLE: tl.constexpr,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
     # leaf). A program owns BLOCK_P pixels, a few consecutive ones per thread; every node is one
     # [BLOCK_P] vector of straight-line code, every per-depth state a tuple of such vectors.
+    # UPSAMPLE (the loss only, 1-D grid): P, HW and W are the target's, every logit of a pixel the
+    # interpolation of its 2x2 stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables;
+    # xpix is then the stencil's first offset, u01 .. u11 the others, lx, ly the weights).
     OFF_PATH: tl.constexpr = 4 * V
-    pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
-                                                           sgw, son, soh, sow, BLOCK_P, FLAT, VEC)
+    if UPSAMPLE:
+        pid = tl.program_id(0)
+        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
+        tpix = n * stn + h * sth + w * stw
+        xpix, u01, u10, u11, lx, ly = C.up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
+    else:
+        pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
+                                                               sgw, son, soh, sow, BLOCK_P, FLAT, VEC)
     sxc64 = tl.cast(sxc, tl.int64)  # channel offsets in 64 bits
     sgc64 = tl.cast(sgc, tl.int64)
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
@@ -156,11 +187,15 @@ def _tree_min_kernel(
     # first node's row is also read as a [pixels] vector: Triton gives every [pixels] load that shares data
     # with it (the labels, the path gathers) its VEC pixels per thread (loads take the widest of their
     # slice), where the int64 labels alone would get 16 bytes (2 pixels): one register layout for all.
-    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
-    if USE_EXTREMA:
-        x0 = tl.load(x_ptr + xpix + CH[V - 1] * sxc64, mask=pmask, other=0.0).to(ACC)
+    if UPSAMPLE:
+        xs = _load_group_up(x_ptr, xpix, u01, u10, u11, lx, ly, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
+        x0 = xs[0]
     else:
-        x0 = tl.load(x_ptr + xpix + CH[0] * sxc64, mask=pmask, other=0.0).to(ACC)
+        xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
+        if USE_EXTREMA:
+            x0 = tl.load(x_ptr + xpix + CH[V - 1] * sxc64, mask=pmask, other=0.0).to(ACC)
+        else:
+            x0 = tl.load(x_ptr + xpix + CH[0] * sxc64, mask=pmask, other=0.0).to(ACC)
     code = _bind(tl.where(valid, tl.where(bad, -2, y), -1).to(tl.int32), x0, PIN)
     valid = code != -1
     bad = code == -2
@@ -175,7 +210,12 @@ def _tree_min_kernel(
     for d in tl.static_range(D):
         path = path + (_bind(tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1), xs[0], PIN),)
     if USE_EXTREMA:
-        cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD)
+        if UPSAMPLE:
+            cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD, u01, u10, u11, lx,
+                                       ly, True)
+        else:
+            cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD, xpix, xpix, xpix,
+                                       zero, zero, False)
 
     if WANT_GRAD:
         if GRAD_MODE == 1:
@@ -206,7 +246,10 @@ def _tree_min_kernel(
                     # next group's loads after it instead of hoisting all V loads of this pass (nothing is
                     # stored before the top-down pass) to the start, one register each.
                     tl.store(cnt_ptr, 0, mask=P < 0)
-                xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC, False, ADDR_PIN)
+                if UPSAMPLE:
+                    xs = _load_group_up(x_ptr, xpix, u01, u10, u11, lx, ly, sxc64, pmask, CH, V, j, G, True, ACC)
+                else:
+                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC, False, ADDR_PIN)
             x = xs[j % G]
             if LEAF[V - 1 - j]:
                 m = x
@@ -296,7 +339,11 @@ def _tree_min_kernel(
                     if PIN:
                         acc = T.pin(acc, PIN)
                         big = T.pin(big, PIN)
-                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC)
+                    if UPSAMPLE:
+                        xs = _load_group_up(x_ptr, xpix, u01, u10, u11, lx, ly, sxc64, pmask, CH, V, i, G, False,
+                                            ACC)
+                    else:
+                        xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC)
                 gs = ()
             x = xs[i % G]
             big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
@@ -329,6 +376,154 @@ def _tree_min_kernel(
         C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
 
 
+@triton.jit
+def _tree_min_up_bwd_kernel(
+    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, win_ptr, g_ptr, go_ptr,
+    Hh, W, hl, wl, QBLOCKS,
+    sxn, sxc, sxh, sxw,
+    stn, sth, stw,
+    sgn, sgc, sgh, sgw,
+    son, soh, sow,
+    gamma, eps, ignore_index,
+    V: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
+    CH: tl.constexpr, DEP: tl.constexpr, LEAF: tl.constexpr, IDX: tl.constexpr,
+    BLOCK_Q: tl.constexpr, ACC: tl.constexpr,
+    USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
+    GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+):
+    # The backward of the upsampled loss, by gathering (as _hierarchical_softmax_up_bwd_kernel): a program owns
+    # BLOCK_Q low-resolution pixels (i, j) of one image and keeps one accumulator per node (a tuple, in
+    # pre-order). For each full-resolution pixel (Y, X) whose stencil holds (i, j) (per axis the window win: the
+    # outputs whose i0 is i - 1 or i, at most KY rows and KX columns) it recomputes that pixel's whole gradient
+    # row g from its label, grad_output and interpolated logits (the tree-min: a bottom-up pass for the
+    # maxima and the NaN scan, then the top-down routing of _tree_min_kernel with the path nodes' terms in
+    # place; the BCE: the NaN scan, then every node's own term) and adds wy * wx * g. Each element is written
+    # once, its terms summed in a fixed order: no atomics, bitwise reproducible, no full-resolution buffer.
+    OFF_PATH: tl.constexpr = 4 * V
+    pid = tl.program_id(0)
+    n = (pid // QBLOCKS).to(tl.int64)
+    q = (pid % QBLOCKS) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qmask = q < hl * wl
+    i = tl.where(qmask, q // wl, 0)
+    j = tl.where(qmask, q % wl, 0)
+    ys = tl.load(win_ptr + i)
+    yn = tl.load(win_ptr + hl + i)
+    xs0 = tl.load(win_ptr + 2 * hl + j)
+    xn = tl.load(win_ptr + 2 * hl + wl + j)
+    sxc64 = tl.cast(sxc, tl.int64)
+    sgc64 = tl.cast(sgc, tl.int64)
+    zero = tl.zeros([BLOCK_Q], dtype=ACC)
+    if GRAD_MODE == 1:
+        g1 = tl.load(go_ptr).to(ACC)
+    acc = ()
+    for v in tl.static_range(V):
+        acc = acc + (zero,)
+    for dy in range(0, KY):  # sm90: trips=KY
+        yok = qmask & (dy < yn)
+        Y = tl.where(yok, ys + dy, 0)
+        iy0 = tl.load(ui_ptr + Y)
+        iy1 = tl.load(ui_ptr + Hh + Y)
+        ly = tl.load(ul_ptr + Y)
+        wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
+        for dx in range(0, KX):  # sm90: trips=KX
+            ok = yok & (dx < xn)
+            X = tl.where(ok, xs0 + dx, 0)
+            ix0 = tl.load(ui_ptr + 2 * Hh + X)
+            ix1 = tl.load(ui_ptr + 2 * Hh + W + X)
+            lx = tl.load(ul_ptr + Hh + X)
+            wx = tl.where(ix0 == j, 1.0 - lx, 0.0) + tl.where(ix1 == j, lx, 0.0)
+            Y64 = Y.to(tl.int64)
+            X64 = X.to(tl.int64)
+            y, valid, bad = C.load_labels(t_ptr + n * stn + Y64 * sth + X64 * stw, ok, ignore_index, L)
+            if GRAD_MODE == 1:
+                gsc = zero + g1
+            else:
+                gsc = tl.load(go_ptr + n * son + Y64 * soh + X64 * sow, mask=ok, other=0.0).to(ACC)
+            r0 = n * sxn + iy0.to(tl.int64) * sxh
+            r1 = n * sxn + iy1.to(tl.int64) * sxh
+            u00 = r0 + ix0.to(tl.int64) * sxw
+            u01 = r0 + ix1.to(tl.int64) * sxw
+            u10 = r1 + ix0.to(tl.int64) * sxw
+            u11 = r1 + ix1.to(tl.int64) * sxw
+            path = ()
+            for d in tl.static_range(D):
+                path = path + (tl.load(tab_ptr + OFF_PATH + y * D + d, mask=ok, other=-1),)
+            # First pass (reverse pre-order): the NaN scan and, for the tree-min, every internal node's M_v.
+            cm = ()
+            for d in tl.static_range(D + 1):
+                cm = cm + (zero - float("inf"),)
+            mi = ()
+            for v in tl.static_range(V):
+                if not LEAF[v]:
+                    mi = mi + (zero,)
+            for jj in tl.static_range(V):
+                if jj % G == 0:
+                    xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, jj, G, True, ACC)
+                x = xg[jj % G]
+                if USE_EXTREMA:
+                    if LEAF[V - 1 - jj]:
+                        m = x
+                    else:
+                        m = tl.maximum(x, cm[DEP[V - 1 - jj]], propagate_nan=tl.PropagateNan.ALL)
+                        cm = T.replace(cm, DEP[V - 1 - jj], zero - float("inf"))
+                        mi = T.replace(mi, IDX[V - 1 - jj], m)
+                    cm = T.replace(cm, DEP[V - 1 - jj] - 1,
+                                   tl.maximum(cm[DEP[V - 1 - jj] - 1], m, propagate_nan=tl.PropagateNan.ALL))
+                else:
+                    cm = T.replace(cm, 0, tl.maximum(cm[0], x, propagate_nan=tl.PropagateNan.ALL))
+            nan = cm[0] != cm[0]
+            bad = bad | (valid & nan)
+            gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+            ngsc = -gsc
+            wgt = wy * wx
+            if USE_EXTREMA:
+                _, kpath, _ = _path_min(x_ptr, k_ptr, u00, sxc, ok, path, zero, D, True, u01, u10, u11, lx, ly, True)
+                mo = ()
+                pend = ()
+                for d in tl.static_range(D):
+                    mo = mo + (zero,)
+                    pend = pend + (zero,)
+            # Second pass (pre-order): each node's gradient, added to its accumulator.
+            for v in tl.static_range(V):
+                if v % G == 0:
+                    xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, v, G, False, ACC)
+                x = xg[v % G]
+                kin = tl.load(k_ptr + CH[v]).to(ACC)
+                on = path[DEP[v] - 1] == CH[v]
+                if USE_EXTREMA:
+                    # _tree_min_kernel's top-down routing; a path node's term is its own (K of the deeper path
+                    # nodes whose argmin it is, at w = -x) instead of the off-path form.
+                    if LEAF[v]:
+                        m = x
+                    else:
+                        m = mi[IDX[v]]
+                        kin = tl.where(on, 0.0, kin)
+                    if DEP[v] > 1:
+                        hit = m == mo[DEP[v] - 2]
+                        kin += tl.where(hit, pend[DEP[v] - 2], 0.0)
+                        pend = T.replace(pend, DEP[v] - 2, tl.where(hit, 0.0, pend[DEP[v] - 2]))
+                    if LEAF[v]:
+                        kk = kin
+                    else:
+                        own = x >= m
+                        kk = tl.where(own, kin, 0.0)
+                        pend = T.replace(pend, DEP[v] - 1, tl.where(own, 0.0, kin))
+                        mo = T.replace(mo, DEP[v] - 1, m)
+                    _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                    g = (tl.where(on, kpath[DEP[v] - 1], kk) * df) * tl.where(on, gsc, ngsc)
+                else:
+                    _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+                    g = kin * df
+                    g = tl.where(on, g, -g) * gsc
+                # 0 off the window and at ignored pixels (whatever their logits); a zero weight times a NaN
+                # gradient stays NaN, as in F.interpolate's backward.
+                g = tl.where(valid, g, 0.0)
+                acc = T.replace(acc, v, acc[v] + wgt * g)
+    gq = n * sgn + i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
+    for v in tl.static_range(0, V, G):
+        T.store_group(g_ptr, gq, sgc64, qmask, acc[v:min(v + G, V)], CH, V, v, G)
+
+
 # Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16) for the gradient kernels and the
 # tree BCE; the tree-min forward takes 16 bytes (FORWARD_BYTES, _shape). Every [pixels] load of a program
 # (labels, the label's path) shares the logits' register layout (see the kernel's x0).
@@ -351,21 +546,19 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
             grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
     L, D = sizes[:2]
     V = logits.shape[1]
-    if len(sizes) < 4 + 2 * V:  # tables.tree_min_sizes alone (a direct call of the op): the tree from the table
-        t = tab.cpu().tolist()
-        sizes = list(sizes[:4]) + t[V:2 * V] + [t[c] for c in t[V:2 * V]]
+    sizes = _compiled_sizes(tab, V, sizes)
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
-    gmode = 0 if gamma == 0 else 2 if gamma == 2 else 1
+    gmode = _gmode(gamma)
     two_pass = grad_mode != C.GRAD_NONE and use_extrema
     vec, group = _shape(logits, use_extrema, two_pass)
     return C.launch_loss_kernel(
-        _tree_min_kernel, logits, target, (tab, k), (float(gamma), float(eps), int(ignore_index)),
+        _tree_min_kernel, logits, target, (tab, k, tab, tab), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         blocks=_blocks(logits, two_pass, use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=group, PIN=C.fast_exp(logits), VEC=vec,
-        ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0,
+        ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0, UPSAMPLE=False,
     )
 
 
@@ -404,6 +597,89 @@ def gpu_blocks(logits, two_pass=False, use_extrema=False):
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return 1, 128, 4
     return 1, _shape(logits, use_extrema, two_pass)[0] * 32 * 4, 4
+
+
+def _compiled_sizes(tab, V, sizes):
+    """The ``sizes`` argument with the compiled-in tree (``_tree_sizes``), rebuilt from the table for a direct
+    call of an op with ``tables.tree_min_sizes`` alone."""
+    if len(sizes) < 4 + 2 * V:
+        t = tab.cpu().tolist()
+        sizes = list(sizes[:4]) + t[V:2 * V] + [t[c] for c in t[V:2 * V]]
+    return sizes
+
+
+def _up_blocks(logits, backward=False):
+    """(BLOCK_P or BLOCK_Q, num_warps) of the upsampled kernels: under the interpreter up to 1024 pixels at a
+    time (the forward; the backward's block is cut to the image's low-resolution pixels); compiled, one pixel
+    per thread (every logit is four gathered loads)."""
+    if C.interpreted(logits.device):
+        return 1024, 4
+    return 128, 4
+
+
+def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes, align_corners, loss_mode,
+                   loss):
+    """The forward of the upsampled loss: ``_tree_min_kernel`` with UPSAMPLE over the target's pixels (1-D
+    grid); returns (partials, counts) as :func:`_common.launch_loss_kernel`."""
+    N, V, h, w = logits.shape
+    _, H, W = target.shape
+    L, D = sizes[:2]
+    sizes = _compiled_sizes(tab, V, sizes)
+    ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
+    acc = C.acc_dtype(logits.dtype)
+    ui, ul, _, _, _ = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    P = N * H * W
+    block_p, warps = _up_blocks(logits)
+    if C.interpreted(logits.device):
+        block_p = min(max(triton.next_power_of_2(max(P, 1)), 16), block_p)
+    grid = (max(triton.cdiv(P, block_p), 1),)
+    partials = torch.empty(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=logits.device)
+    counts = torch.empty_like(partials, dtype=torch.int32)
+    C.launch(
+        _tree_min_kernel, grid, logits,
+        logits, target, tab, k, ui, ul, partials if loss is None else loss, partials, counts, partials, partials,
+        P, max(H * W, 1), max(W, 1),
+        *logits.stride(), *target.stride(), 0, 0, 0, 0, 0, 0, 0,
+        float(gamma), float(eps), int(ignore_index),
+        V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_C=1, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+        USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
+        FLAT=False, FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), VEC=1, ADDR_PIN=0, UPSAMPLE=True,
+        num_warps=warps,
+    )
+    return partials, counts
+
+
+def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps, ignore_index, use_extrema,
+                   sizes, align_corners):
+    """Writes ``grad`` (the low-resolution logits' gradient) with ``_tree_min_up_bwd_kernel``."""
+    N, V, h, w = logits.shape
+    _, H, W = target.shape
+    if N == 0:
+        return
+    L, D = sizes[:2]
+    sizes = _compiled_sizes(tab, V, sizes)
+    ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
+    acc = C.acc_dtype(logits.dtype)
+    ui, ul, win, KY, KX = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
+    block_q, warps = _up_blocks(logits, backward=True)
+    block_q = min(block_q, max(triton.next_power_of_2(h * w), 16))
+    qblocks = triton.cdiv(h * w, block_q)
+    gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
+    C.launch(
+        _tree_min_up_bwd_kernel, (N * qblocks,), logits,
+        logits, target, tab, k, ui, ul, win, grad, grad_out,
+        H, W, h, w, qblocks,
+        *logits.stride(), *target.stride(), *grad.stride(), *gos,
+        float(gamma), float(eps), int(ignore_index),
+        V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_Q=block_q, ACC=C.tl_acc(logits.dtype),
+        USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, GRAD_MODE=grad_mode,
+        FAST=C.fast_exp(logits), G=T.GROUP, KY=KY, KX=KX, num_warps=warps,
+    )
+
+
+def _gmode(gamma):
+    """The kernels' GMODE: 0 for gamma = 0, 2 for gamma = 2, 1 for any other gamma."""
+    return 0 if gamma == 0 else 2 if gamma == 2 else 1
 
 
 # ----------------------------------------------------------------------------------- custom ops
@@ -486,15 +762,85 @@ def _backward(ctx, g_loss, g_count, g_grad):
 _tree_min_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("hss_triton::tree_min_up_fwd", mutates_args=())
+def _tree_min_up_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, sizes: List[int],
+                     gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool,
+                     align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loss of low-resolution node logits ``(N, V, h, w)`` bilinearly upsampled to the target's ``(H, W)``:
+    → (loss, count of non-ignored pixels)."""
+    N = logits.shape[0]
+    _, H, W = target.shape
+    acc = C.acc_dtype(logits.dtype)
+    dev = logits.device
+    args = (logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes, align_corners)
+    if reduction == "none":
+        loss = torch.empty((N, H, W), dtype=acc, device=dev)
+        _launch_up_fwd(*args, C.LOSS_PER_PIXEL, loss)
+        count = torch.zeros((), dtype=torch.int64, device=dev)
+    else:
+        partials, counts = _launch_up_fwd(*args, C.LOSS_PARTIALS, None)
+        loss = C.reduce_partials(partials, counts, reduction)
+        count = counts.sum(dtype=torch.int64)
+    return loss, count
+
+
+@_tree_min_up_fwd.register_fake
+def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners):
+    N, H, W = target.shape
+    acc = C.acc_dtype(logits.dtype)
+    loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
+    return loss, logits.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("hss_triton::tree_min_up_bwd", mutates_args=())
+def _tree_min_up_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
+                     k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float,
+                     ignore_index: int, reduction: str, use_extrema: bool, align_corners: bool) -> torch.Tensor:
+    """The gradient of the low-resolution logits, in their dtype (and strides where dense)."""
+    grad = torch.empty_like(logits)
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
+    _launch_up_bwd(grad, go, mode, logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes,
+                   align_corners)
+    return grad
+
+
+@_tree_min_up_bwd.register_fake
+def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema,
+      align_corners):
+    return torch.empty_like(logits)
+
+
+def _up_setup_context(ctx, inputs, output):
+    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners = inputs
+    loss, count = output
+    ctx.opts = (sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners)
+    ctx.save_for_backward(logits, target, tab, k, count)
+
+
+def _up_backward(ctx, g_loss, g_count):
+    logits, target, tab, k, count = ctx.saved_tensors
+    dx = _tree_min_up_bwd(g_loss, logits, target, tab, k, count, *ctx.opts)
+    return (dx,) + (None,) * 10
+
+
+_tree_min_up_fwd.register_autograd(_up_backward, setup_context=_up_setup_context)
+
+
 # ----------------------------------------------------------------------------------- public
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
-               use_extrema, with_grad=False):
+               use_extrema, with_grad=False, upsample=None, align_corners=False):
     C.check_call(logits, target, reduction, single_pass, "V")
+    if upsample is not None:
+        C.check_upsample(logits, target, upsample, single_pass)
     dev = logits.device
     acc = C.acc_dtype(logits.dtype)
     tab = tables.tree_min_table(tree, dev)
     k = tables.node_weight_vector(tree, scale, normalize, acc, dev)
     sizes = _tree_sizes(tree)
+    if upsample is not None:
+        loss, _ = _tree_min_up_fwd(logits, target, tab, k, sizes, float(gamma), float(eps), int(ignore_index),
+                                   reduction, use_extrema, bool(align_corners))
+        return loss
     if with_grad:
         with torch.no_grad():
             loss, _, grad = _tree_min_fwd(logits.detach(), target, tab, k, sizes, float(gamma), float(eps),
@@ -507,27 +853,42 @@ def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index,
 
 def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0, scale: float = 1.0,
                   eps: float = 0.0, normalize: str = "level", ignore_index: int = 255, reduction: str = "mean",
-                  single_pass: bool = False) -> torch.Tensor:
+                  single_pass: bool = False, upsample: Optional[str] = None,
+                  align_corners: bool = False) -> torch.Tensor:
     """Focal tree-min loss on the Triton backend (see ``hss_kernels.tree_min_loss``).
 
     ``logits``: ``(N, V, H, W)`` node logits, float16/bfloat16/float32/float64, any strides;
     ``target``: ``(N, H, W)`` integer leaf labels or ``ignore_index``. Loss in float32 (float64 for
     float64 logits), gradient in the logits' dtype. ``single_pass=True`` (``mean``/``sum`` only)
     writes the gradient during the forward; backward scales it by the incoming gradient (one
-    elementwise pass; :func:`tree_min_loss_and_grad` skips it). Raises ValueError for a non-4-D input or
-    ``single_pass`` with ``reduction="none"``; the options are the public API's to check.
+    elementwise pass; :func:`tree_min_loss_and_grad` skips it).
+
+    ``upsample="bilinear"``: ``logits`` ``(N, V, h, w)`` at most the target's ``(N, H, W)`` size; the loss of
+    the logits interpolated as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` in float32
+    (float64), fused: the forward interpolates each pixel's logits from its 2x2 stencil, the backward gathers
+    each low-resolution element's terms in a fixed order (no atomics); neither the full-resolution logits nor
+    their gradient is stored. Not with ``single_pass``.
+
+    Raises ValueError for a non-4-D input, ``single_pass`` with ``reduction="none"`` or with ``upsample``, an
+    ``upsample`` other than None or "bilinear", or a target smaller than the logits or of another batch; the
+    options are the public API's to check.
     """
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
-                      True)
+                      True, upsample=upsample, align_corners=align_corners)
 
 
 def tree_bce_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 0.0, scale: float = 1.0,
                   eps: float = 0.0, normalize: str = "level", ignore_index: int = 255, reduction: str = "mean",
-                  single_pass: bool = False) -> torch.Tensor:
+                  single_pass: bool = False, upsample: Optional[str] = None,
+                  align_corners: bool = False) -> torch.Tensor:
     """Multi-label (focal) BCE over every node on the Triton backend (see ``hss_kernels.tree_bce_loss``).
-    Same arguments, dtypes and errors as :func:`tree_min_loss`."""
+    Same arguments (``upsample`` fused the same way), dtypes and errors as :func:`tree_min_loss`."""
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
-                      False)
+                      False, upsample=upsample, align_corners=align_corners)
+
+
+tree_min_loss.takes_upsample = True  # functional.py passes upsample= / align_corners= through
+tree_bce_loss.takes_upsample = True
 
 
 def tree_min_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0,
