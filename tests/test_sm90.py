@@ -496,3 +496,30 @@ def test_one_upsampled_triton_kernel_end_to_end(tmp_path):
     # runs of 4 rows (columns), 6 in the first of 18 tile rows (columns); chunks of 8 leaves
     assert trips == pytest.approx([4 + 2 / 18, 4 + 2 / 18, 9])
     assert row["issue_ms"] > 0 and not row["warnings"]
+
+
+def test_update_replaces_only_the_selected_rows(tmp_path):
+    # --update: a re-run of a few kernels keeps the other rows of sm90.json as they were, in the model's order,
+    # and drops the not-fused notes of the (op, backend, pass) it re-ran.
+    import argparse
+    import json as _json
+
+    from benchmarks.sm90 import __main__ as cli
+
+    def row(op, backend, dtype, pass_, layout, up, ms):
+        return {"op": op, "backend": backend, "dtype": dtype, "pass": pass_, "layout": layout, "upsample": up,
+                "issue_ms": ms}
+
+    old = [row("hierarchical_softmax", "triton", "float32", "forward", "nchw", 1, 1.0),
+           row("tree_min", "cuda", "float32", "forward", "nchw", 1, 2.0),
+           row("tree_min", "cuda", "bfloat16", "forward", "nchw", 1, 3.0)]
+    notes = [{"rows": "tree_min triton backward", "reason": "old"}, {"rows": "decode cuda forward", "reason": "kept"}]
+    (tmp_path / "sm90.json").write_text(_json.dumps({"kernels": old, "not_fused": notes}))
+    args = argparse.Namespace(out=tmp_path, op=["tree_min"], backend=["cuda", "triton"], dtype=["float32"],
+                              passes=["forward", "backward"], layout=["nchw"], upsample=[1])
+    fresh = [row("tree_min", "cuda", "float32", "forward", "nchw", 1, 0.5)]
+    rows, not_fused = cli._updated(args, fresh, {})
+    assert [r["issue_ms"] for r in rows] == [1.0, 0.5, 3.0]
+    assert not_fused == {"decode cuda forward": "kept"}
+    with pytest.raises(SystemExit, match="--update needs"):
+        cli._updated(argparse.Namespace(**{**vars(args), "out": tmp_path / "none"}), fresh, {})

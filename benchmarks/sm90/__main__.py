@@ -86,8 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each kernel's SASS with the executions per thread the model counts for every "
                         "instruction (the way to check the model)")
     p.add_argument("--jobs", type=int, default=2, help="nvcc processes at a time (default 2)")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the selected rows of the existing OUT/sm90.json (the others kept as they "
+                        "were modelled), for re-running a few kernels without compiling all of them")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     return p
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["op"], row["backend"], row["dtype"], row["pass"], row["layout"], row.get("upsample", 1))
+
+
+def _updated(args, rows: List[dict], not_fused: dict):
+    """``--update``: this run's rows and not-fused notes in place of the same rows of ``OUT/sm90.json``, the
+    rows it did not select kept as they are, in the model's order."""
+    path = args.out / "sm90.json"
+    if not path.is_file():
+        raise SystemExit(f"benchmarks.sm90: --update needs an existing {path}")
+    old = json.loads(path.read_text())
+    selected = set(model.selection(args.op, args.backend, args.dtype, args.passes, args.layout, args.upsample))
+    fresh = {_row_key(r): r for r in rows}
+    kept = {_row_key(r): r for r in old["kernels"] if _row_key(r) not in selected}
+    order = {k: i for i, k in enumerate(model.selection(list(model.OPS), model.BACKENDS, list(model.DTYPES),
+                                                         model.PASSES, model.LAYOUTS, model.UPSAMPLE))}
+    merged = sorted({**kept, **fresh}.values(), key=lambda r: order.get(_row_key(r), len(order)))
+    done = {(op, b, p) for op, b, _, p, _, _ in selected}
+    notes = {n["rows"]: n["reason"] for n in old.get("not_fused", [])
+             if tuple(n["rows"].split()) not in done}
+    return merged, {**notes, **not_fused}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -110,6 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (SassError, tools.ToolMissing) as exc:
             failures.append((tag, f"{type(exc).__name__}: {exc}"))
             log(f"  {tag}: FAILED: {exc}")
+    if args.update:
+        rows, not_fused = _updated(args, rows, not_fused)
     doc = {
         "assumptions": report.assumptions(ctx),
         "kernels": rows,
