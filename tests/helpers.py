@@ -430,13 +430,21 @@ def has_ties(logits, tree, activation, score) -> bool:
     return bool(((s == s.max(dim=1, keepdim=True).values).sum(dim=1) > 1).any())
 
 
-def assert_decodes_like_reference(got, logits, tree, activation="sigmoid", score="sum"):
+def assert_decodes_like_reference(got, logits, tree, activation="sigmoid", score="sum", ignore_index=255):
     """Labels equal the reference's, except at near ties where the two chosen leaves' float64 scores
-    agree to rounding (the kernels sum in another order than the reference's einsum)."""
+    agree to rounding (the kernels sum in another order than the reference's einsum). A pixel with a NaN
+    logit must be ``ignore_index`` exactly; the others are compared as above."""
     assert got.dtype == torch.int64 and got.device == logits.device
-    want = reference.decode(logits.cpu(), tree, activation, score)
+    want = reference.decode(logits.cpu(), tree, activation, score, ignore_index=ignore_index)
     assert got.shape == want.shape
     got = got.cpu()
+    nan = torch.isnan(logits.cpu()).any(dim=1).reshape(got.shape)
+    if bool(nan.any()):
+        assert bool((got[nan] == ignore_index).all()), "a pixel with a NaN logit is not ignore_index"
+        assert not bool((got[~nan] == ignore_index).any()), "a pixel without NaN logits got ignore_index"
+        logits = torch.where(torch.isnan(logits.cpu()), 0.0, logits.cpu()).to(logits.dtype)
+        want = reference.decode(logits, tree, activation, score)
+        got = torch.where(nan, want, got)
     diff = got != want
     if not bool(diff.any()):
         return
@@ -470,5 +478,22 @@ def assert_lowest_of_ties(labels, lowest):
 
 def decoder(backend: str):
     """The public decode with ``backend`` bound."""
-    return lambda logits, tree, activation="sigmoid", score="sum": hss_kernels.decode(
-        logits, tree, activation, score, backend=backend)
+    return lambda logits, tree, activation="sigmoid", score="sum", **kw: hss_kernels.decode(
+        logits, tree, activation, score, backend=backend, **kw)
+
+
+def with_nans(x, p_pixel=0.2):
+    """A copy of logits ``(N, C, *S)`` with NaN at random pixels: in one random channel (leaf or internal, the
+    first or the last), or in every channel; returns it and the (N, *S) mask of those pixels."""
+    x = x.clone()
+    N, C = x.shape[:2]
+    mask = torch.rand(N, *x.shape[2:]) < p_pixel
+    idx = mask.reshape(N, -1).nonzero().tolist()
+    for k, (n, p) in enumerate(idx):
+        pos = tuple(int(v) for v in torch.unravel_index(torch.tensor(p), x.shape[2:]))
+        if k % 4 == 3:
+            x[(n, slice(None)) + pos] = float("nan")
+        else:
+            c = (0, C - 1, int(torch.randint(0, C, ())))[k % 4 % 3]
+            x[(n, c) + pos] = float("nan")
+    return x, mask.to(x.device)

@@ -3,7 +3,8 @@
 For node logits ``x`` (V channels) a leaf's path score is ``sum_{d} a[path_nodes[l, d]]`` (divided by
 the path length for ``score="mean"``), with ``a = sigmoid(x)`` or the softmax over all V channels; the
 prediction is the leaf with the highest score, ties going to the lowest leaf id. Leaf logits are the
-same computation on a flat tree (one node per leaf, no activation): the argmax.
+same computation on a flat tree (one node per leaf, no activation): the argmax. A pixel with a NaN among its
+logits gets ``ignore_index``.
 
 ``_decode_kernel`` has the tree compiled in, as the tree-min kernel does (``_tree``; docs/MATH.md §3.10):
 the channels in pre-order, their depths and leaf ids are constexpr tuples, so a pixel's work is one
@@ -60,6 +61,7 @@ def _decode_kernel(
     x_ptr, out_ptr,
     P, HW, W,
     s_n, s_c, s_h, s_w,
+    IGNORE,
     V: tl.constexpr, CH: tl.constexpr, DEP: tl.constexpr, LID: tl.constexpr, D: tl.constexpr,
     ORDERED: tl.constexpr, ACT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
@@ -68,7 +70,8 @@ def _decode_kernel(
     # CH, DEP, LID: per pre-order position the node's channel, depth (1 = a child of the root) and leaf id
     # (-1: an internal node). ORDERED: the leaf ids increase along the pre-order, so a strict > keeps the
     # lowest id of a tie; else a tie compares the ids.
-    # The output is (N, H, W) contiguous: pixel p is at p, whatever the logits' layout.
+    # The output is (N, H, W) contiguous: pixel p is at p, whatever the logits' layout. IGNORE: the label of a
+    # pixel with a NaN among its V logits (each read once by the walk, `x != x` ORed into `bad`).
     pid, p, pmask, xpix, _, _, _ = _common.pixel_offsets(P, HW, W, s_n, s_h, s_w, s_n, s_h, s_w, s_n, s_h, s_w,
                                                         s_n, s_h, s_w, BLOCK_P, FLAT, VEC)
     sc64 = tl.cast(s_c, tl.int64)
@@ -108,14 +111,18 @@ def _decode_kernel(
         run = run + (zero,)
     best = zero - float("inf")
     best_l = tl.zeros([BLOCK_P], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_P], dtype=tl.int32)
     for i in tl.static_range(V):
         if i % G == 0:
             if PIN and i > 0:
                 run = T.pin_all(run, PIN)
                 best = T.pin(best, PIN)
                 best_l = T.pin(best_l, PIN)
+                bad = T.pin(bad, PIN)
             xs = T.load_group(x_ptr, xpix, sc64, pmask, CH, V, i, G, False, ACC, ACT == 1)
-        a = _activate(xs[i % G], m, rz, ACT, FAST)
+        xv = xs[i % G]
+        bad = bad | (xv != xv).to(tl.int32)
+        a = _activate(xv, m, rz, ACT, FAST)
         if DEP[i] == 1:
             s = a
         else:
@@ -131,10 +138,12 @@ def _decode_kernel(
                 take = (s > best) | ((s == best) & (best_l > LID[i]))
             best = tl.where(take, s, best)
             best_l = tl.where(take, LID[i], best_l)
-    tl.store(out_ptr + p, best_l.to(tl.int64), mask=pmask)
+    lab = tl.where(bad != 0, tl.zeros([BLOCK_P], dtype=tl.int64) + IGNORE, best_l.to(tl.int64))
+    tl.store(out_ptr + p, lab, mask=pmask)
 
 
-def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
+def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum",
+           ignore_index: int = 255) -> torch.Tensor:
     """Leaf label of the best root-to-leaf path per pixel, as :func:`hss_kernels.reference.decode`.
 
     Args:
@@ -143,6 +152,7 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
             (``!= V``) leaf logits, decoded by argmax.
         activation: ``"sigmoid"`` or ``"softmax"`` (over all node channels); score: ``"sum"`` or ``"mean"``
             over the path. Both are ignored for leaf logits. The public API checks them and the channels.
+        ignore_index: the label of a pixel with a NaN among its logits.
     Returns:
         int64 ``(N, H, W)``. Ties go to the lowest leaf id.
     Raises:
@@ -152,7 +162,7 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
         raise ValueError(f"decode: the Triton backend takes (N, C, H, W) logits, got {tuple(logits.shape)}")
     leaf_logits = logits.shape[1] == tree.num_leaves != tree.num_nodes
     act = _IDENTITY if leaf_logits else _ACT[activation]
-    return _decode(logits, _walk(tree, leaf_logits), act, score == "mean" and not leaf_logits)
+    return _decode(logits, _walk(tree, leaf_logits), act, score == "mean" and not leaf_logits, int(ignore_index))
 
 
 def _walk(tree: Tree, leaf_logits: bool) -> List[int]:
@@ -193,7 +203,7 @@ def _blocks(logits: torch.Tensor):
 
 # A custom op, so that torch.compile(fullgraph=True) traces decode without a graph break.
 @torch.library.custom_op("hss_triton::decode", mutates_args=())
-def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool) -> torch.Tensor:
+def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool, ignore_index: int) -> torch.Tensor:
     N, C, H, W = logits.shape
     out = torch.empty((N, H, W), dtype=torch.int64, device=logits.device)
     P, HW, Wd = _common.shape_args(logits)
@@ -211,6 +221,7 @@ def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool) -> torc
         logits, out,
         P, HW, Wd,
         *logits.stride(),
+        ignore_index,
         V=V, CH=ch, DEP=dep, LID=lid, D=D, ORDERED=ordered, ACT=act, MEAN=mean, ACC=_common.tl_acc(logits.dtype),
         BLOCK_P=block_p, FLAT=flat, FAST=fast, G=T.GROUP, PIN=not _common.interpreted(logits.device), VEC=vec, num_warps=num_warps,
     )
@@ -218,5 +229,5 @@ def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool) -> torc
 
 
 @_decode.register_fake
-def _(logits, walk, act, mean):
+def _(logits, walk, act, mean, ignore_index):
     return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.int64)
