@@ -40,8 +40,8 @@
 // (N, C, h, w) and the target, the per-pixel loss, stats and grad are (N, H, W) with H >= h, W >= w;
 // the result is the op on F.interpolate(logits, size=(H, W), mode="bilinear", align_corners) computed
 // in the accumulation dtype, and the backward returns the gradient of the (N, C, h, w) logits. The
-// full-resolution logits and their gradient are never stored. The CPU and CUDA kernels of the losses fuse
-// it; decode's CUDA kernel rejects a size (the Python side interpolates first there).
+// full-resolution logits and their gradient are never stored. The CPU and CUDA kernels of the losses and of
+// decode fuse it.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -17,7 +17,8 @@ Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N
 ``F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=align_corners)`` (interpolated in
 float32, or float64), with the gradient of the low-resolution logits. The native kernels (CPU and CUDA) and
 the Triton hierarchical softmax fuse the interpolation (the full-resolution logits and their gradient never
-exist); the other backends interpolate first. ``decode(..., size=(H, W))`` likewise (fused on the CPU).
+exist); the other backends interpolate first. ``decode(..., size=(H, W))`` likewise (fused in the native and Triton
+kernels).
 """
 from __future__ import annotations
 
@@ -309,7 +310,7 @@ def decode(
     ``size = (H, W)``: logits ``(N, C, h, w)`` with ``h <= H``, ``w <= W``; the labels ``(N, H, W)`` of
     the logits bilinearly interpolated to that size (``align_corners`` as in ``F.interpolate``; the NaN
     rule applies to the interpolated logits, where a NaN reaches every pixel whose 2x2 stencil holds it),
-    fused on the CPU.
+    fused in the native (CPU and CUDA) and Triton kernels: the upsampled logits are never stored.
 
     Raises:
         TypeError for non-float logits or a non-integer ``ignore_index``; ValueError for a wrong channel

@@ -91,25 +91,6 @@ def test_pixel_path(pixel_path, dtype):
                 assert_decodes_like_reference(got, x, tree, activation, score, -7)
 
 
-def _assert_size_like_reference(got, x, tree, activation, score, size, align_corners, ignore_index=255):
-    """With size: the NaN pixels exactly the reference's; elsewhere the picked leaf scores as high as the best
-    path of the interpolated logits, to rounding (near ties between interpolated scores may go either way)."""
-    want = reference.decode(x.cpu(), tree, activation, score, size=size, align_corners=align_corners,
-                            ignore_index=ignore_index)
-    got = got.cpu()
-    assert got.shape == want.shape and got.dtype == torch.int64
-    mask = want == ignore_index
-    assert torch.equal(got == ignore_index, mask)
-    up = reference.upsample_logits(x.cpu(), size, align_corners).double()
-    scores = H.path_scores(torch.where(torch.isnan(up), 0.0, up), tree, activation, score).reshape(
-        up.shape[0], -1, *size)
-    best = scores.max(dim=1).values
-    picked = scores.gather(1, torch.where(mask, 0, got)[:, None]).squeeze(1)
-    ok = (picked >= best - 1e-5 * best.abs().clamp(min=1)) | mask
-    assert bool(ok.all()), f"{int((~ok).sum())} labels score below the best path"
-    assert (got == want).float().mean() > 0.9
-
-
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_with_size(backend, device, align_corners):
     """decode(size=) with NaN low-resolution logits: the NaN spreads to every output pixel whose stencil holds
@@ -125,12 +106,12 @@ def test_with_size(backend, device, align_corners):
                 for activation in ACTIVATIONS:
                     got = hss_kernels.decode(x, tree, activation, "mean", backend=backend, size=(Hh, W),
                                              align_corners=align_corners)
-                    _assert_size_like_reference(got, x, tree, activation, "mean", (Hh, W), align_corners)
+                    H.assert_decode_size_like_reference(got, x, tree, activation, "mean", (Hh, W), align_corners)
                 cl = x.contiguous(memory_format=torch.channels_last)
                 a, b = (hss_kernels.decode(v, tree, backend=backend, size=(Hh, W), align_corners=align_corners,
                                            ignore_index=-1) for v in (x, cl))
                 assert torch.equal(a, b)
-                _assert_size_like_reference(a, x, tree, "sigmoid", "sum", (Hh, W), align_corners, -1)
+                H.assert_decode_size_like_reference(a, x, tree, "sigmoid", "sum", (Hh, W), align_corners, -1)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -142,7 +123,7 @@ def test_with_size_pixel_path(pixel_path, align_corners):
             for activation in ACTIVATIONS:
                 got = hss_kernels.decode(x, tree, activation, "sum", backend="native", size=(8, 13),
                                          align_corners=align_corners, ignore_index=-1)
-                _assert_size_like_reference(got, x, tree, activation, "sum", (8, 13), align_corners, -1)
+                H.assert_decode_size_like_reference(got, x, tree, activation, "sum", (8, 13), align_corners, -1)
 
 
 # --------------------------------------------------------------------------- API, schema, compile
@@ -174,4 +155,7 @@ def test_opcheck_and_compile(backend, device):
     f = torch.compile(lambda a: hss_kernels.decode(a, tree, "softmax", "mean", backend=backend, ignore_index=-1),
                       fullgraph=True, backend="aot_eager")
     assert torch.equal(f(x).cpu(), reference.decode(x.cpu(), tree, "softmax", "mean", ignore_index=-1))
+    g = torch.compile(lambda a: hss_kernels.decode(a, tree, backend=backend, size=(5, 9), align_corners=True,
+                                                   ignore_index=-1), fullgraph=True, backend="aot_eager")
+    H.assert_decode_size_like_reference(g(x), x, tree, "sigmoid", "sum", (5, 9), True, -1)
     torch._dynamo.reset()

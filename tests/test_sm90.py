@@ -435,11 +435,13 @@ def test_cuda_launches_match_the_host_rules():
     assert (cl.kernel, cl.blocks, cl.threads, cl.dynamic_smem) == ("hierarchical_softmax_fwd_kernel", P // 256, 256,
                                                                     66 * 32)
     # decode: the kernel instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
-    # (vistas) and the sum score, 11 parameters (x, walk, out, total, HW, W, C, four strides)
+    # (vistas), the sum score and no upsampling, 13 parameters (x, walk, out, total, HW, W, C, four strides,
+    # ignore_index, the upsampling geometry)
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), tree, 0.0)
-    assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0EE", 256, 0, 11)
+    assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb0EE", 256,
+                                                                             0, 13)
     (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "nchw", (8, 80, 64, 64), trees.load("vistas"), 0.0)
-    assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0EE"
+    assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0ELb0EE"
 
 
 def _need_triton_sm90_tools():

@@ -281,13 +281,13 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
                             extrema], scalars, smem)]
     if op == "decode":
-        # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean>, kAct 0 (sigmoid), kOrdered when the
-        # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"); the walk in
-        # static shared memory
+        # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean, kUp>, kAct 0 (sigmoid), kOrdered when the
+        # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"), kUp false (no
+        # size=); the walk in static shared memory
         leaves = [tree.channel_labels[c] for c in tree.dfs_order if tree.channel_labels[c] >= 0]
         ordered = "Lb1E" if leaves == sorted(leaves) else "Lb0E"
-        return [CudaLaunch("decode", "decode_kernel", T + "Li0E" + ordered + "Lb0E", nb, THREADS,
-                           [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3]],
+        return [CudaLaunch("decode", "decode_kernel", T + "Li0E" + ordered + "Lb0ELb0E", nb, THREADS,
+                           [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3], 255, None],
                            {"P": P, "C": C, "L": L, "D": D})]
     raise ValueError(op)
 
