@@ -348,17 +348,19 @@ def test_selection_and_not_fused_rows():
                     ("hierarchical_softmax", "cuda", "float32", "forward", "nchw", 4),
                     ("hierarchical_softmax", "cuda", "float32", "backward", "nchw", 4),
                     ("decode", "cuda", "float32", "forward", "nchw", 4)]
-    assert cuda_side.fuses_upsample("tree_bce", "backward") and not cuda_side.fuses_upsample("decode", "forward")
+    assert cuda_side.fuses_upsample("tree_bce", "backward") and cuda_side.fuses_upsample("decode", "forward")
+    assert not cuda_side.fuses_upsample("decode", "backward")  # no such pass: the NotFused path
     with pytest.raises(model.NotFused, match="decode"):
-        cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), trees.load("vistas_v2"),
+        cuda_side.launches("decode", "backward", "float32", "nchw", (8, 147, 1024, 1024), trees.load("vistas_v2"),
                            0.0, 4)
     with pytest.raises(model.NotFused, match="decode"):
-        model.Context(Path("/nonexistent"), log=lambda m: None).cuda_row("decode", "float32", "forward", "nchw", 4)
+        model.Context(Path("/nonexistent"), log=lambda m: None).cuda_row("decode", "float32", "backward", "nchw", 4)
     # Triton: the registry function's takes_upsample decides, and the call is the public API's
     import hss_kernels.triton as T
 
     assert triton_side.fuses_upsample("hierarchical_softmax") == bool(T.hierarchical_softmax_loss.takes_upsample)
     assert triton_side.fuses_upsample("tree_min") == bool(getattr(T.tree_min_loss, "takes_upsample", False))
+    assert triton_side.fuses_upsample("decode")
     calls = []
     fake = lambda *a, **k: calls.append((a, k))  # noqa: E731
     x, t = object(), torch.empty(2, 12, 16)
@@ -401,6 +403,10 @@ def test_cuda_launches_of_the_fused_upsampling():
     (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 18, N * 128 * 128)
     assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
+    # decode with size=: kUp, one thread per label pixel, the geometry last
+    (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (N, 147, H, W), v2, 0.0, s)
+    assert (dec.pattern, dec.blocks, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb1EE", N * H * W // 256, 13)
+    assert dec.params[3:7] == [N * H * W, H * W, W, 147] and len(dec.params[-1]) == 88
     with pytest.raises(ValueError, match="divisor"):
         cuda_side.launches("tree_min", "forward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 3)
 

@@ -264,8 +264,8 @@ def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool, ignore_
     upsample = len(size) > 0
     block_p, num_warps, vec = _up_blocks(logits, P) if upsample else _blocks(logits)
     if upsample:
-        idx, lam, _, _, _ = HS._up_tables(h, w, H, W, bool(align_corners), _common.acc_dtype(logits.dtype),
-                                          logits.device)
+        idx, lam = HS._up_tables(h, w, H, W, bool(align_corners), _common.acc_dtype(logits.dtype),
+                                 logits.device)[:2]
         flat, HW, Wd = False, H * W, W
     else:
         idx = lam = out  # not read
