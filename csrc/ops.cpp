@@ -25,7 +25,8 @@
 //              gamma, eps, ignore_index, extrema) -> grad_logits. It needs no saved statistics: the
 //   extrema are recomputed from the logits it reads anyway.
 //
-// decode(logits (N, C, H, W), walk (3, C) int32, ordered, activation, score) -> (N, H, W) int64: the leaf
+// decode(logits (N, C, H, W), walk (3, C) int32, ordered, activation, score, size, align_corners,
+//        ignore_index) -> (N, H, W) int64: the leaf
 //   label of the best root-to-leaf path per pixel (docs/MATH.md §4.3), ties to the lowest leaf id.
 //   walk: the tree's nodes in pre-order, rows channel, depth (1..8) and leaf id (-1: internal)
 //   (tables.decode_walk; a flat walk of the L channels, depth 1, leaf id = channel, with activation 2
@@ -33,13 +34,14 @@
 //   the CPU checks this and the walk's values, the CUDA kernel clamps bad entries into range).
 //   activation: 0 sigmoid, 1 softmax over all C channels, 2 identity; score: 0 sum, 1 mean over the path.
 //   size: [] (labels at the logits' size) or [H, W] >= (h, w): labels of the logits upsampled bilinearly.
+//   ignore_index: the label of a pixel with a NaN in any of the C channels it reads (upsampled, with a size).
 //
 // Fused upsampling (upsample = 1, bilinear; align_corners as in F.interpolate): the losses' logits are
 // (N, C, h, w) and the target, the per-pixel loss, stats and grad are (N, H, W) with H >= h, W >= w;
 // the result is the op on F.interpolate(logits, size=(H, W), mode="bilinear", align_corners) computed
 // in the accumulation dtype, and the backward returns the gradient of the (N, C, h, w) logits. The
-// full-resolution logits and their gradient are never stored. The CPU and CUDA kernels of the losses fuse
-// it; decode's CUDA kernel rejects a size (the Python side interpolates first there).
+// full-resolution logits and their gradient are never stored. The CPU and CUDA kernels of the losses and of
+// decode fuse it.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -64,5 +66,5 @@ TORCH_LIBRARY(hss_kernels, m) {
         "int num_leaves, int depth, float gamma, float eps, int ignore_index, bool extrema, int upsample=0, "
         "bool align_corners=False) -> Tensor");
   m.def("decode(Tensor logits, Tensor walk, bool ordered, int activation, int score, int[] size=[], "
-        "bool align_corners=False) -> Tensor");
+        "bool align_corners=False, int ignore_index=255) -> Tensor");
 }

@@ -5,6 +5,8 @@ what they check. Messages start with the public function's name (``fn``).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -41,6 +43,23 @@ def check_decode_options(fn: str, activation: str, score: str) -> None:
         raise ValueError(f"{fn}: activation must be 'sigmoid' or 'softmax', got {activation!r}")
     if score not in SCORES:
         raise ValueError(f"{fn}: score must be 'sum' or 'mean', got {score!r}")
+
+
+def check_decode_ignore_index(fn: str, ignore_index, num_leaves: int) -> int:
+    """decode's ``ignore_index`` (the label of NaN pixels) as an int: an integer (not a bool) that fits int64
+    and is no leaf id (outside ``[0, L)``), so that it cannot be mistaken for a prediction."""
+    try:
+        if isinstance(ignore_index, bool) or (isinstance(ignore_index, torch.Tensor) and ignore_index.dtype == torch.bool):
+            raise TypeError
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}") from None
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"{fn}: ignore_index must fit int64, got {ignore_index}")
+    if 0 <= ignore_index < num_leaves:
+        raise ValueError(f"{fn}: ignore_index={ignore_index} is a leaf id of the tree (leaves 0..{num_leaves - 1}); "
+                         f"pass a label outside [0, {num_leaves}) for the pixels with NaN logits (e.g. -1)")
+    return ignore_index
 
 
 UPSAMPLE_MODES = (None, "bilinear")

@@ -17,7 +17,7 @@ Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N
 ``F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=align_corners)`` (interpolated in
 float32, or float64), with the gradient of the low-resolution logits. The native kernels (CPU and CUDA) and
 the Triton losses fuse the interpolation (the full-resolution logits and their gradient never exist); the
-reference interpolates first. ``decode(..., size=(H, W))`` likewise (fused on the CPU).
+reference interpolates first. ``decode(..., size=(H, W))`` likewise (fused in the native and Triton kernels).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import reference
-from ._checks import (check_decode_options, check_labels, check_nonnegative, check_normalize,
+from ._checks import (check_decode_ignore_index, check_decode_options, check_labels, check_nonnegative, check_normalize,
                       check_reduction, check_upsample, check_weights, label_check_enabled, set_label_check)
 from .backends import resolve
 from .tree import Tree
@@ -294,6 +294,7 @@ def decode(
     backend: str = "auto",
     size: Optional[Sequence[int]] = None,
     align_corners: bool = False,
+    ignore_index: int = 255,
 ) -> torch.Tensor:
     """Leaf label (int64, ``(N, *S)``) of the best root-to-leaf path per pixel.
 
@@ -301,9 +302,18 @@ def decode(
     ``sigmoid`` (or the softmax over all nodes, ``activation="softmax"``). Leaf logits (``L``
     channels): the argmax. Ties go to the lowest leaf id.
 
+    NaN: a pixel with a NaN in any of its ``C`` channels gets the label ``ignore_index`` (default 255, the
+    losses' and metrics' ignore label; it must not be a leaf id, i.e. outside ``[0, L)``), on every backend.
+    Infinite logits are not special.
+
     ``size = (H, W)``: logits ``(N, C, h, w)`` with ``h <= H``, ``w <= W``; the labels ``(N, H, W)`` of
-    the logits bilinearly interpolated to that size (``align_corners`` as in ``F.interpolate``), fused
-    on the CPU.
+    the logits bilinearly interpolated to that size (``align_corners`` as in ``F.interpolate``; the NaN
+    rule applies to the interpolated logits, where a NaN reaches every pixel whose 2x2 stencil holds it),
+    fused in the native (CPU and CUDA) and Triton kernels: the upsampled logits are never stored.
+
+    Raises:
+        TypeError for non-float logits or a non-integer ``ignore_index``; ValueError for a wrong channel
+        count, option or size, or an ``ignore_index`` in ``[0, L)``.
     """
     fn = "decode"
     tree = as_tree(tree)
@@ -313,16 +323,17 @@ def decode(
         raise ValueError(f"{fn}: logits must be (N, C, *S) with C = {tree.num_nodes} (nodes) or "
                          f"{tree.num_leaves} (leaves) channels, got {tuple(logits.shape)}")
     check_decode_options(fn, activation, score)
+    ignore_index = check_decode_ignore_index(fn, ignore_index, tree.num_leaves)
     impl = resolve(fn, backend, logits.device, logits.dtype)
+    kw = dict(activation=activation, score=score, ignore_index=ignore_index)
     if size is not None:
         check_upsample(fn, logits.shape, size, "size")
         size = tuple(int(s) for s in size)
         if getattr(impl, "takes_upsample", False):
-            return impl(logits, tree, activation=activation, score=score, size=size, align_corners=align_corners)
-        return impl(reference.upsample_logits(logits.detach(), size, align_corners), tree, activation=activation,
-                    score=score)
+            return impl(logits, tree, size=size, align_corners=align_corners, **kw)
+        return impl(reference.upsample_logits(logits.detach(), size, align_corners), tree, **kw)
     x, _ = _to4d(logits, logits[:, 0])
-    out = impl(x, tree, activation=activation, score=score)
+    out = impl(x, tree, **kw)
     return out.reshape(logits.shape[0], *logits.shape[2:])
 
 

@@ -14,7 +14,7 @@ maps, in the ``update() / compute() / reset()`` style of torchmetrics::
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -24,9 +24,13 @@ from .tree import Tree
 __all__ = ["HierarchicalMetrics", "scores_from_confusion"]
 
 
-def scores_from_confusion(matrix: torch.Tensor, counted: Optional[torch.Tensor] = None
-                          ) -> Dict[str, Union[torch.Tensor, float]]:
-    """Scores of one ``(K, K)`` confusion matrix (rows: target, columns: prediction).
+def scores_from_confusion(matrix: torch.Tensor, counted: Optional[torch.Tensor] = None,
+                          missed: Optional[torch.Tensor] = None) -> Dict[str, Union[torch.Tensor, float]]:
+    """Scores of one ``(K, K)`` confusion matrix (rows: target, columns: prediction) and, optionally, the
+    ``(K,)`` counts of each target class's pixels predicted as no class (``missed``: the prediction was the
+    ignore label, e.g. :func:`hss_kernels.decode`'s label of a pixel with NaN logits). A missed pixel counts
+    in its class's target pixels (a false negative, lowering its recall and IoU and the pixel accuracy) and
+    in no prediction.
 
     Returns ``iou`` (float64 ``(K,)``, NaN for classes absent from both target and prediction), ``miou``
     (mean IoU over the classes present in the target or the prediction), ``pixel_accuracy``,
@@ -40,6 +44,8 @@ def scores_from_confusion(matrix: torch.Tensor, counted: Optional[torch.Tensor] 
     m = matrix.to(torch.float64)
     tp = m.diagonal()
     gt = m.sum(dim=1)
+    if missed is not None:
+        gt = gt + missed.to(torch.float64)
     pr = m.sum(dim=0)
     union = gt + pr - tp
     total = gt.sum()
@@ -82,35 +88,43 @@ def check_labels_pair(fn: str, pred: torch.Tensor, target: torch.Tensor) -> None
 
 @torch.no_grad()
 def confusion_increments(tree: Tree, pred: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                         device: torch.device, fn: str = "confusion_increments") -> List[torch.Tensor]:
+                         device: torch.device, fn: str = "confusion_increments"
+                         ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """One batch's int64 confusion matrices on ``device``, one ``(K_d, K_d)`` per depth (rows target, columns
-    prediction; pixels whose target is ``ignore_index`` skipped). ValueError for a ``pred`` outside ``[0, L)``
-    or a ``target`` outside it that is not ``ignore_index``."""
+    prediction; pixels whose target is ``ignore_index`` skipped), and per depth the ``(K_d,)`` counts of
+    labelled pixels per target class whose ``pred`` is ``ignore_index`` (no class: a miss). ValueError for a
+    ``pred`` outside ``[0, L)`` that is not ``ignore_index``, or a ``target`` outside it that is not
+    ``ignore_index``."""
     L = tree.num_leaves
     sizes = [tree.num_classes(d) for d in range(1, tree.depth + 1)]
     p = pred.reshape(-1).to(device, torch.int64)
     t = target.reshape(-1).to(device, torch.int64)
     if p.numel() == 0:
-        return [torch.zeros(k, k, dtype=torch.int64, device=device) for k in sizes]
-    bad = (p < 0) | (p >= L)
+        return ([torch.zeros(k, k, dtype=torch.int64, device=device) for k in sizes],
+                [torch.zeros(k, dtype=torch.int64, device=device) for k in sizes])
+    leaf_pred = (p >= 0) & (p < L)
+    bad = ~leaf_pred & (p != ignore_index)
     if bool(bad.any()):
-        raise ValueError(f"{fn}: pred holds label {int(p[bad][0])}, outside [0, {L}) (the tree's leaves)")
+        raise ValueError(f"{fn}: pred holds label {int(p[bad][0])}, outside [0, {L}) (the tree's leaves) and not "
+                         f"ignore_index={ignore_index}")
     valid = t != ignore_index
     bad = ((t < 0) | (t >= L)) & valid
     if bool(bad.any()):
         raise ValueError(f"{fn}: target holds label {int(t[bad][0])}, outside [0, {L}) and not "
                          f"ignore_index={ignore_index}")
-    p, t = p[valid], t[valid]
+    hit, miss = valid & leaf_pred, valid & ~leaf_pred
     # One pass over the pixels builds the leaf confusion matrix; the coarser depths are sums of its
     # blocks, so their cost does not grow with the image.
-    leaf = torch.bincount(t * L + p, minlength=L * L).reshape(L, L)
+    leaf = torch.bincount(t[hit] * L + p[hit], minlength=L * L).reshape(L, L)
+    leaf_missed = torch.bincount(t[miss], minlength=L)
     groups = tree.tables(device).leaf_group.long()  # (D, L)
-    out = []
+    out, missed = [], []
     for d, k in enumerate(sizes):
         g = groups[d]
         out.append(torch.zeros(k * k, dtype=torch.int64, device=device).index_add_(
             0, (g[:, None] * k + g[None, :]).reshape(-1), leaf.reshape(-1)).reshape(k, k))
-    return out
+        missed.append(torch.zeros(k, dtype=torch.int64, device=device).index_add_(0, g, leaf_missed))
+    return out, missed
 
 
 class HierarchicalMetrics:
@@ -129,6 +143,9 @@ class HierarchicalMetrics:
     Attributes:
         matrices: list of ``D`` int64 tensors, ``matrices[d-1]`` of shape ``(K_d, K_d)``, rows indexed by
             the target class, columns by the predicted class.
+        missed: list of ``D`` int64 tensors, ``missed[d-1]`` of shape ``(K_d,)``: per target class, its pixels
+            predicted as ``ignore_index`` (no class, e.g. :func:`hss_kernels.decode`'s label of NaN logits);
+            they count as misses of their class (see :func:`scores_from_confusion`).
     """
 
     def __init__(self, tree: Union[Tree, str], ignore_index: int = 255, device: Optional[Union[str, torch.device]] = None,
@@ -139,6 +156,7 @@ class HierarchicalMetrics:
         self._device_fixed = device is not None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.matrices: List[torch.Tensor] = []
+        self.missed: List[torch.Tensor] = []
         self.reset()
 
     def _check_leaves(self, leaves: Sequence[int]) -> List[int]:
@@ -167,10 +185,9 @@ class HierarchicalMetrics:
     # ------------------------------------------------------------------ accumulation
     def reset(self) -> None:
         """Zero every matrix (keeps the device)."""
-        self.matrices = [
-            torch.zeros(k, k, dtype=torch.int64, device=self.device)
-            for k in (self.tree.num_classes(d) for d in range(1, self.tree.depth + 1))
-        ]
+        sizes = [self.tree.num_classes(d) for d in range(1, self.tree.depth + 1)]
+        self.matrices = [torch.zeros(k, k, dtype=torch.int64, device=self.device) for k in sizes]
+        self.missed = [torch.zeros(k, dtype=torch.int64, device=self.device) for k in sizes]
         self._updated = False
 
     def to(self, device) -> "HierarchicalMetrics":
@@ -178,23 +195,27 @@ class HierarchicalMetrics:
         self.device = torch.device(device)
         self._device_fixed = True
         self.matrices = [m.to(self.device) for m in self.matrices]
+        self.missed = [m.to(self.device) for m in self.missed]
         return self
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch. ``pred`` and ``target``: integer leaf-label tensors of the same shape (any shape,
-        e.g. ``(N, H, W)``); pixels whose target is ``ignore_index`` are skipped.
+        e.g. ``(N, H, W)``); pixels whose target is ``ignore_index`` are skipped; a labelled pixel whose
+        ``pred`` is ``ignore_index`` (no prediction) counts as a miss of its target class.
 
-        Raises TypeError for non-integer tensors, ValueError for different shapes, a ``pred`` outside
-        ``[0, L)`` or a ``target`` outside ``[0, L)`` that is not ``ignore_index``.
+        Raises TypeError for non-integer tensors, ValueError for different shapes, a ``pred`` or ``target``
+        outside ``[0, L)`` that is not ``ignore_index``.
         """
         check_labels_pair("HierarchicalMetrics.update", pred, target)
         if not self._device_fixed and not self._updated and pred.device != self.device:
             self.device = pred.device
             self.matrices = [m.to(self.device) for m in self.matrices]
+            self.missed = [m.to(self.device) for m in self.missed]
         self._updated = True
-        for m, inc in zip(self.matrices, confusion_increments(self.tree, pred, target, self.ignore_index, self.device,
-                                                              "HierarchicalMetrics.update")):
+        incs, missed = confusion_increments(self.tree, pred, target, self.ignore_index, self.device,
+                                            "HierarchicalMetrics.update")
+        for m, inc in zip(self.matrices + self.missed, incs + missed):
             m += inc
 
     def all_reduce(self) -> None:
@@ -204,13 +225,14 @@ class HierarchicalMetrics:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        flat = torch.cat([m.reshape(-1) for m in self.matrices])
+        flat = torch.cat([m.reshape(-1) for m in self.matrices + self.missed])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         out, start = [], 0
-        for m in self.matrices:
+        for m in self.matrices + self.missed:
             out.append(flat[start:start + m.numel()].reshape(m.shape))
             start += m.numel()
-        self.matrices = out
+        D = len(self.matrices)
+        self.matrices, self.missed = out[:D], out[D:]
 
     # ------------------------------------------------------------------ results
     def confusion(self, depth: int) -> torch.Tensor:
@@ -225,17 +247,24 @@ class HierarchicalMetrics:
         target and prediction or not evaluated (``ignored_leaves``), on the CPU); the others are Python floats
         (NaN before any pixel counted). See :func:`scores_from_confusion`.
         """
-        return {d: scores_from_confusion(m.cpu(), self.counted(d) if self.ignored_leaves else None)
-                for d, m in enumerate(self.matrices, start=1)}
+        return {d: scores_from_confusion(m.cpu(), self.counted(d) if self.ignored_leaves else None, missed=u.cpu())
+                for d, (m, u) in enumerate(zip(self.matrices, self.missed), start=1)}
 
     def state_dict(self) -> Dict[str, object]:
-        return {"matrices": [m.clone() for m in self.matrices], "ignore_index": self.ignore_index}
+        return {"matrices": [m.clone() for m in self.matrices], "missed": [m.clone() for m in self.missed],
+                "ignore_index": self.ignore_index}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Matrices (and missed counts, zero when the state has none) from :meth:`state_dict`."""
         mats = state["matrices"]
-        if len(mats) != len(self.matrices) or any(a.shape != b.shape for a, b in zip(mats, self.matrices)):
+        missed = state.get("missed")
+        if missed is None:
+            missed = [torch.zeros(m.shape[0], dtype=torch.int64) for m in self.matrices]
+        if (len(mats) != len(self.matrices) or any(a.shape != b.shape for a, b in zip(mats, self.matrices))
+                or len(missed) != len(self.missed) or any(a.shape != b.shape for a, b in zip(missed, self.missed))):
             raise ValueError("load_state_dict: the matrices do not fit this tree")
         self.matrices = [m.to(self.device, torch.int64).clone() for m in mats]
+        self.missed = [m.to(self.device, torch.int64).clone() for m in missed]
 
     def table(self) -> str:
         """A plain-text table, one row per depth: classes, mIoU, pixel accuracy, mean accuracy, fwIoU (%)."""
@@ -251,7 +280,7 @@ class HierarchicalMetrics:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        pixels = int(self.matrices[0].sum()) if self.matrices else 0
+        pixels = int(self.matrices[0].sum() + self.missed[0].sum()) if self.matrices else 0
         return f"HierarchicalMetrics({self.tree!r}, {pixels} pixels)\n{self.table()}"
 
     def __repr__(self) -> str:

@@ -367,17 +367,20 @@ def path_scores(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", s
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum",
-           size: Optional[Sequence[int]] = None, align_corners: bool = False) -> torch.Tensor:
+           size: Optional[Sequence[int]] = None, align_corners: bool = False, ignore_index: int = 255) -> torch.Tensor:
     """Leaf label of the best root-to-leaf path per pixel (docs/MATH.md §4.3) → int64 ``(N, *S)``.
 
     Node logits (``V`` channels): a path's score is the sum (``score="sum"``) or mean (``"mean"``) over
     its nodes of ``sigmoid(x)`` (``activation="sigmoid"``) or of the softmax over all node channels
     (``"softmax"``). Leaf logits (``L`` channels, ``L != V``): the argmax leaf. Ties go to the lowest
-    leaf id. ``size = (H, W)``: the labels of :func:`upsample_logits` ``(logits, size, align_corners)``.
+    leaf id. A pixel with a NaN in any of its channels gets ``ignore_index``. ``size = (H, W)``: the
+    labels of :func:`upsample_logits` ``(logits, size, align_corners)`` (the NaN rule applies to those).
     """
     if size is not None:
         logits = upsample_logits(logits.detach(), size, align_corners)
-    return path_scores(logits, tree, activation, score).argmax(dim=1)
+    labels = path_scores(logits, tree, activation, score).argmax(dim=1)
+    nan = torch.isnan(logits.detach()).any(dim=1)
+    return torch.where(nan, torch.full_like(labels, ignore_index), labels)
 
 
 def labels_at_depth(leaf_labels: torch.Tensor, tree: Tree, depth: int, ignore_index: int = 255) -> torch.Tensor:

@@ -89,6 +89,12 @@ def variants():
                                          reduction="none", upsample="bilinear", align_corners=True), True)]
         out += [(f"{v.split(' ', 1)[0]} {name} upsampled {v.split(' ', 1)[1]}", c, b) for v, c, b in node_up
                 if name == "fp32" or "align" not in v]
+        xd = torch.empty((8, big_tree.num_nodes, 256, 256), dtype=dt, device="meta")
+        act, score, cl = ("sigmoid", "sum", False) if name == "fp32" else ("softmax", "mean", True)
+        out.append((f"decode {name} upsampled {act} {score}{', channels_last' if cl else ''}",
+                    lambda x=xd, a=act, s=score, cl=cl: dk.decode(
+                        x.contiguous(memory_format=torch.channels_last) if cl else x, big_tree, a, s, size=(1024, 1024),
+                        align_corners=cl), False))
     x, t = meta(L, torch.float32, HUGE)
     out.append(("hierarchical_softmax fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False))
     x2, t2 = meta(small_tree.num_nodes, torch.float32, (2, 16384, 8192))  # 26 channels: a taller image

@@ -430,13 +430,21 @@ def has_ties(logits, tree, activation, score) -> bool:
     return bool(((s == s.max(dim=1, keepdim=True).values).sum(dim=1) > 1).any())
 
 
-def assert_decodes_like_reference(got, logits, tree, activation="sigmoid", score="sum"):
+def assert_decodes_like_reference(got, logits, tree, activation="sigmoid", score="sum", ignore_index=255):
     """Labels equal the reference's, except at near ties where the two chosen leaves' float64 scores
-    agree to rounding (the kernels sum in another order than the reference's einsum)."""
+    agree to rounding (the kernels sum in another order than the reference's einsum). A pixel with a NaN
+    logit must be ``ignore_index`` exactly; the others are compared as above."""
     assert got.dtype == torch.int64 and got.device == logits.device
-    want = reference.decode(logits.cpu(), tree, activation, score)
+    want = reference.decode(logits.cpu(), tree, activation, score, ignore_index=ignore_index)
     assert got.shape == want.shape
     got = got.cpu()
+    nan = torch.isnan(logits.cpu()).any(dim=1).reshape(got.shape)
+    if bool(nan.any()):
+        assert bool((got[nan] == ignore_index).all()), "a pixel with a NaN logit is not ignore_index"
+        assert not bool((got[~nan] == ignore_index).any()), "a pixel without NaN logits got ignore_index"
+        logits = torch.where(torch.isnan(logits.cpu()), 0.0, logits.cpu()).to(logits.dtype)
+        want = reference.decode(logits, tree, activation, score)
+        got = torch.where(nan, want, got)
     diff = got != want
     if not bool(diff.any()):
         return
@@ -470,5 +478,42 @@ def assert_lowest_of_ties(labels, lowest):
 
 def decoder(backend: str):
     """The public decode with ``backend`` bound."""
-    return lambda logits, tree, activation="sigmoid", score="sum": hss_kernels.decode(
-        logits, tree, activation, score, backend=backend)
+    return lambda logits, tree, activation="sigmoid", score="sum", **kw: hss_kernels.decode(
+        logits, tree, activation, score, backend=backend, **kw)
+
+
+def with_nans(x, p_pixel=0.2):
+    """A copy of logits ``(N, C, *S)`` with NaN at random pixels: in one random channel (leaf or internal, the
+    first or the last), or in every channel; returns it and the (N, *S) mask of those pixels."""
+    x = x.clone()
+    N, C = x.shape[:2]
+    mask = torch.rand(N, *x.shape[2:]) < p_pixel
+    idx = mask.reshape(N, -1).nonzero().tolist()
+    for k, (n, p) in enumerate(idx):
+        pos = tuple(int(v) for v in torch.unravel_index(torch.tensor(p), x.shape[2:]))
+        if k % 4 == 3:
+            x[(n, slice(None)) + pos] = float("nan")
+        else:
+            c = (0, C - 1, int(torch.randint(0, C, ())))[k % 4 % 3]
+            x[(n, c) + pos] = float("nan")
+    return x, mask.to(x.device)
+
+
+def assert_decode_size_like_reference(got, x, tree, act, score, size, align_corners, ignore_index=255):
+    """decode(size=) against the reference's decode of the interpolated logits: the NaN pixels exactly; elsewhere
+    the picked leaf's path score (float64, of the reference's interpolation) at least the best minus a rounding
+    step, since the kernels interpolate in another order (and half-precision logits make exact ties that
+    rounding may break either way); most labels equal."""
+    want = reference.decode(x.cpu(), tree, act, score, size=size, align_corners=align_corners,
+                            ignore_index=ignore_index)
+    got = got.cpu()
+    assert got.shape == want.shape == (x.shape[0], *size) and got.dtype == torch.int64
+    nan = want == ignore_index
+    assert torch.equal(got == ignore_index, nan)
+    up = reference.upsample_logits(x.cpu(), size, align_corners).double()
+    scores = path_scores(torch.where(torch.isnan(up), 0.0, up), tree, act, score).reshape(x.shape[0], -1, *size)
+    best = scores.max(dim=1).values
+    picked = scores.gather(1, torch.where(nan, 0, got)[:, None]).squeeze(1)
+    ok = (picked >= best - 1e-5 * best.abs().clamp(min=1)) | nan
+    assert bool(ok.all()), f"{int((~ok).sum())} labels score below the best path"
+    assert (got == want).float().mean() > 0.9

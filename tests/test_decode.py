@@ -152,13 +152,15 @@ def test_exact_ties_saturated(backend, device, dtype):
 
 def test_wide_tree_chunks(backend, device):
     """300 leaves, 303 channels: several leaf and channel tiles on every device (the interpreter's tiles
-    are at most 128 wide, the GPU's 32)."""
-    decode = decoder(backend)
+    are at most 128 wide, the GPU's 32). Leaf 255 exists, so the label of NaN pixels must be another one."""
     tree = H.wide_tree()
+    with pytest.raises(ValueError, match="ignore_index=255 is a leaf id"):
+        decoder(backend)(random_logits(tree.num_nodes, (1, 2, 2), device=device), tree)
+    decode = lambda *a: decoder(backend)(*a, ignore_index=-1)  # noqa: E731
     for activation in ACTIVATIONS:
         for score in SCORES:
             x = random_logits(tree.num_nodes, (2, 5, 6), device=device)
-            assert_decodes_like_reference(decode(x, tree, activation, score), x, tree, activation, score)
+            assert_decodes_like_reference(decode(x, tree, activation, score), x, tree, activation, score, -1)
     # exact ties spread over leaf tiles: the first maximum must win across tile boundaries
     x = torch.where(torch.rand(2, tree.num_nodes, 5, 6) < 0.5, 50.0, -800.0)
     x[:, :200] = -800.0  # the first winners then sit at ids >= 200, past the first tiles

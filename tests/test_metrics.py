@@ -12,8 +12,9 @@ IGNORE = 255
 TREES = ["cityscapes", "helen", "vistas"]
 
 
-def random_maps(tree, shape, ignore_frac=0.2, classes=None):
-    """Random leaf-label prediction and target; a fraction of the target ignored."""
+def random_maps(tree, shape, ignore_frac=0.2, classes=None, unpredicted_frac=0.0):
+    """Random leaf-label prediction and target; a fraction of the target ignored, and a fraction of the
+    prediction IGNORE (no class: decode's label of NaN logits)."""
     L = tree.num_leaves
     hi = L if classes is None else classes
     pred = torch.randint(0, hi, shape)
@@ -22,17 +23,20 @@ def random_maps(tree, shape, ignore_frac=0.2, classes=None):
     right = torch.rand(shape) < 0.5
     pred = torch.where(right, target, pred)
     target = torch.where(torch.rand(shape) < ignore_frac, torch.full_like(target, IGNORE), target)
+    pred = torch.where(torch.rand(shape) < unpredicted_frac, torch.full_like(pred, IGNORE), pred)
     return pred, target
 
 
 def numpy_scores(tree, pred, target, depth):
-    """Per-class IoU etc. from explicit masks, one class at a time (no confusion matrix, no bincount)."""
+    """Per-class IoU etc. from explicit masks, one class at a time (no confusion matrix, no bincount); a
+    prediction IGNORE is class -1, no class."""
     group = np.array(tree.leaf_group[depth - 1])
     K = tree.num_classes(depth)
     p = pred.numpy().reshape(-1)
     t = target.numpy().reshape(-1)
     keep = t != IGNORE
-    p, t = group[p[keep]], group[t[keep]]
+    p, t = p[keep], group[t[keep]]
+    p = np.where(p == IGNORE, -1, group[np.where(p == IGNORE, 0, p)])
     iou, acc, freq = [], [], []
     for k in range(K):
         inter = np.sum((p == k) & (t == k))
@@ -50,11 +54,14 @@ def numpy_scores(tree, pred, target, depth):
     }
 
 
+@pytest.mark.parametrize("unpredicted_frac", [0.0, 0.15])
 @pytest.mark.parametrize("name", TREES)
-def test_against_numpy(name):
+def test_against_numpy(name, unpredicted_frac):
+    """Also with predictions equal to ignore_index (no class): each a miss of its target class."""
     tree = trees.load(name)
     # Few classes used at the leaves so that some are absent from both (NaN, left out of the means).
-    pred, target = random_maps(tree, (2, 13, 17), classes=max(2, tree.num_leaves - 3))
+    pred, target = random_maps(tree, (2, 13, 17), classes=max(2, tree.num_leaves - 3),
+                               unpredicted_frac=unpredicted_frac)
     m = HierarchicalMetrics(tree)
     m.update(pred, target)
     res = m.compute()
@@ -69,6 +76,11 @@ def test_against_numpy(name):
             assert math.isclose(got[k], want[k], rel_tol=1e-12), (d, k, got[k], want[k])
         # the matrix itself: rows target, columns prediction, ignored pixels absent
         keep = target != IGNORE
+        miss = keep & (pred == IGNORE)
+        assert int(m.missed[d - 1].sum()) == int(miss.sum())
+        assert torch.equal(m.missed[d - 1], torch.bincount(labels_at_depth(target[miss], tree, d),
+                                                          minlength=tree.num_classes(d)))
+        keep = keep & (pred != IGNORE)
         t = labels_at_depth(target, tree, d)[keep]
         p = labels_at_depth(pred, tree, d)[keep]
         cm = m.confusion(d)
@@ -164,8 +176,10 @@ def test_bad_input():
         m.update(torch.full_like(t, 19), t)
     with pytest.raises(ValueError, match="pred holds label -1"):
         m.update(torch.full_like(t, -1), t)
-    with pytest.raises(ValueError, match="pred holds label 255"):  # ignore_index is not a prediction
-        m.update(torch.full_like(t, 255), t)
+    with pytest.raises(ValueError, match="pred holds label 254"):
+        m.update(torch.full_like(t, 254), t)
+    with pytest.raises(ValueError, match="pred holds label 255"):  # another ignore_index's, not this one's
+        HierarchicalMetrics(tree, ignore_index=-1).update(torch.full_like(t, 255), t)
     with pytest.raises(ValueError, match="target holds label 30"):
         m.update(t, torch.full_like(t, 30))
     with pytest.raises(ValueError, match="shape"):
@@ -205,10 +219,12 @@ def test_all_reduce_reassembles_the_matrices(monkeypatch):
     import torch.distributed as dist
 
     tree = trees.load("vistas")
-    pred, target = random_maps(tree, (1, 6, 6))
+    pred, target = random_maps(tree, (1, 6, 6), unpredicted_frac=0.3)
     m = HierarchicalMetrics(tree)
     m.update(pred, target)
     before = [x.clone() for x in m.matrices]
+    missed = [x.clone() for x in m.missed]
+    assert int(missed[0].sum()) > 0 or not bool(((pred == IGNORE) & (target != IGNORE)).any())
     calls = []
 
     def fake_all_reduce(t, op=None):
@@ -218,8 +234,9 @@ def test_all_reduce_reassembles_the_matrices(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
     m.all_reduce()
-    assert calls == [sum(x.numel() for x in before)]  # one collective for all depths
+    assert calls == [sum(x.numel() for x in before + missed)]  # one collective for all depths
     assert all(torch.equal(a * 2, b) for a, b in zip(before, m.matrices))
+    assert all(torch.equal(a * 2, b) for a, b in zip(missed, m.missed))
 
 
 @pytest.mark.gpu
@@ -272,3 +289,27 @@ def test_ignored_leaves_leave_the_means():
 def test_ignored_leaves_bad_input(bad):
     with pytest.raises(ValueError, match="ignored_leaves"):
         HierarchicalMetrics("cityscapes", ignored_leaves=bad)
+
+
+def test_unpredicted_pixels_are_misses():
+    """A labelled pixel predicted as ignore_index (decode's label of NaN logits) is a miss of its class: its
+    class's recall and IoU and the pixel accuracy drop, no class gains a prediction; an ignored target pixel
+    predicted as ignore_index counts for nothing. Batches, state_dict and a state without counts agree."""
+    tree = trees.load("cityscapes")
+    target = torch.tensor([[0, 0, 1, 1, IGNORE]])
+    pred = torch.tensor([[0, IGNORE, 1, 1, IGNORE]])
+    m = HierarchicalMetrics(tree)
+    m.update(pred, target)
+    r = m.compute()[tree.depth]
+    assert r["pixel_accuracy"] == 3 / 4
+    assert float(r["iou"][0]) == 1 / 2 and float(r["iou"][1]) == 1.0
+    assert r["mean_accuracy"] == (1 / 2 + 1) / 2
+    assert int(m.confusion(tree.depth).sum()) == 3 and int(m.missed[tree.depth - 1][0]) == 1
+    assert "4 pixels" in str(m)
+    m2 = HierarchicalMetrics(tree)
+    m2.load_state_dict(m.state_dict())
+    assert m2.compute()[tree.depth]["pixel_accuracy"] == 3 / 4
+    m2.load_state_dict({"matrices": m.state_dict()["matrices"]})  # a state from before the missed counts
+    assert m2.compute()[tree.depth]["pixel_accuracy"] == 1.0 and int(m2.missed[0].sum()) == 0
+    m.reset()
+    assert all(int(x.sum()) == 0 for x in m.missed)

@@ -348,17 +348,19 @@ def test_selection_and_not_fused_rows():
                     ("hierarchical_softmax", "cuda", "float32", "forward", "nchw", 4),
                     ("hierarchical_softmax", "cuda", "float32", "backward", "nchw", 4),
                     ("decode", "cuda", "float32", "forward", "nchw", 4)]
-    assert cuda_side.fuses_upsample("tree_bce", "backward") and not cuda_side.fuses_upsample("decode", "forward")
+    assert cuda_side.fuses_upsample("tree_bce", "backward") and cuda_side.fuses_upsample("decode", "forward")
+    assert not cuda_side.fuses_upsample("decode", "backward")  # no such pass: the NotFused path
     with pytest.raises(model.NotFused, match="decode"):
-        cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), trees.load("vistas_v2"),
+        cuda_side.launches("decode", "backward", "float32", "nchw", (8, 147, 1024, 1024), trees.load("vistas_v2"),
                            0.0, 4)
     with pytest.raises(model.NotFused, match="decode"):
-        model.Context(Path("/nonexistent"), log=lambda m: None).cuda_row("decode", "float32", "forward", "nchw", 4)
+        model.Context(Path("/nonexistent"), log=lambda m: None).cuda_row("decode", "float32", "backward", "nchw", 4)
     # Triton: the registry function's takes_upsample decides, and the call is the public API's
     import hss_kernels.triton as T
 
     assert triton_side.fuses_upsample("hierarchical_softmax") == bool(T.hierarchical_softmax_loss.takes_upsample)
     assert triton_side.fuses_upsample("tree_min") == bool(getattr(T.tree_min_loss, "takes_upsample", False))
+    assert triton_side.fuses_upsample("decode")
     calls = []
     fake = lambda *a, **k: calls.append((a, k))  # noqa: E731
     x, t = object(), torch.empty(2, 12, 16)
@@ -401,6 +403,10 @@ def test_cuda_launches_of_the_fused_upsampling():
     (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 18, N * 128 * 128)
     assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
+    # decode with size=: kUp, one thread per label pixel, the geometry last
+    (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (N, 147, H, W), v2, 0.0, s)
+    assert (dec.pattern, dec.blocks, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb1EE", N * H * W // 256, 13)
+    assert dec.params[3:7] == [N * H * W, H * W, W, 147] and len(dec.params[-1]) == 88
     with pytest.raises(ValueError, match="divisor"):
         cuda_side.launches("tree_min", "forward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 3)
 
@@ -435,11 +441,13 @@ def test_cuda_launches_match_the_host_rules():
     assert (cl.kernel, cl.blocks, cl.threads, cl.dynamic_smem) == ("hierarchical_softmax_fwd_kernel", P // 256, 256,
                                                                     66 * 32)
     # decode: the kernel instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
-    # (vistas) and the sum score, 11 parameters (x, walk, out, total, HW, W, C, four strides)
+    # (vistas), the sum score and no upsampling, 13 parameters (x, walk, out, total, HW, W, C, four strides,
+    # ignore_index, the upsampling geometry)
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), tree, 0.0)
-    assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0EE", 256, 0, 11)
+    assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb0EE", 256,
+                                                                             0, 13)
     (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "nchw", (8, 80, 64, 64), trees.load("vistas"), 0.0)
-    assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0EE"
+    assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0ELb0EE"
 
 
 def _need_triton_sm90_tools():

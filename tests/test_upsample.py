@@ -2,8 +2,9 @@
 ``loss(F.interpolate(logits.float(), size, mode="bilinear", align_corners), target)`` on fresh random inputs
 and trees (values, and gradients with respect to the low-resolution logits), a flat tree against
 ``F.interpolate`` + ``F.cross_entropy``, gradcheck in float64, the ops' schemas (opcheck), torch.compile,
-determinism across thread counts, and the errors for bad sizes and modes. The native CPU kernels and the Triton
-losses (here under Triton's interpreter on the CPU) fuse the interpolation; the reference interpolates first."""
+determinism across thread counts, and the errors for bad sizes and modes. The native CPU kernels, the Triton
+losses and every backend's decode (Triton here under its interpreter on the CPU) fuse the interpolation; the
+reference interpolates first."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,17 +253,29 @@ def test_cuda_form_on_the_cpu(native, loss, align_corners, monkeypatch):
     assert torch.equal(torch.isnan(g), torch.isnan(g_want))
 
 
-def test_cuda_form_decode_on_the_cpu(native, monkeypatch):
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_cuda_form_decode_on_the_cpu(native, align_corners, monkeypatch):
+    """HSS_CPU_PIXEL_PATH=1: decode_math.h's walk reading each channel through BilinearCol, what the CUDA
+    kernel's kUp instantiation runs: every shape, dtype, activation and score, node and leaf logits, strided
+    logits and NaN, against the reference (and the CPU's float path)."""
     monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
-    tree = H.random_tree()
-    x = H.random_logits(tree.num_nodes, (2, 3, 5))
-    for align_corners in (False, True):
-        got = hss_kernels.decode(x, tree, backend="native", size=(8, 13), align_corners=align_corners)
-        monkeypatch.delenv("HSS_CPU_PIXEL_PATH")
-        fast = hss_kernels.decode(x, tree, backend="native", size=(8, 13), align_corners=align_corners)
-        monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
-        want = reference.decode(x, tree, size=(8, 13), align_corners=align_corners)
-        assert (got == want).float().mean() > 0.95 and (fast == want).float().mean() > 0.95
+    tree = H.random_tree(min_depth=2)
+    for N, h, w, Hh, W in SHAPES:
+        for C in (tree.num_nodes, tree.num_leaves):
+            for dtype in H.DTYPES:
+                x = H.random_logits(C, (N, h, w), dtype)
+                for act in H.ACTIVATIONS:
+                    for score in H.SCORES:
+                        got = hss_kernels.decode(x, tree, act, score, backend="native", size=(Hh, W),
+                                                 align_corners=align_corners)
+                        H.assert_decode_size_like_reference(got, x, tree, act, score, (Hh, W), align_corners)
+    x = H.random_logits(tree.num_nodes, (2, 5, 9)).contiguous(memory_format=torch.channels_last)[:, :, 1:, ::2]
+    x[1, tree.num_nodes - 1, 1, 3] = float("nan")  # (random trees may have 2 nodes)
+    got = hss_kernels.decode(x, tree, "softmax", backend="native", size=(8, 13), align_corners=align_corners)
+    H.assert_decode_size_like_reference(got, x, tree, "softmax", "sum", (8, 13), align_corners)
+    monkeypatch.delenv("HSS_CPU_PIXEL_PATH")
+    fast = hss_kernels.decode(x, tree, "softmax", backend="native", size=(8, 13), align_corners=align_corners)
+    H.assert_decode_size_like_reference(fast, x, tree, "softmax", "sum", (8, 13), align_corners)
 
 
 # ------------------------------------------------------------------------------------- decode
@@ -283,6 +296,45 @@ def test_decode_size(native, align_corners):
                 picked = scores.gather(1, got[:, None]).squeeze(1)
                 assert torch.all(picked >= best - 1e-5 * best.abs().clamp(min=1)), (got != want).sum()
                 assert (got == want).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_decode_fused_every_backend(backend, device, align_corners, monkeypatch):
+    """decode(size=) fused in every backend's kernel (native CPU and CUDA, Triton: the upsampled logits never
+    exist, reference.upsample_logits is never called): odd non-integer, integer and equal scales, one source
+    pixel, node and leaf logits, every activation and score, dtypes, channels_last and a strided view, NaN."""
+    tree = H.random_tree(H.sized(device, 14, 30), min_depth=2)
+    impl = hss_kernels.backends.resolve("decode", backend, torch.device(device))
+    assert getattr(impl, "takes_upsample", False)
+    shapes = H.sized(device, [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[5]], SHAPES + [(2, 17, 9, 67, 40)])
+    dtypes = H.sweep(backend, device, H.DTYPES, (torch.float32, torch.bfloat16, torch.float64))
+    for N, h, w, Hh, W in shapes:
+        for C in (tree.num_nodes, tree.num_leaves):
+            for dtype in dtypes:
+                x = H.random_logits(C, (N, h, w), dtype, device=device)
+                for act in H.ACTIVATIONS:
+                    for score in H.sweep(backend, device, H.SCORES, ("mean",)):
+                        with monkeypatch.context() as m:
+                            m.setattr(reference, "upsample_logits", _not_called)
+                            got = hss_kernels.decode(x, tree, act, score, backend=backend, size=(Hh, W),
+                                                     align_corners=align_corners)
+                        H.assert_decode_size_like_reference(got, x, tree, act, score, (Hh, W), align_corners)
+                    if C == tree.num_leaves:
+                        break  # activation and score do not apply to leaf logits
+    x = H.random_logits(tree.num_nodes, (2, 9, 7), device=device)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    view = H.random_logits(tree.num_nodes, (2, 12, 10), device=device)[:, :, 1::2, ::2]
+    x[1, 3, 2, 4] = float("nan")
+    cl[1, 3, 2, 4] = float("nan")
+    for a in (x, cl, view):
+        got = hss_kernels.decode(a, tree, "softmax", "sum", backend=backend, size=(20, 19), align_corners=align_corners,
+                                 ignore_index=-1)
+        H.assert_decode_size_like_reference(got, a, tree, "softmax", "sum", (20, 19), align_corners, -1)
+    assert int((hss_kernels.decode(x, tree, backend=backend, size=(20, 19)) == 255).sum()) >= 4  # the stencil
+
+
+def _not_called(*args, **kwargs):
+    raise AssertionError("the logits were interpolated outside the kernel")
 
 
 # ------------------------------------------------------------------------------------- Triton, fused

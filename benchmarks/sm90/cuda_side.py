@@ -178,10 +178,10 @@ def _strides(shape, layout):
     return (C * H * W, H * W, W, 1)
 
 
-# The (op, pass) pairs whose CUDA kernels fuse the bilinear upsampling (launches(..., up > 1)); a fused
-# decode adds its pair here and its launch in launches().
+# The (op, pass) pairs whose CUDA kernels fuse the bilinear upsampling (launches(..., up > 1)).
 FUSED_UPSAMPLE = {("hierarchical_softmax", "forward"), ("hierarchical_softmax", "backward"),
-                  ("tree_min", "forward"), ("tree_min", "backward"), ("tree_bce", "forward"), ("tree_bce", "backward")}
+                  ("tree_min", "forward"), ("tree_min", "backward"), ("tree_bce", "forward"), ("tree_bce", "backward"),
+                  ("decode", "forward")}
 
 
 def fuses_upsample(op: str, pass_: str) -> bool:
@@ -281,14 +281,15 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
                             extrema], scalars, smem)]
     if op == "decode":
-        # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean>, kAct 0 (sigmoid), kOrdered when the
-        # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"); the walk in
-        # static shared memory
+        # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean, kUp>, kAct 0 (sigmoid), kOrdered when the
+        # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"), kUp with size=
+        # (one thread per label pixel, HW and W the labels', the strides the low-resolution logits'); the walk
+        # in static shared memory
         leaves = [tree.channel_labels[c] for c in tree.dfs_order if tree.channel_labels[c] >= 0]
         ordered = "Lb1E" if leaves == sorted(leaves) else "Lb0E"
-        return [CudaLaunch("decode", "decode_kernel", T + "Li0E" + ordered + "Lb0E", nb, THREADS,
-                           [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3]],
-                           {"P": P, "C": C, "L": L, "D": D})]
+        return [CudaLaunch("decode", "decode_kernel", T + "Li0E" + ordered + "Lb0E" + kup, nb, THREADS,
+                           [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3], ignore, ug],
+                           {"P": P, "C": C, "L": L, "D": D, **sizes})]
     raise ValueError(op)
 
 

@@ -68,9 +68,11 @@ __attribute__((always_inline)) inline float act_exp(float v) { return v < -87.0f
 // exp(x - max) without the division by the pixel's sum, a positive factor common to all of a pixel's
 // paths that cannot change the argmax (beyond rounding).
 HSS_LANES_TARGETS void decode_block_f32(const float* x, int64_t ld, int64_t C, int64_t act, int64_t score,
-                                        const Prefixes& t, float* rows, int64_t* y, int64_t n) {
+                                        const Prefixes& t, float* rows, int64_t* y, int64_t n, int64_t ignore_index) {
   using A = float;
   alignas(64) A m[kBlock];
+  alignas(64) int32_t nan[kBlock];  // a NaN among the lane's logits: every prefix's node is read once
+  for (int64_t p = 0; p < kBlock; ++p) nan[p] = 0;
   if (act == decode_math::kSoftmax) {
     for (int64_t p = 0; p < kBlock; ++p) m[p] = x[p];
     for (int64_t c = 1; c < C; ++c) {
@@ -94,11 +96,18 @@ HSS_LANES_TARGETS void decode_block_f32(const float* x, int64_t ld, int64_t C, i
         const bool pos = v >= A(0);
         const A e = act_exp(pos ? -v : v);
         s[p] = par[p] + (pos ? A(1) : e) / (A(1) + e);
+        nan[p] |= v != v;
       }
     } else if (act == decode_math::kSoftmax) {
-      for (int64_t p = 0; p < kBlock; ++p) s[p] = par[p] + act_exp(xc[p] - m[p]);
+      for (int64_t p = 0; p < kBlock; ++p) {
+        s[p] = par[p] + act_exp(xc[p] - m[p]);
+        nan[p] |= xc[p] != xc[p];
+      }
     } else {
-      for (int64_t p = 0; p < kBlock; ++p) s[p] = par[p] + xc[p];
+      for (int64_t p = 0; p < kBlock; ++p) {
+        s[p] = par[p] + xc[p];
+        nan[p] |= xc[p] != xc[p];
+      }
     }
   }
   alignas(64) A best[kBlock], cand[kBlock];
@@ -128,7 +137,7 @@ HSS_LANES_TARGETS void decode_block_f32(const float* x, int64_t ld, int64_t C, i
       arg[p] = better ? li : arg[p];
     }
   }
-  for (int64_t p = 0; p < n; ++p) y[p] = arg[p];
+  for (int64_t p = 0; p < n; ++p) y[p] = nan[p] ? ignore_index : arg[p];
 }
 
 // The walk table (3, V) checked (the CPU can read it, unlike the CUDA host): channels in [0, C), depths
@@ -168,7 +177,7 @@ std::vector<int32_t> walk_paths(const int32_t* walk, int64_t V, int64_t C, bool 
 
 template <typename scalar_t>
 void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t act, int64_t score,
-                     at::Tensor& out, bool upsample, bool align_corners) {
+                     at::Tensor& out, bool upsample, bool align_corners, int64_t ignore_index) {
   using A = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
   const int64_t C = logits.size(1);
   constexpr bool vec = std::is_same_v<A, float>;
@@ -191,7 +200,7 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
       [&](int64_t i0, int64_t n, const int64_t*, const A* x, int64_t ld, A* scratch) {
         if constexpr (vec) {
           if (lanes) {
-            decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n);
+            decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n, ignore_index);
             return;
           }
         }
@@ -200,23 +209,23 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
           for (int64_t p = 0; p < n; ++p)
             y[i0 + p] = decode_math::decode_pixel<A>(
                 bilinear_col<scalar_t, A>(logits.data_ptr<scalar_t>(), logits.stride(1), up->geom.stencil(i0 + p)), C,
-                nodes.data(), C, ordered, act, score);
+                nodes.data(), C, ordered, act, score, ignore_index);
         else
           for (int64_t p = 0; p < n; ++p)
             y[i0 + p] = decode_math::decode_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, C, nodes.data(), C, ordered,
-                                                     act, score);
+                                                     act, score, ignore_index);
       }, up ? &*up : nullptr);
 }
 
 at::Tensor decode_cpu(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t activation,
-                      int64_t score, at::IntArrayRef size, bool align_corners) {
+                      int64_t score, at::IntArrayRef size, bool align_corners, int64_t ignore_index) {
   check_decode("decode", logits, walk, size);
   const bool upsample = !size.empty();
   auto out = at::empty({logits.size(0), upsample ? size[0] : logits.size(2), upsample ? size[1] : logits.size(3)},
                        logits.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hss_kernels::decode", [&] {
-    decode_cpu_loop<scalar_t>(logits, walk, ordered, activation, score, out, upsample, align_corners);
+    decode_cpu_loop<scalar_t>(logits, walk, ordered, activation, score, out, upsample, align_corners, ignore_index);
   });
   return out;
 }

@@ -4,15 +4,19 @@
 // One thread per pixel, in raster order, so that with NCHW logits a warp's loads of one channel are 32
 // consecutive elements (coalesced). The per-pixel arithmetic is decode_math.h's, the code the CPU tests
 // run: the softmax statistics (one pass over the channels), then one walk over the tree's nodes in
-// pre-order, each node's logit read and activated once, its path score its parent's plus its activation.
+// pre-order, each node's logit read and activated once (and tested for NaN: a pixel with a NaN logit gets
+// ignore_index), its path score its parent's plus its activation.
 // The walk table sits in shared memory, kWalkChunk nodes at a time (a 16-byte entry per node that every
 // thread of the block reads at once, a broadcast; the channel already multiplied by the channel stride);
 // the running path scores, one per depth, in shared memory laid out [depth][thread] (no local memory, no
 // bank conflicts). Instantiated for each activation, ordered and unordered leaf ids, and the sum and mean
-// scores, so that the walk's loop is one straight body. Nothing of size N x L x H x W exists.
+// scores, so that the walk's loop is one straight body, and with and without fused bilinear upsampling
+// (decode(size=): each channel interpolated from its four source values as it is read, upsample_math.h).
+// Nothing of size N x L x H x W exists, nor the upsampled logits.
 #include "checks.h"
 #include "common.cuh"
 #include "decode_math.h"
+#include "upsample_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,28 +31,19 @@ namespace {
 
 constexpr int kWalkChunk = 512;  // walk nodes in shared memory at a time (8 KiB)
 
-// kOrdered: the leaf ids increase along the walk, so that a strict > keeps the lowest id of a tie.
-// kAct: the activation; kMean: score = mean (a division per leaf), else the sum.
-template <typename scalar_t, int kAct, bool kOrdered, bool kMean>
-__global__ void __launch_bounds__(kThreads)
-    decode_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ walk, int64_t* __restrict__ out,
-                  int64_t total, int64_t HW, int64_t W, int64_t C, int64_t sn, int64_t sc, int64_t sh, int64_t sw) {
-  using A = at::opmath_type<scalar_t>;
-  __shared__ decode_math::WalkNode nodes[kWalkChunk];
-  __shared__ A scores[decode_math::kRunSlots * kThreads];
-  // Threads past the last pixel walk the last pixel too (every thread takes part in the block's syncs)
-  // and write nothing.
-  const int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t qp = q < total ? q : total - 1;
-  const int64_t n = qp / HW, r = qp % HW;
-  const scalar_t* px = x + n * sn + (r / W) * sh + (r % W) * sw;
+// One pixel's label: the softmax statistics through `stats` (x(c), c the channel), then the walk through
+// `pixel` (x(v), v = channel * sc, the walk's offsets), the walk's chunks staged in `nodes` by the whole
+// block (every thread of the block must call it: it synchronises the block).
+template <typename A, int kAct, bool kOrdered, bool kMean, typename Stats, typename Pixel>
+__device__ __forceinline__ int64_t decode_walk(const Stats& stats, const Pixel& pixel, const int32_t* __restrict__ walk,
+                                               int64_t C, int64_t sc, int64_t ignore_index,
+                                               decode_math::WalkNode* nodes, A* scores) {
   A m, z;
-  decode_math::softmax_stats<A>(GlobalCol<scalar_t, A>{px, sc}, C, kAct, m, z);
+  decode_math::softmax_stats<A>(stats, C, kAct, m, z);
   const decode_math::RunScores<A, kThreads> run{scores + threadIdx.x};
   HSS_UNROLL
   for (int d = 0; d < decode_math::kRunSlots; ++d) run(d) = A(0);  // sm90: trips=10
-  const GlobalCol<scalar_t, A> pixel{px, 1};  // the walk's x: channel * sc
-  decode_math::Best<A> best{neg_inf<A>(), 0};
+  decode_math::Best<A> best{neg_inf<A>(), 0, false};
   for (int64_t c0 = 0; c0 < C; c0 += kWalkChunk) {  // sm90: trips=cdiv(C, 512)
     const int k = static_cast<int>(C - c0 < kWalkChunk ? C - c0 : kWalkChunk);
     __syncthreads();  // the previous chunk's readers are done
@@ -60,24 +55,64 @@ __global__ void __launch_bounds__(kThreads)
       decode_math::walk_step<A>(pixel, nodes[i], run, kAct, m, z, kMean ? decode_math::kMean : decode_math::kSum,
                                 kOrdered, best);
   }
-  if (q < total) out[q] = best.leaf;
+  return decode_math::label_of(best, ignore_index);
+}
+
+// kOrdered: the leaf ids increase along the walk, so that a strict > keeps the lowest id of a tie.
+// kAct: the activation; kMean: score = mean (a division per leaf), else the sum. kUp: fused bilinear
+// upsampling: the pixels are the output's (N, H, W), each channel read through BilinearCol from the four
+// source values of the pixel's stencil in the (N, C, h, w) logits (upsample_math.h, docs/MATH.md §6.3);
+// HW and W are then the output's, u the geometry.
+template <typename scalar_t, int kAct, bool kOrdered, bool kMean, bool kUp>
+__global__ void __launch_bounds__(kThreads)
+    decode_kernel(const scalar_t* __restrict__ x, const int32_t* __restrict__ walk, int64_t* __restrict__ out,
+                  int64_t total, int64_t HW, int64_t W, int64_t C, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                  int64_t ignore_index, UpsampleGeom<at::opmath_type<scalar_t>> u) {
+  using A = at::opmath_type<scalar_t>;
+  __shared__ decode_math::WalkNode nodes[kWalkChunk];
+  __shared__ A scores[decode_math::kRunSlots * kThreads];
+  // Threads past the last pixel walk the last pixel too (every thread takes part in the block's syncs)
+  // and write nothing.
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t qp = q < total ? q : total - 1;
+  int64_t label;
+  if constexpr (kUp) {
+    const Stencil<A> st = u.stencil(qp);
+    // the walk's x is channel * sc: the stencil's values at x + o00 + v (+ dx, dy)
+    label = decode_walk<A, kAct, kOrdered, kMean>(bilinear_col<scalar_t, A>(x, sc, st),
+                                                  BilinearCol<scalar_t, A>{x + st.o00, 1, st.dx, st.dy, st.lx, st.ly},
+                                                  walk, C, sc, ignore_index, nodes, scores);
+  } else {
+    const int64_t n = qp / HW, r = qp % HW;
+    const scalar_t* px = x + n * sn + (r / W) * sh + (r % W) * sw;
+    label = decode_walk<A, kAct, kOrdered, kMean>(GlobalCol<scalar_t, A>{px, sc}, GlobalCol<scalar_t, A>{px, 1},
+                                                  walk, C, sc, ignore_index, nodes, scores);
+  }
+  if (q < total) out[q] = label;
 }
 
 template <typename scalar_t, int kAct, bool kOrdered, bool kMean>
-void launch(const at::Tensor& logits, const at::Tensor& walk, at::Tensor& out, int64_t blocks, cudaStream_t stream) {
-  decode_kernel<scalar_t, kAct, kOrdered, kMean><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+void launch(const at::Tensor& logits, const at::Tensor& walk, at::Tensor& out, int64_t blocks, int64_t ignore_index,
+            bool upsample, bool align_corners, cudaStream_t stream) {
+  using A = at::opmath_type<scalar_t>;
+  const auto u = UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), out.size(1), out.size(2),
+                                       align_corners);
+  auto kernel = upsample ? decode_kernel<scalar_t, kAct, kOrdered, kMean, true>
+                         : decode_kernel<scalar_t, kAct, kOrdered, kMean, false>;
+  kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
       logits.data_ptr<scalar_t>(), walk.data_ptr<int32_t>(), out.data_ptr<int64_t>(), out.numel(),
-      logits.size(2) * logits.size(3), logits.size(3), logits.size(1), logits.stride(0), logits.stride(1),
-      logits.stride(2), logits.stride(3));
+      out.size(1) * out.size(2), out.size(2), logits.size(1), logits.stride(0), logits.stride(1), logits.stride(2),
+      logits.stride(3), ignore_index, u);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor decode_cuda(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t activation,
-                       int64_t score, at::IntArrayRef size, bool align_corners) {
+                       int64_t score, at::IntArrayRef size, bool align_corners, int64_t ignore_index) {
   check_decode("decode", logits, walk, size);
-  check_no_upsample("decode", size.empty() ? 0 : 1);
+  const bool upsample = !size.empty();
   const c10::cuda::CUDAGuard guard(logits.device());
-  auto out = at::empty({logits.size(0), logits.size(2), logits.size(3)}, logits.options().dtype(at::kLong));
+  auto out = at::empty({logits.size(0), upsample ? size[0] : logits.size(2), upsample ? size[1] : logits.size(3)},
+                       logits.options().dtype(at::kLong));
   const int64_t total = out.numel();
   if (total == 0) return out;
   const int64_t blocks = num_blocks(total, kThreads);
@@ -89,13 +124,13 @@ at::Tensor decode_cuda(const at::Tensor& logits, const at::Tensor& walk, bool or
     auto go = [&](auto act) {
       constexpr int kAct = decltype(act)::value;
       if (ordered && mean)
-        launch<scalar_t, kAct, true, true>(logits, walk, out, blocks, stream);
+        launch<scalar_t, kAct, true, true>(logits, walk, out, blocks, ignore_index, upsample, align_corners, stream);
       else if (ordered)
-        launch<scalar_t, kAct, true, false>(logits, walk, out, blocks, stream);
+        launch<scalar_t, kAct, true, false>(logits, walk, out, blocks, ignore_index, upsample, align_corners, stream);
       else if (mean)
-        launch<scalar_t, kAct, false, true>(logits, walk, out, blocks, stream);
+        launch<scalar_t, kAct, false, true>(logits, walk, out, blocks, ignore_index, upsample, align_corners, stream);
       else
-        launch<scalar_t, kAct, false, false>(logits, walk, out, blocks, stream);
+        launch<scalar_t, kAct, false, false>(logits, walk, out, blocks, ignore_index, upsample, align_corners, stream);
     };
     if (activation == kSigmoid)
       go(std::integral_constant<int, kSigmoid>{});

@@ -69,12 +69,6 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
               target.sizes(), " (the target's shape), got ", grad.sizes());
 }
 
-// decode's CUDA kernel does not fuse upsampling: the Python side interpolates before calling it.
-inline void check_no_upsample(const char* op, int64_t upsample) {
-  TORCH_CHECK(upsample == 0, op, ": the CUDA kernels take logits at the target's size (upsample = 0), got upsample = ",
-              upsample, "; hss_kernels.functional interpolates first on CUDA");
-}
-
 // Returns D.
 inline int64_t check_hierarchical_softmax(const char* op, const at::Tensor& logits, const at::Tensor& target,
                                           const at::Tensor& leaf_group, const at::Tensor& level_weights,

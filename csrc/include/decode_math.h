@@ -5,7 +5,7 @@
 //
 // A leaf's path score is the sum of a(x_v) over the nodes v on its root-to-leaf path, divided by the
 // path length (the leaf's depth) for the mean score. The winner is the leaf with the highest score, ties
-// going to the lowest leaf id.
+// going to the lowest leaf id; a pixel with a NaN in any of its channels gets ignore_index instead.
 //
 // The tree is runtime data: a walk, one WalkNode per node in pre-order (channel, depth, leaf id or -1).
 // Walking it, each node is activated once and its path score is its parent's score plus its activation,
@@ -87,20 +87,24 @@ struct RunScores {
   HSS_HOST_DEVICE A& operator()(int32_t d) const { return p[d * kStride]; }
 };
 
-// The best leaf so far: start from best = -inf, best_l = 0.
+// The best leaf so far, and whether any logit read so far was NaN: start from {-inf, 0, false}.
 template <typename A>
 struct Best {
   A score;
   int32_t leaf;
+  bool nan;
 };
 
 // One step of the walk: node v's path score from its parent's (root side first: 0 + a_1 + a_2 + ...);
 // an internal node records it for its children, a leaf competes (its score divided by its depth, the
-// path length, for the mean score). Selects, no branch on the node's kind.
+// path length, for the mean score). Selects, no branch on the node's kind. The walk reads every channel
+// once, so ORing `logit != logit` here flags a pixel with a NaN in any channel (docs/MATH.md §4.3).
 template <typename A, typename X, typename Run>
 HSS_HOST_DEVICE inline void walk_step(const X& x, const WalkNode& v, const Run& run, int64_t act, A m, A z,
                                       int64_t score, bool ordered, Best<A>& best) {
-  const A s = run(v.depth - 1) + activate<A>(x(v.x), act, m, z);
+  const A xv = x(v.x);
+  best.nan = best.nan | (xv != xv);
+  const A s = run(v.depth - 1) + activate<A>(xv, act, m, z);
   const bool leaf = v.leaf >= 0;
   run(leaf ? kLeafSlot : v.depth) = s;
   const A t = score == kMean ? s / A(v.depth) : s;
@@ -109,18 +113,25 @@ HSS_HOST_DEVICE inline void walk_step(const X& x, const WalkNode& v, const Run& 
   best.leaf = take ? v.leaf : best.leaf;
 }
 
-// One pixel (the CPU): the leaf label of its best path. nodes: the V walk nodes, x taking the channel.
+// The label of a walked pixel: its best leaf, or ignore_index if a logit was NaN.
+template <typename A>
+HSS_HOST_DEVICE inline int64_t label_of(const Best<A>& best, int64_t ignore_index) {
+  return best.nan ? ignore_index : static_cast<int64_t>(best.leaf);
+}
+
+// One pixel (the CPU): the leaf label of its best path (ignore_index if it has a NaN logit). nodes: the V
+// walk nodes, x taking the channel.
 template <typename A, typename X>
 HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, const WalkNode* nodes, int64_t V, bool ordered,
-                                          int64_t act, int64_t score) {
+                                          int64_t act, int64_t score, int64_t ignore_index) {
   A m, z;
   softmax_stats<A>(x, C, act, m, z);
   A scores[kRunSlots];
   for (int d = 0; d < kRunSlots; ++d) scores[d] = A(0);  // sm90: trips=10
   const RunScores<A, 1> run{scores};
-  Best<A> best{neg_inf<A>(), 0};
+  Best<A> best{neg_inf<A>(), 0, false};
   for (int64_t i = 0; i < V; ++i) walk_step<A>(x, nodes[i], run, act, m, z, score, ordered, best);  // sm90: trips=C
-  return best.leaf;
+  return label_of(best, ignore_index);
 }
 
 }  // namespace decode_math

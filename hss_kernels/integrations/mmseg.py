@@ -288,7 +288,8 @@ def fused_loss_by_feat(head, seg_logits: torch.Tensor, batch_data_samples, tree:
         loss[loss_decode.loss_name] = loss[loss_decode.loss_name] + value if loss_decode.loss_name in loss else value
     with torch.no_grad():
         if tree is not None and seg_logits.shape[1] in (tree.num_nodes, tree.num_leaves):
-            pred = F.decode(seg_logits.detach(), tree, size=tuple(size), align_corners=head.align_corners)
+            pred = F.decode(seg_logits.detach(), tree, size=tuple(size), align_corners=head.align_corners,
+                            ignore_index=head.ignore_index)  # NaN logits: a wrong prediction
             valid = seg_label != head.ignore_index
             correct = (pred == seg_label) & valid
             loss["acc_seg"] = correct.sum().float().mul(100.0) / valid.sum().clamp(min=1)
@@ -316,7 +317,8 @@ class HierarchicalEncoderDecoder(EncoderDecoder):
         tree: a ``Tree``, shipped tree name or tree file; the decode head's ``num_classes`` must be its node
             count (node logits: tree-min, tree-BCE) or its leaf count (leaf logits: hierarchical softmax).
         decode_options: keyword arguments of :func:`hss_kernels.decode` for node logits (``activation``,
-            ``score``; default sigmoid scores summed along the path, as HSSN).
+            ``score``; default sigmoid scores summed along the path, as HSSN; ``ignore_index``, the label of a
+            pixel with NaN logits, defaults to the decode head's ``ignore_index``).
         fused_upsample: if True, the decode and auxiliary heads' ``loss_by_feat`` is
             :func:`fused_loss_by_feat`: our losses take the low-resolution logits with
             ``upsample="bilinear"`` instead of mmseg resizing them to the label size first.
@@ -350,7 +352,9 @@ class HierarchicalEncoderDecoder(EncoderDecoder):
         if seg_logits.shape[1] == self.tree.num_nodes and self.tree.num_nodes != self.tree.num_leaves:
             for sample in data_samples:
                 logits = sample.seg_logits.data  # (V, H, W), resized to the original image as mmseg does
-                pred = F.decode(logits[None], self.tree, **self.decode_options)
+                options = dict(self.decode_options)
+                options.setdefault("ignore_index", getattr(self.decode_head, "ignore_index", 255))  # the label of NaN pixels
+                pred = F.decode(logits[None], self.tree, **options)
                 sample.pred_sem_seg.data = pred.to(sample.pred_sem_seg.data.dtype)
         return data_samples
 
@@ -395,12 +399,13 @@ class HierarchicalIoUMetric(BaseMetric):
             pred = sample["pred_sem_seg"]["data"].squeeze()
             label = sample["gt_sem_seg"]["data"].squeeze().to(pred.device)
             metrics.update(pred, label)
-        self.results.append([m.cpu() for m in metrics.matrices])
+        self.results.append(([m.cpu() for m in metrics.matrices], [m.cpu() for m in metrics.missed]))
 
     def compute_metrics(self, results: list) -> Dict[str, float]:
         metrics = HierarchicalMetrics(self.tree, ignore_index=self.ignore_index, device="cpu")
         if results:
-            metrics.load_state_dict({"matrices": [sum(ms) for ms in zip(*results)]})
+            metrics.load_state_dict({"matrices": [sum(ms) for ms in zip(*(r[0] for r in results))],
+                                     "missed": [sum(ms) for ms in zip(*(r[1] for r in results))]})
         scores = metrics.compute()
 
         def pct(x: float) -> float:

@@ -37,8 +37,9 @@ class HierarchicalMetric(Metric):
         ignore_index: target value of pixels that count for nothing (default 255).
         **kwargs: ``torchmetrics.Metric``'s options (``sync_on_compute``, ``dist_sync_fn``, ...).
 
-    States: ``confusion_<d>`` for d = 1..D, int64 ``(K_d, K_d)`` (rows target, columns prediction),
-    summed over processes. :meth:`compute` returns ``{depth: scores}`` as
+    States: ``confusion_<d>`` for d = 1..D, int64 ``(K_d, K_d)`` (rows target, columns prediction), and
+    ``missed_<d>``, int64 ``(K_d,)``: per target class, its pixels predicted as ``ignore_index`` (no class, a
+    miss); summed over processes. :meth:`compute` returns ``{depth: scores}`` as
     :meth:`hss_kernels.metrics.HierarchicalMetrics.compute` does.
     """
 
@@ -53,14 +54,18 @@ class HierarchicalMetric(Metric):
         for d in range(1, self.tree.depth + 1):
             k = self.tree.num_classes(d)
             self.add_state(f"confusion_{d}", default=torch.zeros(k, k, dtype=torch.int64), dist_reduce_fx="sum")
+            self.add_state(f"missed_{d}", default=torch.zeros(k, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of integer leaf labels (same shape; ``ignore_index`` pixels skipped)."""
         check_labels_pair("HierarchicalMetric.update", pred, target)
         device = getattr(self, "confusion_1").device
-        incs = confusion_increments(self.tree, pred, target, self.ignore_index, device, "HierarchicalMetric.update")
-        for d, inc in enumerate(incs, start=1):
+        incs, missed = confusion_increments(self.tree, pred, target, self.ignore_index, device,
+                                            "HierarchicalMetric.update")
+        for d, (inc, miss) in enumerate(zip(incs, missed), start=1):
             setattr(self, f"confusion_{d}", getattr(self, f"confusion_{d}") + inc)
+            setattr(self, f"missed_{d}", getattr(self, f"missed_{d}") + miss)
 
     def compute(self) -> Dict[int, Dict[str, Union[torch.Tensor, float]]]:
-        return {d: scores_from_confusion(getattr(self, f"confusion_{d}").cpu()) for d in range(1, self.tree.depth + 1)}
+        return {d: scores_from_confusion(getattr(self, f"confusion_{d}").cpu(), missed=getattr(self, f"missed_{d}").cpu())
+                for d in range(1, self.tree.depth + 1)}

@@ -18,7 +18,7 @@ MAX_DEPTH = 8  # kMaxDepth, csrc/include/common.h: one running path score per de
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum",
-           size: Optional[Sequence[int]] = None, align_corners: bool = False) -> torch.Tensor:
+           size: Optional[Sequence[int]] = None, align_corners: bool = False, ignore_index: int = 255) -> torch.Tensor:
     """Leaf label of the best root-to-leaf path per pixel, as :func:`hss_kernels.reference.decode`.
 
     Args:
@@ -26,8 +26,9 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
             (computed in float32) or float64. ``C = V`` node logits, or ``C = L`` (``!= V``) leaf logits
             (decoded by argmax; ``activation`` and ``score`` are then ignored).
         activation: ``"sigmoid"`` or ``"softmax"`` (over all node channels); score: ``"sum"`` or ``"mean"``.
-        size: ``(H, W)`` to decode the logits bilinearly upsampled to that size (fused on the CPU; on
-            CUDA they are interpolated first), ``align_corners`` as in ``F.interpolate``.
+        size: ``(H, W)`` to decode the logits bilinearly upsampled to that size (fused in the CPU and CUDA
+            kernels: the upsampled logits are never stored), ``align_corners`` as in ``F.interpolate``.
+        ignore_index: the label of a pixel with a NaN in any of its (upsampled) channels.
     Returns:
         int64 ``(N, H, W)``; ties go to the lowest leaf id.
     Raises:
@@ -43,13 +44,11 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
     act = _IDENTITY if leaf_logits else _ACT[activation]
     logits = logits.detach()
     up = [] if size is None else [int(s) for s in size]
-    if up and logits.device.type != "cpu":
-        from ..reference import upsample_logits
-        logits, up = upsample_logits(logits, up, align_corners), []
-    return torch.ops.hss_kernels.decode(logits, walk, ordered, act, _SCORE[score], up, bool(align_corners))
+    return torch.ops.hss_kernels.decode(logits, walk, ordered, act, _SCORE[score], up, bool(align_corners),
+                                        int(ignore_index))
 
 
 @torch.library.register_fake("hss_kernels::decode")
-def _(logits, walk, ordered, activation, score, size=(), align_corners=False):
+def _(logits, walk, ordered, activation, score, size=(), align_corners=False, ignore_index=255):
     H, W = size if len(size) else logits.shape[2:]
     return logits.new_empty((logits.shape[0], H, W), dtype=torch.long)

@@ -3,7 +3,8 @@
 For node logits ``x`` (V channels) a leaf's path score is ``sum_{d} a[path_nodes[l, d]]`` (divided by
 the path length for ``score="mean"``), with ``a = sigmoid(x)`` or the softmax over all V channels; the
 prediction is the leaf with the highest score, ties going to the lowest leaf id. Leaf logits are the
-same computation on a flat tree (one node per leaf, no activation): the argmax.
+same computation on a flat tree (one node per leaf, no activation): the argmax. A pixel with a NaN among its
+logits gets ``ignore_index``.
 
 ``_decode_kernel`` has the tree compiled in, as the tree-min kernel does (``_tree``; docs/MATH.md §3.10):
 the channels in pre-order, their depths and leaf ids are constexpr tuples, so a pixel's work is one
@@ -16,7 +17,7 @@ is ever written.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -26,6 +27,7 @@ from .. import tables
 from ..tree import Tree
 from . import _common
 from . import _tree as T
+from . import hierarchical_softmax as HS  # the fused upsampling's tables and loads (_up_tables, _up_pixels, _lerp)
 
 __all__ = ["decode"]
 
@@ -56,21 +58,42 @@ def _activate(x, m, rz, ACT: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sc64, pmask, CH, V: tl.constexpr, start: tl.constexpr,
+                   G: tl.constexpr, ACC: tl.constexpr):
+    """:func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated at the program's pixels
+    (four [pixels, G] gathers), as a tuple of pixel vectors."""
+    ch = T.group_channels(CH, V, start, G, False)
+    t = HS._lerp(x_ptr + ch.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None], u10[:, None],  # sm90: logits
+                 u11[:, None], lx[:, None], ly[:, None], pmask[:, None] & (ch >= 0)[None, :], ACC)
+    return T.unpack(t, G)
+
+
+@triton.jit
 def _decode_kernel(
-    x_ptr, out_ptr,
+    x_ptr, out_ptr, ui_ptr, ul_ptr,
     P, HW, W,
     s_n, s_c, s_h, s_w,
+    IGNORE,
     V: tl.constexpr, CH: tl.constexpr, DEP: tl.constexpr, LID: tl.constexpr, D: tl.constexpr,
     ORDERED: tl.constexpr, ACT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, UPSAMPLE: tl.constexpr,
 ):
     # CH, DEP, LID: per pre-order position the node's channel, depth (1 = a child of the root) and leaf id
     # (-1: an internal node). ORDERED: the leaf ids increase along the pre-order, so a strict > keeps the
     # lowest id of a tie; else a tie compares the ids.
-    # The output is (N, H, W) contiguous: pixel p is at p, whatever the logits' layout.
-    pid, p, pmask, xpix, _, _, _ = _common.pixel_offsets(P, HW, W, s_n, s_h, s_w, s_n, s_h, s_w, s_n, s_h, s_w,
-                                                        s_n, s_h, s_w, BLOCK_P, FLAT, VEC)
+    # The output is (N, H, W) contiguous: pixel p is at p, whatever the logits' layout. IGNORE: the label of a
+    # pixel with a NaN among its V logits (each read once by the walk, `x != x` ORed into `bad`).
+    # UPSAMPLE (1-D grid): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
+    # stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables of the hierarchical softmax's
+    # fused forward; docs/MATH.md §6.4).
+    if UPSAMPLE:
+        pid = tl.program_id(0)
+        p, pmask, n, h, w = _common.pixel_coords(pid, P, HW, W, BLOCK_P)
+        u00, u01, u10, u11, lx, ly = HS._up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, s_n, s_h, s_w, pmask)
+    else:
+        pid, p, pmask, xpix, _, _, _ = _common.pixel_offsets(P, HW, W, s_n, s_h, s_w, s_n, s_h, s_w, s_n, s_h, s_w,
+                                                            s_n, s_h, s_w, BLOCK_P, FLAT, VEC)
     sc64 = tl.cast(s_c, tl.int64)
     zero = tl.zeros([BLOCK_P], dtype=ACC)
 
@@ -84,8 +107,13 @@ def _decode_kernel(
         z = zero
         for c0 in range(0, V, G):  # sm90: trips=cdiv(V, G)
             c = c0 + tl.arange(0, G)
-            t = tl.load(x_ptr + xpix[:, None] + c.to(tl.int64)[None, :] * sc64,  # sm90: logits
-                        mask=pmask[:, None] & (c < V)[None, :], other=0.0).to(ACC)
+            if UPSAMPLE:
+                t = HS._lerp(x_ptr + c.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None],  # sm90: logits
+                             u10[:, None], u11[:, None], lx[:, None], ly[:, None],
+                             pmask[:, None] & (c < V)[None, :], ACC)
+            else:
+                t = tl.load(x_ptr + xpix[:, None] + c.to(tl.int64)[None, :] * sc64,  # sm90: logits
+                            mask=pmask[:, None] & (c < V)[None, :], other=0.0).to(ACC)
             xs = T.unpack(tl.where((c < V)[None, :], t, float("-inf")), G)
             gm = xs[0]
             for i in tl.static_range(1, G):
@@ -108,14 +136,21 @@ def _decode_kernel(
         run = run + (zero,)
     best = zero - float("inf")
     best_l = tl.zeros([BLOCK_P], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_P], dtype=tl.int32)
     for i in tl.static_range(V):
         if i % G == 0:
             if PIN and i > 0:
                 run = T.pin_all(run, PIN)
                 best = T.pin(best, PIN)
                 best_l = T.pin(best_l, PIN)
-            xs = T.load_group(x_ptr, xpix, sc64, pmask, CH, V, i, G, False, ACC, ACT == 1)
-        a = _activate(xs[i % G], m, rz, ACT, FAST)
+                bad = T.pin(bad, PIN)
+            if UPSAMPLE:
+                xs = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sc64, pmask, CH, V, i, G, ACC)
+            else:
+                xs = T.load_group(x_ptr, xpix, sc64, pmask, CH, V, i, G, False, ACC, ACT == 1)
+        xv = xs[i % G]
+        bad = bad | (xv != xv).to(tl.int32)
+        a = _activate(xv, m, rz, ACT, FAST)
         if DEP[i] == 1:
             s = a
         else:
@@ -131,10 +166,12 @@ def _decode_kernel(
                 take = (s > best) | ((s == best) & (best_l > LID[i]))
             best = tl.where(take, s, best)
             best_l = tl.where(take, LID[i], best_l)
-    tl.store(out_ptr + p, best_l.to(tl.int64), mask=pmask)
+    lab = tl.where(bad != 0, tl.zeros([BLOCK_P], dtype=tl.int64) + IGNORE, best_l.to(tl.int64))
+    tl.store(out_ptr + p, lab, mask=pmask)
 
 
-def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum") -> torch.Tensor:
+def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum",
+           size: Optional[Sequence[int]] = None, align_corners: bool = False, ignore_index: int = 255) -> torch.Tensor:
     """Leaf label of the best root-to-leaf path per pixel, as :func:`hss_kernels.reference.decode`.
 
     Args:
@@ -143,16 +180,28 @@ def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score:
             (``!= V``) leaf logits, decoded by argmax.
         activation: ``"sigmoid"`` or ``"softmax"`` (over all node channels); score: ``"sum"`` or ``"mean"``
             over the path. Both are ignored for leaf logits. The public API checks them and the channels.
+        size: ``(H', W')`` at least ``(H, W)``: the labels of the logits bilinearly upsampled to that size
+            (``align_corners`` as in ``F.interpolate``), fused: each logit is interpolated from its 2x2 stencil
+            in the accumulation dtype as the kernel reads it; the upsampled logits are never stored.
+        ignore_index: the label of a pixel with a NaN among its (upsampled) logits.
     Returns:
-        int64 ``(N, H, W)``. Ties go to the lowest leaf id.
+        int64 ``(N, H, W)`` (``(N, H', W')`` with ``size``). Ties go to the lowest leaf id.
     Raises:
-        ValueError for logits that are not 4-D.
+        ValueError for logits that are not 4-D, or a size smaller than the logits'.
     """
     if logits.dim() != 4:
         raise ValueError(f"decode: the Triton backend takes (N, C, H, W) logits, got {tuple(logits.shape)}")
+    up = [] if size is None else [int(v) for v in size]
+    if up and (len(up) != 2 or up[0] < logits.shape[2] or up[1] < logits.shape[3] or min(logits.shape[2:]) < 1):
+        raise ValueError(f"decode: size must be (H, W) at least the logits' {tuple(logits.shape[2:])} (and those "
+                         f">= 1), got {tuple(up)}")
     leaf_logits = logits.shape[1] == tree.num_leaves != tree.num_nodes
     act = _IDENTITY if leaf_logits else _ACT[activation]
-    return _decode(logits, _walk(tree, leaf_logits), act, score == "mean" and not leaf_logits)
+    return _decode(logits.detach(), _walk(tree, leaf_logits), act, score == "mean" and not leaf_logits,
+                   int(ignore_index), up, bool(align_corners))
+
+
+decode.takes_upsample = True  # functional.decode passes size= / align_corners= through
 
 
 def _walk(tree: Tree, leaf_logits: bool) -> List[int]:
@@ -191,32 +240,53 @@ def _blocks(logits: torch.Tensor):
     return gpu_blocks(logits)
 
 
+def _up_blocks(logits: torch.Tensor, pixels: int):
+    """:func:`_blocks` of the fused upsampling over ``pixels`` output pixels: compiled, one pixel per thread
+    (every value is four gathered loads, as the hierarchical softmax's upsampled forward)."""
+    if _common.interpreted(logits.device):
+        return _common.block_sizes(1, pixels, True)[1], 4, 1
+    return 128, 4, 1
+
+
 # A custom op, so that torch.compile(fullgraph=True) traces decode without a graph break.
 @torch.library.custom_op("hss_triton::decode", mutates_args=())
-def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool) -> torch.Tensor:
-    N, C, H, W = logits.shape
+def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool, ignore_index: int, size: List[int],
+            align_corners: bool) -> torch.Tensor:
+    N, C, h, w = logits.shape
+    H, W = size if len(size) else (h, w)
     out = torch.empty((N, H, W), dtype=torch.int64, device=logits.device)
-    P, HW, Wd = _common.shape_args(logits)
+    P = N * H * W
     if P == 0:
         return out
     V, ch, dep, lid, D, ordered = _compiled_walk(walk)
     if V != C:
         raise ValueError(f"decode: the walk has {V} nodes, the logits {C} channels")
-    block_p, num_warps, vec = _blocks(logits)
-    flat = _common.flat_pixels(logits)
+    upsample = len(size) > 0
+    block_p, num_warps, vec = _up_blocks(logits, P) if upsample else _blocks(logits)
+    if upsample:
+        idx, lam = HS._up_tables(h, w, H, W, bool(align_corners), _common.acc_dtype(logits.dtype),
+                                 logits.device)[:2]
+        flat, HW, Wd = False, H * W, W
+    else:
+        idx = lam = out  # not read
+        flat = _common.flat_pixels(logits)
+        _, HW, Wd = _common.shape_args(logits)
     grid = (triton.cdiv(HW, block_p), N) if flat else (triton.cdiv(P, block_p),)
     fast = _common.fast_exp(logits)
     _common.launch(
         _decode_kernel, grid, logits,
-        logits, out,
+        logits, out, idx, lam,
         P, HW, Wd,
         *logits.stride(),
+        ignore_index,
         V=V, CH=ch, DEP=dep, LID=lid, D=D, ORDERED=ordered, ACT=act, MEAN=mean, ACC=_common.tl_acc(logits.dtype),
-        BLOCK_P=block_p, FLAT=flat, FAST=fast, G=T.GROUP, PIN=not _common.interpreted(logits.device), VEC=vec, num_warps=num_warps,
+        BLOCK_P=block_p, FLAT=flat, FAST=fast, G=T.GROUP, PIN=not _common.interpreted(logits.device), VEC=vec,
+        UPSAMPLE=upsample, num_warps=num_warps,
     )
     return out
 
 
 @_decode.register_fake
-def _(logits, walk, act, mean):
-    return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[3]), dtype=torch.int64)
+def _(logits, walk, act, mean, ignore_index, size, align_corners):
+    H, W = size if len(size) else logits.shape[2:]
+    return logits.new_empty((logits.shape[0], H, W), dtype=torch.int64)

@@ -27,6 +27,7 @@ def _batches(tree, n=3, seed=0):
         t[torch.rand(t.shape, generator=g) < 0.1] = 255
         p = torch.where(torch.rand(t.shape, generator=g) < 0.6, t.clamp(max=tree.num_leaves - 1),
                         torch.randint(0, tree.num_leaves, t.shape, generator=g))
+        p[torch.rand(t.shape, generator=g) < 0.1] = 255  # no prediction (decode's label of NaN logits): a miss
         out.append((p, t))
     return out
 
@@ -44,8 +45,10 @@ def test_equals_hierarchical_metrics_and_resets():
         for k in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou"):
             assert got[d][k] == pytest.approx(want[d][k], nan_ok=True)
         assert torch.equal(getattr(m, f"confusion_{d}"), ref.confusion(d))
+        assert torch.equal(getattr(m, f"missed_{d}"), ref.missed[d - 1]) and int(ref.missed[d - 1].sum()) > 0
     m.reset()
     assert all(int(getattr(m, f"confusion_{d}").sum()) == 0 for d in (1, 2, 3))
+    assert all(int(getattr(m, f"missed_{d}").sum()) == 0 for d in (1, 2, 3))
     with pytest.raises(ValueError, match="HierarchicalMetric.update: pred holds label 66"):
         m.update(torch.full((2, 2), 66), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="integer leaf labels"):

@@ -117,7 +117,7 @@ def test_decode_walks_the_tree_in_pre_order():
     assert kinds == {True, False}
     x = torch.randn(1, 5, 2, 2)
     with pytest.raises(ValueError, match="walk has 26 nodes"):
-        torch.ops.hss_triton.decode(x, triton_mod.decode._walk(trees.load("cityscapes"), False), 0, False)
+        torch.ops.hss_triton.decode(x, triton_mod.decode._walk(trees.load("cityscapes"), False), 0, False, 255, [], False)
 
 
 def test_loss_tiles_hold_every_channel():
@@ -249,3 +249,20 @@ def test_gpu_tiles_of_decode_under_the_interpreter(layout, dtype, monkeypatch):
             assert torch.equal(dk.decode(xs, tree, activation, "sum"), H.first_maximum(xs, tree, activation, "sum"))
         leaf = H.random_logits(tree.num_leaves, (1, 3, 1100), dtype)
         assert torch.equal(dk.decode(leaf, tree), leaf.float().argmax(dim=1))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_gpu_tiles_of_upsampled_decode_under_the_interpreter(align_corners, monkeypatch):
+    """decode(size=) with the GPU's tile (decode._up_blocks compiled: 128 pixels, one a thread) run by the
+    interpreter on an output wider than one program, channels_last, a partial last group of nodes, a NaN."""
+    from hss_kernels.triton import decode as dk
+
+    monkeypatch.setattr(dk, "_up_blocks", lambda logits, pixels: (128, 4, 1))
+    tree = trees.load("helen")
+    x = H.random_logits(tree.num_nodes, (1, 3, 90)).contiguous(memory_format=torch.channels_last)
+    x[0, 2, 1, 40] = float("nan")
+    assert tree.num_nodes % dk.T.GROUP != 0
+    for activation in H.ACTIVATIONS:
+        got = dk.decode(x, tree, activation, "mean", size=(5, 301), align_corners=align_corners)
+        H.assert_decode_size_like_reference(got, x, tree, activation, "mean", (5, 301), align_corners)
+

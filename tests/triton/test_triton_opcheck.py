@@ -100,5 +100,8 @@ def test_decode_op(backend, device):
     tree = trees.load("helen")
     for C, leaf in ((tree.num_nodes, False), (tree.num_leaves, True)):
         x = torch.randn(2, C, 3, 5).to(device).contiguous(memory_format=torch.channels_last)
+        x[0, 1, 2, 3] = float("nan")
         act = D._IDENTITY if leaf else 1
-        torch.library.opcheck(torch.ops.hss_triton.decode.default, (x, D._walk(tree, leaf), act, not leaf))
+        for ignore_index, size, align_corners in ((255, [], False), (-1, [7, 9], True), (-1, [3, 5], False)):
+            torch.library.opcheck(torch.ops.hss_triton.decode.default,
+                                  (x, D._walk(tree, leaf), act, not leaf, ignore_index, size, align_corners))
