@@ -292,6 +292,15 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
             return [CudaLaunch("tree_min", "tree_min_bwd_up_kernel", T + A, -(-n // threads), threads,
                                [None, gg, None, sC, ug, n, None, gt, None, V, L, D, None, gamma, eps, ignore, extrema,
                                 None], scalars, smem)]
+        if not extrema:
+            # tree_bce_bwd_group_kernel<T, A, kF, kVec>: G pixels per thread as the forward, the node table only
+            G = 16 // _DT[dtype][1]
+            kf = 2 if gamma == 2 else 1 if gamma == 0 else 0
+            vec = "Lb1E" if layout != "channels_last" else "Lb0E"
+            return [CudaLaunch("tree_min", "tree_bce_bwd_group_kernel", T + A + f"Li{kf}E" + vec,
+                               -(-(-(-P // G)) // THREADS), THREADS,
+                               [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore],
+                               scalars, 16 * V)]
         kf = 2 if gamma == 2 else 1 if gamma == 0 else 0  # tree_min_bwd_kernel<T, A, kF>: the focal mode
         return [CudaLaunch("tree_min", "tree_min_bwd_kernel", T + A + f"Li{kf}E", -(-P // threads), threads,
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,

@@ -480,6 +480,53 @@ void forward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const 
   }
 }
 
+// The gradient tile's columns of a group (the lanes that exist: m).
+template <typename A, int G>
+struct TileOut {
+  A* t;
+  int64_t col[G];
+  int64_t m;
+  void store(int c, const Lanes<A, G>& v) const {
+    for (int j = 0; j < m; ++j) t[c * kBlock + col[j]] = v.v[j];
+  }
+  void store_lane(int c, int j, A v) const {
+    if (j < m) t[c * kBlock + col[j]] = v;
+  }
+};
+
+// The tree BCE gradient of a block's n pixels into the (V, kBlock) tile gtile through
+// tree_bce_backward_group, G lanes at a time as the CUDA kernel groups them.
+template <typename T, typename A>
+void bce_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const bool* valid,
+                         int64_t ignore_index, const A* g, const TreeNode<A>* nodes, const TreeIndex& ti, const A* k,
+                         A gamma, A eps, A* gtile) {
+  constexpr int G = lanes_for<T>();
+  const int mode = focal_mode(gamma, eps);
+  const NodeTable<A> nt{nodes};
+  for (int64_t g0 = 0; g0 < n; g0 += G) {
+    const int64_t m = std::min<int64_t>(G, n - g0);
+    TileLanes<A, G> col{x, ld, {}};
+    TileOut<A, G> out{gtile, {}, m};
+    int y[G];
+    bool v[G], bad[G];
+    A gl[G];
+    for (int j = 0; j < G; ++j) {
+      const int64_t p = g0 + std::min<int64_t>(j, m - 1);
+      col.col[j] = out.col[j] = p;
+      v[j] = j < m && valid[p];
+      bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
+      y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
+      gl[j] = j < m ? g[p] : A(0);
+    }
+    if (mode == kFocalG2)
+      tree_bce_backward_group<kFocalG2, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
+    else if (mode == kFocalG0)
+      tree_bce_backward_group<kFocalG0, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
+    else
+      tree_bce_backward_group<kFocalAny, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
+  }
+}
+
 template <typename T>
 void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                            const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
@@ -615,6 +662,10 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
         tree_backward_lanes(x, ld, scr + V * kBlock, gtile, kBlock, ti, tr, ys, valid, k, gamma, eps, extrema, g);
         rows_done = true;
       }
+    }
+    if (!rows_done && !extrema && !up) {  // the CUDA tree BCE backward: G pixels at a time
+      bce_backward_groups<T, A>(x, ld, n, ys, valid, ignore_index, g, nodes.data(), ti, k, gamma, eps, gtile);
+      rows_done = true;
     }
     if (!rows_done) {
       // tree_backward_pixel's 2 bits per node, packed in 32-bit words, in the thread's spare scratch.

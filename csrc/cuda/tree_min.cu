@@ -5,8 +5,10 @@
 // * The forward (tree_fwd_group_kernel): G = 16 / sizeof(T) consecutive pixels per thread
 //   (tree_forward_group), one 16-byte load per channel on NCHW when the layout allows (vec_groups), the
 //   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread).
-// * The backward: one thread per pixel; its D + 1 per-depth values in shared memory, laid out
-//   (depth, thread), and the tree-min's 2 bits per node packed in 32-bit words, laid out (word, thread).
+// * The tree BCE backward (tree_bce_bwd_group_kernel): G pixels per thread as the forward
+//   (tree_bce_backward_group), 16-byte loads and stores on NCHW.
+// * The tree-min backward: one thread per pixel; its D + 1 per-depth values in shared memory, laid out
+//   (depth, thread), and its 2 bits per node packed in 32-bit words, laid out (word, thread).
 // Every kernel but the upsampled ones is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with
 // eps 0, or any), picked from the call's options. With fused upsampling (kUp) the forward runs one pixel
 // per thread and reads each channel from four source values (upsample_math.h), and the backward runs one
@@ -206,6 +208,88 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
   block_partial(sum, c, part, cnt);
 }
 
+// The tree BCE backward's stores, as VecCol / LaneCols read: one 16-byte store per channel, or one
+// store per lane that exists (n lanes).
+template <typename T, typename A, int G>
+struct VecOut {
+  unsigned char* p;
+  uint32_t sb;
+  __device__ T* at(int c) const {
+    return reinterpret_cast<T*>(p + static_cast<uint64_t>(static_cast<uint32_t>(c)) * sb);
+  }
+  __device__ void store(int c, const Lanes<A, G>& v) const {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) e[j] = static_cast<T>(v.v[j]);
+    *reinterpret_cast<uint4*>(at(c)) = u;
+  }
+  __device__ void store_lane(int c, int j, A v) const { at(c)[j] = static_cast<T>(v); }
+};
+
+template <typename T, typename A, int G>
+struct LaneOut {
+  T* p;
+  int64_t off[G];
+  int64_t s;
+  int64_t n;
+  __device__ void store(int c, const Lanes<A, G>& v) const {
+    T* q = p + c * s;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j)
+      if (j < n) q[off[j]] = static_cast<T>(v.v[j]);
+  }
+  __device__ void store_lane(int c, int j, A v) const {
+    if (j < n) p[c * s + off[j]] = static_cast<T>(v);
+  }
+};
+
+// The tree BCE backward without upsampling: G pixels per thread as the forward (tree_bce_backward_group),
+// the gradient written with the logits' strides (out is empty_like of the dense logits).
+template <typename T, typename A, int kF, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
+                          PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
+                          const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
+                          A gamma, A eps, int64_t ignore_index) {
+  constexpr int G = lanes_for<T>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
+  if (i0 >= P) return;
+  const int64_t n = P - i0 < G ? P - i0 : G;
+  int64_t toff[G], goff[G];
+  lane_offsets<G>(gt, i0, n, toff);
+  lane_offsets<G>(gg, i0, n, goff);
+  int y[G];
+  bool valid[G], bad[G];
+  A g[G];
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
+    const LabelKind kind = label_kind(yj, L, ignore_index);
+    valid[j] = kind == kLabelValid;
+    bad[j] = kind == kLabelBad;
+    y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
+    g[j] = j < n ? grad[goff[j]] : A(0);
+  }
+  if constexpr (kVec) {
+    const int64_t off = gx.offset(i0);
+    const uint32_t sb = static_cast<uint32_t>(sC * static_cast<int64_t>(sizeof(T)));
+    tree_bce_backward_group<kF, A, G>(VecCol<T, A, G>{reinterpret_cast<const unsigned char*>(x + off), sb}, nodes,
+                                      VecOut<T, A, G>{reinterpret_cast<unsigned char*>(out + off), sb}, ti, y, valid,
+                                      bad, k, gamma, eps, g);
+  } else {
+    LaneCols<T, A, G> col{x, {}, sC};
+    lane_offsets<G>(gx, i0, n, col.off);
+    LaneOut<T, A, G> o{out, {}, sC, n};
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) o.off[j] = col.off[j];
+    tree_bce_backward_group<kF, A, G>(col, nodes, o, ti, y, valid, bad, k, gamma, eps, g);
+  }
+}
+
 // Whether every group of G pixels of x (N, C, H, W) is one aligned 16-byte run in every channel, and the
 // channel stride fits 32 bits in bytes (VecCol).
 inline bool vec_groups(const at::Tensor& x, int G) {
@@ -396,6 +480,24 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
     }
     // the focal mode of the options (tree_min_math.h: focal_k)
     const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
+    if (!extrema) {  // the tree BCE: G pixels per thread
+      const bool vec = vec_groups(x, lanes_for<scalar_t>());
+      auto bce = mode == kFocalG2   ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, true>
+                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, false>)
+                 : mode == kFocalG0 ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, true>
+                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, false>)
+                                    : (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, true>
+                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, false>);
+      const size_t tsmem = node_table_bytes<A>(V);
+      allow_smem(bce, tsmem, 0, x.get_device(), "tree_min", V, "nodes");
+      constexpr int G = lanes_for<scalar_t>();
+      bce<<<num_blocks((P + G - 1) / G, kThreads), kThreads, tsmem, stream>>>(
+          grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
+          x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
+          node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     auto kernel = mode == kFocalG2   ? tree_min_bwd_kernel<scalar_t, A, kFocalG2>
                   : mode == kFocalG0 ? tree_min_bwd_kernel<scalar_t, A, kFocalG0>
                                      : tree_min_bwd_kernel<scalar_t, A, kFocalAny>;

@@ -365,6 +365,48 @@ HSS_HOST_DEVICE inline void tree_forward_group(const X& x, const N& nodes, const
   }
 }
 
+// The tree BCE's gradient (tree_backward_pixel with extrema false) for G pixels at once, in the same
+// order of operations per pixel: one pass in pre-order; node u of lane j gets
+// g[j] * k_u * (on ? f'(x_u) : -f'(-x_u)). x as in tree_forward_group; out.store(c, v, lanes) writes
+// channel c of the lanes that exist; y[j] a valid leaf id (0 in lanes to discard); valid[j] false gives lane
+// j the unlabelled row, 0 or (bad[j]) NaN, whatever its logits. A lane with a NaN logit gets a NaN row
+// (§5.3): its NaN-propagating maximum of the logits is NaN, and the row is rewritten (cold).
+template <int kF, typename A, int G, typename X, typename N, typename O>
+HSS_HOST_DEVICE inline void tree_bce_backward_group(const X& x, const N& nodes, const O& out, const TreeIndex& t,
+                                                    const int* y, const bool* valid, const bool* bad, const A* k,
+                                                    A gamma, A eps, const A* g) {
+  int lp[G];
+  A big[G], none[G];
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    lp[j] = t.dfs_pos[path_leaf(t, y[j])];
+    big[j] = neg_inf<A>();
+    none[j] = bad[j] ? quiet_nan<A>() : A(0);
+  }
+  A l, dl;
+  HSS_NO_UNROLL
+  for (int p = 0; p < t.V; ++p) {  // sm90: trips=V
+    const TreeNode<A> n = nodes(p);
+    Lanes<A, G> z, o;
+    x.load(n.c, z);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      big[j] = max_nan(big[j], z.v[j]);
+      const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+      focal_k<kF>(on ? z.v[j] : -z.v[j], gamma, eps, &l, &dl);
+      const A v = g[j] * n.k * (on ? dl : -dl);
+      o.v[j] = valid[j] ? v : none[j];
+    }
+    out.store(n.c, o);
+  }
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    if (valid[j] && big[j] != big[j]) {  // sm90: cold
+      for (int c = 0; c < t.V; ++c) out.store_lane(c, j, quiet_nan<A>());  // sm90: trips=V
+    }
+  }
+}
+
 // Words of packed node bits the tree-min backward needs per pixel: 2 bits per node, 16 nodes a word.
 HSS_HOST_DEVICE inline int tree_bit_words(int V) { return (V + 15) / 16; }
 

@@ -7,7 +7,8 @@ The CPU runs the same function, grouped the same way, for float64 and, with ``HS
 every dtype. These tests hit what a group can get wrong: a last group that is partial (sizes that are not
 multiples of G), groups whose lanes mix valid, ignored and bad labels, one pixel, no labelled pixel, a NaN
 logit in one lane, each focal mode, channels_last (the CUDA kernel's per-lane loads) and the gradients of
-the same modes (``tree_backward_pixel<A, kF>``).
+the same modes (``tree_backward_pixel<A, kF>``; the tree BCE's ``tree_bce_backward_group``, G pixels a
+thread like the forward).
 """
 import pytest
 import torch
@@ -56,26 +57,37 @@ def test_groups_match_reference(backend, device, loss, opts, shape, path):
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
 @MODES
 def test_groups_lanes_mixed(backend, device, loss, opts, path):
-    """In one group: valid, ignored and bad labels, and a NaN logit in one lane: only that lane's loss is
-    NaN, the bad labels' too, the ignored ones' 0, the others the reference's."""
+    """In one group: valid, ignored and bad labels, a NaN logit in one lane and NaN logits at an ignored
+    pixel: only the NaN lane's loss and gradient row are NaN, the bad labels' too, the ignored ones' 0, the
+    others the reference's."""
     tree = trees.load("cityscapes")
     for dtype in _dtypes(path):
         x, y = inputs(tree, loss, (1, 3, 7), dtype, ignore_frac=0.0)
         y.view(-1)[[1, 9]] = 255
         y.view(-1)[[2, 19]] = torch.tensor([-1, tree.num_leaves])
         x[0, 3, 0, 3] = float("nan")  # pixel 3
+        x[0, :, 0, 1] = float("nan")  # an ignored pixel's NaN logits: still 0
         fn = native.OPS[loss]
-        out = fn(x, y, tree, reduction="none", **opts)
+        out, grad, _ = H.loss_and_grad(fn, x, y, tree, reduction="none", **opts)
         flat = out.view(-1)
         nan = torch.zeros(21, dtype=torch.bool)
         nan[[2, 3, 19]] = True
         assert torch.isnan(flat[nan]).all() and not torch.isnan(flat[~nan]).any()
         assert (flat[[1, 9]] == 0).all()
+        rows = grad.permute(0, 2, 3, 1).reshape(21, -1)
+        assert torch.isnan(rows[nan]).all() and not torch.isnan(rows[~nan]).any()
+        assert (rows[[1, 9]] == 0).all()
         keep = ~nan
         keep[[1, 9]] = False
         ref = H.ref(loss)(x.double(), torch.where(nan.view(y.shape), 255, y), tree, reduction="none", **opts)
+        _, gref, _ = H.loss_and_grad(H.ref(loss), x.double(), torch.where(nan.view(y.shape), 255, y), tree,
+                                     torch.ones(y.shape, dtype=torch.float64), reduction="none", **opts)
         tol = H.TOL[H.acc_dtype(dtype)]
         torch.testing.assert_close(flat[keep].double(), ref.view(-1)[keep].double(), **tol)
+        _, g1, _ = H.loss_and_grad(fn, x, y, tree, torch.ones(y.shape, dtype=out.dtype), reduction="none", **opts)
+        g1 = g1.permute(0, 2, 3, 1).reshape(21, -1)
+        gref = gref.permute(0, 2, 3, 1).reshape(21, -1)
+        H.assert_grad_close(g1[keep], gref[keep].to(g1.dtype), dtype, 1.0)
 
 
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
