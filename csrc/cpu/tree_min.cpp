@@ -6,9 +6,10 @@
 // Two implementations, chosen per block of kBlock pixels by the ops at the end of this file:
 // * the lane path (float32, and float16/bfloat16 computed in float): row passes over a (V, kBlock)
 //   tile, vectorised across pixels (docs/MATH.md §3.9), the first section below;
-// * the per-pixel path (float64, and every dtype with HSS_CPU_PIXEL_PATH=1): tree_forward_pixel and
-//   tree_backward_pixel of tree_min_math.h, the code the CUDA kernels run, so that the tests check the
-//   GPU's arithmetic without a GPU.
+// * the per-pixel path (float64, and every dtype with HSS_CPU_PIXEL_PATH=1): tree_forward_group (G
+//   pixels at a time, grouped as the CUDA forward groups them; tree_forward_pixel with upsampling) and
+//   tree_backward_pixel of tree_min_math.h, with the focal mode the CUDA kernels would pick: the code the
+//   CUDA kernels run, so that the tests check the GPU's arithmetic without a GPU.
 #include "checks.h"
 #include "loop.h"
 #include "tree_min_math.h"
@@ -416,6 +417,116 @@ std::vector<TreeNode<A>> node_table(const TreeIndex& ti, const A* k) {
   return nodes;
 }
 
+// The CUDA forward's per-thread body (tree_forward_group) on a block's tile: G lanes are tile columns,
+// the lanes of a last partial group repeat its last column (their losses are discarded, as the CUDA
+// kernel discards lanes past the last pixel).
+template <typename A, int G>
+struct TileLanes {
+  const A* x;
+  int64_t ld;
+  int64_t col[G];
+  void load(int c, Lanes<A, G>& out) const {
+    for (int j = 0; j < G; ++j) out.v[j] = x[c * ld + col[j]];
+  }
+  A operator()(int c, int j) const { return x[c * ld + col[j]]; }
+};
+
+template <typename A, int G>
+struct LocalLanes {
+  Lanes<A, G>* p;
+  Lanes<A, G>& operator()(int s) const { return p[s]; }
+};
+
+// tree_forward_group with the focal mode and extrema the CUDA kernel would take for these options.
+template <typename A, int G>
+void forward_group(const TileLanes<A, G>& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
+                   const A* k, A gamma, A eps, bool extrema, A* loss) {
+  Lanes<A, G> slots[kMaxDepth + 1];
+  const NodeTable<A> nt{nodes};
+  const LocalLanes<A, G> acc{slots};
+  const int mode = focal_mode(gamma, eps);
+  if (extrema) {
+    if (mode == kFocalG2) tree_forward_group<kFocalG2, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+    else if (mode == kFocalG0) tree_forward_group<kFocalG0, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+    else tree_forward_group<kFocalAny, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+  } else {
+    if (mode == kFocalG2) tree_forward_group<kFocalG2, false, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+    else if (mode == kFocalG0) tree_forward_group<kFocalG0, false, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+    else tree_forward_group<kFocalAny, false, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+  }
+}
+
+// The losses of a block's n pixels (x: its tile, column p at x + p, stride ld) through forward_group, G
+// lanes at a time as the CUDA kernel groups them; lanes that are not valid get no loss written.
+template <typename T, typename A>
+void forward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const bool* valid, const TreeNode<A>* nodes,
+                    const TreeIndex& ti, const A* k, A gamma, A eps, bool extrema, A* out) {
+  constexpr int G = lanes_for<T>();
+  for (int64_t g0 = 0; g0 < n; g0 += G) {
+    const int64_t m = std::min<int64_t>(G, n - g0);
+    TileLanes<A, G> col{x, ld, {}};
+    int y[G];
+    bool any = false;
+    for (int j = 0; j < G; ++j) {
+      const int64_t p = g0 + std::min<int64_t>(j, m - 1);
+      col.col[j] = p;
+      y[j] = j < m && valid[p] ? static_cast<int>(ys[p]) : 0;
+      any |= j < m && valid[p];
+    }
+    if (!any) continue;
+    A l[G];
+    forward_group<A, G>(col, nodes, ti, y, k, gamma, eps, extrema, l);
+    for (int j = 0; j < m; ++j) out[g0 + j] = l[j];
+  }
+}
+
+// The gradient tile's columns of a group (the lanes that exist: m).
+template <typename A, int G>
+struct TileOut {
+  A* t;
+  int64_t col[G];
+  int64_t m;
+  void store(int c, const Lanes<A, G>& v) const {
+    for (int j = 0; j < m; ++j) t[c * kBlock + col[j]] = v.v[j];
+  }
+  void store_lane(int c, int j, A v) const {
+    if (j < m) t[c * kBlock + col[j]] = v;
+  }
+};
+
+// The tree BCE gradient of a block's n pixels into the (V, kBlock) tile gtile through
+// tree_bce_backward_group, G lanes at a time as the CUDA kernel groups them.
+template <typename T, typename A>
+void bce_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const bool* valid,
+                         int64_t ignore_index, const A* g, const TreeNode<A>* nodes, const TreeIndex& ti, const A* k,
+                         A gamma, A eps, A* gtile) {
+  constexpr int G = lanes_for<T>();
+  const int mode = focal_mode(gamma, eps);
+  const NodeTable<A> nt{nodes};
+  for (int64_t g0 = 0; g0 < n; g0 += G) {
+    const int64_t m = std::min<int64_t>(G, n - g0);
+    TileLanes<A, G> col{x, ld, {}};
+    TileOut<A, G> out{gtile, {}, m};
+    int y[G];
+    bool v[G], bad[G];
+    A gl[G];
+    for (int j = 0; j < G; ++j) {
+      const int64_t p = g0 + std::min<int64_t>(j, m - 1);
+      col.col[j] = out.col[j] = p;
+      v[j] = j < m && valid[p];
+      bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
+      y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
+      gl[j] = j < m ? g[p] : A(0);
+    }
+    if (mode == kFocalG2)
+      tree_bce_backward_group<kFocalG2, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
+    else if (mode == kFocalG0)
+      tree_bce_backward_group<kFocalG0, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
+    else
+      tree_bce_backward_group<kFocalAny, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
+  }
+}
+
 template <typename T>
 void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                            const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
@@ -451,12 +562,15 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     if (lanes) nan_lanes(x, ld, V, n, valid, &bad);
     if constexpr (vec)
       if (lanes) tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
+    // What the CUDA kernels run without upsampling: G pixels per thread (tree_forward_group).
+    const bool groups = !lanes && !up;
+    if (groups) forward_groups<T, A>(x, ld, n, ys, valid, nodes.data(), ti, k, gamma, eps, extrema, lane_loss);
     double s = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
       A l = A(0);
       if (valid[p]) {
-        if (lanes)
+        if (lanes || groups)
           l = lane_loss[p];
         else if (up && forced)  // the CUDA kernels' reads: four source values per channel
           l = tree_forward_pixel<A>(bilinear_col<T, A>(logits.data_ptr<T>(), logits.stride(1), up->geom.stencil(i0 + p)),
@@ -549,18 +663,33 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
         rows_done = true;
       }
     }
+    if (!rows_done && !extrema && !up) {  // the CUDA tree BCE backward: G pixels at a time
+      bce_backward_groups<T, A>(x, ld, n, ys, valid, ignore_index, g, nodes.data(), ti, k, gamma, eps, gtile);
+      rows_done = true;
+    }
     if (!rows_done) {
       // tree_backward_pixel's 2 bits per node, packed in 32-bit words, in the thread's spare scratch.
       uint32_t* bits = reinterpret_cast<uint32_t*>(scr + V * kBlock);
       A acc[kMaxDepth + 1];
+      // the CUDA kernel's focal mode without upsampling (its upsampled backward keeps kFocalAny)
+      const int mode = up ? kFocalAny : focal_mode(gamma, eps);
       for (int64_t p = 0; p < n; ++p) {
         if (!valid[p]) {
           for (int v = 0; v < V; ++v) gtile[v * kBlock + p] = A(0);
           continue;
         }
-        tree_backward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc},
-                               cpu::Scratch<uint32_t>{bits}, cpu::ColumnOut<A>{gtile + p}, ti,
-                               static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
+        const cpu::StridedColumn<A> xc{x + p, ld};
+        const NodeTable<A> nt{nodes.data()};
+        const cpu::Scratch<A> sc{acc};
+        const cpu::Scratch<uint32_t> sb{bits};
+        const cpu::ColumnOut<A> o{gtile + p};
+        const int y = static_cast<int>(ys[p]);
+        if (mode == kFocalG2)
+          tree_backward_pixel<A, kFocalG2>(xc, nt, sc, sb, o, ti, y, k, gamma, eps, extrema, g[p]);
+        else if (mode == kFocalG0)
+          tree_backward_pixel<A, kFocalG0>(xc, nt, sc, sb, o, ti, y, k, gamma, eps, extrema, g[p]);
+        else
+          tree_backward_pixel<A>(xc, nt, sc, sb, o, ti, y, k, gamma, eps, extrema, g[p]);
       }
     }
     if (bad) nan_rows(gtile, kBlock, V, ys, valid, n, ignore_index);

@@ -1,11 +1,18 @@
 // Focal tree-min loss (docs/MATH.md §3) and the tree BCE (§4.1), one kernel family: the CUDA
-// implementation of tree_min_fwd and tree_min_bwd (schemas and contracts in csrc/ops.cpp). One thread
-// per pixel runs the O(V) per-pixel code of tree_min_math.h. Each block first copies the tree's node
-// table in pre-order into shared memory (one broadcast read per node afterwards); each thread keeps its
-// D + 1 per-depth values there, laid out (depth, thread), and the tree-min backward its 2 bits per node
-// packed in 32-bit words, laid out (word, thread). With fused upsampling (kUp) the forward reads each
-// channel from four source values (upsample_math.h) and the backward runs one thread per source pixel,
-// gathering the gradient rows of the destination pixels whose stencil holds it.
+// implementation of tree_min_fwd and tree_min_bwd (schemas and contracts in csrc/ops.cpp), running the
+// O(V) per-pixel code of tree_min_math.h. Each block first copies the tree's node table in pre-order
+// into shared memory (one broadcast read per node afterwards).
+// * The forward (tree_fwd_group_kernel): G = 16 / sizeof(T) consecutive pixels per thread
+//   (tree_forward_group), one 16-byte load per channel on NCHW when the layout allows (vec_groups), the
+//   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread).
+// * The tree BCE backward (tree_bce_bwd_group_kernel): G pixels per thread as the forward
+//   (tree_bce_backward_group), 16-byte loads and stores on NCHW.
+// * The tree-min backward: one thread per pixel; its D + 1 per-depth values in shared memory, laid out
+//   (depth, thread), and its 2 bits per node packed in 32-bit words, laid out (word, thread).
+// Every kernel but the upsampled ones is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with
+// eps 0, or any), picked from the call's options. With fused upsampling (kUp) the forward runs one pixel
+// per thread and reads each channel from four source values (upsample_math.h), and the backward runs one
+// thread per source pixel, gathering the gradient rows of the destination pixels whose stencil holds it.
 #include "checks.h"
 #include "common.cuh"
 #include "tree_min_math.h"
@@ -29,6 +36,13 @@ template <typename A>
 inline size_t tree_smem_bytes(int V, int D, int threads, bool extrema, bool backward) {
   return node_table_bytes<A>(V) + (extrema ? static_cast<size_t>(D + 1) * threads * sizeof(A) : 0) +
          (extrema && backward ? static_cast<size_t>(tree_bit_words(V)) * threads * sizeof(uint32_t) : 0);
+}
+
+// The group forward's shared memory: the node table, then (tree-min) D + 1 depth slots of G lanes per
+// thread, laid out (slot, thread).
+template <typename A, int G>
+inline size_t group_smem_bytes(int V, int D, int threads, bool extrema) {
+  return node_table_bytes<A>(V) + (extrema ? static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>) : 0);
 }
 
 // Fills the block's node table; every thread of the block calls it (it synchronises the block).
@@ -73,7 +87,220 @@ tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int
   block_partial(static_cast<double>(l), c, part, cnt);
 }
 
-template <typename T, typename A>
+// The forward without upsampling: G = lanes_for<T>() consecutive pixels per thread (tree_forward_group).
+// kVec: the host checked that every group's G pixels are contiguous and 16-byte aligned in every channel
+// (NCHW, H*W, the strides and the pointer multiples of G elements / 16 bytes): one 16-byte load per channel.
+// Otherwise each lane reads its own element through the strides (channels_last, odd sizes, views); the
+// lanes past the last pixel read the last pixel again and are discarded.
+// kVec also asks that the channel stride fit 32 bits in bytes: a channel's address is then one 32 x 32 -> 64
+// bit multiply-add.
+template <typename T, typename A, int G>
+struct VecCol {
+  const unsigned char* p;  // lane 0's channel 0
+  uint32_t sb;             // the channel stride in bytes
+  __device__ const T* at(int c) const {
+    return reinterpret_cast<const T*>(p + static_cast<uint64_t>(static_cast<uint32_t>(c)) * sb);
+  }
+  __device__ void load(int c, Lanes<A, G>& out) const {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(at(c)));  // sm90: logits
+    const T* e = reinterpret_cast<const T*>(&u);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) out.v[j] = static_cast<A>(e[j]);
+  }
+  __device__ A operator()(int c, int j) const { return static_cast<A>(at(c)[j]); }
+};
+
+template <typename T, typename A, int G>
+struct LaneCols {
+  const T* p;
+  int64_t off[G];
+  int64_t s;
+  __device__ void load(int c, Lanes<A, G>& out) const {
+    const T* q = p + c * s;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) out.v[j] = static_cast<A>(q[off[j]]);  // sm90: logits
+  }
+  __device__ A operator()(int c, int j) const { return static_cast<A>(p[c * s + off[j]]); }
+};
+
+// Per-thread depth slots in shared memory, (slot, thread), a Lanes each: the thread's slot 0 and the
+// distance between slots, in bytes.
+template <typename A, int G>
+struct SharedLanes {
+  unsigned char* p;
+  int sb;
+  __device__ Lanes<A, G>& operator()(int d) const { return *reinterpret_cast<Lanes<A, G>*>(p + d * sb); }
+};
+
+// The offsets of pixels i0 .. i0 + G - 1 through g (one division for the group, unrolled so that they stay
+// in registers); lanes j >= n (past the last pixel, n >= 1) repeat lane n - 1's offset.
+template <int G>
+__device__ inline void lane_offsets(const PixelGeom& g, int64_t i0, int64_t n, int64_t* out) {
+  const int64_t hw = g.H * g.W;
+  int64_t b = i0 / hw;
+  const int64_t r = i0 - b * hw;
+  int64_t h = r / g.W;
+  int64_t w = r - h * g.W;
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    out[j] = j == 0 || j < n ? b * g.sN + h * g.sH + w * g.sW : out[j > 0 ? j - 1 : 0];
+    if (++w == g.W) {
+      w = 0;
+      if (++h == g.H) {
+        h = 0;
+        ++b;
+      }
+    }
+  }
+}
+
+template <typename T, typename A, int kF, bool kExtrema, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
+                      PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
+                      const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, A* __restrict__ lp,
+                      double* part, int64_t* cnt) {
+  constexpr int G = lanes_for<T>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
+  double sum = 0;
+  int64_t c = 0;
+  if (i0 < P) {
+    const int64_t n = P - i0 < G ? P - i0 : G;
+    int64_t toff[G];
+    lane_offsets<G>(gt, i0, n, toff);
+    int y[G];
+    LabelKind kind[G];
+    bool any = false;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
+      kind[j] = j < n ? label_kind(yj, L, ignore_index) : kLabelIgnored;
+      y[j] = kind[j] == kLabelValid ? static_cast<int>(yj) : 0;  // see common.h: never a table read
+      any |= kind[j] == kLabelValid;
+    }
+    A l[G];
+    if (any) {
+      SharedLanes<A, G> acc{smem + node_table_bytes<A>(V) + threadIdx.x * sizeof(Lanes<A, G>),
+                            static_cast<int>(blockDim.x * sizeof(Lanes<A, G>))};
+      if constexpr (kVec) {
+        const VecCol<T, A, G> col{reinterpret_cast<const unsigned char*>(x + gx.offset(i0)),
+                                  static_cast<uint32_t>(sC * static_cast<int64_t>(sizeof(T)))};
+        tree_forward_group<kF, kExtrema, A, G>(col, nodes, acc, ti, y, k, gamma, eps, l);
+      } else {
+        LaneCols<T, A, G> col{x, {}, sC};
+        lane_offsets<G>(gx, i0, n, col.off);
+        tree_forward_group<kF, kExtrema, A, G>(col, nodes, acc, ti, y, k, gamma, eps, l);
+      }
+    }
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      const A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
+      if (j < n) {
+        sum += static_cast<double>(v);
+        c += kind[j] != kLabelIgnored;
+        if (lp) lp[i0 + j] = v;
+      }
+    }
+  }
+  block_partial(sum, c, part, cnt);
+}
+
+// The tree BCE backward's stores, as VecCol / LaneCols read: one 16-byte store per channel, or one
+// store per lane that exists (n lanes).
+template <typename T, typename A, int G>
+struct VecOut {
+  unsigned char* p;
+  uint32_t sb;
+  __device__ T* at(int c) const {
+    return reinterpret_cast<T*>(p + static_cast<uint64_t>(static_cast<uint32_t>(c)) * sb);
+  }
+  __device__ void store(int c, const Lanes<A, G>& v) const {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) e[j] = static_cast<T>(v.v[j]);
+    *reinterpret_cast<uint4*>(at(c)) = u;
+  }
+  __device__ void store_lane(int c, int j, A v) const { at(c)[j] = static_cast<T>(v); }
+};
+
+template <typename T, typename A, int G>
+struct LaneOut {
+  T* p;
+  int64_t off[G];
+  int64_t s;
+  int64_t n;
+  __device__ void store(int c, const Lanes<A, G>& v) const {
+    T* q = p + c * s;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j)
+      if (j < n) q[off[j]] = static_cast<T>(v.v[j]);
+  }
+  __device__ void store_lane(int c, int j, A v) const {
+    if (j < n) p[c * s + off[j]] = static_cast<T>(v);
+  }
+};
+
+// The tree BCE backward without upsampling: G pixels per thread as the forward (tree_bce_backward_group),
+// the gradient written with the logits' strides (out is empty_like of the dense logits).
+template <typename T, typename A, int kF, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
+                          PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
+                          const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
+                          A gamma, A eps, int64_t ignore_index) {
+  constexpr int G = lanes_for<T>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
+  if (i0 >= P) return;
+  const int64_t n = P - i0 < G ? P - i0 : G;
+  int64_t toff[G], goff[G];
+  lane_offsets<G>(gt, i0, n, toff);
+  lane_offsets<G>(gg, i0, n, goff);
+  int y[G];
+  bool valid[G], bad[G];
+  A g[G];
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
+    const LabelKind kind = label_kind(yj, L, ignore_index);
+    valid[j] = kind == kLabelValid;
+    bad[j] = kind == kLabelBad;
+    y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
+    g[j] = j < n ? grad[goff[j]] : A(0);
+  }
+  if constexpr (kVec) {
+    const int64_t off = gx.offset(i0);
+    const uint32_t sb = static_cast<uint32_t>(sC * static_cast<int64_t>(sizeof(T)));
+    tree_bce_backward_group<kF, A, G>(VecCol<T, A, G>{reinterpret_cast<const unsigned char*>(x + off), sb}, nodes,
+                                      VecOut<T, A, G>{reinterpret_cast<unsigned char*>(out + off), sb}, ti, y, valid,
+                                      bad, k, gamma, eps, g);
+  } else {
+    LaneCols<T, A, G> col{x, {}, sC};
+    lane_offsets<G>(gx, i0, n, col.off);
+    LaneOut<T, A, G> o{out, {}, sC, n};
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) o.off[j] = col.off[j];
+    tree_bce_backward_group<kF, A, G>(col, nodes, o, ti, y, valid, bad, k, gamma, eps, g);
+  }
+}
+
+// Whether every group of G pixels of x (N, C, H, W) is one aligned 16-byte run in every channel, and the
+// channel stride fits 32 bits in bytes (VecCol).
+inline bool vec_groups(const at::Tensor& x, int G) {
+  if (x.stride(3) != 1 || x.stride(2) != x.size(3)) return false;
+  const int64_t hw = x.size(2) * x.size(3);
+  return hw % G == 0 && x.stride(1) % G == 0 && x.stride(0) % G == 0 &&
+         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(1) >= 0 &&
+         x.stride(1) * static_cast<int64_t>(x.element_size()) <= static_cast<int64_t>(UINT32_MAX);
+}
+
+template <typename T, typename A, int kF>
 __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
                                     T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                                     PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L,
@@ -94,7 +321,7 @@ __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, co
   const int threads = static_cast<int>(blockDim.x);
   A* acc0 = reinterpret_cast<A*>(smem + node_table_bytes<A>(V));
   uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
-  tree_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
+  tree_backward_pixel<A, kF>(GlobalCol<T, A>{x + off, sC}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
                          SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, GlobalOut<T, A>{out + off, sC}, ti,
                          static_cast<int>(y), k, gamma, eps, extrema, grad[gg.offset(i)]);
 }
@@ -124,6 +351,55 @@ __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg,
                           extrema});
 }
 
+// The group kernel for one dtype: its focal mode, extrema and kVec picked from the call.
+template <typename T, int kF, bool kExtrema, bool kVec>
+void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
+                      const at::Tensor& node_weights, int64_t L, int64_t D, double gamma, double eps,
+                      int64_t ignore_index, bool per_pixel, at::Tensor& loss, at::Tensor& count,
+                      cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  constexpr int G = lanes_for<T>();
+  const int64_t P = target.numel();
+  const int V = logits.size(1);
+  const int64_t nb = num_blocks((P + G - 1) / G, kThreads);
+  Partials partials(logits, nb);
+  auto kernel = tree_fwd_group_kernel<T, A, kF, kExtrema, kVec>;
+  const size_t smem = group_smem_bytes<A, G>(V, D, kThreads, kExtrema);
+  allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min", V,
+             "nodes");
+  kernel<<<nb, kThreads, smem, stream>>>(
+      logits.data_ptr<T>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
+      tree_index.data_ptr<int32_t>(), V, L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
+      static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(), partials.c());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  partials.finish<A>(loss, count, per_pixel, stream);
+}
+
+template <typename T, int kF>
+void launch_fwd_group_f(bool extrema, bool vec, const at::Tensor& logits, const at::Tensor& target,
+                        const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
+                        double gamma, double eps, int64_t ignore_index, bool per_pixel, at::Tensor& loss,
+                        at::Tensor& count, cudaStream_t stream) {
+  auto f = extrema ? (vec ? launch_fwd_group<T, kF, true, true> : launch_fwd_group<T, kF, true, false>)
+                   : (vec ? launch_fwd_group<T, kF, false, true> : launch_fwd_group<T, kF, false, false>);
+  f(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count, stream);
+}
+
+template <typename T>
+void tree_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
+                    const at::Tensor& node_weights, int64_t L, int64_t D, double gamma, double eps,
+                    int64_t ignore_index, bool per_pixel, bool extrema, at::Tensor& loss, at::Tensor& count,
+                    cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const bool vec = vec_groups(logits, lanes_for<T>());
+  const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
+  auto f = mode == kFocalG2 ? launch_fwd_group_f<T, kFocalG2>
+           : mode == kFocalG0 ? launch_fwd_group_f<T, kFocalG0>
+                              : launch_fwd_group_f<T, kFocalAny>;
+  f(extrema, vec, logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count,
+    stream);
+}
+
 std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                      const at::Tensor& tree_index, const at::Tensor& node_weights,
                                                      int64_t L, int64_t D, double gamma, double eps,
@@ -138,12 +414,17 @@ std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, c
     zero_empty_loss(loss, count, per_pixel);
     return {loss, count};
   }
-  const int64_t nb = num_blocks(P, kThreads);
-  Partials partials(logits, nb);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_min_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    auto kernel = upsample ? tree_min_fwd_kernel<scalar_t, A, true> : tree_min_fwd_kernel<scalar_t, A, false>;
+    if (!upsample) {
+      tree_fwd_group<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel,
+                               extrema, loss, count, stream);
+      return;
+    }
+    const int64_t nb = num_blocks(P, kThreads);
+    Partials partials(logits, nb);
+    auto kernel = tree_min_fwd_kernel<scalar_t, A, true>;
     const size_t smem = tree_smem_bytes<A>(logits.size(1), D, kThreads, extrema, false);
     // block_sum's static arrays
     allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min",
@@ -197,7 +478,29 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
       out.copy_(acc);
       return;
     }
-    auto kernel = tree_min_bwd_kernel<scalar_t, A>;
+    // the focal mode of the options (tree_min_math.h: focal_k)
+    const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
+    if (!extrema) {  // the tree BCE: G pixels per thread
+      const bool vec = vec_groups(x, lanes_for<scalar_t>());
+      auto bce = mode == kFocalG2   ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, true>
+                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, false>)
+                 : mode == kFocalG0 ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, true>
+                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, false>)
+                                    : (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, true>
+                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, false>);
+      const size_t tsmem = node_table_bytes<A>(V);
+      allow_smem(bce, tsmem, 0, x.get_device(), "tree_min", V, "nodes");
+      constexpr int G = lanes_for<scalar_t>();
+      bce<<<num_blocks((P + G - 1) / G, kThreads), kThreads, tsmem, stream>>>(
+          grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
+          x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
+          node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    auto kernel = mode == kFocalG2   ? tree_min_bwd_kernel<scalar_t, A, kFocalG2>
+                  : mode == kFocalG0 ? tree_min_bwd_kernel<scalar_t, A, kFocalG0>
+                                     : tree_min_bwd_kernel<scalar_t, A, kFocalAny>;
     allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
     kernel<<<num_blocks(P, threads), threads, smem, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),

@@ -3,8 +3,9 @@
 // ancestors (target path) or the max over its descendants (elsewhere), false is plain BCE. Shared by
 // the CPU loops (csrc/cpu/tree_min.cpp) and the CUDA kernels (csrc/cuda/tree_min.cu): the CUDA kernels,
 // the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call
-// tree_forward_pixel and tree_backward_pixel as they are; the CPU's row passes keep the same tie rules
-// (§3.7) and NaN rule (§5.3).
+// tree_forward_group (the forward without upsampling, G pixels at a time), tree_forward_pixel (with
+// upsampling) and tree_backward_pixel as they are; the CPU's row passes keep the same tie rules (§3.7)
+// and NaN rule (§5.3).
 //
 // A pixel costs O(V): one pass over the nodes in reverse pre-order with a running maximum per depth
 // (plus, for the gradient, one pass in pre-order), and a walk of at most D steps down the label's path.
@@ -52,6 +53,118 @@ HSS_HOST_DEVICE inline void focal(A z, A gamma, A eps, A* loss, A* dloss) {
                                                               : hexp(gamma * log_1mq);
   *loss = -fw * log_p;
   if (dloss) *dloss = gamma * q * fw * log_p - fw * dlog_p;
+}
+
+// The focal term with gamma and eps known at compile time: kFocalAny is `focal` itself (any gamma and
+// eps, read at run time); kFocalG0 (gamma = 0) and kFocalG2 (gamma = 2), both with eps = 0, are the
+// defaults of the tree BCE and of the tree-min (HSSN). They take three special functions per node,
+// e = 2^(-|z| log2 e), log2(1 + e) and 1 / (1 + e), with q = sigma(z), s = sigma(-z) = 1 - q and
+// -log q = max(-z, 0) + ln 2 log2(1 + e):
+//   gamma = 0: loss = -log q,      dloss = -s
+//   gamma = 2: loss = -s^2 log q,  dloss = -s^2 (2 q (-log q) + s)
+// On a GPU and for float they are the hardware's approximations (ex2/lg2/rcp.approx, as the Triton kernel
+// uses); everywhere else the library functions, so that the CPU (HSS_CPU_PIXEL_PATH=1) checks the formula.
+// One node per iteration of the group pass (the body is G pixels wide already).
+#ifdef __CUDACC__
+#define HSS_NO_UNROLL _Pragma("unroll 1")
+#else
+#define HSS_NO_UNROLL
+#endif
+
+enum FocalMode { kFocalAny = 0, kFocalG0 = 1, kFocalG2 = 2 };
+
+// The mode a call's options select.
+template <typename A>
+HSS_HOST_DEVICE inline int focal_mode(A gamma, A eps) {
+  return eps > A(0) || eps < A(0) ? kFocalAny : gamma == A(0) ? kFocalG0 : gamma == A(2) ? kFocalG2 : kFocalAny;
+}
+
+template <typename A>
+HSS_HOST_DEVICE inline A habs(A v) { return v < A(0) ? -v : v; }
+#ifdef __CUDA_ARCH__
+HSS_HOST_DEVICE inline float habs(float v) { return fabsf(v); }
+#endif
+
+// max(a, b), NaN if either is NaN (max.NaN on sm_80+; hmax drops a NaN b).
+template <typename A>
+HSS_HOST_DEVICE inline A max_nan(A a, A b) { return a > b || a != a ? a : b; }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+HSS_HOST_DEVICE inline float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+#endif
+// min(a, b), NaN if either is NaN.
+template <typename A>
+HSS_HOST_DEVICE inline A min_nan(A a, A b) { return a < b || a != a ? a : b; }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+HSS_HOST_DEVICE inline float min_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+#endif
+
+HSS_HOST_DEVICE inline float fast_exp2(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return exp2f(v);
+#endif
+}
+HSS_HOST_DEVICE inline double fast_exp2(double v) { return exp2(v); }
+HSS_HOST_DEVICE inline float fast_log2(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return log2f(v);
+#endif
+}
+HSS_HOST_DEVICE inline double fast_log2(double v) { return log2(v); }
+HSS_HOST_DEVICE inline float fast_rcp(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return 1.0f / v;
+#endif
+}
+HSS_HOST_DEVICE inline double fast_rcp(double v) { return 1.0 / v; }
+
+template <int kF, typename A>
+HSS_HOST_DEVICE inline void focal_k(A z, A gamma, A eps, A* loss, A* dloss) {
+  if constexpr (kF == kFocalAny) {
+    focal(z, gamma, eps, loss, dloss);
+  } else {
+    const A log2e = A(1.4426950408889634), ln2 = A(0.6931471805599453);
+    if constexpr (kF == kFocalG0) {
+      const A e = fast_exp2(-habs(z) * log2e);
+      const A p = A(1) + e;
+      *loss = hmax(-z, A(0)) + ln2 * fast_log2(p);  // -log q
+      if (dloss) {
+        const A r = fast_rcp(p);
+        *dloss = z >= A(0) ? -(e * r) : -r;  // -s
+      }
+    } else {
+      // e' = e^z, s = 1 / (1 + e'), -log q = log(1 + e') - z, with z clamped at 87 (e' stays finite in float;
+      // past it the term and its derivative are below 1e-113, 0 in float) and a NaN z kept (min_nan). The
+      // cancellation in -log q for large z is multiplied by s^2 (tiny).
+      const A zc = min_nan(z, A(87));
+      const A ez = fast_exp2(zc * log2e);
+      const A p = A(1) + ez;
+      const A s = fast_rcp(p);
+      const A nlq = ln2 * fast_log2(p) - zc;
+      const A s2 = s * s;
+      *loss = s2 * nlq;
+      if (dloss) *dloss = -s2 * (A(2) * (ez * s) * nlq + s);
+    }
+  }
 }
 
 // The tree tables packed into one int32 array by tree_index (hss_kernels/native/tree_min.py;
@@ -126,7 +239,7 @@ HSS_HOST_DEVICE inline int path_leaf(const TreeIndex& t, int y) {
 // the open node at depth d, so a node at depth d has M_v = max(x_v, acc(d)), clears acc(d) and folds
 // M_v into acc(d - 1). v is on the path iff pos(v) <= pos(leaf) < pos(v) + size(v). The same pass
 // keeps the NaN flag. The tree BCE makes the same pass without the maxima.
-template <typename A, typename X, typename N, typename S>
+template <typename A, int kF = kFocalAny, typename X, typename N, typename S>
 HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const N& nodes, const S& acc, const TreeIndex& t, int y,
                                             const A* k, A gamma, A eps, bool extrema) {
   A loss = A(0), l;
@@ -138,7 +251,7 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const N& nodes, const S&
       if (v < 0) break;
       leaf = v;
       cur = hmin(cur, x(v));
-      focal(cur, gamma, eps, &l, (A*)nullptr);
+      focal_k<kF>(cur, gamma, eps, &l, (A*)nullptr);
       loss += k[v] * l;
     }
     for (int s = 0; s <= t.D; ++s) acc(s) = neg_inf<A>();  // sm90: trips=D + 1
@@ -158,14 +271,140 @@ HSS_HOST_DEVICE inline A tree_forward_pixel(const X& x, const N& nodes, const S&
       below = neg_inf<A>();
       A& here = acc(n.depth - 1);
       here = hmax(here, m);
-      focal(-m, gamma, eps, &l, (A*)nullptr);
+      focal_k<kF>(-m, gamma, eps, &l, (A*)nullptr);
       loss += on ? A(0) : n.k * l;
     } else {
-      focal(on ? z : -z, gamma, eps, &l, (A*)nullptr);
+      focal_k<kF>(on ? z : -z, gamma, eps, &l, (A*)nullptr);
       loss += n.k * l;
     }
   }
   return nan ? quiet_nan<A>() : loss;
+}
+
+// G pixels of one thread ("lanes"): G = 16 / sizeof(T) for logits of type T, so that on NCHW one
+// 16-byte load brings a channel of all G pixels (float: 4, bfloat16/float16: 8, double: 2).
+template <typename T>
+HSS_HOST_DEVICE constexpr int lanes_for() { return 16 / static_cast<int>(sizeof(T)) > 0 ? 16 / static_cast<int>(sizeof(T)) : 1; }
+
+template <typename A, int G>
+struct alignas(16) Lanes {
+  A v[G];
+};
+
+// tree_forward_pixel for G pixels at once, in the same order of operations per pixel (so the same
+// loss up to the focal mode's formula): each node-table entry and each depth slot is read once for the
+// G pixels. x.load(c, out) fills
+// out.v[j] with channel c of lane j, x(c, j) reads one value (the path walks); acc(s) is the slot of
+// depth s + 1 for the G lanes (D + 1 Lanes). y[j] is lane j's label, a valid leaf id: the caller puts 0
+// in lanes it will discard. loss[j] gets lane j's loss (NaN for a NaN logit, §5.3).
+template <int kF, bool kExtrema, typename A, int G, typename X, typename N, typename S>
+HSS_HOST_DEVICE inline void tree_forward_group(const X& x, const N& nodes, const S& acc, const TreeIndex& t,
+                                               const int* y, const A* k, A gamma, A eps, A* loss) {
+  int lp[G];
+  A l;
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    loss[j] = A(0);
+    int leaf = 0;
+    if constexpr (kExtrema) {
+      A cur = static_cast<A>(INFINITY);
+      for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
+        const int v = t.path[y[j] * t.D + d];
+        if (v < 0) break;
+        leaf = v;
+        cur = hmin(cur, x(v, j));
+        focal_k<kF>(cur, gamma, eps, &l, (A*)nullptr);
+        loss[j] += k[v] * l;
+      }
+    } else {
+      leaf = path_leaf(t, y[j]);
+    }
+    lp[j] = t.dfs_pos[leaf];
+  }
+  Lanes<A, G> ninf;
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) ninf.v[j] = neg_inf<A>();
+  if constexpr (kExtrema)
+    for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
+  HSS_NO_UNROLL
+  for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
+    const TreeNode<A> n = nodes(p);
+    Lanes<A, G> z;
+    x.load(n.c, z);
+    if constexpr (kExtrema) {
+      const Lanes<A, G> below = acc(n.depth);
+      acc(n.depth) = ninf;
+      Lanes<A, G> here = acc(n.depth - 1);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j) {
+        const A m = max_nan(z.v[j], below.v[j]);
+        here.v[j] = max_nan(here.v[j], m);
+        focal_k<kF>(-m, gamma, eps, &l, (A*)nullptr);
+        // p <= lp < p + size, in one unsigned comparison
+        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+        if (!on) loss[j] += n.k * l;  // a predicated add
+      }
+      acc(n.depth - 1) = here;
+    } else {
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j) {
+        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+        focal_k<kF>(on ? z.v[j] : -z.v[j], gamma, eps, &l, (A*)nullptr);
+        loss[j] += n.k * l;
+      }
+    }
+  }
+  // The NaN rule (§5.3): the maxima propagate NaN (max_nan) and every node folds into slot 0, so slot 0 is
+  // NaN iff a logit is. The BCE needs no flag: every logit reaches the loss through its own term, and a
+  // NaN there gives a NaN term.
+  if constexpr (kExtrema) {
+    const Lanes<A, G> top = acc(0);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j)
+      if (top.v[j] != top.v[j]) loss[j] = quiet_nan<A>();
+  }
+}
+
+// The tree BCE's gradient (tree_backward_pixel with extrema false) for G pixels at once, in the same
+// order of operations per pixel: one pass in pre-order; node u of lane j gets
+// g[j] * k_u * (on ? f'(x_u) : -f'(-x_u)). x as in tree_forward_group; out.store(c, v, lanes) writes
+// channel c of the lanes that exist; y[j] a valid leaf id (0 in lanes to discard); valid[j] false gives lane
+// j the unlabelled row, 0 or (bad[j]) NaN, whatever its logits. A lane with a NaN logit gets a NaN row
+// (§5.3): its NaN-propagating maximum of the logits is NaN, and the row is rewritten (cold).
+template <int kF, typename A, int G, typename X, typename N, typename O>
+HSS_HOST_DEVICE inline void tree_bce_backward_group(const X& x, const N& nodes, const O& out, const TreeIndex& t,
+                                                    const int* y, const bool* valid, const bool* bad, const A* k,
+                                                    A gamma, A eps, const A* g) {
+  int lp[G];
+  A big[G], none[G];
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    lp[j] = t.dfs_pos[path_leaf(t, y[j])];
+    big[j] = neg_inf<A>();
+    none[j] = bad[j] ? quiet_nan<A>() : A(0);
+  }
+  A l, dl;
+  HSS_NO_UNROLL
+  for (int p = 0; p < t.V; ++p) {  // sm90: trips=V
+    const TreeNode<A> n = nodes(p);
+    Lanes<A, G> z, o;
+    x.load(n.c, z);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      big[j] = max_nan(big[j], z.v[j]);
+      const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+      focal_k<kF>(on ? z.v[j] : -z.v[j], gamma, eps, &l, &dl);
+      const A v = g[j] * n.k * (on ? dl : -dl);
+      o.v[j] = valid[j] ? v : none[j];
+    }
+    out.store(n.c, o);
+  }
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    if (valid[j] && big[j] != big[j]) {  // sm90: cold
+      for (int c = 0; c < t.V; ++c) out.store_lane(c, j, quiet_nan<A>());  // sm90: trips=V
+    }
+  }
 }
 
 // Words of packed node bits the tree-min backward needs per pixel: 2 bits per node, 16 nodes a word.
@@ -186,7 +425,7 @@ HSS_HOST_DEVICE inline int tree_bit_words(int V) { return (V + 15) / 16; }
 // * the path: one walk down it (registers, fully unrolled) keeps the running argmin (strict <, the
 //   first node always taken); a path node that sets a new minimum receives its own k and those of the
 //   deeper path nodes up to the next new minimum, summed in depth order.
-template <typename A, typename X, typename N, typename S, typename B, typename O>
+template <typename A, int kF = kFocalAny, typename X, typename N, typename S, typename B, typename O>
 HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, const S& acc, const B& bits, const O& out,
                                                 const TreeIndex& t, int y, const A* k, A gamma, A eps, bool extrema,
                                                 A g) {
@@ -199,7 +438,7 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
       const A z = x(n.c);
       nan |= z != z;
       const bool pos = p <= lp && lp < p + n.size;
-      focal(pos ? z : -z, gamma, eps, &l, &dl);
+      focal_k<kF>(pos ? z : -z, gamma, eps, &l, &dl);
       out(n.c, g * n.k * (pos ? dl : -dl));
     }
   } else {
@@ -250,6 +489,7 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
     }
     // top-down: owed weights, off-path gradients
     for (int s = 0; s <= t.D; ++s) acc(s) = A(0);  // sm90: trips=D + 1
+    HSS_NO_UNROLL
     for (int p = 0; p < t.V; ++p) {  // sm90: trips=V
       if ((p & 15) == 0) w = bits(p >> 4);
       const TreeNode<A> n = nodes(p);
@@ -263,7 +503,7 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
       acc(n.depth) = self ? A(0) : owed;
       const A ku = self ? owed : A(0);
       const A z = x(n.c);
-      focal(-z, gamma, eps, &l, &dl);
+      focal_k<kF>(-z, gamma, eps, &l, &dl);
       if (!on) out(n.c, ku != A(0) ? g * ku * -dl : A(0));
     }
     // the path nodes: K_u is the run of the last node before the next new minimum
@@ -273,7 +513,7 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
       if (d < np) {
         kk = (d + 1 >= np || arg[d + 1 < kMaxDepth ? d + 1 : d]) ? run[d] : kk;
         const A ku = arg[d] ? kk : A(0);
-        focal(pz[d], gamma, eps, &l, &dl);
+        focal_k<kF>(pz[d], gamma, eps, &l, &dl);
         out(pv[d], ku != A(0) ? g * ku * dl : A(0));
       }
     }
