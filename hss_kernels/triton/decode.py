@@ -27,7 +27,7 @@ from .. import tables
 from ..tree import Tree
 from . import _common
 from . import _tree as T
-from . import hierarchical_softmax as HS  # the fused upsampling's tables and loads (_up_tables, _up_pixels, _lerp)
+from . import hierarchical_softmax as HS  # the fused upsampling's tables (_up_tables)
 
 __all__ = ["decode"]
 
@@ -63,8 +63,8 @@ def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sc64, pmask, CH, V: tl.con
     """:func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated at the program's pixels
     (four [pixels, G] gathers), as a tuple of pixel vectors."""
     ch = T.group_channels(CH, V, start, G, False)
-    t = HS._lerp(x_ptr + ch.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None], u10[:, None],  # sm90: logits
-                 u11[:, None], lx[:, None], ly[:, None], pmask[:, None] & (ch >= 0)[None, :], ACC)
+    t = _common.lerp(x_ptr + ch.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None], u10[:, None],  # sm90: logits
+                     u11[:, None], lx[:, None], ly[:, None], pmask[:, None] & (ch >= 0)[None, :], ACC)
     return T.unpack(t, G)
 
 
@@ -90,7 +90,7 @@ def _decode_kernel(
     if UPSAMPLE:
         pid = tl.program_id(0)
         p, pmask, n, h, w = _common.pixel_coords(pid, P, HW, W, BLOCK_P)
-        u00, u01, u10, u11, lx, ly = HS._up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, s_n, s_h, s_w, pmask)
+        u00, u01, u10, u11, lx, ly = _common.up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, s_n, s_h, s_w, pmask)
     else:
         pid, p, pmask, xpix, _, _, _ = _common.pixel_offsets(P, HW, W, s_n, s_h, s_w, s_n, s_h, s_w, s_n, s_h, s_w,
                                                             s_n, s_h, s_w, BLOCK_P, FLAT, VEC)
@@ -108,9 +108,9 @@ def _decode_kernel(
         for c0 in range(0, V, G):  # sm90: trips=cdiv(V, G)
             c = c0 + tl.arange(0, G)
             if UPSAMPLE:
-                t = HS._lerp(x_ptr + c.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None],  # sm90: logits
-                             u10[:, None], u11[:, None], lx[:, None], ly[:, None],
-                             pmask[:, None] & (c < V)[None, :], ACC)
+                t = _common.lerp(x_ptr + c.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None],  # sm90: logits
+                                 u10[:, None], u11[:, None], lx[:, None], ly[:, None],
+                                 pmask[:, None] & (c < V)[None, :], ACC)
             else:
                 t = tl.load(x_ptr + xpix[:, None] + c.to(tl.int64)[None, :] * sc64,  # sm90: logits
                             mask=pmask[:, None] & (c < V)[None, :], other=0.0).to(ACC)
