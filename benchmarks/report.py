@@ -169,10 +169,20 @@ def plot(doc: dict, path: str) -> Optional[str]:
         ax.invert_yaxis()
         # A log axis: the reference's bars are 100x below the fused kernels' and would vanish on a linear one.
         ax.set_xscale("log")
+        # Plain numbers on the decades and, when the axis spans less than two of them, at 2 and 5 times them;
+        # matplotlib's own minor labels (3×10⁰, 4×10⁰, ...) overlap on a narrow range.
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+        lo, hi = min(v for v in vals + [copy] if v > 0) / 2, max(vals + [copy]) * 2
+        subs = (1.0, 2.0, 5.0) if hi / lo < 100 else (1.0,)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("achieved GB/s, log scale (docs/MATH.md §5.6 bytes / median time)")
         busy = doc["meta"].get("busy")
+        weights = cfg.get("weights", "none")
         ax.set_title(f"{cfg['name']}: {cfg['tree']}, B={cfg['batch']}, {cfg['height']}×{cfg['width']}, "
-                     f"{cfg['dtype']} — {doc['meta']['device_name']}" + (" — BUSY MACHINE" if busy else ""),
+                     f"{cfg['dtype']}" + ("" if weights == "none" else f", weights: {weights}")
+                     + f" — {doc['meta']['device_name']}" + (" — BUSY MACHINE" if busy else ""),
                      fontsize=9)
         low = min(v for v in vals + [copy] if v > 0) if any(v > 0 for v in vals) else copy / 100
         ax.set_xlim(low / 2, max(vals + [copy]) * 2)
