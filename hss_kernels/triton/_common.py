@@ -344,11 +344,10 @@ def store_grad(grad, g_ptrs, go_ptr, go_off, valid, bad, pmask, mask2, GRAD_MODE
 # outputs (the tree-min's gathering backward; the hierarchical softmax's backward has its own, with runs).
 
 @functools.lru_cache(maxsize=64)
-def up_axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
+def interp_axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
     """One axis of the interpolation (docs/MATH.md §6.1, ATen's rule), computed in ``dtype`` (float32 or
-    float64, as F.interpolate of the accumulation dtype does): (i0, i1, lambda) per output index, and per
-    input index i the window of outputs whose stencil holds it (those whose i0 is i - 1 or i: a run, i0
-    being nondecreasing), as (start, count)."""
+    float64, as F.interpolate of the accumulation dtype does): (i0, i1, lambda) per output index, i0
+    nondecreasing."""
     np_t = np.float64 if dtype == torch.float64 else np.float32
     dst = np.arange(n_out).astype(np_t)
     if align_corners:
@@ -360,6 +359,14 @@ def up_axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
     lam = np.clip(src - i0.astype(np_t), np_t(0), np_t(1)).astype(np_t)
+    return i0, i1, lam
+
+
+@functools.lru_cache(maxsize=64)
+def up_axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
+    """:func:`interp_axis`'s (i0, i1, lambda), and per input index i the window of outputs whose stencil
+    holds it (those whose i0 is i - 1 or i: a run, i0 being nondecreasing), as (start, count)."""
+    i0, i1, lam = interp_axis(n_in, n_out, align_corners, dtype)
     idx = np.arange(n_in)
     start = np.searchsorted(i0, idx - 1, side="left")
     count = np.searchsorted(i0, idx, side="right") - start

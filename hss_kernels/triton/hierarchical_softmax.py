@@ -470,20 +470,9 @@ def gpu_blocks(logits):
 
 @functools.lru_cache(maxsize=64)
 def _axis(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype):
-    """One axis of the interpolation (docs/MATH.md §6.1, ATen's rule), computed in ``dtype`` (float32 or
-    float64, as F.interpolate of the accumulation dtype does): (i0, i1, lambda) per output index, and per
-    input index i the run of outputs whose i0 is i (contiguous, i0 being nondecreasing), as (start, count)."""
-    np_t = np.float64 if dtype == torch.float64 else np.float32
-    dst = np.arange(n_out).astype(np_t)
-    if align_corners:
-        scale = np_t(n_in - 1) / np_t(n_out - 1) if n_out > 1 else np_t(0)
-        src = scale * dst
-    else:
-        scale = np_t(n_in) / np_t(n_out)
-        src = np.maximum(scale * (dst + np_t(0.5)) - np_t(0.5), np_t(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    lam = np.clip(src - i0.astype(np_t), np_t(0), np_t(1)).astype(np_t)
+    """:func:`_common.interp_axis`'s (i0, i1, lambda), and per input index i the run of outputs whose i0 is i
+    (contiguous, i0 being nondecreasing), as (start, count)."""
+    i0, i1, lam = C.interp_axis(n_in, n_out, align_corners, dtype)
     idx = np.arange(n_in)
     start = np.searchsorted(i0, idx, side="left")
     count = np.searchsorted(i0, idx, side="right") - start
