@@ -140,20 +140,25 @@ def test_flat_tree_is_cross_entropy(native):
         torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", H.LOSSES)
-def test_all_ignored_and_empty_batch(native, loss):
-    tree = H.random_tree()
+def _all_ignored_and_empty_batch(backend, loss, tree):
+    """Every pixel ignored (as the composition, every reduction), and a batch of no image: zeros, and a
+    gradient of the low-resolution shape."""
     x, y = _inputs(tree, loss, (2, 3, 3, 7, 8))
     y.fill_(255)
     for reduction in H.REDUCTIONS:
-        _check(loss, "native", x, y, tree, reduction=reduction)
+        _check(loss, backend, x, y, tree, reduction=reduction)
     x0, y0 = x[:0].clone(), y[:0].clone()
     for reduction in H.REDUCTIONS:
         a = x0.requires_grad_(True)
-        out = getattr(hss_kernels, loss)(a, y0, tree, backend="native", upsample="bilinear", reduction=reduction)
+        out = getattr(hss_kernels, loss)(a, y0, tree, backend=backend, upsample="bilinear", reduction=reduction)
         assert out.shape == ((0, 7, 8) if reduction == "none" else ()) and (out == 0).all()
         (g,) = torch.autograd.grad(out.sum(), a)
         assert g.shape == a.shape
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_all_ignored_and_empty_batch(native, loss):
+    _all_ignored_and_empty_batch("native", loss, H.random_tree())
 
 
 @pytest.mark.parametrize("loss", H.LOSSES)
@@ -609,18 +614,7 @@ def test_triton_node_layouts(triton_node, loss):
 
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
 def test_triton_node_all_ignored_and_empty_batch(triton_node, loss):
-    tree = H.random_tree(max_nodes=10)
-    x, y = _inputs(tree, loss, (2, 3, 3, 7, 8))
-    y.fill_(255)
-    for reduction in H.REDUCTIONS:
-        _check(loss, "triton", x, y, tree, reduction=reduction)
-    x0, y0 = x[:0].clone(), y[:0].clone()
-    for reduction in H.REDUCTIONS:
-        a = x0.requires_grad_(True)
-        out = getattr(hss_kernels, loss)(a, y0, tree, backend="triton", upsample="bilinear", reduction=reduction)
-        assert out.shape == ((0, 7, 8) if reduction == "none" else ()) and (out == 0).all()
-        (g,) = torch.autograd.grad(out.sum(), a)
-        assert g.shape == a.shape
+    _all_ignored_and_empty_batch("triton", loss, H.random_tree(max_nodes=10))
 
 
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
