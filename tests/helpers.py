@@ -31,6 +31,18 @@ REDUCTIONS = ("mean", "sum", "none")
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # for a test that only makes sense on a GPU
 
 
+def absent_backend(reason: str):
+    """A stand-in for a backend module that has no ops and says ``reason`` when asked why (put it in
+    ``hss_kernels.backends._loaded`` with monkeypatch)."""
+    class Absent:
+        OPS = {}
+
+        @staticmethod
+        def unavailable_reason(device):
+            return reason
+    return Absent
+
+
 def interpreted(backend: str, device) -> bool:
     """Triton on the CPU: its interpreter, ~50 ms a kernel launch."""
     return backend == "triton" and torch.device(device).type == "cpu"

@@ -106,14 +106,7 @@ def test_backend_errors():
 
 
 def test_unavailable_backend_says_why(monkeypatch):
-    class Fake:
-        OPS = {}
-
-        @staticmethod
-        def unavailable_reason(device):
-            return "the fake extension is not built"
-
-    monkeypatch.setitem(backends._loaded, "native", Fake)
+    monkeypatch.setitem(backends._loaded, "native", helpers.absent_backend("the fake extension is not built"))
     x, y = leaf_inputs(3, 3)
     with pytest.raises(RuntimeError, match="backend='native' cannot run .* not built"):
         hk.hierarchical_softmax_loss(x, y, TREE, backend="native")

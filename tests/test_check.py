@@ -7,6 +7,7 @@ import types
 
 import torch
 
+import helpers
 from hss_kernels import backends, check, reference, trees
 
 
@@ -81,14 +82,7 @@ def test_a_missing_device_is_one_line_and_status_2(capsys):
 
 
 def test_a_backend_that_ran_nothing_is_not_a_pass(monkeypatch):
-    class Absent:
-        OPS = {}
-
-        @staticmethod
-        def unavailable_reason(device):
-            return "not on this machine"
-
-    monkeypatch.setitem(backends._loaded, "triton", Absent)
+    monkeypatch.setitem(backends._loaded, "triton", helpers.absent_backend("not on this machine"))
     out = io.StringIO()
     assert not check.run("cpu", torch.float32, quick=True, backends=["triton"], out=out)
     text = out.getvalue()

@@ -428,6 +428,22 @@ def test_triton_all_ignored_and_empty_batch(triton_hs):
         assert g.shape == a.shape
 
 
+def _triton_nan_like_composition(loss, x, y, tree, align_corners):
+    """The Triton loss with a NaN among the low-resolution logits: the same NaN pixels and gradient elements
+    as the composition, the other values close; with the NaN pixels' labels ignored, all finite."""
+    kw = dict(reduction="none", align_corners=align_corners)
+    got, g, go = H.loss_and_grad(H.api(loss, "triton"), x, y, tree, upsample="bilinear", **kw)
+    want, g_want, _ = H.loss_and_grad(_composed(loss), x, y, tree, go, **kw)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
+    assert torch.equal(torch.isnan(g), torch.isnan(g_want))
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], **H.loss_tolerance(loss, x, tree))
+    y_ign = y.clone()
+    y_ign[torch.isnan(want)] = 255
+    got, g, _ = H.loss_and_grad(H.api(loss, "triton"), x, y_ign, tree, upsample="bilinear", **kw)
+    assert torch.isfinite(got).all() and torch.isfinite(g).all()
+
+
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_triton_nan_and_bad_labels(triton_hs, align_corners):
     """A NaN low-resolution logit poisons the pixels whose stencil reads it and, through the backward, every
@@ -436,17 +452,7 @@ def test_triton_nan_and_bad_labels(triton_hs, align_corners):
     tree = H.random_tree()
     x, y = _inputs(tree, HS, (1, 3, 4, 7, 9), ignore_frac=0.0)
     x[0, 0, 1, 2] = float("nan")
-    kw = dict(reduction="none", align_corners=align_corners)
-    got, g, go = H.loss_and_grad(H.api(HS, "triton"), x, y, tree, upsample="bilinear", **kw)
-    want, g_want, _ = H.loss_and_grad(_composed(HS), x, y, tree, go, **kw)
-    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
-    assert torch.equal(torch.isnan(g), torch.isnan(g_want))
-    ok = ~torch.isnan(want)
-    torch.testing.assert_close(got[ok], want[ok], **H.loss_tolerance(HS, x, tree))
-    y_ign = y.clone()
-    y_ign[torch.isnan(want)] = 255
-    got, g, _ = H.loss_and_grad(H.api(HS, "triton"), x, y_ign, tree, upsample="bilinear", **kw)
-    assert torch.isfinite(got).all() and torch.isfinite(g).all()
+    _triton_nan_like_composition(HS, x, y, tree, align_corners)
     hss_kernels.set_label_check(False)
     try:
         x2, y2 = _inputs(tree, HS, (1, 2, 2, 5, 5), ignore_frac=0.0)
@@ -626,17 +632,7 @@ def test_triton_node_nan_and_bad_labels(triton_node, loss):
     x, y = _inputs(tree, loss, (1, 3, 4, 7, 9), ignore_frac=0.0)
     x[0, tree.num_nodes - 1, 1, 2] = float("nan")
     for align_corners in (False, True):
-        kw = dict(reduction="none", align_corners=align_corners)
-        got, g, go = H.loss_and_grad(H.api(loss, "triton"), x, y, tree, upsample="bilinear", **kw)
-        want, g_want, _ = H.loss_and_grad(_composed(loss), x, y, tree, go, **kw)
-        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
-        assert torch.equal(torch.isnan(g), torch.isnan(g_want))
-        ok = ~torch.isnan(want)
-        torch.testing.assert_close(got[ok], want[ok], **H.loss_tolerance(loss, x, tree))
-    y_ign = y.clone()
-    y_ign[torch.isnan(want)] = 255
-    got, g, _ = H.loss_and_grad(H.api(loss, "triton"), x, y_ign, tree, upsample="bilinear", **kw)
-    assert torch.isfinite(got).all() and torch.isfinite(g).all()
+        _triton_nan_like_composition(loss, x, y, tree, align_corners)
     hss_kernels.set_label_check(False)
     try:
         x2, y2 = _inputs(tree, loss, (1, 2, 2, 5, 5), ignore_frac=0.0)
