@@ -10,7 +10,8 @@ leaf label ids, ``ignore_index`` (255) marking pixels that count for nothing. Ar
 Weights: ``class_weight`` (one per leaf, by label id) and ``pixel_weight`` (the target's shape) scale each
 pixel's loss; ``"mean"`` then divides by the sum of the labelled pixels' class weights (as
 ``F.cross_entropy(weight=...)``) or their number (``hss_kernels.reference.weigh_loss``, docs/MATH.md §6.6).
-They apply to the kernels' per-pixel losses (not fused into the kernels yet).
+Backends whose losses are marked ``takes_weights`` fuse them into their kernels (one more read per pixel
+at most); the others' per-pixel losses are weighted by ``reference.weigh_loss``.
 
 Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N, C, h, w)`` and a target
 ``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
@@ -101,7 +102,12 @@ def _run(op, backend, logits, target, reduction, upsample=None, align_corners=Fa
          pixel_weight=None, **kw):
     impl = resolve(op, backend, logits.device, logits.dtype)
     weighted = class_weight is not None or pixel_weight is not None
-    red = "none" if weighted else reduction
+    # A backend that marks its loss ``takes_weights`` fuses the weights into its kernels; the others get
+    # them applied to their per-pixel losses here (reference.weigh_loss, the spec).
+    fused = weighted and getattr(impl, "takes_weights", False)
+    red = "none" if weighted and not fused else reduction
+    if fused:
+        kw.update(class_weight=class_weight, pixel_weight=pixel_weight)
     if upsample is not None:  # (N, C, h, w) and (N, H, W), checked
         if getattr(impl, "takes_upsample", False):
             out = impl(logits, target, reduction=red, upsample=upsample, align_corners=align_corners, **kw)
@@ -110,10 +116,12 @@ def _run(op, backend, logits, target, reduction, upsample=None, align_corners=Fa
                        **kw)
     else:
         x, t = _to4d(logits, target)
+        if fused and pixel_weight is not None:
+            kw["pixel_weight"] = _to4d(logits, pixel_weight)[1]
         out = impl(x, t, reduction=red, **kw)
         if red == "none":
             out = out.reshape(target.shape)
-    if weighted:
+    if weighted and not fused:
         out = reference.weigh_loss(out, target, reduction, class_weight, pixel_weight, kw["ignore_index"])
     return out
 

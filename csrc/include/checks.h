@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 #include "common.h"
@@ -110,6 +111,41 @@ inline void check_decode(const char* op, const at::Tensor& logits, const at::Ten
   TORCH_CHECK(walk.is_contiguous(), op, ": walk must be contiguous");
   TORCH_CHECK(walk.device() == logits.device(), op, ": walk is on ", walk.device(), ", logits on ",
               logits.device());
+}
+
+// class_weight: (L,) contiguous; pixel_weight: the target's shape (N, H, W), any strides; both of the
+// accumulation dtype on the logits' device, or absent.
+inline void check_weights(const char* op, const std::optional<at::Tensor>& class_weight,
+                          const std::optional<at::Tensor>& pixel_weight, const at::Tensor& logits,
+                          const at::Tensor& target, int64_t L) {
+  if (class_weight) check_table(op, "class_weight", *class_weight, logits, L, acc_type(logits));
+  if (pixel_weight) {
+    const at::Tensor& pw = *pixel_weight;
+    TORCH_CHECK(pw.device() == logits.device(), op, ": pixel_weight is on ", pw.device(), ", logits on ",
+                logits.device());
+    TORCH_CHECK(pw.scalar_type() == acc_type(logits), op, ": pixel_weight must be ", acc_type(logits), ", got ",
+                pw.scalar_type());
+    TORCH_CHECK(pw.sizes() == target.sizes(), op, ": pixel_weight must have the target's shape ", target.sizes(),
+                ", got ", pw.sizes());
+  }
+}
+
+template <typename A>
+inline PixelWeights<A> pixel_weights(const std::optional<at::Tensor>& class_weight,
+                                     const std::optional<at::Tensor>& pixel_weight) {
+  PixelWeights<A> w{nullptr, nullptr, PixelGeom{1, 1, 0, 0, 0}};
+  if (class_weight) w.cw = class_weight->data_ptr<A>();
+  if (pixel_weight) {
+    w.pw = pixel_weight->data_ptr<A>();
+    w.gw = geom(*pixel_weight);
+  }
+  return w;
+}
+
+// The forward's sum over labelled pixels of their class weight (the count when there is none): the
+// denominator of a weighted "mean" (hss_kernels/native/_common.py reduce).
+inline at::Tensor new_weight_sum(const at::Tensor& logits) {
+  return at::empty({}, logits.options().dtype(acc_type(logits)));
 }
 
 // Logits as the backward walks them: any dense layout as is, anything else (overlapping, expanded,

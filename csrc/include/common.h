@@ -79,6 +79,24 @@ struct PixelGeom {
 };
 
 
+// Class and pixel weights (docs/MATH.md §6.6), fused into the losses: labelled pixel i (flat over N x H x W
+// of the target) with leaf label y in [0, L) has weight cw[y] * pw[i], a missing table reading as 1. The
+// forward multiplies the pixel's loss by it and sums cw[y] over the labelled pixels (the "mean"'s
+// denominator); the backward multiplies the pixel's upstream gradient by it.
+template <typename A>
+struct PixelWeights {
+  const A* cw;    // (L,) by label id, or nullptr
+  const A* pw;    // (N, H, W) at gw's strides, or nullptr
+  PixelGeom gw;
+  HSS_HOST_DEVICE inline bool any() const { return cw != nullptr || pw != nullptr; }
+  HSS_HOST_DEVICE inline A of_class(int64_t y) const { return cw ? cw[y] : A(1); }
+  HSS_HOST_DEVICE inline A at(int64_t i, int64_t y) const {
+    const A w = of_class(y);
+    return pw ? w * pw[gw.offset(i)] : w;
+  }
+};
+
+
 // Bilinear upsampling along one axis, as F.interpolate(mode="bilinear") computes it (ATen's
 // area_pixel_compute_scale / area_pixel_compute_source_index / guard_index_and_lambda): destination
 // index dst reads source i0 with weight 1 - lambda and i1 (= i0 + 1, or i0 at the last source index)

@@ -3,18 +3,38 @@ the registration that refuses double backward. Options and labels are checked by
 (``hss_kernels/_checks.py``) before an op module is called."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .._checks import acc_dtype  # the kernels' accumulation dtype (csrc/include/checks.h acc_type)
 
-__all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward", "upsample_code"]
+__all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward", "upsample_code",
+           "weight_args"]
 
 
-def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The loss a forward op returned (per pixel, or the sum) reduced as asked (docs/MATH.md §5.1)."""
-    if reduction == "mean":  # 0 (with zero gradient) when every pixel is ignored
+def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str,
+           weight_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The loss a forward op returned (per pixel, or the sum) reduced as asked (docs/MATH.md §5.1, §6.6):
+    ``"mean"`` divides by the number of labelled pixels ``count``, or with weights by ``weight_sum`` (the
+    sum of their class weights, the count without class weights); 0 (with zero gradient) when every pixel
+    is ignored."""
+    if reduction != "mean":
+        return loss
+    if weight_sum is None:
         return loss / count.clamp(min=1).to(loss.dtype)
-    return loss
+    return loss / torch.where(count > 0, weight_sum.to(loss.dtype), torch.ones((), dtype=loss.dtype,
+                                                                                device=loss.device))
+
+
+def weight_args(class_weight: Optional[torch.Tensor], pixel_weight: Optional[torch.Tensor], dtype: torch.dtype):
+    """The weights as the ops take them: ``class_weight`` contiguous and ``pixel_weight`` (any strides) in
+    the accumulation dtype ``dtype``, ``None`` where absent."""
+    if class_weight is not None:
+        class_weight = class_weight.to(dtype).contiguous()
+    if pixel_weight is not None:
+        pixel_weight = pixel_weight.to(dtype)
+    return class_weight, pixel_weight
 
 
 def new_loss(logits: torch.Tensor, target: torch.Tensor, per_pixel: bool):
