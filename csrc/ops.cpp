@@ -18,12 +18,19 @@
 // tree_min_fwd / tree_min_bwd: the focal tree-min loss (extrema = true) and the multi-label tree BCE
 // (extrema = false), one kernel family.
 // tree_min_fwd(logits (N, V, H, W), target (N, H, W) int64, tree_index int32 (4V + L*D, docs/MATH.md
-//              §1.7), node_weights (V,), num_leaves, depth, gamma, eps, ignore_index, per_pixel, extrema)
-//   -> loss: (N, H, W) per pixel if per_pixel, else the 0-dim sum,
-//      count: 0-dim int64, the number of non-ignored pixels.
+//              §1.7), node_weights (V,), num_leaves, depth, gamma, eps, ignore_index, per_pixel, extrema,
+//              upsample, align_corners, class_weight (L,)?, pixel_weight (N, H, W)?)
+//   -> loss: (N, H, W) per pixel if per_pixel, else the 0-dim sum, each labelled pixel's loss times its
+//            weight cw[y] * pw[p] (docs/MATH.md §6.6; a missing table reads as 1),
+//      count: 0-dim int64, the number of non-ignored pixels,
+//      weight_sum: 0-dim (accumulation dtype), the sum of cw[y] over the labelled pixels (the count
+//            without class_weight): a weighted mean's denominator.
+//   class_weight: contiguous, pixel_weight: the target's shape, any strides; both of the accumulation
+//   dtype on the logits' device.
 // tree_min_bwd(grad (0-dim or (N, H, W)), logits, target, tree_index, node_weights, num_leaves, depth,
-//              gamma, eps, ignore_index, extrema) -> grad_logits. It needs no saved statistics: the
-//   extrema are recomputed from the logits it reads anyway.
+//              gamma, eps, ignore_index, extrema, upsample, align_corners, class_weight?, pixel_weight?)
+//   -> grad_logits, each labelled pixel's upstream gradient times its weight. It needs no saved
+//   statistics: the extrema are recomputed from the logits it reads anyway.
 //
 // decode(logits (N, C, H, W), walk (3, C) int32, ordered, activation, score, size, align_corners,
 //        ignore_index) -> (N, H, W) int64: the leaf
@@ -61,10 +68,10 @@ TORCH_LIBRARY(hss_kernels, m) {
         "Tensor level_weights, float eps, int ignore_index, int upsample=0, bool align_corners=False) -> Tensor");
   m.def("tree_min_fwd(Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, int num_leaves, "
         "int depth, float gamma, float eps, int ignore_index, bool per_pixel, bool extrema, int upsample=0, "
-        "bool align_corners=False) -> (Tensor, Tensor)");
+        "bool align_corners=False, Tensor? class_weight=None, Tensor? pixel_weight=None) -> (Tensor, Tensor, Tensor)");
   m.def("tree_min_bwd(Tensor grad, Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, "
         "int num_leaves, int depth, float gamma, float eps, int ignore_index, bool extrema, int upsample=0, "
-        "bool align_corners=False) -> Tensor");
+        "bool align_corners=False, Tensor? class_weight=None, Tensor? pixel_weight=None) -> Tensor");
   m.def("decode(Tensor logits, Tensor walk, bool ordered, int activation, int score, int[] size=[], "
         "bool align_corners=False, int ignore_index=255) -> Tensor");
 }

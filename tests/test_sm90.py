@@ -1,5 +1,6 @@
 """The static sm_90 model (benchmarks/sm90): the SASS analysis on small hand-written listings, the
 annotations and variables, and one Triton kernel compiled end to end (skipped without ptxas/nvdisasm)."""
+import struct
 import textwrap
 from pathlib import Path
 
@@ -401,7 +402,7 @@ def test_cuda_launches_of_the_fused_upsampling():
     assert (hb.kernel, hb.blocks, hb.threads, len(hb.params), hb.params[5]) == \
         ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 17, n)
     (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
-    assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 18, N * 128 * 128)
+    assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 19, N * 128 * 128)
     assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
     # decode with size=: kUp, one thread per label pixel, the geometry last
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (N, 147, H, W), v2, 0.0, s)
@@ -432,7 +433,9 @@ def test_cuda_launches_match_the_host_rules():
     fwd, fin = cuda_side.launches("tree_min", "forward", "bfloat16", "nchw", (8, 147, 1024, 1024), tree, 2.0)
     assert fwd.pattern == "tree_fwd_group_kernelIN3c108BFloat16EfLi2ELb1ELb1EE"
     assert (fwd.blocks, fwd.threads, fwd.dynamic_smem) == (P // 8 // 256, 256, 147 * 16 + (tree.depth + 1) * 256 * 32)
-    assert fin.params[2] == fwd.blocks
+    # unweighted: null weight tables, no class weights' partials; the finish writes the count as the weight sum
+    assert struct.unpack("<7q", fwd.params[-2]) == (0, 0, 1, 1, 0, 0, 0) and fwd.params[-1] == 0
+    assert fin.kernel == "finish_weighted_kernel" and fin.params[2] == 0 and fin.params[3] == fwd.blocks
     fwd, _ = cuda_side.launches("tree_bce", "forward", "float32", "channels_last", (8, 147, 1024, 1024), tree, 0.0)
     assert fwd.pattern == "tree_fwd_group_kernelIffLi1ELb0ELb0EE"
     assert (fwd.blocks, fwd.dynamic_smem) == (P // 4 // 256, 147 * 16)

@@ -829,7 +829,7 @@ def test_opcheck(native, dtype):
         args = (xn.clone().requires_grad_(), yn, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0, 255, per_pixel,
                 True, 1, False)
         torch.library.opcheck(ops.tree_min_fwd.default, args)
-        loss, _ = ops.tree_min_fwd(*args)
+        loss, _, _ = ops.tree_min_fwd(*args)
         torch.library.opcheck(ops.tree_min_bwd.default, (torch.randn_like(loss), xn, yn, idx, k, tree.num_leaves,
                                                          tree.depth, 2.0, 0.0, 255, True, 1, False))
     walk, ordered = decode_walk(tree, "cpu", False)

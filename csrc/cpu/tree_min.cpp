@@ -531,6 +531,7 @@ template <typename T>
 void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                            const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
                            int64_t ignore_index, bool extrema, at::Tensor& loss, bool per_pixel, at::Tensor& count,
+                           const PixelWeights<at::opmath_type<T>>& w, at::Tensor& weight_sum,
                            const cpu::Upsample<at::opmath_type<T>>* up) {
   using A = at::opmath_type<T>;
   const int V = logits.size(1);
@@ -542,8 +543,9 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
   const A gamma = static_cast<A>(gamma_), eps = static_cast<A>(eps_);
   A* lp = per_pixel ? loss.data_ptr<A>() : nullptr;
   const int64_t nb = (P + cpu::kBlock - 1) / cpu::kBlock;
-  std::vector<double> part(nb, 0.0);
+  std::vector<double> part(nb, 0.0), wpart(w.cw ? nb : 0, 0.0);
   std::vector<int64_t> cnt(nb, 0);
+  const bool weighted = w.any();
   const TreeRows tr = tree_rows(ti);
   constexpr bool vec = std::is_same_v<A, float>;
   const bool forced = cpu::pixel_path_forced();
@@ -565,7 +567,10 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     // What the CUDA kernels run without upsampling: G pixels per thread (tree_forward_group).
     const bool groups = !lanes && !up;
     if (groups) forward_groups<T, A>(x, ld, n, ys, valid, nodes.data(), ti, k, gamma, eps, extrema, lane_loss);
-    double s = 0;
+    // The weights (docs/MATH.md §6.6): pw at the target's pixel, one read per labelled pixel.
+    int64_t woff[kBlock];
+    if (w.pw) w.gw.offsets(i0, n, woff);
+    double s = 0, ws = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
       A l = A(0);
@@ -579,10 +584,17 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
         else
           l = tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc},
                                     ti, static_cast<int>(ys[p]), k, gamma, eps, extrema);
+        if (weighted) {
+          const A cy = w.of_class(ys[p]);
+          l *= w.pw ? cy * w.pw[woff[p]] : cy;
+          ws += cy;
+        }
         s += l;
         ++c;
       } else if (ys[p] != ignore_index) {  // a bad label: NaN, counted, so that a mean or sum is NaN too
         l = quiet_nan<A>();
+        // (a lane path's NaN logits, label in range: its class weight, as the per-pixel path counts it)
+        if (w.cw && ys[p] >= 0 && ys[p] < L) ws += w.cw[ys[p]];
         s += l;
         ++c;
       }
@@ -590,33 +602,46 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     }
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
+    if (w.cw) wpart[i0 / kBlock] = ws;
   }, up);
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
+  // The weighted mean's denominator: the class weights' partials in the same fixed order, or the count.
+  A* wsum = weight_sum.data_ptr<A>();
+  if (w.cw) {
+    int64_t unused = 0;
+    cpu::finish_reduction<A>(wpart, cnt, wsum, &unused);
+  } else {
+    *wsum = static_cast<A>(*count.data_ptr<int64_t>());
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                    const at::Tensor& tree_index, const at::Tensor& node_weights,
-                                                    int64_t L, int64_t D, double gamma, double eps,
-                                                    int64_t ignore_index, bool per_pixel, bool extrema,
-                                                    int64_t upsample, bool align_corners) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index, const at::Tensor& node_weights,
+    int64_t L, int64_t D, double gamma, double eps, int64_t ignore_index, bool per_pixel, bool extrema,
+    int64_t upsample, bool align_corners, const std::optional<at::Tensor>& class_weight,
+    const std::optional<at::Tensor>& pixel_weight) {
   check_tree_min("tree_min_fwd", logits, target, tree_index, node_weights, L, D, upsample);
+  check_weights("tree_min_fwd", class_weight, pixel_weight, logits, target, L);
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, target, per_pixel);
+  at::Tensor weight_sum = new_weight_sum(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_min_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     std::optional<cpu::Upsample<A>> up;
     if (upsample) up.emplace(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2), align_corners);
     tree_min_fwd_cpu_impl<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, extrema,
-                                    loss, per_pixel, count, up ? &*up : nullptr);
+                                    loss, per_pixel, count, pixel_weights<A>(class_weight, pixel_weight), weight_sum,
+                                    up ? &*up : nullptr);
   });
-  return {loss, count};
+  return {loss, count, weight_sum};
 }
 
 template <typename T>
 void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                            const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
                            double gamma_, double eps_, int64_t ignore_index, bool extrema, at::Tensor& out,
-                           const cpu::Upsample<at::opmath_type<T>>* up, at::opmath_type<T>* acc) {
+                           const PixelWeights<at::opmath_type<T>>& w, const cpu::Upsample<at::opmath_type<T>>* up,
+                           at::opmath_type<T>* acc) {
   using A = at::opmath_type<T>;
   const int V = logits.size(1);
   const int64_t P = target.numel();
@@ -648,6 +673,15 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < kBlock; ++p) g[p] = p < n ? gp[goff[p]] : A(0);
+    if (w.any()) {  // each labelled pixel's upstream gradient times its weight (pw at the target's pixel)
+      int64_t woff[kBlock];
+      if (w.pw) w.gw.offsets(i0, n, woff);
+      for (int64_t p = 0; p < n; ++p)
+        if (valid[p]) {
+          const A cy = w.of_class(ys[p]);
+          g[p] *= w.pw ? cy * w.pw[woff[p]] : cy;
+        }
+    }
     bool rows_done = false;
     if constexpr (vec) {
       if (lanes) {
@@ -703,7 +737,7 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     cpu::gather_upsampled_pixels<A>(*up, acc, (D + 1) + words, [&](A* scr) {
       return TreeMinUpsampledRow<T, A, NodeTable<A>, cpu::Scratch<A>, cpu::Scratch<uint32_t>>{
           {xp, sC, up->geom, tgt, gt, gp, gg}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{scr},
-          cpu::Scratch<uint32_t>{reinterpret_cast<uint32_t*>(scr + D + 1)}, ti, k, gamma, eps, ignore_index, extrema};
+          cpu::Scratch<uint32_t>{reinterpret_cast<uint32_t*>(scr + D + 1)}, ti, k, gamma, eps, ignore_index, extrema, w};
     });
   } else if (up) {
     cpu::for_each_upsampled_run<T, A>(xp, *up, gx, scratch, body);
@@ -715,22 +749,25 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
 at::Tensor tree_min_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                             const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
                             double gamma, double eps, int64_t ignore_index, bool extrema, int64_t upsample,
-                            bool align_corners) {
+                            bool align_corners, const std::optional<at::Tensor>& class_weight,
+                            const std::optional<at::Tensor>& pixel_weight) {
   check_tree_min("tree_min_bwd", logits, target, tree_index, node_weights, L, D, upsample);
   check_grad("tree_min_bwd", grad, logits, target);
+  check_weights("tree_min_bwd", class_weight, pixel_weight, logits, target, L);
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
+    const PixelWeights<A> w = pixel_weights<A>(class_weight, pixel_weight);
     if (!upsample) {
       tree_min_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index,
-                                      extrema, out, nullptr, nullptr);
+                                      extrema, out, w, nullptr, nullptr);
       return;
     }
     const cpu::Upsample<A> up(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
     at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
     tree_min_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index,
-                                    extrema, out, &up, acc.data_ptr<A>());
+                                    extrema, out, w, &up, acc.data_ptr<A>());
     out.copy_(acc);
   });
   return out;

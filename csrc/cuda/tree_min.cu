@@ -13,6 +13,10 @@
 // eps 0, or any), picked from the call's options. With fused upsampling (kUp) the forward runs one pixel
 // per thread and reads each channel from four source values (upsample_math.h), and the backward runs one
 // thread per source pixel, gathering the gradient rows of the destination pixels whose stencil holds it.
+// Class and pixel weights (docs/MATH.md §6.6) are fused into every kernel: the forwards multiply a labelled
+// pixel's loss by cw[y] * pw[p] and, with class weights, sum cw[y] into a third per-block partial (the
+// weighted mean's denominator); the backwards multiply its upstream gradient by the same weight. pw is read
+// once per labelled pixel, at the target's (full-resolution) pixel.
 #include "checks.h"
 #include "common.cuh"
 #include "tree_min_math.h"
@@ -54,17 +58,67 @@ __device__ inline NodeTable<A> load_node_table(unsigned char* smem, const TreeIn
   return NodeTable<A>{nodes};
 }
 
+// The class weights' per-block partial (the weighted mean's denominator), summed in block_sum's fixed order;
+// every thread of the block calls it, or none (wpart is the same for the whole grid).
+__device__ inline void block_weight_partial(double v, double* wpart) {
+  int64_t unused = 0;
+  block_sum(v, unused);
+  if (threadIdx.x == 0) wpart[blockIdx.x] = v;
+}
+
+// The second stage (Partials::finish's) with the weight sum: loss_sum (unless null) and count from the
+// partials, weight_sum from the class weights' partials wpart in the same order, or the count without them.
+template <typename A>
+__global__ void finish_weighted_kernel(const double* part, const int64_t* cnt, const double* wpart, int64_t nb,
+                                       A* loss_sum, int64_t* count, A* weight_sum) {
+  double v = 0, wv = 0;
+  int64_t c = 0;
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {  // sm90: trips=nb / threads
+    v += part[b];
+    c += cnt[b];
+    if (wpart) wv += wpart[b];
+  }
+  block_sum(v, c);
+  if (wpart) {
+    int64_t unused = 0;
+    block_sum(wv, unused);
+  }
+  if (threadIdx.x == 0) {
+    if (loss_sum) *loss_sum = static_cast<A>(v);
+    *count = c;
+    *weight_sum = wpart ? static_cast<A>(wv) : static_cast<A>(c);
+  }
+}
+
+// Partials plus, with class weights, the weight partials; finish writes loss (unless per_pixel), count and
+// weight_sum in one launch.
+struct WeightedPartials : Partials {
+  at::Tensor wpart;
+  WeightedPartials(const at::Tensor& like, int64_t nb, bool class_weights) : Partials(like, nb) {
+    if (class_weights) wpart = at::empty({nb}, like.options().dtype(at::kDouble));
+  }
+  double* w() { return wpart.defined() ? wpart.data_ptr<double>() : nullptr; }
+  template <typename A>
+  void finish(at::Tensor& loss, at::Tensor& count, at::Tensor& weight_sum, bool per_pixel, cudaStream_t stream) {
+    finish_weighted_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), w(), part.numel(),
+                                                          per_pixel ? nullptr : loss.data_ptr<A>(),
+                                                          count.data_ptr<int64_t>(), weight_sum.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 template <typename T, typename A, bool kUp>
 __global__ void __launch_bounds__(kThreads)
 tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                     PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
                     const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema, A* __restrict__ lp,
-                    double* part, int64_t* cnt, UpsampleGeom<A> u) {
+                    double* part, int64_t* cnt, UpsampleGeom<A> u, PixelWeights<A> w, double* wpart) {
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A l = A(0);
+  double ws = 0;
   int64_t c = 0;
   if (i < P) {
     const int64_t y = tgt[gt.offset(i)];
@@ -78,6 +132,10 @@ tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int
       else
         l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, nodes, acc, ti, static_cast<int>(y), k,
                                   gamma, eps, extrema);
+      if (w.any()) {
+        l *= w.at(i, y);
+        ws = static_cast<double>(w.of_class(y));
+      }
     } else if (kind == kLabelBad) {  // sm90: cold
       l = quiet_nan<A>();  // see common.h: never a table read
     }
@@ -85,6 +143,7 @@ tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int
     if (lp) lp[i] = l;
   }
   block_partial(static_cast<double>(l), c, part, cnt);
+  if (wpart) block_weight_partial(ws, wpart);
 }
 
 // The forward without upsampling: G = lanes_for<T>() consecutive pixels per thread (tree_forward_group).
@@ -159,13 +218,13 @@ __global__ void __launch_bounds__(kThreads)
 tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                       PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
                       const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, A* __restrict__ lp,
-                      double* part, int64_t* cnt) {
+                      double* part, int64_t* cnt, PixelWeights<A> w, double* wpart) {
   constexpr int G = lanes_for<T>();
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
-  double sum = 0;
+  double sum = 0, ws = 0;
   int64_t c = 0;
   if (i0 < P) {
     const int64_t n = P - i0 < G ? P - i0 : G;
@@ -195,6 +254,17 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
         tree_forward_group<kF, kExtrema, A, G>(col, nodes, acc, ti, y, k, gamma, eps, l);
       }
     }
+    if (any && w.any()) {  // the weights: one pw read per labelled lane, at the target's pixel
+      int64_t woff[G];
+      if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j)
+        if (kind[j] == kLabelValid) {
+          const A cy = w.of_class(y[j]);
+          l[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
+          ws += static_cast<double>(cy);
+        }
+    }
     HSS_UNROLL
     for (int j = 0; j < G; ++j) {
       const A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
@@ -206,6 +276,7 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
     }
   }
   block_partial(sum, c, part, cnt);
+  if (wpart) block_weight_partial(ws, wpart);
 }
 
 // The tree BCE backward's stores, as VecCol / LaneCols read: one 16-byte store per channel, or one
@@ -251,7 +322,7 @@ __global__ void __launch_bounds__(kThreads)
 tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
                           PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
                           const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
-                          A gamma, A eps, int64_t ignore_index) {
+                          A gamma, A eps, int64_t ignore_index, PixelWeights<A> w) {
   constexpr int G = lanes_for<T>();
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
@@ -273,6 +344,16 @@ tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
     bad[j] = kind == kLabelBad;
     y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
     g[j] = j < n ? grad[goff[j]] : A(0);
+  }
+  if (w.any()) {  // each labelled lane's upstream gradient times its weight
+    int64_t woff[G];
+    if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j)
+      if (valid[j]) {
+        const A cy = w.of_class(y[j]);
+        g[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
+      }
   }
   if constexpr (kVec) {
     const int64_t off = gx.offset(i0);
@@ -305,7 +386,7 @@ __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, co
                                     T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                                     PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L,
                                     int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index,
-                                    bool extrema) {
+                                    bool extrema, PixelWeights<A> w) {
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
@@ -321,9 +402,11 @@ __global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, co
   const int threads = static_cast<int>(blockDim.x);
   A* acc0 = reinterpret_cast<A*>(smem + node_table_bytes<A>(V));
   uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
+  A g = grad[gg.offset(i)];
+  if (w.any()) g *= w.at(i, y);
   tree_backward_pixel<A, kF>(GlobalCol<T, A>{x + off, sC}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
                          SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, GlobalOut<T, A>{out + off, sC}, ti,
-                         static_cast<int>(y), k, gamma, eps, extrema, grad[gg.offset(i)]);
+                         static_cast<int>(y), k, gamma, eps, extrema, g);
 }
 
 // Fused upsampling: one thread per source pixel q of the (N, V, h, w) logits, its V gradient values in acc
@@ -334,7 +417,7 @@ __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg,
                                        UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
                                        const int32_t* __restrict__ tree_index, int V, int L, int D,
                                        const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema,
-                                       A* __restrict__ acc) {
+                                       A* __restrict__ acc, PixelWeights<A> w) {
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
@@ -348,7 +431,7 @@ __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg,
                       TreeMinUpsampledRow<T, A, NodeTable<A>, SharedCol<A>, SharedCol<uint32_t>>{
                           {x, sC, u, tgt, gt, grad, gg}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
                           SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, ti, k, gamma, eps, ignore_index,
-                          extrema});
+                          extrema, w});
 }
 
 // The group kernel for one dtype: its focal mode, extrema and kVec picked from the call.
@@ -356,13 +439,13 @@ template <typename T, int kF, bool kExtrema, bool kVec>
 void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                       const at::Tensor& node_weights, int64_t L, int64_t D, double gamma, double eps,
                       int64_t ignore_index, bool per_pixel, at::Tensor& loss, at::Tensor& count,
-                      cudaStream_t stream) {
+                      const PixelWeights<at::opmath_type<T>>& w, at::Tensor& weight_sum, cudaStream_t stream) {
   using A = at::opmath_type<T>;
   constexpr int G = lanes_for<T>();
   const int64_t P = target.numel();
   const int V = logits.size(1);
   const int64_t nb = num_blocks((P + G - 1) / G, kThreads);
-  Partials partials(logits, nb);
+  WeightedPartials partials(logits, nb, w.cw != nullptr);
   auto kernel = tree_fwd_group_kernel<T, A, kF, kExtrema, kVec>;
   const size_t smem = group_smem_bytes<A, G>(V, D, kThreads, kExtrema);
   allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min", V,
@@ -370,26 +453,29 @@ void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const 
   kernel<<<nb, kThreads, smem, stream>>>(
       logits.data_ptr<T>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
       tree_index.data_ptr<int32_t>(), V, L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
-      static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(), partials.c());
+      static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(), partials.c(), w,
+      partials.w());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  partials.finish<A>(loss, count, per_pixel, stream);
+  partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
 }
 
 template <typename T, int kF>
 void launch_fwd_group_f(bool extrema, bool vec, const at::Tensor& logits, const at::Tensor& target,
                         const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
                         double gamma, double eps, int64_t ignore_index, bool per_pixel, at::Tensor& loss,
-                        at::Tensor& count, cudaStream_t stream) {
+                        at::Tensor& count, const PixelWeights<at::opmath_type<T>>& w, at::Tensor& weight_sum,
+                        cudaStream_t stream) {
   auto f = extrema ? (vec ? launch_fwd_group<T, kF, true, true> : launch_fwd_group<T, kF, true, false>)
                    : (vec ? launch_fwd_group<T, kF, false, true> : launch_fwd_group<T, kF, false, false>);
-  f(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count, stream);
+  f(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count, w, weight_sum,
+    stream);
 }
 
 template <typename T>
 void tree_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                     const at::Tensor& node_weights, int64_t L, int64_t D, double gamma, double eps,
                     int64_t ignore_index, bool per_pixel, bool extrema, at::Tensor& loss, at::Tensor& count,
-                    cudaStream_t stream) {
+                    const PixelWeights<at::opmath_type<T>>& w, at::Tensor& weight_sum, cudaStream_t stream) {
   using A = at::opmath_type<T>;
   const bool vec = vec_groups(logits, lanes_for<T>());
   const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
@@ -397,33 +483,37 @@ void tree_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at
            : mode == kFocalG0 ? launch_fwd_group_f<T, kFocalG0>
                               : launch_fwd_group_f<T, kFocalAny>;
   f(extrema, vec, logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count,
-    stream);
+    w, weight_sum, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                     const at::Tensor& tree_index, const at::Tensor& node_weights,
-                                                     int64_t L, int64_t D, double gamma, double eps,
-                                                     int64_t ignore_index, bool per_pixel, bool extrema,
-                                                     int64_t upsample, bool align_corners) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index, const at::Tensor& node_weights,
+    int64_t L, int64_t D, double gamma, double eps, int64_t ignore_index, bool per_pixel, bool extrema,
+    int64_t upsample, bool align_corners, const std::optional<at::Tensor>& class_weight,
+    const std::optional<at::Tensor>& pixel_weight) {
   check_tree_min("tree_min_fwd", logits, target, tree_index, node_weights, L, D, upsample);
+  check_weights("tree_min_fwd", class_weight, pixel_weight, logits, target, L);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, target, per_pixel);
+  at::Tensor weight_sum = new_weight_sum(logits);
   const int64_t P = target.numel();
   if (P == 0) {
     zero_empty_loss(loss, count, per_pixel);
-    return {loss, count};
+    weight_sum.zero_();
+    return {loss, count, weight_sum};
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_min_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    const PixelWeights<A> w = pixel_weights<A>(class_weight, pixel_weight);
     if (!upsample) {
       tree_fwd_group<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel,
-                               extrema, loss, count, stream);
+                               extrema, loss, count, w, weight_sum, stream);
       return;
     }
     const int64_t nb = num_blocks(P, kThreads);
-    Partials partials(logits, nb);
+    WeightedPartials partials(logits, nb, w.cw != nullptr);
     auto kernel = tree_min_fwd_kernel<scalar_t, A, true>;
     const size_t smem = tree_smem_bytes<A>(logits.size(1), D, kThreads, extrema, false);
     // block_sum's static arrays
@@ -435,19 +525,22 @@ std::tuple<at::Tensor, at::Tensor> tree_min_fwd_cuda(const at::Tensor& logits, c
         static_cast<A>(eps), ignore_index, extrema, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(),
         partials.c(),
         UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2),
-                              align_corners));
+                              align_corners),
+        w, partials.w());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    partials.finish<A>(loss, count, per_pixel, stream);
+    partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
   });
-  return {loss, count};
+  return {loss, count, weight_sum};
 }
 
 at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                              const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
                              double gamma, double eps, int64_t ignore_index, bool extrema, int64_t upsample,
-                             bool align_corners) {
+                             bool align_corners, const std::optional<at::Tensor>& class_weight,
+                             const std::optional<at::Tensor>& pixel_weight) {
   check_tree_min("tree_min_bwd", logits, target, tree_index, node_weights, L, D, upsample);
   check_grad("tree_min_bwd", grad, logits, target);
+  check_weights("tree_min_bwd", class_weight, pixel_weight, logits, target, L);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = dense_logits(logits);
   at::Tensor out = at::empty_like(x);
@@ -457,6 +550,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    const PixelWeights<A> w = pixel_weights<A>(class_weight, pixel_weight);
     // The node table, D + 1 scratch values per thread and, for tree-min, its packed node bits; fewer
     // threads per block for big trees.
     constexpr size_t kDefaultSmem = 48 * 1024;
@@ -473,7 +567,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
           UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners),
           n, target.data_ptr<int64_t>(), geom(target), tree_index.data_ptr<int32_t>(), V, L, D,
           node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema,
-          acc.data_ptr<A>());
+          acc.data_ptr<A>(), w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       out.copy_(acc);
       return;
@@ -494,7 +588,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
       bce<<<num_blocks((P + G - 1) / G, kThreads), kThreads, tsmem, stream>>>(
           grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
           x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
-          node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index);
+          node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -505,7 +599,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
     kernel<<<num_blocks(P, threads), threads, smem, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
         x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
-        node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema);
+        node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema, w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -525,7 +525,8 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
 
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
 // its gradient row from the interpolated logits handed to out (an AddOut). acc and bits: the calling
-// thread's scratch.
+// thread's scratch. w: the class and pixel weights, pw read at the destination (target) pixel q; the
+// pixel's upstream gradient is multiplied by its weight.
 template <typename T, typename A, typename N, typename S, typename B>
 struct TreeMinUpsampledRow {
   UpsampledPixels<T, A> px;
@@ -537,11 +538,15 @@ struct TreeMinUpsampledRow {
   A gamma, eps;
   int64_t ignore_index;
   bool extrema;
+  PixelWeights<A> w;
   template <typename O>
   HSS_HOST_DEVICE void operator()(int64_t q, const O& out) const {
     const int y = px.label(q, t.L, ignore_index, t.V, out);
-    if (y >= 0)
-      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema, px.grad_of(q));
+    if (y >= 0) {
+      const A g = px.grad_of(q);
+      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema,
+                             w.any() ? g * w.at(q, y) : g);
+    }
   }
 };
 

@@ -49,7 +49,7 @@ def test_opcheck_tree_min(backend, device, extrema):
     for per_pixel in (False, True):
         args = (x.requires_grad_(), y, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0, 255, per_pixel, extrema)
         torch.library.opcheck(ops.tree_min_fwd.default, args)
-        loss, _ = ops.tree_min_fwd(*args)
+        loss, _, _ = ops.tree_min_fwd(*args)
         torch.library.opcheck(ops.tree_min_bwd.default,
                               (torch.randn_like(loss), x.detach(), y, idx, k, tree.num_leaves, tree.depth, 2.0, 0.0,
                                255, extrema))
