@@ -10,7 +10,8 @@ the function the backend registry calls:
   writes the gradient once;
 * :mod:`.tree_min`: ``tree_min_fwd`` / ``tree_min_bwd``, one kernel family for the focal tree-min loss
   (``extrema=True``) and the tree BCE (``extrema=False``); the backward recomputes the per-pixel extrema
-  from the logits it reads anyway;
+  from the logits it reads anyway; ``class_weight`` / ``pixel_weight`` are fused into both (the losses are
+  marked ``takes_weights``; the forward also returns the sum of the labelled pixels' class weights);
 * :mod:`.decode`: ``decode``, the best root-to-leaf path per pixel.
 
 The forwards return the loss per pixel (``reduction="none"``) or its sum, plus the number of
