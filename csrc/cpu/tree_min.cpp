@@ -567,39 +567,49 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     // What the CUDA kernels run without upsampling: G pixels per thread (tree_forward_group).
     const bool groups = !lanes && !up;
     if (groups) forward_groups<T, A>(x, ld, n, ys, valid, nodes.data(), ti, k, gamma, eps, extrema, lane_loss);
-    // The weights (docs/MATH.md §6.6): pw at the target's pixel, one read per labelled pixel.
-    int64_t woff[kBlock];
-    if (w.pw) w.gw.offsets(i0, n, woff);
     double s = 0, ws = 0;
     int64_t c = 0;
-    for (int64_t p = 0; p < n; ++p) {
-      A l = A(0);
-      if (valid[p]) {
-        if (lanes || groups)
-          l = lane_loss[p];
-        else if (up && forced)  // the CUDA kernels' reads: four source values per channel
-          l = tree_forward_pixel<A>(bilinear_col<T, A>(logits.data_ptr<T>(), logits.stride(1), up->geom.stencil(i0 + p)),
-                                    NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k,
-                                    gamma, eps, extrema);
-        else
-          l = tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc},
-                                    ti, static_cast<int>(ys[p]), k, gamma, eps, extrema);
-        if (weighted) {
-          const A cy = w.of_class(ys[p]);
-          l *= w.pw ? cy * w.pw[woff[p]] : cy;
-          ws += cy;
+    // The block's pixels, the weights (docs/MATH.md §6.6) compiled in only for a weighted call (the
+    // unweighted loop is the plain one): pw at the target's pixel, one read per labelled pixel.
+    const auto pixels = [&](auto weighted_c) {
+      constexpr bool kW = decltype(weighted_c)::value;
+      int64_t woff[kW ? kBlock : 1];
+      if constexpr (kW)
+        if (w.pw) w.gw.offsets(i0, n, woff);
+      for (int64_t p = 0; p < n; ++p) {
+        A l = A(0);
+        if (valid[p]) {
+          if (lanes || groups)
+            l = lane_loss[p];
+          else if (up && forced)  // the CUDA kernels' reads: four source values per channel
+            l = tree_forward_pixel<A>(bilinear_col<T, A>(logits.data_ptr<T>(), logits.stride(1), up->geom.stencil(i0 + p)),
+                                      NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k,
+                                      gamma, eps, extrema);
+          else
+            l = tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()},
+                                      cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k, gamma, eps, extrema);
+          if constexpr (kW) {
+            const A cy = w.of_class(ys[p]);
+            l *= w.pw ? cy * w.pw[woff[p]] : cy;
+            ws += cy;
+          }
+          s += l;
+          ++c;
+        } else if (ys[p] != ignore_index) {  // a bad label: NaN, counted, so that a mean or sum is NaN too
+          l = quiet_nan<A>();
+          // (a lane path's NaN logits, label in range: its class weight, as the per-pixel path counts it)
+          if constexpr (kW)
+            if (w.cw && ys[p] >= 0 && ys[p] < L) ws += w.cw[ys[p]];
+          s += l;
+          ++c;
         }
-        s += l;
-        ++c;
-      } else if (ys[p] != ignore_index) {  // a bad label: NaN, counted, so that a mean or sum is NaN too
-        l = quiet_nan<A>();
-        // (a lane path's NaN logits, label in range: its class weight, as the per-pixel path counts it)
-        if (w.cw && ys[p] >= 0 && ys[p] < L) ws += w.cw[ys[p]];
-        s += l;
-        ++c;
+        if (lp) lp[i0 + p] = l;
       }
-      if (lp) lp[i0 + p] = l;
-    }
+    };
+    if (weighted)
+      pixels(std::true_type{});
+    else
+      pixels(std::false_type{});
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
     if (w.cw) wpart[i0 / kBlock] = ws;
@@ -634,6 +644,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cpu(
                                     up ? &*up : nullptr);
   });
   return {loss, count, weight_sum};
+}
+
+// A weighted backward's block: each labelled pixel's upstream gradient g[p] times its weight cw[y] * pw[p]
+// (pw at the target's pixel). Out of line, so that the unweighted body stays as it was.
+template <typename A>
+__attribute__((noinline)) void weigh_gradients(const PixelWeights<A>& w, int64_t i0, int64_t n, const int64_t* ys,
+                                               const bool* valid, A* g) {
+  int64_t woff[kBlock];
+  if (w.pw) w.gw.offsets(i0, n, woff);
+  for (int64_t p = 0; p < n; ++p)
+    if (valid[p]) {
+      const A cy = w.of_class(ys[p]);
+      g[p] *= w.pw ? cy * w.pw[woff[p]] : cy;
+    }
 }
 
 template <typename T>
@@ -673,15 +697,7 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < kBlock; ++p) g[p] = p < n ? gp[goff[p]] : A(0);
-    if (w.any()) {  // each labelled pixel's upstream gradient times its weight (pw at the target's pixel)
-      int64_t woff[kBlock];
-      if (w.pw) w.gw.offsets(i0, n, woff);
-      for (int64_t p = 0; p < n; ++p)
-        if (valid[p]) {
-          const A cy = w.of_class(ys[p]);
-          g[p] *= w.pw ? cy * w.pw[woff[p]] : cy;
-        }
-    }
+    if (w.any()) weigh_gradients(w, i0, n, ys, valid, g);
     bool rows_done = false;
     if constexpr (vec) {
       if (lanes) {
