@@ -518,7 +518,7 @@ def test_triton_opcheck(triton_hs):
         group, w = triton_hs._tables(tree, [1.0, 0.5, 2.0], H.acc_dtype(xv.dtype), "cpu")
         args = (xv.clone().requires_grad_(), y, group, w, eps, 255, reduction, k == 1)
         torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_up_fwd.default, args)
-        loss, stats, count = torch.ops.hss_triton.hierarchical_softmax_up_fwd(*args)
+        loss, stats, count, _ = torch.ops.hss_triton.hierarchical_softmax_up_fwd(*args)
         go = torch.randn(loss.shape, dtype=loss.dtype)
         if reduction == "none":
             go = go[:, :1].expand(loss.shape)
@@ -730,7 +730,7 @@ def test_triton_node_opcheck(triton_node):
         kw = tables.node_weight_vector(tree, 1.0, "level", H.acc_dtype(xv.dtype), "cpu")
         args = (xv.clone().requires_grad_(), y, tab, kw, sizes, 2.0, 0.0, 255, reduction, use_extrema, k == 1)
         torch.library.opcheck(torch.ops.hss_triton.tree_min_up_fwd.default, args)
-        loss, count = torch.ops.hss_triton.tree_min_up_fwd(*args)
+        loss, count, _ = torch.ops.hss_triton.tree_min_up_fwd(*args)
         go = torch.randn(loss.shape, dtype=loss.dtype)
         if reduction == "none":
             go = go[:, :1].expand(loss.shape)
