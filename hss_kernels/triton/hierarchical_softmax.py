@@ -635,6 +635,7 @@ def _hierarchical_softmax_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_g
 @_hierarchical_softmax_fwd.register_fake
 def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass, class_weight=None,
       pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     N, L, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
@@ -662,11 +663,13 @@ def _hierarchical_softmax_bwd(grad_out: torch.Tensor, logits: torch.Tensor, targ
 @_hierarchical_softmax_bwd.register_fake
 def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction, weight_sum=None,
       class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass, cw, pw = inputs
+    logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass = inputs[:8]
+    cw, pw = (tuple(inputs[8:]) + (None, None))[:2]  # the weights (absent: None)
     loss, stats, count, wsum, grad = output
     ctx.opts = (eps, ignore_index, reduction, single_pass)
     if single_pass:
@@ -724,6 +727,7 @@ def _hierarchical_softmax_up_fwd(logits: torch.Tensor, target: torch.Tensor, lea
 @_hierarchical_softmax_up_fwd.register_fake
 def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners, class_weight=None,
       pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     N, H, W = target.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
@@ -751,11 +755,13 @@ def _hierarchical_softmax_up_bwd(grad_out: torch.Tensor, logits: torch.Tensor, t
 @_hierarchical_softmax_up_bwd.register_fake
 def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction, align_corners,
       weight_sum=None, class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     return torch.empty_like(logits)
 
 
 def _up_setup_context(ctx, inputs, output):
-    logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners, cw, pw = inputs
+    logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners = inputs[:8]
+    cw, pw = (tuple(inputs[8:]) + (None, None))[:2]  # the weights (absent: None)
     loss, stats, count, wsum = output
     ctx.opts = (eps, ignore_index, reduction, align_corners)
     ctx.save_for_backward(logits, target, leaf_group, level_w, stats, count, wsum, cw, pw)

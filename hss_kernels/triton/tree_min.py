@@ -726,6 +726,7 @@ def _tree_min_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
 @_tree_min_fwd.register_fake
 def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass, class_weight=None,
       pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     N, V, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
@@ -752,11 +753,13 @@ def _tree_min_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Te
 @_tree_min_bwd.register_fake
 def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema,
       weight_sum=None, class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass, cw, pw = inputs
+    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = inputs[:11]
+    cw, pw = (tuple(inputs[11:]) + (None, None))[:2]  # the weights (absent: None)
     loss, count, wsum, grad = output
     ctx.opts = (sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass)
     if single_pass:
@@ -809,6 +812,7 @@ def _tree_min_up_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tens
 @_tree_min_up_fwd.register_fake
 def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners,
       class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     N, H, W = target.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
@@ -834,11 +838,13 @@ def _tree_min_up_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch
 @_tree_min_up_bwd.register_fake
 def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema,
       align_corners, weight_sum=None, class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     return torch.empty_like(logits)
 
 
 def _up_setup_context(ctx, inputs, output):
-    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners, cw, pw = inputs
+    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners = inputs[:11]
+    cw, pw = (tuple(inputs[11:]) + (None, None))[:2]  # the weights (absent: None)
     loss, count, wsum = output
     ctx.opts = (sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners)
     ctx.save_for_backward(logits, target, tab, k, count, wsum, cw, pw)
