@@ -546,3 +546,40 @@ def test_update_replaces_only_the_selected_rows(tmp_path):
     assert not_fused == {"decode cuda forward": "kept"}
     with pytest.raises(SystemExit, match="--update needs"):
         cli._updated(argparse.Namespace(**{**vars(args), "out": tmp_path / "none"}), fresh, {})
+
+
+def test_weights_option_models_the_fused_weights(tmp_path):
+    """--weights: the loss rows' calls pass class_weight / pixel_weight (one per leaf, the target's shape), the
+    floor counts a float32 pixel weight per pixel, the parser refuses it for CUDA rows and with --update; end to
+    end (with ptxas/nvdisasm), the weighted Triton hierarchical softmax backward compiles its HAS_CW / HAS_PW
+    variant."""
+    from benchmarks.sm90 import __main__ as cli, triton_side
+
+    P, C, D = 10, 66, 3
+    for op, pass_ in model.FLOOR_FORMULAS:
+        plain = model.floor_bytes(op, pass_, P, C, 4, D)
+        assert model.floor_bytes(op, pass_, P, C, 4, D, 1, "class") == plain
+        assert model.floor_bytes(op, pass_, P, C, 4, D, 1, "class+pixel") == plain + (4 * P if op != "decode" else 0)
+        assert ("pixel weights" in model.floor_formula(op, pass_, 1, "pixel")) == (op != "decode")
+    calls = []
+
+    def fake(*a, **k):
+        calls.append((a, k))
+    fake.takes_weights = True
+    tree = trees.load("cityscapes")
+    x, t = object(), torch.empty(2, 12, 16, device="meta")
+    triton_side._call("tree_min", fake, x, t, tree, False, "class+pixel")
+    triton_side._call("decode", fake, x, t, tree, False, "class+pixel")
+    (a, k), (a2, k2) = calls
+    assert k["class_weight"].shape == (tree.num_leaves,) and k["pixel_weight"].shape == t.shape and k2 == {}
+    with pytest.raises(model.NotFused, match="weights"):
+        triton_side._call("tree_min", lambda *a, **k: None, x, t, tree, False, "pixel")
+    for argv in (["--weights", "pixel"], ["--weights", "pixel", "--backend", "triton", "--update"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv + ["--no-write"])
+    _need_triton_sm90_tools()
+    ctx = model.Context(tmp_path, log=lambda m: None, weights="class+pixel")
+    row = ctx.triton_row("hierarchical_softmax", "float32", "backward", "nchw").as_dict()
+    plain = model.floor_bytes("hierarchical_softmax", "backward", 8 * 2 ** 20, 66, 4, trees.load("vistas").depth)
+    assert row["weights"] == "class+pixel" and row["floor_bytes"] == plain + 4 * 8 * 2 ** 20
+    assert row["kernels"][0]["launch"]["HAS_CW"] is True and row["kernels"][0]["launch"]["HAS_PW"] is True
