@@ -820,9 +820,13 @@ def test_opcheck(native, dtype):
     for per_pixel in (False, True):
         args = (x.clone().requires_grad_(), y, group, w, 0.0, 255, per_pixel, 1, True)
         torch.library.opcheck(ops.hierarchical_softmax_fwd.default, args)
-        loss, stats, _ = ops.hierarchical_softmax_fwd(*args)
+        loss, stats, _, _ = ops.hierarchical_softmax_fwd(*args)
         torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
                               (torch.randn_like(loss), x, y, stats.detach(), group, w, 0.0, 255, 1, True))
+        cw, pw = torch.rand(tree.num_leaves, dtype=dtype), torch.rand(y.shape, dtype=dtype)  # the weights
+        torch.library.opcheck(ops.hierarchical_softmax_fwd.default, args + (cw, pw))
+        torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
+                              (torch.randn_like(loss), x, y, stats.detach(), group, w, 0.0, 255, 1, True, cw, pw))
     xn, yn = _inputs(tree, "tree_min_loss", (2, 3, 4, 7, 9), dtype)
     k, idx = torch.rand(tree.num_nodes, dtype=dtype), tree_index(tree, "cpu")
     for per_pixel in (False, True):
