@@ -11,8 +11,9 @@ Weights: ``class_weight`` (one per leaf, by label id) and ``pixel_weight`` (the 
 pixel's loss; ``"mean"`` then divides by the sum of the labelled pixels' class weights (as
 ``F.cross_entropy(weight=...)``) or their number (``hss_kernels.reference.weigh_loss``, docs/MATH.md §6.6).
 Backends whose losses are marked ``takes_weights`` fuse them into their kernels (one more read per pixel
-at most): the Triton hierarchical softmax, tree-min and tree BCE (with ``upsample`` too); the others'
-per-pixel losses are weighted by ``reference.weigh_loss``.
+at most): the Triton hierarchical softmax, tree-min and tree BCE (with ``upsample`` too) and the native
+hierarchical softmax (CPU and CUDA, with ``upsample`` too); the others' per-pixel losses are weighted by
+``reference.weigh_loss``.
 
 Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N, C, h, w)`` and a target
 ``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
