@@ -384,13 +384,15 @@ def test_cuda_launches_of_the_fused_upsampling():
     # kUp, one thread per label pixel; the logits' strides are the low-resolution channels_last ones
     assert fwd.pattern == "hierarchical_softmax_fwd_kernelIffLb1EE" and fwd.blocks == N * H * W // 256
     assert fwd.params[2] == 1 and fwd.params[1] == (H // s, W // s, 66 * n // N, 66 * W // s, 66)
-    geom = fwd.params[-1]
+    geom = fwd.params[-3]  # then the (absent) weights and their partials
+    assert fwd.params[-2:] == [cuda_side.NO_WEIGHTS, 0]
     assert len(geom) == 88 and struct.unpack("<7q", geom[:56]) == (256, 256, H, W, 66 * n // N, 66 * 256, 66)
-    assert struct.unpack("<qf?", geom[56:69]) == (256, 0.25, False) and fin.kernel == "finish_kernel"
+    assert struct.unpack("<qf?", geom[56:69]) == (256, 0.25, False) and fin.kernel == "finish_weighted_kernel"
+    assert fin.params[3] == fwd.blocks
     assert (fwd.scalars["H"], fwd.scalars["h"], fwd.scalars["n"]) == (H, H // s, n)
     plain, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W), vistas,
                                   0.0)
-    assert plain.pattern.endswith("Lb0EE") and plain.params[-1] is None
+    assert plain.pattern.endswith("Lb0EE") and plain.params[-3] is None
     # NCHW at the labels' size: the V-pixel kernel, which never upsamples; upsampled NCHW: the kUp kernel
     lanes, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0)
     assert lanes.kernel == "hierarchical_softmax_fwd_lanes_kernel" and lanes.blocks == N * H * W // 4 // 256
@@ -399,7 +401,7 @@ def test_cuda_launches_of_the_fused_upsampling():
     # the gathering backwards: one thread per low-resolution pixel
     (hb,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
     assert (hb.kernel, hb.blocks, hb.threads, len(hb.params), hb.params[5]) == \
-        ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 17, n)
+        ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 18, n)
     (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 18, N * 128 * 128)
     assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
@@ -448,7 +450,7 @@ def test_cuda_launches_match_the_host_rules():
                                  0.0)
     assert (fwd.kernel, fwd.blocks, fwd.threads, fwd.dynamic_smem) == (
         "hierarchical_softmax_fwd_lanes_kernel", P // 4 // 256, 256, 66 * 16)
-    assert fin.params[2] == fwd.blocks
+    assert (fin.kernel, fin.params[3]) == ("finish_weighted_kernel", fwd.blocks)
     assert (hbwd.kernel, hbwd.blocks, hbwd.threads, hbwd.dynamic_smem) == (
         "hierarchical_softmax_bwd_lanes_kernel", P // 8 // 256, 256, 66 * 16)
     cl, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (8, 66, 1024, 1024),
