@@ -259,6 +259,25 @@ def test_compile_fullgraph_with_weights(path):
                          class_weight=cw, pixel_weight=pw, upsample=upsample)
 
 
+def test_weights_that_require_grad_get_their_gradient():
+    """The kernels give the weights no gradient: weights that require one take the composition (the
+    unweighted kernels, then reference.weigh_loss), so their gradients equal the reference backend's."""
+    H.require("native", "cpu")
+    tree = trees.load("cityscapes")
+    x, y = H.inputs(tree, LOSS, (2, 5, 6), torch.float64)
+    cw, pw = _weights(tree, y, torch.float64)
+    grads = []
+    for backend in ("native", "reference"):
+        c, p, a = cw.clone().requires_grad_(), pw.clone().requires_grad_(), x.clone().requires_grad_()
+        out = hss_kernels.hierarchical_softmax_loss(a, y, tree, class_weight=c, pixel_weight=p, backend=backend)
+        grads.append(torch.autograd.grad(out, (a, c, p)))
+    for g, want in zip(*grads):
+        torch.testing.assert_close(g, want)
+    c, p = cw.clone().requires_grad_(), pw.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, p: hss_kernels.hierarchical_softmax_loss(
+        x, y, tree, class_weight=c, pixel_weight=p, reduction="sum", backend="native"), (c, p))
+
+
 def test_ops_reject_bad_weights():
     """The ops called directly: a pixel_weight or class_weight of the wrong dtype, shape or device is a
     clear error, never an out-of-bounds read."""
