@@ -161,3 +161,32 @@ def test_offsets_past_2_31(backend, device, pixel, monkeypatch):
         assert torch.equal(got, hss_kernels.decode(compact, tree, "sigmoid", "mean", backend=backend))
         assert_decodes_like_reference(got, compact, tree, "sigmoid", "mean")
         del view
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("pixel", [False, True])
+def test_inf_is_not_nan(backend, device, pixel, monkeypatch):
+    """±inf logits are not NaN (the kernels flag NaN through NaN-propagating maxima, which ±inf never make
+    NaN, not even where +inf - +inf makes a softmax score NaN): no pixel gets ignore_index; the sigmoid's labels
+    are the reference's, and every activation's the same in the one-pixel layouts."""
+    if pixel:
+        if backend != "native" or device != "cpu":
+            pytest.skip("HSS_CPU_PIXEL_PATH is the native CPU's")
+        monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
+    tree = trees.load("helen")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = random_logits(tree.num_nodes, (2, 4, 8), dtype)
+        r = torch.rand(x.shape)
+        x = torch.where(r < 0.05, float("inf"), torch.where(r > 0.95, float("-inf"), x.float())).to(dtype)
+        x[0, :, 0, 0] = float("inf")
+        x[0, :, 0, 1] = float("-inf")
+        x = x.to(device)
+        for activation in ACTIVATIONS:
+            for score in SCORES:
+                got = hss_kernels.decode(x, tree, activation, score, backend=backend, ignore_index=-1)
+                assert not bool((got == -1).any())
+                if activation == "sigmoid":
+                    assert_decodes_like_reference(got, x, tree, activation, score, -1)
+                for v in one_pixel_layouts(x):
+                    assert torch.equal(hss_kernels.decode(v, tree, activation, score, backend=backend,
+                                                          ignore_index=-1), got)

@@ -217,7 +217,7 @@ void decode_lanes(const float* x, int64_t ld, int64_t n, int64_t C, const decode
       lanes.load(nodes[i].x, xv);
       decode_math::walk_step_lanes<V>(xv, nodes[i], LocalRunLanes<V>{run}, act, m, score, ordered, best);
     }
-    for (int k = 0; k < lanes.n; ++k) y[q0 + k] = decode_math::lane_label(best, k, ignore_index);
+    for (int k = 0; k < lanes.n; ++k) y[q0 + k] = decode_math::lane_label(best, m, act, k, ignore_index);
   }
 }
 

@@ -109,10 +109,11 @@ constexpr int kLaneChunk = 256;    // walk nodes in shared memory at a time (4 K
 template <typename T>
 constexpr int lanes_of() { return static_cast<int>(16 / sizeof(T)); }
 
-// V neighbouring pixels' logits at walk offset o (channel * sC) from p: one 16-byte load.
+// V neighbouring pixels' logits at walk offset o from p, in bytes (the lanes' walk offsets are channel *
+// sC * sizeof(T): one add per address): one 16-byte load.
 template <typename T, int V>
 struct LaneLogits {
-  const T* p;
+  const char* p;
   __device__ void load(int64_t o, float (&z)[V]) const {
     const uint4 q = __ldg(reinterpret_cast<const uint4*>(p + o));  // sm90: logits
     T t[V];
@@ -145,53 +146,55 @@ struct SharedRunLanes {
 };
 
 // groups = P / V. Threads past the last group walk the last group too (every thread takes part in the
-// block's syncs) and write nothing. The next node's logits are loaded before the current node's step,
-// two loads in flight per thread.
+// block's syncs) and write nothing. The logits are loaded one node ahead of the step (two loads in flight
+// per thread; the chunk's table ends with a stand-in node, read only to be loaded from), the loop body
+// two nodes long so that the two logit buffers swap roles without copies.
 template <typename T, int kAct, bool kOrdered, bool kMean>
 __global__ void __launch_bounds__(kLaneThreads)
     decode_lanes_kernel(const T* __restrict__ x, const int32_t* __restrict__ walk, int64_t* __restrict__ out,
                         int64_t groups, int64_t HW, int64_t C, int64_t sn, int64_t sc, int64_t ignore_index) {
   constexpr int V = lanes_of<T>();
   static_assert(V % 4 == 0, "the lanes' running scores are float4s");
-  __shared__ decode_math::WalkNode nodes[kLaneChunk];
+  __shared__ decode_math::WalkNode nodes[kLaneChunk + 1];
   __shared__ float4 runs[(kMaxDepth + 1) * (V / 4) * kLaneThreads];
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kLaneThreads + threadIdx.x;
   const int64_t i0 = (g < groups ? g : groups - 1) * V;
   const int64_t n = i0 / HW;
-  const LaneLogits<T, V> px{x + n * sn + (i0 - n * HW)};
+  const LaneLogits<T, V> px{reinterpret_cast<const char*>(x + n * sn + (i0 - n * HW))};
+  const int64_t sb = sc * static_cast<int64_t>(sizeof(T));  // the channel stride in bytes
   const SharedRunLanes<V> run{runs + threadIdx.x};
   float zero[V];
   HSS_UNROLL
   for (int k = 0; k < V; ++k) zero[k] = 0.f;
   run.store(0, zero);  // depth 0, the root: never stored again
   float m[V];
-  decode_math::softmax_max_lanes<V>(px, C, sc, kAct, m);
+  decode_math::softmax_max_lanes<V>(px, C, sb, kAct, m);
   decode_math::LaneBest<float, V> best;
   decode_math::lanes_start(best);
   const int64_t score = kMean ? decode_math::kMean : decode_math::kSum;
   for (int64_t c0 = 0; c0 < C; c0 += kLaneChunk) {  // sm90: trips=cdiv(C, 256)
     const int k = static_cast<int>(C - c0 < kLaneChunk ? C - c0 : kLaneChunk);
     __syncthreads();  // the previous chunk's readers are done
-    for (int i = threadIdx.x; i < k; i += kLaneThreads)  // sm90: trips=cdiv(min(C, 256), threads)
-      nodes[i] = decode_math::walk_node(walk, C, c0 + i, C, sc);
+    for (int i = threadIdx.x; i <= k; i += kLaneThreads)  // sm90: trips=cdiv(min(C, 256) + 1, threads)
+      nodes[i] = i < k ? decode_math::walk_node(walk, C, c0 + i, C, sb) : decode_math::WalkNode{0, 1, -1};
     __syncthreads();
-    float xv[V];
-    px.load(nodes[0].x, xv);
-#pragma unroll 1  // one node per iteration (the loads are one node ahead)
-    for (int i = 0; i < k; ++i) {  // sm90: trips=min(C, 256)
-      const decode_math::WalkNode v = nodes[i];
-      float xn[V];
-      px.load(nodes[i + 1 < k ? i + 1 : i].x, xn);
-      decode_math::walk_step_lanes<V>(xv, v, run, kAct, m, score, kOrdered, best);
-      HSS_UNROLL
-      for (int q = 0; q < V; ++q) xv[q] = xn[q];
+    float xa[V], xb[V];
+    px.load(nodes[0].x, xa);
+#pragma unroll 1  // two nodes per iteration (the loads are one node ahead)
+    for (int i = 0; i < k; i += 2) {  // sm90: trips=cdiv(min(C, 256), 2)
+      px.load(nodes[i + 1].x, xb);
+      decode_math::walk_step_lanes<V>(xa, nodes[i], run, kAct, m, score, kOrdered, best);
+      if (i + 1 == k) break;
+      px.load(nodes[i + 2].x, xa);
+      decode_math::walk_step_lanes<V>(xb, nodes[i + 1], run, kAct, m, score, kOrdered, best);
     }
   }
   if (g >= groups) return;
   HSS_UNROLL
   for (int k = 0; k < V; k += 2)  // out + i0 is 16-byte aligned (V even, out aligned)
-    *reinterpret_cast<longlong2*>(out + i0 + k) = make_longlong2(decode_math::lane_label(best, k, ignore_index),
-                                                                 decode_math::lane_label(best, k + 1, ignore_index));
+    *reinterpret_cast<longlong2*>(out + i0 + k) =
+        make_longlong2(decode_math::lane_label(best, m, kAct, k, ignore_index),
+                       decode_math::lane_label(best, m, kAct, k + 1, ignore_index));
 }
 
 template <typename scalar_t, int kAct, bool kOrdered, bool kMean>

@@ -182,19 +182,24 @@ HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, const WalkNod
 // or the channel times the channel stride). Run, the lanes' running scores: run.load(d, s) and
 // run.store(d, s) for depth d in [0, kMaxDepth], depth 0 (the root) holding zeros, never stored.
 
-// float: the NaN-propagating max (GPU: max.NaN, one instruction), so that f = nan_max(f, x) over the
-// logits a lane reads is NaN exactly when one of them is; only NaN-ness matters.
+// The NaN rule without a test per logit where the activation lets a NaN through to a number the walk
+// keeps anyway (docs/MATH.md §4.3): the softmax's shift m is a NaN-propagating max of the lane's logits,
+// NaN exactly when one is (±inf are not NaN); a NaN logit's sigmoid is NaN, so the path score of every
+// leaf at or below its node (a node of a tree has one; ±inf logits have sigmoids 0 and 1, never NaN), and
+// the best score is then a NaN-propagating max of the leaf scores. The identity (leaf logits) keeps a
+// NaN-propagating max of the logits of its own. One max.NaN instruction each on the GPU, which replaces the
+// select of the best score (the values are the same: a leaf is taken only with a score >= the best).
 HSS_HOST_DEVICE inline float nan_max(float a, float b) {
 #ifdef __CUDA_ARCH__
   float r;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
 #else
-  return b != b ? b : a;
+  return a != a ? a : (b != b ? b : (b > a ? b : a));
 #endif
 }
 
-// The best leaf of each lane so far, and `nan`, the NaN-propagating max of the logits read (0 at first).
+// The best leaf of each lane so far; `nan`, the NaN-propagating max of the logits read (kIdentity only).
 template <typename A, int V>
 struct LaneBest {
   A score[V];
@@ -212,7 +217,8 @@ HSS_HOST_DEVICE inline void lanes_start(LaneBest<A, V>& best) {
   }
 }
 
-// The lanes' softmax shifts m[k] over the C channels (walk offsets c * sc); 0 for the other activations.
+// The lanes' softmax shifts m[k] over the C channels (walk offsets c * sc), NaN-propagating; 0 for the
+// other activations.
 template <int V, typename A, typename X>
 HSS_HOST_DEVICE inline void softmax_max_lanes(const X& x, int64_t C, int64_t sc, int64_t act, A (&m)[V]) {
   HSS_UNROLL
@@ -222,7 +228,7 @@ HSS_HOST_DEVICE inline void softmax_max_lanes(const X& x, int64_t C, int64_t sc,
     A z[V];
     x.load(c * sc, z);
     HSS_UNROLL
-    for (int k = 0; k < V; ++k) m[k] = z[k] > m[k] ? z[k] : m[k];
+    for (int k = 0; k < V; ++k) m[k] = nan_max(m[k], z[k]);
   }
 }
 
@@ -235,7 +241,7 @@ HSS_HOST_DEVICE inline void walk_step_lanes(const A (&xv)[V], const WalkNode& v,
   run.load(v.depth - 1, s);
   HSS_UNROLL
   for (int k = 0; k < V; ++k) {
-    best.nan[k] = nan_max(best.nan[k], xv[k]);
+    if (act == kIdentity) best.nan[k] = nan_max(best.nan[k], xv[k]);
     s[k] = s[k] + activate<A>(xv[k], act, m[k]);
   }
   if (v.leaf < 0) {  // the same node in every lane
@@ -247,15 +253,17 @@ HSS_HOST_DEVICE inline void walk_step_lanes(const A (&xv)[V], const WalkNode& v,
   for (int k = 0; k < V; ++k) {
     const A t = score == kMean ? s[k] * r : s[k];
     const bool take = t > best.score[k] || (!ordered && t == best.score[k] && v.leaf < best.leaf[k]);
-    best.score[k] = take ? t : best.score[k];
+    best.score[k] = act == kSigmoid ? nan_max(best.score[k], t) : (take ? t : best.score[k]);
     best.leaf[k] = take ? v.leaf : best.leaf[k];
   }
 }
 
-// Lane k's label: its best leaf, or ignore_index if it read a NaN.
+// Lane k's label: its best leaf, or ignore_index if it read a NaN (see nan_max).
 template <typename A, int V>
-HSS_HOST_DEVICE inline int64_t lane_label(const LaneBest<A, V>& best, int k, int64_t ignore_index) {
-  return best.nan[k] != best.nan[k] ? ignore_index : static_cast<int64_t>(best.leaf[k]);
+HSS_HOST_DEVICE inline int64_t lane_label(const LaneBest<A, V>& best, const A (&m)[V], int64_t act, int k,
+                                          int64_t ignore_index) {
+  const A f = act == kSoftmax ? m[k] : act == kSigmoid ? best.score[k] : best.nan[k];
+  return f != f ? ignore_index : static_cast<int64_t>(best.leaf[k]);
 }
 
 // Whether the lanes can read an (N, C, H, W) tensor of elem_size-byte values at `data` (sizes and
