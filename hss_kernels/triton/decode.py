@@ -84,10 +84,12 @@ def _decode_kernel(
     # (-1: an internal node). ORDERED: the leaf ids increase along the pre-order, so a strict > keeps the
     # lowest id of a tie; else a tie compares the ids.
     # The output is (N, H, W) contiguous: pixel p is at p, whatever the logits' layout. IGNORE: the label of a
-    # pixel with a NaN among its V logits. Each is read once by the walk, and a NaN logit makes its node's
-    # activation NaN, so the path score of every leaf at or below the node (there is one): `best` is a
-    # NaN-propagating max of the leaf scores, NaN at the end exactly when the pixel read a NaN (no per-channel
-    # test).
+    # pixel with a NaN among its V logits, flagged without a test per channel: the softmax's max `m` is
+    # NaN-propagating, NaN exactly when a logit is (±inf are not NaN); with the sigmoid (or the identity of
+    # leaf logits, a flat walk) a NaN logit makes its node's activation NaN, so the path score of every leaf
+    # at or below the node (there is one; ±inf logits have finite sigmoids), and `best` is a NaN-propagating
+    # max of the leaf scores. (The softmax's leaf scores may be NaN without a NaN logit, +inf - +inf: there
+    # `best` keeps the select, as the native kernels do.)
     # UPSAMPLE (1-D grid): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
     # stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables of the hierarchical softmax's
     # fused forward; docs/MATH.md §6.4).
@@ -121,8 +123,8 @@ def _decode_kernel(
             xs = T.unpack(tl.where((c < V)[None, :], t, float("-inf")), G)
             gm = xs[0]
             for i in tl.static_range(1, G):
-                gm = tl.maximum(gm, xs[i])
-            m_new = tl.maximum(m, gm)
+                gm = tl.maximum(gm, xs[i], propagate_nan=tl.PropagateNan.ALL)
+            m_new = tl.maximum(m, gm, propagate_nan=tl.PropagateNan.ALL)
             s = zero
             for i in tl.static_range(G):
                 s += _common.exp2((xs[i] - m_new) * LOG2E, FAST)
@@ -165,9 +167,16 @@ def _decode_kernel(
                 take = s > best
             else:
                 take = (s > best) | ((s == best) & (best_l > LID[i]))
-            best = tl.maximum(best, s, propagate_nan=tl.PropagateNan.ALL)  # where(take, s, best), or NaN
+            if ACT == 1:
+                best = tl.where(take, s, best)
+            else:  # the same value as the select, or NaN
+                best = tl.maximum(best, s, propagate_nan=tl.PropagateNan.ALL)
             best_l = tl.where(take, LID[i], best_l)
-    lab = tl.where(best != best, tl.zeros([BLOCK_P], dtype=tl.int64) + IGNORE, best_l.to(tl.int64))
+    if ACT == 1:
+        bad = m != m
+    else:
+        bad = best != best
+    lab = tl.where(bad, tl.zeros([BLOCK_P], dtype=tl.int64) + IGNORE, best_l.to(tl.int64))
     tl.store(out_ptr + p, lab, mask=pmask)
 
 
