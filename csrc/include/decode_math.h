@@ -190,7 +190,7 @@ HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, const WalkNod
 // NaN-propagating max of the logits of its own. One max.NaN instruction each on the GPU, which replaces the
 // select of the best score (the values are the same: a leaf is taken only with a score >= the best).
 HSS_HOST_DEVICE inline float nan_max(float a, float b) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // max.NaN: sm_80 on
   float r;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
