@@ -457,14 +457,20 @@ def test_cuda_launches_match_the_host_rules():
                                vistas, 0.0)
     assert (cl.kernel, cl.blocks, cl.threads, cl.dynamic_smem) == ("hierarchical_softmax_fwd_kernel", P // 256, 256,
                                                                     66 * 32)
-    # decode: the kernel instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
-    # (vistas), the sum score and no upsampling, 13 parameters (x, walk, out, total, HW, W, C, four strides,
-    # ignore_index, the upsampling geometry)
+    # decode: the kernels instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
+    # (vistas), the sum score. NCHW without upsampling: the lanes, V = 16 / element size pixels a thread, 128
+    # threads a block, 9 parameters (x, walk, out, groups, HW, C, sN, sC, ignore_index); channels_last: one
+    # pixel a thread, 13 parameters (x, walk, out, total, HW, W, C, four strides, ignore_index, the upsampling
+    # geometry)
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), tree, 0.0)
+    assert (dec.pattern, dec.threads, dec.blocks, dec.dynamic_smem, len(dec.params)) == (
+        "decode_lanes_kernelIfLi0ELb1ELb0EE", 128, P // 4 // 128, 0, 9)
+    assert dec.params[3:8] == [P // 4, 1024 * 1024, 147, 147 * 1024 * 1024, 1024 * 1024]
+    (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "nchw", (8, 80, 64, 64), trees.load("vistas"), 0.0)
+    assert (dec.pattern, dec.blocks) == ("decode_lanes_kernelIN3c108BFloat16ELi0ELb0ELb0EE", 8 * 64 * 64 // 8 // 128)
+    (dec,) = cuda_side.launches("decode", "forward", "float32", "channels_last", (8, 147, 1024, 1024), tree, 0.0)
     assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb0EE", 256,
                                                                              0, 13)
-    (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "nchw", (8, 80, 64, 64), trees.load("vistas"), 0.0)
-    assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0ELb0EE"
 
 
 def _need_triton_sm90_tools():

@@ -321,6 +321,15 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         # in static shared memory
         leaves = [tree.channel_labels[c] for c in tree.dfs_order if tree.channel_labels[c] >= 0]
         ordered = "Lb1E" if leaves == sorted(leaves) else "Lb0E"
+        if up == 1 and layout == "nchw":
+            # decode_lanes_kernel<scalar_t, kAct, kOrdered, kMean>: V = 16 / sizeof(T) pixels per thread,
+            # 128 threads per block (kLaneThreads), on the layouts decode_math::lanes_layout accepts
+            # (contiguous planes, H*W and the strides multiples of V, 16-byte aligned); static shared memory
+            lanes = 16 // _DT[dtype][1]
+            groups = P // lanes
+            return [CudaLaunch("decode", "decode_lanes_kernel", T + "Li0E" + ordered + "Lb0E", -(-groups // 128),
+                               128, [None, None, None, groups, H * W, C, xs[0], xs[1], ignore],
+                               {"P": P, "C": C, "L": L, "D": D, **sizes})]
         return [CudaLaunch("decode", "decode_kernel", T + "Li0E" + ordered + "Lb0E" + kup, nb, THREADS,
                            [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3], ignore, ug],
                            {"P": P, "C": C, "L": L, "D": D, **sizes})]
