@@ -8,12 +8,17 @@
 // gradient row NaN (docs/MATH.md §5.3).
 //
 // hierarchical_softmax_fwd(logits (N, L, H, W), target (N, H, W) int64, leaf_group (D, L) int32,
-//                          level_weights (D,), eps, ignore_index, per_pixel)
-//   -> loss: (N, H, W) per pixel (0 where ignored) if per_pixel, else the 0-dim sum,
-//      stats: (D + 1, N, H, W) lse and lse_1..lse_D, what the backward needs,
-//      count: 0-dim int64, the number of non-ignored pixels.
+//                          level_weights (D,), eps, ignore_index, per_pixel, upsample, align_corners,
+//                          class_weight (L,) or None, pixel_weight (N, H, W) any strides or None)
+//   -> loss: (N, H, W) per pixel (0 where ignored) if per_pixel, else the 0-dim sum, each labelled
+//            pixel's loss times its weight cw[y] * pw[i] (docs/MATH.md §6.6; a missing one reads as 1),
+//      stats: (D + 1, N, H, W) lse and lse_1..lse_D, what the backward needs (unweighted),
+//      count: 0-dim int64, the number of non-ignored pixels,
+//      weight_sum: 0-dim, the sum of cw[y] over the labelled pixels (the count without class_weight).
 // hierarchical_softmax_bwd(grad (0-dim or (N, H, W), any strides), logits, target, stats, leaf_group,
-//                          level_weights, eps, ignore_index) -> grad_logits.
+//                          level_weights, eps, ignore_index, upsample, align_corners, class_weight,
+//                          pixel_weight) -> grad_logits (a labelled pixel's grad times its weight).
+// The weights are of the accumulation dtype, on the logits' device.
 //
 // tree_min_fwd / tree_min_bwd: the focal tree-min loss (extrema = true) and the multi-label tree BCE
 // (extrema = false), one kernel family.
@@ -63,9 +68,11 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(hss_kernels, m) {
   m.def("hierarchical_softmax_fwd(Tensor logits, Tensor target, Tensor leaf_group, Tensor level_weights, "
-        "float eps, int ignore_index, bool per_pixel, int upsample=0, bool align_corners=False) -> (Tensor, Tensor, Tensor)");
+        "float eps, int ignore_index, bool per_pixel, int upsample=0, bool align_corners=False, "
+        "Tensor? class_weight=None, Tensor? pixel_weight=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("hierarchical_softmax_bwd(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor leaf_group, "
-        "Tensor level_weights, float eps, int ignore_index, int upsample=0, bool align_corners=False) -> Tensor");
+        "Tensor level_weights, float eps, int ignore_index, int upsample=0, bool align_corners=False, "
+        "Tensor? class_weight=None, Tensor? pixel_weight=None) -> Tensor");
   m.def("tree_min_fwd(Tensor logits, Tensor target, Tensor tree_index, Tensor node_weights, int num_leaves, "
         "int depth, float gamma, float eps, int ignore_index, bool per_pixel, bool extrema, int upsample=0, "
         "bool align_corners=False, Tensor? class_weight=None, Tensor? pixel_weight=None) -> (Tensor, Tensor, Tensor)");

@@ -11,8 +11,8 @@ Weights: ``class_weight`` (one per leaf, by label id) and ``pixel_weight`` (the 
 pixel's loss; ``"mean"`` then divides by the sum of the labelled pixels' class weights (as
 ``F.cross_entropy(weight=...)``) or their number (``hss_kernels.reference.weigh_loss``, docs/MATH.md §6.6).
 Backends whose losses are marked ``takes_weights`` fuse them into their kernels (one more read per pixel
-at most): the native ``tree_min_loss`` and ``tree_bce_loss`` (CPU and CUDA); the others' per-pixel losses
-are weighted by ``reference.weigh_loss``.
+at most): every loss of the Triton and native backends (the native ones on CPU and CUDA; with ``upsample``
+too); the reference's per-pixel losses are weighted by ``reference.weigh_loss``.
 
 Low-resolution logits: with ``upsample="bilinear"``, the losses take logits ``(N, C, h, w)`` and a target
 ``(N, H, W)`` with ``H >= h``, ``W >= w``, and compute exactly the loss of
@@ -104,10 +104,8 @@ def _run(op, backend, logits, target, reduction, upsample=None, align_corners=Fa
     impl = resolve(op, backend, logits.device, logits.dtype)
     weighted = class_weight is not None or pixel_weight is not None
     # A backend that marks its loss ``takes_weights`` fuses the weights into its kernels; the others get
-    # them applied to their per-pixel losses here (reference.weigh_loss, the spec), and so do weights that
-    # require a gradient (the fused kernels give the weights none).
-    fused = weighted and getattr(impl, "takes_weights", False) and not any(
-        w is not None and w.requires_grad for w in (class_weight, pixel_weight))
+    # them applied to their per-pixel losses here (reference.weigh_loss, the spec).
+    fused = weighted and getattr(impl, "takes_weights", False)
     red = "none" if weighted and not fused else reduction
     if fused:
         kw.update(class_weight=class_weight, pixel_weight=pixel_weight)

@@ -95,10 +95,57 @@ def variants():
                     lambda x=xd, a=act, s=score, cl=cl: dk.decode(
                         x.contiguous(memory_format=torch.channels_last) if cl else x, big_tree, a, s, size=(1024, 1024),
                         align_corners=cl), False))
+    # Class and pixel weights fused in (HAS_CW / HAS_PW): each loss kernel's weighted variants, the node losses
+    # with the small tree.
+    out += weighted_variants(leaf_tree, small_tree)
     x, t = meta(L, torch.float32, HUGE)
     out.append(("hierarchical_softmax fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False))
     x2, t2 = meta(small_tree.num_nodes, torch.float32, (2, 16384, 8192))  # 26 channels: a taller image
     out.append(("tree_min fp32 backward, i64", lambda: OPS["tree_min_loss"](x2, t2, small_tree), True))
+    return out
+
+
+def weights(tree, t, dtype=torch.float32):
+    """Meta class weights (one per leaf) and pixel weights (the target's shape) for ``tree`` and target ``t``."""
+    return (torch.empty(tree.num_leaves, dtype=torch.float32, device="meta"),
+            torch.empty(t.shape, dtype=dtype, device="meta"))
+
+
+def weighted_variants(leaf_tree, node_tree):
+    """The weighted launches (class and pixel weights, or one of them): the hierarchical softmax forward,
+    backward, single pass (bfloat16, bfloat16 pixel weights) and upsampled forward and backward; the tree-min
+    forward, backward (per-pixel grad) and upsampled backward, the tree BCE single pass and upsampled forward."""
+    L, V = leaf_tree.num_leaves, node_tree.num_nodes
+    out = []
+    x, t = meta(L, torch.float32)
+    cw, pw = weights(leaf_tree, t)
+    xb, tb = meta(L, torch.bfloat16)
+    cwb, pwb = weights(leaf_tree, tb, torch.bfloat16)
+    xu = torch.empty((8, L, 256, 256), dtype=torch.float32, device="meta")
+    out += [("hierarchical_softmax fp32 forward, weights", lambda: hs.hierarchical_softmax_loss(
+                x, t, leaf_tree, class_weight=cw, pixel_weight=pw), False),
+            ("hierarchical_softmax fp32 backward, scalar grad, class weights", lambda: hs.hierarchical_softmax_loss(
+                x, t, leaf_tree, class_weight=cw), True),
+            ("hierarchical_softmax bf16 single pass, weights", lambda: hs.hierarchical_softmax_loss(
+                xb, tb, leaf_tree, single_pass=True, class_weight=cwb, pixel_weight=pwb), False),
+            ("hierarchical_softmax fp32 upsampled forward, weights", lambda: hs.hierarchical_softmax_loss(
+                xu, t, leaf_tree, upsample="bilinear", class_weight=cw, pixel_weight=pw), False),
+            ("hierarchical_softmax fp32 upsampled backward, per-pixel grad, weights",
+             lambda: hs.hierarchical_softmax_loss(xu, t, leaf_tree, upsample="bilinear", reduction="none",
+                                                  class_weight=cw, pixel_weight=pw), True)]
+    xn, tn = meta(V, torch.float32)
+    cwn, pwn = weights(node_tree, tn)
+    xnu = torch.empty((8, V, 256, 256), dtype=torch.float32, device="meta")
+    out += [("tree_min fp32 forward, focal, weights", lambda: tm.tree_min_loss(
+                xn, tn, node_tree, class_weight=cwn, pixel_weight=pwn), False),
+            ("tree_min fp32 backward, per-pixel grad, pixel weights", lambda: tm.tree_min_loss(
+                xn, tn, node_tree, reduction="none", pixel_weight=pwn), True),
+            ("tree_bce fp32 single pass, focal, weights", lambda: tm.tree_bce_loss(
+                xn, tn, node_tree, gamma=2.0, single_pass=True, class_weight=cwn, pixel_weight=pwn), False),
+            ("tree_bce fp32 upsampled forward, class weights", lambda: tm.tree_bce_loss(
+                xnu, tn, node_tree, upsample="bilinear", class_weight=cwn), False),
+            ("tree_min fp32 upsampled backward, scalar grad, weights", lambda: tm.tree_min_loss(
+                xnu, tn, node_tree, upsample="bilinear", class_weight=cwn, pixel_weight=pwn), True)]
     return out
 
 

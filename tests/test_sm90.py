@@ -385,13 +385,15 @@ def test_cuda_launches_of_the_fused_upsampling():
     # kUp, one thread per label pixel; the logits' strides are the low-resolution channels_last ones
     assert fwd.pattern == "hierarchical_softmax_fwd_kernelIffLb1EE" and fwd.blocks == N * H * W // 256
     assert fwd.params[2] == 1 and fwd.params[1] == (H // s, W // s, 66 * n // N, 66 * W // s, 66)
-    geom = fwd.params[-1]
+    geom = fwd.params[-3]  # then the (absent) weights and their partials
+    assert fwd.params[-2:] == [cuda_side.NO_WEIGHTS, 0]
     assert len(geom) == 88 and struct.unpack("<7q", geom[:56]) == (256, 256, H, W, 66 * n // N, 66 * 256, 66)
-    assert struct.unpack("<qf?", geom[56:69]) == (256, 0.25, False) and fin.kernel == "finish_kernel"
+    assert struct.unpack("<qf?", geom[56:69]) == (256, 0.25, False) and fin.kernel == "finish_weighted_kernel"
+    assert fin.params[3] == fwd.blocks
     assert (fwd.scalars["H"], fwd.scalars["h"], fwd.scalars["n"]) == (H, H // s, n)
     plain, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W), vistas,
                                   0.0)
-    assert plain.pattern.endswith("Lb0EE") and plain.params[-1] is None
+    assert plain.pattern.endswith("Lb0EE") and plain.params[-3] is None
     # NCHW at the labels' size: the V-pixel kernel, which never upsamples; upsampled NCHW: the kUp kernel
     lanes, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0)
     assert lanes.kernel == "hierarchical_softmax_fwd_lanes_kernel" and lanes.blocks == N * H * W // 4 // 256
@@ -400,7 +402,7 @@ def test_cuda_launches_of_the_fused_upsampling():
     # the gathering backwards: one thread per low-resolution pixel
     (hb,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
     assert (hb.kernel, hb.blocks, hb.threads, len(hb.params), hb.params[5]) == \
-        ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 17, n)
+        ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 18, n)
     (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 19, N * 128 * 128)
     assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
@@ -451,21 +453,27 @@ def test_cuda_launches_match_the_host_rules():
                                  0.0)
     assert (fwd.kernel, fwd.blocks, fwd.threads, fwd.dynamic_smem) == (
         "hierarchical_softmax_fwd_lanes_kernel", P // 4 // 256, 256, 66 * 16)
-    assert fin.params[2] == fwd.blocks
+    assert (fin.kernel, fin.params[3]) == ("finish_weighted_kernel", fwd.blocks)
     assert (hbwd.kernel, hbwd.blocks, hbwd.threads, hbwd.dynamic_smem) == (
         "hierarchical_softmax_bwd_lanes_kernel", P // 8 // 256, 256, 66 * 16)
     cl, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (8, 66, 1024, 1024),
                                vistas, 0.0)
     assert (cl.kernel, cl.blocks, cl.threads, cl.dynamic_smem) == ("hierarchical_softmax_fwd_kernel", P // 256, 256,
                                                                     66 * 32)
-    # decode: the kernel instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
-    # (vistas), the sum score and no upsampling, 13 parameters (x, walk, out, total, HW, W, C, four strides,
-    # ignore_index, the upsampling geometry)
+    # decode: the kernels instantiated for the sigmoid, a walk whose leaf ids increase (vistas_v2) or not
+    # (vistas), the sum score. NCHW without upsampling: the lanes, V = 16 / element size pixels a thread, 128
+    # threads a block, 9 parameters (x, walk, out, groups, HW, C, sN, sC, ignore_index); channels_last: one
+    # pixel a thread, 13 parameters (x, walk, out, total, HW, W, C, four strides, ignore_index, the upsampling
+    # geometry)
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (8, 147, 1024, 1024), tree, 0.0)
+    assert (dec.pattern, dec.threads, dec.blocks, dec.dynamic_smem, len(dec.params)) == (
+        "decode_lanes_kernelIfLi0ELb1ELb0EE", 128, P // 4 // 128, 0, 9)
+    assert dec.params[3:8] == [P // 4, 1024 * 1024, 147, 147 * 1024 * 1024, 1024 * 1024]
+    (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "nchw", (8, 80, 64, 64), trees.load("vistas"), 0.0)
+    assert (dec.pattern, dec.blocks) == ("decode_lanes_kernelIN3c108BFloat16ELi0ELb0ELb0EE", 8 * 64 * 64 // 8 // 128)
+    (dec,) = cuda_side.launches("decode", "forward", "float32", "channels_last", (8, 147, 1024, 1024), tree, 0.0)
     assert (dec.pattern, dec.threads, dec.dynamic_smem, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb0EE", 256,
                                                                              0, 13)
-    (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "nchw", (8, 80, 64, 64), trees.load("vistas"), 0.0)
-    assert dec.pattern == "decode_kernelIN3c108BFloat16ELi0ELb0ELb0ELb0EE"
 
 
 def _need_triton_sm90_tools():
@@ -549,3 +557,40 @@ def test_update_replaces_only_the_selected_rows(tmp_path):
     assert not_fused == {"decode cuda forward": "kept"}
     with pytest.raises(SystemExit, match="--update needs"):
         cli._updated(argparse.Namespace(**{**vars(args), "out": tmp_path / "none"}), fresh, {})
+
+
+def test_weights_option_models_the_fused_weights(tmp_path):
+    """--weights: the loss rows' calls pass class_weight / pixel_weight (one per leaf, the target's shape), the
+    floor counts a float32 pixel weight per pixel, the parser refuses it for CUDA rows and with --update; end to
+    end (with ptxas/nvdisasm), the weighted Triton hierarchical softmax backward compiles its HAS_CW / HAS_PW
+    variant."""
+    from benchmarks.sm90 import __main__ as cli, triton_side
+
+    P, C, D = 10, 66, 3
+    for op, pass_ in model.FLOOR_FORMULAS:
+        plain = model.floor_bytes(op, pass_, P, C, 4, D)
+        assert model.floor_bytes(op, pass_, P, C, 4, D, 1, "class") == plain
+        assert model.floor_bytes(op, pass_, P, C, 4, D, 1, "class+pixel") == plain + (4 * P if op != "decode" else 0)
+        assert ("pixel weights" in model.floor_formula(op, pass_, 1, "pixel")) == (op != "decode")
+    calls = []
+
+    def fake(*a, **k):
+        calls.append((a, k))
+    fake.takes_weights = True
+    tree = trees.load("cityscapes")
+    x, t = object(), torch.empty(2, 12, 16, device="meta")
+    triton_side._call("tree_min", fake, x, t, tree, False, "class+pixel")
+    triton_side._call("decode", fake, x, t, tree, False, "class+pixel")
+    (a, k), (a2, k2) = calls
+    assert k["class_weight"].shape == (tree.num_leaves,) and k["pixel_weight"].shape == t.shape and k2 == {}
+    with pytest.raises(model.NotFused, match="weights"):
+        triton_side._call("tree_min", lambda *a, **k: None, x, t, tree, False, "pixel")
+    for argv in (["--weights", "pixel"], ["--weights", "pixel", "--backend", "triton", "--update"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv + ["--no-write"])
+    _need_triton_sm90_tools()
+    ctx = model.Context(tmp_path, log=lambda m: None, weights="class+pixel")
+    row = ctx.triton_row("hierarchical_softmax", "float32", "backward", "nchw").as_dict()
+    plain = model.floor_bytes("hierarchical_softmax", "backward", 8 * 2 ** 20, 66, 4, trees.load("vistas").depth)
+    assert row["weights"] == "class+pixel" and row["floor_bytes"] == plain + 4 * 8 * 2 ** 20
+    assert row["kernels"][0]["launch"]["HAS_CW"] is True and row["kernels"][0]["launch"]["HAS_PW"] is True

@@ -518,7 +518,7 @@ def test_triton_opcheck(triton_hs):
         group, w = triton_hs._tables(tree, [1.0, 0.5, 2.0], H.acc_dtype(xv.dtype), "cpu")
         args = (xv.clone().requires_grad_(), y, group, w, eps, 255, reduction, k == 1)
         torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_up_fwd.default, args)
-        loss, stats, count = torch.ops.hss_triton.hierarchical_softmax_up_fwd(*args)
+        loss, stats, count, _ = torch.ops.hss_triton.hierarchical_softmax_up_fwd(*args)
         go = torch.randn(loss.shape, dtype=loss.dtype)
         if reduction == "none":
             go = go[:, :1].expand(loss.shape)
@@ -730,7 +730,7 @@ def test_triton_node_opcheck(triton_node):
         kw = tables.node_weight_vector(tree, 1.0, "level", H.acc_dtype(xv.dtype), "cpu")
         args = (xv.clone().requires_grad_(), y, tab, kw, sizes, 2.0, 0.0, 255, reduction, use_extrema, k == 1)
         torch.library.opcheck(torch.ops.hss_triton.tree_min_up_fwd.default, args)
-        loss, count = torch.ops.hss_triton.tree_min_up_fwd(*args)
+        loss, count, _ = torch.ops.hss_triton.tree_min_up_fwd(*args)
         go = torch.randn(loss.shape, dtype=loss.dtype)
         if reduction == "none":
             go = go[:, :1].expand(loss.shape)
@@ -820,9 +820,13 @@ def test_opcheck(native, dtype):
     for per_pixel in (False, True):
         args = (x.clone().requires_grad_(), y, group, w, 0.0, 255, per_pixel, 1, True)
         torch.library.opcheck(ops.hierarchical_softmax_fwd.default, args)
-        loss, stats, _ = ops.hierarchical_softmax_fwd(*args)
+        loss, stats, _, _ = ops.hierarchical_softmax_fwd(*args)
         torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
                               (torch.randn_like(loss), x, y, stats.detach(), group, w, 0.0, 255, 1, True))
+        cw, pw = torch.rand(tree.num_leaves, dtype=dtype), torch.rand(y.shape, dtype=dtype)  # the weights
+        torch.library.opcheck(ops.hierarchical_softmax_fwd.default, args + (cw, pw))
+        torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
+                              (torch.randn_like(loss), x, y, stats.detach(), group, w, 0.0, 255, 1, True, cw, pw))
     xn, yn = _inputs(tree, "tree_min_loss", (2, 3, 4, 7, 9), dtype)
     k, idx = torch.rand(tree.num_nodes, dtype=dtype), tree_index(tree, "cpu")
     for per_pixel in (False, True):

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "s > 1, logits at 1/s of it in each axis (B, C, 1024/s, 1024/s) through "
                         "upsample=\"bilinear\", modelled for the kernels that fuse it (the others are listed as "
                         "not fused)")
+    p.add_argument("--weights", choices=model.WEIGHTS, default="none",
+                   help="class_weight / pixel_weight the loss rows pass (default: none): model the Triton kernels "
+                        "with the weights fused in (the floor counts a float32 pixel weight per pixel); Triton "
+                        "rows only, not with --update")
     p.add_argument("--force", action="store_true", help="recompile everything (ignore the cache)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: $HSS_SM90_CACHE or "
                                                              "~/.cache/hss_kernels/sm90)")
@@ -117,12 +121,16 @@ def _updated(args, rows: List[dict], not_fused: dict):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.weights != "none" and (args.backend != ["triton"] or args.update):
+        parser.error("--weights models the Triton rows only (--backend triton), and not with --update (the rows "
+                     "of sm90.json are unweighted)")
     os.environ.pop("TRITON_INTERPRET", None)
     start = time.time()
     cache = args.cache or tools.cache_dir()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    ctx = model.Context(cache, args.force, args.unannotated, args.jobs, log, args.listing)
+    ctx = model.Context(cache, args.force, args.unannotated, args.jobs, log, args.listing, args.weights)
     rows, failures, not_fused = [], [], {}
     for op, backend, dtype, pass_, layout, up in model.selection(args.op, args.backend, args.dtype, args.passes,
                                                                  args.layout, args.upsample):

@@ -197,6 +197,11 @@ def _axis(n_in: int, n_out: int, align_corners: bool) -> bytes:
     return struct.pack("<qf?3x", n_in, scale, align_corners)
 
 
+# csrc/include/common.h PixelWeights<float> {cw, pw, PixelGeom gw} without weights (checks.h pixel_weights of
+# two absent tensors): null pointers and gw = {1, 1, 0, 0, 0}, as seven int64 (56 bytes).
+NO_WEIGHTS = (0, 0, 1, 1, 0, 0, 0)
+
+
 def upsample_geom(low_shape: Sequence[int], low_strides: Sequence[int], H: int, W: int,
                   align_corners: bool = False) -> bytes:
     """csrc/include/upsample_math.h UpsampleGeom<float>::make of (N, C, h, w) logits to (H, W): {h, w, H, W,
@@ -237,6 +242,11 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                         {"nb": nb})
     if op == "hierarchical_softmax":
         scalars = {"P": P, "L": L, "D": D, **sizes}
+
+        def finish_weighted(blocks):  # (part, cnt, wpart = null without class weights, nb, loss_sum, count, weight_sum)
+            return CudaLaunch("hierarchical_softmax", "finish_weighted_kernel", A, 1, THREADS,
+                              [None, None, 0, blocks, None, None, None], {"nb": blocks})
+
         _, size = _DT[dtype]
         lanes = 16 // size  # hierarchical_softmax.cu lanes_of<T>(): pixels per thread on the lanes path
         if up == 1 and layout == "nchw" and D <= 4:  # vec_lanes(): contiguous planes, H*W % lanes == 0, aligned
@@ -245,22 +255,21 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
             if pass_ == "forward":
                 return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_lanes_kernel", T + A, nbv, THREADS,
                                    [None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None,
-                                    None], {"P": P, "L": L, "D": D}, smem),
-                        CudaLaunch(op_source(op), "finish_kernel", A, 1, THREADS, [None, None, nbv, None, None],
-                                   {"nb": nbv})]
+                                    None, NO_WEIGHTS, 0], {"P": P, "L": L, "D": D}, smem),
+                        finish_weighted(nbv)]
             return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_lanes_kernel", T + A, nbv, THREADS,
-                               [None, gg, None, None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, None],
-                               {"P": P, "L": L, "D": D}, smem)]
+                               [None, gg, None, None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, None,
+                                NO_WEIGHTS], {"P": P, "L": L, "D": D}, smem)]
         if pass_ == "forward":
             return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + kup, nb, THREADS,
-                               [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, ug],
-                               scalars, group_smem_bytes(L)), finish]
+                               [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, ug,
+                                NO_WEIGHTS, 0], scalars, group_smem_bytes(L)), finish_weighted(nb)]
         if up > 1:  # one thread per low-resolution pixel, gathering its window (acc: float32, zeroed)
             return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_up_kernel", T + A, -(-n // THREADS),
                                THREADS, [None, gg, None, sC, ug, n, None, gt, P, L, D, None, None, eps, ignore, None,
-                                         None], scalars, group_smem_bytes(L))]
+                                         None, NO_WEIGHTS], scalars, group_smem_bytes(L))]
         return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A, nb, THREADS,
-                           [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None],
+                           [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None, NO_WEIGHTS],
                            scalars, group_smem_bytes(L))]
     if op in ("tree_min", "tree_bce"):
         extrema = op == "tree_min"
@@ -320,6 +329,15 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         # in static shared memory
         leaves = [tree.channel_labels[c] for c in tree.dfs_order if tree.channel_labels[c] >= 0]
         ordered = "Lb1E" if leaves == sorted(leaves) else "Lb0E"
+        if up == 1 and layout == "nchw":
+            # decode_lanes_kernel<scalar_t, kAct, kOrdered, kMean>: V = 16 / sizeof(T) pixels per thread,
+            # 128 threads per block (kLaneThreads), on the layouts decode_math::lanes_layout accepts
+            # (contiguous planes, H*W and the strides multiples of V, 16-byte aligned); static shared memory
+            lanes = 16 // _DT[dtype][1]
+            groups = P // lanes
+            return [CudaLaunch("decode", "decode_lanes_kernel", T + "Li0E" + ordered + "Lb0E", -(-groups // 128),
+                               128, [None, None, None, groups, H * W, C, xs[0], xs[1], ignore],
+                               {"P": P, "C": C, "L": L, "D": D, **sizes})]
         return [CudaLaunch("decode", "decode_kernel", T + "Li0E" + ordered + "Lb0E" + kup, nb, THREADS,
                            [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3], ignore, ug],
                            {"P": P, "C": C, "L": L, "D": D, **sizes})]

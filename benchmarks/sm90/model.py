@@ -38,6 +38,8 @@ PASSES = ("forward", "backward")
 LAYOUTS = ("nchw", "channels_last")
 GAMMA = {"tree_min": 2.0, "tree_bce": 0.0}  # the public API's defaults
 LABEL_BYTES = 8  # int64 labels
+WEIGHTS = ("none", "class", "pixel", "class+pixel")  # --weights: what the loss rows pass (Triton rows only)
+PIXEL_WEIGHT_BYTES = 4  # a float32 pixel_weight, read once per pixel by each pass
 
 FLOOR_FORMULAS = {
     ("hierarchical_softmax", "forward"): "P·C·b (logits) + 8·P (labels) + 4·(D+1)·P (saved statistics, written)",
@@ -71,17 +73,23 @@ class NotFused(ValueError):
     """An upsampled row (factor > 1) of a backend's op and pass that does not fuse the upsampling."""
 
 
-def floor_formula(op: str, pass_: str, up: int = 1) -> str:
-    return (UP_FLOOR_FORMULAS if up > 1 else FLOOR_FORMULAS)[(op, pass_)]
+def floor_formula(op: str, pass_: str, up: int = 1, weights: str = "none") -> str:
+    formula = (UP_FLOOR_FORMULAS if up > 1 else FLOOR_FORMULAS)[(op, pass_)]
+    if "pixel" in weights and op != "decode":
+        formula += " + 4·P (float32 pixel weights)"
+    return formula
 
 
-def floor_bytes(op: str, pass_: str, P: int, C: int, b: int, D: int, up: int = 1) -> int:
-    """The bytes a pass must move (docs/MATH.md §5.6, §6.5) for P pixels of labels and logits at 1/up of
-    their size in each axis (P / up² pixels); the loss partials are negligible and not counted."""
+def floor_bytes(op: str, pass_: str, P: int, C: int, b: int, D: int, up: int = 1, weights: str = "none") -> int:
+    """The bytes a pass must move (docs/MATH.md §5.6, §6.5, §6.6) for P pixels of labels and logits at 1/up
+    of their size in each axis (P / up² pixels), and a float32 pixel weight per pixel when ``weights`` has
+    one; the loss partials and the class weights' table are negligible and not counted."""
     logits = P // (up * up) * C * b
     if op == "decode":
         return logits + LABEL_BYTES * P
     moved = logits + LABEL_BYTES * P
+    if "pixel" in weights:
+        moved += PIXEL_WEIGHT_BYTES * P
     if op == "hierarchical_softmax":
         moved += 4 * (D + 1) * P
     if pass_ == "backward":
@@ -138,6 +146,7 @@ class Row:
     formula: str
     names: Callable = None
     up: int = 1
+    weights: str = "none"
 
     def as_dict(self) -> dict:
         main = self.kernels[0]
@@ -151,6 +160,7 @@ class Row:
         out = {
             "op": self.op, "backend": self.backend, "dtype": self.dtype, "pass": self.pass_, "layout": self.layout,
             "upsample": self.up,
+            **({"weights": self.weights} if self.weights != "none" else {}),
             "registers": res.get("REG"),
             "spill_bytes": spill,
             "shared_bytes": res.get("SHARED", 0) + main.dynamic_shared,
@@ -193,8 +203,9 @@ class Context:
     """What the rows share: annotations, trees, caches of compiled and parsed code."""
 
     def __init__(self, cache: Path, force: bool = False, unannotated: str = "error", jobs: int = 2,
-                 log: Callable[[str], None] = print, listing_dir: Optional[Path] = None):
+                 log: Callable[[str], None] = print, listing_dir: Optional[Path] = None, weights: str = "none"):
         self.cache, self.force, self.unannotated, self.jobs, self.log = cache, force, unannotated, jobs, log
+        self.weights = weights  # the loss rows' class_weight / pixel_weight (WEIGHTS; Triton rows only)
         self.listing_dir = listing_dir
         self.annotations = source.Annotations()
         self._cuda: Optional[Dict[str, tuple]] = None
@@ -238,7 +249,8 @@ class Context:
             x = x.contiguous(memory_format=torch.channels_last)
         t = torch.empty((B, H, W), dtype=torch.int64, device="meta")
         kernels = []
-        for i, launch in enumerate(triton_side.record(op, pass_, x, t, tree, upsample=up > 1)):
+        weights = self.weights if op != "decode" else "none"
+        for i, launch in enumerate(triton_side.record(op, pass_, x, t, tree, upsample=up > 1, weights=weights)):
             t0 = time.time()
             comp = triton_side.compile_launch(launch, self.cache / "triton", self.force)
             self.seconds["triton_compile"] += time.time() - t0
@@ -256,7 +268,7 @@ class Context:
             threads = comp.num_warps * 32 * launch.programs
             kernels.append(Kernel(comp.name, an.instructions, threads, threads // 32, an, res, comp.shared,
                                   {"grid": list(launch.grid), "num_warps": comp.num_warps, **launch.describe()}))
-        return self._row(op, "triton", dtype, pass_, layout, kernels, tree, C, up)
+        return self._row(op, "triton", dtype, pass_, layout, kernels, tree, C, up, weights)
 
     # --------------------------------------------------------------------------------- CUDA
     def _cuda_code(self):
@@ -304,12 +316,12 @@ class Context:
                                                         "scalars": launch.scalars}))
         return self._row(op, "cuda", dtype, pass_, layout, kernels, tree, C, up)
 
-    def _row(self, op, backend, dtype, pass_, layout, kernels, tree, C, up=1) -> Row:
+    def _row(self, op, backend, dtype, pass_, layout, kernels, tree, C, up=1, weights="none") -> Row:
         B, H, W = SHAPE
         P = B * H * W
-        nbytes = floor_bytes(op, pass_, P, C, DTYPES[dtype], tree.depth, up)
-        return Row(op, backend, dtype, pass_, layout, kernels, P, C, nbytes, floor_formula(op, pass_, up),
-                   self.annotations.name, up)
+        nbytes = floor_bytes(op, pass_, P, C, DTYPES[dtype], tree.depth, up, weights)
+        return Row(op, backend, dtype, pass_, layout, kernels, P, C, nbytes, floor_formula(op, pass_, up, weights),
+                   self.annotations.name, up, weights)
 
 
 def _tag(backend, op, dtype, pass_, layout, up, i) -> str:

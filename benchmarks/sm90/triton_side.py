@@ -151,19 +151,36 @@ def fuses_upsample(op: str) -> bool:
     return bool(getattr(pkg.OPS[OP_KEYS[op]], "takes_upsample", False))
 
 
-def _call(op: str, fn, logits: torch.Tensor, target: torch.Tensor, tree, upsample: bool):
+def weight_kwargs(weights: str, target: torch.Tensor, tree) -> Dict[str, torch.Tensor]:
+    """The ``class_weight`` / ``pixel_weight`` keywords of a loss call with ``weights`` ("none", "class",
+    "pixel", "class+pixel"): float32 tensors like ``target``'s (meta: one per leaf, the target's shape)."""
+    kw = {}
+    if weights in ("class", "class+pixel"):
+        kw["class_weight"] = torch.empty(tree.num_leaves, dtype=torch.float32, device=target.device)
+    if weights in ("pixel", "class+pixel"):
+        kw["pixel_weight"] = torch.empty(target.shape, dtype=torch.float32, device=target.device)
+    return kw
+
+
+def _call(op: str, fn, logits: torch.Tensor, target: torch.Tensor, tree, upsample: bool, weights: str = "none"):
     """The registry function's call as ``hss_kernels.functional`` makes it, default options: the losses
-    with ``upsample="bilinear"``, decode with ``size=`` the labels' (H, W), when ``upsample``."""
+    with ``upsample="bilinear"``, decode with ``size=`` the labels' (H, W), when ``upsample``; the losses with
+    ``weights`` (:func:`weight_kwargs`; decode takes none)."""
     if op == "decode":
         return fn(logits, tree, size=tuple(target.shape[-2:])) if upsample else fn(logits, tree)
-    return fn(logits, target, tree, upsample="bilinear") if upsample else fn(logits, target, tree)
+    kw = weight_kwargs(weights, target, tree)
+    if kw and not getattr(fn, "takes_weights", False):
+        from .model import NotFused
+        raise NotFused(f"the Triton {OP_KEYS[op]} does not fuse the weights (no takes_weights)")
+    return fn(logits, target, tree, upsample="bilinear", **kw) if upsample else fn(logits, target, tree, **kw)
 
 
-def record(op: str, pass_: str, logits: torch.Tensor, target: torch.Tensor, tree, upsample: bool = False
-           ) -> List[Launch]:
+def record(op: str, pass_: str, logits: torch.Tensor, target: torch.Tensor, tree, upsample: bool = False,
+           weights: str = "none") -> List[Launch]:
     """The Triton launches of one pass of ``op`` (a row name) as the registry's op makes them with its
     default options, on meta tensors ``logits``/``target``; with ``upsample``, logits smaller than the
-    target through ``upsample="bilinear"`` (``model.NotFused`` when the op does not fuse it)."""
+    target through ``upsample="bilinear"`` (``model.NotFused`` when the op does not fuse it); a loss with
+    ``weights`` (:func:`weight_kwargs`)."""
     import hss_kernels.triton as pkg
 
     from .model import NotFused
@@ -172,7 +189,7 @@ def record(op: str, pass_: str, logits: torch.Tensor, target: torch.Tensor, tree
         raise NotFused(f"the Triton {OP_KEYS[op]} does not fuse the upsampling (no takes_upsample)")
 
     def call():
-        return _call(op, pkg.OPS[OP_KEYS[op]], logits, target, tree, upsample)
+        return _call(op, pkg.OPS[OP_KEYS[op]], logits, target, tree, upsample, weights)
 
     return record_call(call, backward=pass_ == "backward")
 

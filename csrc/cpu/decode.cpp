@@ -1,7 +1,9 @@
 // Hierarchical decoding (docs/MATH.md §4.3): the CPU implementation of decode (schema and contract in
 // csrc/ops.cpp). Float inputs score the paths' shared prefixes row by row over a block of pixels (the
 // walk table turned into root-to-leaf paths first); float64 (and every dtype with HSS_CPU_PIXEL_PATH=1)
-// runs decode_math.h's per-pixel walk, the CUDA kernel's arithmetic.
+// runs decode_math.h's walks, the CUDA kernels' arithmetic: with HSS_CPU_PIXEL_PATH=1, logits the CUDA
+// lanes kernel would read 16 bytes at a time (decode_math::lanes_layout) take the lanes' walk here too,
+// V = 16 / sizeof(T) pixels at a time (decode_lanes), the others the one-pixel walk.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -175,6 +177,50 @@ std::vector<int32_t> walk_paths(const int32_t* walk, int64_t V, int64_t C, bool 
   return paths;
 }
 
+
+// HSS_CPU_PIXEL_PATH=1 on logits that decode_math::lanes_layout accepts: the CUDA lanes kernel's walk
+// (decode_math.h's walk_step_lanes), V pixels at a time over lanes q0 .. q0 + n - 1 of a tile; lanes past
+// n (the block's last group) read 0 and are not written. Walk offsets are channels here.
+template <int V>
+struct TileLanes {
+  const float* p;
+  int64_t ld;
+  int n;
+  void load(int64_t c, float (&z)[V]) const {
+    for (int k = 0; k < V; ++k) z[k] = k < n ? p[c * ld + k] : 0.f;
+  }
+};
+
+template <int V>
+struct LocalRunLanes {
+  float (*s)[V];  // kMaxDepth + 1 rows, row 0 zeros
+  void load(int32_t d, float (&v)[V]) const {
+    for (int k = 0; k < V; ++k) v[k] = s[d][k];
+  }
+  void store(int32_t d, const float (&v)[V]) const {
+    for (int k = 0; k < V; ++k) s[d][k] = v[k];
+  }
+};
+
+template <int V>
+void decode_lanes(const float* x, int64_t ld, int64_t n, int64_t C, const decode_math::WalkNode* nodes, bool ordered,
+                  int64_t act, int64_t score, int64_t ignore_index, int64_t* y) {
+  for (int64_t q0 = 0; q0 < n; q0 += V) {
+    const TileLanes<V> lanes{x + q0, ld, static_cast<int>(std::min<int64_t>(V, n - q0))};
+    float run[kMaxDepth + 1][V] = {};
+    float m[V];
+    decode_math::softmax_max_lanes<V>(lanes, C, 1, act, m);
+    decode_math::LaneBest<float, V> best;
+    decode_math::lanes_start(best);
+    for (int64_t i = 0; i < C; ++i) {
+      float xv[V];
+      lanes.load(nodes[i].x, xv);
+      decode_math::walk_step_lanes<V>(xv, nodes[i], LocalRunLanes<V>{run}, act, m, score, ordered, best);
+    }
+    for (int k = 0; k < lanes.n; ++k) y[q0 + k] = decode_math::lane_label(best, m, act, k, ignore_index);
+  }
+}
+
 template <typename scalar_t>
 void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t act, int64_t score,
                      at::Tensor& out, bool upsample, bool align_corners, int64_t ignore_index) {
@@ -183,6 +229,10 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
   constexpr bool vec = std::is_same_v<A, float>;
   const bool forced = cpu::pixel_path_forced();
   const bool lanes = vec && !forced;
+  // the CUDA lanes kernel's walk (HSS_CPU_PIXEL_PATH=1, no size=, a layout it reads 16 bytes at a time)
+  const bool walk_lanes = vec && forced && !upsample &&
+                          decode_math::lanes_layout(logits.sizes().data(), logits.strides().data(),
+                                                    logits.element_size(), logits.data_ptr());
   const int32_t* w = walk.data_ptr<int32_t>();
   int64_t L = 0, D = 0;
   const std::vector<int32_t> paths = walk_paths(w, C, C, ordered, L, D);
@@ -203,8 +253,13 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
             decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n, ignore_index);
             return;
           }
+          if (walk_lanes) {
+            constexpr int V = static_cast<int>(16 / sizeof(scalar_t));
+            decode_lanes<V>(x, ld, n, C, nodes.data(), ordered, act, score, ignore_index, y + i0);
+            return;
+          }
         }
-        // float64 (or HSS_CPU_PIXEL_PATH=1): decode_math's per-pixel walk, the CUDA kernel's arithmetic
+        // float64 (or HSS_CPU_PIXEL_PATH=1): decode_math's per-pixel walk, the CUDA one-pixel kernel's
         if (up && forced)  // the CUDA kernel's reads: four source values per channel
           for (int64_t p = 0; p < n; ++p)
             y[i0 + p] = decode_math::decode_pixel<A>(

@@ -1,7 +1,9 @@
 // Hierarchical softmax loss (docs/MATH.md §2): the CPU implementation of hierarchical_softmax_fwd and
 // hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). Float inputs run the lane loops
 // below; float64, bad labels, far groups and HSS_CPU_PIXEL_PATH=1 run the per-pixel code of
-// hierarchical_softmax_math.h, as the CUDA kernels do.
+// hierarchical_softmax_math.h, as the CUDA kernels do. Class and pixel weights (common.h PixelWeights,
+// docs/MATH.md §6.6) touch no path's inner loops: the forward multiplies each labelled pixel's loss by its
+// weight where the block's losses are summed, the backward its upstream gradient before any path runs.
 #include "checks.h"
 #include "hierarchical_softmax_math.h"
 #include "loop.h"
@@ -273,11 +275,25 @@ inline bool block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, in
   return bad;
 }
 
+// The weights (common.h PixelWeights) of a block's valid lanes into wv[p]: cw[y] pw[i], pw read through
+// its strides at the block's pixels (the target's, also with upsampling). Ignored and bad lanes are not
+// read (wv[p] is left as it is).
+template <typename A>
+inline void block_weights(const PixelWeights<A>& wts, int64_t i0, int64_t n, const bool* valid, const int64_t* ys,
+                          A* wv) {
+  int64_t woff[kBlock];
+  if (wts.pw) wts.gw.offsets(i0, n, woff);
+  for (int64_t p = 0; p < n; ++p)
+    if (valid[p]) wv[p] = wts.pw ? wts.of_class(ys[p]) * wts.pw[woff[p]] : wts.of_class(ys[p]);
+}
+
 template <typename T>
 void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target,
                                        const at::Tensor& leaf_group, const at::Tensor& level_weights, double eps_,
                                        int64_t ignore_index, at::Tensor& loss, bool per_pixel, at::Tensor& stats,
-                                       at::Tensor& count, const cpu::Upsample<at::opmath_type<T>>* up) {
+                                       at::Tensor& count, at::Tensor& weight_sum,
+                                       const PixelWeights<at::opmath_type<T>>& wts,
+                                       const cpu::Upsample<at::opmath_type<T>>* up) {
   using A = at::opmath_type<T>;
   const int L = logits.size(1), D = leaf_group.size(0);
   const int64_t P = target.numel();
@@ -290,16 +306,18 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
   A* st = stats.data_ptr<A>();
   A* lp = per_pixel ? loss.data_ptr<A>() : nullptr;
   const int64_t nb = (P + kBlock - 1) / kBlock;
-  std::vector<double> part(nb, 0.0);
+  std::vector<double> part(nb, 0.0), wpart(wts.cw ? nb : 0, 0.0);
   std::vector<int64_t> cnt(nb, 0);
   const bool forced = cpu::pixel_path_forced();
+  const bool weighted = wts.any();
   cpu::for_each_block_direct<T, A>(x, L, logits.stride(1), gx, P, 0,
                                    [&](int64_t i0, int64_t n, const int64_t*, const A* tile, int64_t ld, A*) {
     int32_t gy[kMaxDepth][kBlock];
     bool valid[kBlock];
     int64_t ys[kBlock];
-    A lane_loss[kBlock];
+    A lane_loss[kBlock], wv[kBlock];
     const bool bad = block_groups(tgt, gt, i0, n, L, D, group, ignore_index, gy, valid, ys);
+    if (weighted) block_weights(wts, i0, n, valid, ys, wv);
     bool lanes = false;
     if constexpr (std::is_same_v<A, float>) {
       if (forced && !up && D <= kPackedDepth) {  // the CUDA kernels' NCHW path
@@ -309,7 +327,7 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
         lanes = !forced && !bad && hierarchical_softmax_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
       }
     }
-    double s = 0;
+    double s = 0, ws = 0;
     int64_t c = 0;
     for (int64_t p = 0; p < n; ++p) {
       const int64_t i = i0 + p;
@@ -329,6 +347,10 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
         else
           l = hierarchical_softmax_forward_pixel<A>(cpu::StridedColumn<A>{tile + p, ld}, L, D, LeafGroups{group, L},
                                                     static_cast<int>(ys[p]), w, eps, st + i, P);
+        if (weighted) {
+          l *= wv[p];
+          if (wts.cw) ws += wts.cw[ys[p]];
+        }
         s += l;
         ++c;
       }
@@ -336,17 +358,25 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
     }
     part[i0 / kBlock] = s;
     cnt[i0 / kBlock] = c;
+    if (wts.cw) wpart[i0 / kBlock] = ws;
   }, up);
   cpu::finish_reduction<A>(part, cnt, per_pixel ? nullptr : loss.data_ptr<A>(), count.data_ptr<int64_t>());
+  // The "mean"'s denominator: the class weights' fixed-order sum, or the count.
+  double wsum = 0;
+  for (const double v : wpart) wsum += v;
+  *weight_sum.data_ptr<A>() = wts.cw ? static_cast<A>(wsum) : static_cast<A>(*count.data_ptr<int64_t>());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
-    double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners) {
+    double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners,
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& pixel_weight) {
   const int64_t D = check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group,
                                                level_weights, upsample);
+  check_weights("hierarchical_softmax_fwd", class_weight, pixel_weight, logits, target, logits.size(1));
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, target, per_pixel);
+  at::Tensor weight_sum = new_weight_sum(logits);
   at::Tensor stats = at::empty({D + 1, target.size(0), target.size(1), target.size(2)},
                                logits.options().dtype(acc_type(logits)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cpu", [&] {
@@ -354,16 +384,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cpu(
     std::optional<cpu::Upsample<A>> up;
     if (upsample) up.emplace(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2), align_corners);
     hierarchical_softmax_fwd_cpu_impl<scalar_t>(logits, target, leaf_group, level_weights, eps, ignore_index, loss,
-                                                per_pixel, stats, count, up ? &*up : nullptr);
+                                                per_pixel, stats, count, weight_sum,
+                                                pixel_weights<A>(class_weight, pixel_weight), up ? &*up : nullptr);
   });
-  return {loss, stats, count};
+  return {loss, stats, count, weight_sum};
 }
 
 template <typename T>
 void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                                        const at::Tensor& stats, const at::Tensor& leaf_group,
                                        const at::Tensor& level_weights, double eps_, int64_t ignore_index,
-                                       at::Tensor& out, const cpu::Upsample<at::opmath_type<T>>* up, at::opmath_type<T>* acc) {
+                                       const PixelWeights<at::opmath_type<T>>& wts, at::Tensor& out,
+                                       const cpu::Upsample<at::opmath_type<T>>* up, at::opmath_type<T>* acc) {
   using A = at::opmath_type<T>;
   const int L = logits.size(1), D = leaf_group.size(0);
   const int64_t P = target.numel();
@@ -378,6 +410,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
   const A* st = stats.data_ptr<A>();
   const int64_t sC = logits.stride(1);
   const bool forced = cpu::pixel_path_forced();
+  const bool weighted = wts.any();
   // The gradient tile's way out: to the logits' strides, or (upsampling) added to the low-resolution gradient.
   const auto emit = [&](int64_t i0, int64_t n, const int64_t* offs, const A* gtile) {
     if (up)
@@ -394,6 +427,12 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
     int64_t goff[kBlock];
     gg.offsets(i0, n, goff);
     for (int64_t p = 0; p < n; ++p) g[p] = gp[goff[p]];
+    if (weighted) {  // a labelled pixel's upstream gradient times its weight
+      A wv[kBlock];
+      block_weights(wts, i0, n, valid, ys, wv);
+      for (int64_t p = 0; p < n; ++p)
+        if (valid[p]) g[p] *= wv[p];
+    }
     if constexpr (std::is_same_v<A, float>) {
       if (forced && !up && D <= kPackedDepth) {  // the CUDA kernels' NCHW path
         backward_vec<vec_width<T>()>(tile, ld, gtile, n, L, D, group, valid, ys, ignore_index, w, eps, st, P, i0, g);
@@ -425,7 +464,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
   if (up && forced)  // what the CUDA kernels run: one source pixel at a time
     cpu::gather_upsampled_pixels<A>(*up, acc, 0, [&](A*) {
       return HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups>{{x, sC, up->geom, tgt, gt, gp, gg}, L, D,
-                                                               LeafGroups{group, L}, w, eps, ignore_index, st, P};
+                                                               LeafGroups{group, L}, w, eps, ignore_index, st, P, wts};
     });
   else if (up)
     cpu::for_each_upsampled_run<T, A>(x, *up, gx, L * kBlock, body);
@@ -436,10 +475,13 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
 at::Tensor hierarchical_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                                         const at::Tensor& stats, const at::Tensor& leaf_group,
                                         const at::Tensor& level_weights, double eps, int64_t ignore_index,
-                                        int64_t upsample, bool align_corners) {
+                                        int64_t upsample, bool align_corners,
+                                        const std::optional<at::Tensor>& class_weight,
+                                        const std::optional<at::Tensor>& pixel_weight) {
   const int64_t D = check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group,
                                                level_weights, upsample);
   check_grad("hierarchical_softmax_bwd", grad, logits, target);
+  check_weights("hierarchical_softmax_bwd", class_weight, pixel_weight, logits, target, logits.size(1));
   check_table("hierarchical_softmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
   // The gradient takes the logits' strides (empty_like keeps a dense layout: channels_last stays
   // channels_last), so both are walked with the same offsets.
@@ -447,15 +489,16 @@ at::Tensor hierarchical_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
+    const PixelWeights<A> wts = pixel_weights<A>(class_weight, pixel_weight);
     if (!upsample) {
       hierarchical_softmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps,
-                                                  ignore_index, out, nullptr, nullptr);
+                                                  ignore_index, wts, out, nullptr, nullptr);
       return;
     }
     const cpu::Upsample<A> up(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
     at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
     hierarchical_softmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps, ignore_index,
-                                                out, &up, acc.data_ptr<A>());
+                                                wts, out, &up, acc.data_ptr<A>());
     out.copy_(acc);
   });
   return out;

@@ -5,7 +5,9 @@
 // hierarchical_softmax_math.h. float32 accumulation for float16/bfloat16/float32 logits, float64 for
 // float64. With fused upsampling (kUp) the forward reads each channel from four source values
 // (upsample_math.h) and the backward runs one thread per source pixel, gathering the gradient rows of
-// the destination pixels whose stencil holds it.
+// the destination pixels whose stencil holds it. Class and pixel weights (common.h PixelWeights, docs/MATH.md
+// §6.6): every forward kernel multiplies a labelled pixel's loss by its weight and, with class weights, sums
+// them for the "mean" (finish_weighted_kernel); every backward kernel multiplies its upstream gradient.
 #include "checks.h"
 #include "common.cuh"
 #include "hierarchical_softmax_math.h"
@@ -39,15 +41,67 @@ __device__ inline SharedGroups load_groups(const int32_t* __restrict__ group, in
   return SharedGroups{t};
 }
 
+// The forward's reduction with weights: per block, the weighted loss and count (part, cnt, as
+// block_partial) and, with class weights (wpart non-null), the sum of the labelled pixels' class weights;
+// then one block sums them in a fixed order (finish_weighted_kernel). The same bits on every run.
+__device__ inline void block_partials(double v, int64_t c, double wv, double* part, int64_t* cnt, double* wpart) {
+  block_partial(v, c, part, cnt);
+  if (wpart) {  // the same block_sum again: thread 0 alone reads its shared totals in between
+    int64_t unused = 0;
+    block_sum(wv, unused);
+    if (threadIdx.x == 0) wpart[blockIdx.x] = wv;
+  }
+}
+
+// loss_sum (unless null) and count as finish_kernel; weight_sum = the sum of wpart, or the count without it.
+template <typename A>
+__global__ void finish_weighted_kernel(const double* part, const int64_t* cnt, const double* wpart, int64_t nb,
+                                       A* loss_sum, int64_t* count, A* weight_sum) {
+  double v = 0, wv = 0;
+  int64_t c = 0, unused = 0;
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {  // sm90: trips=nb / threads
+    v += part[b];
+    c += cnt[b];
+    if (wpart) wv += wpart[b];
+  }
+  block_sum(v, c);
+  if (threadIdx.x == 0) {
+    if (loss_sum) *loss_sum = static_cast<A>(v);
+    *count = c;
+  }
+  if (wpart) block_sum(wv, unused);
+  if (threadIdx.x == 0) *weight_sum = wpart ? static_cast<A>(wv) : static_cast<A>(c);
+}
+
+// The forward's partial buffers, with the class weights' sums when there are class weights.
+struct WeightedPartials {
+  Partials partials;
+  at::Tensor wpart;
+  WeightedPartials(const at::Tensor& like, int64_t nb, bool class_weights)
+      : partials(like, nb), wpart(class_weights ? at::empty({nb}, like.options().dtype(at::kDouble)) : at::Tensor()) {}
+  double* p() { return partials.p(); }
+  int64_t* c() { return partials.c(); }
+  double* w() { return wpart.defined() ? wpart.data_ptr<double>() : nullptr; }
+  template <typename A>
+  void finish(at::Tensor& loss, at::Tensor& count, at::Tensor& weight_sum, bool per_pixel, cudaStream_t stream) {
+    finish_weighted_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), w(), partials.part.numel(),
+                                                          per_pixel ? nullptr : loss.data_ptr<A>(),
+                                                          count.data_ptr<int64_t>(), weight_sum.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 template <typename T, typename A, bool kUp>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                                 PixelGeom gt, int64_t P, int L, int D, const int32_t* __restrict__ group,
                                 const A* __restrict__ w, A eps, int64_t ignore_index, A* __restrict__ lp,
-                                A* __restrict__ st, double* part, int64_t* cnt, UpsampleGeom<A> u) {
+                                A* __restrict__ st, double* part, int64_t* cnt, UpsampleGeom<A> u,
+                                PixelWeights<A> wts, double* wpart) {
   const SharedGroups groups = load_groups(group, L, D);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   A l = A(0);
+  double ws = 0;
   int64_t c = 0;
   if (i < P) {
     const int64_t y = tgt[gt.offset(i)];
@@ -59,6 +113,10 @@ hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t s
       else
         l = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, groups,
                                                   static_cast<int>(y), w, eps, st + i, P);
+      if (wts.any()) {  // the pixel's weight, at the target's pixel i (also with upsampling)
+        l *= wts.at(i, y);
+        ws = static_cast<double>(wts.of_class(y));
+      }
     } else {
       // ignored: 0; a bad label (see common.h): NaN, never a table read
       l = kind == kLabelBad ? quiet_nan<A>() : A(0);
@@ -67,7 +125,7 @@ hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t s
     c = kind != kLabelIgnored;
     if (lp) lp[i] = l;
   }
-  block_partial(static_cast<double>(l), c, part, cnt);
+  block_partials(static_cast<double>(l), c, ws, part, cnt, wpart);
 }
 
 template <typename T, typename A>
@@ -75,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
                                 PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
                                 int L, int D, const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
-                                int64_t ignore_index, const A* __restrict__ st) {
+                                int64_t ignore_index, const A* __restrict__ st, PixelWeights<A> wts) {
   const SharedGroups groups = load_groups(group, L, D);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= P) return;
@@ -86,8 +144,9 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
     write_unlabelled_column<T, A>(out + off, sC, L, kind);
     return;
   }
+  const A g = grad[gg.offset(i)];
   hierarchical_softmax_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, groups,
-                        static_cast<int>(y), w, eps, st + i, P, grad[gg.offset(i)]);
+                        static_cast<int>(y), w, eps, st + i, P, wts.any() ? g * wts.at(i, y) : g);
 }
 
 // Fused upsampling: one thread per source pixel q of the (N, L, h, w) logits, its L gradient values in acc
@@ -97,14 +156,15 @@ __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
                                    UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
                                    int64_t P, int L, int D, const int32_t* __restrict__ group, const A* __restrict__ w,
-                                   A eps, int64_t ignore_index, const A* __restrict__ st, A* __restrict__ acc) {
+                                   A eps, int64_t ignore_index, const A* __restrict__ st, A* __restrict__ acc,
+                                   PixelWeights<A> wts) {
   const SharedGroups groups = load_groups(group, L, D);
   const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (q >= n) return;
   const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
   gather_source_pixel(u, b, i, j, acc + b * L * lo + r, lo,
                       HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups>{{x, sC, u, tgt, gt, grad, gg}, L, D, groups,
-                                                                          w, eps, ignore_index, st, P});
+                                                                          w, eps, ignore_index, st, P, wts});
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -234,11 +294,11 @@ hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64
                                       const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
                                       const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
                                       int64_t ignore_index, A* __restrict__ lp, A* __restrict__ st, double* part,
-                                      int64_t* cnt) {
+                                      int64_t* cnt, PixelWeights<A> wts, double* wpart) {
   constexpr int V = lanes_of<T>();
   const PackedGroups groups = load_packed_groups(group, L, D);
   int64_t i0, off;
-  double l_sum = 0;
+  double l_sum = 0, w_sum = 0;
   int64_t c = 0;
   if (lane_pixels<V>(P, HW, sN, i0, off)) {
     int y[V];
@@ -262,13 +322,16 @@ hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64
       if (y[k] < 0) {  // sm90: cold
         l[k] = is_bad ? quiet_nan<A>() : A(0);
         for (int d = 0; d <= D; ++d) st[d * P + i0 + k] = l[k];  // sm90: trips=D + 1
+      } else if (wts.any()) {  // the lane's weight; sm90: cold
+        l[k] *= wts.at(i0 + k, y[k]);
+        w_sum += static_cast<double>(wts.of_class(y[k]));
       }
       if (lp) lp[i0 + k] = l[k];
       l_sum += static_cast<double>(l[k]);  // lane order: the same sum on every run
       c += y[k] >= 0 || is_bad;
     }
   }
-  block_partial(l_sum, c, part, cnt);
+  block_partials(l_sum, c, w_sum, part, cnt, wpart);
 }
 
 template <typename T, typename A>
@@ -277,7 +340,7 @@ hierarchical_softmax_bwd_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, 
                                       T* __restrict__ out, int64_t HW, int64_t sN, int64_t sC,
                                       const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
                                       const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
-                                      int64_t ignore_index, const A* __restrict__ st) {
+                                      int64_t ignore_index, const A* __restrict__ st, PixelWeights<A> wts) {
   constexpr int V = lanes_of<T>();
   const PackedGroups groups = load_packed_groups(group, L, D);
   int64_t i0, off;
@@ -292,6 +355,11 @@ hierarchical_softmax_bwd_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, 
     g[k] = grad[goff[k]];
     fill[k] = bad >> k & 1u ? quiet_nan<A>() : A(0);
   }
+  if (wts.any()) {  // a labelled lane's upstream gradient times its weight; sm90: cold
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k)
+      if (y[k] >= 0) g[k] *= wts.at(i0 + k, y[k]);
+  }
   const unsigned far = hierarchical_softmax_backward_pixels<V, A>(LaneCols<T, A, V>{x + off, sC},
                                                                   LaneOut<T, A, V>{out + off, sC}, L, D, groups, y,
                                                                   fill, w, eps, st + i0, P, g);
@@ -303,30 +371,35 @@ hierarchical_softmax_bwd_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
-    double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners) {
+    double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners,
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& pixel_weight) {
   const int64_t D = check_hierarchical_softmax("hierarchical_softmax_fwd", logits, target, leaf_group, level_weights,
                                                upsample);
+  check_weights("hierarchical_softmax_fwd", class_weight, pixel_weight, logits, target, logits.size(1));
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, count;
   std::tie(loss, count) = new_loss(logits, target, per_pixel);
+  at::Tensor weight_sum = new_weight_sum(logits);
   const int64_t P = target.numel();
   at::Tensor stats = at::empty({D + 1, target.size(0), target.size(1), target.size(2)},
                                logits.options().dtype(acc_type(logits)));
   if (P == 0) {
     zero_empty_loss(loss, count, per_pixel);
-    return {loss, stats, count};
+    weight_sum.zero_();
+    return {loss, stats, count, weight_sum};
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool lanes = !upsample && vec_lanes(logits, nullptr, D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    const PixelWeights<A> wts = pixel_weights<A>(class_weight, pixel_weight);
     if constexpr (sizeof(scalar_t) <= 4) {
       if (lanes) {
         const auto kernel = hierarchical_softmax_fwd_lanes_kernel<scalar_t, A>;
         const int64_t nb = num_blocks(P / lanes_of<scalar_t>(), kThreads);
-        Partials partials(logits, nb);
+        WeightedPartials partials(logits, nb, wts.cw != nullptr);
         const size_t smem = packed_smem_bytes(logits.size(1));
         allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
                    "hierarchical_softmax", logits.size(1), "leaves");
@@ -334,14 +407,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
             logits.data_ptr<scalar_t>(), logits.size(2) * logits.size(3), logits.stride(0), logits.stride(1),
             target.data_ptr<int64_t>(), geom(target), P, logits.size(1), D, leaf_group.data_ptr<int32_t>(),
             level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr,
-            stats.data_ptr<A>(), partials.p(), partials.c());
+            stats.data_ptr<A>(), partials.p(), partials.c(), wts, partials.w());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        partials.finish<A>(loss, count, per_pixel, stream);
+        partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
         return;
       }
     }
     const int64_t nb = num_blocks(P, kThreads);
-    Partials partials(logits, nb);
+    WeightedPartials partials(logits, nb, wts.cw != nullptr);
     const auto kernel = upsample ? hierarchical_softmax_fwd_kernel<scalar_t, A, true>
                                  : hierarchical_softmax_fwd_kernel<scalar_t, A, false>;
     const size_t smem = group_smem_bytes(logits.size(1));
@@ -352,20 +425,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
         logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
         ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c(),
         UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2),
-                              align_corners));
+                              align_corners),
+        wts, partials.w());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    partials.finish<A>(loss, count, per_pixel, stream);
+    partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
   });
-  return {loss, stats, count};
+  return {loss, stats, count, weight_sum};
 }
 
 at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                                          const at::Tensor& stats, const at::Tensor& leaf_group,
                                          const at::Tensor& level_weights, double eps, int64_t ignore_index,
-                                         int64_t upsample, bool align_corners) {
+                                         int64_t upsample, bool align_corners,
+                                         const std::optional<at::Tensor>& class_weight,
+                                         const std::optional<at::Tensor>& pixel_weight) {
   const int64_t D = check_hierarchical_softmax("hierarchical_softmax_bwd", logits, target, leaf_group, level_weights,
                                                upsample);
   check_grad("hierarchical_softmax_bwd", grad, logits, target);
+  check_weights("hierarchical_softmax_bwd", class_weight, pixel_weight, logits, target, logits.size(1));
   check_table("hierarchical_softmax_bwd", "stats", stats, logits, (D + 1) * target.numel(), acc_type(logits));
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = dense_logits(logits);
@@ -375,6 +452,7 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    const PixelWeights<A> wts = pixel_weights<A>(class_weight, pixel_weight);
     if (upsample) {
       const auto kernel = hierarchical_softmax_bwd_up_kernel<scalar_t, A>;
       const size_t smem = group_smem_bytes(x.size(1));
@@ -385,7 +463,8 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
           grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1),
           UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners),
           n, target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
-          level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), acc.data_ptr<A>());
+          level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), acc.data_ptr<A>(),
+          wts);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       out.copy_(acc);
       return;
@@ -399,7 +478,7 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
             grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
             x.size(2) * x.size(3), x.stride(0), x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1),
             D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index,
-            stats.data_ptr<A>());
+            stats.data_ptr<A>(), wts);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
@@ -410,7 +489,7 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
     kernel<<<num_blocks(P, kThreads), kThreads, smem, stream>>>(
         grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
         x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
-        level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>());
+        level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), wts);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -395,7 +395,8 @@ HSS_HOST_DEVICE inline unsigned hierarchical_softmax_backward_pixels(const X& x,
 }
 
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
-// its gradient row from the interpolated logits handed to out (an AddOut).
+// its gradient row from the interpolated logits handed to out (an AddOut). A labelled pixel's upstream
+// gradient is multiplied by its weight (common.h PixelWeights, read at the destination pixel q).
 template <typename T, typename A, typename G>
 struct HierarchicalSoftmaxUpsampledRow {
   UpsampledPixels<T, A> px;
@@ -406,11 +407,15 @@ struct HierarchicalSoftmaxUpsampledRow {
   int64_t ignore_index;
   const A* stats;
   int64_t P;
+  PixelWeights<A> weights;
   template <typename O>
   HSS_HOST_DEVICE void operator()(int64_t q, const O& out) const {
     const int y = px.label(q, L, ignore_index, L, out);
-    if (y >= 0)
-      hierarchical_softmax_backward_pixel<A>(px.logits(q), out, L, D, group, y, w, eps, stats + q, P, px.grad_of(q));
+    if (y >= 0) {
+      const A g = px.grad_of(q);
+      hierarchical_softmax_backward_pixel<A>(px.logits(q), out, L, D, group, y, w, eps, stats + q, P,
+                                             weights.any() ? g * weights.at(q, y) : g);
+    }
   }
 };
 

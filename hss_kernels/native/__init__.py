@@ -15,7 +15,9 @@ the function the backend registry calls:
 * :mod:`.decode`: ``decode``, the best root-to-leaf path per pixel.
 
 The forwards return the loss per pixel (``reduction="none"``) or its sum, plus the number of
-non-ignored pixels; ``mean`` divides here. Float16/bfloat16/float32 logits accumulate in float32,
+non-ignored pixels; ``mean`` divides here. Every loss fuses class and pixel weights into its kernels
+(``takes_weights``, docs/MATH.md §6.6): its forward also returns the sum of the labelled pixels' class
+weights, the weighted ``mean``'s denominator. Float16/bfloat16/float32 logits accumulate in float32,
 float64 in float64; the loss comes back in the accumulation dtype, the gradient in the logits' dtype.
 
 Labels: a target value that is neither ``ignore_index`` nor a leaf id in ``[0, L)`` (the public API

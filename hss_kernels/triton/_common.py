@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -141,15 +141,18 @@ def flat_pixels(logits, *tensors) -> bool:
 
 def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, tables, scalars, *, loss_mode: int,
                        loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, blocks=None,
-                       **constexprs):
+                       class_weight=None, pixel_weight=None, **constexprs):
     """Runs a loss kernel (``_hierarchical_softmax_kernel``, ``_tree_min_kernel``) once over all pixels, ``logits.shape[1]``
-    channels per tile; returns (partials, counts), the per-program loss sums and pixel counts when
-    ``loss_mode`` is LOSS_PARTIALS (else one unwritten element each).
+    channels per tile; returns (partials, counts, weight sums), the per-program loss sums, pixel counts and
+    (with ``class_weight``) sums of the labelled pixels' class weights when ``loss_mode`` is LOSS_PARTIALS
+    (else one unwritten element each).
 
-    The kernel's arguments: logits, target, ``*tables``, the loss, partials, counts, gradient and
-    grad_output pointers, P, HW, W, the strides of logits, target, gradient (4) and grad_output (3, read
-    for GRAD_PER_PIXEL only), ``*scalars``, then the constexprs BLOCK_C, BLOCK_P, ACC, LOSS_MODE,
-    GRAD_MODE and ``**constexprs``. A pointer that ``loss_mode``/``grad_mode`` does not touch gets a dummy.
+    The kernel's arguments: logits, target, ``*tables``, the loss, partials, counts, class weights, pixel
+    weights, weight-sum partials, gradient and grad_output pointers, P, HW, W, the strides of logits,
+    target, gradient (4) and grad_output (3, read for GRAD_PER_PIXEL only), ``*scalars``, then the
+    constexprs BLOCK_C, BLOCK_P, ACC, LOSS_MODE, GRAD_MODE, HAS_CW, HAS_PW and ``**constexprs``. A pointer
+    that ``loss_mode``/``grad_mode`` (or an absent weight) does not touch gets a dummy. The weights are as
+    :func:`weight_args` makes them.
     """
     P, HW, Wd = shape_args(logits)
     block_c, block_p, warps = blocks or block_sizes(logits.shape[1], P, interpreted(logits.device))
@@ -157,31 +160,125 @@ def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, table
     if constexprs.get("FLAT"):
         grid = (max(triton.cdiv(HW, block_p), 1), logits.shape[0])
     programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
-    partials = torch.empty(programs if loss_mode == LOSS_PARTIALS else 1, dtype=acc_dtype(logits.dtype),
-                           device=logits.device)
-    counts = torch.empty_like(partials, dtype=torch.int32)
+    partials, counts, wsums = new_partials(programs if loss_mode == LOSS_PARTIALS else 1, logits, class_weight)
     dummy = partials  # stands for pointers a mode does not touch
     gs = grad.stride() if grad is not None else (0, 0, 0, 0)
     gos = grad_out.stride() if grad_out is not None and grad_mode == GRAD_PER_PIXEL else (0, 0, 0)
     launch(
         kernel, grid, logits,
         logits, target, *tables, dummy if loss is None else loss, partials, counts,
+        *weight_ptrs(class_weight, pixel_weight, wsums, dummy),
         dummy if grad is None else grad, dummy if grad_out is None else grad_out,
         P, HW, Wd,
         *logits.stride(), *target.stride(), *gs, *gos,
         *scalars,
         BLOCK_C=block_c, BLOCK_P=block_p, ACC=tl_acc(logits.dtype), LOSS_MODE=loss_mode, GRAD_MODE=grad_mode,
+        HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None,
         num_warps=warps, **constexprs,
     )
-    return partials, counts
+    return partials, counts, wsums
 
 
-def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Fixed-order second stage of the batch reduction (no atomics: bitwise the same on every run)."""
+# ----------------------------------------------------------------------------------- class and pixel weights
+# (docs/MATH.md §6.6) pixel p with leaf label y weighs w_p = cw[y] * pw[p]; the kernels read cw (an L-element
+# table) by the label they already hold and pw (when given) once per labelled pixel, by its flat index
+# p = (n*H + h)*W + w, and fold w_p into the per-pixel loss and the gradient's scale. "mean" divides by the
+# sum of the labelled pixels' class weights (per-program partials next to the counts), or their number.
+
+def weight_args(class_weight: Optional[torch.Tensor], pixel_weight: Optional[torch.Tensor], logits: torch.Tensor,
+                target: torch.Tensor):
+    """The weights as the Triton ops take them: ``class_weight`` contiguous in the accumulation dtype (L
+    values), ``pixel_weight`` contiguous (the target's ``(N, H, W)``, indexed by the flat pixel; a copy only
+    when it is not contiguous already, e.g. expanded) in its own float dtype (the kernels convert it as they
+    read it); ``None`` where absent. TypeError / ValueError for a weight that is not a floating-point tensor
+    on the logits' device of the right size."""
+    if class_weight is not None:
+        if not isinstance(class_weight, torch.Tensor) or not class_weight.dtype.is_floating_point:
+            raise TypeError(f"class_weight must be a floating-point tensor, got "
+                            f"{getattr(class_weight, 'dtype', type(class_weight).__name__)}")
+        if class_weight.dim() != 1 or class_weight.device != logits.device:
+            raise ValueError(f"class_weight must be one weight per leaf on {logits.device}, got shape "
+                             f"{tuple(class_weight.shape)} on {class_weight.device}")
+        class_weight = class_weight.to(acc_dtype(logits.dtype)).contiguous()
+    if pixel_weight is not None:
+        check_pixel_weight(pixel_weight, target)
+        pixel_weight = pixel_weight.contiguous()
+    return class_weight, pixel_weight
+
+
+def check_pixel_weight(pixel_weight, target: torch.Tensor) -> None:
+    """TypeError / ValueError for a ``pixel_weight`` that is not a floating-point tensor of the target's shape
+    on its device (the custom ops' own check: the public API checks it first)."""
+    if not isinstance(pixel_weight, torch.Tensor) or not pixel_weight.dtype.is_floating_point:
+        raise TypeError(f"pixel_weight must be a floating-point tensor, got "
+                        f"{getattr(pixel_weight, 'dtype', type(pixel_weight).__name__)}")
+    if tuple(pixel_weight.shape) != tuple(target.shape) or pixel_weight.device != target.device:
+        raise ValueError(f"pixel_weight must have the target's shape {tuple(target.shape)} on {target.device}, got "
+                         f"{tuple(pixel_weight.shape)} on {pixel_weight.device}")
+
+
+def check_class_weight(class_weight, L: int, logits: torch.Tensor) -> None:
+    """TypeError / ValueError for a ``class_weight`` the kernels cannot read: L values in the accumulation
+    dtype, contiguous, on the logits' device (what :func:`weight_args` makes)."""
+    if not isinstance(class_weight, torch.Tensor) or class_weight.dtype != acc_dtype(logits.dtype):
+        raise TypeError(f"class_weight must be a {acc_dtype(logits.dtype)} tensor (the accumulation dtype), got "
+                        f"{getattr(class_weight, 'dtype', type(class_weight).__name__)}")
+    if tuple(class_weight.shape) != (L,) or not class_weight.is_contiguous() or class_weight.device != logits.device:
+        raise ValueError(f"class_weight must be {L} contiguous values on {logits.device}, got shape "
+                         f"{tuple(class_weight.shape)} on {class_weight.device}")
+
+
+def check_weight_ops(class_weight, pixel_weight, L: int, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """The custom ops' check of their weight arguments (a call straight to ``torch.ops.hss_triton``)."""
+    if class_weight is not None:
+        check_class_weight(class_weight, L, logits)
+    if pixel_weight is not None:
+        check_pixel_weight(pixel_weight, target)
+        if not pixel_weight.is_contiguous():
+            raise ValueError("pixel_weight must be contiguous (the kernels index it by the flat pixel)")
+
+
+def new_partials(programs: int, logits: torch.Tensor, class_weight=None):
+    """(partials, counts, weight sums) of ``programs`` programs: the accumulation dtype, int32, and the
+    accumulation dtype again with ``class_weight`` (else an unwritten element)."""
+    partials = torch.empty(programs, dtype=acc_dtype(logits.dtype), device=logits.device)
+    counts = torch.empty_like(partials, dtype=torch.int32)
+    wsums = torch.empty_like(partials) if class_weight is not None else partials[:1]
+    return partials, counts, wsums
+
+
+def weight_ptrs(class_weight, pixel_weight, wsums, dummy):
+    """The kernels' (cw, pw, weight-sum partials) pointer arguments, ``dummy`` for an absent weight."""
+    return (dummy if class_weight is None else class_weight, dummy if pixel_weight is None else pixel_weight,
+            wsums)
+
+
+def weight_sum(wsums: torch.Tensor, class_weight) -> torch.Tensor:
+    """The forward ops' ``weight_sum`` output: the sum of the per-program partials (fixed order) with
+    ``class_weight``, else an empty tensor (the count is the denominator)."""
+    if class_weight is None:
+        return wsums.new_empty((0,))
+    return wsums.sum()
+
+
+def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str,
+                    wsum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fixed-order second stage of the batch reduction (no atomics: bitwise the same on every run); "mean"
+    divides by the count of labelled pixels, or by ``wsum`` (the sum of their class weights, 0-dim) when
+    it is given and not empty (docs/MATH.md §6.6); 0 when no pixel is labelled."""
     total = partials.sum()
     if reduction == "sum":
         return total
-    return total / counts.sum().clamp(min=1).to(total.dtype)
+    return total / denominator(counts.sum(), wsum, total.dtype)
+
+
+def denominator(count: torch.Tensor, wsum: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """What "mean" divides by: the count of labelled pixels (at least 1), or with class weights (``wsum``
+    0-dim) their weights' sum, 1 when no pixel is labelled (a zero sum over labelled pixels stays 0: NaN,
+    as F.cross_entropy)."""
+    if wsum is None or wsum.numel() == 0:
+        return count.clamp(min=1).to(dtype)
+    return torch.where(count > 0, wsum.to(dtype), torch.ones((), dtype=dtype, device=wsum.device))
 
 
 def check_call(logits: torch.Tensor, target: torch.Tensor, reduction: str, single_pass: bool, channels: str):
@@ -210,20 +307,36 @@ def check_upsample(logits, target, upsample, single_pass):
                          f"H >= h, W >= w; got {tuple(logits.shape)} and {tuple(target.shape)}")
 
 
-def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """The one-element factor d(loss)/d(per-pixel loss) for mean/sum, on the device (no host sync)."""
+def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype,
+               wsum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The one-element factor d(loss)/d(weighted per-pixel loss) for mean/sum, on the device (no host sync);
+    ``wsum``: as :func:`denominator`."""
     g = grad_out.reshape(1).to(dtype)
     if reduction == "mean":
-        g = g / count.clamp(min=1).to(dtype)
+        g = g / denominator(count, wsum, dtype)
     return g
 
 
-def backward_grad_out(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype):
+def backward_grad_out(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype,
+                      wsum: Optional[torch.Tensor] = None):
     """(grad_output argument, GRAD_MODE) of a backward launch: the per-pixel grad_output itself for "none"
     (any strides, a stride-0 expand included), else its one-element scale (:func:`grad_scale`)."""
     if reduction == "none":
         return grad_out, GRAD_PER_PIXEL
-    return grad_scale(grad_out, count, reduction, dtype), GRAD_SCALAR
+    return grad_scale(grad_out, count, reduction, dtype, wsum), GRAD_SCALAR
+
+
+def single_pass_scale(target: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype,
+                      class_weight=None) -> torch.Tensor:
+    """The single pass's one-element gradient scale, before the kernel runs: 1 for "sum", else one over the
+    count of labelled pixels or (with ``class_weight``) the sum of their class weights."""
+    valid = target != ignore_index
+    count = valid.sum()
+    wsum = None
+    if class_weight is not None and reduction == "mean":
+        cw = class_weight[target.long().clamp(0, class_weight.numel() - 1)]
+        wsum = torch.where(valid, cw, torch.zeros((), dtype=cw.dtype, device=cw.device)).sum()
+    return grad_scale(torch.ones((), dtype=dtype, device=target.device), count, reduction, dtype, wsum)
 
 
 # ----------------------------------------------------------------------------------- in-kernel pieces
@@ -314,15 +427,33 @@ def load_labels(t_ptrs, pmask, ignore_index, L: tl.constexpr):
 
 
 @triton.jit
-def store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE: tl.constexpr):
-    """Per-pixel loss (0 where ignored, NaN at bad labels): stored per pixel (LOSS_PER_PIXEL), or this
-    program's sum and count of counted pixels (LOSS_PARTIALS), or nothing."""
+def weigh(v, y, p, valid, cw_ptr, pw_ptr, ACC: tl.constexpr, HAS_CW: tl.constexpr, HAS_PW: tl.constexpr):
+    """``v`` (per pixel: a loss or a gradient scale) times the pixel's class weight cw[y] (HAS_CW) and pixel
+    weight pw[p] (HAS_PW; read at labelled pixels only), in that order (reference.weigh_loss's); ``v`` itself
+    without weights. ``y`` must be a safe table index (as :func:`load_labels` gives)."""
+    if HAS_CW:
+        v = v * tl.load(cw_ptr + y, mask=valid, other=0.0).to(ACC)
+    if HAS_PW:
+        v = v * tl.load(pw_ptr + p, mask=valid, other=0.0).to(ACC)
+    return v
+
+
+@triton.jit
+def store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE: tl.constexpr,
+               y, cw_ptr, pw_ptr, ws_ptr, ACC: tl.constexpr, HAS_CW: tl.constexpr, HAS_PW: tl.constexpr):
+    """Per-pixel loss (0 where ignored, NaN at bad labels), times the pixel's weights (:func:`weigh`): stored
+    per pixel (LOSS_PER_PIXEL), or this program's sum and count of counted pixels (LOSS_PARTIALS; with
+    HAS_CW also the sum of their class weights at ws_ptr), or nothing."""
     loss = tl.where(bad, float("nan"), loss)
+    loss = weigh(loss, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)
     if LOSS_MODE == 1:
         tl.store(loss_ptr + p, tl.where(valid, loss, 0.0), mask=pmask)
     if LOSS_MODE == 2:
         tl.store(part_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
         tl.store(cnt_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+        if HAS_CW:
+            cw = tl.load(cw_ptr + y, mask=valid, other=0.0).to(ACC)
+            tl.store(ws_ptr + pid, tl.sum(tl.where(valid, cw, 0.0), axis=0))
 
 
 @triton.jit

@@ -4,7 +4,7 @@ For node logits ``x`` (V channels) a leaf's path score is ``sum_{d} a[path_nodes
 the path length for ``score="mean"``), with ``a = sigmoid(x)`` or the softmax over all V channels; the
 prediction is the leaf with the highest score, ties going to the lowest leaf id. Leaf logits are the
 same computation on a flat tree (one node per leaf, no activation): the argmax. A pixel with a NaN among its
-logits gets ``ignore_index``.
+logits gets ``ignore_index`` (its NaN reaches a leaf score, and the best score is a NaN-propagating max).
 
 ``_decode_kernel`` has the tree compiled in, as the tree-min kernel does (``_tree``; docs/MATH.md §3.10):
 the channels in pre-order, their depths and leaf ids are constexpr tuples, so a pixel's work is one
@@ -38,13 +38,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _activate(x, m, rz, ACT: tl.constexpr, FAST: tl.constexpr):
-    """a(x): sigmoid(x) (ACT 0; exp(−|x|) never overflows), exp(x − m) / z (ACT 1, rz = 1 / z when FAST,
-    else z) or x itself (ACT 2). FAST: the GPU's ex2 and rcp approximations (float32 math, compiled)."""
+    """a(x): sigmoid(x) (ACT 0), exp(x − m) / z (ACT 1, rz = 1 / z when FAST, else z) or x itself (ACT 2).
+    FAST: the GPU's ex2 and rcp approximations (float32 math, compiled); the sigmoid is then
+    rcp(1 + 2^(−x·log2 e)), where 2^(...) overflows to +inf below x = −88.7 and rcp(inf) = 0, the flushed
+    value of the true one (below 2^-126): three instructions and two of them MUFU. Else exp(−|x|), which
+    never overflows."""
     if ACT == 0:
         if FAST:
-            e = _common.exp2(tl.abs(x) * (-LOG2E), FAST)
-            r = _common.mufu(1.0 + e, "rcp", FAST)
-            return tl.where(x >= 0, r, e * r)
+            return _common.mufu(1.0 + _common.exp2(x * (-LOG2E), FAST), "rcp", FAST)
         else:
             e = tl.exp(-tl.abs(x))
             return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
@@ -83,7 +84,12 @@ def _decode_kernel(
     # (-1: an internal node). ORDERED: the leaf ids increase along the pre-order, so a strict > keeps the
     # lowest id of a tie; else a tie compares the ids.
     # The output is (N, H, W) contiguous: pixel p is at p, whatever the logits' layout. IGNORE: the label of a
-    # pixel with a NaN among its V logits (each read once by the walk, `x != x` ORed into `bad`).
+    # pixel with a NaN among its V logits, flagged without a test per channel: the softmax's max `m` is
+    # NaN-propagating, NaN exactly when a logit is (±inf are not NaN); with the sigmoid (or the identity of
+    # leaf logits, a flat walk) a NaN logit makes its node's activation NaN, so the path score of every leaf
+    # at or below the node (there is one; ±inf logits have finite sigmoids), and `best` is a NaN-propagating
+    # max of the leaf scores. (The softmax's leaf scores may be NaN without a NaN logit, +inf - +inf: there
+    # `best` keeps the select, as the native kernels do.)
     # UPSAMPLE (1-D grid): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
     # stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables of the hierarchical softmax's
     # fused forward; docs/MATH.md §6.4).
@@ -117,8 +123,8 @@ def _decode_kernel(
             xs = T.unpack(tl.where((c < V)[None, :], t, float("-inf")), G)
             gm = xs[0]
             for i in tl.static_range(1, G):
-                gm = tl.maximum(gm, xs[i])
-            m_new = tl.maximum(m, gm)
+                gm = tl.maximum(gm, xs[i], propagate_nan=tl.PropagateNan.ALL)
+            m_new = tl.maximum(m, gm, propagate_nan=tl.PropagateNan.ALL)
             s = zero
             for i in tl.static_range(G):
                 s += _common.exp2((xs[i] - m_new) * LOG2E, FAST)
@@ -136,20 +142,17 @@ def _decode_kernel(
         run = run + (zero,)
     best = zero - float("inf")
     best_l = tl.zeros([BLOCK_P], dtype=tl.int32)
-    bad = tl.zeros([BLOCK_P], dtype=tl.int32)
     for i in tl.static_range(V):
         if i % G == 0:
             if PIN and i > 0:
                 run = T.pin_all(run, PIN)
                 best = T.pin(best, PIN)
                 best_l = T.pin(best_l, PIN)
-                bad = T.pin(bad, PIN)
             if UPSAMPLE:
                 xs = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sc64, pmask, CH, V, i, G, ACC)
             else:
                 xs = T.load_group(x_ptr, xpix, sc64, pmask, CH, V, i, G, False, ACC, ACT == 1)
         xv = xs[i % G]
-        bad = bad | (xv != xv).to(tl.int32)
         a = _activate(xv, m, rz, ACT, FAST)
         if DEP[i] == 1:
             s = a
@@ -164,9 +167,16 @@ def _decode_kernel(
                 take = s > best
             else:
                 take = (s > best) | ((s == best) & (best_l > LID[i]))
-            best = tl.where(take, s, best)
+            if ACT == 1:
+                best = tl.where(take, s, best)
+            else:  # the same value as the select, or NaN
+                best = tl.maximum(best, s, propagate_nan=tl.PropagateNan.ALL)
             best_l = tl.where(take, LID[i], best_l)
-    lab = tl.where(bad != 0, tl.zeros([BLOCK_P], dtype=tl.int64) + IGNORE, best_l.to(tl.int64))
+    if ACT == 1:
+        bad = m != m
+    else:
+        bad = best != best
+    lab = tl.where(bad, tl.zeros([BLOCK_P], dtype=tl.int64) + IGNORE, best_l.to(tl.int64))
     tl.store(out_ptr + p, lab, mask=pmask)
 
 

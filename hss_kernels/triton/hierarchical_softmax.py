@@ -123,7 +123,8 @@ def _grad_coefs(lse, lse2, w_ptr, eps, dl, D: tl.constexpr, DP: tl.constexpr, BL
 
 @triton.jit
 def _hierarchical_softmax_kernel(
-    x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
+    x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, cw_ptr, pw_ptr, ws_ptr,
+    g_ptr, go_ptr,
     P, HW, W,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
@@ -134,7 +135,7 @@ def _hierarchical_softmax_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     HAS_EPS: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_STATS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr, DP: tl.constexpr,
-    FLAT: tl.constexpr, FAST: tl.constexpr, UPSAMPLE: tl.constexpr,
+    FLAT: tl.constexpr, FAST: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
 ):
     # A program owns BLOCK_P pixels, a few consecutive ones per thread (one 16-byte load per channel
     # row); the channels go by in chunks of BLOCK_C held in the thread's registers, so every reduction
@@ -238,7 +239,8 @@ def _hierarchical_softmax_kernel(
             loss = tl.sum(-w2 * tl.log(tl.exp(lse2 - lse[None, :]) + eps), axis=0)
         else:
             loss = tl.sum(w2 * (lse[None, :] - lse2), axis=0)
-        C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
+        C.store_loss(loss, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE, y, cw_ptr, pw_ptr,
+                     ws_ptr, ACC, HAS_CW, HAS_PW)
 
     if GRAD_MODE != 0:
         # Per pixel: lse_d and F_d (B_d for eps > 0) per level, then per element the deepest level
@@ -247,6 +249,7 @@ def _hierarchical_softmax_kernel(
             gsc = tl.zeros([BLOCK_P], dtype=ACC) + tl.load(go_ptr).to(ACC)
         else:
             gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
+        gsc = C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # the pixel's weight w_p
         gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
         coef, F2 = _grad_coefs(lse, lse2, w_ptr, eps, dl, D, DP, BLOCK_P, ACC, HAS_EPS)
         for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
@@ -273,7 +276,7 @@ def _hierarchical_softmax_kernel(
 
 @triton.jit
 def _hierarchical_softmax_up_bwd_kernel(
-    x_ptr, t_ptr, lvl_ptr, w_ptr, stats_ptr, ul_ptr, run_ptr, g_ptr, go_ptr,
+    x_ptr, t_ptr, lvl_ptr, w_ptr, stats_ptr, ul_ptr, run_ptr, g_ptr, go_ptr, cw_ptr, pw_ptr,
     P, Hh, W, hl, wl, TILES_I, TILES_J,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
@@ -282,7 +285,8 @@ def _hierarchical_softmax_up_bwd_kernel(
     eps, ignore_index,
     L: tl.constexpr, D: tl.constexpr, NCHUNK: tl.constexpr,
     BLOCK_C: tl.constexpr, TI: tl.constexpr, TJ: tl.constexpr, ACC: tl.constexpr,
-    HAS_EPS: tl.constexpr, GRAD_MODE: tl.constexpr, FAST: tl.constexpr,
+    HAS_EPS: tl.constexpr, GRAD_MODE: tl.constexpr, FAST: tl.constexpr, HAS_CW: tl.constexpr,
+    HAS_PW: tl.constexpr,
 ):
     # The backward of the upsampled loss (docs/MATH.md §6.4). Every full-resolution pixel (Y, X) belongs to
     # the low-resolution pixel (i, j) = (i0(Y), i0(X)) of its stencil's first row and column: its "run" (per
@@ -369,6 +373,7 @@ def _hierarchical_softmax_up_bwd_kernel(
                     gsc = tl.zeros([1, BLOCK_Q], dtype=ACC) + g1
                 else:
                     gsc = tl.load(go_ptr + n * son + Y * soh + X * sow, mask=ok, other=0.0).to(ACC)
+                gsc = C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # the pixel's weight w_p
                 gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
                 # The deepest level whose group holds both the label and the leaf (-1: none) selects, per
                 # element, lse_d log2(e) and F_d (B_d for eps > 0) times grad_output, built level by level
@@ -433,12 +438,15 @@ _TINY = {torch.float32: 1e-20, torch.float64: 1e-200}
 
 
 def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, compute_stats, write_stats,
-            loss_mode, loss=None, grad=None, grad_out=None, grad_mode=C.GRAD_NONE):
-    """Runs ``_hierarchical_softmax_kernel`` once; returns (partials, counts) when ``loss_mode`` is LOSS_PARTIALS."""
+            loss_mode, loss=None, grad=None, grad_out=None, grad_mode=C.GRAD_NONE, class_weight=None,
+            pixel_weight=None):
+    """Runs ``_hierarchical_softmax_kernel`` once; returns (partials, counts, weight sums) when ``loss_mode`` is
+    LOSS_PARTIALS."""
     return C.launch_loss_kernel(
         _hierarchical_softmax_kernel, logits, target, (leaf_group, level_w, stats, stats, stats),
         (float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
+        class_weight=class_weight, pixel_weight=pixel_weight,
         L=logits.shape[1], D=leaf_group.shape[0], HAS_EPS=eps > 0, COMPUTE_STATS=compute_stats,
         WRITE_STATS=write_stats, TINY=_TINY[C.acc_dtype(logits.dtype)],
         DP=triton.next_power_of_2(leaf_group.shape[0]), blocks=_blocks(logits),
@@ -513,9 +521,10 @@ def _up_bwd_blocks(logits, h: int, w: int):
     return block_c, ti, tj, max(1, min(8, ti * tj // 32))
 
 
-def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats, align_corners, loss_mode, loss):
+def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats, align_corners, loss_mode, loss,
+                   class_weight=None, pixel_weight=None):
     """The forward of the upsampled loss: ``_hierarchical_softmax_kernel`` with UPSAMPLE over the target's
-    pixels (1-D grid); returns (partials, counts) as :func:`_common.launch_loss_kernel`."""
+    pixels (1-D grid); returns (partials, counts, weight sums) as :func:`_common.launch_loss_kernel`."""
     N, L, h, w = logits.shape
     _, H, W = target.shape
     acc = C.acc_dtype(logits.dtype)
@@ -523,21 +532,20 @@ def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats
     P = N * H * W
     block_c, block_p, warps = _up_blocks(logits)
     grid = (max(triton.cdiv(P, block_p), 1),)
-    partials = torch.empty(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=logits.device)
-    counts = torch.empty_like(partials, dtype=torch.int32)
+    partials, counts, wsums = C.new_partials(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, logits, class_weight)
     C.launch(
         _hierarchical_softmax_kernel, grid, logits,
         logits, target, leaf_group, level_w, stats, idx, lam, partials if loss is None else loss, partials, counts,
-        partials, partials,
+        *C.weight_ptrs(class_weight, pixel_weight, wsums, partials), partials, partials,
         P, max(H * W, 1), max(W, 1),
         *logits.stride(), *target.stride(), 0, 0, 0, 0, 0, 0, 0,
         float(eps), int(ignore_index),
         L=L, D=leaf_group.shape[0], BLOCK_C=block_c, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
         HAS_EPS=eps > 0, COMPUTE_STATS=True, WRITE_STATS=True, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
         TINY=_TINY[acc], DP=triton.next_power_of_2(leaf_group.shape[0]), FLAT=False, FAST=C.fast_exp(logits),
-        UPSAMPLE=True, num_warps=warps,
+        UPSAMPLE=True, HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, num_warps=warps,
     )
-    return partials, counts
+    return partials, counts, wsums
 
 
 def _deepest_shared_level(leaf_group, block_c: int):
@@ -556,7 +564,7 @@ def _deepest_shared_level(leaf_group, block_c: int):
 
 
 def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_w, stats, eps, ignore_index,
-                   align_corners):
+                   align_corners, class_weight=None, pixel_weight=None):
     """Writes ``grad`` (the low-resolution logits' gradient) with ``_hierarchical_softmax_up_bwd_kernel``."""
     N, L, h, w = logits.shape
     _, H, W = target.shape
@@ -570,23 +578,31 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_
     C.launch(
         _hierarchical_softmax_up_bwd_kernel, (N * tiles_i * tiles_j,), logits,
         logits, target, _deepest_shared_level(leaf_group, block_c), level_w, stats, lam, runs, grad, grad_out,
+        *C.weight_ptrs(class_weight, pixel_weight, None, grad)[:2],
         N * H * W, H, W, h, w, tiles_i, tiles_j,
         *logits.stride(), *target.stride(), *grad.stride(), *gos,
         float(eps), int(ignore_index),
         L=L, D=leaf_group.shape[0], NCHUNK=triton.cdiv(L, block_c), BLOCK_C=block_c, TI=ti, TJ=tj,
         ACC=C.tl_acc(logits.dtype),
-        HAS_EPS=eps > 0, GRAD_MODE=grad_mode, FAST=C.fast_exp(logits), num_warps=warps,
+        HAS_EPS=eps > 0, GRAD_MODE=grad_mode, FAST=C.fast_exp(logits), HAS_CW=class_weight is not None,
+        HAS_PW=pixel_weight is not None, num_warps=warps,
     )
 
 
 # ----------------------------------------------------------------------------------- custom ops
+# Weights (docs/MATH.md §6.6): ``class_weight`` L values in the accumulation dtype, ``pixel_weight`` the
+# target's shape, contiguous, any float dtype (``_common.weight_args``); the forwards return ``weight_sum``
+# (0-dim, the sum of the labelled pixels' class weights) with class_weight, else an empty tensor, and the
+# backwards take it back for "mean".
 @torch.library.custom_op("hss_triton::hierarchical_softmax_fwd", mutates_args=())
 def _hierarchical_softmax_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor, level_w: torch.Tensor,
-             eps: float, ignore_index: int, reduction: str, single_pass: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (loss, statistics (D+1, P) (empty if single_pass), count of non-ignored pixels,
-    gradient (empty unless single_pass))."""
+             eps: float, ignore_index: int, reduction: str, single_pass: bool,
+             class_weight: Optional[torch.Tensor] = None, pixel_weight: Optional[torch.Tensor] = None,
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (loss, statistics (D+1, P) (empty if single_pass), count of non-ignored pixels, weight sum (empty
+    without class_weight), gradient (empty unless single_pass))."""
     N, L, H, W = logits.shape
+    C.check_weight_ops(class_weight, pixel_weight, L, logits, target)
     D = leaf_group.shape[0]
     acc = C.acc_dtype(logits.dtype)
     P = N * H * W
@@ -594,72 +610,85 @@ def _hierarchical_softmax_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_g
     # The single pass needs no statistics: it returns an empty tensor in their place.
     stats = torch.empty((0, P) if single_pass else (D + 1, P), dtype=acc, device=dev)
     grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
-    kw = dict(stats=stats, compute_stats=True, write_stats=not single_pass)
+    kw = dict(stats=stats, compute_stats=True, write_stats=not single_pass, class_weight=class_weight,
+              pixel_weight=pixel_weight)
     if single_pass:
-        count = (target != ignore_index).sum()
-        scale = C.grad_scale(torch.ones((), dtype=acc, device=dev), count, reduction, acc)
+        scale = C.single_pass_scale(target, ignore_index, reduction, acc, class_weight)
         kw.update(grad=grad, grad_out=scale, grad_mode=C.GRAD_SCALAR)
+    wsum = logits.new_empty((0,) if class_weight is None else (), dtype=acc)
     if reduction == "none":
         loss = torch.empty((N, H, W), dtype=acc, device=dev)
         _launch(logits, target, leaf_group, level_w, eps, ignore_index, loss_mode=C.LOSS_PER_PIXEL,
                 loss=loss, **kw)
         count = torch.zeros((), dtype=torch.int64, device=dev)
+        if class_weight is not None:
+            wsum.zero_()
     else:
-        partials, counts = _launch(logits, target, leaf_group, level_w, eps, ignore_index,
-                                   loss_mode=C.LOSS_PARTIALS, **kw)
-        loss = C.reduce_partials(partials, counts, reduction)
-        if not single_pass:
-            count = counts.sum(dtype=torch.int64)
-    return loss, stats, count, grad
+        partials, counts, wsums = _launch(logits, target, leaf_group, level_w, eps, ignore_index,
+                                          loss_mode=C.LOSS_PARTIALS, **kw)
+        wsum = C.weight_sum(wsums, class_weight)
+        loss = C.reduce_partials(partials, counts, reduction, wsum)
+        count = counts.sum(dtype=torch.int64)
+    return loss, stats, count, wsum, grad
 
 
 @_hierarchical_softmax_fwd.register_fake
-def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass):
+def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass, class_weight=None,
+      pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     N, L, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
     stats = logits.new_empty((0 if single_pass else leaf_group.shape[0] + 1, N * H * W), dtype=acc)
     count = logits.new_empty((), dtype=torch.int64)
+    wsum = logits.new_empty((0,) if class_weight is None else (), dtype=acc)
     grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
-    return loss, stats, count, grad
+    return loss, stats, count, wsum, grad
 
 
 @torch.library.custom_op("hss_triton::hierarchical_softmax_bwd", mutates_args=())
 def _hierarchical_softmax_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
              level_w: torch.Tensor, stats: torch.Tensor, count: torch.Tensor, eps: float, ignore_index: int,
-             reduction: str) -> torch.Tensor:
+             reduction: str, weight_sum: Optional[torch.Tensor] = None, class_weight: Optional[torch.Tensor] = None,
+             pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     grad = torch.empty_like(logits)
-    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype), weight_sum)
     _launch(logits, target, leaf_group, level_w, eps, ignore_index, stats=stats, compute_stats=False,
-            write_stats=False, loss_mode=C.LOSS_NONE, grad=grad, grad_out=go, grad_mode=mode)
+            write_stats=False, loss_mode=C.LOSS_NONE, grad=grad, grad_out=go, grad_mode=mode,
+            class_weight=class_weight, pixel_weight=pixel_weight)
     return grad
 
 
 @_hierarchical_softmax_bwd.register_fake
-def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction):
+def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction, weight_sum=None,
+      class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass = inputs
-    loss, stats, count, grad = output
+    logits, target, leaf_group, level_w, eps, ignore_index, reduction, single_pass = inputs[:8]
+    cw, pw = (tuple(inputs[8:]) + (None, None))[:2]  # the weights (absent: None)
+    loss, stats, count, wsum, grad = output
     ctx.opts = (eps, ignore_index, reduction, single_pass)
     if single_pass:
         ctx.save_for_backward(grad)
     else:
-        ctx.save_for_backward(logits, target, leaf_group, level_w, stats, count)
+        ctx.save_for_backward(logits, target, leaf_group, level_w, stats, count, wsum, cw, pw)
 
 
-def _backward(ctx, g_loss, g_stats, g_count, g_grad):
+def _backward(ctx, g_loss, g_stats, g_count, g_wsum, g_grad):
     eps, ignore_index, reduction, single_pass = ctx.opts
     if single_pass:
         (grad,) = ctx.saved_tensors
         # A new tensor: the saved gradient itself is never written to.
         dx = grad * g_loss.to(grad.dtype)
     else:
-        logits, target, leaf_group, level_w, stats, count = ctx.saved_tensors
-        dx = _hierarchical_softmax_bwd(g_loss, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction)
-    return dx, None, None, None, None, None, None, None
+        logits, target, leaf_group, level_w, stats, count, wsum, cw, pw = ctx.saved_tensors
+        dx = _hierarchical_softmax_bwd(g_loss, logits, target, leaf_group, level_w, stats, count, eps, ignore_index,
+                                       reduction, wsum, cw, pw)
+    return dx, None, None, None, None, None, None, None, None, None
 
 
 _hierarchical_softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -668,64 +697,81 @@ _hierarchical_softmax_fwd.register_autograd(_backward, setup_context=_setup_cont
 @torch.library.custom_op("hss_triton::hierarchical_softmax_up_fwd", mutates_args=())
 def _hierarchical_softmax_up_fwd(logits: torch.Tensor, target: torch.Tensor, leaf_group: torch.Tensor,
                                  level_w: torch.Tensor, eps: float, ignore_index: int, reduction: str,
-                                 align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 align_corners: bool, class_weight: Optional[torch.Tensor] = None,
+                                 pixel_weight: Optional[torch.Tensor] = None,
+                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of low-resolution logits ``(N, L, h, w)`` bilinearly upsampled to the target's ``(H, W)``:
-    → (loss, statistics (D+1, N*H*W), count of non-ignored pixels)."""
+    → (loss, statistics (D+1, N*H*W), count of non-ignored pixels, weight sum (empty without class_weight))."""
     N = logits.shape[0]
     _, H, W = target.shape
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     D = leaf_group.shape[0]
     acc = C.acc_dtype(logits.dtype)
     stats = torch.empty((D + 1, N * H * W), dtype=acc, device=logits.device)
+    wk = dict(class_weight=class_weight, pixel_weight=pixel_weight)
     if reduction == "none":
         loss = torch.empty((N, H, W), dtype=acc, device=logits.device)
         _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats, align_corners,
-                       C.LOSS_PER_PIXEL, loss)
+                       C.LOSS_PER_PIXEL, loss, **wk)
         count = torch.zeros((), dtype=torch.int64, device=logits.device)
+        wsum = logits.new_zeros((0,) if class_weight is None else (), dtype=acc)
     else:
-        partials, counts = _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats,
-                                          align_corners, C.LOSS_PARTIALS, None)
-        loss = C.reduce_partials(partials, counts, reduction)
+        partials, counts, wsums = _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats,
+                                                 align_corners, C.LOSS_PARTIALS, None, **wk)
+        wsum = C.weight_sum(wsums, class_weight)
+        loss = C.reduce_partials(partials, counts, reduction, wsum)
         count = counts.sum(dtype=torch.int64)
-    return loss, stats, count
+    return loss, stats, count, wsum
 
 
 @_hierarchical_softmax_up_fwd.register_fake
-def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners):
+def _(logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners, class_weight=None,
+      pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     N, H, W = target.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
     stats = logits.new_empty((leaf_group.shape[0] + 1, N * H * W), dtype=acc)
-    return loss, stats, logits.new_empty((), dtype=torch.int64)
+    wsum = logits.new_empty((0,) if class_weight is None else (), dtype=acc)
+    return loss, stats, logits.new_empty((), dtype=torch.int64), wsum
 
 
 @torch.library.custom_op("hss_triton::hierarchical_softmax_up_bwd", mutates_args=())
 def _hierarchical_softmax_up_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                                  leaf_group: torch.Tensor, level_w: torch.Tensor, stats: torch.Tensor,
                                  count: torch.Tensor, eps: float, ignore_index: int, reduction: str,
-                                 align_corners: bool) -> torch.Tensor:
+                                 align_corners: bool, weight_sum: Optional[torch.Tensor] = None,
+                                 class_weight: Optional[torch.Tensor] = None,
+                                 pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gradient of the low-resolution logits, in their dtype (and strides where dense)."""
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     grad = torch.empty_like(logits)
-    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
-    _launch_up_bwd(grad, go, mode, logits, target, leaf_group, level_w, stats, eps, ignore_index, align_corners)
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype), weight_sum)
+    _launch_up_bwd(grad, go, mode, logits, target, leaf_group, level_w, stats, eps, ignore_index, align_corners,
+                   class_weight, pixel_weight)
     return grad
 
 
 @_hierarchical_softmax_up_bwd.register_fake
-def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction, align_corners):
+def _(grad_out, logits, target, leaf_group, level_w, stats, count, eps, ignore_index, reduction, align_corners,
+      weight_sum=None, class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, logits.shape[1], logits, target)
     return torch.empty_like(logits)
 
 
 def _up_setup_context(ctx, inputs, output):
-    logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners = inputs
-    loss, stats, count = output
+    logits, target, leaf_group, level_w, eps, ignore_index, reduction, align_corners = inputs[:8]
+    cw, pw = (tuple(inputs[8:]) + (None, None))[:2]  # the weights (absent: None)
+    loss, stats, count, wsum = output
     ctx.opts = (eps, ignore_index, reduction, align_corners)
-    ctx.save_for_backward(logits, target, leaf_group, level_w, stats, count)
+    ctx.save_for_backward(logits, target, leaf_group, level_w, stats, count, wsum, cw, pw)
 
 
-def _up_backward(ctx, g_loss, g_stats, g_count):
-    logits, target, leaf_group, level_w, stats, count = ctx.saved_tensors
-    dx = _hierarchical_softmax_up_bwd(g_loss, logits, target, leaf_group, level_w, stats, count, *ctx.opts)
-    return dx, None, None, None, None, None, None, None
+def _up_backward(ctx, g_loss, g_stats, g_count, g_wsum):
+    logits, target, leaf_group, level_w, stats, count, wsum, cw, pw = ctx.saved_tensors
+    dx = _hierarchical_softmax_up_bwd(g_loss, logits, target, leaf_group, level_w, stats, count, *ctx.opts, wsum,
+                                      cw, pw)
+    return dx, None, None, None, None, None, None, None, None, None
 
 
 _hierarchical_softmax_up_fwd.register_autograd(_up_backward, setup_context=_up_setup_context)
@@ -750,6 +796,8 @@ def hierarchical_softmax_loss(
     single_pass: bool = False,
     upsample: Optional[str] = None,
     align_corners: bool = False,
+    class_weight: Optional[torch.Tensor] = None,
+    pixel_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Hierarchical softmax loss on the Triton backend (see ``hss_kernels.hierarchical_softmax_loss``).
 
@@ -767,23 +815,31 @@ def hierarchical_softmax_loss(
     (float64), fused: neither the full-resolution logits nor their gradient is stored (the backward sums
     each low-resolution element's terms in a fixed order, without atomics). Not with ``single_pass``.
 
+    ``class_weight`` (L, float) and ``pixel_weight`` (the target's ``(N, H, W)``, float) are fused into the
+    kernels (docs/MATH.md §6.6): each labelled pixel's loss and gradient times cw[y] * pw[p], ``"mean"``
+    divided by the sum of the labelled pixels' class weights (their count without class weights). The
+    kernels read cw as an L-value table and pw once per labelled pixel, forward and backward (pw is made
+    contiguous first: a copy when it is not, e.g. expanded). Also with ``single_pass`` and ``upsample``.
+
     Raises ValueError for a non-4-D input, ``single_pass`` with ``reduction="none"`` or with ``upsample``,
     an ``upsample`` other than None or "bilinear", or a target smaller than the logits or of another batch.
     """
     C.check_call(logits, target, reduction, single_pass, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
+    cw, pw = C.weight_args(class_weight, pixel_weight, logits, target)
     if upsample is not None:
         C.check_upsample(logits, target, upsample, single_pass)
-        loss, _, _ = _hierarchical_softmax_up_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index),
-                                                  reduction, bool(align_corners))
+        loss, _, _, _ = _hierarchical_softmax_up_fwd(logits, target, leaf_group, level_w, float(eps),
+                                                     int(ignore_index), reduction, bool(align_corners), cw, pw)
         return loss
-    loss, _, _, _ = _hierarchical_softmax_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index), reduction,
-                             bool(single_pass))
+    loss, _, _, _, _ = _hierarchical_softmax_fwd(logits, target, leaf_group, level_w, float(eps), int(ignore_index),
+                                                 reduction, bool(single_pass), cw, pw)
     return loss
 
 
 hierarchical_softmax_loss.takes_upsample = True  # functional.py passes upsample= / align_corners= through
+hierarchical_softmax_loss.takes_weights = True  # ... and class_weight= / pixel_weight= (fused in the kernels)
 
 
 def hierarchical_softmax_loss_and_grad(
@@ -794,17 +850,20 @@ def hierarchical_softmax_loss_and_grad(
     eps: float = 0.0,
     ignore_index: int = 255,
     reduction: str = "mean",
+    class_weight: Optional[torch.Tensor] = None,
+    pixel_weight: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (docs/MATH.md §5.6).
 
     The fewest bytes a training step can move: read the logits once, write the gradient once. Use it
     as ``loss, g = ...(logits.detach(), ...)`` then ``logits.backward(g)``. ``reduction``: ``mean`` or
-    ``sum``. Same arguments, dtypes and errors as :func:`hierarchical_softmax_loss`.
+    ``sum``. Same arguments (the weights included), dtypes and errors as :func:`hierarchical_softmax_loss`.
     """
     C.check_call(logits, target, reduction, True, "L")
     acc = C.acc_dtype(logits.dtype)
     leaf_group, level_w = _tables(tree, level_weights, acc, logits.device)
+    cw, pw = C.weight_args(class_weight, pixel_weight, logits, target)
     with torch.no_grad():
-        loss, _, _, grad = _hierarchical_softmax_fwd(logits.detach(), target, leaf_group, level_w, float(eps), int(ignore_index),
-                                    reduction, True)
+        loss, _, _, _, grad = _hierarchical_softmax_fwd(logits.detach(), target, leaf_group, level_w, float(eps),
+                                                        int(ignore_index), reduction, True, cw, pw)
     return loss, grad

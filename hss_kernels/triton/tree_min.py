@@ -150,7 +150,7 @@ def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, pmask, CH, V: tl.co
 
 @triton.jit
 def _tree_min_kernel(
-    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, g_ptr, go_ptr,
+    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, cw_ptr, pw_ptr, ws_ptr, g_ptr, go_ptr,
     P, HW, W,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
@@ -163,6 +163,7 @@ def _tree_min_kernel(
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
     G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr, UPSAMPLE: tl.constexpr,
+    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -222,6 +223,7 @@ def _tree_min_kernel(
             gsc = zero + tl.load(go_ptr).to(ACC)
         else:
             gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
+        gsc = C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # the pixel's weight w_p
     acc = zero
     if USE_EXTREMA:
         # Bottom-up, in reverse pre-order: M_v = max(x_v, the children's M), one running max per depth
@@ -373,12 +375,13 @@ def _tree_min_kernel(
                 for i in tl.static_range(0, V, G):
                     T.store_group(g_ptr, gpix_late, sgc64, late, nanrow[:min(G, V - i)], CH, V, i, G)
     if WANT_LOSS:
-        C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE)
+        C.store_loss(acc * LN2, valid, bad, p, pmask, pid, loss_ptr, part_ptr, cnt_ptr, LOSS_MODE, y, cw_ptr, pw_ptr,
+                     ws_ptr, ACC, HAS_CW, HAS_PW)
 
 
 @triton.jit
 def _tree_min_up_bwd_kernel(
-    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, win_ptr, g_ptr, go_ptr,
+    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, win_ptr, g_ptr, go_ptr, cw_ptr, pw_ptr,
     Hh, W, hl, wl, QBLOCKS,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
@@ -390,6 +393,7 @@ def _tree_min_up_bwd_kernel(
     BLOCK_Q: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
 ):
     # The backward of the upsampled loss, by gathering (as _hierarchical_softmax_up_bwd_kernel): a program owns
     # BLOCK_Q low-resolution pixels (i, j) of one image and keeps one accumulator per node (a tuple, in
@@ -439,6 +443,7 @@ def _tree_min_up_bwd_kernel(
                 gsc = zero + g1
             else:
                 gsc = tl.load(go_ptr + n * son + Y64 * soh + X64 * sow, mask=ok, other=0.0).to(ACC)
+            gsc = C.weigh(gsc, y, (n * Hh + Y64) * W + X64, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # w_p
             r0 = n * sxn + iy0.to(tl.int64) * sxh
             r1 = n * sxn + iy1.to(tl.int64) * sxh
             u00 = r0 + ix0.to(tl.int64) * sxw
@@ -543,7 +548,7 @@ def _shape(logits, use_extrema=False, two_pass=False):
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
-            grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None):
+            grad=None, grad_out=None, grad_mode=C.GRAD_NONE, sizes=None, class_weight=None, pixel_weight=None):
     L, D = sizes[:2]
     V = logits.shape[1]
     sizes = _compiled_sizes(tab, V, sizes)
@@ -554,7 +559,7 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
     return C.launch_loss_kernel(
         _tree_min_kernel, logits, target, (tab, k, tab, tab), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
-        blocks=_blocks(logits, two_pass, use_extrema),
+        class_weight=class_weight, pixel_weight=pixel_weight, blocks=_blocks(logits, two_pass, use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=group, PIN=C.fast_exp(logits), VEC=vec,
@@ -618,9 +623,9 @@ def _up_blocks(logits, backward=False):
 
 
 def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes, align_corners, loss_mode,
-                   loss):
+                   loss, class_weight=None, pixel_weight=None):
     """The forward of the upsampled loss: ``_tree_min_kernel`` with UPSAMPLE over the target's pixels (1-D
-    grid); returns (partials, counts) as :func:`_common.launch_loss_kernel`."""
+    grid); returns (partials, counts, weight sums) as :func:`_common.launch_loss_kernel`."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
     L, D = sizes[:2]
@@ -633,24 +638,24 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
     if C.interpreted(logits.device):
         block_p = min(max(triton.next_power_of_2(max(P, 1)), 16), block_p)
     grid = (max(triton.cdiv(P, block_p), 1),)
-    partials = torch.empty(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, dtype=acc, device=logits.device)
-    counts = torch.empty_like(partials, dtype=torch.int32)
+    partials, counts, wsums = C.new_partials(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, logits, class_weight)
     C.launch(
         _tree_min_kernel, grid, logits,
-        logits, target, tab, k, ui, ul, partials if loss is None else loss, partials, counts, partials, partials,
+        logits, target, tab, k, ui, ul, partials if loss is None else loss, partials, counts,
+        *C.weight_ptrs(class_weight, pixel_weight, wsums, partials), partials, partials,
         P, max(H * W, 1), max(W, 1),
         *logits.stride(), *target.stride(), 0, 0, 0, 0, 0, 0, 0,
         float(gamma), float(eps), int(ignore_index),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_C=1, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
         USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
         FLAT=False, FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), VEC=1, ADDR_PIN=0, UPSAMPLE=True,
-        num_warps=warps,
+        HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, num_warps=warps,
     )
-    return partials, counts
+    return partials, counts, wsums
 
 
 def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps, ignore_index, use_extrema,
-                   sizes, align_corners):
+                   sizes, align_corners, class_weight=None, pixel_weight=None):
     """Writes ``grad`` (the low-resolution logits' gradient) with ``_tree_min_up_bwd_kernel``."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
@@ -667,13 +672,14 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
     C.launch(
         _tree_min_up_bwd_kernel, (N * qblocks,), logits,
-        logits, target, tab, k, ui, ul, win, grad, grad_out,
+        logits, target, tab, k, ui, ul, win, grad, grad_out, *C.weight_ptrs(class_weight, pixel_weight, None, grad)[:2],
         H, W, h, w, qblocks,
         *logits.stride(), *target.stride(), *grad.stride(), *gos,
         float(gamma), float(eps), int(ignore_index),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_Q=block_q, ACC=C.tl_acc(logits.dtype),
         USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, GRAD_MODE=grad_mode,
-        FAST=C.fast_exp(logits), G=T.GROUP, KY=KY, KX=KX, num_warps=warps,
+        FAST=C.fast_exp(logits), G=T.GROUP, KY=KY, KX=KX, HAS_CW=class_weight is not None,
+        HAS_PW=pixel_weight is not None, num_warps=warps,
     )
 
 
@@ -683,80 +689,95 @@ def _gmode(gamma):
 
 
 # ----------------------------------------------------------------------------------- custom ops
+# Weights as in hierarchical_softmax.py: ``class_weight`` L values in the accumulation dtype, ``pixel_weight``
+# the target's shape, contiguous (``_common.weight_args``); the forwards return ``weight_sum`` (0-dim with
+# class_weight, else empty), which the backwards take back for "mean".
 @torch.library.custom_op("hss_triton::tree_min_fwd", mutates_args=())
 def _tree_min_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, sizes: List[int],
-              gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool, single_pass: bool
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (loss, count of non-ignored pixels, gradient if single_pass else empty)."""
+              gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool, single_pass: bool,
+              class_weight: Optional[torch.Tensor] = None, pixel_weight: Optional[torch.Tensor] = None,
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (loss, count of non-ignored pixels, weight sum (empty without class_weight), gradient if single_pass
+    else empty)."""
     N, V, H, W = logits.shape
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     acc = C.acc_dtype(logits.dtype)
     dev = logits.device
     grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
-    kw = {}
+    kw = dict(class_weight=class_weight, pixel_weight=pixel_weight)
     if single_pass:
-        count = (target != ignore_index).sum()
-        scale = C.grad_scale(torch.ones((), dtype=acc, device=dev), count, reduction, acc)
-        kw = dict(grad=grad, grad_out=scale, grad_mode=C.GRAD_SCALAR)
+        scale = C.single_pass_scale(target, ignore_index, reduction, acc, class_weight)
+        kw.update(grad=grad, grad_out=scale, grad_mode=C.GRAD_SCALAR)
     if reduction == "none":
         loss = torch.empty((N, H, W), dtype=acc, device=dev)
         _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, loss_mode=C.LOSS_PER_PIXEL,
                 loss=loss, sizes=sizes, **kw)
         count = torch.zeros((), dtype=torch.int64, device=dev)
+        wsum = logits.new_zeros((0,) if class_weight is None else (), dtype=acc)
     else:
-        partials, counts = _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema,
-                                   loss_mode=C.LOSS_PARTIALS, sizes=sizes, **kw)
-        loss = C.reduce_partials(partials, counts, reduction)
-        if not single_pass:
-            count = counts.sum(dtype=torch.int64)
-    return loss, count, grad
+        partials, counts, wsums = _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema,
+                                          loss_mode=C.LOSS_PARTIALS, sizes=sizes, **kw)
+        wsum = C.weight_sum(wsums, class_weight)
+        loss = C.reduce_partials(partials, counts, reduction, wsum)
+        count = counts.sum(dtype=torch.int64)
+    return loss, count, wsum, grad
 
 
 @_tree_min_fwd.register_fake
-def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass):
+def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass, class_weight=None,
+      pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     N, V, H, W = logits.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
     count = logits.new_empty((), dtype=torch.int64)
+    wsum = logits.new_empty((0,) if class_weight is None else (), dtype=acc)
     grad = torch.empty_like(logits) if single_pass else logits.new_empty((0,))
-    return loss, count, grad
+    return loss, count, wsum, grad
 
 
 @torch.library.custom_op("hss_triton::tree_min_bwd", mutates_args=())
 def _tree_min_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
               k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float, ignore_index: int,
-              reduction: str, use_extrema: bool) -> torch.Tensor:
+              reduction: str, use_extrema: bool, weight_sum: Optional[torch.Tensor] = None,
+              class_weight: Optional[torch.Tensor] = None, pixel_weight: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     grad = torch.empty_like(logits)
-    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype), weight_sum)
     _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, loss_mode=C.LOSS_NONE, grad=grad,
-            grad_out=go, grad_mode=mode, sizes=sizes)
+            grad_out=go, grad_mode=mode, sizes=sizes, class_weight=class_weight, pixel_weight=pixel_weight)
     return grad
 
 
 @_tree_min_bwd.register_fake
-def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema):
+def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema,
+      weight_sum=None, class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = inputs
-    loss, count, grad = output
+    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = inputs[:11]
+    cw, pw = (tuple(inputs[11:]) + (None, None))[:2]  # the weights (absent: None)
+    loss, count, wsum, grad = output
     ctx.opts = (sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass)
     if single_pass:
         ctx.save_for_backward(grad)
     else:
-        ctx.save_for_backward(logits, target, tab, k, count)
+        ctx.save_for_backward(logits, target, tab, k, count, wsum, cw, pw)
 
 
-def _backward(ctx, g_loss, g_count, g_grad):
+def _backward(ctx, g_loss, g_count, g_wsum, g_grad):
     sizes, gamma, eps, ignore_index, reduction, use_extrema, single_pass = ctx.opts
     if single_pass:
         (grad,) = ctx.saved_tensors
         dx = grad * g_loss.to(grad.dtype)  # a new tensor: the saved gradient is never written to
     else:
-        logits, target, tab, k, count = ctx.saved_tensors
+        logits, target, tab, k, count, wsum, cw, pw = ctx.saved_tensors
         dx = _tree_min_bwd(g_loss, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction,
-                       use_extrema)
-    return (dx,) + (None,) * 10
+                       use_extrema, wsum, cw, pw)
+    return (dx,) + (None,) * 12
 
 
 _tree_min_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -765,62 +786,74 @@ _tree_min_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("hss_triton::tree_min_up_fwd", mutates_args=())
 def _tree_min_up_fwd(logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor, k: torch.Tensor, sizes: List[int],
                      gamma: float, eps: float, ignore_index: int, reduction: str, use_extrema: bool,
-                     align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                     align_corners: bool, class_weight: Optional[torch.Tensor] = None,
+                     pixel_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of low-resolution node logits ``(N, V, h, w)`` bilinearly upsampled to the target's ``(H, W)``:
-    → (loss, count of non-ignored pixels)."""
+    → (loss, count of non-ignored pixels, weight sum (empty without class_weight))."""
     N = logits.shape[0]
     _, H, W = target.shape
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     acc = C.acc_dtype(logits.dtype)
     dev = logits.device
     args = (logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes, align_corners)
     if reduction == "none":
         loss = torch.empty((N, H, W), dtype=acc, device=dev)
-        _launch_up_fwd(*args, C.LOSS_PER_PIXEL, loss)
+        _launch_up_fwd(*args, C.LOSS_PER_PIXEL, loss, class_weight, pixel_weight)
         count = torch.zeros((), dtype=torch.int64, device=dev)
+        wsum = logits.new_zeros((0,) if class_weight is None else (), dtype=acc)
     else:
-        partials, counts = _launch_up_fwd(*args, C.LOSS_PARTIALS, None)
-        loss = C.reduce_partials(partials, counts, reduction)
+        partials, counts, wsums = _launch_up_fwd(*args, C.LOSS_PARTIALS, None, class_weight, pixel_weight)
+        wsum = C.weight_sum(wsums, class_weight)
+        loss = C.reduce_partials(partials, counts, reduction, wsum)
         count = counts.sum(dtype=torch.int64)
-    return loss, count
+    return loss, count, wsum
 
 
 @_tree_min_up_fwd.register_fake
-def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners):
+def _(logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners,
+      class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     N, H, W = target.shape
     acc = C.acc_dtype(logits.dtype)
     loss = logits.new_empty((N, H, W) if reduction == "none" else (), dtype=acc)
-    return loss, logits.new_empty((), dtype=torch.int64)
+    wsum = logits.new_empty((0,) if class_weight is None else (), dtype=acc)
+    return loss, logits.new_empty((), dtype=torch.int64), wsum
 
 
 @torch.library.custom_op("hss_triton::tree_min_up_bwd", mutates_args=())
 def _tree_min_up_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, tab: torch.Tensor,
                      k: torch.Tensor, count: torch.Tensor, sizes: List[int], gamma: float, eps: float,
-                     ignore_index: int, reduction: str, use_extrema: bool, align_corners: bool) -> torch.Tensor:
+                     ignore_index: int, reduction: str, use_extrema: bool, align_corners: bool,
+                     weight_sum: Optional[torch.Tensor] = None, class_weight: Optional[torch.Tensor] = None,
+                     pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gradient of the low-resolution logits, in their dtype (and strides where dense)."""
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     grad = torch.empty_like(logits)
-    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype))
+    go, mode = C.backward_grad_out(grad_out, count, reduction, C.acc_dtype(logits.dtype), weight_sum)
     _launch_up_bwd(grad, go, mode, logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes,
-                   align_corners)
+                   align_corners, class_weight, pixel_weight)
     return grad
 
 
 @_tree_min_up_bwd.register_fake
 def _(grad_out, logits, target, tab, k, count, sizes, gamma, eps, ignore_index, reduction, use_extrema,
-      align_corners):
+      align_corners, weight_sum=None, class_weight=None, pixel_weight=None):
+    C.check_weight_ops(class_weight, pixel_weight, sizes[0], logits, target)
     return torch.empty_like(logits)
 
 
 def _up_setup_context(ctx, inputs, output):
-    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners = inputs
-    loss, count = output
+    logits, target, tab, k, sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners = inputs[:11]
+    cw, pw = (tuple(inputs[11:]) + (None, None))[:2]  # the weights (absent: None)
+    loss, count, wsum = output
     ctx.opts = (sizes, gamma, eps, ignore_index, reduction, use_extrema, align_corners)
-    ctx.save_for_backward(logits, target, tab, k, count)
+    ctx.save_for_backward(logits, target, tab, k, count, wsum, cw, pw)
 
 
-def _up_backward(ctx, g_loss, g_count):
-    logits, target, tab, k, count = ctx.saved_tensors
-    dx = _tree_min_up_bwd(g_loss, logits, target, tab, k, count, *ctx.opts)
-    return (dx,) + (None,) * 10
+def _up_backward(ctx, g_loss, g_count, g_wsum):
+    logits, target, tab, k, count, wsum, cw, pw = ctx.saved_tensors
+    dx = _tree_min_up_bwd(g_loss, logits, target, tab, k, count, *ctx.opts, wsum, cw, pw)
+    return (dx,) + (None,) * 12
 
 
 _tree_min_up_fwd.register_autograd(_up_backward, setup_context=_up_setup_context)
@@ -828,7 +861,7 @@ _tree_min_up_fwd.register_autograd(_up_backward, setup_context=_up_setup_context
 
 # ----------------------------------------------------------------------------------- public
 def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
-               use_extrema, with_grad=False, upsample=None, align_corners=False):
+               use_extrema, with_grad=False, upsample=None, align_corners=False, class_weight=None, pixel_weight=None):
     C.check_call(logits, target, reduction, single_pass, "V")
     if upsample is not None:
         C.check_upsample(logits, target, upsample, single_pass)
@@ -837,24 +870,26 @@ def _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index,
     tab = tables.tree_min_table(tree, dev)
     k = tables.node_weight_vector(tree, scale, normalize, acc, dev)
     sizes = _tree_sizes(tree)
+    cw, pw = C.weight_args(class_weight, pixel_weight, logits, target)
     if upsample is not None:
-        loss, _ = _tree_min_up_fwd(logits, target, tab, k, sizes, float(gamma), float(eps), int(ignore_index),
-                                   reduction, use_extrema, bool(align_corners))
+        loss, _, _ = _tree_min_up_fwd(logits, target, tab, k, sizes, float(gamma), float(eps), int(ignore_index),
+                                      reduction, use_extrema, bool(align_corners), cw, pw)
         return loss
     if with_grad:
         with torch.no_grad():
-            loss, _, grad = _tree_min_fwd(logits.detach(), target, tab, k, sizes, float(gamma), float(eps),
-                                      int(ignore_index), reduction, use_extrema, True)
+            loss, _, _, grad = _tree_min_fwd(logits.detach(), target, tab, k, sizes, float(gamma), float(eps),
+                                             int(ignore_index), reduction, use_extrema, True, cw, pw)
         return loss, grad
-    loss, _, _ = _tree_min_fwd(logits, target, tab, k, sizes, float(gamma), float(eps), int(ignore_index),
-                           reduction, use_extrema, bool(single_pass))
+    loss, _, _, _ = _tree_min_fwd(logits, target, tab, k, sizes, float(gamma), float(eps), int(ignore_index),
+                                  reduction, use_extrema, bool(single_pass), cw, pw)
     return loss
 
 
 def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0, scale: float = 1.0,
                   eps: float = 0.0, normalize: str = "level", ignore_index: int = 255, reduction: str = "mean",
                   single_pass: bool = False, upsample: Optional[str] = None,
-                  align_corners: bool = False) -> torch.Tensor:
+                  align_corners: bool = False, class_weight: Optional[torch.Tensor] = None,
+                  pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Focal tree-min loss on the Triton backend (see ``hss_kernels.tree_min_loss``).
 
     ``logits``: ``(N, V, H, W)`` node logits, float16/bfloat16/float32/float64, any strides;
@@ -869,40 +904,55 @@ def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
     each low-resolution element's terms in a fixed order (no atomics); neither the full-resolution logits nor
     their gradient is stored. Not with ``single_pass``.
 
+    ``class_weight`` (L, float, by leaf label) and ``pixel_weight`` (the target's ``(N, H, W)``, float) are fused
+    into the kernels (docs/MATH.md §6.6): each labelled pixel's loss and gradient times cw[y] * pw[p], ``"mean"``
+    divided by the sum of the labelled pixels' class weights (their count without class weights); cw is read
+    as an L-value table, pw once per labelled pixel (made contiguous first), forward and backward. Also with
+    ``single_pass`` and ``upsample``.
+
     Raises ValueError for a non-4-D input, ``single_pass`` with ``reduction="none"`` or with ``upsample``, an
     ``upsample`` other than None or "bilinear", or a target smaller than the logits or of another batch; the
     options are the public API's to check.
     """
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
-                      True, upsample=upsample, align_corners=align_corners)
+                      True, upsample=upsample, align_corners=align_corners, class_weight=class_weight,
+                      pixel_weight=pixel_weight)
 
 
 def tree_bce_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 0.0, scale: float = 1.0,
                   eps: float = 0.0, normalize: str = "level", ignore_index: int = 255, reduction: str = "mean",
                   single_pass: bool = False, upsample: Optional[str] = None,
-                  align_corners: bool = False) -> torch.Tensor:
+                  align_corners: bool = False, class_weight: Optional[torch.Tensor] = None,
+                  pixel_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Multi-label (focal) BCE over every node on the Triton backend (see ``hss_kernels.tree_bce_loss``).
-    Same arguments (``upsample`` fused the same way), dtypes and errors as :func:`tree_min_loss`."""
+    Same arguments (``upsample`` and the weights fused the same way), dtypes and errors as
+    :func:`tree_min_loss`."""
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, single_pass,
-                      False, upsample=upsample, align_corners=align_corners)
+                      False, upsample=upsample, align_corners=align_corners, class_weight=class_weight,
+                      pixel_weight=pixel_weight)
 
 
 tree_min_loss.takes_upsample = True  # functional.py passes upsample= / align_corners= through
 tree_bce_loss.takes_upsample = True
+tree_min_loss.takes_weights = True  # ... and class_weight= / pixel_weight= (fused in the kernels)
+tree_bce_loss.takes_weights = True
 
 
 def tree_min_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 2.0,
                            scale: float = 1.0, eps: float = 0.0, normalize: str = "level", ignore_index: int = 255,
-                           reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+                           reduction: str = "mean", class_weight: Optional[torch.Tensor] = None,
+                           pixel_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(loss, d loss / d logits)`` in one pass over the logits, outside autograd (docs/MATH.md §5.6); then
-    ``logits.backward(grad)``. ``reduction``: ``mean`` or ``sum``. Arguments as :func:`tree_min_loss`."""
+    ``logits.backward(grad)``. ``reduction``: ``mean`` or ``sum``. Arguments (the weights included) as
+    :func:`tree_min_loss`."""
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True, True,
-                      with_grad=True)
+                      with_grad=True, class_weight=class_weight, pixel_weight=pixel_weight)
 
 
 def tree_bce_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma: float = 0.0,
                            scale: float = 1.0, eps: float = 0.0, normalize: str = "level", ignore_index: int = 255,
-                           reduction: str = "mean") -> Tuple[torch.Tensor, torch.Tensor]:
+                           reduction: str = "mean", class_weight: Optional[torch.Tensor] = None,
+                           pixel_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Single-pass ``(loss, gradient)`` of :func:`tree_bce_loss`, as :func:`tree_min_loss_and_grad`."""
     return _node_loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, True, False,
-                      with_grad=True)
+                      with_grad=True, class_weight=class_weight, pixel_weight=pixel_weight)

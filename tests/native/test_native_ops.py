@@ -32,12 +32,21 @@ def test_opcheck_hierarchical_softmax(backend, device, dtype):
     x, y = H.inputs(tree, "hierarchical_softmax_loss", (2, 3, 4), dtype, device=device)
     w = torch.rand(tree.depth, dtype=dtype).to(device)
     group = tree.tables(device).leaf_group
+    cw = torch.rand(tree.num_leaves, dtype=dtype).to(device)
+    pw = torch.rand(y.shape, dtype=dtype).to(device).transpose(1, 2).contiguous().transpose(1, 2)  # strided
     for per_pixel in (False, True):
         args = (x.requires_grad_(), y, group, w, 0.0, 255, per_pixel)
         torch.library.opcheck(ops.hierarchical_softmax_fwd.default, args)
-        loss, stats, _ = ops.hierarchical_softmax_fwd(*args)
+        loss, stats, _, _ = ops.hierarchical_softmax_fwd(*args)
         torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
                               (torch.randn_like(loss), x.detach(), y, stats.detach(), group, w, 0.0, 255))
+        # with class and pixel weights (the last two arguments)
+        wargs = args + (0, False, cw, pw)
+        torch.library.opcheck(ops.hierarchical_softmax_fwd.default, wargs)
+        loss, stats, _, _ = ops.hierarchical_softmax_fwd(*wargs)
+        torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
+                              (torch.randn_like(loss), x.detach(), y, stats.detach(), group, w, 0.0, 255, 0, False,
+                               cw, pw))
 
 
 @pytest.mark.parametrize("extrema", [True, False])
@@ -71,7 +80,7 @@ def test_hierarchical_softmax_bwd_fake_strides(backend, device):
     group, w = tree.tables(device).leaf_group, torch.rand(tree.depth).to(device)
     for x in _views(tree.num_leaves, device):
         y = _target(x, tree)
-        _, stats, _ = ops.hierarchical_softmax_fwd(x, y, group, w, 0.0, 255, True)
+        _, stats, _, _ = ops.hierarchical_softmax_fwd(x, y, group, w, 0.0, 255, True)
         torch.library.opcheck(ops.hierarchical_softmax_bwd.default,
                               (torch.randn(y.shape).to(device), x, y, stats, group, w, 0.0, 255),
                               test_utils=("test_faketensor",))

@@ -94,7 +94,7 @@ def test_the_vec_path_runs(backend, device, dtype, monkeypatch):
     w = tables.level_weight_vector(tree, None, torch.float32, x.device)
 
     def saved_lse_d():
-        _, stats, _ = torch.ops.hss_kernels.hierarchical_softmax_fwd(x, y, group, w, 0.0, 255, True, 0, False)
+        _, stats, _, _ = torch.ops.hss_kernels.hierarchical_softmax_fwd(x, y, group, w, 0.0, 255, True, 0, False)
         valid = y != 255
         zy = x.float().gather(1, y.clamp(max=tree.num_leaves - 1).unsqueeze(1)).squeeze(1)
         return stats[tree.depth][valid], zy[valid]

@@ -39,7 +39,7 @@ def test_hierarchical_softmax_ops(backend, device):
             args = (x, y, group, w, 0.0, 255, reduction, single)
             torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_fwd.default, args, test_utils=FWD_UTILS)
             if not single:
-                loss, stats, count, _ = torch.ops.hss_triton.hierarchical_softmax_fwd(*args)
+                loss, stats, count, _, _ = torch.ops.hss_triton.hierarchical_softmax_fwd(*args)
                 torch.library.opcheck(torch.ops.hss_triton.hierarchical_softmax_bwd.default,
                                       (torch.randn_like(loss), x, y, group, w, stats, count, 0.0, 255, reduction),
                                       test_utils=BWD_UTILS)
@@ -52,7 +52,7 @@ def test_hierarchical_softmax_ops_with_options(backend, device, case):
     x, y = H.inputs(tree, "hierarchical_softmax_loss", (2, 3, 5), device=device)
     leaf_group, level_w = HS._tables(tree, [1.0, 0.5, 2.0], torch.float32, x.device)
     if case == "backward":
-        _, stats, count, _ = HS._hierarchical_softmax_fwd(x, y, leaf_group, level_w, 1e-4, 255, "none", False)
+        _, stats, count, _, _ = HS._hierarchical_softmax_fwd(x, y, leaf_group, level_w, 1e-4, 255, "none", False)
         go = torch.randn(1, 3, 1).to(device).expand(2, 3, 5)
         torch.library.opcheck(HS._hierarchical_softmax_bwd, (go, x, y, leaf_group, level_w, stats, count, 1e-4, 255, "none"))
         return
@@ -72,7 +72,7 @@ def test_tree_min_ops(backend, device, extrema):
             args = (x, y, tab, k, sizes, 2.0, 0.0, 255, reduction, extrema, single)
             torch.library.opcheck(torch.ops.hss_triton.tree_min_fwd.default, args, test_utils=FWD_UTILS)
             if not single:
-                loss, count, _ = torch.ops.hss_triton.tree_min_fwd(*args)
+                loss, count, _, _ = torch.ops.hss_triton.tree_min_fwd(*args)
                 torch.library.opcheck(torch.ops.hss_triton.tree_min_bwd.default,
                                       (torch.randn_like(loss), x, y, tab, k, count, sizes, 2.0, 0.0, 255, reduction,
                                        extrema), test_utils=BWD_UTILS)
