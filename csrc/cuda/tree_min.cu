@@ -254,20 +254,14 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
         tree_forward_group<kF, kExtrema, A, G>(col, nodes, acc, ti, y, k, gamma, eps, l);
       }
     }
-    if (any && w.any()) {  // the weights: one pw read per labelled lane, at the target's pixel
-      int64_t woff[G];
-      if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
-      HSS_UNROLL
-      for (int j = 0; j < G; ++j)
-        if (kind[j] == kLabelValid) {
-          const A cy = w.of_class(y[j]);
-          l[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
-          ws += static_cast<double>(cy);
-        }
-    }
     HSS_UNROLL
     for (int j = 0; j < G; ++j) {
-      const A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
+      A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
+      if (kind[j] == kLabelValid && w.any()) {  // the weights: one pw read per labelled lane, at its target pixel
+        const A cy = w.of_class(y[j]);
+        v *= w.pw ? cy * w.pw[w.gw.offset(i0 + j)] : cy;
+        ws += static_cast<double>(cy);
+      }
       if (j < n) {
         sum += static_cast<double>(v);
         c += kind[j] != kLabelIgnored;
