@@ -105,7 +105,9 @@ def _run(op, backend, logits, target, reduction, upsample=None, align_corners=Fa
     weighted = class_weight is not None or pixel_weight is not None
     # A backend that marks its loss ``takes_weights`` fuses the weights into its kernels; the others get
     # them applied to their per-pixel losses here (reference.weigh_loss, the spec).
-    fused = weighted and getattr(impl, "takes_weights", False)
+    # The kernels give the weights no gradient: weights that need one take the composition.
+    fused = weighted and getattr(impl, "takes_weights", False) and not (
+        torch.is_grad_enabled() and any(w is not None and w.requires_grad for w in (class_weight, pixel_weight)))
     red = "none" if weighted and not fused else reduction
     if fused:
         kw.update(class_weight=class_weight, pixel_weight=pixel_weight)

@@ -143,3 +143,23 @@ def test_compile_fullgraph_with_weights():
                                                              backend="native"), fullgraph=True, backend="aot_eager")
     H.assert_matches(lambda a, t, _tree, **_: f(a, t),
                      lambda a, t, tr, **_: _manual("tree_min_loss", a, t, tr, "mean", cw, pw, gamma=2.0), x, y, tree)
+
+
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_weights_that_require_grad_get_the_references_gradient(loss):
+    """No kernel differentiates the weights: weights that require a gradient take the composition on every
+    backend, so their gradients (and the logits') equal the reference backend's."""
+    tree = H.random_tree()
+    x, y = H.inputs(tree, loss, (2, 3, 4), torch.float64)
+    y[0, 0, 0] = 255
+    cw0, pw0 = torch.rand(tree.num_leaves, dtype=torch.float64) + 0.5, torch.rand(y.shape, dtype=torch.float64)
+    want = None
+    for backend in ["reference"] + [b for b in _backends() if b != "reference"]:
+        c, p, a = cw0.clone().requires_grad_(), pw0.clone().requires_grad_(), x.clone().requires_grad_()
+        out = H.api(loss, backend)(a, y, tree, class_weight=c, pixel_weight=p)
+        got = torch.autograd.grad(out, (a, c, p))
+        if want is None:
+            want = got
+            assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)

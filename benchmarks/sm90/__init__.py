@@ -42,8 +42,8 @@ listed as not fused.
   - ``global_load_bits``: the widest ``LDG`` on a line marked ``sm90: logits``.
 
 * **Times**: warp-instructions = Σ instructions per thread × warps launched (Triton: num_warps ×
-  programs; CUDA: blocks × threads / 32; the CUDA forward's one-block ``finish_kernel`` (the hierarchical
-  softmax's ``finish_weighted_kernel``) is included, a few thousand warp-instructions); ``issue_ms`` =
+  programs; CUDA: blocks × threads / 32; the CUDA forward's one-block ``finish_weighted_kernel``
+  (csrc/cuda/common.cuh) is included, a few thousand warp-instructions); ``issue_ms`` =
   warp-instructions / (4 per clock per SM × 132 SMs × 1.755 GHz); ``floor_ms`` = the bytes the pass must
   move (docs/MATH.md §5.6 and §6.5, formulas in
   :data:`.model.FLOOR_FORMULAS` and :data:`.model.UP_FLOOR_FORMULAS`: with upsampling the logits and their

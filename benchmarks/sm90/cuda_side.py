@@ -238,14 +238,14 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
     ug = upsample_geom(low, xs, H, W) if up > 1 else None
     kup = "Lb1E" if up > 1 else "Lb0E"
     sizes = {"H": H, "W": W, "h": h, "w": w, "n": n}
-    finish = CudaLaunch(op_source(op), "finish_kernel", A, 1, THREADS, [None, None, nb, None, None],
-                        {"nb": nb})
+
+    def finish_weighted(blocks):  # common.cuh's: (part, cnt, wpart = null without class weights, nb, loss_sum,
+        # count, weight_sum), one block
+        return CudaLaunch(op_source(op), "finish_weighted_kernel", A, 1, THREADS,
+                          [None, None, 0, blocks, None, None, None], {"nb": blocks})
+
     if op == "hierarchical_softmax":
         scalars = {"P": P, "L": L, "D": D, **sizes}
-
-        def finish_weighted(blocks):  # (part, cnt, wpart = null without class weights, nb, loss_sum, count, weight_sum)
-            return CudaLaunch("hierarchical_softmax", "finish_weighted_kernel", A, 1, THREADS,
-                              [None, None, 0, blocks, None, None, None], {"nb": blocks})
 
         _, size = _DT[dtype]
         lanes = 16 // size  # hierarchical_softmax.cu lanes_of<T>(): pixels per thread on the lanes path
@@ -274,21 +274,12 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
     if op in ("tree_min", "tree_bce"):
         extrema = op == "tree_min"
         scalars = {"P": P, "L": L, "D": D, "V": V, **sizes}
-        # The fused weights (PixelWeights<float>: cw, pw, PixelGeom gw) of an unweighted call: both tables
-        # null, and no class weights' partials (wpart null); tree_min.cu's finish_weighted_kernel then writes
-        # the count as the weight sum.
-        pw_none = struct.pack("<7q", 0, 0, 1, 1, 0, 0, 0)
-
-        def finish_w(blocks):
-            return CudaLaunch(op_source(op), "finish_weighted_kernel", A, 1, THREADS,
-                              [None, None, 0, blocks, None, None, None], {"nb": blocks})
-
         if pass_ == "forward":
             if up > 1:  # one pixel per thread, each channel interpolated (tree_min_fwd_kernel<T, A, true>)
                 return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A + kup, nb, THREADS,
                                    [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
-                                    None, None, ug, pw_none, 0], scalars,
-                                   tree_smem_bytes(V, D, THREADS, extrema, False)), finish_w(nb)]
+                                    None, None, ug, NO_WEIGHTS, 0], scalars,
+                                   tree_smem_bytes(V, D, THREADS, extrema, False)), finish_weighted(nb)]
             # tree_fwd_group_kernel<T, A, kF, kExtrema, kVec>: G = 16 / sizeof(T) pixels per thread, the focal
             # mode of the defaults (kFocalG2 = 2 for gamma 2, kFocalG0 = 1 for gamma 0; eps 0), kVec on NCHW
             # (vec_groups: H*W and the strides multiples of G, 16-byte aligned)
@@ -300,7 +291,7 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
             return [CudaLaunch("tree_min", "tree_fwd_group_kernel",
                                T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + vec, nbg, THREADS,
                                [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, 0, None, None,
-                                pw_none, 0], scalars, smem), finish_w(nbg)]
+                                NO_WEIGHTS, 0], scalars, smem), finish_weighted(nbg)]
         threads = THREADS  # tree_min_bwd_cuda: fewer threads per block while the block's smem is over 48 KiB
         while threads > 32 and tree_smem_bytes(V, D, threads, extrema, True) > DEFAULT_SMEM:
             threads //= 2
@@ -308,7 +299,7 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         if up > 1:
             return [CudaLaunch("tree_min", "tree_min_bwd_up_kernel", T + A, -(-n // threads), threads,
                                [None, gg, None, sC, ug, n, None, gt, None, V, L, D, None, gamma, eps, ignore, extrema,
-                                None, pw_none], scalars, smem)]
+                                None, NO_WEIGHTS], scalars, smem)]
         if not extrema:
             # tree_bce_bwd_group_kernel<T, A, kF, kVec>: G pixels per thread as the forward, the node table only
             G = 16 // _DT[dtype][1]
@@ -317,11 +308,11 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
             return [CudaLaunch("tree_min", "tree_bce_bwd_group_kernel", T + A + f"Li{kf}E" + vec,
                                -(-(-(-P // G)) // THREADS), THREADS,
                                [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
-                                pw_none], scalars, 16 * V)]
+                                NO_WEIGHTS], scalars, 16 * V)]
         kf = 2 if gamma == 2 else 1 if gamma == 0 else 0  # tree_min_bwd_kernel<T, A, kF>: the focal mode
         return [CudaLaunch("tree_min", "tree_min_bwd_kernel", T + A + f"Li{kf}E", -(-P // threads), threads,
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
-                            extrema, pw_none], scalars, smem)]
+                            extrema, NO_WEIGHTS], scalars, smem)]
     if op == "decode":
         # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean, kUp>, kAct 0 (sigmoid), kOrdered when the
         # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"), kUp with size=

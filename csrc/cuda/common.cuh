@@ -88,22 +88,6 @@ __device__ inline void block_partial(double v, int64_t c, double* part, int64_t*
   }
 }
 
-// One block: loss_sum = sum of the partials (if loss_sum), count = sum of the counts.
-template <typename A>
-__global__ void finish_kernel(const double* part, const int64_t* cnt, int64_t nb, A* loss_sum, int64_t* count) {
-  double v = 0;
-  int64_t c = 0;
-  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {  // sm90: trips=nb / threads
-    v += part[b];
-    c += cnt[b];
-  }
-  block_sum(v, c);
-  if (threadIdx.x == 0) {
-    if (loss_sum) *loss_sum = static_cast<A>(v);
-    *count = c;
-  }
-}
-
 // The gradient column of a pixel that is not kLabelValid: 0 when ignored, NaN for a bad label (common.h).
 template <typename T, typename A>
 __device__ void write_unlabelled_column(T* out, int64_t sC, int channels, LabelKind kind) {
@@ -111,20 +95,55 @@ __device__ void write_unlabelled_column(T* out, int64_t sC, int channels, LabelK
   for (int j = 0; j < channels; ++j) out[j * sC] = v;  // sm90: trips=C
 }
 
-// Partial buffers for nb blocks, and the launch of the second stage.
+// The class weights' per-block partial (the weighted mean's denominator), summed in block_sum's fixed order;
+// every thread of the block calls it, or none (wpart is the same for the whole grid).
+__device__ inline void block_weight_partial(double v, double* wpart) {
+  int64_t unused = 0;
+  block_sum(v, unused);
+  if (threadIdx.x == 0) wpart[blockIdx.x] = v;
+}
+
+// The second stage (Partials::finish): loss_sum (unless null) and count from the
+// partials, weight_sum from the class weights' partials wpart in the same order, or the count without them.
+template <typename A>
+__global__ void finish_weighted_kernel(const double* part, const int64_t* cnt, const double* wpart, int64_t nb,
+                                       A* loss_sum, int64_t* count, A* weight_sum) {
+  double v = 0, wv = 0;
+  int64_t c = 0;
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {  // sm90: trips=nb / threads
+    v += part[b];
+    c += cnt[b];
+    if (wpart) wv += wpart[b];
+  }
+  block_sum(v, c);
+  if (wpart) {
+    int64_t unused = 0;
+    block_sum(wv, unused);
+  }
+  if (threadIdx.x == 0) {
+    if (loss_sum) *loss_sum = static_cast<A>(v);
+    *count = c;
+    *weight_sum = wpart ? static_cast<A>(wv) : static_cast<A>(c);
+  }
+}
+
+// A forward's partial buffers for nb blocks (loss, count and, with class weights, the weight sum) and the
+// launch of the second stage, which writes loss (unless per_pixel), count and weight_sum.
 struct Partials {
-  at::Tensor part, cnt;
-  Partials(const at::Tensor& like, int64_t nb)
+  at::Tensor part, cnt, wpart;
+  Partials(const at::Tensor& like, int64_t nb, bool class_weights)
       : part(at::empty({nb}, like.options().dtype(at::kDouble))),
-        cnt(at::empty({nb}, like.options().dtype(at::kLong))) {}
+        cnt(at::empty({nb}, like.options().dtype(at::kLong))) {
+    if (class_weights) wpart = at::empty({nb}, like.options().dtype(at::kDouble));
+  }
   double* p() { return part.data_ptr<double>(); }
   int64_t* c() { return cnt.data_ptr<int64_t>(); }
-
-  // The scalar loss (the sum of the partials) unless per_pixel, and the count of counted pixels.
+  double* w() { return wpart.defined() ? wpart.data_ptr<double>() : nullptr; }
   template <typename A>
-  void finish(at::Tensor& loss, at::Tensor& count, bool per_pixel, cudaStream_t stream) {
-    finish_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), part.numel(), per_pixel ? nullptr : loss.data_ptr<A>(),
-                                                 count.data_ptr<int64_t>());
+  void finish(at::Tensor& loss, at::Tensor& count, at::Tensor& weight_sum, bool per_pixel, cudaStream_t stream) {
+    finish_weighted_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), w(), part.numel(),
+                                                          per_pixel ? nullptr : loss.data_ptr<A>(),
+                                                          count.data_ptr<int64_t>(), weight_sum.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -41,55 +41,12 @@ __device__ inline SharedGroups load_groups(const int32_t* __restrict__ group, in
   return SharedGroups{t};
 }
 
-// The forward's reduction with weights: per block, the weighted loss and count (part, cnt, as
-// block_partial) and, with class weights (wpart non-null), the sum of the labelled pixels' class weights;
-// then one block sums them in a fixed order (finish_weighted_kernel). The same bits on every run.
+// The forward's per-block partials: the weighted loss and count (block_partial) and, with class weights
+// (wpart non-null), the sum of the labelled pixels' class weights (block_weight_partial).
 __device__ inline void block_partials(double v, int64_t c, double wv, double* part, int64_t* cnt, double* wpart) {
   block_partial(v, c, part, cnt);
-  if (wpart) {  // the same block_sum again: thread 0 alone reads its shared totals in between
-    int64_t unused = 0;
-    block_sum(wv, unused);
-    if (threadIdx.x == 0) wpart[blockIdx.x] = wv;
-  }
+  if (wpart) block_weight_partial(wv, wpart);
 }
-
-// loss_sum (unless null) and count as finish_kernel; weight_sum = the sum of wpart, or the count without it.
-template <typename A>
-__global__ void finish_weighted_kernel(const double* part, const int64_t* cnt, const double* wpart, int64_t nb,
-                                       A* loss_sum, int64_t* count, A* weight_sum) {
-  double v = 0, wv = 0;
-  int64_t c = 0, unused = 0;
-  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {  // sm90: trips=nb / threads
-    v += part[b];
-    c += cnt[b];
-    if (wpart) wv += wpart[b];
-  }
-  block_sum(v, c);
-  if (threadIdx.x == 0) {
-    if (loss_sum) *loss_sum = static_cast<A>(v);
-    *count = c;
-  }
-  if (wpart) block_sum(wv, unused);
-  if (threadIdx.x == 0) *weight_sum = wpart ? static_cast<A>(wv) : static_cast<A>(c);
-}
-
-// The forward's partial buffers, with the class weights' sums when there are class weights.
-struct WeightedPartials {
-  Partials partials;
-  at::Tensor wpart;
-  WeightedPartials(const at::Tensor& like, int64_t nb, bool class_weights)
-      : partials(like, nb), wpart(class_weights ? at::empty({nb}, like.options().dtype(at::kDouble)) : at::Tensor()) {}
-  double* p() { return partials.p(); }
-  int64_t* c() { return partials.c(); }
-  double* w() { return wpart.defined() ? wpart.data_ptr<double>() : nullptr; }
-  template <typename A>
-  void finish(at::Tensor& loss, at::Tensor& count, at::Tensor& weight_sum, bool per_pixel, cudaStream_t stream) {
-    finish_weighted_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), w(), partials.part.numel(),
-                                                          per_pixel ? nullptr : loss.data_ptr<A>(),
-                                                          count.data_ptr<int64_t>(), weight_sum.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 template <typename T, typename A, bool kUp>
 __global__ void __launch_bounds__(kThreads)
@@ -399,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_
       if (lanes) {
         const auto kernel = hierarchical_softmax_fwd_lanes_kernel<scalar_t, A>;
         const int64_t nb = num_blocks(P / lanes_of<scalar_t>(), kThreads);
-        WeightedPartials partials(logits, nb, wts.cw != nullptr);
+        Partials partials(logits, nb, wts.cw != nullptr);
         const size_t smem = packed_smem_bytes(logits.size(1));
         allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
                    "hierarchical_softmax", logits.size(1), "leaves");
@@ -414,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_
       }
     }
     const int64_t nb = num_blocks(P, kThreads);
-    WeightedPartials partials(logits, nb, wts.cw != nullptr);
+    Partials partials(logits, nb, wts.cw != nullptr);
     const auto kernel = upsample ? hierarchical_softmax_fwd_kernel<scalar_t, A, true>
                                  : hierarchical_softmax_fwd_kernel<scalar_t, A, false>;
     const size_t smem = group_smem_bytes(logits.size(1));

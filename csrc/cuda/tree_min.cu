@@ -58,55 +58,6 @@ __device__ inline NodeTable<A> load_node_table(unsigned char* smem, const TreeIn
   return NodeTable<A>{nodes};
 }
 
-// The class weights' per-block partial (the weighted mean's denominator), summed in block_sum's fixed order;
-// every thread of the block calls it, or none (wpart is the same for the whole grid).
-__device__ inline void block_weight_partial(double v, double* wpart) {
-  int64_t unused = 0;
-  block_sum(v, unused);
-  if (threadIdx.x == 0) wpart[blockIdx.x] = v;
-}
-
-// The second stage (Partials::finish's) with the weight sum: loss_sum (unless null) and count from the
-// partials, weight_sum from the class weights' partials wpart in the same order, or the count without them.
-template <typename A>
-__global__ void finish_weighted_kernel(const double* part, const int64_t* cnt, const double* wpart, int64_t nb,
-                                       A* loss_sum, int64_t* count, A* weight_sum) {
-  double v = 0, wv = 0;
-  int64_t c = 0;
-  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {  // sm90: trips=nb / threads
-    v += part[b];
-    c += cnt[b];
-    if (wpart) wv += wpart[b];
-  }
-  block_sum(v, c);
-  if (wpart) {
-    int64_t unused = 0;
-    block_sum(wv, unused);
-  }
-  if (threadIdx.x == 0) {
-    if (loss_sum) *loss_sum = static_cast<A>(v);
-    *count = c;
-    *weight_sum = wpart ? static_cast<A>(wv) : static_cast<A>(c);
-  }
-}
-
-// Partials plus, with class weights, the weight partials; finish writes loss (unless per_pixel), count and
-// weight_sum in one launch.
-struct WeightedPartials : Partials {
-  at::Tensor wpart;
-  WeightedPartials(const at::Tensor& like, int64_t nb, bool class_weights) : Partials(like, nb) {
-    if (class_weights) wpart = at::empty({nb}, like.options().dtype(at::kDouble));
-  }
-  double* w() { return wpart.defined() ? wpart.data_ptr<double>() : nullptr; }
-  template <typename A>
-  void finish(at::Tensor& loss, at::Tensor& count, at::Tensor& weight_sum, bool per_pixel, cudaStream_t stream) {
-    finish_weighted_kernel<A><<<1, kThreads, 0, stream>>>(p(), c(), w(), part.numel(),
-                                                          per_pixel ? nullptr : loss.data_ptr<A>(),
-                                                          count.data_ptr<int64_t>(), weight_sum.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
-
 template <typename T, typename A, bool kUp>
 __global__ void __launch_bounds__(kThreads)
 tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
@@ -439,7 +390,7 @@ void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const 
   const int64_t P = target.numel();
   const int V = logits.size(1);
   const int64_t nb = num_blocks((P + G - 1) / G, kThreads);
-  WeightedPartials partials(logits, nb, w.cw != nullptr);
+  Partials partials(logits, nb, w.cw != nullptr);
   auto kernel = tree_fwd_group_kernel<T, A, kF, kExtrema, kVec>;
   const size_t smem = group_smem_bytes<A, G>(V, D, kThreads, kExtrema);
   allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min", V,
@@ -507,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
       return;
     }
     const int64_t nb = num_blocks(P, kThreads);
-    WeightedPartials partials(logits, nb, w.cw != nullptr);
+    Partials partials(logits, nb, w.cw != nullptr);
     auto kernel = tree_min_fwd_kernel<scalar_t, A, true>;
     const size_t smem = tree_smem_bytes<A>(logits.size(1), D, kThreads, extrema, false);
     // block_sum's static arrays

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import reference, tables
+from .. import tables
 from ..tree import Tree
 from ._common import (acc_dtype, grad_like, new_loss, reduce, register_no_double_backward, upsample_code,
                       weight_args)
@@ -37,13 +37,8 @@ def hierarchical_softmax_loss(
     """:func:`hss_kernels.reference.hierarchical_softmax_loss` with fused C++/CUDA kernels.
     ``logits`` (N, L, H, W), or (N, L, h, w) with ``upsample``, ``target`` (N, H, W), already checked by
     the public API; ``class_weight`` (L,) and ``pixel_weight`` (the target's shape, any strides), both
-    optional, applied in the kernels (docs/MATH.md §6.6) as ``reference.weigh_loss`` does (by it, on the
-    kernels' per-pixel loss, when a weight requires a gradient)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (class_weight, pixel_weight)):
-        # Weights that need a gradient (the kernels give them none): the unweighted kernels, then the spec.
-        per_pixel = hierarchical_softmax_loss(logits, target, tree, level_weights, eps, ignore_index, "none", upsample,
-                                              align_corners)
-        return reference.weigh_loss(per_pixel, target, reduction, class_weight, pixel_weight, ignore_index)
+    optional, applied in the kernels (docs/MATH.md §6.6) as ``reference.weigh_loss`` does (weights that
+    require a gradient never come here: functional._run applies them by ``weigh_loss``)."""
     acc = acc_dtype(logits.dtype)
     w = tables.level_weight_vector(tree, level_weights, acc, logits.device)
     group = tables.leaf_group(tree, logits.device)

@@ -8,14 +8,14 @@ Both losses are marked ``takes_weights``: ``class_weight`` and ``pixel_weight`` 
 the sum of ``cw[y]`` over the labelled pixels (a weighted mean's denominator); the backward multiplies each
 labelled pixel's upstream gradient by the same weight. ``pixel_weight`` is read once per pixel, at the
 target's (full-resolution) pixel with fused upsampling. The kernels give the weights no gradient: weights that
-require one take the unweighted kernels and ``reference.weigh_loss``."""
+require one take the unweighted kernels and ``reference.weigh_loss`` (``functional._run``)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .. import reference, tables
+from .. import tables
 from ..tree import Tree
 from ..tables import tree_index
 from ._common import acc_dtype, grad_like, new_loss, reduce, register_no_double_backward, upsample_code, weight_args
@@ -28,11 +28,6 @@ _BWD = "hss_kernels::tree_min_bwd"
 
 def _loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, reduction, extrema, upsample,
           align_corners, class_weight, pixel_weight):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (class_weight, pixel_weight)):
-        # Weights that need a gradient (the kernels give them none): the unweighted kernels, then the spec.
-        per_pixel = _loss(logits, target, tree, gamma, scale, eps, normalize, ignore_index, "none", extrema, upsample,
-                          align_corners, None, None)
-        return reference.weigh_loss(per_pixel, target, reduction, class_weight, pixel_weight, ignore_index)
     acc = acc_dtype(logits.dtype)
     k = tables.node_weight_vector(tree, scale, normalize, acc, logits.device)
     up = upsample_code(upsample)
