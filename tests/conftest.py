@@ -51,6 +51,17 @@ def backend(request, device):
     return request.param
 
 
+@pytest.fixture(params=["default", "pixel"])
+def cpu_path(request, monkeypatch):
+    """The native CPU kernels' own paths ("default"), or ("pixel", HSS_CPU_PIXEL_PATH=1) the per-pixel code
+    of the CUDA kernels run on the CPU."""
+    if request.param == "pixel":
+        monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
+    else:
+        monkeypatch.delenv("HSS_CPU_PIXEL_PATH", raising=False)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _one_intra_op_thread():
     """One intra-op thread per test. The CPU machines are shared and a GPU machine runs one pytest worker

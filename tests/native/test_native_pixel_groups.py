@@ -28,14 +28,10 @@ MODES = pytest.mark.parametrize("opts", [dict(gamma=2.0), dict(gamma=0.0), dict(
 SHAPES = pytest.mark.parametrize("shape", [(1, 3, 7), (1, 1, 1), (1, 1, 67), (3, 1, 7)])
 
 
-@pytest.fixture(params=["pixel", "default"])
-def path(request, monkeypatch):
-    """HSS_CPU_PIXEL_PATH=1 (every dtype through the groups), or unset (float64 only)."""
-    if request.param == "pixel":
-        monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
-    else:
-        monkeypatch.delenv("HSS_CPU_PIXEL_PATH", raising=False)
-    return request.param
+@pytest.fixture
+def path(cpu_path):
+    """conftest.cpu_path: the CPU's own paths or HSS_CPU_PIXEL_PATH=1."""
+    return cpu_path
 
 
 def _dtypes(path):

@@ -19,14 +19,10 @@ import helpers as H
 ops = torch.ops.hss_kernels
 
 
-@pytest.fixture(params=["default", "pixel"])
-def path(request, monkeypatch):
-    """The CPU's own paths, or (``HSS_CPU_PIXEL_PATH=1``) the per-pixel code of the CUDA kernels."""
-    if request.param == "pixel":
-        monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
-    else:
-        monkeypatch.delenv("HSS_CPU_PIXEL_PATH", raising=False)
-    return request.param
+@pytest.fixture
+def path(cpu_path):
+    """conftest.cpu_path: the CPU's own paths or HSS_CPU_PIXEL_PATH=1."""
+    return cpu_path
 
 
 def _weights(tree, shape, dtype=torch.float32, device="cpu"):

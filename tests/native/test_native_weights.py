@@ -17,14 +17,10 @@ LOSS = "hierarchical_softmax_loss"
 ops = torch.ops.hss_kernels
 
 
-@pytest.fixture(params=["rows", "pixel"])
-def path(request, monkeypatch):
-    """The CPU's own paths ("rows") or the CUDA kernels' arithmetic ("pixel", HSS_CPU_PIXEL_PATH=1)."""
-    if request.param == "pixel":
-        monkeypatch.setenv("HSS_CPU_PIXEL_PATH", "1")
-    else:
-        monkeypatch.delenv("HSS_CPU_PIXEL_PATH", raising=False)
-    return request.param
+@pytest.fixture
+def path(cpu_path):
+    """conftest.cpu_path: the CPU's own paths or HSS_CPU_PIXEL_PATH=1."""
+    return cpu_path
 
 
 def _weights(tree, y, dtype=torch.float32, device="cpu"):
