@@ -35,6 +35,72 @@ HSS_HOST_DEVICE inline A neg_inf() { return -static_cast<A>(INFINITY); }
 template <typename A>
 HSS_HOST_DEVICE inline A quiet_nan() { return static_cast<A>(NAN); }
 
+// max(a, b), NaN if either is NaN (max.NaN on sm_80+; hmax drops a NaN b).
+template <typename A>
+HSS_HOST_DEVICE inline A max_nan(A a, A b) { return a > b || a != a ? a : b; }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+HSS_HOST_DEVICE inline float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+#endif
+// min(a, b), NaN if either is NaN.
+template <typename A>
+HSS_HOST_DEVICE inline A min_nan(A a, A b) { return a < b || a != a ? a : b; }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+HSS_HOST_DEVICE inline float min_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+#endif
+
+// The special-function unit's forms (one MUFU instruction each on the GPU, .approx.ftz: results below 2^-126
+// flush to 0; the CPU's library functions elsewhere), float64 exact.
+HSS_HOST_DEVICE inline float fast_exp2(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return exp2f(v);
+#endif
+}
+HSS_HOST_DEVICE inline double fast_exp2(double v) { return exp2(v); }
+HSS_HOST_DEVICE inline float fast_log2(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return log2f(v);
+#endif
+}
+HSS_HOST_DEVICE inline double fast_log2(double v) { return log2(v); }
+HSS_HOST_DEVICE inline float fast_rcp(float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return 1.0f / v;
+#endif
+}
+HSS_HOST_DEVICE inline double fast_rcp(double v) { return 1.0 / v; }
+// e^v as 2^(v log2 e), results below 2^-126 flushed to 0 on both sides (the GPU's ex2.approx.ftz; the CPU
+// exp2f of the same product, flushed explicitly), so that saturated inputs give the exact 0 on both; +inf
+// for large v. The product's rounding adds |v| 2^-24 of relative error. float64: exp.
+HSS_HOST_DEVICE inline float fast_exp(float v) {
+  const float t = v * 1.44269504088896341f;
+#ifdef __CUDA_ARCH__
+  return fast_exp2(t);
+#else
+  return t < -126.f ? 0.f : exp2f(t);
+#endif
+}
+HSS_HOST_DEVICE inline double fast_exp(double v) { return exp(v); }
+
 
 // Labels. The public API rejects a label that is neither ignore_index nor a leaf id in [0, L), but it
 // skips that check (a host sync) under torch.compile or when switched off, so the kernels guard

@@ -64,37 +64,13 @@ HSS_HOST_DEVICE inline A softmax_max(const X& x, int64_t C, int64_t act) {
   return m;
 }
 
-// e^v for the activations. float: 2^(v log2 e), on the GPU the ex2 approximation (flushing subnormal
-// results to 0), on the CPU exp2f with the same flush (exactly 0 below 2^-126, so that saturated logits
-// give the exact 0 that ties need, on both); +inf for large v. double: exp.
-HSS_HOST_DEVICE inline float act_exp(float v) {
-  const float t = v * 1.44269504088896341f;
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
-  return r;
-#else
-  return t < -126.f ? 0.f : exp2f(t);
-#endif
-}
-HSS_HOST_DEVICE inline double act_exp(double v) { return exp(v); }
-
-// 1 / v for the sigmoid: on the GPU the rcp approximation (1 / inf = 0), on the CPU a division.
-HSS_HOST_DEVICE inline float act_rcp(float v) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-#else
-  return 1.f / v;
-#endif
-}
-
+// The activations' e^v and 1 / v are common.h fast_exp (flushed below 2^-126 on both sides, so that
+// saturated logits give the exact 0 that ties need) and fast_rcp (1 / inf = 0).
 // The sigmoid. float: 1 / (1 + e^-v), where e^-v may overflow to +inf (v < -88.7), giving the exact 0
 // that the true value (below 2^-126) is flushed to anyway; two special-function instructions and an add.
 // double: exp(-|v|) never overflows, the two cases are selects, not branches (the sign of a logit is
 // random).
-HSS_HOST_DEVICE inline float sigmoid(float v) { return act_rcp(1.f + act_exp(-v)); }
+HSS_HOST_DEVICE inline float sigmoid(float v) { return fast_rcp(1.f + fast_exp(-v)); }
 HSS_HOST_DEVICE inline double sigmoid(double v) {
   const bool pos = v >= 0.0;
   const double e = exp(pos ? -v : v);
@@ -105,7 +81,7 @@ HSS_HOST_DEVICE inline double sigmoid(double v) {
 template <typename A>
 HSS_HOST_DEVICE inline A activate(A v, int64_t act, A m) {
   if (act == kSigmoid) return sigmoid(v);
-  if (act == kSoftmax) return act_exp(v - m);
+  if (act == kSoftmax) return fast_exp(v - m);
   return v;
 }
 
@@ -188,16 +164,8 @@ HSS_HOST_DEVICE inline int64_t decode_pixel(const X& x, int64_t C, const WalkNod
 // leaf at or below its node (a node of a tree has one; ±inf logits have sigmoids 0 and 1, never NaN), and
 // the best score is then a NaN-propagating max of the leaf scores. The identity (leaf logits) keeps a
 // NaN-propagating max of the logits of its own. One max.NaN instruction each on the GPU, which replaces the
-// select of the best score (the values are the same: a leaf is taken only with a score >= the best).
-HSS_HOST_DEVICE inline float nan_max(float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // max.NaN: sm_80 on
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-#else
-  return a != a ? a : (b != b ? b : (b > a ? b : a));
-#endif
-}
+// select of the best score (the values are the same: a leaf is taken only with a score >= the best): common.h
+// max_nan.
 
 // The best leaf of each lane so far; `nan`, the NaN-propagating max of the logits read (kIdentity only).
 template <typename A, int V>
@@ -228,7 +196,7 @@ HSS_HOST_DEVICE inline void softmax_max_lanes(const X& x, int64_t C, int64_t sc,
     A z[V];
     x.load(c * sc, z);
     HSS_UNROLL
-    for (int k = 0; k < V; ++k) m[k] = nan_max(m[k], z[k]);
+    for (int k = 0; k < V; ++k) m[k] = max_nan(m[k], z[k]);
   }
 }
 
@@ -241,7 +209,7 @@ HSS_HOST_DEVICE inline void walk_step_lanes(const A (&xv)[V], const WalkNode& v,
   run.load(v.depth - 1, s);
   HSS_UNROLL
   for (int k = 0; k < V; ++k) {
-    if (act == kIdentity) best.nan[k] = nan_max(best.nan[k], xv[k]);
+    if (act == kIdentity) best.nan[k] = max_nan(best.nan[k], xv[k]);
     s[k] = s[k] + activate<A>(xv[k], act, m[k]);
   }
   if (v.leaf < 0) {  // the same node in every lane
@@ -253,7 +221,7 @@ HSS_HOST_DEVICE inline void walk_step_lanes(const A (&xv)[V], const WalkNode& v,
   for (int k = 0; k < V; ++k) {
     const A t = score == kMean ? s[k] * r : s[k];
     const bool take = t > best.score[k] || (!ordered && t == best.score[k] && v.leaf < best.leaf[k]);
-    best.score[k] = act == kSigmoid ? nan_max(best.score[k], t) : (take ? t : best.score[k]);
+    best.score[k] = act == kSigmoid ? max_nan(best.score[k], t) : (take ? t : best.score[k]);
     best.leaf[k] = take ? v.leaf : best.leaf[k];
   }
 }

@@ -226,23 +226,10 @@ HSS_HOST_DEVICE inline double opaque(double v) {
   return v;
 }
 
-// e^v for the V-pixel forward's sums, as 2^(v log2 e): on the GPU an explicit ex2.approx.ftz.f32 (one
-// MUFU.EX2, at most 2 ulp of relative error, results below 2^-126 flushed to 0) instead of expf's
-// nine-instruction exact-range code, as the Triton kernel does (docs/MATH.md §2.6); on the CPU exp2f
-// of the same product, flushed the same way. The product's rounding adds |v| 2^-24 of relative error:
-// no term that matters to s (|v| small, s >= 1) or to a group sum kept (>= e^-30, so |v| < 30 for
-// its largest terms) loses more than a few ulps. float64: exp.
-HSS_HOST_DEVICE inline float sum_exp(float v) {
-  const float t = v * 1.44269504088896341f;
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
-  return r;
-#else
-  return t < -126.f ? 0.f : exp2f(t);
-#endif
-}
-HSS_HOST_DEVICE inline double sum_exp(double v) { return hexp(v); }
+// e^v for the V-pixel forward's sums: common.h fast_exp (on the GPU one MUFU.EX2, at most 2 ulp of relative
+// error, instead of expf's nine-instruction exact-range code, as the Triton kernel does, docs/MATH.md §2.6).
+// No term that matters to s (|v| small, s >= 1) or to a group sum kept (>= e^-30, so |v| < 30 for its
+// largest terms) loses more than a few ulps to the product's rounding.
 
 // A level's shared-shift sum below this (e^-kShareShift) may have lost terms to underflow: the lane is
 // recomputed by hierarchical_softmax_forward_pixel, with its own shifts where they are needed.
@@ -301,7 +288,7 @@ HSS_HOST_DEVICE inline unsigned hierarchical_softmax_forward_pixels(const X& x, 
     A e[V];
     HSS_UNROLL
     for (int k = 0; k < V; ++k) {
-      e[k] = sum_exp(z[k] - m[k]);
+      e[k] = fast_exp(z[k] - m[k]);
       s[k] += e[k];
     }
     HSS_UNROLL

@@ -85,58 +85,6 @@ HSS_HOST_DEVICE inline A habs(A v) { return v < A(0) ? -v : v; }
 HSS_HOST_DEVICE inline float habs(float v) { return fabsf(v); }
 #endif
 
-// max(a, b), NaN if either is NaN (max.NaN on sm_80+; hmax drops a NaN b).
-template <typename A>
-HSS_HOST_DEVICE inline A max_nan(A a, A b) { return a > b || a != a ? a : b; }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-HSS_HOST_DEVICE inline float max_nan(float a, float b) {
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-#endif
-// min(a, b), NaN if either is NaN.
-template <typename A>
-HSS_HOST_DEVICE inline A min_nan(A a, A b) { return a < b || a != a ? a : b; }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-HSS_HOST_DEVICE inline float min_nan(float a, float b) {
-  float r;
-  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-#endif
-
-HSS_HOST_DEVICE inline float fast_exp2(float v) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-#else
-  return exp2f(v);
-#endif
-}
-HSS_HOST_DEVICE inline double fast_exp2(double v) { return exp2(v); }
-HSS_HOST_DEVICE inline float fast_log2(float v) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-#else
-  return log2f(v);
-#endif
-}
-HSS_HOST_DEVICE inline double fast_log2(double v) { return log2(v); }
-HSS_HOST_DEVICE inline float fast_rcp(float v) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-#else
-  return 1.0f / v;
-#endif
-}
-HSS_HOST_DEVICE inline double fast_rcp(double v) { return 1.0 / v; }
-
 template <int kF, typename A>
 HSS_HOST_DEVICE inline void focal_k(A z, A gamma, A eps, A* loss, A* dloss) {
   if constexpr (kF == kFocalAny) {
