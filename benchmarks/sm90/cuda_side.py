@@ -249,26 +249,31 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
 
         _, size = _DT[dtype]
         lanes = 16 // size  # hierarchical_softmax.cu lanes_of<T>(): pixels per thread on the lanes path
+        kw = "Lb0E"  # every kernel's kW: false, the instantiation of a call without weights
         if up == 1 and layout == "nchw" and D <= 4:  # vec_lanes(): contiguous planes, H*W % lanes == 0, aligned
             nbv = -(-(P // lanes) // THREADS)
             smem = 16 * L  # packed_smem_bytes: one int4 per leaf
             if pass_ == "forward":
-                return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_lanes_kernel", T + A, nbv, THREADS,
+                return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_lanes_kernel", T + A + kw, nbv,
+                                   THREADS,
                                    [None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None,
                                     None, NO_WEIGHTS, 0], {"P": P, "L": L, "D": D}, smem),
                         finish_weighted(nbv)]
-            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_lanes_kernel", T + A, nbv, THREADS,
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_lanes_kernel", T + A + kw, nbv,
+                               THREADS,
                                [None, gg, None, None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, None,
                                 NO_WEIGHTS], {"P": P, "L": L, "D": D}, smem)]
         if pass_ == "forward":
-            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + kup, nb, THREADS,
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + kup + kw, nb,
+                               THREADS,
                                [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, ug,
                                 NO_WEIGHTS, 0], scalars, group_smem_bytes(L)), finish_weighted(nb)]
         if up > 1:  # one thread per low-resolution pixel, gathering its window (acc: float32, zeroed)
-            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_up_kernel", T + A, -(-n // THREADS),
-                               THREADS, [None, gg, None, sC, ug, n, None, gt, P, L, D, None, None, eps, ignore, None,
-                                         None, NO_WEIGHTS], scalars, group_smem_bytes(L))]
-        return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A, nb, THREADS,
+            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_up_kernel", T + A + kw,
+                               -(-n // THREADS), THREADS,
+                               [None, gg, None, sC, ug, n, None, gt, P, L, D, None, None, eps, ignore, None, None,
+                                NO_WEIGHTS], scalars, group_smem_bytes(L))]
+        return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A + kw, nb, THREADS,
                            [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None, NO_WEIGHTS],
                            scalars, group_smem_bytes(L))]
     if op in ("tree_min", "tree_bce"):

@@ -7,13 +7,17 @@
 // (upsample_math.h) and the backward runs one thread per source pixel, gathering the gradient rows of
 // the destination pixels whose stencil holds it. Class and pixel weights (common.h PixelWeights, docs/MATH.md
 // §6.6): every forward kernel multiplies a labelled pixel's loss by its weight and, with class weights, sums
-// them for the "mean" (finish_weighted_kernel); every backward kernel multiplies its upstream gradient.
+// them for the "mean" (finish_weighted_kernel); every backward kernel multiplies its upstream gradient. Every
+// kernel has a compile-time kW, chosen on the host (with_weights): kW false, the instantiation of a call
+// without weights, compiles the weight code out (its PixelWeights argument is passed but never read).
 #include "checks.h"
 #include "common.cuh"
 #include "hierarchical_softmax_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+
+#include <type_traits>
 
 namespace hss {
 namespace cuda {
@@ -42,13 +46,26 @@ __device__ inline SharedGroups load_groups(const int32_t* __restrict__ group, in
 }
 
 // The forward's per-block partials: the weighted loss and count (block_partial) and, with class weights
-// (wpart non-null), the sum of the labelled pixels' class weights (block_weight_partial).
+// (kW and wpart non-null), the sum of the labelled pixels' class weights (block_weight_partial).
+template <bool kW>
 __device__ inline void block_partials(double v, int64_t c, double wv, double* part, int64_t* cnt, double* wpart) {
   block_partial(v, c, part, cnt);
-  if (wpart) block_weight_partial(wv, wpart);
+  if constexpr (kW) {
+    if (wpart) block_weight_partial(wv, wpart);
+  }
 }
 
-template <typename T, typename A, bool kUp>
+// Runs f(std::bool_constant<kW>{}) with kW = weighted: the host's choice of a kernel's weighted or unweighted
+// instantiation.
+template <typename F>
+void with_weights(bool weighted, F&& f) {
+  if (weighted)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+template <typename T, typename A, bool kUp, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                                 PixelGeom gt, int64_t P, int L, int D, const int32_t* __restrict__ group,
@@ -70,7 +87,7 @@ hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t s
       else
         l = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, L, D, groups,
                                                   static_cast<int>(y), w, eps, st + i, P);
-      if (wts.any()) {  // the pixel's weight, at the target's pixel i (also with upsampling)
+      if constexpr (kW) {  // the pixel's weight, at the target's pixel i (also with upsampling)
         l *= wts.at(i, y);
         ws = static_cast<double>(wts.of_class(y));
       }
@@ -82,10 +99,10 @@ hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t s
     c = kind != kLabelIgnored;
     if (lp) lp[i] = l;
   }
-  block_partials(static_cast<double>(l), c, ws, part, cnt, wpart);
+  block_partials<kW>(static_cast<double>(l), c, ws, part, cnt, wpart);
 }
 
-template <typename T, typename A>
+template <typename T, typename A, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
                                 PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
@@ -103,12 +120,12 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
   }
   const A g = grad[gg.offset(i)];
   hierarchical_softmax_backward_pixel<A>(GlobalCol<T, A>{x + off, sC}, GlobalOut<T, A>{out + off, sC}, L, D, groups,
-                        static_cast<int>(y), w, eps, st + i, P, wts.any() ? g * wts.at(i, y) : g);
+                        static_cast<int>(y), w, eps, st + i, P, kW ? g * wts.at(i, y) : g);
 }
 
 // Fused upsampling: one thread per source pixel q of the (N, L, h, w) logits, its L gradient values in acc
 // ((N, L, h, w) contiguous, zero) gathered from the destination pixels around it.
-template <typename T, typename A>
+template <typename T, typename A, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
                                    UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
@@ -120,8 +137,9 @@ hierarchical_softmax_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, con
   if (q >= n) return;
   const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
   gather_source_pixel(u, b, i, j, acc + b * L * lo + r, lo,
-                      HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups>{{x, sC, u, tgt, gt, grad, gg}, L, D, groups,
-                                                                          w, eps, ignore_index, st, P, wts});
+                      HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups, kW>{{x, sC, u, tgt, gt, grad, gg}, L, D,
+                                                                              groups, w, eps, ignore_index, st, P,
+                                                                              wts});
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -245,7 +263,7 @@ __device__ inline unsigned lane_labels(const int64_t* __restrict__ tgt, const Pi
   return bad;
 }
 
-template <typename T, typename A>
+template <typename T, typename A, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64_t sN, int64_t sC,
                                       const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
@@ -279,7 +297,7 @@ hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64
       if (y[k] < 0) {  // sm90: cold
         l[k] = is_bad ? quiet_nan<A>() : A(0);
         for (int d = 0; d <= D; ++d) st[d * P + i0 + k] = l[k];  // sm90: trips=D + 1
-      } else if (wts.any()) {  // the lane's weight; sm90: cold
+      } else if constexpr (kW) {  // the lane's weight
         l[k] *= wts.at(i0 + k, y[k]);
         w_sum += static_cast<double>(wts.of_class(y[k]));
       }
@@ -288,10 +306,10 @@ hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64
       c += y[k] >= 0 || is_bad;
     }
   }
-  block_partials(l_sum, c, w_sum, part, cnt, wpart);
+  block_partials<kW>(l_sum, c, w_sum, part, cnt, wpart);
 }
 
-template <typename T, typename A>
+template <typename T, typename A, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_bwd_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
                                       T* __restrict__ out, int64_t HW, int64_t sN, int64_t sC,
@@ -312,7 +330,7 @@ hierarchical_softmax_bwd_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, 
     g[k] = grad[goff[k]];
     fill[k] = bad >> k & 1u ? quiet_nan<A>() : A(0);
   }
-  if (wts.any()) {  // a labelled lane's upstream gradient times its weight; sm90: cold
+  if constexpr (kW) {  // a labelled lane's upstream gradient times its weight
     HSS_UNROLL
     for (int k = 0; k < V; ++k)
       if (y[k] >= 0) g[k] *= wts.at(i0 + k, y[k]);
@@ -352,40 +370,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const PixelWeights<A> wts = pixel_weights<A>(class_weight, pixel_weight);
-    if constexpr (sizeof(scalar_t) <= 4) {
-      if (lanes) {
-        const auto kernel = hierarchical_softmax_fwd_lanes_kernel<scalar_t, A>;
-        const int64_t nb = num_blocks(P / lanes_of<scalar_t>(), kThreads);
-        Partials partials(logits, nb, wts.cw != nullptr);
-        const size_t smem = packed_smem_bytes(logits.size(1));
-        allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
-                   "hierarchical_softmax", logits.size(1), "leaves");
-        kernel<<<nb, kThreads, smem, stream>>>(
-            logits.data_ptr<scalar_t>(), logits.size(2) * logits.size(3), logits.stride(0), logits.stride(1),
-            target.data_ptr<int64_t>(), geom(target), P, logits.size(1), D, leaf_group.data_ptr<int32_t>(),
-            level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr,
-            stats.data_ptr<A>(), partials.p(), partials.c(), wts, partials.w());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
-        return;
+    with_weights(wts.any(), [&](auto weighted) {
+      constexpr bool kW = decltype(weighted)::value;
+      if constexpr (sizeof(scalar_t) <= 4) {
+        if (lanes) {
+          const auto kernel = hierarchical_softmax_fwd_lanes_kernel<scalar_t, A, kW>;
+          const int64_t nb = num_blocks(P / lanes_of<scalar_t>(), kThreads);
+          Partials partials(logits, nb, wts.cw != nullptr);
+          const size_t smem = packed_smem_bytes(logits.size(1));
+          allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
+                     "hierarchical_softmax", logits.size(1), "leaves");
+          kernel<<<nb, kThreads, smem, stream>>>(
+              logits.data_ptr<scalar_t>(), logits.size(2) * logits.size(3), logits.stride(0), logits.stride(1),
+              target.data_ptr<int64_t>(), geom(target), P, logits.size(1), D, leaf_group.data_ptr<int32_t>(),
+              level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr,
+              stats.data_ptr<A>(), partials.p(), partials.c(), wts, partials.w());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
+          return;
+        }
       }
-    }
-    const int64_t nb = num_blocks(P, kThreads);
-    Partials partials(logits, nb, wts.cw != nullptr);
-    const auto kernel = upsample ? hierarchical_softmax_fwd_kernel<scalar_t, A, true>
-                                 : hierarchical_softmax_fwd_kernel<scalar_t, A, false>;
-    const size_t smem = group_smem_bytes(logits.size(1));
-    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
-               "hierarchical_softmax", logits.size(1), "leaves");
-    kernel<<<nb, kThreads, smem, stream>>>(
-        logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
-        logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
-        ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c(),
-        UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2),
-                              align_corners),
-        wts, partials.w());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
+      const int64_t nb = num_blocks(P, kThreads);
+      Partials partials(logits, nb, wts.cw != nullptr);
+      const auto kernel = upsample ? hierarchical_softmax_fwd_kernel<scalar_t, A, true, kW>
+                                   : hierarchical_softmax_fwd_kernel<scalar_t, A, false, kW>;
+      const size_t smem = group_smem_bytes(logits.size(1));
+      allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
+                 "hierarchical_softmax", logits.size(1), "leaves");
+      kernel<<<nb, kThreads, smem, stream>>>(
+          logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
+          logits.size(1), D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps),
+          ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, stats.data_ptr<A>(), partials.p(), partials.c(),
+          UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2),
+                                align_corners),
+          wts, partials.w());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
+    });
   });
   return {loss, stats, count, weight_sum};
 }
@@ -410,44 +431,47 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hierarchical_softmax_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const PixelWeights<A> wts = pixel_weights<A>(class_weight, pixel_weight);
-    if (upsample) {
-      const auto kernel = hierarchical_softmax_bwd_up_kernel<scalar_t, A>;
-      const size_t smem = group_smem_bytes(x.size(1));
-      allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
-      at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
-      const int64_t n = x.size(0) * x.size(2) * x.size(3);
-      kernel<<<num_blocks(n, kThreads), kThreads, smem, stream>>>(
-          grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1),
-          UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners),
-          n, target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
-          level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), acc.data_ptr<A>(),
-          wts);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      out.copy_(acc);
-      return;
-    }
-    if constexpr (sizeof(scalar_t) <= 4) {
-      if (vec_lanes(x, &out, D)) {
-        const auto kernel = hierarchical_softmax_bwd_lanes_kernel<scalar_t, A>;
-        const size_t smem = packed_smem_bytes(x.size(1));
+    with_weights(wts.any(), [&](auto weighted) {
+      constexpr bool kW = decltype(weighted)::value;
+      if (upsample) {
+        const auto kernel = hierarchical_softmax_bwd_up_kernel<scalar_t, A, kW>;
+        const size_t smem = group_smem_bytes(x.size(1));
         allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
-        kernel<<<num_blocks(P / lanes_of<scalar_t>(), kThreads), kThreads, smem, stream>>>(
-            grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-            x.size(2) * x.size(3), x.stride(0), x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1),
-            D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index,
-            stats.data_ptr<A>(), wts);
+        at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
+        const int64_t n = x.size(0) * x.size(2) * x.size(3);
+        kernel<<<num_blocks(n, kThreads), kThreads, smem, stream>>>(
+            grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1),
+            UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners),
+            n, target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
+            level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), acc.data_ptr<A>(),
+            wts);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        out.copy_(acc);
         return;
       }
-    }
-    const auto kernel = hierarchical_softmax_bwd_kernel<scalar_t, A>;
-    const size_t smem = group_smem_bytes(x.size(1));
-    allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
-    kernel<<<num_blocks(P, kThreads), kThreads, smem, stream>>>(
-        grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
-        x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
-        level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), wts);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (sizeof(scalar_t) <= 4) {
+        if (vec_lanes(x, &out, D)) {
+          const auto kernel = hierarchical_softmax_bwd_lanes_kernel<scalar_t, A, kW>;
+          const size_t smem = packed_smem_bytes(x.size(1));
+          allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
+          kernel<<<num_blocks(P / lanes_of<scalar_t>(), kThreads), kThreads, smem, stream>>>(
+              grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+              x.size(2) * x.size(3), x.stride(0), x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1),
+              D, leaf_group.data_ptr<int32_t>(), level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index,
+              stats.data_ptr<A>(), wts);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+      const auto kernel = hierarchical_softmax_bwd_kernel<scalar_t, A, kW>;
+      const size_t smem = group_smem_bytes(x.size(1));
+      allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
+      kernel<<<num_blocks(P, kThreads), kThreads, smem, stream>>>(
+          grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
+          x.stride(1), target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
+          level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), wts);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

@@ -383,8 +383,9 @@ HSS_HOST_DEVICE inline unsigned hierarchical_softmax_backward_pixels(const X& x,
 
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
 // its gradient row from the interpolated logits handed to out (an AddOut). A labelled pixel's upstream
-// gradient is multiplied by its weight (common.h PixelWeights, read at the destination pixel q).
-template <typename T, typename A, typename G>
+// gradient is multiplied by its weight (common.h PixelWeights, read at the destination pixel q); kW false
+// compiles the weights out (a call without them: weights is then never read).
+template <typename T, typename A, typename G, bool kW = true>
 struct HierarchicalSoftmaxUpsampledRow {
   UpsampledPixels<T, A> px;
   int L, D;
@@ -401,7 +402,7 @@ struct HierarchicalSoftmaxUpsampledRow {
     if (y >= 0) {
       const A g = px.grad_of(q);
       hierarchical_softmax_backward_pixel<A>(px.logits(q), out, L, D, group, y, w, eps, stats + q, P,
-                                             weights.any() ? g * weights.at(q, y) : g);
+                                             kW && weights.any() ? g * weights.at(q, y) : g);
     }
   }
 };
