@@ -1,4 +1,5 @@
-"""The rules every op shares, in one place: option checks, the label scan, the accumulation dtype.
+"""The rules every op shares, in one place: option checks, the label scan, the accumulation dtype, the
+"mean"'s denominator.
 
 :mod:`hss_kernels.functional` calls the checks before dispatching; the backends and the reference assume
 what they check. Messages start with the public function's name (``fn``).
@@ -20,6 +21,19 @@ _LABEL_CHECK = True
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype arithmetic runs in (docs/MATH.md §5.2): float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mean_denominator(count: torch.Tensor, weight_sum=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What ``reduction="mean"`` divides the summed loss by (docs/MATH.md §5.1, §6.6), as a 0-dim ``dtype``
+    tensor on the count's device: the number of labelled pixels ``count`` (an integer tensor), at least 1;
+    with class weights (``weight_sum``, the sum of the labelled pixels' class weights; ``None`` or empty
+    without them) that sum, or 1 when no pixel is labelled, so that a mean over no pixel is 0 and a zero
+    weight sum over labelled pixels gives 0/0 = NaN, as ``F.cross_entropy``. Tensor operations only: no host
+    synchronisation, traceable by ``torch.compile(fullgraph=True)``. Every backend's "mean" and the
+    reference's use it."""
+    if weight_sum is None or weight_sum.numel() == 0:
+        return count.clamp(min=1).to(dtype)
+    return torch.where(count > 0, weight_sum.to(dtype), torch.ones((), dtype=dtype, device=weight_sum.device))
 
 
 def check_reduction(fn: str, reduction: str) -> None:

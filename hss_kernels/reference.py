@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._checks import acc_dtype
+from ._checks import acc_dtype, mean_denominator
 from .tables import level_weight_vector, node_weight_vector
 from .tree import Tree
 
@@ -79,7 +79,7 @@ def reduce_loss(per_pixel: torch.Tensor, valid: torch.Tensor, reduction: str, sp
     total = per_pixel.sum()
     if reduction == "sum":
         return total
-    return total / valid.sum().clamp(min=1).to(total.dtype)
+    return total / mean_denominator(valid.sum(), None, total.dtype)
 
 
 def weigh_loss(per_pixel: torch.Tensor, target: torch.Tensor, reduction: str, class_weight=None, pixel_weight=None,
@@ -94,12 +94,12 @@ def weigh_loss(per_pixel: torch.Tensor, target: torch.Tensor, reduction: str, cl
     valid = target != ignore_index
     loss = per_pixel
     zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    denom = None
+    weight_sum = None
     if class_weight is not None:
         w = class_weight.to(device=loss.device, dtype=loss.dtype)
         cw = torch.where(valid, w[target.long().clamp(0, w.numel() - 1)], zero)
         loss = loss * cw
-        denom = cw.sum()
+        weight_sum = cw.sum()
     if pixel_weight is not None:
         loss = torch.where(valid, loss * pixel_weight.to(loss.dtype), zero)
     if reduction == "none":
@@ -107,9 +107,7 @@ def weigh_loss(per_pixel: torch.Tensor, target: torch.Tensor, reduction: str, cl
     total = loss.sum()
     if reduction == "sum":
         return total
-    if denom is None:
-        denom = valid.sum().to(total.dtype)
-    return total / torch.where(valid.any(), denom, torch.ones_like(denom))
+    return total / mean_denominator(valid.sum(), weight_sum, total.dtype)
 
 
 # --------------------------------------------------------------------------- upsampling

@@ -163,3 +163,36 @@ def test_weights_that_require_grad_get_the_references_gradient(loss):
             assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
+
+
+def test_mean_denominator_is_cross_entropys_and_compiles():
+    """The one "mean" rule (_checks.mean_denominator) every backend and the reference divide by: the weighted sum
+    over it is F.cross_entropy's weighted mean on random flat cases (a zero weight sum over labelled pixels NaN in
+    both); without class weights the labelled count; 1 when no pixel is labelled; the same under
+    torch.compile(fullgraph=True)."""
+    from hss_kernels._checks import mean_denominator
+    compiled = torch.compile(mean_denominator, fullgraph=True, backend="eager")
+    for trial in range(6):
+        L = int(torch.randint(2, 7, ()))
+        x = torch.randn(3, L, 4, 5, dtype=torch.float64)
+        y = torch.randint(0, L, (3, 4, 5))
+        y[torch.rand(y.shape) < 0.3] = 255
+        w = torch.rand(L, dtype=torch.float64) + 0.1
+        if trial == 5:  # labelled pixels whose class weights sum to 0
+            w[y[y != 255].unique()] = 0
+        valid = y != 255
+        count = valid.sum()
+        cw = torch.where(valid, w[y.clamp(0, L - 1)], torch.zeros((), dtype=w.dtype))
+        per = F.cross_entropy(x, y, weight=w, reduction="none", ignore_index=255)
+        want = F.cross_entropy(x, y, weight=w, ignore_index=255)
+        for fn in (mean_denominator, compiled):
+            torch.testing.assert_close(per.sum() / fn(count, cw.sum(), torch.float64), want, equal_nan=True)
+            unweighted = F.cross_entropy(x, y, reduction="none", ignore_index=255)
+            torch.testing.assert_close(unweighted.sum() / fn(count, None, torch.float64),
+                                       F.cross_entropy(x, y, ignore_index=255))
+            # the Triton ops' empty weight_sum without class weights reads as absent
+            assert torch.equal(fn(count, torch.empty(0), torch.float32), count.float())
+    none = torch.zeros((), dtype=torch.int64)
+    for fn in (mean_denominator, compiled):
+        assert fn(none, None, torch.float32).item() == 1 and fn(none, torch.tensor(0.), torch.float32).item() == 1
+        assert fn(none, torch.tensor(0.), torch.float64).dtype == torch.float64

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .._checks import acc_dtype  # the kernels' accumulation dtype (csrc/include/checks.h acc_type)
+from .._checks import mean_denominator
 
 __all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_backward", "upsample_code",
            "weight_args"]
@@ -16,15 +17,12 @@ __all__ = ["acc_dtype", "reduce", "new_loss", "grad_like", "register_no_double_b
 def reduce(loss: torch.Tensor, count: torch.Tensor, reduction: str,
            weight_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss a forward op returned (per pixel, or the sum) reduced as asked (docs/MATH.md §5.1, §6.6):
-    ``"mean"`` divides by the number of labelled pixels ``count``, or with weights by ``weight_sum`` (the
-    sum of their class weights, the count without class weights); 0 (with zero gradient) when every pixel
-    is ignored."""
+    ``"mean"`` divides by :func:`hss_kernels._checks.mean_denominator` of the number of labelled pixels
+    ``count`` and, with class weights, ``weight_sum`` (the sum of their class weights); 0 (with zero
+    gradient) when every pixel is ignored."""
     if reduction != "mean":
         return loss
-    if weight_sum is None:
-        return loss / count.clamp(min=1).to(loss.dtype)
-    return loss / torch.where(count > 0, weight_sum.to(loss.dtype), torch.ones((), dtype=loss.dtype,
-                                                                                device=loss.device))
+    return loss / mean_denominator(count, weight_sum, loss.dtype)
 
 
 def weight_args(class_weight: Optional[torch.Tensor], pixel_weight: Optional[torch.Tensor], dtype: torch.dtype):

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from .._checks import acc_dtype
+from .._checks import acc_dtype, mean_denominator
 
 # What the kernels do with the per-pixel loss / the gradient (constexpr switches).
 LOSS_NONE, LOSS_PER_PIXEL, LOSS_PARTIALS = 0, 1, 2
@@ -269,16 +269,7 @@ def reduce_partials(partials: torch.Tensor, counts: torch.Tensor, reduction: str
     total = partials.sum()
     if reduction == "sum":
         return total
-    return total / denominator(counts.sum(), wsum, total.dtype)
-
-
-def denominator(count: torch.Tensor, wsum: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """What "mean" divides by: the count of labelled pixels (at least 1), or with class weights (``wsum``
-    0-dim) their weights' sum, 1 when no pixel is labelled (a zero sum over labelled pixels stays 0: NaN,
-    as F.cross_entropy)."""
-    if wsum is None or wsum.numel() == 0:
-        return count.clamp(min=1).to(dtype)
-    return torch.where(count > 0, wsum.to(dtype), torch.ones((), dtype=dtype, device=wsum.device))
+    return total / mean_denominator(counts.sum(), wsum, total.dtype)
 
 
 def check_call(logits: torch.Tensor, target: torch.Tensor, reduction: str, single_pass: bool, channels: str):
@@ -310,10 +301,10 @@ def check_upsample(logits, target, upsample, single_pass):
 def grad_scale(grad_out: torch.Tensor, count: torch.Tensor, reduction: str, dtype: torch.dtype,
                wsum: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The one-element factor d(loss)/d(weighted per-pixel loss) for mean/sum, on the device (no host sync);
-    ``wsum``: as :func:`denominator`."""
+    ``wsum``: as :func:`hss_kernels._checks.mean_denominator`'s ``weight_sum``."""
     g = grad_out.reshape(1).to(dtype)
     if reduction == "mean":
-        g = g / denominator(count, wsum, dtype)
+        g = g / mean_denominator(count, wsum, dtype)
     return g
 
 
