@@ -381,8 +381,9 @@ def test_cuda_launches_of_the_fused_upsampling():
     n = N * (H // s) * (W // s)
     fwd, fin = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W),
                                   vistas, 0.0, s)
-    # kUp, one thread per label pixel; the logits' strides are the low-resolution channels_last ones
-    assert fwd.pattern == "hierarchical_softmax_fwd_kernelIffLb1EE" and fwd.blocks == N * H * W // 256
+    # kUp, one thread per label pixel; the logits' strides are the low-resolution channels_last ones; kW false
+    # (the instantiation without weights)
+    assert fwd.pattern == "hierarchical_softmax_fwd_kernelIffLb1ELb0EE" and fwd.blocks == N * H * W // 256
     assert fwd.params[2] == 1 and fwd.params[1] == (H // s, W // s, 66 * n // N, 66 * W // s, 66)
     geom = fwd.params[-3]  # then the (absent) weights and their partials
     assert fwd.params[-2:] == [cuda_side.NO_WEIGHTS, 0]
@@ -392,16 +393,18 @@ def test_cuda_launches_of_the_fused_upsampling():
     assert (fwd.scalars["H"], fwd.scalars["h"], fwd.scalars["n"]) == (H, H // s, n)
     plain, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W), vistas,
                                   0.0)
-    assert plain.pattern.endswith("Lb0EE") and plain.params[-3] is None
+    assert plain.pattern == "hierarchical_softmax_fwd_kernelIffLb0ELb0EE" and plain.params[-3] is None
     # NCHW at the labels' size: the V-pixel kernel, which never upsamples; upsampled NCHW: the kUp kernel
     lanes, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0)
     assert lanes.kernel == "hierarchical_softmax_fwd_lanes_kernel" and lanes.blocks == N * H * W // 4 // 256
     up_nchw, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0, s)
-    assert up_nchw.pattern == "hierarchical_softmax_fwd_kernelIffLb1EE"
+    assert up_nchw.pattern == "hierarchical_softmax_fwd_kernelIffLb1ELb0EE"
+    assert lanes.pattern == "hierarchical_softmax_fwd_lanes_kernelIffLb0EE"
     # the gathering backwards: one thread per low-resolution pixel
     (hb,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
     assert (hb.kernel, hb.blocks, hb.threads, len(hb.params), hb.params[5]) == \
         ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 18, n)
+    assert hb.pattern == "hierarchical_softmax_bwd_up_kernelIN3c108BFloat16EfLb0EE"
     (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 19, N * 128 * 128)
     assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
