@@ -178,6 +178,11 @@ __device__ inline PackedGroups load_packed_groups(const int32_t* __restrict__ gr
   return PackedGroups{reinterpret_cast<const int4*>(t)};
 }
 
+// bfloat16 is float32's upper half: the pair packed in word u (lane 2i in the low half, 2i + 1 in the high)
+// as two floats with one instruction each (a shift, a mask), exactly static_cast<float>'s values.
+__device__ inline float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ inline float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+
 // V neighbouring pixels of one channel plane: the current channel at p (16-byte aligned), the next at p + s.
 template <typename T, typename A, int V>
 struct LaneCols {
@@ -185,14 +190,44 @@ struct LaneCols {
   int64_t s;
   __device__ void load(A (&z)[V]) const {
     const uint4 q = *reinterpret_cast<const uint4*>(p);  // sm90: logits
-    T t[V];
-    memcpy(t, &q, sizeof q);
-    HSS_UNROLL
-    for (int k = 0; k < V; ++k) z[k] = static_cast<A>(t[k]);
+    if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+      const uint32_t u[4] = {q.x, q.y, q.z, q.w};
+      HSS_UNROLL
+      for (int k = 0; k < 4; ++k) {
+        z[2 * k] = bf16_lo(u[k]);
+        z[2 * k + 1] = bf16_hi(u[k]);
+      }
+    } else {
+      T t[V];
+      memcpy(t, &q, sizeof q);
+      HSS_UNROLL
+      for (int k = 0; k < V; ++k) z[k] = static_cast<A>(t[k]);
+    }
   }
   __device__ void next() { p += s; }
   __device__ A at(int k, int64_t c) const { return static_cast<A>(p[k + c * s]); }
 };
+
+// The forward's first pass (hierarchical_softmax_math.h lane_maxima) on bfloat16 lanes: the maxima of the raw
+// pairs (max.bf16x2, one instruction per two lanes and channel, no conversion: bfloat16 -> float is exact and
+// monotonic, so the maximum is the same number), converted once at the end. A NaN logit never ends in m (the
+// second pass's sum carries it into the loss).
+__device__ inline void lane_maxima(const LaneCols<c10::BFloat16, float, 8>& x, int L, float (&m)[8]) {
+  uint32_t r[4] = {0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u};  // -inf, -inf
+  const c10::BFloat16* p = x.p;
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    const uint4 q = *reinterpret_cast<const uint4*>(p);  // sm90: logits
+    p += x.s;
+    const uint32_t u[4] = {q.x, q.y, q.z, q.w};
+    HSS_UNROLL
+    for (int k = 0; k < 4; ++k) asm("max.bf16x2 %0, %0, %1;" : "+r"(r[k]) : "r"(u[k]));
+  }
+  HSS_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    m[2 * k] = hmax(m[2 * k], bf16_lo(r[k]));
+    m[2 * k + 1] = hmax(m[2 * k + 1], bf16_hi(r[k]));
+  }
+}
 
 template <typename T, typename A, int V>
 struct LaneOut {

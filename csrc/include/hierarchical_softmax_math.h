@@ -247,6 +247,21 @@ struct LeafGroupRows {
   }
 };
 
+// The forward's first pass: m[k] = max over the L channels of lane k (from -inf; a NaN logit may or may not
+// end in m, the second pass's sum carries it into the loss either way). Called unqualified: an accessor's
+// namespace may give a faster overload (the CUDA bfloat16 lanes compare packed pairs, hierarchical_softmax.cu).
+template <int V, typename A, typename X>
+HSS_HOST_DEVICE inline void lane_maxima(const X& x, int L, A (&m)[V]) {
+  X xc = x;
+  A z[V];
+  for (int j = 0; j < L; ++j) {  // sm90: trips=L
+    xc.load(z);
+    xc.next();
+    HSS_UNROLL
+    for (int k = 0; k < V; ++k) m[k] = hmax(m[k], z[k]);
+  }
+}
+
 // The forward of V lanes (D <= kPackedDepth). Two passes over the channels: the lanes' maxima m, then
 // s = sum_j e^{z_j - m} and, from the same exponentials, the group sums of levels 1 .. D-1; level D's
 // group is the leaf itself (docs/MATH.md §1.4), so lse_D = z_y, read once. Writes each live lane's loss
@@ -271,14 +286,8 @@ HSS_HOST_DEVICE inline unsigned hierarchical_softmax_forward_pixels(const X& x, 
     m[k] = neg_inf<A>();
     s[k] = A(0);
   }
+  lane_maxima(x, L, m);
   X xc = x;
-  for (int j = 0; j < L; ++j) {  // sm90: trips=L
-    xc.load(z);
-    xc.next();
-    HSS_UNROLL
-    for (int k = 0; k < V; ++k) m[k] = hmax(m[k], z[k]);
-  }
-  xc = x;
   HSS_ROLLED
   for (int j = 0; j < L; ++j) {  // sm90: trips=L
     xc.load(z);
