@@ -474,8 +474,9 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
 // its gradient row from the interpolated logits handed to out (an AddOut). acc and bits: the calling
 // thread's scratch. w: the class and pixel weights, pw read at the destination (target) pixel q; the
-// pixel's upstream gradient is multiplied by its weight.
-template <typename T, typename A, typename N, typename S, typename B>
+// pixel's upstream gradient is multiplied by its weight; kW false (a CUDA instantiation for unweighted calls)
+// compiles the weights out.
+template <typename T, typename A, typename N, typename S, typename B, bool kW = true>
 struct TreeMinUpsampledRow {
   UpsampledPixels<T, A> px;
   N nodes;
@@ -492,8 +493,9 @@ struct TreeMinUpsampledRow {
     const int y = px.label(q, t.L, ignore_index, t.V, out);
     if (y >= 0) {
       const A g = px.grad_of(q);
-      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema,
-                             w.any() ? g * w.at(q, y) : g);
+      A gw = g;
+      if constexpr (kW) gw = w.any() ? g * w.at(q, y) : g;
+      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema, gw);
     }
   }
 };
