@@ -46,6 +46,12 @@ def tree_smem_bytes(V: int, D: int, threads: int, extrema: bool, backward: bool)
                                                                   if extrema and backward else 0)
 
 
+def min_bwd_group_smem_bytes(V: int, D: int, threads: int, G: int) -> int:
+    """csrc/cuda/tree_min.cu min_bwd_group_smem_bytes for A = float and G lanes per thread: the node table
+    (16 B per node), D + 1 depth slots of G floats and tree_bit_words(V) words of G uint32 per thread."""
+    return 16 * V + 4 * G * (D + 1) * threads + 4 * G * (-(-V // 16)) * threads
+
+
 def group_smem_bytes(L: int) -> int:
     """csrc/cuda/hierarchical_softmax.cu group_smem_bytes: the leaf-major group table, kMaxDepth = 8
     int32 per leaf."""
@@ -312,10 +318,18 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                                -(-(-(-P // G)) // THREADS), THREADS,
                                [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
                                 NO_WEIGHTS], scalars, 16 * V)]
-        kf = 2 if gamma == 2 else 1 if gamma == 0 else 0  # tree_min_bwd_kernel<T, A, kF, kW>: the focal mode
-        return [CudaLaunch("tree_min", "tree_min_bwd_kernel", T + A + f"Li{kf}E" + NO_KW, -(-P // threads), threads,
+        # tree_min_bwd_group_kernel<T, A, kF, kVec, kW>: G pixels per thread as the tree BCE's, its depth slots and
+        # node bits (G lanes each) in shared memory, fewer threads per block while that is over 48 KiB
+        G = 16 // _DT[dtype][1]
+        kf = 2 if gamma == 2 else 1 if gamma == 0 else 0
+        vec = "Lb1E" if layout != "channels_last" else "Lb0E"
+        mthreads = THREADS
+        while mthreads > 32 and min_bwd_group_smem_bytes(V, D, mthreads, G) > DEFAULT_SMEM:
+            mthreads //= 2
+        return [CudaLaunch("tree_min", "tree_min_bwd_group_kernel", T + A + f"Li{kf}E" + vec + NO_KW,
+                           -(-(-(-P // G)) // mthreads), mthreads,
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
-                            extrema, NO_WEIGHTS], scalars, smem)]
+                            NO_WEIGHTS], scalars, min_bwd_group_smem_bytes(V, D, mthreads, G))]
     if op == "decode":
         # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean, kUp>, kAct 0 (sigmoid), kOrdered when the
         # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"), kUp with size=

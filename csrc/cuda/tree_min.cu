@@ -7,8 +7,13 @@
 //   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread).
 // * The tree BCE backward (tree_bce_bwd_group_kernel): G pixels per thread as the forward
 //   (tree_bce_backward_group), 16-byte loads and stores on NCHW.
-// * The tree-min backward: one thread per pixel; its D + 1 per-depth values in shared memory, laid out
-//   (depth, thread), and its 2 bits per node packed in 32-bit words, laid out (word, thread).
+// * The tree-min backward (tree_min_bwd_group_kernel): G pixels per thread as the forward
+//   (tree_min_backward_group), 16-byte loads and stores on NCHW; the D + 1 per-depth slots of the G pixels
+//   and their 2 bits per node, packed 16 nodes to a 32-bit word per pixel, in shared memory laid out
+//   (slot or word, thread).
+// * The upsampled tree-min / tree BCE backward: one thread per source pixel, its destination pixels one at
+//   a time (tree_backward_pixel), its D + 1 per-depth values in shared memory laid out (depth, thread) and
+//   its 2 bits per node packed in 32-bit words, laid out (word, thread).
 // Every kernel but the upsampled ones is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with
 // eps 0, or any), picked from the call's options. With fused upsampling (kUp) the forward runs one pixel
 // per thread and reads each channel from four source values (upsample_math.h), and the backward runs one
@@ -334,37 +339,86 @@ inline bool vec_groups(const at::Tensor& x, int G) {
          x.stride(1) * static_cast<int64_t>(x.element_size()) <= static_cast<int64_t>(UINT32_MAX);
 }
 
-template <typename T, typename A, int kF, bool kW>
-__global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
-                                    T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
-                                    PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L,
-                                    int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index,
-                                    bool extrema, PixelWeights<A> w) {
+// The tree-min backward's shared memory: the node table, then D + 1 depth slots of G lanes per thread, then
+// tree_bit_words(V) words of node bits of G lanes per thread, both laid out (slot or word, thread).
+template <typename A, int G>
+inline size_t min_bwd_group_smem_bytes(int V, int D, int threads) {
+  return node_table_bytes<A>(V) + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>) +
+         static_cast<size_t>(tree_bit_words(V)) * threads * sizeof(Lanes<uint32_t, G>);
+}
+
+// The tree-min backward without upsampling: G pixels per thread as the tree BCE's (tree_min_backward_group),
+// 16-byte loads and stores on NCHW (kVec), the gradient written with the logits' strides.
+template <typename T, typename A, int kF, bool kVec, bool kW>
+__global__ void __launch_bounds__(kThreads)
+tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
+                          PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
+                          const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
+                          A gamma, A eps, int64_t ignore_index, PixelWeights<A> w) {
+  constexpr int G = lanes_for<T>();
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= P) return;
-  const int64_t y = tgt[gt.offset(i)];
-  const int64_t off = gx.offset(i);
-  const LabelKind kind = label_kind(y, L, ignore_index);
-  if (kind != kLabelValid) {  // sm90: cold
-    write_unlabelled_column<T, A>(out + off, sC, V, kind);
-    return;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
+  if (i0 >= P) return;
+  const int64_t n = P - i0 < G ? P - i0 : G;
+  int64_t toff[G], goff[G];
+  lane_offsets<G>(gt, i0, n, toff);
+  lane_offsets<G>(gg, i0, n, goff);
+  int y[G];
+  bool valid[G], bad[G];
+  A g[G];
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
+    const LabelKind kind = label_kind(yj, L, ignore_index);
+    valid[j] = kind == kLabelValid;
+    bad[j] = kind == kLabelBad;
+    y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
+    g[j] = j < n ? grad[goff[j]] : A(0);
+  }
+  if constexpr (kW) {  // each labelled lane's upstream gradient times its weight
+    int64_t woff[G];
+    if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j)
+      if (valid[j]) {
+        const A cy = w.of_class(y[j]);
+        g[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
+      }
   }
   const int threads = static_cast<int>(blockDim.x);
-  A* acc0 = reinterpret_cast<A*>(smem + node_table_bytes<A>(V));
-  uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
-  A g = grad[gg.offset(i)];
-  if constexpr (kW) g *= w.at(i, y);
-  tree_backward_pixel<A, kF>(GlobalCol<T, A>{x + off, sC}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
-                         SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, GlobalOut<T, A>{out + off, sC}, ti,
-                         static_cast<int>(y), k, gamma, eps, extrema, g);
+  unsigned char* slots = smem + node_table_bytes<A>(V);
+  const SharedLanes<A, G> acc{slots + threadIdx.x * sizeof(Lanes<A, G>),
+                              static_cast<int>(threads * sizeof(Lanes<A, G>))};
+  unsigned char* words = slots + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>);
+  const SharedLanes<uint32_t, G> bits{words + threadIdx.x * sizeof(Lanes<uint32_t, G>),
+                                      static_cast<int>(threads * sizeof(Lanes<uint32_t, G>))};
+  if constexpr (kVec) {
+    const int64_t off = gx.offset(i0);
+    const uint32_t sb = static_cast<uint32_t>(sC * static_cast<int64_t>(sizeof(T)));
+    // The two base pointers, computed once: opaque to nvcc, which otherwise recomputed out + off (its
+    // division included) in every iteration of the top-down pass.
+    uint64_t xb = reinterpret_cast<uint64_t>(x + off), ob = reinterpret_cast<uint64_t>(out + off);
+    asm("" : "+l"(xb));
+    asm("" : "+l"(ob));
+    tree_min_backward_group<kF, A, G>(VecCol<T, A, G>{reinterpret_cast<const unsigned char*>(xb), sb}, nodes, acc,
+                                      bits, VecOut<T, A, G>{reinterpret_cast<unsigned char*>(ob), sb}, ti, y, valid,
+                                      bad, k, gamma, eps, g);
+  } else {
+    LaneCols<T, A, G> col{x, {}, sC};
+    lane_offsets<G>(gx, i0, n, col.off);
+    LaneOut<T, A, G> o{out, {}, sC, n};
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) o.off[j] = col.off[j];
+    tree_min_backward_group<kF, A, G>(col, nodes, acc, bits, o, ti, y, valid, bad, k, gamma, eps, g);
+  }
 }
 
 // Fused upsampling: one thread per source pixel q of the (N, V, h, w) logits, its V gradient values in acc
-// ((N, V, h, w) contiguous, zero) gathered from the destination pixels around it; shared memory as
-// tree_min_bwd_kernel's.
+// ((N, V, h, w) contiguous, zero) gathered from the destination pixels around it; shared memory: the node
+// table, then D + 1 slots and tree_bit_words(V) words per thread, laid out (slot or word, thread)
+// (tree_smem_bytes).
 template <typename T, typename A, bool kW>
 __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
                                        UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
@@ -561,14 +615,23 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
-      auto kernel = mode == kFocalG2   ? tree_min_bwd_kernel<scalar_t, A, kFocalG2, kW>
-                    : mode == kFocalG0 ? tree_min_bwd_kernel<scalar_t, A, kFocalG0, kW>
-                                       : tree_min_bwd_kernel<scalar_t, A, kFocalAny, kW>;
-      allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
-      kernel<<<num_blocks(P, threads), threads, smem, stream>>>(
+      // the tree-min: G pixels per thread, fewer threads per block while its shared memory is over 48 KiB
+      constexpr int G = lanes_for<scalar_t>();
+      int mthreads = kThreads;
+      while (mthreads > 32 && min_bwd_group_smem_bytes<A, G>(V, D, mthreads) > kDefaultSmem) mthreads /= 2;
+      const size_t msmem = min_bwd_group_smem_bytes<A, G>(V, D, mthreads);
+      const bool vec = vec_groups(x, G);
+      auto kernel = mode == kFocalG2   ? (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalG2, true, kW>
+                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalG2, false, kW>)
+                    : mode == kFocalG0 ? (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalG0, true, kW>
+                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalG0, false, kW>)
+                                       : (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalAny, true, kW>
+                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalAny, false, kW>);
+      allow_smem(kernel, msmem, 0, x.get_device(), "tree_min", V, "nodes");
+      kernel<<<num_blocks((P + G - 1) / G, mthreads), mthreads, msmem, stream>>>(
           grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
           x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
-          node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema, w);
+          node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
