@@ -422,26 +422,31 @@ def test_cuda_launches_match_the_host_rules():
     assert cuda_side.setup_nvcc_flags() == ["-O3"]
     tree = trees.load("vistas_v2")
     (bwd,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (8, 147, 1024, 1024), tree, 2.0)
-    # the node table (16 B a node), D + 1 floats and ceil(V / 16) bit words per thread: 256 threads fit
-    assert (bwd.threads, bwd.dynamic_smem) == (256, 147 * 16 + (tree.depth + 1) * 256 * 4 + 10 * 256 * 4)
+    # G = 4 float32 pixels a thread: the node table (16 B a node), D + 1 slots of G floats and ceil(V / 16) bit
+    # words of G uint32 per thread; 128 threads fit in 48 KiB (bfloat16, G = 8: 64)
+    assert (bwd.kernel, bwd.threads, bwd.blocks) == ("tree_min_bwd_group_kernel", 128, 8 * 1024 * 1024 // 4 // 128)
+    assert bwd.dynamic_smem == 147 * 16 + (tree.depth + 1) * 128 * 16 + 10 * 128 * 16
+    (bwd16,) = cuda_side.launches("tree_min", "backward", "bfloat16", "channels_last", (8, 147, 1024, 1024), tree, 2.0)
+    assert (bwd16.pattern, bwd16.threads) == ("tree_min_bwd_group_kernelIN3c108BFloat16EfLi2ELb0ELb0EE", 64)
+    assert bwd16.dynamic_smem == 147 * 16 + (tree.depth + 1) * 64 * 32 + 10 * 64 * 32
     (bce,) = cuda_side.launches("tree_bce", "backward", "bfloat16", "channels_last", (8, 147, 1024, 1024), tree, 0.0)
     # the focal mode in the template: kFocalG0 (1) for gamma 0, kFocalG2 (2) for gamma 2; the tree BCE backward
-    # G = 8 bfloat16 pixels a thread, per-lane loads on channels_last
+    # G = 8 bfloat16 pixels a thread, per-lane loads on channels_last; kW false (no weights) last
     assert (bce.threads, bce.dynamic_smem, bce.pattern) == (256, 147 * 16,
-                                                            "tree_bce_bwd_group_kernelIN3c108BFloat16EfLi1ELb0EE")
+                                                            "tree_bce_bwd_group_kernelIN3c108BFloat16EfLi1ELb0ELb0EE")
     assert bce.blocks == 8 * 1024 * 1024 // 8 // 256
-    assert bwd.template == "ffLi2E"
+    assert bwd.template == "ffLi2ELb1ELb0E"
     # the forward: G = 16 / element size pixels a thread, D + 1 slots of G floats a thread (tree-min only), the
     # 16-byte loads on NCHW (kVec), per-lane loads on channels_last
     P = 8 * 1024 * 1024
     fwd, fin = cuda_side.launches("tree_min", "forward", "bfloat16", "nchw", (8, 147, 1024, 1024), tree, 2.0)
-    assert fwd.pattern == "tree_fwd_group_kernelIN3c108BFloat16EfLi2ELb1ELb1EE"
+    assert fwd.pattern == "tree_fwd_group_kernelIN3c108BFloat16EfLi2ELb1ELb1ELb0EE"
     assert (fwd.blocks, fwd.threads, fwd.dynamic_smem) == (P // 8 // 256, 256, 147 * 16 + (tree.depth + 1) * 256 * 32)
     # unweighted: null weight tables, no class weights' partials; the finish writes the count as the weight sum
     assert fwd.params[-2] == cuda_side.NO_WEIGHTS and fwd.params[-1] == 0
     assert fin.kernel == "finish_weighted_kernel" and fin.params[2] == 0 and fin.params[3] == fwd.blocks
     fwd, _ = cuda_side.launches("tree_bce", "forward", "float32", "channels_last", (8, 147, 1024, 1024), tree, 0.0)
-    assert fwd.pattern == "tree_fwd_group_kernelIffLi1ELb0ELb0EE"
+    assert fwd.pattern == "tree_fwd_group_kernelIffLi1ELb0ELb0ELb0EE"
     assert (fwd.blocks, fwd.dynamic_smem) == (P // 4 // 256, 147 * 16)
     with pytest.raises(SassError, match="update benchmarks/sm90/cuda_side.py"):
         cuda_side.cbank(bwd, [(0, 0, 8)])

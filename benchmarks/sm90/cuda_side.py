@@ -46,6 +46,12 @@ def tree_smem_bytes(V: int, D: int, threads: int, extrema: bool, backward: bool)
                                                                   if extrema and backward else 0)
 
 
+def min_bwd_group_smem_bytes(V: int, D: int, threads: int, G: int) -> int:
+    """csrc/cuda/tree_min.cu min_bwd_group_smem_bytes for A = float and G lanes per thread: the node table
+    (16 B per node), D + 1 depth slots of G floats and tree_bit_words(V) words of G uint32 per thread."""
+    return 16 * V + 4 * G * (D + 1) * threads + 4 * G * (-(-V // 16)) * threads
+
+
 def group_smem_bytes(L: int) -> int:
     """csrc/cuda/hierarchical_softmax.cu group_smem_bytes: the leaf-major group table, kMaxDepth = 8
     int32 per leaf."""
@@ -200,6 +206,9 @@ def _axis(n_in: int, n_out: int, align_corners: bool) -> bytes:
 # csrc/include/common.h PixelWeights<float> {cw, pw, PixelGeom gw} without weights (checks.h pixel_weights of
 # two absent tensors): null pointers and gw = {1, 1, 0, 0, 0}, as seven int64 (56 bytes).
 NO_WEIGHTS = (0, 0, 1, 1, 0, 0, 0)
+# The tree kernels' template flag kW (csrc/cuda/tree_min.cu with_weights): false for a call without weights, the
+# instantiation with the weight code compiled out.
+NO_KW = "Lb0E"
 
 
 def upsample_geom(low_shape: Sequence[int], low_strides: Sequence[int], H: int, W: int,
@@ -280,21 +289,21 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         extrema = op == "tree_min"
         scalars = {"P": P, "L": L, "D": D, "V": V, **sizes}
         if pass_ == "forward":
-            if up > 1:  # one pixel per thread, each channel interpolated (tree_min_fwd_kernel<T, A, true>)
-                return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A + kup, nb, THREADS,
+            if up > 1:  # one pixel per thread, each channel interpolated (tree_min_fwd_kernel<T, A, true, kW>)
+                return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A + kup + NO_KW, nb, THREADS,
                                    [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
                                     None, None, ug, NO_WEIGHTS, 0], scalars,
                                    tree_smem_bytes(V, D, THREADS, extrema, False)), finish_weighted(nb)]
-            # tree_fwd_group_kernel<T, A, kF, kExtrema, kVec>: G = 16 / sizeof(T) pixels per thread, the focal
+            # tree_fwd_group_kernel<T, A, kF, kExtrema, kVec, kW>: G = 16 / sizeof(T) pixels per thread, the focal
             # mode of the defaults (kFocalG2 = 2 for gamma 2, kFocalG0 = 1 for gamma 0; eps 0), kVec on NCHW
-            # (vec_groups: H*W and the strides multiples of G, 16-byte aligned)
+            # (vec_groups: H*W and the strides multiples of G, 16-byte aligned), kW false (no weights)
             G = 16 // _DT[dtype][1]
             kf = 2 if gamma == 2 else 1 if gamma == 0 else 0
             vec = "Lb1E" if layout != "channels_last" else "Lb0E"
             nbg = -(-(-(-P // G)) // THREADS)
             smem = 16 * V + ((D + 1) * THREADS * 4 * G if extrema else 0)
             return [CudaLaunch("tree_min", "tree_fwd_group_kernel",
-                               T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + vec, nbg, THREADS,
+                               T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + vec + NO_KW, nbg, THREADS,
                                [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, 0, None, None,
                                 NO_WEIGHTS, 0], scalars, smem), finish_weighted(nbg)]
         threads = THREADS  # tree_min_bwd_cuda: fewer threads per block while the block's smem is over 48 KiB
@@ -302,22 +311,30 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
             threads //= 2
         smem = tree_smem_bytes(V, D, threads, extrema, True)
         if up > 1:
-            return [CudaLaunch("tree_min", "tree_min_bwd_up_kernel", T + A, -(-n // threads), threads,
+            return [CudaLaunch("tree_min", "tree_min_bwd_up_kernel", T + A + NO_KW, -(-n // threads), threads,
                                [None, gg, None, sC, ug, n, None, gt, None, V, L, D, None, gamma, eps, ignore, extrema,
                                 None, NO_WEIGHTS], scalars, smem)]
         if not extrema:
-            # tree_bce_bwd_group_kernel<T, A, kF, kVec>: G pixels per thread as the forward, the node table only
+            # tree_bce_bwd_group_kernel<T, A, kF, kVec, kW>: G pixels per thread as the forward, the node table only
             G = 16 // _DT[dtype][1]
             kf = 2 if gamma == 2 else 1 if gamma == 0 else 0
             vec = "Lb1E" if layout != "channels_last" else "Lb0E"
-            return [CudaLaunch("tree_min", "tree_bce_bwd_group_kernel", T + A + f"Li{kf}E" + vec,
+            return [CudaLaunch("tree_min", "tree_bce_bwd_group_kernel", T + A + f"Li{kf}E" + vec + NO_KW,
                                -(-(-(-P // G)) // THREADS), THREADS,
                                [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
                                 NO_WEIGHTS], scalars, 16 * V)]
-        kf = 2 if gamma == 2 else 1 if gamma == 0 else 0  # tree_min_bwd_kernel<T, A, kF>: the focal mode
-        return [CudaLaunch("tree_min", "tree_min_bwd_kernel", T + A + f"Li{kf}E", -(-P // threads), threads,
+        # tree_min_bwd_group_kernel<T, A, kF, kVec, kW>: G pixels per thread as the tree BCE's, its depth slots and
+        # node bits (G lanes each) in shared memory, fewer threads per block while that is over 48 KiB
+        G = 16 // _DT[dtype][1]
+        kf = 2 if gamma == 2 else 1 if gamma == 0 else 0
+        vec = "Lb1E" if layout != "channels_last" else "Lb0E"
+        mthreads = THREADS
+        while mthreads > 32 and min_bwd_group_smem_bytes(V, D, mthreads, G) > DEFAULT_SMEM:
+            mthreads //= 2
+        return [CudaLaunch("tree_min", "tree_min_bwd_group_kernel", T + A + f"Li{kf}E" + vec + NO_KW,
+                           -(-(-(-P // G)) // mthreads), mthreads,
                            [None, gg, None, None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore,
-                            extrema, NO_WEIGHTS], scalars, smem)]
+                            NO_WEIGHTS], scalars, min_bwd_group_smem_bytes(V, D, mthreads, G))]
     if op == "decode":
         # decode_cuda: decode_kernel<scalar_t, kAct, kOrdered, kMean, kUp>, kAct 0 (sigmoid), kOrdered when the
         # leaf ids increase along the pre-order (tables.decode_walk), kMean false (score="sum"), kUp with size=

@@ -6,10 +6,11 @@
 // Two implementations, chosen per block of kBlock pixels by the ops at the end of this file:
 // * the lane path (float32, and float16/bfloat16 computed in float): row passes over a (V, kBlock)
 //   tile, vectorised across pixels (docs/MATH.md §3.9), the first section below;
-// * the per-pixel path (float64, and every dtype with HSS_CPU_PIXEL_PATH=1): tree_forward_group (G
-//   pixels at a time, grouped as the CUDA forward groups them; tree_forward_pixel with upsampling) and
-//   tree_backward_pixel of tree_min_math.h, with the focal mode the CUDA kernels would pick: the code the
-//   CUDA kernels run, so that the tests check the GPU's arithmetic without a GPU.
+// * the per-pixel path (float64, and every dtype with HSS_CPU_PIXEL_PATH=1): without upsampling
+//   tree_forward_group, tree_min_backward_group and tree_bce_backward_group (G pixels at a time, grouped as
+//   the CUDA kernels group them), with upsampling tree_forward_pixel and tree_backward_pixel of
+//   tree_min_math.h, with the focal mode the CUDA kernels would pick: the code the CUDA kernels run, so
+//   that the tests check the GPU's arithmetic without a GPU.
 #include "checks.h"
 #include "loop.h"
 #include "tree_min_math.h"
@@ -527,6 +528,44 @@ void bce_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, c
   }
 }
 
+// The tree-min gradient of a block's n pixels into the (V, kBlock) tile gtile through tree_min_backward_group,
+// G lanes at a time as the CUDA kernel groups them: the depth slots and the node bits (words * G) in local
+// memory, as the kernel keeps them in shared memory.
+template <typename T, typename A>
+void min_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const bool* valid,
+                         int64_t ignore_index, const A* g, const TreeNode<A>* nodes, const TreeIndex& ti, const A* k,
+                         A gamma, A eps, A* gtile) {
+  constexpr int G = lanes_for<T>();
+  const int mode = focal_mode(gamma, eps);
+  const NodeTable<A> nt{nodes};
+  Lanes<A, G> slots[kMaxDepth + 1];
+  std::vector<Lanes<uint32_t, G>> words(tree_bit_words(ti.V));
+  const LocalLanes<A, G> acc{slots};
+  const LocalLanes<uint32_t, G> bits{words.data()};
+  for (int64_t g0 = 0; g0 < n; g0 += G) {
+    const int64_t m = std::min<int64_t>(G, n - g0);
+    TileLanes<A, G> col{x, ld, {}};
+    TileOut<A, G> out{gtile, {}, m};
+    int y[G];
+    bool v[G], bad[G];
+    A gl[G];
+    for (int j = 0; j < G; ++j) {
+      const int64_t p = g0 + std::min<int64_t>(j, m - 1);
+      col.col[j] = out.col[j] = p;
+      v[j] = j < m && valid[p];
+      bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
+      y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
+      gl[j] = j < m ? g[p] : A(0);
+    }
+    if (mode == kFocalG2)
+      tree_min_backward_group<kFocalG2, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k, gamma, eps, gl);
+    else if (mode == kFocalG0)
+      tree_min_backward_group<kFocalG0, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k, gamma, eps, gl);
+    else
+      tree_min_backward_group<kFocalAny, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k, gamma, eps, gl);
+  }
+}
+
 template <typename T>
 void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                            const at::Tensor& node_weights, int64_t L, int64_t D, double gamma_, double eps_,
@@ -713,16 +752,17 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
         rows_done = true;
       }
     }
-    if (!rows_done && !extrema && !up) {  // the CUDA tree BCE backward: G pixels at a time
-      bce_backward_groups<T, A>(x, ld, n, ys, valid, ignore_index, g, nodes.data(), ti, k, gamma, eps, gtile);
+    if (!rows_done && !up) {  // the CUDA backwards without upsampling: G pixels at a time
+      if (extrema)
+        min_backward_groups<T, A>(x, ld, n, ys, valid, ignore_index, g, nodes.data(), ti, k, gamma, eps, gtile);
+      else
+        bce_backward_groups<T, A>(x, ld, n, ys, valid, ignore_index, g, nodes.data(), ti, k, gamma, eps, gtile);
       rows_done = true;
     }
-    if (!rows_done) {
+    if (!rows_done) {  // (with upsampling, not forced: float64) one pixel at a time, as the CUDA kernel's
       // tree_backward_pixel's 2 bits per node, packed in 32-bit words, in the thread's spare scratch.
       uint32_t* bits = reinterpret_cast<uint32_t*>(scr + V * kBlock);
       A acc[kMaxDepth + 1];
-      // the CUDA kernel's focal mode without upsampling (its upsampled backward keeps kFocalAny)
-      const int mode = up ? kFocalAny : focal_mode(gamma, eps);
       for (int64_t p = 0; p < n; ++p) {
         if (!valid[p]) {
           for (int v = 0; v < V; ++v) gtile[v * kBlock + p] = A(0);
@@ -733,13 +773,8 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
         const cpu::Scratch<A> sc{acc};
         const cpu::Scratch<uint32_t> sb{bits};
         const cpu::ColumnOut<A> o{gtile + p};
-        const int y = static_cast<int>(ys[p]);
-        if (mode == kFocalG2)
-          tree_backward_pixel<A, kFocalG2>(xc, nt, sc, sb, o, ti, y, k, gamma, eps, extrema, g[p]);
-        else if (mode == kFocalG0)
-          tree_backward_pixel<A, kFocalG0>(xc, nt, sc, sb, o, ti, y, k, gamma, eps, extrema, g[p]);
-        else
-          tree_backward_pixel<A>(xc, nt, sc, sb, o, ti, y, k, gamma, eps, extrema, g[p]);
+        // the upsampled CUDA backward's focal mode: kFocalAny
+        tree_backward_pixel<A>(xc, nt, sc, sb, o, ti, static_cast<int>(ys[p]), k, gamma, eps, extrema, g[p]);
       }
     }
     if (bad) nan_rows(gtile, kBlock, V, ys, valid, n, ignore_index);

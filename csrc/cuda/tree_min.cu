@@ -7,8 +7,13 @@
 //   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread).
 // * The tree BCE backward (tree_bce_bwd_group_kernel): G pixels per thread as the forward
 //   (tree_bce_backward_group), 16-byte loads and stores on NCHW.
-// * The tree-min backward: one thread per pixel; its D + 1 per-depth values in shared memory, laid out
-//   (depth, thread), and its 2 bits per node packed in 32-bit words, laid out (word, thread).
+// * The tree-min backward (tree_min_bwd_group_kernel): G pixels per thread as the forward
+//   (tree_min_backward_group), 16-byte loads and stores on NCHW; the D + 1 per-depth slots of the G pixels
+//   and their 2 bits per node, packed 16 nodes to a 32-bit word per pixel, in shared memory laid out
+//   (slot or word, thread).
+// * The upsampled tree-min / tree BCE backward: one thread per source pixel, its destination pixels one at
+//   a time (tree_backward_pixel), its D + 1 per-depth values in shared memory laid out (depth, thread) and
+//   its 2 bits per node packed in 32-bit words, laid out (word, thread).
 // Every kernel but the upsampled ones is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with
 // eps 0, or any), picked from the call's options. With fused upsampling (kUp) the forward runs one pixel
 // per thread and reads each channel from four source values (upsample_math.h), and the backward runs one
@@ -16,13 +21,17 @@
 // Class and pixel weights (docs/MATH.md §6.6) are fused into every kernel: the forwards multiply a labelled
 // pixel's loss by cw[y] * pw[p] and, with class weights, sum cw[y] into a third per-block partial (the
 // weighted mean's denominator); the backwards multiply its upstream gradient by the same weight. pw is read
-// once per labelled pixel, at the target's (full-resolution) pixel.
+// once per labelled pixel, at the target's (full-resolution) pixel. Every kernel takes a template flag kW,
+// picked on the host (with_weights): a call without weights runs the kW = false instantiation, which has
+// none of that code.
 #include "checks.h"
 #include "common.cuh"
 #include "tree_min_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+
+#include <type_traits>
 
 namespace hss {
 namespace cuda {
@@ -58,7 +67,7 @@ __device__ inline NodeTable<A> load_node_table(unsigned char* smem, const TreeIn
   return NodeTable<A>{nodes};
 }
 
-template <typename T, typename A, bool kUp>
+template <typename T, typename A, bool kUp, bool kW>
 __global__ void __launch_bounds__(kThreads)
 tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                     PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
@@ -83,7 +92,7 @@ tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int
       else
         l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, nodes, acc, ti, static_cast<int>(y), k,
                                   gamma, eps, extrema);
-      if (w.any()) {
+      if constexpr (kW) {
         l *= w.at(i, y);
         ws = static_cast<double>(w.of_class(y));
       }
@@ -94,7 +103,8 @@ tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int
     if (lp) lp[i] = l;
   }
   block_partial(static_cast<double>(l), c, part, cnt);
-  if (wpart) block_weight_partial(ws, wpart);
+  if constexpr (kW)
+    if (wpart) block_weight_partial(ws, wpart);
 }
 
 // The forward without upsampling: G = lanes_for<T>() consecutive pixels per thread (tree_forward_group).
@@ -164,7 +174,7 @@ __device__ inline void lane_offsets(const PixelGeom& g, int64_t i0, int64_t n, i
   }
 }
 
-template <typename T, typename A, int kF, bool kExtrema, bool kVec>
+template <typename T, typename A, int kF, bool kExtrema, bool kVec, bool kW>
 __global__ void __launch_bounds__(kThreads)
 tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
                       PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
@@ -208,10 +218,12 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
     HSS_UNROLL
     for (int j = 0; j < G; ++j) {
       A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
-      if (kind[j] == kLabelValid && w.any()) {  // the weights: one pw read per labelled lane, at its target pixel
-        const A cy = w.of_class(y[j]);
-        v *= w.pw ? cy * w.pw[w.gw.offset(i0 + j)] : cy;
-        ws += static_cast<double>(cy);
+      if constexpr (kW) {
+        if (kind[j] == kLabelValid) {  // the weights: one pw read per labelled lane, at its target pixel
+          const A cy = w.of_class(y[j]);
+          v *= w.pw ? cy * w.pw[w.gw.offset(i0 + j)] : cy;
+          ws += static_cast<double>(cy);
+        }
       }
       if (j < n) {
         sum += static_cast<double>(v);
@@ -221,7 +233,8 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
     }
   }
   block_partial(sum, c, part, cnt);
-  if (wpart) block_weight_partial(ws, wpart);
+  if constexpr (kW)
+    if (wpart) block_weight_partial(ws, wpart);
 }
 
 // The tree BCE backward's stores, as VecCol / LaneCols read: one 16-byte store per channel, or one
@@ -262,7 +275,7 @@ struct LaneOut {
 
 // The tree BCE backward without upsampling: G pixels per thread as the forward (tree_bce_backward_group),
 // the gradient written with the logits' strides (out is empty_like of the dense logits).
-template <typename T, typename A, int kF, bool kVec>
+template <typename T, typename A, int kF, bool kVec, bool kW>
 __global__ void __launch_bounds__(kThreads)
 tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
                           PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
@@ -290,7 +303,7 @@ tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
     y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
     g[j] = j < n ? grad[goff[j]] : A(0);
   }
-  if (w.any()) {  // each labelled lane's upstream gradient times its weight
+  if constexpr (kW) {  // each labelled lane's upstream gradient times its weight
     int64_t woff[G];
     if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
     HSS_UNROLL
@@ -326,38 +339,87 @@ inline bool vec_groups(const at::Tensor& x, int G) {
          x.stride(1) * static_cast<int64_t>(x.element_size()) <= static_cast<int64_t>(UINT32_MAX);
 }
 
-template <typename T, typename A, int kF>
-__global__ void tree_min_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
-                                    T* __restrict__ out, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
-                                    PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L,
-                                    int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index,
-                                    bool extrema, PixelWeights<A> w) {
+// The tree-min backward's shared memory: the node table, then D + 1 depth slots of G lanes per thread, then
+// tree_bit_words(V) words of node bits of G lanes per thread, both laid out (slot or word, thread).
+template <typename A, int G>
+inline size_t min_bwd_group_smem_bytes(int V, int D, int threads) {
+  return node_table_bytes<A>(V) + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>) +
+         static_cast<size_t>(tree_bit_words(V)) * threads * sizeof(Lanes<uint32_t, G>);
+}
+
+// The tree-min backward without upsampling: G pixels per thread as the tree BCE's (tree_min_backward_group),
+// 16-byte loads and stores on NCHW (kVec), the gradient written with the logits' strides.
+template <typename T, typename A, int kF, bool kVec, bool kW>
+__global__ void __launch_bounds__(kThreads)
+tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
+                          PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
+                          const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
+                          A gamma, A eps, int64_t ignore_index, PixelWeights<A> w) {
+  constexpr int G = lanes_for<T>();
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= P) return;
-  const int64_t y = tgt[gt.offset(i)];
-  const int64_t off = gx.offset(i);
-  const LabelKind kind = label_kind(y, L, ignore_index);
-  if (kind != kLabelValid) {  // sm90: cold
-    write_unlabelled_column<T, A>(out + off, sC, V, kind);
-    return;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
+  if (i0 >= P) return;
+  const int64_t n = P - i0 < G ? P - i0 : G;
+  int64_t toff[G], goff[G];
+  lane_offsets<G>(gt, i0, n, toff);
+  lane_offsets<G>(gg, i0, n, goff);
+  int y[G];
+  bool valid[G], bad[G];
+  A g[G];
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
+    const LabelKind kind = label_kind(yj, L, ignore_index);
+    valid[j] = kind == kLabelValid;
+    bad[j] = kind == kLabelBad;
+    y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
+    g[j] = j < n ? grad[goff[j]] : A(0);
+  }
+  if constexpr (kW) {  // each labelled lane's upstream gradient times its weight
+    int64_t woff[G];
+    if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j)
+      if (valid[j]) {
+        const A cy = w.of_class(y[j]);
+        g[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
+      }
   }
   const int threads = static_cast<int>(blockDim.x);
-  A* acc0 = reinterpret_cast<A*>(smem + node_table_bytes<A>(V));
-  uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
-  A g = grad[gg.offset(i)];
-  if (w.any()) g *= w.at(i, y);
-  tree_backward_pixel<A, kF>(GlobalCol<T, A>{x + off, sC}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
-                         SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, GlobalOut<T, A>{out + off, sC}, ti,
-                         static_cast<int>(y), k, gamma, eps, extrema, g);
+  unsigned char* slots = smem + node_table_bytes<A>(V);
+  const SharedLanes<A, G> acc{slots + threadIdx.x * sizeof(Lanes<A, G>),
+                              static_cast<int>(threads * sizeof(Lanes<A, G>))};
+  unsigned char* words = slots + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>);
+  const SharedLanes<uint32_t, G> bits{words + threadIdx.x * sizeof(Lanes<uint32_t, G>),
+                                      static_cast<int>(threads * sizeof(Lanes<uint32_t, G>))};
+  if constexpr (kVec) {
+    const int64_t off = gx.offset(i0);
+    const uint32_t sb = static_cast<uint32_t>(sC * static_cast<int64_t>(sizeof(T)));
+    // The two base pointers, computed once: opaque to nvcc, which otherwise recomputed out + off (its
+    // division included) in every iteration of the top-down pass.
+    uint64_t xb = reinterpret_cast<uint64_t>(x + off), ob = reinterpret_cast<uint64_t>(out + off);
+    asm("" : "+l"(xb));
+    asm("" : "+l"(ob));
+    tree_min_backward_group<kF, A, G>(VecCol<T, A, G>{reinterpret_cast<const unsigned char*>(xb), sb}, nodes, acc,
+                                      bits, VecOut<T, A, G>{reinterpret_cast<unsigned char*>(ob), sb}, ti, y, valid,
+                                      bad, k, gamma, eps, g);
+  } else {
+    LaneCols<T, A, G> col{x, {}, sC};
+    lane_offsets<G>(gx, i0, n, col.off);
+    LaneOut<T, A, G> o{out, {}, sC, n};
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) o.off[j] = col.off[j];
+    tree_min_backward_group<kF, A, G>(col, nodes, acc, bits, o, ti, y, valid, bad, k, gamma, eps, g);
+  }
 }
 
 // Fused upsampling: one thread per source pixel q of the (N, V, h, w) logits, its V gradient values in acc
-// ((N, V, h, w) contiguous, zero) gathered from the destination pixels around it; shared memory as
-// tree_min_bwd_kernel's.
-template <typename T, typename A>
+// ((N, V, h, w) contiguous, zero) gathered from the destination pixels around it; shared memory: the node
+// table, then D + 1 slots and tree_bit_words(V) words per thread, laid out (slot or word, thread)
+// (tree_smem_bytes).
+template <typename T, typename A, bool kW>
 __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
                                        UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
                                        const int32_t* __restrict__ tree_index, int V, int L, int D,
@@ -373,14 +435,24 @@ __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg,
   uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
   const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
   gather_source_pixel(u, b, i, j, acc + b * V * lo + r, lo,
-                      TreeMinUpsampledRow<T, A, NodeTable<A>, SharedCol<A>, SharedCol<uint32_t>>{
+                      TreeMinUpsampledRow<T, A, NodeTable<A>, SharedCol<A>, SharedCol<uint32_t>, kW>{
                           {x, sC, u, tgt, gt, grad, gg}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
                           SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, ti, k, gamma, eps, ignore_index,
                           extrema, w});
 }
 
-// The group kernel for one dtype: its focal mode, extrema and kVec picked from the call.
-template <typename T, int kF, bool kExtrema, bool kVec>
+// Runs f(std::true_type / std::false_type) for whether the call passes class or pixel weights: the
+// kernels' kW, so that the unweighted instantiations compile the weight code out.
+template <typename A, typename F>
+void with_weights(const PixelWeights<A>& w, F&& f) {
+  if (w.any())
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+// The group kernel for one dtype: its focal mode, extrema, kVec and kW picked from the call.
+template <typename T, int kF, bool kExtrema, bool kVec, bool kW>
 void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
                       const at::Tensor& node_weights, int64_t L, int64_t D, double gamma, double eps,
                       int64_t ignore_index, bool per_pixel, at::Tensor& loss, at::Tensor& count,
@@ -391,7 +463,7 @@ void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const 
   const int V = logits.size(1);
   const int64_t nb = num_blocks((P + G - 1) / G, kThreads);
   Partials partials(logits, nb, w.cw != nullptr);
-  auto kernel = tree_fwd_group_kernel<T, A, kF, kExtrema, kVec>;
+  auto kernel = tree_fwd_group_kernel<T, A, kF, kExtrema, kVec, kW>;
   const size_t smem = group_smem_bytes<A, G>(V, D, kThreads, kExtrema);
   allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min", V,
              "nodes");
@@ -404,14 +476,14 @@ void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const 
   partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
 }
 
-template <typename T, int kF>
+template <typename T, int kF, bool kW>
 void launch_fwd_group_f(bool extrema, bool vec, const at::Tensor& logits, const at::Tensor& target,
                         const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
                         double gamma, double eps, int64_t ignore_index, bool per_pixel, at::Tensor& loss,
                         at::Tensor& count, const PixelWeights<at::opmath_type<T>>& w, at::Tensor& weight_sum,
                         cudaStream_t stream) {
-  auto f = extrema ? (vec ? launch_fwd_group<T, kF, true, true> : launch_fwd_group<T, kF, true, false>)
-                   : (vec ? launch_fwd_group<T, kF, false, true> : launch_fwd_group<T, kF, false, false>);
+  auto f = extrema ? (vec ? launch_fwd_group<T, kF, true, true, kW> : launch_fwd_group<T, kF, true, false, kW>)
+                   : (vec ? launch_fwd_group<T, kF, false, true, kW> : launch_fwd_group<T, kF, false, false, kW>);
   f(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count, w, weight_sum,
     stream);
 }
@@ -424,11 +496,14 @@ void tree_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at
   using A = at::opmath_type<T>;
   const bool vec = vec_groups(logits, lanes_for<T>());
   const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
-  auto f = mode == kFocalG2 ? launch_fwd_group_f<T, kFocalG2>
-           : mode == kFocalG0 ? launch_fwd_group_f<T, kFocalG0>
-                              : launch_fwd_group_f<T, kFocalAny>;
-  f(extrema, vec, logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count,
-    w, weight_sum, stream);
+  with_weights(w, [&](auto weighted) {
+    constexpr bool kW = decltype(weighted)::value;
+    auto f = mode == kFocalG2 ? launch_fwd_group_f<T, kFocalG2, kW>
+             : mode == kFocalG0 ? launch_fwd_group_f<T, kFocalG0, kW>
+                                : launch_fwd_group_f<T, kFocalAny, kW>;
+    f(extrema, vec, logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count,
+      w, weight_sum, stream);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
@@ -459,7 +534,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
     }
     const int64_t nb = num_blocks(P, kThreads);
     Partials partials(logits, nb, w.cw != nullptr);
-    auto kernel = tree_min_fwd_kernel<scalar_t, A, true>;
+    auto kernel =
+        w.any() ? tree_min_fwd_kernel<scalar_t, A, true, true> : tree_min_fwd_kernel<scalar_t, A, true, false>;
     const size_t smem = tree_smem_bytes<A>(logits.size(1), D, kThreads, extrema, false);
     // block_sum's static arrays
     allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min",
@@ -503,7 +579,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
     while (threads > 32 && tree_smem_bytes<A>(V, D, threads, extrema, true) > kDefaultSmem) threads /= 2;
     const size_t smem = tree_smem_bytes<A>(V, D, threads, extrema, true);
     if (upsample) {
-      auto kernel = tree_min_bwd_up_kernel<scalar_t, A>;
+      auto kernel = w.any() ? tree_min_bwd_up_kernel<scalar_t, A, true> : tree_min_bwd_up_kernel<scalar_t, A, false>;
       allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
       at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
       const int64_t n = x.size(0) * x.size(2) * x.size(3);
@@ -519,33 +595,45 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
     }
     // the focal mode of the options (tree_min_math.h: focal_k)
     const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
-    if (!extrema) {  // the tree BCE: G pixels per thread
-      const bool vec = vec_groups(x, lanes_for<scalar_t>());
-      auto bce = mode == kFocalG2   ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, true>
-                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, false>)
-                 : mode == kFocalG0 ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, true>
-                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, false>)
-                                    : (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, true>
-                                           : tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, false>);
-      const size_t tsmem = node_table_bytes<A>(V);
-      allow_smem(bce, tsmem, 0, x.get_device(), "tree_min", V, "nodes");
+    with_weights(w, [&](auto weighted) {
+      constexpr bool kW = decltype(weighted)::value;
+      if (!extrema) {  // the tree BCE: G pixels per thread
+        const bool vec = vec_groups(x, lanes_for<scalar_t>());
+        auto bce = mode == kFocalG2   ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, true, kW>
+                                             : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, false, kW>)
+                   : mode == kFocalG0 ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, true, kW>
+                                             : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, false, kW>)
+                                      : (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, true, kW>
+                                             : tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, false, kW>);
+        const size_t tsmem = node_table_bytes<A>(V);
+        allow_smem(bce, tsmem, 0, x.get_device(), "tree_min", V, "nodes");
+        constexpr int G = lanes_for<scalar_t>();
+        bce<<<num_blocks((P + G - 1) / G, kThreads), kThreads, tsmem, stream>>>(
+            grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
+            x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
+            node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, w);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      // the tree-min: G pixels per thread, fewer threads per block while its shared memory is over 48 KiB
       constexpr int G = lanes_for<scalar_t>();
-      bce<<<num_blocks((P + G - 1) / G, kThreads), kThreads, tsmem, stream>>>(
+      int mthreads = kThreads;
+      while (mthreads > 32 && min_bwd_group_smem_bytes<A, G>(V, D, mthreads) > kDefaultSmem) mthreads /= 2;
+      const size_t msmem = min_bwd_group_smem_bytes<A, G>(V, D, mthreads);
+      const bool vec = vec_groups(x, G);
+      auto kernel = mode == kFocalG2   ? (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalG2, true, kW>
+                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalG2, false, kW>)
+                    : mode == kFocalG0 ? (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalG0, true, kW>
+                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalG0, false, kW>)
+                                       : (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalAny, true, kW>
+                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalAny, false, kW>);
+      allow_smem(kernel, msmem, 0, x.get_device(), "tree_min", V, "nodes");
+      kernel<<<num_blocks((P + G - 1) / G, mthreads), mthreads, msmem, stream>>>(
           grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
           x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
           node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    auto kernel = mode == kFocalG2   ? tree_min_bwd_kernel<scalar_t, A, kFocalG2>
-                  : mode == kFocalG0 ? tree_min_bwd_kernel<scalar_t, A, kFocalG0>
-                                     : tree_min_bwd_kernel<scalar_t, A, kFocalAny>;
-    allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
-    kernel<<<num_blocks(P, threads), threads, smem, stream>>>(
-        grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),
-        x.stride(1), target.data_ptr<int64_t>(), geom(target), P, tree_index.data_ptr<int32_t>(), V, L, D,
-        node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema, w);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

@@ -471,11 +471,150 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
   }
 }
 
+// The tree-min gradient (tree_backward_pixel with extrema true) for G pixels at once, the same rules and
+// sums per pixel: each node-table entry, each depth slot and each word of node bits is read once for the
+// G lanes, and each channel is one x.load / out.store of the G lanes (one 16-byte access on NCHW).
+// * bottom-up (reverse pre-order), 16 nodes (one word) at a time: the maxima per depth, acc(s) a Lanes slot
+//   of depth s + 1 (D + 1), and each lane's two bits per node (selfwin, cand: as tree_backward_pixel)
+//   shifted into a register, the G words stored after each 16 nodes in bits(w) (a Lanes of uint32_t,
+//   tree_bit_words(V) of them). The maxima propagate NaN (max_nan) into slot 0, which is then NaN iff a
+//   lane's logit is (§5.3).
+// * top-down (pre-order), a word at a time: the owed weights in acc, every node's off-path gradient written
+//   for the G lanes (0 on a lane's path), with selects only.
+// * the path, per lane: one walk down it keeps the running argmin (strict <, the first node always
+//   taken) and the sum of k since the last new minimum, in depth order; when a new minimum is set (and
+//   at the path's end) the previous one's gradient is stored (store_lane), overwriting the 0 of the pass.
+// y[j] a valid leaf id (0 in lanes to discard); valid[j] false gives lane j the unlabelled row, 0 or
+// (bad[j]) NaN; g[j] lane j's upstream gradient.
+template <int kF, typename A, int G, typename X, typename N, typename S, typename B, typename O>
+HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, const S& acc, const B& bits,
+                                                    const O& out, const TreeIndex& t, const int* y, const bool* valid,
+                                                    const bool* bad, const A* k, A gamma, A eps, const A* g) {
+  int lp[G];
+  uint32_t w[G];
+  A none[G];
+  Lanes<A, G> ninf, zero;
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    lp[j] = t.dfs_pos[path_leaf(t, y[j])];
+    w[j] = 0;
+    none[j] = bad[j] ? quiet_nan<A>() : A(0);
+    ninf.v[j] = neg_inf<A>();
+    zero.v[j] = A(0);
+  }
+  for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
+  const int nw = tree_bit_words(t.V);
+  for (int wi = nw - 1; wi >= 0; --wi) {  // sm90: trips=cdiv(V, 16)
+    const int lo = wi * 16, hi = t.V < lo + 16 ? t.V : lo + 16;
+    HSS_NO_UNROLL
+    for (int p = hi - 1; p >= lo; --p) {  // sm90: trips=V / cdiv(V, 16)
+      const TreeNode<A> n = nodes(p);
+      Lanes<A, G> z;
+      x.load(n.c, z);
+      const Lanes<A, G> below = acc(n.depth);
+      acc(n.depth) = ninf;
+      Lanes<A, G> here = acc(n.depth - 1);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j) {
+        const A ch = below.v[j];
+        const A m = max_nan(z.v[j], ch);
+        const uint32_t b = (z.v[j] >= ch ? 1u : 0u) | (m >= here.v[j] ? 2u : 0u);
+        here.v[j] = max_nan(here.v[j], m);
+        w[j] = (w[j] << 2) | b;
+      }
+      acc(n.depth - 1) = here;
+    }
+    Lanes<uint32_t, G> word;  // node lo + i at bits 2i .. 2i + 1
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      word.v[j] = w[j];
+      w[j] = 0;
+    }
+    bits(wi) = word;
+  }
+  bool nan[G];
+  A zn[G];  // what a lane's channel gets when it has no gradient: 0, or the unlabelled row's value
+  {
+    const Lanes<A, G> top = acc(0);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      nan[j] = valid[j] && top.v[j] != top.v[j];
+      zn[j] = valid[j] ? A(0) : none[j];
+    }
+  }
+  for (int s = 0; s <= t.D; ++s) acc(s) = zero;  // sm90: trips=D + 1
+  A l, dl;
+  for (int wi = 0; wi < nw; ++wi) {  // sm90: trips=cdiv(V, 16)
+    {
+      const Lanes<uint32_t, G> word = bits(wi);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j) w[j] = word.v[j];
+    }
+    const int lo = wi * 16, hi = t.V < lo + 16 ? t.V : lo + 16;
+    HSS_NO_UNROLL
+    for (int p = lo; p < hi; ++p) {  // sm90: trips=V / cdiv(V, 16)
+      const TreeNode<A> n = nodes(p);
+      Lanes<A, G> z, own, o;
+      x.load(n.c, z);
+      Lanes<A, G> parent = acc(n.depth - 1);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j) {
+        const uint32_t b = w[j];
+        w[j] = b >> 2;
+        const bool cand = (b & 2u) != 0, self = (b & 1u) != 0;
+        const A in = cand ? parent.v[j] : A(0);
+        parent.v[j] = cand ? A(0) : parent.v[j];
+        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+        const A owed = on ? A(0) : in + n.k;
+        own.v[j] = self ? A(0) : owed;
+        const A ku = self ? owed : A(0);
+        focal_k<kF>(-z.v[j], gamma, eps, &l, &dl);
+        const A v = g[j] * ku * -dl;
+        o.v[j] = valid[j] && ku != A(0) ? v : zn[j];  // selects, no branch
+      }
+      acc(n.depth - 1) = parent;
+      acc(n.depth) = own;
+      out.store(n.c, o);
+    }
+  }
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    if (!valid[j]) continue;
+    // the path nodes: K_u, the sum of k from a new minimum u down to the node before the next one
+    int cv = 0;
+    A cz = A(0), cur = A(0), kk = A(0);
+    for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
+      const int v = t.path[y[j] * t.D + d];
+      if (v < 0) break;
+      const A z = x(v, j);
+      // d == 0 takes the root-side node whatever its value (a +inf or NaN logit there included).
+      if (d == 0 || z < cur) {
+        if (d > 0) {
+          focal_k<kF>(cz, gamma, eps, &l, &dl);
+          out.store_lane(cv, j, kk != A(0) ? g[j] * kk * dl : A(0));
+        }
+        cv = v;
+        cz = z;
+        cur = z;
+        kk = k[v];
+      } else {
+        kk += k[v];
+      }
+    }
+    focal_k<kF>(cz, gamma, eps, &l, &dl);
+    out.store_lane(cv, j, kk != A(0) ? g[j] * kk * dl : A(0));
+    if (nan[j]) {  // sm90: cold
+      for (int c = 0; c < t.V; ++c) out.store_lane(c, j, quiet_nan<A>());  // sm90: trips=V
+    }
+  }
+}
+
 // With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
 // its gradient row from the interpolated logits handed to out (an AddOut). acc and bits: the calling
 // thread's scratch. w: the class and pixel weights, pw read at the destination (target) pixel q; the
-// pixel's upstream gradient is multiplied by its weight.
-template <typename T, typename A, typename N, typename S, typename B>
+// pixel's upstream gradient is multiplied by its weight; kW false (a CUDA instantiation for unweighted calls)
+// compiles the weights out.
+template <typename T, typename A, typename N, typename S, typename B, bool kW = true>
 struct TreeMinUpsampledRow {
   UpsampledPixels<T, A> px;
   N nodes;
@@ -492,8 +631,9 @@ struct TreeMinUpsampledRow {
     const int y = px.label(q, t.L, ignore_index, t.V, out);
     if (y >= 0) {
       const A g = px.grad_of(q);
-      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema,
-                             w.any() ? g * w.at(q, y) : g);
+      A gw = g;
+      if constexpr (kW) gw = w.any() ? g * w.at(q, y) : g;
+      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema, gw);
     }
   }
 };
