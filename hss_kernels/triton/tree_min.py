@@ -14,11 +14,11 @@ and node weights k_v (``tables.node_weight_vector``):
 
 ``_tree_min_kernel`` has the tree compiled in (docs/MATH.md §3.10): the pre-order channels, depths, leaf
 flags and internal ordinals are constexpr tuples, so a pixel's work is straight-line code, one step per
-node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes in the tree-min forward,
-two elsewhere) and the logits of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min
-forward). The forward walks the nodes bottom-up (reverse pre-order) keeping one running
+node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes, 2 pixels in the bfloat16
+tree-min gradient) and the logits of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min
+forward, 4 in the bfloat16 tree BCE). The forward walks the nodes bottom-up (reverse pre-order) keeping one running
 maximum per depth; the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax
-(where that is, per internal node, a few bits the bottom-up pass packs into int32 words on NCHW:
+(where that is, per internal node, a few bits the bottom-up pass packs into int32 words on 4-byte NCHW logits:
 ``argmax_fields``). Nothing is saved for the backward: it recomputes the extrema from the logits (one more
 read, no argmin/argmax tensor of size P·V).
 
@@ -611,22 +611,29 @@ def _tree_min_up_bwd_kernel(
         T.store_group(g_ptr, gq, sgc64, qmask, acc[v:min(v + G, V)], CH, V, v, G)
 
 
-# Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16) for the gradient kernels and the
-# tree BCE; the tree-min forward takes 16 bytes (FORWARD_BYTES, _shape). Every [pixels] load of a program
-# (labels, the label's path) shares the logits' register layout (see the kernel's x0).
-PIXELS_PER_THREAD = 2
-FORWARD_BYTES = 16
+# Consecutive pixels per thread on NCHW: 16 bytes (float32 4, bfloat16 8 pixels; 128-bit loads of the logits) in
+# every pass of both losses. Every [pixels] load of a program (labels, the label's path) shares the logits' register
+# layout (see the kernel's x0).
+NCHW_BYTES = 16
+CL_VEC = 2  # channels_last: one pixel per thread (gpu_blocks), VEC only the labels' contiguity hint
+NARROW_GRAD_VEC = 2  # the tree-min gradient of 2-byte logits (_shape)
 
 
 def _shape(logits, use_extrema=False, two_pass=False):
-    """(VEC, G) of a compiled launch on NCHW: the tree-min forward (no gradient) reads 16 bytes of consecutive
-    pixels per load (float32 4, bfloat16 8 pixels per thread), bfloat16 with G = 2 nodes per step (8 made
-    ptxas spill 304 bytes at 8 pixels); everything else PIXELS_PER_THREAD pixels and T.GROUP nodes (the
-    gradient keeps every internal node's maximum per pixel across its two passes)."""
-    if use_extrema and not two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1):
-        size = logits.element_size()
-        return max(FORWARD_BYTES // size, 1), (2 if size == 2 else T.GROUP)
-    return PIXELS_PER_THREAD, T.GROUP
+    """(VEC, G) of a compiled launch on NCHW: NCHW_BYTES of consecutive pixels per thread (VEC) and T.GROUP nodes
+    per step (G), but for 2-byte logits: G = 2 in the tree-min forward (8 made ptxas spill 304 bytes at 8
+    pixels), G = 4 in the tree BCE, and the tree-min gradient at 2 pixels (4 bytes, unpacked: :func:`_packs`):
+    at 8 pixels its per-pixel state spilled 1.2-1.6 KB per thread (G = 4, 8), at 4 pixels 0.5 KB (G = 8;
+    python -m benchmarks.sm90). Channels_last: CL_VEC."""
+    if logits.shape[1] > 1 and logits.stride(1) == 1:
+        return CL_VEC, T.GROUP
+    size = logits.element_size()
+    vec = max(NCHW_BYTES // size, 1)
+    if size == 2 and two_pass:
+        return NARROW_GRAD_VEC, T.GROUP
+    if size == 2:
+        return vec, (2 if use_extrema else 4)
+    return vec, T.GROUP
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
@@ -651,10 +658,11 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
 
 
 def _packs(logits, two_pass):
-    """Whether the tree-min gradient packs its argmax fields (``argmax_fields``): on NCHW (several pixels per thread,
-    where M_v of every internal node spilled), not on channels_last (one pixel per thread: keeping M_v costs fewer
-    instructions)."""
-    return two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1)
+    """Whether the tree-min gradient packs its argmax fields (``argmax_fields``): on NCHW with 4-byte or wider
+    logits (4 pixels per thread, where M_v of every internal node spilled), not on channels_last (one pixel per
+    thread: keeping M_v costs fewer instructions) nor for 2-byte logits (2 pixels per thread, :func:`_shape`;
+    packed, ptxas spilled 0.5-0.9 KB per thread at 2 or 4 pixels where M_v spills 32 bytes)."""
+    return two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1) and logits.element_size() >= 4
 
 
 @functools.lru_cache(maxsize=64)
@@ -718,8 +726,8 @@ def _blocks(logits, two_pass, use_extrema=False):
 
 def gpu_blocks(logits, two_pass=False, use_extrema=False):
     """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked G nodes at a
-    time). Channel rows in memory (NCHW): VEC consecutive pixels per thread (:func:`_shape`: PIXELS_PER_THREAD,
-    16 bytes for the tree-min forward). Channels contiguous (channels_last): one pixel per thread.
+    time). Channel rows in memory (NCHW): VEC consecutive pixels per thread (:func:`_shape`: NCHW_BYTES, 16
+    bytes). Channels contiguous (channels_last): one pixel per thread.
     ``two_pass``: the tree-min gradient; ``use_extrema``: the tree-min (else the tree BCE)."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return 1, 128, 4

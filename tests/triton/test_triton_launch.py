@@ -178,8 +178,9 @@ def test_gpu_tiles_of_the_hierarchical_softmax_under_the_interpreter(layout, dty
 @pytest.mark.parametrize("layout,dtype", [("nchw", torch.float32), ("nchw", torch.bfloat16), ("nchw", torch.float64),
                                           ("channels_last", torch.float32), ("strided", torch.bfloat16)])
 def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypatch):
-    """The tree-min / tree-BCE kernel with the tiles a GPU launch takes (tree_min.gpu_blocks: two pixels per
-    thread on NCHW, 256 pixels per program; groups of 8 nodes per load, a partial last group), run by the interpreter on the CPU against the
+    """The tree-min / tree-BCE kernel with the tiles a GPU launch takes (tree_min.gpu_blocks: 16 bytes of pixels
+    per thread on NCHW, 512 float32 pixels per program; groups of 8 nodes per load, 4 in the bfloat16 tree BCE, a
+    partial last group), run by the interpreter on the CPU against the
     reference: forward and backward, reduction "none", focal and plain, eps, ties, a NaN logit, and the
     single pass, on an image wider than one program, (n, h, w) indexing for the strided layout."""
     from hss_kernels.triton import tree_min as tm
@@ -192,7 +193,7 @@ def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypa
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x, y = x[:, :, :, ::2], y[:, :, ::2]
-    assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else tm.PIXELS_PER_THREAD * 128)
+    assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else tm.NCHW_BYTES // x.element_size() * 128)
     assert tree.num_nodes % tm.T.GROUP != 0
     for op in ("tree_min_loss", "tree_bce_loss"):
         H.check(op, "triton", x, y, tree, reduction="none", gamma=2.0)
