@@ -308,14 +308,14 @@ def test_argmax_fields_of_the_tree_min_gradient(name):
         assert nw == 2
 
 
-@pytest.mark.parametrize("tiles", ["interpreter", "gpu"])
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu_blocks"])  # not "gpu": conftest skips that keyword
 def test_tree_min_gradient_routes_ties_through_wide_fields(tiles, monkeypatch):
     """The tree-min gradient on a tree whose argmax fields take two words (one 6 bits wide), on logits that tie
     all the time (-1, 0, 1: children's maxima tie, a node ties its subtree's maximum), against the reference:
     "none" with a random upstream gradient, "mean", float64 and float32, focal and plain."""
     from hss_kernels.triton import tree_min as tm
 
-    if tiles == "gpu":
+    if tiles == "gpu_blocks":
         monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
     tree = _wide_tree()
     for dtype in (torch.float64, torch.float32):
