@@ -14,12 +14,13 @@ and node weights k_v (``tables.node_weight_vector``):
 
 ``_tree_min_kernel`` has the tree compiled in (docs/MATH.md §3.10): the pre-order channels, depths, leaf
 flags and internal ordinals are constexpr tuples, so a pixel's work is straight-line code, one step per
-node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes in the tree-min forward,
-two elsewhere) and the logits of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min
-forward). The forward walks the nodes bottom-up (reverse pre-order) keeping one running maximum per depth;
-the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax. Nothing is
-saved for the backward: it recomputes the extrema from the logits (one more read, no argmin/argmax tensor of
-size P·V).
+node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes, 2 pixels in the bfloat16
+tree-min gradient) and the logits of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min
+forward, 4 in the bfloat16 tree BCE). The forward walks the nodes bottom-up (reverse pre-order) keeping one running
+maximum per depth; the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax
+(where that is, per internal node, a few bits the bottom-up pass packs into int32 words on 4-byte NCHW logits:
+``argmax_fields``). Nothing is saved for the backward: it recomputes the extrema from the logits (one more
+read, no argmin/argmax tensor of size P·V).
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
@@ -29,6 +30,7 @@ their gradient is stored.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -101,6 +103,28 @@ def _bind(v, ref, PIN: tl.constexpr):
 
 
 @triton.jit
+def _path_of(pt_ptr, y, pmask, ref, D: tl.constexpr, PIN: tl.constexpr):
+    """The label's path a_d(y) from the table's path rows (pt_ptr; -1 past its leaf) as a tuple, element d - 1 for
+    depth d, in the register layout of the logits' vector ref (:func:`_bind`)."""
+    path = ()
+    for d in tl.static_range(D):
+        path = path + (_bind(tl.load(pt_ptr + y * D + d, mask=pmask, other=-1), ref, PIN),)
+    return path
+
+
+@triton.jit
+def _grad_scale(go_ptr, opix, pmask, zero, y, p, valid, cw_ptr, pw_ptr, ACC: tl.constexpr, HAS_CW: tl.constexpr,
+                HAS_PW: tl.constexpr, GRAD_MODE: tl.constexpr):
+    """The pixel's gradient scale: grad_output (one value for GRAD_MODE 1, else per pixel at opix) times the pixel's
+    weight w_p (:func:`_common.weigh`)."""
+    if GRAD_MODE == 1:
+        gsc = zero + tl.load(go_ptr).to(ACC)
+    else:
+        gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
+    return C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)
+
+
+@triton.jit
 def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_K: tl.constexpr,
               u01, u10, u11, lx, ly, UPSAMPLE: tl.constexpr):
     """(cmin, kpath, xas) over the label's path (tuples, element d - 1 for depth d): the running minimum of the
@@ -164,6 +188,8 @@ def _tree_min_kernel(
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
     G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr, UPSAMPLE: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
+    ORD: tl.constexpr = 0, WORD: tl.constexpr = 0, SHIFT: tl.constexpr = 0, MASK: tl.constexpr = 0,
+    NW: tl.constexpr = 0,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -205,12 +231,20 @@ def _tree_min_kernel(
     WANT_GRAD: tl.constexpr = GRAD_MODE != 0
 
     zero = tl.zeros([BLOCK_P], dtype=ACC)
+    # The tree-min gradient alone (no loss: LATE) reads the label's path and the pixel's gradient scale after
+    # the bottom-up pass, which needs neither, and the path's weights after the top-down pass (_path_min
+    # there): only the label is live across the first pass, only the path's channels across the second.
+    # PACK (NW > 0, NCHW launches): the gradient packs its argmax fields (below), else it keeps M_v of every
+    # internal node (channels_last, one pixel per thread: fewer instructions there, and no spill either way).
+    PACK: tl.constexpr = NW > 0
+    LATE: tl.constexpr = PACK and USE_EXTREMA and WANT_GRAD and not WANT_LOSS and not UPSAMPLE
+    EARLY_PATH: tl.constexpr = USE_EXTREMA and (WANT_LOSS or UPSAMPLE or not PACK)
     # The label's path a_d(y) (-1 past its leaf), element d - 1 of the tuple for depth d; for the tree-min
     # the running minimum of the path logits and the path nodes' gradient weights (_path_min).
     path = ()
-    for d in tl.static_range(D):
-        path = path + (_bind(tl.load(tab_ptr + OFF_PATH + y * D + d, mask=pmask, other=-1), xs[0], PIN),)
-    if USE_EXTREMA:
+    if not LATE:
+        path = _path_of(tab_ptr + OFF_PATH, y, pmask, xs[0], D, PIN)
+    if EARLY_PATH:
         if UPSAMPLE:
             cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD, u01, u10, u11, lx,
                                        ly, True)
@@ -218,30 +252,40 @@ def _tree_min_kernel(
             cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD, xpix, xpix, xpix,
                                        zero, zero, False)
 
-    if WANT_GRAD:
-        if GRAD_MODE == 1:
-            gsc = zero + tl.load(go_ptr).to(ACC)
-        else:
-            gsc = tl.load(go_ptr + opix, mask=pmask, other=0.0).to(ACC)
-        gsc = C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # the pixel's weight w_p
+    if WANT_GRAD and not LATE:
+        gsc = _grad_scale(go_ptr, opix, pmask, zero, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW, GRAD_MODE)
     acc = zero
     if USE_EXTREMA:
         # Bottom-up, in reverse pre-order: M_v = max(x_v, the children's M), one running max per depth
         # (element d of cm: the max over the finished children, at depth d + 1, of the open node at depth
-        # d); node v's term is f(cmin) on the path, f(−M_v) off it. The gradient keeps M_v of every
-        # internal node (mi, by IDX) for the top-down pass.
+        # d); node v's term is f(cmin) on the path, f(−M_v) off it. The gradient keeps, for every internal
+        # node, where its subtree's argmax is (docs/MATH.md §3.10): 0 for the node itself (x_v >= the
+        # children's maximum), else the 1-based ordinal ORD of the first child whose M is the maximum (sel,
+        # per depth: children come last to first, so >= lets an earlier one take a tie), packed as a
+        # bit field (WORD, SHIFT, MASK by IDX) into NW int32 words per pixel (PACK), else M_v itself (mi).
         cm = ()
         for d in tl.static_range(D + 1):
             cm = cm + (zero - float("inf"),)
+        izero = tl.zeros([BLOCK_P], dtype=tl.int32)
+        mw = ()
+        sel = ()
         mi = ()
-        for i in tl.static_range(V):
-            if not LEAF[i]:
-                mi = mi + (zero,)
+        if WANT_GRAD and PACK:
+            for i in tl.static_range(NW):
+                mw = mw + (izero,)
+            for d in tl.static_range(D):
+                sel = sel + (izero,)
+        if WANT_GRAD and not PACK:
+            for i in tl.static_range(V):
+                if not LEAF[i]:
+                    mi = mi + (zero,)
         for j in tl.static_range(V):
             if j % G == 0 and j > 0:
                 if PIN:
                     acc = T.pin(acc, PIN)
                     cm = T.pin_all(cm, PIN)
+                    mw = T.pin_all(mw, PIN)
+                    sel = T.pin_all(sel, PIN)
                     mi = T.pin_all(mi, PIN)
                 if ADDR_PIN > 0 and WANT_GRAD:
                     # A store that never happens (P >= 0) but may alias the logits: the compilers keep the
@@ -257,11 +301,18 @@ def _tree_min_kernel(
                 m = x
             else:
                 m = tl.maximum(x, cm[DEP[V - 1 - j]], propagate_nan=tl.PropagateNan.ALL)
-                cm = T.replace(cm, DEP[V - 1 - j], zero - float("inf"))
-                if WANT_GRAD:
+                if WANT_GRAD and not PACK:
                     mi = T.replace(mi, IDX[V - 1 - j], m)
+                if WANT_GRAD and PACK:
+                    c = tl.where(x >= cm[DEP[V - 1 - j]], 0, sel[DEP[V - 1 - j]])
+                    mw = T.replace(mw, WORD[IDX[V - 1 - j]], mw[WORD[IDX[V - 1 - j]]] | (c << SHIFT[IDX[V - 1 - j]]))
+                    sel = T.replace(sel, DEP[V - 1 - j], izero)
+                cm = T.replace(cm, DEP[V - 1 - j], zero - float("inf"))
+            if WANT_GRAD and PACK and DEP[V - 1 - j] > 1:
+                sel = T.replace(sel, DEP[V - 1 - j] - 1,
+                                tl.where(m >= cm[DEP[V - 1 - j] - 1], ORD[V - 1 - j], sel[DEP[V - 1 - j] - 1]))
             cm = T.replace(cm, DEP[V - 1 - j] - 1,
-                      tl.maximum(cm[DEP[V - 1 - j] - 1], m, propagate_nan=tl.PropagateNan.ALL))
+                           tl.maximum(cm[DEP[V - 1 - j] - 1], m, propagate_nan=tl.PropagateNan.ALL))
             if WANT_LOSS:
                 w = tl.where(path[DEP[V - 1 - j] - 1] == CH[V - 1 - j], cmin[DEP[V - 1 - j] - 1], m)
                 f, _ = _focal2(w, gamma, eps, True, False, GMODE, HAS_EPS, FAST)
@@ -271,60 +322,91 @@ def _tree_min_kernel(
         nan = cm[0] != cm[0]
         bad = bad | (valid & nan)
         if WANT_GRAD:
+            if LATE:
+                path = _path_of(tab_ptr + OFF_PATH, y, pmask, xs[0], D, PIN)
+                gsc = _grad_scale(go_ptr, opix, pmask, zero, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW,
+                                  GRAD_MODE)
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
             # Top-down, in pre-order: an off-path node's weight k_v goes to M_v's argmax (first in
-            # pre-order: v itself if x_v = M_v, else the first child with the same maximum). Element
-            # d - 1 of `pend` holds what the open node at depth d still owes one of its children. Every
-            # node's gradient is written here in its off-path form; the (at most D) path nodes' entries are
-            # rewritten afterwards. Only an internal path node's own weight must stay out of the routing
-            # (a path node's children never inherit: its ancestors are all on the path).
+            # pre-order: v itself if x_v = M_v, else the first child with the same maximum), as the packed
+            # fields say. Element d - 1 of `pend` holds what the open node at depth d owes the child whose
+            # ordinal is in its field (`pos`; 0: none, the node kept its weight). Every node's gradient is
+            # written here in its off-path form; the (at most D) path nodes' entries are rewritten
+            # afterwards. Only an internal path node's own weight must stay out of the routing (a path
+            # node's children never inherit: its ancestors are all on the path).
             ngsc = -gsc  # the off-path sign
+            # Without PACK: M_v of the internal nodes (mi), `mo` the open nodes' M, a child hits when its M
+            # equals its parent's (the first such child takes the owed weight and clears it).
+            pos = ()
             mo = ()
             pend = ()
             for d in tl.static_range(D):
-                mo = mo + (zero,)
+                if PACK:
+                    pos = pos + (izero,)
+                else:
+                    mo = mo + (zero,)
                 pend = pend + (zero,)
             for i in tl.static_range(V):
                 if i % G == 0:
                     if PIN and i > 0:
+                        pos = T.pin_all(pos, PIN)
                         mo = T.pin_all(mo, PIN)
                         pend = T.pin_all(pend, PIN)
                     xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True, ADDR_PIN)
                     gs = ()
                 x = xs[i % G]
                 kin = tl.load(k_ptr + CH[i]).to(ACC)
-                if LEAF[i]:
-                    m = x
-                else:
-                    m = mi[IDX[i]]
+                if not LEAF[i]:
                     kin = tl.where(path[DEP[i] - 1] == CH[i], 0.0, kin)
-                if DEP[i] > 1:
-                    hit = m == mo[DEP[i] - 2]
-                    kin += tl.where(hit, pend[DEP[i] - 2], 0.0)
-                    pend = T.replace(pend, DEP[i] - 2, tl.where(hit, 0.0, pend[DEP[i] - 2]))
-                if LEAF[i]:
-                    kk = kin
+                if PACK:
+                    if DEP[i] > 1:
+                        kin += tl.where(pos[DEP[i] - 2] == ORD[i], pend[DEP[i] - 2], 0.0)
+                    if LEAF[i]:
+                        kk = kin
+                    else:
+                        c = (mw[WORD[IDX[i]]] >> SHIFT[IDX[i]]) & MASK[IDX[i]]
+                        kk = tl.where(c == 0, kin, 0.0)
+                        pend = T.replace(pend, DEP[i] - 1, kin)
+                        pos = T.replace(pos, DEP[i] - 1, c)
                 else:
-                    own = x >= m
-                    kk = tl.where(own, kin, 0.0)
-                    pend = T.replace(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
-                    mo = T.replace(mo, DEP[i] - 1, m)
+                    if LEAF[i]:
+                        m = x
+                    else:
+                        m = mi[IDX[i]]
+                    if DEP[i] > 1:
+                        hit = m == mo[DEP[i] - 2]
+                        kin += tl.where(hit, pend[DEP[i] - 2], 0.0)
+                        pend = T.replace(pend, DEP[i] - 2, tl.where(hit, 0.0, pend[DEP[i] - 2]))
+                    if LEAF[i]:
+                        kk = kin
+                    else:
+                        own = x >= m
+                        kk = tl.where(own, kin, 0.0)
+                        pend = T.replace(pend, DEP[i] - 1, tl.where(own, 0.0, kin))
+                        mo = T.replace(mo, DEP[i] - 1, m)
                 _, df = _focal2(x, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
                 g = tl.where(valid, (kk * df) * ngsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
                 gs = gs + (g,)
                 if i % G == G - 1 or i == V - 1:
                     T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G, ADDR_PIN)
             # The path nodes: a_d gets the weight K of the deeper path nodes whose argmin it is, at z = x
-            # (w = −x), its logit loaded again (not kept live across the walk). The barrier: the rows' stores
+            # (w = −x), its logit loaded again (not kept live across the walk; without the loss the path's
+            # running minimum and weights are made here too, from those loads). The barrier: the rows' stores
             # and these need not share a register layout (another thread may have written the row).
             tl.debug_barrier()
+            if not EARLY_PATH:
+                _, kpath, xas = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, True, xpix, xpix, xpix,
+                                          zero, zero, False)
             for d in tl.static_range(D):
                 # channels_last: its mask and address made here, not kept from the start (a 4-byte spill
                 # otherwise); on NCHW the pin made ptxas spill more (sm90 model), so not there.
                 a = T.pin(path[d], PIN and ADDR_PIN == 0)
                 act = pmask & (a >= 0)
                 a64 = tl.where(act, a, 0).to(tl.int64)
-                xa = tl.load(x_ptr + xpix + a64 * sxc, mask=act, other=0.0).to(ACC)
+                if EARLY_PATH:
+                    xa = tl.load(x_ptr + xpix + a64 * sxc, mask=act, other=0.0).to(ACC)
+                else:
+                    xa = xas[d]
                 _, df = _focal2(-xa, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
                 g = tl.where(valid, (kpath[d] * df) * gsc, 0.0)
                 tl.store(g_ptr + gpix + a64 * sgc, g.to(g_ptr.dtype.element_ty), mask=act)
@@ -529,22 +611,29 @@ def _tree_min_up_bwd_kernel(
         T.store_group(g_ptr, gq, sgc64, qmask, acc[v:min(v + G, V)], CH, V, v, G)
 
 
-# Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16) for the gradient kernels and the
-# tree BCE; the tree-min forward takes 16 bytes (FORWARD_BYTES, _shape). Every [pixels] load of a program
-# (labels, the label's path) shares the logits' register layout (see the kernel's x0).
-PIXELS_PER_THREAD = 2
-FORWARD_BYTES = 16
+# Consecutive pixels per thread on NCHW: 16 bytes (float32 4, bfloat16 8 pixels; 128-bit loads of the logits) in
+# every pass of both losses. Every [pixels] load of a program (labels, the label's path) shares the logits' register
+# layout (see the kernel's x0).
+NCHW_BYTES = 16
+CL_VEC = 2  # channels_last: one pixel per thread (gpu_blocks), VEC only the labels' contiguity hint
+NARROW_GRAD_VEC = 2  # the tree-min gradient of 2-byte logits (_shape)
 
 
 def _shape(logits, use_extrema=False, two_pass=False):
-    """(VEC, G) of a compiled launch on NCHW: the tree-min forward (no gradient) reads 16 bytes of consecutive
-    pixels per load (float32 4, bfloat16 8 pixels per thread), bfloat16 with G = 2 nodes per step (8 made
-    ptxas spill 304 bytes at 8 pixels); everything else PIXELS_PER_THREAD pixels and T.GROUP nodes (the
-    gradient keeps every internal node's maximum per pixel across its two passes)."""
-    if use_extrema and not two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1):
-        size = logits.element_size()
-        return max(FORWARD_BYTES // size, 1), (2 if size == 2 else T.GROUP)
-    return PIXELS_PER_THREAD, T.GROUP
+    """(VEC, G) of a compiled launch on NCHW: NCHW_BYTES of consecutive pixels per thread (VEC) and T.GROUP nodes
+    per step (G), but for 2-byte logits: G = 2 in the tree-min forward (8 made ptxas spill 304 bytes at 8
+    pixels), G = 4 in the tree BCE, and the tree-min gradient at 2 pixels (4 bytes, unpacked: :func:`_packs`):
+    at 8 pixels its per-pixel state spilled 1.2-1.6 KB per thread (G = 4, 8), at 4 pixels 0.5 KB (G = 8;
+    python -m benchmarks.sm90). Channels_last: CL_VEC."""
+    if logits.shape[1] > 1 and logits.stride(1) == 1:
+        return CL_VEC, T.GROUP
+    size = logits.element_size()
+    vec = max(NCHW_BYTES // size, 1)
+    if size == 2 and two_pass:
+        return NARROW_GRAD_VEC, T.GROUP
+    if size == 2:
+        return vec, (2 if use_extrema else 4)
+    return vec, T.GROUP
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
@@ -564,7 +653,48 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=group, PIN=C.fast_exp(logits), VEC=vec,
         ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0, UPSAMPLE=False,
+        **(dict(zip(("ORD", "WORD", "SHIFT", "MASK", "NW"), argmax_fields(dep))) if _packs(logits, two_pass) else {}),
     )
+
+
+def _packs(logits, two_pass):
+    """Whether the tree-min gradient packs its argmax fields (``argmax_fields``): on NCHW with 4-byte or wider
+    logits (4 pixels per thread, where M_v of every internal node spilled), not on channels_last (one pixel per
+    thread: keeping M_v costs fewer instructions) nor for 2-byte logits (2 pixels per thread, :func:`_shape`;
+    packed, ptxas spilled 0.5-0.9 KB per thread at 2 or 4 pixels where M_v spills 32 bytes)."""
+    return two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1) and logits.element_size() >= 4
+
+
+@functools.lru_cache(maxsize=64)
+def argmax_fields(depths):
+    """The gradient's packed argmax fields (``_tree_min_kernel``'s ORD, WORD, SHIFT, MASK, NW) of a tree given by its
+    nodes' depths in pre-order: ORD per node its 1-based ordinal among its siblings; per internal node (by its
+    ordinal IDX) the int32 word, bit offset and mask of a field holding 0 .. its number of children (the
+    smallest width that does; fields never straddle two words); NW the number of words."""
+    V = len(depths)
+    ords, children, open_ = [], [], {}  # open_: depth -> [the open node's internal ordinal, children so far]
+    for i in range(V):
+        d = depths[i]
+        for dd in [k for k in open_ if k >= d]:
+            del open_[dd]
+        parent = open_.get(d - 1)
+        if parent is not None:
+            parent[1] += 1
+            children[parent[0]] += 1
+        ords.append(parent[1] if parent is not None else 0)
+        if i + 1 < V and depths[i + 1] > d:
+            open_[d] = [len(children), 0]
+            children.append(0)
+    word, shift, mask, w, b = [], [], [], 0, 0
+    for n in children:
+        bits = max(int(n).bit_length(), 1)
+        if b + bits > 32:
+            w, b = w + 1, 0
+        word.append(w)
+        shift.append(b)
+        mask.append((1 << bits) - 1)
+        b += bits
+    return tuple(ords), tuple(word), tuple(shift), tuple(mask), (w + 1 if children else 0)
 
 
 def _addr_pin(logits, grad):
@@ -596,8 +726,8 @@ def _blocks(logits, two_pass, use_extrema=False):
 
 def gpu_blocks(logits, two_pass=False, use_extrema=False):
     """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked G nodes at a
-    time). Channel rows in memory (NCHW): VEC consecutive pixels per thread (:func:`_shape`: PIXELS_PER_THREAD,
-    16 bytes for the tree-min forward). Channels contiguous (channels_last): one pixel per thread.
+    time). Channel rows in memory (NCHW): VEC consecutive pixels per thread (:func:`_shape`: NCHW_BYTES, 16
+    bytes). Channels contiguous (channels_last): one pixel per thread.
     ``two_pass``: the tree-min gradient; ``use_extrema``: the tree-min (else the tree BCE)."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return 1, 128, 4

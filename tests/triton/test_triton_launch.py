@@ -178,8 +178,9 @@ def test_gpu_tiles_of_the_hierarchical_softmax_under_the_interpreter(layout, dty
 @pytest.mark.parametrize("layout,dtype", [("nchw", torch.float32), ("nchw", torch.bfloat16), ("nchw", torch.float64),
                                           ("channels_last", torch.float32), ("strided", torch.bfloat16)])
 def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypatch):
-    """The tree-min / tree-BCE kernel with the tiles a GPU launch takes (tree_min.gpu_blocks: two pixels per
-    thread on NCHW, 256 pixels per program; groups of 8 nodes per load, a partial last group), run by the interpreter on the CPU against the
+    """The tree-min / tree-BCE kernel with the tiles a GPU launch takes (tree_min.gpu_blocks: 16 bytes of pixels
+    per thread on NCHW, 512 float32 pixels per program; groups of 8 nodes per load, 4 in the bfloat16 tree BCE, a
+    partial last group), run by the interpreter on the CPU against the
     reference: forward and backward, reduction "none", focal and plain, eps, ties, a NaN logit, and the
     single pass, on an image wider than one program, (n, h, w) indexing for the strided layout."""
     from hss_kernels.triton import tree_min as tm
@@ -192,7 +193,7 @@ def test_gpu_tiles_of_the_tree_min_under_the_interpreter(layout, dtype, monkeypa
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x, y = x[:, :, :, ::2], y[:, :, ::2]
-    assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else tm.PIXELS_PER_THREAD * 128)
+    assert tm.gpu_blocks(x)[1] == (128 if layout == "channels_last" else tm.NCHW_BYTES // x.element_size() * 128)
     assert tree.num_nodes % tm.T.GROUP != 0
     for op in ("tree_min_loss", "tree_bce_loss"):
         H.check(op, "triton", x, y, tree, reduction="none", gamma=2.0)
@@ -266,3 +267,58 @@ def test_gpu_tiles_of_upsampled_decode_under_the_interpreter(align_corners, monk
         got = dk.decode(x, tree, activation, "mean", size=(5, 301), align_corners=align_corners)
         H.assert_decode_size_like_reference(got, x, tree, activation, "mean", (5, 301), align_corners)
 
+
+
+def _wide_tree():
+    """Depth 3, 72 nodes: node A with 33 leaf children (a 6-bit argmax field), node B with 12 internal
+    children of 2 leaves each, a leaf C: 34 bits of fields, two words (tree_min.argmax_fields)."""
+    parents = [-1] + [0] * 33 + [-1]  # A = 0, its leaves 1..33, B = 34
+    for _ in range(12):
+        parents += [34]
+        parents += [len(parents) - 1] * 2
+    parents += [-1]  # C
+    return hss_kernels.Tree.from_parents(parents)
+
+
+@pytest.mark.parametrize("name", trees.names() + ["wide"])
+def test_argmax_fields_of_the_tree_min_gradient(name):
+    """tree_min.argmax_fields against the tree itself: every node's ORD is its 1-based place among its parent's
+    children (pre-order), every internal node's field holds 0 .. its number of children, inside one 32-bit word,
+    and no two fields overlap."""
+    from hss_kernels.triton import tree_min as tm
+
+    tree = _wide_tree() if name == "wide" else trees.load(name)
+    order = tree.dfs_order
+    ords, word, shift, mask, nw = tm.argmax_fields(tuple(tree.depths[c] for c in order))
+    internal = [c for c in order if tree.children[c]]
+    assert len(word) == len(shift) == len(mask) == len(internal)
+    for i, c in enumerate(order):
+        p = tree.parents[c]
+        if p >= 0:
+            siblings = sorted(tree.children[p], key=lambda s: tree.dfs_pos[s])
+            assert ords[i] == siblings.index(c) + 1
+    used = {}
+    for i, c in enumerate(internal):
+        assert mask[i] >= len(tree.children[c]) and (mask[i] + 1) & mask[i] == 0
+        assert 0 <= word[i] < nw and shift[i] + mask[i].bit_length() <= 32
+        bits = mask[i] << shift[i]
+        assert used.get(word[i], 0) & bits == 0
+        used[word[i]] = used.get(word[i], 0) | bits
+    if name == "wide":
+        assert nw == 2
+
+
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu_blocks"])  # not "gpu": conftest skips that keyword
+def test_tree_min_gradient_routes_ties_through_wide_fields(tiles, monkeypatch):
+    """The tree-min gradient on a tree whose argmax fields take two words (one 6 bits wide), on logits that tie
+    all the time (-1, 0, 1: children's maxima tie, a node ties its subtree's maximum), against the reference:
+    "none" with a random upstream gradient, "mean", float64 and float32, focal and plain."""
+    from hss_kernels.triton import tree_min as tm
+
+    if tiles == "gpu_blocks":
+        monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
+    tree = _wide_tree()
+    for dtype in (torch.float64, torch.float32):
+        x, y = H.inputs(tree, "tree_min_loss", (2, 3, 37), dtype=dtype, ties=True)
+        H.check("tree_min_loss", "triton", x, y, tree, reduction="none", gamma=2.0)  # random grad_out
+        H.check("tree_min_loss", "triton", x, y, tree, gamma=0.0)
