@@ -381,7 +381,7 @@ def _tree_min_kernel(
                      ws_ptr, ACC, HAS_CW, HAS_PW)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Y0", "NPIX"])
 def _tree_min_up_rows_kernel(
     x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, s_ptr, go_ptr, cw_ptr, pw_ptr,
     Hh, W, Y0, NPIX,
@@ -394,7 +394,7 @@ def _tree_min_up_rows_kernel(
     CH: tl.constexpr, DEP: tl.constexpr, LEAF: tl.constexpr, IDX: tl.constexpr,
     BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
-    GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr,
+    GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
 ):
     # The upsampled backward's first half, over one band of full-resolution rows [Y0, Y0 + NPIX / W) of every
@@ -403,7 +403,7 @@ def _tree_min_up_rows_kernel(
     # scratch (s_ptr: [N, rows, W, channels], channel stride 1). The tree-min: a bottom-up pass for the maxima
     # and the NaN scan, then _tree_min_kernel's top-down routing with the path nodes' terms in place; the BCE:
     # the NaN scan, then every node's own term. _up_gather_kernel then reduces the scratch onto the
-    # low-resolution pixels.
+    # low-resolution pixels. PIN: the running state through T.pin between node groups (as _tree_min_kernel).
     OFF_PATH: tl.constexpr = 4 * V
     n = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -434,6 +434,9 @@ def _tree_min_up_rows_kernel(
             mi = mi + (zero,)
     for jj in tl.static_range(V):
         if jj % G == 0:
+            if PIN and jj > 0:
+                cm = T.pin_all(cm, PIN)
+                mi = T.pin_all(mi, PIN)
             xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, jj, G, True, ACC)
         x = xg[jj % G]
         if USE_EXTREMA:
@@ -462,6 +465,9 @@ def _tree_min_up_rows_kernel(
     # Second pass (pre-order): each node's gradient, stored G nodes at a time.
     for v in tl.static_range(V):
         if v % G == 0:
+            if PIN and v > 0 and USE_EXTREMA:
+                mo = T.pin_all(mo, PIN)
+                pend = T.pin_all(pend, PIN)
             xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, v, G, False, ACC)
             gs = ()
         x = xg[v % G]
@@ -500,8 +506,8 @@ def _tree_min_up_rows_kernel(
 
 @triton.jit(do_not_specialize=["Y0", "Y1", "I0"])
 def _up_gather_kernel(
-    s_ptr, a_ptr, g_ptr, ui_ptr, ul_ptr, win_ptr,
-    Hh, W, hl, wl, Y0, Y1, I0, AM,
+    s_ptr, a_ptr, g_ptr, ui_ptr, ul_ptr, win_ptr, cx_ptr, cw_ptr,
+    Hh, hl, wl, Y0, Y1, I0, AM,
     ssn, ssy, ssx,
     san, sah, saw,
     sgn, sgc, sgh, sgw,
@@ -513,13 +519,15 @@ def _up_gather_kernel(
     # of one row i = I0 + program_id(1) of image program_id(2) and GB channels at a time, and adds
     # wy * wx * g over the full-resolution pixels (Y, X) of the band whose stencil holds (i, j) (the row's
     # window of outputs whose i0 is i - 1 or i, intersected with the band; columns: the window of j, at most
-    # KX), in the order (Y, X): the same sum as one pass over the whole window, wherever the bands cut it.
-    # A row whose window goes on past the band keeps its partial sum in ACC in the carry rows (a_ptr: [N, AM,
-    # wl, channels], row i % AM, channel stride 1) for the next band; the band that holds its last row writes
-    # the gradient. No atomics: bitwise reproducible, and the same for every band height.
+    # KX, as the tables cx (X, -1 past the window) and cw (wx) per (j, step) give them), in the order (Y, X):
+    # the same sum as one pass over the whole window, wherever the bands cut it. A row whose window goes on
+    # past the band keeps its partial sum in ACC in the carry rows (a_ptr: [N, AM, wl, channels], row i % AM,
+    # channel stride 1) for the next band; the band that holds its last row writes the gradient. No atomics:
+    # bitwise reproducible, and the same for every band height. Per-pixel values are [BLOCK_Q, 1] columns of
+    # the [BLOCK_Q, GB] tile's layout (no layout conversions in the loop).
     i = I0 + tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    j = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    j = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
     jmask = j < wl
     j = tl.where(jmask, j, 0)
     ys = tl.load(win_ptr + i)
@@ -528,41 +536,55 @@ def _up_gather_kernel(
     last = ye <= Y1  # the window ends in this band
     ylo = tl.maximum(ys, Y0)
     yhi = tl.minimum(ye, Y1)
-    xs0 = tl.load(win_ptr + 2 * hl + j, mask=jmask, other=0)
-    xn = tl.load(win_ptr + 2 * hl + wl + j, mask=jmask, other=0)
-    cc = tl.arange(0, GB)
+    cc = tl.arange(0, GB)[None, :]
     j64 = j.to(tl.int64)
     apix = n * san + (i % AM).to(tl.int64) * sah + j64 * saw
     gpix = n * sgn + i.to(tl.int64) * sgh + j64 * sgw
+    sbase = s_ptr + n * ssn
     for c0 in range(0, V, GB):  # sm90: trips=cdiv(V, GB)
         ch = c0 + cc
-        m2 = jmask[:, None] & (ch < V)[None, :]
+        m2 = jmask & (ch < V)
         if first:
             a = tl.zeros([BLOCK_Q, GB], dtype=ACC)
         else:
-            a = tl.load(a_ptr + apix[:, None] + ch[None, :], mask=m2, other=0.0)
+            a = tl.load(a_ptr + apix + ch, mask=m2, other=0.0)
         Y = ylo
         while Y < yhi:  # sm90: trips=2 * H / (h + 2 * H / ROWS)
             iy0 = tl.load(ui_ptr + Y)
             iy1 = tl.load(ui_ptr + Hh + Y)
             ly = tl.load(ul_ptr + Y)
             wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
-            srow = n * ssn + (Y - Y0).to(tl.int64) * ssy
+            srow = sbase + (Y - Y0).to(tl.int64) * ssy + ch
             for dx in range(0, KX):  # sm90: trips=KX
-                ok = jmask & (dx < xn)
-                X = tl.where(ok, xs0 + dx, 0)
-                ix0 = tl.load(ui_ptr + 2 * Hh + X)
-                ix1 = tl.load(ui_ptr + 2 * Hh + W + X)
-                lx = tl.load(ul_ptr + Hh + X)
-                wx = tl.where(ix0 == j, 1.0 - lx, 0.0) + tl.where(ix1 == j, lx, 0.0)
-                t = tl.load(s_ptr + (srow + X.to(tl.int64) * ssx)[:, None] + ch[None, :], mask=ok[:, None],
-                            other=0.0)
-                a += (wy * wx)[:, None] * t
+                X = tl.load(cx_ptr + j * KX + dx, mask=jmask, other=-1)
+                wx = tl.load(cw_ptr + j * KX + dx, mask=jmask, other=0.0)
+                ok = X >= 0
+                t = tl.load(srow + X.to(tl.int64) * ssx, mask=ok, other=0.0)
+                a += (wy * wx) * t
             Y += 1
         if last:
-            tl.store(g_ptr + gpix[:, None] + ch.to(tl.int64)[None, :] * sgc, a.to(g_ptr.dtype.element_ty), mask=m2)
+            tl.store(g_ptr + gpix + ch.to(tl.int64) * sgc, a.to(g_ptr.dtype.element_ty), mask=m2)
         else:
-            tl.store(a_ptr + apix[:, None] + ch[None, :], a, mask=m2)
+            tl.store(a_ptr + apix + ch, a, mask=m2)
+
+
+@functools.lru_cache(maxsize=64)
+def _up_columns(w, W, align_corners, dtype, device):
+    """_up_gather_kernel's column tables, per low-resolution column j and step k < KX of its window: X (int32,
+    -1 past the window) and its weight wx (the accumulation dtype, computed as the kernels interpolate:
+    (1 - lambda) where i0 is j, plus lambda where i1 is j)."""
+    i0, i1, lam, start, count = C.up_axis(w, W, align_corners, dtype)
+    kx = max(int(count.max(initial=0)), 1)
+    k = np.arange(kx)[None, :]
+    X = start[:, None] + k
+    inside = k < count[:, None]
+    Xc = np.where(inside, X, 0)
+    j = np.arange(w)[:, None]
+    one = lam.dtype.type(1)
+    wx = np.where(i0[Xc] == j, one - lam[Xc], lam.dtype.type(0)) + np.where(i1[Xc] == j, lam[Xc], lam.dtype.type(0))
+    cx = torch.from_numpy(np.where(inside, X, -1).astype(np.int32).reshape(-1))
+    cw = torch.from_numpy(np.where(inside, wx, lam.dtype.type(0)).astype(lam.dtype).reshape(-1))
+    return cx.to(device), cw.to(device), kx
 
 
 # Consecutive pixels per thread on NCHW (64-bit float32 loads, 32-bit bfloat16) for the gradient kernels and the
@@ -751,6 +773,7 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
         block_q = min(block_q, max(triton.next_power_of_2(w), 16))
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
     cw, pw = C.weight_ptrs(class_weight, pixel_weight, None, grad)[:2]
+    cx, cwx, kx = _up_columns(w, W, bool(align_corners), acc, logits.device)
     for Y0, Y1, I0, I1 in bands:
         C.launch(
             _tree_min_up_rows_kernel, (triton.cdiv((Y1 - Y0) * W, block_p), N), logits,
@@ -760,15 +783,15 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
             float(gamma), float(eps), int(ignore_index),
             V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
             USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, GRAD_MODE=grad_mode,
-            FAST=C.fast_exp(logits), G=T.GROUP, HAS_CW=class_weight is not None,
+            FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), HAS_CW=class_weight is not None,
             HAS_PW=pixel_weight is not None, num_warps=warps,
         )
         C.launch(
             _up_gather_kernel, (triton.cdiv(w, block_q), I1 - I0, N), logits,
-            scratch, carry, grad, ui, ul, win,
-            H, W, h, w, Y0, Y1, I0, am,
+            scratch, carry, grad, ui, ul, win, cx, cwx,
+            H, h, w, Y0, Y1, I0, am,
             *scratch.stride()[:3], *carry.stride()[:3], *grad.stride(),
-            V=V, BLOCK_Q=block_q, GB=UP_GATHER_GB, KX=KX, ROWS=rows, ACC=C.tl_acc(logits.dtype), num_warps=warps,
+            V=V, BLOCK_Q=block_q, GB=UP_GATHER_GB, KX=kx, ROWS=rows, ACC=C.tl_acc(logits.dtype), num_warps=warps,
         )
 
 
