@@ -23,9 +23,10 @@ size P·V).
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
-is ``_tree_min_up_bwd_kernel``, which gathers each low-resolution element's terms (no atomics), recomputing the
-gradient rows of the full-resolution pixels whose stencil holds it. Neither the full-resolution logits nor
-their gradient is stored.
+runs band by band of full-resolution rows: ``_tree_min_up_rows_kernel`` computes each pixel's gradient row once
+into a bounded scratch (UP_BWD_SCRATCH_BYTES), ``_up_gather_kernel`` adds it onto the low-resolution elements
+in a fixed order (no atomics; partial sums carried between bands). Neither the full-resolution logits nor
+their whole gradient is stored.
 """
 from __future__ import annotations
 
@@ -1012,9 +1013,11 @@ def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
 
     ``upsample="bilinear"``: ``logits`` ``(N, V, h, w)`` at most the target's ``(N, H, W)`` size; the loss of
     the logits interpolated as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` in float32
-    (float64), fused: the forward interpolates each pixel's logits from its 2x2 stencil, the backward gathers
-    each low-resolution element's terms in a fixed order (no atomics); neither the full-resolution logits nor
-    their gradient is stored. Not with ``single_pass``.
+    (float64), fused: the forward interpolates each pixel's logits from its 2x2 stencil; the backward computes
+    each full-resolution pixel's gradient row once, a band of rows at a time, into a scratch of at most 32 MiB
+    and a tenth of the full-resolution logits (``UP_BWD_SCRATCH_BYTES``), and gathers it onto each
+    low-resolution element in a fixed order (no atomics, bitwise reproducible); neither the full-resolution
+    logits nor their whole gradient is stored. Not with ``single_pass``.
 
     ``class_weight`` (L, float, by leaf label) and ``pixel_weight`` (the target's ``(N, H, W)``, float) are fused
     into the kernels (docs/MATH.md §6.6): each labelled pixel's loss and gradient times cw[y] * pw[p], ``"mean"``
