@@ -550,7 +550,7 @@ def _up_gather_kernel(
         else:
             a = tl.load(a_ptr + apix + ch, mask=m2, other=0.0)
         Y = ylo
-        while Y < yhi:  # sm90: trips=2 * H / (h + 2 * H / ROWS)
+        while Y < yhi:  # sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
             iy0 = tl.load(ui_ptr + Y)
             iy1 = tl.load(ui_ptr + Hh + Y)
             ly = tl.load(ul_ptr + Y)
