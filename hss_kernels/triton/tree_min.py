@@ -403,8 +403,9 @@ def _tree_min_up_rows_kernel(
     # logits), computed once from its label, grad_output and interpolated logits, stored in ACC to the band's
     # scratch (s_ptr: [N, rows, W, channels], channel stride 1). The tree-min: a bottom-up pass for the maxima
     # and the NaN scan, then _tree_min_kernel's top-down routing with the path nodes' terms in place; the BCE:
-    # the NaN scan, then every node's own term. _up_gather_kernel then reduces the scratch onto the
-    # low-resolution pixels. PIN: the running state through T.pin between node groups (as _tree_min_kernel).
+    # one pass, every node's own term, NaN rows rewritten afterwards for pixels with a NaN logit.
+    # _up_gather_kernel then reduces the scratch onto the low-resolution pixels. PIN: the running state through
+    # T.pin between node groups (as _tree_min_kernel).
     OFF_PATH: tl.constexpr = 4 * V
     n = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -425,22 +426,22 @@ def _tree_min_up_rows_kernel(
     path = ()
     for d in tl.static_range(D):
         path = path + (tl.load(tab_ptr + OFF_PATH + y * D + d, mask=ok, other=-1),)
-    # First pass (reverse pre-order): the NaN scan and, for the tree-min, every internal node's M_v.
-    cm = ()
-    for d in tl.static_range(D + 1):
-        cm = cm + (zero - float("inf"),)
-    mi = ()
-    for v in tl.static_range(V):
-        if not LEAF[v]:
-            mi = mi + (zero,)
-    for jj in tl.static_range(V):
-        if jj % G == 0:
-            if PIN and jj > 0:
-                cm = T.pin_all(cm, PIN)
-                mi = T.pin_all(mi, PIN)
-            xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, jj, G, True, ACC)
-        x = xg[jj % G]
-        if USE_EXTREMA:
+    if USE_EXTREMA:
+        # First pass (reverse pre-order): the NaN scan and every internal node's M_v.
+        cm = ()
+        for d in tl.static_range(D + 1):
+            cm = cm + (zero - float("inf"),)
+        mi = ()
+        for v in tl.static_range(V):
+            if not LEAF[v]:
+                mi = mi + (zero,)
+        for jj in tl.static_range(V):
+            if jj % G == 0:
+                if PIN and jj > 0:
+                    cm = T.pin_all(cm, PIN)
+                    mi = T.pin_all(mi, PIN)
+                xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, jj, G, True, ACC)
+            x = xg[jj % G]
             if LEAF[V - 1 - jj]:
                 m = x
             else:
@@ -449,10 +450,10 @@ def _tree_min_up_rows_kernel(
                 mi = T.replace(mi, IDX[V - 1 - jj], m)
             cm = T.replace(cm, DEP[V - 1 - jj] - 1,
                            tl.maximum(cm[DEP[V - 1 - jj] - 1], m, propagate_nan=tl.PropagateNan.ALL))
-        else:
-            cm = T.replace(cm, 0, tl.maximum(cm[0], x, propagate_nan=tl.PropagateNan.ALL))
-    nan = cm[0] != cm[0]
-    bad = bad | (valid & nan)
+        nan = cm[0] != cm[0]
+        bad = bad | (valid & nan)
+    # The BCE has one pass: its rows are stored before the NaN scan is complete, and the rare pixel with a NaN
+    # logit gets its NaN row afterwards (cold), as in _tree_min_kernel.
     gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
     ngsc = -gsc
     if USE_EXTREMA:
@@ -463,7 +464,8 @@ def _tree_min_up_rows_kernel(
             mo = mo + (zero,)
             pend = pend + (zero,)
     spix = n * ssn + Yl * ssy + X * ssx
-    # Second pass (pre-order): each node's gradient, stored G nodes at a time.
+    big = zero - float("inf")
+    # Second pass (pre-order; the BCE's only one): each node's gradient, stored G nodes at a time.
     for v in tl.static_range(V):
         if v % G == 0:
             if PIN and v > 0 and USE_EXTREMA:
@@ -496,6 +498,7 @@ def _tree_min_up_rows_kernel(
             _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
             g = (tl.where(on, kpath[DEP[v] - 1], kk) * df) * tl.where(on, gsc, ngsc)
         else:
+            big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
             _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
             g = kin * df
             g = tl.where(on, g, -g) * gsc
@@ -503,6 +506,14 @@ def _tree_min_up_rows_kernel(
         gs = gs + (tl.where(valid, g, 0.0),)
         if v % G == G - 1 or v == V - 1:
             T.store_group(s_ptr, spix, 1, ok, gs, CH, V, v - v % G, G)
+    if not USE_EXTREMA:
+        late = valid & (big != big) & (~bad)
+        if tl.max(late.to(tl.int32), axis=0) > 0:  # sm90: cold
+            nanrow = ()
+            for i in tl.static_range(G):
+                nanrow = nanrow + (tl.full([BLOCK_P], float("nan"), ACC),)
+            for v in tl.static_range(0, V, G):
+                T.store_group(s_ptr, spix, 1, late, nanrow[:min(G, V - v)], CH, V, v, G)
 
 
 @triton.jit(do_not_specialize=["Y0", "Y1", "I0"])
