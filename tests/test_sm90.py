@@ -519,6 +519,28 @@ def test_one_triton_kernel_end_to_end(tmp_path):
     assert row["threads"] == P // 4 and not row["warnings"]  # 4 pixels per thread
 
 
+def test_triton_banded_backward_recorded_as_one_launch_per_kernel(monkeypatch):
+    """The upsampled tree-min backward launches its two kernels once per band of rows: the recorder keeps one
+    entry per compiled kernel whose programs are the bands' sum and whose launch count is the bands'."""
+    from benchmarks.sm90 import triton_side
+    from hss_kernels.triton import tree_min
+
+    tree = trees.load("pascal_person_part")
+    x = torch.empty((2, tree.num_nodes, 8, 16), device="meta")
+    t = torch.empty((2, 32, 64), dtype=torch.int64, device="meta")
+    monkeypatch.setattr(tree_min, "_up_band_rows", lambda N, V, H, W, a, b: 5)  # 7 bands
+    bands, _ = tree_min._up_bands(8, 32, 5, False, torch.float32)
+    assert len(bands) == 7
+    launches = triton_side.record("tree_min", "backward", x, t, tree, upsample=True)
+    assert [la.kernel.fn.__name__ for la in launches] == ["_tree_min_up_rows_kernel", "_up_gather_kernel"]
+    assert [la.launches for la in launches] == [len(bands)] * 2 and launches[0].describe()["launches"] == len(bands)
+    block_p, block_q = launches[0].constexprs["BLOCK_P"], launches[1].constexprs["BLOCK_Q"]
+    assert launches[0].programs == sum(-(-(b[1] - b[0]) * 64 // block_p) * 2 for b in bands)
+    assert launches[1].programs == sum(-(-16 // block_q) * (b[3] - b[2]) * 2 for b in bands)
+    single = triton_side.coalesce(launches[:1])
+    assert single[0] is launches[0]
+
+
 def test_one_upsampled_triton_kernel_end_to_end(tmp_path):
     """The backward of the Triton hierarchical softmax with logits at 1/4 of the labels' size: one program per
     16 x 16 tile of low-resolution pixels (its first row and column the halo), its run loops at H / h and

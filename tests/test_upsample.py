@@ -667,6 +667,38 @@ def test_triton_node_several_programs(triton_node, loss, monkeypatch):
 
 
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
+def test_triton_node_bands(triton_node, loss, monkeypatch):
+    """The backward in bands of 1 to 5 full-resolution rows (several bands per image, low-resolution
+    rows whose window spans two or more bands: their partial sums carried between the gathers), with blocks
+    of 16 pixels: against the composition, and bitwise equal to one band over the whole image (float64, each
+    element's terms summed in the same order whatever the bands), for both align_corners, integer and
+    non-integer scales, weights and a per-pixel grad_output."""
+    tree = H.random_tree(max_nodes=9)
+    monkeypatch.setattr(triton_node, "_up_blocks", lambda logits, backward=False: (16, 4))
+    fn = H.api(loss, "triton")
+    for k, (shape, align_corners) in enumerate((((2, 3, 4, 7, 9), False), ((1, 3, 2, 12, 8), True),
+                                                ((1, 2, 2, 9, 4), False))):
+        x, y = _inputs(tree, loss, shape, torch.float64)
+        kw = dict(upsample="bilinear", align_corners=align_corners, reduction=H.REDUCTIONS[k % 3])
+        if k == 1:
+            kw.update(class_weight=torch.rand(tree.num_leaves, dtype=torch.float64) + 0.5,
+                      pixel_weight=torch.rand(y.shape, dtype=torch.float64))
+        monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b: Hh)
+        ref = H.loss_and_grad(fn, x, y, tree, **kw)
+        go = ref[2]
+        assert len(triton_node._up_bands(shape[1], shape[3], shape[3], align_corners, torch.float64)[0]) == 1
+        for rows in ((1, 3), (2, 5), (1, 4))[k]:
+            monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b, rows=rows: rows)
+            assert len(triton_node._up_bands(shape[1], shape[3], rows, align_corners, torch.float64)[0]) > 1
+            _, g, _ = H.loss_and_grad(fn, x, y, tree, go, **kw)
+            assert torch.equal(g, ref[1]), (rows, (g - ref[1]).abs().max())
+        if k != 1:  # the composition takes no weights (tests/triton/test_triton_weights.py has them)
+            monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b: 2)
+            _check(loss, "triton", x.float(), y, tree, grad_out=go.float(), align_corners=align_corners,
+                   reduction=kw["reduction"])
+
+
+@pytest.mark.parametrize("loss", H.NODE_LOSSES)
 def test_triton_node_backward_bitwise_deterministic(triton_node, loss):
     """Repeated calls give the same loss and gradient to the bit (float64: a reordered sum would show)."""
     tree = trees.load("pascal_person_part")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Launch", "record", "record_call", "compile_launch", "Compiled", "OP_KEYS", "fuses_upsample"]
+__all__ = ["Launch", "record", "record_call", "coalesce", "compile_launch", "Compiled", "OP_KEYS", "fuses_upsample"]
 
 # Row op name -> the Triton registry's op name.
 OP_KEYS = {"hierarchical_softmax": "hierarchical_softmax_loss", "tree_min": "tree_min_loss",
@@ -35,6 +35,7 @@ class Launch:
     grid: Tuple[int, ...]
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any]
+    launches: int = 1  # launches of the same compiled kernel merged into this one by coalesce (grid: all programs)
 
     @property
     def programs(self) -> int:
@@ -63,7 +64,29 @@ class Launch:
                 out[p.name] = a
         for k, v in self.kwargs.items():
             out[k] = v if isinstance(v, (int, float, bool, str)) else str(v)
+        if self.launches > 1:
+            out["launches"] = self.launches
         return out
+
+
+def coalesce(launches: List[Launch]) -> List[Launch]:
+    """Launches of one kernel with the same constexprs (the same compiled code: e.g. the upsampled tree-min
+    backward's two kernels once per band of rows) as one launch over all their programs (a 1-D grid of their
+    sum, ``launches`` their number), in the order of their first launch; the others as they are. The model's
+    count per thread depends on the compiled code and the constexprs only, so the total is unchanged."""
+    out: List[Launch] = []
+    seen: Dict[Tuple[int, str], int] = {}
+    for launch in launches:
+        key = (id(launch.kernel), repr(sorted((k, repr(v)) for k, v in launch.constexprs.items())),
+               repr(launch.kwargs.get("num_warps")))
+        if key not in seen:
+            seen[key] = len(out)
+            out.append(launch)
+            continue
+        first = out[seen[key]]
+        out[seen[key]] = Launch(first.kernel, (first.programs + launch.programs,), first.args, first.kwargs,
+                                first.launches + launch.launches)
+    return out
 
 
 class _Ctx:
@@ -140,7 +163,7 @@ def record_call(call: Callable[[], object], backward: bool = False) -> List[Laun
         if backward:
             del launches[:]
             _backward(calls)
-        return list(launches)
+        return coalesce(list(launches))
 
 
 def fuses_upsample(op: str) -> bool:

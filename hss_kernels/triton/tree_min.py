@@ -24,15 +24,17 @@ read, no argmin/argmax tensor of size P·V).
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
-is ``_tree_min_up_bwd_kernel``, which gathers each low-resolution element's terms (no atomics), recomputing the
-gradient rows of the full-resolution pixels whose stencil holds it. Neither the full-resolution logits nor
-their gradient is stored.
+runs band by band of full-resolution rows: ``_tree_min_up_rows_kernel`` computes each pixel's gradient row once
+into a bounded scratch (UP_BWD_SCRATCH_BYTES), ``_up_gather_kernel`` adds it onto the low-resolution elements
+in a fixed order (no atomics; partial sums carried between bands). Neither the full-resolution logits nor
+their whole gradient is stored.
 """
 from __future__ import annotations
 
 import functools
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -461,154 +463,221 @@ def _tree_min_kernel(
                      ws_ptr, ACC, HAS_CW, HAS_PW)
 
 
-@triton.jit
-def _tree_min_up_bwd_kernel(
-    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, win_ptr, g_ptr, go_ptr, cw_ptr, pw_ptr,
-    Hh, W, hl, wl, QBLOCKS,
+@triton.jit(do_not_specialize=["Y0", "NPIX"])
+def _tree_min_up_rows_kernel(
+    x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, s_ptr, go_ptr, cw_ptr, pw_ptr,
+    Hh, W, Y0, NPIX,
     sxn, sxc, sxh, sxw,
     stn, sth, stw,
-    sgn, sgc, sgh, sgw,
+    ssn, ssy, ssx,
     son, soh, sow,
     gamma, eps, ignore_index,
     V: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
     CH: tl.constexpr, DEP: tl.constexpr, LEAF: tl.constexpr, IDX: tl.constexpr,
-    BLOCK_Q: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
-    GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+    GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
 ):
-    # The backward of the upsampled loss, by gathering (as _hierarchical_softmax_up_bwd_kernel): a program owns
-    # BLOCK_Q low-resolution pixels (i, j) of one image and keeps one accumulator per node (a tuple, in
-    # pre-order). For each full-resolution pixel (Y, X) whose stencil holds (i, j) (per axis the window win: the
-    # outputs whose i0 is i - 1 or i, at most KY rows and KX columns) it recomputes that pixel's whole gradient
-    # row g from its label, grad_output and interpolated logits (the tree-min: a bottom-up pass for the
-    # maxima and the NaN scan, then the top-down routing of _tree_min_kernel with the path nodes' terms in
-    # place; the BCE: the NaN scan, then every node's own term) and adds wy * wx * g. Each element is written
-    # once, its terms summed in a fixed order: no atomics, bitwise reproducible, no full-resolution buffer.
+    # The upsampled backward's first half, over one band of full-resolution rows [Y0, Y0 + NPIX / W) of every
+    # image (grid: pixel blocks of the band, N): each pixel's whole gradient row d(weighted loss)/d(upsampled
+    # logits), computed once from its label, grad_output and interpolated logits, stored in ACC to the band's
+    # scratch (s_ptr: [N, rows, W, channels], channel stride 1). The tree-min: a bottom-up pass for the maxima
+    # and the NaN scan, then _tree_min_kernel's top-down routing with the path nodes' terms in place; the BCE:
+    # one pass, every node's own term, NaN rows rewritten afterwards for pixels with a NaN logit.
+    # _up_gather_kernel then reduces the scratch onto the low-resolution pixels. PIN: the running state through
+    # T.pin between node groups (as _tree_min_kernel).
     OFF_PATH: tl.constexpr = 4 * V
-    pid = tl.program_id(0)
-    n = (pid // QBLOCKS).to(tl.int64)
-    q = (pid % QBLOCKS) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < hl * wl
-    i = tl.where(qmask, q // wl, 0)
-    j = tl.where(qmask, q % wl, 0)
-    ys = tl.load(win_ptr + i)
-    yn = tl.load(win_ptr + hl + i)
-    xs0 = tl.load(win_ptr + 2 * hl + j)
-    xn = tl.load(win_ptr + 2 * hl + wl + j)
+    n = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    ok = r < NPIX
+    r = tl.where(ok, r, 0)
+    Yl = r // W
+    X = r - Yl * W
+    Y = Y0 + Yl
     sxc64 = tl.cast(sxc, tl.int64)
-    sgc64 = tl.cast(sgc, tl.int64)
-    zero = tl.zeros([BLOCK_Q], dtype=ACC)
+    zero = tl.zeros([BLOCK_P], dtype=ACC)
+    y, valid, bad = C.load_labels(t_ptr + n * stn + Y * sth + X * stw, ok, ignore_index, L)
     if GRAD_MODE == 1:
-        g1 = tl.load(go_ptr).to(ACC)
-    acc = ()
-    for v in tl.static_range(V):
-        acc = acc + (zero,)
-    for dy in range(0, KY):  # sm90: trips=KY
-        yok = qmask & (dy < yn)
-        Y = tl.where(yok, ys + dy, 0)
-        iy0 = tl.load(ui_ptr + Y)
-        iy1 = tl.load(ui_ptr + Hh + Y)
-        ly = tl.load(ul_ptr + Y)
-        wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
-        for dx in range(0, KX):  # sm90: trips=KX
-            ok = yok & (dx < xn)
-            X = tl.where(ok, xs0 + dx, 0)
-            ix0 = tl.load(ui_ptr + 2 * Hh + X)
-            ix1 = tl.load(ui_ptr + 2 * Hh + W + X)
-            lx = tl.load(ul_ptr + Hh + X)
-            wx = tl.where(ix0 == j, 1.0 - lx, 0.0) + tl.where(ix1 == j, lx, 0.0)
-            Y64 = Y.to(tl.int64)
-            X64 = X.to(tl.int64)
-            y, valid, bad = C.load_labels(t_ptr + n * stn + Y64 * sth + X64 * stw, ok, ignore_index, L)
-            if GRAD_MODE == 1:
-                gsc = zero + g1
+        gsc = zero + tl.load(go_ptr).to(ACC)
+    else:
+        gsc = tl.load(go_ptr + n * son + Y * soh + X * sow, mask=ok, other=0.0).to(ACC)
+    gsc = C.weigh(gsc, y, (n * Hh + Y) * W + X, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # w_p
+    u00, u01, u10, u11, lx, ly = C.up_pixels(ui_ptr, ul_ptr, n, Y, X, Hh, W, sxn, sxh, sxw, ok)
+    path = ()
+    for d in tl.static_range(D):
+        path = path + (tl.load(tab_ptr + OFF_PATH + y * D + d, mask=ok, other=-1),)
+    if USE_EXTREMA:
+        # First pass (reverse pre-order): the NaN scan and every internal node's M_v.
+        cm = ()
+        for d in tl.static_range(D + 1):
+            cm = cm + (zero - float("inf"),)
+        mi = ()
+        for v in tl.static_range(V):
+            if not LEAF[v]:
+                mi = mi + (zero,)
+        for jj in tl.static_range(V):
+            if jj % G == 0:
+                if PIN and jj > 0:
+                    cm = T.pin_all(cm, PIN)
+                    mi = T.pin_all(mi, PIN)
+                xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, jj, G, True, ACC)
+            x = xg[jj % G]
+            if LEAF[V - 1 - jj]:
+                m = x
             else:
-                gsc = tl.load(go_ptr + n * son + Y64 * soh + X64 * sow, mask=ok, other=0.0).to(ACC)
-            gsc = C.weigh(gsc, y, (n * Hh + Y64) * W + X64, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # w_p
-            r0 = n * sxn + iy0.to(tl.int64) * sxh
-            r1 = n * sxn + iy1.to(tl.int64) * sxh
-            u00 = r0 + ix0.to(tl.int64) * sxw
-            u01 = r0 + ix1.to(tl.int64) * sxw
-            u10 = r1 + ix0.to(tl.int64) * sxw
-            u11 = r1 + ix1.to(tl.int64) * sxw
-            path = ()
-            for d in tl.static_range(D):
-                path = path + (tl.load(tab_ptr + OFF_PATH + y * D + d, mask=ok, other=-1),)
-            # First pass (reverse pre-order): the NaN scan and, for the tree-min, every internal node's M_v.
-            cm = ()
-            for d in tl.static_range(D + 1):
-                cm = cm + (zero - float("inf"),)
-            mi = ()
-            for v in tl.static_range(V):
-                if not LEAF[v]:
-                    mi = mi + (zero,)
-            for jj in tl.static_range(V):
-                if jj % G == 0:
-                    xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, jj, G, True, ACC)
-                x = xg[jj % G]
-                if USE_EXTREMA:
-                    if LEAF[V - 1 - jj]:
-                        m = x
-                    else:
-                        m = tl.maximum(x, cm[DEP[V - 1 - jj]], propagate_nan=tl.PropagateNan.ALL)
-                        cm = T.replace(cm, DEP[V - 1 - jj], zero - float("inf"))
-                        mi = T.replace(mi, IDX[V - 1 - jj], m)
-                    cm = T.replace(cm, DEP[V - 1 - jj] - 1,
-                                   tl.maximum(cm[DEP[V - 1 - jj] - 1], m, propagate_nan=tl.PropagateNan.ALL))
-                else:
-                    cm = T.replace(cm, 0, tl.maximum(cm[0], x, propagate_nan=tl.PropagateNan.ALL))
-            nan = cm[0] != cm[0]
-            bad = bad | (valid & nan)
-            gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
-            ngsc = -gsc
-            wgt = wy * wx
-            if USE_EXTREMA:
-                _, kpath, _ = _path_min(x_ptr, k_ptr, u00, sxc, ok, path, zero, D, True, u01, u10, u11, lx, ly, True)
-                mo = ()
-                pend = ()
-                for d in tl.static_range(D):
-                    mo = mo + (zero,)
-                    pend = pend + (zero,)
-            # Second pass (pre-order): each node's gradient, added to its accumulator.
-            for v in tl.static_range(V):
-                if v % G == 0:
-                    xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, v, G, False, ACC)
-                x = xg[v % G]
-                kin = tl.load(k_ptr + CH[v]).to(ACC)
-                on = path[DEP[v] - 1] == CH[v]
-                if USE_EXTREMA:
-                    # _tree_min_kernel's top-down routing; a path node's term is its own (K of the deeper path
-                    # nodes whose argmin it is, at w = -x) instead of the off-path form.
-                    if LEAF[v]:
-                        m = x
-                    else:
-                        m = mi[IDX[v]]
-                        kin = tl.where(on, 0.0, kin)
-                    if DEP[v] > 1:
-                        hit = m == mo[DEP[v] - 2]
-                        kin += tl.where(hit, pend[DEP[v] - 2], 0.0)
-                        pend = T.replace(pend, DEP[v] - 2, tl.where(hit, 0.0, pend[DEP[v] - 2]))
-                    if LEAF[v]:
-                        kk = kin
-                    else:
-                        own = x >= m
-                        kk = tl.where(own, kin, 0.0)
-                        pend = T.replace(pend, DEP[v] - 1, tl.where(own, 0.0, kin))
-                        mo = T.replace(mo, DEP[v] - 1, m)
-                    _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
-                    g = (tl.where(on, kpath[DEP[v] - 1], kk) * df) * tl.where(on, gsc, ngsc)
-                else:
-                    _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
-                    g = kin * df
-                    g = tl.where(on, g, -g) * gsc
-                # 0 off the window and at ignored pixels (whatever their logits); a zero weight times a NaN
-                # gradient stays NaN, as in F.interpolate's backward.
-                g = tl.where(valid, g, 0.0)
-                acc = T.replace(acc, v, acc[v] + wgt * g)
-    gq = n * sgn + i.to(tl.int64) * sgh + j.to(tl.int64) * sgw
-    for v in tl.static_range(0, V, G):
-        T.store_group(g_ptr, gq, sgc64, qmask, acc[v:min(v + G, V)], CH, V, v, G)
+                m = tl.maximum(x, cm[DEP[V - 1 - jj]], propagate_nan=tl.PropagateNan.ALL)
+                cm = T.replace(cm, DEP[V - 1 - jj], zero - float("inf"))
+                mi = T.replace(mi, IDX[V - 1 - jj], m)
+            cm = T.replace(cm, DEP[V - 1 - jj] - 1,
+                           tl.maximum(cm[DEP[V - 1 - jj] - 1], m, propagate_nan=tl.PropagateNan.ALL))
+        nan = cm[0] != cm[0]
+        bad = bad | (valid & nan)
+    # The BCE has one pass: its rows are stored before the NaN scan is complete, and the rare pixel with a NaN
+    # logit gets its NaN row afterwards (cold), as in _tree_min_kernel.
+    gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+    ngsc = -gsc
+    if USE_EXTREMA:
+        _, kpath, _ = _path_min(x_ptr, k_ptr, u00, sxc, ok, path, zero, D, True, u01, u10, u11, lx, ly, True)
+        mo = ()
+        pend = ()
+        for d in tl.static_range(D):
+            mo = mo + (zero,)
+            pend = pend + (zero,)
+    spix = n * ssn + Yl * ssy + X * ssx
+    big = zero - float("inf")
+    # Second pass (pre-order; the BCE's only one): each node's gradient, stored G nodes at a time.
+    for v in tl.static_range(V):
+        if v % G == 0:
+            if PIN and v > 0 and USE_EXTREMA:
+                mo = T.pin_all(mo, PIN)
+                pend = T.pin_all(pend, PIN)
+            xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, v, G, False, ACC)
+            gs = ()
+        x = xg[v % G]
+        kin = tl.load(k_ptr + CH[v]).to(ACC)
+        on = path[DEP[v] - 1] == CH[v]
+        if USE_EXTREMA:
+            # _tree_min_kernel's top-down routing; a path node's term is its own (K of the deeper path nodes
+            # whose argmin it is, at w = -x) instead of the off-path form.
+            if LEAF[v]:
+                m = x
+            else:
+                m = mi[IDX[v]]
+                kin = tl.where(on, 0.0, kin)
+            if DEP[v] > 1:
+                hit = m == mo[DEP[v] - 2]
+                kin += tl.where(hit, pend[DEP[v] - 2], 0.0)
+                pend = T.replace(pend, DEP[v] - 2, tl.where(hit, 0.0, pend[DEP[v] - 2]))
+            if LEAF[v]:
+                kk = kin
+            else:
+                own = x >= m
+                kk = tl.where(own, kin, 0.0)
+                pend = T.replace(pend, DEP[v] - 1, tl.where(own, 0.0, kin))
+                mo = T.replace(mo, DEP[v] - 1, m)
+            _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+            g = (tl.where(on, kpath[DEP[v] - 1], kk) * df) * tl.where(on, gsc, ngsc)
+        else:
+            big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
+            _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+            g = kin * df
+            g = tl.where(on, g, -g) * gsc
+        # 0 at ignored pixels (whatever their logits).
+        gs = gs + (tl.where(valid, g, 0.0),)
+        if v % G == G - 1 or v == V - 1:
+            T.store_group(s_ptr, spix, 1, ok, gs, CH, V, v - v % G, G)
+    if not USE_EXTREMA:
+        late = valid & (big != big) & (~bad)
+        if tl.max(late.to(tl.int32), axis=0) > 0:  # sm90: cold
+            nanrow = ()
+            for i in tl.static_range(G):
+                nanrow = nanrow + (tl.full([BLOCK_P], float("nan"), ACC),)
+            for v in tl.static_range(0, V, G):
+                T.store_group(s_ptr, spix, 1, late, nanrow[:min(G, V - v)], CH, V, v, G)
+
+
+@triton.jit(do_not_specialize=["Y0", "Y1", "I0"])
+def _up_gather_kernel(
+    s_ptr, a_ptr, g_ptr, ui_ptr, ul_ptr, win_ptr, cx_ptr, cw_ptr,
+    Hh, hl, wl, Y0, Y1, I0, AM,
+    ssn, ssy, ssx,
+    san, sah, saw,
+    sgn, sgc, sgh, sgw,
+    V: tl.constexpr, BLOCK_Q: tl.constexpr, GB: tl.constexpr, KX: tl.constexpr, ROWS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # The upsampled backward's second half, for the band [Y0, Y1) whose gradient rows _tree_min_up_rows_kernel
+    # left in the scratch (s_ptr, [N, rows, W, channels]): a program owns BLOCK_Q low-resolution pixels (i, j)
+    # of one row i = I0 + program_id(1) of image program_id(2) and GB channels at a time, and adds
+    # wy * wx * g over the full-resolution pixels (Y, X) of the band whose stencil holds (i, j) (the row's
+    # window of outputs whose i0 is i - 1 or i, intersected with the band; columns: the window of j, at most
+    # KX, as the tables cx (X, -1 past the window) and cw (wx) per (j, step) give them), in the order (Y, X):
+    # the same sum as one pass over the whole window, wherever the bands cut it. A row whose window goes on
+    # past the band keeps its partial sum in ACC in the carry rows (a_ptr: [N, AM, wl, channels], row i % AM,
+    # channel stride 1) for the next band; the band that holds its last row writes the gradient. No atomics:
+    # bitwise reproducible, and the same for every band height. Per-pixel values are [BLOCK_Q, 1] columns of
+    # the [BLOCK_Q, GB] tile's layout (no layout conversions in the loop).
+    i = I0 + tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    j = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
+    jmask = j < wl
+    j = tl.where(jmask, j, 0)
+    ys = tl.load(win_ptr + i)
+    ye = ys + tl.load(win_ptr + hl + i)
+    first = ys >= Y0  # no earlier band held a row of the window
+    last = ye <= Y1  # the window ends in this band
+    ylo = tl.maximum(ys, Y0)
+    yhi = tl.minimum(ye, Y1)
+    cc = tl.arange(0, GB)[None, :]
+    j64 = j.to(tl.int64)
+    apix = n * san + (i % AM).to(tl.int64) * sah + j64 * saw
+    gpix = n * sgn + i.to(tl.int64) * sgh + j64 * sgw
+    sbase = s_ptr + n * ssn
+    for c0 in range(0, V, GB):  # sm90: trips=cdiv(V, GB)
+        ch = c0 + cc
+        m2 = jmask & (ch < V)
+        if first:
+            a = tl.zeros([BLOCK_Q, GB], dtype=ACC)
+        else:
+            a = tl.load(a_ptr + apix + ch, mask=m2, other=0.0)
+        Y = ylo
+        while Y < yhi:  # sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
+            iy0 = tl.load(ui_ptr + Y)
+            iy1 = tl.load(ui_ptr + Hh + Y)
+            ly = tl.load(ul_ptr + Y)
+            wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
+            srow = sbase + (Y - Y0).to(tl.int64) * ssy + ch
+            for dx in range(0, KX):  # sm90: trips=KX
+                X = tl.load(cx_ptr + j * KX + dx, mask=jmask, other=-1)
+                wx = tl.load(cw_ptr + j * KX + dx, mask=jmask, other=0.0)
+                ok = X >= 0
+                t = tl.load(srow + X.to(tl.int64) * ssx, mask=ok, other=0.0)
+                a += (wy * wx) * t
+            Y += 1
+        if last:
+            tl.store(g_ptr + gpix + ch.to(tl.int64) * sgc, a.to(g_ptr.dtype.element_ty), mask=m2)
+        else:
+            tl.store(a_ptr + apix + ch, a, mask=m2)
+
+
+@functools.lru_cache(maxsize=64)
+def _up_columns(w, W, align_corners, dtype, device):
+    """_up_gather_kernel's column tables, per low-resolution column j and step k < KX of its window: X (int32,
+    -1 past the window) and its weight wx (the accumulation dtype, computed as the kernels interpolate:
+    (1 - lambda) where i0 is j, plus lambda where i1 is j)."""
+    i0, i1, lam, start, count = C.up_axis(w, W, align_corners, dtype)
+    kx = max(int(count.max(initial=0)), 1)
+    k = np.arange(kx)[None, :]
+    X = start[:, None] + k
+    inside = k < count[:, None]
+    Xc = np.where(inside, X, 0)
+    j = np.arange(w)[:, None]
+    one = lam.dtype.type(1)
+    wx = np.where(i0[Xc] == j, one - lam[Xc], lam.dtype.type(0)) + np.where(i1[Xc] == j, lam[Xc], lam.dtype.type(0))
+    cx = torch.from_numpy(np.where(inside, X, -1).astype(np.int32).reshape(-1))
+    cw = torch.from_numpy(np.where(inside, wx, lam.dtype.type(0)).astype(lam.dtype).reshape(-1))
+    return cx.to(device), cw.to(device), kx
 
 
 # Consecutive pixels per thread on NCHW: 16 bytes (float32 4, bfloat16 8 pixels; 128-bit loads of the logits) in
@@ -784,9 +853,46 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
     return partials, counts, wsums
 
 
+# The upsampled backward's scratch: the gradient rows of a band of full-resolution rows of every image, in ACC,
+# [N, rows, W, channels padded to UP_GATHER_GB]. At most UP_BWD_SCRATCH_BYTES (sized to stay in an H100's 50 MB
+# L2 between the two kernels) and a tenth of the full-resolution logits (at least 1 MiB); at least one row.
+UP_BWD_SCRATCH_BYTES = 32 << 20
+UP_GATHER_GB = 16  # channels per step of _up_gather_kernel (its scratch and carry loads: 64 contiguous bytes)
+
+
+def _up_band_rows(N, V, H, W, acc_bytes, logit_bytes):
+    """Full-resolution rows per band of the upsampled backward (see UP_BWD_SCRATCH_BYTES)."""
+    row = max(N * W * triton.cdiv(V, UP_GATHER_GB) * UP_GATHER_GB * acc_bytes, 1)
+    budget = min(UP_BWD_SCRATCH_BYTES, max(N * V * H * W * logit_bytes // 10, 1 << 20))
+    return max(1, min(H, budget // row))
+
+
+@functools.lru_cache(maxsize=64)
+def _up_bands(h, H, rows, align_corners, dtype):
+    """The bands of the upsampled backward: [(Y0, Y1, I0, I1)], full-resolution rows [Y0, Y1) and the
+    low-resolution rows [I0, I1) whose gradient _up_gather_kernel adds them to (the rows whose window meets the
+    band; a row with an empty window goes with the band of its window's start), and AM, the most low-resolution
+    rows of a band (the carry's height: the rows a band leaves open are distinct modulo AM)."""
+    _, _, _, start, count = C.up_axis(h, H, align_corners, dtype)
+    end = start + count
+    anchor = np.minimum(start, H - 1)
+    bands = []
+    for Y0 in range(0, H, rows):
+        Y1 = min(Y0 + rows, H)
+        mine = np.where(count > 0, (start < Y1) & (end > Y0), (anchor >= Y0) & (anchor < Y1))
+        idx = np.flatnonzero(mine)
+        if idx.size:
+            I0, I1 = int(idx[0]), int(idx[-1]) + 1
+            assert idx.size == I1 - I0, "a band's low-resolution rows are one run"
+            bands.append((Y0, Y1, I0, I1))
+    return tuple(bands), max(b[3] - b[2] for b in bands)
+
+
 def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps, ignore_index, use_extrema,
                    sizes, align_corners, class_weight=None, pixel_weight=None):
-    """Writes ``grad`` (the low-resolution logits' gradient) with ``_tree_min_up_bwd_kernel``."""
+    """Writes ``grad`` (the low-resolution logits' gradient) band by band: per band of full-resolution rows
+    ``_tree_min_up_rows_kernel`` (the band's gradient rows into the scratch), then ``_up_gather_kernel`` (onto
+    the low-resolution rows; 2 launches per band, no host synchronisation)."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
     if N == 0:
@@ -796,21 +902,38 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     acc = C.acc_dtype(logits.dtype)
     ui, ul, win, KY, KX = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
-    block_q, warps = _up_blocks(logits, backward=True)
-    block_q = min(block_q, max(triton.next_power_of_2(h * w), 16))
-    qblocks = triton.cdiv(h * w, block_q)
+    rows = _up_band_rows(N, V, H, W, torch.finfo(acc).bits // 8, logits.element_size())
+    bands, am = _up_bands(h, H, rows, bool(align_corners), acc)
+    vp = triton.cdiv(V, UP_GATHER_GB) * UP_GATHER_GB
+    scratch = torch.empty((N, rows, W, vp), dtype=acc, device=logits.device)
+    carry = torch.empty((N, am, w, vp), dtype=acc, device=logits.device)
+    block_p, warps = _up_blocks(logits, backward=True)
+    block_q = block_p
+    if C.interpreted(logits.device):
+        block_p = min(block_p, max(triton.next_power_of_2(rows * W), 16))
+        block_q = min(block_q, max(triton.next_power_of_2(w), 16))
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
-    C.launch(
-        _tree_min_up_bwd_kernel, (N * qblocks,), logits,
-        logits, target, tab, k, ui, ul, win, grad, grad_out, *C.weight_ptrs(class_weight, pixel_weight, None, grad)[:2],
-        H, W, h, w, qblocks,
-        *logits.stride(), *target.stride(), *grad.stride(), *gos,
-        float(gamma), float(eps), int(ignore_index),
-        V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_Q=block_q, ACC=C.tl_acc(logits.dtype),
-        USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, GRAD_MODE=grad_mode,
-        FAST=C.fast_exp(logits), G=T.GROUP, KY=KY, KX=KX, HAS_CW=class_weight is not None,
-        HAS_PW=pixel_weight is not None, num_warps=warps,
-    )
+    cw, pw = C.weight_ptrs(class_weight, pixel_weight, None, grad)[:2]
+    cx, cwx, kx = _up_columns(w, W, bool(align_corners), acc, logits.device)
+    for Y0, Y1, I0, I1 in bands:
+        C.launch(
+            _tree_min_up_rows_kernel, (triton.cdiv((Y1 - Y0) * W, block_p), N), logits,
+            logits, target, tab, k, ui, ul, scratch, grad_out, cw, pw,
+            H, W, Y0, (Y1 - Y0) * W,
+            *logits.stride(), *target.stride(), *scratch.stride()[:3], *gos,
+            float(gamma), float(eps), int(ignore_index),
+            V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
+            USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, GRAD_MODE=grad_mode,
+            FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), HAS_CW=class_weight is not None,
+            HAS_PW=pixel_weight is not None, num_warps=warps,
+        )
+        C.launch(
+            _up_gather_kernel, (triton.cdiv(w, block_q), I1 - I0, N), logits,
+            scratch, carry, grad, ui, ul, win, cx, cwx,
+            H, h, w, Y0, Y1, I0, am,
+            *scratch.stride()[:3], *carry.stride()[:3], *grad.stride(),
+            V=V, BLOCK_Q=block_q, GB=UP_GATHER_GB, KX=kx, ROWS=rows, ACC=C.tl_acc(logits.dtype), num_warps=warps,
+        )
 
 
 def _gmode(gamma):
@@ -1030,9 +1153,11 @@ def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
 
     ``upsample="bilinear"``: ``logits`` ``(N, V, h, w)`` at most the target's ``(N, H, W)`` size; the loss of
     the logits interpolated as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` in float32
-    (float64), fused: the forward interpolates each pixel's logits from its 2x2 stencil, the backward gathers
-    each low-resolution element's terms in a fixed order (no atomics); neither the full-resolution logits nor
-    their gradient is stored. Not with ``single_pass``.
+    (float64), fused: the forward interpolates each pixel's logits from its 2x2 stencil; the backward computes
+    each full-resolution pixel's gradient row once, a band of rows at a time, into a scratch of at most 32 MiB
+    and a tenth of the full-resolution logits (``UP_BWD_SCRATCH_BYTES``), and gathers it onto each
+    low-resolution element in a fixed order (no atomics, bitwise reproducible); neither the full-resolution
+    logits nor their whole gradient is stored. Not with ``single_pass``.
 
     ``class_weight`` (L, float, by leaf label) and ``pixel_weight`` (the target's ``(N, H, W)``, float) are fused
     into the kernels (docs/MATH.md §6.6): each labelled pixel's loss and gradient times cw[y] * pw[p], ``"mean"``
