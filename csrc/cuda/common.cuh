@@ -12,6 +12,8 @@
 
 #include "common.h"
 
+#include <type_traits>
+
 namespace hss {
 namespace cuda {
 
@@ -155,6 +157,16 @@ inline void zero_empty_loss(at::Tensor& loss, at::Tensor& count, bool per_pixel)
 }
 
 inline int64_t num_blocks(int64_t P, int threads) { return (P + threads - 1) / threads; }
+
+// Runs f(std::bool_constant<kW>{}) with kW = weighted: the host's choice between a kernel's weighted and
+// unweighted instantiation (kW false compiles the weight code out).
+template <typename F>
+void with_weights(bool weighted, F&& f) {
+  if (weighted)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
 
 }  // namespace cuda
 }  // namespace hss

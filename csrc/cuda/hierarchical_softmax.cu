@@ -55,16 +55,6 @@ __device__ inline void block_partials(double v, int64_t c, double wv, double* pa
   }
 }
 
-// Runs f(std::bool_constant<kW>{}) with kW = weighted: the host's choice of a kernel's weighted or unweighted
-// instantiation.
-template <typename F>
-void with_weights(bool weighted, F&& f) {
-  if (weighted)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
 template <typename T, typename A, bool kUp, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,

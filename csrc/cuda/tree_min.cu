@@ -441,16 +441,6 @@ __global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg,
                           extrema, w});
 }
 
-// Runs f(std::true_type / std::false_type) for whether the call passes class or pixel weights: the
-// kernels' kW, so that the unweighted instantiations compile the weight code out.
-template <typename A, typename F>
-void with_weights(const PixelWeights<A>& w, F&& f) {
-  if (w.any())
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
 // The group kernel for one dtype: its focal mode, extrema, kVec and kW picked from the call.
 template <typename T, int kF, bool kExtrema, bool kVec, bool kW>
 void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
@@ -496,7 +486,7 @@ void tree_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at
   using A = at::opmath_type<T>;
   const bool vec = vec_groups(logits, lanes_for<T>());
   const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
-  with_weights(w, [&](auto weighted) {
+  with_weights(w.any(), [&](auto weighted) {
     constexpr bool kW = decltype(weighted)::value;
     auto f = mode == kFocalG2 ? launch_fwd_group_f<T, kFocalG2, kW>
              : mode == kFocalG0 ? launch_fwd_group_f<T, kFocalG0, kW>
@@ -595,7 +585,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
     }
     // the focal mode of the options (tree_min_math.h: focal_k)
     const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
-    with_weights(w, [&](auto weighted) {
+    with_weights(w.any(), [&](auto weighted) {
       constexpr bool kW = decltype(weighted)::value;
       if (!extrema) {  // the tree BCE: G pixels per thread
         const bool vec = vec_groups(x, lanes_for<scalar_t>());
