@@ -495,6 +495,21 @@ struct TileOut {
   }
 };
 
+// Group g0's m (<= G) pixels as the CUDA kernels see them: the tile columns (the last pixel repeated past m),
+// valid / bad / y (y = 0 unless valid: never a table read) and the upstream gradients (0 past m).
+template <int G, typename A>
+void group_lanes(int64_t g0, int64_t m, const int64_t* ys, const bool* valid, int64_t ignore_index, const A* g,
+                 TileLanes<A, G>& col, TileOut<A, G>& out, int (&y)[G], bool (&v)[G], bool (&bad)[G], A (&gl)[G]) {
+  for (int j = 0; j < G; ++j) {
+    const int64_t p = g0 + std::min<int64_t>(j, m - 1);
+    col.col[j] = out.col[j] = p;
+    v[j] = j < m && valid[p];
+    bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
+    y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
+    gl[j] = j < m ? g[p] : A(0);
+  }
+}
+
 // The tree BCE gradient of a block's n pixels into the (V, kBlock) tile gtile through
 // tree_bce_backward_group, G lanes at a time as the CUDA kernel groups them.
 template <typename T, typename A>
@@ -511,14 +526,7 @@ void bce_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, c
     int y[G];
     bool v[G], bad[G];
     A gl[G];
-    for (int j = 0; j < G; ++j) {
-      const int64_t p = g0 + std::min<int64_t>(j, m - 1);
-      col.col[j] = out.col[j] = p;
-      v[j] = j < m && valid[p];
-      bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
-      y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
-      gl[j] = j < m ? g[p] : A(0);
-    }
+    group_lanes<G>(g0, m, ys, valid, ignore_index, g, col, out, y, v, bad, gl);
     if (mode == kFocalG2)
       tree_bce_backward_group<kFocalG2, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
     else if (mode == kFocalG0)
@@ -549,14 +557,7 @@ void min_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, c
     int y[G];
     bool v[G], bad[G];
     A gl[G];
-    for (int j = 0; j < G; ++j) {
-      const int64_t p = g0 + std::min<int64_t>(j, m - 1);
-      col.col[j] = out.col[j] = p;
-      v[j] = j < m && valid[p];
-      bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
-      y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
-      gl[j] = j < m ? g[p] : A(0);
-    }
+    group_lanes<G>(g0, m, ys, valid, ignore_index, g, col, out, y, v, bad, gl);
     if (mode == kFocalG2)
       tree_min_backward_group<kFocalG2, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k, gamma, eps, gl);
     else if (mode == kFocalG0)

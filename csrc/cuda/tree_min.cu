@@ -273,27 +273,16 @@ struct LaneOut {
   }
 };
 
-// The tree BCE backward without upsampling: G pixels per thread as the forward (tree_bce_backward_group),
-// the gradient written with the logits' strides (out is empty_like of the dense logits).
-template <typename T, typename A, int kF, bool kVec, bool kW>
-__global__ void __launch_bounds__(kThreads)
-tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
-                          PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
-                          const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
-                          A gamma, A eps, int64_t ignore_index, PixelWeights<A> w) {
-  constexpr int G = lanes_for<T>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
-  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
-  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
-  if (i0 >= P) return;
-  const int64_t n = P - i0 < G ? P - i0 : G;
+// A backward group's G labels (valid / bad / y, y = 0 for the others: never a table read) and upstream
+// gradients (0 past the n pixels), each labelled lane's gradient times its weight when kW.
+template <bool kW, int G, typename A>
+__device__ inline void load_group_rows(const int64_t* __restrict__ tgt, PixelGeom gt, const A* __restrict__ grad,
+                                       PixelGeom gg, int64_t i0, int64_t n, int L, int64_t ignore_index,
+                                       const PixelWeights<A>& w, int (&y)[G], bool (&valid)[G], bool (&bad)[G],
+                                       A (&g)[G]) {
   int64_t toff[G], goff[G];
   lane_offsets<G>(gt, i0, n, toff);
   lane_offsets<G>(gg, i0, n, goff);
-  int y[G];
-  bool valid[G], bad[G];
-  A g[G];
   HSS_UNROLL
   for (int j = 0; j < G; ++j) {
     const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
@@ -313,6 +302,27 @@ tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
         g[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
       }
   }
+}
+
+// The tree BCE backward without upsampling: G pixels per thread as the forward (tree_bce_backward_group),
+// the gradient written with the logits' strides (out is empty_like of the dense logits).
+template <typename T, typename A, int kF, bool kVec, bool kW>
+__global__ void __launch_bounds__(kThreads)
+tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, T* __restrict__ out,
+                          PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P,
+                          const int32_t* __restrict__ tree_index, int V, int L, int D, const A* __restrict__ k,
+                          A gamma, A eps, int64_t ignore_index, PixelWeights<A> w) {
+  constexpr int G = lanes_for<T>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
+  if (i0 >= P) return;
+  const int64_t n = P - i0 < G ? P - i0 : G;
+  int y[G];
+  bool valid[G], bad[G];
+  A g[G];
+  load_group_rows<kW, G>(tgt, gt, grad, gg, i0, n, L, ignore_index, w, y, valid, bad, g);
   if constexpr (kVec) {
     const int64_t off = gx.offset(i0);
     const uint32_t sb = static_cast<uint32_t>(sC * static_cast<int64_t>(sizeof(T)));
@@ -362,31 +372,10 @@ tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * G;
   if (i0 >= P) return;
   const int64_t n = P - i0 < G ? P - i0 : G;
-  int64_t toff[G], goff[G];
-  lane_offsets<G>(gt, i0, n, toff);
-  lane_offsets<G>(gg, i0, n, goff);
   int y[G];
   bool valid[G], bad[G];
   A g[G];
-  HSS_UNROLL
-  for (int j = 0; j < G; ++j) {
-    const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
-    const LabelKind kind = label_kind(yj, L, ignore_index);
-    valid[j] = kind == kLabelValid;
-    bad[j] = kind == kLabelBad;
-    y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
-    g[j] = j < n ? grad[goff[j]] : A(0);
-  }
-  if constexpr (kW) {  // each labelled lane's upstream gradient times its weight
-    int64_t woff[G];
-    if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j)
-      if (valid[j]) {
-        const A cy = w.of_class(y[j]);
-        g[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
-      }
-  }
+  load_group_rows<kW, G>(tgt, gt, grad, gg, i0, n, L, ignore_index, w, y, valid, bad, g);
   const int threads = static_cast<int>(blockDim.x);
   unsigned char* slots = smem + node_table_bytes<A>(V);
   const SharedLanes<A, G> acc{slots + threadIdx.x * sizeof(Lanes<A, G>),
