@@ -897,6 +897,9 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
     _, H, W = target.shape
     if N == 0:
         return
+    if N > 65535 and logits.device.type == "cuda":  # the images are the grids' second / third axis
+        raise ValueError(f"tree_min_loss / tree_bce_loss with upsample='bilinear' on the Triton backend: a batch "
+                         f"of at most 65535 images per backward call on CUDA, got {N}")
     L, D = sizes[:2]
     sizes = _compiled_sizes(tab, V, sizes)
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
