@@ -438,6 +438,18 @@ struct LocalLanes {
   Lanes<A, G>& operator()(int s) const { return p[s]; }
 };
 
+// Runs f(std::integral_constant<int, kF>{}) with kF = mode (tree_min_math.h's FocalMode): the
+// instantiation of a group function the CUDA host code would launch for these options.
+template <typename F>
+void with_focal_mode(int mode, F&& f) {
+  if (mode == kFocalG2)
+    f(std::integral_constant<int, kFocalG2>{});
+  else if (mode == kFocalG0)
+    f(std::integral_constant<int, kFocalG0>{});
+  else
+    f(std::integral_constant<int, kFocalAny>{});
+}
+
 // tree_forward_group with the focal mode and extrema the CUDA kernel would take for these options.
 template <typename A, int G>
 void forward_group(const TileLanes<A, G>& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
@@ -445,16 +457,13 @@ void forward_group(const TileLanes<A, G>& x, const TreeNode<A>* nodes, const Tre
   Lanes<A, G> slots[kMaxDepth + 1];
   const NodeTable<A> nt{nodes};
   const LocalLanes<A, G> acc{slots};
-  const int mode = focal_mode(gamma, eps);
-  if (extrema) {
-    if (mode == kFocalG2) tree_forward_group<kFocalG2, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
-    else if (mode == kFocalG0) tree_forward_group<kFocalG0, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
-    else tree_forward_group<kFocalAny, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
-  } else {
-    if (mode == kFocalG2) tree_forward_group<kFocalG2, false, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
-    else if (mode == kFocalG0) tree_forward_group<kFocalG0, false, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
-    else tree_forward_group<kFocalAny, false, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
-  }
+  with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
+    constexpr int kF = decltype(f)::value;
+    if (extrema)
+      tree_forward_group<kF, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+    else
+      tree_forward_group<kF, false, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
+  });
 }
 
 // The losses of a block's n pixels (x: its tile, column p at x + p, stride ld) through forward_group, G
@@ -495,19 +504,32 @@ struct TileOut {
   }
 };
 
-// Group g0's m (<= G) pixels as the CUDA kernels see them: the tile columns (the last pixel repeated past m),
-// valid / bad / y (y = 0 unless valid: never a table read) and the upstream gradients (0 past m).
-template <int G, typename A>
-void group_lanes(int64_t g0, int64_t m, const int64_t* ys, const bool* valid, int64_t ignore_index, const A* g,
-                 TileLanes<A, G>& col, TileOut<A, G>& out, int (&y)[G], bool (&v)[G], bool (&bad)[G], A (&gl)[G]) {
-  for (int j = 0; j < G; ++j) {
-    const int64_t p = g0 + std::min<int64_t>(j, m - 1);
-    col.col[j] = out.col[j] = p;
-    v[j] = j < m && valid[p];
-    bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
-    y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
-    gl[j] = j < m ? g[p] : A(0);
-  }
+// A block's n pixels (x: its tile, column p at x + p, stride ld) G lanes at a time as the CUDA kernels group
+// them: run(kF, col, out, y, valid, bad, g) per group with the focal mode kF of the options, the tile columns
+// (the last pixel repeated past the group's m <= G), y = 0 unless valid (never a table read) and the upstream
+// gradients (0 past m); out writes the group's columns of the (V, kBlock) gradient tile gtile.
+template <int G, typename A, typename Run>
+void backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const bool* valid, int64_t ignore_index,
+                     const A* g, A gamma, A eps, A* gtile, Run&& run) {
+  with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
+    for (int64_t g0 = 0; g0 < n; g0 += G) {
+      const int64_t m = std::min<int64_t>(G, n - g0);
+      TileLanes<A, G> col{x, ld, {}};
+      TileOut<A, G> out{gtile, {}, m};
+      int y[G];
+      bool v[G], bad[G];
+      A gl[G];
+      for (int j = 0; j < G; ++j) {
+        const int64_t p = g0 + std::min<int64_t>(j, m - 1);
+        col.col[j] = out.col[j] = p;
+        v[j] = j < m && valid[p];
+        bad[j] = j < m && !valid[p] && ys[p] != ignore_index;
+        y[j] = v[j] ? static_cast<int>(ys[p]) : 0;
+        gl[j] = j < m ? g[p] : A(0);
+      }
+      run(f, col, out, y, v, bad, gl);
+    }
+  });
 }
 
 // The tree BCE gradient of a block's n pixels into the (V, kBlock) tile gtile through
@@ -517,23 +539,13 @@ void bce_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, c
                          int64_t ignore_index, const A* g, const TreeNode<A>* nodes, const TreeIndex& ti, const A* k,
                          A gamma, A eps, A* gtile) {
   constexpr int G = lanes_for<T>();
-  const int mode = focal_mode(gamma, eps);
   const NodeTable<A> nt{nodes};
-  for (int64_t g0 = 0; g0 < n; g0 += G) {
-    const int64_t m = std::min<int64_t>(G, n - g0);
-    TileLanes<A, G> col{x, ld, {}};
-    TileOut<A, G> out{gtile, {}, m};
-    int y[G];
-    bool v[G], bad[G];
-    A gl[G];
-    group_lanes<G>(g0, m, ys, valid, ignore_index, g, col, out, y, v, bad, gl);
-    if (mode == kFocalG2)
-      tree_bce_backward_group<kFocalG2, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
-    else if (mode == kFocalG0)
-      tree_bce_backward_group<kFocalG0, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
-    else
-      tree_bce_backward_group<kFocalAny, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps, gl);
-  }
+  backward_groups<G>(x, ld, n, ys, valid, ignore_index, g, gamma, eps, gtile,
+                     [&](auto f, const auto& col, const auto& out, const int* y, const bool* v, const bool* bad,
+                         const A* gl) {
+                       tree_bce_backward_group<decltype(f)::value, A, G>(col, nt, out, ti, y, v, bad, k, gamma, eps,
+                                                                         gl);
+                     });
 }
 
 // The tree-min gradient of a block's n pixels into the (V, kBlock) tile gtile through tree_min_backward_group,
@@ -544,27 +556,17 @@ void min_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, c
                          int64_t ignore_index, const A* g, const TreeNode<A>* nodes, const TreeIndex& ti, const A* k,
                          A gamma, A eps, A* gtile) {
   constexpr int G = lanes_for<T>();
-  const int mode = focal_mode(gamma, eps);
   const NodeTable<A> nt{nodes};
   Lanes<A, G> slots[kMaxDepth + 1];
   std::vector<Lanes<uint32_t, G>> words(tree_bit_words(ti.V));
   const LocalLanes<A, G> acc{slots};
   const LocalLanes<uint32_t, G> bits{words.data()};
-  for (int64_t g0 = 0; g0 < n; g0 += G) {
-    const int64_t m = std::min<int64_t>(G, n - g0);
-    TileLanes<A, G> col{x, ld, {}};
-    TileOut<A, G> out{gtile, {}, m};
-    int y[G];
-    bool v[G], bad[G];
-    A gl[G];
-    group_lanes<G>(g0, m, ys, valid, ignore_index, g, col, out, y, v, bad, gl);
-    if (mode == kFocalG2)
-      tree_min_backward_group<kFocalG2, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k, gamma, eps, gl);
-    else if (mode == kFocalG0)
-      tree_min_backward_group<kFocalG0, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k, gamma, eps, gl);
-    else
-      tree_min_backward_group<kFocalAny, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k, gamma, eps, gl);
-  }
+  backward_groups<G>(x, ld, n, ys, valid, ignore_index, g, gamma, eps, gtile,
+                     [&](auto f, const auto& col, const auto& out, const int* y, const bool* v, const bool* bad,
+                         const A* gl) {
+                       tree_min_backward_group<decltype(f)::value, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k,
+                                                                         gamma, eps, gl);
+                     });
 }
 
 template <typename T>
