@@ -662,10 +662,12 @@ def _up_gather_kernel(
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _up_columns(w, W, align_corners, dtype, device):
     """_up_gather_kernel's column tables, per low-resolution column j and step k < KX of its window: X (int32,
     -1 past the window) and its weight wx (the accumulation dtype, computed as the kernels interpolate:
-    (1 - lambda) where i0 is j, plus lambda where i1 is j)."""
+    (1 - lambda) where i0 is j, plus lambda where i1 is j). Cached per device as C.up_tables: no host-to-device
+    copy per call."""
     i0, i1, lam, start, count = C.up_axis(w, W, align_corners, dtype)
     kx = max(int(count.max(initial=0)), 1)
     k = np.arange(kx)[None, :]
