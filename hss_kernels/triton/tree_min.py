@@ -737,6 +737,7 @@ def _packs(logits, two_pass):
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def argmax_fields(depths):
     """The gradient's packed argmax fields (``_tree_min_kernel``'s ORD, WORD, SHIFT, MASK, NW) of a tree given by its
     nodes' depths in pre-order: ORD per node its 1-based ordinal among its siblings; per internal node (by its
