@@ -673,6 +673,7 @@ def test_triton_node_bands(triton_node, loss, monkeypatch):
     of 16 pixels: against the composition, and bitwise equal to one band over the whole image (float64, each
     element's terms summed in the same order whatever the bands), for both align_corners, integer and
     non-integer scales, weights and a per-pixel grad_output."""
+    from hss_kernels.triton import _upsample as U
     tree = H.random_tree(max_nodes=9)
     monkeypatch.setattr(triton_node, "_up_blocks", lambda logits, backward=False: (16, 4))
     fn = H.api(loss, "triton")
@@ -683,17 +684,17 @@ def test_triton_node_bands(triton_node, loss, monkeypatch):
         if k == 1:
             kw.update(class_weight=torch.rand(tree.num_leaves, dtype=torch.float64) + 0.5,
                       pixel_weight=torch.rand(y.shape, dtype=torch.float64))
-        monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b: Hh)
+        monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b: Hh)
         ref = H.loss_and_grad(fn, x, y, tree, **kw)
         go = ref[2]
-        assert len(triton_node._up_bands(shape[1], shape[3], shape[3], align_corners, torch.float64)[0]) == 1
+        assert len(U.up_bands(shape[1], shape[3], shape[3], align_corners, torch.float64)[0]) == 1
         for rows in ((1, 3), (2, 5), (1, 4))[k]:
-            monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b, rows=rows: rows)
-            assert len(triton_node._up_bands(shape[1], shape[3], rows, align_corners, torch.float64)[0]) > 1
+            monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b, rows=rows: rows)
+            assert len(U.up_bands(shape[1], shape[3], rows, align_corners, torch.float64)[0]) > 1
             _, g, _ = H.loss_and_grad(fn, x, y, tree, go, **kw)
             assert torch.equal(g, ref[1]), (rows, (g - ref[1]).abs().max())
         if k != 1:  # the composition takes no weights (tests/triton/test_triton_weights.py has them)
-            monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b: 2)
+            monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b: 2)
             _check(loss, "triton", x.float(), y, tree, grad_out=go.float(), align_corners=align_corners,
                    reduction=kw["reduction"])
 
