@@ -699,6 +699,25 @@ def test_triton_node_bands(triton_node, loss, monkeypatch):
                    reduction=kw["reduction"])
 
 
+def test_triton_node_gather_channel_steps(triton_node, monkeypatch):
+    """A tree wider than one step of the gather (Vistas, 80 nodes: 5 steps of 16 channels in float64; 3 of 32 in
+    float32, the last one half past V) in bands of 1 and 2 rows: bitwise equal to one band (float64) and against
+    the composition (float32), with a per-pixel grad_output."""
+    from hss_kernels.triton import _upsample as U
+    tree = trees.load("vistas")
+    assert tree.num_nodes > 2 * U.gather_step(4) and tree.num_nodes % U.gather_step(4) != 0
+    fn = H.api("tree_bce_loss", "triton")
+    x, y = _inputs(tree, "tree_bce_loss", (1, 3, 4, 9, 11), torch.float64)
+    kw = dict(upsample="bilinear", reduction="none")
+    monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b: Hh)
+    ref = H.loss_and_grad(fn, x, y, tree, **kw)
+    for rows in (1, 2):
+        monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b, rows=rows: rows)
+        _, g, _ = H.loss_and_grad(fn, x, y, tree, ref[2], **kw)
+        assert torch.equal(g, ref[1]), (rows, (g - ref[1]).abs().max())
+    _check("tree_bce_loss", "triton", x.float(), y, tree, grad_out=ref[2].float(), reduction="none")
+
+
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)
 def test_triton_node_backward_bitwise_deterministic(triton_node, loss):
     """Repeated calls give the same loss and gradient to the bit (float64: a reordered sum would show)."""

@@ -3,11 +3,11 @@
 With ``upsample="bilinear"`` a loss's backward writes the gradient of the low-resolution logits directly, band
 by band of full-resolution rows (all images at once), two launches per band and no host synchronisation: the
 op's own rows kernel computes each full-resolution pixel's gradient row d(weighted loss)/d(upsampled logits)
-once into a bounded scratch ``[N, rows, W, channels padded to UP_GATHER_GB]`` in the accumulation dtype, then
+once into a bounded scratch ``[N, rows, W, channels padded to a step]`` in the accumulation dtype, then
 ``_up_gather_kernel`` adds it onto the low-resolution elements in a fixed order (no atomics; a low-resolution
 row whose window goes on past the band keeps its partial sum in a few carry rows for the next band): bitwise
 the same for every band height. Neither the full-resolution logits nor their whole gradient is stored.
-:func:`backward_in_bands` is the loop; the ops (``tree_min.py``, ``hierarchical_softmax.py``) bring their rows
+:func:`backward_in_bands` is the loop; an op (``tree_min.py``: the tree-min and the tree BCE) brings its rows
 kernel as a launch callback.
 """
 from __future__ import annotations
@@ -21,19 +21,27 @@ import triton.language as tl
 
 from . import _common as C
 
-__all__ = ["UP_BWD_SCRATCH_BYTES", "UP_GATHER_GB", "up_band_rows", "up_bands", "up_columns", "backward_in_bands"]
+__all__ = ["UP_BWD_SCRATCH_BYTES", "UP_GATHER_BYTES", "gather_step", "up_band_rows", "up_bands", "up_columns",
+           "backward_in_bands"]
 
 
 # The upsampled backward's scratch: the gradient rows of a band of full-resolution rows of every image, in ACC,
-# [N, rows, W, channels padded to UP_GATHER_GB]. At most UP_BWD_SCRATCH_BYTES (sized to stay in an H100's 50 MB
+# [N, rows, W, channels padded to gather_step]. At most UP_BWD_SCRATCH_BYTES (sized to stay in an H100's 50 MB
 # L2 between the two kernels) and a tenth of the full-resolution logits (at least 1 MiB); at least one row.
 UP_BWD_SCRATCH_BYTES = 32 << 20
-UP_GATHER_GB = 16  # channels per step of _up_gather_kernel (its scratch and carry loads: 64 contiguous bytes)
+UP_GATHER_BYTES = 128  # per pixel and step of _up_gather_kernel: its scratch and carry loads, 8 of 16 bytes
+
+
+def gather_step(acc_bytes):
+    """Channels per step of _up_gather_kernel (GB), the scratch's channel padding: UP_GATHER_BYTES of the
+    accumulation dtype (32 float32, 16 float64)."""
+    return UP_GATHER_BYTES // acc_bytes
 
 
 def up_band_rows(N, V, H, W, acc_bytes, logit_bytes):
     """Full-resolution rows per band of the upsampled backward (see UP_BWD_SCRATCH_BYTES)."""
-    row = max(N * W * triton.cdiv(V, UP_GATHER_GB) * UP_GATHER_GB * acc_bytes, 1)
+    gb = gather_step(acc_bytes)
+    row = max(N * W * triton.cdiv(V, gb) * gb * acc_bytes, 1)
     budget = min(UP_BWD_SCRATCH_BYTES, max(N * V * H * W * logit_bytes // 10, 1 << 20))
     return max(1, min(H, budget // row))
 
@@ -86,8 +94,8 @@ def _up_gather_kernel(
     ssn, ssy, ssx,
     san, sah, saw,
     sgn, sgc, sgh, sgw,
-    V: tl.constexpr, BLOCK_Q: tl.constexpr, GB: tl.constexpr, KX: tl.constexpr, ROWS: tl.constexpr,
-    ACC: tl.constexpr,
+    V: tl.constexpr, BLOCK_Q: tl.constexpr, GB: tl.constexpr, GS: tl.constexpr, KX: tl.constexpr,
+    ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     # The upsampled backward's second half, for the band [Y0, Y1) whose gradient rows the op's rows kernel
     # left in the scratch (s_ptr, [N, rows, W, channels]): a program owns BLOCK_Q low-resolution pixels (i, j)
@@ -98,8 +106,11 @@ def _up_gather_kernel(
     # the same sum as one pass over the whole window, wherever the bands cut it. A row whose window goes on
     # past the band keeps its partial sum in ACC in the carry rows (a_ptr: [N, AM, wl, channels], row i % AM,
     # channel stride 1) for the next band; the band that holds its last row writes the gradient. No atomics:
-    # bitwise reproducible, and the same for every band height. Per-pixel values are [BLOCK_Q, 1] columns of
-    # the [BLOCK_Q, GB] tile's layout (no layout conversions in the loop).
+    # bitwise reproducible, and the same for every band height. The GB channels of a step are GB / GS tiles of
+    # [BLOCK_Q, GS] (GS: 16 bytes of ACC), one pixel per thread: the per-pixel values (window
+    # columns, weights, addresses) are [BLOCK_Q, 1] in the tiles' own layout, computed once per step for all
+    # of them, and no value changes threads in the loops (one [BLOCK_Q, GB] tile would spread a pixel's
+    # channels over 4 threads, and every per-pixel load would go through shared memory to reach them).
     i = I0 + tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
     j = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
@@ -111,36 +122,44 @@ def _up_gather_kernel(
     last = ye <= Y1  # the window ends in this band
     ylo = tl.maximum(ys, Y0)
     yhi = tl.minimum(ye, Y1)
-    cc = tl.arange(0, GB)[None, :]
+    cc = tl.arange(0, GS)[None, :]
     j64 = j.to(tl.int64)
     apix = n * san + (i % AM).to(tl.int64) * sah + j64 * saw
     gpix = n * sgn + i.to(tl.int64) * sgh + j64 * sgw
     sbase = s_ptr + n * ssn
     for c0 in range(0, V, GB):  # sm90: trips=cdiv(V, GB)
-        ch = c0 + cc
-        m2 = jmask & (ch < V)
-        if first:
-            a = tl.zeros([BLOCK_Q, GB], dtype=ACC)
-        else:
-            a = tl.load(a_ptr + apix + ch, mask=m2, other=0.0)
+        acc = ()
+        for k in tl.static_range(GB // GS):  # the carried partial sums, or 0 in the window's first band
+            ch = c0 + k * GS + cc
+            acc = acc + (tl.load(a_ptr + apix + ch, mask=jmask & (ch < V) & (not first), other=0.0),)
         Y = ylo
         while Y < yhi:  # sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
             iy0 = tl.load(ui_ptr + Y)
             iy1 = tl.load(ui_ptr + Hh + Y)
             ly = tl.load(ul_ptr + Y)
             wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
-            srow = sbase + (Y - Y0).to(tl.int64) * ssy + ch
+            srow = sbase + (Y - Y0).to(tl.int64) * ssy + c0
             for dx in range(0, KX):  # sm90: trips=KX
                 X = tl.load(cx_ptr + j * KX + dx, mask=jmask, other=-1)
                 wx = tl.load(cw_ptr + j * KX + dx, mask=jmask, other=0.0)
                 ok = X >= 0
-                t = tl.load(srow + X.to(tl.int64) * ssx, mask=ok, other=0.0)
-                a += (wy * wx) * t
+                spx = srow + X.to(tl.int64) * ssx
+                wt = wy * wx
+                nxt = ()
+                for k in tl.static_range(GB // GS):
+                    t = tl.load(spx + (k * GS + cc), mask=ok, other=0.0)
+                    nxt = nxt + (acc[k] + wt * t,)
+                acc = nxt
             Y += 1
         if last:
-            tl.store(g_ptr + gpix + ch.to(tl.int64) * sgc, a.to(g_ptr.dtype.element_ty), mask=m2)
+            for k in tl.static_range(GB // GS):
+                ch = c0 + k * GS + cc
+                tl.store(g_ptr + gpix + ch.to(tl.int64) * sgc, acc[k].to(g_ptr.dtype.element_ty),
+                         mask=jmask & (ch < V))
         else:
-            tl.store(a_ptr + apix + ch, a, mask=m2)
+            for k in tl.static_range(GB // GS):
+                ch = c0 + k * GS + cc
+                tl.store(a_ptr + apix + ch, acc[k], mask=jmask & (ch < V))
 
 
 def backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, block_q, num_warps):
@@ -154,7 +173,8 @@ def backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, b
     ui, ul, win, _, _ = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
     rows = up_band_rows(N, V, H, W, torch.finfo(acc).bits // 8, logits.element_size())
     bands, am = up_bands(h, H, rows, bool(align_corners), acc)
-    vp = triton.cdiv(V, UP_GATHER_GB) * UP_GATHER_GB
+    gb = gather_step(torch.finfo(acc).bits // 8)
+    vp = triton.cdiv(V, gb) * gb
     scratch = torch.empty((N, rows, W, vp), dtype=acc, device=logits.device)
     carry = torch.empty((N, am, w, vp), dtype=acc, device=logits.device)
     if C.interpreted(logits.device):
@@ -168,5 +188,6 @@ def backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, b
             scratch, carry, grad, ui, ul, win, cx, cwx,
             H, h, w, Y0, Y1, I0, am,
             *scratch.stride()[:3], *carry.stride()[:3], *grad.stride(),
-            V=V, BLOCK_Q=block_q, GB=UP_GATHER_GB, KX=kx, ROWS=rows, ACC=C.tl_acc(logits.dtype), num_warps=num_warps,
+            V=V, BLOCK_Q=block_q, GB=gb, GS=128 // torch.finfo(acc).bits, KX=kx, ROWS=rows,
+            ACC=C.tl_acc(logits.dtype), num_warps=num_warps,
         )
