@@ -523,13 +523,13 @@ def test_triton_banded_backward_recorded_as_one_launch_per_kernel(monkeypatch):
     """The upsampled tree-min backward launches its two kernels once per band of rows: the recorder keeps one
     entry per compiled kernel whose programs are the bands' sum and whose launch count is the bands'."""
     from benchmarks.sm90 import triton_side
-    from hss_kernels.triton import tree_min
+    from hss_kernels.triton import _upsample
 
     tree = trees.load("pascal_person_part")
     x = torch.empty((2, tree.num_nodes, 8, 16), device="meta")
     t = torch.empty((2, 32, 64), dtype=torch.int64, device="meta")
-    monkeypatch.setattr(tree_min, "_up_band_rows", lambda N, V, H, W, a, b: 5)  # 7 bands
-    bands, _ = tree_min._up_bands(8, 32, 5, False, torch.float32)
+    monkeypatch.setattr(_upsample, "up_band_rows", lambda N, V, H, W, a, b: 5)  # 7 bands
+    bands, _ = _upsample.up_bands(8, 32, 5, False, torch.float32)
     assert len(bands) == 7
     launches = triton_side.record("tree_min", "backward", x, t, tree, upsample=True)
     assert [la.kernel.fn.__name__ for la in launches] == ["_tree_min_up_rows_kernel", "_up_gather_kernel"]

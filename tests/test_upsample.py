@@ -673,6 +673,7 @@ def test_triton_node_bands(triton_node, loss, monkeypatch):
     of 16 pixels: against the composition, and bitwise equal to one band over the whole image (float64, each
     element's terms summed in the same order whatever the bands), for both align_corners, integer and
     non-integer scales, weights and a per-pixel grad_output."""
+    from hss_kernels.triton import _upsample as U
     tree = H.random_tree(max_nodes=9)
     monkeypatch.setattr(triton_node, "_up_blocks", lambda logits, backward=False: (16, 4))
     fn = H.api(loss, "triton")
@@ -683,19 +684,38 @@ def test_triton_node_bands(triton_node, loss, monkeypatch):
         if k == 1:
             kw.update(class_weight=torch.rand(tree.num_leaves, dtype=torch.float64) + 0.5,
                       pixel_weight=torch.rand(y.shape, dtype=torch.float64))
-        monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b: Hh)
+        monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b: Hh)
         ref = H.loss_and_grad(fn, x, y, tree, **kw)
         go = ref[2]
-        assert len(triton_node._up_bands(shape[1], shape[3], shape[3], align_corners, torch.float64)[0]) == 1
+        assert len(U.up_bands(shape[1], shape[3], shape[3], align_corners, torch.float64)[0]) == 1
         for rows in ((1, 3), (2, 5), (1, 4))[k]:
-            monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b, rows=rows: rows)
-            assert len(triton_node._up_bands(shape[1], shape[3], rows, align_corners, torch.float64)[0]) > 1
+            monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b, rows=rows: rows)
+            assert len(U.up_bands(shape[1], shape[3], rows, align_corners, torch.float64)[0]) > 1
             _, g, _ = H.loss_and_grad(fn, x, y, tree, go, **kw)
             assert torch.equal(g, ref[1]), (rows, (g - ref[1]).abs().max())
         if k != 1:  # the composition takes no weights (tests/triton/test_triton_weights.py has them)
-            monkeypatch.setattr(triton_node, "_up_band_rows", lambda N, V, Hh, W, a, b: 2)
+            monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b: 2)
             _check(loss, "triton", x.float(), y, tree, grad_out=go.float(), align_corners=align_corners,
                    reduction=kw["reduction"])
+
+
+def test_triton_node_gather_channel_steps(triton_node, monkeypatch):
+    """A tree wider than one step of the gather (Vistas, 80 nodes: 5 steps of 16 channels in float64; 3 of 32 in
+    float32, the last one half past V) in bands of 1 and 2 rows: bitwise equal to one band (float64) and against
+    the composition (float32), with a per-pixel grad_output."""
+    from hss_kernels.triton import _upsample as U
+    tree = trees.load("vistas")
+    assert tree.num_nodes > 2 * U.gather_step(4) and tree.num_nodes % U.gather_step(4) != 0
+    fn = H.api("tree_bce_loss", "triton")
+    x, y = _inputs(tree, "tree_bce_loss", (1, 3, 4, 9, 11), torch.float64)
+    kw = dict(upsample="bilinear", reduction="none")
+    monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b: Hh)
+    ref = H.loss_and_grad(fn, x, y, tree, **kw)
+    for rows in (1, 2):
+        monkeypatch.setattr(U, "up_band_rows", lambda N, V, Hh, W, a, b, rows=rows: rows)
+        _, g, _ = H.loss_and_grad(fn, x, y, tree, ref[2], **kw)
+        assert torch.equal(g, ref[1]), (rows, (g - ref[1]).abs().max())
+    _check("tree_bce_loss", "triton", x.float(), y, tree, grad_out=ref[2].float(), reduction="none")
 
 
 @pytest.mark.parametrize("loss", H.NODE_LOSSES)

@@ -5,7 +5,8 @@ for tests, never picked by ``backend="auto"``). Importing it needs Triton; the b
 ImportError into "unavailable" instead of an error.
 
 One module per op: :mod:`.hierarchical_softmax`, :mod:`.tree_min` (the tree-min and tree-BCE losses,
-one kernel family) and :mod:`.decode`; :mod:`._common` holds what they share. ``OPS`` holds their public
+one kernel family) and :mod:`.decode`; :mod:`._common` holds what they share, :mod:`._upsample` the band loop
+of the tree losses' fused-upsampling backward (its gather kernel and scratch). ``OPS`` holds their public
 functions as they are. The losses take an extra ``single_pass`` keyword (docs/MATH.md §5.6: the gradient is
 written during the forward, autograd intact), and ``*_and_grad`` versions return ``(loss, gradient)``
 outside autograd, the fewest bytes a training step can move.

@@ -34,7 +34,8 @@ Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6): the forward r
 target's pixels, each logit the interpolation of the pixel's 2x2 stencil; the backward is
 ``_hierarchical_softmax_up_bwd_kernel``: each full-resolution pixel's gradient row is computed once (per
 program whose tile holds it; the halo twice), split by its four weights into per-lane sums that a lane
-shift adds up (no atomics). Neither the full-resolution logits nor their gradient is stored.
+shift adds up (no atomics). Neither the full-resolution logits nor their gradient is stored. (The tree losses'
+banded form, a rows kernel and ``_upsample``'s gather, models slower here: docs/MATH.md §6.4.)
 """
 from __future__ import annotations
 

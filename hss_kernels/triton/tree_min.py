@@ -24,17 +24,16 @@ read, no argmin/argmax tensor of size P·V).
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
-runs band by band of full-resolution rows: ``_tree_min_up_rows_kernel`` computes each pixel's gradient row once
-into a bounded scratch (UP_BWD_SCRATCH_BYTES), ``_up_gather_kernel`` adds it onto the low-resolution elements
-in a fixed order (no atomics; partial sums carried between bands). Neither the full-resolution logits nor
-their whole gradient is stored.
+runs band by band of full-resolution rows (``_upsample.backward_in_bands``): ``_tree_min_up_rows_kernel``
+computes each pixel's gradient row once into a bounded scratch (``_upsample.UP_BWD_SCRATCH_BYTES``),
+``_up_gather_kernel`` adds it onto the low-resolution elements in a fixed order (no atomics; partial sums carried
+between bands). Neither the full-resolution logits nor their whole gradient is stored.
 """
 from __future__ import annotations
 
 import functools
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +42,7 @@ from .. import tables
 from ..tree import Tree
 from . import _common as C
 from . import _tree as T
+from . import _upsample as U
 
 __all__ = ["tree_min_loss", "tree_bce_loss", "tree_min_loss_and_grad", "tree_bce_loss_and_grad"]
 
@@ -597,91 +597,6 @@ def _tree_min_up_rows_kernel(
                 T.store_group(s_ptr, spix, 1, late, nanrow[:min(G, V - v)], CH, V, v, G)
 
 
-@triton.jit(do_not_specialize=["Y0", "Y1", "I0"])
-def _up_gather_kernel(
-    s_ptr, a_ptr, g_ptr, ui_ptr, ul_ptr, win_ptr, cx_ptr, cw_ptr,
-    Hh, hl, wl, Y0, Y1, I0, AM,
-    ssn, ssy, ssx,
-    san, sah, saw,
-    sgn, sgc, sgh, sgw,
-    V: tl.constexpr, BLOCK_Q: tl.constexpr, GB: tl.constexpr, KX: tl.constexpr, ROWS: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    # The upsampled backward's second half, for the band [Y0, Y1) whose gradient rows _tree_min_up_rows_kernel
-    # left in the scratch (s_ptr, [N, rows, W, channels]): a program owns BLOCK_Q low-resolution pixels (i, j)
-    # of one row i = I0 + program_id(1) of image program_id(2) and GB channels at a time, and adds
-    # wy * wx * g over the full-resolution pixels (Y, X) of the band whose stencil holds (i, j) (the row's
-    # window of outputs whose i0 is i - 1 or i, intersected with the band; columns: the window of j, at most
-    # KX, as the tables cx (X, -1 past the window) and cw (wx) per (j, step) give them), in the order (Y, X):
-    # the same sum as one pass over the whole window, wherever the bands cut it. A row whose window goes on
-    # past the band keeps its partial sum in ACC in the carry rows (a_ptr: [N, AM, wl, channels], row i % AM,
-    # channel stride 1) for the next band; the band that holds its last row writes the gradient. No atomics:
-    # bitwise reproducible, and the same for every band height. Per-pixel values are [BLOCK_Q, 1] columns of
-    # the [BLOCK_Q, GB] tile's layout (no layout conversions in the loop).
-    i = I0 + tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    j = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]
-    jmask = j < wl
-    j = tl.where(jmask, j, 0)
-    ys = tl.load(win_ptr + i)
-    ye = ys + tl.load(win_ptr + hl + i)
-    first = ys >= Y0  # no earlier band held a row of the window
-    last = ye <= Y1  # the window ends in this band
-    ylo = tl.maximum(ys, Y0)
-    yhi = tl.minimum(ye, Y1)
-    cc = tl.arange(0, GB)[None, :]
-    j64 = j.to(tl.int64)
-    apix = n * san + (i % AM).to(tl.int64) * sah + j64 * saw
-    gpix = n * sgn + i.to(tl.int64) * sgh + j64 * sgw
-    sbase = s_ptr + n * ssn
-    for c0 in range(0, V, GB):  # sm90: trips=cdiv(V, GB)
-        ch = c0 + cc
-        m2 = jmask & (ch < V)
-        if first:
-            a = tl.zeros([BLOCK_Q, GB], dtype=ACC)
-        else:
-            a = tl.load(a_ptr + apix + ch, mask=m2, other=0.0)
-        Y = ylo
-        while Y < yhi:  # sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
-            iy0 = tl.load(ui_ptr + Y)
-            iy1 = tl.load(ui_ptr + Hh + Y)
-            ly = tl.load(ul_ptr + Y)
-            wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
-            srow = sbase + (Y - Y0).to(tl.int64) * ssy + ch
-            for dx in range(0, KX):  # sm90: trips=KX
-                X = tl.load(cx_ptr + j * KX + dx, mask=jmask, other=-1)
-                wx = tl.load(cw_ptr + j * KX + dx, mask=jmask, other=0.0)
-                ok = X >= 0
-                t = tl.load(srow + X.to(tl.int64) * ssx, mask=ok, other=0.0)
-                a += (wy * wx) * t
-            Y += 1
-        if last:
-            tl.store(g_ptr + gpix + ch.to(tl.int64) * sgc, a.to(g_ptr.dtype.element_ty), mask=m2)
-        else:
-            tl.store(a_ptr + apix + ch, a, mask=m2)
-
-
-@functools.lru_cache(maxsize=64)
-@functools.lru_cache(maxsize=64)
-def _up_columns(w, W, align_corners, dtype, device):
-    """_up_gather_kernel's column tables, per low-resolution column j and step k < KX of its window: X (int32,
-    -1 past the window) and its weight wx (the accumulation dtype, computed as the kernels interpolate:
-    (1 - lambda) where i0 is j, plus lambda where i1 is j). Cached per device as C.up_tables: no host-to-device
-    copy per call."""
-    i0, i1, lam, start, count = C.up_axis(w, W, align_corners, dtype)
-    kx = max(int(count.max(initial=0)), 1)
-    k = np.arange(kx)[None, :]
-    X = start[:, None] + k
-    inside = k < count[:, None]
-    Xc = np.where(inside, X, 0)
-    j = np.arange(w)[:, None]
-    one = lam.dtype.type(1)
-    wx = np.where(i0[Xc] == j, one - lam[Xc], lam.dtype.type(0)) + np.where(i1[Xc] == j, lam[Xc], lam.dtype.type(0))
-    cx = torch.from_numpy(np.where(inside, X, -1).astype(np.int32).reshape(-1))
-    cw = torch.from_numpy(np.where(inside, wx, lam.dtype.type(0)).astype(lam.dtype).reshape(-1))
-    return cx.to(device), cw.to(device), kx
-
-
 # Consecutive pixels per thread on NCHW: 16 bytes (float32 4, bfloat16 8 pixels; 128-bit loads of the logits) in
 # every pass of both losses. Every [pixels] load of a program (labels, the label's path) shares the logits' register
 # layout (see the kernel's x0).
@@ -856,46 +771,11 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
     return partials, counts, wsums
 
 
-# The upsampled backward's scratch: the gradient rows of a band of full-resolution rows of every image, in ACC,
-# [N, rows, W, channels padded to UP_GATHER_GB]. At most UP_BWD_SCRATCH_BYTES (sized to stay in an H100's 50 MB
-# L2 between the two kernels) and a tenth of the full-resolution logits (at least 1 MiB); at least one row.
-UP_BWD_SCRATCH_BYTES = 32 << 20
-UP_GATHER_GB = 16  # channels per step of _up_gather_kernel (its scratch and carry loads: 64 contiguous bytes)
-
-
-def _up_band_rows(N, V, H, W, acc_bytes, logit_bytes):
-    """Full-resolution rows per band of the upsampled backward (see UP_BWD_SCRATCH_BYTES)."""
-    row = max(N * W * triton.cdiv(V, UP_GATHER_GB) * UP_GATHER_GB * acc_bytes, 1)
-    budget = min(UP_BWD_SCRATCH_BYTES, max(N * V * H * W * logit_bytes // 10, 1 << 20))
-    return max(1, min(H, budget // row))
-
-
-@functools.lru_cache(maxsize=64)
-def _up_bands(h, H, rows, align_corners, dtype):
-    """The bands of the upsampled backward: [(Y0, Y1, I0, I1)], full-resolution rows [Y0, Y1) and the
-    low-resolution rows [I0, I1) whose gradient _up_gather_kernel adds them to (the rows whose window meets the
-    band; a row with an empty window goes with the band of its window's start), and AM, the most low-resolution
-    rows of a band (the carry's height: the rows a band leaves open are distinct modulo AM)."""
-    _, _, _, start, count = C.up_axis(h, H, align_corners, dtype)
-    end = start + count
-    anchor = np.minimum(start, H - 1)
-    bands = []
-    for Y0 in range(0, H, rows):
-        Y1 = min(Y0 + rows, H)
-        mine = np.where(count > 0, (start < Y1) & (end > Y0), (anchor >= Y0) & (anchor < Y1))
-        idx = np.flatnonzero(mine)
-        if idx.size:
-            I0, I1 = int(idx[0]), int(idx[-1]) + 1
-            assert idx.size == I1 - I0, "a band's low-resolution rows are one run"
-            bands.append((Y0, Y1, I0, I1))
-    return tuple(bands), max(b[3] - b[2] for b in bands)
-
-
 def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps, ignore_index, use_extrema,
                    sizes, align_corners, class_weight=None, pixel_weight=None):
-    """Writes ``grad`` (the low-resolution logits' gradient) band by band: per band of full-resolution rows
-    ``_tree_min_up_rows_kernel`` (the band's gradient rows into the scratch), then ``_up_gather_kernel`` (onto
-    the low-resolution rows; 2 launches per band, no host synchronisation)."""
+    """Writes ``grad`` (the low-resolution logits' gradient) band by band (``_upsample.backward_in_bands``): per
+    band of full-resolution rows ``_tree_min_up_rows_kernel`` (the band's gradient rows into the scratch), then
+    ``_up_gather_kernel`` (onto the low-resolution rows; 2 launches per band, no host synchronisation)."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
     if N == 0:
@@ -907,21 +787,12 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
     sizes = _compiled_sizes(tab, V, sizes)
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     acc = C.acc_dtype(logits.dtype)
-    ui, ul, win, KY, KX = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
-    rows = _up_band_rows(N, V, H, W, torch.finfo(acc).bits // 8, logits.element_size())
-    bands, am = _up_bands(h, H, rows, bool(align_corners), acc)
-    vp = triton.cdiv(V, UP_GATHER_GB) * UP_GATHER_GB
-    scratch = torch.empty((N, rows, W, vp), dtype=acc, device=logits.device)
-    carry = torch.empty((N, am, w, vp), dtype=acc, device=logits.device)
+    ui, ul, _, _, _ = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
     block_p, warps = _up_blocks(logits, backward=True)
-    block_q = block_p
-    if C.interpreted(logits.device):
-        block_p = min(block_p, max(triton.next_power_of_2(rows * W), 16))
-        block_q = min(block_q, max(triton.next_power_of_2(w), 16))
     gos = grad_out.stride() if grad_mode == C.GRAD_PER_PIXEL else (0, 0, 0)
     cw, pw = C.weight_ptrs(class_weight, pixel_weight, None, grad)[:2]
-    cx, cwx, kx = _up_columns(w, W, bool(align_corners), acc, logits.device)
-    for Y0, Y1, I0, I1 in bands:
+
+    def launch_rows(scratch, Y0, Y1, block_p):
         C.launch(
             _tree_min_up_rows_kernel, (triton.cdiv((Y1 - Y0) * W, block_p), N), logits,
             logits, target, tab, k, ui, ul, scratch, grad_out, cw, pw,
@@ -933,13 +804,8 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
             FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), HAS_CW=class_weight is not None,
             HAS_PW=pixel_weight is not None, num_warps=warps,
         )
-        C.launch(
-            _up_gather_kernel, (triton.cdiv(w, block_q), I1 - I0, N), logits,
-            scratch, carry, grad, ui, ul, win, cx, cwx,
-            H, h, w, Y0, Y1, I0, am,
-            *scratch.stride()[:3], *carry.stride()[:3], *grad.stride(),
-            V=V, BLOCK_Q=block_q, GB=UP_GATHER_GB, KX=kx, ROWS=rows, ACC=C.tl_acc(logits.dtype), num_warps=warps,
-        )
+
+    U.backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, block_p, warps)
 
 
 def _gmode(gamma):
@@ -1161,7 +1027,7 @@ def tree_min_loss(logits: torch.Tensor, target: torch.Tensor, tree: Tree, gamma:
     the logits interpolated as ``F.interpolate(mode="bilinear", align_corners=align_corners)`` in float32
     (float64), fused: the forward interpolates each pixel's logits from its 2x2 stencil; the backward computes
     each full-resolution pixel's gradient row once, a band of rows at a time, into a scratch of at most 32 MiB
-    and a tenth of the full-resolution logits (``UP_BWD_SCRATCH_BYTES``), and gathers it onto each
+    and a tenth of the full-resolution logits (``_upsample.UP_BWD_SCRATCH_BYTES``), and gathers it onto each
     low-resolution element in a fixed order (no atomics, bitwise reproducible); neither the full-resolution
     logits nor their whole gradient is stored. Not with ``single_pass``.
 
