@@ -464,8 +464,8 @@ void with_focal_mode(int mode, F&& f) {
 }
 
 // tree_forward_group with the focal mode and extrema the CUDA kernel would take for these options.
-template <typename A, int G>
-void forward_group(const TileLanes<A, G>& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
+template <typename A, int G, bool kPairs>
+void forward_group(const TileLanes<A, G, kPairs>& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
                    const A* k, A gamma, A eps, bool extrema, A* loss) {
   Lanes<A, G> slots[kMaxDepth + 1];
   const NodeTable<A> nt{nodes};
@@ -487,7 +487,7 @@ void forward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const 
   constexpr int G = lanes_for<T>();
   for (int64_t g0 = 0; g0 < n; g0 += G) {
     const int64_t m = std::min<int64_t>(G, n - g0);
-    TileLanes<A, G> col{x, ld, {}};
+    TileLanes<A, G, std::is_same_v<T, c10::BFloat16>> col{x, ld, {}};
     int y[G];
     bool any = false;
     for (int j = 0; j < G; ++j) {
@@ -498,7 +498,7 @@ void forward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const 
     }
     if (!any) continue;
     A l[G];
-    forward_group<A, G>(col, nodes, ti, y, k, gamma, eps, extrema, l);
+    forward_group(col, nodes, ti, y, k, gamma, eps, extrema, l);
     for (int j = 0; j < m; ++j) out[g0 + j] = l[j];
   }
 }

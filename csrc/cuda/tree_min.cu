@@ -4,7 +4,8 @@
 // into shared memory (one broadcast read per node afterwards).
 // * The forward (tree_fwd_group_kernel): G = 16 / sizeof(T) consecutive pixels per thread
 //   (tree_forward_group), one 16-byte load per channel on NCHW when the layout allows (vec_groups), the
-//   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread).
+//   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread); bfloat16 tree-min: the
+//   maxima on bfloat16 pairs and the terms two lanes at a time (focal_pair).
 // * The tree BCE backward (tree_bce_bwd_group_kernel): G pixels per thread as the forward
 //   (tree_bce_backward_group), 16-byte loads and stores on NCHW.
 // * The tree-min backward (tree_min_bwd_group_kernel): G pixels per thread as the forward

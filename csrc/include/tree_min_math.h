@@ -323,9 +323,53 @@ HSS_HOST_DEVICE inline void memory_fence_compiler() {
 #endif
 }
 
+// 1 / v for v in [1, 2^126) with FMAs only (no special-function instruction): the exponent-flip estimate
+// (relative error below 1/8) and two cubic Newton steps, r (1 + e + e^2) with e = 1 - v r (error cubed
+// each: below 1e-8, then the steps' rounding).
+HSS_HOST_DEVICE inline float rcp_fma(float v) {
+#ifdef __CUDA_ARCH__
+  float r = __uint_as_float(0x7ef311c3u - __float_as_uint(v));
+#else
+  uint32_t b;
+  memcpy(&b, &v, sizeof(b));
+  b = 0x7ef311c3u - b;
+  float r;
+  memcpy(&r, &b, sizeof(r));
+#endif
+  for (int i = 0; i < 2; ++i) {
+    const float e = fmaf(-v, r, 1.f);
+    r = fmaf(r, fmaf(e, e, e), r);
+  }
+  return r;
+}
+
+// The focal losses of two lanes' logits u0, u1 (focal_k without the derivative). gamma = 2: one reciprocal
+// for both, 1 / (p0 p1), so two special functions per lane and a half (the forward's bound on the GPU is its
+// special-function unit), the exponent clamped at 43 instead of 87 so that p0 p1 <= (1 + e^43)^2 stays finite
+// (past 43 a term is below 1e-56, 0 in float, either way); kFma: that reciprocal with FMAs (rcp_fma), none
+// of the unit's. Otherwise focal_k per lane.
+template <int kF, bool kFma, typename A>
+HSS_HOST_DEVICE inline void focal_pair(A u0, A u1, A gamma, A eps, A* l0, A* l1) {
+  if constexpr (kF == kFocalG2 && std::is_same<A, float>::value) {
+    const A log2e = A(1.4426950408889634), ln2 = A(0.6931471805599453);
+    // hmin: a NaN lane's exponent is 43 (its loss becomes NaN by the NaN rule): never a NaN in the other's
+    const A zc0 = hmin(u0, A(43)), zc1 = hmin(u1, A(43));
+    const A p0 = A(1) + fast_exp2(zc0 * log2e), p1 = A(1) + fast_exp2(zc1 * log2e);
+    const A pp = p0 * p1;
+    const A r = kFma ? rcp_fma(pp) : fast_rcp(pp);
+    const A s0 = p1 * r, s1 = p0 * r;
+    *l0 = s0 * s0 * (ln2 * fast_log2(p0) - zc0);
+    *l1 = s1 * s1 * (ln2 * fast_log2(p1) - zc1);
+  } else {
+    focal_k<kF>(u0, gamma, eps, l0, (A*)nullptr);
+    focal_k<kF>(u1, gamma, eps, l1, (A*)nullptr);
+  }
+}
+
 // tree_forward_pixel for G pixels at once, in the same order of operations per pixel (so the same
 // loss up to the focal mode's formula): each node-table entry and each depth slot is read once for the
-// G pixels. x.load(c, out) fills
+// G pixels. The tree-min with bfloat16 lanes (an accessor with kBf16Pairs) takes the maxima on bfloat16 pairs
+// and the terms two lanes at a time (focal_pair). x.load(c, out) fills
 // out.v[j] with channel c of lane j, x(c, j) reads one value (the path walks); acc(s) is the slot of
 // depth s + 1 for the G lanes (D + 1 Lanes). y[j] is lane j's label, a valid leaf id: the caller puts 0
 // in lanes it will discard. loss[j] gets lane j's loss (NaN for a NaN logit, §5.3).
@@ -353,47 +397,85 @@ HSS_HOST_DEVICE inline void tree_forward_group(const X& x, const N& nodes, const
     }
     lp[j] = t.dfs_pos[leaf];
   }
-  Lanes<A, G> ninf;
-  HSS_UNROLL
-  for (int j = 0; j < G; ++j) ninf.v[j] = neg_inf<A>();
-  if constexpr (kExtrema)
-    for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
-  HSS_NO_UNROLL
-  for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
-    const TreeNode<A> n = nodes(p);
-    Lanes<A, G> z;
-    x.load(n.c, z);
-    if constexpr (kExtrema) {
-      const Lanes<A, G> below = acc(n.depth);
-      acc(n.depth) = ninf;
-      Lanes<A, G> here = acc(n.depth - 1);
+  if constexpr (kExtrema && Bf16Pairs<X>::value) {
+    // bfloat16 lanes: the maxima as bfloat16 pairs (as tree_min_backward_group's bottom-up pass), each pair's
+    // two terms through focal_pair (pair 0's reciprocal with FMAs: fewer special functions).
+    constexpr int H = G / 2;
+    static_assert(G % 2 == 0, "tree_forward_group: bfloat16 lanes in pairs");
+    const SlotPairs<S, H> pairs{acc};
+    Lanes<uint32_t, H> ninf;
+    HSS_UNROLL
+    for (int i = 0; i < H; ++i) ninf.v[i] = 0xff80ff80u;
+    for (int s = 0; s <= t.D; ++s) pairs(s) = ninf;  // sm90: trips=D + 1
+    HSS_NO_UNROLL
+    for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
+      const TreeNode<A> n = nodes(p);
+      Lanes<uint32_t, H> z;
+      x.load_pairs(n.c, z);
+      const Lanes<uint32_t, H> below = pairs(n.depth);
+      pairs(n.depth) = ninf;
+      Lanes<uint32_t, H> here = pairs(n.depth - 1);
       HSS_UNROLL
-      for (int j = 0; j < G; ++j) {
-        const A m = max_nan(z.v[j], below.v[j]);
-        here.v[j] = max_nan(here.v[j], m);
-        focal_k<kF>(-m, gamma, eps, &l, (A*)nullptr);
-        // p <= lp < p + size, in one unsigned comparison
-        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
-        if (!on) loss[j] += n.k * l;  // a predicated add
+      for (int i = 0; i < H; ++i) {
+        const uint32_t m = bf16x2_max_nan(z.v[i], below.v[i]);
+        here.v[i] = bf16x2_max_nan(here.v[i], m);
+        A l0, l1;
+        if (i == 0)
+          focal_pair<kF, true>(-bf16_half_as_float(m, 0), -bf16_half_as_float(m, 1), gamma, eps, &l0, &l1);
+        else
+          focal_pair<kF, false>(-bf16_half_as_float(m, 0), -bf16_half_as_float(m, 1), gamma, eps, &l0, &l1);
+        if (static_cast<unsigned>(lp[2 * i] - p) >= static_cast<unsigned>(n.size)) loss[2 * i] += n.k * l0;
+        if (static_cast<unsigned>(lp[2 * i + 1] - p) >= static_cast<unsigned>(n.size)) loss[2 * i + 1] += n.k * l1;
       }
-      acc(n.depth - 1) = here;
-    } else {
-      HSS_UNROLL
-      for (int j = 0; j < G; ++j) {
-        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
-        focal_k<kF>(on ? z.v[j] : -z.v[j], gamma, eps, &l, (A*)nullptr);
-        loss[j] += n.k * l;
-      }
+      pairs(n.depth - 1) = here;
     }
-  }
-  // The NaN rule (§5.3): the maxima propagate NaN (max_nan) and every node folds into slot 0, so slot 0 is
-  // NaN iff a logit is. The BCE needs no flag: every logit reaches the loss through its own term, and a
-  // NaN there gives a NaN term.
-  if constexpr (kExtrema) {
-    const Lanes<A, G> top = acc(0);
+    const Lanes<uint32_t, H> top = pairs(0);
     HSS_UNROLL
     for (int j = 0; j < G; ++j)
-      if (top.v[j] != top.v[j]) loss[j] = quiet_nan<A>();
+      if (bf16_half_is_nan(top.v[j / 2], j % 2)) loss[j] = quiet_nan<A>();
+  } else {
+    Lanes<A, G> ninf;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) ninf.v[j] = neg_inf<A>();
+    if constexpr (kExtrema)
+      for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
+    HSS_NO_UNROLL
+    for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
+      const TreeNode<A> n = nodes(p);
+      Lanes<A, G> z;
+      x.load(n.c, z);
+      if constexpr (kExtrema) {
+        const Lanes<A, G> below = acc(n.depth);
+        acc(n.depth) = ninf;
+        Lanes<A, G> here = acc(n.depth - 1);
+        HSS_UNROLL
+        for (int j = 0; j < G; ++j) {
+          const A m = max_nan(z.v[j], below.v[j]);
+          here.v[j] = max_nan(here.v[j], m);
+          focal_k<kF>(-m, gamma, eps, &l, (A*)nullptr);
+          // p <= lp < p + size, in one unsigned comparison
+          const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+          if (!on) loss[j] += n.k * l;  // a predicated add
+        }
+        acc(n.depth - 1) = here;
+      } else {
+        HSS_UNROLL
+        for (int j = 0; j < G; ++j) {
+          const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+          focal_k<kF>(on ? z.v[j] : -z.v[j], gamma, eps, &l, (A*)nullptr);
+          loss[j] += n.k * l;
+        }
+      }
+    }
+    // The NaN rule (§5.3): the maxima propagate NaN (max_nan) and every node folds into slot 0, so slot 0 is
+    // NaN iff a logit is. The BCE needs no flag: every logit reaches the loss through its own term, and a
+    // NaN there gives a NaN term.
+    if constexpr (kExtrema) {
+      const Lanes<A, G> top = acc(0);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j)
+        if (top.v[j] != top.v[j]) loss[j] = quiet_nan<A>();
+    }
   }
 }
 
