@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -421,13 +422,25 @@ std::vector<TreeNode<A>> node_table(const TreeIndex& ti, const A* k) {
 // The CUDA forward's per-thread body (tree_forward_group) on a block's tile: G lanes are tile columns,
 // the lanes of a last partial group repeat its last column (their losses are discarded, as the CUDA
 // kernel discards lanes past the last pixel).
-template <typename A, int G>
+// kPairs (bfloat16 logits, A = float): the lanes also load as bfloat16 pairs, as the CUDA accessors of bfloat16
+// logits do (tree_min_backward_group's bottom-up pass); the tile's floats are the bfloat16 values, exactly.
+template <typename A, int G, bool kPairs = false>
 struct TileLanes {
   const A* x;
   int64_t ld;
   int64_t col[G];
   void load(int c, Lanes<A, G>& out) const {
     for (int j = 0; j < G; ++j) out.v[j] = x[c * ld + col[j]];
+  }
+  static constexpr bool kBf16Pairs = kPairs;
+  void load_pairs(int c, Lanes<uint32_t, G / 2>& out) const {
+    static_assert(std::is_same_v<A, float>, "TileLanes::load_pairs: float tiles of bfloat16 logits");
+    for (int i = 0; i < G / 2; ++i) {
+      uint32_t lo, hi;
+      std::memcpy(&lo, x + c * ld + col[2 * i], sizeof(lo));
+      std::memcpy(&hi, x + c * ld + col[2 * i + 1], sizeof(hi));
+      out.v[i] = (lo >> 16) | (hi & 0xffff0000u);
+    }
   }
   A operator()(int c, int j) const { return x[c * ld + col[j]]; }
 };
@@ -451,8 +464,8 @@ void with_focal_mode(int mode, F&& f) {
 }
 
 // tree_forward_group with the focal mode and extrema the CUDA kernel would take for these options.
-template <typename A, int G>
-void forward_group(const TileLanes<A, G>& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
+template <typename A, int G, bool kPairs>
+void forward_group(const TileLanes<A, G, kPairs>& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
                    const A* k, A gamma, A eps, bool extrema, A* loss) {
   Lanes<A, G> slots[kMaxDepth + 1];
   const NodeTable<A> nt{nodes};
@@ -474,7 +487,7 @@ void forward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const 
   constexpr int G = lanes_for<T>();
   for (int64_t g0 = 0; g0 < n; g0 += G) {
     const int64_t m = std::min<int64_t>(G, n - g0);
-    TileLanes<A, G> col{x, ld, {}};
+    TileLanes<A, G, std::is_same_v<T, c10::BFloat16>> col{x, ld, {}};
     int y[G];
     bool any = false;
     for (int j = 0; j < G; ++j) {
@@ -485,7 +498,7 @@ void forward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const 
     }
     if (!any) continue;
     A l[G];
-    forward_group<A, G>(col, nodes, ti, y, k, gamma, eps, extrema, l);
+    forward_group(col, nodes, ti, y, k, gamma, eps, extrema, l);
     for (int j = 0; j < m; ++j) out[g0 + j] = l[j];
   }
 }
@@ -508,13 +521,13 @@ struct TileOut {
 // them: run(kF, col, out, y, valid, bad, g) per group with the focal mode kF of the options, the tile columns
 // (the last pixel repeated past the group's m <= G), y = 0 unless valid (never a table read) and the upstream
 // gradients (0 past m); out writes the group's columns of the (V, kBlock) gradient tile gtile.
-template <int G, typename A, typename Run>
+template <int G, bool kPairs = false, typename A, typename Run>
 void backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const bool* valid, int64_t ignore_index,
                      const A* g, A gamma, A eps, A* gtile, Run&& run) {
   with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
     for (int64_t g0 = 0; g0 < n; g0 += G) {
       const int64_t m = std::min<int64_t>(G, n - g0);
-      TileLanes<A, G> col{x, ld, {}};
+      TileLanes<A, G, kPairs> col{x, ld, {}};
       TileOut<A, G> out{gtile, {}, m};
       int y[G];
       bool v[G], bad[G];
@@ -561,7 +574,7 @@ void min_backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, c
   std::vector<Lanes<uint32_t, G>> words(tree_bit_words(ti.V));
   const LocalLanes<A, G> acc{slots};
   const LocalLanes<uint32_t, G> bits{words.data()};
-  backward_groups<G>(x, ld, n, ys, valid, ignore_index, g, gamma, eps, gtile,
+  backward_groups<G, std::is_same_v<T, c10::BFloat16>>(x, ld, n, ys, valid, ignore_index, g, gamma, eps, gtile,
                      [&](auto f, const auto& col, const auto& out, const int* y, const bool* v, const bool* bad,
                          const A* gl) {
                        tree_min_backward_group<decltype(f)::value, A, G>(col, nt, acc, bits, out, ti, y, v, bad, k,

@@ -4,13 +4,15 @@
 // into shared memory (one broadcast read per node afterwards).
 // * The forward (tree_fwd_group_kernel): G = 16 / sizeof(T) consecutive pixels per thread
 //   (tree_forward_group), one 16-byte load per channel on NCHW when the layout allows (vec_groups), the
-//   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread).
+//   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread); bfloat16 tree-min: the
+//   maxima on bfloat16 pairs and the terms two lanes at a time (focal_pair).
 // * The tree BCE backward (tree_bce_bwd_group_kernel): G pixels per thread as the forward
 //   (tree_bce_backward_group), 16-byte loads and stores on NCHW.
 // * The tree-min backward (tree_min_bwd_group_kernel): G pixels per thread as the forward
 //   (tree_min_backward_group), 16-byte loads and stores on NCHW; the D + 1 per-depth slots of the G pixels
-//   and their 2 bits per node, packed 16 nodes to a 32-bit word per pixel, in shared memory laid out
-//   (slot or word, thread).
+//   and their 2 bits per node, packed 16 nodes and two pixels to a 32-bit word, in shared memory laid out
+//   (slot or word, thread). bfloat16 logits: the bottom-up pass on bfloat16 pairs (VecCol / LaneCols
+//   load_pairs).
 // * The upsampled tree-min / tree BCE backward: one thread per source pixel, its destination pixels one at
 //   a time (tree_backward_pixel), its D + 1 per-depth values in shared memory laid out (depth, thread) and
 //   its 2 bits per node packed in 32-bit words, laid out (word, thread).
@@ -123,22 +125,57 @@ struct VecCol {
   }
   __device__ void load(int c, Lanes<A, G>& out) const {
     const uint4 u = __ldg(reinterpret_cast<const uint4*>(at(c)));  // sm90: logits
-    const T* e = reinterpret_cast<const T*>(&u);
+    if constexpr (std::is_same<T, c10::BFloat16>::value) {  // bfloat16 -> float: a shift or a mask
+      const uint32_t* e = reinterpret_cast<const uint32_t*>(&u);
+      HSS_UNROLL
+      for (int i = 0; i < G / 2; ++i) {
+        out.v[2 * i] = __uint_as_float(e[i] << 16);
+        out.v[2 * i + 1] = __uint_as_float(e[i] & 0xffff0000u);
+      }
+    } else {
+      const T* e = reinterpret_cast<const T*>(&u);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j) out.v[j] = static_cast<A>(e[j]);
+    }
+  }
+  // bfloat16: the G lanes as G / 2 pairs (tree_min_backward_group's bottom-up pass)
+  static constexpr bool kBf16Pairs = std::is_same<T, c10::BFloat16>::value;
+  __device__ void load_pairs(int c, Lanes<uint32_t, G / 2>& out) const {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(at(c)));  // sm90: logits
+    const uint32_t* e = reinterpret_cast<const uint32_t*>(&u);
     HSS_UNROLL
-    for (int j = 0; j < G; ++j) out.v[j] = static_cast<A>(e[j]);
+    for (int i = 0; i < G / 2; ++i) out.v[i] = e[i];
   }
   __device__ A operator()(int c, int j) const { return static_cast<A>(at(c)[j]); }
 };
 
+// The backwards write the gradient through the same object (it has the logits' strides: one copy of the offsets),
+// o. store writes the lanes from the last down: a lane past the last pixel repeats the last pixel's offset
+// (lane_offsets) and comes first, so the last pixel's own value is the one that stays, with no test per lane.
+// store_lane is only called for labelled lanes, which exist.
 template <typename T, typename A, int G>
 struct LaneCols {
   const T* p;
   int64_t off[G];
   int64_t s;
+  T* o = nullptr;
+  __device__ void store(int c, const Lanes<A, G>& v) const {
+    T* q = o + c * s;
+    HSS_UNROLL
+    for (int j = G - 1; j >= 0; --j) q[off[j]] = static_cast<T>(v.v[j]);
+  }
+  __device__ void store_lane(int c, int j, A v) const { o[c * s + off[j]] = static_cast<T>(v); }
   __device__ void load(int c, Lanes<A, G>& out) const {
     const T* q = p + c * s;
     HSS_UNROLL
     for (int j = 0; j < G; ++j) out.v[j] = static_cast<A>(q[off[j]]);  // sm90: logits
+  }
+  static constexpr bool kBf16Pairs = std::is_same<T, c10::BFloat16>::value;
+  __device__ void load_pairs(int c, Lanes<uint32_t, G / 2>& out) const {
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(p + c * s);
+    HSS_UNROLL
+    for (int i = 0; i < G / 2; ++i)
+      out.v[i] = static_cast<uint32_t>(q[off[2 * i]]) | static_cast<uint32_t>(q[off[2 * i + 1]]) << 16;  // sm90: logits
   }
   __device__ A operator()(int c, int j) const { return static_cast<A>(p[c * s + off[j]]); }
 };
@@ -237,8 +274,7 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
     if (wpart) block_weight_partial(ws, wpart);
 }
 
-// The tree BCE backward's stores, as VecCol / LaneCols read: one 16-byte store per channel, or one
-// store per lane that exists (n lanes).
+// The backwards' 16-byte stores, as VecCol reads: one per channel (LaneCols stores lane by lane itself).
 template <typename T, typename A, int G>
 struct VecOut {
   unsigned char* p;
@@ -256,22 +292,6 @@ struct VecOut {
   __device__ void store_lane(int c, int j, A v) const { at(c)[j] = static_cast<T>(v); }
 };
 
-template <typename T, typename A, int G>
-struct LaneOut {
-  T* p;
-  int64_t off[G];
-  int64_t s;
-  int64_t n;
-  __device__ void store(int c, const Lanes<A, G>& v) const {
-    T* q = p + c * s;
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j)
-      if (j < n) q[off[j]] = static_cast<T>(v.v[j]);
-  }
-  __device__ void store_lane(int c, int j, A v) const {
-    if (j < n) p[c * s + off[j]] = static_cast<T>(v);
-  }
-};
 
 // A backward group's G labels (valid / bad / y, y = 0 for the others: never a table read) and upstream
 // gradients (0 past the n pixels), each labelled lane's gradient times its weight when kW.
@@ -330,12 +350,9 @@ tree_bce_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
                                       VecOut<T, A, G>{reinterpret_cast<unsigned char*>(out + off), sb}, ti, y, valid,
                                       bad, k, gamma, eps, g);
   } else {
-    LaneCols<T, A, G> col{x, {}, sC};
+    LaneCols<T, A, G> col{x, {}, sC, out};
     lane_offsets<G>(gx, i0, n, col.off);
-    LaneOut<T, A, G> o{out, {}, sC, n};
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j) o.off[j] = col.off[j];
-    tree_bce_backward_group<kF, A, G>(col, nodes, o, ti, y, valid, bad, k, gamma, eps, g);
+    tree_bce_backward_group<kF, A, G>(col, nodes, col, ti, y, valid, bad, k, gamma, eps, g);
   }
 }
 
@@ -395,12 +412,9 @@ tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
                                       bits, VecOut<T, A, G>{reinterpret_cast<unsigned char*>(ob), sb}, ti, y, valid,
                                       bad, k, gamma, eps, g);
   } else {
-    LaneCols<T, A, G> col{x, {}, sC};
+    LaneCols<T, A, G> col{x, {}, sC, out};
     lane_offsets<G>(gx, i0, n, col.off);
-    LaneOut<T, A, G> o{out, {}, sC, n};
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j) o.off[j] = col.off[j];
-    tree_min_backward_group<kF, A, G>(col, nodes, acc, bits, o, ti, y, valid, bad, k, gamma, eps, g);
+    tree_min_backward_group<kF, A, G>(col, nodes, acc, bits, col, ti, y, valid, bad, k, gamma, eps, g);
   }
 }
 

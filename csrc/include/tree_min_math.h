@@ -19,6 +19,10 @@
 #include "common.h"
 #include "upsample_math.h"
 
+#include <string.h>
+
+#include <type_traits>
+
 namespace hss {
 
 // NaN logits. One rule on every backend and device: a NaN logit anywhere in a labelled pixel's channels
@@ -104,13 +108,23 @@ HSS_HOST_DEVICE inline void focal_k(A z, A gamma, A eps, A* loss, A* dloss) {
       // past it the term and its derivative are below 1e-113, 0 in float) and a NaN z kept (min_nan). The
       // cancellation in -log q for large z is multiplied by s^2 (tiny).
       const A zc = min_nan(z, A(87));
-      const A ez = fast_exp2(zc * log2e);
-      const A p = A(1) + ez;
-      const A s = fast_rcp(p);
-      const A nlq = ln2 * fast_log2(p) - zc;
-      const A s2 = s * s;
-      *loss = s2 * nlq;
-      if (dloss) *dloss = -s2 * (A(2) * (ez * s) * nlq + s);
+      if (!dloss) {
+        const A ez = fast_exp2(zc * log2e);
+        const A p = A(1) + ez;
+        const A s = fast_rcp(p);
+        const A nlq = ln2 * fast_log2(p) - zc;
+        *loss = s * s * nlq;
+      } else {
+        // With the derivative: e2 = 2 e' straight from the exponential (2^(z log2 e + 1), one FMA as the
+        // product was), so that 2 q = e2 s costs one multiply: dloss = -s^2 (e2 s (-log q) + s).
+        const A e2 = fast_exp2(zc * log2e + A(1));
+        const A p = e2 * A(0.5) + A(1);
+        const A s = fast_rcp(p);
+        const A nlq = ln2 * fast_log2(p) - zc;
+        const A s2 = s * s;
+        *loss = s2 * nlq;
+        *dloss = -(s2 * ((e2 * s) * nlq + s));
+      }
     }
   }
 }
@@ -239,9 +253,123 @@ struct alignas(16) Lanes {
   A v[G];
 };
 
+// bfloat16 logits two lanes to a 32-bit word (lane 2i in the low half, lane 2i + 1 in the high half), for the
+// tree-min backward's bottom-up pass, which only takes maxima and compares: exact on the bfloat16 values
+// (the float of a bfloat16 is the same number), one instruction per two lanes on the GPU (max.NaN.bf16x2,
+// set.ge.u32.bf16x2: 0xffff in each half where it holds), the same per half through float on the CPU.
+HSS_HOST_DEVICE inline float bf16_half_as_float(uint32_t u, int half) {
+  const uint32_t b = half ? (u & 0xffff0000u) : (u << 16);
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(b);
+#else
+  float f;
+  memcpy(&f, &b, sizeof(f));
+  return f;
+#endif
+}
+HSS_HOST_DEVICE inline uint32_t bf16x2_max_nan(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t r;
+  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  uint32_t r = 0;
+  for (int h = 0; h < 2; ++h) {
+    const float x = bf16_half_as_float(a, h), y = bf16_half_as_float(b, h);
+    const uint32_t pick = x != x || y != y ? 0x7fffu : ((x > y ? a : b) >> (16 * h)) & 0xffffu;
+    r |= pick << (16 * h);
+  }
+  return r;
+#endif
+}
+HSS_HOST_DEVICE inline uint32_t bf16x2_ge(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t r;
+  asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  return (bf16_half_as_float(a, 0) >= bf16_half_as_float(b, 0) ? 0x0000ffffu : 0u) |
+         (bf16_half_as_float(a, 1) >= bf16_half_as_float(b, 1) ? 0xffff0000u : 0u);
+#endif
+}
+HSS_HOST_DEVICE inline bool bf16_half_is_nan(uint32_t u, int half) {
+  return ((u >> (16 * half)) & 0x7fffu) > 0x7f80u;
+}
+
+// Whether an accessor X loads bfloat16 pairs (X::kBf16Pairs and x.load_pairs(c, Lanes<uint32_t, G / 2>&)).
+template <typename X, typename = void>
+struct Bf16Pairs {
+  static constexpr bool value = false;
+};
+template <typename X>
+struct Bf16Pairs<X, decltype(void(X::kBf16Pairs))> {
+  static constexpr bool value = X::kBf16Pairs;
+};
+
+// The depth slots acc(s) (Lanes of G values) seen as H = G / 2 bfloat16 pairs, their first 4 H bytes.
+template <typename S, int H>
+struct SlotPairs {
+  S acc;
+  HSS_HOST_DEVICE Lanes<uint32_t, H>& operator()(int s) const {
+    return *reinterpret_cast<Lanes<uint32_t, H>*>(&acc(s));
+  }
+};
+
+// Stops the compiler from moving memory accesses across it: the depth slots change type between the passes
+// of tree_min_backward_group (bfloat16 pairs, then float weights).
+HSS_HOST_DEVICE inline void memory_fence_compiler() {
+#if defined(__CUDA_ARCH__) || defined(__GNUC__)
+  asm volatile("" ::: "memory");
+#endif
+}
+
+// 1 / v for v in [1, 2^126) with FMAs only (no special-function instruction): the exponent-flip estimate
+// (relative error below 1/8) and two cubic Newton steps, r (1 + e + e^2) with e = 1 - v r (error cubed
+// each: below 1e-8, then the steps' rounding).
+HSS_HOST_DEVICE inline float rcp_fma(float v) {
+#ifdef __CUDA_ARCH__
+  float r = __uint_as_float(0x7ef311c3u - __float_as_uint(v));
+#else
+  uint32_t b;
+  memcpy(&b, &v, sizeof(b));
+  b = 0x7ef311c3u - b;
+  float r;
+  memcpy(&r, &b, sizeof(r));
+#endif
+  for (int i = 0; i < 2; ++i) {
+    const float e = fmaf(-v, r, 1.f);
+    r = fmaf(r, fmaf(e, e, e), r);
+  }
+  return r;
+}
+
+// The focal losses of two lanes' logits u0, u1 (focal_k without the derivative). gamma = 2: one reciprocal
+// for both, 1 / (p0 p1), so two special functions per lane and a half (the forward's bound on the GPU is its
+// special-function unit), the exponent clamped at 43 instead of 87 so that p0 p1 <= (1 + e^43)^2 stays finite
+// (past 43 a term is below 1e-56, 0 in float, either way); kFma: that reciprocal with FMAs (rcp_fma), none
+// of the unit's. Otherwise focal_k per lane.
+template <int kF, bool kFma, typename A>
+HSS_HOST_DEVICE inline void focal_pair(A u0, A u1, A gamma, A eps, A* l0, A* l1) {
+  if constexpr (kF == kFocalG2 && std::is_same<A, float>::value) {
+    const A log2e = A(1.4426950408889634), ln2 = A(0.6931471805599453);
+    // hmin: a NaN lane's exponent is 43 (its loss becomes NaN by the NaN rule): never a NaN in the other's
+    const A zc0 = hmin(u0, A(43)), zc1 = hmin(u1, A(43));
+    const A p0 = A(1) + fast_exp2(zc0 * log2e), p1 = A(1) + fast_exp2(zc1 * log2e);
+    const A pp = p0 * p1;
+    const A r = kFma ? rcp_fma(pp) : fast_rcp(pp);
+    const A s0 = p1 * r, s1 = p0 * r;
+    *l0 = s0 * s0 * (ln2 * fast_log2(p0) - zc0);
+    *l1 = s1 * s1 * (ln2 * fast_log2(p1) - zc1);
+  } else {
+    focal_k<kF>(u0, gamma, eps, l0, (A*)nullptr);
+    focal_k<kF>(u1, gamma, eps, l1, (A*)nullptr);
+  }
+}
+
 // tree_forward_pixel for G pixels at once, in the same order of operations per pixel (so the same
 // loss up to the focal mode's formula): each node-table entry and each depth slot is read once for the
-// G pixels. x.load(c, out) fills
+// G pixels. The tree-min with bfloat16 lanes (an accessor with kBf16Pairs) takes the maxima on bfloat16 pairs
+// and the terms two lanes at a time (focal_pair). x.load(c, out) fills
 // out.v[j] with channel c of lane j, x(c, j) reads one value (the path walks); acc(s) is the slot of
 // depth s + 1 for the G lanes (D + 1 Lanes). y[j] is lane j's label, a valid leaf id: the caller puts 0
 // in lanes it will discard. loss[j] gets lane j's loss (NaN for a NaN logit, §5.3).
@@ -269,47 +397,85 @@ HSS_HOST_DEVICE inline void tree_forward_group(const X& x, const N& nodes, const
     }
     lp[j] = t.dfs_pos[leaf];
   }
-  Lanes<A, G> ninf;
-  HSS_UNROLL
-  for (int j = 0; j < G; ++j) ninf.v[j] = neg_inf<A>();
-  if constexpr (kExtrema)
-    for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
-  HSS_NO_UNROLL
-  for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
-    const TreeNode<A> n = nodes(p);
-    Lanes<A, G> z;
-    x.load(n.c, z);
-    if constexpr (kExtrema) {
-      const Lanes<A, G> below = acc(n.depth);
-      acc(n.depth) = ninf;
-      Lanes<A, G> here = acc(n.depth - 1);
+  if constexpr (kExtrema && Bf16Pairs<X>::value) {
+    // bfloat16 lanes: the maxima as bfloat16 pairs (as tree_min_backward_group's bottom-up pass), each pair's
+    // two terms through focal_pair (pair 0's reciprocal with FMAs: fewer special functions).
+    constexpr int H = G / 2;
+    static_assert(G % 2 == 0, "tree_forward_group: bfloat16 lanes in pairs");
+    const SlotPairs<S, H> pairs{acc};
+    Lanes<uint32_t, H> ninf;
+    HSS_UNROLL
+    for (int i = 0; i < H; ++i) ninf.v[i] = 0xff80ff80u;
+    for (int s = 0; s <= t.D; ++s) pairs(s) = ninf;  // sm90: trips=D + 1
+    HSS_NO_UNROLL
+    for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
+      const TreeNode<A> n = nodes(p);
+      Lanes<uint32_t, H> z;
+      x.load_pairs(n.c, z);
+      const Lanes<uint32_t, H> below = pairs(n.depth);
+      pairs(n.depth) = ninf;
+      Lanes<uint32_t, H> here = pairs(n.depth - 1);
       HSS_UNROLL
-      for (int j = 0; j < G; ++j) {
-        const A m = max_nan(z.v[j], below.v[j]);
-        here.v[j] = max_nan(here.v[j], m);
-        focal_k<kF>(-m, gamma, eps, &l, (A*)nullptr);
-        // p <= lp < p + size, in one unsigned comparison
-        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
-        if (!on) loss[j] += n.k * l;  // a predicated add
+      for (int i = 0; i < H; ++i) {
+        const uint32_t m = bf16x2_max_nan(z.v[i], below.v[i]);
+        here.v[i] = bf16x2_max_nan(here.v[i], m);
+        A l0, l1;
+        if (i == 0)
+          focal_pair<kF, true>(-bf16_half_as_float(m, 0), -bf16_half_as_float(m, 1), gamma, eps, &l0, &l1);
+        else
+          focal_pair<kF, false>(-bf16_half_as_float(m, 0), -bf16_half_as_float(m, 1), gamma, eps, &l0, &l1);
+        if (static_cast<unsigned>(lp[2 * i] - p) >= static_cast<unsigned>(n.size)) loss[2 * i] += n.k * l0;
+        if (static_cast<unsigned>(lp[2 * i + 1] - p) >= static_cast<unsigned>(n.size)) loss[2 * i + 1] += n.k * l1;
       }
-      acc(n.depth - 1) = here;
-    } else {
-      HSS_UNROLL
-      for (int j = 0; j < G; ++j) {
-        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
-        focal_k<kF>(on ? z.v[j] : -z.v[j], gamma, eps, &l, (A*)nullptr);
-        loss[j] += n.k * l;
-      }
+      pairs(n.depth - 1) = here;
     }
-  }
-  // The NaN rule (§5.3): the maxima propagate NaN (max_nan) and every node folds into slot 0, so slot 0 is
-  // NaN iff a logit is. The BCE needs no flag: every logit reaches the loss through its own term, and a
-  // NaN there gives a NaN term.
-  if constexpr (kExtrema) {
-    const Lanes<A, G> top = acc(0);
+    const Lanes<uint32_t, H> top = pairs(0);
     HSS_UNROLL
     for (int j = 0; j < G; ++j)
-      if (top.v[j] != top.v[j]) loss[j] = quiet_nan<A>();
+      if (bf16_half_is_nan(top.v[j / 2], j % 2)) loss[j] = quiet_nan<A>();
+  } else {
+    Lanes<A, G> ninf;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) ninf.v[j] = neg_inf<A>();
+    if constexpr (kExtrema)
+      for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
+    HSS_NO_UNROLL
+    for (int p = t.V - 1; p >= 0; --p) {  // sm90: trips=V
+      const TreeNode<A> n = nodes(p);
+      Lanes<A, G> z;
+      x.load(n.c, z);
+      if constexpr (kExtrema) {
+        const Lanes<A, G> below = acc(n.depth);
+        acc(n.depth) = ninf;
+        Lanes<A, G> here = acc(n.depth - 1);
+        HSS_UNROLL
+        for (int j = 0; j < G; ++j) {
+          const A m = max_nan(z.v[j], below.v[j]);
+          here.v[j] = max_nan(here.v[j], m);
+          focal_k<kF>(-m, gamma, eps, &l, (A*)nullptr);
+          // p <= lp < p + size, in one unsigned comparison
+          const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+          if (!on) loss[j] += n.k * l;  // a predicated add
+        }
+        acc(n.depth - 1) = here;
+      } else {
+        HSS_UNROLL
+        for (int j = 0; j < G; ++j) {
+          const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
+          focal_k<kF>(on ? z.v[j] : -z.v[j], gamma, eps, &l, (A*)nullptr);
+          loss[j] += n.k * l;
+        }
+      }
+    }
+    // The NaN rule (§5.3): the maxima propagate NaN (max_nan) and every node folds into slot 0, so slot 0 is
+    // NaN iff a logit is. The BCE needs no flag: every logit reaches the loss through its own term, and a
+    // NaN there gives a NaN term.
+    if constexpr (kExtrema) {
+      const Lanes<A, G> top = acc(0);
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j)
+        if (top.v[j] != top.v[j]) loss[j] = quiet_nan<A>();
+    }
   }
 }
 
@@ -471,106 +637,178 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
   }
 }
 
-// The tree-min gradient (tree_backward_pixel with extrema true) for G pixels at once, the same rules and
-// sums per pixel: each node-table entry, each depth slot and each word of node bits is read once for the
+// The tree-min gradient (tree_backward_pixel with extrema true) for G pixels at once (G even), the same rules
+// and sums per pixel: each node-table entry, each depth slot and each word of node bits is read once for the
 // G lanes, and each channel is one x.load / out.store of the G lanes (one 16-byte access on NCHW).
 // * bottom-up (reverse pre-order), 16 nodes (one word) at a time: the maxima per depth, acc(s) a Lanes slot
-//   of depth s + 1 (D + 1), and each lane's two bits per node (selfwin, cand: as tree_backward_pixel)
-//   shifted into a register, the G words stored after each 16 nodes in bits(w) (a Lanes of uint32_t,
-//   tree_bit_words(V) of them). The maxima propagate NaN (max_nan) into slot 0, which is then NaN iff a
-//   lane's logit is (§5.3).
+//   of depth s + 1 (D + 1), and each lane's two bits per node (selfwin, cand: as tree_backward_pixel). The
+//   bits of 16 nodes lo .. lo + 15 and two lanes 2i, 2i + 1 share a word (node lo + b at bit b for lane 2i,
+//   bit 16 + b for lane 2i + 1): bits(w).v[i] the selfwin words, bits(w).v[G / 2 + i] the cand words
+//   (tree_bit_words(V) Lanes of uint32_t), so that a node's bit is one AND with a mask shared by the lanes.
+//   bfloat16 lanes (an accessor with kBf16Pairs) keep the maxima as bfloat16 pairs in the slots (the same
+//   numbers: a maximum of bfloat16 values is one of them) and take a pair's bits with one max / compare.
+//   The maxima propagate NaN (max_nan) into slot 0, which is then NaN iff a lane's logit is (§5.3).
+// * the path, per labelled lane: its nodes get selfwin set, and lanes that are not labelled get every
+//   selfwin cleared. A path node then owes nothing to its children and takes no off-path weight from
+//   its parent (an on-path parent's slot is 0), so the pass needs no on-path test: what it writes to a
+//   path node's channel is overwritten by the path walk below, and an unlabelled lane writes its row's
+//   value (0, or NaN for a bad label) everywhere.
 // * top-down (pre-order), a word at a time: the owed weights in acc, every node's off-path gradient written
-//   for the G lanes (0 on a lane's path), with selects only.
+//   for the G lanes, with selects only.
 // * the path, per lane: one walk down it keeps the running argmin (strict <, the first node always
 //   taken) and the sum of k since the last new minimum, in depth order; when a new minimum is set (and
-//   at the path's end) the previous one's gradient is stored (store_lane), overwriting the 0 of the pass.
+//   at the path's end) the previous one's gradient is stored (store_lane), and each other path node gets
+//   its 0, overwriting what the pass wrote.
 // y[j] a valid leaf id (0 in lanes to discard); valid[j] false gives lane j the unlabelled row, 0 or
 // (bad[j]) NaN; g[j] lane j's upstream gradient.
 template <int kF, typename A, int G, typename X, typename N, typename S, typename B, typename O>
 HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, const S& acc, const B& bits,
                                                     const O& out, const TreeIndex& t, const int* y, const bool* valid,
                                                     const bool* bad, const A* k, A gamma, A eps, const A* g) {
-  int lp[G];
-  uint32_t w[G];
-  A none[G];
-  Lanes<A, G> ninf, zero;
+  static_assert(G % 2 == 0, "tree_min_backward_group: G lanes in pairs");
+  constexpr int H = G / 2;
+  constexpr bool kPairs = Bf16Pairs<X>::value;
+  uint32_t ws[H], wc[H];
+  Lanes<A, G> zero;
   HSS_UNROLL
-  for (int j = 0; j < G; ++j) {
-    lp[j] = t.dfs_pos[path_leaf(t, y[j])];
-    w[j] = 0;
-    none[j] = bad[j] ? quiet_nan<A>() : A(0);
-    ninf.v[j] = neg_inf<A>();
-    zero.v[j] = A(0);
-  }
-  for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
+  for (int i = 0; i < H; ++i) ws[i] = wc[i] = 0;
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) zero.v[j] = A(0);
   const int nw = tree_bit_words(t.V);
-  for (int wi = nw - 1; wi >= 0; --wi) {  // sm90: trips=cdiv(V, 16)
-    const int lo = wi * 16, hi = t.V < lo + 16 ? t.V : lo + 16;
-    HSS_NO_UNROLL
-    for (int p = hi - 1; p >= lo; --p) {  // sm90: trips=V / cdiv(V, 16)
-      const TreeNode<A> n = nodes(p);
-      Lanes<A, G> z;
-      x.load(n.c, z);
-      const Lanes<A, G> below = acc(n.depth);
-      acc(n.depth) = ninf;
-      Lanes<A, G> here = acc(n.depth - 1);
-      HSS_UNROLL
-      for (int j = 0; j < G; ++j) {
-        const A ch = below.v[j];
-        const A m = max_nan(z.v[j], ch);
-        const uint32_t b = (z.v[j] >= ch ? 1u : 0u) | (m >= here.v[j] ? 2u : 0u);
-        here.v[j] = max_nan(here.v[j], m);
-        w[j] = (w[j] << 2) | b;
-      }
-      acc(n.depth - 1) = here;
-    }
-    Lanes<uint32_t, G> word;  // node lo + i at bits 2i .. 2i + 1
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j) {
-      word.v[j] = w[j];
-      w[j] = 0;
-    }
-    bits(wi) = word;
-  }
   bool nan[G];
-  A zn[G];  // what a lane's channel gets when it has no gradient: 0, or the unlabelled row's value
-  {
+  if constexpr (kPairs) {
+    // The slots as bfloat16 pairs (their first 16 bytes); -inf is 0xff80.
+    const SlotPairs<S, H> pairs{acc};
+    Lanes<uint32_t, H> ninf;
+    HSS_UNROLL
+    for (int i = 0; i < H; ++i) ninf.v[i] = 0xff80ff80u;
+    for (int s = 0; s <= t.D; ++s) pairs(s) = ninf;  // sm90: trips=D + 1
+    for (int wi = nw - 1; wi >= 0; --wi) {  // sm90: trips=cdiv(V, 16)
+      const int lo = wi * 16, hi = t.V < lo + 16 ? t.V : lo + 16;
+      HSS_NO_UNROLL
+      for (int p = hi - 1; p >= lo; --p) {  // sm90: trips=V / cdiv(V, 16)
+        const TreeNode<A> n = nodes(p);
+        const uint32_t kb = 0x00010001u << (p - lo);
+        Lanes<uint32_t, H> z;
+        x.load_pairs(n.c, z);
+        const Lanes<uint32_t, H> below = pairs(n.depth);
+        pairs(n.depth) = ninf;
+        Lanes<uint32_t, H> here = pairs(n.depth - 1);
+        HSS_UNROLL
+        for (int i = 0; i < H; ++i) {
+          const uint32_t m = bf16x2_max_nan(z.v[i], below.v[i]);
+          ws[i] |= bf16x2_ge(z.v[i], below.v[i]) & kb;
+          wc[i] |= bf16x2_ge(m, here.v[i]) & kb;
+          here.v[i] = bf16x2_max_nan(here.v[i], m);
+        }
+        pairs(n.depth - 1) = here;
+      }
+      Lanes<uint32_t, G> word;
+      HSS_UNROLL
+      for (int i = 0; i < H; ++i) {
+        word.v[i] = ws[i];
+        word.v[H + i] = wc[i];
+        ws[i] = wc[i] = 0;
+      }
+      bits(wi) = word;
+    }
+    const Lanes<uint32_t, H> top = pairs(0);
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) nan[j] = valid[j] && bf16_half_is_nan(top.v[j / 2], j % 2);
+    memory_fence_compiler();
+  } else {
+    Lanes<A, G> ninf;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) ninf.v[j] = neg_inf<A>();
+    for (int s = 0; s <= t.D; ++s) acc(s) = ninf;  // sm90: trips=D + 1
+    for (int wi = nw - 1; wi >= 0; --wi) {  // sm90: trips=cdiv(V, 16)
+      const int lo = wi * 16, hi = t.V < lo + 16 ? t.V : lo + 16;
+      HSS_NO_UNROLL
+      for (int p = hi - 1; p >= lo; --p) {  // sm90: trips=V / cdiv(V, 16)
+        const TreeNode<A> n = nodes(p);
+        const uint32_t kl = 1u << (p - lo), kh = kl << 16;
+        Lanes<A, G> z;
+        x.load(n.c, z);
+        const Lanes<A, G> below = acc(n.depth);
+        acc(n.depth) = ninf;
+        Lanes<A, G> here = acc(n.depth - 1);
+        HSS_UNROLL
+        for (int j = 0; j < G; ++j) {
+          const A ch = below.v[j];
+          const A m = max_nan(z.v[j], ch);
+          const uint32_t kj = j % 2 ? kh : kl;
+          ws[j / 2] |= z.v[j] >= ch ? kj : 0u;
+          wc[j / 2] |= m >= here.v[j] ? kj : 0u;
+          here.v[j] = max_nan(here.v[j], m);
+        }
+        acc(n.depth - 1) = here;
+      }
+      Lanes<uint32_t, G> word;
+      HSS_UNROLL
+      for (int i = 0; i < H; ++i) {
+        word.v[i] = ws[i];
+        word.v[H + i] = wc[i];
+        ws[i] = wc[i] = 0;
+      }
+      bits(wi) = word;
+    }
     const Lanes<A, G> top = acc(0);
     HSS_UNROLL
-    for (int j = 0; j < G; ++j) {
-      nan[j] = valid[j] && top.v[j] != top.v[j];
-      zn[j] = valid[j] ? A(0) : none[j];
+    for (int j = 0; j < G; ++j) nan[j] = valid[j] && top.v[j] != top.v[j];
+  }
+  // A lane with a NaN logit (§5.3) gets the NaN row from the top-down pass, as a bad label does: no selfwin, and
+  // no path walk. live: the lanes with a gradient to compute; vmask: their selfwin bits.
+  uint32_t live = 0;  // bit j (one register through the passes)
+  A none[G];          // what a lane's channel gets when it has no gradient: 0, or NaN
+  uint32_t vmask[H];
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    live |= valid[j] && !nan[j] ? 1u << j : 0u;
+    none[j] = bad[j] || nan[j] ? quiet_nan<A>() : A(0);
+  }
+#ifdef __CUDA_ARCH__
+  asm("" : "+r"(live));  // one word through the passes, not G predicates (ptxas spilled those)
+#endif
+  HSS_UNROLL
+  for (int i = 0; i < H; ++i)
+    vmask[i] = ((live >> (2 * i)) & 1u ? 0x0000ffffu : 0u) | ((live >> (2 * i + 1)) & 1u ? 0xffff0000u : 0u);
+  // A labelled lane's path nodes: selfwin (see above).
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    if (!((live >> j) & 1u)) continue;
+    for (int d = 0; d < t.D; ++d) {  // sm90: trips=PATH_ITERS
+      const int v = t.path[y[j] * t.D + d];
+      if (v < 0) break;
+      const int p = t.dfs_pos[v];
+      bits(p >> 4).v[j / 2] |= 1u << ((p & 15) + 16 * (j % 2));
     }
   }
   for (int s = 0; s <= t.D; ++s) acc(s) = zero;  // sm90: trips=D + 1
   A l, dl;
   for (int wi = 0; wi < nw; ++wi) {  // sm90: trips=cdiv(V, 16)
-    {
-      const Lanes<uint32_t, G> word = bits(wi);
-      HSS_UNROLL
-      for (int j = 0; j < G; ++j) w[j] = word.v[j];
-    }
+    Lanes<uint32_t, G> word = bits(wi);
+    HSS_UNROLL
+    for (int i = 0; i < H; ++i) word.v[i] &= vmask[i];
     const int lo = wi * 16, hi = t.V < lo + 16 ? t.V : lo + 16;
     HSS_NO_UNROLL
     for (int p = lo; p < hi; ++p) {  // sm90: trips=V / cdiv(V, 16)
       const TreeNode<A> n = nodes(p);
+      const uint32_t kl = 1u << (p - lo), kh = kl << 16;
       Lanes<A, G> z, own, o;
       x.load(n.c, z);
       Lanes<A, G> parent = acc(n.depth - 1);
       HSS_UNROLL
       for (int j = 0; j < G; ++j) {
-        const uint32_t b = w[j];
-        w[j] = b >> 2;
-        const bool cand = (b & 2u) != 0, self = (b & 1u) != 0;
+        const uint32_t kj = j % 2 ? kh : kl;
+        const bool self = (word.v[j / 2] & kj) != 0, cand = (word.v[H + j / 2] & kj) != 0;
         const A in = cand ? parent.v[j] : A(0);
         parent.v[j] = cand ? A(0) : parent.v[j];
-        const bool on = static_cast<unsigned>(lp[j] - p) < static_cast<unsigned>(n.size);
-        const A owed = on ? A(0) : in + n.k;
+        const A owed = in + n.k;
         own.v[j] = self ? A(0) : owed;
-        const A ku = self ? owed : A(0);
         focal_k<kF>(-z.v[j], gamma, eps, &l, &dl);
-        const A v = g[j] * ku * -dl;
-        o.v[j] = valid[j] && ku != A(0) ? v : zn[j];  // selects, no branch
+        const A v = g[j] * owed * -dl;
+        // an unlabelled lane has no selfwin: its row's value; K_u = 0 skips the focal (exactly 0)
+        o.v[j] = self && owed != A(0) ? v : none[j];
       }
       acc(n.depth - 1) = parent;
       acc(n.depth) = own;
@@ -579,7 +817,7 @@ HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, 
   }
   HSS_UNROLL
   for (int j = 0; j < G; ++j) {
-    if (!valid[j]) continue;
+    if (!((live >> j) & 1u)) continue;
     // the path nodes: K_u, the sum of k from a new minimum u down to the node before the next one
     int cv = 0;
     A cz = A(0), cur = A(0), kk = A(0);
@@ -599,13 +837,11 @@ HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, 
         kk = k[v];
       } else {
         kk += k[v];
+        out.store_lane(v, j, A(0));
       }
     }
     focal_k<kF>(cz, gamma, eps, &l, &dl);
     out.store_lane(cv, j, kk != A(0) ? g[j] * kk * dl : A(0));
-    if (nan[j]) {  // sm90: cold
-      for (int c = 0; c < t.V; ++c) out.store_lane(c, j, quiet_nan<A>());  // sm90: trips=V
-    }
   }
 }
 
