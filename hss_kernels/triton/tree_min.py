@@ -191,7 +191,7 @@ def _tree_min_kernel(
     G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr, UPSAMPLE: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
     ORD: tl.constexpr = 0, WORD: tl.constexpr = 0, SHIFT: tl.constexpr = 0, MASK: tl.constexpr = 0,
-    NW: tl.constexpr = 0,
+    NW: tl.constexpr = 0, GT: tl.constexpr = 8,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -238,6 +238,7 @@ def _tree_min_kernel(
     # there): only the label is live across the first pass, only the path's channels across the second.
     # PACK (NW > 0, NCHW launches): the gradient packs its argmax fields (below), else it keeps M_v of every
     # internal node (channels_last, one pixel per thread: fewer instructions there, and no spill either way).
+    # GT: the nodes per load and store of the gradient's top-down pass (G: the other passes).
     PACK: tl.constexpr = NW > 0
     LATE: tl.constexpr = PACK and USE_EXTREMA and WANT_GRAD and not WANT_LOSS and not UPSAMPLE
     EARLY_PATH: tl.constexpr = USE_EXTREMA and (WANT_LOSS or UPSAMPLE or not PACK)
@@ -349,14 +350,14 @@ def _tree_min_kernel(
                     mo = mo + (zero,)
                 pend = pend + (zero,)
             for i in tl.static_range(V):
-                if i % G == 0:
+                if i % GT == 0:
                     if PIN and i > 0:
                         pos = T.pin_all(pos, PIN)
                         mo = T.pin_all(mo, PIN)
                         pend = T.pin_all(pend, PIN)
-                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC, True, ADDR_PIN)
+                    xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, GT, False, ACC, True, ADDR_PIN)
                     gs = ()
-                x = xs[i % G]
+                x = xs[i % GT]
                 kin = tl.load(k_ptr + CH[i]).to(ACC)
                 if not LEAF[i]:
                     kin = tl.where(path[DEP[i] - 1] == CH[i], 0.0, kin)
@@ -389,8 +390,8 @@ def _tree_min_kernel(
                 _, df = _focal2(x, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
                 g = tl.where(valid, (kk * df) * ngsc, 0.0)  # an ignored pixel's NaN logits give 0, not 0 * NaN
                 gs = gs + (g,)
-                if i % G == G - 1 or i == V - 1:
-                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % G, G, ADDR_PIN)
+                if i % GT == GT - 1 or i == V - 1:
+                    T.store_group(g_ptr, gpix, sgc64, pmask, gs, CH, V, i - i % GT, GT, ADDR_PIN)
             # The path nodes: a_d gets the weight K of the deeper path nodes whose argmin it is, at z = x
             # (w = −x), its logit loaded again (not kept live across the walk; without the loss the path's
             # running minimum and weights are made here too, from those loads). The barrier: the rows' stores
@@ -602,24 +603,32 @@ def _tree_min_up_rows_kernel(
 # layout (see the kernel's x0).
 NCHW_BYTES = 16
 CL_VEC = 2  # channels_last: one pixel per thread (gpu_blocks), VEC only the labels' contiguity hint
-NARROW_GRAD_VEC = 2  # the tree-min gradient of 2-byte logits (_shape)
+# The tree-min gradient of 2-byte logits on NCHW (_shape, _packs): pixels per thread, nodes per step of its
+# bottom-up pass (G) and of its top-down pass (GT), and whether it packs its argmax fields.
+NARROW_GRAD_VEC = 2
+NARROW_GRAD_GROUPS = (T.GROUP, T.GROUP)
+NARROW_GRAD_PACKS = False
 
 
 def _shape(logits, use_extrema=False, two_pass=False):
-    """(VEC, G) of a compiled launch on NCHW: NCHW_BYTES of consecutive pixels per thread (VEC) and T.GROUP nodes
-    per step (G), but for 2-byte logits: G = 2 in the tree-min forward (8 made ptxas spill 304 bytes at 8
-    pixels), G = 4 in the tree BCE, and the tree-min gradient at 2 pixels (4 bytes, unpacked: :func:`_packs`):
-    at 8 pixels its per-pixel state spilled 1.2-1.6 KB per thread (G = 4, 8), at 4 pixels 0.5 KB (G = 8;
-    python -m benchmarks.sm90). Channels_last: CL_VEC."""
+    """(VEC, G, GT) of a compiled launch on NCHW: NCHW_BYTES of consecutive pixels per thread (VEC) and T.GROUP
+    nodes per step (G; GT: of the tree-min gradient's top-down pass), but for 2-byte logits: G = 2 in the
+    tree-min forward (8 made ptxas spill 304 bytes at 8 pixels), G = 4 in the tree BCE, and the tree-min
+    gradient at NARROW_GRAD_VEC = 2 pixels (4 bytes, unpacked: :func:`_packs`), where every other shape tried
+    spilled more (sm_90 model, python -m benchmarks.sm90; bytes spilled per thread): 8 pixels 1.2-1.6 KB
+    unpacked (G = 4, 8), 1.8-2.8 KB packed (G = GT = 2); 4 pixels 0.5 KB unpacked (G = 8), packed 536 bytes
+    (G = GT = 8), 352 (G = 2, GT = 8: 64-bit loads, 36.4 instructions per element against 37.9 here), 1032
+    (G = 2, GT = 4). Channels_last: CL_VEC."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
-        return CL_VEC, T.GROUP
+        return CL_VEC, T.GROUP, T.GROUP
     size = logits.element_size()
     vec = max(NCHW_BYTES // size, 1)
     if size == 2 and two_pass:
-        return NARROW_GRAD_VEC, T.GROUP
+        return (NARROW_GRAD_VEC,) + tuple(NARROW_GRAD_GROUPS)
     if size == 2:
-        return vec, (2 if use_extrema else 4)
-    return vec, T.GROUP
+        g = 2 if use_extrema else 4
+        return vec, g, g
+    return vec, T.GROUP, T.GROUP
 
 
 def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, loss_mode, loss=None,
@@ -630,14 +639,14 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     gmode = _gmode(gamma)
     two_pass = grad_mode != C.GRAD_NONE and use_extrema
-    vec, group = _shape(logits, use_extrema, two_pass)
+    vec, group, group_td = _shape(logits, use_extrema, two_pass)
     return C.launch_loss_kernel(
         _tree_min_kernel, logits, target, (tab, k, tab, tab), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
         class_weight=class_weight, pixel_weight=pixel_weight, blocks=_blocks(logits, two_pass, use_extrema),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
-        FAST=C.fast_exp(logits), G=group, PIN=C.fast_exp(logits), VEC=vec,
+        FAST=C.fast_exp(logits), G=group, GT=group_td, PIN=C.fast_exp(logits), VEC=vec,
         ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0, UPSAMPLE=False,
         **(dict(zip(("ORD", "WORD", "SHIFT", "MASK", "NW"), argmax_fields(dep))) if _packs(logits, two_pass) else {}),
     )
@@ -646,9 +655,10 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
 def _packs(logits, two_pass):
     """Whether the tree-min gradient packs its argmax fields (``argmax_fields``): on NCHW with 4-byte or wider
     logits (4 pixels per thread, where M_v of every internal node spilled), not on channels_last (one pixel per
-    thread: keeping M_v costs fewer instructions) nor for 2-byte logits (2 pixels per thread, :func:`_shape`;
-    packed, ptxas spilled 0.5-0.9 KB per thread at 2 or 4 pixels where M_v spills 32 bytes)."""
-    return two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1) and logits.element_size() >= 4
+    thread: keeping M_v costs fewer instructions), and for 2-byte logits as NARROW_GRAD_PACKS says (no: at 2
+    pixels per thread, :func:`_shape`, packed, ptxas spilled 0.5-0.9 KB per thread where M_v spills 32 bytes)."""
+    return (two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1)
+            and (logits.element_size() >= 4 or NARROW_GRAD_PACKS))
 
 
 @functools.lru_cache(maxsize=64)

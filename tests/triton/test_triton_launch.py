@@ -308,6 +308,35 @@ def test_argmax_fields_of_the_tree_min_gradient(name):
         assert nw == 2
 
 
+@pytest.mark.parametrize("shape", [(4, (2, 8), True), (8, (8, 2), True), (4, (8, 4), False)])
+def test_tree_min_gradient_of_2_byte_logits_in_other_shapes(shape, monkeypatch):
+    """The tree-min gradient of bfloat16 / float16 NCHW logits with the GPU's tiles in the shapes the sm_90 model
+    tried (tree_min.NARROW_GRAD_VEC, NARROW_GRAD_GROUPS, NARROW_GRAD_PACKS: 4 or 8 pixels per thread, a top-down
+    group GT other than the bottom-up's G, packed argmax fields or M_v), run by the interpreter against the
+    reference: ties, ignored pixels, focal and plain, eps, a random upstream gradient, a NaN logit."""
+    from hss_kernels.triton import tree_min as tm
+
+    vec, groups, packs = shape
+    monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
+    monkeypatch.setattr(tm, "NARROW_GRAD_VEC", vec)
+    monkeypatch.setattr(tm, "NARROW_GRAD_GROUPS", groups)
+    monkeypatch.setattr(tm, "NARROW_GRAD_PACKS", packs)
+    tree = trees.load("helen")  # depth 4
+    assert tree.num_nodes % groups[0] != 0 or tree.num_nodes % groups[1] != 0
+    for dtype in (torch.bfloat16, torch.float16):
+        x, y = H.inputs(tree, "tree_min_loss", (1, 3, 83), dtype=dtype, ties=dtype == torch.float16)
+        assert tm._packs(x, True) == packs and tm._shape(x, True, True) == (vec,) + groups
+        H.check("tree_min_loss", "triton", x, y, tree, reduction="none", gamma=2.0)  # random grad_out
+        H.check("tree_min_loss", "triton", x, y, tree, gamma=0.0, eps=1e-3)
+        H.check("tree_min_loss", "triton", x, y, tree, gamma=1.5, normalize="node")
+    xn = x.clone()
+    xn[0, 3, 1, 7] = float("nan")
+    labelled = bool(y[0, 1, 7] != 255)
+    _, grad = tm.tree_min_loss_and_grad(xn, y, tree, reduction="sum")
+    assert torch.isnan(grad[0, :, 1, 7]).all().item() == labelled
+    assert not torch.isnan(grad[0, :, 1, 8:]).any()
+
+
 @pytest.mark.parametrize("tiles", ["interpreter", "gpu_blocks"])  # not "gpu": conftest skips that keyword
 def test_tree_min_gradient_routes_ties_through_wide_fields(tiles, monkeypatch):
     """The tree-min gradient on a tree whose argmax fields take two words (one 6 bits wide), on logits that tie
