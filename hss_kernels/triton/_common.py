@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -102,23 +102,11 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def block_sizes(channels: int, pixels: int, interpret: bool) -> Tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_P, num_warps). All channels in one tile (padded to a power of two).
-
-    On a GPU: a 2048-value tile on 8 warps (8 values of a tile per thread). Compiled for sm_90 with the
-    runtime's specialisation (``python -m benchmarks.sm90``, B = 8, 1024x1024), no variant spills:
-    hierarchical softmax (128 x 16 tiles) 64-148 registers, tree-min (256 x 8) 97-247 (the most for the
-    backward on channels_last logits), tree BCE 32-64. Not yet tuned on a GPU.
-    The interpreter costs milliseconds per program whatever its size, so there a program takes up
-    to 1024 pixels.
-    """
-    block_c = triton.next_power_of_2(max(channels, 1))
-    if interpret:
-        block_p = min(max(triton.next_power_of_2(max(pixels, 1)), 16), 1024)
-        return block_c, block_p, 4
-    block_p = max(4, 2048 // block_c)
-    num_warps = 8 if block_c * block_p >= 2048 else 4
-    return block_c, block_p, num_warps
+def interpreter_pixels(pixels: int) -> int:
+    """Pixels per program under the interpreter, which costs milliseconds per program whatever its size:
+    the pixel count rounded up to a power of two, from 16 to 1024. (Compiled launches take each op's
+    ``gpu_blocks``.)"""
+    return min(max(triton.next_power_of_2(max(pixels, 1)), 16), 1024)
 
 
 def shape_args(x: torch.Tensor):
@@ -140,7 +128,7 @@ def flat_pixels(logits, *tensors) -> bool:
     return True
 
 def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, tables, scalars, *, loss_mode: int,
-                       loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE, blocks=None,
+                       blocks, loss=None, grad=None, grad_out=None, grad_mode: int = GRAD_NONE,
                        class_weight=None, pixel_weight=None, **constexprs):
     """Runs a loss kernel (``_hierarchical_softmax_kernel``, ``_tree_min_kernel``) once over all pixels, ``logits.shape[1]``
     channels per tile; returns (partials, counts, weight sums), the per-program loss sums, pixel counts and
@@ -155,7 +143,7 @@ def launch_loss_kernel(kernel, logits: torch.Tensor, target: torch.Tensor, table
     :func:`weight_args` makes them.
     """
     P, HW, Wd = shape_args(logits)
-    block_c, block_p, warps = blocks or block_sizes(logits.shape[1], P, interpreted(logits.device))
+    block_c, block_p, warps = blocks
     grid = (max(triton.cdiv(P, block_p), 1),)
     if constexprs.get("FLAT"):
         grid = (max(triton.cdiv(HW, block_p), 1), logits.shape[0])

@@ -244,9 +244,9 @@ def gpu_blocks(logits: torch.Tensor):
 
 def _blocks(logits: torch.Tensor):
     """(BLOCK_P, num_warps, VEC): :func:`gpu_blocks` when compiled; under the interpreter, which pays per
-    program and per operation, ``_common.block_sizes``' pixel block for one channel (up to 1024)."""
+    program and per operation, ``_common.interpreter_pixels`` pixels."""
     if _common.interpreted(logits.device):
-        return _common.block_sizes(1, _common.shape_args(logits)[0], True)[1], 4, 1
+        return _common.interpreter_pixels(_common.shape_args(logits)[0]), 4, 1
     return gpu_blocks(logits)
 
 
@@ -254,7 +254,7 @@ def _up_blocks(logits: torch.Tensor, pixels: int):
     """:func:`_blocks` of the fused upsampling over ``pixels`` output pixels: compiled, one pixel per thread
     (every value is four gathered loads, as the hierarchical softmax's upsampled forward)."""
     if _common.interpreted(logits.device):
-        return _common.block_sizes(1, pixels, True)[1], 4, 1
+        return _common.interpreter_pixels(pixels), 4, 1
     return 128, 4, 1
 
 

@@ -662,7 +662,6 @@ def _packs(logits, two_pass):
 
 
 @functools.lru_cache(maxsize=64)
-@functools.lru_cache(maxsize=64)
 def argmax_fields(depths):
     """The gradient's packed argmax fields (``_tree_min_kernel``'s ORD, WORD, SHIFT, MASK, NW) of a tree given by its
     nodes' depths in pre-order: ORD per node its 1-based ordinal among its siblings; per internal node (by its
@@ -713,11 +712,9 @@ def _tree_sizes(tree: Tree) -> List[int]:
 
 def _blocks(logits, two_pass, use_extrema=False):
     """(BLOCK_C, BLOCK_P, num_warps): :func:`gpu_blocks` when compiled; under the interpreter, which pays
-    per program and per operation, ``_common.block_sizes``' pixel block for one channel (up to 1024)."""
-    P = C.shape_args(logits)[0]
-    interp = C.block_sizes(1, P, C.interpreted(logits.device))
+    per program and per operation, one channel and ``_common.interpreter_pixels`` pixels."""
     if C.interpreted(logits.device):
-        return interp
+        return 1, C.interpreter_pixels(C.shape_args(logits)[0]), 4
     return gpu_blocks(logits, two_pass, use_extrema)
 
 

@@ -79,10 +79,7 @@ def test_tiles_follow_the_device(backend, device, monkeypatch):
     """Every kernel takes its tile sizes for its tensors' device: interpreter tiles for CPU tensors, the
     compiled kernels' (gpu_blocks) for CUDA tensors."""
     asked = []
-    block_sizes = C.block_sizes
-    monkeypatch.setattr(C, "block_sizes",
-                        lambda c, p, interpret: asked.append("interpreter" if interpret else "gpu")
-                        or block_sizes(c, p, interpret))
+    monkeypatch.setattr(C, "interpreter_pixels", lambda p, _f=C.interpreter_pixels: asked.append("interpreter") or _f(p))
     for mod in (triton_mod.tree_min, triton_mod.decode):
         monkeypatch.setattr(mod, "gpu_blocks", lambda *a, _f=mod.gpu_blocks, _m=mod.__name__: asked.append(_m) or _f(*a))
     tree = trees.load("cityscapes")
@@ -118,13 +115,6 @@ def test_decode_walks_the_tree_in_pre_order():
     x = torch.randn(1, 5, 2, 2)
     with pytest.raises(ValueError, match="walk has 26 nodes"):
         torch.ops.hss_triton.decode(x, triton_mod.decode._walk(trees.load("cityscapes"), False), 0, False, 255, [], False)
-
-
-def test_loss_tiles_hold_every_channel():
-    """The hierarchical softmax keeps all channels in one tile everywhere, with fewer pixels per GPU tile."""
-    for channels in (19, 66, 147):
-        gpu, interp = C.block_sizes(channels, 10_000, False), C.block_sizes(channels, 10_000, True)
-        assert gpu[0] == interp[0] >= channels and gpu[0] * gpu[1] <= 2048 < interp[0] * interp[1]
 
 
 def test_the_interpreter_leaves_triton_language_as_it_found_it():
