@@ -275,7 +275,8 @@ void up_backward_bands(const Upsample<A>& u, T* out, const int64_t* os, int64_t 
       const A* s = scratch.data() + b * ssn;
       A* ca = carry.data() + b * can + ((i % am) * u.w + j) * Vp;
       T* o = out + b * os[0] + i * os[2] + j * os[3];
-      for (int64_t c = 0; c < C; ++c) up_gather_band<A, T>(g, wd, i, j, bd.Y0, s + c, ssy, Vp, ca + c, o + c * os[1]);
+      for (int c0 = 0; c0 < C; c0 += 8)  // (8 consecutive channels at a time; per channel the CUDA kernel's sum)
+        up_gather_band<8, A, T>(g, wd, i, j, bd.Y0, s, ssy, Vp, ca, o, os[1], c0, 1, static_cast<int>(C));
     }
   }
 }

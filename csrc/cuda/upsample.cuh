@@ -20,13 +20,15 @@ namespace cuda {
 namespace {
 
 // up_gather_kernel's block: kUpGatherCh channels of one source pixel across a warp (the scratch's and the
-// carry's contiguous axis), kUpGatherPix source pixels per block.
+// carry's contiguous axis), kUpGatherPix source pixels per block; a thread sums kUpGatherK channels (c,
+// c + 32, ...) at once, the interpolation weights computed once for them.
 constexpr int kUpGatherCh = 32;
 constexpr int kUpGatherPix = 8;
+constexpr int kUpGatherK = 8;
 
 // The band [Y0, Y1)'s source pixels: ns = N x (I1 - I0) x w of them, bw = (I1 - I0) x w per image, from
 // source row I0; thread (c, p) of a block runs up_gather_band for channels c, c + kUpGatherCh, ... of one
-// pixel. out has the logits' strides (oN, oC, oh, ow).
+// pixel, kUpGatherK of them at a time. out has the logits' strides (oN, oC, oh, ow).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kUpGatherCh * kUpGatherPix)
 up_gather_kernel(const A* __restrict__ scratch, A* __restrict__ carry, T* __restrict__ out, UpsampleGeom<A> u,
@@ -39,8 +41,8 @@ up_gather_kernel(const A* __restrict__ scratch, A* __restrict__ carry, T* __rest
   const A* s = scratch + b * ssn;
   A* ca = carry + ((b * am + i % am) * u.w + j) * Vp;
   T* o = out + b * oN + i * oh + j * ow;
-  for (int c = threadIdx.x; c < C; c += kUpGatherCh)  // sm90: trips=cdiv(C, 32)
-    up_gather_band<A, T>(u, wd, i, j, Y0, s + c, u.W * Vp, Vp, ca + c, o + c * oC);
+  for (int c0 = threadIdx.x; c0 < C; c0 += kUpGatherCh * kUpGatherK)  // sm90: trips=cdiv(C, 256)
+    up_gather_band<kUpGatherK, A, T>(u, wd, i, j, Y0, s, u.W * Vp, Vp, ca, o, oC, c0, kUpGatherCh, C);
 }
 
 // Runs the banded backward of x's (N, C, h, w) logits to the target's (N, H, W) pixels into out (x's strides):

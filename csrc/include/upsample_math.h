@@ -215,28 +215,48 @@ HSS_HOST_DEVICE inline UpBandWindow up_band_window(const UpsampleGeom<A>& u, int
   return UpBandWindow{ys > Y0 ? ys : Y0, ye < Y1 ? ye : Y1, xs, xe, ys >= Y0, ye <= Y1};
 }
 
-// One channel of source pixel (i, j): the carried partial sum (*carry; 0 if the window starts in this band)
-// plus wy * wx * s[(Y - Y0) * ssy + X * ssx] over the band's part of its window, rows then columns; the sum
-// goes to *out if the window ends in this band, else back to *carry. The same sum, in the same order, as one
-// pass over the whole window: the same bits for any band height. CUDA's gather kernel and the CPU pixel path
-// both run it.
+// Channels c = c0 + k cs (k < K, c < C) of source pixel (i, j): per channel the carried partial sum
+// (carry[c]; 0 if the window starts in this band) plus wy * wx * s[(Y - Y0) * ssy + X * ssx + c] over the
+// band's part of its window, rows then columns (wy * wx computed once for the K channels); the sum goes to
+// out[c * oC] if the window ends in this band, else back to carry[c]. Per channel the same sum, in the same
+// order, as one pass over the whole window: the same bits for any band height and any K. CUDA's gather kernel
+// (32 channels of a pixel across a warp) and the CPU pixel path (consecutive channels) both run it.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
-template <typename A, typename T>
+template <int K, typename A, typename T>
 HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBandWindow& wd, int64_t i, int64_t j,
-                                           int64_t Y0, const A* s, int64_t ssy, int64_t ssx, A* carry, T* out) {
-  A a = wd.first ? A(0) : *carry;
+                                           int64_t Y0, const A* s, int64_t ssy, int64_t ssx, A* carry, T* out,
+                                           int64_t oC, int c0, int cs, int C) {
+  A a[K];
+  HSS_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const int c = c0 + k * cs;
+    a[k] = !wd.first && c < C ? carry[c] : A(0);
+  }
   for (int64_t Y = wd.ylo; Y < wd.yhi; ++Y) {  // sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
     const A wy = UpsampleGeom<A>::weight(u.ay, Y, i);
     const A* sy = s + (Y - Y0) * ssy;
-    for (int64_t X = wd.xlo; X < wd.xhi; ++X)  // sm90: trips=2 * W / w
-      a += (wy * UpsampleGeom<A>::weight(u.ax, X, j)) * sy[X * ssx];
+    for (int64_t X = wd.xlo; X < wd.xhi; ++X) {  // sm90: trips=2 * W / w
+      const A wyx = wy * UpsampleGeom<A>::weight(u.ax, X, j);
+      const A* sx = sy + X * ssx;
+      HSS_UNROLL
+      for (int k = 0; k < K; ++k) {
+        const int c = c0 + k * cs;
+        if (c < C) a[k] += wyx * sx[c];
+      }
+    }
   }
-  if (wd.last)
-    *out = static_cast<T>(a);
-  else
-    *carry = a;
+  HSS_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const int c = c0 + k * cs;
+    if (c < C) {
+      if (wd.last)
+        out[c * oC] = static_cast<T>(a[k]);
+      else
+        carry[c] = a[k];
+    }
+  }
 }
 
 }  // namespace hss
