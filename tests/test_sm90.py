@@ -400,14 +400,27 @@ def test_cuda_launches_of_the_fused_upsampling():
     up_nchw, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0, s)
     assert up_nchw.pattern == "hierarchical_softmax_fwd_kernelIffLb1ELb0EE"
     assert lanes.pattern == "hierarchical_softmax_fwd_lanes_kernelIffLb0EE"
-    # the gathering backwards: one thread per low-resolution pixel
-    (hb,) = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
-    assert (hb.kernel, hb.blocks, hb.threads, len(hb.params), hb.params[5]) == \
-        ("hierarchical_softmax_bwd_up_kernel", n // 256, 256, 18, n)
-    assert hb.pattern == "hierarchical_softmax_bwd_up_kernelIN3c108BFloat16EfLb0EE"
-    (tb,) = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
-    assert (tb.kernel, tb.threads, len(tb.params), tb.params[5]) == ("tree_min_bwd_up_kernel", 256, 19, N * 128 * 128)
+    # the banded backwards: per band a rows kernel (one thread per label pixel of the band), then the gather
+    hb, hg = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
+    _, hbands, _ = cuda_side.up_bands(N, 66, H // s, H, W, 4, 2)
+    assert (hb.kernel, hb.threads, len(hb.params), hb.launches) == \
+        ("hierarchical_softmax_up_rows_kernel", 256, 22, len(hbands))
+    assert hb.pattern == "hierarchical_softmax_up_rows_kernelIN3c108BFloat16EfLb0EE"
+    assert hg.pattern == "up_gather_kernelIN3c108BFloat16EfE" and hg.source == "hierarchical_softmax"
+    assert hb.blocks == sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in hbands)
+    # the banded tree backward: per band the rows kernel (one thread per label pixel of the band) and the gather
+    # (8 low-resolution pixels of 32 channels per block), each kernel's launches merged into one
+    tb, tg = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
+    rows, bands, am = cuda_side.up_bands(N, 147, H // 8, H, W, 4, 4)
+    assert (tb.kernel, tb.threads, len(tb.params), tb.launches) == ("tree_min_up_rows_kernel", 256, 23, len(bands))
+    assert tg.pattern == "up_gather_kernelIffE" and (tg.threads, len(tg.params), tg.launches) == (256, 17, len(bands))
     assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
+    assert sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in bands) == tb.blocks and tb.scalars["ROWS"] == rows
+    # the bands cover the label rows once and every low-resolution row; the scratch stays within 32 MiB
+    assert [b[0] for b in bands] == list(range(0, H, rows)) and bands[-1][1] == H
+    assert bands[0][2] == 0 and bands[-1][3] == H // 8 and all(b[2] <= c[2] for b, c in zip(bands, bands[1:]))
+    assert N * rows * W * 152 * 4 <= 32 << 20 < N * (rows + 1) * W * 152 * 4 and 1 <= am <= rows // 8 + 3
+    assert tg.blocks == sum(-(-(N * (b[3] - b[2]) * (W // 8)) // 8) for b in bands)
     # decode with size=: kUp, one thread per label pixel, the geometry last
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (N, 147, H, W), v2, 0.0, s)
     assert (dec.pattern, dec.blocks, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb1EE", N * H * W // 256, 13)

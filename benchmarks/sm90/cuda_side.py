@@ -9,8 +9,9 @@ the nvcc version and the venv's torch version.
 Launches: the host code cannot run here, so :func:`launches` restates what the host functions in the
 ``.cu`` files pass (grid, block, dynamic shared memory, scalar arguments) for the calls the public API
 makes (``reduction="mean"``, default options), with the logits at the labels' size or, with ``up`` > 1,
-at 1/up of it (``upsample="bilinear"``, ``align_corners=False``: the fused kernels, kUp and the gathering
-``*_bwd_up_kernel``). Parameter sizes are checked against the cubin's EIATTR_KPARAM_INFO, so a changed
+at 1/up of it (``upsample="bilinear"``, ``align_corners=False``: the fused kernels, kUp forwards and the banded
+backwards' rows kernels and ``up_gather_kernel``, their launches per band merged into one each as
+triton_side.coalesce merges Triton's). Parameter sizes are checked against the cubin's EIATTR_KPARAM_INFO, so a changed
 kernel signature is an error here rather than a silently wrong model.
 """
 from __future__ import annotations
@@ -161,6 +162,7 @@ class CudaLaunch:
     #                       bytes (a struct packed by the model)
     scalars: Dict[str, float] = field(default_factory=dict)  # named values for trip expressions
     dynamic_smem: int = 0
+    launches: int = 1  # launches of this kernel merged into this one (blocks: all of theirs), as triton_side.coalesce
 
     @property
     def pattern(self) -> str:
@@ -220,6 +222,59 @@ def upsample_geom(low_shape: Sequence[int], low_strides: Sequence[int], H: int, 
             + _axis(h, H, align_corners) + _axis(w, W, align_corners))
 
 
+UP_BWD_SCRATCH_BYTES = 32 << 20  # csrc/include/upsample_math.h kUpBwdScratchBytes
+UP_CHANNEL_PAD = 8  # kUpChannelPad
+UP_GATHER_CH, UP_GATHER_PIX = 32, 8  # csrc/cuda/upsample.cuh kUpGatherCh, kUpGatherPix
+
+
+def _up_window(n_in: int, n_out: int, i: int) -> Tuple[int, int]:
+    """UpsampleGeom::window (align_corners=False): the destination indices whose first source index is i - 1 or
+    i (the model's float64 stand-in for the kernels' float32 axis)."""
+    scale = n_in / n_out
+
+    def first(o):
+        return min(int(max(scale * (o + 0.5) - 0.5, 0.0)), n_in - 1)
+
+    def first_after(t):
+        lo, hi = 0, n_out
+        while lo < hi:
+            m = (lo + hi) // 2
+            if first(m) > t:
+                hi = m
+            else:
+                lo = m + 1
+        return lo
+    return first_after(i - 2), first_after(i)
+
+
+def up_bands(N: int, C: int, h: int, H: int, W: int, acc_bytes: int, logit_bytes: int):
+    """upsample_math.h up_band_rows and up_band_plan: (rows, [(Y0, Y1, I0, I1)], am) of the banded backward."""
+    vp = -(-C // UP_CHANNEL_PAD) * UP_CHANNEL_PAD
+    row = N * W * vp * acc_bytes
+    budget = min(UP_BWD_SCRATCH_BYTES, max(N * C * H * W * logit_bytes // 10, 1 << 20))
+    rows = max(1, min(H, budget // row if row else H))
+    win = [_up_window(h, H, i) for i in range(h)]
+
+    def mine(r, Y0, Y1):
+        lo, hi = win[r]
+        if lo < hi:
+            return lo < Y1 and hi > Y0
+        return Y0 <= min(lo, H - 1) < Y1
+
+    bands, am, i = [], 1, 0
+    for Y0 in range(0, H, rows):
+        Y1 = min(Y0 + rows, H)
+        while i < h and not mine(i, Y0, Y1):
+            i += 1
+        e = i
+        while e < h and mine(e, Y0, Y1):
+            e += 1
+        if e > i:
+            bands.append((Y0, Y1, i, e))
+            am = max(am, e - i)
+    return rows, bands, am
+
+
 def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int], tree,
              gamma: float, up: int = 1) -> List[CudaLaunch]:
     """The kernel launches of one pass as the host code in ``csrc/cuda`` makes them. ``shape`` is
@@ -277,11 +332,12 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                                THREADS,
                                [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, ug,
                                 NO_WEIGHTS, 0], scalars, group_smem_bytes(L)), finish_weighted(nb)]
-        if up > 1:  # one thread per low-resolution pixel, gathering its window (acc: float32, zeroed)
-            return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_up_kernel", T + A + kw,
-                               -(-n // THREADS), THREADS,
-                               [None, gg, None, sC, ug, n, None, gt, P, L, D, None, None, eps, ignore, None, None,
-                                NO_WEIGHTS], scalars, group_smem_bytes(L))]
+        if up > 1:  # banded (csrc/cuda/upsample.cuh): per band the rows kernel, then the gather
+            return up_bwd_launches(
+                "hierarchical_softmax", "hierarchical_softmax_up_rows_kernel", T + A + kw, THREADS,
+                group_smem_bytes(L), low, xs, H, W, _DT[dtype][1],
+                lambda bp, nq, ssn, vp: [None, gg, None, sC, ug, 0, bp, nq, None, gt, P, L, D, None, None, eps, ignore,
+                                         None, None, ssn, vp, NO_WEIGHTS], scalars, T)
         return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A + kw, nb, THREADS,
                            [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None, NO_WEIGHTS],
                            scalars, group_smem_bytes(L))]
@@ -310,10 +366,11 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         while threads > 32 and tree_smem_bytes(V, D, threads, extrema, True) > DEFAULT_SMEM:
             threads //= 2
         smem = tree_smem_bytes(V, D, threads, extrema, True)
-        if up > 1:
-            return [CudaLaunch("tree_min", "tree_min_bwd_up_kernel", T + A + NO_KW, -(-n // threads), threads,
-                               [None, gg, None, sC, ug, n, None, gt, None, V, L, D, None, gamma, eps, ignore, extrema,
-                                None, NO_WEIGHTS], scalars, smem)]
+        if up > 1:  # banded (csrc/cuda/upsample.cuh): per band the rows kernel, then the gather
+            return up_bwd_launches(
+                "tree_min", "tree_min_up_rows_kernel", T + A + NO_KW, threads, smem, low, xs, H, W, _DT[dtype][1],
+                lambda bp, nq, ssn, vp: [None, gg, None, sC, ug, 0, bp, nq, None, gt, None, V, L, D, None, gamma, eps,
+                                         ignore, extrema, None, ssn, vp, NO_WEIGHTS], scalars, T)
         if not extrema:
             # tree_bce_bwd_group_kernel<T, A, kF, kVec, kW>: G pixels per thread as the forward, the node table only
             G = 16 // _DT[dtype][1]
@@ -355,6 +412,29 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                            [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3], ignore, ug],
                            {"P": P, "C": C, "L": L, "D": D, **sizes})]
     raise ValueError(op)
+
+
+def up_bwd_launches(source: str, rows_kernel: str, template: str, threads: int, smem: int, low, xs, H: int, W: int,
+                    logit_bytes: int, rows_params, scalars: Dict[str, float], T: str) -> List[CudaLaunch]:
+    """The banded upsampled backward (upsample.cuh up_backward_bands): per band, the op's rows kernel over the
+    band's destination pixels and up_gather_kernel over its source pixels; the launches of each kernel merged
+    into one (blocks summed, ``launches`` their number: the same compiled code, the count per thread unchanged
+    but for the last band's size). rows_params(bp, nq, ssn, Vp): the rows kernel's parameters for a full band."""
+    N, C, h, w = low
+    ug = upsample_geom(low, xs, H, W)
+    rows, bands, am = up_bands(N, C, h, H, W, 4, logit_bytes)
+    vp = -(-C // UP_CHANNEL_PAD) * UP_CHANNEL_PAD
+    ssn = rows * W * vp
+    bp = rows * W
+    rb = sum(-(-(N * (Y1 - Y0) * W) // threads) for Y0, Y1, _, _ in bands)
+    gb = sum(-(-(N * (I1 - I0) * w) // UP_GATHER_PIX) for _, _, I0, I1 in bands)
+    bw = max(I1 - I0 for _, _, I0, I1 in bands) * w
+    sc = {**scalars, "ROWS": rows, "bands": len(bands)}
+    return [CudaLaunch(source, rows_kernel, template, rb, threads, rows_params(bp, N * bp, ssn, vp), sc, smem,
+                       len(bands)),
+            CudaLaunch(source, "up_gather_kernel", T + "f", gb, UP_GATHER_CH * UP_GATHER_PIX,
+                       [None, None, None, ug, 0, rows, 0, N * bw, bw, C, vp, ssn, am, xs[0], xs[1], xs[2], xs[3]],
+                       sc, 0, len(bands))]
 
 
 def op_source(op: str) -> str:

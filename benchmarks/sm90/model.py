@@ -313,7 +313,9 @@ class Context:
             kernels.append(Kernel(name, an.instructions, threads, threads // 32, an, res.get(name, {}),
                                   launch.dynamic_smem, {"grid": [launch.blocks], "block": [launch.threads],
                                                         "dynamic_shared": launch.dynamic_smem,
-                                                        "scalars": launch.scalars}))
+                                                        "scalars": launch.scalars,
+                                                        **({"launches": launch.launches}
+                                                           if launch.launches > 1 else {})}))
         return self._row(op, "cuda", dtype, pass_, layout, kernels, tree, C, up)
 
     def _row(self, op, backend, dtype, pass_, layout, kernels, tree, C, up=1, weights="none") -> Row:

@@ -461,8 +461,8 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
     }
     emit(i0, n, offs, gtile);
   };
-  if (up && forced)  // what the CUDA kernels run: one source pixel at a time
-    cpu::gather_upsampled_pixels<A>(*up, acc, 0, [&](A*) {
+  if (up && forced)  // what the CUDA kernels run: banded, each row once, then gathered
+    cpu::up_backward_bands<T, A>(*up, y_out, out.strides().data(), 0, [&](A*) {
       return HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups>{{x, sC, up->geom, tgt, gt, gp, gg}, L, D,
                                                                LeafGroups{group, L}, w, eps, ignore_index, st, P, wts};
     });
@@ -496,10 +496,12 @@ at::Tensor hierarchical_softmax_bwd_cpu(const at::Tensor& grad, const at::Tensor
       return;
     }
     const cpu::Upsample<A> up(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
-    at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
+    // the banded pixel path (cpu::up_backward_bands) writes out itself; the row runs scatter into acc
+    const bool banded = cpu::pixel_path_forced();
+    at::Tensor acc = banded ? at::Tensor() : at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
     hierarchical_softmax_bwd_cpu_impl<scalar_t>(grad, x, target, stats, leaf_group, level_weights, eps, ignore_index,
-                                                wts, out, &up, acc.data_ptr<A>());
-    out.copy_(acc);
+                                                wts, out, &up, banded ? nullptr : acc.data_ptr<A>());
+    if (!banded) out.copy_(acc);
   });
   return out;
 }

@@ -240,20 +240,43 @@ void for_each_upsampled_run(const T* x, const Upsample<A>& u, const PixelGeom& g
   }
 }
 
-// The per-pixel path's backward with upsampling (HSS_CPU_PIXEL_PATH=1): what the CUDA kernels run, one
-// source pixel at a time (upsample_math.h's gather_source_pixel); make_row(scratch) gives the op's
-// *UpsampledRow over a thread's scratch_size values; acc (N, C, h, w) contiguous, zero.
-template <typename A, typename MakeRow>
-void gather_upsampled_pixels(const Upsample<A>& u, A* acc, int64_t scratch_size, const MakeRow& make_row) {
-  const int64_t lo = u.h * u.w, n = u.N * lo;
-#pragma omp parallel if (n > 1)
-  {
-    std::vector<A> scratch(scratch_size + 1);
-    const auto row = make_row(scratch.data());
+// The banded backward with upsampling as the CUDA kernels run it (HSS_CPU_PIXEL_PATH=1; upsample_math.h):
+// per band of destination rows, make_row(scratch)'s row(q, StoreOut) of every pixel of the band into the
+// band's scratch [N, rows, W, Vp], then up_gather_band for every source pixel of the band's source rows and
+// every channel, onto out (the logits' type and strides, os[0..3]; written once per element) or the carry.
+template <typename T, typename A, typename MakeRow>
+void up_backward_bands(const Upsample<A>& u, T* out, const int64_t* os, int64_t scratch_size,
+                       const MakeRow& make_row) {
+  const UpsampleGeom<A>& g = u.geom;
+  const int64_t C = u.C, Vp = up_channels_padded(C);
+  const int64_t rows = up_band_rows(u.N, C, u.H, u.W, sizeof(A), sizeof(T));
+  int64_t am = 1;
+  const std::vector<UpBand> bands = up_band_plan(g, rows, &am);
+  std::vector<A> scratch(static_cast<size_t>(u.N * rows * u.W * Vp));
+  std::vector<A> carry(static_cast<size_t>(u.N * am * u.w * Vp));
+  const int64_t ssn = rows * u.W * Vp, ssy = u.W * Vp, can = am * u.w * Vp;
+  for (const UpBand& bd : bands) {
+    const int64_t bp = (bd.Y1 - bd.Y0) * u.W, nq = u.N * bp;
+#pragma omp parallel if (nq > 1)
+    {
+      std::vector<A> scr(scratch_size + 1);
+      const auto row = make_row(scr.data());
 #pragma omp for schedule(static)
-    for (int64_t q = 0; q < n; ++q) {
-      const int64_t b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
-      gather_source_pixel(u.geom, b, i, j, acc + b * u.C * lo + r, lo, row);
+      for (int64_t t = 0; t < nq; ++t) {
+        const int64_t b = t / bp, r = t - b * bp;
+        row((b * u.H + bd.Y0) * u.W + r, StoreOut<A>{scratch.data() + b * ssn + r * Vp});
+      }
+    }
+    const int64_t bw = (bd.I1 - bd.I0) * u.w, ns = u.N * bw;
+#pragma omp parallel for schedule(static) if (ns > 1)
+    for (int64_t t = 0; t < ns; ++t) {
+      const int64_t b = t / bw, r = t - b * bw, i = bd.I0 + r / u.w, j = r - (r / u.w) * u.w;
+      const UpBandWindow wd = up_band_window(g, i, j, bd.Y0, bd.Y1);
+      const A* s = scratch.data() + b * ssn;
+      A* ca = carry.data() + b * can + ((i % am) * u.w + j) * Vp;
+      T* o = out + b * os[0] + i * os[2] + j * os[3];
+      for (int c0 = 0; c0 < C; c0 += 8)  // (8 consecutive channels at a time; per channel the CUDA kernel's sum)
+        up_gather_band<8, A, T>(g, wd, i, j, bd.Y0, s, ssy, Vp, ca, o, os[1], c0, 1, static_cast<int>(C));
     }
   }
 }

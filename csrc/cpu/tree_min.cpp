@@ -799,9 +799,9 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
     else
       cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
   };
-  if (up && cpu::pixel_path_forced()) {  // what the CUDA kernels run: one source pixel at a time
+  if (up && cpu::pixel_path_forced()) {  // what the CUDA kernels run: banded, each row once, then gathered
     const int words = tree_bit_words(V);
-    cpu::gather_upsampled_pixels<A>(*up, acc, (D + 1) + words, [&](A* scr) {
+    cpu::up_backward_bands<T, A>(*up, y_out, out.strides().data(), (D + 1) + words, [&](A* scr) {
       return TreeMinUpsampledRow<T, A, NodeTable<A>, cpu::Scratch<A>, cpu::Scratch<uint32_t>>{
           {xp, sC, up->geom, tgt, gt, gp, gg}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{scr},
           cpu::Scratch<uint32_t>{reinterpret_cast<uint32_t*>(scr + D + 1)}, ti, k, gamma, eps, ignore_index, extrema, w};
@@ -832,10 +832,12 @@ at::Tensor tree_min_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, co
       return;
     }
     const cpu::Upsample<A> up(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
-    at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
+    // the banded pixel path (cpu::up_backward_bands) writes out itself; the row passes scatter into acc
+    const bool banded = cpu::pixel_path_forced();
+    at::Tensor acc = banded ? at::Tensor() : at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
     tree_min_bwd_cpu_impl<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index,
-                                    extrema, out, w, &up, acc.data_ptr<A>());
-    out.copy_(acc);
+                                    extrema, out, w, &up, banded ? nullptr : acc.data_ptr<A>());
+    if (!banded) out.copy_(acc);
   });
   return out;
 }

@@ -1,18 +1,20 @@
 // Hierarchical softmax loss (docs/MATH.md §2): the CUDA implementation of hierarchical_softmax_fwd and
-// hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). On NCHW logits (float32/float16/
-// bfloat16, trees up to 4 deep) a thread owns V = 16 / sizeof(T) neighbouring pixels (the *_lanes
-// kernels below, docs/MATH.md §2.9); otherwise one thread per pixel runs the per-pixel code of
-// hierarchical_softmax_math.h. float32 accumulation for float16/bfloat16/float32 logits, float64 for
-// float64. With fused upsampling (kUp) the forward reads each channel from four source values
-// (upsample_math.h) and the backward runs one thread per source pixel, gathering the gradient rows of
-// the destination pixels whose stencil holds it. Class and pixel weights (common.h PixelWeights, docs/MATH.md
-// §6.6): every forward kernel multiplies a labelled pixel's loss by its weight and, with class weights, sums
-// them for the "mean" (finish_weighted_kernel); every backward kernel multiplies its upstream gradient. Every
-// kernel has a compile-time kW, chosen on the host (with_weights): kW false, the instantiation of a call
-// without weights, compiles the weight code out (its PixelWeights argument is passed but never read).
+// hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). On NCHW logits (float32/float16/bfloat16,
+// trees up to 4 deep) a thread owns V = 16 / sizeof(T) neighbouring pixels (the *_lanes kernels below,
+// docs/MATH.md §2.9); otherwise one thread per pixel runs the per-pixel code of hierarchical_softmax_math.h.
+// float32 accumulation for float16/bfloat16/float32 logits, float64 for float64. With fused upsampling (kUp) the
+// forward reads each channel from four source values (upsample_math.h) and the backward runs band by band
+// (upsample.cuh): each destination pixel's gradient row once into a scratch
+// (hierarchical_softmax_up_rows_kernel), then gathered onto the source pixels. Class and pixel weights (common.h
+// PixelWeights, docs/MATH.md §6.6): every forward kernel multiplies a labelled pixel's loss by its weight and,
+// with class weights, sums them for the "mean" (finish_weighted_kernel); every backward kernel multiplies its
+// upstream gradient. Every kernel has a compile-time kW, chosen on the host (with_weights): kW false, the
+// instantiation of a call without weights, compiles the weight code out (its PixelWeights argument is passed but
+// never read).
 #include "checks.h"
 #include "common.cuh"
 #include "hierarchical_softmax_math.h"
+#include "upsample.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -113,23 +115,24 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
                         static_cast<int>(y), w, eps, st + i, P, kW ? g * wts.at(i, y) : g);
 }
 
-// Fused upsampling: one thread per source pixel q of the (N, L, h, w) logits, its L gradient values in acc
-// ((N, L, h, w) contiguous, zero) gathered from the destination pixels around it.
+// Fused upsampling, the banded backward's rows kernel (upsample.cuh): one thread per destination pixel of the
+// band [Y0, Y0 + bp / W) of every image (nq = N bp threads), its gradient row written to the scratch (zeros
+// for an ignored pixel, NaN for a bad label).
 template <typename T, typename A, bool kW>
 __global__ void __launch_bounds__(kThreads)
-hierarchical_softmax_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
-                                   UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
-                                   int64_t P, int L, int D, const int32_t* __restrict__ group, const A* __restrict__ w,
-                                   A eps, int64_t ignore_index, const A* __restrict__ st, A* __restrict__ acc,
-                                   PixelWeights<A> wts) {
+hierarchical_softmax_up_rows_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
+                                    UpsampleGeom<A> u, int64_t Y0, int64_t bp, int64_t nq,
+                                    const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
+                                    const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
+                                    int64_t ignore_index, const A* __restrict__ st, A* __restrict__ scratch,
+                                    int64_t ssn, int64_t Vp, PixelWeights<A> wts) {
   const SharedGroups groups = load_groups(group, L, D);
-  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (q >= n) return;
-  const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
-  gather_source_pixel(u, b, i, j, acc + b * L * lo + r, lo,
-                      HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups, kW>{{x, sC, u, tgt, gt, grad, gg}, L, D,
-                                                                              groups, w, eps, ignore_index, st, P,
-                                                                              wts});
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= nq) return;
+  const int64_t b = t / bp, r = t - b * bp;
+  HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups, kW>{{x, sC, u, tgt, gt, grad, gg}, L, D, groups, w, eps,
+                                                          ignore_index, st, P, wts}(
+      (b * u.H + Y0) * u.W + r, StoreOut<A>{scratch + b * ssn + r * Vp});
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -459,19 +462,22 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
     with_weights(wts.any(), [&](auto weighted) {
       constexpr bool kW = decltype(weighted)::value;
       if (upsample) {
-        const auto kernel = hierarchical_softmax_bwd_up_kernel<scalar_t, A, kW>;
+        const auto kernel = hierarchical_softmax_up_rows_kernel<scalar_t, A, kW>;
         const size_t smem = group_smem_bytes(x.size(1));
         allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
-        at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
-        const int64_t n = x.size(0) * x.size(2) * x.size(3);
-        kernel<<<num_blocks(n, kThreads), kThreads, smem, stream>>>(
-            grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1),
-            UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners),
-            n, target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
-            level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), acc.data_ptr<A>(),
-            wts);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        out.copy_(acc);
+        const UpsampleGeom<A> u =
+            UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
+        up_backward_bands<scalar_t, A>(
+            x, target, out, align_corners, "hierarchical_softmax_loss", stream,
+            [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t Vp) {
+              const int64_t bp = (bd.Y1 - bd.Y0) * u.W, nq = x.size(0) * bp;
+              kernel<<<num_blocks(nq, kThreads), kThreads, smem, stream>>>(
+                  grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1), u, bd.Y0, bp, nq,
+                  target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
+                  level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), scratch, ssn,
+                  Vp, wts);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
         return;
       }
       if constexpr (sizeof(scalar_t) <= 4) {

@@ -13,13 +13,16 @@
 //   and their 2 bits per node, packed 16 nodes and two pixels to a 32-bit word, in shared memory laid out
 //   (slot or word, thread). bfloat16 logits: the bottom-up pass on bfloat16 pairs (VecCol / LaneCols
 //   load_pairs).
-// * The upsampled tree-min / tree BCE backward: one thread per source pixel, its destination pixels one at
-//   a time (tree_backward_pixel), its D + 1 per-depth values in shared memory laid out (depth, thread) and
-//   its 2 bits per node packed in 32-bit words, laid out (word, thread).
+// * The upsampled tree-min / tree BCE backward: banded (upsample.cuh); per band of destination rows,
+//   tree_min_up_rows_kernel, one thread per destination pixel (tree_backward_pixel), its D + 1 per-depth
+//   values in shared memory laid out (depth, thread) and its 2 bits per node packed in 32-bit words, laid
+//   out (word, thread), writes each pixel's gradient row once to a scratch; up_gather_kernel adds the rows
+//   onto the source pixels.
 // Every kernel but the upsampled ones is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with
 // eps 0, or any), picked from the call's options. With fused upsampling (kUp) the forward runs one pixel
-// per thread and reads each channel from four source values (upsample_math.h), and the backward runs one
-// thread per source pixel, gathering the gradient rows of the destination pixels whose stencil holds it.
+// per thread and reads each channel from four source values (upsample_math.h), and the backward runs band
+// by band: each destination pixel's gradient row once, then gathered onto the source pixels whose stencil
+// weights it (upsample.cuh).
 // Class and pixel weights (docs/MATH.md §6.6) are fused into every kernel: the forwards multiply a labelled
 // pixel's loss by cw[y] * pw[p] and, with class weights, sum cw[y] into a third per-block partial (the
 // weighted mean's denominator); the backwards multiply its upstream gradient by the same weight. pw is read
@@ -29,6 +32,7 @@
 #include "checks.h"
 #include "common.cuh"
 #include "tree_min_math.h"
+#include "upsample.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -418,30 +422,31 @@ tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
   }
 }
 
-// Fused upsampling: one thread per source pixel q of the (N, V, h, w) logits, its V gradient values in acc
-// ((N, V, h, w) contiguous, zero) gathered from the destination pixels around it; shared memory: the node
-// table, then D + 1 slots and tree_bit_words(V) words per thread, laid out (slot or word, thread)
-// (tree_smem_bytes).
+// Fused upsampling, the banded backward's rows kernel (upsample.cuh): one thread per destination pixel of the
+// band [Y0, Y0 + bp / W) of every image (nq = N bp threads), its gradient row (tree_backward_pixel through
+// TreeMinUpsampledRow, the channels interpolated as the fused forward reads them) written to the scratch,
+// zeros for an ignored pixel; shared memory: the node table, then D + 1 slots and tree_bit_words(V) words per
+// thread, laid out (slot or word, thread) (tree_smem_bytes).
 template <typename T, typename A, bool kW>
-__global__ void tree_min_bwd_up_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
-                                       UpsampleGeom<A> u, int64_t n, const int64_t* __restrict__ tgt, PixelGeom gt,
-                                       const int32_t* __restrict__ tree_index, int V, int L, int D,
-                                       const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema,
-                                       A* __restrict__ acc, PixelWeights<A> w) {
+__global__ void tree_min_up_rows_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
+                                        int64_t sC, UpsampleGeom<A> u, int64_t Y0, int64_t bp, int64_t nq,
+                                        const int64_t* __restrict__ tgt, PixelGeom gt,
+                                        const int32_t* __restrict__ tree_index, int V, int L, int D,
+                                        const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema,
+                                        A* __restrict__ scratch, int64_t ssn, int64_t Vp, PixelWeights<A> w) {
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
-  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (q >= n) return;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= nq) return;
   const int threads = static_cast<int>(blockDim.x);
   A* acc0 = reinterpret_cast<A*>(smem + node_table_bytes<A>(V));
   uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
-  const int64_t lo = u.h * u.w, b = q / lo, r = q - b * lo, i = r / u.w, j = r - i * u.w;
-  gather_source_pixel(u, b, i, j, acc + b * V * lo + r, lo,
-                      TreeMinUpsampledRow<T, A, NodeTable<A>, SharedCol<A>, SharedCol<uint32_t>, kW>{
-                          {x, sC, u, tgt, gt, grad, gg}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
-                          SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, ti, k, gamma, eps, ignore_index,
-                          extrema, w});
+  const int64_t b = t / bp, r = t - b * bp;
+  TreeMinUpsampledRow<T, A, NodeTable<A>, SharedCol<A>, SharedCol<uint32_t>, kW>{
+      {x, sC, u, tgt, gt, grad, gg}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
+      SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, ti, k, gamma, eps, ignore_index, extrema,
+      w}((b * u.H + Y0) * u.W + r, StoreOut<A>{scratch + b * ssn + r * Vp});
 }
 
 // The group kernel for one dtype: its focal mode, extrema, kVec and kW picked from the call.
@@ -572,18 +577,21 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
     while (threads > 32 && tree_smem_bytes<A>(V, D, threads, extrema, true) > kDefaultSmem) threads /= 2;
     const size_t smem = tree_smem_bytes<A>(V, D, threads, extrema, true);
     if (upsample) {
-      auto kernel = w.any() ? tree_min_bwd_up_kernel<scalar_t, A, true> : tree_min_bwd_up_kernel<scalar_t, A, false>;
+      auto kernel = w.any() ? tree_min_up_rows_kernel<scalar_t, A, true> : tree_min_up_rows_kernel<scalar_t, A, false>;
       allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
-      at::Tensor acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x)));
-      const int64_t n = x.size(0) * x.size(2) * x.size(3);
-      kernel<<<num_blocks(n, threads), threads, smem, stream>>>(
-          grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1),
-          UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners),
-          n, target.data_ptr<int64_t>(), geom(target), tree_index.data_ptr<int32_t>(), V, L, D,
-          node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema,
-          acc.data_ptr<A>(), w);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      out.copy_(acc);
+      const UpsampleGeom<A> u =
+          UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
+      up_backward_bands<scalar_t, A>(
+          x, target, out, align_corners, extrema ? "tree_min_loss" : "tree_bce_loss", stream,
+          [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t Vp) {
+            const int64_t bp = (bd.Y1 - bd.Y0) * u.W, nq = x.size(0) * bp;
+            kernel<<<num_blocks(nq, threads), threads, smem, stream>>>(
+                grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1), u, bd.Y0, bp, nq,
+                target.data_ptr<int64_t>(), geom(target), tree_index.data_ptr<int32_t>(), V, L, D,
+                node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema,
+                scratch, ssn, Vp, w);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
       return;
     }
     // the focal mode of the options (tree_min_math.h: focal_k)

@@ -390,10 +390,10 @@ HSS_HOST_DEVICE inline unsigned hierarchical_softmax_backward_pixels(const X& x,
   return far;
 }
 
-// With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
-// its gradient row from the interpolated logits handed to out (an AddOut). A labelled pixel's upstream
-// gradient is multiplied by its weight (common.h PixelWeights, read at the destination pixel q); kW false
-// compiles the weights out (a call without them: weights is then never read).
+// With fused upsampling (upsample_math.h): the backward of destination pixel q for the banded backward,
+// its gradient row from the interpolated logits written to out (a StoreOut; label() writes an unlabelled
+// row). A labelled pixel's upstream gradient is multiplied by its weight (common.h PixelWeights, read at the
+// destination pixel q); kW false compiles the weights out (a call without them: weights is then never read).
 template <typename T, typename A, typename G, bool kW = true>
 struct HierarchicalSoftmaxUpsampledRow {
   UpsampledPixels<T, A> px;

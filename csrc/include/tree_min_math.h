@@ -845,11 +845,11 @@ HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, 
   }
 }
 
-// With fused upsampling (upsample_math.h): the backward of destination pixel q for gather_source_pixel,
-// its gradient row from the interpolated logits handed to out (an AddOut). acc and bits: the calling
-// thread's scratch. w: the class and pixel weights, pw read at the destination (target) pixel q; the
-// pixel's upstream gradient is multiplied by its weight; kW false (a CUDA instantiation for unweighted calls)
-// compiles the weights out.
+// With fused upsampling (upsample_math.h): the backward of destination pixel q for the banded backward,
+// its gradient row from the interpolated logits written to out (a StoreOut; label() writes an unlabelled
+// row). acc and bits: the calling thread's scratch. w: the class and pixel weights, pw read at the
+// destination (target) pixel q; the pixel's upstream gradient is multiplied by its weight; kW false (a CUDA
+// instantiation for unweighted calls) compiles the weights out.
 template <typename T, typename A, typename N, typename S, typename B, bool kW = true>
 struct TreeMinUpsampledRow {
   UpsampledPixels<T, A> px;

@@ -2,10 +2,15 @@
 // (HSS_CPU_PIXEL_PATH=1) and in the CUDA kernels: the logits are (N, C, h, w), the pixels (N, H, W).
 //
 // Forward: a destination pixel's channels are read through BilinearCol, four source values per channel.
-// Backward, deterministic without atomics: the gradient of one source pixel (b, i, j) gathers, in a fixed
-// order, the gradient rows of the destination pixels whose stencil holds it (gather_source_pixel), each
-// row computed by the op's per-pixel backward with AddOut as its output.
+// Backward, deterministic without atomics, banded: over bands of destination rows [Y0, Y1) (up_band_plan),
+// each destination pixel's gradient row is computed once by the op's per-pixel backward into a scratch
+// [N, rows, W, Vp] (the op's *UpsampledRow with StoreOut as its output), then up_gather_band adds it onto the
+// source pixels in the order (Y, X), carrying the partial sums of the source rows whose window goes on past
+// the band (docs/MATH.md §6.3).
 #pragma once
+
+#include <cstdlib>
+#include <vector>
 
 #include "common.h"
 
@@ -98,13 +103,12 @@ HSS_HOST_DEVICE inline BilinearCol<T, A> bilinear_col(const T* x, int64_t sC, co
   return BilinearCol<T, A>{x + st.o00, sC, st.dx, st.dy, st.lx, st.ly};
 }
 
-// out(c, v) of a per-pixel backward: adds w v to channel c of one source pixel's gradient.
+// out(c, v) of a per-pixel backward into the banded scratch: writes channel c of one destination pixel's
+// gradient row (stride 1 in the scratch); an ignored pixel's row is written as zeros (UpsampledPixels::label).
 template <typename A>
-struct AddOut {
+struct StoreOut {
   A* p;
-  int64_t s;
-  A w;
-  HSS_HOST_DEVICE void operator()(int c, A v) const { p[c * s] += w * v; }
+  HSS_HOST_DEVICE void operator()(int c, A v) const { p[c] = v; }
 };
 
 // What every op's backward row reads of a destination pixel q with fused upsampling: the low-resolution
@@ -121,35 +125,136 @@ struct UpsampledPixels {
 
   HSS_HOST_DEVICE BilinearCol<T, A> logits(int64_t q) const { return bilinear_col<T, A>(x, sC, u.stencil(q)); }
   HSS_HOST_DEVICE A grad_of(int64_t q) const { return grad[gg.offset(q)]; }
-  // Pixel q's label when its row is to be computed; otherwise -1, having added what the composition's
-  // gradient holds there: nothing for an ignored pixel, NaN to each of the C channels for a bad label.
+  // Pixel q's label when its row is to be computed; otherwise -1, having written the row the composition's
+  // gradient holds there to the C channels: 0 for an ignored pixel, NaN for a bad label.
   template <typename O>
   HSS_HOST_DEVICE int label(int64_t q, int64_t L, int64_t ignore_index, int C, const O& out) const {
     const int64_t y = tgt[gt.offset(q)];
     const LabelKind kind = label_kind(y, L, ignore_index);
-    if (kind == kLabelBad)
-      for (int c = 0; c < C; ++c) out(c, quiet_nan<A>());  // sm90: trips=0
+    if (kind != kLabelValid) {  // sm90: cold
+      const A v = kind == kLabelBad ? quiet_nan<A>() : A(0);
+      for (int c = 0; c < C; ++c) out(c, v);  // sm90: trips=C
+    }
     return kind == kLabelValid ? static_cast<int>(y) : -1;
   }
 };
 
-// The gradient of source pixel (b, i, j), channel c at acc[c * s] (already zero): for every destination
-// pixel q whose stencil holds it, rows first, then columns, grad_of(q, AddOut{acc, s, weight}) adds that
-// pixel's gradient row times its weight. A fixed order: the same bits whatever the threads.
+// ---- the banded backward ----
+// A band: destination rows [Y0, Y1) and the source rows [I0, I1) whose gradient up_gather_band adds them to
+// (the rows whose window meets the band; a row with an empty window goes with the band of its window's start).
+struct UpBand {
+  int64_t Y0, Y1, I0, I1;
+};
+
+// The scratch of a band: [N, rows, W, Vp] in the accumulation type, channels innermost (padded to a multiple
+// of kUpChannelPad, 32 bytes of float) so that a warp's channels of one pixel are contiguous. At most
+// kUpBwdScratchBytes (to stay in an H100's 50 MB L2 between the two kernels of a band) and a tenth of the
+// full-resolution logits (at least 1 MiB); at least one row. HSS_UP_BAND_ROWS=<n> (n >= 1) sets the rows
+// per band instead (the tests force small bands with it: the result is the same bits for any band height).
+constexpr int64_t kUpBwdScratchBytes = int64_t(32) << 20;
+constexpr int64_t kUpChannelPad = 8;
+
+inline int64_t up_channels_padded(int64_t C) { return (C + kUpChannelPad - 1) / kUpChannelPad * kUpChannelPad; }
+
+inline int64_t up_band_rows(int64_t N, int64_t C, int64_t H, int64_t W, int64_t acc_bytes, int64_t logit_bytes) {
+  if (const char* v = std::getenv("HSS_UP_BAND_ROWS")) {
+    char* end = nullptr;
+    const long long r = std::strtoll(v, &end, 10);
+    if (end != v && *end == '\0' && r >= 1) return r < H ? static_cast<int64_t>(r) : (H > 0 ? H : 1);
+  }
+  const int64_t row = N * W * up_channels_padded(C) * acc_bytes;
+  int64_t budget = N * C * H * W * logit_bytes / 10;
+  if (budget < (int64_t(1) << 20)) budget = int64_t(1) << 20;
+  if (budget > kUpBwdScratchBytes) budget = kUpBwdScratchBytes;
+  int64_t rows = row > 0 ? budget / row : H;
+  if (rows > H) rows = H;
+  return rows < 1 ? 1 : rows;
+}
+
+// The bands of rows destination rows each, in order, and (am) the most source rows of one band: the carry's
+// height (the rows a band leaves open are distinct modulo am). Host code, once per call.
+template <typename A>
+inline std::vector<UpBand> up_band_plan(const UpsampleGeom<A>& u, int64_t rows, int64_t* am) {
+  std::vector<int64_t> lo(u.h), hi(u.h);
+  for (int64_t i = 0; i < u.h; ++i) UpsampleGeom<A>::window(u.ay, u.H, i, lo[i], hi[i]);
+  std::vector<UpBand> bands;
+  *am = 1;
+  int64_t i = 0;
+  for (int64_t Y0 = 0; Y0 < u.H; Y0 += rows) {
+    const int64_t Y1 = Y0 + rows < u.H ? Y0 + rows : u.H;
+    const auto mine = [&](int64_t r) {
+      if (lo[r] < hi[r]) return lo[r] < Y1 && hi[r] > Y0;
+      const int64_t anchor = lo[r] < u.H - 1 ? lo[r] : u.H - 1;
+      return anchor >= Y0 && anchor < Y1;
+    };
+    while (i < u.h && !mine(i)) ++i;
+    int64_t e = i;
+    while (e < u.h && mine(e)) ++e;
+    if (e > i) {
+      bands.push_back(UpBand{Y0, Y1, i, e});
+      if (e - i > *am) *am = e - i;
+    }  // (the rows meeting a band are one run, and its start never moves back: the next scan starts at i)
+  }
+  return bands;
+}
+
+// Source row i's part of band [Y0, Y1): its window of destination rows clipped to the band, the window of
+// destination columns of column j, whether no earlier band held a row of the window (first) and whether the
+// window ends in this band (last).
+struct UpBandWindow {
+  int64_t ylo, yhi, xlo, xhi;
+  bool first, last;
+};
+
+template <typename A>
+HSS_HOST_DEVICE inline UpBandWindow up_band_window(const UpsampleGeom<A>& u, int64_t i, int64_t j, int64_t Y0,
+                                                   int64_t Y1) {
+  int64_t ys, ye, xs, xe;
+  UpsampleGeom<A>::window(u.ay, u.H, i, ys, ye);
+  UpsampleGeom<A>::window(u.ax, u.W, j, xs, xe);
+  return UpBandWindow{ys > Y0 ? ys : Y0, ye < Y1 ? ye : Y1, xs, xe, ys >= Y0, ye <= Y1};
+}
+
+// Channels c = c0 + k cs (k < K, c < C) of source pixel (i, j): per channel the carried partial sum
+// (carry[c]; 0 if the window starts in this band) plus wy * wx * s[(Y - Y0) * ssy + X * ssx + c] over the
+// band's part of its window, rows then columns (wy * wx computed once for the K channels); the sum goes to
+// out[c * oC] if the window ends in this band, else back to carry[c]. Per channel the same sum, in the same
+// order, as one pass over the whole window: the same bits for any band height and any K. CUDA's gather kernel
+// (32 channels of a pixel across a warp) and the CPU pixel path (consecutive channels) both run it.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
-template <typename A, typename GradOf>
-HSS_HOST_DEVICE void gather_source_pixel(const UpsampleGeom<A>& u, int64_t b, int64_t i, int64_t j, A* acc, int64_t s,
-                                         const GradOf& grad_of) {
-  int64_t y_lo, y_hi, x_lo, x_hi;
-  UpsampleGeom<A>::window(u.ay, u.H, i, y_lo, y_hi);
-  UpsampleGeom<A>::window(u.ax, u.W, j, x_lo, x_hi);
-  for (int64_t Y = y_lo; Y < y_hi; ++Y) {  // sm90: trips=2 * H / h
+template <int K, typename A, typename T>
+HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBandWindow& wd, int64_t i, int64_t j,
+                                           int64_t Y0, const A* s, int64_t ssy, int64_t ssx, A* carry, T* out,
+                                           int64_t oC, int c0, int cs, int C) {
+  A a[K];
+  HSS_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const int c = c0 + k * cs;
+    a[k] = !wd.first && c < C ? carry[c] : A(0);
+  }
+  for (int64_t Y = wd.ylo; Y < wd.yhi; ++Y) {  // sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
     const A wy = UpsampleGeom<A>::weight(u.ay, Y, i);
-    for (int64_t X = x_lo; X < x_hi; ++X) {  // sm90: trips=2 * W / w
-      const A wx = UpsampleGeom<A>::weight(u.ax, X, j);
-      grad_of((b * u.H + Y) * u.W + X, AddOut<A>{acc, s, wy * wx});
+    const A* sy = s + (Y - Y0) * ssy;
+    for (int64_t X = wd.xlo; X < wd.xhi; ++X) {  // sm90: trips=2 * W / w
+      const A wyx = wy * UpsampleGeom<A>::weight(u.ax, X, j);
+      const A* sx = sy + X * ssx;
+      HSS_UNROLL
+      for (int k = 0; k < K; ++k) {
+        const int c = c0 + k * cs;
+        if (c < C) a[k] += wyx * sx[c];
+      }
+    }
+  }
+  HSS_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const int c = c0 + k * cs;
+    if (c < C) {
+      if (wd.last)
+        out[c * oC] = static_cast<T>(a[k]);
+      else
+        carry[c] = a[k];
     }
   }
 }
