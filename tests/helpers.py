@@ -529,3 +529,22 @@ def assert_decode_size_like_reference(got, x, tree, act, score, size, align_corn
     ok = (picked >= best - 1e-5 * best.abs().clamp(min=1)) | nan
     assert bool(ok.all()), f"{int((~ok).sum())} labels score below the best path"
     assert (got == want).float().mean() > 0.9
+
+
+def weights_exact(shape, align_corners) -> bool:
+    """Whether every interpolation weight of ``shape = (N, h, w, H, W)`` is a multiple of 1/64, so that
+    interpolating half-precision logits is exact in float32 whatever the order of the operations (and the use
+    of FMA). Elsewhere two nodes' interpolated half-precision logits are often equal in exact arithmetic yet
+    differ in their last float32 bit between the fused kernels and F.interpolate, and the tree-min's
+    ancestor-min / descendant-max may pick either (a different gradient): the tree-min in half dtypes is
+    compared with the composition only where this holds."""
+    _, h, w, Hh, W = shape
+    for n_in, n_out in ((h, Hh), (w, W)):
+        dst = torch.arange(n_out, dtype=torch.float32)
+        if align_corners:
+            src = dst * (torch.tensor(float(n_in - 1)) / max(n_out - 1, 1) if n_out > 1 else 0.0)
+        else:
+            src = ((dst + 0.5) * (torch.tensor(float(n_in)) / n_out) - 0.5).clamp(min=0)
+        if not torch.equal(src * 64, (src * 64).round()):
+            return False
+    return True

@@ -48,21 +48,6 @@ def native():
     H.require("native", "cpu")
 
 
-def _weights_exact(shape, align_corners) -> bool:
-    """Whether every interpolation weight is a multiple of 1/64, so that interpolating half-precision
-    logits is exact in float32 whatever the order of the operations (and the use of FMA)."""
-    _, h, w, Hh, W = shape
-    for n_in, n_out in ((h, Hh), (w, W)):
-        dst = torch.arange(n_out, dtype=torch.float32)
-        if align_corners:
-            src = dst * (torch.tensor(float(n_in - 1)) / max(n_out - 1, 1) if n_out > 1 else 0.0)
-        else:
-            src = ((dst + 0.5) * (torch.tensor(float(n_in)) / n_out) - 0.5).clamp(min=0)
-        if not torch.equal(src * 64, (src * 64).round()):
-            return False
-    return True
-
-
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("loss", H.LOSSES)
@@ -74,7 +59,7 @@ def test_native_matches_composition(native, loss, shape, align_corners):
     exact (float32 and float64 logits on every shape; its half dtypes on the shapes below)."""
     tree = H.random_tree()
     for dtype in H.DTYPES:
-        if loss == "tree_min_loss" and dtype in H.HALF and not _weights_exact(shape, align_corners):
+        if loss == "tree_min_loss" and dtype in H.HALF and not H.weights_exact(shape, align_corners):
             continue
         x, y = _inputs(tree, loss, shape, dtype)
         _check(loss, "native", x, y, tree, align_corners=align_corners)
@@ -87,7 +72,7 @@ def test_native_tree_min_half_exact_weights(native, shape):
     (h - 1) / (H - 1) = 1/4)."""
     tree = H.random_tree()
     for align_corners in (False, True):
-        if not _weights_exact(shape, align_corners):
+        if not H.weights_exact(shape, align_corners):
             continue
         for dtype in H.HALF:
             x, y = _inputs(tree, "tree_min_loss", shape, dtype)
@@ -240,7 +225,7 @@ def test_cuda_form_on_the_cpu(native, loss, align_corners, monkeypatch):
     tree = H.random_tree()
     for shape in SHAPES:
         for dtype in H.DTYPES:
-            if loss == "tree_min_loss" and dtype in H.HALF and not _weights_exact(shape, align_corners):
+            if loss == "tree_min_loss" and dtype in H.HALF and not H.weights_exact(shape, align_corners):
                 continue
             x, y = _inputs(tree, loss, shape, dtype)
             _check(loss, "native", x, y, tree, align_corners=align_corners, reduction="sum")
@@ -556,7 +541,7 @@ def _node_dtype(loss, shape, align_corners, k):
     """The k-th dtype of the sweep; the tree-min's half dtypes only where the weights are exact (see
     test_native_matches_composition), float32 in their place elsewhere."""
     dtype = H.DTYPES[k % len(H.DTYPES)]
-    if loss == "tree_min_loss" and dtype in H.HALF and not _weights_exact(shape, align_corners):
+    if loss == "tree_min_loss" and dtype in H.HALF and not H.weights_exact(shape, align_corners):
         return torch.float32
     return dtype
 
@@ -577,7 +562,7 @@ def test_triton_tree_min_half_exact_weights(triton_node):
     tree = H.random_tree(max_nodes=10)
     for dtype, shape, align_corners in ((torch.bfloat16, (2, 2, 3, 8, 12), False),
                                         (torch.float16, (1, 3, 2, 9, 5), True)):
-        assert _weights_exact(shape, align_corners)
+        assert H.weights_exact(shape, align_corners)
         x, y = _inputs(tree, "tree_min_loss", shape, dtype)
         _check("tree_min_loss", "triton", x, y, tree, align_corners=align_corners)
 
