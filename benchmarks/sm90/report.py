@@ -88,11 +88,12 @@ def markdown(doc: dict) -> str:
                    f"{_f(r['floor_ms'])} | {_f(r['ratio'], 2)} | {flag} |")
     out += [
         "",
-        "Targets of the kernel rewrite, per row: issue ms ≤ 0.8 × floor ms, no spills, 128-bit loads of the logits "
-        "(\"meets targets\"). SASS/elt: instructions issued per thread × threads launched / (P × C). MUFU ms: "
-        f"the special-function unit's own bound ({a.get('mufu_warp_instructions_per_clock_per_sm', 0.5)} MUFU "
-        "warp-instructions per clock per SM: ex2, lg2, rcp, ...), not part of the targets; a row whose MUFU ms "
-        "passes its floor is compute-bound there even when its issue time is not.",
+        "Targets of the kernel rewrite, per row: issue ms ≤ 0.8 × floor ms (≤ 1.0 × for tree_min), MUFU ms ≤ "
+        "floor ms, no spills, 128-bit loads of the logits (\"meets targets\"). SASS/elt: instructions issued per "
+        "thread × threads launched / (P × C). MUFU ms: the special-function unit's own bound "
+        f"({a.get('mufu_warp_instructions_per_clock_per_sm', 0.5)} MUFU warp-instructions per clock per SM: ex2, "
+        "lg2, rcp, ...); a row whose MUFU ms passes its floor is compute-bound there even when its issue time is "
+        "not.",
         "",
         "Floors (bytes the pass must move): " + "; ".join(f"{k}: {v}" for k, v in a["floor"].items()) + ".",
         "",
