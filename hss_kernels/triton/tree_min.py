@@ -20,7 +20,8 @@ forward, 4 in the bfloat16 tree BCE). The forward walks the nodes bottom-up (rev
 maximum per depth; the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax
 (where that is, per internal node, a few bits the bottom-up pass packs into int32 words on 4-byte NCHW logits:
 ``argmax_fields``). Nothing is saved for the backward: it recomputes the extrema from the logits (one more
-read, no argmin/argmax tensor of size P·V).
+read, no argmin/argmax tensor of size P·V). The loss alone of 2-byte NCHW logits at γ = 2, eps = 0 takes its
+focal terms two pixels of a thread at a time, one reciprocal for both (``_focal2_pair``, docs/MATH.md §3.10).
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
