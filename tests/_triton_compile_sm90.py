@@ -101,6 +101,8 @@ def variants():
     x, t = meta(L, torch.float32, HUGE)
     out.append(("hierarchical_softmax fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False))
     x2, t2 = meta(small_tree.num_nodes, torch.float32, (2, 16384, 8192))  # 26 channels: a taller image
+    xp, tp = meta(small_tree.num_nodes, torch.bfloat16)  # the focal terms two pixels at a time (tree_min._pair)
+    out.append(("tree_min bf16 forward, focal, pixel pairs", lambda: tm.tree_min_loss(xp, tp, small_tree), False))
     out.append(("tree_min fp32 backward, i64", lambda: OPS["tree_min_loss"](x2, t2, small_tree), True))
     return out
 

@@ -20,7 +20,8 @@ forward, 4 in the bfloat16 tree BCE). The forward walks the nodes bottom-up (rev
 maximum per depth; the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax
 (where that is, per internal node, a few bits the bottom-up pass packs into int32 words on 4-byte NCHW logits:
 ``argmax_fields``). Nothing is saved for the backward: it recomputes the extrema from the logits (one more
-read, no argmin/argmax tensor of size P·V).
+read, no argmin/argmax tensor of size P·V). The loss alone of 2-byte NCHW logits at γ = 2, eps = 0 takes its
+focal terms two pixels of a thread at a time, one reciprocal for both (``_focal2_pair``, docs/MATH.md §3.10).
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
@@ -91,6 +92,57 @@ def _focal2(w, gamma, eps, WANT_F: tl.constexpr, WANT_DF: tl.constexpr, GMODE: t
             q = tl.where(neg, r, er)
             df = -phi * ((gamma * LN2) * q * nlt + s * ratio)
     return f, df
+
+
+# _focal2_pair's clamp of t = z log2 e (z = 43): the product of two 1 + 2^t stays below 2^125 (finite, and in
+# _rcp_fma's range); past it a term is below e^-129, 0 in float32 either way.
+PAIR_ZMAX = tl.constexpr(43.0 * 1.4426950408889634)
+
+
+@triton.jit
+def _rcp_fma(v):
+    """1 / v for float32 v in [1, 2^126) with FMAs only (no special-function instruction): the exponent-flip
+    estimate (relative error below 1/8), then two cubic Newton steps r (1 + e + e^2), e = 1 - v r (the error
+    cubed by each: below 1e-8, then the steps' rounding)."""
+    r = (0x7EF311C3 - v.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    e = 1.0 - v * r
+    r = r + r * (e + e * e)
+    e = 1.0 - v * r
+    return r + r * (e + e * e)
+
+
+@triton.jit
+def _pair_half(w, FAST: tl.constexpr):
+    """(p, log2 p − t) of one term of :func:`_focal2_pair`: t = min(z, 43) log2 e at z = −w (NaN: the clamp's
+    value, so a NaN term leaves its pair's other term finite), p = 1 + 2^t."""
+    t = -w * LOG2E
+    t = tl.where(t < PAIR_ZMAX, t, PAIR_ZMAX)
+    p = 1.0 + C.exp2(t, FAST)
+    return p, C.mufu(p, "lg2", FAST) - t
+
+
+@triton.jit
+def _pair_rcp(p0, p1, BY_FMA: tl.constexpr, FAST: tl.constexpr):
+    """1 / (p0 p1): the MUFU's, or with BY_FMA :func:`_rcp_fma`'s."""
+    if BY_FMA:
+        return _rcp_fma(p0 * p1)
+    else:
+        return C.mufu(p0 * p1, "rcp", FAST)
+
+
+@triton.jit
+def _focal2_pair(w0, w1, BY_FMA: tl.constexpr, FAST: tl.constexpr):
+    """(f(z0) / ln 2, f(z1) / ln 2) at z = −w (as :func:`_focal2`'s f) of two terms at γ = 2, eps = 0 with one
+    reciprocal for both (docs/MATH.md §3.10): with t = min(z, 43) log2 e and p = 1 + 2^t, σ(−z) = 1 / p and
+    −log2 σ(z) = log2 p − t, and 1 / p0 = p1 r, 1 / p1 = p0 r from r = 1 / (p0 p1): two special functions
+    per term and a half (ex2, lg2, the shared rcp), or two with BY_FMA (r by :func:`_rcp_fma`). The clamp
+    keeps p0 p1 finite, and a NaN w's term alone NaN."""
+    p0, n0 = _pair_half(w0, FAST)
+    p1, n1 = _pair_half(w1, FAST)
+    r = _pair_rcp(p0, p1, BY_FMA, FAST)
+    s0 = p1 * r
+    s1 = p0 * r
+    return (s0 * s0) * n0, (s1 * s1) * n1
 
 
 @triton.jit
@@ -191,7 +243,7 @@ def _tree_min_kernel(
     G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr, UPSAMPLE: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
     ORD: tl.constexpr = 0, WORD: tl.constexpr = 0, SHIFT: tl.constexpr = 0, MASK: tl.constexpr = 0,
-    NW: tl.constexpr = 0, GT: tl.constexpr = 8,
+    NW: tl.constexpr = 0, GT: tl.constexpr = 8, PAIR: tl.constexpr = -1,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -240,6 +292,11 @@ def _tree_min_kernel(
     # internal node (channels_last, one pixel per thread: fewer instructions there, and no spill either way).
     # GT: the nodes per load and store of the gradient's top-down pass (G: the other passes).
     PACK: tl.constexpr = NW > 0
+    # PAIRED (PAIR >= 0; the launcher sets it for float32 math on NCHW, several pixels per thread): the loss's focal
+    # terms at γ = 2, eps = 0 two pixels of a thread at a time, one reciprocal for both (_focal2_pair; every node
+    # j with j % PAIR == 0 takes its reciprocals from FMAs when PAIR > 0). Not in the single pass or with UPSAMPLE.
+    PAIRED: tl.constexpr = (PAIR >= 0 and USE_EXTREMA and WANT_LOSS and not WANT_GRAD and GMODE == 2 and not HAS_EPS
+                            and not UPSAMPLE)
     LATE: tl.constexpr = PACK and USE_EXTREMA and WANT_GRAD and not WANT_LOSS and not UPSAMPLE
     EARLY_PATH: tl.constexpr = USE_EXTREMA and (WANT_LOSS or UPSAMPLE or not PACK)
     # The label's path a_d(y) (-1 past its leaf), element d - 1 of the tuple for depth d; for the tree-min
@@ -318,8 +375,14 @@ def _tree_min_kernel(
                            tl.maximum(cm[DEP[V - 1 - j] - 1], m, propagate_nan=tl.PropagateNan.ALL))
             if WANT_LOSS:
                 w = tl.where(path[DEP[V - 1 - j] - 1] == CH[V - 1 - j], cmin[DEP[V - 1 - j] - 1], m)
-                f, _ = _focal2(w, gamma, eps, True, False, GMODE, HAS_EPS, FAST)
-                acc += tl.load(k_ptr + CH[V - 1 - j]).to(ACC) * f
+                kv = tl.load(k_ptr + CH[V - 1 - j]).to(ACC)
+                if PAIRED:
+                    wa, wb = tl.split(tl.reshape(w, [BLOCK_P // 2, 2]))  # pixels 2i, 2i + 1: one thread's
+                    fa, fb = _focal2_pair(wa, wb, PAIR > 0 and j % PAIR == 0, FAST)
+                    acc += kv * tl.reshape(tl.join(fa, fb), [BLOCK_P])
+                else:
+                    f, _ = _focal2(w, gamma, eps, True, False, GMODE, HAS_EPS, FAST)
+                    acc += kv * f
         # The maxima propagate NaN (GPU max/min otherwise drop it): a NaN logit anywhere reaches the
         # max over the depth-1 nodes, cm[0] (docs/MATH.md §5.3).
         nan = cm[0] != cm[0]
@@ -608,6 +671,11 @@ CL_VEC = 2  # channels_last: one pixel per thread (gpu_blocks), VEC only the lab
 NARROW_GRAD_VEC = 2
 NARROW_GRAD_GROUPS = (T.GROUP, T.GROUP)
 NARROW_GRAD_PACKS = False
+# The tree-min loss's focal terms at γ = 2, eps = 0 of 2-byte NCHW logits (:func:`_pair`): -1 one at a time
+# (_focal2), 0 two pixels of a thread at a time with one MUFU reciprocal for both (_focal2_pair), n > 0 the same
+# with every n-th node's reciprocals from FMAs (_rcp_fma). sm_90 model, bfloat16 NCHW forward (issue / MUFU ms,
+# floor 0.844): -1 0.757 / 0.998, 2 0.82 / 0.748, 4 0.788 / 0.79.
+FORWARD_PAIR = 4
 
 
 def _shape(logits, use_extrema=False, two_pass=False):
@@ -648,8 +716,22 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=group, GT=group_td, PIN=C.fast_exp(logits), VEC=vec,
         ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0, UPSAMPLE=False,
+        PAIR=_pair(logits, loss_mode, grad_mode),
         **(dict(zip(("ORD", "WORD", "SHIFT", "MASK", "NW"), argmax_fields(dep))) if _packs(logits, two_pass) else {}),
     )
+
+
+def _pair(logits, loss_mode, grad_mode):
+    """The kernel's PAIR: FORWARD_PAIR for the loss alone (no gradient) of 2-byte logits (float32 math) not on
+    channels_last (NCHW or strided: 8 pixels per thread, :func:`_shape`; one pixel per thread on channels_last, where
+    a pair would cross threads), else -1 (one term at a time). The kernel pairs only the tree-min's terms at γ = 2,
+    eps = 0. 4-byte logits keep one term at a time: their forward is bound by its memory floor, and pairs cost
+    (sm_90 model, float32 NCHW: 17.5 -> 19.0 instructions per element, 185 -> 255 registers, MUFU 0.998 -> 0.748 ms
+    against a 1.67 ms floor)."""
+    if (logits.element_size() != 2 or loss_mode == C.LOSS_NONE or grad_mode != C.GRAD_NONE
+            or (logits.shape[1] > 1 and logits.stride(1) == 1)):
+        return -1
+    return FORWARD_PAIR
 
 
 def _packs(logits, two_pass):
