@@ -2,9 +2,9 @@
 // which share one kernel family: `extrema` true routes every node's term through the min over its
 // ancestors (target path) or the max over its descendants (elsewhere), false is plain BCE. Shared by
 // the CPU loops (csrc/cpu/tree_min.cpp) and the CUDA kernels (csrc/cuda/tree_min.cu): the CUDA kernels,
-// the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call
-// tree_forward_group (the forward without upsampling, G pixels at a time), tree_forward_pixel (with
-// upsampling) and tree_backward_pixel as they are; the CPU's row passes keep the same tie rules (§3.7)
+// the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call the group
+// functions (G pixels at a time; with fused upsampling through upsample_math.h's UpLanes) as they are, and
+// the CPU's float64 path with upsampling tree_forward_pixel and tree_backward_pixel; the CPU's row passes keep the same tie rules (§3.7)
 // and NaN rule (§5.3).
 //
 // A pixel costs O(V): one pass over the nodes in reverse pre-order with a running maximum per depth
@@ -844,34 +844,5 @@ HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, 
     out.store_lane(cv, j, kk != A(0) ? g[j] * kk * dl : A(0));
   }
 }
-
-// With fused upsampling (upsample_math.h): the backward of destination pixel q for the banded backward,
-// its gradient row from the interpolated logits written to out (a StoreOut; label() writes an unlabelled
-// row). acc and bits: the calling thread's scratch. w: the class and pixel weights, pw read at the
-// destination (target) pixel q; the pixel's upstream gradient is multiplied by its weight; kW false (a CUDA
-// instantiation for unweighted calls) compiles the weights out.
-template <typename T, typename A, typename N, typename S, typename B, bool kW = true>
-struct TreeMinUpsampledRow {
-  UpsampledPixels<T, A> px;
-  N nodes;
-  S acc;
-  B bits;
-  TreeIndex t;
-  const A* k;
-  A gamma, eps;
-  int64_t ignore_index;
-  bool extrema;
-  PixelWeights<A> w;
-  template <typename O>
-  HSS_HOST_DEVICE void operator()(int64_t q, const O& out) const {
-    const int y = px.label(q, t.L, ignore_index, t.V, out);
-    if (y >= 0) {
-      const A g = px.grad_of(q);
-      A gw = g;
-      if constexpr (kW) gw = w.any() ? g * w.at(q, y) : g;
-      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema, gw);
-    }
-  }
-};
 
 }  // namespace hss
