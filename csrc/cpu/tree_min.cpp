@@ -862,8 +862,9 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
         const NodeTable<A> nt{nodes.data()};
         with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
           constexpr int kF = decltype(f)::value;
-          if (extrema)
-            tree_min_backward_group<kF, A, G>(col, nt, acc, bits, o, ti, y, v, bad, k, gamma, eps, gl);
+          if (extrema)  // as the CUDA kernel: the top-down pass reads the kept values back (UpLanesKept)
+            tree_min_backward_group<kF, A, G>(UpLanesKept<T, A, G>{col, p, sc}, nt, acc, bits, o, ti, y, v, bad, k,
+                                              gamma, eps, gl);
           else
             tree_bce_backward_group<kF, A, G>(col, nt, o, ti, y, v, bad, k, gamma, eps, gl);
         });

@@ -434,8 +434,9 @@ tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
 
 // Fused upsampling, the banded backward's rows kernel (upsample.cuh): G = lanes_for<T>() destination pixels of
 // one row of the band [Y0, Y0 + rows) per thread, X0 = G gx (gw groups per row, nq = N rows gw threads), their
-// channels interpolated through UpLanes, their gradient rows (tree_min_backward_group, or the tree BCE's
-// tree_bce_backward_group; the unlabelled lanes' rows 0 or NaN) stored to the scratch G lanes at a time
+// channels interpolated through UpLanes (the tree-min: UpLanesKept, its top-down pass reading the bottom-up
+// pass's values back from the lanes' scratch rows), their gradient rows (tree_min_backward_group, or the tree
+// BCE's tree_bce_backward_group; the unlabelled lanes' rows 0 or NaN) stored to the scratch G lanes at a time
 // (ScratchLanes: on float one 16-byte store per channel, the warp's stores contiguous). Shared memory as the
 // backwards without upsampling: the node table, then (tree-min) the depth slots and node bits of the G lanes.
 template <typename T, typename A, int kF, bool kExtrema, bool kW>
@@ -468,7 +469,9 @@ tree_up_rows_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
     unsigned char* words = slots + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>);
     const SharedLanes<uint32_t, G> bits{words + threadIdx.x * sizeof(Lanes<uint32_t, G>),
                                         static_cast<int>(threads * sizeof(Lanes<uint32_t, G>))};
-    tree_min_backward_group<kF, A, G>(col, nodes, acc, bits, out, ti, y, valid, bad, k, gamma, eps, g);
+    // the bottom-up pass's interpolated logits kept in the lanes' scratch rows for the top-down pass
+    tree_min_backward_group<kF, A, G>(UpLanesKept<T, A, G>{col, out.p, ssc}, nodes, acc, bits, out, ti, y, valid,
+                                      bad, k, gamma, eps, g);
   } else {
     tree_bce_backward_group<kF, A, G>(col, nodes, out, ti, y, valid, bad, k, gamma, eps, g);
   }

@@ -306,6 +306,17 @@ struct Bf16Pairs<X, decltype(void(X::kBf16Pairs))> {
   static constexpr bool value = X::kBf16Pairs;
 };
 
+// Whether an accessor X keeps what its load gave for a later pass (X::kReload and x.reload(c, out): the same
+// values, read back instead of computed again; upsample_math.h UpLanesKept).
+template <typename X, typename = void>
+struct Reloads {
+  static constexpr bool value = false;
+};
+template <typename X>
+struct Reloads<X, decltype(void(X::kReload))> {
+  static constexpr bool value = X::kReload;
+};
+
 // The depth slots acc(s) (Lanes of G values) seen as H = G / 2 bfloat16 pairs, their first 4 H bytes.
 template <typename S, int H>
 struct SlotPairs {
@@ -654,7 +665,8 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
 //   path node's channel is overwritten by the path walk below, and an unlabelled lane writes its row's
 //   value (0, or NaN for a bad label) everywhere.
 // * top-down (pre-order), a word at a time: the owed weights in acc, every node's off-path gradient written
-//   for the G lanes, with selects only.
+//   for the G lanes, with selects only; its logits read again through x.load, or (an accessor with kReload)
+//   x.reload, which gives back what the bottom-up pass's x.load gave.
 // * the path, per lane: one walk down it keeps the running argmin (strict <, the first node always
 //   taken) and the sum of k since the last new minimum, in depth order; when a new minimum is set (and
 //   at the path's end) the previous one's gradient is stored (store_lane), and each other path node gets
@@ -795,7 +807,10 @@ HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, 
       const TreeNode<A> n = nodes(p);
       const uint32_t kl = 1u << (p - lo), kh = kl << 16;
       Lanes<A, G> z, own, o;
-      x.load(n.c, z);
+      if constexpr (Reloads<X>::value)
+        x.reload(n.c, z);  // what the bottom-up pass loaded
+      else
+        x.load(n.c, z);
       Lanes<A, G> parent = acc(n.depth - 1);
       HSS_UNROLL
       for (int j = 0; j < G; ++j) {

@@ -150,6 +150,26 @@ HSS_HOST_DEVICE inline UpLanes<T, A, G> up_lanes(const T* x, int64_t sC, const U
   return l;
 }
 
+// UpLanes whose load also keeps the G interpolated values at k[c sc + j] (in the banded backward: the lanes'
+// own gradient rows in the scratch, which the backward overwrites channel by channel afterwards), and reload
+// reads them back: tree_min_backward_group's top-down pass reads its channels there instead of interpolating
+// them a second time (the same values). x(c, j) (the path walk, after the rows are overwritten) interpolates.
+template <typename T, typename A, int G>
+struct UpLanesKept {
+  UpLanes<T, A, G> up;
+  A* k;
+  int64_t sc;
+  static constexpr bool kReload = true;
+  template <typename L>
+  HSS_HOST_DEVICE void load(int c, L& out) const {
+    up.load(c, out);
+    *reinterpret_cast<L*>(k + c * sc) = out;
+  }
+  template <typename L>
+  HSS_HOST_DEVICE void reload(int c, L& out) const { out = *reinterpret_cast<const L*>(k + c * sc); }
+  HSS_HOST_DEVICE A operator()(int c, int j) const { return up(c, j); }
+};
+
 // out(c, v) of a per-pixel backward into the banded scratch (up_scratch_width): writes channel c of one
 // destination pixel's gradient row (channel stride sc); an ignored pixel's row is written as zeros
 // (UpsampledPixels::label).
