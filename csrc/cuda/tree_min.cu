@@ -439,8 +439,10 @@ tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
 // BCE's tree_bce_backward_group; the unlabelled lanes' rows 0 or NaN) stored to the scratch G lanes at a time
 // (ScratchLanes: on float one 16-byte store per channel, the warp's stores contiguous). Shared memory as the
 // backwards without upsampling: the node table, then (tree-min) the depth slots and node bits of the G lanes.
+// (__launch_bounds__ with one block per SM: ptxas otherwise held some 8-lane (16-bit logits) instantiations at
+// 128 registers with spills.)
 template <typename T, typename A, int kF, bool kExtrema, bool kW>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 tree_up_rows_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
                           UpsampleGeom<A> u, int64_t Y0, int64_t bg, int64_t gw, int64_t nq,
                           const int64_t* __restrict__ tgt, PixelGeom gt, const int32_t* __restrict__ tree_index, int V,
