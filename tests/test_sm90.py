@@ -404,23 +404,28 @@ def test_cuda_launches_of_the_fused_upsampling():
     hb, hg = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
     _, hbands, _ = cuda_side.up_bands(N, 66, H // s, H, W, 4, 2)
     assert (hb.kernel, hb.threads, len(hb.params), hb.launches) == \
-        ("hierarchical_softmax_up_rows_kernel", 256, 22, len(hbands))
+        ("hierarchical_softmax_up_rows_kernel", 256, 23, len(hbands))
     assert hb.pattern == "hierarchical_softmax_up_rows_kernelIN3c108BFloat16EfLb0EE"
     assert hg.pattern == "up_gather_kernelIN3c108BFloat16EfE" and hg.source == "hierarchical_softmax"
     assert hb.blocks == sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in hbands)
-    # the banded tree backward: per band the rows kernel (one thread per label pixel of the band) and the gather
-    # (8 low-resolution pixels of 32 channels per block), each kernel's launches merged into one
+    # the banded tree backward: per band the rows kernel (G = 4 label pixels of a row per thread, the focal mode and
+    # extrema of the options) and the gather (32 low-resolution pixels by 8 channel warps per block), each kernel's
+    # launches merged into one
     tb, tg = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     rows, bands, am = cuda_side.up_bands(N, 147, H // 8, H, W, 4, 4)
-    assert (tb.kernel, tb.threads, len(tb.params), tb.launches) == ("tree_min_up_rows_kernel", 256, 23, len(bands))
-    assert tg.pattern == "up_gather_kernelIffE" and (tg.threads, len(tg.params), tg.launches) == (256, 17, len(bands))
-    assert tb.dynamic_smem == cuda_side.tree_smem_bytes(147, v2.depth, 256, True, True)
-    assert sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in bands) == tb.blocks and tb.scalars["ROWS"] == rows
+    assert (tb.kernel, tb.threads, len(tb.params), tb.launches) == ("tree_up_rows_group_kernel", 128, 24, len(bands))
+    assert tb.pattern == "tree_up_rows_group_kernelIffLi2ELb1ELb0EE"
+    assert tg.pattern == "up_gather_kernelIffE" and (tg.threads, len(tg.params), tg.launches) == (256, 18, len(bands))
+    assert tb.dynamic_smem == cuda_side.min_bwd_group_smem_bytes(147, v2.depth, 128, 4)
+    assert sum(-(-(N * (b[1] - b[0]) * W // 4) // 128) for b in bands) == tb.blocks and tb.scalars["ROWS"] == rows
+    tf, _ = cuda_side.launches("tree_bce", "forward", "bfloat16", "nchw", (N, 147, H, W), v2, 0.0, 8)
+    assert tf.pattern == "tree_fwd_up_group_kernelIN3c108BFloat16EfLi1ELb0ELb0EE"
+    assert tf.blocks == -(-(N * H * W // 8) // 256) and tf.params[5:7] == [N * H * W // 8, W // 8]
     # the bands cover the label rows once and every low-resolution row; the scratch stays within 32 MiB
     assert [b[0] for b in bands] == list(range(0, H, rows)) and bands[-1][1] == H
     assert bands[0][2] == 0 and bands[-1][3] == H // 8 and all(b[2] <= c[2] for b, c in zip(bands, bands[1:]))
-    assert N * rows * W * 152 * 4 <= 32 << 20 < N * (rows + 1) * W * 152 * 4 and 1 <= am <= rows // 8 + 3
-    assert tg.blocks == sum(-(-(N * (b[3] - b[2]) * (W // 8)) // 8) for b in bands)
+    assert N * rows * W * 147 * 4 <= 32 << 20 < N * (rows + 1) * W * 147 * 4 and 1 <= am <= rows // 8 + 3
+    assert tg.blocks == sum(-(-(N * (b[3] - b[2]) * (W // 8)) // 32) for b in bands)
     # decode with size=: kUp, one thread per label pixel, the geometry last
     (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (N, 147, H, W), v2, 0.0, s)
     assert (dec.pattern, dec.blocks, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb1EE", N * H * W // 256, 13)

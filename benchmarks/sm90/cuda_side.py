@@ -40,13 +40,6 @@ THREADS = 256  # kThreads in csrc/cuda/common.cuh
 DEFAULT_SMEM = 48 * 1024  # tree_min_bwd_cuda's kDefaultSmem
 
 
-def tree_smem_bytes(V: int, D: int, threads: int, extrema: bool, backward: bool) -> int:
-    """csrc/cuda/tree_min.cu tree_smem_bytes for A = float: the node table (16 B per node), D + 1
-    scratch floats per thread (tree-min), and tree_bit_words(V) words per thread (tree-min backward)."""
-    return 16 * V + (4 * (D + 1) * threads if extrema else 0) + (4 * (-(-V // 16)) * threads
-                                                                  if extrema and backward else 0)
-
-
 def min_bwd_group_smem_bytes(V: int, D: int, threads: int, G: int) -> int:
     """csrc/cuda/tree_min.cu min_bwd_group_smem_bytes for A = float and G lanes per thread: the node table
     (16 B per node), D + 1 depth slots of G floats and tree_bit_words(V) words of G uint32 per thread."""
@@ -223,8 +216,8 @@ def upsample_geom(low_shape: Sequence[int], low_strides: Sequence[int], H: int, 
 
 
 UP_BWD_SCRATCH_BYTES = 32 << 20  # csrc/include/upsample_math.h kUpBwdScratchBytes
-UP_CHANNEL_PAD = 8  # kUpChannelPad
-UP_GATHER_CH, UP_GATHER_PIX = 32, 8  # csrc/cuda/upsample.cuh kUpGatherCh, kUpGatherPix
+UP_SCRATCH_PAD = 8  # kUpScratchPad: the band scratch's rows padded to a multiple of it (up_scratch_width)
+UP_GATHER_PIX, UP_GATHER_CH = 32, 8  # csrc/cuda/upsample.cuh kUpGatherPix, kUpGatherCh
 
 
 def _up_window(n_in: int, n_out: int, i: int) -> Tuple[int, int]:
@@ -249,8 +242,7 @@ def _up_window(n_in: int, n_out: int, i: int) -> Tuple[int, int]:
 
 def up_bands(N: int, C: int, h: int, H: int, W: int, acc_bytes: int, logit_bytes: int):
     """upsample_math.h up_band_rows and up_band_plan: (rows, [(Y0, Y1, I0, I1)], am) of the banded backward."""
-    vp = -(-C // UP_CHANNEL_PAD) * UP_CHANNEL_PAD
-    row = N * W * vp * acc_bytes
+    row = N * -(-W // UP_SCRATCH_PAD) * UP_SCRATCH_PAD * C * acc_bytes
     budget = min(UP_BWD_SCRATCH_BYTES, max(N * C * H * W * logit_bytes // 10, 1 << 20))
     rows = max(1, min(H, budget // row if row else H))
     win = [_up_window(h, H, i) for i in range(h)]
@@ -336,8 +328,8 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
             return up_bwd_launches(
                 "hierarchical_softmax", "hierarchical_softmax_up_rows_kernel", T + A + kw, THREADS,
                 group_smem_bytes(L), low, xs, H, W, _DT[dtype][1],
-                lambda bp, nq, ssn, vp: [None, gg, None, sC, ug, 0, bp, nq, None, gt, P, L, D, None, None, eps, ignore,
-                                         None, None, ssn, vp, NO_WEIGHTS], scalars, T)
+                lambda rows, nq, ssn, ssc, ssy: [None, gg, None, sC, ug, 0, rows * W, nq, None, gt, P, L, D, None, None,
+                                                 eps, ignore, None, None, ssn, ssc, ssy, NO_WEIGHTS], scalars, T)
         return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_bwd_kernel", T + A + kw, nb, THREADS,
                            [None, gg, None, None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, None, NO_WEIGHTS],
                            scalars, group_smem_bytes(L))]
@@ -345,11 +337,19 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
         extrema = op == "tree_min"
         scalars = {"P": P, "L": L, "D": D, "V": V, **sizes}
         if pass_ == "forward":
-            if up > 1:  # one pixel per thread, each channel interpolated (tree_min_fwd_kernel<T, A, true, kW>)
-                return [CudaLaunch("tree_min", "tree_min_fwd_kernel", T + A + kup + NO_KW, nb, THREADS,
-                                   [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, extrema, 0,
-                                    None, None, ug, NO_WEIGHTS, 0], scalars,
-                                   tree_smem_bytes(V, D, THREADS, extrema, False)), finish_weighted(nb)]
+            if up > 1:
+                # tree_fwd_up_group_kernel<T, A, kF, kExtrema, kW>: G = 16 / sizeof(T) destination pixels of a row
+                # per thread (gw groups per row), each channel interpolated (UpLanes), the forward's shared memory
+                G = 16 // _DT[dtype][1]
+                kf = 2 if gamma == 2 else 1 if gamma == 0 else 0
+                gw = -(-W // G)
+                ng = N * H * gw
+                nbu = -(-ng // THREADS)
+                smem = 16 * V + ((D + 1) * THREADS * 4 * G if extrema else 0)
+                return [CudaLaunch("tree_min", "tree_fwd_up_group_kernel",
+                                   T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + NO_KW, nbu, THREADS,
+                                   [None, sC, ug, None, gt, ng, gw, None, V, L, D, None, gamma, eps, ignore, 0, None,
+                                    None, NO_WEIGHTS, 0], scalars, smem), finish_weighted(nbu)]
             # tree_fwd_group_kernel<T, A, kF, kExtrema, kVec, kW>: G = 16 / sizeof(T) pixels per thread, the focal
             # mode of the defaults (kFocalG2 = 2 for gamma 2, kFocalG0 = 1 for gamma 0; eps 0), kVec on NCHW
             # (vec_groups: H*W and the strides multiples of G, 16-byte aligned), kW false (no weights)
@@ -362,15 +362,23 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                                T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + vec + NO_KW, nbg, THREADS,
                                [None, gx, sC, None, gt, P, None, V, L, D, None, gamma, eps, ignore, 0, None, None,
                                 NO_WEIGHTS, 0], scalars, smem), finish_weighted(nbg)]
-        threads = THREADS  # tree_min_bwd_cuda: fewer threads per block while the block's smem is over 48 KiB
-        while threads > 32 and tree_smem_bytes(V, D, threads, extrema, True) > DEFAULT_SMEM:
-            threads //= 2
-        smem = tree_smem_bytes(V, D, threads, extrema, True)
-        if up > 1:  # banded (csrc/cuda/upsample.cuh): per band the rows kernel, then the gather
+        if up > 1:
+            # banded (csrc/cuda/upsample.cuh): per band tree_up_rows_group_kernel<T, A, kF, kExtrema, kW> (G
+            # destination pixels of a row per thread; the tree-min's depth slots and node bits as the group
+            # backward's, fewer threads per block while that is over 48 KiB), then the gather
+            G = 16 // _DT[dtype][1]
+            kf = 2 if gamma == 2 else 1 if gamma == 0 else 0
+            gw = -(-W // G)
+            threads = THREADS
+            while extrema and threads > 32 and min_bwd_group_smem_bytes(V, D, threads, G) > DEFAULT_SMEM:
+                threads //= 2
+            smem = min_bwd_group_smem_bytes(V, D, threads, G) if extrema else 16 * V
             return up_bwd_launches(
-                "tree_min", "tree_min_up_rows_kernel", T + A + NO_KW, threads, smem, low, xs, H, W, _DT[dtype][1],
-                lambda bp, nq, ssn, vp: [None, gg, None, sC, ug, 0, bp, nq, None, gt, None, V, L, D, None, gamma, eps,
-                                         ignore, extrema, None, ssn, vp, NO_WEIGHTS], scalars, T)
+                "tree_min", "tree_up_rows_group_kernel", T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + NO_KW,
+                threads, smem, low, xs, H, W, _DT[dtype][1],
+                lambda rows, nq, ssn, ssc, ssy: [None, gg, None, sC, ug, 0, rows * gw, gw, nq, None, gt, None, V, L, D,
+                                                 None, gamma, eps, ignore, None, ssn, ssc, ssy, NO_WEIGHTS], scalars, T,
+                group=G)
         if not extrema:
             # tree_bce_bwd_group_kernel<T, A, kF, kVec, kW>: G pixels per thread as the forward, the node table only
             G = 16 // _DT[dtype][1]
@@ -415,25 +423,28 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
 
 
 def up_bwd_launches(source: str, rows_kernel: str, template: str, threads: int, smem: int, low, xs, H: int, W: int,
-                    logit_bytes: int, rows_params, scalars: Dict[str, float], T: str) -> List[CudaLaunch]:
+                    logit_bytes: int, rows_params, scalars: Dict[str, float], T: str,
+                    group: int = 1) -> List[CudaLaunch]:
     """The banded upsampled backward (upsample.cuh up_backward_bands): per band, the op's rows kernel over the
-    band's destination pixels and up_gather_kernel over its source pixels; the launches of each kernel merged
-    into one (blocks summed, ``launches`` their number: the same compiled code, the count per thread unchanged
-    but for the last band's size). rows_params(bp, nq, ssn, Vp): the rows kernel's parameters for a full band."""
+    band's destination pixels (``group`` of a row per thread) and up_gather_kernel over its source pixels; the
+    launches of each kernel merged into one (blocks summed, ``launches`` their number: the same compiled code, the
+    count per thread unchanged but for the last band's size). rows_params(rows, nq, ssn, ssc, ssy): the rows
+    kernel's parameters for a full band (nq threads; the scratch [N, C, rows, Wp]'s strides)."""
     N, C, h, w = low
     ug = upsample_geom(low, xs, H, W)
     rows, bands, am = up_bands(N, C, h, H, W, 4, logit_bytes)
-    vp = -(-C // UP_CHANNEL_PAD) * UP_CHANNEL_PAD
-    ssn = rows * W * vp
-    bp = rows * W
-    rb = sum(-(-(N * (Y1 - Y0) * W) // threads) for Y0, Y1, _, _ in bands)
+    wp = -(-W // UP_SCRATCH_PAD) * UP_SCRATCH_PAD
+    ssc = rows * wp
+    ssn = C * ssc
+    per_row = -(-W // group)
+    rb = sum(-(-(N * (Y1 - Y0) * per_row) // threads) for Y0, Y1, _, _ in bands)
     gb = sum(-(-(N * (I1 - I0) * w) // UP_GATHER_PIX) for _, _, I0, I1 in bands)
     bw = max(I1 - I0 for _, _, I0, I1 in bands) * w
     sc = {**scalars, "ROWS": rows, "bands": len(bands)}
-    return [CudaLaunch(source, rows_kernel, template, rb, threads, rows_params(bp, N * bp, ssn, vp), sc, smem,
-                       len(bands)),
-            CudaLaunch(source, "up_gather_kernel", T + "f", gb, UP_GATHER_CH * UP_GATHER_PIX,
-                       [None, None, None, ug, 0, rows, 0, N * bw, bw, C, vp, ssn, am, xs[0], xs[1], xs[2], xs[3]],
+    return [CudaLaunch(source, rows_kernel, template, rb, threads, rows_params(rows, N * rows * per_row, ssn, ssc, wp),
+                       sc, smem, len(bands)),
+            CudaLaunch(source, "up_gather_kernel", T + "f", gb, UP_GATHER_PIX * UP_GATHER_CH,
+                       [None, None, None, ug, 0, rows, 0, N * bw, bw, C, ssn, ssc, wp, am, xs[0], xs[1], xs[2], xs[3]],
                        sc, 0, len(bands))]
 
 

@@ -462,9 +462,12 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
     emit(i0, n, offs, gtile);
   };
   if (up && forced)  // what the CUDA kernels run: banded, each row once, then gathered
-    cpu::up_backward_bands<T, A>(*up, y_out, out.strides().data(), 0, [&](A*) {
-      return HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups>{{x, sC, up->geom, tgt, gt, gp, gg}, L, D,
-                                                               LeafGroups{group, L}, w, eps, ignore_index, st, P, wts};
+    cpu::up_backward_bands<1, T, A>(*up, y_out, out.strides().data(), 0, [&](A*) {
+      const HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups> row{{x, sC, up->geom, tgt, gt, gp, gg}, L, D,
+                                                                  LeafGroups{group, L}, w, eps, ignore_index, st, P,
+                                                                  wts};
+      // one pixel per thread (rows of one pixel), as the CUDA rows kernel
+      return [row, up](int64_t rr, int64_t X0, int64_t, A* p, int64_t sc) { row(rr * up->W + X0, StoreOut<A>{p, sc}); };
     });
   else if (up)
     cpu::for_each_upsampled_run<T, A>(x, *up, gx, L * kBlock, body);

@@ -241,30 +241,34 @@ void for_each_upsampled_run(const T* x, const Upsample<A>& u, const PixelGeom& g
 }
 
 // The banded backward with upsampling as the CUDA kernels run it (HSS_CPU_PIXEL_PATH=1; upsample_math.h):
-// per band of destination rows, make_row(scratch)'s row(q, StoreOut) of every pixel of the band into the
-// band's scratch [N, rows, W, Vp], then up_gather_band for every source pixel of the band's source rows and
-// every channel, onto out (the logits' type and strides, os[0..3]; written once per element) or the carry.
-template <typename T, typename A, typename MakeRow>
+// per band of destination rows, make_rows(scratch)'s rows(rr, X0, n, p, sc) for every group of G destination
+// pixels of the band, G at a time from each row's start as the CUDA rows kernel groups them (row rr = b H + Y,
+// columns X0 .. X0 + n - 1, n <= G), writing channel c of lane j at p[c sc + j] of the band's scratch
+// [N, C, rows, Wp] (lanes j >= n: the row's padding); then up_gather_band for every source pixel of the band's
+// source rows and every channel, onto out (the logits' type and strides, os[0..3]; written once per element)
+// or the carry [N, C, am, w].
+template <int G, typename T, typename A, typename MakeRows>
 void up_backward_bands(const Upsample<A>& u, T* out, const int64_t* os, int64_t scratch_size,
-                       const MakeRow& make_row) {
+                       const MakeRows& make_rows) {
   const UpsampleGeom<A>& g = u.geom;
-  const int64_t C = u.C, Vp = up_channels_padded(C);
+  const int64_t C = u.C, Wp = up_scratch_width(u.W);
   const int64_t rows = up_band_rows(u.N, C, u.H, u.W, sizeof(A), sizeof(T));
   int64_t am = 1;
   const std::vector<UpBand> bands = up_band_plan(g, rows, &am);
-  std::vector<A> scratch(static_cast<size_t>(u.N * rows * u.W * Vp));
-  std::vector<A> carry(static_cast<size_t>(u.N * am * u.w * Vp));
-  const int64_t ssn = rows * u.W * Vp, ssy = u.W * Vp, can = am * u.w * Vp;
+  std::vector<A> scratch(static_cast<size_t>(u.N * C * rows * Wp));
+  std::vector<A> carry(static_cast<size_t>(u.N * C * am * u.w));
+  const int64_t ssc = rows * Wp, ssn = C * ssc, ca = am * u.w, can = C * ca;
+  const int64_t gw = (u.W + G - 1) / G;
   for (const UpBand& bd : bands) {
-    const int64_t bp = (bd.Y1 - bd.Y0) * u.W, nq = u.N * bp;
+    const int64_t bg = (bd.Y1 - bd.Y0) * gw, nq = u.N * bg;
 #pragma omp parallel if (nq > 1)
     {
       std::vector<A> scr(scratch_size + 1);
-      const auto row = make_row(scr.data());
+      const auto row = make_rows(scr.data());
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < nq; ++t) {
-        const int64_t b = t / bp, r = t - b * bp;
-        row((b * u.H + bd.Y0) * u.W + r, StoreOut<A>{scratch.data() + b * ssn + r * Vp});
+        const int64_t b = t / bg, r = t - b * bg, yr = r / gw, X0 = (r - yr * gw) * G;
+        row(b * u.H + bd.Y0 + yr, X0, std::min<int64_t>(G, u.W - X0), scratch.data() + b * ssn + yr * Wp + X0, ssc);
       }
     }
     const int64_t bw = (bd.I1 - bd.I0) * u.w, ns = u.N * bw;
@@ -273,10 +277,10 @@ void up_backward_bands(const Upsample<A>& u, T* out, const int64_t* os, int64_t 
       const int64_t b = t / bw, r = t - b * bw, i = bd.I0 + r / u.w, j = r - (r / u.w) * u.w;
       const UpBandWindow wd = up_band_window(g, i, j, bd.Y0, bd.Y1);
       const A* s = scratch.data() + b * ssn;
-      A* ca = carry.data() + b * can + ((i % am) * u.w + j) * Vp;
+      A* cp = carry.data() + b * can + (i % am) * u.w + j;
       T* o = out + b * os[0] + i * os[2] + j * os[3];
       for (int c0 = 0; c0 < C; c0 += 8)  // (8 consecutive channels at a time; per channel the CUDA kernel's sum)
-        up_gather_band<8, A, T>(g, wd, i, j, bd.Y0, s, ssy, Vp, ca, o, os[1], c0, 1, static_cast<int>(C));
+        up_gather_band<8, A, T>(g, wd, i, j, bd.Y0, s, Wp, ssc, cp, ca, o, os[1], c0, 1, static_cast<int>(C));
     }
   }
 }

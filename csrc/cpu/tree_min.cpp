@@ -8,9 +8,10 @@
 //   tile, vectorised across pixels (docs/MATH.md §3.9), the first section below;
 // * the per-pixel path (float64, and every dtype with HSS_CPU_PIXEL_PATH=1): without upsampling
 //   tree_forward_group, tree_min_backward_group and tree_bce_backward_group (G pixels at a time, grouped as
-//   the CUDA kernels group them), with upsampling tree_forward_pixel and tree_backward_pixel of
-//   tree_min_math.h, with the focal mode the CUDA kernels would pick: the code the CUDA kernels run, so
-//   that the tests check the GPU's arithmetic without a GPU.
+//   the CUDA kernels group them; with upsampling, G pixels of a row read through UpLanes, the backward
+//   banded as the CUDA one), with the focal mode the CUDA kernels would pick: the code the CUDA kernels run,
+//   so that the tests check the GPU's arithmetic without a GPU. (float64 with upsampling and not forced:
+//   tree_forward_pixel and tree_backward_pixel of tree_min_math.h on the interpolated tile.)
 #include "checks.h"
 #include "loop.h"
 #include "tree_min_math.h"
@@ -464,8 +465,8 @@ void with_focal_mode(int mode, F&& f) {
 }
 
 // tree_forward_group with the focal mode and extrema the CUDA kernel would take for these options.
-template <typename A, int G, bool kPairs>
-void forward_group(const TileLanes<A, G, kPairs>& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
+template <typename A, int G, typename X>
+void forward_group(const X& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,
                    const A* k, A gamma, A eps, bool extrema, A* loss) {
   Lanes<A, G> slots[kMaxDepth + 1];
   const NodeTable<A> nt{nodes};
@@ -498,8 +499,38 @@ void forward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const 
     }
     if (!any) continue;
     A l[G];
-    forward_group(col, nodes, ti, y, k, gamma, eps, extrema, l);
+    forward_group<A, G>(col, nodes, ti, y, k, gamma, eps, extrema, l);
     for (int j = 0; j < m; ++j) out[g0 + j] = l[j];
+  }
+}
+
+// With fused upsampling, the losses of a block's n destination pixels (flat from i0) as the CUDA forward
+// (tree_fwd_up_group_kernel) computes them: G pixels of a row per group from the row's start, each channel
+// interpolated through UpLanes; a group the block shares with its neighbour runs with the lanes outside the
+// block unlabelled (each lane's loss is its own).
+template <typename T, typename A>
+void up_forward_groups(const T* x, int64_t sC, const UpsampleGeom<A>& u, int64_t i0, int64_t n, const int64_t* ys,
+                       const bool* valid, const TreeNode<A>* nodes, const TreeIndex& ti, const A* k, A gamma, A eps,
+                       bool extrema, A* out) {
+  constexpr int G = lanes_for<T>();
+  for (int64_t p = 0; p < n;) {
+    const int64_t q = i0 + p, rr = q / u.W, X = q - rr * u.W, X0 = X / G * G;
+    const int64_t gn = std::min<int64_t>(G, u.W - X0);      // the group's pixels
+    const int64_t m = std::min<int64_t>(X0 + gn - X, n - p);  // those in the block, from X
+    int y[G];
+    bool any = false;
+    for (int j = 0; j < G; ++j) {
+      const int64_t pj = p + (X0 + j - X);
+      const bool in = X0 + j >= X && X0 + j < X + m && valid[pj];
+      y[j] = in ? static_cast<int>(ys[pj]) : 0;
+      any |= in;
+    }
+    if (any) {
+      A l[G];
+      forward_group<A, G>(up_lanes<T, A, G>(x, sC, u, rr, X0, gn), nodes, ti, y, k, gamma, eps, extrema, l);
+      for (int64_t j = X - X0; j < X - X0 + m; ++j) out[p + (j - (X - X0))] = l[j];
+    }
+    p += m;
   }
 }
 
@@ -620,8 +651,12 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
     if constexpr (vec)
       if (lanes) tree_forward_lanes(x, ld, scr, ti, tr, ys, valid, k, gamma, eps, extrema, lane_loss);
     // What the CUDA kernels run without upsampling: G pixels per thread (tree_forward_group).
-    const bool groups = !lanes && !up;
-    if (groups) forward_groups<T, A>(x, ld, n, ys, valid, nodes.data(), ti, k, gamma, eps, extrema, lane_loss);
+    // With upsampling (forced): the CUDA forward's groups of a row (up_forward_groups).
+    const bool groups = !lanes && (!up || forced);
+    if (groups && !up) forward_groups<T, A>(x, ld, n, ys, valid, nodes.data(), ti, k, gamma, eps, extrema, lane_loss);
+    if (groups && up)
+      up_forward_groups<T, A>(logits.data_ptr<T>(), logits.stride(1), up->geom, i0, n, ys, valid, nodes.data(), ti, k,
+                              gamma, eps, extrema, lane_loss);
     double s = 0, ws = 0;
     int64_t c = 0;
     // The block's pixels, the weights (docs/MATH.md §6.6) compiled in only for a weighted call (the
@@ -636,10 +671,6 @@ void tree_min_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, c
         if (valid[p]) {
           if (lanes || groups)
             l = lane_loss[p];
-          else if (up && forced)  // the CUDA kernels' reads: four source values per channel
-            l = tree_forward_pixel<A>(bilinear_col<T, A>(logits.data_ptr<T>(), logits.stride(1), up->geom.stencil(i0 + p)),
-                                      NodeTable<A>{nodes.data()}, cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k,
-                                      gamma, eps, extrema);
           else
             l = tree_forward_pixel<A>(cpu::StridedColumn<A>{x + p, ld}, NodeTable<A>{nodes.data()},
                                       cpu::Scratch<A>{acc}, ti, static_cast<int>(ys[p]), k, gamma, eps, extrema);
@@ -800,11 +831,44 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
       cpu::scatter<T, A>(y_out, V, sC, offs, n, gtile);
   };
   if (up && cpu::pixel_path_forced()) {  // what the CUDA kernels run: banded, each row once, then gathered
-    const int words = tree_bit_words(V);
-    cpu::up_backward_bands<T, A>(*up, y_out, out.strides().data(), (D + 1) + words, [&](A* scr) {
-      return TreeMinUpsampledRow<T, A, NodeTable<A>, cpu::Scratch<A>, cpu::Scratch<uint32_t>>{
-          {xp, sC, up->geom, tgt, gt, gp, gg}, NodeTable<A>{nodes.data()}, cpu::Scratch<A>{scr},
-          cpu::Scratch<uint32_t>{reinterpret_cast<uint32_t*>(scr + D + 1)}, ti, k, gamma, eps, ignore_index, extrema, w};
+    constexpr int G = lanes_for<T>();
+    // a thread's depth slots (kMaxDepth + 1 Lanes) and node bits (tree_bit_words(V) Lanes), as the CUDA rows
+    // kernel's shared memory
+    const int64_t slot_vals = (kMaxDepth + 1) * G;
+    const int64_t bit_vals = (tree_bit_words(V) * G * int64_t(sizeof(uint32_t)) + sizeof(A) - 1) / sizeof(A);
+    cpu::up_backward_bands<G, T, A>(*up, y_out, out.strides().data(), slot_vals + bit_vals, [&](A* scr) {
+      const LocalLanes<A, G> acc{reinterpret_cast<Lanes<A, G>*>(scr)};
+      const LocalLanes<uint32_t, G> bits{reinterpret_cast<Lanes<uint32_t, G>*>(scr + slot_vals)};
+      return [&, acc, bits](int64_t rr, int64_t X0, int64_t n, A* p, int64_t sc) {
+        // the group's labels and upstream gradients as the CUDA rows kernel's load_group_rows
+        int y[G];
+        bool v[G], bad[G];
+        A gl[G];
+        for (int j = 0; j < G; ++j) {
+          const int64_t q = rr * up->W + X0 + j;
+          const int64_t yj = j < n ? tgt[gt.offset(q)] : ignore_index;
+          const LabelKind kind = label_kind(yj, L, ignore_index);
+          v[j] = kind == kLabelValid;
+          bad[j] = kind == kLabelBad;
+          y[j] = v[j] ? static_cast<int>(yj) : 0;
+          gl[j] = j < n ? gp[gg.offset(q)] : A(0);
+          if (v[j] && w.any()) {
+            const A cy = w.of_class(y[j]);
+            gl[j] *= w.pw ? cy * w.pw[w.gw.offset(q)] : cy;
+          }
+        }
+        const UpLanes<T, A, G> col = up_lanes<T, A, G>(xp, sC, up->geom, rr, X0, n);
+        const ScratchLanes<A, G> o{p, sc};
+        const NodeTable<A> nt{nodes.data()};
+        with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
+          constexpr int kF = decltype(f)::value;
+          if (extrema)  // as the CUDA kernel: the top-down pass reads the kept values back (UpLanesKept)
+            tree_min_backward_group<kF, A, G>(UpLanesKept<T, A, G>{col, p, sc}, nt, acc, bits, o, ti, y, v, bad, k,
+                                              gamma, eps, gl);
+          else
+            tree_bce_backward_group<kF, A, G>(col, nt, o, ti, y, v, bad, k, gamma, eps, gl);
+        });
+      };
     });
   } else if (up) {
     cpu::for_each_upsampled_run<T, A>(xp, *up, gx, scratch, body);

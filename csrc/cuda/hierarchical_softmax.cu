@@ -117,7 +117,7 @@ hierarchical_softmax_bwd_kernel(const A* __restrict__ grad, PixelGeom gg, const 
 
 // Fused upsampling, the banded backward's rows kernel (upsample.cuh): one thread per destination pixel of the
 // band [Y0, Y0 + bp / W) of every image (nq = N bp threads), its gradient row written to the scratch (zeros
-// for an ignored pixel, NaN for a bad label).
+// for an ignored pixel, NaN for a bad label; upsample.cuh's layout: a warp's stores of a channel coalesce).
 template <typename T, typename A, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_up_rows_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
@@ -125,14 +125,14 @@ hierarchical_softmax_up_rows_kernel(const A* __restrict__ grad, PixelGeom gg, co
                                     const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L, int D,
                                     const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
                                     int64_t ignore_index, const A* __restrict__ st, A* __restrict__ scratch,
-                                    int64_t ssn, int64_t Vp, PixelWeights<A> wts) {
+                                    int64_t ssn, int64_t ssc, int64_t ssy, PixelWeights<A> wts) {
   const SharedGroups groups = load_groups(group, L, D);
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= nq) return;
-  const int64_t b = t / bp, r = t - b * bp;
+  const int64_t b = t / bp, r = t - b * bp, Y = r / u.W;
   HierarchicalSoftmaxUpsampledRow<T, A, SharedGroups, kW>{{x, sC, u, tgt, gt, grad, gg}, L, D, groups, w, eps,
                                                           ignore_index, st, P, wts}(
-      (b * u.H + Y0) * u.W + r, StoreOut<A>{scratch + b * ssn + r * Vp});
+      (b * u.H + Y0) * u.W + r, StoreOut<A>{scratch + b * ssn + Y * ssy + (r - Y * u.W), ssc});
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -469,13 +469,13 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
             UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
         up_backward_bands<scalar_t, A>(
             x, target, out, align_corners, "hierarchical_softmax_loss", stream,
-            [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t Vp) {
+            [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t ssc, int64_t ssy) {
               const int64_t bp = (bd.Y1 - bd.Y0) * u.W, nq = x.size(0) * bp;
               kernel<<<num_blocks(nq, kThreads), kThreads, smem, stream>>>(
                   grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1), u, bd.Y0, bp, nq,
                   target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
                   level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), scratch, ssn,
-                  Vp, wts);
+                  ssc, ssy, wts);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
         return;

@@ -13,16 +13,13 @@
 //   and their 2 bits per node, packed 16 nodes and two pixels to a 32-bit word, in shared memory laid out
 //   (slot or word, thread). bfloat16 logits: the bottom-up pass on bfloat16 pairs (VecCol / LaneCols
 //   load_pairs).
-// * The upsampled tree-min / tree BCE backward: banded (upsample.cuh); per band of destination rows,
-//   tree_min_up_rows_kernel, one thread per destination pixel (tree_backward_pixel), its D + 1 per-depth
-//   values in shared memory laid out (depth, thread) and its 2 bits per node packed in 32-bit words, laid
-//   out (word, thread), writes each pixel's gradient row once to a scratch; up_gather_kernel adds the rows
-//   onto the source pixels.
-// Every kernel but the upsampled ones is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with
-// eps 0, or any), picked from the call's options. With fused upsampling (kUp) the forward runs one pixel
-// per thread and reads each channel from four source values (upsample_math.h), and the backward runs band
-// by band: each destination pixel's gradient row once, then gathered onto the source pixels whose stencil
-// weights it (upsample.cuh).
+// * Fused upsampling (kernels *_up_*): the same group functions on G destination pixels of one row per
+//   thread, each channel of the G lanes interpolated from four source values (UpLanes, upsample_math.h): the
+//   forward (tree_fwd_up_group_kernel) and the banded backward (upsample.cuh): per band of destination rows,
+//   tree_up_rows_group_kernel writes each pixel's gradient row once to a scratch (G lanes a store, the warp's
+//   stores contiguous), then up_gather_kernel adds the rows onto the source pixels.
+// Every kernel is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with eps 0, or any), picked from
+// the call's options, and the forwards and the upsampled rows kernel per extrema (tree-min or tree BCE).
 // Class and pixel weights (docs/MATH.md §6.6) are fused into every kernel: the forwards multiply a labelled
 // pixel's loss by cw[y] * pw[p] and, with class weights, sum cw[y] into a third per-block partial (the
 // weighted mean's denominator); the backwards multiply its upstream gradient by the same weight. pw is read
@@ -44,19 +41,11 @@ namespace cuda {
 namespace {
 
 // Shared memory of a block: the pre-order node table (V TreeNodes, read by every thread of a warp at
-// once: a broadcast), then the per-depth scratch, (D + 1) slots laid out (slot, thread), then for the
-// tree-min backward its packed node bits, tree_bit_words(V) words laid out (word, thread); a thread's
-// slot or word sits in its own bank.
+// once: a broadcast), then the per-depth scratch (group_smem_bytes, min_bwd_group_smem_bytes).
 template <typename A>
 __host__ __device__ inline size_t node_table_bytes(int V) {
   return static_cast<size_t>(V) * sizeof(TreeNode<A>);
 }
-template <typename A>
-inline size_t tree_smem_bytes(int V, int D, int threads, bool extrema, bool backward) {
-  return node_table_bytes<A>(V) + (extrema ? static_cast<size_t>(D + 1) * threads * sizeof(A) : 0) +
-         (extrema && backward ? static_cast<size_t>(tree_bit_words(V)) * threads * sizeof(uint32_t) : 0);
-}
-
 // The group forward's shared memory: the node table, then (tree-min) D + 1 depth slots of G lanes per
 // thread, laid out (slot, thread).
 template <typename A, int G>
@@ -71,46 +60,6 @@ __device__ inline NodeTable<A> load_node_table(unsigned char* smem, const TreeIn
   for (int p = threadIdx.x; p < ti.V; p += blockDim.x) nodes[p] = tree_node(ti, k, p);  // sm90: trips=cdiv(V, threads)
   __syncthreads();
   return NodeTable<A>{nodes};
-}
-
-template <typename T, typename A, bool kUp, bool kW>
-__global__ void __launch_bounds__(kThreads)
-tree_min_fwd_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
-                    PixelGeom gt, int64_t P, const int32_t* __restrict__ tree_index, int V, int L, int D,
-                    const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema, A* __restrict__ lp,
-                    double* part, int64_t* cnt, UpsampleGeom<A> u, PixelWeights<A> w, double* wpart) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
-  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  A l = A(0);
-  double ws = 0;
-  int64_t c = 0;
-  if (i < P) {
-    const int64_t y = tgt[gt.offset(i)];
-    const LabelKind kind = label_kind(y, L, ignore_index);
-    if (kind == kLabelValid) {  // sm90: cold
-      SharedCol<A> acc{reinterpret_cast<A*>(smem + node_table_bytes<A>(V)) + threadIdx.x,
-                       static_cast<int>(blockDim.x)};
-      if constexpr (kUp)
-        l = tree_forward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(i)), nodes, acc, ti, static_cast<int>(y), k,
-                                  gamma, eps, extrema);
-      else
-        l = tree_forward_pixel<A>(GlobalCol<T, A>{x + gx.offset(i), sC}, nodes, acc, ti, static_cast<int>(y), k,
-                                  gamma, eps, extrema);
-      if constexpr (kW) {
-        l *= w.at(i, y);
-        ws = static_cast<double>(w.of_class(y));
-      }
-    } else if (kind == kLabelBad) {  // sm90: cold
-      l = quiet_nan<A>();  // see common.h: never a table read
-    }
-    c = kind != kLabelIgnored;
-    if (lp) lp[i] = l;
-  }
-  block_partial(static_cast<double>(l), c, part, cnt);
-  if constexpr (kW)
-    if (wpart) block_weight_partial(ws, wpart);
 }
 
 // The forward without upsampling: G = lanes_for<T>() consecutive pixels per thread (tree_forward_group).
@@ -278,6 +227,67 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
     if (wpart) block_weight_partial(ws, wpart);
 }
 
+// The forward with fused upsampling: G = lanes_for<T>() destination pixels of one row per thread, X0 = G gx ..
+// (gw groups per row, ng = N H gw threads), each channel of the G lanes interpolated through UpLanes, then
+// tree_forward_group as without upsampling; lanes past the row's end repeat its last pixel and are discarded.
+template <typename T, typename A, int kF, bool kExtrema, bool kW>
+__global__ void __launch_bounds__(kThreads)
+tree_fwd_up_group_kernel(const T* __restrict__ x, int64_t sC, UpsampleGeom<A> u, const int64_t* __restrict__ tgt,
+                         PixelGeom gt, int64_t ng, int64_t gw, const int32_t* __restrict__ tree_index, int V, int L,
+                         int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, A* __restrict__ lp,
+                         double* part, int64_t* cnt, PixelWeights<A> w, double* wpart) {
+  constexpr int G = lanes_for<T>();
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
+  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  double sum = 0, ws = 0;
+  int64_t c = 0;
+  if (t < ng) {
+    const int64_t rr = t / gw, X0 = (t - rr * gw) * G;
+    const int64_t n = u.W - X0 < G ? u.W - X0 : G;
+    const int64_t i0 = rr * u.W + X0;
+    int64_t toff[G];
+    lane_offsets<G>(gt, i0, n, toff);
+    int y[G];
+    LabelKind kind[G];
+    bool any = false;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
+      kind[j] = j < n ? label_kind(yj, L, ignore_index) : kLabelIgnored;
+      y[j] = kind[j] == kLabelValid ? static_cast<int>(yj) : 0;  // see common.h: never a table read
+      any |= kind[j] == kLabelValid;
+    }
+    A l[G];
+    if (any) {
+      SharedLanes<A, G> acc{smem + node_table_bytes<A>(V) + threadIdx.x * sizeof(Lanes<A, G>),
+                            static_cast<int>(blockDim.x * sizeof(Lanes<A, G>))};
+      tree_forward_group<kF, kExtrema, A, G>(up_lanes<T, A, G>(x, sC, u, rr, X0, n), nodes, acc, ti, y, k, gamma,
+                                             eps, l);
+    }
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) {
+      A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
+      if constexpr (kW) {
+        if (kind[j] == kLabelValid) {  // the weights: one pw read per labelled lane, at its target pixel
+          const A cy = w.of_class(y[j]);
+          v *= w.pw ? cy * w.pw[w.gw.offset(i0 + j)] : cy;
+          ws += static_cast<double>(cy);
+        }
+      }
+      if (j < n) {
+        sum += static_cast<double>(v);
+        c += kind[j] != kLabelIgnored;
+        if (lp) lp[i0 + j] = v;
+      }
+    }
+  }
+  block_partial(sum, c, part, cnt);
+  if constexpr (kW)
+    if (wpart) block_weight_partial(ws, wpart);
+}
+
 // The backwards' 16-byte stores, as VecCol reads: one per channel (LaneCols stores lane by lane itself).
 template <typename T, typename A, int G>
 struct VecOut {
@@ -422,31 +432,71 @@ tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
   }
 }
 
-// Fused upsampling, the banded backward's rows kernel (upsample.cuh): one thread per destination pixel of the
-// band [Y0, Y0 + bp / W) of every image (nq = N bp threads), its gradient row (tree_backward_pixel through
-// TreeMinUpsampledRow, the channels interpolated as the fused forward reads them) written to the scratch,
-// zeros for an ignored pixel; shared memory: the node table, then D + 1 slots and tree_bit_words(V) words per
-// thread, laid out (slot or word, thread) (tree_smem_bytes).
-template <typename T, typename A, bool kW>
-__global__ void tree_min_up_rows_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
-                                        int64_t sC, UpsampleGeom<A> u, int64_t Y0, int64_t bp, int64_t nq,
-                                        const int64_t* __restrict__ tgt, PixelGeom gt,
-                                        const int32_t* __restrict__ tree_index, int V, int L, int D,
-                                        const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, bool extrema,
-                                        A* __restrict__ scratch, int64_t ssn, int64_t Vp, PixelWeights<A> w) {
+// Fused upsampling, the banded backward's rows kernel (upsample.cuh): G = lanes_for<T>() destination pixels of
+// one row of the band [Y0, Y0 + rows) per thread, X0 = G gx (gw groups per row, nq = N rows gw threads), their
+// channels interpolated through UpLanes (the tree-min: UpLanesKept, its top-down pass reading the bottom-up
+// pass's values back from the lanes' scratch rows), their gradient rows (tree_min_backward_group, or the tree
+// BCE's tree_bce_backward_group; the unlabelled lanes' rows 0 or NaN) stored to the scratch G lanes at a time
+// (ScratchLanes: on float one 16-byte store per channel, the warp's stores contiguous). Shared memory as the
+// backwards without upsampling: the node table, then (tree-min) the depth slots and node bits of the G lanes.
+// (__launch_bounds__ with one block per SM: ptxas otherwise held some 8-lane (16-bit logits) instantiations at
+// 128 registers with spills.)
+template <typename T, typename A, int kF, bool kExtrema, bool kW>
+__global__ void __launch_bounds__(kThreads, 1)
+tree_up_rows_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
+                          UpsampleGeom<A> u, int64_t Y0, int64_t bg, int64_t gw, int64_t nq,
+                          const int64_t* __restrict__ tgt, PixelGeom gt, const int32_t* __restrict__ tree_index, int V,
+                          int L, int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index,
+                          A* __restrict__ scratch, int64_t ssn, int64_t ssc, int64_t ssy, PixelWeights<A> w) {
+  constexpr int G = lanes_for<T>();
   extern __shared__ __align__(16) unsigned char smem[];
   const TreeIndex ti = unpack_tree(tree_index, V, L, D);
   const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= nq) return;
-  const int threads = static_cast<int>(blockDim.x);
-  A* acc0 = reinterpret_cast<A*>(smem + node_table_bytes<A>(V));
-  uint32_t* bits0 = reinterpret_cast<uint32_t*>(acc0 + static_cast<size_t>(D + 1) * threads);
-  const int64_t b = t / bp, r = t - b * bp;
-  TreeMinUpsampledRow<T, A, NodeTable<A>, SharedCol<A>, SharedCol<uint32_t>, kW>{
-      {x, sC, u, tgt, gt, grad, gg}, nodes, SharedCol<A>{acc0 + threadIdx.x, threads},
-      SharedCol<uint32_t>{bits0 + threadIdx.x, threads}, ti, k, gamma, eps, ignore_index, extrema,
-      w}((b * u.H + Y0) * u.W + r, StoreOut<A>{scratch + b * ssn + r * Vp});
+  const int64_t b = t / bg, r = t - b * bg, yr = r / gw, X0 = (r - yr * gw) * G;
+  const int64_t n = u.W - X0 < G ? u.W - X0 : G;
+  const int64_t rr = b * u.H + Y0 + yr, i0 = rr * u.W + X0;
+  int y[G];
+  bool valid[G], bad[G];
+  A g[G];
+  load_group_rows<kW, G>(tgt, gt, grad, gg, i0, n, L, ignore_index, w, y, valid, bad, g);
+  const UpLanes<T, A, G> col = up_lanes<T, A, G>(x, sC, u, rr, X0, n);
+  const ScratchLanes<A, G> out{scratch + b * ssn + yr * ssy + X0, ssc};
+  if constexpr (kExtrema) {
+    const int threads = static_cast<int>(blockDim.x);
+    unsigned char* slots = smem + node_table_bytes<A>(V);
+    const SharedLanes<A, G> acc{slots + threadIdx.x * sizeof(Lanes<A, G>),
+                                static_cast<int>(threads * sizeof(Lanes<A, G>))};
+    unsigned char* words = slots + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>);
+    const SharedLanes<uint32_t, G> bits{words + threadIdx.x * sizeof(Lanes<uint32_t, G>),
+                                        static_cast<int>(threads * sizeof(Lanes<uint32_t, G>))};
+    // the bottom-up pass's interpolated logits kept in the lanes' scratch rows for the top-down pass
+    tree_min_backward_group<kF, A, G>(UpLanesKept<T, A, G>{col, out.p, ssc}, nodes, acc, bits, out, ti, y, valid,
+                                      bad, k, gamma, eps, g);
+  } else {
+    tree_bce_backward_group<kF, A, G>(col, nodes, out, ti, y, valid, bad, k, gamma, eps, g);
+  }
+}
+
+// Runs f(std::integral_constant<int, kF>{}) for the focal mode of the options (tree_min_math.h focal_mode).
+template <typename A, typename F>
+void with_focal(A gamma, A eps, F&& f) {
+  const int mode = focal_mode(gamma, eps);
+  if (mode == kFocalG2)
+    f(std::integral_constant<int, kFocalG2>{});
+  else if (mode == kFocalG0)
+    f(std::integral_constant<int, kFocalG0>{});
+  else
+    f(std::integral_constant<int, kFocalAny>{});
+}
+
+template <typename F>
+void with_extrema(bool extrema, F&& f) {
+  if (extrema)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 // The group kernel for one dtype: its focal mode, extrema, kVec and kW picked from the call.
@@ -530,23 +580,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
                                extrema, loss, count, w, weight_sum, stream);
       return;
     }
-    const int64_t nb = num_blocks(P, kThreads);
+    // fused upsampling: G pixels of a row per thread (tree_fwd_up_group_kernel)
+    constexpr int G = lanes_for<scalar_t>();
+    const int V = logits.size(1);
+    const int64_t gw = (target.size(2) + G - 1) / G, ng = target.size(0) * target.size(1) * gw;
+    const int64_t nb = num_blocks(ng, kThreads);
     Partials partials(logits, nb, w.cw != nullptr);
-    auto kernel =
-        w.any() ? tree_min_fwd_kernel<scalar_t, A, true, true> : tree_min_fwd_kernel<scalar_t, A, true, false>;
-    const size_t smem = tree_smem_bytes<A>(logits.size(1), D, kThreads, extrema, false);
-    // block_sum's static arrays
-    allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min",
-               logits.size(1), "nodes");
-    kernel<<<nb, kThreads, smem, stream>>>(
-        logits.data_ptr<scalar_t>(), geom(logits), logits.stride(1), target.data_ptr<int64_t>(), geom(target), P,
-        tree_index.data_ptr<int32_t>(), logits.size(1), L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
-        static_cast<A>(eps), ignore_index, extrema, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(),
-        partials.c(),
-        UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2),
-                              align_corners),
-        w, partials.w());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const UpsampleGeom<A> u = UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1),
+                                                    target.size(2), align_corners);
+    with_focal(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
+      with_extrema(extrema, [&](auto e) {
+        with_weights(w.any(), [&](auto weighted) {
+          auto kernel = tree_fwd_up_group_kernel<scalar_t, A, decltype(f)::value, decltype(e)::value,
+                                                 decltype(weighted)::value>;
+          const size_t smem = group_smem_bytes<A, G>(V, D, kThreads, extrema);
+          allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min", V,
+                     "nodes");
+          kernel<<<nb, kThreads, smem, stream>>>(
+              logits.data_ptr<scalar_t>(), logits.stride(1), u, target.data_ptr<int64_t>(), geom(target), ng, gw,
+              tree_index.data_ptr<int32_t>(), V, L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
+              static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(), partials.c(),
+              w, partials.w());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
     partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
   });
   return {loss, count, weight_sum};
@@ -570,28 +628,37 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const PixelWeights<A> w = pixel_weights<A>(class_weight, pixel_weight);
-    // The node table, D + 1 scratch values per thread and, for tree-min, its packed node bits; fewer
-    // threads per block for big trees.
     constexpr size_t kDefaultSmem = 48 * 1024;
-    int threads = kThreads;
-    while (threads > 32 && tree_smem_bytes<A>(V, D, threads, extrema, true) > kDefaultSmem) threads /= 2;
-    const size_t smem = tree_smem_bytes<A>(V, D, threads, extrema, true);
-    if (upsample) {
-      auto kernel = w.any() ? tree_min_up_rows_kernel<scalar_t, A, true> : tree_min_up_rows_kernel<scalar_t, A, false>;
-      allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
+    if (upsample) {  // banded: the rows kernel (G pixels of a row per thread), then the gather (upsample.cuh)
+      constexpr int G = lanes_for<scalar_t>();
+      // the node table and, for the tree-min, the G lanes' depth slots and node bits: fewer threads per block
+      // while that is over 48 KiB
+      int threads = kThreads;
+      while (extrema && threads > 32 && min_bwd_group_smem_bytes<A, G>(V, D, threads) > kDefaultSmem) threads /= 2;
+      const size_t smem = extrema ? min_bwd_group_smem_bytes<A, G>(V, D, threads) : node_table_bytes<A>(V);
       const UpsampleGeom<A> u =
           UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
-      up_backward_bands<scalar_t, A>(
-          x, target, out, align_corners, extrema ? "tree_min_loss" : "tree_bce_loss", stream,
-          [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t Vp) {
-            const int64_t bp = (bd.Y1 - bd.Y0) * u.W, nq = x.size(0) * bp;
-            kernel<<<num_blocks(nq, threads), threads, smem, stream>>>(
-                grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1), u, bd.Y0, bp, nq,
-                target.data_ptr<int64_t>(), geom(target), tree_index.data_ptr<int32_t>(), V, L, D,
-                node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, extrema,
-                scratch, ssn, Vp, w);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t gw = (u.W + G - 1) / G;
+      with_focal(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
+        with_extrema(extrema, [&](auto e) {
+          with_weights(w.any(), [&](auto weighted) {
+            auto kernel = tree_up_rows_group_kernel<scalar_t, A, decltype(f)::value, decltype(e)::value,
+                                                    decltype(weighted)::value>;
+            allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
+            up_backward_bands<scalar_t, A>(
+                x, target, out, align_corners, extrema ? "tree_min_loss" : "tree_bce_loss", stream,
+                [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t ssc, int64_t ssy) {
+                  const int64_t bg = (bd.Y1 - bd.Y0) * gw, nq = x.size(0) * bg;
+                  kernel<<<num_blocks(nq, threads), threads, smem, stream>>>(
+                      grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1), u, bd.Y0, bg,
+                      gw, nq, target.data_ptr<int64_t>(), geom(target), tree_index.data_ptr<int32_t>(), V, L, D,
+                      node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, scratch,
+                      ssn, ssc, ssy, w);
+                  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                });
           });
+        });
+      });
       return;
     }
     // the focal mode of the options (tree_min_math.h: focal_k)

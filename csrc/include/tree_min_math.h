@@ -2,9 +2,9 @@
 // which share one kernel family: `extrema` true routes every node's term through the min over its
 // ancestors (target path) or the max over its descendants (elsewhere), false is plain BCE. Shared by
 // the CPU loops (csrc/cpu/tree_min.cpp) and the CUDA kernels (csrc/cuda/tree_min.cu): the CUDA kernels,
-// the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call
-// tree_forward_group (the forward without upsampling, G pixels at a time), tree_forward_pixel (with
-// upsampling) and tree_backward_pixel as they are; the CPU's row passes keep the same tie rules (§3.7)
+// the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call the group
+// functions (G pixels at a time; with fused upsampling through upsample_math.h's UpLanes) as they are, and
+// the CPU's float64 path with upsampling tree_forward_pixel and tree_backward_pixel; the CPU's row passes keep the same tie rules (§3.7)
 // and NaN rule (§5.3).
 //
 // A pixel costs O(V): one pass over the nodes in reverse pre-order with a running maximum per depth
@@ -304,6 +304,17 @@ struct Bf16Pairs {
 template <typename X>
 struct Bf16Pairs<X, decltype(void(X::kBf16Pairs))> {
   static constexpr bool value = X::kBf16Pairs;
+};
+
+// Whether an accessor X keeps what its load gave for a later pass (X::kReload and x.reload(c, out): the same
+// values, read back instead of computed again; upsample_math.h UpLanesKept).
+template <typename X, typename = void>
+struct Reloads {
+  static constexpr bool value = false;
+};
+template <typename X>
+struct Reloads<X, decltype(void(X::kReload))> {
+  static constexpr bool value = X::kReload;
 };
 
 // The depth slots acc(s) (Lanes of G values) seen as H = G / 2 bfloat16 pairs, their first 4 H bytes.
@@ -654,7 +665,8 @@ HSS_HOST_DEVICE inline void tree_backward_pixel(const X& x, const N& nodes, cons
 //   path node's channel is overwritten by the path walk below, and an unlabelled lane writes its row's
 //   value (0, or NaN for a bad label) everywhere.
 // * top-down (pre-order), a word at a time: the owed weights in acc, every node's off-path gradient written
-//   for the G lanes, with selects only.
+//   for the G lanes, with selects only; its logits read again through x.load, or (an accessor with kReload)
+//   x.reload, which gives back what the bottom-up pass's x.load gave.
 // * the path, per lane: one walk down it keeps the running argmin (strict <, the first node always
 //   taken) and the sum of k since the last new minimum, in depth order; when a new minimum is set (and
 //   at the path's end) the previous one's gradient is stored (store_lane), and each other path node gets
@@ -795,7 +807,10 @@ HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, 
       const TreeNode<A> n = nodes(p);
       const uint32_t kl = 1u << (p - lo), kh = kl << 16;
       Lanes<A, G> z, own, o;
-      x.load(n.c, z);
+      if constexpr (Reloads<X>::value)
+        x.reload(n.c, z);  // what the bottom-up pass loaded
+      else
+        x.load(n.c, z);
       Lanes<A, G> parent = acc(n.depth - 1);
       HSS_UNROLL
       for (int j = 0; j < G; ++j) {
@@ -844,34 +859,5 @@ HSS_HOST_DEVICE inline void tree_min_backward_group(const X& x, const N& nodes, 
     out.store_lane(cv, j, kk != A(0) ? g[j] * kk * dl : A(0));
   }
 }
-
-// With fused upsampling (upsample_math.h): the backward of destination pixel q for the banded backward,
-// its gradient row from the interpolated logits written to out (a StoreOut; label() writes an unlabelled
-// row). acc and bits: the calling thread's scratch. w: the class and pixel weights, pw read at the
-// destination (target) pixel q; the pixel's upstream gradient is multiplied by its weight; kW false (a CUDA
-// instantiation for unweighted calls) compiles the weights out.
-template <typename T, typename A, typename N, typename S, typename B, bool kW = true>
-struct TreeMinUpsampledRow {
-  UpsampledPixels<T, A> px;
-  N nodes;
-  S acc;
-  B bits;
-  TreeIndex t;
-  const A* k;
-  A gamma, eps;
-  int64_t ignore_index;
-  bool extrema;
-  PixelWeights<A> w;
-  template <typename O>
-  HSS_HOST_DEVICE void operator()(int64_t q, const O& out) const {
-    const int y = px.label(q, t.L, ignore_index, t.V, out);
-    if (y >= 0) {
-      const A g = px.grad_of(q);
-      A gw = g;
-      if constexpr (kW) gw = w.any() ? g * w.at(q, y) : g;
-      tree_backward_pixel<A>(px.logits(q), nodes, acc, bits, out, t, y, k, gamma, eps, extrema, gw);
-    }
-  }
-};
 
 }  // namespace hss

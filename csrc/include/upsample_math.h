@@ -1,12 +1,13 @@
 // Fused bilinear upsampling for the per-pixel code of the ops (docs/MATH.md §6), on the CPU
 // (HSS_CPU_PIXEL_PATH=1) and in the CUDA kernels: the logits are (N, C, h, w), the pixels (N, H, W).
 //
-// Forward: a destination pixel's channels are read through BilinearCol, four source values per channel.
+// Forward: a destination pixel's channels are read through BilinearCol (the tree losses: G pixels of a row
+// through UpLanes), four source values per channel.
 // Backward, deterministic without atomics, banded: over bands of destination rows [Y0, Y1) (up_band_plan),
-// each destination pixel's gradient row is computed once by the op's per-pixel backward into a scratch
-// [N, rows, W, Vp] (the op's *UpsampledRow with StoreOut as its output), then up_gather_band adds it onto the
-// source pixels in the order (Y, X), carrying the partial sums of the source rows whose window goes on past
-// the band (docs/MATH.md §6.3).
+// each destination pixel's gradient row is computed once by the op's backward into a scratch [N, C, rows, Wp]
+// (the hierarchical softmax's *UpsampledRow with StoreOut, the tree losses' group backwards through UpLanes
+// with ScratchLanes), then up_gather_band adds it onto the source pixels in the order (Y, X), carrying the
+// partial sums of the source rows whose window goes on past the band (docs/MATH.md §6.3).
 #pragma once
 
 #include <cstdlib>
@@ -103,12 +104,92 @@ HSS_HOST_DEVICE inline BilinearCol<T, A> bilinear_col(const T* x, int64_t sC, co
   return BilinearCol<T, A>{x + st.o00, sC, st.dx, st.dy, st.lx, st.ly};
 }
 
-// out(c, v) of a per-pixel backward into the banded scratch: writes channel c of one destination pixel's
-// gradient row (stride 1 in the scratch); an ignored pixel's row is written as zeros (UpsampledPixels::label).
+// G destination pixels of one row, X0 .. X0 + G - 1, as the group functions of the ops read them (tree_min_math.h
+// tree_forward_group and the tree backwards: load(c, out) fills the G lanes of channel c, x(c, j) one lane):
+// each lane's channel interpolated as BilinearCol does (the same value), the lanes' column offsets and weights
+// computed once (up_lanes); the lanes share the source rows (o = row y0 of the image, dy to row y1, ly).
+template <typename T, typename A, int G>
+struct UpLanes {
+  const T* p;  // the lanes' image at source row y0, column 0, channel 0
+  int64_t s, dy;
+  int64_t ox[G], dx[G];  // lane j's x0 column offset and its x1 - x0 step, in elements
+  A ly, lx[G];
+  HSS_HOST_DEVICE A lerp(const T* q, int j) const {
+    const T* r = q + ox[j];
+    const A a00 = static_cast<A>(r[0]), a01 = static_cast<A>(r[dx[j]]);  // sm90: logits
+    const A a10 = static_cast<A>(r[dy]), a11 = static_cast<A>(r[dy + dx[j]]);  // sm90: logits
+    return (A(1) - ly) * ((A(1) - lx[j]) * a00 + lx[j] * a01) + ly * ((A(1) - lx[j]) * a10 + lx[j] * a11);
+  }
+  template <typename L>
+  HSS_HOST_DEVICE void load(int c, L& out) const {
+    const T* q = p + c * s;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) out.v[j] = lerp(q, j);
+  }
+  HSS_HOST_DEVICE A operator()(int c, int j) const { return lerp(p + c * s, j); }
+};
+
+// The lanes of destination row rr = b H + Y (flat over N x H), columns X0 .. X0 + G - 1; lanes j >= n (past
+// the row's end, n >= 1) repeat lane n - 1's stencil.
+template <typename T, typename A, int G>
+HSS_HOST_DEVICE inline UpLanes<T, A, G> up_lanes(const T* x, int64_t sC, const UpsampleGeom<A>& u, int64_t rr,
+                                                 int64_t X0, int64_t n) {
+  const int64_t b = rr / u.H, Y = rr - b * u.H;
+  int64_t y0, y1, x0, x1;
+  UpLanes<T, A, G> l;
+  u.ay.at(Y, y0, y1, l.ly);
+  l.p = x + b * u.sN + y0 * u.sh;
+  l.s = sC;
+  l.dy = (y1 - y0) * u.sh;
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    u.ax.at(X0 + (j < n ? j : n - 1), x0, x1, l.lx[j]);
+    l.ox[j] = x0 * u.sw;
+    l.dx[j] = (x1 - x0) * u.sw;
+  }
+  return l;
+}
+
+// UpLanes whose load also keeps the G interpolated values at k[c sc + j] (in the banded backward: the lanes'
+// own gradient rows in the scratch, which the backward overwrites channel by channel afterwards), and reload
+// reads them back: tree_min_backward_group's top-down pass reads its channels there instead of interpolating
+// them a second time (the same values). x(c, j) (the path walk, after the rows are overwritten) interpolates.
+template <typename T, typename A, int G>
+struct UpLanesKept {
+  UpLanes<T, A, G> up;
+  A* k;
+  int64_t sc;
+  static constexpr bool kReload = true;
+  template <typename L>
+  HSS_HOST_DEVICE void load(int c, L& out) const {
+    up.load(c, out);
+    *reinterpret_cast<L*>(k + c * sc) = out;
+  }
+  template <typename L>
+  HSS_HOST_DEVICE void reload(int c, L& out) const { out = *reinterpret_cast<const L*>(k + c * sc); }
+  HSS_HOST_DEVICE A operator()(int c, int j) const { return up(c, j); }
+};
+
+// out(c, v) of a per-pixel backward into the banded scratch (up_scratch_width): writes channel c of one
+// destination pixel's gradient row (channel stride sc); an ignored pixel's row is written as zeros
+// (UpsampledPixels::label).
 template <typename A>
 struct StoreOut {
   A* p;
-  HSS_HOST_DEVICE void operator()(int c, A v) const { p[c] = v; }
+  int64_t sc;
+  HSS_HOST_DEVICE void operator()(int c, A v) const { p[c * sc] = v; }
+};
+
+// The output of a group backward into the banded scratch: lane j of channel c at p[c sc + j], the G lanes
+// one aligned Lanes store (a group starts at a multiple of G in a row of up_scratch_width(W) columns; lanes
+// past the row's end write its padding, which nothing reads).
+template <typename A, int G>
+struct ScratchLanes {
+  A* p;
+  int64_t sc;
+  template <typename L>
+  HSS_HOST_DEVICE void store(int c, const L& v) const { *reinterpret_cast<L*>(p + c * sc) = v; }
+  HSS_HOST_DEVICE void store_lane(int c, int j, A v) const { p[c * sc + j] = v; }
 };
 
 // What every op's backward row reads of a destination pixel q with fused upsampling: the low-resolution
@@ -146,15 +227,17 @@ struct UpBand {
   int64_t Y0, Y1, I0, I1;
 };
 
-// The scratch of a band: [N, rows, W, Vp] in the accumulation type, channels innermost (padded to a multiple
-// of kUpChannelPad, 32 bytes of float) so that a warp's channels of one pixel are contiguous. At most
-// kUpBwdScratchBytes (to stay in an H100's 50 MB L2 between the two kernels of a band) and a tenth of the
-// full-resolution logits (at least 1 MiB); at least one row. HSS_UP_BAND_ROWS=<n> (n >= 1) sets the rows
-// per band instead (the tests force small bands with it: the result is the same bits for any band height).
+// The scratch of a band: [N, C, rows, Wp] in the accumulation type, Wp = W padded to a multiple of
+// kUpScratchPad (up_scratch_width), destination pixels innermost: the threads of a warp, on consecutive
+// pixels (or groups of G <= kUpScratchPad pixels, each group one aligned Lanes store), write a channel's
+// contiguous run. At most kUpBwdScratchBytes (to stay in an H100's 50 MB L2 between the two kernels of a band)
+// and a tenth of the full-resolution logits (at least 1 MiB); at least one row. HSS_UP_BAND_ROWS=<n> (n >= 1)
+// sets the rows per band instead (the tests force small bands with it: the result is the same bits for any
+// band height).
 constexpr int64_t kUpBwdScratchBytes = int64_t(32) << 20;
-constexpr int64_t kUpChannelPad = 8;
+constexpr int64_t kUpScratchPad = 8;
 
-inline int64_t up_channels_padded(int64_t C) { return (C + kUpChannelPad - 1) / kUpChannelPad * kUpChannelPad; }
+inline int64_t up_scratch_width(int64_t W) { return (W + kUpScratchPad - 1) / kUpScratchPad * kUpScratchPad; }
 
 inline int64_t up_band_rows(int64_t N, int64_t C, int64_t H, int64_t W, int64_t acc_bytes, int64_t logit_bytes) {
   if (const char* v = std::getenv("HSS_UP_BAND_ROWS")) {
@@ -162,7 +245,7 @@ inline int64_t up_band_rows(int64_t N, int64_t C, int64_t H, int64_t W, int64_t 
     const long long r = std::strtoll(v, &end, 10);
     if (end != v && *end == '\0' && r >= 1) return r < H ? static_cast<int64_t>(r) : (H > 0 ? H : 1);
   }
-  const int64_t row = N * W * up_channels_padded(C) * acc_bytes;
+  const int64_t row = N * up_scratch_width(W) * C * acc_bytes;
   int64_t budget = N * C * H * W * logit_bytes / 10;
   if (budget < (int64_t(1) << 20)) budget = int64_t(1) << 20;
   if (budget > kUpBwdScratchBytes) budget = kUpBwdScratchBytes;
@@ -216,34 +299,35 @@ HSS_HOST_DEVICE inline UpBandWindow up_band_window(const UpsampleGeom<A>& u, int
 }
 
 // Channels c = c0 + k cs (k < K, c < C) of source pixel (i, j): per channel the carried partial sum
-// (carry[c]; 0 if the window starts in this band) plus wy * wx * s[(Y - Y0) * ssy + X * ssx + c] over the
+// (carry[c * ca]; 0 if the window starts in this band) plus wy * wx * s[(Y - Y0) * ssy + X + c * ssc] over the
 // band's part of its window, rows then columns (wy * wx computed once for the K channels); the sum goes to
-// out[c * oC] if the window ends in this band, else back to carry[c]. Per channel the same sum, in the same
-// order, as one pass over the whole window: the same bits for any band height and any K. CUDA's gather kernel
-// (32 channels of a pixel across a warp) and the CPU pixel path (consecutive channels) both run it.
+// out[c * oC] if the window ends in this band, else back to carry[c * ca]. Per channel the same sum, in the
+// same order, as one pass over the whole window: the same bits for any band height and any K. CUDA's gather
+// kernel (32 source pixels across a warp, channels c0, c0 + cs, ... per thread) and the CPU pixel path
+// (consecutive channels) both run it.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
 template <int K, typename A, typename T>
 HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBandWindow& wd, int64_t i, int64_t j,
-                                           int64_t Y0, const A* s, int64_t ssy, int64_t ssx, A* carry, T* out,
-                                           int64_t oC, int c0, int cs, int C) {
+                                           int64_t Y0, const A* s, int64_t ssy, int64_t ssc, A* carry, int64_t ca,
+                                           T* out, int64_t oC, int c0, int cs, int C) {
   A a[K];
   HSS_UNROLL
   for (int k = 0; k < K; ++k) {
     const int c = c0 + k * cs;
-    a[k] = !wd.first && c < C ? carry[c] : A(0);
+    a[k] = !wd.first && c < C ? carry[c * ca] : A(0);
   }
   for (int64_t Y = wd.ylo; Y < wd.yhi; ++Y) {  // sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
     const A wy = UpsampleGeom<A>::weight(u.ay, Y, i);
     const A* sy = s + (Y - Y0) * ssy;
     for (int64_t X = wd.xlo; X < wd.xhi; ++X) {  // sm90: trips=2 * W / w
       const A wyx = wy * UpsampleGeom<A>::weight(u.ax, X, j);
-      const A* sx = sy + X * ssx;
+      const A* sx = sy + X;
       HSS_UNROLL
       for (int k = 0; k < K; ++k) {
         const int c = c0 + k * cs;
-        if (c < C) a[k] += wyx * sx[c];
+        if (c < C) a[k] += wyx * sx[c * ssc];
       }
     }
   }
@@ -254,7 +338,7 @@ HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBan
       if (wd.last)
         out[c * oC] = static_cast<T>(a[k]);
       else
-        carry[c] = a[k];
+        carry[c * ca] = a[k];
     }
   }
 }
