@@ -6,7 +6,7 @@ of loop-carried values, float64 layout bugs, ...). The launchers themselves run 
 recorder in place of the launch (benchmarks/sm90/triton_side.py), so each variant is compiled with the
 arguments, constexprs and specialisation (16-byte divisibility, stride-1 constants, i32 or i64 integers)
 a real launch of that call gives. Prints one line per variant and exits 1 on the first failure.
-Usage: python tests/_triton_compile_sm90.py
+Usage: python tests/_triton_compile_sm90.py [--shard SHARD/SHARDS]
 """
 import sys
 
@@ -151,8 +151,11 @@ def weighted_variants(leaf_tree, node_tree):
     return out
 
 
-def main():
-    n = 0
+def main(argv):
+    """Compiles one shard of every variant's launches (``--shard SHARD/SHARDS``, default 0/1: all); prints the
+    launch count of all variants first, then one line per compiled launch."""
+    shard, shards = map(int, (argv[argv.index("--shard") + 1] if "--shard" in argv else "0/1").split("/"))
+    recorded = []
     for name, call, backward in variants():
         try:
             launches = triton_side.record_call(call, backward)
@@ -161,17 +164,31 @@ def main():
             for launch in launches:
                 if "i64" in name and not any(type(a) is int and abs(a) >= 2 ** 31 for a in launch.args):
                     raise RuntimeError("no integer argument of this launch needs 64 bits")
-                c = triton_side.compile_launch(launch, cache_dir=None)
-                sig = ",".join(f"{k}={v}" for k, v in launch.describe().items() if k in ("LOSS_MODE", "GRAD_MODE")
-                               or k.startswith(("HAS_", "USE_", "ACT", "MEAN")))
-                print(f"ok {name}: {c.name} {c.num_warps} warps [{sig}]", flush=True)
-                n += 1
+                recorded.append((name, launch))
         except Exception as exc:  # report which variant, then fail
             print("FAIL", name, repr(exc)[-2000:])
             return 1
-    print(f"{n} variants compiled")
+    # Launches of one kernel and mode next to each other, then every shards-th: each shard gets its share of
+    # the slow compiles (the tree-min gradients) and of the fast ones.
+    def kind(i):
+        launch = recorded[i][1]
+        modes = launch.constexprs
+        return (launch.kernel.fn.__name__, str(modes.get("GRAD_MODE")), str(modes.get("LOSS_MODE")), i)
+
+    mine = [recorded[i] for i in sorted(range(len(recorded)), key=kind)[shard::shards]]
+    print(f"launches: {len(recorded)} in all, {len(mine)} in shard {shard}/{shards}", flush=True)
+    for name, launch in mine:
+        try:
+            c = triton_side.compile_launch(launch, cache_dir=None)
+        except Exception as exc:
+            print("FAIL", name, repr(exc)[-2000:])
+            return 1
+        sig = ",".join(f"{k}={v}" for k, v in launch.describe().items() if k in ("LOSS_MODE", "GRAD_MODE")
+                       or k.startswith(("HAS_", "USE_", "ACT", "MEAN")))
+        print(f"ok {name}: {c.name} {c.num_warps} warps [{sig}]", flush=True)
+    print(f"{len(mine)} variants compiled")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
