@@ -414,7 +414,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
   // The gradient tile's way out: to the logits' strides, or (upsampling) added to the low-resolution gradient.
   const auto emit = [&](int64_t i0, int64_t n, const int64_t* offs, const A* gtile) {
     if (up)
-      cpu::scatter_upsampled<A>(acc, *up, i0, n, gtile);
+      cpu::scatter_upsampled_columns<A>(acc, *up, i0, n, gtile);
     else
       cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
   };

@@ -209,6 +209,52 @@ inline void scatter_upsampled(A* acc, const Upsample<A>& u, int64_t i0, int64_t 
   }
 }
 
+// scatter_upsampled with each source column's sum held in a register: the run's 2n (lane, weight) terms
+// are grouped once by source column (x0 and x1 never decrease along a row), so that per channel every
+// column's sum is a short chain of its own, independent of the others, instead of 2n read-modify-writes
+// of a small array whose neighbouring lanes hit the same entry (each waiting on the last one's store).
+// A column sums its x1 terms (lanes to its left) then its x0 terms, in lane order: a fixed order, so the
+// result does not depend on the number of threads (the caller's tasks are scatter_upsampled's).
+template <typename A>
+inline void scatter_upsampled_columns(A* acc, const Upsample<A>& u, int64_t i0, int64_t n, const A* gtile) {
+  const int64_t hw = u.H * u.W;
+  const int64_t b = i0 / hw, Y = (i0 - b * hw) / u.W, X = i0 - b * hw - Y * u.W;
+  const A ly = u.ly[Y], ky = A(1) - ly;
+  const int64_t lo = u.h * u.w;
+  const int64_t xs = u.x0[X], span = u.x1[X + n - 1] - xs + 1;
+  A* r0 = acc + b * u.C * lo + u.y0[Y] * u.w + xs;
+  A* r1 = acc + b * u.C * lo + u.y1[Y] * u.w + xs;
+  const int64_t* x0 = u.x0.data() + X;
+  const int64_t* x1 = u.x1.data() + X;
+  const A* lx = u.lx.data() + X;
+  int32_t lane[2 * kBlock], beg[kBlock + 2];
+  A wt[2 * kBlock];
+  int32_t k = 0;
+  for (int64_t j = 0, p0 = 0, p1 = 0; j < span; ++j) {
+    beg[j] = k;
+    for (; p1 < n && x1[p1] - xs == j; ++p1, ++k) {
+      lane[k] = static_cast<int32_t>(p1);
+      wt[k] = lx[p1];
+    }
+    for (; p0 < n && x0[p0] - xs == j; ++p0, ++k) {
+      lane[k] = static_cast<int32_t>(p0);
+      wt[k] = A(1) - lx[p0];
+    }
+  }
+  beg[span] = k;
+  for (int64_t c = 0; c < u.C; ++c) {
+    const A* g = gtile + c * kBlock;
+    A* a0 = r0 + c * lo;
+    A* a1 = r1 + c * lo;
+    for (int64_t j = 0; j < span; ++j) {
+      A s = A(0);
+      for (int32_t t = beg[j]; t < beg[j + 1]; ++t) s += wt[t] * g[lane[t]];
+      a0[j] += ky * s;
+      a1[j] += ly * s;
+    }
+  }
+}
+
 // The backward's loop with upsampling: body(first_pixel, n, offsets, tile, kBlock, scratch) as in
 // for_each_block_direct, over runs of at most kBlock pixels within one destination row, the tile
 // interpolated; the body hands its gradient to scatter_upsampled. Deterministic without atomics: a task
