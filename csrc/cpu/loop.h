@@ -209,52 +209,6 @@ inline void scatter_upsampled(A* acc, const Upsample<A>& u, int64_t i0, int64_t 
   }
 }
 
-// scatter_upsampled with each source column's sum held in a register: the run's 2n (lane, weight) terms
-// are grouped once by source column (x0 and x1 never decrease along a row), so that per channel every
-// column's sum is a short chain of its own, independent of the others, instead of 2n read-modify-writes
-// of a small array whose neighbouring lanes hit the same entry (each waiting on the last one's store).
-// A column sums its x1 terms (lanes to its left) then its x0 terms, in lane order: a fixed order, so the
-// result does not depend on the number of threads (the caller's tasks are scatter_upsampled's).
-template <typename A>
-inline void scatter_upsampled_columns(A* acc, const Upsample<A>& u, int64_t i0, int64_t n, const A* gtile) {
-  const int64_t hw = u.H * u.W;
-  const int64_t b = i0 / hw, Y = (i0 - b * hw) / u.W, X = i0 - b * hw - Y * u.W;
-  const A ly = u.ly[Y], ky = A(1) - ly;
-  const int64_t lo = u.h * u.w;
-  const int64_t xs = u.x0[X], span = u.x1[X + n - 1] - xs + 1;
-  A* r0 = acc + b * u.C * lo + u.y0[Y] * u.w + xs;
-  A* r1 = acc + b * u.C * lo + u.y1[Y] * u.w + xs;
-  const int64_t* x0 = u.x0.data() + X;
-  const int64_t* x1 = u.x1.data() + X;
-  const A* lx = u.lx.data() + X;
-  int32_t lane[2 * kBlock], beg[kBlock + 2];
-  A wt[2 * kBlock];
-  int32_t k = 0;
-  for (int64_t j = 0, p0 = 0, p1 = 0; j < span; ++j) {
-    beg[j] = k;
-    for (; p1 < n && x1[p1] - xs == j; ++p1, ++k) {
-      lane[k] = static_cast<int32_t>(p1);
-      wt[k] = lx[p1];
-    }
-    for (; p0 < n && x0[p0] - xs == j; ++p0, ++k) {
-      lane[k] = static_cast<int32_t>(p0);
-      wt[k] = A(1) - lx[p0];
-    }
-  }
-  beg[span] = k;
-  for (int64_t c = 0; c < u.C; ++c) {
-    const A* g = gtile + c * kBlock;
-    A* a0 = r0 + c * lo;
-    A* a1 = r1 + c * lo;
-    for (int64_t j = 0; j < span; ++j) {
-      A s = A(0);
-      for (int32_t t = beg[j]; t < beg[j + 1]; ++t) s += wt[t] * g[lane[t]];
-      a0[j] += ky * s;
-      a1[j] += ly * s;
-    }
-  }
-}
-
 // The backward's loop with upsampling: body(first_pixel, n, offsets, tile, kBlock, scratch) as in
 // for_each_block_direct, over runs of at most kBlock pixels within one destination row, the tile
 // interpolated; the body hands its gradient to scatter_upsampled. Deterministic without atomics: a task
@@ -281,6 +235,91 @@ void for_each_upsampled_run(const T* x, const Upsample<A>& u, const PixelGeom& g
             gather_upsampled(x, u, i0, n, tile.data());
             body(i0, n, offs, static_cast<const A*>(tile.data()), kBlock, tile.data() + u.C * kBlock);
           }
+      }
+    }
+  }
+}
+
+// The backward's loop with upsampling and its scatter, for_each_upsampled_run's tasks with the transpose of
+// gather_upsampled taken rows first: body(first_pixel, n, offsets, tile, kBlock, scratch) writes the
+// gradient of its run's n lanes into scratch as a (C, kBlock) tile (and nothing else); every destination
+// row of a task has the same two source rows y0, y1, so the task adds (1 - ly) g and ly g of its rows
+// into two full-width rows b0, b1 (C, W) (lanes contiguous: vector FMAs), and only at its end sums b0,
+// b1 into their source columns (grouped once per call: x0 and x1 never decrease along a row) and
+// adds them to acc's rows y0 and y1. The horizontal sums, the costly part, are then taken once per task
+// instead of once per destination row. Deterministic as for_each_upsampled_run: the same tasks, each
+// summing in a fixed order. acc (N, C, h, w) contiguous.
+template <typename T, typename A, typename Body>
+void for_each_upsampled_run_rows(const T* x, const Upsample<A>& u, const PixelGeom& g, A* acc, const Body& body) {
+  const int64_t C = u.C, W = u.W, lo = u.h * u.w;
+  // a destination row's 2W (lane, weight) terms grouped by source column j: terms beg[j] .. beg[j + 1] - 1
+  std::vector<int32_t> lane(2 * W), beg(u.w + 1);
+  std::vector<A> wt(2 * W);
+  {
+    int64_t k = 0, p0 = 0, p1 = 0;
+    for (int64_t j = 0; j < u.w; ++j) {
+      beg[j] = static_cast<int32_t>(k);
+      for (; p1 < W && u.x1[p1] == j; ++p1, ++k) {
+        lane[k] = static_cast<int32_t>(p1);
+        wt[k] = u.lx[p1];
+      }
+      for (; p0 < W && u.x0[p0] == j; ++p0, ++k) {
+        lane[k] = static_cast<int32_t>(p0);
+        wt[k] = A(1) - u.lx[p0];
+      }
+    }
+    beg[u.w] = static_cast<int32_t>(k);
+  }
+  for (int parity = 0; parity < 2; ++parity) {
+    const int64_t rows = (u.h - parity + 1) / 2;  // source rows y = parity, parity + 2, ...
+    const int64_t tasks = u.N * rows;
+#pragma omp parallel if (tasks > 1)
+    {
+      std::vector<A> tile(2 * C * kBlock), b0(C * W), b1(C * W);
+      int64_t offs[kBlock];
+      A* gt = tile.data() + C * kBlock;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t b = t / rows, y = parity + 2 * (t - b * rows);
+        if (u.row_begin[y] == u.row_begin[y + 1]) continue;
+        std::fill(b0.begin(), b0.end(), A(0));
+        std::fill(b1.begin(), b1.end(), A(0));
+        for (int64_t Y = u.row_begin[y]; Y < u.row_begin[y + 1]; ++Y) {
+          const A ly = u.ly[Y], ky = A(1) - ly;
+          for (int64_t X = 0; X < W; X += kBlock) {
+            const int64_t i0 = (b * u.H + Y) * W + X, n = std::min(kBlock, W - X);
+            g.offsets(i0, n, offs);
+            gather_upsampled(x, u, i0, n, tile.data());
+            body(i0, n, offs, static_cast<const A*>(tile.data()), kBlock, gt);
+            for (int64_t c = 0; c < C; ++c) {
+              const A* gc = gt + c * kBlock;
+              A* r0 = b0.data() + c * W + X;
+              A* r1 = b1.data() + c * W + X;
+              for (int64_t p = 0; p < n; ++p) {
+                r0[p] += ky * gc[p];
+                r1[p] += ly * gc[p];
+              }
+            }
+          }
+        }
+        const int64_t Y0 = u.row_begin[y];
+        A* a0 = acc + b * C * lo + u.y0[Y0] * u.w;
+        A* a1 = acc + b * C * lo + u.y1[Y0] * u.w;
+        for (int64_t c = 0; c < C; ++c) {
+          const A* r0 = b0.data() + c * W;
+          const A* r1 = b1.data() + c * W;
+          A* o0 = a0 + c * lo;
+          A* o1 = a1 + c * lo;
+          for (int64_t j = 0; j < u.w; ++j) {
+            A s0 = A(0), s1 = A(0);
+            for (int32_t k = beg[j]; k < beg[j + 1]; ++k) {
+              s0 += wt[k] * r0[lane[k]];
+              s1 += wt[k] * r1[lane[k]];
+            }
+            o0[j] += s0;
+            o1[j] += s1;
+          }
+        }
       }
     }
   }
