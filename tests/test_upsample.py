@@ -79,6 +79,20 @@ def test_native_tree_min_half_exact_weights(native, shape):
             _check("tree_min_loss", "native", x, y, tree, align_corners=align_corners)
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 29, 5, 150), (2, 2, 20, 4, 160), (1, 2, 70, 3, 131)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("loss", H.LOSSES)
+def test_native_rows_longer_than_a_block(native, loss, shape, align_corners):
+    """Destination rows wider than the CPU kernels' block (64 pixels), so that the backward's runs start
+    mid-row and the source column at a run's edge takes terms from two runs: a non-integer scale, an
+    integer 8x and a scale below 2; float32 and float64."""
+    tree = H.random_tree()
+    for dtype in (torch.float32, torch.float64):
+        x, y = _inputs(tree, loss, shape, dtype)
+        _check(loss, "native", x, y, tree, align_corners=align_corners)
+
+
 @pytest.mark.parametrize("loss", H.LOSSES)
 def test_native_options_and_reductions(native, loss):
     tree = H.random_tree(min_depth=2)

@@ -411,12 +411,10 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
   const int64_t sC = logits.stride(1);
   const bool forced = cpu::pixel_path_forced();
   const bool weighted = wts.any();
-  // The gradient tile's way out: to the logits' strides, or (upsampling) added to the low-resolution gradient.
-  const auto emit = [&](int64_t i0, int64_t n, const int64_t* offs, const A* gtile) {
-    if (up)
-      cpu::scatter_upsampled<A>(acc, *up, i0, n, gtile);
-    else
-      cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
+  // The gradient tile's way out: to the logits' strides, or (upsampling) left in the scratch tile, which
+  // cpu::for_each_upsampled_run_rows adds to the low-resolution gradient.
+  const auto emit = [&](int64_t, int64_t n, const int64_t* offs, const A* gtile) {
+    if (!up) cpu::scatter<T, A>(y_out, L, sC, offs, n, gtile);
   };
   const auto body = [&](int64_t i0, int64_t n, const int64_t* offs, const A* tile, int64_t ld, A* gtile) {
     int32_t gy[kMaxDepth][kBlock];
@@ -470,7 +468,7 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
       return [row, up](int64_t rr, int64_t X0, int64_t, A* p, int64_t sc) { row(rr * up->W + X0, StoreOut<A>{p, sc}); };
     });
   else if (up)
-    cpu::for_each_upsampled_run<T, A>(x, *up, gx, L * kBlock, body);
+    cpu::for_each_upsampled_run_rows<T, A>(x, *up, gx, acc, body);
   else
     cpu::for_each_block_direct<T, A>(x, L, sC, gx, P, L * kBlock, body);
 }

@@ -240,6 +240,91 @@ void for_each_upsampled_run(const T* x, const Upsample<A>& u, const PixelGeom& g
   }
 }
 
+// The backward's loop with upsampling and its scatter, for_each_upsampled_run's tasks with the transpose of
+// gather_upsampled taken rows first: body(first_pixel, n, offsets, tile, kBlock, scratch) writes the
+// gradient of its run's n lanes into scratch as a (C, kBlock) tile (and nothing else); every destination
+// row of a task has the same two source rows y0, y1, so the task adds (1 - ly) g and ly g of its rows
+// into two full-width rows b0, b1 (C, W) (lanes contiguous: vector FMAs), and only at its end sums b0,
+// b1 into their source columns (grouped once per call: x0 and x1 never decrease along a row) and
+// adds them to acc's rows y0 and y1. The horizontal sums, the costly part, are then taken once per task
+// instead of once per destination row. Deterministic as for_each_upsampled_run: the same tasks, each
+// summing in a fixed order. acc (N, C, h, w) contiguous.
+template <typename T, typename A, typename Body>
+void for_each_upsampled_run_rows(const T* x, const Upsample<A>& u, const PixelGeom& g, A* acc, const Body& body) {
+  const int64_t C = u.C, W = u.W, lo = u.h * u.w;
+  // a destination row's 2W (lane, weight) terms grouped by source column j: terms beg[j] .. beg[j + 1] - 1
+  std::vector<int32_t> lane(2 * W), beg(u.w + 1);
+  std::vector<A> wt(2 * W);
+  {
+    int64_t k = 0, p0 = 0, p1 = 0;
+    for (int64_t j = 0; j < u.w; ++j) {
+      beg[j] = static_cast<int32_t>(k);
+      for (; p1 < W && u.x1[p1] == j; ++p1, ++k) {
+        lane[k] = static_cast<int32_t>(p1);
+        wt[k] = u.lx[p1];
+      }
+      for (; p0 < W && u.x0[p0] == j; ++p0, ++k) {
+        lane[k] = static_cast<int32_t>(p0);
+        wt[k] = A(1) - u.lx[p0];
+      }
+    }
+    beg[u.w] = static_cast<int32_t>(k);
+  }
+  for (int parity = 0; parity < 2; ++parity) {
+    const int64_t rows = (u.h - parity + 1) / 2;  // source rows y = parity, parity + 2, ...
+    const int64_t tasks = u.N * rows;
+#pragma omp parallel if (tasks > 1)
+    {
+      std::vector<A> tile(2 * C * kBlock), b0(C * W), b1(C * W);
+      int64_t offs[kBlock];
+      A* gt = tile.data() + C * kBlock;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t b = t / rows, y = parity + 2 * (t - b * rows);
+        if (u.row_begin[y] == u.row_begin[y + 1]) continue;
+        std::fill(b0.begin(), b0.end(), A(0));
+        std::fill(b1.begin(), b1.end(), A(0));
+        for (int64_t Y = u.row_begin[y]; Y < u.row_begin[y + 1]; ++Y) {
+          const A ly = u.ly[Y], ky = A(1) - ly;
+          for (int64_t X = 0; X < W; X += kBlock) {
+            const int64_t i0 = (b * u.H + Y) * W + X, n = std::min(kBlock, W - X);
+            g.offsets(i0, n, offs);
+            gather_upsampled(x, u, i0, n, tile.data());
+            body(i0, n, offs, static_cast<const A*>(tile.data()), kBlock, gt);
+            for (int64_t c = 0; c < C; ++c) {
+              const A* gc = gt + c * kBlock;
+              A* r0 = b0.data() + c * W + X;
+              A* r1 = b1.data() + c * W + X;
+              for (int64_t p = 0; p < n; ++p) {
+                r0[p] += ky * gc[p];
+                r1[p] += ly * gc[p];
+              }
+            }
+          }
+        }
+        const int64_t Y0 = u.row_begin[y];
+        A* a0 = acc + b * C * lo + u.y0[Y0] * u.w;
+        A* a1 = acc + b * C * lo + u.y1[Y0] * u.w;
+        for (int64_t c = 0; c < C; ++c) {
+          const A* r0 = b0.data() + c * W;
+          const A* r1 = b1.data() + c * W;
+          A* o0 = a0 + c * lo;
+          A* o1 = a1 + c * lo;
+          for (int64_t j = 0; j < u.w; ++j) {
+            A s0 = A(0), s1 = A(0);
+            for (int32_t k = beg[j]; k < beg[j + 1]; ++k) {
+              s0 += wt[k] * r0[lane[k]];
+              s1 += wt[k] * r1[lane[k]];
+            }
+            o0[j] += s0;
+            o1[j] += s1;
+          }
+        }
+      }
+    }
+  }
+}
+
 // The banded backward with upsampling as the CUDA kernels run it (HSS_CPU_PIXEL_PATH=1; upsample_math.h):
 // per band of destination rows, make_rows(scratch)'s rows(rr, X0, n, p, sc) for every group of G destination
 // pixels of the band, G at a time from each row's start as the CUDA rows kernel groups them (row rr = b H + Y,
