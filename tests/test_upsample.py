@@ -449,6 +449,26 @@ def test_triton_nan_and_bad_labels(triton_hs, align_corners):
         hss_kernels.set_label_check(True)
 
 
+def test_triton_offsets_past_2_31(triton_hs):
+    """Low-resolution logits whose offsets pass 2^31 (H.far_views: a batch stride putting image 2 past it, a
+    channel stride putting the last leaves past it: the forward's 64-bit path within an image), upsampled: loss
+    and gradient equal the composition's on a compact copy."""
+    tree = trees.load("cityscapes")
+    for view in H.far_views(tree.num_leaves):
+        compact = (torch.randn(view.shape) * 3).to(torch.bfloat16)
+        view.copy_(compact)
+        y = torch.randint(0, tree.num_leaves, (view.shape[0], 4, 6))
+        a = view.requires_grad_(True)
+        got = hss_kernels.hierarchical_softmax_loss(a, y, tree, backend="triton", upsample="bilinear",
+                                                    reduction="none")
+        go = torch.randn(got.shape)
+        (g,) = torch.autograd.grad(got, a, go)
+        want, g_want, _ = H.loss_and_grad(_composed(HS), compact, y, tree, go, reduction="none")
+        torch.testing.assert_close(got, want, **H.loss_tolerance(HS, compact, tree))
+        H.assert_grad_close(g, g_want, torch.bfloat16, H.upstream_size(go, y, "none"))
+        del view, a, got, g
+
+
 def test_triton_gradcheck_float64(triton_hs):
     tree = H.random_tree(max_nodes=8, min_depth=2)
     x, y = _inputs(tree, HS, (1, 2, 3, 5, 7))
