@@ -72,10 +72,17 @@ def _jit_calls_interpreted():
                     setattr(obj, name, old[name])
 
 
+_held = threading.local()  # .device: the device whose guard held_device_guard holds on this thread
+
+
 def launch(kernel, grid, like: torch.Tensor, *args, **kwargs) -> None:
     """Runs ``kernel[grid](*args, **kwargs)`` for tensors on ``like``'s device: compiled, inside
-    :func:`device_guard`, for CUDA tensors; under the interpreter for CPU tensors."""
+    :func:`device_guard` (entered here unless :func:`held_device_guard` holds it for that device), for CUDA
+    tensors; under the interpreter for CPU tensors."""
     if not interpreted(like.device):
+        if getattr(_held, "device", None) == like.device:
+            kernel[grid](*args, **kwargs)
+            return
         with device_guard(like):
             kernel[grid](*args, **kwargs)
         return
@@ -100,6 +107,22 @@ def device_guard(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def held_device_guard(t: torch.Tensor):
+    """:func:`device_guard` entered once around a loop of launches on ``t``'s device (the banded backwards:
+    hundreds of launches), which :func:`launch` then does not enter again; a no-op on the CPU."""
+    if t.device.type != "cuda":
+        yield
+        return
+    prev = getattr(_held, "device", None)
+    with device_guard(t):
+        _held.device = t.device
+        try:
+            yield
+        finally:
+            _held.device = prev
 
 
 def interpreter_pixels(pixels: int) -> int:
