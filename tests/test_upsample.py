@@ -361,6 +361,23 @@ def test_triton_chunks_and_tiles(triton_hs, align_corners):
         _check(HS, "triton", x, y, tree, align_corners=align_corners, reduction="none", grad_out=go, **kw)
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_triton_forward_gpu_tiles(triton_hs, align_corners, monkeypatch):
+    """The upsampled forward with the tiles a GPU launch takes (hierarchical_softmax._up_blocks compiled: chunks
+    of 16 leaves, 256 pixels per program), under the interpreter: 20 leaves (a full chunk and a last one of 4),
+    two images of several programs each, the last one partial (its pixels clamped to the image's last), a pixel
+    whose groups underflow next to its max (the cold branch), float32 NCHW and channels_last, bfloat16."""
+    monkeypatch.setattr(triton_hs, "_up_blocks", lambda logits: (16, 256, 4))
+    tree = trees.load("lip")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = _inputs(tree, HS, (2, 7, 5, 19, 21), dtype)
+        x[0, :, 2, 3] = -200.0
+        x[0, 0, 2, 3] = 200.0
+        layouts = (x, x.contiguous(memory_format=torch.channels_last)) if dtype == torch.float32 else (x,)
+        for xx in layouts:
+            _check(HS, "triton", xx, y, tree, align_corners=align_corners, reduction="none")
+
+
 def test_triton_is_fused(triton_hs):
     """functional.py hands every Triton loss the low-resolution logits."""
     from hss_kernels import triton as T
