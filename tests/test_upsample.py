@@ -375,6 +375,23 @@ def test_triton_chunks_and_tiles(triton_hs, align_corners):
         _check(HS, "triton", x, y, tree, align_corners=align_corners, reduction="none", grad_out=go, **kw)
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_triton_forward_gpu_tiles(triton_hs, align_corners, monkeypatch):
+    """The upsampled forward with the tiles a GPU launch takes (hierarchical_softmax._up_blocks compiled: chunks
+    of 16 leaves, 256 pixels per program), under the interpreter: 20 leaves (a full chunk and a last one of 4),
+    two images of several programs each, the last one partial (its pixels clamped to the image's last), a pixel
+    whose groups underflow next to its max (the cold branch), float32 NCHW and channels_last, bfloat16."""
+    monkeypatch.setattr(triton_hs, "_up_blocks", lambda logits: (16, 256, 4))
+    tree = trees.load("lip")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = _inputs(tree, HS, (2, 7, 5, 19, 21), dtype)
+        x[0, :, 2, 3] = -200.0
+        x[0, 0, 2, 3] = 200.0
+        layouts = (x, x.contiguous(memory_format=torch.channels_last)) if dtype == torch.float32 else (x,)
+        for xx in layouts:
+            _check(HS, "triton", xx, y, tree, align_corners=align_corners, reduction="none")
+
+
 def test_triton_is_fused(triton_hs):
     """functional.py hands every Triton loss the low-resolution logits."""
     from hss_kernels import triton as T
@@ -461,6 +478,26 @@ def test_triton_nan_and_bad_labels(triton_hs, align_corners):
         assert torch.isnan(out[0, 4, 4]) and torch.isfinite(out.flatten()[:-1]).all()
     finally:
         hss_kernels.set_label_check(True)
+
+
+def test_triton_offsets_past_2_31(triton_hs):
+    """Low-resolution logits whose offsets pass 2^31 (H.far_views: a batch stride putting image 2 past it, a
+    channel stride putting the last leaves past it: the forward's 64-bit path within an image), upsampled: loss
+    and gradient equal the composition's on a compact copy."""
+    tree = trees.load("cityscapes")
+    for view in H.far_views(tree.num_leaves):
+        compact = (torch.randn(view.shape) * 3).to(torch.bfloat16)
+        view.copy_(compact)
+        y = torch.randint(0, tree.num_leaves, (view.shape[0], 4, 6))
+        a = view.requires_grad_(True)
+        got = hss_kernels.hierarchical_softmax_loss(a, y, tree, backend="triton", upsample="bilinear",
+                                                    reduction="none")
+        go = torch.randn(got.shape)
+        (g,) = torch.autograd.grad(got, a, go)
+        want, g_want, _ = H.loss_and_grad(_composed(HS), compact, y, tree, go, reduction="none")
+        torch.testing.assert_close(got, want, **H.loss_tolerance(HS, compact, tree))
+        H.assert_grad_close(g, g_want, torch.bfloat16, H.upstream_size(go, y, "none"))
+        del view, a, got, g
 
 
 def test_triton_gradcheck_float64(triton_hs):

@@ -72,10 +72,17 @@ def _jit_calls_interpreted():
                     setattr(obj, name, old[name])
 
 
+_held = threading.local()  # .device: the device whose guard held_device_guard holds on this thread
+
+
 def launch(kernel, grid, like: torch.Tensor, *args, **kwargs) -> None:
     """Runs ``kernel[grid](*args, **kwargs)`` for tensors on ``like``'s device: compiled, inside
-    :func:`device_guard`, for CUDA tensors; under the interpreter for CPU tensors."""
+    :func:`device_guard` (entered here unless :func:`held_device_guard` holds it for that device), for CUDA
+    tensors; under the interpreter for CPU tensors."""
     if not interpreted(like.device):
+        if getattr(_held, "device", None) == like.device:
+            kernel[grid](*args, **kwargs)
+            return
         with device_guard(like):
             kernel[grid](*args, **kwargs)
         return
@@ -100,6 +107,22 @@ def device_guard(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def held_device_guard(t: torch.Tensor):
+    """:func:`device_guard` entered once around a loop of launches on ``t``'s device (the banded backwards:
+    hundreds of launches), which :func:`launch` then does not enter again; a no-op on the CPU."""
+    if t.device.type != "cuda":
+        yield
+        return
+    prev = getattr(_held, "device", None)
+    with device_guard(t):
+        _held.device = t.device
+        try:
+            yield
+        finally:
+            _held.device = prev
 
 
 def interpreter_pixels(pixels: int) -> int:
@@ -520,3 +543,73 @@ def up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
     xb = n * sxn
     return (xb + iy0 * sxh + ix0 * sxw, xb + iy0 * sxh + ix1 * sxw, xb + iy1 * sxh + ix0 * sxw,
             xb + iy1 * sxh + ix1 * sxw, lx, ly)
+
+
+# The fused forwards' stencils, per image: a program owns BLOCK_P pixels of one image (1-D grid of N x
+# cdiv(H*W, BLOCK_P) programs), so the image's base is one scalar pointer and each stencil offset within it an
+# int32 (int64 only where an image's logits pass 2^31 elements: OFF64); the pixels past the image are clamped
+# to its last one, so that no stencil load needs a mask.
+
+def up_off64(logits: torch.Tensor) -> bool:
+    """The OFF64 constexpr of the fused forwards: whether an offset within one image of ``logits``
+    (channels, rows and columns; the batch stride is applied once, in 64 bits) can pass 2^31 - 1."""
+    _, c, h, w = logits.shape
+    s = logits.stride()
+    return (c - 1) * abs(s[1]) + (h - 1) * abs(s[2]) + (w - 1) * abs(s[3]) >= 2**31
+
+
+def up_grid(target: torch.Tensor, block_p: int):
+    """The fused forwards' 1-D grid: cdiv(H*W, block_p) programs per image, N images (at least one program)."""
+    N, H, W = target.shape
+    return (max(N * triton.cdiv(max(H * W, 1), block_p), 1),)
+
+
+@triton.jit
+def up_image_pixels(P, HW, W, BLOCK_P: tl.constexpr):
+    """(pid, n, p, pmask, h, w) of a fused forward's program: its image n (int64 scalar), its pixels' flat
+    index p = n*HW + h*W + w (int64), their mask, and their row h and column w (int32) clamped to the image's
+    last pixel where past it."""
+    pid = tl.program_id(0)
+    nb = tl.cdiv(HW, BLOCK_P)
+    n = pid // nb
+    hw = (pid - n * nb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = n.to(tl.int64)
+    p = n * HW + hw
+    pmask = (hw < HW) & (p < P)  # P = 0 when the batch is empty (HW is then at least 1)
+    hw = tl.minimum(hw, HW - 1)
+    h = hw // W
+    return pid, n, p, pmask, h, hw - h * W
+
+
+@triton.jit
+def up_stencil(ui_ptr, ul_ptr, h, w, Hh, W, sxh, sxw, OFF64: tl.constexpr):
+    """The 2x2 stencil of full-resolution pixels (h, w) (in range) from the per-axis tables (:func:`up_tables`'
+    first two): its offsets u00 (row i0, column i0), u01, u10, u11 within the low-resolution image, int32
+    (int64 with OFF64), and the weights (lx, ly) of its second column and row."""
+    iy0 = tl.load(ui_ptr + h)
+    iy1 = tl.load(ui_ptr + Hh + h)
+    ix0 = tl.load(ui_ptr + 2 * Hh + w)
+    ix1 = tl.load(ui_ptr + 2 * Hh + W + w)
+    if OFF64:
+        iy0 = iy0.to(tl.int64)
+        iy1 = iy1.to(tl.int64)
+        ix0 = ix0.to(tl.int64)
+        ix1 = ix1.to(tl.int64)
+    r0 = iy0 * sxh
+    r1 = iy1 * sxh
+    c0 = ix0 * sxw
+    c1 = ix1 * sxw
+    return r0 + c0, r0 + c1, r1 + c0, r1 + c1, tl.load(ul_ptr + Hh + w), tl.load(ul_ptr + h)
+
+
+@triton.jit
+def lerp_at(xc, u00, u01, u10, u11, wx0, wx1, wy0, wy1, ACC: tl.constexpr):
+    """The bilinear interpolation at scalar pointer ``xc`` (one channel of one image) of the stencil values at
+    offsets u00 .. u11 (unmasked: in range), with the column weights wx0 = 1 - lx, wx1 = lx and the row
+    weights wy0, wy1 (1 - ly and ly, or both times a constant), in F.interpolate's order (columns within
+    each source row, then the rows)."""
+    x00 = tl.load(xc + u00).to(ACC)  # sm90: logits
+    x01 = tl.load(xc + u01).to(ACC)  # sm90: logits
+    x10 = tl.load(xc + u10).to(ACC)  # sm90: logits
+    x11 = tl.load(xc + u11).to(ACC)  # sm90: logits
+    return wy0 * (wx0 * x00 + wx1 * x01) + wy1 * (wx0 * x10 + wx1 * x11)

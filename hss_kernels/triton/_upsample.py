@@ -167,7 +167,8 @@ def backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, b
     by band: per band of full-resolution rows ``launch_rows(scratch, Y0, Y1, block_p)`` (the op's rows kernel:
     the gradient rows of the full-resolution rows [Y0, Y1) of every image, row Y at ``scratch[:, Y - Y0]``,
     channel stride 1), then ``_up_gather_kernel`` onto the low-resolution rows, BLOCK_Q columns a program.
-    Under the interpreter the blocks are cut to the band's pixels and the image's columns (at least 16)."""
+    Under the interpreter the blocks are cut to the band's pixels and the image's columns (at least 16). On a GPU
+    the device guard is entered once around the bands (:func:`_common.held_device_guard`)."""
     N, V, h, w = logits.shape
     acc = C.acc_dtype(logits.dtype)
     ui, ul, win, _, _ = C.up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
@@ -181,13 +182,14 @@ def backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, b
         block_p = min(block_p, max(triton.next_power_of_2(rows * W), 16))
         block_q = min(block_q, max(triton.next_power_of_2(w), 16))
     cx, cwx, kx = up_columns(w, W, bool(align_corners), acc, logits.device)
-    for Y0, Y1, I0, I1 in bands:
-        launch_rows(scratch, Y0, Y1, block_p)
-        C.launch(
-            _up_gather_kernel, (triton.cdiv(w, block_q), I1 - I0, N), logits,
-            scratch, carry, grad, ui, ul, win, cx, cwx,
-            H, h, w, Y0, Y1, I0, am,
-            *scratch.stride()[:3], *carry.stride()[:3], *grad.stride(),
-            V=V, BLOCK_Q=block_q, GB=gb, GS=128 // torch.finfo(acc).bits, KX=kx, ROWS=rows,
-            ACC=C.tl_acc(logits.dtype), num_warps=num_warps,
-        )
+    with C.held_device_guard(logits):  # once for all the bands' launches
+        for Y0, Y1, I0, I1 in bands:
+            launch_rows(scratch, Y0, Y1, block_p)
+            C.launch(
+                _up_gather_kernel, (triton.cdiv(w, block_q), I1 - I0, N), logits,
+                scratch, carry, grad, ui, ul, win, cx, cwx,
+                H, h, w, Y0, Y1, I0, am,
+                *scratch.stride()[:3], *carry.stride()[:3], *grad.stride(),
+                V=V, BLOCK_Q=block_q, GB=gb, GS=128 // torch.finfo(acc).bits, KX=kx, ROWS=rows,
+                ACC=C.tl_acc(logits.dtype), num_warps=num_warps,
+            )

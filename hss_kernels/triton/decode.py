@@ -59,14 +59,40 @@ def _activate(x, m, rz, ACT: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sc64, pmask, CH, V: tl.constexpr, start: tl.constexpr,
+def _load_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sc64, CH, V: tl.constexpr, start: tl.constexpr,
                    G: tl.constexpr, ACC: tl.constexpr):
     """:func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated at the program's pixels
-    (four [pixels, G] gathers), as a tuple of pixel vectors."""
-    ch = T.group_channels(CH, V, start, G, False)
-    t = _common.lerp(x_ptr + ch.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None], u10[:, None],  # sm90: logits
-                     u11[:, None], lx[:, None], ly[:, None], pmask[:, None] & (ch >= 0)[None, :], ACC)
-    return T.unpack(t, G)
+    from their stencils in the image at scalar pointer xi (offsets u00 .. u11 within it, column weights
+    wx0 = 1 - lx, lx, row weights wy0 = 1 - ly, ly), one node at a time (its channel compiled in), as a tuple
+    of pixel vectors; steps past the last node repeat its channel."""
+    out = ()
+    for i in tl.static_range(G):
+        if start + i < V:
+            c = CH[start + i]
+        else:
+            c = CH[V - 1]
+        out = out + (_common.lerp_at(xi + c * sc64, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC),)
+    return out
+
+
+@triton.jit
+def _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, K: tl.constexpr, ACC: tl.constexpr,
+                    FAST: tl.constexpr):
+    """K consecutive channels (the first at scalar pointer xk) of the upsampled softmax's online max m and sum
+    z (one rescale per run, NaN-propagating maxima, as at the labels' size); returns them and the pointer past
+    the run."""
+    xs = ()
+    for i in tl.static_range(K):
+        xs = xs + (_common.lerp_at(xk, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC),)
+        xk += sc64
+    gm = xs[0]
+    for i in tl.static_range(1, K):
+        gm = tl.maximum(gm, xs[i], propagate_nan=tl.PropagateNan.ALL)
+    m_new = tl.maximum(m, gm, propagate_nan=tl.PropagateNan.ALL)
+    s = tl.zeros_like(m)
+    for i in tl.static_range(K):
+        s += _common.exp2((xs[i] - m_new) * LOG2E, FAST)
+    return m_new, z * _common.exp2((m - m_new) * LOG2E, FAST) + s, xk
 
 
 @triton.jit
@@ -78,7 +104,7 @@ def _decode_kernel(
     V: tl.constexpr, CH: tl.constexpr, DEP: tl.constexpr, LID: tl.constexpr, D: tl.constexpr,
     ORDERED: tl.constexpr, ACT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
-    VEC: tl.constexpr, UPSAMPLE: tl.constexpr,
+    VEC: tl.constexpr, UPSAMPLE: tl.constexpr, OFF64: tl.constexpr = False,
 ):
     # CH, DEP, LID: per pre-order position the node's channel, depth (1 = a child of the root) and leaf id
     # (-1: an internal node). ORDERED: the leaf ids increase along the pre-order, so a strict > keeps the
@@ -90,13 +116,16 @@ def _decode_kernel(
     # at or below the node (there is one; ±inf logits have finite sigmoids), and `best` is a NaN-propagating
     # max of the leaf scores. (The softmax's leaf scores may be NaN without a NaN logit, +inf - +inf: there
     # `best` keeps the select, as the native kernels do.)
-    # UPSAMPLE (1-D grid): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
+    # UPSAMPLE (1-D grid, programs within one image each: _common.up_image_pixels; OFF64: 64-bit offsets within
+    # an image): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
     # stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables of the hierarchical softmax's
     # fused forward; docs/MATH.md §6.4).
     if UPSAMPLE:
-        pid = tl.program_id(0)
-        p, pmask, n, h, w = _common.pixel_coords(pid, P, HW, W, BLOCK_P)
-        u00, u01, u10, u11, lx, ly = _common.up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, s_n, s_h, s_w, pmask)
+        pid, n, p, pmask, h, w = _common.up_image_pixels(P, HW, W, BLOCK_P)
+        u00, u01, u10, u11, lx, ly = _common.up_stencil(ui_ptr, ul_ptr, h, w, HW // W, W, s_h, s_w, OFF64)
+        xi = x_ptr + n * s_n  # the image's logits
+        wx0 = 1.0 - lx
+        wy0 = 1.0 - ly
     else:
         pid, p, pmask, xpix, _, _, _ = _common.pixel_offsets(P, HW, W, s_n, s_h, s_w, s_n, s_h, s_w, s_n, s_h, s_w,
                                                             s_n, s_h, s_w, BLOCK_P, FLAT, VEC)
@@ -111,25 +140,28 @@ def _decode_kernel(
     if ACT == 1:
         m = zero - float("inf")
         z = zero
-        for c0 in range(0, V, G):  # sm90: trips=cdiv(V, G)
-            c = c0 + tl.arange(0, G)
-            if UPSAMPLE:
-                t = _common.lerp(x_ptr + c.to(tl.int64)[None, :] * sc64, u00[:, None], u01[:, None],  # sm90: logits
-                                 u10[:, None], u11[:, None], lx[:, None], ly[:, None],
-                                 pmask[:, None] & (c < V)[None, :], ACC)
-            else:
+        if UPSAMPLE:
+            # Runs of G channels unmasked (every pixel's stencil is in range), the last V % G after them.
+            xk = xi
+            for c0 in range(0, V - V % G, G):  # sm90: trips=V // G
+                m, z, xk = _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, G, ACC, FAST)
+            if V % G > 0:
+                m, z, xk = _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, V % G, ACC, FAST)
+        else:
+            for c0 in range(0, V, G):  # sm90: trips=cdiv(V, G)
+                c = c0 + tl.arange(0, G)
                 t = tl.load(x_ptr + xpix[:, None] + c.to(tl.int64)[None, :] * sc64,  # sm90: logits
                             mask=pmask[:, None] & (c < V)[None, :], other=0.0).to(ACC)
-            xs = T.unpack(tl.where((c < V)[None, :], t, float("-inf")), G)
-            gm = xs[0]
-            for i in tl.static_range(1, G):
-                gm = tl.maximum(gm, xs[i], propagate_nan=tl.PropagateNan.ALL)
-            m_new = tl.maximum(m, gm, propagate_nan=tl.PropagateNan.ALL)
-            s = zero
-            for i in tl.static_range(G):
-                s += _common.exp2((xs[i] - m_new) * LOG2E, FAST)
-            z = z * _common.exp2((m - m_new) * LOG2E, FAST) + s
-            m = m_new
+                xs = T.unpack(tl.where((c < V)[None, :], t, float("-inf")), G)
+                gm = xs[0]
+                for i in tl.static_range(1, G):
+                    gm = tl.maximum(gm, xs[i], propagate_nan=tl.PropagateNan.ALL)
+                m_new = tl.maximum(m, gm, propagate_nan=tl.PropagateNan.ALL)
+                s = zero
+                for i in tl.static_range(G):
+                    s += _common.exp2((xs[i] - m_new) * LOG2E, FAST)
+                z = z * _common.exp2((m - m_new) * LOG2E, FAST) + s
+                m = m_new
         # masked pixels loaded 0 everywhere: finite m, z = V
         if FAST:
             rz = _common.mufu(z, "rcp", FAST)
@@ -149,7 +181,7 @@ def _decode_kernel(
                 best = T.pin(best, PIN)
                 best_l = T.pin(best_l, PIN)
             if UPSAMPLE:
-                xs = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sc64, pmask, CH, V, i, G, ACC)
+                xs = _load_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sc64, CH, V, i, G, ACC)
             else:
                 xs = T.load_group(x_ptr, xpix, sc64, pmask, CH, V, i, G, False, ACC, ACT == 1)
         xv = xs[i % G]
@@ -251,11 +283,11 @@ def _blocks(logits: torch.Tensor):
 
 
 def _up_blocks(logits: torch.Tensor, pixels: int):
-    """:func:`_blocks` of the fused upsampling over ``pixels`` output pixels: compiled, one pixel per thread
-    (every value is four gathered loads, as the hierarchical softmax's upsampled forward)."""
+    """:func:`_blocks` of the fused upsampling over ``pixels`` output pixels: compiled, two pixels per thread
+    (every value is four gathered loads; the two share each node's scalar channel pointer)."""
     if _common.interpreted(logits.device):
         return _common.interpreter_pixels(pixels), 4, 1
-    return 128, 4, 1
+    return 256, 4, 1
 
 
 # A custom op, so that torch.compile(fullgraph=True) traces decode without a graph break.
@@ -281,7 +313,10 @@ def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool, ignore_
         idx = lam = out  # not read
         flat = _common.flat_pixels(logits)
         _, HW, Wd = _common.shape_args(logits)
-    grid = (triton.cdiv(HW, block_p), N) if flat else (triton.cdiv(P, block_p),)
+    if upsample:
+        grid = _common.up_grid(out, block_p)
+    else:
+        grid = (triton.cdiv(HW, block_p), N) if flat else (triton.cdiv(P, block_p),)
     fast = _common.fast_exp(logits)
     _common.launch(
         _decode_kernel, grid, logits,
@@ -291,7 +326,7 @@ def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool, ignore_
         ignore_index,
         V=V, CH=ch, DEP=dep, LID=lid, D=D, ORDERED=ordered, ACT=act, MEAN=mean, ACC=_common.tl_acc(logits.dtype),
         BLOCK_P=block_p, FLAT=flat, FAST=fast, G=T.GROUP, PIN=not _common.interpreted(logits.device), VEC=vec,
-        UPSAMPLE=upsample, num_warps=num_warps,
+        UPSAMPLE=upsample, OFF64=upsample and _common.up_off64(logits), num_warps=num_warps,
     )
     return out
 

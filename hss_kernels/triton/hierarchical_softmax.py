@@ -31,7 +31,8 @@ Modes:
   logits a second time (from cache) for it.
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6): the forward runs with UPSAMPLE over the
-target's pixels, each logit the interpolation of the pixel's 2x2 stencil; the backward is
+target's pixels, each logit the interpolation of the pixel's 2x2 stencil (``_up_lse``: programs within one
+image, int32 stencil offsets, each leaf a [pixels] vector, one exponential per element); the backward is
 ``_hierarchical_softmax_up_bwd_kernel``: each full-resolution pixel's gradient row is computed once (per
 program whose tile holds it; the halo twice), split by its four weights into per-lane sums that a lane
 shift adds up (no atomics). Neither the full-resolution logits nor their gradient is stored. (The tree losses'
@@ -55,6 +56,7 @@ __all__ = ["hierarchical_softmax_loss", "hierarchical_softmax_loss_and_grad"]
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -67,18 +69,6 @@ def _leaves(x_ptr, c0, sxc, xpix, pmask, OTHER: tl.constexpr, L: tl.constexpr, B
     x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :],
                 mask=cmask[:, None] & pmask[None, :], other=OTHER).to(ACC)
     return c, cmask, x
-
-
-@triton.jit
-def _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, OTHER: tl.constexpr, L: tl.constexpr,
-               BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """:func:`_leaves` of upsampled logits: the leaves' values interpolated at the program's pixels."""
-    c = c0 + tl.arange(0, BLOCK_C)
-    cmask = c < L
-    mask2 = cmask[:, None] & pmask[None, :]
-    x = C.lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :], u11[None, :],
-              lx[None, :], ly[None, :], mask2, ACC)
-    return c, cmask, tl.where(mask2, x, OTHER)
 
 
 @triton.jit
@@ -123,6 +113,92 @@ def _grad_coefs(lse, lse2, w_ptr, eps, dl, D: tl.constexpr, DP: tl.constexpr, BL
 
 
 @triton.jit
+def _up_chunk(xk, sxc, c0, u00, u01, u10, u11, wx0, wx1, wy0, wy1, m, s, sd, gy, lg_ptr, K: tl.constexpr,
+              L: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr):
+    """Leaves c0 .. c0 + K - 1 (the first at scalar pointer xk) of the upsampled forward's online sums, in
+    base-2 units (the row weights carry log2(e)): their values (interpolated, K registers per pixel), the new
+    max, the sums rescaled to it once, then one exponential per leaf: the max m, the sum s over all leaves,
+    and the tuple sd of the sums over the label's groups at levels 1 .. D-1 (gy: their ids), one [BLOCK_P]
+    row each (a [levels, pixels] tile would cost a shared-memory exchange per leaf). Returns them and the
+    pointer past the chunk."""
+    xs = ()
+    for k in tl.static_range(K):
+        xs = xs + (C.lerp_at(xk, u00, u01, u10, u11, wx0, wx1, wy0, wy1, ACC),)
+        xk += sxc
+    mx = m
+    for k in tl.static_range(K):
+        mx = tl.maximum(mx, xs[k])
+    alpha = C.exp2(m - mx, FAST)
+    s = s * alpha
+    out = ()
+    for d in tl.static_range(D - 1):
+        out = out + (sd[d] * alpha,)
+    for k in tl.static_range(K):
+        e = C.exp2(xs[k] - mx, FAST)
+        s += e
+        acc = ()
+        for d in tl.static_range(D - 1):
+            acc = acc + (tl.where(tl.load(lg_ptr + d * L + c0 + k) == gy[d], out[d] + e, out[d]),)
+        out = acc
+    return mx, s, out, xk
+
+
+@triton.jit
+def _up_lse(xi, sxc, u00, u01, u10, u11, lx, ly, y, pmask, lg_ptr, dl, L: tl.constexpr, D: tl.constexpr,
+            DP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr,
+            FAST: tl.constexpr):
+    """The upsampled forward's statistics: lse and the rows lse_1 .. lse_D of lse2 ([DP, BLOCK_P]) of the
+    program's pixels, whose 2x2 stencils (offsets u00 .. u11, weights lx, ly) lie in the image at scalar
+    pointer xi. The leaves go by in chunks of BLOCK_C (the rest in a last, shorter one),
+    each through :func:`_up_chunk`; a group whose sum underflows next to the pixel's max gets the cold branch,
+    as at the labels' size."""
+    gy = ()
+    sd = ()
+    for d in tl.static_range(D - 1):
+        gy = gy + (tl.load(lg_ptr + d * L + y),)
+        sd = sd + (tl.zeros([BLOCK_P], dtype=ACC),)
+    wx0 = 1.0 - lx
+    wy0 = 1.0 - ly
+    wy0l = wy0 * LOG2E
+    wy1l = ly * LOG2E
+    m = tl.full([BLOCK_P], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_P], dtype=ACC)
+    xk = xi
+    for c0 in range(0, L - L % BLOCK_C, BLOCK_C):  # sm90: trips=L // BLOCK_C
+        m, s, sd, xk = _up_chunk(xk, sxc, c0, u00, u01, u10, u11, wx0, lx, wy0l, wy1l, m, s, sd, gy, lg_ptr,
+                                 BLOCK_C, L, D, ACC, FAST)
+    if L % BLOCK_C > 0:
+        m, s, sd, xk = _up_chunk(xk, sxc, L - L % BLOCK_C, u00, u01, u10, u11, wx0, lx, wy0l, wy1l, m, s, sd, gy,
+                                 lg_ptr, L % BLOCK_C, L, D, ACC, FAST)
+    lse = (m + tl.log2(s)) * LN2
+    far = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for d in tl.static_range(D - 1):
+        far = far | ((sd[d] < TINY) & pmask).to(tl.int32)
+    zy = C.lerp_at(xi + y * sxc, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC)  # level D: the label alone
+    lse2 = tl.where((dl == D - 1)[:, None], zy[None, :], 0.0)
+    for d in tl.static_range(D - 1):
+        lse_d = (m + tl.log2(tl.maximum(sd[d], TINY))) * LN2
+        if tl.max(far, axis=0) > 0:  # sm90: cold
+            # A group whose terms underflow next to the pixel's max: its own max, then its own sum (natural
+            # units).
+            mg = tl.full([BLOCK_P], float("-inf"), ACC)
+            xk = xi
+            for c in range(0, L):  # sm90: trips=0
+                x = C.lerp_at(xk, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC)
+                mg = tl.where(tl.load(lg_ptr + d * L + c) == gy[d], tl.maximum(mg, x), mg)
+                xk += sxc
+            sg = tl.zeros([BLOCK_P], dtype=ACC)
+            xk = xi
+            for c in range(0, L):  # sm90: trips=0
+                x = C.lerp_at(xk, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC)
+                sg += tl.where(tl.load(lg_ptr + d * L + c) == gy[d], tl.exp(x - mg), 0.0)
+                xk += sxc
+            lse_d = tl.where((sd[d] < TINY) & pmask, mg + tl.log(sg), lse_d)
+        lse2 = tl.where((dl == d)[:, None], lse_d[None, :], lse2)
+    return lse, lse2
+
+
+@triton.jit
 def _hierarchical_softmax_kernel(
     x_ptr, t_ptr, lg_ptr, w_ptr, stats_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, cw_ptr, pw_ptr, ws_ptr,
     g_ptr, go_ptr,
@@ -137,6 +213,7 @@ def _hierarchical_softmax_kernel(
     HAS_EPS: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_STATS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr, DP: tl.constexpr,
     FLAT: tl.constexpr, FAST: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
+    OFF64: tl.constexpr,
 ):
     # A program owns BLOCK_P pixels, a few consecutive ones per thread (one 16-byte load per channel
     # row); the channels go by in chunks of BLOCK_C held in the thread's registers, so every reduction
@@ -145,10 +222,10 @@ def _hierarchical_softmax_kernel(
     # UPSAMPLE (forward only, 1-D grid): P, HW and W are the target's; every logit of a pixel is the
     # interpolation of its 2x2 stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables).
     if UPSAMPLE:
-        pid = tl.program_id(0)
-        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
-        tpix = n * stn + h * sth + w * stw
-        u00, u01, u10, u11, lx, ly = C.up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
+        pid, n, p, pmask, h, w = C.up_image_pixels(P, HW, W, BLOCK_P)
+        tpix = n * stn + h.to(tl.int64) * sth + w.to(tl.int64) * stw
+        u00, u01, u10, u11, lx, ly = C.up_stencil(ui_ptr, ul_ptr, h, w, HW // W, W, sxh, sxw, OFF64)
+        xi = x_ptr + n * sxn  # the image's logits
     else:
         pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
                                                                sgw, son, soh, sow, BLOCK_P, FLAT, BLOCK_P)
@@ -164,68 +241,55 @@ def _hierarchical_softmax_kernel(
         gy = tl.where((dl == d)[:, None], tl.load(lg_ptr + d * L + y, mask=pmask, other=-1)[None, :], gy)
 
     if COMPUTE_STATS:
-        m = tl.full([BLOCK_P], float("-inf"), ACC)
-        s = tl.zeros([BLOCK_P], dtype=ACC)
-        sd = tl.zeros([DP, BLOCK_P], dtype=ACC)
-        for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
-            c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < L
-            if UPSAMPLE:
-                mask2 = cmask[:, None] & pmask[None, :]
-                x = C.lerp(x_ptr + c.to(tl.int64)[:, None] * sxc, u00[None, :], u01[None, :], u10[None, :],  # sm90: logits
-                          u11[None, :], lx[None, :], ly[None, :], mask2, ACC)
-                x = tl.where(mask2, x, float("-inf"))
-            else:
+        if UPSAMPLE:
+            lse, lse2 = _up_lse(xi, sxc, u00, u01, u10, u11, lx, ly, y, pmask, lg_ptr, dl, L, D, DP, BLOCK_C,
+                                BLOCK_P, ACC, TINY, FAST)
+        else:
+            m = tl.full([BLOCK_P], float("-inf"), ACC)
+            s = tl.zeros([BLOCK_P], dtype=ACC)
+            sd = tl.zeros([DP, BLOCK_P], dtype=ACC)
+            for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
+                c = c0 + tl.arange(0, BLOCK_C)
+                cmask = c < L
                 x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :],  # sm90: logits
                             mask=cmask[:, None] & pmask[None, :], other=float("-inf")).to(ACC)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            alpha = C.exp2((m - m_new) * LOG2E, FAST)
-            e = C.exp2(x * LOG2E - (m_new * LOG2E)[None, :], FAST)
-            s = s * alpha + tl.sum(e, axis=0)
-            sd = sd * alpha[None, :]
-            for d in tl.static_range(D - 1):
-                g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
-                g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
-                part = tl.sum(tl.where(g_c[:, None] == g_y[None, :], e, 0.0), axis=0)
-                sd = tl.where((dl == d)[:, None], sd + part[None, :], sd)
-            m = m_new
-        lse = m + tl.log(s)
-        if UPSAMPLE:
-            zy = C.lerp(x_ptr + y * sxc, u00, u01, u10, u11, lx, ly, pmask, ACC)
-        else:
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                alpha = C.exp2((m - m_new) * LOG2E, FAST)
+                e = C.exp2(x * LOG2E - (m_new * LOG2E)[None, :], FAST)
+                s = s * alpha + tl.sum(e, axis=0)
+                sd = sd * alpha[None, :]
+                for d in tl.static_range(D - 1):
+                    g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                    g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
+                    part = tl.sum(tl.where(g_c[:, None] == g_y[None, :], e, 0.0), axis=0)
+                    sd = tl.where((dl == d)[:, None], sd + part[None, :], sd)
+                m = m_new
+            lse = m + tl.log(s)
             zy = tl.load(x_ptr + y * sxc + xpix, mask=pmask, other=0.0).to(ACC)
-        lse2 = m[None, :] + tl.log(tl.maximum(sd, TINY))
-        far = (sd < TINY) & (dl < D - 1)[:, None] & pmask[None, :]
-        # Levels first (inside a thread), then across the block.
-        if tl.max(tl.max(far.to(tl.int32), axis=0), axis=0) > 0:  # sm90: cold
-            # A group whose terms underflow next to the pixel's max: its own max, then its own sum.
-            mg = tl.full([DP, BLOCK_P], float("-inf"), ACC)
-            for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
-                if UPSAMPLE:
-                    c, cmask, x = _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, float("-inf"), L,
-                                             BLOCK_C, ACC)
-                else:
+            lse2 = m[None, :] + tl.log(tl.maximum(sd, TINY))
+            far = (sd < TINY) & (dl < D - 1)[:, None] & pmask[None, :]
+            # Levels first (inside a thread), then across the block.
+            if tl.max(tl.max(far.to(tl.int32), axis=0), axis=0) > 0:  # sm90: cold
+                # A group whose terms underflow next to the pixel's max: its own max, then its own sum.
+                mg = tl.full([DP, BLOCK_P], float("-inf"), ACC)
+                for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
                     c, cmask, x = _leaves(x_ptr, c0, sxc, xpix, pmask, float("-inf"), L, BLOCK_C, ACC)
-                for d in tl.static_range(D - 1):
-                    g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
-                    g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
-                    part = tl.max(tl.where(g_c[:, None] == g_y[None, :], x, float("-inf")), axis=0)
-                    mg = tl.where((dl == d)[:, None], tl.maximum(mg, part[None, :]), mg)
-            sg = tl.zeros([DP, BLOCK_P], dtype=ACC)
-            for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
-                if UPSAMPLE:
-                    c, cmask, x = _leaves_up(x_ptr, c0, sxc, u00, u01, u10, u11, lx, ly, pmask, float("-inf"), L,
-                                             BLOCK_C, ACC)
-                else:
+                    for d in tl.static_range(D - 1):
+                        g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                        g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
+                        part = tl.max(tl.where(g_c[:, None] == g_y[None, :], x, float("-inf")), axis=0)
+                        mg = tl.where((dl == d)[:, None], tl.maximum(mg, part[None, :]), mg)
+                sg = tl.zeros([DP, BLOCK_P], dtype=ACC)
+                for c0 in range(0, L, BLOCK_C):  # sm90: trips=0
                     c, cmask, x = _leaves(x_ptr, c0, sxc, xpix, pmask, float("-inf"), L, BLOCK_C, ACC)
-                for d in tl.static_range(D - 1):
-                    g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
-                    g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
-                    m_d = tl.sum(tl.where((dl == d)[:, None], mg, 0.0), axis=0)
-                    part = tl.sum(tl.where(g_c[:, None] == g_y[None, :], tl.exp(x - m_d[None, :]), 0.0), axis=0)
-                    sg = tl.where((dl == d)[:, None], sg + part[None, :], sg)
-            lse2 = tl.where(far, mg + tl.log(sg), lse2)
-        lse2 = tl.where((dl == D - 1)[:, None], zy[None, :], lse2)
+                    for d in tl.static_range(D - 1):
+                        g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
+                        g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
+                        m_d = tl.sum(tl.where((dl == d)[:, None], mg, 0.0), axis=0)
+                        part = tl.sum(tl.where(g_c[:, None] == g_y[None, :], tl.exp(x - m_d[None, :]), 0.0), axis=0)
+                        sg = tl.where((dl == d)[:, None], sg + part[None, :], sg)
+                lse2 = tl.where(far, mg + tl.log(sg), lse2)
+            lse2 = tl.where((dl == D - 1)[:, None], zy[None, :], lse2)
         if WRITE_STATS:
             tl.store(stats_ptr + p, lse, mask=pmask)
             tl.store(stats_ptr + (dl[:, None] + 1) * P64[None, :] + p[None, :], lse2,
@@ -453,7 +517,7 @@ def _launch(logits, target, leaf_group, level_w, eps, ignore_index, *, stats, co
         DP=triton.next_power_of_2(leaf_group.shape[0]), blocks=_blocks(logits),
         FAST=C.fast_exp(logits),
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
-        UPSAMPLE=False,
+        UPSAMPLE=False, OFF64=False,
     )
 
 
@@ -502,11 +566,11 @@ def _up_tables(h: int, w: int, H: int, W: int, align_corners: bool, dtype: torch
 
 def _up_blocks(logits):
     """(BLOCK_C, BLOCK_P, num_warps) of the upsampled forward: under the interpreter 8 leaves and 256 pixels
-    at a time; compiled, one pixel per thread and 4 leaves a chunk: every value is four gathered loads with
-    64-bit addresses, and sm_90 spills beyond that (tests/_triton_compile_sm90.py: 144 registers)."""
+    at a time; compiled, chunks of 16 leaves (one rescale each) and two pixels per thread, which shares each
+    leaf's scalar work (its pointer, its group ids) between them (sm_90: 96 registers, no spill)."""
     if C.interpreted(logits.device):
         return 8, 256, 4
-    return 4, 128, 4
+    return 16, 256, 4
 
 
 def _up_bwd_blocks(logits, h: int, w: int):
@@ -532,8 +596,12 @@ def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats
     idx, lam, _ = _up_tables(h, w, H, W, bool(align_corners), acc, logits.device)
     P = N * H * W
     block_c, block_p, warps = _up_blocks(logits)
-    grid = (max(triton.cdiv(P, block_p), 1),)
+    grid = C.up_grid(target, block_p)
     partials, counts, wsums = C.new_partials(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, logits, class_weight)
+    if P == 0:  # no pixel: nothing to read (the kernel's stencil loads are unmasked)
+        for t in (partials, counts, wsums):
+            t.zero_()
+        return partials, counts, wsums
     C.launch(
         _hierarchical_softmax_kernel, grid, logits,
         logits, target, leaf_group, level_w, stats, idx, lam, partials if loss is None else loss, partials, counts,
@@ -545,6 +613,7 @@ def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats
         HAS_EPS=eps > 0, COMPUTE_STATS=True, WRITE_STATS=True, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
         TINY=_TINY[acc], DP=triton.next_power_of_2(leaf_group.shape[0]), FLAT=False, FAST=C.fast_exp(logits),
         UPSAMPLE=True, HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, num_warps=warps,
+        OFF64=C.up_off64(logits),
     )
     return partials, counts, wsums
 

@@ -227,6 +227,29 @@ def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, pmask, CH, V: tl.co
 
 
 @triton.jit
+def _load_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V: tl.constexpr, start: tl.constexpr,
+                   G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr):
+    """The forward's :func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated from each
+    pixel's stencil in the image at scalar pointer xi (offsets u00 .. u11 within it, column weights wx0 = 1 - lx,
+    lx, row weights wy0 = 1 - ly, ly), as a tuple of pixel vectors, one node (a scalar channel offset: the
+    channels are compiled in) at a time; steps past the last node repeat its channel."""
+    out = ()
+    for i in tl.static_range(G):
+        if REV:
+            if start + i < V:
+                c = CH[V - 1 - start - i]
+            else:
+                c = CH[0]
+        else:
+            if start + i < V:
+                c = CH[start + i]
+            else:
+                c = CH[V - 1]
+        out = out + (C.lerp_at(xi + c * sxc64, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC),)
+    return out
+
+
+@triton.jit
 def _tree_min_kernel(
     x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, cw_ptr, pw_ptr, ws_ptr, g_ptr, go_ptr,
     P, HW, W,
@@ -241,7 +264,7 @@ def _tree_min_kernel(
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr,
     G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr, UPSAMPLE: tl.constexpr,
-    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
+    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr, OFF64: tl.constexpr = False,
     ORD: tl.constexpr = 0, WORD: tl.constexpr = 0, SHIFT: tl.constexpr = 0, MASK: tl.constexpr = 0,
     NW: tl.constexpr = 0, GT: tl.constexpr = 8, PAIR: tl.constexpr = -1,
 ):
@@ -249,15 +272,18 @@ def _tree_min_kernel(
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
     # leaf). A program owns BLOCK_P pixels, a few consecutive ones per thread; every node is one
     # [BLOCK_P] vector of straight-line code, every per-depth state a tuple of such vectors.
-    # UPSAMPLE (the loss only, 1-D grid): P, HW and W are the target's, every logit of a pixel the
-    # interpolation of its 2x2 stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables;
-    # xpix is then the stencil's first offset, u01 .. u11 the others, lx, ly the weights).
+    # UPSAMPLE (the loss only, 1-D grid of programs within one image): P, HW and W are the target's, every
+    # logit of a pixel the interpolation of its 2x2 stencil in the image's low-resolution logits at xi
+    # (ui_ptr, ul_ptr: the per-axis tables; xpix is then the stencil's first offset within the image, int32
+    # unless OFF64, u01 .. u11 the others, lx, ly the weights).
     OFF_PATH: tl.constexpr = 4 * V
     if UPSAMPLE:
-        pid = tl.program_id(0)
-        p, pmask, n, h, w = C.pixel_coords(pid, P, HW, W, BLOCK_P)
-        tpix = n * stn + h * sth + w * stw
-        xpix, u01, u10, u11, lx, ly = C.up_pixels(ui_ptr, ul_ptr, n, h, w, HW // W, W, sxn, sxh, sxw, pmask)
+        pid, n, p, pmask, h, w = C.up_image_pixels(P, HW, W, BLOCK_P)
+        tpix = n * stn + h.to(tl.int64) * sth + w.to(tl.int64) * stw
+        xpix, u01, u10, u11, lx, ly = C.up_stencil(ui_ptr, ul_ptr, h, w, HW // W, W, sxh, sxw, OFF64)
+        xi = x_ptr + n * sxn  # the image's logits
+        wx0 = 1.0 - lx
+        wy0 = 1.0 - ly
     else:
         pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
                                                                sgw, son, soh, sow, BLOCK_P, FLAT, VEC)
@@ -269,7 +295,7 @@ def _tree_min_kernel(
     # with it (the labels, the path gathers) its VEC pixels per thread (loads take the widest of their
     # slice), where the int64 labels alone would get 16 bytes (2 pixels): one register layout for all.
     if UPSAMPLE:
-        xs = _load_group_up(x_ptr, xpix, u01, u10, u11, lx, ly, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
+        xs = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, 0, G, USE_EXTREMA, ACC)
         x0 = xs[0]
     else:
         xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
@@ -306,7 +332,7 @@ def _tree_min_kernel(
         path = _path_of(tab_ptr + OFF_PATH, y, pmask, xs[0], D, PIN)
     if EARLY_PATH:
         if UPSAMPLE:
-            cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD, u01, u10, u11, lx,
+            cmin, kpath, _ = _path_min(xi, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD, u01, u10, u11, lx,
                                        ly, True)
         else:
             cmin, kpath, _ = _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D, WANT_GRAD, xpix, xpix, xpix,
@@ -353,7 +379,7 @@ def _tree_min_kernel(
                     # stored before the top-down pass) to the start, one register each.
                     tl.store(cnt_ptr, 0, mask=P < 0)
                 if UPSAMPLE:
-                    xs = _load_group_up(x_ptr, xpix, u01, u10, u11, lx, ly, sxc64, pmask, CH, V, j, G, True, ACC)
+                    xs = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, j, G, True, ACC)
                 else:
                     xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, j, G, True, ACC, False, ADDR_PIN)
             x = xs[j % G]
@@ -490,7 +516,7 @@ def _tree_min_kernel(
                         acc = T.pin(acc, PIN)
                         big = T.pin(big, PIN)
                     if UPSAMPLE:
-                        xs = _load_group_up(x_ptr, xpix, u01, u10, u11, lx, ly, sxc64, pmask, CH, V, i, G, False,
+                        xs = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, i, G, False,
                                             ACC)
                     else:
                         xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC)
@@ -831,7 +857,8 @@ def _up_blocks(logits, backward=False):
 def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes, align_corners, loss_mode,
                    loss, class_weight=None, pixel_weight=None):
     """The forward of the upsampled loss: ``_tree_min_kernel`` with UPSAMPLE over the target's pixels (1-D
-    grid); returns (partials, counts, weight sums) as :func:`_common.launch_loss_kernel`."""
+    grid, programs within one image: :func:`_common.up_image_pixels`), groups of G = 4 nodes (each four gathered
+    loads); returns (partials, counts, weight sums) as :func:`_common.launch_loss_kernel`."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
     L, D = sizes[:2]
@@ -843,8 +870,12 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
     block_p, warps = _up_blocks(logits)
     if C.interpreted(logits.device):
         block_p = min(max(triton.next_power_of_2(max(P, 1)), 16), block_p)
-    grid = (max(triton.cdiv(P, block_p), 1),)
+    grid = C.up_grid(target, block_p)
     partials, counts, wsums = C.new_partials(grid[0] if loss_mode == C.LOSS_PARTIALS else 1, logits, class_weight)
+    if P == 0:  # no pixel: nothing to read (the kernel's stencil loads are unmasked)
+        for t in (partials, counts, wsums):
+            t.zero_()
+        return partials, counts, wsums
     C.launch(
         _tree_min_kernel, grid, logits,
         logits, target, tab, k, ui, ul, partials if loss is None else loss, partials, counts,
@@ -854,8 +885,9 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
         float(gamma), float(eps), int(ignore_index),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_C=1, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
         USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
-        FLAT=False, FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), VEC=1, ADDR_PIN=0, UPSAMPLE=True,
-        HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, num_warps=warps,
+        FLAT=False, FAST=C.fast_exp(logits), G=4, PIN=C.fast_exp(logits), VEC=1, ADDR_PIN=0, UPSAMPLE=True,
+        HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, OFF64=C.up_off64(logits),
+        num_warps=warps,
     )
     return partials, counts, wsums
 

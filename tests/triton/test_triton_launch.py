@@ -48,6 +48,38 @@ def test_compiled_launches_are_guarded(monkeypatch):
     assert events == [("enter", like), ("run", (3,), (1, 2), {"BLOCK": 4, "num_warps": 8}), ("exit", like)]
 
 
+def test_held_guard_is_entered_once_for_a_loop_of_launches(monkeypatch):
+    """held_device_guard(t) enters device_guard(t) once; launches on t's device inside it run without entering
+    it again, a launch on another device still enters its own; on the CPU it is a no-op."""
+    events = []
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        events.append(("enter", t.device))
+        yield
+        events.append(("exit", t.device))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: events.append(("run", grid))
+
+    monkeypatch.setattr(C, "device_guard", recording_guard)
+    monkeypatch.setattr(C, "interpreted", lambda device: False)
+    like, other = _Probe("cuda:1"), _Probe("cuda:0")
+    with C.held_device_guard(like):
+        for g in range(3):
+            C.launch(Kernel(), (g,), like)
+        C.launch(Kernel(), (9,), other)
+    C.launch(Kernel(), (5,), like)
+    d1, d0 = like.device, other.device
+    assert events == [("enter", d1), ("run", (0,)), ("run", (1,)), ("run", (2,)), ("enter", d0), ("run", (9,)),
+                      ("exit", d0), ("exit", d1), ("enter", d1), ("run", (5,)), ("exit", d1)]
+    events.clear()
+    with C.held_device_guard(_Probe("cpu")):
+        pass
+    assert events == []
+
+
 def test_interpreted_only_off_cuda():
     assert C.interpreted("cpu") and C.interpreted(torch.device("cpu"))
     assert not C.interpreted("cuda") and not C.interpreted(torch.device("cuda", 1))
@@ -244,11 +276,11 @@ def test_gpu_tiles_of_decode_under_the_interpreter(layout, dtype, monkeypatch):
 
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_gpu_tiles_of_upsampled_decode_under_the_interpreter(align_corners, monkeypatch):
-    """decode(size=) with the GPU's tile (decode._up_blocks compiled: 128 pixels, one a thread) run by the
+    """decode(size=) with the GPU's tile (decode._up_blocks compiled: 256 pixels, two a thread) run by the
     interpreter on an output wider than one program, channels_last, a partial last group of nodes, a NaN."""
     from hss_kernels.triton import decode as dk
 
-    monkeypatch.setattr(dk, "_up_blocks", lambda logits, pixels: (128, 4, 1))
+    monkeypatch.setattr(dk, "_up_blocks", lambda logits, pixels: (256, 4, 1))
     tree = trees.load("helen")
     x = H.random_logits(tree.num_nodes, (1, 3, 90)).contiguous(memory_format=torch.channels_last)
     x[0, 2, 1, 40] = float("nan")
