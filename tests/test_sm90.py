@@ -371,6 +371,44 @@ def test_selection_and_not_fused_rows():
                      ((x, "tree"), {})]
 
 
+def test_each_cuda_launch_names_the_cu_file_that_defines_its_kernel():
+    """The model reads each kernel from the cubin of launch.source (csrc/cuda/<source>.cu): the file, or a local
+    header it includes, must hold the kernel's __global__ definition (tree_min's kernels are in two files)."""
+    import re
+
+    from benchmarks.sm90 import cuda_side
+
+    cuda = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+    def text(path, seen):
+        if path in seen or not path.is_file():
+            return ""
+        seen.add(path)
+        t = path.read_text()
+        return t + "".join(text(cuda / inc, seen) for inc in re.findall(r'#include "([^"]+\.cuh)"', t))
+
+    tree = trees.load("vistas_v2")
+    checked = set()
+    for op in ("hierarchical_softmax", "tree_min", "tree_bce", "decode"):
+        for pass_ in ("forward", "backward"):
+            if op == "decode" and pass_ == "backward":
+                continue
+            for up in (1, 4):
+                if up > 1 and not cuda_side.fuses_upsample(op, pass_):
+                    continue
+                for dtype in ("float32", "bfloat16"):
+                    for layout in ("nchw", "channels_last"):
+                        for launch in cuda_side.launches(op, pass_, dtype, layout, (2, tree.num_nodes, 64, 64), tree,
+                                                         2.0, up):
+                            src = cuda / f"{launch.source}.cu"
+                            assert src.is_file(), (op, pass_, up, launch.kernel, src)
+                            body = text(src, set())
+                            assert re.search(r"__global__[^;{]*?\b" + launch.kernel + r"\s*\(", body), \
+                                (op, pass_, up, launch.kernel, src.name)
+                            checked.add((launch.source, launch.kernel))
+    assert ("tree_min_up", "tree_up_rows_group_kernel") in checked and ("tree_min", "tree_fwd_group_kernel") in checked
+
+
 def test_cuda_launches_of_the_fused_upsampling():
     import struct
 
@@ -415,11 +453,13 @@ def test_cuda_launches_of_the_fused_upsampling():
     rows, bands, am = cuda_side.up_bands(N, 147, H // 8, H, W, 4, 4)
     assert (tb.kernel, tb.threads, len(tb.params), tb.launches) == ("tree_up_rows_group_kernel", 128, 24, len(bands))
     assert tb.pattern == "tree_up_rows_group_kernelIffLi2ELb1ELb0EE"
+    assert tb.source == tg.source == "tree_min_up"  # csrc/cuda/tree_min_up.cu, not tree_min.cu
     assert tg.pattern == "up_gather_kernelIffE" and (tg.threads, len(tg.params), tg.launches) == (256, 18, len(bands))
     assert tb.dynamic_smem == cuda_side.min_bwd_group_smem_bytes(147, v2.depth, 128, 4)
     assert sum(-(-(N * (b[1] - b[0]) * W // 4) // 128) for b in bands) == tb.blocks and tb.scalars["ROWS"] == rows
     tf, _ = cuda_side.launches("tree_bce", "forward", "bfloat16", "nchw", (N, 147, H, W), v2, 0.0, 8)
     assert tf.pattern == "tree_fwd_up_group_kernelIN3c108BFloat16EfLi1ELb0ELb0EE"
+    assert tf.source == "tree_min_up"
     assert tf.blocks == -(-(N * H * W // 8) // 256) and tf.params[5:7] == [N * H * W // 8, W // 8]
     # the bands cover the label rows once and every low-resolution row; the scratch stays within 32 MiB
     assert [b[0] for b in bands] == list(range(0, H, rows)) and bands[-1][1] == H

@@ -37,11 +37,11 @@ __all__ = ["build", "CudaLaunch", "launches", "fuses_upsample", "NotFused", "PAR
 
 PARAM_BASE = 0x210  # first kernel parameter in constant bank 0 on sm_90
 THREADS = 256  # kThreads in csrc/cuda/common.cuh
-DEFAULT_SMEM = 48 * 1024  # tree_min_bwd_cuda's kDefaultSmem
+DEFAULT_SMEM = 48 * 1024  # csrc/cuda/tree_min.cuh kDefaultSmem
 
 
 def min_bwd_group_smem_bytes(V: int, D: int, threads: int, G: int) -> int:
-    """csrc/cuda/tree_min.cu min_bwd_group_smem_bytes for A = float and G lanes per thread: the node table
+    """csrc/cuda/tree_min.cuh min_bwd_group_smem_bytes for A = float and G lanes per thread: the node table
     (16 B per node), D + 1 depth slots of G floats and tree_bit_words(V) words of G uint32 per thread."""
     return 16 * V + 4 * G * (D + 1) * threads + 4 * G * (-(-V // 16)) * threads
 
@@ -201,7 +201,11 @@ def _axis(n_in: int, n_out: int, align_corners: bool) -> bytes:
 # csrc/include/common.h PixelWeights<float> {cw, pw, PixelGeom gw} without weights (checks.h pixel_weights of
 # two absent tensors): null pointers and gw = {1, 1, 0, 0, 0}, as seven int64 (56 bytes).
 NO_WEIGHTS = (0, 0, 1, 1, 0, 0, 0)
-# The tree kernels' template flag kW (csrc/cuda/tree_min.cu with_weights): false for a call without weights, the
+# The tree kernels with fused upsampling (tree_fwd_up_group_kernel, tree_up_rows_group_kernel and the backward's
+# up_gather_kernel and the forward's finish_weighted_kernel they launch) are compiled from csrc/cuda/tree_min_up.cu,
+# the others from tree_min.cu (op_source).
+TREE_UP_SOURCE = "tree_min_up"
+# The tree kernels' template flag kW (csrc/cuda/tree_min.cu, tree_min_up.cu with_weights): false for a call without weights, the
 # instantiation with the weight code compiled out.
 NO_KW = "Lb0E"
 
@@ -295,9 +299,9 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
     kup = "Lb1E" if up > 1 else "Lb0E"
     sizes = {"H": H, "W": W, "h": h, "w": w, "n": n}
 
-    def finish_weighted(blocks):  # common.cuh's: (part, cnt, wpart = null without class weights, nb, loss_sum,
-        # count, weight_sum), one block
-        return CudaLaunch(op_source(op), "finish_weighted_kernel", A, 1, THREADS,
+    def finish_weighted(blocks, source=None):  # common.cuh's: (part, cnt, wpart = null without class weights, nb,
+        # loss_sum, count, weight_sum), one block, from the .cu of the launch before it (source; default the op's)
+        return CudaLaunch(source or op_source(op), "finish_weighted_kernel", A, 1, THREADS,
                           [None, None, 0, blocks, None, None, None], {"nb": blocks})
 
     if op == "hierarchical_softmax":
@@ -346,10 +350,10 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                 ng = N * H * gw
                 nbu = -(-ng // THREADS)
                 smem = 16 * V + ((D + 1) * THREADS * 4 * G if extrema else 0)
-                return [CudaLaunch("tree_min", "tree_fwd_up_group_kernel",
+                return [CudaLaunch(TREE_UP_SOURCE, "tree_fwd_up_group_kernel",
                                    T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + NO_KW, nbu, THREADS,
                                    [None, sC, ug, None, gt, ng, gw, None, V, L, D, None, gamma, eps, ignore, 0, None,
-                                    None, NO_WEIGHTS, 0], scalars, smem), finish_weighted(nbu)]
+                                    None, NO_WEIGHTS, 0], scalars, smem), finish_weighted(nbu, TREE_UP_SOURCE)]
             # tree_fwd_group_kernel<T, A, kF, kExtrema, kVec, kW>: G = 16 / sizeof(T) pixels per thread, the focal
             # mode of the defaults (kFocalG2 = 2 for gamma 2, kFocalG0 = 1 for gamma 0; eps 0), kVec on NCHW
             # (vec_groups: H*W and the strides multiples of G, 16-byte aligned), kW false (no weights)
@@ -374,7 +378,7 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                 threads //= 2
             smem = min_bwd_group_smem_bytes(V, D, threads, G) if extrema else 16 * V
             return up_bwd_launches(
-                "tree_min", "tree_up_rows_group_kernel", T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + NO_KW,
+                TREE_UP_SOURCE, "tree_up_rows_group_kernel", T + A + f"Li{kf}E" + ("Lb1E" if extrema else "Lb0E") + NO_KW,
                 threads, smem, low, xs, H, W, _DT[dtype][1],
                 lambda rows, nq, ssn, ssc, ssy: [None, gg, None, sC, ug, 0, rows * gw, gw, nq, None, gt, None, V, L, D,
                                                  None, gamma, eps, ignore, None, ssn, ssc, ssy, NO_WEIGHTS], scalars, T,

@@ -1,7 +1,8 @@
 // Focal tree-min loss (docs/MATH.md §3) and the tree BCE (§4.1), one kernel family: the CUDA
-// implementation of tree_min_fwd and tree_min_bwd (schemas and contracts in csrc/ops.cpp), running the
-// O(V) per-pixel code of tree_min_math.h. Each block first copies the tree's node table in pre-order
-// into shared memory (one broadcast read per node afterwards).
+// implementation of tree_min_fwd and tree_min_bwd (schemas and contracts in csrc/ops.cpp; registered here),
+// running the O(V) per-pixel code of tree_min_math.h, the kernels at the labels' size in this file and the
+// fused-upsampling ones in tree_min_up.cu. Each block first copies the tree's node table in pre-order
+// into shared memory (one broadcast read per node afterwards; tree_min.cuh).
 // * The forward (tree_fwd_group_kernel): G = 16 / sizeof(T) consecutive pixels per thread
 //   (tree_forward_group), one 16-byte load per channel on NCHW when the layout allows (vec_groups), the
 //   D + 1 per-depth slots of the G pixels in shared memory laid out (slot, thread); bfloat16 tree-min: the
@@ -13,11 +14,7 @@
 //   and their 2 bits per node, packed 16 nodes and two pixels to a 32-bit word, in shared memory laid out
 //   (slot or word, thread). bfloat16 logits: the bottom-up pass on bfloat16 pairs (VecCol / LaneCols
 //   load_pairs).
-// * Fused upsampling (kernels *_up_*): the same group functions on G destination pixels of one row per
-//   thread, each channel of the G lanes interpolated from four source values (UpLanes, upsample_math.h): the
-//   forward (tree_fwd_up_group_kernel) and the banded backward (upsample.cuh): per band of destination rows,
-//   tree_up_rows_group_kernel writes each pixel's gradient row once to a scratch (G lanes a store, the warp's
-//   stores contiguous), then up_gather_kernel adds the rows onto the source pixels.
+// * Fused upsampling: tree_min_up.cu (the two files share tree_min.cuh).
 // Every kernel is instantiated per focal mode (focal_k: gamma 2 / gamma 0 with eps 0, or any), picked from
 // the call's options, and the forwards and the upsampled rows kernel per extrema (tree-min or tree BCE).
 // Class and pixel weights (docs/MATH.md §6.6) are fused into every kernel: the forwards multiply a labelled
@@ -26,41 +23,15 @@
 // once per labelled pixel, at the target's (full-resolution) pixel. Every kernel takes a template flag kW,
 // picked on the host (with_weights): a call without weights runs the kW = false instantiation, which has
 // none of that code.
-#include "checks.h"
-#include "common.cuh"
-#include "tree_min_math.h"
-#include "upsample.cuh"
+#include "tree_min.cuh"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 
 #include <type_traits>
 
 namespace hss {
 namespace cuda {
 namespace {
-
-// Shared memory of a block: the pre-order node table (V TreeNodes, read by every thread of a warp at
-// once: a broadcast), then the per-depth scratch (group_smem_bytes, min_bwd_group_smem_bytes).
-template <typename A>
-__host__ __device__ inline size_t node_table_bytes(int V) {
-  return static_cast<size_t>(V) * sizeof(TreeNode<A>);
-}
-// The group forward's shared memory: the node table, then (tree-min) D + 1 depth slots of G lanes per
-// thread, laid out (slot, thread).
-template <typename A, int G>
-inline size_t group_smem_bytes(int V, int D, int threads, bool extrema) {
-  return node_table_bytes<A>(V) + (extrema ? static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>) : 0);
-}
-
-// Fills the block's node table; every thread of the block calls it (it synchronises the block).
-template <typename A>
-__device__ inline NodeTable<A> load_node_table(unsigned char* smem, const TreeIndex& ti, const A* k) {
-  TreeNode<A>* nodes = reinterpret_cast<TreeNode<A>*>(smem);
-  for (int p = threadIdx.x; p < ti.V; p += blockDim.x) nodes[p] = tree_node(ti, k, p);  // sm90: trips=cdiv(V, threads)
-  __syncthreads();
-  return NodeTable<A>{nodes};
-}
 
 // The forward without upsampling: G = lanes_for<T>() consecutive pixels per thread (tree_forward_group).
 // kVec: the host checked that every group's G pixels are contiguous and 16-byte aligned in every channel
@@ -133,37 +104,6 @@ struct LaneCols {
   __device__ A operator()(int c, int j) const { return static_cast<A>(p[c * s + off[j]]); }
 };
 
-// Per-thread depth slots in shared memory, (slot, thread), a Lanes each: the thread's slot 0 and the
-// distance between slots, in bytes.
-template <typename A, int G>
-struct SharedLanes {
-  unsigned char* p;
-  int sb;
-  __device__ Lanes<A, G>& operator()(int d) const { return *reinterpret_cast<Lanes<A, G>*>(p + d * sb); }
-};
-
-// The offsets of pixels i0 .. i0 + G - 1 through g (one division for the group, unrolled so that they stay
-// in registers); lanes j >= n (past the last pixel, n >= 1) repeat lane n - 1's offset.
-template <int G>
-__device__ inline void lane_offsets(const PixelGeom& g, int64_t i0, int64_t n, int64_t* out) {
-  const int64_t hw = g.H * g.W;
-  int64_t b = i0 / hw;
-  const int64_t r = i0 - b * hw;
-  int64_t h = r / g.W;
-  int64_t w = r - h * g.W;
-  HSS_UNROLL
-  for (int j = 0; j < G; ++j) {
-    out[j] = j == 0 || j < n ? b * g.sN + h * g.sH + w * g.sW : out[j > 0 ? j - 1 : 0];
-    if (++w == g.W) {
-      w = 0;
-      if (++h == g.H) {
-        h = 0;
-        ++b;
-      }
-    }
-  }
-}
-
 template <typename T, typename A, int kF, bool kExtrema, bool kVec, bool kW>
 __global__ void __launch_bounds__(kThreads)
 tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const int64_t* __restrict__ tgt,
@@ -227,67 +167,6 @@ tree_fwd_group_kernel(const T* __restrict__ x, PixelGeom gx, int64_t sC, const i
     if (wpart) block_weight_partial(ws, wpart);
 }
 
-// The forward with fused upsampling: G = lanes_for<T>() destination pixels of one row per thread, X0 = G gx ..
-// (gw groups per row, ng = N H gw threads), each channel of the G lanes interpolated through UpLanes, then
-// tree_forward_group as without upsampling; lanes past the row's end repeat its last pixel and are discarded.
-template <typename T, typename A, int kF, bool kExtrema, bool kW>
-__global__ void __launch_bounds__(kThreads)
-tree_fwd_up_group_kernel(const T* __restrict__ x, int64_t sC, UpsampleGeom<A> u, const int64_t* __restrict__ tgt,
-                         PixelGeom gt, int64_t ng, int64_t gw, const int32_t* __restrict__ tree_index, int V, int L,
-                         int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index, A* __restrict__ lp,
-                         double* part, int64_t* cnt, PixelWeights<A> w, double* wpart) {
-  constexpr int G = lanes_for<T>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
-  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  double sum = 0, ws = 0;
-  int64_t c = 0;
-  if (t < ng) {
-    const int64_t rr = t / gw, X0 = (t - rr * gw) * G;
-    const int64_t n = u.W - X0 < G ? u.W - X0 : G;
-    const int64_t i0 = rr * u.W + X0;
-    int64_t toff[G];
-    lane_offsets<G>(gt, i0, n, toff);
-    int y[G];
-    LabelKind kind[G];
-    bool any = false;
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j) {
-      const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
-      kind[j] = j < n ? label_kind(yj, L, ignore_index) : kLabelIgnored;
-      y[j] = kind[j] == kLabelValid ? static_cast<int>(yj) : 0;  // see common.h: never a table read
-      any |= kind[j] == kLabelValid;
-    }
-    A l[G];
-    if (any) {
-      SharedLanes<A, G> acc{smem + node_table_bytes<A>(V) + threadIdx.x * sizeof(Lanes<A, G>),
-                            static_cast<int>(blockDim.x * sizeof(Lanes<A, G>))};
-      tree_forward_group<kF, kExtrema, A, G>(up_lanes<T, A, G>(x, sC, u, rr, X0, n), nodes, acc, ti, y, k, gamma,
-                                             eps, l);
-    }
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j) {
-      A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
-      if constexpr (kW) {
-        if (kind[j] == kLabelValid) {  // the weights: one pw read per labelled lane, at its target pixel
-          const A cy = w.of_class(y[j]);
-          v *= w.pw ? cy * w.pw[w.gw.offset(i0 + j)] : cy;
-          ws += static_cast<double>(cy);
-        }
-      }
-      if (j < n) {
-        sum += static_cast<double>(v);
-        c += kind[j] != kLabelIgnored;
-        if (lp) lp[i0 + j] = v;
-      }
-    }
-  }
-  block_partial(sum, c, part, cnt);
-  if constexpr (kW)
-    if (wpart) block_weight_partial(ws, wpart);
-}
-
 // The backwards' 16-byte stores, as VecCol reads: one per channel (LaneCols stores lane by lane itself).
 template <typename T, typename A, int G>
 struct VecOut {
@@ -305,38 +184,6 @@ struct VecOut {
   }
   __device__ void store_lane(int c, int j, A v) const { at(c)[j] = static_cast<T>(v); }
 };
-
-
-// A backward group's G labels (valid / bad / y, y = 0 for the others: never a table read) and upstream
-// gradients (0 past the n pixels), each labelled lane's gradient times its weight when kW.
-template <bool kW, int G, typename A>
-__device__ inline void load_group_rows(const int64_t* __restrict__ tgt, PixelGeom gt, const A* __restrict__ grad,
-                                       PixelGeom gg, int64_t i0, int64_t n, int L, int64_t ignore_index,
-                                       const PixelWeights<A>& w, int (&y)[G], bool (&valid)[G], bool (&bad)[G],
-                                       A (&g)[G]) {
-  int64_t toff[G], goff[G];
-  lane_offsets<G>(gt, i0, n, toff);
-  lane_offsets<G>(gg, i0, n, goff);
-  HSS_UNROLL
-  for (int j = 0; j < G; ++j) {
-    const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
-    const LabelKind kind = label_kind(yj, L, ignore_index);
-    valid[j] = kind == kLabelValid;
-    bad[j] = kind == kLabelBad;
-    y[j] = valid[j] ? static_cast<int>(yj) : 0;  // see common.h: never a table read
-    g[j] = j < n ? grad[goff[j]] : A(0);
-  }
-  if constexpr (kW) {  // each labelled lane's upstream gradient times its weight
-    int64_t woff[G];
-    if (w.pw) lane_offsets<G>(w.gw, i0, n, woff);
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j)
-      if (valid[j]) {
-        const A cy = w.of_class(y[j]);
-        g[j] *= w.pw ? cy * w.pw[woff[j]] : cy;
-      }
-  }
-}
 
 // The tree BCE backward without upsampling: G pixels per thread as the forward (tree_bce_backward_group),
 // the gradient written with the logits' strides (out is empty_like of the dense logits).
@@ -378,14 +225,6 @@ inline bool vec_groups(const at::Tensor& x, int G) {
   return hw % G == 0 && x.stride(1) % G == 0 && x.stride(0) % G == 0 &&
          reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(1) >= 0 &&
          x.stride(1) * static_cast<int64_t>(x.element_size()) <= static_cast<int64_t>(UINT32_MAX);
-}
-
-// The tree-min backward's shared memory: the node table, then D + 1 depth slots of G lanes per thread, then
-// tree_bit_words(V) words of node bits of G lanes per thread, both laid out (slot or word, thread).
-template <typename A, int G>
-inline size_t min_bwd_group_smem_bytes(int V, int D, int threads) {
-  return node_table_bytes<A>(V) + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>) +
-         static_cast<size_t>(tree_bit_words(V)) * threads * sizeof(Lanes<uint32_t, G>);
 }
 
 // The tree-min backward without upsampling: G pixels per thread as the tree BCE's (tree_min_backward_group),
@@ -431,74 +270,6 @@ tree_min_bwd_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
     tree_min_backward_group<kF, A, G>(col, nodes, acc, bits, col, ti, y, valid, bad, k, gamma, eps, g);
   }
 }
-
-// Fused upsampling, the banded backward's rows kernel (upsample.cuh): G = lanes_for<T>() destination pixels of
-// one row of the band [Y0, Y0 + rows) per thread, X0 = G gx (gw groups per row, nq = N rows gw threads), their
-// channels interpolated through UpLanes (the tree-min: UpLanesKept, its top-down pass reading the bottom-up
-// pass's values back from the lanes' scratch rows), their gradient rows (tree_min_backward_group, or the tree
-// BCE's tree_bce_backward_group; the unlabelled lanes' rows 0 or NaN) stored to the scratch G lanes at a time
-// (ScratchLanes: on float one 16-byte store per channel, the warp's stores contiguous). Shared memory as the
-// backwards without upsampling: the node table, then (tree-min) the depth slots and node bits of the G lanes.
-// (__launch_bounds__ with one block per SM: ptxas otherwise held some 8-lane (16-bit logits) instantiations at
-// 128 registers with spills.)
-template <typename T, typename A, int kF, bool kExtrema, bool kW>
-__global__ void __launch_bounds__(kThreads, 1)
-tree_up_rows_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x, int64_t sC,
-                          UpsampleGeom<A> u, int64_t Y0, int64_t bg, int64_t gw, int64_t nq,
-                          const int64_t* __restrict__ tgt, PixelGeom gt, const int32_t* __restrict__ tree_index, int V,
-                          int L, int D, const A* __restrict__ k, A gamma, A eps, int64_t ignore_index,
-                          A* __restrict__ scratch, int64_t ssn, int64_t ssc, int64_t ssy, PixelWeights<A> w) {
-  constexpr int G = lanes_for<T>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  const TreeIndex ti = unpack_tree(tree_index, V, L, D);
-  const NodeTable<A> nodes = load_node_table<A>(smem, ti, k);
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= nq) return;
-  const int64_t b = t / bg, r = t - b * bg, yr = r / gw, X0 = (r - yr * gw) * G;
-  const int64_t n = u.W - X0 < G ? u.W - X0 : G;
-  const int64_t rr = b * u.H + Y0 + yr, i0 = rr * u.W + X0;
-  int y[G];
-  bool valid[G], bad[G];
-  A g[G];
-  load_group_rows<kW, G>(tgt, gt, grad, gg, i0, n, L, ignore_index, w, y, valid, bad, g);
-  const UpLanes<T, A, G> col = up_lanes<T, A, G>(x, sC, u, rr, X0, n);
-  const ScratchLanes<A, G> out{scratch + b * ssn + yr * ssy + X0, ssc};
-  if constexpr (kExtrema) {
-    const int threads = static_cast<int>(blockDim.x);
-    unsigned char* slots = smem + node_table_bytes<A>(V);
-    const SharedLanes<A, G> acc{slots + threadIdx.x * sizeof(Lanes<A, G>),
-                                static_cast<int>(threads * sizeof(Lanes<A, G>))};
-    unsigned char* words = slots + static_cast<size_t>(D + 1) * threads * sizeof(Lanes<A, G>);
-    const SharedLanes<uint32_t, G> bits{words + threadIdx.x * sizeof(Lanes<uint32_t, G>),
-                                        static_cast<int>(threads * sizeof(Lanes<uint32_t, G>))};
-    // the bottom-up pass's interpolated logits kept in the lanes' scratch rows for the top-down pass
-    tree_min_backward_group<kF, A, G>(UpLanesKept<T, A, G>{col, out.p, ssc}, nodes, acc, bits, out, ti, y, valid,
-                                      bad, k, gamma, eps, g);
-  } else {
-    tree_bce_backward_group<kF, A, G>(col, nodes, out, ti, y, valid, bad, k, gamma, eps, g);
-  }
-}
-
-// Runs f(std::integral_constant<int, kF>{}) for the focal mode of the options (tree_min_math.h focal_mode).
-template <typename A, typename F>
-void with_focal(A gamma, A eps, F&& f) {
-  const int mode = focal_mode(gamma, eps);
-  if (mode == kFocalG2)
-    f(std::integral_constant<int, kFocalG2>{});
-  else if (mode == kFocalG0)
-    f(std::integral_constant<int, kFocalG0>{});
-  else
-    f(std::integral_constant<int, kFocalAny>{});
-}
-
-template <typename F>
-void with_extrema(bool extrema, F&& f) {
-  if (extrema)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
 // The group kernel for one dtype: its focal mode, extrema, kVec and kW picked from the call.
 template <typename T, int kF, bool kExtrema, bool kVec, bool kW>
 void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index,
@@ -553,7 +324,6 @@ void tree_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at
       w, weight_sum, stream);
   });
 }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tree_index, const at::Tensor& node_weights,
     int64_t L, int64_t D, double gamma, double eps, int64_t ignore_index, bool per_pixel, bool extrema,
@@ -580,36 +350,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
                                extrema, loss, count, w, weight_sum, stream);
       return;
     }
-    // fused upsampling: G pixels of a row per thread (tree_fwd_up_group_kernel)
-    constexpr int G = lanes_for<scalar_t>();
-    const int V = logits.size(1);
-    const int64_t gw = (target.size(2) + G - 1) / G, ng = target.size(0) * target.size(1) * gw;
-    const int64_t nb = num_blocks(ng, kThreads);
-    Partials partials(logits, nb, w.cw != nullptr);
-    const UpsampleGeom<A> u = UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1),
-                                                    target.size(2), align_corners);
-    with_focal(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
-      with_extrema(extrema, [&](auto e) {
-        with_weights(w.any(), [&](auto weighted) {
-          auto kernel = tree_fwd_up_group_kernel<scalar_t, A, decltype(f)::value, decltype(e)::value,
-                                                 decltype(weighted)::value>;
-          const size_t smem = group_smem_bytes<A, G>(V, D, kThreads, extrema);
-          allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(), "tree_min", V,
-                     "nodes");
-          kernel<<<nb, kThreads, smem, stream>>>(
-              logits.data_ptr<scalar_t>(), logits.stride(1), u, target.data_ptr<int64_t>(), geom(target), ng, gw,
-              tree_index.data_ptr<int32_t>(), V, L, D, node_weights.data_ptr<A>(), static_cast<A>(gamma),
-              static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr, partials.p(), partials.c(),
-              w, partials.w());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    });
-    partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
+    // fused upsampling (tree_min_up.cu)
+    tree_fwd_up_group<scalar_t>(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index,
+                                per_pixel, extrema, align_corners, loss, count, w, weight_sum, stream);
   });
   return {loss, count, weight_sum};
 }
-
 at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                              const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
                              double gamma, double eps, int64_t ignore_index, bool extrema, int64_t upsample,
@@ -628,37 +374,9 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tree_min_bwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const PixelWeights<A> w = pixel_weights<A>(class_weight, pixel_weight);
-    constexpr size_t kDefaultSmem = 48 * 1024;
-    if (upsample) {  // banded: the rows kernel (G pixels of a row per thread), then the gather (upsample.cuh)
-      constexpr int G = lanes_for<scalar_t>();
-      // the node table and, for the tree-min, the G lanes' depth slots and node bits: fewer threads per block
-      // while that is over 48 KiB
-      int threads = kThreads;
-      while (extrema && threads > 32 && min_bwd_group_smem_bytes<A, G>(V, D, threads) > kDefaultSmem) threads /= 2;
-      const size_t smem = extrema ? min_bwd_group_smem_bytes<A, G>(V, D, threads) : node_table_bytes<A>(V);
-      const UpsampleGeom<A> u =
-          UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
-      const int64_t gw = (u.W + G - 1) / G;
-      with_focal(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
-        with_extrema(extrema, [&](auto e) {
-          with_weights(w.any(), [&](auto weighted) {
-            auto kernel = tree_up_rows_group_kernel<scalar_t, A, decltype(f)::value, decltype(e)::value,
-                                                    decltype(weighted)::value>;
-            allow_smem(kernel, smem, 0, x.get_device(), "tree_min", V, "nodes");
-            up_backward_bands<scalar_t, A>(
-                x, target, out, align_corners, extrema ? "tree_min_loss" : "tree_bce_loss", stream,
-                [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t ssc, int64_t ssy) {
-                  const int64_t bg = (bd.Y1 - bd.Y0) * gw, nq = x.size(0) * bg;
-                  kernel<<<num_blocks(nq, threads), threads, smem, stream>>>(
-                      grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1), u, bd.Y0, bg,
-                      gw, nq, target.data_ptr<int64_t>(), geom(target), tree_index.data_ptr<int32_t>(), V, L, D,
-                      node_weights.data_ptr<A>(), static_cast<A>(gamma), static_cast<A>(eps), ignore_index, scratch,
-                      ssn, ssc, ssy, w);
-                  C10_CUDA_KERNEL_LAUNCH_CHECK();
-                });
-          });
-        });
-      });
+    if (upsample) {  // banded (tree_min_up.cu)
+      tree_bwd_up_group<scalar_t>(grad, x, target, tree_index, node_weights, L, D, gamma, eps, ignore_index,
+                                  extrema, align_corners, w, out, stream);
       return;
     }
     // the focal mode of the options (tree_min_math.h: focal_k)

@@ -1,8 +1,8 @@
 // Per-pixel math of the focal tree-min loss (docs/MATH.md §3) and of the multi-label tree BCE (§4.1),
 // which share one kernel family: `extrema` true routes every node's term through the min over its
 // ancestors (target path) or the max over its descendants (elsewhere), false is plain BCE. Shared by
-// the CPU loops (csrc/cpu/tree_min.cpp) and the CUDA kernels (csrc/cuda/tree_min.cu): the CUDA kernels,
-// the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call the group
+// the CPU loops (csrc/cpu/tree_min.cpp) and the CUDA kernels (csrc/cuda/tree_min.cu, tree_min_up.cu): the
+// CUDA kernels, the CPU's float64 path and, with HSS_CPU_PIXEL_PATH=1 (cpu/loop.h), its float path call the group
 // functions (G pixels at a time; with fused upsampling through upsample_math.h's UpLanes) as they are, and
 // the CPU's float64 path with upsampling tree_forward_pixel and tree_backward_pixel; the CPU's row passes keep the same tie rules (§3.7)
 // and NaN rule (§5.3).

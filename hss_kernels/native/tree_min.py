@@ -1,6 +1,6 @@
 """The focal tree-min loss and the tree BCE on the native kernels, one kernel family:
 ``torch.ops.hss_kernels.tree_min_fwd`` and ``tree_min_bwd`` (``csrc/cpu/tree_min.cpp``,
-``csrc/cuda/tree_min.cu``) with ``extrema=True`` (tree-min) or ``False`` (BCE), their fake kernels and
+``csrc/cuda/tree_min.cu``, with fused upsampling ``tree_min_up.cu``) with ``extrema=True`` (tree-min) or ``False`` (BCE), their fake kernels and
 autograd.
 
 Both losses are marked ``takes_weights``: ``class_weight`` and ``pixel_weight`` are fused into the kernels
