@@ -101,6 +101,50 @@ __device__ inline void load_group_rows(const int64_t* __restrict__ tgt, PixelGeo
   }
 }
 
+// A forward group's G labels at the target pixels i0 .. i0 + n - 1 (kind: ignored past n; y = 0 but for a
+// valid label: never a table read); whether any lane is labelled.
+template <int G>
+__device__ __forceinline__ bool load_group_labels(const int64_t* __restrict__ tgt, PixelGeom gt, int64_t i0,
+                                                  int64_t n, int L, int64_t ignore_index, int (&y)[G],
+                                                  LabelKind (&kind)[G]) {
+  int64_t toff[G];
+  lane_offsets<G>(gt, i0, n, toff);
+  bool any = false;
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
+    kind[j] = j < n ? label_kind(yj, L, ignore_index) : kLabelIgnored;
+    y[j] = kind[j] == kLabelValid ? static_cast<int>(yj) : 0;  // see common.h: never a table read
+    any |= kind[j] == kLabelValid;
+  }
+  return any;
+}
+
+// A forward group's G losses l (read for the labelled lanes only) into the thread's sums: NaN for a bad label,
+// 0 for an ignored one; times the class and pixel weights when kW (pw read at the target pixel i0 + j, the
+// class weights summed into ws); the first n lanes counted and, with lp, written per pixel.
+template <bool kW, int G, typename A>
+__device__ __forceinline__ void add_group_losses(const A (&l)[G], const int (&y)[G], const LabelKind (&kind)[G],
+                                                 int64_t i0, int64_t n, const PixelWeights<A>& w,
+                                                 A* __restrict__ lp, double& sum, int64_t& c, double& ws) {
+  HSS_UNROLL
+  for (int j = 0; j < G; ++j) {
+    A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
+    if constexpr (kW) {
+      if (kind[j] == kLabelValid) {  // the weights: one pw read per labelled lane, at its target pixel
+        const A cy = w.of_class(y[j]);
+        v *= w.pw ? cy * w.pw[w.gw.offset(i0 + j)] : cy;
+        ws += static_cast<double>(cy);
+      }
+    }
+    if (j < n) {
+      sum += static_cast<double>(v);
+      c += kind[j] != kLabelIgnored;
+      if (lp) lp[i0 + j] = v;
+    }
+  }
+}
+
 // The tree-min backward's shared memory: the node table, then D + 1 depth slots of G lanes per thread, then
 // tree_bit_words(V) words of node bits of G lanes per thread, both laid out (slot or word, thread).
 template <typename A, int G>

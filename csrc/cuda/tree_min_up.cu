@@ -39,18 +39,9 @@ tree_fwd_up_group_kernel(const T* __restrict__ x, int64_t sC, UpsampleGeom<A> u,
     const int64_t rr = t / gw, X0 = (t - rr * gw) * G;
     const int64_t n = u.W - X0 < G ? u.W - X0 : G;
     const int64_t i0 = rr * u.W + X0;
-    int64_t toff[G];
-    lane_offsets<G>(gt, i0, n, toff);
     int y[G];
     LabelKind kind[G];
-    bool any = false;
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j) {
-      const int64_t yj = j < n ? tgt[toff[j]] : ignore_index;
-      kind[j] = j < n ? label_kind(yj, L, ignore_index) : kLabelIgnored;
-      y[j] = kind[j] == kLabelValid ? static_cast<int>(yj) : 0;  // see common.h: never a table read
-      any |= kind[j] == kLabelValid;
-    }
+    const bool any = load_group_labels<G>(tgt, gt, i0, n, L, ignore_index, y, kind);
     A l[G];
     if (any) {
       SharedLanes<A, G> acc{smem + node_table_bytes<A>(V) + threadIdx.x * sizeof(Lanes<A, G>),
@@ -58,22 +49,7 @@ tree_fwd_up_group_kernel(const T* __restrict__ x, int64_t sC, UpsampleGeom<A> u,
       tree_forward_group<kF, kExtrema, A, G>(up_lanes<T, A, G>(x, sC, u, rr, X0, n), nodes, acc, ti, y, k, gamma,
                                              eps, l);
     }
-    HSS_UNROLL
-    for (int j = 0; j < G; ++j) {
-      A v = kind[j] == kLabelValid ? l[j] : kind[j] == kLabelBad ? quiet_nan<A>() : A(0);
-      if constexpr (kW) {
-        if (kind[j] == kLabelValid) {  // the weights: one pw read per labelled lane, at its target pixel
-          const A cy = w.of_class(y[j]);
-          v *= w.pw ? cy * w.pw[w.gw.offset(i0 + j)] : cy;
-          ws += static_cast<double>(cy);
-        }
-      }
-      if (j < n) {
-        sum += static_cast<double>(v);
-        c += kind[j] != kLabelIgnored;
-        if (lp) lp[i0 + j] = v;
-      }
-    }
+    add_group_losses<kW, G, A>(l, y, kind, i0, n, w, lp, sum, c, ws);
   }
   block_partial(sum, c, part, cnt);
   if constexpr (kW)
