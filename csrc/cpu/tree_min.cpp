@@ -452,18 +452,6 @@ struct LocalLanes {
   Lanes<A, G>& operator()(int s) const { return p[s]; }
 };
 
-// Runs f(std::integral_constant<int, kF>{}) with kF = mode (tree_min_math.h's FocalMode): the
-// instantiation of a group function the CUDA host code would launch for these options.
-template <typename F>
-void with_focal_mode(int mode, F&& f) {
-  if (mode == kFocalG2)
-    f(std::integral_constant<int, kFocalG2>{});
-  else if (mode == kFocalG0)
-    f(std::integral_constant<int, kFocalG0>{});
-  else
-    f(std::integral_constant<int, kFocalAny>{});
-}
-
 // tree_forward_group with the focal mode and extrema the CUDA kernel would take for these options.
 template <typename A, int G, typename X>
 void forward_group(const X& x, const TreeNode<A>* nodes, const TreeIndex& ti, const int* y,

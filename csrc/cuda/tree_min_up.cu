@@ -103,18 +103,6 @@ tree_up_rows_group_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __r
   }
 }
 
-// Runs f(std::integral_constant<int, kF>{}) for the focal mode of the options (tree_min_math.h focal_mode).
-template <typename A, typename F>
-void with_focal(A gamma, A eps, F&& f) {
-  const int mode = focal_mode(gamma, eps);
-  if (mode == kFocalG2)
-    f(std::integral_constant<int, kFocalG2>{});
-  else if (mode == kFocalG0)
-    f(std::integral_constant<int, kFocalG0>{});
-  else
-    f(std::integral_constant<int, kFocalAny>{});
-}
-
 template <typename F>
 void with_extrema(bool extrema, F&& f) {
   if (extrema)
@@ -139,7 +127,7 @@ void tree_fwd_up_group(const at::Tensor& logits, const at::Tensor& target, const
   Partials partials(logits, nb, w.cw != nullptr);
   const UpsampleGeom<A> u = UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1),
                                                   target.size(2), align_corners);
-  with_focal(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
+  with_focal_mode(focal_mode(static_cast<A>(gamma), static_cast<A>(eps)), [&](auto f) {
     with_extrema(extrema, [&](auto e) {
       with_weights(w.any(), [&](auto weighted) {
         auto kernel = tree_fwd_up_group_kernel<T, A, decltype(f)::value, decltype(e)::value,
@@ -175,7 +163,7 @@ void tree_bwd_up_group(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const UpsampleGeom<A> u =
       UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
   const int64_t gw = (u.W + G - 1) / G;
-  with_focal(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
+  with_focal_mode(focal_mode(static_cast<A>(gamma), static_cast<A>(eps)), [&](auto f) {
     with_extrema(extrema, [&](auto e) {
       with_weights(w.any(), [&](auto weighted) {
         auto kernel = tree_up_rows_group_kernel<T, A, decltype(f)::value, decltype(e)::value,

@@ -83,6 +83,18 @@ HSS_HOST_DEVICE inline int focal_mode(A gamma, A eps) {
   return eps > A(0) || eps < A(0) ? kFocalAny : gamma == A(0) ? kFocalG0 : gamma == A(2) ? kFocalG2 : kFocalAny;
 }
 
+// Host code: runs f(std::integral_constant<int, kF>{}) with kF = mode, the instantiation of a group function
+// (or kernel) for a call's options; the CUDA launchers and the CPU pixel path pick alike.
+template <typename F>
+inline void with_focal_mode(int mode, F&& f) {
+  if (mode == kFocalG2)
+    f(std::integral_constant<int, kFocalG2>{});
+  else if (mode == kFocalG0)
+    f(std::integral_constant<int, kFocalG0>{});
+  else
+    f(std::integral_constant<int, kFocalAny>{});
+}
+
 template <typename A>
 HSS_HOST_DEVICE inline A habs(A v) { return v < A(0) ? -v : v; }
 #ifdef __CUDA_ARCH__
