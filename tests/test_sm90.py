@@ -1,6 +1,7 @@
 """The static sm_90 model (benchmarks/sm90): the SASS analysis on small hand-written listings, the
 annotations and variables, and one Triton kernel compiled end to end (skipped without ptxas/nvdisasm)."""
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -419,33 +420,49 @@ def test_cuda_launches_of_the_fused_upsampling():
     n = N * (H // s) * (W // s)
     fwd, fin = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W),
                                   vistas, 0.0, s)
-    # kUp, one thread per label pixel; the logits' strides are the low-resolution channels_last ones; kW false
+    # on the lanes (a tree up to 4 deep, any layout): G = 4 float32 label pixels of a row per thread (W / 4 groups
+    # per row), the packed group table; the logits' strides are the low-resolution channels_last ones; kW false
     # (the instantiation without weights)
-    assert fwd.pattern == "hierarchical_softmax_fwd_kernelIffLb1ELb0EE" and fwd.blocks == N * H * W // 256
-    assert fwd.params[2] == 1 and fwd.params[1] == (H // s, W // s, 66 * n // N, 66 * W // s, 66)
-    geom = fwd.params[-3]  # then the (absent) weights and their partials
-    assert fwd.params[-2:] == [cuda_side.NO_WEIGHTS, 0]
+    assert fwd.pattern == "hierarchical_softmax_fwd_up_lanes_kernelIffLb0EE" and fwd.blocks == N * H * W // 4 // 256
+    assert fwd.params[1] == 1 and fwd.params[6:8] == [N * H * W // 4, W // 4] and fwd.dynamic_smem == 66 * 16
+    geom = fwd.params[2]
+    assert fwd.params[-2:] == [cuda_side.NO_WEIGHTS, 0]  # the (absent) weights and their partials
     assert len(geom) == 88 and struct.unpack("<7q", geom[:56]) == (256, 256, H, W, 66 * n // N, 66 * 256, 66)
     assert struct.unpack("<qf?", geom[56:69]) == (256, 0.25, False) and fin.kernel == "finish_weighted_kernel"
     assert fin.params[3] == fwd.blocks
     assert (fwd.scalars["H"], fwd.scalars["h"], fwd.scalars["n"]) == (H, H // s, n)
+    # a tree deeper than 4 levels: kUp, one thread per label pixel
+    deep = types.SimpleNamespace(num_leaves=66, depth=5, num_nodes=vistas.num_nodes)
+    one, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W), deep,
+                                0.0, s)
+    assert one.pattern == "hierarchical_softmax_fwd_kernelIffLb1ELb0EE" and one.blocks == N * H * W // 256
+    assert one.params[2] == 1 and one.params[1] == (H // s, W // s, 66 * n // N, 66 * W // s, 66)
+    assert one.params[-3] == geom
     plain, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "channels_last", (N, 66, H, W), vistas,
                                   0.0)
     assert plain.pattern == "hierarchical_softmax_fwd_kernelIffLb0ELb0EE" and plain.params[-3] is None
     # NCHW at the labels' size: the V-pixel kernel, which never upsamples; upsampled NCHW: the kUp kernel
     lanes, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0)
     assert lanes.kernel == "hierarchical_softmax_fwd_lanes_kernel" and lanes.blocks == N * H * W // 4 // 256
-    up_nchw, _ = cuda_side.launches("hierarchical_softmax", "forward", "float32", "nchw", (N, 66, H, W), vistas, 0.0, s)
-    assert up_nchw.pattern == "hierarchical_softmax_fwd_kernelIffLb1ELb0EE"
+    up_nchw, _ = cuda_side.launches("hierarchical_softmax", "forward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0,
+                                    s)
+    assert up_nchw.pattern == "hierarchical_softmax_fwd_up_lanes_kernelIN3c108BFloat16EfLb0EE"
+    assert up_nchw.blocks == N * H * W // 8 // 256 and up_nchw.params[1] == (H // s) * (W // s)
     assert lanes.pattern == "hierarchical_softmax_fwd_lanes_kernelIffLb0EE"
-    # the banded backwards: per band a rows kernel (one thread per label pixel of the band), then the gather
+    # the banded backwards: per band a rows kernel (G = 8 bfloat16 label pixels of a row of the band per thread),
+    # then the gather
     hb, hg = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), vistas, 0.0, s)
-    _, hbands, _ = cuda_side.up_bands(N, 66, H // s, H, W, 4, 2)
+    rows, hbands, _ = cuda_side.up_bands(N, 66, H // s, H, W, 4, 2)
     assert (hb.kernel, hb.threads, len(hb.params), hb.launches) == \
-        ("hierarchical_softmax_up_rows_kernel", 256, 23, len(hbands))
-    assert hb.pattern == "hierarchical_softmax_up_rows_kernelIN3c108BFloat16EfLb0EE"
+        ("hierarchical_softmax_up_rows_lanes_kernel", 256, 24, len(hbands))
+    assert hb.pattern == "hierarchical_softmax_up_rows_lanes_kernelIN3c108BFloat16EfLb0EE"
+    assert hb.params[6:9] == [rows * W // 8, W // 8, N * rows * W // 8] and hb.dynamic_smem == 66 * 16
     assert hg.pattern == "up_gather_kernelIN3c108BFloat16EfE" and hg.source == "hierarchical_softmax"
-    assert hb.blocks == sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in hbands)
+    assert hb.blocks == sum(-(-(N * (b[1] - b[0]) * W // 8) // 256) for b in hbands)
+    # a tree deeper than 4 levels: one thread per label pixel of the band
+    ob, _ = cuda_side.launches("hierarchical_softmax", "backward", "bfloat16", "nchw", (N, 66, H, W), deep, 0.0, s)
+    assert (ob.pattern, len(ob.params)) == ("hierarchical_softmax_up_rows_kernelIN3c108BFloat16EfLb0EE", 23)
+    assert ob.blocks == sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in hbands)
     # the banded tree backward: per band the rows kernel (G = 4 label pixels of a row per thread, the focal mode and
     # extrema of the options) and the gather (32 low-resolution pixels by 8 channel warps per block), each kernel's
     # launches merged into one

@@ -323,12 +323,29 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
                                THREADS,
                                [None, gg, None, None, H * W, xs[0], sC, None, gt, P, L, D, None, None, eps, ignore, None,
                                 NO_WEIGHTS], {"P": P, "L": L, "D": D}, smem)]
-        if pass_ == "forward":
+        if up > 1 and D <= 4:
+            # fused upsampling on the lanes: G = lanes destination pixels of a row per thread (gw groups per row),
+            # each channel interpolated through UpLanes; the packed group table (any layout of the logits)
+            gw = -(-W // lanes)
+            if pass_ == "forward":
+                ng = N * H * gw
+                nbu = -(-ng // THREADS)
+                return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_up_lanes_kernel", T + A + kw, nbu,
+                                   THREADS,
+                                   [None, sC, ug, None, gt, P, ng, gw, L, D, None, None, eps, ignore, 0, None, None,
+                                    None, NO_WEIGHTS, 0], scalars, 16 * L), finish_weighted(nbu)]
+            return up_bwd_launches(
+                "hierarchical_softmax", "hierarchical_softmax_up_rows_lanes_kernel", T + A + kw, THREADS, 16 * L,
+                low, xs, H, W, _DT[dtype][1],
+                lambda rows, nq, ssn, ssc, ssy: [None, gg, None, sC, ug, 0, rows * gw, gw, nq, None, gt, P, L, D, None,
+                                                 None, eps, ignore, None, None, ssn, ssc, ssy, NO_WEIGHTS], scalars, T,
+                group=lanes)
+        if pass_ == "forward":  # (with up > 1: trees deeper than 4, the one-pixel kUp kernel)
             return [CudaLaunch("hierarchical_softmax", "hierarchical_softmax_fwd_kernel", T + A + kup + kw, nb,
                                THREADS,
                                [None, gx, sC, None, gt, P, L, D, None, None, eps, ignore, 0, None, None, None, ug,
                                 NO_WEIGHTS, 0], scalars, group_smem_bytes(L)), finish_weighted(nb)]
-        if up > 1:  # banded (csrc/cuda/upsample.cuh): per band the rows kernel, then the gather
+        if up > 1:  # banded (csrc/cuda/upsample.cuh): per band the one-pixel rows kernel (D > 4), then the gather
             return up_bwd_launches(
                 "hierarchical_softmax", "hierarchical_softmax_up_rows_kernel", T + A + kw, THREADS,
                 group_smem_bytes(L), low, xs, H, W, _DT[dtype][1],

@@ -1,7 +1,9 @@
 // Hierarchical softmax loss (docs/MATH.md §2): the CPU implementation of hierarchical_softmax_fwd and
 // hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). Float inputs run the lane loops
 // below; float64, bad labels, far groups and HSS_CPU_PIXEL_PATH=1 run the per-pixel code of
-// hierarchical_softmax_math.h, as the CUDA kernels do. Class and pixel weights (common.h PixelWeights,
+// hierarchical_softmax_math.h, as the CUDA kernels do (with HSS_CPU_PIXEL_PATH=1, float types and trees up to
+// kPackedDepth deep, its V-pixel functions, also with fused upsampling: forward_vec, up_forward_vec and the
+// lanes rows of the banded backward). Class and pixel weights (common.h PixelWeights,
 // docs/MATH.md §6.6) touch no path's inner loops: the forward multiplies each labelled pixel's loss by its
 // weight where the block's losses are summed, the backward its upstream gradient before any path runs.
 #include "checks.h"
@@ -256,6 +258,42 @@ void backward_vec(const float* tile, int64_t ld, float* o, int64_t n, int L, int
   }
 }
 
+// HSS_CPU_PIXEL_PATH=1 with fused upsampling, float types and trees up to kPackedDepth deep: what the CUDA
+// forward runs (hierarchical_softmax_fwd_up_lanes_kernel), G = 16 / sizeof(T) destination pixels of a row per
+// group from the row's start, each channel interpolated through UpLanes, the far lanes again one pixel at a
+// time through BilinearCol. A group the block shares with its neighbour runs with the lanes outside the block
+// not computed (each lane's results are its own). The losses of the block's valid pixels into loss[p].
+template <typename T>
+void up_forward_vec(const T* x, int64_t sC, const UpsampleGeom<float>& u, int64_t i0, int64_t n, int L, int D,
+                    const int32_t* group, const bool* valid, const int64_t* ys, const float* w, float eps, float* st,
+                    int64_t P, float* loss) {
+  constexpr int G = vec_width<T>();
+  const LeafGroupRows rows{group, L, D};
+  for (int64_t p = 0; p < n;) {
+    const int64_t q = i0 + p, rr = q / u.W, X = q - rr * u.W, X0 = X / G * G;
+    const int64_t gn = std::min<int64_t>(G, u.W - X0);      // the group's pixels
+    const int64_t m = std::min<int64_t>(X0 + gn - X, n - p);  // those in the block, from X
+    int y[G];
+    for (int j = 0; j < G; ++j) {
+      const int64_t pj = p + (X0 + j - X);
+      const bool in = X0 + j >= X && X0 + j < X + m && valid[pj];
+      y[j] = in ? static_cast<int>(ys[pj]) : -1;
+    }
+    const int64_t g0 = rr * u.W + X0;
+    float l[G];
+    const unsigned far = hierarchical_softmax_forward_pixels<G, float>(up_lanes<T, float, G>(x, sC, u, rr, X0, gn), L,
+                                                                       D, rows, y, w, eps, st + g0, P, l);
+    for (int64_t j = X - X0; j < X - X0 + m; ++j) {
+      if (y[j] < 0) continue;
+      loss[p + (j - (X - X0))] =
+          far >> j & 1u ? hierarchical_softmax_forward_pixel<float>(bilinear_col<T, float>(x, sC, u.stencil(g0 + j)), L,
+                                                                     D, rows, y[j], w, eps, st + g0 + j, P)
+                        : l[j];
+    }
+    p += m;
+  }
+}
+
 // Labels of a block: gy[d][p] (-1 where ignored or out of range, also past the block's end). Returns
 // whether a lane holds a bad label (see common.h), which then takes the per-pixel path.
 inline bool block_groups(const int64_t* tgt, const PixelGeom& gt, int64_t i0, int64_t n, int L, int D,
@@ -323,6 +361,9 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
       if (forced && !up && D <= kPackedDepth) {  // the CUDA kernels' NCHW path
         forward_vec<vec_width<T>()>(tile, ld, n, L, D, group, valid, ys, w, eps, st, P, i0, lane_loss);
         lanes = true;
+      } else if (forced && up && D <= kPackedDepth) {  // the CUDA kernels' fused-upsampling lanes
+        up_forward_vec<T>(x, logits.stride(1), up->geom, i0, n, L, D, group, valid, ys, w, eps, st, P, lane_loss);
+        lanes = true;
       } else {
         lanes = !forced && !bad && hierarchical_softmax_forward_lanes(tile, ld, n, L, D, group, gy, valid, w, eps, st, P, i0, lane_loss);
       }
@@ -341,7 +382,7 @@ void hierarchical_softmax_fwd_cpu_impl(const at::Tensor& logits, const at::Tenso
       } else {
         if (lanes)
           l = lane_loss[p];
-        else if (up && forced)  // the CUDA kernels' reads: four source values per channel
+        else if (up && forced)  // the CUDA kernels' one-pixel reads (float64, D > kPackedDepth): four source values
           l = hierarchical_softmax_forward_pixel<A>(bilinear_col<T, A>(x, logits.stride(1), up->geom.stencil(i)), L, D,
                                                     LeafGroups{group, L}, static_cast<int>(ys[p]), w, eps, st + i, P);
         else
@@ -459,7 +500,38 @@ void hierarchical_softmax_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor&
     }
     emit(i0, n, offs, gtile);
   };
-  if (up && forced)  // what the CUDA kernels run: banded, each row once, then gathered
+  if constexpr (std::is_same_v<A, float>) {  // the CUDA rows kernel on the lanes (float types, D <= kPackedDepth)
+    if (up && forced && D <= kPackedDepth) {
+      constexpr int G = vec_width<T>();
+      const LeafGroupRows rows{group, L, D};
+      // as hierarchical_softmax_up_rows_lanes_kernel: G destination pixels of a row, their rows G lanes a store
+      cpu::up_backward_bands<G, T, A>(*up, y_out, out.strides().data(), 0, [&](A*) {
+        return [&, rows](int64_t rr, int64_t X0, int64_t n, A* p, int64_t sc) {
+          const int64_t i0 = rr * up->W + X0;
+          int y[G];
+          A g[G], fill[G];
+          for (int k = 0; k < G; ++k) {
+            const int64_t v = k < n ? tgt[gt.offset(i0 + k)] : ignore_index;
+            const LabelKind kind = label_kind(v, L, ignore_index);
+            y[k] = kind == kLabelValid ? static_cast<int>(v) : -1;
+            fill[k] = kind == kLabelBad ? quiet_nan<A>() : A(0);
+            g[k] = k < n ? gp[gg.offset(i0 + k)] : A(0);
+            if (weighted && y[k] >= 0) g[k] *= wts.at(i0 + k, y[k]);
+          }
+          const unsigned far = hierarchical_softmax_backward_pixels<G, A>(
+              up_lanes<T, A, G>(x, sC, up->geom, rr, X0, n), ScratchLanes<A, G>{p, sc}, L, D, rows, y, fill, w, eps,
+              st + i0, P, g);
+          for (int k = 0; k < n; ++k)
+            if (far >> k & 1u)
+              hierarchical_softmax_backward_pixel<A>(bilinear_col<T, A>(x, sC, up->geom.stencil(i0 + k)),
+                                                     StoreOut<A>{p + k, sc}, L, D, rows, y[k], w, eps, st + i0 + k, P,
+                                                     g[k]);
+        };
+      });
+      return;
+    }
+  }
+  if (up && forced)  // float64, D > kPackedDepth: the CUDA one-pixel rows kernel
     cpu::up_backward_bands<1, T, A>(*up, y_out, out.strides().data(), 0, [&](A*) {
       const HierarchicalSoftmaxUpsampledRow<T, A, LeafGroups> row{{x, sC, up->geom, tgt, gt, gp, gg}, L, D,
                                                                   LeafGroups{group, L}, w, eps, ignore_index, st, P,

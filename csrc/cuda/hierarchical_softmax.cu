@@ -2,13 +2,15 @@
 // hierarchical_softmax_bwd (schemas and contracts in csrc/ops.cpp). On NCHW logits (float32/float16/bfloat16,
 // trees up to 4 deep) a thread owns V = 16 / sizeof(T) neighbouring pixels (the *_lanes kernels below,
 // docs/MATH.md §2.9); otherwise one thread per pixel runs the per-pixel code of hierarchical_softmax_math.h.
-// float32 accumulation for float16/bfloat16/float32 logits, float64 for float64. With fused upsampling (kUp) the
+// float32 accumulation for float16/bfloat16/float32 logits, float64 for float64. With fused upsampling the
 // forward reads each channel from four source values (upsample_math.h) and the backward runs band by band
-// (upsample.cuh): each destination pixel's gradient row once into a scratch
-// (hierarchical_softmax_up_rows_kernel), then gathered onto the source pixels. Class and pixel weights (common.h
-// PixelWeights, docs/MATH.md §6.6): every forward kernel multiplies a labelled pixel's loss by its weight and,
-// with class weights, sums them for the "mean" (finish_weighted_kernel); every backward kernel multiplies its
-// upstream gradient. Every kernel has a compile-time kW, chosen on the host (with_weights): kW false, the
+// (upsample.cuh): each destination pixel's gradient row once into a scratch, then gathered onto the source
+// pixels; for float types of at most 4 bytes and trees up to 4 deep the V-pixel math on G destination pixels of
+// a row per thread (hierarchical_softmax_fwd_up_lanes_kernel, hierarchical_softmax_up_rows_lanes_kernel),
+// otherwise one pixel per thread (the kUp forward, hierarchical_softmax_up_rows_kernel). Class and pixel
+// weights (common.h PixelWeights, docs/MATH.md §6.6): every forward kernel multiplies a labelled pixel's loss by
+// its weight and, with class weights, sums them for the "mean" (finish_weighted_kernel); every backward kernel
+// multiplies its upstream gradient. Every kernel has a compile-time kW, chosen on the host (with_weights): kW false, the
 // instantiation of a call without weights, compiles the weight code out (its PixelWeights argument is passed but
 // never read).
 #include "checks.h"
@@ -374,6 +376,127 @@ hierarchical_softmax_bwd_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Fused upsampling on the lanes (docs/MATH.md §2.9, §6): G = lanes_of<T>() destination pixels of one row per
+// thread, X0 = G gx (gw groups per row), each channel of the G lanes interpolated through upsample_math.h's
+// UpLanes (each lane's stencil computed once; lanes past the row's end, n < G, repeat its last pixel and are
+// not computed), the V-pixel math of the lanes kernels above. Any layout of the logits (scalar loads), trees
+// up to kPackedDepth deep, float types of at most 4 bytes; otherwise the one-pixel kUp forward and
+// hierarchical_softmax_up_rows_kernel.
+
+// The labels of the first n lanes of one destination row from pixel i0 (lane k's target at offset
+// gt.offset(i0) + k sW): y[k] the leaf or -1 (ignored, bad, past n); returns the mask of the bad labels.
+template <int G>
+__device__ inline unsigned row_lane_labels(const int64_t* __restrict__ tgt, const PixelGeom& gt, int64_t i0, int n,
+                                           int L, int64_t ignore_index, int (&y)[G]) {
+  const int64_t o = gt.offset(i0);
+  unsigned bad = 0;
+  HSS_UNROLL
+  for (int k = 0; k < G; ++k) {
+    const int64_t v = k < n ? tgt[o + k * gt.sW] : ignore_index;
+    const LabelKind kind = label_kind(v, L, ignore_index);
+    y[k] = kind == kLabelValid ? static_cast<int>(v) : -1;
+    bad |= static_cast<unsigned>(kind == kLabelBad) << k;
+  }
+  return bad;
+}
+
+// The forward: ng = N H gw threads; the unlabelled lanes' stats and losses as hierarchical_softmax_fwd_lanes_kernel's.
+template <typename T, typename A, bool kW>
+__global__ void __launch_bounds__(kThreads)
+hierarchical_softmax_fwd_up_lanes_kernel(const T* __restrict__ x, int64_t sC, UpsampleGeom<A> u,
+                                         const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int64_t ng,
+                                         int64_t gw, int L, int D, const int32_t* __restrict__ group,
+                                         const A* __restrict__ w, A eps, int64_t ignore_index, A* __restrict__ lp,
+                                         A* __restrict__ st, double* part, int64_t* cnt, PixelWeights<A> wts,
+                                         double* wpart) {
+  constexpr int G = lanes_of<T>();
+  const PackedGroups groups = load_packed_groups(group, L, D);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  double l_sum = 0, w_sum = 0;
+  int64_t c = 0;
+  if (t < ng) {
+    const int64_t rr = t / gw, X0 = (t - rr * gw) * G, i0 = rr * u.W + X0;
+    const int n = u.W - X0 < G ? static_cast<int>(u.W - X0) : G;
+    int y[G];
+    const unsigned bad = row_lane_labels<G>(tgt, gt, i0, n, L, ignore_index, y);
+    A l[G];
+    const unsigned far = hierarchical_softmax_forward_pixels<G, A>(up_lanes<T, A, G>(x, sC, u, rr, X0, n), L, D,
+                                                                   groups, y, w, eps, st + i0, P, l);
+    if (far) {  // rare: a group far below the pixel's max (hierarchical_softmax_math.h); sm90: cold
+      for (int k = 0; k < G; ++k) {  // sm90: trips=0
+        if (!(far >> k & 1u)) continue;
+        const A lk = hierarchical_softmax_forward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(i0 + k)), L, D, groups,
+                                                           lane(y, k), w, eps, st + i0 + k, P);
+        HSS_UNROLL
+        for (int q = 0; q < G; ++q) l[q] = q == k ? lk : l[q];
+      }
+    }
+    HSS_UNROLL
+    for (int k = 0; k < G; ++k) {
+      if (k >= n) break;
+      // ignored: 0; a bad label: NaN, never a table read
+      const bool is_bad = bad >> k & 1u;
+      if (y[k] < 0) {  // sm90: cold
+        l[k] = is_bad ? quiet_nan<A>() : A(0);
+        for (int d = 0; d <= D; ++d) st[d * P + i0 + k] = l[k];  // sm90: trips=D + 1
+      } else if constexpr (kW) {  // the lane's weight, at its target pixel
+        l[k] *= wts.at(i0 + k, y[k]);
+        w_sum += static_cast<double>(wts.of_class(y[k]));
+      }
+      if (lp) lp[i0 + k] = l[k];
+      l_sum += static_cast<double>(l[k]);  // lane order: the same sum on every run
+      c += y[k] >= 0 || is_bad;
+    }
+  }
+  block_partials<kW>(l_sum, c, w_sum, part, cnt, wpart);
+}
+
+// The banded backward's rows kernel (upsample.cuh): G destination pixels of one row of the band [Y0, Y0 + rows)
+// per thread (bg = rows gw groups per image, nq = N bg threads), their gradient rows stored to the scratch G
+// lanes at a time (ScratchLanes: the warp's stores of a channel contiguous; lanes past the row's end write its
+// padding, which nothing reads), the unlabelled lanes' rows 0 (ignored) or NaN (bad label).
+template <typename T, typename A, bool kW>
+__global__ void __launch_bounds__(kThreads)
+hierarchical_softmax_up_rows_lanes_kernel(const A* __restrict__ grad, PixelGeom gg, const T* __restrict__ x,
+                                          int64_t sC, UpsampleGeom<A> u, int64_t Y0, int64_t bg, int64_t gw,
+                                          int64_t nq, const int64_t* __restrict__ tgt, PixelGeom gt, int64_t P, int L,
+                                          int D, const int32_t* __restrict__ group, const A* __restrict__ w, A eps,
+                                          int64_t ignore_index, const A* __restrict__ st, A* __restrict__ scratch,
+                                          int64_t ssn, int64_t ssc, int64_t ssy, PixelWeights<A> wts) {
+  constexpr int G = lanes_of<T>();
+  const PackedGroups groups = load_packed_groups(group, L, D);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= nq) return;
+  const int64_t b = t / bg, r = t - b * bg, yr = r / gw, X0 = (r - yr * gw) * G;
+  const int64_t rr = b * u.H + Y0 + yr, i0 = rr * u.W + X0;
+  const int n = u.W - X0 < G ? static_cast<int>(u.W - X0) : G;
+  int y[G];
+  const unsigned bad = row_lane_labels<G>(tgt, gt, i0, n, L, ignore_index, y);
+  const int64_t go = gg.offset(i0);
+  A g[G], fill[G];
+  HSS_UNROLL
+  for (int k = 0; k < G; ++k) {
+    g[k] = k < n ? grad[go + k * gg.sW] : A(0);
+    fill[k] = bad >> k & 1u ? quiet_nan<A>() : A(0);
+  }
+  if constexpr (kW) {  // a labelled lane's upstream gradient times its weight, at its target pixel
+    HSS_UNROLL
+    for (int k = 0; k < G; ++k)
+      if (y[k] >= 0) g[k] *= wts.at(i0 + k, y[k]);
+  }
+  const ScratchLanes<A, G> out{scratch + b * ssn + yr * ssy + X0, ssc};
+  const unsigned far = hierarchical_softmax_backward_pixels<G, A>(up_lanes<T, A, G>(x, sC, u, rr, X0, n), out, L, D,
+                                                                  groups, y, fill, w, eps, st + i0, P, g);
+  if (far) {  // rare: a level whose factor exp(lse - b_d) would be huge; sm90: cold
+    for (int k = 0; k < G; ++k)  // sm90: trips=0
+      if (far >> k & 1u)
+        hierarchical_softmax_backward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(i0 + k)),
+                                               StoreOut<A>{out.p + k, ssc}, L, D, groups, lane(y, k), w, eps,
+                                               st + i0 + k, P, lane(g, k));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& leaf_group, const at::Tensor& level_weights,
     double eps, int64_t ignore_index, bool per_pixel, int64_t upsample, bool align_corners,
@@ -395,6 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool lanes = !upsample && vec_lanes(logits, nullptr, D);
+  const bool fused_lanes = upsample && D <= kPackedDepth;  // (and float types of at most 4 bytes)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hierarchical_softmax_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const PixelWeights<A> wts = pixel_weights<A>(class_weight, pixel_weight);
@@ -411,6 +535,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hierarchical_softmax_
           kernel<<<nb, kThreads, smem, stream>>>(
               logits.data_ptr<scalar_t>(), logits.size(2) * logits.size(3), logits.stride(0), logits.stride(1),
               target.data_ptr<int64_t>(), geom(target), P, logits.size(1), D, leaf_group.data_ptr<int32_t>(),
+              level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr,
+              stats.data_ptr<A>(), partials.p(), partials.c(), wts, partials.w());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
+          return;
+        }
+        if (fused_lanes) {
+          const auto kernel = hierarchical_softmax_fwd_up_lanes_kernel<scalar_t, A, kW>;
+          constexpr int G = lanes_of<scalar_t>();
+          const int64_t gw = (target.size(2) + G - 1) / G, ng = target.size(0) * target.size(1) * gw;
+          const int64_t nb = num_blocks(ng, kThreads);
+          Partials partials(logits, nb, wts.cw != nullptr);
+          const size_t smem = packed_smem_bytes(logits.size(1));
+          allow_smem(kernel, smem, kThreads * (sizeof(double) + sizeof(int64_t)), logits.get_device(),
+                     "hierarchical_softmax", logits.size(1), "leaves");
+          kernel<<<nb, kThreads, smem, stream>>>(
+              logits.data_ptr<scalar_t>(), logits.stride(1),
+              UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1), target.size(2),
+                                    align_corners),
+              target.data_ptr<int64_t>(), geom(target), P, ng, gw, logits.size(1), D, leaf_group.data_ptr<int32_t>(),
               level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, per_pixel ? loss.data_ptr<A>() : nullptr,
               stats.data_ptr<A>(), partials.p(), partials.c(), wts, partials.w());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -461,7 +605,30 @@ at::Tensor hierarchical_softmax_bwd_cuda(const at::Tensor& grad, const at::Tenso
     const PixelWeights<A> wts = pixel_weights<A>(class_weight, pixel_weight);
     with_weights(wts.any(), [&](auto weighted) {
       constexpr bool kW = decltype(weighted)::value;
-      if (upsample) {
+      if constexpr (sizeof(scalar_t) <= 4) {
+        if (upsample && D <= kPackedDepth) {
+          const auto kernel = hierarchical_softmax_up_rows_lanes_kernel<scalar_t, A, kW>;
+          constexpr int G = lanes_of<scalar_t>();
+          const size_t smem = packed_smem_bytes(x.size(1));
+          allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");
+          const UpsampleGeom<A> u = UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1),
+                                                          target.size(2), align_corners);
+          const int64_t gw = (u.W + G - 1) / G;
+          up_backward_bands<scalar_t, A>(
+              x, target, out, align_corners, "hierarchical_softmax_loss", stream,
+              [&](const UpBand& bd, A* scratch, int64_t ssn, int64_t ssc, int64_t ssy) {
+                const int64_t bg = (bd.Y1 - bd.Y0) * gw, nq = x.size(0) * bg;
+                kernel<<<num_blocks(nq, kThreads), kThreads, smem, stream>>>(
+                    grad.data_ptr<A>(), grad_geom(grad, target), x.data_ptr<scalar_t>(), x.stride(1), u, bd.Y0, bg,
+                    gw, nq, target.data_ptr<int64_t>(), geom(target), P, x.size(1), D, leaf_group.data_ptr<int32_t>(),
+                    level_weights.data_ptr<A>(), static_cast<A>(eps), ignore_index, stats.data_ptr<A>(), scratch,
+                    ssn, ssc, ssy, wts);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
+          return;
+        }
+      }
+      if (upsample) {  // trees deeper than kPackedDepth, float64: one destination pixel per thread
         const auto kernel = hierarchical_softmax_up_rows_kernel<scalar_t, A, kW>;
         const size_t smem = group_smem_bytes(x.size(1));
         allow_smem(kernel, smem, 0, x.get_device(), "hierarchical_softmax", x.size(1), "leaves");

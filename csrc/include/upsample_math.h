@@ -1,13 +1,13 @@
 // Fused bilinear upsampling for the per-pixel code of the ops (docs/MATH.md §6), on the CPU
 // (HSS_CPU_PIXEL_PATH=1) and in the CUDA kernels: the logits are (N, C, h, w), the pixels (N, H, W).
 //
-// Forward: a destination pixel's channels are read through BilinearCol (the tree losses: G pixels of a row
-// through UpLanes), four source values per channel.
+// Forward: a destination pixel's channels are read through BilinearCol (the tree losses and the hierarchical
+// softmax's lanes: G pixels of a row through UpLanes), four source values per channel.
 // Backward, deterministic without atomics, banded: over bands of destination rows [Y0, Y1) (up_band_plan),
 // each destination pixel's gradient row is computed once by the op's backward into a scratch [N, C, rows, Wp]
-// (the hierarchical softmax's *UpsampledRow with StoreOut, the tree losses' group backwards through UpLanes
-// with ScratchLanes), then up_gather_band adds it onto the source pixels in the order (Y, X), carrying the
-// partial sums of the source rows whose window goes on past the band (docs/MATH.md §6.3).
+// (the hierarchical softmax's *UpsampledRow with StoreOut or its V-pixel backward, and the tree losses' group
+// backwards, through UpLanes with ScratchLanes), then up_gather_band adds it onto the source pixels in the order
+// (Y, X), carrying the partial sums of the source rows whose window goes on past the band (docs/MATH.md §6.3).
 #pragma once
 
 #include <cstdlib>
@@ -127,6 +127,15 @@ struct UpLanes {
     for (int j = 0; j < G; ++j) out.v[j] = lerp(q, j);
   }
   HSS_HOST_DEVICE A operator()(int c, int j) const { return lerp(p + c * s, j); }
+  // The channel walk of hierarchical_softmax_math.h's V-pixel functions (G = V lanes): load(z) fills z with
+  // the current channel of the G lanes, next() moves a copy to the next channel (a pointer bump), at(k, c) is
+  // lane k's channel c (of an accessor not moved).
+  HSS_HOST_DEVICE void load(A (&z)[G]) const {
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) z[j] = lerp(p, j);
+  }
+  HSS_HOST_DEVICE void next() { p += s; }
+  HSS_HOST_DEVICE A at(int k, int64_t c) const { return lerp(p + c * s, k); }
 };
 
 // The lanes of destination row rr = b H + Y (flat over N x H), columns X0 .. X0 + G - 1; lanes j >= n (past
@@ -190,6 +199,17 @@ struct ScratchLanes {
   template <typename L>
   HSS_HOST_DEVICE void store(int c, const L& v) const { *reinterpret_cast<L*>(p + c * sc) = v; }
   HSS_HOST_DEVICE void store_lane(int c, int j, A v) const { p[c * sc + j] = v; }
+  // The channel walk of hierarchical_softmax_math.h's V-pixel backward (G = V lanes): store(v) writes the
+  // current channel's G lanes (aligned stores of up to 16 bytes), next() moves a copy to the next channel.
+  HSS_HOST_DEVICE void store(const A (&v)[G]) const {
+    struct alignas(sizeof(A) * G < 16 ? sizeof(A) * G : 16) Row {
+      A v[G];
+    } r;
+    HSS_UNROLL
+    for (int j = 0; j < G; ++j) r.v[j] = v[j];
+    *reinterpret_cast<Row*>(p) = r;
+  }
+  HSS_HOST_DEVICE void next() { p += sc; }
 };
 
 // What every op's backward row reads of a destination pixel q with fused upsampling: the low-resolution
