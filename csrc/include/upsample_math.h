@@ -129,13 +129,39 @@ struct UpLanes {
   HSS_HOST_DEVICE A operator()(int c, int j) const { return lerp(p + c * s, j); }
   // The channel walk of hierarchical_softmax_math.h's V-pixel functions (G = V lanes): load(z) fills z with
   // the current channel of the G lanes, next() moves a copy to the next channel (a pointer bump), at(k, c) is
-  // lane k's channel c (of an accessor not moved).
+  // lane k's channel c (of an accessor not moved). Each lane's value rows first: its two source columns
+  // interpolated between the source rows, then across, (1 - lx) ((1 - ly) x00 + ly x10) + lx ((1 - ly) x01 +
+  // ly x11), which differs from lerp's order (BilinearCol's, F.interpolate's) in rounding only. With pairs
+  // (up_lanes: every odd lane's columns are its even neighbour's, as at upsampling factors of 2 and more but at
+  // a row's end) load reads a pair's four source values and interpolates its two columns once for both lanes.
+  bool pairs;
+  A mx[G], my;  // 1 - lx, 1 - ly
   HSS_HOST_DEVICE void load(A (&z)[G]) const {
+    static_assert(G % 2 == 0, "UpLanes::load(z) reads the lanes in pairs");
+    if (!pairs) {  // a pair of lanes on different columns; sm90: cold
+      HSS_UNROLL
+      for (int j = 0; j < G; ++j) z[j] = at_row(p, j);
+      return;
+    }
     HSS_UNROLL
-    for (int j = 0; j < G; ++j) z[j] = lerp(p, j);
+    for (int j = 0; j < G; j += 2) {
+      const T* r = p + ox[j];
+      const A a00 = static_cast<A>(r[0]), a01 = static_cast<A>(r[dx[j]]);  // sm90: logits
+      const A a10 = static_cast<A>(r[dy]), a11 = static_cast<A>(r[dy + dx[j]]);  // sm90: logits
+      const A c0 = my * a00 + ly * a10, c1 = my * a01 + ly * a11;
+      z[j] = mx[j] * c0 + lx[j] * c1;
+      z[j + 1] = mx[j + 1] * c0 + lx[j + 1] * c1;
+    }
+  }
+  // Lane j's value rows first at channel pointer q (the loads on lines not marked as the hot side's logits loads).
+  HSS_HOST_DEVICE A at_row(const T* q, int j) const {
+    const T* r = q + ox[j];
+    const A c0 = my * static_cast<A>(r[0]) + ly * static_cast<A>(r[dy]);
+    const A c1 = my * static_cast<A>(r[dx[j]]) + ly * static_cast<A>(r[dy + dx[j]]);
+    return mx[j] * c0 + lx[j] * c1;
   }
   HSS_HOST_DEVICE void next() { p += s; }
-  HSS_HOST_DEVICE A at(int k, int64_t c) const { return lerp(p + c * s, k); }
+  HSS_HOST_DEVICE A at(int k, int64_t c) const { return at_row(p + c * s, k); }
 };
 
 // The lanes of destination row rr = b H + Y (flat over N x H), columns X0 .. X0 + G - 1; lanes j >= n (past
@@ -150,11 +176,15 @@ HSS_HOST_DEVICE inline UpLanes<T, A, G> up_lanes(const T* x, int64_t sC, const U
   l.p = x + b * u.sN + y0 * u.sh;
   l.s = sC;
   l.dy = (y1 - y0) * u.sh;
+  l.pairs = true;
+  l.my = A(1) - l.ly;
   HSS_UNROLL
   for (int j = 0; j < G; ++j) {
     u.ax.at(X0 + (j < n ? j : n - 1), x0, x1, l.lx[j]);
+    l.mx[j] = A(1) - l.lx[j];
     l.ox[j] = x0 * u.sw;
     l.dx[j] = (x1 - x0) * u.sw;
+    if (j % 2) l.pairs = l.pairs && l.ox[j] == l.ox[j - 1] && l.dx[j] == l.dx[j - 1];
   }
   return l;
 }
