@@ -698,3 +698,27 @@ def test_weights_option_models_the_fused_weights(tmp_path):
     plain = model.floor_bytes("hierarchical_softmax", "backward", 8 * 2 ** 20, 66, 4, trees.load("vistas").depth)
     assert row["weights"] == "class+pixel" and row["floor_bytes"] == plain + 4 * 8 * 2 ** 20
     assert row["kernels"][0]["launch"]["HAS_CW"] is True and row["kernels"][0]["launch"]["HAS_PW"] is True
+
+
+def test_elf_reader_agrees_with_cuobjdump_and_nvdisasm(tmp_path):
+    """benchmarks.sm90.elf reads a compiled kernel's parameter layout as ``cuobjdump -elf`` prints it, and its
+    symbol index makes ``nvdisasm -fun`` list the same instructions as the whole cubin's listing."""
+    _need_triton_sm90_tools()
+    import torch
+
+    from benchmarks.sm90 import elf, sass, tools, triton_side
+
+    tree = trees.load("cityscapes")
+    x = torch.empty((2, tree.num_leaves, 16, 16), device="meta")
+    t = torch.empty((2, 16, 16), dtype=torch.int64, device="meta")
+    (launch, *_) = triton_side.record("hierarchical_softmax", "backward", x, t, tree, upsample=False, weights="none")
+    comp = triton_side.compile_launch(launch, tmp_path, False)
+    params = elf.kparams(comp.cubin)
+    assert params == tools.kparams(comp.cubin) and len(params[comp.name]) >= 8
+    symbols = elf.functions(comp.cubin)
+    assert comp.name in symbols
+    whole = sass.parse(tools.disassemble(comp.cubin))[comp.name]
+    alone = sass.parse(tools.disassemble(comp.cubin, functions=[symbols[comp.name]]))
+    assert list(alone) == [comp.name] and alone[comp.name].instrs == whole.instrs and len(whole.instrs) > 50
+    with pytest.raises(elf.ElfError):
+        elf.functions(b"\x7fELF\x01\x01" + bytes(64))

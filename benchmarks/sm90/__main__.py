@@ -132,8 +132,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     ctx = model.Context(cache, args.force, args.unannotated, args.jobs, log, args.listing, args.weights)
     rows, failures, not_fused = [], [], {}
-    for op, backend, dtype, pass_, layout, up in model.selection(args.op, args.backend, args.dtype, args.passes,
-                                                                 args.layout, args.upsample):
+    selected = model.selection(args.op, args.backend, args.dtype, args.passes, args.layout, args.upsample)
+    try:
+        ctx.prefetch_cuda(selected)
+    except (SassError, tools.ToolMissing) as exc:  # each CUDA row reports it below
+        log(f"  CUDA kernels not disassembled up front: {exc}")
+    for op, backend, dtype, pass_, layout, up in selected:
         tag = f"{op} {backend} {dtype} {pass_} {layout}" + (f" upsample {up}" if up > 1 else "")
         try:
             fn = ctx.triton_row if backend == "triton" else ctx.cuda_row

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import sass, source, tools
+from . import elf, sass, source, tools
 from .sass import SassError
 
 __all__ = ["ASSUMPTIONS", "OPS", "BACKENDS", "DTYPES", "PASSES", "LAYOUTS", "UPSAMPLE", "SHAPE", "Row", "Context",
@@ -278,39 +278,58 @@ class Context:
         return self._row(op, "triton", dtype, pass_, layout, kernels, tree, C, up, weights)
 
     # --------------------------------------------------------------------------------- CUDA
-    def _cuda_code(self):
+    def _cuda_code(self) -> Dict[str, "CudaObject"]:
         if self._cuda is None:
             from . import cuda_side
             t0 = time.time()
             cubins = cuda_side.build(self.cache, self.force, self.jobs, log=self.log)
             self.seconds["cuda_compile"] += time.time() - t0
-            self._cuda = {}
-            for stem, (cub, ptx) in cubins.items():
-                fns = sass.parse(tools.disassemble(cub, cuda=True))
-                lines = sass.ptx_lines(ptx)
-                for name, fn in fns.items():
-                    self._repair(fn, lines.get(name, set()))
-                self._cuda[stem] = (fns, tools.resources(cub, cuda=True), tools.kparams(cub, cuda=True))
+            self._cuda = {stem: CudaObject(cub, ptx, self._repair) for stem, (cub, ptx) in cubins.items()}
         return self._cuda
 
-    def cuda_row(self, op: str, dtype: str, pass_: str, layout: str, up: int = 1) -> Row:
+    def _cuda_launches(self, op: str, dtype: str, pass_: str, layout: str, up: int):
         from . import cuda_side
 
-        tree_name, _ = OPS[op]
-        tree = self.tree(tree_name)
+        tree = self.tree(OPS[op][0])
         C = tree.num_leaves if OPS[op][1] == "leaves" else tree.num_nodes
         B, H, W = SHAPE
         if up > 1 and not cuda_side.fuses_upsample(op, pass_):  # before compiling anything
             raise NotFused(f"the CUDA {op} {pass_} does not fuse the upsampling")
+        return tree, C, cuda_side.launches(op, pass_, dtype, layout, (B, C, H, W), tree, GAMMA.get(op, 0.0), up)
+
+    def prefetch_cuda(self, rows: Sequence[Tuple[str, str, str, str, str, int]]) -> None:
+        """Disassembles the kernels of every CUDA row of ``rows`` (selection()'s tuples) with one nvdisasm
+        run per cubin; a row whose launches cannot be worked out is left to :meth:`cuda_row` to report."""
+        wanted: Dict[str, set] = {}
+        for op, backend, dtype, pass_, layout, up in rows:
+            if backend != "cuda":
+                continue
+            try:
+                _, _, launches = self._cuda_launches(op, dtype, pass_, layout, up)
+            except (NotFused, SassError):
+                continue
+            for launch in launches:
+                wanted.setdefault(launch.source, set()).add(launch.pattern)
+        if not wanted:
+            return
+        code = self._cuda_code()
+        for stem, patterns in wanted.items():
+            if stem in code:
+                code[stem].functions([n for pat in patterns for n in code[stem].matching(pat)])
+
+    def cuda_row(self, op: str, dtype: str, pass_: str, layout: str, up: int = 1) -> Row:
+        from . import cuda_side
+
+        tree, C, launches = self._cuda_launches(op, dtype, pass_, layout, up)
         code = self._cuda_code()
         kernels = []
-        for i, launch in enumerate(cuda_side.launches(op, pass_, dtype, layout, (B, C, H, W), tree,
-                                                      GAMMA.get(op, 0.0), up)):
-            fns, res, kp = code[launch.source]
-            names = [n for n in fns if launch.pattern in n]
+        for i, launch in enumerate(launches):
+            obj = code[launch.source]
+            names = obj.matching(launch.pattern)
             if len(names) != 1:
-                raise SassError(f"{launch.source}.cu: {len(names)} functions match {launch.pattern!r}: {names}")
+                raise SassError(f"{launch.source}.cu: {len(names)} kernels match {launch.pattern!r}: {names}")
             name = names[0]
+            fns, res, kp = obj.functions([name]), obj.resources, obj.kparams
             variables = dict(source.tree_variables(tree))
             variables.update(launch.scalars)
             variables.update({"threads": launch.threads, "C": C})
@@ -331,6 +350,41 @@ class Context:
         nbytes = floor_bytes(op, pass_, P, C, DTYPES[dtype], tree.depth, up, weights)
         return Row(op, backend, dtype, pass_, layout, kernels, P, C, nbytes, floor_formula(op, pass_, up, weights),
                    self.annotations.name, up, weights)
+
+
+class CudaObject:
+    """One ``csrc/cuda/*.cu`` compiled: its kernels' names, parameter layouts (the ELF) and resources
+    (``cuobjdump --dump-resource-usage``) up front, their SASS on demand: ``nvdisasm -fun`` on the kernels
+    asked for, so that a row reads the few it launches out of a cubin of hundreds of instantiations."""
+
+    def __init__(self, cubin: bytes, ptx: str, repair: Callable[[sass.Function, set], None]):
+        self.cubin, self._ptx, self._repair = cubin, ptx, repair
+        self.symbols = elf.functions(cubin)
+        self.kparams = elf.kparams(cubin)  # only kernels have parameters
+        self.resources = tools.resources(cubin, cuda=True)
+        self._fns: Dict[str, sass.Function] = {}
+        self._lines: Optional[Dict[str, set]] = None
+
+    def matching(self, pattern: str) -> List[str]:
+        """The functions (kernels) whose mangled names contain ``pattern``."""
+        return [n for n in self.symbols if pattern in n]
+
+    def functions(self, names: Sequence[str]) -> Dict[str, sass.Function]:
+        """{name: parsed function} for ``names``, disassembling (one nvdisasm run) those not seen yet."""
+        todo = sorted({n for n in names if n not in self._fns})
+        if todo:
+            missing = [n for n in todo if n not in self.symbols]
+            if missing:
+                raise SassError(f"no symbol for {missing} in the cubin")
+            fns = sass.parse(tools.disassemble(self.cubin, cuda=True, functions=[self.symbols[n] for n in todo]))
+            if self._lines is None:
+                self._lines = sass.ptx_lines(self._ptx)
+            for n in todo:
+                if n not in fns:
+                    raise SassError(f"{n} is not in its disassembly")
+                self._repair(fns[n], self._lines.get(n, set()))
+                self._fns[n] = fns[n]
+        return {n: self._fns[n] for n in names}
 
 
 def _tag(backend, op, dtype, pass_, layout, up, i) -> str:

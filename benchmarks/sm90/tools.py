@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from .sass import resource_usage
 from .source import ROOT
@@ -89,9 +89,11 @@ def _with_file(data: bytes, fn):
         return fn(f.name)
 
 
-def disassemble(cubin: bytes, cuda: bool = False) -> str:
-    """``nvdisasm -gi -c``: code sections only, with line chains (inlined-at) for every instruction."""
-    return _with_file(cubin, lambda p: _run([binary("nvdisasm", cuda), "-gi", "-c", p]))
+def disassemble(cubin: bytes, cuda: bool = False, functions: Optional[Sequence[int]] = None) -> str:
+    """``nvdisasm -gi -c``: code sections only, with line chains (inlined-at) for every instruction;
+    ``functions``: only those symbol indices' (``-fun``, see elf.functions)."""
+    only = ["-fun", ",".join(str(i) for i in functions)] if functions is not None else []
+    return _with_file(cubin, lambda p: _run([binary("nvdisasm", cuda), "-gi", "-c"] + only + [p]))
 
 
 def resources(cubin: bytes, cuda: bool = False) -> Dict[str, Dict[str, int]]:

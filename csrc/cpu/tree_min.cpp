@@ -459,7 +459,7 @@ void forward_group(const X& x, const TreeNode<A>* nodes, const TreeIndex& ti, co
   Lanes<A, G> slots[kMaxDepth + 1];
   const NodeTable<A> nt{nodes};
   const LocalLanes<A, G> acc{slots};
-  with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
+  with_focal_mode(gamma, eps, [&](auto f) {
     constexpr int kF = decltype(f)::value;
     if (extrema)
       tree_forward_group<kF, true, A, G>(x, nt, acc, ti, y, k, gamma, eps, loss);
@@ -543,7 +543,7 @@ struct TileOut {
 template <int G, bool kPairs = false, typename A, typename Run>
 void backward_groups(const A* x, int64_t ld, int64_t n, const int64_t* ys, const bool* valid, int64_t ignore_index,
                      const A* g, A gamma, A eps, A* gtile, Run&& run) {
-  with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
+  with_focal_mode(gamma, eps, [&](auto f) {
     for (int64_t g0 = 0; g0 < n; g0 += G) {
       const int64_t m = std::min<int64_t>(G, n - g0);
       TileLanes<A, G, kPairs> col{x, ld, {}};
@@ -848,7 +848,7 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
         const UpLanes<T, A, G> col = up_lanes<T, A, G>(xp, sC, up->geom, rr, X0, n);
         const ScratchLanes<A, G> o{p, sc};
         const NodeTable<A> nt{nodes.data()};
-        with_focal_mode(focal_mode(gamma, eps), [&](auto f) {
+        with_focal_mode(gamma, eps, [&](auto f) {
           constexpr int kF = decltype(f)::value;
           if (extrema)  // as the CUDA kernel: the top-down pass reads the kept values back (UpLanesKept)
             tree_min_backward_group<kF, A, G>(UpLanesKept<T, A, G>{col, p, sc}, nt, acc, bits, o, ti, y, v, bad, k,

@@ -271,16 +271,28 @@ void launch_fwd_group(const at::Tensor& logits, const at::Tensor& target, const 
   partials.finish<A>(loss, count, weight_sum, per_pixel, stream);
 }
 
-template <typename T, int kF, bool kW>
-void launch_fwd_group_f(bool extrema, bool vec, const at::Tensor& logits, const at::Tensor& target,
-                        const at::Tensor& tree_index, const at::Tensor& node_weights, int64_t L, int64_t D,
-                        double gamma, double eps, int64_t ignore_index, bool per_pixel, at::Tensor& loss,
-                        at::Tensor& count, const PixelWeights<at::opmath_type<T>>& w, at::Tensor& weight_sum,
-                        cudaStream_t stream) {
-  auto f = extrema ? (vec ? launch_fwd_group<T, kF, true, true, kW> : launch_fwd_group<T, kF, true, false, kW>)
-                   : (vec ? launch_fwd_group<T, kF, false, true, kW> : launch_fwd_group<T, kF, false, false, kW>);
-  f(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count, w, weight_sum,
-    stream);
+// Runs f(std::bool_constant<kVec>{}) with kVec = vec, the 16-byte-load instantiation or not; float64 always the
+// strided one (its speed does not matter: one instantiation instead of two).
+template <typename T, typename F>
+void with_vec(bool vec, F&& f) {
+  if constexpr (sizeof(T) == 8) {
+    f(std::false_type{});
+  } else {
+    if (vec)
+      f(std::true_type{});
+    else
+      f(std::false_type{});
+  }
+}
+
+// Runs f(kF, kVec, kW), integral constants: the instantiation of a group kernel for a call's focal mode
+// (with_focal_mode), layout (with_vec) and weights (with_weights).
+template <typename T, typename F>
+void with_group_options(double gamma, double eps, bool vec, bool weighted, F&& f) {
+  using A = at::opmath_type<T>;
+  with_focal_mode(static_cast<A>(gamma), static_cast<A>(eps), [&](auto kf) {
+    with_vec<T>(vec, [&](auto kv) { with_weights(weighted, [&](auto kw) { f(kf, kv, kw); }); });
+  });
 }
 
 template <typename T>
@@ -288,16 +300,13 @@ void tree_fwd_group(const at::Tensor& logits, const at::Tensor& target, const at
                     const at::Tensor& node_weights, int64_t L, int64_t D, double gamma, double eps,
                     int64_t ignore_index, bool per_pixel, bool extrema, at::Tensor& loss, at::Tensor& count,
                     const PixelWeights<at::opmath_type<T>>& w, at::Tensor& weight_sum, cudaStream_t stream) {
-  using A = at::opmath_type<T>;
-  const bool vec = vec_groups(logits, lanes_for<T>());
-  const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
-  with_weights(w.any(), [&](auto weighted) {
-    constexpr bool kW = decltype(weighted)::value;
-    auto f = mode == kFocalG2 ? launch_fwd_group_f<T, kFocalG2, kW>
-             : mode == kFocalG0 ? launch_fwd_group_f<T, kFocalG0, kW>
-                                : launch_fwd_group_f<T, kFocalAny, kW>;
-    f(extrema, vec, logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count,
-      w, weight_sum, stream);
+  const bool vec_ok = vec_groups(logits, lanes_for<T>());
+  with_group_options<T>(gamma, eps, vec_ok, w.any(), [&](auto f, auto vec, auto weighted) {
+    constexpr int kF = decltype(f)::value;
+    constexpr bool kVec = decltype(vec)::value, kW = decltype(weighted)::value;
+    auto launch = extrema ? launch_fwd_group<T, kF, true, kVec, kW> : launch_fwd_group<T, kF, false, kVec, kW>;
+    launch(logits, target, tree_index, node_weights, L, D, gamma, eps, ignore_index, per_pixel, loss, count, w,
+           weight_sum, stream);
   });
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_min_fwd_cuda(
@@ -355,18 +364,13 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
                                   extrema, align_corners, w, out, stream);
       return;
     }
-    // the focal mode of the options (tree_min_math.h: focal_k)
-    const int mode = focal_mode(static_cast<A>(gamma), static_cast<A>(eps));
-    with_weights(w.any(), [&](auto weighted) {
-      constexpr bool kW = decltype(weighted)::value;
+    // the group kernel for the options (tree_min_math.h: focal_k)
+    with_group_options<scalar_t>(gamma, eps, vec_groups(x, lanes_for<scalar_t>()), w.any(),
+                                 [&](auto f, auto vec, auto weighted) {
+      constexpr int kF = decltype(f)::value;
+      constexpr bool kVec = decltype(vec)::value, kW = decltype(weighted)::value;
       if (!extrema) {  // the tree BCE: G pixels per thread
-        const bool vec = vec_groups(x, lanes_for<scalar_t>());
-        auto bce = mode == kFocalG2   ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, true, kW>
-                                             : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG2, false, kW>)
-                   : mode == kFocalG0 ? (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, true, kW>
-                                             : tree_bce_bwd_group_kernel<scalar_t, A, kFocalG0, false, kW>)
-                                      : (vec ? tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, true, kW>
-                                             : tree_bce_bwd_group_kernel<scalar_t, A, kFocalAny, false, kW>);
+        auto bce = tree_bce_bwd_group_kernel<scalar_t, A, kF, kVec, kW>;
         const size_t tsmem = node_table_bytes<A>(V);
         allow_smem(bce, tsmem, 0, x.get_device(), "tree_min", V, "nodes");
         constexpr int G = lanes_for<scalar_t>();
@@ -382,13 +386,7 @@ at::Tensor tree_min_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, c
       int mthreads = kThreads;
       while (mthreads > 32 && min_bwd_group_smem_bytes<A, G>(V, D, mthreads) > kDefaultSmem) mthreads /= 2;
       const size_t msmem = min_bwd_group_smem_bytes<A, G>(V, D, mthreads);
-      const bool vec = vec_groups(x, G);
-      auto kernel = mode == kFocalG2   ? (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalG2, true, kW>
-                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalG2, false, kW>)
-                    : mode == kFocalG0 ? (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalG0, true, kW>
-                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalG0, false, kW>)
-                                       : (vec ? tree_min_bwd_group_kernel<scalar_t, A, kFocalAny, true, kW>
-                                              : tree_min_bwd_group_kernel<scalar_t, A, kFocalAny, false, kW>);
+      auto kernel = tree_min_bwd_group_kernel<scalar_t, A, kF, kVec, kW>;
       allow_smem(kernel, msmem, 0, x.get_device(), "tree_min", V, "nodes");
       kernel<<<num_blocks((P + G - 1) / G, mthreads), mthreads, msmem, stream>>>(
           grad.data_ptr<A>(), grad_geom(grad, x), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), geom(x),

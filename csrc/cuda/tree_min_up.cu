@@ -127,7 +127,7 @@ void tree_fwd_up_group(const at::Tensor& logits, const at::Tensor& target, const
   Partials partials(logits, nb, w.cw != nullptr);
   const UpsampleGeom<A> u = UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), target.size(1),
                                                   target.size(2), align_corners);
-  with_focal_mode(focal_mode(static_cast<A>(gamma), static_cast<A>(eps)), [&](auto f) {
+  with_focal_mode(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
     with_extrema(extrema, [&](auto e) {
       with_weights(w.any(), [&](auto weighted) {
         auto kernel = tree_fwd_up_group_kernel<T, A, decltype(f)::value, decltype(e)::value,
@@ -163,7 +163,7 @@ void tree_bwd_up_group(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const UpsampleGeom<A> u =
       UpsampleGeom<A>::make(x.sizes().data(), x.strides().data(), target.size(1), target.size(2), align_corners);
   const int64_t gw = (u.W + G - 1) / G;
-  with_focal_mode(focal_mode(static_cast<A>(gamma), static_cast<A>(eps)), [&](auto f) {
+  with_focal_mode(static_cast<A>(gamma), static_cast<A>(eps), [&](auto f) {
     with_extrema(extrema, [&](auto e) {
       with_weights(w.any(), [&](auto weighted) {
         auto kernel = tree_up_rows_group_kernel<T, A, decltype(f)::value, decltype(e)::value,

@@ -77,22 +77,29 @@ HSS_HOST_DEVICE inline void focal(A z, A gamma, A eps, A* loss, A* dloss) {
 
 enum FocalMode { kFocalAny = 0, kFocalG0 = 1, kFocalG2 = 2 };
 
-// The mode a call's options select.
+// The mode a call's options select. float64 always takes the general formula: its speed does not matter
+// (gradcheck, references), and one instantiation of each kernel instead of three keeps the build smaller.
 template <typename A>
-HSS_HOST_DEVICE inline int focal_mode(A gamma, A eps) {
+inline int focal_mode(A gamma, A eps) {
+  if constexpr (std::is_same_v<A, double>) return kFocalAny;
   return eps > A(0) || eps < A(0) ? kFocalAny : gamma == A(0) ? kFocalG0 : gamma == A(2) ? kFocalG2 : kFocalAny;
 }
 
-// Host code: runs f(std::integral_constant<int, kF>{}) with kF = mode, the instantiation of a group function
-// (or kernel) for a call's options; the CUDA launchers and the CPU pixel path pick alike.
-template <typename F>
-inline void with_focal_mode(int mode, F&& f) {
-  if (mode == kFocalG2)
-    f(std::integral_constant<int, kFocalG2>{});
-  else if (mode == kFocalG0)
-    f(std::integral_constant<int, kFocalG0>{});
-  else
+// Host code: runs f(std::integral_constant<int, kF>{}) with kF = focal_mode(gamma, eps), the instantiation of a
+// group function (or kernel) for a call's options; the CUDA launchers and the CPU pixel path pick alike.
+template <typename A, typename F>
+inline void with_focal_mode(A gamma, A eps, F&& f) {
+  if constexpr (std::is_same_v<A, double>) {
     f(std::integral_constant<int, kFocalAny>{});
+  } else {
+    const int mode = focal_mode(gamma, eps);
+    if (mode == kFocalG2)
+      f(std::integral_constant<int, kFocalG2>{});
+    else if (mode == kFocalG0)
+      f(std::integral_constant<int, kFocalG0>{});
+    else
+      f(std::integral_constant<int, kFocalAny>{});
+  }
 }
 
 template <typename A>
