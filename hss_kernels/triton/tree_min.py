@@ -579,9 +579,10 @@ def _tree_min_up_rows_kernel(
     # no mask (pixels past the band are clamped to its first one, their stores masked off).
     # The tree-min: a bottom-up pass interpolates each node once, keeps M_v of every internal node (mi) and
     # stores the interpolated logit to the pixel's own scratch element; after a barrier the label's path
-    # (_path_min) and the top-down routing of _tree_min_kernel, the path nodes' terms in place, read each logit
-    # back from its element and overwrite it with the node's gradient (the same [pixels] layout for every
-    # element's store and load: each element stays with its thread). The BCE: one pass, every node's own term,
+    # (_path_min: its logits and weights K) and the top-down routing of _tree_min_kernel read each logit back
+    # from its element and overwrite it with the node's gradient in its off-path form, then the D path nodes'
+    # elements get their own terms (the same [pixels] layout for every element's store and load: each element
+    # stays with its thread). The BCE: one pass, every node's own term,
     # NaN rows rewritten afterwards for pixels with a NaN logit. _up_gather_kernel then reduces the scratch onto
     # the low-resolution pixels. PIN: the running state through T.pin between node groups (as _tree_min_kernel).
     OFF_PATH: tl.constexpr = 4 * V
@@ -644,8 +645,8 @@ def _tree_min_up_rows_kernel(
     if USE_EXTREMA:
         # The stores above before any load below (and no load forwarded from them: the logits stay in memory).
         tl.debug_barrier()
-        _, kpath, _ = _path_min(s_ptr, k_ptr, spix, 1, ok, path, zero, D, True, spix, spix, spix, zero, zero,
-                                False)
+        _, kpath, xas = _path_min(s_ptr, k_ptr, spix, 1, ok, path, zero, D, True, spix, spix, spix, zero, zero,
+                                  False)
         mo = ()
         pend = ()
         for d in tl.static_range(D):
@@ -666,8 +667,8 @@ def _tree_min_up_rows_kernel(
         kin = tl.load(k_ptr + CH[v]).to(ACC)
         on = path[DEP[v] - 1] == CH[v]
         if USE_EXTREMA:
-            # _tree_min_kernel's top-down routing; a path node's term is its own (K of the deeper path nodes
-            # whose argmin it is, at w = -x) instead of the off-path form.
+            # _tree_min_kernel's top-down routing, every node's gradient in its off-path form (the path nodes'
+            # rewritten below); an internal path node's own weight stays out of the routing.
             x = tl.load(srow + CH[v])
             if LEAF[v]:
                 m = x
@@ -685,10 +686,9 @@ def _tree_min_up_rows_kernel(
                 kk = tl.where(own, kin, 0.0)
                 pend = T.replace(pend, DEP[v] - 1, tl.where(own, 0.0, kin))
                 mo = T.replace(mo, DEP[v] - 1, m)
-            _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
-            g = (tl.where(on, kpath[DEP[v] - 1], kk) * df) * tl.where(on, gsc, ngsc)
+            _, df = _focal2(x, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
             # 0 at ignored pixels (whatever their logits).
-            tl.store(srow + CH[v], tl.where(valid, g, 0.0), mask=ok)
+            tl.store(srow + CH[v], tl.where(valid, (kk * df) * ngsc, 0.0), mask=ok)
         else:
             x = xg[v % G]
             big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
@@ -698,7 +698,14 @@ def _tree_min_up_rows_kernel(
             gs = gs + (tl.where(valid, g, 0.0),)
             if v % G == G - 1 or v == V - 1:
                 T.store_group(s_ptr, spix, 1, ok, gs, CH, V, v - v % G, G)
-    if not USE_EXTREMA:
+    if USE_EXTREMA:
+        # The path nodes: a_d gets the weight K of the deeper path nodes whose argmin it is, at w = -x (its
+        # logit as _path_min read it back, before the top-down pass).
+        for d in tl.static_range(D):
+            act = ok & (path[d] >= 0)
+            _, df = _focal2(-xas[d], gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+            tl.store(srow + tl.where(act, path[d], 0), tl.where(valid, (kpath[d] * df) * gsc, 0.0), mask=act)
+    else:
         late = valid & (big != big) & (~bad)
         if tl.max(late.to(tl.int32), axis=0) > 0:  # sm90: cold
             nanrow = ()
