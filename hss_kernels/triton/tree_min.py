@@ -218,17 +218,6 @@ def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_
 
 
 @triton.jit
-def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, pmask, CH, V: tl.constexpr, start: tl.constexpr,
-                   G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr):
-    """:func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated from each pixel's stencil
-    (offsets u00 .. u11 in the low-resolution logits, weights lx, ly), as a tuple of pixel vectors."""
-    ch = T.group_channels(CH, V, start, G, REV)
-    t = C.lerp(x_ptr + (ch.to(tl.int64) * sxc64)[None, :], u00[:, None], u01[:, None], u10[:, None], u11[:, None],
-               lx[:, None], ly[:, None], pmask[:, None], ACC)
-    return T.unpack(t, G)
-
-
-@triton.jit
 def _load_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V: tl.constexpr, start: tl.constexpr,
                    G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr):
     """The forward's :func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated from each
