@@ -874,8 +874,9 @@ def _up_blocks(logits, backward=False):
 def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes, align_corners, loss_mode,
                    loss, class_weight=None, pixel_weight=None):
     """The forward of the upsampled loss: ``_tree_min_kernel`` with UPSAMPLE over the target's pixels (1-D
-    grid, programs within one image: :func:`_common.up_image_pixels`), groups of G = 4 nodes (each four gathered
-    loads); returns (partials, counts, weight sums) as :func:`_common.launch_loss_kernel`."""
+    grid, programs within one image: :func:`_common.up_image_pixels`), groups of G = 2 nodes (4 for float64
+    logits; each node four gathered loads); returns (partials, counts, weight sums) as
+    :func:`_common.launch_loss_kernel`."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
     L, D = sizes[:2]
@@ -902,7 +903,8 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
         float(gamma), float(eps), int(ignore_index),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_C=1, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
         USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
-        FLAT=False, FAST=C.fast_exp(logits), G=4, PIN=C.fast_exp(logits), VEC=1, ADDR_PIN=0, UPSAMPLE=True,
+        FLAT=False, FAST=C.fast_exp(logits), G=4 if logits.dtype == torch.float64 else 2, PIN=C.fast_exp(logits),
+        VEC=1, ADDR_PIN=0, UPSAMPLE=True,
         HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, OFF64=C.up_off64(logits),
         num_warps=warps,
     )
