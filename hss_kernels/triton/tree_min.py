@@ -26,7 +26,9 @@ focal terms two pixels of a thread at a time, one reciprocal for both (``_focal2
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
 runs band by band of full-resolution rows (``_upsample.backward_in_bands``): ``_tree_min_up_rows_kernel``
-computes each pixel's gradient row once into a bounded scratch (``_upsample.UP_BWD_SCRATCH_BYTES``),
+computes each pixel's gradient row once into a bounded scratch (``_upsample.UP_BWD_SCRATCH_BYTES``; the
+tree-min's bottom-up pass keeps each interpolated logit in the pixel's own scratch element until its top-down pass
+overwrites it with the gradient),
 ``_up_gather_kernel`` adds it onto the low-resolution elements in a fixed order (no atomics; partial sums carried
 between bands). Neither the full-resolution logits nor their whole gradient is stored.
 """
@@ -213,17 +215,6 @@ def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_
             for j in tl.static_range(d + 1):
                 kpath = T.replace(kpath, j, kpath[j] + tl.where(act & (arg == j), ka, 0.0))
     return cmin, kpath, xas
-
-
-@triton.jit
-def _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, pmask, CH, V: tl.constexpr, start: tl.constexpr,
-                   G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr):
-    """:func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated from each pixel's stencil
-    (offsets u00 .. u11 in the low-resolution logits, weights lx, ly), as a tuple of pixel vectors."""
-    ch = T.group_channels(CH, V, start, G, REV)
-    t = C.lerp(x_ptr + (ch.to(tl.int64) * sxc64)[None, :], u00[:, None], u01[:, None], u10[:, None], u11[:, None],
-               lx[:, None], ly[:, None], pmask[:, None], ACC)
-    return T.unpack(t, G)
 
 
 @triton.jit
@@ -567,19 +558,25 @@ def _tree_min_up_rows_kernel(
     BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
-    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
+    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr, OFF64: tl.constexpr = False,
 ):
     # The upsampled backward's first half, over one band of full-resolution rows [Y0, Y0 + NPIX / W) of every
     # image (grid: pixel blocks of the band, N): each pixel's whole gradient row d(weighted loss)/d(upsampled
     # logits), computed once from its label, grad_output and interpolated logits, stored in ACC to the band's
-    # scratch (s_ptr: [N, rows, W, channels], channel stride 1). The tree-min: a bottom-up pass for the maxima
-    # and the NaN scan, then _tree_min_kernel's top-down routing with the path nodes' terms in place; the BCE:
-    # one pass, every node's own term, NaN rows rewritten afterwards for pixels with a NaN logit.
-    # _up_gather_kernel then reduces the scratch onto the low-resolution pixels. PIN: the running state through
-    # T.pin between node groups (as _tree_min_kernel).
+    # scratch (s_ptr: [N, rows, W, channels], channel stride 1; srow: the pixel's row). Stencils as the fused
+    # forward's (_common.up_stencil): the image's logits at one scalar pointer, int32 offsets (OFF64: int64),
+    # no mask (pixels past the band are clamped to its first one, their stores masked off).
+    # The tree-min: a bottom-up pass interpolates each node once, keeps M_v of every internal node (mi) and
+    # stores the interpolated logit to the pixel's own scratch element; after a barrier the label's path
+    # (_path_min: its logits and weights K) and the top-down routing of _tree_min_kernel read each logit back
+    # from its element and overwrite it with the node's gradient in its off-path form, then the D path nodes'
+    # elements get their own terms (the same [pixels] layout for every element's store and load: each element
+    # stays with its thread). The BCE: one pass, every node's own term,
+    # NaN rows rewritten afterwards for pixels with a NaN logit. _up_gather_kernel then reduces the scratch onto
+    # the low-resolution pixels. PIN: the running state through T.pin between node groups (as _tree_min_kernel).
     OFF_PATH: tl.constexpr = 4 * V
     n = tl.program_id(1).to(tl.int64)
-    r = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = r < NPIX
     r = tl.where(ok, r, 0)
     Yl = r // W
@@ -587,18 +584,24 @@ def _tree_min_up_rows_kernel(
     Y = Y0 + Yl
     sxc64 = tl.cast(sxc, tl.int64)
     zero = tl.zeros([BLOCK_P], dtype=ACC)
-    y, valid, bad = C.load_labels(t_ptr + n * stn + Y * sth + X * stw, ok, ignore_index, L)
+    y, valid, bad = C.load_labels(t_ptr + n * stn + Y.to(tl.int64) * sth + X.to(tl.int64) * stw, ok, ignore_index,
+                                  L)
     if GRAD_MODE == 1:
         gsc = zero + tl.load(go_ptr).to(ACC)
     else:
-        gsc = tl.load(go_ptr + n * son + Y * soh + X * sow, mask=ok, other=0.0).to(ACC)
+        gsc = tl.load(go_ptr + n * son + Y.to(tl.int64) * soh + X.to(tl.int64) * sow, mask=ok, other=0.0).to(ACC)
     gsc = C.weigh(gsc, y, (n * Hh + Y) * W + X, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # w_p
-    u00, u01, u10, u11, lx, ly = C.up_pixels(ui_ptr, ul_ptr, n, Y, X, Hh, W, sxn, sxh, sxw, ok)
+    xpix, u01, u10, u11, lx, ly = C.up_stencil(ui_ptr, ul_ptr, Y, X, Hh, W, sxh, sxw, OFF64)
+    xi = x_ptr + n * sxn  # the image's logits
+    wx0 = 1.0 - lx
+    wy0 = 1.0 - ly
     path = ()
     for d in tl.static_range(D):
         path = path + (tl.load(tab_ptr + OFF_PATH + y * D + d, mask=ok, other=-1),)
+    spix = n * ssn + Yl.to(tl.int64) * ssy + X.to(tl.int64) * ssx
+    srow = s_ptr + spix
     if USE_EXTREMA:
-        # First pass (reverse pre-order): the NaN scan and every internal node's M_v.
+        # Bottom-up (reverse pre-order): the NaN scan, every internal node's M_v, each logit to its element.
         cm = ()
         for d in tl.static_range(D + 1):
             cm = cm + (zero - float("inf"),)
@@ -611,8 +614,9 @@ def _tree_min_up_rows_kernel(
                 if PIN and jj > 0:
                     cm = T.pin_all(cm, PIN)
                     mi = T.pin_all(mi, PIN)
-                xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, jj, G, True, ACC)
+                xg = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, jj, G, True, ACC)
             x = xg[jj % G]
+            tl.store(srow + CH[V - 1 - jj], x, mask=ok)
             if LEAF[V - 1 - jj]:
                 m = x
             else:
@@ -628,28 +632,33 @@ def _tree_min_up_rows_kernel(
     gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
     ngsc = -gsc
     if USE_EXTREMA:
-        _, kpath, _ = _path_min(x_ptr, k_ptr, u00, sxc, ok, path, zero, D, True, u01, u10, u11, lx, ly, True)
+        # The stores above before any load below (and no load forwarded from them: the logits stay in memory).
+        tl.debug_barrier()
+        _, kpath, xas = _path_min(s_ptr, k_ptr, spix, 1, ok, path, zero, D, True, spix, spix, spix, zero, zero,
+                                  False)
         mo = ()
         pend = ()
         for d in tl.static_range(D):
             mo = mo + (zero,)
             pend = pend + (zero,)
-    spix = n * ssn + Yl * ssy + X * ssx
     big = zero - float("inf")
-    # Second pass (pre-order; the BCE's only one): each node's gradient, stored G nodes at a time.
+    # Top-down (pre-order; the BCE's only pass): each node's gradient, the BCE's stored G nodes at a time.
     for v in tl.static_range(V):
         if v % G == 0:
             if PIN and v > 0 and USE_EXTREMA:
                 mo = T.pin_all(mo, PIN)
                 pend = T.pin_all(pend, PIN)
-            xg = _load_group_up(x_ptr, u00, u01, u10, u11, lx, ly, sxc64, ok, CH, V, v, G, False, ACC)
+            if not USE_EXTREMA:
+                if PIN and v > 0:
+                    big = T.pin(big, PIN)
+                xg = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, v, G, False, ACC)
             gs = ()
-        x = xg[v % G]
         kin = tl.load(k_ptr + CH[v]).to(ACC)
         on = path[DEP[v] - 1] == CH[v]
         if USE_EXTREMA:
-            # _tree_min_kernel's top-down routing; a path node's term is its own (K of the deeper path nodes
-            # whose argmin it is, at w = -x) instead of the off-path form.
+            # _tree_min_kernel's top-down routing, every node's gradient in its off-path form (the path nodes'
+            # rewritten below); an internal path node's own weight stays out of the routing.
+            x = tl.load(srow + CH[v])
             if LEAF[v]:
                 m = x
             else:
@@ -666,18 +675,26 @@ def _tree_min_up_rows_kernel(
                 kk = tl.where(own, kin, 0.0)
                 pend = T.replace(pend, DEP[v] - 1, tl.where(own, 0.0, kin))
                 mo = T.replace(mo, DEP[v] - 1, m)
-            _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
-            g = (tl.where(on, kpath[DEP[v] - 1], kk) * df) * tl.where(on, gsc, ngsc)
+            _, df = _focal2(x, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+            # 0 at ignored pixels (whatever their logits).
+            tl.store(srow + CH[v], tl.where(valid, (kk * df) * ngsc, 0.0), mask=ok)
         else:
+            x = xg[v % G]
             big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
             _, df = _focal2(tl.where(on, -x, x), gamma, eps, False, True, GMODE, HAS_EPS, FAST)
             g = kin * df
             g = tl.where(on, g, -g) * gsc
-        # 0 at ignored pixels (whatever their logits).
-        gs = gs + (tl.where(valid, g, 0.0),)
-        if v % G == G - 1 or v == V - 1:
-            T.store_group(s_ptr, spix, 1, ok, gs, CH, V, v - v % G, G)
-    if not USE_EXTREMA:
+            gs = gs + (tl.where(valid, g, 0.0),)
+            if v % G == G - 1 or v == V - 1:
+                T.store_group(s_ptr, spix, 1, ok, gs, CH, V, v - v % G, G)
+    if USE_EXTREMA:
+        # The path nodes: a_d gets the weight K of the deeper path nodes whose argmin it is, at w = -x (its
+        # logit as _path_min read it back, before the top-down pass).
+        for d in tl.static_range(D):
+            act = ok & (path[d] >= 0)
+            _, df = _focal2(-xas[d], gamma, eps, False, True, GMODE, HAS_EPS, FAST)
+            tl.store(srow + tl.where(act, path[d], 0), tl.where(valid, (kpath[d] * df) * gsc, 0.0), mask=act)
+    else:
         late = valid & (big != big) & (~bad)
         if tl.max(late.to(tl.int32), axis=0) > 0:  # sm90: cold
             nanrow = ()
@@ -857,8 +874,9 @@ def _up_blocks(logits, backward=False):
 def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, sizes, align_corners, loss_mode,
                    loss, class_weight=None, pixel_weight=None):
     """The forward of the upsampled loss: ``_tree_min_kernel`` with UPSAMPLE over the target's pixels (1-D
-    grid, programs within one image: :func:`_common.up_image_pixels`), groups of G = 4 nodes (each four gathered
-    loads); returns (partials, counts, weight sums) as :func:`_common.launch_loss_kernel`."""
+    grid, programs within one image: :func:`_common.up_image_pixels`), groups of G = 2 nodes (4 for float64
+    logits; each node four gathered loads); returns (partials, counts, weight sums) as
+    :func:`_common.launch_loss_kernel`."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
     L, D = sizes[:2]
@@ -885,7 +903,8 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
         float(gamma), float(eps), int(ignore_index),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_C=1, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
         USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
-        FLAT=False, FAST=C.fast_exp(logits), G=4, PIN=C.fast_exp(logits), VEC=1, ADDR_PIN=0, UPSAMPLE=True,
+        FLAT=False, FAST=C.fast_exp(logits), G=4 if logits.dtype == torch.float64 else 2, PIN=C.fast_exp(logits),
+        VEC=1, ADDR_PIN=0, UPSAMPLE=True,
         HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, OFF64=C.up_off64(logits),
         num_warps=warps,
     )
@@ -923,7 +942,7 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
             V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
             USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, GRAD_MODE=grad_mode,
             FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), HAS_CW=class_weight is not None,
-            HAS_PW=pixel_weight is not None, num_warps=warps,
+            HAS_PW=pixel_weight is not None, OFF64=C.up_off64(logits), num_warps=warps,
         )
 
     U.backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, block_p, warps)
