@@ -530,21 +530,6 @@ def lerp(ptrs, u00, u01, u10, u11, lx, ly, mask, ACC: tl.constexpr):
     return (1.0 - ly) * ((1.0 - lx) * x00 + lx * x01) + ly * ((1.0 - lx) * x10 + lx * x11)
 
 
-@triton.jit
-def up_pixels(ui_ptr, ul_ptr, n, h, w, Hh, W, sxn, sxh, sxw, pmask):
-    """Offsets in the low-resolution logits of the 2x2 stencil of full-resolution pixels (n, h, w), and
-    the weights (lx, ly) of their second column and row, from the per-axis tables (:func:`up_tables`)."""
-    iy0 = tl.load(ui_ptr + h, mask=pmask, other=0).to(tl.int64)
-    iy1 = tl.load(ui_ptr + Hh + h, mask=pmask, other=0).to(tl.int64)
-    ix0 = tl.load(ui_ptr + 2 * Hh + w, mask=pmask, other=0).to(tl.int64)
-    ix1 = tl.load(ui_ptr + 2 * Hh + W + w, mask=pmask, other=0).to(tl.int64)
-    ly = tl.load(ul_ptr + h, mask=pmask, other=0.0)
-    lx = tl.load(ul_ptr + Hh + w, mask=pmask, other=0.0)
-    xb = n * sxn
-    return (xb + iy0 * sxh + ix0 * sxw, xb + iy0 * sxh + ix1 * sxw, xb + iy1 * sxh + ix0 * sxw,
-            xb + iy1 * sxh + ix1 * sxw, lx, ly)
-
-
 # The fused forwards' stencils, per image: a program owns BLOCK_P pixels of one image (1-D grid of N x
 # cdiv(H*W, BLOCK_P) programs), so the image's base is one scalar pointer and each stencil offset within it an
 # int32 (int64 only where an image's logits pass 2^31 elements: OFF64); the pixels past the image are clamped
