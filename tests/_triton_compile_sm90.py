@@ -9,6 +9,7 @@ a real launch of that call gives. Prints one line per variant and exits 1 on the
 Usage: python tests/_triton_compile_sm90.py [--shard SHARD/SHARDS]
 """
 import sys
+import time
 
 import torch
 
@@ -29,15 +30,15 @@ def meta(C, dtype, shape=VISTAS):
 
 def variants():
     leaf_tree, big_tree = trees.load("vistas"), trees.load("vistas_v2")
-    # The tree-min kernel has the tree compiled in (straight-line code per node: 10-25 s per Vistas 2.0
-    # variant here); float64 and the 64-bit-offset variant compile with a small tree, which reaches the
-    # same code paths.
+    # The tree-min and decode kernels have the tree compiled in (straight-line code per node: 10-30 s per
+    # Vistas 2.0 variant on 2 cores). A small tree reaches the same code paths, so it is the tree of every
+    # variant but three kept at full size (the float32 single pass, the bfloat16 gradient and the float32
+    # decode at the labels' size): .ci/sm90-model compiles the float32 tree-min forward and backward and the
+    # decode rows (upsampled ones included) with Vistas 2.0 besides.
     small_tree = trees.load("cityscapes")
     L = leaf_tree.num_leaves
     out = []  # (name, call, backward)
     for name, dt in DTYPES.items():
-        node_tree = small_tree if name == "fp64" else big_tree
-        V = node_tree.num_nodes
         x, t = meta(L, dt)
         hierarchical_softmax = [("forward", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False),
                ("backward, scalar grad", lambda x=x, t=t: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), True),
@@ -46,23 +47,28 @@ def variants():
                ("single pass, eps", lambda x=x, t=t: hs.hierarchical_softmax_loss(
                    x, t, leaf_tree, eps=0.1, single_pass=True), False)]
         out += [(f"hierarchical_softmax {name} {v}", c, b) for v, c, b in hierarchical_softmax if name != "bf16" or "scalar" in v or "single" in v]
-        x, t = meta(V, dt)
-        tree_min = [("tree_min forward, focal, eps", lambda x=x, t=t, node_tree=node_tree: tm.tree_min_loss(x, t, node_tree, eps=0.1), False),
-                ("tree_min backward, per-pixel grad, focal, eps", lambda x=x, t=t, node_tree=node_tree: tm.tree_min_loss(
-                    x, t, node_tree, eps=0.1, reduction="none"), True),
-                ("tree_min single pass, gamma 0", lambda x=x, t=t, node_tree=node_tree: tm.tree_min_loss(
-                    x, t, node_tree, gamma=0.0, single_pass=True), False),
-                ("tree_bce per-pixel loss, focal, eps", lambda x=x, t=t, node_tree=node_tree: tm.tree_bce_loss(
-                    x, t, node_tree, gamma=2.0, eps=0.1, reduction="none"), False),
-                ]
+
+        def at(big=False, dt=dt):
+            """(logits, target, tree) of a tree-min variant: Vistas 2.0 for the two kept at full size."""
+            tree = big_tree if big else small_tree
+            return meta(tree.num_nodes, dt) + (tree,)
+
+        tree_min = [("tree_min forward, focal, eps", lambda a=at(): tm.tree_min_loss(*a, eps=0.1), False),
+                    ("tree_min backward, per-pixel grad, focal, eps", lambda a=at(name == "bf16"):
+                        tm.tree_min_loss(*a, eps=0.1, reduction="none"), True),
+                    ("tree_min single pass, gamma 0", lambda a=at(name == "fp32"): tm.tree_min_loss(
+                        *a, gamma=0.0, single_pass=True), False),
+                    ("tree_bce per-pixel loss, focal, eps", lambda a=at(): tm.tree_bce_loss(
+                        *a, gamma=2.0, eps=0.1, reduction="none"), False)]
         out += [(f"{v.split(' ', 1)[0]} {name} {v.split(' ', 1)[1]}", c, b) for v, c, b in tree_min if name != "bf16" or "per-pixel grad" in v]
-        V = big_tree.num_nodes
-        for act, score, C in (("sigmoid", "sum", V), ("softmax", "mean", V), ("sigmoid", "sum", big_tree.num_leaves)):
+        dtree = big_tree if name == "fp32" else small_tree
+        V = dtree.num_nodes
+        for act, score, C in (("sigmoid", "sum", V), ("softmax", "mean", V), ("sigmoid", "sum", dtree.num_leaves)):
             x, _ = meta(C, dt)
             kind = "leaf logits" if C != V else f"{act} {score}"
-            out.append((f"decode {name} {kind}", lambda x=x, a=act, s=score: dk.decode(x, big_tree, a, s), False))
+            out.append((f"decode {name} {kind}", lambda x=x, a=act, s=score, d=dtree: dk.decode(x, d, a, s), False))
         x, _ = meta(V, dt, HUGE)
-        out.append((f"decode {name} softmax mean, i64", lambda x=x: dk.decode(x, big_tree, "softmax", "mean"), False))
+        out.append((f"decode {name} softmax mean, i64", lambda x=x, d=dtree: dk.decode(x, d, "softmax", "mean"), False))
     # Logits at 1/4 of the labels' size, upsampled inside the loss: the forward kernel's UPSAMPLE variant and
     # the gathering backward.
     for name, dt in DTYPES.items():
@@ -89,11 +95,11 @@ def variants():
                                          reduction="none", upsample="bilinear", align_corners=True), True)]
         out += [(f"{v.split(' ', 1)[0]} {name} upsampled {v.split(' ', 1)[1]}", c, b) for v, c, b in node_up
                 if name == "fp32" or "align" not in v]
-        xd = torch.empty((8, big_tree.num_nodes, 256, 256), dtype=dt, device="meta")
+        xd = torch.empty((8, small_tree.num_nodes, 256, 256), dtype=dt, device="meta")
         act, score, cl = ("sigmoid", "sum", False) if name == "fp32" else ("softmax", "mean", True)
         out.append((f"decode {name} upsampled {act} {score}{', channels_last' if cl else ''}",
                     lambda x=xd, a=act, s=score, cl=cl: dk.decode(
-                        x.contiguous(memory_format=torch.channels_last) if cl else x, big_tree, a, s, size=(1024, 1024),
+                        x.contiguous(memory_format=torch.channels_last) if cl else x, small_tree, a, s, size=(1024, 1024),
                         align_corners=cl), False))
     # Class and pixel weights fused in (HAS_CW / HAS_PW): each loss kernel's weighted variants, the node losses
     # with the small tree.
@@ -178,6 +184,7 @@ def main(argv):
     mine = [recorded[i] for i in sorted(range(len(recorded)), key=kind)[shard::shards]]
     print(f"launches: {len(recorded)} in all, {len(mine)} in shard {shard}/{shards}", flush=True)
     for name, launch in mine:
+        t0 = time.perf_counter()
         try:
             c = triton_side.compile_launch(launch, cache_dir=None)
         except Exception as exc:
@@ -185,7 +192,7 @@ def main(argv):
             return 1
         sig = ",".join(f"{k}={v}" for k, v in launch.describe().items() if k in ("LOSS_MODE", "GRAD_MODE")
                        or k.startswith(("HAS_", "USE_", "ACT", "MEAN")))
-        print(f"ok {name}: {c.name} {c.num_warps} warps [{sig}]", flush=True)
+        print(f"ok {name}: {c.name} {c.num_warps} warps [{sig}] ({time.perf_counter() - t0:.1f} s)", flush=True)
     print(f"{len(mine)} variants compiled")
     return 0
 
