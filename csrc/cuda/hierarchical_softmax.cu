@@ -293,6 +293,30 @@ __device__ inline unsigned lane_labels(const int64_t* __restrict__ tgt, const Pi
   return bad;
 }
 
+// The lanes forward's last step, lanes 0 .. n - 1 (n < V past a row's end) of pixels i0 ..: each lane's loss (0
+// where ignored, NaN for a bad label, never a table read; times its weight at its target pixel) into lp, the
+// unlabelled lanes' statistics rows, and the thread's sums in lane order (the same sum on every run).
+template <bool kW, int V, typename A>
+__device__ inline void finish_lanes(A (&l)[V], const int (&y)[V], unsigned bad, int n, int64_t i0, int D, int64_t P,
+                                    A* __restrict__ st, A* __restrict__ lp, const PixelWeights<A>& wts,
+                                    double& l_sum, double& w_sum, int64_t& c) {
+  HSS_UNROLL
+  for (int k = 0; k < V; ++k) {
+    if (k >= n) break;
+    const bool is_bad = bad >> k & 1u;
+    if (y[k] < 0) {  // sm90: cold
+      l[k] = is_bad ? quiet_nan<A>() : A(0);
+      for (int d = 0; d <= D; ++d) st[d * P + i0 + k] = l[k];  // sm90: trips=D + 1
+    } else if constexpr (kW) {
+      l[k] *= wts.at(i0 + k, y[k]);
+      w_sum += static_cast<double>(wts.of_class(y[k]));
+    }
+    if (lp) lp[i0 + k] = l[k];
+    l_sum += static_cast<double>(l[k]);
+    c += y[k] >= 0 || is_bad;
+  }
+}
+
 template <typename T, typename A, bool kW>
 __global__ void __launch_bounds__(kThreads)
 hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64_t sN, int64_t sC,
@@ -320,21 +344,7 @@ hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64
         for (int q = 0; q < V; ++q) l[q] = q == k ? lk : l[q];
       }
     }
-    HSS_UNROLL
-    for (int k = 0; k < V; ++k) {
-      // ignored: 0; a bad label: NaN, never a table read
-      const bool is_bad = bad >> k & 1u;
-      if (y[k] < 0) {  // sm90: cold
-        l[k] = is_bad ? quiet_nan<A>() : A(0);
-        for (int d = 0; d <= D; ++d) st[d * P + i0 + k] = l[k];  // sm90: trips=D + 1
-      } else if constexpr (kW) {  // the lane's weight
-        l[k] *= wts.at(i0 + k, y[k]);
-        w_sum += static_cast<double>(wts.of_class(y[k]));
-      }
-      if (lp) lp[i0 + k] = l[k];
-      l_sum += static_cast<double>(l[k]);  // lane order: the same sum on every run
-      c += y[k] >= 0 || is_bad;
-    }
+    finish_lanes<kW>(l, y, bad, V, i0, D, P, st, lp, wts, l_sum, w_sum, c);
   }
   block_partials<kW>(l_sum, c, w_sum, part, cnt, wpart);
 }
@@ -432,22 +442,7 @@ hierarchical_softmax_fwd_up_lanes_kernel(const T* __restrict__ x, int64_t sC, Up
         for (int q = 0; q < G; ++q) l[q] = q == k ? lk : l[q];
       }
     }
-    HSS_UNROLL
-    for (int k = 0; k < G; ++k) {
-      if (k >= n) break;
-      // ignored: 0; a bad label: NaN, never a table read
-      const bool is_bad = bad >> k & 1u;
-      if (y[k] < 0) {  // sm90: cold
-        l[k] = is_bad ? quiet_nan<A>() : A(0);
-        for (int d = 0; d <= D; ++d) st[d * P + i0 + k] = l[k];  // sm90: trips=D + 1
-      } else if constexpr (kW) {  // the lane's weight, at its target pixel
-        l[k] *= wts.at(i0 + k, y[k]);
-        w_sum += static_cast<double>(wts.of_class(y[k]));
-      }
-      if (lp) lp[i0 + k] = l[k];
-      l_sum += static_cast<double>(l[k]);  // lane order: the same sum on every run
-      c += y[k] >= 0 || is_bad;
-    }
+    finish_lanes<kW>(l, y, bad, n, i0, D, P, st, lp, wts, l_sum, w_sum, c);
   }
   block_partials<kW>(l_sum, c, w_sum, part, cnt, wpart);
 }
