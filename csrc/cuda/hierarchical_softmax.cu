@@ -293,6 +293,20 @@ __device__ inline unsigned lane_labels(const int64_t* __restrict__ tgt, const Pi
   return bad;
 }
 
+// The lanes forward's lanes flagged far (hierarchical_softmax_math.h) recomputed one pixel at a time, lane k
+// through its own column col(k).
+template <int V, typename A, typename Col, typename Groups>
+__device__ inline void redo_far_lanes(unsigned far, A (&l)[V], const int (&y)[V], const Col& col, int L, int D,
+                                      const Groups& groups, const A* __restrict__ w, A eps, A* __restrict__ st,
+                                      int64_t i0, int64_t P) {
+  for (int k = 0; k < V; ++k) {  // sm90: trips=0
+    if (!(far >> k & 1u)) continue;
+    const A lk = hierarchical_softmax_forward_pixel<A>(col(k), L, D, groups, lane(y, k), w, eps, st + i0 + k, P);
+    HSS_UNROLL
+    for (int q = 0; q < V; ++q) l[q] = q == k ? lk : l[q];
+  }
+}
+
 // The lanes forward's last step, lanes 0 .. n - 1 (n < V past a row's end) of pixels i0 ..: each lane's loss (0
 // where ignored, NaN for a bad label, never a table read; times its weight at its target pixel) into lp, the
 // unlabelled lanes' statistics rows, and the thread's sums in lane order (the same sum on every run).
@@ -335,15 +349,9 @@ hierarchical_softmax_fwd_lanes_kernel(const T* __restrict__ x, int64_t HW, int64
     A l[V];
     const unsigned far = hierarchical_softmax_forward_pixels<V, A>(LaneCols<T, A, V>{x + off, sC}, L, D, groups, y, w,
                                                                    eps, st + i0, P, l);
-    if (far) {  // rare: a group far below the pixel's max (hierarchical_softmax_math.h); sm90: cold
-      for (int k = 0; k < V; ++k) {  // sm90: trips=0
-        if (!(far >> k & 1u)) continue;
-        const A lk = hierarchical_softmax_forward_pixel<A>(GlobalCol<T, A>{x + off + k, sC}, L, D, groups,
-                                                           lane(y, k), w, eps, st + i0 + k, P);
-        HSS_UNROLL
-        for (int q = 0; q < V; ++q) l[q] = q == k ? lk : l[q];
-      }
-    }
+    if (far)  // rare: a group far below the pixel's max (hierarchical_softmax_math.h); sm90: cold
+      redo_far_lanes(far, l, y, [&](int k) { return GlobalCol<T, A>{x + off + k, sC}; }, L, D, groups, w, eps, st,
+                     i0, P);
     finish_lanes<kW>(l, y, bad, V, i0, D, P, st, lp, wts, l_sum, w_sum, c);
   }
   block_partials<kW>(l_sum, c, w_sum, part, cnt, wpart);
@@ -433,15 +441,9 @@ hierarchical_softmax_fwd_up_lanes_kernel(const T* __restrict__ x, int64_t sC, Up
     A l[G];
     const unsigned far = hierarchical_softmax_forward_pixels<G, A>(up_lanes<T, A, G>(x, sC, u, rr, X0, n), L, D,
                                                                    groups, y, w, eps, st + i0, P, l);
-    if (far) {  // rare: a group far below the pixel's max (hierarchical_softmax_math.h); sm90: cold
-      for (int k = 0; k < G; ++k) {  // sm90: trips=0
-        if (!(far >> k & 1u)) continue;
-        const A lk = hierarchical_softmax_forward_pixel<A>(bilinear_col<T, A>(x, sC, u.stencil(i0 + k)), L, D, groups,
-                                                           lane(y, k), w, eps, st + i0 + k, P);
-        HSS_UNROLL
-        for (int q = 0; q < G; ++q) l[q] = q == k ? lk : l[q];
-      }
-    }
+    if (far)  // rare: a group far below the pixel's max (hierarchical_softmax_math.h); sm90: cold
+      redo_far_lanes(far, l, y, [&](int k) { return bilinear_col<T, A>(x, sC, u.stencil(i0 + k)); }, L, D, groups, w,
+                     eps, st, i0, P);
     finish_lanes<kW>(l, y, bad, n, i0, D, P, st, lp, wts, l_sum, w_sum, c);
   }
   block_partials<kW>(l_sum, c, w_sum, part, cnt, wpart);
