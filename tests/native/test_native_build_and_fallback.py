@@ -133,7 +133,9 @@ def test_ci_compiles_the_cuda_code():
     run = open(os.path.join(ROOT, ".ci", "run")).read()
     build = open(os.path.join(ROOT, ".ci", "cuda-build")).read()
     assert os.access(os.path.join(ROOT, ".ci", "cuda-build"), os.X_OK)
-    assert re.search(r"^\s*\.ci/cuda-build\s*$", run, re.M), ".ci/run does not call .ci/cuda-build"
+    # started in the background with the tests (lowest priority), waited for, and a failure fails CI
+    assert re.search(r"^[^#\n]*nice -n 19 \.ci/cuda-build >", run, re.M), ".ci/run does not call .ci/cuda-build"
+    assert re.search(r'wait "\$cuda_pid" \|\| status=\$\?', run) and "CI: .ci/cuda-build failed" in run
     venv = open(os.path.join(ROOT, ".ci", "cuda-venv")).read()
     assert re.search(r"^TORCH_VERSION=2\.11\.0$", venv, re.M), ".ci/cuda-venv must build against torch 2.11"
     assert ".ci/cuda-venv" in build
