@@ -821,9 +821,10 @@ void tree_min_bwd_cpu_impl(const at::Tensor& grad, const at::Tensor& logits, con
   if (up && cpu::pixel_path_forced()) {  // what the CUDA kernels run: banded, each row once, then gathered
     constexpr int G = lanes_for<T>();
     // a thread's depth slots (kMaxDepth + 1 Lanes) and node bits (tree_bit_words(V) Lanes), as the CUDA rows
-    // kernel's shared memory
-    const int64_t slot_vals = (kMaxDepth + 1) * G;
-    const int64_t bit_vals = (tree_bit_words(V) * G * int64_t(sizeof(uint32_t)) + sizeof(A) - 1) / sizeof(A);
+    // kernel's shared memory (min_bwd_group_smem_bytes): whole Lanes, 16-byte aligned (float64's two lanes of node
+    // bits take 16 bytes, not 2 x 4)
+    const int64_t slot_vals = (kMaxDepth + 1) * int64_t(sizeof(Lanes<A, G>) / sizeof(A));
+    const int64_t bit_vals = (tree_bit_words(V) * int64_t(sizeof(Lanes<uint32_t, G>)) + sizeof(A) - 1) / sizeof(A);
     cpu::up_backward_bands<G, T, A>(*up, y_out, out.strides().data(), slot_vals + bit_vals, [&](A* scr) {
       const LocalLanes<A, G> acc{reinterpret_cast<Lanes<A, G>*>(scr)};
       const LocalLanes<uint32_t, G> bits{reinterpret_cast<Lanes<uint32_t, G>*>(scr + slot_vals)};

@@ -135,3 +135,39 @@ def test_bad_band_rows_setting_is_ignored(pixel_path, loss):
         pixel_path.setenv("HSS_UP_BAND_ROWS", bad)
         _, got, _ = H.loss_and_grad(H.api(loss, "native"), x, y, tree, go, upsample="bilinear", reduction="none")
         assert torch.equal(got, want)
+
+
+_HEAP_CHECK = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import helpers as H
+from hss_kernels import trees
+tree = trees.load("vistas_v2")  # 147 nodes: 10 words of node bits per lane group
+for it, (N, h, w, Hh, W) in enumerate([(2, 3, 5, 7, 11), (1, 4, 4, 16, 16), (1, 6, 2, 23, 3)] * 3):
+    torch.manual_seed(it)
+    x, _ = H.inputs(tree, "tree_min_loss", (N, h, w), torch.float64)
+    _, y = H.inputs(tree, "tree_min_loss", (N, Hh, W), torch.float64, ignore_frac=0.2)
+    go = torch.randn(y.shape, dtype=torch.float64)
+    H.loss_and_grad(H.api("tree_min_loss", "native"), x, y, tree, go, upsample="bilinear", reduction="none")
+print("OK")
+"""
+
+
+def test_bands_scratch_fits_every_lane_width(tmp_path):
+    """The tree-min rows' per-thread scratch (depth slots and node bits, whole 16-byte Lanes) holds float64's two
+    lanes too: under glibc's checking allocator (libc_malloc_debug, every free checked) a write past it aborts
+    the process. It did (node bits sized 2 x 4 bytes per word, Lanes<uint32_t, 2> is 16)."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    H.require("native", "cpu")
+    debug = sorted(glob.glob("/usr/lib/*/libc_malloc_debug.so.0") + glob.glob("/lib/*/libc_malloc_debug.so.0"))
+    if not debug:
+        pytest.skip("no libc_malloc_debug.so.0 (glibc's checking allocator) on this machine")
+    env = dict(os.environ, HSS_CPU_PIXEL_PATH="1", HSS_UP_BAND_ROWS="1", LD_PRELOAD=debug[0],
+               GLIBC_TUNABLES="glibc.malloc.check=3", PYTHONMALLOC="malloc", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _HEAP_CHECK, os.path.dirname(os.path.dirname(__file__))],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (proc.returncode, proc.stderr[-2000:])
