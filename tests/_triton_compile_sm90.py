@@ -20,6 +20,7 @@ from hss_kernels.triton import OPS, decode as dk, hierarchical_softmax as hs, tr
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 VISTAS = (8, 1024, 1024)
 HUGE = (2, 8192, 8192)  # the batch stride passes 2**31: i64 integer arguments
+TALL = (2, 16384, 8192)  # the same with the small tree's 26 channels
 
 
 def meta(C, dtype, shape=VISTAS):
@@ -67,7 +68,7 @@ def variants():
             x, _ = meta(C, dt)
             kind = "leaf logits" if C != V else f"{act} {score}"
             out.append((f"decode {name} {kind}", lambda x=x, a=act, s=score, d=dtree: dk.decode(x, d, a, s), False))
-        x, _ = meta(V, dt, HUGE)
+        x, _ = meta(V, dt, HUGE if dtree is big_tree else TALL)
         out.append((f"decode {name} softmax mean, i64", lambda x=x, d=dtree: dk.decode(x, d, "softmax", "mean"), False))
     # Logits at 1/4 of the labels' size, upsampled inside the loss: the forward kernel's UPSAMPLE variant and
     # the gathering backward.
@@ -106,7 +107,7 @@ def variants():
     out += weighted_variants(leaf_tree, small_tree)
     x, t = meta(L, torch.float32, HUGE)
     out.append(("hierarchical_softmax fp32 forward, i64", lambda: OPS["hierarchical_softmax_loss"](x, t, leaf_tree), False))
-    x2, t2 = meta(small_tree.num_nodes, torch.float32, (2, 16384, 8192))  # 26 channels: a taller image
+    x2, t2 = meta(small_tree.num_nodes, torch.float32, TALL)
     xp, tp = meta(small_tree.num_nodes, torch.bfloat16)  # the focal terms two pixels at a time (tree_min._pair)
     out.append(("tree_min bf16 forward, focal, pixel pairs", lambda: tm.tree_min_loss(xp, tp, small_tree), False))
     out.append(("tree_min fp32 backward, i64", lambda: OPS["tree_min_loss"](x2, t2, small_tree), True))
