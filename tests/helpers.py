@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hss_kernels
 from hss_kernels import Tree, backends, reference
@@ -227,8 +228,19 @@ def assert_matches(fn, ref_fn, x, y, tree, grad_out=None, loss_tol=None, **kw):
     assert grad.dtype == x.dtype and grad.shape == x.shape and grad.device == x.device
     torch.testing.assert_close(loss, ref_loss, **(loss_tol or TOL[acc]))
     upstream = upstream_size(go, y, kw.get("reduction", "mean"), kw.get("ignore_index", 255))
+    if kw.get("upsample"):
+        upstream *= upsample_fan_in(x.shape[-2:], y.shape[-2:], kw.get("align_corners", False))
     assert_grad_close(grad, ref_grad, x.dtype, upstream)
     return loss, grad
+
+
+def upsample_fan_in(src, dst, align_corners=False) -> float:
+    """The largest sum of bilinear weights that one source pixel takes from the destination pixels: a
+    low-resolution logit's gradient sums that many pixels' gradients (and their roundings), so its
+    allowance scales with it (a 3 x 29 -> 5 x 150 upsampling: about 9)."""
+    z = torch.zeros(1, 1, *src, dtype=torch.float64, requires_grad=True)
+    F.interpolate(z, size=tuple(dst), mode="bilinear", align_corners=align_corners).sum().backward()
+    return max(float(z.grad.max()), 1.0)
 
 
 def check(loss: str, backend: str, x, y, tree, grad_out=None, **kw):
