@@ -464,14 +464,21 @@ def test_cuda_launches_of_the_fused_upsampling():
     assert (ob.pattern, len(ob.params)) == ("hierarchical_softmax_up_rows_kernelIN3c108BFloat16EfLb0EE", 23)
     assert ob.blocks == sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in hbands)
     # the banded tree backward: per band the rows kernel (G = 4 label pixels of a row per thread, the focal mode and
-    # extrema of the options) and the gather (32 low-resolution pixels by 8 channel warps per block), each kernel's
-    # launches merged into one
+    # extrema of the options) and the gather (32 low-resolution pixels by ceil(C / 8) channel warps per block, at most
+    # 16, and a table of each pixel's column weights in shared memory), each kernel's launches merged into one
     tb, tg = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     rows, bands, am = cuda_side.up_bands(N, 147, H // 8, H, W, 4, 4)
     assert (tb.kernel, tb.threads, len(tb.params), tb.launches) == ("tree_up_rows_group_kernel", 128, 24, len(bands))
     assert tb.pattern == "tree_up_rows_group_kernelIffLi2ELb1ELb0EE"
     assert tb.source == tg.source == "tree_min_up"  # csrc/cuda/tree_min_up.cu, not tree_min.cu
-    assert tg.pattern == "up_gather_kernelIffE" and (tg.threads, len(tg.params), tg.launches) == (256, 18, len(bands))
+    warps = min(-(-147 // 8), 16)
+    assert tg.pattern == "up_gather_kernelIffE" and (tg.threads, len(tg.params), tg.launches) == \
+        (32 * warps, 19, len(bands))
+    xw = max(hi - lo for lo, hi in (cuda_side._up_window(W // 8, W, j) for j in range(W // 8)))
+    assert (tg.block_y, tg.scalars["CH"], tg.params[-1], tg.scalars["XW"]) == (warps, warps, xw, xw)
+    sizes = [len(v) if isinstance(v, bytes) else 8 for v in tg.params]
+    bank = cuda_side.cbank(tg, [(k, sum(sizes[:k]), n) for k, n in enumerate(sizes)])
+    assert tg.dynamic_smem == xw * 32 * 4 and (bank[0], bank[4]) == (32, warps)  # blockDim.x, blockDim.y
     assert tb.dynamic_smem == cuda_side.min_bwd_group_smem_bytes(147, v2.depth, 128, 4)
     assert sum(-(-(N * (b[1] - b[0]) * W // 4) // 128) for b in bands) == tb.blocks and tb.scalars["ROWS"] == rows
     tf, _ = cuda_side.launches("tree_bce", "forward", "bfloat16", "nchw", (N, 147, H, W), v2, 0.0, 8)

@@ -156,6 +156,7 @@ class CudaLaunch:
     scalars: Dict[str, float] = field(default_factory=dict)  # named values for trip expressions
     dynamic_smem: int = 0
     launches: int = 1  # launches of this kernel merged into this one (blocks: all of theirs), as triton_side.coalesce
+    block_y: int = 1  # blockDim.y (threads: all of the block's, blockDim.x = threads / block_y)
 
     @property
     def pattern(self) -> str:
@@ -221,7 +222,20 @@ def upsample_geom(low_shape: Sequence[int], low_strides: Sequence[int], H: int, 
 
 UP_BWD_SCRATCH_BYTES = 32 << 20  # csrc/include/upsample_math.h kUpBwdScratchBytes
 UP_SCRATCH_PAD = 8  # kUpScratchPad: the band scratch's rows padded to a multiple of it (up_scratch_width)
-UP_GATHER_PIX, UP_GATHER_CH = 32, 8  # csrc/cuda/upsample.cuh kUpGatherPix, kUpGatherCh
+UP_GATHER_PIX, UP_GATHER_K, UP_GATHER_CH_MAX = 32, 8, 16  # csrc/cuda/upsample.cuh kUpGatherPix, kUpGatherK, kUpGatherChMax
+UP_GATHER_SMEM = 48 * 1024  # kUpGatherSmem
+
+
+def up_gather_warps(C: int) -> int:
+    """upsample.cuh up_gather_warps: the gather kernel's warps (blockDim.y), enough for C channels in one pass."""
+    return max(1, min(-(-C // UP_GATHER_K), UP_GATHER_CH_MAX))
+
+
+def up_gather_xw(w: int, W: int, acc_bytes: int = 4) -> int:
+    """upsample.cuh up_gather_xw: the column table's width, the widest window of destination columns of a source
+    column (0 if the table would pass UP_GATHER_SMEM)."""
+    xw = max(hi - lo for lo, hi in (_up_window(w, W, j) for j in range(w)))
+    return xw if xw * UP_GATHER_PIX * acc_bytes <= UP_GATHER_SMEM else 0
 
 
 def _up_window(n_in: int, n_out: int, i: int) -> Tuple[int, int]:
@@ -461,12 +475,13 @@ def up_bwd_launches(source: str, rows_kernel: str, template: str, threads: int, 
     rb = sum(-(-(N * (Y1 - Y0) * per_row) // threads) for Y0, Y1, _, _ in bands)
     gb = sum(-(-(N * (I1 - I0) * w) // UP_GATHER_PIX) for _, _, I0, I1 in bands)
     bw = max(I1 - I0 for _, _, I0, I1 in bands) * w
-    sc = {**scalars, "ROWS": rows, "bands": len(bands)}
+    ch, xw = up_gather_warps(C), up_gather_xw(w, W)
+    sc = {**scalars, "ROWS": rows, "bands": len(bands), "CH": ch, "XW": xw}
     return [CudaLaunch(source, rows_kernel, template, rb, threads, rows_params(rows, N * rows * per_row, ssn, ssc, wp),
                        sc, smem, len(bands)),
-            CudaLaunch(source, "up_gather_kernel", T + "f", gb, UP_GATHER_PIX * UP_GATHER_CH,
-                       [None, None, None, ug, 0, rows, 0, N * bw, bw, C, ssn, ssc, wp, am, xs[0], xs[1], xs[2], xs[3]],
-                       sc, 0, len(bands))]
+            CudaLaunch(source, "up_gather_kernel", T + "f", gb, UP_GATHER_PIX * ch,
+                       [None, None, None, ug, 0, rows, 0, N * bw, bw, C, ssn, ssc, wp, am, xs[0], xs[1], xs[2], xs[3],
+                        xw], sc, xw * UP_GATHER_PIX * 4, len(bands), ch)]
 
 
 def op_source(op: str) -> str:
@@ -486,7 +501,7 @@ def cbank(launch: CudaLaunch, layout: List[Tuple[int, int, int]]) -> Dict[int, i
         for k, b in enumerate(data):
             out[off + k] = b
 
-    put(0x0, struct.pack("<III", launch.threads, 1, 1))
+    put(0x0, struct.pack("<III", launch.threads // launch.block_y, launch.block_y, 1))
     for (ordinal, off, size), value in zip(layout, launch.params):
         where = PARAM_BASE + off
         if value is None:

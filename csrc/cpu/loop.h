@@ -364,8 +364,9 @@ void up_backward_bands(const Upsample<A>& u, T* out, const int64_t* os, int64_t 
       const A* s = scratch.data() + b * ssn;
       A* cp = carry.data() + b * can + (i % am) * u.w + j;
       T* o = out + b * os[0] + i * os[2] + j * os[3];
+      const UpColWeight<A> wx{g.ax, j};
       for (int c0 = 0; c0 < C; c0 += 8)  // (8 consecutive channels at a time; per channel the CUDA kernel's sum)
-        up_gather_band<8, A, T>(g, wd, i, j, bd.Y0, s, Wp, ssc, cp, ca, o, os[1], c0, 1, static_cast<int>(C));
+        up_gather_band<8, A, T>(g, wd, i, wx, bd.Y0, s, Wp, ssc, cp, ca, o, os[1], c0, 1, static_cast<int>(C));
     }
   }
 }

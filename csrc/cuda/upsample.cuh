@@ -21,31 +21,69 @@ namespace cuda {
 namespace {
 
 // up_gather_kernel's block: kUpGatherPix consecutive source pixels across a warp (the scratch's, the carry's
-// and NCHW's contiguous axis), kUpGatherCh warps on the channels; a thread sums kUpGatherK channels (c,
-// c + kUpGatherCh, ...) at once, the interpolation weights computed once for them.
+// and NCHW's contiguous axis), up_gather_warps(C) warps on the channels (enough for the C channels in one pass,
+// at most kUpGatherChMax); a thread sums kUpGatherK channels (c, c + warps, ...) at once, the interpolation
+// weights computed once for them. The column weights of the block's source pixels' windows are a table in
+// shared memory, up_gather_xw columns of kUpGatherPix pixels, computed once per block by all its warps.
 constexpr int kUpGatherPix = 32;
-constexpr int kUpGatherCh = 8;
 constexpr int kUpGatherK = 8;
+constexpr int kUpGatherChMax = 16;
+constexpr int64_t kUpGatherSmem = 48 * 1024;  // the table's bytes at most (without opting in to more)
+
+inline int up_gather_warps(int64_t C) {
+  const int64_t n = (C + kUpGatherK - 1) / kUpGatherK;
+  return static_cast<int>(n < 1 ? 1 : (n > kUpGatherChMax ? kUpGatherChMax : n));
+}
+
+// The table's columns: the widest window of destination columns of a source column, or 0 (the weights computed
+// in the loop instead) when that table would pass kUpGatherSmem. Host code.
+template <typename A>
+inline int up_gather_xw(const UpsampleGeom<A>& u) {
+  int64_t xw = 0;
+  for (int64_t j = 0; j < u.w; ++j) {
+    int64_t lo, hi;
+    UpsampleGeom<A>::window(u.ax, u.W, j, lo, hi);
+    if (hi - lo > xw) xw = hi - lo;
+  }
+  return xw * kUpGatherPix * static_cast<int64_t>(sizeof(A)) <= kUpGatherSmem ? static_cast<int>(xw) : 0;
+}
 
 // The band [Y0, Y1)'s source pixels: ns = N x (I1 - I0) x w of them, bw = (I1 - I0) x w per image, from
-// source row I0; thread (p, c) of a block runs up_gather_band for channels c, c + kUpGatherCh, ... of one
+// source row I0; thread (p, c) of a block runs up_gather_band for channels c, c + blockDim.y, ... of one
 // pixel, kUpGatherK of them at a time. The scratch: image stride ssn, channel stride ssc, row stride ssy; the
-// carry: image stride can, channel stride am w. out has the logits' strides (oN, oC, oh, ow).
+// carry: image stride can, channel stride am w. out has the logits' strides (oN, oC, oh, ow). xw: the column
+// table's width (up_gather_xw; dynamic shared memory xw kUpGatherPix sizeof(A)), 0 for none.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kUpGatherPix * kUpGatherCh)
+__global__ void __launch_bounds__(kUpGatherPix * kUpGatherChMax)
 up_gather_kernel(const A* __restrict__ scratch, A* __restrict__ carry, T* __restrict__ out, UpsampleGeom<A> u,
                  int64_t Y0, int64_t Y1, int64_t I0, int64_t ns, int64_t bw, int C, int64_t ssn, int64_t ssc,
-                 int64_t ssy, int64_t am, int64_t oN, int64_t oC, int64_t oh, int64_t ow) {
+                 int64_t ssy, int64_t am, int64_t oN, int64_t oC, int64_t oh, int64_t ow, int xw) {
+  extern __shared__ __align__(16) unsigned char up_gather_smem[];
+  A* const table = reinterpret_cast<A*>(up_gather_smem);
+  const int cs = blockDim.y;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kUpGatherPix + threadIdx.x;
-  if (t >= ns) return;
-  const int64_t b = t / bw, r = t - b * bw, di = r / u.w, i = I0 + di, j = r - di * u.w;
+  const bool live = t < ns;
+  const int64_t tt = live ? t : ns - 1;  // (a thread past the band fills its table column, then leaves)
+  const int64_t b = tt / bw, r = tt - b * bw, di = r / u.w, i = I0 + di, j = r - di * u.w;
   const UpBandWindow wd = up_band_window(u, i, j, Y0, Y1);
+  for (int k = threadIdx.y; k < xw; k += cs)  // sm90: trips=cdiv(XW, CH)
+    table[k * kUpGatherPix + threadIdx.x] =
+        wd.xlo + k < wd.xhi ? UpsampleGeom<A>::weight(u.ax, wd.xlo + k, j) : A(0);
+  if (xw > 0) __syncthreads();  // (xw is the same for the whole grid)
+  if (!live) return;
   const A* s = scratch + b * ssn;
   const int64_t ca = am * u.w;
   A* cp = carry + b * C * ca + (i % am) * u.w + j;
   T* o = out + b * oN + i * oh + j * ow;
-  for (int c0 = threadIdx.y; c0 < C; c0 += kUpGatherCh * kUpGatherK)  // sm90: trips=cdiv(C, 64)
-    up_gather_band<kUpGatherK, A, T>(u, wd, i, j, Y0, s, ssy, ssc, cp, ca, o, oC, c0, kUpGatherCh, C);
+  if (xw == 0) {  // a window too wide for the table; sm90: cold
+    const UpColWeight<A> wx{u.ax, j};
+    for (int c0 = threadIdx.y; c0 < C; c0 += cs * kUpGatherK)  // sm90: trips=cdiv(C, 8 * CH)
+      up_gather_band<kUpGatherK, A, T>(u, wd, i, wx, Y0, s, ssy, ssc, cp, ca, o, oC, c0, cs, C);
+    return;
+  }
+  const UpColTable<A> wx{table + threadIdx.x, kUpGatherPix, wd.xlo};
+  for (int c0 = threadIdx.y; c0 < C; c0 += cs * kUpGatherK)  // sm90: trips=cdiv(C, 8 * CH)
+    up_gather_band<kUpGatherK, A, T>(u, wd, i, wx, Y0, s, ssy, ssc, cp, ca, o, oC, c0, cs, C);
 }
 
 // Runs the banded backward of x's (N, C, h, w) logits to the target's (N, H, W) pixels into out (x's strides):
@@ -70,12 +108,14 @@ void up_backward_bands(const at::Tensor& x, const at::Tensor& target, at::Tensor
   at::Tensor scratch = at::empty({N * C * rows * Wp}, x.options().dtype(acc_type(x)));
   at::Tensor carry = at::empty({N * C * am * w}, x.options().dtype(acc_type(x)));
   const int64_t ssc = rows * Wp, ssn = C * ssc;
+  const int warps = up_gather_warps(C), xw = up_gather_xw(u);
+  const size_t smem = static_cast<size_t>(xw) * kUpGatherPix * sizeof(A);
   for (const UpBand& bd : bands) {  // (host)
     rows_kernel(bd, scratch.data_ptr<A>(), ssn, ssc, Wp);
     const int64_t bw = (bd.I1 - bd.I0) * w, ns = N * bw;
-    up_gather_kernel<T, A><<<num_blocks(ns, kUpGatherPix), dim3(kUpGatherPix, kUpGatherCh), 0, stream>>>(
+    up_gather_kernel<T, A><<<num_blocks(ns, kUpGatherPix), dim3(kUpGatherPix, warps), smem, stream>>>(
         scratch.data_ptr<A>(), carry.data_ptr<A>(), out.data_ptr<T>(), u, bd.Y0, bd.Y1, bd.I0, ns, bw,
-        static_cast<int>(C), ssn, ssc, Wp, am, out.stride(0), out.stride(1), out.stride(2), out.stride(3));
+        static_cast<int>(C), ssn, ssc, Wp, am, out.stride(0), out.stride(1), out.stride(2), out.stride(3), xw);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -348,18 +348,37 @@ HSS_HOST_DEVICE inline UpBandWindow up_band_window(const UpsampleGeom<A>& u, int
   return UpBandWindow{ys > Y0 ? ys : Y0, ye < Y1 ? ye : Y1, xs, xe, ys >= Y0, ye <= Y1};
 }
 
+// The weight of destination column X in source column j's window, as up_gather_band reads it: computed
+// (UpColWeight, the CPU pixel path) or read from a table of the window's columns computed once per source pixel
+// (UpColTable, CUDA's gather kernel: p[(X - xlo) ld]); both hold UpsampleGeom::weight(ax, X, j), the same bits.
+template <typename A>
+struct UpColWeight {
+  BilinearAxis<A> ax;
+  int64_t j;
+  HSS_HOST_DEVICE A operator()(int64_t X) const { return UpsampleGeom<A>::weight(ax, X, j); }
+};
+
+template <typename A>
+struct UpColTable {
+  const A* p;
+  int ld;
+  int64_t xlo;
+  HSS_HOST_DEVICE A operator()(int64_t X) const { return p[static_cast<int>(X - xlo) * ld]; }
+};
+
 // Channels c = c0 + k cs (k < K, c < C) of source pixel (i, j): per channel the carried partial sum
-// (carry[c * ca]; 0 if the window starts in this band) plus wy * wx * s[(Y - Y0) * ssy + X + c * ssc] over the
-// band's part of its window, rows then columns (wy * wx computed once for the K channels); the sum goes to
-// out[c * oC] if the window ends in this band, else back to carry[c * ca]. Per channel the same sum, in the
-// same order, as one pass over the whole window: the same bits for any band height and any K. CUDA's gather
-// kernel (32 source pixels across a warp, channels c0, c0 + cs, ... per thread) and the CPU pixel path
-// (consecutive channels) both run it.
+// (carry[c * ca]; 0 if the window starts in this band) plus wy * wx(X) * s[(Y - Y0) * ssy + X + c * ssc] over
+// the band's part of its window, rows then columns (wy * wx(X) computed once for the K channels; wx(X) the
+// weight of column X for column j, UpColWeight or UpColTable); the sum goes to out[c * oC] if the window ends in
+// this band, else back to carry[c * ca]. Per channel the same sum, in the same order, as one pass over the whole
+// window: the same bits for any band height and any K. CUDA's gather kernel (32 source pixels across a warp,
+// channels c0, c0 + cs, ... per thread, the column weights from a table in shared memory) and the CPU pixel path
+// (consecutive channels, the weights computed) both run it.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
-template <int K, typename A, typename T>
-HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBandWindow& wd, int64_t i, int64_t j,
+template <int K, typename A, typename T, typename WX>
+HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBandWindow& wd, int64_t i, const WX& wx,
                                            int64_t Y0, const A* s, int64_t ssy, int64_t ssc, A* carry, int64_t ca,
                                            T* out, int64_t oC, int c0, int cs, int C) {
   A a[K];
@@ -372,7 +391,7 @@ HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBan
     const A wy = UpsampleGeom<A>::weight(u.ay, Y, i);
     const A* sy = s + (Y - Y0) * ssy;
     for (int64_t X = wd.xlo; X < wd.xhi; ++X) {  // sm90: trips=2 * W / w
-      const A wyx = wy * UpsampleGeom<A>::weight(u.ax, X, j);
+      const A wyx = wy * wx(X);
       const A* sx = sy + X;
       HSS_UNROLL
       for (int k = 0; k < K; ++k) {
