@@ -366,14 +366,22 @@ struct UpColTable {
   HSS_HOST_DEVICE A operator()(int64_t X) const { return p[static_cast<int>(X - xlo) * ld]; }
 };
 
+#ifdef __CUDACC__
+#define HSS_UP_NO_UNROLL _Pragma("unroll 1")
+#else
+#define HSS_UP_NO_UNROLL
+#endif
+
 // Channels c = c0 + k cs (k < K, c < C) of source pixel (i, j): per channel the carried partial sum
 // (carry[c * ca]; 0 if the window starts in this band) plus wy * wx(X) * s[(Y - Y0) * ssy + X + c * ssc] over
 // the band's part of its window, rows then columns (wy * wx(X) computed once for the K channels; wx(X) the
 // weight of column X for column j, UpColWeight or UpColTable); the sum goes to out[c * oC] if the window ends in
 // this band, else back to carry[c * ca]. Per channel the same sum, in the same order, as one pass over the whole
-// window: the same bits for any band height and any K. CUDA's gather kernel (32 source pixels across a warp,
-// channels c0, c0 + cs, ... per thread, the column weights from a table in shared memory) and the CPU pixel path
-// (consecutive channels, the weights computed) both run it.
+// window: the same bits for any band height and any K. Each channel's scratch pointer is computed once (a
+// channel c >= C reads channel C - 1's and its sum is never stored: no predicate in the loop), the columns four
+// at a time (immediate offsets from those pointers), then the window's last nx mod 4. CUDA's gather kernel (32
+// source pixels across a warp, channels c0, c0 + cs, ... per thread, the column weights from a table in shared
+// memory) and the CPU pixel path (consecutive channels, the weights computed) both run it.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
@@ -382,22 +390,31 @@ HSS_HOST_DEVICE inline void up_gather_band(const UpsampleGeom<A>& u, const UpBan
                                            int64_t Y0, const A* s, int64_t ssy, int64_t ssc, A* carry, int64_t ca,
                                            T* out, int64_t oC, int c0, int cs, int C) {
   A a[K];
+  const A* sk[K];
   HSS_UNROLL
   for (int k = 0; k < K; ++k) {
     const int c = c0 + k * cs;
     a[k] = !wd.first && c < C ? carry[c * ca] : A(0);
+    sk[k] = s + static_cast<int64_t>(c < C ? c : C - 1) * ssc + wd.xlo;
   }
+  const int nx = static_cast<int>(wd.xhi - wd.xlo), n4 = nx - nx % 4;
   for (int64_t Y = wd.ylo; Y < wd.yhi; ++Y) {  // sm90: trips=2 * H / (h + (2 - 2 * h / H) * cdiv(H, ROWS))
     const A wy = UpsampleGeom<A>::weight(u.ay, Y, i);
-    const A* sy = s + (Y - Y0) * ssy;
-    for (int64_t X = wd.xlo; X < wd.xhi; ++X) {  // sm90: trips=2 * W / w
-      const A wyx = wy * wx(X);
-      const A* sx = sy + X;
+    const int64_t oy = (Y - Y0) * ssy;
+    HSS_UP_NO_UNROLL
+    for (int x = 0; x < n4; x += 4) {  // sm90: trips=floor(2 * W / w / 4)
       HSS_UNROLL
-      for (int k = 0; k < K; ++k) {
-        const int c = c0 + k * cs;
-        if (c < C) a[k] += wyx * sx[c * ssc];
+      for (int e = 0; e < 4; ++e) {
+        const A wyx = wy * wx(wd.xlo + x + e);
+        HSS_UNROLL
+        for (int k = 0; k < K; ++k) a[k] += wyx * sk[k][oy + x + e];
       }
+    }
+    HSS_UP_NO_UNROLL
+    for (int x = n4; x < nx; ++x) {  // sm90: trips=2 * W / w - 4 * floor(2 * W / w / 4)
+      const A wyx = wy * wx(wd.xlo + x);
+      HSS_UNROLL
+      for (int k = 0; k < K; ++k) a[k] += wyx * sk[k][oy + x];
     }
   }
   HSS_UNROLL
