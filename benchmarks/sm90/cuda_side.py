@@ -222,13 +222,17 @@ def upsample_geom(low_shape: Sequence[int], low_strides: Sequence[int], H: int, 
 
 UP_BWD_SCRATCH_BYTES = 32 << 20  # csrc/include/upsample_math.h kUpBwdScratchBytes
 UP_SCRATCH_PAD = 8  # kUpScratchPad: the band scratch's rows padded to a multiple of it (up_scratch_width)
-UP_GATHER_PIX, UP_GATHER_K, UP_GATHER_CH_MAX = 32, 8, 16  # csrc/cuda/upsample.cuh kUpGatherPix, kUpGatherK, kUpGatherChMax
+UP_GATHER_PIX, UP_GATHER_K = 32, 8  # csrc/cuda/upsample.cuh kUpGatherPix, kUpGatherK
+UP_GATHER_CH_MAX = 16  # kUpGatherChMax
 UP_GATHER_SMEM = 48 * 1024  # kUpGatherSmem
 
 
 def up_gather_warps(C: int) -> int:
-    """upsample.cuh up_gather_warps: the gather kernel's warps (blockDim.y), enough for C channels in one pass."""
-    return max(1, min(-(-C // UP_GATHER_K), UP_GATHER_CH_MAX))
+    """upsample.cuh up_gather_warps: the gather kernel's warps (blockDim.y), the fewest passes of at most
+    UP_GATHER_CH_MAX warps of UP_GATHER_K channels over the C channels, then the fewest warps for them."""
+    n = max(1, -(-C // UP_GATHER_K))
+    passes = -(-n // UP_GATHER_CH_MAX)
+    return -(-n // passes)
 
 
 def up_gather_xw(w: int, W: int, acc_bytes: int = 4) -> int:

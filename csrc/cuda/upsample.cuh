@@ -21,18 +21,18 @@ namespace cuda {
 namespace {
 
 // up_gather_kernel's block: kUpGatherPix consecutive source pixels across a warp (the scratch's, the carry's
-// and NCHW's contiguous axis), up_gather_warps(C) warps on the channels (enough for the C channels in one pass,
-// at most kUpGatherChMax); a thread sums kUpGatherK channels (c, c + warps, ...) at once, the interpolation
-// weights computed once for them. The column weights of the block's source pixels' windows are a table in
-// shared memory, up_gather_xw columns of kUpGatherPix pixels, computed once per block by all its warps.
+// and NCHW's contiguous axis), up_gather_warps(C) warps on the channels (the fewest passes of at most
+// kUpGatherChMax warps, then the fewest warps); a thread sums kUpGatherK channels (c, c + warps, ...), the
+// interpolation weights computed once for them. The column weights of the block's source pixels' windows are a
+// table in shared memory, up_gather_xw columns of kUpGatherPix pixels, computed once per block by all its warps.
 constexpr int kUpGatherPix = 32;
 constexpr int kUpGatherK = 8;
 constexpr int kUpGatherChMax = 16;
 constexpr int64_t kUpGatherSmem = 48 * 1024;  // the table's bytes at most (without opting in to more)
 
 inline int up_gather_warps(int64_t C) {
-  const int64_t n = (C + kUpGatherK - 1) / kUpGatherK;
-  return static_cast<int>(n < 1 ? 1 : (n > kUpGatherChMax ? kUpGatherChMax : n));
+  const int64_t n = C > 0 ? (C + kUpGatherK - 1) / kUpGatherK : 1, passes = (n + kUpGatherChMax - 1) / kUpGatherChMax;
+  return static_cast<int>((n + passes - 1) / passes);  // (66 channels: 9 warps, one pass; 147: 10 warps, two)
 }
 
 // The table's columns: the widest window of destination columns of a source column, or 0 (the weights computed
