@@ -465,14 +465,14 @@ def test_cuda_launches_of_the_fused_upsampling():
     assert ob.blocks == sum(-(-(N * (b[1] - b[0]) * W) // 256) for b in hbands)
     # the banded tree backward: per band the rows kernel (G = 4 label pixels of a row per thread, the focal mode and
     # extrema of the options) and the gather (32 low-resolution pixels by the fewest channel warps of 8 channels for
-    # the fewest passes of at most 16 warps, and a table of each pixel's column weights in shared memory), each
+    # the fewest passes of at most 10 warps, and a table of each pixel's column weights in shared memory), each
     # kernel's launches merged into one
     tb, tg = cuda_side.launches("tree_min", "backward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 8)
     rows, bands, am = cuda_side.up_bands(N, 147, H // 8, H, W, 4, 4)
     assert (tb.kernel, tb.threads, len(tb.params), tb.launches) == ("tree_up_rows_group_kernel", 128, 24, len(bands))
     assert tb.pattern == "tree_up_rows_group_kernelIffLi2ELb1ELb0EE"
     assert tb.source == tg.source == "tree_min_up"  # csrc/cuda/tree_min_up.cu, not tree_min.cu
-    warps = -(-19 // 2)  # 147 channels: 19 warps' worth of 8, in two passes of at most 16 warps
+    warps = -(-19 // 2)  # 147 channels: 19 warps' worth of 8, in two passes of at most 10 warps
     assert tg.pattern == "up_gather_kernelIffE" and (tg.threads, len(tg.params), tg.launches) == \
         (32 * warps, 19, len(bands))
     xw = max(hi - lo for lo, hi in (cuda_side._up_window(W // 8, W, j) for j in range(W // 8)))

@@ -25,9 +25,11 @@ namespace {
 // kUpGatherChMax warps, then the fewest warps); a thread sums kUpGatherK channels (c, c + warps, ...), the
 // interpolation weights computed once for them. The column weights of the block's source pixels' windows are a
 // table in shared memory, up_gather_xw columns of kUpGatherPix pixels, computed once per block by all its warps.
+// Two blocks of up to kUpGatherChMax warps fit an SM (__launch_bounds__): ptxas keeps the kernel in 96 registers
+// without a spill, where alone it took 128 (one block of 9 or 10 warps per SM; the sm_90 model, float32 and bfloat16).
 constexpr int kUpGatherPix = 32;
 constexpr int kUpGatherK = 8;
-constexpr int kUpGatherChMax = 16;
+constexpr int kUpGatherChMax = 10;
 constexpr int64_t kUpGatherSmem = 48 * 1024;  // the table's bytes at most (without opting in to more)
 
 inline int up_gather_warps(int64_t C) {
@@ -54,7 +56,7 @@ inline int up_gather_xw(const UpsampleGeom<A>& u) {
 // carry: image stride can, channel stride am w. out has the logits' strides (oN, oC, oh, ow). xw: the column
 // table's width (up_gather_xw; dynamic shared memory xw kUpGatherPix sizeof(A)), 0 for none.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kUpGatherPix * kUpGatherChMax)
+__global__ void __launch_bounds__(kUpGatherPix * kUpGatherChMax, 2)
 up_gather_kernel(const A* __restrict__ scratch, A* __restrict__ carry, T* __restrict__ out, UpsampleGeom<A> u,
                  int64_t Y0, int64_t Y1, int64_t I0, int64_t ns, int64_t bw, int C, int64_t ssn, int64_t ssc,
                  int64_t ssy, int64_t am, int64_t oN, int64_t oC, int64_t oh, int64_t ow, int xw) {
