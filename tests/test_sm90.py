@@ -491,10 +491,12 @@ def test_cuda_launches_of_the_fused_upsampling():
     assert bands[0][2] == 0 and bands[-1][3] == H // 8 and all(b[2] <= c[2] for b, c in zip(bands, bands[1:]))
     assert N * rows * W * 147 * 4 <= 32 << 20 < N * (rows + 1) * W * 147 * 4 and 1 <= am <= rows // 8 + 3
     assert tg.blocks == sum(-(-(N * (b[3] - b[2]) * (W // 8)) // 32) for b in bands)
-    # decode with size=: kUp, one thread per label pixel, the geometry last
-    (dec,) = cuda_side.launches("decode", "forward", "float32", "nchw", (N, 147, H, W), v2, 0.0, s)
-    assert (dec.pattern, dec.blocks, len(dec.params)) == ("decode_kernelIfLi0ELb1ELb0ELb1EE", N * H * W // 256, 13)
-    assert dec.params[3:7] == [N * H * W, H * W, W, 147] and len(dec.params[-1]) == 88
+    # decode with size=: on the lanes, G = 8 bfloat16 label pixels of a row per thread (W / 8 groups per row), 128
+    # threads per block, the low-resolution channel stride (channels_last: 1), the geometry last
+    (dec,) = cuda_side.launches("decode", "forward", "bfloat16", "channels_last", (N, 147, H, W), v2, 0.0, s)
+    assert (dec.pattern, dec.blocks, len(dec.params)) == \
+        ("decode_up_lanes_kernelIN3c108BFloat16ELi0ELb1ELb0EE", N * H * W // 8 // 128, 9)
+    assert dec.params[3:7] == [N * H * W // 8, W // 8, 147, 1] and len(dec.params[-1]) == 88
     with pytest.raises(ValueError, match="divisor"):
         cuda_side.launches("tree_min", "forward", "float32", "nchw", (N, 147, H, W), v2, 2.0, 3)
 

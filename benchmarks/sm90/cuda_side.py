@@ -455,6 +455,16 @@ def launches(op: str, pass_: str, dtype: str, layout: str, shape: Sequence[int],
             return [CudaLaunch("decode", "decode_lanes_kernel", T + "Li0E" + ordered + "Lb0E", -(-groups // 128),
                                128, [None, None, None, groups, H * W, C, xs[0], xs[1], ignore],
                                {"P": P, "C": C, "L": L, "D": D, **sizes})]
+        if up > 1 and dtype != "float64":
+            # decode_up_lanes_kernel<scalar_t, kAct, kOrdered, kMean>: G = 16 / sizeof(T) destination pixels of a
+            # row per thread (gw groups per row), each channel of the G interpolated (UpLanes), 128 threads per
+            # block (kLaneThreads); the logits' strides only through sC (any layout)
+            G = 16 // _DT[dtype][1]
+            gw = -(-W // G)
+            ng = N * H * gw
+            return [CudaLaunch("decode", "decode_up_lanes_kernel", T + "Li0E" + ordered + "Lb0E", -(-ng // 128), 128,
+                               [None, None, None, ng, gw, C, xs[1], ignore, ug],
+                               {"P": P, "C": C, "L": L, "D": D, **sizes})]
         return [CudaLaunch("decode", "decode_kernel", T + "Li0E" + ordered + "Lb0E" + kup, nb, THREADS,
                            [None, None, None, P, H * W, W, C, xs[0], xs[1], xs[2], xs[3], ignore, ug],
                            {"P": P, "C": C, "L": L, "D": D, **sizes})]

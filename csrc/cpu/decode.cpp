@@ -3,7 +3,8 @@
 // walk table turned into root-to-leaf paths first); float64 (and every dtype with HSS_CPU_PIXEL_PATH=1)
 // runs decode_math.h's walks, the CUDA kernels' arithmetic: with HSS_CPU_PIXEL_PATH=1, logits the CUDA
 // lanes kernel would read 16 bytes at a time (decode_math::lanes_layout) take the lanes' walk here too,
-// V = 16 / sizeof(T) pixels at a time (decode_lanes), the others the one-pixel walk.
+// V = 16 / sizeof(T) pixels at a time (decode_lanes), and so do float types with size= (decode_up_lanes, G
+// destination pixels of a row interpolated together), the others the one-pixel walk.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -221,6 +222,37 @@ void decode_lanes(const float* x, int64_t ld, int64_t n, int64_t C, const decode
   }
 }
 
+// HSS_CPU_PIXEL_PATH=1 with size= and float types: what the CUDA decode_up_lanes_kernel runs, G = 16 / sizeof(T)
+// destination pixels of a row per group from the row's start, each node's logits interpolated for the G through
+// UpLanes (nodes[i].x: the channel times sC), the lanes' walk. A group the block shares with its neighbour runs
+// whole, its lanes outside the block not written (each lane's label is its own). Labels of pixels i0 .. i0 + n - 1
+// into y[i0 + p].
+template <typename T>
+void decode_up_lanes(const T* x, int64_t sC, const UpsampleGeom<float>& u, int64_t i0, int64_t n, int64_t C,
+                     const decode_math::WalkNode* nodes, bool ordered, int64_t act, int64_t score,
+                     int64_t ignore_index, int64_t* y) {
+  constexpr int G = static_cast<int>(16 / sizeof(T));
+  for (int64_t p = 0; p < n;) {
+    const int64_t q = i0 + p, rr = q / u.W, X = q - rr * u.W, X0 = X / G * G;
+    const int64_t gn = std::min<int64_t>(G, u.W - X0);      // the group's pixels
+    const int64_t m = std::min<int64_t>(X0 + gn - X, n - p);  // those in the block, from X
+    const UpLanesAt<T, float, G> lanes{up_lanes<T, float, G>(x, sC, u, rr, X0, gn)};
+    float run[kMaxDepth + 1][G] = {};
+    float mx[G];
+    decode_math::softmax_max_lanes<G>(lanes, C, sC, act, mx);
+    decode_math::LaneBest<float, G> best;
+    decode_math::lanes_start(best);
+    for (int64_t i = 0; i < C; ++i) {
+      float xv[G];
+      lanes.load(nodes[i].x, xv);
+      decode_math::walk_step_lanes<G>(xv, nodes[i], LocalRunLanes<G>{run}, act, mx, score, ordered, best);
+    }
+    for (int64_t j = 0; j < m; ++j)
+      y[q + j] = decode_math::lane_label(best, mx, act, static_cast<int>(X - X0 + j), ignore_index);
+    p += m;
+  }
+}
+
 template <typename scalar_t>
 void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool ordered, int64_t act, int64_t score,
                      at::Tensor& out, bool upsample, bool align_corners, int64_t ignore_index) {
@@ -237,9 +269,12 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
   int64_t L = 0, D = 0;
   const std::vector<int32_t> paths = walk_paths(w, C, C, ordered, L, D);
   const Prefixes t = lanes ? prefixes(paths.data(), L, D, C) : Prefixes{};
-  std::vector<decode_math::WalkNode> nodes;  // the per-pixel walk, x = the channel
+  // the CUDA fused-upsampling lanes kernel's walk (HSS_CPU_PIXEL_PATH=1, size=)
+  const bool walk_up_lanes = vec && forced && upsample;
+  std::vector<decode_math::WalkNode> nodes;  // the per-pixel walk, x = the channel (the up lanes': times sC)
   if (!lanes)
-    for (int64_t i = 0; i < C; ++i) nodes.push_back(decode_math::walk_node(w, C, i, C, 1));
+    for (int64_t i = 0; i < C; ++i)
+      nodes.push_back(decode_math::walk_node(w, C, i, C, walk_up_lanes ? logits.stride(1) : 1));
   const PixelGeom g = upsample ? geom(out) : geom(logits);
   std::optional<cpu::Upsample<A>> up;
   if (upsample) up.emplace(logits.sizes().data(), logits.strides().data(), out.size(1), out.size(2), align_corners);
@@ -251,6 +286,11 @@ void decode_cpu_loop(const at::Tensor& logits, const at::Tensor& walk, bool orde
         if constexpr (vec) {
           if (lanes) {
             decode_block_f32(x, ld, C, act, score, t, scratch, y + i0, n, ignore_index);
+            return;
+          }
+          if (walk_up_lanes) {
+            decode_up_lanes<scalar_t>(logits.data_ptr<scalar_t>(), logits.stride(1), up->geom, i0, n, C, nodes.data(),
+                                      ordered, act, score, ignore_index, y);
             return;
           }
           if (walk_lanes) {

@@ -5,7 +5,10 @@
 // a thread owns V = 16 / sizeof(T) neighbouring pixels (decode_lanes_kernel below): one 16-byte load per
 // node brings the node's logit of all V, the walk table read from shared memory once for the V, the
 // running scores of the V in shared memory; its per-lane arithmetic is decode_math.h's walk_step_lanes,
-// which the CPU runs under HSS_CPU_PIXEL_PATH=1 (csrc/cpu/decode.cpp decode_lanes).
+// which the CPU runs under HSS_CPU_PIXEL_PATH=1 (csrc/cpu/decode.cpp decode_lanes). With size= (fused bilinear
+// upsampling) and logits of at most 4 bytes, a thread owns G = 16 / sizeof(T) neighbouring destination pixels of
+// one row (decode_up_lanes_kernel), each node's logits interpolated for the G at once (upsample_math.h UpLanes),
+// the same walk (the CPU: decode_up_lanes under HSS_CPU_PIXEL_PATH=1).
 //
 // Anything else runs one thread per pixel, in raster order, so that with NCHW logits a warp's loads of
 // one channel are 32 consecutive elements (coalesced). The per-pixel arithmetic is decode_math.h's, the
@@ -18,7 +21,8 @@
 // the running path scores, one per depth, in shared memory laid out [depth][thread] (no local memory, no
 // bank conflicts). Instantiated for each activation, ordered and unordered leaf ids, and the sum and mean
 // scores, so that the walk's loop is one straight body, and with and without fused bilinear upsampling
-// (decode(size=): each channel interpolated from its four source values as it is read, upsample_math.h).
+// (decode(size=) of float64 logits: each channel interpolated from its four source values as it is read,
+// upsample_math.h).
 // Nothing of size N x L x H x W exists, nor the upsampled logits.
 #include "checks.h"
 #include "common.cuh"
@@ -197,6 +201,57 @@ __global__ void __launch_bounds__(kLaneThreads)
                        decode_math::lane_label(best, m, kAct, k + 1, ignore_index));
 }
 
+// Fused upsampling on the lanes (decode(size=), docs/MATH.md §4.3, §6): G = lanes_of<T>() destination pixels of
+// one row per thread, X0 = G gx (gw groups per row, ng = N H gw threads), each channel of the G lanes interpolated
+// through upsample_math.h's UpLanes (each lane's stencil computed once; two lanes on the same source columns read
+// their four source values once; lanes past the row's end, n < G, repeat its last pixel and are not written), then
+// decode_lanes_kernel's walk (walk_step_lanes, the running scores in shared memory). Logits of float types of at
+// most 4 bytes, any strides (scalar loads); float64 takes decode_kernel's kUp instantiation.
+template <typename T, int kAct, bool kOrdered, bool kMean>
+__global__ void __launch_bounds__(kLaneThreads)
+    decode_up_lanes_kernel(const T* __restrict__ x, const int32_t* __restrict__ walk, int64_t* __restrict__ out,
+                           int64_t ng, int64_t gw, int64_t C, int64_t sc, int64_t ignore_index, UpsampleGeom<float> u) {
+  constexpr int G = lanes_of<T>();
+  static_assert(G % 4 == 0, "the lanes' running scores are float4s");
+  __shared__ decode_math::WalkNode nodes[kLaneChunk];
+  __shared__ float4 runs[(kMaxDepth + 1) * (G / 4) * kLaneThreads];
+  // Threads past the last group walk the last group too (every thread takes part in the block's syncs) and write
+  // nothing.
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kLaneThreads + threadIdx.x;
+  const int64_t tg = t < ng ? t : ng - 1;
+  const int64_t rr = tg / gw, X0 = (tg - rr * gw) * G;
+  const int n = u.W - X0 < G ? static_cast<int>(u.W - X0) : G;
+  const UpLanesAt<T, float, G> px{up_lanes<T, float, G>(x, sc, u, rr, X0, n)};
+  const SharedRunLanes<G> run{runs + threadIdx.x};
+  float zero[G];
+  HSS_UNROLL
+  for (int k = 0; k < G; ++k) zero[k] = 0.f;
+  run.store(0, zero);  // depth 0, the root: never stored again
+  float m[G];
+  decode_math::softmax_max_lanes<G>(px, C, sc, kAct, m);
+  decode_math::LaneBest<float, G> best;
+  decode_math::lanes_start(best);
+  const int64_t score = kMean ? decode_math::kMean : decode_math::kSum;
+  for (int64_t c0 = 0; c0 < C; c0 += kLaneChunk) {  // sm90: trips=cdiv(C, 256)
+    const int k = static_cast<int>(C - c0 < kLaneChunk ? C - c0 : kLaneChunk);
+    __syncthreads();  // the previous chunk's readers are done
+    for (int i = threadIdx.x; i < k; i += kLaneThreads)  // sm90: trips=cdiv(min(C, 256), threads)
+      nodes[i] = decode_math::walk_node(walk, C, c0 + i, C, sc);
+    __syncthreads();
+#pragma unroll 1  // one node per iteration: its G / 2 pairs' loads are in flight together
+    for (int i = 0; i < k; ++i) {  // sm90: trips=min(C, 256)
+      float xv[G];
+      px.load(nodes[i].x, xv);
+      decode_math::walk_step_lanes<G>(xv, nodes[i], run, kAct, m, score, kOrdered, best);
+    }
+  }
+  if (t >= ng) return;
+  int64_t* o = out + rr * u.W + X0;
+  HSS_UNROLL
+  for (int k = 0; k < G; ++k)
+    if (k < n) o[k] = decode_math::lane_label(best, m, kAct, k, ignore_index);
+}
+
 template <typename scalar_t, int kAct, bool kOrdered, bool kMean>
 void launch(const at::Tensor& logits, const at::Tensor& walk, at::Tensor& out, int64_t blocks, int64_t ignore_index,
             bool upsample, bool align_corners, cudaStream_t stream) {
@@ -217,6 +272,18 @@ void launch(const at::Tensor& logits, const at::Tensor& walk, at::Tensor& out, i
   }
   const auto u = UpsampleGeom<A>::make(logits.sizes().data(), logits.strides().data(), out.size(1), out.size(2),
                                        align_corners);
+  if constexpr (sizeof(scalar_t) <= 4) {
+    if (upsample) {
+      constexpr int G = lanes_of<scalar_t>();
+      const int64_t gw = (out.size(2) + G - 1) / G, ng = out.size(0) * out.size(1) * gw;
+      decode_up_lanes_kernel<scalar_t, kAct, kOrdered, kMean>
+          <<<static_cast<unsigned int>(num_blocks(ng, kLaneThreads)), kLaneThreads, 0, stream>>>(
+              logits.data_ptr<scalar_t>(), walk.data_ptr<int32_t>(), out.data_ptr<int64_t>(), ng, gw, logits.size(1),
+              logits.stride(1), ignore_index, u);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   auto kernel = upsample ? decode_kernel<scalar_t, kAct, kOrdered, kMean, true>
                          : decode_kernel<scalar_t, kAct, kOrdered, kMean, false>;
   kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(

@@ -189,6 +189,18 @@ HSS_HOST_DEVICE inline UpLanes<T, A, G> up_lanes(const T* x, int64_t sC, const U
   return l;
 }
 
+// UpLanes as decode_math.h's lanes read their logits: load(o, z) fills z with the G lanes' values at element
+// offset o from channel 0 (a walk node's channel times sC), as UpLanes::load(z) interpolates them.
+template <typename T, typename A, int G>
+struct UpLanesAt {
+  UpLanes<T, A, G> up;
+  HSS_HOST_DEVICE void load(int64_t o, A (&z)[G]) const {
+    UpLanes<T, A, G> l = up;
+    l.p += o;
+    l.load(z);
+  }
+};
+
 // UpLanes whose load also keeps the G interpolated values at k[c sc + j] (in the banded backward: the lanes'
 // own gradient rows in the scratch, which the backward overwrites channel by channel afterwards), and reload
 // reads them back: tree_min_backward_group's top-down pass reads its channels there instead of interpolating
