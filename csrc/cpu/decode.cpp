@@ -203,21 +203,29 @@ struct LocalRunLanes {
   }
 };
 
+// The lanes' walk over the C nodes (decode_math.h): their softmax shifts m (walk offsets c * stride), then one
+// walk_step_lanes per node, lanes.load(nodes[i].x, z) its logits; the best leaves into best.
+template <int V, typename X>
+void walk_lanes(const X& lanes, int64_t C, int64_t stride, const decode_math::WalkNode* nodes, bool ordered,
+                int64_t act, int64_t score, float (&m)[V], decode_math::LaneBest<float, V>& best) {
+  float run[kMaxDepth + 1][V] = {};
+  decode_math::softmax_max_lanes<V>(lanes, C, stride, act, m);
+  decode_math::lanes_start(best);
+  for (int64_t i = 0; i < C; ++i) {
+    float xv[V];
+    lanes.load(nodes[i].x, xv);
+    decode_math::walk_step_lanes<V>(xv, nodes[i], LocalRunLanes<V>{run}, act, m, score, ordered, best);
+  }
+}
+
 template <int V>
 void decode_lanes(const float* x, int64_t ld, int64_t n, int64_t C, const decode_math::WalkNode* nodes, bool ordered,
                   int64_t act, int64_t score, int64_t ignore_index, int64_t* y) {
   for (int64_t q0 = 0; q0 < n; q0 += V) {
     const TileLanes<V> lanes{x + q0, ld, static_cast<int>(std::min<int64_t>(V, n - q0))};
-    float run[kMaxDepth + 1][V] = {};
     float m[V];
-    decode_math::softmax_max_lanes<V>(lanes, C, 1, act, m);
     decode_math::LaneBest<float, V> best;
-    decode_math::lanes_start(best);
-    for (int64_t i = 0; i < C; ++i) {
-      float xv[V];
-      lanes.load(nodes[i].x, xv);
-      decode_math::walk_step_lanes<V>(xv, nodes[i], LocalRunLanes<V>{run}, act, m, score, ordered, best);
-    }
+    walk_lanes<V>(lanes, C, 1, nodes, ordered, act, score, m, best);
     for (int k = 0; k < lanes.n; ++k) y[q0 + k] = decode_math::lane_label(best, m, act, k, ignore_index);
   }
 }
@@ -236,17 +244,10 @@ void decode_up_lanes(const T* x, int64_t sC, const UpsampleGeom<float>& u, int64
     const int64_t q = i0 + p, rr = q / u.W, X = q - rr * u.W, X0 = X / G * G;
     const int64_t gn = std::min<int64_t>(G, u.W - X0);      // the group's pixels
     const int64_t m = std::min<int64_t>(X0 + gn - X, n - p);  // those in the block, from X
-    const UpLanesAt<T, float, G> lanes{up_lanes<T, float, G>(x, sC, u, rr, X0, gn)};
-    float run[kMaxDepth + 1][G] = {};
     float mx[G];
-    decode_math::softmax_max_lanes<G>(lanes, C, sC, act, mx);
     decode_math::LaneBest<float, G> best;
-    decode_math::lanes_start(best);
-    for (int64_t i = 0; i < C; ++i) {
-      float xv[G];
-      lanes.load(nodes[i].x, xv);
-      decode_math::walk_step_lanes<G>(xv, nodes[i], LocalRunLanes<G>{run}, act, mx, score, ordered, best);
-    }
+    walk_lanes<G>(UpLanesAt<T, float, G>{up_lanes<T, float, G>(x, sC, u, rr, X0, gn)}, C, sC, nodes, ordered, act,
+                  score, mx, best);
     for (int64_t j = 0; j < m; ++j)
       y[q + j] = decode_math::lane_label(best, mx, act, static_cast<int>(X - X0 + j), ignore_index);
     p += m;

@@ -149,6 +149,19 @@ struct SharedRunLanes {
   }
 };
 
+// The lanes walk's start: the root's running scores (zeros, never stored again), the lanes' softmax shifts m over
+// the C channels (walk offsets c * stride), no best leaf yet.
+template <int V, typename X>
+__device__ inline void lanes_walk_start(const X& px, const SharedRunLanes<V>& run, int64_t C, int64_t stride, int kAct,
+                                        float (&m)[V], decode_math::LaneBest<float, V>& best) {
+  float zero[V];
+  HSS_UNROLL
+  for (int k = 0; k < V; ++k) zero[k] = 0.f;
+  run.store(0, zero);
+  decode_math::softmax_max_lanes<V>(px, C, stride, kAct, m);
+  decode_math::lanes_start(best);
+}
+
 // groups = P / V. Threads past the last group walk the last group too (every thread takes part in the
 // block's syncs) and write nothing. The logits are loaded one node ahead of the step (two loads in flight
 // per thread; the chunk's table ends with a stand-in node, read only to be loaded from), the loop body
@@ -167,14 +180,9 @@ __global__ void __launch_bounds__(kLaneThreads)
   const LaneLogits<T, V> px{reinterpret_cast<const char*>(x + n * sn + (i0 - n * HW))};
   const int64_t sb = sc * static_cast<int64_t>(sizeof(T));  // the channel stride in bytes
   const SharedRunLanes<V> run{runs + threadIdx.x};
-  float zero[V];
-  HSS_UNROLL
-  for (int k = 0; k < V; ++k) zero[k] = 0.f;
-  run.store(0, zero);  // depth 0, the root: never stored again
   float m[V];
-  decode_math::softmax_max_lanes<V>(px, C, sb, kAct, m);
   decode_math::LaneBest<float, V> best;
-  decode_math::lanes_start(best);
+  lanes_walk_start<V>(px, run, C, sb, kAct, m, best);
   const int64_t score = kMean ? decode_math::kMean : decode_math::kSum;
   for (int64_t c0 = 0; c0 < C; c0 += kLaneChunk) {  // sm90: trips=cdiv(C, 256)
     const int k = static_cast<int>(C - c0 < kLaneChunk ? C - c0 : kLaneChunk);
@@ -223,14 +231,9 @@ __global__ void __launch_bounds__(kLaneThreads)
   const int n = u.W - X0 < G ? static_cast<int>(u.W - X0) : G;
   const UpLanesAt<T, float, G> px{up_lanes<T, float, G>(x, sc, u, rr, X0, n)};
   const SharedRunLanes<G> run{runs + threadIdx.x};
-  float zero[G];
-  HSS_UNROLL
-  for (int k = 0; k < G; ++k) zero[k] = 0.f;
-  run.store(0, zero);  // depth 0, the root: never stored again
   float m[G];
-  decode_math::softmax_max_lanes<G>(px, C, sc, kAct, m);
   decode_math::LaneBest<float, G> best;
-  decode_math::lanes_start(best);
+  lanes_walk_start<G>(px, run, C, sc, kAct, m, best);
   const int64_t score = kMean ? decode_math::kMean : decode_math::kSum;
   for (int64_t c0 = 0; c0 < C; c0 += kLaneChunk) {  // sm90: trips=cdiv(C, 256)
     const int k = static_cast<int>(C - c0 < kLaneChunk ? C - c0 : kLaneChunk);
