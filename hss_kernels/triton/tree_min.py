@@ -14,14 +14,16 @@ and node weights k_v (``tables.node_weight_vector``):
 
 ``_tree_min_kernel`` has the tree compiled in (docs/MATH.md §3.10): the pre-order channels, depths, leaf
 flags and internal ordinals are constexpr tuples, so a pixel's work is straight-line code, one step per
-node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes, 2 pixels in the bfloat16
-tree-min gradient) and the logits of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min
-forward, 4 in the bfloat16 tree BCE). The forward walks the nodes bottom-up (reverse pre-order) keeping one running
-maximum per depth; the gradient adds a top-down pass that routes each off-path weight to its subtree's argmax
-(where that is, per internal node, a few bits the bottom-up pass packs into int32 words on 4-byte NCHW logits:
-``argmax_fields``). Nothing is saved for the backward: it recomputes the extrema from the logits (one more
-read, no argmin/argmax tensor of size P·V). The loss alone of 2-byte NCHW logits at γ = 2, eps = 0 takes its
-focal terms two pixels of a thread at a time, one reciprocal for both (``_focal2_pair``, docs/MATH.md §3.10).
+node, with pixels across threads (consecutive pixels per thread on NCHW: 16 bytes, 128-bit loads) and the logits
+of G nodes per load (a [pixels, G] tile; G = 8, 2 in the bfloat16 tree-min forward, 4 in the bfloat16 tree BCE).
+The forward walks the nodes bottom-up (reverse pre-order) keeping one running maximum per depth; the gradient adds
+a top-down pass that routes each off-path weight to its subtree's argmax, M_v of every internal node kept between
+the passes in the node's own element of the gradient on NCHW (``_stashes``: M_v is one of the pixel's logits,
+exact in the gradient's dtype, and the top-down pass overwrites the element with the node's gradient), in
+registers on channels_last (one pixel per thread). Nothing is saved for the backward: it recomputes the extrema
+from the logits (one more read, no argmin/argmax tensor of size P·V). The loss alone of 2-byte NCHW logits at
+γ = 2, eps = 0 takes its focal terms two pixels of a thread at a time, one reciprocal for both (``_focal2_pair``,
+docs/MATH.md §3.10).
 
 Low-resolution logits (``upsample="bilinear"``, docs/MATH.md §6.4): the forward runs ``_tree_min_kernel`` with
 UPSAMPLE over the target's pixels, each node logit the interpolation of the pixel's 2x2 stencil; the backward
@@ -241,6 +243,16 @@ def _load_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V: tl.co
 
 
 @triton.jit
+def _stash_ptr(g_ptr, gpix, c: tl.constexpr, sgc64, ADDR_PIN: tl.constexpr):
+    """The pixels' gradient elements of channel c (STASH), the channel offset from a pinned stride as
+    :func:`_tree.channel_offsets` makes it (ADDR_PIN > 0): not derived from the other nodes' addresses."""
+    if ADDR_PIN > 0:
+        return g_ptr + gpix + tl.multiple_of(T.pin(sgc64, True) * c, ADDR_PIN)
+    else:
+        return g_ptr + gpix + c * sgc64
+
+
+@triton.jit
 def _tree_min_kernel(
     x_ptr, t_ptr, tab_ptr, k_ptr, ui_ptr, ul_ptr, loss_ptr, part_ptr, cnt_ptr, cw_ptr, pw_ptr, ws_ptr, g_ptr, go_ptr,
     P, HW, W,
@@ -257,7 +269,7 @@ def _tree_min_kernel(
     G: tl.constexpr, PIN: tl.constexpr, VEC: tl.constexpr, ADDR_PIN: tl.constexpr, UPSAMPLE: tl.constexpr,
     HAS_CW: tl.constexpr, HAS_PW: tl.constexpr, OFF64: tl.constexpr = False,
     ORD: tl.constexpr = 0, WORD: tl.constexpr = 0, SHIFT: tl.constexpr = 0, MASK: tl.constexpr = 0,
-    NW: tl.constexpr = 0, GT: tl.constexpr = 8, PAIR: tl.constexpr = -1,
+    NW: tl.constexpr = 0, GT: tl.constexpr = 8, PAIR: tl.constexpr = -1, STASH: tl.constexpr = False,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -305,17 +317,23 @@ def _tree_min_kernel(
     # The tree-min gradient alone (no loss: LATE) reads the label's path and the pixel's gradient scale after
     # the bottom-up pass, which needs neither, and the path's weights after the top-down pass (_path_min
     # there): only the label is live across the first pass, only the path's channels across the second.
-    # PACK (NW > 0, NCHW launches): the gradient packs its argmax fields (below), else it keeps M_v of every
-    # internal node (channels_last, one pixel per thread: fewer instructions there, and no spill either way).
+    # STASH (NCHW launches): the bottom-up pass stores M_v of every internal node v to the gradient's own element
+    # of v (exact: M_v is one of the pixel's logits, and the gradient has their dtype), the top-down pass reads it
+    # back from there before it overwrites the element with v's gradient: no per-node state in registers across
+    # the passes (a barrier between them: no load forwarded from the stores; each element's load comes before its
+    # store, whose value depends on it). PACK (NW > 0; NCHW launches with tree_min.GRAD_STASH off): the gradient
+    # packs its argmax fields (below). KEEP (neither; channels_last, one pixel per thread: fewer instructions
+    # there, and no spill): M_v of every internal node in registers (mi).
     # GT: the nodes per load and store of the gradient's top-down pass (G: the other passes).
     PACK: tl.constexpr = NW > 0
+    KEEP: tl.constexpr = not PACK and not STASH
     # PAIRED (PAIR >= 0; the launcher sets it for float32 math on NCHW, several pixels per thread): the loss's focal
     # terms at γ = 2, eps = 0 two pixels of a thread at a time, one reciprocal for both (_focal2_pair; every node
     # j with j % PAIR == 0 takes its reciprocals from FMAs when PAIR > 0). Not in the single pass or with UPSAMPLE.
     PAIRED: tl.constexpr = (PAIR >= 0 and USE_EXTREMA and WANT_LOSS and not WANT_GRAD and GMODE == 2 and not HAS_EPS
                             and not UPSAMPLE)
-    LATE: tl.constexpr = PACK and USE_EXTREMA and WANT_GRAD and not WANT_LOSS and not UPSAMPLE
-    EARLY_PATH: tl.constexpr = USE_EXTREMA and (WANT_LOSS or UPSAMPLE or not PACK)
+    LATE: tl.constexpr = (PACK or STASH) and USE_EXTREMA and WANT_GRAD and not WANT_LOSS and not UPSAMPLE
+    EARLY_PATH: tl.constexpr = USE_EXTREMA and (WANT_LOSS or UPSAMPLE or KEEP)
     # The label's path a_d(y) (-1 past its leaf), element d - 1 of the tuple for depth d; for the tree-min
     # the running minimum of the path logits and the path nodes' gradient weights (_path_min).
     path = ()
@@ -339,7 +357,8 @@ def _tree_min_kernel(
         # node, where its subtree's argmax is (docs/MATH.md §3.10): 0 for the node itself (x_v >= the
         # children's maximum), else the 1-based ordinal ORD of the first child whose M is the maximum (sel,
         # per depth: children come last to first, so >= lets an earlier one take a tie), packed as a
-        # bit field (WORD, SHIFT, MASK by IDX) into NW int32 words per pixel (PACK), else M_v itself (mi).
+        # bit field (WORD, SHIFT, MASK by IDX) into NW int32 words per pixel (PACK), else M_v itself (mi; STASH:
+        # in the gradient's element of v).
         cm = ()
         for d in tl.static_range(D + 1):
             cm = cm + (zero - float("inf"),)
@@ -352,7 +371,7 @@ def _tree_min_kernel(
                 mw = mw + (izero,)
             for d in tl.static_range(D):
                 sel = sel + (izero,)
-        if WANT_GRAD and not PACK:
+        if WANT_GRAD and KEEP:
             for i in tl.static_range(V):
                 if not LEAF[i]:
                     mi = mi + (zero,)
@@ -378,8 +397,11 @@ def _tree_min_kernel(
                 m = x
             else:
                 m = tl.maximum(x, cm[DEP[V - 1 - j]], propagate_nan=tl.PropagateNan.ALL)
-                if WANT_GRAD and not PACK:
+                if WANT_GRAD and KEEP:
                     mi = T.replace(mi, IDX[V - 1 - j], m)
+                if WANT_GRAD and STASH:
+                    tl.store(_stash_ptr(g_ptr, gpix, CH[V - 1 - j], sgc64, ADDR_PIN), m.to(g_ptr.dtype.element_ty),
+                             mask=pmask)
                 if WANT_GRAD and PACK:
                     c = tl.where(x >= cm[DEP[V - 1 - j]], 0, sel[DEP[V - 1 - j]])
                     mw = T.replace(mw, WORD[IDX[V - 1 - j]], mw[WORD[IDX[V - 1 - j]]] | (c << SHIFT[IDX[V - 1 - j]]))
@@ -410,6 +432,16 @@ def _tree_min_kernel(
                 gsc = _grad_scale(go_ptr, opix, pmask, zero, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW,
                                   GRAD_MODE)
             gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+            if STASH:
+                tl.debug_barrier()  # the stashed M_v stored before the top-down pass reads them
+                if ADDR_PIN > 0:
+                    # The top-down pass's channel strides plus a zero ptxas cannot see through (a load that never
+                    # happens: P >= 0), so that its addresses are not the bottom-up pass's: ptxas drops the pins'
+                    # movs, took the two passes' addresses of a channel for one value and kept ~20 of them live
+                    # across the walk (184 bytes spilled, float32 on Vistas 2.0, sm_90 model).
+                    z = tl.load(tab_ptr, mask=P < 0, other=0).to(tl.int64)
+                    sxc64 = sxc64 + z
+                    sgc64 = sgc64 + z
             # Top-down, in pre-order: an off-path node's weight k_v goes to M_v's argmax (first in
             # pre-order: v itself if x_v = M_v, else the first child with the same maximum), as the packed
             # fields say. Element d - 1 of `pend` holds what the open node at depth d owes the child whose
@@ -418,8 +450,9 @@ def _tree_min_kernel(
             # afterwards. Only an internal path node's own weight must stay out of the routing (a path
             # node's children never inherit: its ancestors are all on the path).
             ngsc = -gsc  # the off-path sign
-            # Without PACK: M_v of the internal nodes (mi), `mo` the open nodes' M, a child hits when its M
-            # equals its parent's (the first such child takes the owed weight and clears it).
+            # Without PACK: M_v of the internal nodes (mi, or STASH: read back from the gradient's element), `mo`
+            # the open nodes' M, a child hits when its M equals its parent's (the first such child takes the owed
+            # weight and clears it).
             pos = ()
             mo = ()
             pend = ()
@@ -454,6 +487,8 @@ def _tree_min_kernel(
                 else:
                     if LEAF[i]:
                         m = x
+                    elif STASH:
+                        m = tl.load(_stash_ptr(g_ptr, gpix, CH[i], sgc64, ADDR_PIN), mask=pmask, other=0.0).to(ACC)
                     else:
                         m = mi[IDX[i]]
                     if DEP[i] > 1:
@@ -709,8 +744,13 @@ def _tree_min_up_rows_kernel(
 # layout (see the kernel's x0).
 NCHW_BYTES = 16
 CL_VEC = 2  # channels_last: one pixel per thread (gpu_blocks), VEC only the labels' contiguity hint
-# The tree-min gradient of 2-byte logits on NCHW (_shape, _packs): pixels per thread, nodes per step of its
-# bottom-up pass (G) and of its top-down pass (GT), and whether it packs its argmax fields.
+# Whether the tree-min gradient on NCHW keeps M_v of every internal node in the gradient's own element between its
+# two passes (:func:`_stashes`; else :func:`_packs` decides between packed argmax fields and M_v in registers).
+GRAD_STASH = True
+# The tree-min gradient of 2-byte logits on NCHW with GRAD_STASH (_shape): NCHW_BYTES of pixels per thread (8, 128-bit
+# loads) and the nodes per step of its bottom-up pass (G) and of its top-down pass (GT).
+NARROW_STASH_GROUPS = (T.GROUP, 4)
+# The same without GRAD_STASH (_shape, _packs): pixels per thread, G and GT, and whether it packs its argmax fields.
 NARROW_GRAD_VEC = 2
 NARROW_GRAD_GROUPS = (T.GROUP, T.GROUP)
 NARROW_GRAD_PACKS = False
@@ -725,16 +765,27 @@ def _shape(logits, use_extrema=False, two_pass=False):
     """(VEC, G, GT) of a compiled launch on NCHW: NCHW_BYTES of consecutive pixels per thread (VEC) and T.GROUP
     nodes per step (G; GT: of the tree-min gradient's top-down pass), but for 2-byte logits: G = 2 in the
     tree-min forward (8 made ptxas spill 304 bytes at 8 pixels), G = 4 in the tree BCE, and the tree-min
-    gradient at NARROW_GRAD_VEC = 2 pixels (4 bytes, unpacked: :func:`_packs`), where every other shape tried
-    spilled more (sm_90 model, python -m benchmarks.sm90; bytes spilled per thread): 8 pixels 1.2-1.6 KB
-    unpacked (G = 4, 8), 1.8-2.8 KB packed (G = GT = 2); 4 pixels 0.5 KB unpacked (G = 8), packed 536 bytes
-    (G = GT = 8), 352 (G = 2, GT = 8: 64-bit loads, 36.4 instructions per element against 37.9 here), 1032
-    (G = 2, GT = 4). Channels_last: CL_VEC."""
+    gradient G, GT = NARROW_STASH_GROUPS (8, 4) with its M_v stashed in the gradient (:func:`_stashes`).
+
+    What the gradient's shapes gave (sm_90 model, python -m benchmarks.sm90 --backend triton --op tree_min
+    --pass backward --layout nchw --upsample 1, Vistas 2.0; bytes spilled per thread, SASS instructions per
+    element, issue ms against the floor). Stashed, bfloat16 at 8 pixels: G = 8, GT = 4 no spill (220
+    registers), 33.5, 1.39 / 1.67 ms; G = 8, GT = 2 the same (221 registers); G = GT = 8 128 bytes; G = 4, GT = 8
+    112 bytes (before the top-down pass's opaque stride, see the kernel: G = GT = 8 1.8 KB). Stashed, float32 at
+    4 pixels: G = GT = 8 no spill (147 registers), 30.7, 1.28 / 3.31 ms; GT = 4 no spill (123 registers), 30.9.
+    Without the stash (GRAD_STASH False; the shapes then: float32 4 pixels, G = GT = 8, packed fields; 2-byte
+    logits NARROW_GRAD_VEC = 2 pixels, 4 bytes, unpacked, :func:`_packs`): float32 24 bytes (31.7, 1.32 ms;
+    G = 8, GT = 4 736 bytes; G = 4, GT = 8 576 bytes); bfloat16 at 2 pixels 32 bytes (37.9, 1.58 ms), every
+    other shape tried spilled more: 8 pixels 1.2-1.6 KB unpacked (G = 4, 8), 1.8-2.8 KB packed (G = GT = 2);
+    4 pixels 0.5 KB unpacked (G = 8), packed 536 bytes (G = GT = 8), 352 (G = 2, GT = 8: 64-bit loads, 36.4
+    instructions per element against 37.9 here), 1032 (G = 2, GT = 4). Channels_last: CL_VEC."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return CL_VEC, T.GROUP, T.GROUP
     size = logits.element_size()
     vec = max(NCHW_BYTES // size, 1)
     if size == 2 and two_pass:
+        if _stashes(logits, two_pass):
+            return (vec,) + tuple(NARROW_STASH_GROUPS)
         return (NARROW_GRAD_VEC,) + tuple(NARROW_GRAD_GROUPS)
     if size == 2:
         g = 2 if use_extrema else 4
@@ -759,8 +810,9 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=group, GT=group_td, PIN=C.fast_exp(logits), VEC=vec,
         ADDR_PIN=_addr_pin(logits, grad) if use_extrema else 0, UPSAMPLE=False,
-        PAIR=_pair(logits, loss_mode, grad_mode),
-        **(dict(zip(("ORD", "WORD", "SHIFT", "MASK", "NW"), argmax_fields(dep))) if _packs(logits, two_pass) else {}),
+        PAIR=_pair(logits, loss_mode, grad_mode), STASH=_stashes(logits, two_pass, grad),
+        **(dict(zip(("ORD", "WORD", "SHIFT", "MASK", "NW"), argmax_fields(dep)))
+           if _packs(logits, two_pass, grad) else {}),
     )
 
 
@@ -777,12 +829,24 @@ def _pair(logits, loss_mode, grad_mode):
     return FORWARD_PAIR
 
 
-def _packs(logits, two_pass):
-    """Whether the tree-min gradient packs its argmax fields (``argmax_fields``): on NCHW with 4-byte or wider
-    logits (4 pixels per thread, where M_v of every internal node spilled), not on channels_last (one pixel per
+def _stashes(logits, two_pass, grad=None):
+    """Whether the tree-min gradient keeps M_v of every internal node in the gradient's own element of that node
+    between its two passes (the kernel's STASH): on NCHW (GRAD_STASH) where the gradient has the logits' dtype (M_v
+    is one of the pixel's logits: exact there), not on channels_last (one pixel per thread: M_v in registers costs
+    fewer instructions and no spill). The gradient's shapes it gave: :func:`_shape`. The single pass (loss and
+    gradient in one launch, ``single_pass=True``; Vistas 2.0, sm_90 model, bytes spilled per thread) spills less
+    with it too: float32 1440 -> 296 bytes, bfloat16 1256 (2 pixels per thread) -> 976 (8 pixels)."""
+    return (GRAD_STASH and two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1)
+            and (grad is None or grad.dtype == logits.dtype))
+
+
+def _packs(logits, two_pass, grad=None):
+    """Whether the tree-min gradient packs its argmax fields (``argmax_fields``): never where it stashes M_v
+    (:func:`_stashes`, every NCHW launch with GRAD_STASH); else on NCHW with 4-byte or wider logits (4 pixels
+    per thread, where M_v of every internal node in registers spilled), not on channels_last (one pixel per
     thread: keeping M_v costs fewer instructions), and for 2-byte logits as NARROW_GRAD_PACKS says (no: at 2
     pixels per thread, :func:`_shape`, packed, ptxas spilled 0.5-0.9 KB per thread where M_v spills 32 bytes)."""
-    return (two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1)
+    return (two_pass and not (logits.shape[1] > 1 and logits.stride(1) == 1) and not _stashes(logits, two_pass, grad)
             and (logits.element_size() >= 4 or NARROW_GRAD_PACKS))
 
 

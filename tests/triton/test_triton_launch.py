@@ -333,13 +333,15 @@ def test_argmax_fields_of_the_tree_min_gradient(name):
 @pytest.mark.parametrize("shape", [(4, (2, 8), True), (8, (8, 2), True), (4, (8, 4), False)])
 def test_tree_min_gradient_of_2_byte_logits_in_other_shapes(shape, monkeypatch):
     """The tree-min gradient of bfloat16 / float16 NCHW logits with the GPU's tiles in the shapes the sm_90 model
-    tried (tree_min.NARROW_GRAD_VEC, NARROW_GRAD_GROUPS, NARROW_GRAD_PACKS: 4 or 8 pixels per thread, a top-down
-    group GT other than the bottom-up's G, packed argmax fields or M_v), run by the interpreter against the
-    reference: ties, ignored pixels, focal and plain, eps, a random upstream gradient, a NaN logit."""
+    tried without the stash (tree_min.GRAD_STASH off; NARROW_GRAD_VEC, NARROW_GRAD_GROUPS, NARROW_GRAD_PACKS: 4 or
+    8 pixels per thread, a top-down group GT other than the bottom-up's G, packed argmax fields or M_v), run by the
+    interpreter against the reference: ties, ignored pixels, focal and plain, eps, a random upstream gradient, a
+    NaN logit."""
     from hss_kernels.triton import tree_min as tm
 
     vec, groups, packs = shape
     monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
+    monkeypatch.setattr(tm, "GRAD_STASH", False)
     monkeypatch.setattr(tm, "NARROW_GRAD_VEC", vec)
     monkeypatch.setattr(tm, "NARROW_GRAD_GROUPS", groups)
     monkeypatch.setattr(tm, "NARROW_GRAD_PACKS", packs)
@@ -359,13 +361,16 @@ def test_tree_min_gradient_of_2_byte_logits_in_other_shapes(shape, monkeypatch):
     assert not torch.isnan(grad[0, :, 1, 8:]).any()
 
 
+@pytest.mark.parametrize("stash", [True, False])
 @pytest.mark.parametrize("tiles", ["interpreter", "gpu_blocks"])  # not "gpu": conftest skips that keyword
-def test_tree_min_gradient_routes_ties_through_wide_fields(tiles, monkeypatch):
+def test_tree_min_gradient_routes_ties_through_wide_fields(tiles, stash, monkeypatch):
     """The tree-min gradient on a tree whose argmax fields take two words (one 6 bits wide), on logits that tie
     all the time (-1, 0, 1: children's maxima tie, a node ties its subtree's maximum), against the reference:
-    "none" with a random upstream gradient, "mean", float64 and float32, focal and plain."""
+    "none" with a random upstream gradient, "mean", float64 and float32, focal and plain; with M_v stashed in the
+    gradient (tree_min.GRAD_STASH) and without (the packed fields on NCHW)."""
     from hss_kernels.triton import tree_min as tm
 
+    monkeypatch.setattr(tm, "GRAD_STASH", stash)
     if tiles == "gpu_blocks":
         monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
     tree = _wide_tree()
@@ -373,3 +378,66 @@ def test_tree_min_gradient_routes_ties_through_wide_fields(tiles, monkeypatch):
         x, y = H.inputs(tree, "tree_min_loss", (2, 3, 37), dtype=dtype, ties=True)
         H.check("tree_min_loss", "triton", x, y, tree, reduction="none", gamma=2.0)  # random grad_out
         H.check("tree_min_loss", "triton", x, y, tree, gamma=0.0)
+
+
+@pytest.mark.parametrize("dtype,vec,groups", [(torch.bfloat16, 8, (8, 4)), (torch.float16, 8, (8, 2)),
+                                              (torch.bfloat16, 8, (4, 8)), (torch.float32, 4, (8, 8)),
+                                              (torch.float32, 4, (8, 4)), (torch.float64, 2, (8, 8))])
+@pytest.mark.parametrize("layout", ["nchw", "strided"])
+def test_tree_min_gradient_stashes_its_maxima_in_the_gradient(dtype, vec, groups, layout, monkeypatch):
+    """The tree-min gradient on NCHW keeps M_v of every internal node in the gradient's own element between its
+    two passes (tree_min._stashes) with the GPU's tiles (VEC pixels per thread, the bottom-up and top-down groups
+    G, GT: the shipped ones and others the sm_90 model tried), run by the interpreter against the reference on a
+    tree of depth 4 (helen): logits that tie, ignored and bad labels, focal and plain, eps, a random upstream
+    gradient, strided logits, a NaN logit, every pixel ignored. An element left holding its M_v, or read back
+    after its gradient was written, would show as a wrong gradient."""
+    from hss_kernels.triton import tree_min as tm
+
+    monkeypatch.setattr(tm, "_blocks", tm.gpu_blocks)
+    if dtype.itemsize == 2:
+        monkeypatch.setattr(tm, "NARROW_STASH_GROUPS", groups)
+    else:
+        monkeypatch.setattr(tm, "_shape", lambda logits, use_extrema=False, two_pass=False, _f=tm._shape:
+                            (_f(logits, use_extrema, two_pass)[0],) + groups)
+    tree = trees.load("helen")  # depth 4
+    shape = (1, 3, 2 * 83 if layout == "strided" else 83)
+    for ties in (False, True):
+        x, y = H.inputs(tree, "tree_min_loss", shape, dtype=dtype, ties=ties)
+        if layout == "strided":
+            x, y = x[:, :, :, ::2], y[:, :, ::2]
+        assert tm._stashes(x, True) and not tm._packs(x, True)
+        assert tm._shape(x, True, True) == (vec,) + groups
+        assert tm.gpu_blocks(x, True, True)[1] == vec * 128
+        H.check("tree_min_loss", "triton", x, y, tree, reduction="none", gamma=2.0)  # random grad_out
+        H.check("tree_min_loss", "triton", x, y, tree, gamma=0.0, eps=1e-3)
+        H.check("tree_min_loss", "triton", x, y, tree, gamma=1.5, normalize="node")
+    yb = y.clone()
+    yb[0, 0, 3] = tree.num_leaves + 7  # a bad label: that pixel's loss and gradient are NaN
+    _, grad = tm.tree_min_loss_and_grad(x, yb, tree, reduction="sum")
+    assert torch.isnan(grad[0, :, 0, 3]).all() and not torch.isnan(grad[0, :, 1:]).any()
+    xn = x.clone()
+    xn[0, 3, 1, 7] = float("nan")
+    labelled = bool(y[0, 1, 7] != 255)
+    loss, grad = tm.tree_min_loss_and_grad(xn, y, tree, reduction="sum")
+    assert torch.isnan(loss).item() == labelled
+    assert torch.isnan(grad[0, :, 1, 7]).all().item() == labelled
+    assert not torch.isnan(grad[0, :, 1, 8:]).any()
+    H.check("tree_min_loss", "triton", x, torch.full_like(y, 255), tree, reduction="sum")  # every pixel ignored
+
+
+def test_tree_min_gradient_stashes_only_in_a_gradient_of_the_logits_dtype(monkeypatch):
+    """tree_min._stashes: on NCHW (M_v exact in a gradient of the logits' dtype), not on channels_last, not into a
+    gradient of another dtype (a float32 M_v would round in a bfloat16 one: the fields are packed then), not
+    without GRAD_STASH (the float32 gradient packs its fields, 2-byte logits take NARROW_GRAD_VEC pixels)."""
+    from hss_kernels.triton import tree_min as tm
+
+    x = torch.zeros(1, 5, 3, 4, dtype=torch.float32)
+    assert tm._stashes(x, True) and tm._stashes(x, True, torch.empty_like(x))
+    assert not tm._stashes(x, False)
+    assert not tm._stashes(x, True, torch.empty_like(x, dtype=torch.bfloat16))
+    assert tm._packs(x, True, torch.empty_like(x, dtype=torch.bfloat16))
+    assert not tm._stashes(x.contiguous(memory_format=torch.channels_last), True)
+    assert tm._shape(x.to(torch.bfloat16), True, True) == (16 // 2,) + tuple(tm.NARROW_STASH_GROUPS)
+    monkeypatch.setattr(tm, "GRAD_STASH", False)
+    assert not tm._stashes(x, True) and tm._packs(x, True)
+    assert tm._shape(x.to(torch.bfloat16), True, True) == (tm.NARROW_GRAD_VEC,) + tuple(tm.NARROW_GRAD_GROUPS)
