@@ -187,6 +187,27 @@ def test_cold_branch_skips_its_region_and_the_hot_side_keeps_counting():
     assert an.instructions == 2 + 2 and an.cold[0]["skipped"] == 3
 
 
+def test_shared_branch_counts_its_guarded_code_at_its_share():
+    # `if (threadIdx.y == 0) { ... }` that one warp of CH takes: the guarded code at 1/CH, the rest as before
+    text = listing("""
+        L5: ISETP.NE.AND P0, PT, R2, RZ, PT
+        L6: @P0 BRA `(.L_x_0)
+        L7: FADD R1, R1, R2
+        L7: FADD R1, R1, R2
+        L7: FADD R1, R1, R2
+        L7: FADD R1, R1, R2
+        .L_x_0:
+        L8: FADD R1, R1, R2
+        L9: EXIT
+    """)
+    an = run(text, {6: Annotation(share="1/CH")}, variables={"CH": 4})
+    assert an.instructions == 2 + 4 / 4 + 2 and not an.warnings
+    assert run(text, {}).instructions == 2 + 4 + 2  # unannotated: both sides count
+    assert source.parse_annotation("if (t == 0) x = f();  // sm90: share=1/CH").share == "1/CH"
+    with pytest.raises(ValueError, match="empty share"):
+        source.parse_annotation("if (t == 0)  // sm90: share=")
+
+
 def test_called_slow_paths_are_not_counted():
     text = listing("""
         L5: MOV R40, 0x30

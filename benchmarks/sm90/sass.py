@@ -17,7 +17,9 @@ Pure text in, numbers out (no files, no tools): :func:`parse` reads a disassembl
   its trips; copies inlined at different call sites each get them;
 * block frequencies inside a loop body (or the function body): 1 on both sides of an ordinary
   branch (a warp issues both when its threads diverge), 0 on the cold side of a branch annotated
-  ``sm90: cold``, and never more than the block's dominator (a join issues once);
+  ``sm90: cold``, the annotated share on the guarded side of a branch annotated ``sm90: share=<expr>``
+  (warp-uniform: only those warps issue it), and never more than the block's dominator (a join issues
+  once);
 * the count is the sum over blocks of instructions × frequency × the trips of every enclosing loop.
 """
 from __future__ import annotations
@@ -42,10 +44,13 @@ class SassError(Exception):
 @dataclass(frozen=True)
 class Annotation:
     """What an ``sm90:`` comment on a source line says: the loop's trip count expression, that the
-    branch on this line skips cold code, that the line loads the logits."""
+    branch on this line skips cold code, that the line loads the logits, the share of a thread's executions
+    that enter the code the branch on this line guards (an expression: a branch on the warp index that
+    one warp of CH takes, ``share=1/CH``)."""
     trips: Optional[str] = None
     cold: bool = False
     logits: bool = False
+    share: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -930,6 +935,23 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
         cold_report.append({"line": loc, "branch": f"{last.addr:04x}",
                             "skipped": sum(blocks[n].end - blocks[n].start for n in regions[cold])})
 
+    # Shared branches: the side of a branch on an 'sm90: share=<expr>' line with code of its own (the code the
+    # branch guards) gets the expression's value as its frequency.
+    edge_share: Dict[Tuple[int, int], float] = {}
+    for b in sorted(reached):
+        last = fn.instrs[blocks[b].end - 1]
+        if not (_is_branch(last) and len(succs[b]) == 2):
+            continue
+        loc = annotated(last.chain, "share")
+        if loc is None:
+            continue
+        sides = [s for s in succs[b] if preds[s] == [b]]
+        if len(sides) != 1:
+            warnings.append(f"{fn.name}: cannot tell the guarded side of the branch {last} ({loc[0]}:{loc[1]}): "
+                            f"counted as an ordinary branch")
+            continue
+        edge_share[(b, sides[0])] = min(max(float(trips(annotation(loc).share, loc)), 0.0), 1.0)
+
     # Frequencies region by region (the function body, then each loop body), inner loops collapsed.
     children: Dict[Optional[int], List[int]] = {}
     for h in bodies:
@@ -957,7 +979,7 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
                 na, ns = node[a], node[s]
                 if na == ns:
                     continue
-                f = 0.0 if (a, s) in zero_edges else 1.0
+                f = 0.0 if (a, s) in zero_edges else edge_share.get((a, s), 1.0)
                 dag_preds.setdefault(ns, []).append((na, f))
                 dag_succs.setdefault(na, set()).add(ns)
         start = node[entry]

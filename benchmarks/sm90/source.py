@@ -7,7 +7,9 @@ items separated by ``;``:
   execution of the code around it, averaged over labels (see :func:`tree_variables`);
 * ``cold`` on the line of a branch whose one side real inputs almost never run (bad labels, groups
   that underflow);
-* ``logits`` on a line that loads the logits (the loads whose width ``global_load_bits`` reports).
+* ``logits`` on a line that loads the logits (the loads whose width ``global_load_bits`` reports);
+* ``share=<expr>`` on the line of a branch that only some warps take (the branch on the warp index): the
+  share of the executions that run the code it guards, e.g. ``share=1/CH``.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def parse_annotation(line: str) -> Optional[Annotation]:
     m = _ITEM.search(line)
     if not m:
         return None
-    trips, cold, logits = None, False, False
+    trips, cold, logits, share = None, False, False, None
     for item in (s.strip() for s in m.group(1).split(";")):
         if not item:
             continue
@@ -39,13 +41,17 @@ def parse_annotation(line: str) -> Optional[Annotation]:
             trips = item[len("trips="):].strip()
             if not trips:
                 raise ValueError(f"empty trips expression: {line.strip()!r}")
+        elif item.startswith("share="):
+            share = item[len("share="):].strip()
+            if not share:
+                raise ValueError(f"empty share expression: {line.strip()!r}")
         elif item == "cold":
             cold = True
         elif item == "logits":
             logits = True
         else:
             raise ValueError(f"unknown sm90 annotation {item!r} in {line.strip()!r}")
-    return Annotation(trips, cold, logits)
+    return Annotation(trips, cold, logits, share)
 
 
 class Annotations:

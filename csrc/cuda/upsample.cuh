@@ -67,7 +67,11 @@ up_gather_kernel(const A* __restrict__ scratch, A* __restrict__ carry, T* __rest
   const bool live = t < ns;
   const int64_t tt = live ? t : ns - 1;  // (a thread past the band fills its table column, then leaves)
   const int64_t b = tt / bw, r = tt - b * bw, di = r / u.w, i = I0 + di, j = r - di * u.w;
-  const UpBandWindow wd = up_band_window(u, i, j, Y0, Y1);
+  // The block's windows (four bisections each) found by its first warp, shared with the others.
+  __shared__ UpBandWindow windows[kUpGatherPix];
+  if (threadIdx.y == 0) windows[threadIdx.x] = up_band_window(u, i, j, Y0, Y1);  // sm90: share=1/CH
+  __syncthreads();
+  const UpBandWindow wd = windows[threadIdx.x];
   for (int k = threadIdx.y; k < xw; k += cs)  // sm90: trips=cdiv(XW, CH)
     table[k * kUpGatherPix + threadIdx.x] =
         wd.xlo + k < wd.xhi ? UpsampleGeom<A>::weight(u.ax, wd.xlo + k, j) : A(0);
