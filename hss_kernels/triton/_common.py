@@ -598,3 +598,31 @@ def lerp_at(xc, u00, u01, u10, u11, wx0, wx1, wy0, wy1, ACC: tl.constexpr):
     x10 = tl.load(xc + u10).to(ACC)  # sm90: logits
     x11 = tl.load(xc + u11).to(ACC)  # sm90: logits
     return wy0 * (wx0 * x00 + wx1 * x01) + wy1 * (wx0 * x10 + wx1 * x11)
+
+
+
+
+@triton.jit
+def lerp_tile(xc, u00, u01, u10, u11, wx0, wx1, wy0, wy1, ACC: tl.constexpr, cmask=None):
+    """:func:`lerp_at` of G channels at once: the [pixels, G] tile of the channels at pointers ``xc`` ([G]: each
+    a channel of one image), interpolated at the pixels' stencils (offsets u00 .. u11, weights as lerp_at's:
+    [pixels] vectors) in the same order of operations; ``cmask`` ([G], optional): the channels to read (the
+    others are 0, not loaded). Four loads of [pixels, G] tiles in place of 4·G loads of [pixels] vectors, the
+    same LDGs per thread: neither axis of a gather is contiguous, and Triton's coalescing pass then puts the
+    threads along the first axis, the pixels, so that each thread holds its pixels' G channels (_tree.unpack
+    splits them without data movement; a [G, pixels] tile gets its channels across the threads, and layout
+    conversions through shared memory). That pass's time grows with the number of memory ops times the
+    kernel's size: see decode.py's _load_nodes_up."""
+    if cmask is None:
+        x00 = tl.load(xc[None, :] + u00[:, None]).to(ACC)  # sm90: logits
+        x01 = tl.load(xc[None, :] + u01[:, None]).to(ACC)  # sm90: logits
+        x10 = tl.load(xc[None, :] + u10[:, None]).to(ACC)  # sm90: logits
+        x11 = tl.load(xc[None, :] + u11[:, None]).to(ACC)  # sm90: logits
+    else:
+        m = cmask[None, :] & (u00 == u00)[:, None]
+        x00 = tl.load(xc[None, :] + u00[:, None], mask=m, other=0.0).to(ACC)  # sm90: logits
+        x01 = tl.load(xc[None, :] + u01[:, None], mask=m, other=0.0).to(ACC)  # sm90: logits
+        x10 = tl.load(xc[None, :] + u10[:, None], mask=m, other=0.0).to(ACC)  # sm90: logits
+        x11 = tl.load(xc[None, :] + u11[:, None], mask=m, other=0.0).to(ACC)  # sm90: logits
+    return wy0[:, None] * (wx0[:, None] * x00 + wx1[:, None] * x01) + wy1[:, None] * (wx0[:, None] * x10
+                                                                                    + wx1[:, None] * x11)

@@ -63,28 +63,35 @@ def _load_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sc64, CH, V: tl.con
                    G: tl.constexpr, ACC: tl.constexpr):
     """:func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated at the program's pixels
     from their stencils in the image at scalar pointer xi (offsets u00 .. u11 within it, column weights
-    wx0 = 1 - lx, lx, row weights wy0 = 1 - ly, ly), one node at a time (its channel compiled in), as a tuple
-    of pixel vectors; steps past the last node repeat its channel."""
-    out = ()
-    for i in tl.static_range(G):
-        if start + i < V:
-            c = CH[start + i]
-        else:
-            c = CH[V - 1]
-        out = out + (_common.lerp_at(xi + c * sc64, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC),)
-    return out
+    wx0 = 1 - lx, lx, row weights wy0 = 1 - ly, ly), as a tuple of pixel vectors: one [pixels, G] tile per
+    stencil corner (:func:`_common.lerp_tile`; the channels compiled in), split; steps past the last node are
+    not loaded.
+
+    Tiles, not one [pixels] load per node and corner: Triton's coalescing pass (TritonGPUCoalesce) takes, for
+    every memory op, the whole def-use slice around it (here the kernel), so its time grows with memory ops ×
+    operations; per node it took 86 s of a Vistas 2.0 float32 variant's compile here (99 % of it), tiled 8-19 s,
+    the compiled code within 1 % (docs/MATH.md §6.4)."""
+    xc = xi + T.group_channels(CH, V, start, G, False).to(tl.int64) * sc64
+    if start + G <= V:
+        t = _common.lerp_tile(xc, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC)
+    else:
+        t = _common.lerp_tile(xc, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC, tl.arange(0, G) < V - start)
+    return T.unpack(t, G)
 
 
 @triton.jit
-def _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, K: tl.constexpr, ACC: tl.constexpr,
-                    FAST: tl.constexpr):
-    """K consecutive channels (the first at scalar pointer xk) of the upsampled softmax's online max m and sum
-    z (one rescale per run, NaN-propagating maxima, as at the labels' size); returns them and the pointer past
-    the run."""
-    xs = ()
-    for i in tl.static_range(K):
-        xs = xs + (_common.lerp_at(xk, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC),)
-        xk += sc64
+def _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, K: tl.constexpr, G: tl.constexpr,
+                    ACC: tl.constexpr, FAST: tl.constexpr):
+    """K <= G consecutive channels (the first at scalar pointer xk, one [pixels, G] tile per stencil corner:
+    :func:`_common.lerp_tile`) of the upsampled softmax's online max m and sum z (one rescale per run,
+    NaN-propagating maxima, as at the labels' size); returns them and the pointer past the run."""
+    c = tl.arange(0, G)
+    xc = xk + c.to(tl.int64) * sc64
+    if K == G:
+        t = _common.lerp_tile(xc, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC)
+    else:
+        t = _common.lerp_tile(xc, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC, c < K)
+    xs = T.unpack(t, G)
     gm = xs[0]
     for i in tl.static_range(1, K):
         gm = tl.maximum(gm, xs[i], propagate_nan=tl.PropagateNan.ALL)
@@ -92,7 +99,7 @@ def _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, K: tl.
     s = tl.zeros_like(m)
     for i in tl.static_range(K):
         s += _common.exp2((xs[i] - m_new) * LOG2E, FAST)
-    return m_new, z * _common.exp2((m - m_new) * LOG2E, FAST) + s, xk
+    return m_new, z * _common.exp2((m - m_new) * LOG2E, FAST) + s, xk + K * sc64
 
 
 @triton.jit
@@ -144,9 +151,10 @@ def _decode_kernel(
             # Runs of G channels unmasked (every pixel's stencil is in range), the last V % G after them.
             xk = xi
             for c0 in range(0, V - V % G, G):  # sm90: trips=V // G
-                m, z, xk = _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, G, ACC, FAST)
+                m, z, xk = _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, G, G, ACC, FAST)
             if V % G > 0:
-                m, z, xk = _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, V % G, ACC, FAST)
+                m, z, xk = _up_softmax_run(xk, sc64, m, z, u00, u01, u10, u11, wx0, lx, wy0, ly, V % G, G, ACC,
+                                            FAST)
         else:
             for c0 in range(0, V, G):  # sm90: trips=cdiv(V, G)
                 c = c0 + tl.arange(0, G)
@@ -209,7 +217,13 @@ def _decode_kernel(
     else:
         bad = best != best
     lab = tl.where(bad, tl.zeros([BLOCK_P], dtype=tl.int64) + IGNORE, best_l.to(tl.int64))
-    tl.store(out_ptr + p, lab, mask=pmask)
+    if UPSAMPLE:
+        # The labels' offsets through pin: their contiguity hidden, the store takes one pixel per thread and
+        # the program's [pixels] layout is the one of the [pixels, G] stencil tiles (whose gathered loads have
+        # no contiguity), no conversion between them.
+        tl.store(out_ptr + T.pin(p, PIN), lab, mask=pmask)
+    else:
+        tl.store(out_ptr + p, lab, mask=pmask)
 
 
 def decode(logits: torch.Tensor, tree: Tree, activation: str = "sigmoid", score: str = "sum",

@@ -221,25 +221,44 @@ def _path_min(x_ptr, k_ptr, xpix, sxc, pmask, path, zero, D: tl.constexpr, WANT_
 
 @triton.jit
 def _load_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V: tl.constexpr, start: tl.constexpr,
-                   G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr):
+                   G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr, TILE: tl.constexpr = True):
     """The forward's :func:`_tree.load_group` of upsampled logits: the G nodes' values interpolated from each
     pixel's stencil in the image at scalar pointer xi (offsets u00 .. u11 within it, column weights wx0 = 1 - lx,
-    lx, row weights wy0 = 1 - ly, ly), as a tuple of pixel vectors, one node (a scalar channel offset: the
-    channels are compiled in) at a time; steps past the last node repeat its channel."""
-    out = ()
-    for i in tl.static_range(G):
-        if REV:
-            if start + i < V:
-                c = CH[V - 1 - start - i]
+    lx, row weights wy0 = 1 - ly, ly), as a tuple of pixel vectors: one [pixels, G] tile per stencil corner
+    (:func:`_common.lerp_tile`; the channels compiled in), split; steps past the last node are not loaded.
+    Tiles rather than one [pixels] load per node and corner for Triton's coalescing pass, whose time grows with
+    memory ops × operations (as decode.py's _load_nodes_up). Not TILE: one node at a time (four [pixels] loads,
+    steps past the last node repeating its channel), for the tree BCE's forward, where G = 2 tiles cost 5 % more
+    instructions by the sm_90 model (float32 NCHW, up 4: 27.9 -> 29.4 SASS/elt)."""
+    if TILE:
+        return T.unpack(_lerp_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, start, G, REV, ACC),
+                        G)
+    else:
+        out = ()
+        for i in tl.static_range(G):
+            if REV:
+                if start + i < V:
+                    c = CH[V - 1 - start - i]
+                else:
+                    c = CH[0]
             else:
-                c = CH[0]
-        else:
-            if start + i < V:
-                c = CH[start + i]
-            else:
-                c = CH[V - 1]
-        out = out + (C.lerp_at(xi + c * sxc64, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC),)
-    return out
+                if start + i < V:
+                    c = CH[start + i]
+                else:
+                    c = CH[V - 1]
+            out = out + (C.lerp_at(xi + c * sxc64, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC),)
+        return out
+
+
+@triton.jit
+def _lerp_nodes_up(xi, u00, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V: tl.constexpr, start: tl.constexpr,
+                   G: tl.constexpr, REV: tl.constexpr, ACC: tl.constexpr):
+    """:func:`_load_nodes_up`'s [pixels, G] tile, not split."""
+    xc = xi + T.group_channels(CH, V, start, G, REV).to(tl.int64) * sxc64
+    if start + G <= V:
+        return C.lerp_tile(xc, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC)
+    else:
+        return C.lerp_tile(xc, u00, u01, u10, u11, wx0, lx, wy0, ly, ACC, tl.arange(0, G) < V - start)
 
 
 @triton.jit
@@ -298,7 +317,8 @@ def _tree_min_kernel(
     # with it (the labels, the path gathers) its VEC pixels per thread (loads take the widest of their
     # slice), where the int64 labels alone would get 16 bytes (2 pixels): one register layout for all.
     if UPSAMPLE:
-        xs = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, 0, G, USE_EXTREMA, ACC)
+        xs = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, 0, G, USE_EXTREMA, ACC,
+                            USE_EXTREMA)
         x0 = xs[0]
     else:
         xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, 0, G, USE_EXTREMA, ACC)
@@ -543,7 +563,7 @@ def _tree_min_kernel(
                         big = T.pin(big, PIN)
                     if UPSAMPLE:
                         xs = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, i, G, False,
-                                            ACC)
+                                            ACC, False)
                     else:
                         xs = T.load_group(x_ptr, xpix, sxc64, pmask, CH, V, i, G, False, ACC)
                 gs = ()
@@ -649,9 +669,14 @@ def _tree_min_up_rows_kernel(
                 if PIN and jj > 0:
                     cm = T.pin_all(cm, PIN)
                     mi = T.pin_all(mi, PIN)
-                xg = _load_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, jj, G, True, ACC)
+                # The group's interpolated logits, stored to their elements as one [pixels, G] tile (as loaded:
+                # each thread its pixels' G channels), not one [pixels] store per node: Triton's coalescing pass
+                # costs memory ops × operations (see _load_nodes_up).
+                xt = _lerp_nodes_up(xi, xpix, u01, u10, u11, wx0, lx, wy0, ly, sxc64, CH, V, jj, G, True, ACC)
+                tl.store(srow[:, None] + T.group_channels(CH, V, jj, G, True)[None, :], xt,
+                         mask=ok[:, None] & (tl.arange(0, G) < V - jj)[None, :])
+                xg = T.unpack(xt, G)
             x = xg[jj % G]
-            tl.store(srow + CH[V - 1 - jj], x, mask=ok)
             if LEAF[V - 1 - jj]:
                 m = x
             else:
@@ -692,8 +717,12 @@ def _tree_min_up_rows_kernel(
         on = path[DEP[v] - 1] == CH[v]
         if USE_EXTREMA:
             # _tree_min_kernel's top-down routing, every node's gradient in its off-path form (the path nodes'
-            # rewritten below); an internal path node's own weight stays out of the routing.
-            x = tl.load(srow + CH[v])
+            # rewritten below); an internal path node's own weight stays out of the routing. The group's logits
+            # read back and its gradients stored as [pixels, G] tiles (each thread its own pixels' elements, as
+            # the bottom-up pass stored them).
+            if v % G == 0:  # unmasked, as the pixels past the band are clamped (a masked load adds a move)
+                xg = T.unpack(tl.load(srow[:, None] + T.group_channels(CH, V, v, G, False)[None, :]), G)
+            x = xg[v % G]
             if LEAF[v]:
                 m = x
             else:
@@ -712,7 +741,9 @@ def _tree_min_up_rows_kernel(
                 mo = T.replace(mo, DEP[v] - 1, m)
             _, df = _focal2(x, gamma, eps, False, True, GMODE, HAS_EPS, FAST)
             # 0 at ignored pixels (whatever their logits).
-            tl.store(srow + CH[v], tl.where(valid, (kk * df) * ngsc, 0.0), mask=ok)
+            gs = gs + (tl.where(valid, (kk * df) * ngsc, 0.0),)
+            if v % G == G - 1 or v == V - 1:
+                T.store_group(s_ptr, spix, 1, ok, gs, CH, V, v - v % G, G)
         else:
             x = xg[v % G]
             big = tl.maximum(big, x, propagate_nan=tl.PropagateNan.ALL)  # NaN if any logit is
@@ -724,7 +755,9 @@ def _tree_min_up_rows_kernel(
                 T.store_group(s_ptr, spix, 1, ok, gs, CH, V, v - v % G, G)
     if USE_EXTREMA:
         # The path nodes: a_d gets the weight K of the deeper path nodes whose argmin it is, at w = -x (its
-        # logit as _path_min read it back, before the top-down pass).
+        # logit as _path_min read it back, before the top-down pass). The barrier: after every tile store of
+        # the top-down pass whatever thread the tiles' layout gave an element.
+        tl.debug_barrier()
         for d in tl.static_range(D):
             act = ok & (path[d] >= 0)
             _, df = _focal2(-xas[d], gamma, eps, False, True, GMODE, HAS_EPS, FAST)
@@ -939,7 +972,8 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
                    loss, class_weight=None, pixel_weight=None):
     """The forward of the upsampled loss: ``_tree_min_kernel`` with UPSAMPLE over the target's pixels (1-D
     grid, programs within one image: :func:`_common.up_image_pixels`), groups of G = 2 nodes (4 for float64
-    logits; each node four gathered loads); returns (partials, counts, weight sums) as
+    logits; the tree-min's each group four gathered [pixels, G] tiles, the BCE's each node four gathered loads:
+    :func:`_load_nodes_up`; wider tiles, fewer memory ops for Triton's coalescing pass, made ptxas spill); returns (partials, counts, weight sums) as
     :func:`_common.launch_loss_kernel`."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
