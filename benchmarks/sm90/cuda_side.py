@@ -224,7 +224,7 @@ UP_BWD_SCRATCH_BYTES = 32 << 20  # csrc/include/upsample_math.h kUpBwdScratchByt
 UP_SCRATCH_PAD = 8  # kUpScratchPad: the band scratch's rows padded to a multiple of it (up_scratch_width)
 UP_GATHER_PIX, UP_GATHER_K = 32, 8  # csrc/cuda/upsample.cuh kUpGatherPix, kUpGatherK
 UP_GATHER_CH_MAX = 10  # kUpGatherChMax
-UP_GATHER_SMEM = 48 * 1024  # kUpGatherSmem
+UP_GATHER_SMEM = 46 * 1024  # kUpGatherSmem
 
 
 def up_gather_warps(C: int) -> int:

@@ -30,7 +30,9 @@ namespace {
 constexpr int kUpGatherPix = 32;
 constexpr int kUpGatherK = 8;
 constexpr int kUpGatherChMax = 10;
-constexpr int64_t kUpGatherSmem = 48 * 1024;  // the table's bytes at most (without opting in to more)
+// The table's bytes at most: 48 KiB (a block's static and dynamic shared memory without opting in to more) less
+// 2 KiB, which hold the kernel's static array of its pixels' windows (kUpGatherPix UpBandWindow, 1.25 KiB).
+constexpr int64_t kUpGatherSmem = 46 * 1024;
 
 inline int up_gather_warps(int64_t C) {
   const int64_t n = C > 0 ? (C + kUpGatherK - 1) / kUpGatherK : 1, passes = (n + kUpGatherChMax - 1) / kUpGatherChMax;
@@ -69,6 +71,7 @@ up_gather_kernel(const A* __restrict__ scratch, A* __restrict__ carry, T* __rest
   const int64_t b = tt / bw, r = tt - b * bw, di = r / u.w, i = I0 + di, j = r - di * u.w;
   // The block's windows (four bisections each) found by its first warp, shared with the others.
   __shared__ UpBandWindow windows[kUpGatherPix];
+  static_assert(sizeof(windows) <= 48 * 1024 - kUpGatherSmem, "the windows and the table pass 48 KiB");
   if (threadIdx.y == 0) windows[threadIdx.x] = up_band_window(u, i, j, Y0, Y1);  // sm90: share=1/CH
   __syncthreads();
   const UpBandWindow wd = windows[threadIdx.x];
