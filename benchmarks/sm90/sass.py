@@ -901,16 +901,19 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
                     loop_trips[h], loop_unroll[h] = n, u
             left = left - n * u
 
+    def annotated_branches(what: str):
+        """(block, branch, annotated line) of every two-way branch on a line annotated with ``what``."""
+        for b in sorted(reached):
+            last = fn.instrs[blocks[b].end - 1]
+            if _is_branch(last) and len(succs[b]) == 2:
+                loc = annotated(last.chain, what)
+                if loc is not None:
+                    yield b, last, loc
+
     # Cold branches: the side of a branch on an 'sm90: cold' line that loads no logits gets frequency 0.
     zero_edges: Set[Tuple[int, int]] = set()
     cold_report: List[dict] = []
-    for b in sorted(reached):
-        last = fn.instrs[blocks[b].end - 1]
-        if not (_is_branch(last) and len(succs[b]) == 2):
-            continue
-        loc = annotated(last.chain, "cold")
-        if loc is None:
-            continue
+    for b, last, loc in annotated_branches("cold"):
         regions = {}
         for s in succs[b]:
             if preds[s] == [b]:
@@ -938,13 +941,7 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
     # Shared branches: the side of a branch on an 'sm90: share=<expr>' line with code of its own (the code the
     # branch guards) gets the expression's value as its frequency.
     edge_share: Dict[Tuple[int, int], float] = {}
-    for b in sorted(reached):
-        last = fn.instrs[blocks[b].end - 1]
-        if not (_is_branch(last) and len(succs[b]) == 2):
-            continue
-        loc = annotated(last.chain, "share")
-        if loc is None:
-            continue
+    for b, last, loc in annotated_branches("share"):
         sides = [s for s in succs[b] if preds[s] == [b]]
         if len(sides) != 1:
             warnings.append(f"{fn.name}: cannot tell the guarded side of the branch {last} ({loc[0]}:{loc[1]}): "

@@ -149,6 +149,17 @@ struct SharedRunLanes {
   }
 };
 
+// Stages walk nodes c0 .. c0 + k - 1 of a chunk (offsets: channel times stride) into nodes[0 .. k), and with
+// stand_in a node at k that the lanes kernel's one-node-ahead load reads (offset 0) but never steps, between the
+// block's barriers (the previous chunk's readers done before, every node written after).
+__device__ inline void stage_walk_chunk(decode_math::WalkNode* nodes, const int32_t* __restrict__ walk, int64_t C,
+                                        int64_t c0, int k, int64_t stride, bool stand_in) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < k + stand_in; i += kLaneThreads)  // sm90: trips=cdiv(min(C, 256) + 1, threads)
+    nodes[i] = i < k ? decode_math::walk_node(walk, C, c0 + i, C, stride) : decode_math::WalkNode{0, 1, -1};
+  __syncthreads();
+}
+
 // The lanes walk's start: the root's running scores (zeros, never stored again), the lanes' softmax shifts m over
 // the C channels (walk offsets c * stride), no best leaf yet.
 template <int V, typename X>
@@ -186,10 +197,7 @@ __global__ void __launch_bounds__(kLaneThreads)
   const int64_t score = kMean ? decode_math::kMean : decode_math::kSum;
   for (int64_t c0 = 0; c0 < C; c0 += kLaneChunk) {  // sm90: trips=cdiv(C, 256)
     const int k = static_cast<int>(C - c0 < kLaneChunk ? C - c0 : kLaneChunk);
-    __syncthreads();  // the previous chunk's readers are done
-    for (int i = threadIdx.x; i <= k; i += kLaneThreads)  // sm90: trips=cdiv(min(C, 256) + 1, threads)
-      nodes[i] = i < k ? decode_math::walk_node(walk, C, c0 + i, C, sb) : decode_math::WalkNode{0, 1, -1};
-    __syncthreads();
+    stage_walk_chunk(nodes, walk, C, c0, k, sb, true);
     float xa[V], xb[V];
     px.load(nodes[0].x, xa);
 #pragma unroll 1  // two nodes per iteration (the loads are one node ahead)
@@ -237,10 +245,7 @@ __global__ void __launch_bounds__(kLaneThreads)
   const int64_t score = kMean ? decode_math::kMean : decode_math::kSum;
   for (int64_t c0 = 0; c0 < C; c0 += kLaneChunk) {  // sm90: trips=cdiv(C, 256)
     const int k = static_cast<int>(C - c0 < kLaneChunk ? C - c0 : kLaneChunk);
-    __syncthreads();  // the previous chunk's readers are done
-    for (int i = threadIdx.x; i < k; i += kLaneThreads)  // sm90: trips=cdiv(min(C, 256), threads)
-      nodes[i] = decode_math::walk_node(walk, C, c0 + i, C, sc);
-    __syncthreads();
+    stage_walk_chunk(nodes, walk, C, c0, k, sc, false);
 #pragma unroll 1  // one node per iteration: its G / 2 pairs' loads are in flight together
     for (int i = 0; i < k; ++i) {  // sm90: trips=min(C, 256)
       float xv[G];
