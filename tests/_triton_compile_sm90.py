@@ -99,8 +99,8 @@ def variants():
         act, score, cl = ("sigmoid", "sum", False) if name == "fp32" else ("softmax", "mean", True)
         out.append((f"decode {name} upsampled {act} {score}{', channels_last' if cl else ''}",
                     lambda x=xd, a=act, s=score, cl=cl: dk.decode(
-                        x.contiguous(memory_format=torch.channels_last) if cl else x, small_tree, a, s, size=(1024, 1024),
-                        align_corners=cl), False))
+                        x.contiguous(memory_format=torch.channels_last) if cl else x, small_tree, a, s,
+                        size=(1024, 1024), align_corners=cl), False))
     # Class and pixel weights fused in (HAS_CW / HAS_PW): each loss kernel's weighted variants, the node losses
     # with the small tree.
     out += weighted_variants(leaf_tree, small_tree)

@@ -600,8 +600,6 @@ def lerp_at(xc, u00, u01, u10, u11, wx0, wx1, wy0, wy1, ACC: tl.constexpr):
     return wy0 * (wx0 * x00 + wx1 * x01) + wy1 * (wx0 * x10 + wx1 * x11)
 
 
-
-
 @triton.jit
 def lerp_tile(xc, u00, u01, u10, u11, wx0, wx1, wy0, wy1, ACC: tl.constexpr, cmask=None):
     """:func:`lerp_at` of G channels at once: the [pixels, G] tile of the channels at pointers ``xc`` ([G]: each

@@ -973,8 +973,8 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
     """The forward of the upsampled loss: ``_tree_min_kernel`` with UPSAMPLE over the target's pixels (1-D
     grid, programs within one image: :func:`_common.up_image_pixels`), groups of G = 2 nodes (4 for float64
     logits; the tree-min's each group four gathered [pixels, G] tiles, the BCE's each node four gathered loads:
-    :func:`_load_nodes_up`; wider tiles, fewer memory ops for Triton's coalescing pass, made ptxas spill); returns (partials, counts, weight sums) as
-    :func:`_common.launch_loss_kernel`."""
+    :func:`_load_nodes_up`; wider tiles, fewer memory ops for Triton's coalescing pass, made ptxas spill); returns
+    (partials, counts, weight sums) as :func:`_common.launch_loss_kernel`."""
     N, V, h, w = logits.shape
     _, H, W = target.shape
     L, D = sizes[:2]
