@@ -794,11 +794,12 @@ NARROW_GRAD_PACKS = False
 FORWARD_PAIR = 4
 
 
-def _shape(logits, use_extrema=False, two_pass=False):
+def _shape(logits, use_extrema=False, two_pass=False, grad=None):
     """(VEC, G, GT) of a compiled launch on NCHW: NCHW_BYTES of consecutive pixels per thread (VEC) and T.GROUP
     nodes per step (G; GT: of the tree-min gradient's top-down pass), but for 2-byte logits: G = 2 in the
     tree-min forward (8 made ptxas spill 304 bytes at 8 pixels), G = 4 in the tree BCE, and the tree-min
-    gradient G, GT = NARROW_STASH_GROUPS (8, 4) with its M_v stashed in the gradient (:func:`_stashes`).
+    gradient G, GT = NARROW_STASH_GROUPS (8, 4) with its M_v stashed in the gradient (:func:`_stashes`, of the gradient
+    ``grad`` where given: one of another dtype takes the shapes without the stash).
 
     What the gradient's shapes gave (sm_90 model, python -m benchmarks.sm90 --backend triton --op tree_min
     --pass backward --layout nchw --upsample 1, Vistas 2.0; bytes spilled per thread, SASS instructions per
@@ -817,7 +818,7 @@ def _shape(logits, use_extrema=False, two_pass=False):
     size = logits.element_size()
     vec = max(NCHW_BYTES // size, 1)
     if size == 2 and two_pass:
-        if _stashes(logits, two_pass):
+        if _stashes(logits, two_pass, grad):
             return (vec,) + tuple(NARROW_STASH_GROUPS)
         return (NARROW_GRAD_VEC,) + tuple(NARROW_GRAD_GROUPS)
     if size == 2:
@@ -834,11 +835,11 @@ def _launch(logits, target, tab, k, gamma, eps, ignore_index, use_extrema, *, lo
     ch, dep, leaf, idx = T.compiled_tree(tuple(sizes[4:4 + V]), tuple(sizes[4 + V:4 + 2 * V]))
     gmode = _gmode(gamma)
     two_pass = grad_mode != C.GRAD_NONE and use_extrema
-    vec, group, group_td = _shape(logits, use_extrema, two_pass)
+    vec, group, group_td = _shape(logits, use_extrema, two_pass, grad)
     return C.launch_loss_kernel(
         _tree_min_kernel, logits, target, (tab, k, tab, tab), (float(gamma), float(eps), int(ignore_index)),
         loss_mode=loss_mode, loss=loss, grad=grad, grad_out=grad_out, grad_mode=grad_mode,
-        class_weight=class_weight, pixel_weight=pixel_weight, blocks=_blocks(logits, two_pass, use_extrema),
+        class_weight=class_weight, pixel_weight=pixel_weight, blocks=_blocks(logits, two_pass, use_extrema, grad),
         V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, USE_EXTREMA=use_extrema, GMODE=gmode, HAS_EPS=eps > 0,
         FLAT=C.flat_pixels(logits, target, grad, grad_out if grad_mode == C.GRAD_PER_PIXEL else None),
         FAST=C.fast_exp(logits), G=group, GT=group_td, PIN=C.fast_exp(logits), VEC=vec,
@@ -932,22 +933,23 @@ def _tree_sizes(tree: Tree) -> List[int]:
                        + [tree.depths[c] for c in tree.dfs_order])
 
 
-def _blocks(logits, two_pass, use_extrema=False):
+def _blocks(logits, two_pass, use_extrema=False, grad=None):
     """(BLOCK_C, BLOCK_P, num_warps): :func:`gpu_blocks` when compiled; under the interpreter, which pays
     per program and per operation, one channel and ``_common.interpreter_pixels`` pixels."""
     if C.interpreted(logits.device):
         return 1, C.interpreter_pixels(C.shape_args(logits)[0]), 4
-    return gpu_blocks(logits, two_pass, use_extrema)
+    return gpu_blocks(logits, two_pass, use_extrema, grad)
 
 
-def gpu_blocks(logits, two_pass=False, use_extrema=False):
+def gpu_blocks(logits, two_pass=False, use_extrema=False, grad=None):
     """(BLOCK_C, BLOCK_P, num_warps) of a compiled launch (BLOCK_C unused: the tree is walked G nodes at a
     time). Channel rows in memory (NCHW): VEC consecutive pixels per thread (:func:`_shape`: NCHW_BYTES, 16
     bytes). Channels contiguous (channels_last): one pixel per thread.
-    ``two_pass``: the tree-min gradient; ``use_extrema``: the tree-min (else the tree BCE)."""
+    ``two_pass``: the tree-min gradient; ``use_extrema``: the tree-min (else the tree BCE); ``grad``: the gradient it
+    writes, if known (:func:`_stashes`)."""
     if logits.shape[1] > 1 and logits.stride(1) == 1:
         return 1, 128, 4
-    return 1, _shape(logits, use_extrema, two_pass)[0] * 32 * 4, 4
+    return 1, _shape(logits, use_extrema, two_pass, grad)[0] * 32 * 4, 4
 
 
 def _compiled_sizes(tab, V, sizes):

@@ -397,8 +397,8 @@ def test_tree_min_gradient_stashes_its_maxima_in_the_gradient(dtype, vec, groups
     if dtype.itemsize == 2:
         monkeypatch.setattr(tm, "NARROW_STASH_GROUPS", groups)
     else:
-        monkeypatch.setattr(tm, "_shape", lambda logits, use_extrema=False, two_pass=False, _f=tm._shape:
-                            (_f(logits, use_extrema, two_pass)[0],) + groups)
+        monkeypatch.setattr(tm, "_shape", lambda logits, use_extrema=False, two_pass=False, grad=None, _f=tm._shape:
+                            (_f(logits, use_extrema, two_pass, grad)[0],) + groups)
     tree = trees.load("helen")  # depth 4
     shape = (1, 3, 2 * 83 if layout == "strided" else 83)
     for ties in (False, True):
@@ -437,7 +437,14 @@ def test_tree_min_gradient_stashes_only_in_a_gradient_of_the_logits_dtype(monkey
     assert not tm._stashes(x, True, torch.empty_like(x, dtype=torch.bfloat16))
     assert tm._packs(x, True, torch.empty_like(x, dtype=torch.bfloat16))
     assert not tm._stashes(x.contiguous(memory_format=torch.channels_last), True)
-    assert tm._shape(x.to(torch.bfloat16), True, True) == (16 // 2,) + tuple(tm.NARROW_STASH_GROUPS)
+    xb = x.to(torch.bfloat16)
+    assert tm._shape(xb, True, True) == (16 // 2,) + tuple(tm.NARROW_STASH_GROUPS)
+    assert tm._shape(xb, True, True, torch.empty_like(xb)) == (16 // 2,) + tuple(tm.NARROW_STASH_GROUPS)
+    # A float32 gradient of bfloat16 logits: no stash, so the shapes without it (M_v in registers at 8 pixels
+    # per thread would spill).
+    unstashed = (tm.NARROW_GRAD_VEC,) + tuple(tm.NARROW_GRAD_GROUPS)
+    assert tm._shape(xb, True, True, torch.empty_like(x)) == unstashed
+    assert tm.gpu_blocks(xb, True, True, torch.empty_like(x))[1] == tm.NARROW_GRAD_VEC * 128
     monkeypatch.setattr(tm, "GRAD_STASH", False)
     assert not tm._stashes(x, True) and tm._packs(x, True)
     assert tm._shape(x.to(torch.bfloat16), True, True) == (tm.NARROW_GRAD_VEC,) + tuple(tm.NARROW_GRAD_GROUPS)
