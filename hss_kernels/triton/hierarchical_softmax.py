@@ -5,13 +5,17 @@ Per pixel with label y, leaves j, level weights w_d and the nested groups G_1(y)
     lse   = log Σ_j e^{z_j}            lse_d = log Σ_{j ∈ G_d(y)} e^{z_j}
     ℓ     = Σ_d w_d (lse − lse_d)       (eps > 0: ℓ = −Σ_d w_d log(e^{lse_d − lse} + eps))
 
-Gradient, with p_j = e^{z_j − lse} and d_j the deepest level whose group holds j (0 if none):
+Gradient, with p_j = e^{z_j − lse} and d_j the deepest level whose group holds j (0 if none), P_d = e^{lse_d − lse}:
 
-    eps = 0:  ∂ℓ/∂z_j = W p_j − e^{z_j − lse_{d_j}} F_{d_j},   W = Σ_d w_d,
-              F_k = Σ_{d ≤ k} w_d e^{lse_k − lse_d} = e^{lse_k − lse_{k−1}} F_{k−1} + w_k
-              (lse_k ≤ lse_{k−1} because the groups are nested: no factor ever exceeds 1)
-    eps > 0:  ∂ℓ/∂z_j = p_j (A − B_{d_j}),  P_d = e^{lse_d − lse},
+    eps = 0:  ∂ℓ/∂z_j = W p_j − e^{z_j − lse_{d_j}} F_{d_j} = e^{z_j − lse_{d_j}} (W P_{d_j} − F_{d_j}),   W = Σ_d w_d,
+              F_k = Σ_{d ≤ k} w_d e^{lse_k − lse_d} = E_k F_{k−1} + w_k,   P_k = E_k P_{k−1},
+              E_k = e^{lse_k − lse_{k−1}}   (lse_0 = lse, P_0 = 1, F_0 = 0)
+              (lse_k ≤ lse_{k−1} because the groups are nested: no factor ever exceeds 1, and z_j ≤ lse_{d_j})
+    eps > 0:  ∂ℓ/∂z_j = p_j (A − B_{d_j}),
               A = Σ_d w_d P_d / (P_d + eps),  B_k = Σ_{d ≤ k} w_d / (P_d + eps)
+
+Either way one exponential per element: e^{z_j − lse_{d_j}} (eps = 0) or p_j (eps > 0), times a per-pixel
+coefficient that d_j selects.
 
 Shape of ``_hierarchical_softmax_kernel`` (segmentation: millions of pixels, tens of leaves): a program
 owns BLOCK_P pixels, a few consecutive ones per thread, and walks the leaves in chunks of BLOCK_C held in
@@ -26,7 +30,7 @@ thread and channel row; channels_last one channel per chunk. H and W form one pi
 Modes:
 * forward: lse and lse_1..lse_D, written as the saved statistics ``(D + 1, P)``, and the loss (per
   pixel, or per-program partial sums for the reduction);
-* backward: reads the logits and the statistics, writes the gradient (two exps per element);
+* backward: reads the logits and the statistics, writes the gradient (one exp per element);
 * single pass: the forward that also writes the gradient (docs/MATH.md §5.6), reading the program's
   logits a second time (from cache) for it.
 
@@ -73,26 +77,42 @@ def _leaves(x_ptr, c0, sxc, xpix, pmask, OTHER: tl.constexpr, L: tl.constexpr, B
 
 @triton.jit
 def _element_grad(x, lse, coef, sel_r, sel_f, HAS_EPS: tl.constexpr, FAST: tl.constexpr):
-    """dl/dz of the [chunk, pixels] logits x (before grad_output): W p_j − e^{z_j − lse_{d_j}} F_{d_j}, or
-    p_j (A − B_{d_j}) for eps > 0 (module docstring); sel_r = lse_{d_j} log2(e) and sel_f = F_{d_j} (B_{d_j})
-    as selected per element by its deepest level."""
-    prob = C.exp2(x * LOG2E - (lse * LOG2E)[None, :], FAST)
+    """dl/dz of the [chunk, pixels] logits x (before grad_output), one exponential per element (module
+    docstring): e^{z_j − lse_{d_j}} (W P_{d_j} − F_{d_j}) with sel_r = lse_{d_j} log2(e) and sel_f = W P_{d_j} −
+    F_{d_j} (lse log2(e) and W where no level holds j), or p_j (A − B_{d_j}) for eps > 0 with sel_f = B_{d_j}
+    (0 where none), as selected per element by its deepest level (:func:`_grad_sel_init`)."""
     if HAS_EPS:
+        prob = C.exp2(x * LOG2E - (lse * LOG2E)[None, :], FAST)
         return prob * (coef[None, :] - sel_f)
-    return coef[None, :] * prob - C.exp2(x * LOG2E - sel_r, FAST) * sel_f
+    return C.exp2(x * LOG2E - sel_r, FAST) * sel_f
+
+
+@triton.jit
+def _grad_sel_init(lse, coef, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                   HAS_EPS: tl.constexpr):
+    """The [BLOCK_C, BLOCK] selections (sel_r, sel_f) of :func:`_element_grad` for an element that no level's
+    group holds: (lse log2(e), W) for eps = 0, (unused, 0) for eps > 0. ``lse``, ``coef``: [BLOCK] vectors
+    (W or A) or [1, BLOCK] rows."""
+    zero = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
+    if HAS_EPS:
+        return zero, zero
+    return zero + lse * LOG2E, zero + coef
 
 
 @triton.jit
 def _grad_coefs(lse, lse2, w_ptr, eps, dl, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
                 ACC: tl.constexpr, HAS_EPS: tl.constexpr):
-    """Per pixel, from lse and the rows lse_d of lse2 ([DP, BLOCK]): the gradient's coefficient of p_j (W, or A
-    for eps > 0) and the rows F_d (B_d for eps > 0) that the deepest level holding a leaf selects (module
+    """Per pixel, from lse and the rows lse_d of lse2 ([DP, BLOCK]): the gradient's coefficient W (A for
+    eps > 0) and the rows W P_d − F_d (B_d for eps > 0) that the deepest level holding a leaf selects (module
     docstring)."""
     zero = tl.zeros([BLOCK], dtype=ACC)
     F = zero
     A = zero
     Bk = zero
     wsum = zero
+    for d in tl.static_range(D):
+        wsum += tl.load(w_ptr + d).to(ACC)
+    Pk = zero + 1.0
     lse_prev = lse
     F2 = tl.zeros([DP, BLOCK], dtype=ACC)
     for d in tl.static_range(D):
@@ -104,10 +124,11 @@ def _grad_coefs(lse, lse2, w_ptr, eps, dl, D: tl.constexpr, DP: tl.constexpr, BL
             Bk += w_d / (P_d + eps)
             F2 = tl.where((dl == d)[:, None], Bk[None, :], F2)
         else:
-            F = tl.exp(lse_d - lse_prev) * F + w_d
+            E = tl.exp(lse_d - lse_prev)
+            F = E * F + w_d
+            Pk = E * Pk
             lse_prev = lse_d
-            wsum += w_d
-            F2 = tl.where((dl == d)[:, None], F[None, :], F2)
+            F2 = tl.where((dl == d)[:, None], (wsum * Pk - F)[None, :], F2)
     coef = A if HAS_EPS else wsum
     return coef, F2
 
@@ -323,8 +344,7 @@ def _hierarchical_softmax_kernel(
             mask2 = cmask[:, None] & pmask[None, :]
             x = tl.load(x_ptr + c.to(tl.int64)[:, None] * sxc + xpix[None, :], mask=mask2,  # sm90: logits
                         other=0.0).to(ACC)
-            sel_r = tl.full([BLOCK_C, BLOCK_P], float("inf"), ACC)
-            sel_f = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+            sel_r, sel_f = _grad_sel_init(lse, coef, BLOCK_C, BLOCK_P, ACC, HAS_EPS)
             for d in tl.static_range(D):
                 g_c = tl.load(lg_ptr + d * L + c, mask=cmask, other=-2)
                 g_y = tl.sum(tl.where((dl == d)[:, None], gy, 0), axis=0)
@@ -441,15 +461,15 @@ def _hierarchical_softmax_up_bwd_kernel(
                 gsc = C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # the pixel's weight w_p
                 gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
                 # The deepest level whose group holds both the label and the leaf (-1: none) selects, per
-                # element, lse_d log2(e) and F_d (B_d for eps > 0) times grad_output, built level by level
-                # (module docstring). The table packs, per label, the chunk's BLOCK_C levels into one word
-                # (byte k: leaf c0 + k; 255: none), read per pixel and unpacked per element.
+                # element, lse_d log2(e) and (W P_d − F_d) times grad_output (B_d for eps > 0), built level by
+                # level (module docstring). The table packs, per label, the chunk's BLOCK_C levels into one
+                # word (byte k: leaf c0 + k; 255: none), read per pixel and unpacked per element.
                 pk = tl.load(lvl_ptr + y * NCHUNK + c0 // BLOCK_C, mask=ok, other=0)
                 dj = ((pk >> (8 * (c - c0)).to(pk.dtype)) & 255).to(tl.int32)
-                sel_r = tl.full([BLOCK_C, BLOCK_Q], float("inf"), ACC)
-                sel_f = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+                sel_r, sel_f = _grad_sel_init(lse, wsum * gsc, BLOCK_C, BLOCK_Q, ACC, HAS_EPS)
                 F = tl.zeros([1, BLOCK_Q], dtype=ACC)
                 A = tl.zeros([1, BLOCK_Q], dtype=ACC)
+                Pk = F + 1.0
                 lse_prev = lse
                 for d in tl.static_range(D):
                     lse_d = tl.load(stats_ptr + (d + 1) * P64 + p, mask=ok, other=0.0)
@@ -458,19 +478,21 @@ def _hierarchical_softmax_up_bwd_kernel(
                         P_d = C.exp2((lse_d - lse) * LOG2E, FAST)
                         A += w_d * P_d / (P_d + eps)
                         F += w_d / (P_d + eps)
+                        sel_f = tl.where(dj == d, F * gsc, sel_f)
                     else:
-                        F = C.exp2((lse_d - lse_prev) * LOG2E, FAST) * F + w_d
+                        E = C.exp2((lse_d - lse_prev) * LOG2E, FAST)
+                        F = E * F + w_d
+                        Pk = E * Pk
                         lse_prev = lse_d
                         sel_r = tl.where(dj == d, lse_d * LOG2E, sel_r)
-                    sel_f = tl.where(dj == d, F * gsc, sel_f)
+                        sel_f = tl.where(dj == d, (wsum * Pk - F) * gsc, sel_f)
                 # The pixel's logits times log2(e), from the row's two columns (the forward's values up to
                 # rounding: it interpolates the columns first).
                 zl = (1.0 - lx) * r0 + lx * r1
-                prob = C.exp2(zl - lse * LOG2E, FAST)
                 if HAS_EPS:
-                    grad = prob * (A * gsc - sel_f)
+                    grad = C.exp2(zl - lse * LOG2E, FAST) * (A * gsc - sel_f)
                 else:
-                    grad = (wsum * gsc) * prob - C.exp2(zl - sel_r, FAST) * sel_f
+                    grad = C.exp2(zl - sel_r, FAST) * sel_f
                 # 0 at ignored pixels and off the run (whatever their logits); a zero weight times a NaN
                 # gradient stays NaN, as in F.interpolate's backward.
                 grad = tl.where(valid, grad, 0.0)
