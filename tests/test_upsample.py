@@ -399,6 +399,41 @@ def test_triton_is_fused(triton_hs):
     assert T.tree_min_loss.takes_upsample and T.tree_bce_loss.takes_upsample
 
 
+def test_triton_channel_stride_compiled_in_or_read(triton_hs, monkeypatch):
+    """_common.up_sxc compiles the low-resolution logits' channel stride into the fused kernels (SXC) for the
+    first UP_SXC_LIMIT distinct strides of a process and reads it at run time after them, for a stride of 1 and
+    for one channel; every fused Triton kernel (the three losses' forwards, the tree losses' rows kernel and the
+    hierarchical softmax's backward, decode) matches the composition both ways, on NCHW logits of two sizes
+    (channel strides 15 and 18)."""
+    from hss_kernels.triton import _common as TC
+    seen = set()
+    monkeypatch.setattr(TC, "_up_sxc_seen", seen)
+    monkeypatch.setattr(TC, "UP_SXC_LIMIT", 2)
+    assert TC.up_sxc(torch.empty(1, 3, 4, 5)) == 20 and TC.up_sxc(torch.empty(2, 3, 4, 5)) == 20
+    assert TC.up_sxc(torch.empty(1, 3, 2, 5)) == 10
+    assert TC.up_sxc(torch.empty(1, 3, 2, 7)) == 0 and seen == {20, 10}  # a third stride: read at run time
+    assert TC.up_sxc(torch.empty(1, 3, 4, 5)) == 20  # still compiled in
+    assert TC.up_sxc(torch.empty(1, 3, 4, 5).contiguous(memory_format=torch.channels_last)) == 0
+    assert TC.up_sxc(torch.empty(1, 1, 4, 5)) == 0
+    calls = []
+    monkeypatch.setattr(TC, "up_sxc", lambda logits, _f=TC.up_sxc: calls.append(_f(logits)) or calls[-1])
+    tree = H.random_tree(min_depth=2)
+    for limit in (0, 8):
+        monkeypatch.setattr(TC, "UP_SXC_LIMIT", limit)
+        seen.clear()
+        del calls[:]
+        for loss in H.LOSSES:
+            x, y = _inputs(tree, loss, (2, 3, 5, 9, 14))
+            wide = torch.randn(2, x.shape[1], 3, 6, dtype=torch.float64).float() * 3
+            for xx in (x, wide):
+                _check(loss, "triton", xx, y, tree, reduction="none")
+        for act in ("sigmoid", "softmax"):
+            xv = H.random_logits(tree.num_nodes, (2, 3, 5))
+            got = hss_kernels.decode(xv, tree, act, backend="triton", size=(9, 14))
+            H.assert_decode_size_like_reference(got, xv, tree, act, "sum", (9, 14), False)
+        assert calls and (set(calls) == {0} if limit == 0 else set(calls) == {15, 18}), set(calls)
+
+
 def test_triton_options_and_reductions(triton_hs):
     tree = H.random_tree(min_depth=2)
     x, y = _inputs(tree, HS, (2, 3, 4, 10, 9))

@@ -134,9 +134,13 @@ def _recording():
                 setattr(mod, name, _Direct(obj, calls))
     _common.launch = launch
     _common.interpreted = lambda device: False
+    # Every row as a process's first call: its channel stride compiled in (_common.up_sxc), whatever rows came
+    # before it in this process.
+    seen, _common._up_sxc_seen = _common._up_sxc_seen, set()
     try:
         yield launches, calls
     finally:
+        _common._up_sxc_seen = seen
         for mod, name, obj in saved:
             setattr(mod, name, obj)
 

@@ -111,7 +111,7 @@ def _decode_kernel(
     V: tl.constexpr, CH: tl.constexpr, DEP: tl.constexpr, LID: tl.constexpr, D: tl.constexpr,
     ORDERED: tl.constexpr, ACT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, FLAT: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
-    VEC: tl.constexpr, UPSAMPLE: tl.constexpr, OFF64: tl.constexpr = False,
+    VEC: tl.constexpr, UPSAMPLE: tl.constexpr, OFF64: tl.constexpr = False, SXC: tl.constexpr = 0,
 ):
     # CH, DEP, LID: per pre-order position the node's channel, depth (1 = a child of the root) and leaf id
     # (-1: an internal node). ORDERED: the leaf ids increase along the pre-order, so a strict > keeps the
@@ -124,7 +124,7 @@ def _decode_kernel(
     # max of the leaf scores. (The softmax's leaf scores may be NaN without a NaN logit, +inf - +inf: there
     # `best` keeps the select, as the native kernels do.)
     # UPSAMPLE (1-D grid, programs within one image each: _common.up_image_pixels; OFF64: 64-bit offsets within
-    # an image): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
+    # an image; SXC > 0: the channel stride, compiled in: _common.up_sxc): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
     # stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables of the hierarchical softmax's
     # fused forward; docs/MATH.md §6.4).
     if UPSAMPLE:
@@ -136,7 +136,7 @@ def _decode_kernel(
     else:
         pid, p, pmask, xpix, _, _, _ = _common.pixel_offsets(P, HW, W, s_n, s_h, s_w, s_n, s_h, s_w, s_n, s_h, s_w,
                                                             s_n, s_h, s_w, BLOCK_P, FLAT, VEC)
-    sc64 = tl.cast(s_c, tl.int64)
+    sc64 = _common.channel_stride64(s_c, SXC if UPSAMPLE else 0)
     zero = tl.zeros([BLOCK_P], dtype=ACC)
 
     # Softmax over all V channels: the max m and z = sum exp(x - m) first, online over runs of G channels
@@ -340,7 +340,8 @@ def _decode(logits: torch.Tensor, walk: List[int], act: int, mean: bool, ignore_
         ignore_index,
         V=V, CH=ch, DEP=dep, LID=lid, D=D, ORDERED=ordered, ACT=act, MEAN=mean, ACC=_common.tl_acc(logits.dtype),
         BLOCK_P=block_p, FLAT=flat, FAST=fast, G=T.GROUP, PIN=not _common.interpreted(logits.device), VEC=vec,
-        UPSAMPLE=upsample, OFF64=upsample and _common.up_off64(logits), num_warps=num_warps,
+        UPSAMPLE=upsample, OFF64=upsample and _common.up_off64(logits),
+        SXC=_common.up_sxc(logits) if upsample else 0, num_warps=num_warps,
     )
     return out
 

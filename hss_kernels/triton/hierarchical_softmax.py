@@ -234,14 +234,15 @@ def _hierarchical_softmax_kernel(
     HAS_EPS: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_STATS: tl.constexpr,
     LOSS_MODE: tl.constexpr, GRAD_MODE: tl.constexpr, TINY: tl.constexpr, DP: tl.constexpr,
     FLAT: tl.constexpr, FAST: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_CW: tl.constexpr, HAS_PW: tl.constexpr,
-    OFF64: tl.constexpr,
+    OFF64: tl.constexpr, SXC: tl.constexpr = 0,
 ):
     # A program owns BLOCK_P pixels, a few consecutive ones per thread (one 16-byte load per channel
     # row); the channels go by in chunks of BLOCK_C held in the thread's registers, so every reduction
     # over channels stays inside a thread. Levels 1 .. D-1 are rows of [DP, BLOCK_P] tiles (also
     # in-thread); level D's group is the label alone (lse_D = z_y, gathered).
     # UPSAMPLE (forward only, 1-D grid): P, HW and W are the target's; every logit of a pixel is the
-    # interpolation of its 2x2 stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables).
+    # interpolation of its 2x2 stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables); SXC > 0:
+    # their channel stride, compiled in (_common.up_sxc).
     if UPSAMPLE:
         pid, n, p, pmask, h, w = C.up_image_pixels(P, HW, W, BLOCK_P)
         tpix = n * stn + h.to(tl.int64) * sth + w.to(tl.int64) * stw
@@ -263,7 +264,7 @@ def _hierarchical_softmax_kernel(
 
     if COMPUTE_STATS:
         if UPSAMPLE:
-            lse, lse2 = _up_lse(xi, sxc, u00, u01, u10, u11, lx, ly, y, pmask, lg_ptr, dl, L, D, DP, BLOCK_C,
+            lse, lse2 = _up_lse(xi, SXC if SXC > 0 else sxc, u00, u01, u10, u11, lx, ly, y, pmask, lg_ptr, dl, L, D, DP, BLOCK_C,
                                 BLOCK_P, ACC, TINY, FAST)
         else:
             m = tl.full([BLOCK_P], float("-inf"), ACC)
@@ -635,7 +636,7 @@ def _launch_up_fwd(logits, target, leaf_group, level_w, eps, ignore_index, stats
         HAS_EPS=eps > 0, COMPUTE_STATS=True, WRITE_STATS=True, LOSS_MODE=loss_mode, GRAD_MODE=C.GRAD_NONE,
         TINY=_TINY[acc], DP=triton.next_power_of_2(leaf_group.shape[0]), FLAT=False, FAST=C.fast_exp(logits),
         UPSAMPLE=True, HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, num_warps=warps,
-        OFF64=C.up_off64(logits),
+        OFF64=C.up_off64(logits), SXC=C.up_sxc(logits),
     )
     return partials, counts, wsums
 

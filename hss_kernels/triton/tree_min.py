@@ -289,6 +289,7 @@ def _tree_min_kernel(
     HAS_CW: tl.constexpr, HAS_PW: tl.constexpr, OFF64: tl.constexpr = False,
     ORD: tl.constexpr = 0, WORD: tl.constexpr = 0, SHIFT: tl.constexpr = 0, MASK: tl.constexpr = 0,
     NW: tl.constexpr = 0, GT: tl.constexpr = 8, PAIR: tl.constexpr = -1, STASH: tl.constexpr = False,
+    SXC: tl.constexpr = 0,
 ):
     # The tree is compiled in: CH, DEP, LEAF, IDX are per pre-order position the node's channel, depth
     # (1 = a child of the root), whether it is a leaf and its ordinal among the internal nodes (-1: a
@@ -297,7 +298,8 @@ def _tree_min_kernel(
     # UPSAMPLE (the loss only, 1-D grid of programs within one image): P, HW and W are the target's, every
     # logit of a pixel the interpolation of its 2x2 stencil in the image's low-resolution logits at xi
     # (ui_ptr, ul_ptr: the per-axis tables; xpix is then the stencil's first offset within the image, int32
-    # unless OFF64, u01 .. u11 the others, lx, ly the weights).
+    # unless OFF64, u01 .. u11 the others, lx, ly the weights; SXC > 0: the channel stride, compiled in:
+    # _common.up_sxc).
     OFF_PATH: tl.constexpr = 4 * V
     if UPSAMPLE:
         pid, n, p, pmask, h, w = C.up_image_pixels(P, HW, W, BLOCK_P)
@@ -309,7 +311,7 @@ def _tree_min_kernel(
     else:
         pid, p, pmask, xpix, tpix, gpix, opix = C.pixel_offsets(P, HW, W, sxn, sxh, sxw, stn, sth, stw, sgn, sgh,
                                                                sgw, son, soh, sow, BLOCK_P, FLAT, VEC)
-    sxc64 = tl.cast(sxc, tl.int64)  # channel offsets in 64 bits
+    sxc64 = C.channel_stride64(sxc, SXC if UPSAMPLE else 0)  # channel offsets in 64 bits
     sgc64 = tl.cast(sgc, tl.int64)
     y, valid, bad = C.load_labels(t_ptr + tpix, pmask, ignore_index, L)
     # The first step's logits, loaded early: the labels move to their register layout once (_bind). Its
@@ -613,14 +615,14 @@ def _tree_min_up_rows_kernel(
     BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     USE_EXTREMA: tl.constexpr, GMODE: tl.constexpr, HAS_EPS: tl.constexpr,
     GRAD_MODE: tl.constexpr, FAST: tl.constexpr, G: tl.constexpr, PIN: tl.constexpr,
-    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr, OFF64: tl.constexpr = False,
+    HAS_CW: tl.constexpr, HAS_PW: tl.constexpr, OFF64: tl.constexpr = False, SXC: tl.constexpr = 0,
 ):
     # The upsampled backward's first half, over one band of full-resolution rows [Y0, Y0 + NPIX / W) of every
     # image (grid: pixel blocks of the band, N): each pixel's whole gradient row d(weighted loss)/d(upsampled
     # logits), computed once from its label, grad_output and interpolated logits, stored in ACC to the band's
     # scratch (s_ptr: [N, rows, W, channels], channel stride 1; srow: the pixel's row). Stencils as the fused
     # forward's (_common.up_stencil): the image's logits at one scalar pointer, int32 offsets (OFF64: int64),
-    # no mask (pixels past the band are clamped to its first one, their stores masked off).
+    # no mask (pixels past the band are clamped to its first one, their stores masked off); SXC as the forward's.
     # The tree-min: a bottom-up pass interpolates each node once, keeps M_v of every internal node (mi) and
     # stores the interpolated logit to the pixel's own scratch element; after a barrier the label's path
     # (_path_min: its logits and weights K) and the top-down routing of _tree_min_kernel read each logit back
@@ -637,7 +639,7 @@ def _tree_min_up_rows_kernel(
     Yl = r // W
     X = r - Yl * W
     Y = Y0 + Yl
-    sxc64 = tl.cast(sxc, tl.int64)
+    sxc64 = C.channel_stride64(sxc, SXC)
     zero = tl.zeros([BLOCK_P], dtype=ACC)
     y, valid, bad = C.load_labels(t_ptr + n * stn + Y.to(tl.int64) * sth + X.to(tl.int64) * stw, ok, ignore_index,
                                   L)
@@ -1006,7 +1008,7 @@ def _launch_up_fwd(logits, target, tab, k, gamma, eps, ignore_index, use_extrema
         FLAT=False, FAST=C.fast_exp(logits), G=4 if logits.dtype == torch.float64 else 2, PIN=C.fast_exp(logits),
         VEC=1, ADDR_PIN=0, UPSAMPLE=True,
         HAS_CW=class_weight is not None, HAS_PW=pixel_weight is not None, OFF64=C.up_off64(logits),
-        num_warps=warps,
+        SXC=C.up_sxc(logits), num_warps=warps,
     )
     return partials, counts, wsums
 
@@ -1042,9 +1044,10 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, tab, k, gamma, eps
             V=V, L=L, D=D, CH=ch, DEP=dep, LEAF=leaf, IDX=idx, BLOCK_P=block_p, ACC=C.tl_acc(logits.dtype),
             USE_EXTREMA=use_extrema, GMODE=_gmode(gamma), HAS_EPS=eps > 0, GRAD_MODE=grad_mode,
             FAST=C.fast_exp(logits), G=T.GROUP, PIN=C.fast_exp(logits), HAS_CW=class_weight is not None,
-            HAS_PW=pixel_weight is not None, OFF64=C.up_off64(logits), num_warps=warps,
+            HAS_PW=pixel_weight is not None, OFF64=C.up_off64(logits), SXC=sxc, num_warps=warps,
         )
 
+    sxc = C.up_sxc(logits)
     U.backward_in_bands(launch_rows, grad, logits, H, W, align_corners, block_p, block_p, warps)
 
 
