@@ -132,6 +132,40 @@ def test_unrolled_loop_and_remainder_share_the_trips():
     assert rem.trips == 1.5 and main.trips == pytest.approx(2.0)
 
 
+def test_a_loop_unrolled_without_remainder_is_counted_by_its_mem_annotation():
+    """A loop of constant trips that the compiler unrolled by u with no remainder copy is one SASS loop whose body
+    is u iterations: with ``mem`` (memory instructions per source iteration) it is counted trips / u times;
+    a body that is no multiple of ``mem`` is an error."""
+    text = listing("""
+        L1: MOV R0, RZ
+        .L_x_0:
+        L51: LDG.E R4, desc[UR4][R2.64]
+        L52: LDG.E.128 R4, desc[UR4][R6.64]
+        L51: LDG.E R5, desc[UR4][R2.64+0x4]
+        L52: LDG.E.128 R8, desc[UR4][R6.64+0x10]
+        L51: LDG.E R6, desc[UR4][R2.64+0x8]
+        L52: LDG.E.128 R12, desc[UR4][R6.64+0x20]
+        L52: FFMA R8, R4, R5, R8
+        L50: IADD3 R0, R0, 0x3, RZ
+        L50: ISETP.GT.AND P0, PT, R11, R0, PT
+        L50: @P0 BRA `(.L_x_0)
+        L60: EXIT
+    """)
+    body = 10
+    counted = run(text, {50: Annotation(trips="KX")}, variables={"KX": 6})  # no mem: 6 passes of the body
+    assert (counted.loops[0].trips, counted.loops[0].unroll) == (6, 1)
+    assert counted.instructions == 1 + 6 * body + 1
+    an = run(text, {50: Annotation(trips="KX", mem="2 * A")}, variables={"KX": 6, "A": 1})
+    assert (an.loops[0].trips, an.loops[0].unroll, an.loops[0].source_trips) == (2, 3, 6)
+    assert an.instructions == 1 + 2 * body + 1
+    with pytest.raises(sass.SassError, match="not a multiple of its annotated mem"):
+        run(text, {50: Annotation(trips="KX", mem="4")}, variables={"KX": 6})
+    a = source.parse_annotation("for dx in range(0, KX):  # sm90: trips=KX; mem=2 + GB // GS")
+    assert (a.trips, a.mem) == ("KX", "2 + GB // GS")
+    with pytest.raises(ValueError, match="empty mem"):
+        source.parse_annotation("for x in y:  # sm90: trips=3; mem=")
+
+
 def test_copies_of_a_loop_inlined_at_different_call_sites_each_get_the_trips():
     """A helper's loop inlined twice (upsample_math.h's bisection, called per axis) is two loops, not an
     unrolled loop and its remainder: each runs the annotated trips, whatever its size."""

@@ -46,11 +46,14 @@ class Annotation:
     """What an ``sm90:`` comment on a source line says: the loop's trip count expression, that the
     branch on this line skips cold code, that the line loads the logits, the share of a thread's executions
     that enter the code the branch on this line guards (an expression: a branch on the warp index that
-    one warp of CH takes, ``share=1/CH``)."""
+    one warp of CH takes, ``share=1/CH``), and the memory instructions one iteration of the loop on this line
+    issues in its own body (an expression, ``mem``: tells a loop that the compiler unrolled without a remainder
+    copy, its body then u times that, from one that it did not)."""
     trips: Optional[str] = None
     cold: bool = False
     logits: bool = False
     share: Optional[str] = None
+    mem: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -849,7 +852,8 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
     # Trips, with unrolled copies of one source loop (same parent) sharing the annotation's trips. The
     # unroll factor of each copy is its count of memory instructions over the smallest copy's (each
     # iteration's loads and stores are repeated u times, the loop control is not), or the ratio of the
-    # body sizes where the copies access no memory.
+    # body sizes where the copies access no memory; with a ``mem`` annotation, its count over that (a loop
+    # of constant trips unrolled without a remainder is a single copy whose body is u iterations).
     def own_instrs(h) -> List[Instr]:
         inner = set().union(*[bodies[g] for g in bodies if g != h and parent.get(g) == h]) if bodies else set()
         return [fn.instrs[i] for n in bodies[h] - inner for i in range(blocks[n].start, blocks[n].end)]
@@ -874,18 +878,32 @@ def analyze(fn: Function, annotation: Callable[[Loc], Optional[Annotation]],
         T = float(trips(annotation(loc).trips, loc))
         for h in hs:
             loop_src_trips[h] = T
-        if len(hs) == 1:
+        mem = annotation(loc).mem
+        if len(hs) == 1 and mem is None:
             loop_trips[hs[0]], loop_unroll[hs[0]] = T, 1
             continue
-        ref = min(hs, key=size)
         us = {}
-        for h in hs:
-            if h == ref:
-                us[h] = 1
-            elif memory(ref) and memory(h):
-                us[h] = max(1, int(round(memory(h) / memory(ref))))
-            else:
-                us[h] = max(1, int(round(size(h) / max(size(ref), 1))))
+        if mem is not None:
+            per = float(trips(mem, loc))
+            for h in hs:
+                u = memory(h) / per if per > 0 else 0.0
+                if u < 1 or abs(u - round(u)) > 1e-9:
+                    raise SassError(f"{fn.name}: a SASS loop of {loc[0]}:{loc[1]} with {memory(h)} memory "
+                                    f"instructions in its own body, not a multiple of its annotated mem={mem} "
+                                    f"({per:g})")
+                us[h] = int(round(u))
+            if len(hs) == 1:
+                loop_trips[hs[0]], loop_unroll[hs[0]] = T / us[hs[0]], us[hs[0]]
+                continue
+        else:
+            ref = min(hs, key=size)
+            for h in hs:
+                if h == ref:
+                    us[h] = 1
+                elif memory(ref) and memory(h):
+                    us[h] = max(1, int(round(memory(h) / memory(ref))))
+                else:
+                    us[h] = max(1, int(round(size(h) / max(size(ref), 1))))
         if len(set(us.values())) < len(hs):
             equal_groups.append((loc, hs, us))
         left = T

@@ -9,7 +9,11 @@ items separated by ``;``:
   that underflow);
 * ``logits`` on a line that loads the logits (the loads whose width ``global_load_bits`` reports);
 * ``share=<expr>`` on the line of a branch that only some warps take (the branch on the warp index): the
-  share of the executions that run the code it guards, e.g. ``share=1/CH``.
+  share of the executions that run the code it guards, e.g. ``share=1/CH``;
+* ``mem=<expr>`` on the line of a loop beside its ``trips``: the memory instructions (loads, stores) one
+  iteration issues in the loop's own body, not its inner loops'. A loop of constant trips that the compiler
+  unrolled by u without a remainder copy is one SASS loop of u iterations a pass: its memory instructions over
+  this give u, and it is counted trips / u times (without ``mem`` it would be counted trips times).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def parse_annotation(line: str) -> Optional[Annotation]:
     m = _ITEM.search(line)
     if not m:
         return None
-    trips, cold, logits, share = None, False, False, None
+    trips, cold, logits, share, mem = None, False, False, None, None
     for item in (s.strip() for s in m.group(1).split(";")):
         if not item:
             continue
@@ -45,13 +49,17 @@ def parse_annotation(line: str) -> Optional[Annotation]:
             share = item[len("share="):].strip()
             if not share:
                 raise ValueError(f"empty share expression: {line.strip()!r}")
+        elif item.startswith("mem="):
+            mem = item[len("mem="):].strip()
+            if not mem:
+                raise ValueError(f"empty mem expression: {line.strip()!r}")
         elif item == "cold":
             cold = True
         elif item == "logits":
             logits = True
         else:
             raise ValueError(f"unknown sm90 annotation {item!r} in {line.strip()!r}")
-    return Annotation(trips, cold, logits, share)
+    return Annotation(trips, cold, logits, share, mem)
 
 
 class Annotations:

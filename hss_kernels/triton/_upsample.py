@@ -69,11 +69,14 @@ def up_bands(h, H, rows, align_corners, dtype):
 
 @functools.lru_cache(maxsize=64)
 def up_columns(w, W, align_corners, dtype, device):
-    """_up_gather_kernel's column tables, per low-resolution column j and step k < KX of its window: X (int32,
-    -1 past the window) and its weight wx (the accumulation dtype, computed as the kernels interpolate:
-    (1 - lambda) where i0 is j, plus lambda where i1 is j). Cached per device as C.up_tables: no host-to-device
-    copy per call."""
+    """_up_gather_kernel's column tables, per low-resolution column j and step k < KX of its window: X (int32) and
+    its weight wx (the accumulation dtype, computed as the kernels interpolate: (1 - lambda) where i0 is j, plus
+    lambda where i1 is j); past the window, the window's first column and weight 0: its element is in the sum
+    anyway, so 0 times it adds nothing (and a NaN there makes the sum NaN already; an infinite one, +-inf in the
+    sum, turns it into NaN), and the kernel's loads need no mask. Every window holds a column (W >= w). Cached
+    per device as C.up_tables: no host-to-device copy per call."""
     i0, i1, lam, start, count = C.up_axis(w, W, align_corners, dtype)
+    assert W >= w and (w == 0 or int(count.min()) >= 1), "every low-resolution column's window holds a column"
     kx = max(int(count.max(initial=0)), 1)
     k = np.arange(kx)[None, :]
     X = start[:, None] + k
@@ -82,7 +85,7 @@ def up_columns(w, W, align_corners, dtype, device):
     j = np.arange(w)[:, None]
     one = lam.dtype.type(1)
     wx = np.where(i0[Xc] == j, one - lam[Xc], lam.dtype.type(0)) + np.where(i1[Xc] == j, lam[Xc], lam.dtype.type(0))
-    cx = torch.from_numpy(np.where(inside, X, -1).astype(np.int32).reshape(-1))
+    cx = torch.from_numpy(np.where(inside, X, start[:, None]).astype(np.int32).reshape(-1))
     cw = torch.from_numpy(np.where(inside, wx, lam.dtype.type(0)).astype(lam.dtype).reshape(-1))
     return cx.to(device), cw.to(device), kx
 
@@ -102,7 +105,8 @@ def _up_gather_kernel(
     # of one row i = I0 + program_id(1) of image program_id(2) and GB channels at a time, and adds
     # wy * wx * g over the full-resolution pixels (Y, X) of the band whose stencil holds (i, j) (the row's
     # window of outputs whose i0 is i - 1 or i, intersected with the band; columns: the window of j, at most
-    # KX, as the tables cx (X, -1 past the window) and cw (wx) per (j, step) give them), in the order (Y, X):
+    # KX, as the tables cx (X) and cw (wx) per (j, step) give them: steps past the window repeat its first
+    # column with weight 0, so no load is masked), in the order (Y, X):
     # the same sum as one pass over the whole window, wherever the bands cut it. A row whose window goes on
     # past the band keeps its partial sum in ACC in the carry rows (a_ptr: [N, AM, wl, channels], row i % AM,
     # channel stride 1) for the next band; the band that holds its last row writes the gradient. No atomics:
@@ -139,15 +143,14 @@ def _up_gather_kernel(
             ly = tl.load(ul_ptr + Y)
             wy = tl.where(iy0 == i, 1.0 - ly, 0.0) + tl.where(iy1 == i, ly, 0.0)
             srow = sbase + (Y - Y0).to(tl.int64) * ssy + c0
-            for dx in range(0, KX):  # sm90: trips=KX
-                X = tl.load(cx_ptr + j * KX + dx, mask=jmask, other=-1)
-                wx = tl.load(cw_ptr + j * KX + dx, mask=jmask, other=0.0)
-                ok = X >= 0
+            for dx in range(0, KX):  # sm90: trips=KX; mem=2 + GB // GS
+                X = tl.load(cx_ptr + j * KX + dx)  # j is in range (clamped; its stores are masked)
+                wx = tl.load(cw_ptr + j * KX + dx)
                 spx = srow + X.to(tl.int64) * ssx
                 wt = wy * wx
                 nxt = ()
                 for k in tl.static_range(GB // GS):
-                    t = tl.load(spx + (k * GS + cc), mask=ok, other=0.0)
+                    t = tl.load(spx + (k * GS + cc))
                     nxt = nxt + (acc[k] + wt * t,)
                 acc = nxt
             Y += 1
