@@ -134,17 +134,22 @@ def _grad_coefs(lse, lse2, w_ptr, eps, dl, D: tl.constexpr, DP: tl.constexpr, BL
 
 
 @triton.jit
-def _up_chunk(xk, sxc, c0, u00, u01, u10, u11, wx0, wx1, wy0, wy1, m, s, sd, gy, lg_ptr, K: tl.constexpr,
+def _up_chunk(xk, sxc, c0, u00, u01, u10, u11, w00, w01, w10, w11, m, s, sd, gy, lg_ptr, K: tl.constexpr,
               L: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr):
     """Leaves c0 .. c0 + K - 1 (the first at scalar pointer xk) of the upsampled forward's online sums, in
-    base-2 units (the row weights carry log2(e)): their values (interpolated, K registers per pixel), the new
+    base-2 units (the stencil's four weights w00 .. w11 carry log2(e)): their values (interpolated with one
+    multiply and three FMAs, K registers per pixel; F.interpolate's order would take six flops), the new
     max, the sums rescaled to it once, then one exponential per leaf: the max m, the sum s over all leaves,
     and the tuple sd of the sums over the label's groups at levels 1 .. D-1 (gy: their ids), one [BLOCK_P]
     row each (a [levels, pixels] tile would cost a shared-memory exchange per leaf). Returns them and the
     pointer past the chunk."""
     xs = ()
     for k in tl.static_range(K):
-        xs = xs + (C.lerp_at(xk, u00, u01, u10, u11, wx0, wx1, wy0, wy1, ACC),)
+        x00 = tl.load(xk + u00).to(ACC)  # sm90: logits
+        x01 = tl.load(xk + u01).to(ACC)  # sm90: logits
+        x10 = tl.load(xk + u10).to(ACC)  # sm90: logits
+        x11 = tl.load(xk + u11).to(ACC)  # sm90: logits
+        xs = xs + (w00 * x00 + w01 * x01 + w10 * x10 + w11 * x11,)
         xk += sxc
     mx = m
     for k in tl.static_range(K):
@@ -182,14 +187,18 @@ def _up_lse(xi, sxc, u00, u01, u10, u11, lx, ly, y, pmask, lg_ptr, dl, L: tl.con
     wy0 = 1.0 - ly
     wy0l = wy0 * LOG2E
     wy1l = ly * LOG2E
+    w00 = wy0l * wx0
+    w01 = wy0l * lx
+    w10 = wy1l * wx0
+    w11 = wy1l * lx
     m = tl.full([BLOCK_P], float("-inf"), ACC)
     s = tl.zeros([BLOCK_P], dtype=ACC)
     xk = xi
     for c0 in range(0, L - L % BLOCK_C, BLOCK_C):  # sm90: trips=L // BLOCK_C
-        m, s, sd, xk = _up_chunk(xk, sxc, c0, u00, u01, u10, u11, wx0, lx, wy0l, wy1l, m, s, sd, gy, lg_ptr,
+        m, s, sd, xk = _up_chunk(xk, sxc, c0, u00, u01, u10, u11, w00, w01, w10, w11, m, s, sd, gy, lg_ptr,
                                  BLOCK_C, L, D, ACC, FAST)
     if L % BLOCK_C > 0:
-        m, s, sd, xk = _up_chunk(xk, sxc, L - L % BLOCK_C, u00, u01, u10, u11, wx0, lx, wy0l, wy1l, m, s, sd, gy,
+        m, s, sd, xk = _up_chunk(xk, sxc, L - L % BLOCK_C, u00, u01, u10, u11, w00, w01, w10, w11, m, s, sd, gy,
                                  lg_ptr, L % BLOCK_C, L, D, ACC, FAST)
     lse = (m + tl.log2(s)) * LN2
     far = tl.zeros([BLOCK_P], dtype=tl.int32)
