@@ -124,9 +124,9 @@ def _decode_kernel(
     # max of the leaf scores. (The softmax's leaf scores may be NaN without a NaN logit, +inf - +inf: there
     # `best` keeps the select, as the native kernels do.)
     # UPSAMPLE (1-D grid, programs within one image each: _common.up_image_pixels; OFF64: 64-bit offsets within
-    # an image; SXC > 0: the channel stride, compiled in: _common.up_sxc): P, HW and W are the output's; every logit of a pixel is the interpolation of its 2x2
-    # stencil in the low-resolution logits (ui_ptr, ul_ptr: the per-axis tables of the hierarchical softmax's
-    # fused forward; docs/MATH.md §6.4).
+    # an image; SXC > 0: the channel stride, compiled in: _common.up_sxc): P, HW and W are the output's; every
+    # logit of a pixel is the interpolation of its 2x2 stencil in the low-resolution logits (ui_ptr, ul_ptr: the
+    # per-axis tables of the hierarchical softmax's fused forward; docs/MATH.md §6.4).
     if UPSAMPLE:
         pid, n, p, pmask, h, w = _common.up_image_pixels(P, HW, W, BLOCK_P)
         u00, u01, u10, u11, lx, ly = _common.up_stencil(ui_ptr, ul_ptr, h, w, HW // W, W, s_h, s_w, OFF64)

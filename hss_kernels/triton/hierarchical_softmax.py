@@ -7,7 +7,8 @@ Per pixel with label y, leaves j, level weights w_d and the nested groups G_1(y)
 
 Gradient, with p_j = e^{z_j − lse} and d_j the deepest level whose group holds j (0 if none), P_d = e^{lse_d − lse}:
 
-    eps = 0:  ∂ℓ/∂z_j = W p_j − e^{z_j − lse_{d_j}} F_{d_j} = e^{z_j − lse_{d_j}} (W P_{d_j} − F_{d_j}),   W = Σ_d w_d,
+    eps = 0:  ∂ℓ/∂z_j = W p_j − e^{z_j − lse_{d_j}} F_{d_j} = e^{z_j − lse_{d_j}} (W P_{d_j} − F_{d_j}),
+              W = Σ_d w_d,
               F_k = Σ_{d ≤ k} w_d e^{lse_k − lse_d} = E_k F_{k−1} + w_k,   P_k = E_k P_{k−1},
               E_k = e^{lse_k − lse_{k−1}}   (lse_0 = lse, P_0 = 1, F_0 = 0)
               (lse_k ≤ lse_{k−1} because the groups are nested: no factor ever exceeds 1, and z_j ≤ lse_{d_j})
@@ -273,8 +274,8 @@ def _hierarchical_softmax_kernel(
 
     if COMPUTE_STATS:
         if UPSAMPLE:
-            lse, lse2 = _up_lse(xi, SXC if SXC > 0 else sxc, u00, u01, u10, u11, lx, ly, y, pmask, lg_ptr, dl, L, D, DP, BLOCK_C,
-                                BLOCK_P, ACC, TINY, FAST)
+            lse, lse2 = _up_lse(xi, SXC if SXC > 0 else sxc, u00, u01, u10, u11, lx, ly, y, pmask, lg_ptr, dl, L, D,
+                                DP, BLOCK_C, BLOCK_P, ACC, TINY, FAST)
         else:
             m = tl.full([BLOCK_P], float("-inf"), ACC)
             s = tl.zeros([BLOCK_P], dtype=ACC)
