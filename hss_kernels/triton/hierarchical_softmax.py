@@ -371,6 +371,115 @@ def _hierarchical_softmax_kernel(
 
 
 @triton.jit
+def _up_bwd_chunk(c0, KW, x_ptr, sxc, u00, u01, u10, u11, lane, own, ys, yn, ny, xs, xn, nx, ul_ptr, Hh, W, n, t_ptr,
+                  stn, sth, stw, ignore_index, stats_ptr, P64, go_ptr, son, soh, sow, g1, cw_ptr, pw_ptr, lvl_ptr,
+                  w_ptr, wsum, eps, xe, ye, q, g_ptr, sgn, sgc, sgh, sgw, i64, j64, L: tl.constexpr, D: tl.constexpr,
+                  NCHUNK: tl.constexpr, BLOCK_C: tl.constexpr, TJ: tl.constexpr, BLOCK_Q: tl.constexpr,
+                  ACC: tl.constexpr, HAS_EPS: tl.constexpr, GRAD_MODE: tl.constexpr, FAST: tl.constexpr,
+                  HAS_CW: tl.constexpr, HAS_PW: tl.constexpr):
+    """Leaves c0 .. c0 + BLOCK_C - 1 (those below L) of :func:`_hierarchical_softmax_up_bwd_kernel`'s tile: their
+    stencils loaded once, every pixel of the lanes' runs through them, the four run sums shifted into the lanes'
+    elements and stored. KW: the chunk's word in the packed level table (NCHUNK words per label)."""
+    # Lane q's left neighbour (q - 1) and the one above (q - TJ), for the shift (halo lanes read any lane).
+    qc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.int32) + q
+    left = tl.maximum(qc - 1, 0)
+    up = tl.maximum(qc - TJ, 0)
+    c = (c0 + tl.arange(0, BLOCK_C))[:, None]
+    cmask = c < L
+    xc = x_ptr + c.to(tl.int64) * sxc
+    m2 = cmask & lane
+    x00 = tl.load(xc + u00, mask=m2, other=0.0).to(ACC)  # sm90: logits
+    x01 = tl.load(xc + u01, mask=m2, other=0.0).to(ACC)  # sm90: logits
+    x10 = tl.load(xc + u10, mask=m2, other=0.0).to(ACC)  # sm90: logits
+    x11 = tl.load(xc + u11, mask=m2, other=0.0).to(ACC)  # sm90: logits
+    a00 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+    a01 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+    a10 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+    a11 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+    ry = 0
+    while ry < ny:  # sm90: trips=cdiv(H, h) + cdiv(H, 2 * h) / cdiv(h, TI - 1)
+        yok = lane & (ry < yn)
+        Y = tl.where(yok, ys + ry, 0).to(tl.int64)
+        ly = tl.load(ul_ptr + Y, mask=yok, other=0.0)
+        # The stencil's two columns interpolated at the row, times log2(e): z log2(e) is then one lerp.
+        r0 = ((1.0 - ly) * x00 + ly * x10) * LOG2E
+        r1 = ((1.0 - ly) * x01 + ly * x11) * LOG2E
+        t0 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+        t1 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+        rx = 0
+        while rx < nx:  # sm90: trips=cdiv(W, w) + cdiv(W, 2 * w) / cdiv(w, TJ - 1)
+            ok = yok & (rx < xn)
+            X = tl.where(ok, xs + rx, 0).to(tl.int64)
+            lx = tl.load(ul_ptr + Hh + X, mask=ok, other=0.0)
+            p = (n * Hh + Y) * W + X
+            y, valid, bad = C.load_labels(t_ptr + n * stn + Y * sth + X * stw, ok, ignore_index, L)
+            lse = tl.load(stats_ptr + p, mask=ok, other=0.0)
+            if GRAD_MODE == 1:
+                gsc = tl.zeros([1, BLOCK_Q], dtype=ACC) + g1
+            else:
+                gsc = tl.load(go_ptr + n * son + Y * soh + X * sow, mask=ok, other=0.0).to(ACC)
+            gsc = C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # the pixel's weight w_p
+            gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
+            # The deepest level whose group holds both the label and the leaf (-1: none) selects, per
+            # element, lse_d log2(e) and (W P_d − F_d) times grad_output (B_d for eps > 0), built level by
+            # level (module docstring). The table packs, per label, the chunk's BLOCK_C levels into one
+            # word (byte k: leaf c0 + k; 255: none), read per pixel and unpacked per element.
+            pk = tl.load(lvl_ptr + y * NCHUNK + KW, mask=ok, other=0)
+            dj = ((pk >> (8 * (c - c0)).to(pk.dtype)) & 255).to(tl.int32)
+            sel_r, sel_f = _grad_sel_init(lse, wsum * gsc, BLOCK_C, BLOCK_Q, ACC, HAS_EPS)
+            F = tl.zeros([1, BLOCK_Q], dtype=ACC)
+            A = tl.zeros([1, BLOCK_Q], dtype=ACC)
+            Pk = F + 1.0
+            lse_prev = lse
+            for d in tl.static_range(D):
+                lse_d = tl.load(stats_ptr + (d + 1) * P64 + p, mask=ok, other=0.0)
+                w_d = tl.load(w_ptr + d).to(ACC)
+                if HAS_EPS:
+                    P_d = C.exp2((lse_d - lse) * LOG2E, FAST)
+                    A += w_d * P_d / (P_d + eps)
+                    F += w_d / (P_d + eps)
+                    sel_f = tl.where(dj == d, F * gsc, sel_f)
+                else:
+                    E = C.exp2((lse_d - lse_prev) * LOG2E, FAST)
+                    F = E * F + w_d
+                    Pk = E * Pk
+                    lse_prev = lse_d
+                    sel_r = tl.where(dj == d, lse_d * LOG2E, sel_r)
+                    sel_f = tl.where(dj == d, (wsum * Pk - F) * gsc, sel_f)
+            # The pixel's logits times log2(e), from the row's two columns (the forward's values up to
+            # rounding: it interpolates the columns first).
+            zl = (1.0 - lx) * r0 + lx * r1
+            if HAS_EPS:
+                grad = C.exp2(zl - lse * LOG2E, FAST) * (A * gsc - sel_f)
+            else:
+                grad = C.exp2(zl - sel_r, FAST) * sel_f
+            # 0 at ignored pixels and off the run (whatever their logits); a zero weight times a NaN
+            # gradient stays NaN, as in F.interpolate's backward.
+            grad = tl.where(valid, grad, 0.0)
+            t0 += (1.0 - lx) * grad
+            t1 += lx * grad
+            rx += 1
+        a00 += (1.0 - ly) * t0
+        a01 += (1.0 - ly) * t1
+        a10 += ly * t0
+        a11 += ly * t1
+        ry += 1
+    # The last column's (row's) second weight belongs to the lane itself.
+    a00 = tl.where(xe, a00 + a01, a00)
+    a10 = tl.where(xe, a10 + a11, a10)
+    a00 = tl.where(ye, a00 + a10, a00)
+    a01 = tl.where(ye, a01 + a11, a01)
+    a01 = tl.where(xe, 0.0, a01)
+    a10 = tl.where(ye, 0.0, a10)
+    a11 = tl.where(xe | ye, 0.0, a11)
+    row = a10 + tl.gather(a11, left, 1)  # to (i + 1, j), from the lanes (i, j) and (i, j - 1)
+    acc = a00 + tl.gather(a01, left, 1)
+    acc += tl.gather(row, up, 1)
+    tl.store(g_ptr + n * sgn + c.to(tl.int64) * sgc + i64 * sgh + j64 * sgw, acc.to(g_ptr.dtype.element_ty),
+             mask=cmask & own)
+
+
+@triton.jit
 def _hierarchical_softmax_up_bwd_kernel(
     x_ptr, t_ptr, lvl_ptr, w_ptr, stats_ptr, ul_ptr, run_ptr, g_ptr, go_ptr, cw_ptr, pw_ptr,
     P, Hh, W, hl, wl, TILES_I, TILES_J,
@@ -382,7 +491,7 @@ def _hierarchical_softmax_up_bwd_kernel(
     L: tl.constexpr, D: tl.constexpr, NCHUNK: tl.constexpr,
     BLOCK_C: tl.constexpr, TI: tl.constexpr, TJ: tl.constexpr, ACC: tl.constexpr,
     HAS_EPS: tl.constexpr, GRAD_MODE: tl.constexpr, FAST: tl.constexpr, HAS_CW: tl.constexpr,
-    HAS_PW: tl.constexpr,
+    HAS_PW: tl.constexpr, BLOCK_CR: tl.constexpr = 1,
 ):
     # The backward of the upsampled loss (docs/MATH.md §6.4). Every full-resolution pixel (Y, X) belongs to
     # the low-resolution pixel (i, j) = (i0(Y), i0(X)) of its stencil's first row and column: its "run" (per
@@ -430,104 +539,20 @@ def _hierarchical_softmax_up_bwd_kernel(
     wsum = 0.0
     for d in tl.static_range(D):
         wsum += tl.load(w_ptr + d).to(ACC)
-    # Lane q's left neighbour (q - 1) and the one above (q - TJ), for the shift (halo lanes read any lane).
-    qc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.int32) + q
-    left = tl.maximum(qc - 1, 0)
-    up = tl.maximum(qc - TJ, 0)
-    for c0 in range(0, L, BLOCK_C):  # sm90: trips=cdiv(L, BLOCK_C)
-        c = (c0 + tl.arange(0, BLOCK_C))[:, None]
-        cmask = c < L
-        xc = x_ptr + c.to(tl.int64) * sxc
-        m2 = cmask & lane
-        x00 = tl.load(xc + u00, mask=m2, other=0.0).to(ACC)  # sm90: logits
-        x01 = tl.load(xc + u01, mask=m2, other=0.0).to(ACC)  # sm90: logits
-        x10 = tl.load(xc + u10, mask=m2, other=0.0).to(ACC)  # sm90: logits
-        x11 = tl.load(xc + u11, mask=m2, other=0.0).to(ACC)  # sm90: logits
-        a00 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-        a01 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-        a10 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-        a11 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-        ry = 0
-        while ry < ny:  # sm90: trips=cdiv(H, h) + cdiv(H, 2 * h) / cdiv(h, TI - 1)
-            yok = lane & (ry < yn)
-            Y = tl.where(yok, ys + ry, 0).to(tl.int64)
-            ly = tl.load(ul_ptr + Y, mask=yok, other=0.0)
-            # The stencil's two columns interpolated at the row, times log2(e): z log2(e) is then one lerp.
-            r0 = ((1.0 - ly) * x00 + ly * x10) * LOG2E
-            r1 = ((1.0 - ly) * x01 + ly * x11) * LOG2E
-            t0 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-            t1 = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
-            rx = 0
-            while rx < nx:  # sm90: trips=cdiv(W, w) + cdiv(W, 2 * w) / cdiv(w, TJ - 1)
-                ok = yok & (rx < xn)
-                X = tl.where(ok, xs + rx, 0).to(tl.int64)
-                lx = tl.load(ul_ptr + Hh + X, mask=ok, other=0.0)
-                p = (n * Hh + Y) * W + X
-                y, valid, bad = C.load_labels(t_ptr + n * stn + Y * sth + X * stw, ok, ignore_index, L)
-                lse = tl.load(stats_ptr + p, mask=ok, other=0.0)
-                if GRAD_MODE == 1:
-                    gsc = tl.zeros([1, BLOCK_Q], dtype=ACC) + g1
-                else:
-                    gsc = tl.load(go_ptr + n * son + Y * soh + X * sow, mask=ok, other=0.0).to(ACC)
-                gsc = C.weigh(gsc, y, p, valid, cw_ptr, pw_ptr, ACC, HAS_CW, HAS_PW)  # the pixel's weight w_p
-                gsc = tl.where(valid, tl.where(bad, float("nan"), gsc), 0.0)
-                # The deepest level whose group holds both the label and the leaf (-1: none) selects, per
-                # element, lse_d log2(e) and (W P_d − F_d) times grad_output (B_d for eps > 0), built level by
-                # level (module docstring). The table packs, per label, the chunk's BLOCK_C levels into one
-                # word (byte k: leaf c0 + k; 255: none), read per pixel and unpacked per element.
-                pk = tl.load(lvl_ptr + y * NCHUNK + c0 // BLOCK_C, mask=ok, other=0)
-                dj = ((pk >> (8 * (c - c0)).to(pk.dtype)) & 255).to(tl.int32)
-                sel_r, sel_f = _grad_sel_init(lse, wsum * gsc, BLOCK_C, BLOCK_Q, ACC, HAS_EPS)
-                F = tl.zeros([1, BLOCK_Q], dtype=ACC)
-                A = tl.zeros([1, BLOCK_Q], dtype=ACC)
-                Pk = F + 1.0
-                lse_prev = lse
-                for d in tl.static_range(D):
-                    lse_d = tl.load(stats_ptr + (d + 1) * P64 + p, mask=ok, other=0.0)
-                    w_d = tl.load(w_ptr + d).to(ACC)
-                    if HAS_EPS:
-                        P_d = C.exp2((lse_d - lse) * LOG2E, FAST)
-                        A += w_d * P_d / (P_d + eps)
-                        F += w_d / (P_d + eps)
-                        sel_f = tl.where(dj == d, F * gsc, sel_f)
-                    else:
-                        E = C.exp2((lse_d - lse_prev) * LOG2E, FAST)
-                        F = E * F + w_d
-                        Pk = E * Pk
-                        lse_prev = lse_d
-                        sel_r = tl.where(dj == d, lse_d * LOG2E, sel_r)
-                        sel_f = tl.where(dj == d, (wsum * Pk - F) * gsc, sel_f)
-                # The pixel's logits times log2(e), from the row's two columns (the forward's values up to
-                # rounding: it interpolates the columns first).
-                zl = (1.0 - lx) * r0 + lx * r1
-                if HAS_EPS:
-                    grad = C.exp2(zl - lse * LOG2E, FAST) * (A * gsc - sel_f)
-                else:
-                    grad = C.exp2(zl - sel_r, FAST) * sel_f
-                # 0 at ignored pixels and off the run (whatever their logits); a zero weight times a NaN
-                # gradient stays NaN, as in F.interpolate's backward.
-                grad = tl.where(valid, grad, 0.0)
-                t0 += (1.0 - lx) * grad
-                t1 += lx * grad
-                rx += 1
-            a00 += (1.0 - ly) * t0
-            a01 += (1.0 - ly) * t1
-            a10 += ly * t0
-            a11 += ly * t1
-            ry += 1
-        # The last column's (row's) second weight belongs to the lane itself.
-        a00 = tl.where(xe, a00 + a01, a00)
-        a10 = tl.where(xe, a10 + a11, a10)
-        a00 = tl.where(ye, a00 + a10, a00)
-        a01 = tl.where(ye, a01 + a11, a01)
-        a01 = tl.where(xe, 0.0, a01)
-        a10 = tl.where(ye, 0.0, a10)
-        a11 = tl.where(xe | ye, 0.0, a11)
-        row = a10 + tl.gather(a11, left, 1)  # to (i + 1, j), from the lanes (i, j) and (i, j - 1)
-        acc = a00 + tl.gather(a01, left, 1)
-        acc += tl.gather(row, up, 1)
-        tl.store(g_ptr + n * sgn + c.to(tl.int64) * sgc + i64 * sgh + j64 * sgw, acc.to(g_ptr.dtype.element_ty),
-                 mask=cmask & own)
+    # The leaves in chunks of BLOCK_C, the last L % BLOCK_C in a chunk of their own (BLOCK_CR, a power of two
+    # at least as large): a full chunk for two leaves would cost 8 leaves' element work (Vistas: 66 = 8 * 8 + 2).
+    if GRAD_MODE != 1:
+        g1 = 0.0
+    for c0 in range(0, L - L % BLOCK_C, BLOCK_C):  # sm90: trips=L // BLOCK_C
+        _up_bwd_chunk(c0, c0 // BLOCK_C, x_ptr, sxc, u00, u01, u10, u11, lane, own, ys, yn, ny, xs, xn, nx, ul_ptr,
+                      Hh, W, n, t_ptr, stn, sth, stw, ignore_index, stats_ptr, P64, go_ptr, son, soh, sow, g1,
+                      cw_ptr, pw_ptr, lvl_ptr, w_ptr, wsum, eps, xe, ye, q, g_ptr, sgn, sgc, sgh, sgw, i64, j64, L,
+                      D, NCHUNK, BLOCK_C, TJ, BLOCK_Q, ACC, HAS_EPS, GRAD_MODE, FAST, HAS_CW, HAS_PW)
+    if L % BLOCK_C > 0:
+        _up_bwd_chunk(L - L % BLOCK_C, L // BLOCK_C, x_ptr, sxc, u00, u01, u10, u11, lane, own, ys, yn, ny, xs, xn,
+                      nx, ul_ptr, Hh, W, n, t_ptr, stn, sth, stw, ignore_index, stats_ptr, P64, go_ptr, son, soh, sow,
+                      g1, cw_ptr, pw_ptr, lvl_ptr, w_ptr, wsum, eps, xe, ye, q, g_ptr, sgn, sgc, sgh, sgw, i64, j64,
+                      L, D, NCHUNK, BLOCK_CR, TJ, BLOCK_Q, ACC, HAS_EPS, GRAD_MODE, FAST, HAS_CW, HAS_PW)
 
 
 # A group sum of e^{z - max} below TINY may have lost terms to underflow (float32 normals end at 1e-38,
@@ -686,7 +711,7 @@ def _launch_up_bwd(grad, grad_out, grad_mode, logits, target, leaf_group, level_
         *logits.stride(), *target.stride(), *grad.stride(), *gos,
         float(eps), int(ignore_index),
         L=L, D=leaf_group.shape[0], NCHUNK=triton.cdiv(L, block_c), BLOCK_C=block_c, TI=ti, TJ=tj,
-        ACC=C.tl_acc(logits.dtype),
+        ACC=C.tl_acc(logits.dtype), BLOCK_CR=triton.next_power_of_2(max(L % block_c, 1)),
         HAS_EPS=eps > 0, GRAD_MODE=grad_mode, FAST=C.fast_exp(logits), HAS_CW=class_weight is not None,
         HAS_PW=pixel_weight is not None, num_warps=warps,
     )
