@@ -131,16 +131,17 @@ def rng(seed: Optional[int] = None) -> random.Random:
 
 
 def random_tree(num_nodes: Optional[int] = None, *, min_nodes: int = 2, max_nodes: int = 24, min_depth: int = 1,
-                max_depth: int = 8, seed: Optional[int] = None) -> Tree:
+                max_depth: int = 8, min_leaves: int = 1, seed: Optional[int] = None) -> Tree:
     """A random unbalanced tree: node i hangs under the root or under any earlier node, so leaves sit
     anywhere in channel order (nothing may assume "leaves first"), with chains and uneven depths.
     ``num_nodes`` nodes, or a number drawn from [min_nodes, max_nodes]; drawn again until its depth lies
-    in [min_depth, max_depth] (8: the native kernels' limit)."""
+    in [min_depth, max_depth] (8: the native kernels' limit) and it has at least ``min_leaves`` leaves (a chain
+    has one: its hierarchical softmax loss is 0 whatever the logits)."""
     r = rng(seed)
     while True:
         n = num_nodes or r.randint(min_nodes, max_nodes)
         tree = Tree.from_parents([-1] + [r.randrange(-1, i) for i in range(1, n)])
-        if min_depth <= tree.depth <= max_depth:
+        if min_depth <= tree.depth <= max_depth and tree.num_leaves >= min_leaves:
             return tree
 
 

@@ -148,8 +148,9 @@ def test_compile_fullgraph_with_weights():
 @pytest.mark.parametrize("loss", H.LOSSES)
 def test_weights_that_require_grad_get_the_references_gradient(loss):
     """No kernel differentiates the weights: weights that require a gradient take the composition on every
-    backend, so their gradients (and the logits') equal the reference backend's."""
-    tree = H.random_tree()
+    backend, so their gradients (and the logits') equal the reference backend's. Two leaves at least: a one-leaf
+    tree's hierarchical softmax loss is 0, and so are its weights' gradients."""
+    tree = H.random_tree(min_leaves=2)
     x, y = H.inputs(tree, loss, (2, 3, 4), torch.float64)
     y[0, 0, 0] = 255
     cw0, pw0 = torch.rand(tree.num_leaves, dtype=torch.float64) + 0.5, torch.rand(y.shape, dtype=torch.float64)
